@@ -1,0 +1,235 @@
+"""The adapter-layer contract and the module that wraps a base layer.
+
+A method implements ``AdapterLayer`` (one adapter attached to one base module). Core code talks to
+it only through this surface and its capability flags; it never asks which method it is.
+
+``AdaptedModule`` replaces a targeted base module (``nn.Linear``, transformers ``Conv1D`` or
+``nn.Embedding``) and holds any number of named adapters:
+
+    y = adapt_k(... adapt_1(x, base(t_k(...t_1(x)))) ...)
+
+where ``t_i`` are the input transforms of adapters that rotate the input (OFT-like methods) and
+``adapt_i`` add or rescale the output (LoRA adds ``s B A x``; DoRA rescales).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style linear layer, weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+
+class AdapterError(RuntimeError):
+    """An operation on adapters that cannot be carried out (names the adapter and the reason)."""
+
+
+class BaseView:
+    """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in)."""
+
+    def __init__(self, module: nn.Module):
+        if isinstance(module, nn.Embedding):
+            self.kind, self.in_features, self.out_features = "embedding", module.num_embeddings, module.embedding_dim
+            self.transposed = True  # embedding weight is (num_embeddings, dim) = (in, out)
+        elif Conv1D and isinstance(module, Conv1D):
+            self.kind, self.in_features, self.out_features = "linear", module.weight.shape[0], module.weight.shape[1]
+            self.transposed = True  # fan_in_fan_out
+        elif isinstance(module, nn.Linear):
+            self.kind, self.in_features, self.out_features = "linear", module.in_features, module.out_features
+            self.transposed = False
+        else:
+            raise AdapterError(f"cannot wrap {type(module).__name__}: supported are nn.Linear, Conv1D, nn.Embedding")
+        self.module = module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored weight parameter, in its own orientation."""
+        return self.module.weight
+
+    def weight_oi(self) -> torch.Tensor:
+        """The weight as (out_features, in_features), a view when transposed."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    def set_weight_oi(self, value: torch.Tensor) -> None:
+        w = self.module.weight
+        w.data.copy_((value.t() if self.transposed else value).to(w.dtype))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def linear(self, x: torch.Tensor, weight_oi: torch.Tensor) -> torch.Tensor:
+        """x @ weight_oi^T without bias (the base map with a given weight)."""
+        return nn.functional.linear(x, weight_oi.to(x.dtype))
+
+
+class AdapterLayer(nn.Module):
+    """One adapter on one base module. Subclasses set flags and implement the maths.
+
+    Flags (capabilities, read by core):
+      mergeable          the update can be folded into the base weight (merge/unmerge/export)
+      identity_at_init   the adapted module equals the base module right after init
+      batched_serving    the serving engine has a batched kernel for it
+      transforms_input   ``transform_input`` rewrites the input before the base layer
+      supported_kinds    base-module kinds it can wrap ("linear", "embedding")
+    """
+
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    batched_serving: ClassVar[bool] = False
+    transforms_input: ClassVar[bool] = False
+    supported_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+
+    def __init__(self, base: BaseView, config: Any, module_name: str):
+        super().__init__()
+        if base.kind not in self.supported_kinds:
+            raise AdapterError(
+                f"{type(self).__name__} cannot adapt {module_name!r} ({base.kind}); supports {sorted(self.supported_kinds)}"
+            )
+        self.module_name = module_name
+
+    # -- forward -------------------------------------------------------------------------------
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
+        """The adapted output, given the layer input ``x`` and the base (or previous) output."""
+        return out + self.delta(x).to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The output this adapter adds for input ``x`` (additive methods)."""
+        raise NotImplementedError
+
+    # -- weight space --------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The weight update as (out_features, in_features), for mergeable methods."""
+        raise NotImplementedError
+
+    def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        """The merged weight (out, in) from the current one. Default: additive update."""
+        return weight_oi + self.delta_weight().to(weight_oi.dtype)
+
+    def unmerge_from(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        return weight_oi - self.delta_weight().to(weight_oi.dtype)
+
+    # -- parameters, state, hooks -------------------------------------------------------------
+    def adapter_params(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def param_roles(self) -> dict[str, str]:
+        """Role of each parameter name for role-aware optimizers (LoRA+): "A", "B" or "embedding"."""
+        return {name: "A" for name, _ in self.named_parameters()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Live tensors saved in the checkpoint, keyed by PEFT's suffix (e.g. ``lora_A.weight``).
+
+        Loading copies checkpoint values into these very tensors, so return parameters or buffers.
+        """
+        return dict(self.named_parameters())
+
+    def on_step_end(self, step: int) -> None:
+        """Called by trainers after each optimizer step (rank schedules etc.)."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser added to the training loss, or None."""
+        return None
+
+
+class AdaptedModule(nn.Module):
+    """A base module plus named adapters; behaves like the base module."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.view = BaseView(base_layer)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                raise AdapterError(f"adapters {self.merged} are merged; unmerge them before disabling")
+            return self.base_layer(x, *args, **kwargs)
+        layers = [self.adapters[n] for n in self.active if n not in self.merged]
+        xin = x
+        for layer in layers:
+            if layer.transforms_input:
+                xin = layer.transform_input(xin)
+        out = self.base_layer(xin, *args, **kwargs)
+        for layer in layers:
+            out = layer.adapt(x, out, self.view)
+        return out
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        layer = self._get(name)
+        if not layer.mergeable:
+            raise AdapterError(f"adapter {name!r} ({type(layer).__name__}) on {layer.module_name!r} is not mergeable")
+        if name in self.merged:
+            raise AdapterError(f"adapter {name!r} on {layer.module_name!r} is already merged")
+        with torch.no_grad():
+            w = self.view.weight_oi()
+            self.view.set_weight_oi(layer.merge_into(w.float(), self.view))
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        layer = self._get(name)
+        if name not in self.merged:
+            raise AdapterError(f"adapter {name!r} on {layer.module_name!r} is not merged; nothing to unmerge")
+        if self.merged[-1] != name:
+            raise AdapterError(f"unmerge adapters in reverse order of merging: {self.merged[-1]!r} first")
+        with torch.no_grad():
+            w = self.view.weight_oi()
+            self.view.set_weight_oi(layer.unmerge_from(w.float(), self.view))
+        self.merged.pop()
+
+    def _get(self, name: str) -> AdapterLayer:
+        if name not in self.adapters:
+            raise AdapterError(f"no adapter named {name!r}; have {list(self.adapters)}")
+        return self.adapters[name]  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # weight, in_features, ... as on the base module (tied embeddings use .weight)
+            return getattr(super().__getattr__("base_layer"), name)
+
+
+class ModulesToSave(nn.Module):
+    """A fully trainable per-adapter copy of a module (PEFT's ``modules_to_save``)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled or self.active not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active](*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. lm_head.weight used by tied-embedding code
+            return getattr(super().__getattr__("original_module"), name)

@@ -1,0 +1,104 @@
+"""Adapter configs: dataclasses whose field names are those of PEFT's ``adapter_config.json``.
+
+A config round-trips through ``to_dict``/``from_dict``. Unknown keys are an error that names them;
+PEFT fields we do not implement are accepted only while they hold their neutral value, so a PEFT
+checkpoint that relies on a feature we lack is refused instead of silently loaded wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value or an unknown name."""
+
+
+# Fields PEFT writes that carry no meaning for the adapter maths (bookkeeping only).
+INFORMATIONAL_KEYS = frozenset(
+    {"auto_mapping", "peft_version", "megatron_core", "revision", "inference_mode", "base_model_name_or_path",
+     "task_type", "qalora_group_size"}
+)
+
+
+def _is_neutral(value: Any) -> bool:
+    return value in (None, False, {}, [], "", 0)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every weight-attached method (PEFT's ``PeftConfig`` + tuner fields)."""
+
+    peft_type: ClassVar[str] = ""
+    # PEFT fields we do not implement, written with their neutral values so PEFT reads our files.
+    peft_neutral_fields: ClassVar[dict[str, Any]] = {}
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    task_type: str | None = "CAUSAL_LM"
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.target_modules is None and self.requires_targets():
+            raise ConfigError(f"{type(self).__name__}: target_modules is required (a list of names, a regex or 'all-linear')")
+        self.validate()
+
+    @classmethod
+    def requires_targets(cls) -> bool:
+        return True
+
+    def validate(self) -> None:
+        """Method-specific checks; raise ConfigError naming the field."""
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.peft_neutral_fields)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, (set, tuple)) else value
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "AdapterConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "peft_type":
+                if value != cls.peft_type:
+                    raise ConfigError(f"{source}: peft_type {value!r} does not match {cls.__name__} ({cls.peft_type})")
+            elif key in known:
+                kwargs[key] = value
+            elif key in INFORMATIONAL_KEYS or key in cls.peft_neutral_fields:
+                if key in cls.peft_neutral_fields and not _is_neutral(value) and value != cls.peft_neutral_fields[key]:
+                    raise ConfigError(f"{source}: PEFT option {key}={value!r} is not supported by peftlab's {cls.peft_type}")
+            else:
+                raise ConfigError(f"{source}: unknown config key {key!r} for {cls.__name__}")
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def list_field(default: list | None = None):
+    return field(default_factory=lambda: list(default or []))
+
+
+def dict_field():
+    return field(default_factory=dict)

@@ -1,0 +1,195 @@
+"""PEFT-format checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module path>.<suffix>``, where the suffix is what the adapter
+layer reports (``lora_A.weight``, ``lora_magnitude_vector``, ...). Only safetensors are read; pickle
+files are refused. Writes are atomic (temporary file in the same folder, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapter import AdapterError
+from .config import ConfigError
+from .inject import adapted_modules, attach, delete_adapter, model_state, saved_modules
+from .registry import config_from_dict, method_for
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model (names the file or key)."""
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+# -- adapter tensors ---------------------------------------------------------------------------
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The PEFT-keyed tensors of adapter ``name`` (without the ``base_model.model.`` prefix)."""
+    state = model_state(model)
+    if name not in state.configs:
+        raise AdapterError(f"no adapter named {name!r}; have {list(state.configs)}")
+    config = state.configs[name]
+    method = method_for(config)
+    out: dict[str, torch.Tensor] = {}
+    if method.kind == "input":
+        out.update(method.input_hooks.state_tensors(model, name))
+    for mname, module in adapted_modules(model):
+        if name in module.adapters:
+            for suffix, t in module.adapters[name].state_tensors().items():
+                out[f"{mname}.{suffix}"] = t
+    for mname, module in saved_modules(model):
+        if name in module.modules_to_save:
+            for pname, t in module.modules_to_save[name].named_parameters():
+                out[f"{mname}.{pname}"] = t
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        wrapped = {f"{m}.base_layer.bias" for m, mod in adapted_modules(model) if name in mod.adapters}
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and (bias == "all" or pname in wrapped) and ".adapters." not in pname:
+                out[pname] = p
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` as a PEFT checkpoint folder; returns the folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model_state(model).configs.get(name)
+    tensors = {PREFIX + k: v for k, v in adapter_tensors(model, name).items()}
+    cfg = config.to_dict()
+    if cfg.get("base_model_name_or_path") is None:
+        cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    cfg["inference_mode"] = True
+    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_config(path: str | Path):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: adapter folder not found")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    return config_from_dict(data, source=str(cfg_path))
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [n for n in _PICKLE_NAMES if (path / n).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only pickle weights ({pickles[0]}) found; peftlab loads safetensors only "
+                "(convert with safetensors.torch.save_file in a trusted environment)"
+            )
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
+    return read_safetensors(weights)
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str = "default", activate: bool | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Load a PEFT (or peftlab) adapter folder onto ``model`` as adapter ``name``.
+
+    On any error the model is left as it was.
+    """
+    config = read_config(path)
+    if overrides:
+        config = config.replace(**overrides)
+    raw = read_adapter_weights(path)
+    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    state = model_state(model)
+    attach(model, config, name, activate=bool(activate) if activate is not None else not state.active)
+    try:
+        load_tensors(model, name, tensors, source=str(Path(path) / WEIGHTS_NAME))
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return model
+
+
+def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    expected = adapter_tensors(model, name)
+    extra = [k for k in tensors if k not in expected]
+    base_layer_weights = [k for k in extra if k.endswith(".base_layer.weight")]  # PEFT's saved embeddings
+    extra = [k for k in extra if k not in base_layer_weights]
+    missing = [k for k in expected if k not in tensors]
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: keys do not match the model for adapter {name!r}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    params = dict(model.named_parameters())
+    for k in base_layer_weights:
+        target = params.get(k)
+        if target is None or target.shape != tensors[k].shape:
+            raise CheckpointError(f"{source}: key {k!r} matches no base weight of the same shape")
+        expected[k] = target
+    for k, target in expected.items():
+        if tuple(target.shape) != tuple(tensors[k].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for k, target in expected.items():
+            target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
+
+
+__all__ = ["save_adapter", "load_adapter", "read_config", "adapter_tensors", "CheckpointError", "ConfigError"]

@@ -1,0 +1,85 @@
+"""DoRA (Liu et al. 2024): weight-decomposed LoRA, selected by ``LoraConfig(use_dora=True)``.
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_row        (one norm per output feature)
+
+The norm is treated as a constant in backward, as the paper recommends. We never build
+W0 + s B A to get the norm: with W0 frozen,
+
+    ||W0 + sBA||_i^2 = ||W0||_i^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2
+                     = c_i + 2 s (B ∘ (W0 A^T))_i.sum() + s^2 (B (A A^T) ∘ B)_i.sum()
+
+where c = ||W0||^2 is cached until the base weight changes. The forward is then
+    h = (m/n) * (W0 x) + (m/n) * s B A x    (bias added once, unscaled)
+which equals PEFT's form (m/n - 1) W0 x + (m/n) s B A x added to the base output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.adapter import AdapterError, BaseView
+from peftlab.methods.lora import LoraConfig, LoraLayer
+
+
+def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  w0_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Row norms of W0 + s B A without materialising the product (all fp32)."""
+    w0 = w0.float()
+    a, b = a.float(), b.float()
+    if w0_sq is None:
+        w0_sq = w0.pow(2).sum(1)
+    cross = (b * (w0 @ a.t())).sum(1)
+    lora_sq = ((b @ (a @ a.t())) * b).sum(1)
+    return (w0_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
+
+
+class DoraLayer(LoraLayer):
+    supported_kinds = frozenset({"linear"})
+
+    def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
+        super().__init__(base, config, module_name)
+        with torch.no_grad():
+            norm = dora_row_norm(base.weight_oi(), self.lora_A.weight, self.lora_B.weight, self.scaling)
+        self.lora_magnitude_vector = nn.Parameter(norm)
+        self._w0_sq_cache: tuple[tuple, torch.Tensor] | None = None
+        self._merge_norm: torch.Tensor | None = None
+
+    def _w0_sq(self, w0: torch.Tensor) -> torch.Tensor:
+        key = (w0.data_ptr(), w0._version, w0.dtype)
+        if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
+            with torch.no_grad():
+                self._w0_sq_cache = (key, w0.float().pow(2).sum(1))
+        return self._w0_sq_cache[1]
+
+    def weight_norm(self, base: BaseView) -> torch.Tensor:
+        w0 = base.weight_oi()
+        with torch.no_grad():
+            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
+        scale = self.lora_magnitude_vector / self.weight_norm(base)
+        xd = self.dropout(x)
+        bias = base.bias
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_out = out if bias is None else out - bias
+        else:
+            base_out = F.linear(xd, base.weight_oi().to(xd.dtype))
+        lora = self.lora_out(xd) * self.scaling
+        return out + ((scale - 1) * base_out + scale * lora).to(out.dtype)
+
+    def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        combined = weight_oi + self.delta_weight().to(weight_oi.dtype)
+        norm = combined.norm(dim=1)
+        self._merge_norm = norm.detach().clone()
+        return combined * (self.lora_magnitude_vector.detach() / norm)[:, None]
+
+    def unmerge_from(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        if self._merge_norm is None:
+            raise AdapterError(f"DoRA on {self.module_name!r}: no merge norm recorded; cannot unmerge")
+        restored = weight_oi * (self._merge_norm / self.lora_magnitude_vector.detach())[:, None]
+        self._merge_norm = None
+        return restored - self.delta_weight().to(weight_oi.dtype)
+
+    def param_roles(self) -> dict[str, str]:
+        return {**super().param_roles(), "lora_magnitude_vector": "B"}

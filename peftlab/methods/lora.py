@@ -1,0 +1,164 @@
+"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA initialisation.
+
+    h = W0 x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+
+A: (r, in), B: (out, r). B starts at zero, so the adapted model equals the base at init.
+PiSSA puts the top-r singular directions of W0 in A and B and leaves the residual in W0;
+OLoRA does the same with a QR factorisation. Both rewrite the base weight, as PEFT does.
+For ``nn.Embedding`` the update is looked up: h = E[ids] + s * A^T[ids] B^T.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.registry import register
+
+_INITS = (True, False, "gaussian", "pissa", "olora")
+_PEFT_NEUTRAL = {
+    "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
+    "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+}
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: first key whose regex matches the name's tail."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = dict_field()
+    alpha_pattern: dict = dict_field()
+    use_dora: bool = False
+
+    peft_neutral_fields = _PEFT_NEUTRAL
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if init not in _INITS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise ConfigError(f"init_lora_weights must be one of {_INITS} or 'pissa_niter_K', got {init!r}")
+
+
+class LoraLayer(AdapterLayer):
+    supported_kinds = frozenset({"linear", "embedding"})
+
+    def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
+        super().__init__(base, config, module_name)
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.is_embedding = base.kind == "embedding"
+        if self.is_embedding:
+            self.lora_embedding_A = nn.Parameter(torch.randn(r, base.in_features))
+            self.lora_embedding_B = nn.Parameter(torch.randn(base.out_features, r))
+            self.padding_idx = base.module.padding_idx
+        else:
+            self.lora_A = nn.Linear(base.in_features, r, bias=False)
+            self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset_parameters(config.init_lora_weights, base)
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.lora_embedding_A if self.is_embedding else self.lora_A.weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_embedding_B if self.is_embedding else self.lora_B.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str, base: BaseView) -> None:
+        if init is False:
+            return  # nn.Linear's default init (embedding: standard normal); not identity
+        if self.is_embedding:
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            self._init_from_weight(str(init), base)
+            return
+        nn.init.zeros_(self.lora_B.weight)
+
+    def _init_from_weight(self, init: str, base: BaseView) -> None:
+        """PiSSA / OLoRA: principal part of W0 into B A (divided by s), residual stays in W0."""
+        w = base.weight_oi().float()
+        r = self.r
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)
+            b, a = q[:, :r], rr[:r]
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            else:
+                niter = int(init.rsplit("_", 1)[-1])
+                u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+                vh = v.t()
+            sr = (s[:r] / self.scaling).sqrt()
+            a, b = sr[:, None] * vh[:r], u[:, :r] * sr[None, :]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        base.set_weight_oi(w - self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        """B A x without the scaling (x already dropped out, for linear)."""
+        if self.is_embedding:
+            return F.embedding(x, self.lora_embedding_A.t(), padding_idx=self.padding_idx) @ self.lora_embedding_B.t()
+        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_embedding:
+            return self.lora_out(x) * self.scaling
+        return self.lora_out(self.dropout(x)) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scaling
+
+    def param_roles(self) -> dict[str, str]:
+        if self.is_embedding:
+            return {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
+        return {"lora_A.weight": "A", "lora_B.weight": "B"}
+
+
+def _layer_for(config: LoraConfig) -> type[AdapterLayer]:
+    if config.use_dora:
+        from peftlab.methods.dora import DoraLayer
+
+        return DoraLayer
+    return LoraLayer
+
+
+register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for)
