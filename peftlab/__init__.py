@@ -5,7 +5,7 @@ from peftlab.core.inject import (
     adapter_layers, attach, count_parameters, delete_adapter, disabled, find_targets, set_active,
 )
 from peftlab.core.merge import merge, merge_and_unload, unmerge
-from peftlab.core.registry import config_from_dict, lookup, methods, register
+from peftlab.core.registry import config_from_dict, lookup, methods, register, variants
 from peftlab.core.state import CheckpointError, load_adapter, read_config, save_adapter
 from peftlab.methods.lora import LoraConfig
 from peftlab.train.optim import create_loraplus_optimizer

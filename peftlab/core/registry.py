@@ -22,6 +22,9 @@ class Method:
     # For kind="input": callables attach(model, config, name) and the state hooks; see core/hooks.py.
     input_hooks: Any = None
     layer_factory: Callable[..., Any] | None = None  # optional: pick a layer class per config
+    # default_config(target_modules, r) -> a sensible config of this method, used by `compare`
+    # and by the contract test suite; `variant` names registrations that share a peft_type (DoRA).
+    default_config: Callable[..., AdapterConfig] | None = None
 
     def make_layer(self, view, config, module_name):
         cls = self.layer_factory(config) if self.layer_factory else self.layer
@@ -32,13 +35,29 @@ _METHODS: dict[str, Method] = {}
 _discovered = False
 
 
+_VARIANTS: dict[str, tuple[str, Callable[..., AdapterConfig]]] = {}
+
+
 def register(peft_type: str, config: type[AdapterConfig], layer: type | None = None, **kw: Any) -> Method:
     if peft_type in _METHODS and _METHODS[peft_type].config is not config:
         raise ValueError(f"peft_type {peft_type!r} registered twice")
     config.peft_type = peft_type
     method = Method(peft_type=peft_type, config=config, layer=layer, **kw)
     _METHODS[peft_type] = method
+    if method.default_config is not None:
+        _VARIANTS[peft_type.lower()] = (peft_type, method.default_config)
     return method
+
+
+def register_variant(name: str, peft_type: str, default_config: Callable[..., AdapterConfig]) -> None:
+    """A named setting of a registered method (e.g. "dora" = LORA with use_dora=True) for compare/CLI."""
+    _VARIANTS[name.lower()] = (peft_type, default_config)
+
+
+def variants() -> dict[str, Callable[..., AdapterConfig]]:
+    """Method names usable as ``--method`` -> default_config(target_modules, r)."""
+    _discover()
+    return {name: factory for name, (_, factory) in sorted(_VARIANTS.items())}
 
 
 def _discover() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
-from peftlab.core.registry import register
+from peftlab.core.registry import register, register_variant
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PEFT_NEUTRAL = {
@@ -161,4 +161,9 @@ def _layer_for(config: LoraConfig) -> type[AdapterLayer]:
     return LoraLayer
 
 
-register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for)
+register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for,
+         default_config=lambda target_modules, r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
+register_variant("dora", "LORA", lambda target_modules, r=8: LoraConfig(
+    r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=True))
+register_variant("rslora", "LORA", lambda target_modules, r=8: LoraConfig(
+    r=r, lora_alpha=2 * r, target_modules=target_modules, use_rslora=True))

@@ -1,0 +1,15 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PEFTLAB_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="uses the real default model; set PEFTLAB_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,64 @@
+"""Tiny random models of several architectures, built from configs (no downloads)."""
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config,
+)
+
+VOCAB = 96
+
+
+def _build(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    return model
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    return _build(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2), seed)
+
+
+def tiny_gpt2(seed: int = 0):
+    return _build(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                             bos_token_id=1, eos_token_id=2), seed)
+
+
+def tiny_neox(seed: int = 0):
+    return _build(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
+                                eos_token_id=2), seed)
+
+
+def tiny_qwen2(seed: int = 0):
+    return _build(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              bos_token_id=1, eos_token_id=2), seed)
+
+
+ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox, "qwen2": tiny_qwen2}
+
+# Per-architecture linear targets (the attention + MLP projections).
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def batch(seed: int = 0, b: int = 2, t: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (b, t), generator=g)
+
+
+def randomize_adapters(model, seed: int = 1, std: float = 0.1):
+    """Give every trainable parameter random values so an adapter is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
