@@ -164,6 +164,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     for target in config.modules_to_save or []:
         _add_module_to_save(model, target, name)
     state.configs[name] = config
+    from .hooks import install_extra_loss_hook
+
+    install_extra_loss_hook(model)
     if activate or not state.active:
         set_active(model, name)
     return model

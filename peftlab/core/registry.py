@@ -25,6 +25,8 @@ class Method:
     # default_config(target_modules, r) -> a sensible config of this method, used by `compare`
     # and by the contract test suite; `variant` names registrations that share a peft_type (DoRA).
     default_config: Callable[..., AdapterConfig] | None = None
+    # optional model-level hook after each optimizer step: on_step_end(model, adapter_name, step)
+    on_step_end: Callable[..., None] | None = None
 
     def make_layer(self, view, config, module_name):
         cls = self.layer_factory(config) if self.layer_factory else self.layer

@@ -1,0 +1,57 @@
+"""Model-level training hooks, generic over the contract.
+
+* ``step_end(model, step)``: after each optimizer step, every active adapter layer's
+  ``on_step_end`` and every method's model-level ``on_step_end(model, name, step)`` (AdaLoRA's
+  global rank budget) run. Our trainer calls it; ``peftlab.train.hf.PeftlabCallback`` does it for
+  HF ``Trainer``.
+* extra losses: a forward hook on the model adds ``sum(layer.extra_loss())`` of the active
+  adapters to ``output.loss`` while training, so any trainer that reads ``output.loss`` (ours,
+  HF ``Trainer``, TRL) optimises the regulariser without knowing about it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import adapted_modules, model_state
+from .registry import method_for
+
+
+def _active_layers(model: nn.Module):
+    for _, module in adapted_modules(model):
+        for name in module.active:
+            yield name, module.adapters[name]
+
+
+def extra_loss(model: nn.Module) -> torch.Tensor | None:
+    total = None
+    for _, layer in _active_layers(model):
+        value = layer.extra_loss()
+        if value is not None:
+            total = value if total is None else total + value
+    return total
+
+
+def step_end(model: nn.Module, step: int) -> None:
+    for _, layer in _active_layers(model):
+        layer.on_step_end(step)
+    state = model_state(model)
+    for name in state.active:
+        hook = method_for(state.configs[name]).on_step_end
+        if hook is not None:
+            hook(model, name, step)
+
+
+def _add_extra_loss(module: nn.Module, args, kwargs, output):
+    if not module.training or getattr(output, "loss", None) is None:
+        return output
+    extra = extra_loss(module)
+    if extra is not None:
+        output.loss = output.loss + extra.to(output.loss.dtype)
+    return output
+
+
+def install_extra_loss_hook(model: nn.Module) -> None:
+    """Idempotent: one forward hook per model."""
+    if model.__dict__.get("_peftlab_loss_hook") is None:
+        model.__dict__["_peftlab_loss_hook"] = model.register_forward_hook(_add_extra_loss, with_kwargs=True)
