@@ -57,6 +57,9 @@ def merge_and_unload(model: nn.Module, name: str | list[str] | None = None) -> n
         if method.kind == "input":
             method.input_hooks.detach(model, n)
     model.__dict__.pop("_peftlab", None)
+    hook = model.__dict__.pop("_peftlab_loss_hook", None)
+    if hook is not None:
+        hook.remove()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
