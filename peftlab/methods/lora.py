@@ -27,6 +27,7 @@ _PEFT_NEUTRAL = {
     "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
     "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    "megatron_core": "megatron.core", "qalora_group_size": 16,
 }
 
 
