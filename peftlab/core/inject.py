@@ -184,8 +184,9 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
                 )
             module = AdaptedModule(module)
             _set_submodule(model, target, module)
-        layer = method.make_layer(module.view, config, target)
         ref = module.base_layer.weight
+        with torch.device(ref.device):  # build on the base's device (also "meta" for parameter counting)
+            layer = method.make_layer(module.view, config, target)
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         layer.to(device=ref.device, dtype=dtype)
         module.adapters[name] = layer
