@@ -167,8 +167,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     from .hooks import install_extra_loss_hook
 
     install_extra_loss_hook(model)
-    if activate or not state.active:
-        set_active(model, name)
+    # also when not activating: set_active freezes the new adapter's parameters
+    set_active(model, name if activate or not state.active else state.active)
     return model
 
 
