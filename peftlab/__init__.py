@@ -23,7 +23,9 @@ def list_adapters(model):
 def __getattr__(name: str):
     """``peftlab.<Name>Config`` for every registered method (LoHaConfig, VeraConfig, ...)."""
     if name.endswith("Config"):
-        for method in methods().values():
+        from peftlab.core.registry import methods as registered  # `peftlab.methods` is also the subpackage
+
+        for method in registered().values():
             if method.config.__name__ == name:
                 return method.config
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

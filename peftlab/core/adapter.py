@@ -117,6 +117,13 @@ class AdapterLayer(nn.Module):
     def unmerge_from(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         return weight_oi - self.delta_weight().to(weight_oi.dtype)
 
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The merged bias (out,) from the current one; methods that rescale the output (IA3) change it."""
+        return bias
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
     # -- parameters, state, hooks -------------------------------------------------------------
     def adapter_params(self) -> Iterator[nn.Parameter]:
         return self.parameters()
@@ -138,6 +145,22 @@ class AdapterLayer(nn.Module):
     def extra_loss(self) -> torch.Tensor | None:
         """A regulariser added to the training loss, or None."""
         return None
+
+
+class SharedTensors(nn.Module):
+    """Tensors that all layers of one adapter share (VeRA's frozen projections, Tied-LoRA's A and B).
+
+    A method opts in with ``register(..., make_shared=fn)``: at attach, ``fn(config, views)`` gets the
+    ``BaseView`` of every target by module name and returns one instance, which core passes to each new
+    layer as its fourth constructor argument and keeps per adapter name. Layers keep it as a submodule,
+    so ``model.parameters()`` (which skips duplicates) yields a shared parameter once, ``.to()`` moves
+    it, and autograd sums its gradient over all the layers that use it.
+    """
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Live tensors saved in the checkpoint, keyed relative to PEFT's model-level prefix ``base_model.``
+        (VeRA's ``vera_A`` is stored as ``base_model.vera_A``). Empty when nothing is saved."""
+        return {}
 
 
 class AdaptedModule(nn.Module):
@@ -177,6 +200,7 @@ class AdaptedModule(nn.Module):
         with torch.no_grad():
             w = self.view.weight_oi()
             self.view.set_weight_oi(layer.merge_into(w.float(), self.view))
+            self._set_bias(layer.merge_bias)
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -188,7 +212,13 @@ class AdaptedModule(nn.Module):
         with torch.no_grad():
             w = self.view.weight_oi()
             self.view.set_weight_oi(layer.unmerge_from(w.float(), self.view))
+            self._set_bias(layer.unmerge_bias)
         self.merged.pop()
+
+    def _set_bias(self, update) -> None:
+        bias = self.view.bias
+        if bias is not None:
+            bias.data.copy_(update(bias.float()).to(bias.dtype))
 
     def _get(self, name: str) -> AdapterLayer:
         if name not in self.adapters:

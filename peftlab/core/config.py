@@ -34,6 +34,9 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     # PEFT fields we do not implement, written with their neutral values so PEFT reads our files.
     peft_neutral_fields: ClassVar[dict[str, Any]] = {}
+    # Fields above that PEFT's config class for this method lacks (IA3 has no layers_to_transform):
+    # written only when set, so PEFT does not warn about unknown keys in our files.
+    peft_absent_fields: ClassVar[frozenset[str]] = frozenset()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -68,6 +71,8 @@ class AdapterConfig:
         out: dict[str, Any] = dict(self.peft_neutral_fields)
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in self.peft_absent_fields:
+                continue
             out[f.name] = list(value) if isinstance(value, (set, tuple)) else value
         out["peft_type"] = self.peft_type
         return dict(sorted(out.items()))

@@ -28,6 +28,8 @@ class ModelState:
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    # per adapter, the tensors its layers share (methods registered with make_shared); see SharedTensors
+    shared: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def model_state(model: nn.Module) -> ModelState:
@@ -174,7 +176,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
 
 def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, method) -> None:
     targets = find_targets(model, config)
-    new_layers = []
+    wrapped = []
     for target in targets:
         module = model.get_submodule(target)
         if not isinstance(module, AdaptedModule):
@@ -184,13 +186,22 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
                 )
             module = AdaptedModule(module)
             _set_submodule(model, target, module)
+        wrapped.append((target, module))
+    shared = None
+    if method.make_shared is not None:  # one set of shared tensors for all this adapter's layers
+        with torch.device(wrapped[0][1].base_layer.weight.device):
+            shared = method.make_shared(config, {target: module.view for target, module in wrapped})
+    new_layers = []
+    for target, module in wrapped:
         ref = module.base_layer.weight
         with torch.device(ref.device):  # build on the base's device (also "meta" for parameter counting)
-            layer = method.make_layer(module.view, config, target)
+            layer = method.make_layer(module.view, config, target, shared)
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         layer.to(device=ref.device, dtype=dtype)
         module.adapters[name] = layer
         new_layers.append((module, layer))
+    if shared is not None:
+        model_state(model).shared[name] = shared
     bias = getattr(config, "bias", "none")
     if bias == "all":
         for pname, p in model.named_parameters():
@@ -222,6 +233,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.configs:
         raise AdapterError(f"no adapter named {name!r}; have {list(state.configs)}")
     config = state.configs.pop(name)
+    state.shared.pop(name, None)
     method = method_for(config)
     if method.kind == "input":
         method.input_hooks.detach(model, name)

@@ -27,10 +27,16 @@ class Method:
     default_config: Callable[..., AdapterConfig] | None = None
     # optional model-level hook after each optimizer step: on_step_end(model, adapter_name, step)
     on_step_end: Callable[..., None] | None = None
+    # optional: make_shared(config, views: {module name: BaseView}) -> SharedTensors, built once per attached
+    # adapter and passed to each of its layers as a fourth argument (VeRA's projections, Tied-LoRA's A/B)
+    make_shared: Callable[..., Any] | None = None
+    # typical learning rate relative to LoRA's; methods with very few parameters (IA3, VeRA) train at
+    # 10-30x. Trainers, compare and the contract suite multiply their base learning rate by it.
+    lr_scale: float = 1.0
 
-    def make_layer(self, view, config, module_name):
+    def make_layer(self, view, config, module_name, shared=None):
         cls = self.layer_factory(config) if self.layer_factory else self.layer
-        return cls(view, config, module_name)
+        return cls(view, config, module_name) if shared is None else cls(view, config, module_name, shared)
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,8 +1,9 @@
 """PEFT-format checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys are PEFT's: ``base_model.model.<module path>.<suffix>``, where the suffix is what the adapter
-layer reports (``lora_A.weight``, ``lora_magnitude_vector``, ...). Only safetensors are read; pickle
-files are refused. Writes are atomic (temporary file in the same folder, then rename).
+layer reports (``lora_A.weight``, ``lora_magnitude_vector``, ...); tensors that all layers of an
+adapter share (``SharedTensors``) are model-level, ``base_model.<key>`` (VeRA's ``base_model.vera_A``).
+Only safetensors are read; pickle files are refused. Writes are atomic (temporary file in the same folder, then rename).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .inject import adapted_modules, attach, delete_adapter, model_state, saved_
 from .registry import config_from_dict, method_for
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
@@ -106,12 +108,23 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Everything adapter ``name`` writes to ``adapter_model.safetensors``, under the file's keys."""
+    out = {PREFIX + k: v for k, v in adapter_tensors(model, name).items()}
+    shared = model_state(model).shared.get(name)
+    for key, tensor in (shared.state_tensors() if shared is not None else {}).items():
+        if (SHARED_PREFIX + key).startswith(PREFIX):
+            raise AdapterError(f"shared tensor key {key!r} of adapter {name!r} would collide with per-module keys")
+        out[SHARED_PREFIX + key] = tensor
+    return out
+
+
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` as a PEFT checkpoint folder; returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model_state(model).configs.get(name)
-    tensors = {PREFIX + k: v for k, v in adapter_tensors(model, name).items()}
+    tensors = checkpoint_tensors(model, name)
     cfg = config.to_dict()
     if cfg.get("base_model_name_or_path") is None:
         cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -173,7 +186,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
 
 
 def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    expected = adapter_tensors(model, name)
+    """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing."""
+    expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
     extra = [k for k in tensors if k not in expected]
     base_layer_weights = [k for k in extra if k.endswith(".base_layer.weight")]  # PEFT's saved embeddings
     extra = [k for k in extra if k not in base_layer_weights]
@@ -200,4 +214,5 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
             target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
 
 
-__all__ = ["save_adapter", "load_adapter", "read_config", "adapter_tensors", "CheckpointError", "ConfigError"]
+__all__ = ["save_adapter", "load_adapter", "read_config", "adapter_tensors", "checkpoint_tensors", "CheckpointError",
+           "ConfigError"]
