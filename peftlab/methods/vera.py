@@ -1,0 +1,104 @@
+"""VeRA (Kopiczko et al. 2024): one frozen random pair for the whole model, per-layer vectors.
+
+    h = W0 x + Λ_b B Λ_d A dropout(x),    Λ_b = diag(vera_lambda_b), Λ_d = diag(vera_lambda_d)
+
+A: (r, in_max) and B: (out_max, r) are shared by every adapted layer of the adapter (each layer
+uses the top-left ``A[:, :in]`` and ``B[:out, :]``), frozen, and drawn exactly as PEFT draws them:
+a CPU ``torch.Generator`` seeded with ``projection_prng_key`` fills A then B with Kaiming-uniform
+values (bound sqrt(6 / fan_in)), so the same key gives PEFT's matrices. Only the vectors train:
+``vera_lambda_b`` (out,) starts at 0 (identity at init), ``vera_lambda_d`` (r,) at ``d_initial``.
+
+With ``save_projection=True`` the checkpoint holds A and B under PEFT's model-level keys
+``base_model.vera_A`` / ``base_model.vera_B``; with False they are regenerated from the key on load.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.registry import register
+from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
+
+
+@dataclass
+class VeraConfig(AdapterConfig):
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False  # accepted for PEFT files; the wrapped layer's own orientation is used
+    init_weights: bool = True
+
+    peft_neutral_fields = {"bias": "none"}
+    peft_absent_fields = frozenset({"exclude_modules"})
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
+            raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        if not 0.0 <= self.vera_dropout < 1.0:
+            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
+            raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
+
+
+def kaiming_uniform_cpu(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's ``_kaiming_init``: U(-b, b), b = sqrt(3) * sqrt(2) / sqrt(cols), drawn on the CPU."""
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(cols))
+    return torch.empty(rows, cols, device="cpu", dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+class VeraProjections(SharedTensors):
+    """The frozen A (r, in_max) and B (out_max, r) of one VeRA adapter."""
+
+    def __init__(self, config: VeraConfig, views: dict[str, BaseView]):
+        super().__init__()
+        linear = [v for v in views.values() if v.kind == "linear"]
+        if not linear:
+            raise ConfigError(f"VeRA adapts linear layers only; none among targets {sorted(views)}")
+        in_max = max(v.in_features for v in linear)
+        out_max = max(v.out_features for v in linear)
+        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        # frozen and reproducible from the key: buffers, not part of the model's own state_dict
+        self.register_buffer("vera_A", kaiming_uniform_cpu(config.r, in_max, generator), persistent=False)
+        self.register_buffer("vera_B", kaiming_uniform_cpu(out_max, config.r, generator), persistent=False)
+        self.save_projection = config.save_projection
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"vera_A": self.vera_A, "vera_B": self.vera_B} if self.save_projection else {}
+
+
+class VeraLayer(AdapterLayer):
+    def __init__(self, base: BaseView, config: VeraConfig, module_name: str, shared: VeraProjections):
+        super().__init__(base, config, module_name)
+        self.shared = shared
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.vera_lambda_b = nn.Parameter(torch.ones(base.out_features))
+        self.vera_lambda_d = nn.Parameter(torch.randn(config.r))
+        self.dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        if config.init_weights:
+            with torch.no_grad():
+                self.vera_lambda_b.zero_()
+                self.vera_lambda_d.fill_(config.d_initial)
+
+    def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared.vera_A[:, : self.in_features], self.shared.vera_B[: self.out_features, :]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self._projections()
+        return scaled_lowrank(self.dropout(x), a, b, self.vera_lambda_d, self.vera_lambda_b)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self._projections()
+        return scaled_lowrank_weight(a, b, self.vera_lambda_d, self.vera_lambda_b)
+
+
+register("VERA", VeraConfig, VeraLayer, make_shared=VeraProjections, lr_scale=10.0,
+         default_config=lambda target_modules, r=8: VeraConfig(r=16 * r, target_modules=target_modules))
