@@ -44,12 +44,12 @@ def test_identity_at_init(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_falls(variant):
-    model, _ = make(variant)
+    model, config = make(variant)
     model.train()
     x = batch(b=4, t=16)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, f"{variant}: no trainable parameters"
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=1e-2 * method_for(config).lr_scale)
     losses = []
     for step in range(20):
         loss = model(x, labels=x).loss  # includes the adapters' extra losses (forward hook)
