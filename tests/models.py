@@ -62,3 +62,43 @@ def randomize_adapters(model, seed: int = 1, std: float = 0.1):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+# -- a tiny offline tokenizer and model folder (training, data and CLI tests) ------------------
+CHAT_TEMPLATE = (  # SmolLM2's template: a default system prompt when none is given
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nyou are tiny.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,!?'-:;#()/\"+=*"
+
+
+def tiny_tokenizer(chat: bool = True):
+    """A character-level fast tokenizer (lower-cased), ids < VOCAB so it fits the tiny models.
+
+    Like SmolLM2's, pad == eos == <|im_end|> (id 2), so tests catch padding masked by token id.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(_CHARS)})
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    if chat:
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def save_tiny_model_dir(path, seed: int = 0, chat: bool = True):
+    """Write a tiny random Llama + tokenizer as a transformers folder (for CLI / loading tests)."""
+    model = tiny_llama(seed)
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer(chat).save_pretrained(path)
+    return path

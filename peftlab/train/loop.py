@@ -1,0 +1,415 @@
+"""The SFT training loop: one adapter method on a causal LM, PEFT-format output, a metrics JSON.
+
+    train(TrainArgs(method="dora", r=8, max_steps=20, out="runs/dora"))
+
+Per optimizer step the loss is the mean over all label tokens of its ``grad_accum`` micro-batches
+(each micro-batch's mean is weighted by its share of the step's tokens), so batch 4 x accum 1 and
+batch 2 x accum 2 take the same step. The model's output loss already includes the adapters'
+regularisers (the extra-loss forward hook); weighting by token share counts them once per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.core.config import ConfigError
+from peftlab.core.hooks import step_end
+from peftlab.core.inject import attach, count_parameters, delete_adapter
+from peftlab.core.registry import method_for, variants
+from peftlab.core.state import atomic_write_bytes, save_adapter
+from peftlab.train import checkpoint as ckpt
+from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+
+SCHEDULERS = ("linear", "cosine", "constant")
+# Arguments that fix the adapter and the data order: a resumed run must use the same values.
+_RESUME_MUST_MATCH = ("method", "r", "lora_alpha", "target_modules", "config_overrides", "seed", "batch_size",
+                      "grad_accum", "max_length", "eval_fraction", "eval_size", "adapter_name")
+
+
+@dataclass
+class TrainArgs:
+    method: str = "lora"
+    """Method name from ``peftlab.variants()`` (lora, dora, rslora, ...)."""
+    r: int = 8
+    """Adapter rank (passed to the method's default config)."""
+    lora_alpha: float | None = None
+    """Scaling numerator for methods that have one; None keeps the method's default (2r for LoRA)."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names, a regex, or "all-linear" (every linear layer but the output head)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields set on the method's config, e.g. {"lora_dropout": 0.05, "init_lora_weights": "pissa"}."""
+    model: str | None = None
+    """Base model folder or hub id; None = the offline SmolLM2-135M-Instruct."""
+    dtype: str | None = None
+    """Base weights' dtype when loading (None: as stored); adapters always train in float32."""
+    data: str | None = None
+    """Data file / dataset folder / hub id; None = chitchat conversations."""
+    out: str = "runs/train"
+    """Output folder: adapter/, metrics.json, checkpoints/."""
+    adapter_name: str = "default"
+    max_steps: int = 20
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    """Base learning rate; multiplied by the method's registered lr_scale (IA3, VeRA train faster)."""
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    eval_fraction: float = 0.05
+    eval_size: int | None = None
+    """Held-out records; wins over eval_fraction. 0 = no evaluation."""
+    eval_batch_size: int = 8
+    seed: int = 0
+    loraplus_lr_ratio: float | None = None
+    """None = plain AdamW; else LoRA+ with B matrices at this multiple of the learning rate."""
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+    """Write out/checkpoints/step-N every N steps (0 = never)."""
+    resume: str | None = None
+    """A checkpoint folder, or "latest" for the newest in out/checkpoints."""
+    log_every: int = 10
+    """Print a log line every N steps (0 = never)."""
+    progress: bool = True
+    """A live progress bar (only on a terminal)."""
+    device: str = "auto"
+    """"auto": a given model's own device, else cuda when available, else cpu."""
+
+    def validate(self) -> None:
+        known = variants()
+        if self.method.lower() not in known:
+            raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "r"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "save_every", "log_every"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+
+
+def build_config(args: TrainArgs):
+    """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
+    config = variants()[args.method.lower()](args.target_modules, args.r)
+    changes = dict(args.config_overrides)
+    if args.lora_alpha is not None:
+        if not hasattr(config, "lora_alpha"):
+            raise ConfigError(f"method {args.method!r} ({type(config).__name__}) has no lora_alpha")
+        changes.setdefault("lora_alpha", args.lora_alpha)
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ConfigError(f"config_overrides: {type(config).__name__} has no field {unknown[0]!r}; "
+                          f"fields: {sorted(names)}")
+    return config.replace(**changes) if changes else config
+
+
+def lr_factor(kind: str, warmup: int, total: int):
+    """HF's schedules: linear warmup from 0, then linear / cosine decay to 0, or constant."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, 1.0 - progress)
+    return factor
+
+
+def resolve_device(requested: str, model: torch.nn.Module | None) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if model is not None:
+        return next(model.parameters()).device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # CPU: float32 throughout
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
+    """Token-weighted mean loss and perplexity over ``dataset`` (None when it has no label tokens)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            n = label_tokens(batch["labels"])
+            if n == 0:
+                continue
+            with _autocast(device):
+                out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            total += out.loss.float().item() * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return None
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+class Reporter:
+    """A rich progress bar (loss, lr, tokens/s, ETA) on a terminal, and a log line every ``log_every`` steps."""
+
+    def __init__(self, total: int, done: int, enabled: bool, log_every: int):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.log_every, self.total = log_every, total
+        self.progress = None
+        if enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total, completed=done, info="")
+
+    def __enter__(self) -> "Reporter":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def step(self, record: dict, tokens_per_s: float) -> None:
+        loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+        info = f"loss {loss}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], info=info)
+        if self.log_every and (record["step"] % self.log_every == 0 or record["step"] == self.total):
+            self.console.print(f"step {record['step']}/{self.total}  {info}", highlight=False)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """CUDA: peak allocated by this run; CPU: the process's peak resident set (covers all it did so far)."""
+    if device.type == "cuda":
+        return {"bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_memory_allocated"}
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "kind": "process_max_rss"}
+    except ImportError:  # Windows
+        return {"bytes": None, "kind": "unavailable"}
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    import peftlab
+
+    if device.type == "cuda":
+        name = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    return {"device": name, "versions": {"peftlab": peftlab.__version__, "torch": torch.__version__,
+                                         "transformers": transformers.__version__, "python": platform.python_version()}}
+
+
+def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
+          records: list[dict] | None = None) -> dict:
+    """Train one adapter; write out/adapter (PEFT format) and out/metrics.json; return the metrics.
+
+    With a caller's ``model`` (``compare`` trains many methods on one preloaded base), the only lasting
+    change is the attached adapter ``args.adapter_name``, made the active one, its base frozen by
+    ``attach``: train/eval mode and gradient checkpointing are restored, and with ``device="auto"`` the
+    model stays where it is. Delete the adapter (``peftlab.delete_adapter``) to get the base back;
+    methods that rewrite base weights at init (PiSSA, OLoRA) change the base for good.
+    """
+    args.validate()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = ckpt.resolve_resume(args.resume, out) if args.resume else None
+    device = resolve_device(args.device, model)  # before loading: a model we load goes to cuda when there is one
+    if model is None:
+        from peftlab.defaults import load_model_and_tokenizer
+
+        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
+    model.to(device)
+    if records is None:
+        from peftlab.defaults import default_records
+
+        records = load_records(args.data) if args.data else default_records()
+    train_set, eval_set = build_datasets(records, tokenizer, args.max_length, args.eval_fraction, args.eval_size,
+                                         args.seed)
+    collate = Collator(tokenizer.pad_token_id)
+
+    config = build_config(args)
+    torch.manual_seed(args.seed)  # the adapter's initial weights depend on the seed only
+    random.seed(args.seed)
+    attach(model, config, name=args.adapter_name)
+    try:
+        optimizer, scheduler, lr = _optimizer(args, model, config)
+        state, eval_after = _train_attached(args, model, optimizer, scheduler, train_set, eval_set, collate, device,
+                                            out, resume_from, fingerprint(records))
+    except BaseException:
+        delete_adapter(model, args.adapter_name)  # a failed run leaves the caller's model as it was given
+        raise
+    adapter_dir = save_adapter(model, out / "adapter", name=args.adapter_name)
+    trainable, total = count_parameters(model)
+    metrics = {
+        "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100.0 * trainable / max(1, total), "effective_lr": lr,
+        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else "adamw",
+                      "groups": [{"lr": g["initial_lr"], "tensors": len(g["params"]),
+                                  "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]},
+        "steps": state["step"], "examples": state["examples_seen"], "losses": state["history"],
+        "eval_before": state["eval_before"], "eval_after": eval_after,
+        "eval_records": len(eval_set), "train_records": len(train_set), "data_fingerprint": state["data_fingerprint"],
+        "train_time_s": state["train_time_s"], "tokens": state["tokens"], "label_tokens": state["label_tokens"],
+        "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "peak_memory": peak_memory(device), "seed": args.seed, "args": state["args"],
+        "adapter_dir": str(adapter_dir), **environment(device),
+    }
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    return metrics
+
+
+def _optimizer(args: TrainArgs, model, config):
+    lr = args.lr * method_for(config).lr_scale
+    if args.loraplus_lr_ratio is not None:
+        from peftlab.train.optim import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, lr=lr, loraplus_lr_ratio=args.loraplus_lr_ratio,
+                                              weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=args.weight_decay)
+    factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), lr
+
+
+def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eval_set, collate, device, out: Path,
+                    resume_from: Path | None, fingerprint: str) -> tuple[dict, dict | None]:
+    """Eval, the steps, eval; the model's train mode and gradient checkpointing are restored after."""
+    all_args = dataclasses.asdict(args)
+    was_training, had_checkpointing = model.training, _checkpointing(model)
+    if args.gradient_checkpointing and not had_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad-requiring input
+    reset_peak_memory(device)
+    try:
+        state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
+                 "eval_before": None, "data_fingerprint": fingerprint, "args": all_args}
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
+            _check_resumable(state, all_args, fingerprint, resume_from)
+        else:
+            state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
+        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out)
+        return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
+    finally:
+        if args.gradient_checkpointing and not had_checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            model.disable_input_require_grads()
+        model.train(was_training)
+
+
+def _checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on (what transformers' renamed-in-v5 property computes)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) -> None:
+    saved = state["args"]
+    for key in _RESUME_MUST_MATCH:
+        if saved.get(key) != args.get(key):
+            raise ckpt.CheckpointError(f"{source}: cannot resume with {key}={args.get(key)!r}; "
+                                       f"the checkpoint was trained with {key}={saved.get(key)!r}")
+    if state["data_fingerprint"] != fingerprint:
+        raise ckpt.CheckpointError(f"{source}: the training data differs from the checkpoint's "
+                                   f"(fingerprint {fingerprint} vs {state['data_fingerprint']})")
+    if state["step"] >= args["max_steps"]:
+        raise ckpt.CheckpointError(f"{source}: already at step {state['step']}; raise max_steps to continue")
+    state["args"] = args
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; returns (loss, label tokens).
+
+    Each micro-batch's mean loss is weighted by its share of the step's label tokens, so the
+    gradient is that of the mean over all the step's tokens, however they are split.
+    """
+    step_tokens = sum(label_tokens(b["labels"]) for b in batches)
+    step_loss = 0.0
+    for batch in batches:
+        n = label_tokens(batch["labels"])
+        if n == 0:
+            continue  # nothing to learn (the prompt filled max_length); its weight would be 0
+        with _autocast(device):
+            output = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+        loss = output.loss.float() * (n / step_tokens)
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss, step_tokens
+
+
+def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
+               out: Path) -> None:
+    stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
+    model.train()
+    with Reporter(args.max_steps, state["step"], enabled=args.progress, log_every=args.log_every) as report:
+        for step in range(state["step"] + 1, args.max_steps + 1):
+            started = time.perf_counter()
+            batches = [collate([train_set[next(stream)] for _ in range(args.batch_size)])
+                       for _ in range(args.grad_accum)]
+            lr_now = scheduler.get_last_lr()[0]
+            step_loss, step_tokens = accumulate_gradients(model, batches, device)
+            if args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_end(model, step)  # adapter schedules (AdaLoRA's rank budget) see completed steps, 1-based
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - started
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            state["step"], state["examples_seen"] = step, state["examples_seen"] + args.batch_size * args.grad_accum
+            state["train_time_s"] += elapsed
+            state["tokens"] += tokens
+            state["label_tokens"] += step_tokens
+            record = {"step": step, "loss": step_loss if step_tokens else None, "lr": lr_now,
+                      "tokens": tokens, "label_tokens": step_tokens, "time_s": elapsed}
+            state["history"].append(record)
+            report.step(record, tokens_per_s=state["tokens"] / max(state["train_time_s"], 1e-9))
+            if args.save_every and step % args.save_every == 0:
+                ckpt.save_checkpoint(out, step, model, args.adapter_name, optimizer, scheduler, state)
