@@ -69,6 +69,29 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"init_lora_weights must be one of {_INITS} or 'pissa_niter_K', got {init!r}")
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """``F.linear(x.to(a.dtype), a)`` that keeps x itself for backward, not its up-cast copy.
+
+    With fp32 adapters on a bf16 model, autograd would hold a 4-byte copy of every adapted module's
+    input until backward (q, k and v each their own); this holds the 2-byte input, often already
+    held elsewhere, and casts it again in backward. Same arithmetic, same results.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a)
+        return F.linear(x.to(a.dtype), a)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a = ctx.saved_tensors
+        grad_x = (grad @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            grad_a = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)
+        return grad_x, grad_a
+
+
 class LoraLayer(AdapterLayer):
     supported_kinds = frozenset({"linear", "embedding"})
 
@@ -134,16 +157,24 @@ class LoraLayer(AdapterLayer):
         self.lora_B.weight.copy_(b)
         base.set_weight_oi(w - self.scaling * (self.lora_B.weight @ self.lora_A.weight))
 
+    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """A x in the adapter's dtype (x already dropped out)."""
+        a = self.lora_A.weight
+        if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
+            return self.lora_A(x.to(a.dtype))
+        return _UpcastLinear.apply(x, a)
+
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """B A x without the scaling (x already dropped out, for linear)."""
         if self.is_embedding:
             return F.embedding(x, self.lora_embedding_A.t(), padding_idx=self.padding_idx) @ self.lora_embedding_B.t()
-        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+        return self.lora_B(self.lora_down(x))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_embedding:
             return self.lora_out(x) * self.scaling
-        return self.lora_out(self.dropout(x)) * self.scaling
+        # scaling on the rank-r activation, not on the (tokens, out) result: one full-size pass fewer each way
+        return self.lora_B(self.lora_down(self.dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling

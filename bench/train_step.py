@@ -1,0 +1,470 @@
+"""Training-step time and peak memory: peftlab and HF PEFT side by side, in one run.
+
+    python bench/train_step.py --shape 1b                      # LoRA, DoRA, full fine-tune
+    python bench/train_step.py --shape 8b --methods lora,dora  # 8B Llama shape, batch 2
+    python bench/train_step.py --shape tiny --device cpu       # smoke run, no GPU
+    python bench/train_step.py --table bench/results/X.json    # markdown table from a results file
+    python bench/train_step.py --table bench/results/X.json --readme bench/README.md
+
+A Llama-shaped model with random bf16 weights is built from a config (no download). Each
+configuration (method x implementation) runs in its own subprocess, so its peak memory is its
+own; the order alternates between repeats and between methods, so clock or thermal drift does
+not favour one side. The step protocol is that of ``/work/shared/anchors/peft_baseline.py``:
+forward with labels, backward, fused AdamW step, ``zero_grad(set_to_none=True)``, synchronise;
+median over ``--steps`` steps after ``--warmup`` steps.
+
+Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
+entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
+that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
+same settings by construction. Where PEFT lacks the method or one of its options, the method is
+skipped with the reason printed and stored in the results.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this checkout
+    sys.path.insert(0, str(ROOT))
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Llama 3.2 1B and Llama 3.1 8B shapes; "tiny" keeps every structural feature (GQA, tied head) for CPU.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                            tie_word_embeddings=True), batch=2, seq=64),
+    "1b": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                          tie_word_embeddings=True), batch=4, seq=1024),
+    "8b": dict(model=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                          tie_word_embeddings=False), batch=2, seq=1024),
+}
+
+
+class Unmapped(Exception):
+    """This method cannot run on one side (PEFT lacks it or one of its options)."""
+
+
+def peft_from_peftlab(config) -> Any:
+    """PEFT's config for a peftlab config, through the PEFT checkpoint format both share."""
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    data = config.to_dict()
+    peft_type = data.pop("peft_type")
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if cls is None:
+        raise Unmapped(f"peft {peft.__version__} has no peft_type {peft_type!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    missing = {k: v for k, v in data.items() if k not in known and v not in (None, False, {}, [], "", 0)}
+    if missing:
+        raise Unmapped(f"peft {peft.__version__}'s {cls.__name__} lacks options {missing}")
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked method. ``peftlab`` builds its config from (target_modules, r); None means
+    full fine-tuning (no adapter, run once as the reference). ``peft`` maps that config to PEFT's."""
+
+    label: str
+    peftlab: Callable[[list[str], int], Any] | None
+    peft: Callable[[Any], Any] | None = peft_from_peftlab
+    targets: tuple[str, ...] = tuple(ALL_LINEAR)
+
+    def implementations(self) -> list[str]:
+        return ["torch"] if self.peftlab is None else ["peftlab", "peft"]
+
+
+def _lora(**extra):
+    def build(targets, r):
+        import peftlab
+
+        return peftlab.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **extra)
+
+    return build
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full fine-tune", None, None),
+    "lora": Method("LoRA r{r}, all linear", _lora()),
+    "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
+}
+
+
+def method_entry(name: str) -> Method:
+    if name in METHODS:
+        return METHODS[name]
+    import peftlab
+
+    variants = peftlab.variants()
+    if name not in variants:
+        known = sorted(set(METHODS) | set(variants))
+        raise SystemExit(f"unknown method {name!r}; known: {', '.join(known)}")
+    return Method(f"{name} (variant default), all linear", lambda targets, r: variants[name](list(targets), r))
+
+
+# -- worker: one configuration in a fresh process ------------------------------------------------
+def build_model(shape: str, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape]["model"], attn_implementation="sdpa")
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def run_worker(args) -> dict[str, Any]:
+    import torch
+
+    method = method_entry(args.method)
+    cuda = args.device.startswith("cuda")
+    model = build_model(args.shape, args.device)
+    if cuda:  # the fp32 init of the base is a build artefact; the peak counts from the bf16 model on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if args.impl == "peftlab":
+        import peftlab
+
+        peftlab.attach(model, method.peftlab(method.targets, args.r))
+    elif args.impl == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtypes: dict[str, int] = {}
+    for p in params:
+        dtypes[str(p.dtype).removeprefix("torch.")] = dtypes.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    batch, seq = args.batch, args.seq
+    x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    samples = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            samples.append((time.perf_counter() - t0) * 1e3)
+    record = {
+        "trainable_params": sum(p.numel() for p in params),
+        "trainable_dtypes": dtypes,
+        "step_ms_samples": [round(s, 3) for s in samples],
+        "step_ms_median": round(statistics.median(samples), 3),
+        "final_loss": round(float(out.loss), 4),
+    }
+    if cuda:
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    if args.profile:
+        record["profile"] = profile_steps(model, opt, x, cuda)
+    return record
+
+
+def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
+    """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+
+
+# -- driver --------------------------------------------------------------------------------------
+def source_hash() -> str:
+    """sha256 over peftlab/ sources: names the exact library code that ran, committed or not."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "peftlab").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "peftlab"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+        return {"commit": commit, "peftlab_uncommitted": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.CalledProcessError):  # a copied tree without .git (the GPU machine)
+        return {"commit": os.environ.get("PEFTLAB_COMMIT", "unknown"), "peftlab_uncommitted": "unknown"}
+
+
+def environment(device: str) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    import peftlab
+
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "peft": peft.__version__, "peftlab": peftlab.__version__,
+        "peftlab_source_sha256": source_hash(), **git_commit(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "host": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    else:
+        env["gpu"] = None
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
+    """Run order: within a repeat, the two sides of each method alternate who goes first; every
+    other repeat runs the whole sequence backwards."""
+    base: list[tuple[str, str]] = []
+    for i, name in enumerate(methods):
+        impls = method_entry(name).implementations()
+        base += [(name, impl) for impl in (impls if i % 2 == 0 else impls[::-1])]
+    order: list[tuple[str, str]] = []
+    for k in range(repeats):
+        order += base if k % 2 == 0 else base[::-1]
+    return order
+
+
+def check_mappings(methods: list[str], r: int) -> dict[str, str]:
+    """Methods that cannot run on both sides -> the reason (built here, before any subprocess)."""
+    skipped = {}
+    for name in methods:
+        method = method_entry(name)
+        if method.peftlab is None:
+            continue
+        try:
+            if method.peft is None:
+                raise Unmapped("no PEFT mapping in METHODS")
+            method.peft(method.peftlab(method.targets, r))
+        except Unmapped as exc:
+            skipped[name] = str(exc)
+    return skipped
+
+
+def worker_command(args, method: str, impl: str, profile: bool = False) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method, "--impl", impl,
+           "--shape", args.shape, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--r", str(args.r), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return cmd + (["--profile"] if profile else [])
+
+
+def run_one(args, method: str, impl: str, profile: bool = False) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(worker_command(args, method, impl, profile), capture_output=True, text=True,
+                              env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    wall = round(time.perf_counter() - t0, 1)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:], "wall_s": wall}
+    return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[str, Any]:
+    entry = method_entry(method)
+    row: dict[str, Any] = {"method": method, "impl": impl, "label": entry.label.format(r=args.r)}
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {**row, "error": runs[-1]["error"] if runs else "not run"}
+    samples = [s for r in ok for s in r["step_ms_samples"]]
+    median = statistics.median(samples)
+    row.update(
+        trainable_params=ok[0]["trainable_params"], trainable_dtypes=ok[0]["trainable_dtypes"],
+        step_ms_median=round(median, 3), step_ms_run_medians=[r["step_ms_median"] for r in ok],
+        step_ms_samples=samples, tokens_per_s=round(args.batch * args.seq / (median / 1e3)),
+        final_loss=[r["final_loss"] for r in ok],
+    )
+    if "peak_gib" in ok[0]:
+        row["peak_gib"] = max(r["peak_gib"] for r in ok)
+        row["peak_reserved_gib"] = max(r["peak_reserved_gib"] for r in ok)
+    if len(ok) < len(runs):
+        row["errors"] = [r["error"] for r in runs if "error" in r]
+    return row
+
+
+def run_driver(args) -> Path:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    skipped = check_mappings(methods, args.r)
+    for name, reason in skipped.items():
+        print(f"skip {name}: {reason}", flush=True)
+    runnable = [m for m in methods if m not in skipped]
+    order = schedule(runnable, args.repeats)
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    log = []
+    for n, (method, impl) in enumerate(order, 1):
+        record = run_one(args, method, impl)
+        results.setdefault((method, impl), []).append(record)
+        log.append({"method": method, "impl": impl, **{k: v for k, v in record.items() if k != "step_ms_samples"}})
+        shown = record.get("error") or (f"{record['step_ms_median']:.2f} ms, peak {record.get('peak_gib', '-')} GiB, "
+                                        f"trainable {record['trainable_params']:,} ({record['wall_s']} s)")
+        print(f"[{n}/{len(order)}] {method:>8} {impl:>7}: {shown}", flush=True)
+    profiles = {}
+    if args.profile:
+        for method, impl in order[:len(order) // max(args.repeats, 1)]:
+            record = run_one(args, method, impl, profile=True)
+            profiles[f"{method}/{impl}"] = record.get("profile") or record.get("error")
+    env = environment(args.device)
+    document = {
+        "benchmark": "train_step",
+        "description": "one training step (forward with labels, backward, fused AdamW step, zero_grad); "
+                       "step_ms_median is the median over all timed steps of all runs of a configuration; "
+                       "peak_gib is torch.cuda.max_memory_allocated from the bf16 base model on (the fp32 "
+                       "init of the random base is excluded); each run is a fresh subprocess",
+        "environment": env,
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "impl", "method")},
+        "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
+        "run_order": [f"{m}/{i}" for m, i in order],
+        "configs": [summarise(m, i, results.get((m, i), []), args)
+                    for m in runnable for i in method_entry(m).implementations()],
+        "skipped": skipped,
+        "runs": log,
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / default_name(args, env)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    if profiles:
+        out.with_suffix(".profile.txt").write_text(
+            "\n\n".join(f"=== {k}\n{v}" for k, v in profiles.items()) + "\n")
+    print(f"wrote {out}")
+    print(markdown_table(document))
+    return out
+
+
+def default_name(args, env: dict[str, Any]) -> str:
+    device = re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or "cpu").lower()).strip("-")
+    stamp = env["date"][:10]
+    return f"train_step_{args.shape}_{device}_{stamp}.json"
+
+
+# -- tables --------------------------------------------------------------------------------------
+def markdown_table(document: dict[str, Any]) -> str:
+    env, args, configs = document["environment"], document["args"], document["configs"]
+    peft_rows = {c["method"]: c for c in configs if c["impl"] == "peft" and "error" not in c}
+    has_mem = any("peak_gib" in c for c in configs)
+    header = ["method", "impl", "trainable params", "step ms", "tokens/s"] + (["peak GiB"] if has_mem else [])
+    header += ["time vs PEFT"] + (["memory vs PEFT"] if has_mem else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for c in configs:
+        if "error" in c:
+            lines.append(f"| {c['label']} | {c['impl']} | error: {c['error'][:120]} |" + " |" * (len(header) - 3))
+            continue
+        ref = peft_rows.get(c["method"]) if c["impl"] == "peftlab" else None
+        trainable = f"{c['trainable_params']:,}"
+        if ref and ref["trainable_params"] != c["trainable_params"]:
+            trainable += f" (PEFT: {ref['trainable_params']:,})"
+        cells = [c["label"], c["impl"], trainable, f"{c['step_ms_median']:.2f}",
+                 f"{c['tokens_per_s']:,}"]
+        if has_mem:
+            cells.append(f"{c['peak_gib']:.2f}")
+        cells.append(f"{c['step_ms_median'] / ref['step_ms_median']:.2f}x" if ref else "")
+        if has_mem:
+            cells.append(f"{c['peak_gib'] / ref['peak_gib']:.2f}x" if ref else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    device = env.get("gpu") or f"CPU ({env.get('cpu')})"
+    runs = args["repeats"]
+    caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+               f"peftlab {env['peftlab']} (commit {env['commit'][:10]}, source {env['peftlab_source_sha256']}); "
+               f"shape {args['shape']}, batch {args['batch']} x {args['seq']}, r {args['r']}; median of "
+               f"{runs} x {args['steps']} steps after {args['warmup']} warm-up steps per run; "
+               f"TF32 matmul {'on' if env['tf32_matmul'] else 'off'}.")
+    skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
+    return "\n".join(lines) + "\n\n" + caption + skipped
+
+
+def write_readme(readme: Path, results: Path, table: str) -> None:
+    """Replace the block between the markers for this results file (or append one)."""
+    rel = results.resolve().relative_to(ROOT) if results.resolve().is_relative_to(ROOT) else results
+    begin, end = f"<!-- table: {rel} -->", f"<!-- end table: {rel} -->"
+    block = f"{begin}\n{table}\n{end}"
+    text = readme.read_text() if readme.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--methods", default="lora,dora,full",
+                   help="comma-separated: entries of METHODS or any name in peftlab.variants()")
+    p.add_argument("--batch", type=int, help="default: the shape's (1b: 4, 8b: 2, tiny: 2)")
+    p.add_argument("--seq", type=int, help="default: the shape's (1024; tiny: 64)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, in alternating order")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
+    p.add_argument("--profile", action="store_true", help="also write a torch.profiler table per configuration")
+    p.add_argument("--out", help="results JSON (default: bench/results/train_step_<shape>_<gpu>_<date>.json)")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
+    p.add_argument("--readme", metavar="README", help="with --table: also write the table into this file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=["peftlab", "peft", "torch"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    args.batch = args.batch or shape["batch"]
+    args.seq = args.seq or shape["seq"]
+    if args.device is None and not args.table:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.table:
+        table = markdown_table(json.loads(Path(args.table).read_text()))
+        print(table)
+        if args.readme:
+            write_readme(Path(args.readme), Path(args.table), table)
+    elif args.worker:
+        print(json.dumps(run_worker(args)), flush=True)
+    else:
+        run_driver(args)
+
+
+if __name__ == "__main__":
+    main()
