@@ -198,6 +198,7 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
             layer = method.make_layer(module.view, config, target, shared)
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         layer.to(device=ref.device, dtype=dtype)
+        layer.train(module.base_layer.training)  # no adapter dropout in a model that is in eval mode
         module.adapters[name] = layer
         new_layers.append((module, layer))
     if shared is not None:
