@@ -331,6 +331,14 @@ def run_driver(args) -> Path:
     order = schedule(runnable, args.repeats)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     log = []
+    # The first run on a freshly started machine ran ~20% slow in every step (seen twice on an H100),
+    # which would fall on whichever configuration is scheduled first: discard it.
+    for n in range(args.prime if order else 0):
+        record = run_one(args, *order[0])
+        log.append({"method": order[0][0], "impl": order[0][1], "discarded": "priming run",
+                    **{k: v for k, v in record.items() if k != "step_ms_samples"}})
+        print(f"[prime {n + 1}/{args.prime}] {order[0][0]} {order[0][1]}: "
+              f"{record.get('error') or str(record['step_ms_median']) + ' ms'} (discarded)", flush=True)
     for n, (method, impl) in enumerate(order, 1):
         record = run_one(args, method, impl)
         results.setdefault((method, impl), []).append(record)
@@ -349,7 +357,8 @@ def run_driver(args) -> Path:
         "description": "one training step (forward with labels, backward, fused AdamW step, zero_grad); "
                        "step_ms_median is the median over all timed steps of all runs of a configuration; "
                        "peak_gib is torch.cuda.max_memory_allocated from the bf16 base model on (the fp32 "
-                       "init of the random base is excluded); each run is a fresh subprocess",
+                       "init of the random base is excluded); each run is a fresh subprocess; the first "
+                       "--prime runs (of the first configuration) are discarded",
         "environment": env,
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "impl", "method")},
         "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
@@ -433,6 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2, help="runs of each configuration, in alternating order")
+    p.add_argument("--prime", type=int, default=1, help="discarded runs of the first configuration before timing")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table per configuration")
