@@ -1,0 +1,107 @@
+"""HRA (Yuan et al. 2024): a chain of r Householder reflections applied to the weight.
+
+    W' = W0 H,   H = H_0 H_1 ... H_{r-1},   H_i = I - 2 u_i u_i^T / ||u_i||^2
+    h = W' x + b = W0 (H^T x) + b
+
+``hra_u``: (in, r), one column per reflection. With ``apply_GS`` the columns are first made
+orthonormal by Gram-Schmidt (U) and H = I - 2 U U^T. PEFT's default init draws r/2 Kaiming columns
+and repeats each one, so the reflections cancel in pairs (H_{2k} H_{2k+1} = I) and the layer starts
+as the base; with r odd (or ``init_weights=False``, or GS) it is not the identity at init.
+The reflections act on activations (``transforms_input``): x H^T = x H_{r-1} ... H_0, each step
+x <- x - 2 (x . u) u, O(tokens * in * r), instead of PEFT's dense (in, in) product per forward.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.registry import register
+from peftlab.methods.oft import check_bias
+
+
+def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns from the columns of u (in, r), in order, as PEFT computes them."""
+    basis = []
+    for i in range(u.shape[1]):
+        col = u[:, i]
+        for q in basis:
+            col = col - (q @ col) * q
+        basis.append(col / col.norm())
+    return torch.stack(basis, dim=1)
+
+
+def reflect(x: torch.Tensor, units: torch.Tensor, order) -> torch.Tensor:
+    """x (..., in) times the reflections I - 2 u_i u_i^T for i in ``order`` (left to right)."""
+    for i in order:
+        u = units[:, i]
+        x = x - 2 * (x @ u)[..., None] * u
+    return x
+
+
+@dataclass
+class HRAConfig(AdapterConfig):
+    r: int = 8
+    apply_GS: bool = False
+    init_weights: bool = True
+    bias: str = "none"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_bias(self.bias, "hra_only")
+
+
+class HRALayer(AdapterLayer):
+    transforms_input = True
+
+    def __init__(self, base: BaseView, config: HRAConfig, module_name: str):
+        super().__init__(base, config, module_name)
+        self.r, self.apply_GS = config.r, config.apply_GS
+        if self.apply_GS and self.r > base.in_features:
+            raise ConfigError(f"HRA on {module_name!r}: apply_GS needs r <= in_features, got r={self.r} > "
+                              f"{base.in_features} (Gram-Schmidt runs out of directions)")
+        paired = config.init_weights and self.r % 2 == 0
+        if config.init_weights and not paired:
+            warnings.warn(f"HRA on {module_name!r}: r={self.r} is odd, so the paired (identity) init is impossible; "
+                          "using a random init as PEFT does", stacklevel=2)
+        half = torch.empty(base.in_features, self.r // 2 if paired else self.r)
+        nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+        self.hra_u = nn.Parameter(torch.repeat_interleave(half, 2, dim=1) if paired else half)
+        self.identity_at_init = paired and not self.apply_GS
+
+    def _units(self) -> torch.Tensor:
+        return gram_schmidt(self.hra_u) if self.apply_GS else self.hra_u / self.hra_u.norm(dim=0)
+
+    def _reflect_rows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """x H^T (transpose=True) or x H, for row vectors x (..., in)."""
+        units = self._units().to(x.dtype)
+        if self.apply_GS:  # H = I - 2 U U^T is symmetric
+            return x - 2 * (x @ units) @ units.t()
+        order = range(self.r - 1, -1, -1) if transpose else range(self.r)
+        return reflect(x, units, order)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reflect_rows(x.to(self.hra_u.dtype), transpose=True).to(x.dtype)
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
+        return out  # all of HRA's effect is in transform_input
+
+    def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        return self._reflect_rows(weight_oi, transpose=False)  # rows of W times H
+
+    def unmerge_from(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        return self._reflect_rows(weight_oi, transpose=True)  # H is orthogonal: H^{-1} = H^T
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"hra_u": self.hra_u}
+
+
+# lr_scale: only the direction of each Kaiming-initialised u matters, and LoRA-sized steps barely turn it
+register("HRA", HRAConfig, HRALayer, lr_scale=5.0,
+         default_config=lambda target_modules, r=8: HRAConfig(r=r, target_modules=target_modules))

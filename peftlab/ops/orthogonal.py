@@ -1,0 +1,114 @@
+"""Orthogonal-rotation kernels shared by OFT and BOFT (plain torch; the reference implementation).
+
+    skew(q)          S = U - U^T, U upper-triangular (zero diagonal) filled from the vector q
+    cayley(S)        R = (I - S)(I + S)^{-1}                 exactly orthogonal for skew-symmetric S
+    cayley_neumann   R = I + 2 sum_{k=1}^{n-2} S^k + S^{n-1}  PEFT's (>= 0.18) truncated series
+    block_rotate     x @ blockdiag(R_1, ..., R_b)             on activations, without the dense matrix
+    butterfly        x @ M_{N-1} ... M_0,  M_i = P_i blockdiag(R_i) P_i^T   (BOFT)
+
+Note that PEFT's Neumann series approximates (I + S)(I - S)^{-1}, the inverse of its exact Cayley
+map; both are reproduced as PEFT computes them, so checkpoints mean the same thing here and there.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def skew_from_upper(vec: torch.Tensor, size: int) -> torch.Tensor:
+    """(b, size*(size-1)/2) strictly-upper-triangular entries -> (b, size, size) skew-symmetric matrices."""
+    rows, cols = torch.triu_indices(size, size, 1, device=vec.device)
+    upper = vec.new_zeros(vec.shape[0], size, size)
+    upper[:, rows, cols] = vec
+    return upper - upper.transpose(-2, -1)
+
+
+def upper_from_skew(skew: torch.Tensor) -> torch.Tensor:
+    size = skew.shape[-1]
+    rows, cols = torch.triu_indices(size, size, 1, device=skew.device)
+    return skew[:, rows, cols]
+
+
+def _eye_like(mats: torch.Tensor) -> torch.Tensor:
+    return torch.eye(mats.shape[-1], device=mats.device, dtype=mats.dtype).expand_as(mats)
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """(I - S)(I + S)^{-1} for a batch of skew-symmetric S (b, n, n)."""
+    eye = _eye_like(skew)
+    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+
+
+def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
+    """PEFT's truncated Neumann form of the Cayley map (its term bookkeeping reproduced exactly)."""
+    rot = _eye_like(skew).clone()
+    if terms > 1:
+        rot = rot + 2 * skew
+    if terms > 2:
+        power = skew @ skew
+        rot = rot + 2 * power
+        for _ in range(3, terms - 1):
+            power = power @ skew
+            rot = rot + 2 * power
+        rot = rot + power @ skew
+    return rot
+
+
+def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x @ blockdiag(blocks) over the last dimension of x; blocks: (b, n, n), x: (..., b*n)."""
+    b, n, _ = blocks.shape
+    lead = x.shape[:-1]
+    return torch.einsum("...rk,rkc->...rc", x.reshape(*lead, b, n), blocks).reshape(*lead, b * n)
+
+
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """The dense blockdiag(blocks) (for merging and tests)."""
+    return torch.block_diag(*blocks.unbind(0))
+
+
+def identity_block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """Multiplicative dropout: replace int(p * b) randomly chosen blocks of (b, n, n) by the identity."""
+    count = int(p * blocks.shape[0])
+    if count == 0:
+        return blocks
+    drop = torch.zeros(blocks.shape[0], 1, 1, device=blocks.device, dtype=blocks.dtype)
+    drop[torch.randperm(blocks.shape[0], device=blocks.device)[:count]] = 1
+    return (1 - drop) * blocks + drop * _eye_like(blocks)
+
+
+# -- butterfly permutations (BOFT) -------------------------------------------------------------
+def butterfly_permutation(n: int, blocks: int, half_block: int, factors: int) -> torch.Tensor:
+    """PEFT's ``block_butterfly_perm``: within each chunk of n // blocks indices, take the groups of
+    ``half_block`` indices at even positions, then those at odd positions. Identity when factors == 0."""
+    if factors == 0:
+        return torch.arange(n)
+    if blocks * half_block * 2 > n:
+        raise ValueError(f"butterfly permutation: {blocks} blocks of 2*{half_block} do not fit in {n}")
+    chunk = n // blocks
+    groups = chunk // half_block
+    order = [g for g in range(0, groups, 2)] + [g for g in range(1, groups, 2)]
+    within = torch.cat([torch.arange(g * half_block, (g + 1) * half_block) for g in order])
+    return torch.cat([start + within for start in range(0, n, chunk)])
+
+
+def butterfly_permutations(n: int, block_num: int, block_size: int, factors: int) -> torch.Tensor:
+    """(factors, n) permutations p_i of the BOFT factors; P_i[j, p_i[j]] = 1."""
+    extra = factors - 1
+    return torch.stack([butterfly_permutation(n, block_num // 2**i, block_size // 2, extra) for i in range(factors)])
+
+
+def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """x @ M_{N-1} ... M_0 with M_i = P_i blockdiag(blocks[i]) P_i^T.
+
+    (x P)[j] = x[p^{-1}[j]] and (y P^T)[j] = y[p[j]], so no dense permutation matrix is formed.
+    blocks: (N, b, n, n); perms: (N, b*n).
+    """
+    for i in reversed(range(blocks.shape[0])):
+        perm = perms[i]
+        x = block_rotate(x[..., torch.argsort(perm)], blocks[i])[..., perm]
+    return x
+
+
+def butterfly_matrix(blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """The dense M_{N-1} ... M_0 (in, in), as PEFT builds it for merging."""
+    n = perms.shape[1]
+    return butterfly_rotate(torch.eye(n, device=blocks.device, dtype=blocks.dtype), blocks, perms)

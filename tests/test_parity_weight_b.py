@@ -1,0 +1,234 @@
+"""AdaLoRA / OFT / BOFT / HRA parity with HF PEFT (the oracle): both directions, keys, configs, bad settings,
+and AdaLoRA's rank allocation trained side by side with PEFT's.
+
+PEFT adapts GPT-2's Conv1D with AdaLoRA but not with OFT / BOFT / HRA, so those use Llama and NeoX.
+PEFT builds BOFT butterflies (boft_n_butterfly_factor > 1) only through its CUDA extension; on CPU we hand it
+a stand-in for that extension's one job (stacking blocks into block-diagonal matrices) so its maths runs.
+"""
+import json
+
+import peft
+import peft.tuners.boft.layer as peft_boft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftlab
+from peftlab.core.hooks import step_end
+from peftlab.core.inject import adapter_layers, model_state
+from models import ARCHS, batch, randomize_adapters
+
+TARGETS = {
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "neox": dict(target_modules=["query_key_value", "dense", "dense_4h_to_h"]),
+    "gpt2": dict(target_modules=["c_attn", "attn.c_proj", "mlp.c_proj"], fan_in_fan_out=True),
+}
+SCHEDULE = dict(init_r=6, target_r=2, total_step=100, tinit=10, tfinal=10, lora_alpha=12)
+
+# (peft_type, settings passed to both libraries' configs, architectures)
+CASES = {
+    "adalora": ("ADALORA", SCHEDULE, ["llama", "gpt2"]),
+    "oft": ("OFT", dict(oft_block_size=8, init_weights=False), ["llama", "neox"]),
+    "oft_exact_r": ("OFT", dict(r=4, oft_block_size=0, use_cayley_neumann=False, init_weights=False),
+                    ["llama", "neox"]),
+    "oft_adjusted_block_size": ("OFT", dict(oft_block_size=5, init_weights=False), ["llama"]),
+    "oft_shared_coft": ("OFT", dict(oft_block_size=16, block_share=True, coft=True, eps=0.3, init_weights=False),
+                        ["llama"]),
+    "oft_neumann_3_terms": ("OFT", dict(oft_block_size=8, num_cayley_neumann_terms=3, init_weights=False), ["llama"]),
+    "boft": ("BOFT", dict(boft_block_size=4, init_weights=False), ["llama", "neox"]),
+    "boft_butterfly": ("BOFT", dict(boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=3, init_weights=False),
+                       ["llama", "neox"]),
+    "hra": ("HRA", dict(r=4), ["llama", "neox"]),
+    "hra_gram_schmidt": ("HRA", dict(r=3, apply_GS=True, init_weights=False), ["llama", "neox"]),
+}
+PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
+PEFT_CONFIGS = {"ADALORA": peft.AdaLoraConfig, "OFT": peft.OFTConfig, "BOFT": peft.BOFTConfig, "HRA": peft.HRAConfig}
+
+
+class _BlockDiagExtension:
+    """Stands in for PEFT's fbd_cuda extension: (N, D, H, H) blocks -> (N, D*H, D*H) block-diagonal."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks])]
+
+
+@pytest.fixture(autouse=True)
+def peft_butterflies(monkeypatch):
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: _BlockDiagExtension)
+
+
+def settings(case, arch):
+    peft_type, kwargs, _ = CASES[case]
+    return peft_type, dict(kwargs, **TARGETS[arch])
+
+
+def peft_model(case, arch):
+    peft_type, kwargs = settings(case, arch)
+    model = peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs))
+    model.eval()
+    return model
+
+
+def our_config(case, arch):
+    peft_type, kwargs = settings(case, arch)
+    return peftlab.lookup(peft_type).config(**kwargs)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
+    pm = peft_model(case, arch)
+    randomize_adapters(pm, seed=3)
+    x = batch()
+    expected = logits(pm, x)
+    assert not torch.allclose(expected, logits(ARCHS[arch](), x), atol=1e-3), "adapter should change the output"
+    pm.save_pretrained(tmp_path)
+    ours = ARCHS[arch]()
+    peftlab.load_adapter(ours, tmp_path)
+    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
+    ours = ARCHS[arch]()
+    peftlab.attach(ours, our_config(case, arch))
+    randomize_adapters(ours, seed=4)
+    x = batch()
+    expected = logits(ours, x)
+    peftlab.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path)
+    theirs.eval()
+    torch.testing.assert_close(logits(theirs, x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_keys_shapes_and_config_round_trip(case, tmp_path):
+    arch = CASES[case][2][0]
+    peft_model(case, arch).save_pretrained(tmp_path / "peft")
+    ours = ARCHS[arch]()
+    peftlab.attach(ours, our_config(case, arch))
+    peftlab.save_adapter(ours, tmp_path / "ours")
+    theirs_t = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours_t = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in theirs_t.items()}
+    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert set(theirs_cfg) - {"peft_version", "auto_mapping"} <= set(our_cfg)
+    # each library reads the other's config to the same settings
+    assert settled(peftlab.read_config(tmp_path / "peft").to_dict()) == settled(our_config(case, arch).to_dict())
+    reread = settled(peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict())
+    assert {k: v for k, v in reread.items() if k in theirs_cfg} == settled(theirs_cfg)
+
+
+def settled(config: dict) -> dict:
+    """A config's settings: bookkeeping dropped, target_modules as a sorted list (PEFT keeps a set)."""
+    out = {k: v for k, v in config.items() if k not in ("peft_version", "auto_mapping", "task_type", "inference_mode")}
+    return dict(out, target_modules=sorted(out["target_modules"]))
+
+
+BAD = [
+    ("ADALORA", dict(init_r=4, target_r=2), "total_step is required"),
+    ("ADALORA", dict(total_step=100, tinit=60, tfinal=40), "no budgeting phase"),
+    ("ADALORA", dict(total_step=100, tinit=100), "no budgeting phase"),
+    ("ADALORA", dict(total_step=10, init_r=2, target_r=4), "must not exceed init_r"),
+    ("ADALORA", dict(total_step=10, deltaT=0), "deltaT"),
+    ("ADALORA", dict(total_step=10, beta1=1.0), "beta1"),
+    ("ADALORA", dict(total_step=10, init_r=2, target_r=1, rank_pattern={"m.lora_E": [True]}),
+     "list of init_r=2 booleans"),
+    ("ADALORA", dict(total_step=10, orth_reg_weight=-1), "orth_reg_weight"),
+    ("OFT", dict(r=4, oft_block_size=8), "exactly one of r"),
+    ("OFT", dict(r=0, oft_block_size=0), "exactly one of r"),
+    ("OFT", dict(module_dropout=1.0), "module_dropout"),
+    ("OFT", dict(bias="oft_only"), "not supported"),
+    ("BOFT", dict(boft_block_size=4, boft_block_num=4), "exactly one of"),
+    ("BOFT", dict(boft_n_butterfly_factor=0), "boft_n_butterfly_factor"),
+    ("HRA", dict(r=0), "r must be a positive integer"),
+    ("HRA", dict(bias="sometimes"), "bias"),
+]
+
+
+@pytest.mark.parametrize("peft_type,kwargs,message", BAD)
+def test_bad_settings_raise_clear_errors(peft_type, kwargs, message):
+    with pytest.raises(peftlab.ConfigError, match=message):
+        peftlab.lookup(peft_type).config(target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(boft_block_size=5), "boft_block_size=5"),
+    (dict(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=4), "multiple of 2"),
+    (dict(boft_block_size=3, boft_n_butterfly_factor=2), "boft_block_size=3"),
+])
+def test_boft_shapes_that_do_not_fit_a_layer_name_it(kwargs, message):
+    with pytest.raises(peftlab.AdapterError, match=rf"q_proj.*{message}"):
+        peftlab.attach(ARCHS["llama"](), peftlab.BOFTConfig(target_modules=["q_proj"], **kwargs))
+
+
+def test_a_peft_file_with_total_step_missing_is_refused(tmp_path):
+    peft_model("adalora", "llama").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), total_step=None)))
+    with pytest.raises(peftlab.ConfigError, match="total_step is required"):
+        peftlab.load_adapter(ARCHS["llama"](), tmp_path)
+
+
+# -- AdaLoRA trained side by side ---------------------------------------------------------------
+ALLOCATION = dict(init_r=4, target_r=2, total_step=12, tinit=2, tfinal=3, deltaT=2, lora_alpha=8,
+                  orth_reg_weight=0.3, target_modules=["q_proj", "v_proj", "down_proj"],
+                  task_type="CAUSAL_LM")  # PEFT adds the orthogonality loss only through its task-specific model
+
+
+def test_adalora_rank_allocation_matches_peft(tmp_path):
+    """Same start, data and optimizer: PEFT calls update_and_allocate before zero_grad (its documented order);
+    we call step_end after zero_grad(set_to_none=True), as our trainer and HF Trainer callbacks do."""
+    theirs = peft.get_peft_model(ARCHS["llama"](), peft.AdaLoraConfig(**ALLOCATION))
+    randomize_adapters(theirs, seed=5, std=0.2)
+    theirs.save_pretrained(tmp_path / "start")
+    ours = ARCHS["llama"]()
+    peftlab.load_adapter(ours, tmp_path / "start")
+    x = batch(b=4, t=16)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (theirs, ours)]
+    for model in (theirs, ours):
+        model.train()
+    for step in range(ALLOCATION["total_step"] + 3):
+        losses = []
+        for model, opt in zip((theirs, ours), opts):
+            loss = model(x, labels=x).loss
+            loss.backward()
+            opt.step()
+            if model is theirs:
+                theirs.base_model.update_and_allocate(step)
+                opt.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=True)
+                step_end(ours, step)
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-4), f"step {step}: loss {losses}"
+    pattern = {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}
+    assert model_state(ours).configs["default"].rank_pattern == pattern
+    assert sum(sum(mask) for mask in pattern.values()) == 2 * len(pattern)  # target_r per layer on average
+    for model in (theirs, ours):
+        model.eval()
+    x_eval = batch(seed=7)
+    torch.testing.assert_close(logits(ours, x_eval), logits(theirs, x_eval), atol=1e-4, rtol=1e-4)
+    # both save the pruned ranks; each library reloads the other's file
+    theirs.save_pretrained(tmp_path / "peft")
+    peftlab.save_adapter(ours, tmp_path / "ours")
+    theirs_t = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours_t = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert ours_t.keys() == theirs_t.keys()
+    for key in theirs_t:
+        torch.testing.assert_close(ours_t[key], theirs_t[key], atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["rank_pattern"] == pattern
+    reloaded = ARCHS["llama"]()
+    peftlab.load_adapter(reloaded, tmp_path / "peft")
+    assert {layer.pattern_key: layer.r for _, _, layer in adapter_layers(reloaded)} == \
+        {key: sum(mask) for key, mask in pattern.items()}
+    torch.testing.assert_close(logits(reloaded, x_eval), logits(theirs, x_eval), atol=1e-4, rtol=1e-4)
+    in_peft = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path / "ours")
+    in_peft.eval()
+    torch.testing.assert_close(logits(in_peft, x_eval), logits(theirs, x_eval), atol=1e-4, rtol=1e-4)
