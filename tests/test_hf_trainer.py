@@ -36,7 +36,8 @@ def step_calls(monkeypatch):
     real = hf.step_end
 
     def spy(model, step):
-        seen.append((model, step))
+        has_grads = any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        seen.append((model, step, has_grads))
         real(model, step)
 
     monkeypatch.setattr(hf, "step_end", spy)
@@ -55,8 +56,9 @@ def test_hf_trainer_trains_adapter_only(tmp_path, step_calls):
     trainer.train()
     _check_trained(model, adapter, base)
     assert callback.calls == 3
-    assert [step for _, step in step_calls] == [1, 2, 3]
-    assert all(m is model for m, _ in step_calls)
+    assert [step for _, step, _ in step_calls] == [1, 2, 3]
+    assert all(m is model for m, _, _ in step_calls)
+    assert all(has_grads for _, _, has_grads in step_calls), "step_end must run before zero_grad (AdaLoRA reads grads)"
     peftlab.save_adapter(model, tmp_path / "adapter")
     assert peftlab.read_config(tmp_path / "adapter").r == 4
 
@@ -71,11 +73,12 @@ def test_trl_sft_trainer_trains_adapter_only(tmp_path, step_calls):
                              processing_class=tiny_tokenizer(), callbacks=[hf.PeftlabCallback()])
     trainer.train()
     _check_trained(model, adapter, base)
-    assert [step for _, step in step_calls] == [1, 2, 3]
+    assert [step for _, step, _ in step_calls] == [1, 2, 3]
+    assert all(has_grads for _, _, has_grads in step_calls)
 
 
 def test_callback_without_model_says_so():
     from transformers import TrainerControl, TrainerState
 
     with pytest.raises(RuntimeError, match="passed no model"):
-        hf.PeftlabCallback().on_step_end(None, TrainerState(), TrainerControl())
+        hf.PeftlabCallback().on_optimizer_step(None, TrainerState(), TrainerControl())

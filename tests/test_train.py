@@ -156,9 +156,13 @@ def test_loraplus_param_groups(tmp_path):
 
 def test_step_end_called_after_every_optimizer_step(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(loop, "step_end", lambda model, step: seen.append(step))
+
+    def spy(model, step):  # AdaLoRA's sensitivities need the step's gradients: before zero_grad
+        seen.append((step, all(p.grad is not None for p in model.parameters() if p.requires_grad)))
+
+    monkeypatch.setattr(loop, "step_end", spy)
     run(tmp_path, max_steps=3, grad_accum=2, batch_size=2)
-    assert seen == [1, 2, 3]
+    assert seen == [(1, True), (2, True), (3, True)]
 
 
 def test_lr_schedules():

@@ -5,8 +5,10 @@
 An attached model is a plain transformers model, so Trainer and TRL train it as is; the extra
 losses (AdaLoRA's orthogonality) already reach ``output.loss`` through the model's forward hook.
 What they cannot know is that some adapters act after each optimizer step (AdaLoRA's rank budget):
-this callback calls ``peftlab.core.hooks.step_end(model, state.global_step)`` there. The step is
-the number of completed optimizer steps (1 after the first), as in peftlab's own loop.
+this callback calls ``peftlab.core.hooks.step_end(model, step)`` there. It uses Trainer's
+``on_optimizer_step`` event, which comes after ``optimizer.step()`` and before ``zero_grad()``, so
+hooks still see the gradients, exactly as in peftlab's own loop; ``step`` is the number of completed
+optimizer steps (1 after the first), the value Trainer's ``state.global_step`` takes right after.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ class PeftlabCallback(TrainerCallback):
         self.model = model
         self.calls = 0
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         target = self.model if self.model is not None else model
         if target is None:
             raise RuntimeError("PeftlabCallback: Trainer passed no model; give PeftlabCallback(model=...)")
-        step_end(getattr(target, "module", target), state.global_step)  # unwrap DDP-style wrappers
+        step_end(getattr(target, "module", target), state.global_step + 1)  # global_step counts it only later
         self.calls += 1
         return control

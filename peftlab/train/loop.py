@@ -13,11 +13,10 @@ import contextlib
 import dataclasses
 import json
 import math
-import platform
 import random
-import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 
 SCHEDULERS = ("linear", "cosine", "constant")
 # Arguments that fix the adapter and the data order: a resumed run must use the same values.
@@ -171,73 +171,8 @@ def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-class Reporter:
-    """A rich progress bar (loss, lr, tokens/s, ETA) on a terminal, and a log line every ``log_every`` steps."""
-
-    def __init__(self, total: int, done: int, enabled: bool, log_every: int):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.log_every, self.total = log_every, total
-        self.progress = None
-        if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
-            self.task = self.progress.add_task("train", total=total, completed=done, info="")
-
-    def __enter__(self) -> "Reporter":
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def step(self, record: dict, tokens_per_s: float) -> None:
-        loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
-        info = f"loss {loss}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
-        if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], info=info)
-        if self.log_every and (record["step"] % self.log_every == 0 or record["step"] == self.total):
-            self.console.print(f"step {record['step']}/{self.total}  {info}", highlight=False)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> dict:
-    """CUDA: peak allocated by this run; CPU: the process's peak resident set (covers all it did so far)."""
-    if device.type == "cuda":
-        return {"bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_memory_allocated"}
-    try:
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "kind": "process_max_rss"}
-    except ImportError:  # Windows
-        return {"bytes": None, "kind": "unavailable"}
-
-
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    import peftlab
-
-    if device.type == "cuda":
-        name = f"{device} ({torch.cuda.get_device_name(device)})"
-    else:
-        name = f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
-    return {"device": name, "versions": {"peftlab": peftlab.__version__, "torch": torch.__version__,
-                                         "transformers": transformers.__version__, "python": platform.python_version()}}
-
-
 def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
-          records: list[dict] | None = None) -> dict:
+          records: list[dict] | None = None, attach_fn=None) -> dict:
     """Train one adapter; write out/adapter (PEFT format) and out/metrics.json; return the metrics.
 
     With a caller's ``model`` (``compare`` trains many methods on one preloaded base), the only lasting
@@ -245,8 +180,13 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     ``attach``: train/eval mode and gradient checkpointing are restored, and with ``device="auto"`` the
     model stays where it is. Delete the adapter (``peftlab.delete_adapter``) to get the base back;
     methods that rewrite base weights at init (PiSSA, OLoRA) change the base for good.
+
+    ``attach_fn(model, config) -> (model, on_step)`` trains another library's adapters instead (compare
+    --with-peft puts HF PEFT's on the same loop); ``on_step(step)`` replaces ``step_end``.
     """
     args.validate()
+    if attach_fn is not None and (args.save_every or args.resume or args.loraplus_lr_ratio is not None):
+        raise ConfigError("checkpoints, resume and LoRA+ need peftlab's own adapters; attach_fn supports none of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = ckpt.resolve_resume(args.resume, out) if args.resume else None
@@ -270,15 +210,24 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     config = build_config(args)
     torch.manual_seed(args.seed)  # the adapter's initial weights depend on the seed only
     random.seed(args.seed)
-    attach(model, config, name=args.adapter_name)
+    if attach_fn is None:
+        attach(model, config, name=args.adapter_name)
+        on_step = partial(step_end, model)
+    else:  # another library's adapters (compare --with-peft): attach_fn(model, config) -> (model, on_step)
+        model, on_step = attach_fn(model, config)
     try:
         optimizer, scheduler, lr = _optimizer(args, model, config)
         state, eval_after = _train_attached(args, model, optimizer, scheduler, train_set, eval_set, collate, device,
-                                            out, resume_from, fingerprint(records))
+                                            out, resume_from, fingerprint(records), on_step)
     except BaseException:
-        delete_adapter(model, args.adapter_name)  # a failed run leaves the caller's model as it was given
+        if attach_fn is None:
+            delete_adapter(model, args.adapter_name)  # a failed run leaves the caller's model as it was given
         raise
-    adapter_dir = save_adapter(model, out / "adapter", name=args.adapter_name)
+    if attach_fn is None:
+        adapter_dir = save_adapter(model, out / "adapter", name=args.adapter_name)
+    else:
+        adapter_dir = out / "adapter"
+        model.save_pretrained(adapter_dir)
     trainable, total = count_parameters(model)
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
@@ -315,7 +264,7 @@ def _optimizer(args: TrainArgs, model, config):
 
 
 def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eval_set, collate, device, out: Path,
-                    resume_from: Path | None, fingerprint: str) -> tuple[dict, dict | None]:
+                    resume_from: Path | None, fingerprint: str, on_step) -> tuple[dict, dict | None]:
     """Eval, the steps, eval; the model's train mode and gradient checkpointing are restored after."""
     all_args = dataclasses.asdict(args)
     was_training, had_checkpointing = model.training, _checkpointing(model)
@@ -334,7 +283,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             _check_resumable(state, all_args, fingerprint, resume_from)
         else:
             state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out)
+        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         if args.gradient_checkpointing and not had_checkpointing:
@@ -383,7 +332,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
 
 
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
-               out: Path) -> None:
+               out: Path, on_step) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
     model.train()
     with Reporter(args.max_steps, state["step"], enabled=args.progress, log_every=args.log_every) as report:
@@ -397,8 +346,9 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            # adapter schedules (AdaLoRA's rank budget) see completed steps, 1-based, and still the gradients
+            on_step(step)
             optimizer.zero_grad(set_to_none=True)
-            step_end(model, step)  # adapter schedules (AdaLoRA's rank budget) see completed steps, 1-based
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
