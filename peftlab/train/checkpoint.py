@@ -2,7 +2,8 @@
 
 ``out/checkpoints/step-N/`` holds
   adapter/                     the adapter in PEFT format (usable on its own)
-  training_state.safetensors   optimizer tensors (Adam moments, step counts) and RNG states
+  training_state.safetensors   the adapter's live tensors (see ``live_state``), optimizer tensors (Adam
+                               moments, step counts) and RNG states
   trainer_state.json           step, data position, loss history, optimizer structure (param groups,
                                which tensor is which), scheduler state, python RNG state, run args
 
@@ -26,15 +27,12 @@ from torch import nn
 
 from peftlab.core.inject import model_state
 from peftlab.core.state import (
-    PREFIX, CheckpointError, atomic_save_safetensors, atomic_write_bytes, load_tensors, read_adapter_weights,
-    read_config, read_safetensors, save_adapter,
+    CheckpointError, atomic_save_safetensors, atomic_write_bytes, read_config, read_safetensors, save_adapter,
 )
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Config fields that describe where an adapter came from, not what it is.
-_BOOKKEEPING = ("base_model_name_or_path", "inference_mode", "revision")
 
 
 # -- optimizer / scheduler / RNG as (tensors, JSON) ---------------------------------------------
@@ -118,7 +116,8 @@ def save_checkpoint(out: str | Path, step: int, model: nn.Module, adapter_name: 
         save_adapter(model, tmp / "adapter", name=adapter_name)
         opt_tensors, opt_structure = optimizer_state(optimizer)
         rng_tensors, rng_structure = rng_state()
-        atomic_save_safetensors({**opt_tensors, **rng_tensors}, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        live = {f"live.{k}": v for k, v in live_state(model, adapter_name).items()}
+        atomic_save_safetensors({**opt_tensors, **rng_tensors, **live}, tmp / STATE_TENSORS, metadata={"format": "pt"})
         document = {"step": step, "adapter_name": adapter_name, "optimizer": opt_structure,
                     "scheduler": {k: _json_value(v, f"scheduler.{k}") for k, v in scheduler.state_dict().items()},
                     "rng": rng_structure, "trainer": trainer_state}
@@ -156,27 +155,51 @@ def resolve_resume(resume: str | Path, out: str | Path) -> Path:
     return path
 
 
+def live_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Everything training changes, exactly as the model holds it: the trainable parameters and the
+    buffers of the adapter's layers (masks and the like). The PEFT file alone is not always enough:
+    AdaLoRA saves pruned copies, but training goes on with the full matrices and a live mask."""
+    out = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    marker = f".adapters.{adapter_name}."
+    out.update({f"buffer.{n}": b for n, b in model.named_buffers() if marker in f".{n}"})
+    return out
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
                     scheduler: Any) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
+    """Restore adapter tensors, adapter config, optimizer, scheduler and RNG states; returns the trainer state.
+
+    The model must carry the adapter as the run first attached it (same method and settings); the
+    config saved with the checkpoint then replaces it, since training may have changed it (AdaLoRA's
+    rank_pattern).
+    """
     path = Path(path)
     try:
         document = json.loads((path / STATE_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path / STATE_JSON}: unreadable ({exc})") from exc
-    saved_config = read_config(path / "adapter").to_dict()
-    config = model_state(model).configs[adapter_name].to_dict()
-    differing = sorted(k for k in set(saved_config) | set(config)
-                       if k not in _BOOKKEEPING and saved_config.get(k) != config.get(k))
-    if differing:
-        key = differing[0]
-        raise CheckpointError(f"{path / 'adapter'}: adapter config differs from this run's at {key!r} "
-                              f"(checkpoint {saved_config.get(key)!r}, run {config.get(key)!r})")
-    weights = read_adapter_weights(path / "adapter")
-    load_tensors(model, adapter_name, {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in weights.items()},
-                 source=str(path / "adapter"))
+    saved_config = read_config(path / "adapter")
+    state = model_state(model)
+    if saved_config.peft_type != state.configs[adapter_name].peft_type:
+        raise CheckpointError(f"{path / 'adapter'}: a {saved_config.peft_type} adapter, but this run trains "
+                              f"{state.configs[adapter_name].peft_type}")
     tensors = read_safetensors(path / STATE_TENSORS)
-    load_optimizer_state(optimizer, document["optimizer"], tensors, str(path / STATE_TENSORS))
+    source = str(path / STATE_TENSORS)
+    expected = live_state(model, adapter_name)
+    saved = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source}: adapter tensors do not match this model: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    for key, target in expected.items():
+        if target.shape != saved[key].shape:
+            raise CheckpointError(f"{source}: shape mismatch for {key!r}: checkpoint {tuple(saved[key].shape)} vs "
+                                  f"model {tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(saved[key].to(device=target.device, dtype=target.dtype))
+    state.configs[adapter_name] = saved_config.replace(inference_mode=False)
+    load_optimizer_state(optimizer, document["optimizer"], tensors, source)
     scheduler.load_state_dict(document["scheduler"])
     set_rng_state(tensors, document["rng"])
     return document["trainer"]

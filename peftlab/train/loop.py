@@ -24,7 +24,7 @@ import torch
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter
+from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
@@ -229,6 +229,8 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
         adapter_dir = out / "adapter"
         model.save_pretrained(adapter_dir)
     trainable, total = count_parameters(model)
+    if attach_fn is None:
+        config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
