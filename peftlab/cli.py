@@ -28,6 +28,126 @@ def _load(model: Optional[str], dtype: str = "auto"):
     return load_model_and_tokenizer(model, dtype=None if dtype == "auto" else dtype)
 
 
+def _parse_targets(value: str):
+    """"all-linear", a comma-separated list of names, or a regex (anything with regex characters)."""
+    if value == "all-linear" or any(c in value for c in "*|()[]\\^$"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def train(
+    method: str = typer.Option("lora", help="Method name (see `peftlab methods`)."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: offline SmolLM2-135M)."),
+    data: Optional[str] = typer.Option(None, help="json/jsonl/parquet/HF dataset dir or hub id (default: chitchat)."),
+    out: Path = typer.Option(Path("runs/train"), help="Output folder: adapter/, metrics.json, checkpoints/."),
+    r: int = typer.Option(8, min=1, help="Adapter rank."),
+    lora_alpha: Optional[float] = typer.Option(None, help="Scaling numerator (default: the method's, 2r for LoRA)."),
+    target_modules: str = typer.Option("all-linear", help="all-linear, comma-separated names, or a regex."),
+    set_: list[str] = typer.Option([], "--set", help="Config field override KEY=JSON, e.g. --set lora_dropout=0.05."),
+    max_steps: int = typer.Option(20, min=1),
+    batch_size: int = typer.Option(4, min=1),
+    grad_accum: int = typer.Option(1, min=1),
+    lr: float = typer.Option(2e-4),
+    lr_scheduler: str = typer.Option("linear", help="linear, cosine or constant."),
+    warmup_steps: int = typer.Option(0, min=0),
+    max_length: int = typer.Option(128, min=2),
+    eval_size: Optional[int] = typer.Option(None, help="Held-out records (default: 5% of the data)."),
+    seed: int = typer.Option(0),
+    loraplus_lr_ratio: Optional[float] = typer.Option(None, help="LoRA+: B matrices at this multiple of lr."),
+    gradient_checkpointing: bool = typer.Option(False),
+    save_every: int = typer.Option(0, min=0, help="Checkpoint every N steps (0: never)."),
+    resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or 'latest'."),
+    dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
+) -> None:
+    """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
+
+    Example: `peftlab train --method dora --max-steps 20 --out runs/dora`
+    """
+    from peftlab.core.config import ConfigError
+    from peftlab.train.loop import TrainArgs, train as run_train
+
+    overrides = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    args = TrainArgs(method=method, model=model, data=data, out=str(out), r=r, lora_alpha=lora_alpha,
+                     target_modules=_parse_targets(target_modules), config_overrides=overrides, max_steps=max_steps,
+                     batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_scheduler=lr_scheduler,
+                     warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
+                     loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
+                     save_every=save_every, resume=resume, dtype=dtype)
+    try:
+        metrics = run_train(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    after = metrics.get("eval_after") or {}
+    console.print(f"adapter: [bold]{metrics['adapter_dir']}[/]  eval loss {after.get('loss', float('nan')):.4f}  "
+                  f"perplexity {after.get('perplexity', float('nan')):.2f}  metrics: {out / 'metrics.json'}")
+
+
+@app.command()
+def compare(
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: every registered one)."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: offline SmolLM2-135M)."),
+    data: Optional[str] = typer.Option(None, help="Data file/dir or hub id (default: chitchat conversations)."),
+    out: Path = typer.Option(Path("runs/compare"), help="Run folder: results.json, table.md, chart.png/html."),
+    preset: str = typer.Option("default", help="default (minutes on a CPU) or seed000 (the seed's 300-step run)."),
+    repeat: int = typer.Option(1, min=1, help="Seeds per method (mean and spread)."),
+    seed: int = typer.Option(42),
+    with_peft: bool = typer.Option(False, help="Also train every method HF PEFT has, side by side."),
+    params_only: bool = typer.Option(False, help="Only the trainable-parameter table (no weights, no training)."),
+    model_config: str = typer.Option("pythia-70m-deduped", help="With --params-only: bundled name or config.json."),
+    max_steps: Optional[int] = typer.Option(None, help="Override the preset's step budget."),
+    max_length: Optional[int] = typer.Option(None, help="Override the preset's max sequence length."),
+    lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
+    r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
+) -> None:
+    """Fine-tune every method on the same data and budget; rank by eval loss and perplexity.
+
+    Examples: `peftlab compare` (the default, a few minutes on 2 CPU cores),
+    `peftlab compare --methods lora,dora --with-peft --repeat 3`,
+    `peftlab compare --params-only` (the seed's parameter table for pythia-70m-deduped).
+    """
+    import peftlab
+    from peftlab.compare import report
+    from peftlab.compare.params import SEED_PARAMS_SETTINGS, params_table
+    from peftlab.compare.runner import CompareArgs, run_compare
+
+    names = [m.strip() for m in methods.split(",")] if methods else None
+    if params_only:
+        settings = dict(SEED_PARAMS_SETTINGS)
+        chosen = names or sorted(peftlab.variants())
+        rows = params_table(model_config, chosen, r or settings["r"], settings["target_modules"], settings)
+        table = Table(title=f"trainable parameters — {model_config}, r={r or settings['r']}")
+        for col in ("method", "trainable params", "total params", "% trainable"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for row in rows:
+            if row["error"]:
+                table.add_row(row["method"], "n/a", "n/a", row["error"][:60])
+            else:
+                table.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['total_params']:,}",
+                              f"{row['percent_trainable']:.4f}%")
+        console.print(table)
+        console.print(f"base model parameters: {rows[0]['base_params']:,}" if rows else "no methods")
+        return
+    overrides = {"max_steps": max_steps, "max_length": max_length, "lr": lr, "r": r}
+    args = CompareArgs(methods=names, model=model, data=data, out=str(out), preset=preset, repeat=repeat, seed=seed,
+                       with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None})
+    try:
+        args.budget(), args.method_list()
+    except ValueError as exc:
+        _fail(str(exc))
+    results = run_compare(args, console=console)
+    report.print_table(results, console)
+    console.print(f"results: [bold]{out}/results.json[/], table.md, chart.png, chart.html")
+
+
 @app.command()
 def inspect(
     adapter: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),

@@ -13,3 +13,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # Tiny models run fastest on one thread, and parallel runs on a small machine do not fight over cores.
+    import torch
+
+    torch.set_num_threads(1)

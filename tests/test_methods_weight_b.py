@@ -273,3 +273,14 @@ def test_oft_block_size_that_does_not_divide_is_adjusted_like_peft():
     with pytest.warns(UserWarning, match="oft_block_size=5 does not divide in_features=32; using 4"):
         model = peftlab.attach(tiny_llama(), peftlab.OFTConfig(target_modules=["q_proj"], oft_block_size=5))
     assert {(layer.r, layer.block_size) for layer in layers(model)} == {(8, 4)}
+
+
+def test_adalora_target_above_init_warns_and_keeps_every_rank():
+    import warnings as _w
+
+    from peftlab.methods.adalora import AdaLoraConfig
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        AdaLoraConfig(target_modules=["q_proj"], init_r=2, target_r=4, total_step=10)
+    assert any("exceeds init_r" in str(w.message) for w in caught)

@@ -135,7 +135,6 @@ BAD = [
     ("ADALORA", dict(init_r=4, target_r=2), "total_step is required"),
     ("ADALORA", dict(total_step=100, tinit=60, tfinal=40), "no budgeting phase"),
     ("ADALORA", dict(total_step=100, tinit=100), "no budgeting phase"),
-    ("ADALORA", dict(total_step=10, init_r=2, target_r=4), "must not exceed init_r"),
     ("ADALORA", dict(total_step=10, deltaT=0), "deltaT"),
     ("ADALORA", dict(total_step=10, beta1=1.0), "beta1"),
     ("ADALORA", dict(total_step=10, init_r=2, target_r=1, rank_pattern={"m.lora_E": [True]}),

@@ -42,7 +42,7 @@ def meta_model(config):
 def apply_shared_settings(config, settings: dict[str, Any]):
     """Set every shared setting the method's config has a field for (e.g. lora_alpha, alpha, dropout)."""
     fields = config.to_dict()
-    return config.replace(**{k: v for k, v in settings.items() if k in fields and k != "target_modules"})
+    return config.replace(**{k: v for k, v in settings.items() if k in fields and k not in ("target_modules", "r")})
 
 
 def params_table(model_spec: str, methods: list[str], r: int, target_modules, settings: dict[str, Any]) -> list[dict]:
@@ -51,9 +51,13 @@ def params_table(model_spec: str, methods: list[str], r: int, target_modules, se
     base_total = sum(p.numel() for p in meta_model(model_config).parameters())
     for name in methods:
         model = meta_model(model_config)
-        config = apply_shared_settings(peftlab.variants()[name](target_modules, r), settings)
-        peftlab.attach(model, config)
+        try:
+            config = apply_shared_settings(peftlab.variants()[name](target_modules, r), settings)
+            peftlab.attach(model, config)
+        except (ValueError, RuntimeError) as exc:  # e.g. a method that does not fit this architecture
+            rows.append({"method": name, "error": f"{type(exc).__name__}: {exc}", "base_params": base_total})
+            continue
         trainable, total = peftlab.count_parameters(model)
-        rows.append({"method": name, "trainable_params": trainable, "total_params": total,
+        rows.append({"method": name, "trainable_params": trainable, "total_params": total, "error": None,
                      "base_params": base_total, "percent_trainable": 100.0 * trainable / total})
     return rows

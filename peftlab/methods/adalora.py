@@ -29,6 +29,8 @@ when ``p.grad`` is gone: both orders give PEFT's numbers. A trainer that zeroes 
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from functools import partial
 
@@ -79,9 +81,9 @@ class AdaLoraConfig(AdapterConfig):
                               ("deltaT", 1)):
             if not _is_int(getattr(self, name), minimum):
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
-        if self.target_r > self.init_r:
-            raise ConfigError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): "
-                              "ranks are only pruned")
+        if self.target_r > self.init_r:  # PEFT accepts it (the seed experiment uses it): nothing gets pruned
+            warnings.warn(f"AdaLoRA target_r ({self.target_r}) exceeds init_r ({self.init_r}): ranks are only "
+                          "pruned, so every rank is kept")
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(f"tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below total_step "
                               f"({self.total_step}), or there is no budgeting phase")

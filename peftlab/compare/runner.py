@@ -1,0 +1,199 @@
+"""``peftlab compare``: every method fine-tuned with one shared budget on the same data, ranked.
+
+The base model and data are loaded once; each (method, seed) trains a fresh copy of the base
+through the same SFT loop (``peftlab.train.loop.train``). ``with_peft`` trains the same settings
+with HF PEFT attached instead, through the same loop, so the only difference is the adapter code.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+import platform
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import peftlab
+from peftlab.compare import report
+from peftlab.compare.params import apply_shared_settings
+
+SEED_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+# One shared budget per preset. "default" fits 2 CPU cores in minutes; "seed000" is the seed's run.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(max_steps=10, batch_size=4, grad_accum=1, lr=1e-3, warmup_steps=1, lr_scheduler="linear",
+                    max_length=64, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                    train_size=400, eval_size=16, eval_batch_size=8),
+    "seed000": dict(max_steps=300, batch_size=4, grad_accum=2, lr=1e-4, warmup_steps=30, lr_scheduler="cosine",
+                    max_length=512, r=4, lora_alpha=8, lora_dropout=0.05, target_modules=SEED_TARGETS,
+                    train_size=1000, eval_size=200, eval_batch_size=4),
+}
+# Methods the seed compares; AdaLoRA's schedule there: tinit 10%, tfinal 50%, deltaT 10% of the steps.
+SEED_METHODS = ["lora", "adalora", "dora", "loha", "hra"]
+SCHEDULE_FRACTIONS = {"tinit": 0.1, "tfinal": 0.5, "deltaT": 0.1}
+
+
+@dataclass
+class CompareArgs:
+    methods: list[str] | None = None
+    model: str | None = None
+    data: str | None = None
+    out: str = "runs/compare"
+    preset: str = "default"
+    repeat: int = 1
+    seed: int = 42
+    with_peft: bool = False
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)  # any preset key, e.g. max_steps
+
+    def budget(self) -> dict[str, Any]:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        unknown = set(self.overrides) - set(PRESETS[self.preset])
+        if unknown:
+            raise ValueError(f"unknown budget setting(s) {sorted(unknown)}; known: {sorted(PRESETS[self.preset])}")
+        return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
+
+    def method_list(self) -> list[str]:
+        known = peftlab.variants()
+        names = self.methods or (SEED_METHODS if self.preset == "seed000" else sorted(known))
+        bad = [m for m in names if m not in known]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {sorted(known)}")
+        return names
+
+
+def _resolve_targets(model, wanted) -> Any:
+    """The preset's target names where the model has them, else every linear layer."""
+    if isinstance(wanted, str):
+        return wanted
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    present = [t for t in wanted if t in names]
+    return present if present else "all-linear"
+
+
+def method_overrides(name: str, budget: dict[str, Any], targets) -> dict[str, Any]:
+    """Every shared setting the method's config has a field for (alpha, dropout, schedule lengths)."""
+    fields = peftlab.variants()[name](targets, budget["r"]).to_dict()
+    shared = {"lora_alpha": budget["lora_alpha"], "alpha": budget["lora_alpha"],
+              "lora_dropout": budget["lora_dropout"], "total_step": budget["max_steps"]}
+    if "total_step" in fields:  # budget-relative schedules (AdaLoRA) scale with the step budget
+        shared.update({k: max(1, int(f * budget["max_steps"])) for k, f in SCHEDULE_FRACTIONS.items() if k in fields})
+    return {k: v for k, v in shared.items() if k in fields}
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peftlab": peftlab.__version__,
+           "platform": platform.platform(), "cpu_count": torch.get_num_threads()}
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        env["peft"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return env
+
+
+def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out: Path, progress: bool) -> dict:
+    from peftlab.train.loop import TrainArgs, train
+
+    model = copy.deepcopy(base)
+    targets = _resolve_targets(model, budget["target_modules"])
+    args = TrainArgs(
+        method=name, r=budget["r"], target_modules=targets, config_overrides=method_overrides(name, budget, targets),
+        out=str(out), max_steps=budget["max_steps"], batch_size=budget["batch_size"], grad_accum=budget["grad_accum"],
+        lr=budget["lr"], lr_scheduler=budget["lr_scheduler"], warmup_steps=budget["warmup_steps"],
+        max_length=budget["max_length"], eval_size=budget["eval_size"], eval_batch_size=budget["eval_batch_size"],
+        seed=seed, progress=progress, log_every=0,
+    )
+    attach_fn = None
+    if backend == "peft":
+        from peftlab.compare.peft_backend import attach_with_peft as attach_fn
+    metrics = train(args, model=model, tokenizer=tokenizer, records=records, attach_fn=attach_fn)
+    after, before = metrics["eval_after"], metrics["eval_before"]
+    return {
+        "backend": backend, "method": name, "seed": seed, "config": metrics["config"],
+        "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
+        "percent_trainable": metrics["trainable_percent"], "effective_lr": metrics["effective_lr"],
+        "eval_loss_before": before["loss"] if before else None, "eval_loss": after["loss"],
+        "perplexity": math.exp(min(20.0, after["loss"])), "train_time_s": metrics["train_time_s"],
+        "tokens_per_s": metrics["tokens_per_s"],
+        "peak_memory_mib": (metrics["peak_memory"].get("bytes") or float("nan")) / 2**20,
+        "peak_memory_kind": metrics["peak_memory"].get("kind"),
+        "losses": [h["loss"] for h in metrics["losses"]], "error": None,
+    }
+
+
+def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
+    from peftlab.defaults import default_records, load_model_and_tokenizer
+    from peftlab.train.data import load_records
+
+    budget = args.budget()
+    names = args.method_list()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = load_model_and_tokenizer(args.model)
+    base.requires_grad_(False)
+    # the default data: one user -> assistant exchange per record, so short sequences still hold a reply
+    records = default_records(exchanges=1) if args.data is None else load_records(args.data)
+    records = sample_records(records, budget["train_size"] + budget["eval_size"])
+    backends = ["peftlab"] + (["peft"] if args.with_peft else [])
+    runs = []
+    seeds = [args.seed + i for i in range(args.repeat)]
+    for seed in seeds:
+        for name in names:
+            for backend in backends:
+                if backend == "peft" and not _peft_has(name):
+                    continue
+                if console is not None:
+                    console.rule(f"{name} [{backend}] seed {seed}")
+                try:
+                    runs.append(run_one(backend, name, base, tokenizer, records, budget, seed,
+                                        out / "runs" / f"{name}-{backend}-{seed}", args.progress))
+                except Exception as exc:  # recorded in the results and shown in the table, never dropped
+                    runs.append({"backend": backend, "method": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
+                                 "trainable_params": None, "percent_trainable": None})
+                    if console is not None:
+                        console.print(f"[red]{name} [{backend}] failed: {exc}[/]")
+    summary = report.summarize(runs)
+    results = {
+        "schema": "peftlab.compare/1",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "model": {"name": args.model or "SmolLM2-135M-Instruct (offline default)",
+                  "class": type(base).__name__, "parameters": sum(p.numel() for p in base.parameters())},
+        "data": {"name": args.data or "chitchat-dataset (offline default)", "records": len(records)},
+        "preset": args.preset, "settings": budget, "seeds": seeds, "methods": names, "backends": backends,
+        "eval_loss_base": next((r["eval_loss_before"] for r in runs if r.get("eval_loss_before") is not None), None),
+        "runs": runs, "summary": summary,
+        "peft_comparison": report.peft_comparison(summary) if args.with_peft else [],
+        "args": asdict(args),
+    }
+    report.write_reports(results, out)
+    return results
+
+
+def sample_records(records: list[dict], n: int) -> list[dict]:
+    """A fixed random subset (seed 0, the same for every method and seed) of at most n records."""
+    if len(records) <= n:
+        return records
+    order = list(range(len(records)))
+    random.Random(0).shuffle(order)
+    return [records[i] for i in sorted(order[:n])]
+
+
+def _peft_has(name: str) -> bool:
+    from peftlab.compare.peft_backend import peft_supports
+
+    return peft_supports(name)
