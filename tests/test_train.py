@@ -181,9 +181,30 @@ def test_method_and_override_errors(tmp_path):
         run(tmp_path, lr_scheduler="step")
 
 
-def test_other_methods_train(tmp_path):
+def test_lora_alpha_and_variant_settings(tmp_path):
     metrics = run(tmp_path, method="dora", max_steps=2, lora_alpha=4)
     assert metrics["config"]["use_dora"] is True and metrics["config"]["lora_alpha"] == 4
+
+
+def _resume_case(variant):
+    if variant != "adalora":
+        return variant
+    return pytest.param(variant, marks=pytest.mark.xfail(
+        strict=True, raises=peftlab.AdapterError,
+        reason="AdaLoRA keeps its sensitivity EMAs and 'final' flag in plain attributes, which checkpoints do "
+               "not see; as buffers of its layers they would be saved (checkpoint.live_state)"))
+
+
+@pytest.mark.parametrize("variant", [_resume_case(v) for v in sorted(peftlab.variants())])
+def test_every_method_trains_and_resumes_exactly(tmp_path, variant):
+    kw = dict(method=variant, max_steps=4, save_every=2, eval_size=2)
+    if variant == "adalora":  # a schedule short enough that the resumed steps include the final allocation
+        kw["config_overrides"] = dict(total_step=4, tinit=1, tfinal=1, deltaT=1)
+    full = run(tmp_path, **kw)
+    resumed = run(tmp_path, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), **kw)
+    assert [h["loss"] for h in resumed["losses"][2:]] == pytest.approx([h["loss"] for h in full["losses"][2:]],
+                                                                         abs=1e-6)
+    assert full["eval_after"]["loss"] != full["eval_before"]["loss"]
 
 
 @pytest.mark.slow
