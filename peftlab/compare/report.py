@@ -36,7 +36,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in items if not r.get("error")]
         row: dict[str, Any] = {"backend": backend, "method": method, "n": len(ok),
                                "errors": [r["error"] for r in items if r.get("error")]}
-        for key in ("eval_loss", "perplexity", "train_time_s", "tokens_per_s", "peak_memory_mib", "eval_loss_before"):
+        for key in ("eval_loss", "perplexity", "train_time_s", "tokens_per_s", "peak_memory_mib"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in ok])
         row["trainable_params"] = ok[0]["trainable_params"] if ok else items[0].get("trainable_params")
         row["percent_trainable"] = ok[0]["percent_trainable"] if ok else items[0].get("percent_trainable")
@@ -91,8 +91,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     header, rows = table_rows(results["summary"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    base = results.get("eval_loss_base")
-    text = f"Base model (no adapter) eval loss: {base:.4f}\n\n" if base is not None else ""
+    base = results.get("eval_loss_base") or {}
+    text = ("Base model (no adapter) eval loss by seed: " + ", ".join(f"{k}: {v:.4f}" for k, v in base.items())
+            + "\n\n") if base else ""
     text += "\n".join(lines) + "\n"
     comparison = results.get("peft_comparison") or []
     if comparison:

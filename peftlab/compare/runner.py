@@ -105,7 +105,8 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out: Path, progress: bool) -> dict:
+def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out: Path, progress: bool,
+            eval_before: bool = True) -> dict:
     from peftlab.train.loop import TrainArgs, train
 
     model = copy.deepcopy(base)
@@ -115,7 +116,7 @@ def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out
         out=str(out), max_steps=budget["max_steps"], batch_size=budget["batch_size"], grad_accum=budget["grad_accum"],
         lr=budget["lr"], lr_scheduler=budget["lr_scheduler"], warmup_steps=budget["warmup_steps"],
         max_length=budget["max_length"], eval_size=budget["eval_size"], eval_batch_size=budget["eval_batch_size"],
-        seed=seed, progress=progress, log_every=0,
+        seed=seed, progress=progress, log_every=0, eval_before=eval_before,
     )
     attach_fn = None
     if backend == "peft":
@@ -159,8 +160,11 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
                 if console is not None:
                     console.rule(f"{name} [{backend}] seed {seed}")
                 try:
+                    # the base model's eval loss is the same for every method of a seed (the split depends
+                    # on the seed): measured in that seed's first run only
+                    first = not any(r.get("eval_loss_before") is not None and r["seed"] == seed for r in runs)
                     runs.append(run_one(backend, name, base, tokenizer, records, budget, seed,
-                                        out / "runs" / f"{name}-{backend}-{seed}", args.progress))
+                                        out / "runs" / f"{name}-{backend}-{seed}", args.progress, eval_before=first))
                 except Exception as exc:  # recorded in the results and shown in the table, never dropped
                     runs.append({"backend": backend, "method": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
                                  "trainable_params": None, "percent_trainable": None})
@@ -175,7 +179,7 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
                   "class": type(base).__name__, "parameters": sum(p.numel() for p in base.parameters())},
         "data": {"name": args.data or "chitchat-dataset (offline default)", "records": len(records)},
         "preset": args.preset, "settings": budget, "seeds": seeds, "methods": names, "backends": backends,
-        "eval_loss_base": next((r["eval_loss_before"] for r in runs if r.get("eval_loss_before") is not None), None),
+        "eval_loss_base": {str(r["seed"]): r["eval_loss_before"] for r in runs if r.get("eval_loss_before") is not None},
         "runs": runs, "summary": summary,
         "peft_comparison": report.peft_comparison(summary) if args.with_peft else [],
         "args": asdict(args),

@@ -72,6 +72,8 @@ class TrainArgs:
     eval_size: int | None = None
     """Held-out records; wins over eval_fraction. 0 = no evaluation."""
     eval_batch_size: int = 8
+    eval_before: bool = True
+    """Also evaluate before training (compare does it once for the base model, not per method)."""
     seed: int = 0
     loraplus_lr_ratio: float | None = None
     """None = plain AdamW; else LoRA+ with B matrices at this multiple of the learning rate."""
@@ -283,7 +285,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
             _check_resumable(state, all_args, fingerprint, resume_from)
-        else:
+        elif args.eval_before:
             state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
         _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
