@@ -81,6 +81,8 @@ def test_errors_name_file_record_and_fields(tmp_path):
         load_records(tmp_path / "x.csv")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "missing.json")
+    with pytest.raises(DataError, match="no such file"):  # looks like owner/name, but it is a file name
+        load_records("data/missing.jsonl")
     (tmp_path / "plain_dir").mkdir()
     with pytest.raises(DataError, match="not a saved HF dataset"):
         load_records(tmp_path / "plain_dir")

@@ -155,6 +155,18 @@ def resolve_resume(resume: str | Path, out: str | Path) -> Path:
     return path
 
 
+def _read_document(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE_JSON}: unreadable ({exc})") from exc
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """The trainer state a checkpoint holds (step, data position, history, run args), without loading it."""
+    return _read_document(Path(path))["trainer"]
+
+
 def live_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """Everything training changes, exactly as the model holds it: the trainable parameters and the
     buffers of the adapter's layers (masks and the like). The PEFT file alone is not always enough:
@@ -174,10 +186,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, adapter_name: str, optim
     rank_pattern).
     """
     path = Path(path)
-    try:
-        document = json.loads((path / STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / STATE_JSON}: unreadable ({exc})") from exc
+    document = _read_document(path)
     saved_config = read_config(path / "adapter")
     state = model_state(model)
     if saved_config.peft_type != state.configs[adapter_name].peft_type:

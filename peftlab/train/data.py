@@ -57,7 +57,7 @@ def load_records(path: str | Path, split: str = "train") -> list[dict]:
             rows = pq.read_table(p).to_pylist()
         else:
             raise DataError(f"{p}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or a saved dataset folder")
-    elif _HUB_ID.match(source) and not source.startswith("."):
+    elif _HUB_ID.match(source) and not source.lower().endswith((".json", ".jsonl", ".parquet")):
         rows = _load_hub(source, split)
     else:
         raise DataError(f"{source}: no such file or folder (and not a hub dataset id like 'owner/name')")

@@ -283,8 +283,9 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
                  "eval_before": None, "data_fingerprint": fingerprint, "args": all_args}
         if resume_from is not None:
+            _check_resumable(ckpt.read_trainer_state(resume_from), all_args, fingerprint, resume_from)
             state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
-            _check_resumable(state, all_args, fingerprint, resume_from)
+            state["args"] = all_args
         elif args.eval_before:
             state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
         _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
@@ -312,7 +313,6 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
                                    f"(fingerprint {fingerprint} vs {state['data_fingerprint']})")
     if state["step"] >= args["max_steps"]:
         raise ckpt.CheckpointError(f"{source}: already at step {state['step']}; raise max_steps to continue")
-    state["args"] = args
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device) -> tuple[float, int]:
