@@ -10,6 +10,7 @@ Data: ``chitchat-dataset`` (real human conversations) rendered as chat ``message
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -165,6 +166,16 @@ def load_model_and_tokenizer(path_or_id: str | os.PathLike | None = None, dtype:
     return model, tokenizer
 
 
+@functools.lru_cache(maxsize=1)
+def _chitchat() -> dict:
+    """The raw conversations, read once per process (~1 s); callers only read them."""
+    try:
+        import chitchat_dataset
+    except ImportError as exc:
+        raise DefaultsError("the default data needs `pip install chitchat-dataset==0.9.0`") from exc
+    return chitchat_dataset.Dataset()
+
+
 def default_records(limit: int | None = None, exchanges: int | None = None) -> list[dict]:
     """Chat ``messages`` records from chitchat-dataset, in a fixed order (sorted conversation ids).
 
@@ -176,11 +187,7 @@ def default_records(limit: int | None = None, exchanges: int | None = None) -> l
     """
     if exchanges is not None and exchanges < 1:
         raise ValueError(f"exchanges must be a positive number of user -> assistant pairs, got {exchanges}")
-    try:
-        import chitchat_dataset
-    except ImportError as exc:
-        raise DefaultsError("the default data needs `pip install chitchat-dataset==0.9.0`") from exc
-    conversations = chitchat_dataset.Dataset()
+    conversations = _chitchat()
     records: list[dict] = []
     for key in sorted(conversations):
         turns = []
