@@ -85,6 +85,7 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a = ctx.saved_tensors
+        grad = grad.to(a.dtype)  # under autocast the forward ran in half precision
         grad_x = (grad @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_a = None
         if ctx.needs_input_grad[1]:
@@ -160,8 +161,8 @@ class LoraLayer(AdapterLayer):
     def lora_down(self, x: torch.Tensor) -> torch.Tensor:
         """A x in the adapter's dtype (x already dropped out)."""
         a = self.lora_A.weight
-        if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
-            return self.lora_A(x.to(a.dtype))
+        if x.dtype == a.dtype:
+            return self.lora_A(x)
         return _UpcastLinear.apply(x, a)
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
