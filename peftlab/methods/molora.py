@@ -1,0 +1,142 @@
+"""Mixture of LoRA experts (MoLoRA, Zadouri et al. 2023), routed per token with top-k gating.
+
+    h = W0 x + s * sum_{e in top_k(z)} g_e B_e A_e dropout(x),   z = W_r x,   g = softmax(z restricted to the top k)
+
+``num_experts`` LoRA pairs A_e (r, in), B_e (out, r) per target module and a router W_r (E, in); s =
+alpha / r. B_e start at zero, so the adapted model equals the base at init. Every expert is computed
+densely and the gate zeroes the unchosen ones (a reference implementation: simple, exact, E x LoRA cost).
+
+Load balancing (Switch Transformer): while training, ``extra_loss()`` returns
+
+    L_aux = router_aux_loss_coef * E * sum_e f_e P_e
+
+with f_e the fraction of (token, slot) choices that picked expert e and P_e its mean router
+probability; core's forward hook adds it to ``output.loss`` (it equals the coefficient when the load
+is uniform). ``expert_usage(model)`` reads how many token choices each expert received since the last
+``reset_expert_usage(model)``.
+
+Merging needs an input-independent update: only when top_k covers all experts and the router
+weight is zero (constant gate 1/E) is ``delta_weight = s / E * sum_e B_e A_e``; otherwise merge is
+refused. Not a PEFT method: peft_type ``MOLORA``, keys ``molora_A``, ``molora_B``, ``molora_router.weight``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.inject import adapter_layers
+from peftlab.core.registry import register
+
+
+@dataclass
+class MoLoraConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    num_experts: int = 4
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    def validate(self) -> None:
+        for name in ("r", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
+            raise ConfigError(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates, chosen): gates (N, E) are the softmax over each token's top-k logits, zero elsewhere;
+    chosen (N, k) are the expert indices."""
+    values, chosen = logits.topk(top_k, dim=-1)
+    gates = torch.zeros_like(logits).scatter(-1, chosen, F.softmax(values, dim=-1))
+    return gates, chosen
+
+
+def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E * sum_e f_e P_e (Switch Transformer); 1 for a uniform load."""
+    fraction = F.one_hot(chosen, num_experts).float().mean(dim=(0, 1))
+    probability = F.softmax(logits, dim=-1).mean(dim=0)
+    return num_experts * (fraction * probability).sum()
+
+
+class MoLoraLayer(AdapterLayer):
+    def __init__(self, base: BaseView, config: MoLoraConfig, module_name: str):
+        super().__init__(base, config, module_name)
+        experts, r = config.num_experts, config.r
+        self.top_k, self.scaling, self.aux_coef = config.top_k, config.lora_alpha / r, config.router_aux_loss_coef
+        self.molora_A = nn.Parameter(torch.empty(experts, r, base.in_features))
+        self.molora_B = nn.Parameter(torch.zeros(experts, base.out_features, r))
+        self.molora_router = nn.Linear(base.in_features, experts, bias=False)
+        for a in self.molora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's A initialisation, per expert
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.register_buffer("expert_choices", torch.zeros(experts), persistent=False)
+        self._aux_loss: torch.Tensor | None = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1]).to(self.molora_A.dtype)
+        logits = self.molora_router(tokens).float()
+        gates, chosen = route(logits, self.top_k)
+        with torch.no_grad():
+            self.expert_choices += torch.bincount(chosen.flatten(), minlength=len(self.expert_choices))
+        if self.training and self.aux_coef:
+            self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices))
+        down = torch.einsum("ni,eri->ner", self.dropout(tokens), self.molora_A) * gates.unsqueeze(-1).to(tokens.dtype)
+        out = torch.einsum("ner,eor->no", down, self.molora_B) * self.scaling
+        return out.reshape(*x.shape[:-1], -1)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        loss, self._aux_loss = self._aux_loss, None  # read once: a later forward that skips this layer adds nothing
+        return loss
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return self.merge_blocker() is None
+
+    def merge_blocker(self) -> str | None:
+        """Why the update depends on the input (so it cannot be merged), or None."""
+        if self.top_k < len(self.expert_choices):
+            return f"top_k={self.top_k} < num_experts={len(self.expert_choices)}: the chosen experts depend on x"
+        if bool(self.molora_router.weight.any()):
+            return "the router weight is not zero: the gate depends on x"
+        return None
+
+    def delta_weight(self) -> torch.Tensor:
+        blocker = self.merge_blocker()
+        if blocker is not None:
+            raise RuntimeError(f"MoLoRA on {self.module_name!r} is not mergeable: {blocker}")
+        return torch.einsum("eor,eri->oi", self.molora_B, self.molora_A) * (self.scaling / len(self.expert_choices))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"molora_A": self.molora_A, "molora_B": self.molora_B, "molora_router.weight": self.molora_router.weight}
+
+    def param_roles(self) -> dict[str, str]:
+        return {"molora_A": "A", "molora_B": "B", "molora_router.weight": "A"}
+
+
+def expert_usage(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Per adapted module, the number of token choices each expert received (since the last reset)."""
+    return {f"{mname}:{n}": layer.expert_choices.clone() for mname, n, layer in adapter_layers(model, name)
+            if isinstance(layer, MoLoraLayer)}
+
+
+def reset_expert_usage(model: nn.Module) -> None:
+    for _, _, layer in adapter_layers(model):
+        if isinstance(layer, MoLoraLayer):
+            layer.expert_choices.zero_()
+
+
+register("MOLORA", MoLoraConfig, MoLoraLayer,
+         default_config=lambda target_modules, r=8: MoLoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
