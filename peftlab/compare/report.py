@@ -95,6 +95,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     text = ("Base model (no adapter) eval loss by seed: " + ", ".join(f"{k}: {v:.4f}" for k, v in base.items())
             + "\n\n") if base else ""
     text += "\n".join(lines) + "\n"
+    kinds = {r.get("peak_memory_kind") for r in results.get("runs", []) if r.get("peak_memory_kind")}
+    if "process_max_rss" in kinds:
+        text += ("\nPeak MiB on the CPU is the process's peak resident set so far, which includes every earlier "
+                 "run of the comparison: it orders nothing. On CUDA it is each run's own max_memory_allocated.\n")
     comparison = results.get("peft_comparison") or []
     if comparison:
         text += "\n| method | eval loss peftlab | eval loss PEFT | rel. diff | within 1% | time ratio | memory ratio |\n"

@@ -25,7 +25,7 @@ SEED_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 # One shared budget per preset. "default" fits 2 CPU cores in minutes; "seed000" is the seed's run.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(max_steps=10, batch_size=4, grad_accum=1, lr=1e-3, warmup_steps=1, lr_scheduler="linear",
+    "default": dict(max_steps=8, batch_size=4, grad_accum=1, lr=1e-3, warmup_steps=1, lr_scheduler="linear",
                     max_length=64, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                     train_size=400, eval_size=16, eval_batch_size=8),
     "seed000": dict(max_steps=300, batch_size=4, grad_accum=2, lr=1e-4, warmup_steps=30, lr_scheduler="cosine",
