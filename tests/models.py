@@ -102,3 +102,18 @@ def save_tiny_model_dir(path, seed: int = 0, chat: bool = True):
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer(chat).save_pretrained(path)
     return path
+
+
+def saved_pair(folder):
+    """(our tensors, PEFT's tensors, our config, PEFT's config) from folder/"ours" and folder/"peft",
+    after asserting both files hold the same keys with the same shapes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ours = load_file(folder / "ours" / "adapter_model.safetensors")
+    theirs = load_file(folder / "peft" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    ours_cfg = json.loads((folder / "ours" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
+    return ours, theirs, ours_cfg, theirs_cfg

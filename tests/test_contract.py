@@ -11,7 +11,7 @@ import peftlab
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.hooks import step_end
 from peftlab.core.registry import method_for
-from models import TARGETS, batch, randomize_adapters, tiny_llama
+from models import batch, randomize_adapters, tiny_llama
 
 VARIANTS = sorted(peftlab.variants())
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]

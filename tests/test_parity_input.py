@@ -4,16 +4,14 @@ Both checkpoint directions on logits and loss (with a left-padded row), greedy g
 training curves from identical weights, keys, shapes and config fields. PEFT returns logits for the
 virtual tokens too; peftlab drops them, so PEFT's ``logits[:, n:]`` are compared.
 """
-import json
 import warnings
 
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftlab
-from models import ARCHS, batch, randomize_adapters, tiny_tokenizer
+from models import ARCHS, batch, randomize_adapters, saved_pair, tiny_tokenizer
 
 # case: (peft_type, settings shared by both libraries, architectures)
 CASES = {
@@ -168,11 +166,7 @@ def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
     arch = CASES[case][2][-1]
     peft_model(case, arch).save_pretrained(tmp_path / "peft")
     peftlab.save_adapter(ours_model(case, arch), tmp_path / "ours")
-    theirs_w = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours_w = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours_w.items()} == {k: v.shape for k, v in theirs_w.items()}
-    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
     assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
     # PEFT writes the dimensions it read from the model; peftlab leaves them None and reads them at load
     resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules", "encoder_hidden_size",

@@ -7,10 +7,9 @@ import json
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftlab
-from models import ARCHS, batch, randomize_adapters
+from models import ARCHS, batch, randomize_adapters, saved_pair
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -91,11 +90,7 @@ def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
     ours = ARCHS[arch]()
     peftlab.attach(ours, ours_config(case, arch))
     peftlab.save_adapter(ours, tmp_path / "ours")
-    theirs_w = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours_w = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours_w.items()} == {k: v.shape for k, v in theirs_w.items()}
-    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
     assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
     for key in set(ours_cfg) - {"task_type", "target_modules", "feedforward_modules"}:
         assert ours_cfg[key] == theirs_cfg[key], key

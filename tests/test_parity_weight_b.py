@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import peftlab
 from peftlab.core.hooks import step_end
 from peftlab.core.inject import adapter_layers, model_state
-from models import ARCHS, batch, randomize_adapters
+from models import ARCHS, batch, randomize_adapters, saved_pair
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -113,11 +113,7 @@ def test_same_keys_shapes_and_config_round_trip(case, tmp_path):
     ours = ARCHS[arch]()
     peftlab.attach(ours, our_config(case, arch))
     peftlab.save_adapter(ours, tmp_path / "ours")
-    theirs_t = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours_t = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in theirs_t.items()}
-    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ours_t, theirs_t, our_cfg, theirs_cfg = saved_pair(tmp_path)
     assert set(theirs_cfg) - {"peft_version", "auto_mapping"} <= set(our_cfg)
     # each library reads the other's config to the same settings
     assert settled(peftlab.read_config(tmp_path / "peft").to_dict()) == settled(our_config(case, arch).to_dict())

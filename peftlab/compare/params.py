@@ -39,10 +39,15 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def apply_shared_settings(config, settings: dict[str, Any]):
-    """Set every shared setting the method's config has a field for (e.g. lora_alpha, alpha, dropout)."""
+def shared_overrides(config, settings: dict[str, Any]) -> dict[str, Any]:
+    """The shared settings the method's config has a field for (e.g. lora_alpha, alpha, dropout);
+    rank and targets are the default config's own arguments, not overrides."""
     fields = config.to_dict()
-    return config.replace(**{k: v for k, v in settings.items() if k in fields and k not in ("target_modules", "r")})
+    return {k: v for k, v in settings.items() if k in fields and k not in ("target_modules", "r")}
+
+
+def apply_shared_settings(config, settings: dict[str, Any]):
+    return config.replace(**shared_overrides(config, settings))
 
 
 def params_table(model_spec: str, methods: list[str], r: int, target_modules, settings: dict[str, Any]) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 
 import peftlab
 from peftlab.compare import report
-from peftlab.compare.params import apply_shared_settings
+from peftlab.compare.params import shared_overrides
 
 SEED_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -78,12 +78,12 @@ def _resolve_targets(model, wanted) -> Any:
 
 def method_overrides(name: str, budget: dict[str, Any], targets) -> dict[str, Any]:
     """Every shared setting the method's config has a field for (alpha, dropout, schedule lengths)."""
-    fields = peftlab.variants()[name](targets, budget["r"]).to_dict()
+    config = peftlab.variants()[name](targets, budget["r"])
     shared = {"lora_alpha": budget["lora_alpha"], "alpha": budget["lora_alpha"],
               "lora_dropout": budget["lora_dropout"], "total_step": budget["max_steps"]}
-    if "total_step" in fields:  # budget-relative schedules (AdaLoRA) scale with the step budget
-        shared.update({k: max(1, int(f * budget["max_steps"])) for k, f in SCHEDULE_FRACTIONS.items() if k in fields})
-    return {k: v for k, v in shared.items() if k in fields}
+    # budget-relative schedules (AdaLoRA's tinit/tfinal/deltaT) scale with the step budget
+    shared.update({k: max(1, int(f * budget["max_steps"])) for k, f in SCHEDULE_FRACTIONS.items()})
+    return shared_overrides(config, shared)
 
 
 def environment() -> dict[str, Any]:
