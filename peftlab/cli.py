@@ -143,7 +143,10 @@ def compare(
         args.budget(), args.method_list()
     except ValueError as exc:
         _fail(str(exc))
-    results = run_compare(args, console=console)
+    try:
+        results = run_compare(args, console=console)
+    except (ValueError, FileNotFoundError) as exc:  # bad model/data paths or fields: before any training
+        _fail(str(exc))
     report.print_table(results, console)
     console.print(f"results: [bold]{out}/results.json[/], table.md, chart.png, chart.html")
 

@@ -86,3 +86,33 @@ def test_params_only_reproduces_the_seed_table():
     # the seed's table (HF PEFT on pythia-70m-deduped, r=8, alpha 16, query_key_value + dense)
     for count in ("147,456", "110,664", "294,912", "159,744", "49,152", "70,426,624"):
         assert count in out
+
+
+def test_interrupted_compare_resumes_without_retraining(workspace, monkeypatch):
+    from peftlab.compare import runner
+
+    root, model_dir, data = workspace
+    out = root / "resume"
+    common = ["compare", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 2]
+    invoke(*common, "--methods", "lora")
+    first = json.loads((out / "results.json").read_text())["runs"][0]
+    trained = []
+    real_run_one = runner.run_one
+    monkeypatch.setattr(runner, "run_one", lambda backend, name, *a, **k: trained.append(name) or
+                        real_run_one(backend, name, *a, **k))
+    invoke(*common, "--methods", "lora,ia3")
+    assert trained == ["ia3"]  # lora finished in the first run and is not retrained
+    again = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert again["lora"] == first and again["ia3"]["error"] is None
+    invoke(*common[:-1], 3, "--methods", "lora")  # another budget: retrained
+    assert trained == ["ia3", "lora"]
+
+
+def test_compare_bad_input_fails_before_training(workspace, tmp_path):
+    root, model_dir, data = workspace
+    result = runner.invoke(app, ["compare", "--methods", "lora,nope", "--model", model_dir, "--data", data])
+    assert result.exit_code == 2 and "unknown method(s) ['nope']" in result.output and "lora" in result.output
+    result = runner.invoke(app, ["compare", "--model", model_dir, "--data", str(tmp_path / "none.jsonl"),
+                                 "--methods", "lora", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "none.jsonl" in result.output
+    assert not (tmp_path / "o" / "runs").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import json
 import platform
 import random
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ import torch
 import peftlab
 from peftlab.compare import report
 from peftlab.compare.params import shared_overrides
+from peftlab.core.state import atomic_write_bytes
 
 SEED_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -157,14 +159,24 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
             for backend in backends:
                 if backend == "peft" and not _peft_has(name):
                     continue
+                run_dir = out / "runs" / f"{name}-{backend}-{seed}"
+                done = finished_run(run_dir, budget, args.model, args.data)
+                if done is not None:  # an interrupted compare picks up where it stopped
+                    runs.append(done)
+                    if console is not None:
+                        console.print(f"{name} [{backend}] seed {seed}: finished earlier, kept ({run_dir})")
+                    continue
                 if console is not None:
                     console.rule(f"{name} [{backend}] seed {seed}")
                 try:
                     # the base model's eval loss is the same for every method of a seed (the split depends
                     # on the seed): measured in that seed's first run only
                     first = not any(r.get("eval_loss_before") is not None and r["seed"] == seed for r in runs)
-                    runs.append(run_one(backend, name, base, tokenizer, records, budget, seed,
-                                        out / "runs" / f"{name}-{backend}-{seed}", args.progress, eval_before=first))
+                    run = run_one(backend, name, base, tokenizer, records, budget, seed, run_dir, args.progress,
+                                  eval_before=first)
+                    record = {"budget": budget, "model": args.model, "data": args.data, "run": run}
+                    atomic_write_bytes(run_dir / RUN_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+                    runs.append(run)
                 except Exception as exc:  # recorded in the results and shown in the table, never dropped
                     runs.append({"backend": backend, "method": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
                                  "trainable_params": None, "percent_trainable": None})
@@ -186,6 +198,23 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
     }
     report.write_reports(results, out)
     return results
+
+
+RUN_RECORD = "run.json"
+
+
+def finished_run(run_dir: Path, budget: dict, model: str | None, data: str | None) -> dict | None:
+    """The stored result of a run that completed with the same budget, model and data, else None."""
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged record is retrained, not trusted
+    same = record.get("budget") == json.loads(json.dumps(budget)) and record.get("model") == model \
+        and record.get("data") == data
+    return record["run"] if same else None
 
 
 def sample_records(records: list[dict], n: int) -> list[dict]:
