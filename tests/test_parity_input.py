@@ -196,3 +196,41 @@ def test_qwen2_adaption_prompt_matches_peft_llama_attention_wrapper():
         layer.self_attn.adaption_prompt.copy_(tensors["model.layers.1.self_attn.adaption_prompt"])
         layer.self_attn.adaption_gate.copy_(tensors["model.layers.1.self_attn.adaption_gate"])
     check_same(ours, reference, 0)
+
+
+def gqa_llama(heads: int, kv_heads: int, dtype: torch.dtype, hidden: int = 64):
+    """A Llama with grouped-query attention (kv_heads < heads), in the given dtype (bench/train_step.py's
+    "tiny" shape is hidden 64, 4 heads over 2 KV heads, bf16)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 2, torch.float32), (8, 2, torch.float32),
+                                                  (4, 2, torch.bfloat16), (8, 2, torch.bfloat16)])
+def test_adaption_prompt_on_grouped_query_attention_matches_peft(heads, kv_heads, dtype, tmp_path):
+    """LLaMA-Adapter with the prompt's keys/values on the KV heads, repeated for the query heads; in bf16 too
+    (peftlab keeps the adapter fp32 on a bf16 model, PEFT keeps it in bf16: the logits must still agree)."""
+    pm = peft.get_peft_model(gqa_llama(heads, kv_heads, dtype),
+                             peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2)).eval()
+    randomize_adapters(pm, seed=3, std=0.5)
+    open_gates(pm)
+    pm.save_pretrained(tmp_path)
+    ours = gqa_llama(heads, kv_heads, dtype)
+    peftlab.load_adapter(ours, tmp_path)
+    x = batch(0)
+    with torch.no_grad():
+        expected = pm(input_ids=x).logits
+        got = ours(input_ids=x).logits
+        base = gqa_llama(heads, kv_heads, dtype)(input_ids=x).logits
+    assert not torch.allclose(base.float(), expected.float(), atol=1e-2)  # the adapter acts
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, expected, **tol)
+    ours.train()  # and trains: a backward step through the fp32 adapter on the low-precision model
+    ours(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

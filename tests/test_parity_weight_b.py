@@ -19,6 +19,7 @@ from peftlab.core.inject import adapter_layers, model_state
 from models import ARCHS, batch, randomize_adapters, saved_pair
 
 TARGETS = {
+    "bench_llama": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
     "neox": dict(target_modules=["query_key_value", "dense", "dense_4h_to_h"]),
     "gpt2": dict(target_modules=["c_attn", "attn.c_proj", "mlp.c_proj"], fan_in_fan_out=True),
@@ -38,10 +39,26 @@ CASES = {
     "boft": ("BOFT", dict(boft_block_size=4, init_weights=False), ["llama", "neox"]),
     "boft_butterfly": ("BOFT", dict(boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=3, init_weights=False),
                        ["llama", "neox"]),
+    # bench/train_step.py's "tiny" shape with the boft variant's default (block size 16, 2 butterfly factors)
+    "boft_butterfly_bench": ("BOFT", dict(boft_block_size=16, boft_n_butterfly_factor=2, init_weights=False),
+                             ["bench_llama"]),
     "hra": ("HRA", dict(r=4), ["llama", "neox"]),
     "hra_gram_schmidt": ("HRA", dict(r=3, apply_GS=True, init_weights=False), ["llama", "neox"]),
 }
 PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
+
+
+def bench_llama(seed: int = 0):
+    """bench/train_step.py's "tiny" Llama (hidden 64, MLP 256, 2 layers, 4 heads over 2 KV heads), in fp32."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+ARCHS = {**ARCHS, "bench_llama": bench_llama}
 PEFT_CONFIGS = {"ADALORA": peft.AdaLoraConfig, "OFT": peft.OFTConfig, "BOFT": peft.BOFTConfig, "HRA": peft.HRAConfig}
 
 
@@ -119,6 +136,46 @@ def test_same_keys_shapes_and_config_round_trip(case, tmp_path):
     assert settled(peftlab.read_config(tmp_path / "peft").to_dict()) == settled(our_config(case, arch).to_dict())
     reread = settled(peft.PeftConfig.from_pretrained(tmp_path / "ours").to_dict())
     assert {k: v for k, v in reread.items() if k in theirs_cfg} == settled(theirs_cfg)
+
+
+def test_boft_butterfly_shapes_and_merged_weights_match_peft_on_the_bench_shape():
+    """boft_block_size=16, boft_n_butterfly_factor=2 on the bench's tiny Llama: PEFT (with its extension) keeps
+    both factors, boft_R (2, in/16, 16, 16) per layer, as peftlab does, and the merged weights agree."""
+    pm = peft_model("boft_butterfly_bench", "bench_llama")
+    randomize_adapters(pm, seed=5)
+    ours = bench_llama()
+    peftlab.attach(ours, our_config("boft_butterfly_bench", "bench_llama"))
+    tensors = {k.removeprefix("base_model.model.").replace(".boft_R.default", ".boft_R")
+               .replace(".boft_s.default", ".boft_s"): v for k, v in pm.state_dict().items() if ".boft_" in k}
+    peft_shapes = {k: tuple(v.shape) for k, v in tensors.items() if k.endswith("boft_R")}
+    assert peft_shapes["model.layers.0.self_attn.q_proj.boft_R"] == (2, 4, 16, 16)
+    assert peft_shapes["model.layers.0.self_attn.k_proj.boft_R"] == (2, 4, 16, 16)
+    assert peft_shapes["model.layers.0.mlp.down_proj.boft_R"] == (2, 16, 16, 16)
+    ours_layers = {module: layer for module, _, layer in adapter_layers(ours)}
+    assert {f"{name}.boft_R": tuple(layer.boft_R.shape) for name, layer in ours_layers.items()} == peft_shapes
+    with torch.no_grad():
+        for name, layer in ours_layers.items():
+            layer.boft_R.copy_(tensors[f"{name}.boft_R"])
+            layer.boft_s.copy_(tensors[f"{name}.boft_s"])
+    x = batch()
+    torch.testing.assert_close(logits(ours, x), logits(pm, x), atol=1e-5, rtol=1e-4)
+    merged_theirs = pm.merge_and_unload().state_dict()
+    merged_ours = peftlab.merge_and_unload(ours).state_dict()
+    assert merged_ours.keys() == merged_theirs.keys()
+    for key in [f"{name}.weight" for name in ours_layers]:
+        torch.testing.assert_close(merged_ours[key], merged_theirs[key], atol=1e-5, rtol=1e-4)
+
+
+def test_peft_without_its_extension_silently_drops_to_one_butterfly_factor(monkeypatch):
+    """Why a CPU benchmark sees boft_R (1, 4, 16, 16) from PEFT and (2, 4, 16, 16) from peftlab for the same
+    config: PEFT without fbd_cuda (its loader only warns) resets boft_n_butterfly_factor to 1 while keeping
+    the config's value. It is PEFT's environment, not its reading of the factor; peftlab builds every factor."""
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: None)
+    _, kwargs = settings("boft_butterfly_bench", "bench_llama")
+    pm = peft.get_peft_model(bench_llama(), PEFT_CONFIGS["BOFT"](**kwargs))
+    r = pm.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"]
+    assert tuple(r.shape) == (1, 4, 16, 16)
+    assert pm.peft_config["default"].boft_n_butterfly_factor == 2
 
 
 def settled(config: dict) -> dict:

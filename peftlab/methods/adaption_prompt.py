@@ -119,7 +119,9 @@ class AdaptionPrompts(HookedAdapter):
         groups = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         scores = query @ keys.transpose(2, 3) / math.sqrt(head_dim)
-        probs = gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        # the adapter's parameters stay fp32 on a bf16/fp16 model (PEFT keeps them in the model's dtype):
+        # the gate joins the attention in the query's dtype, as PEFT's does
+        probs = gate.to(query.dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         mixed = (probs @ values).transpose(1, 2).reshape(batch, length, -1)
         out = attn.o_proj(mixed)
         bias = getattr(attn.o_proj, "bias", None)

@@ -9,8 +9,12 @@ s the output scale (``boft_s``: (out, 1)); the bias is not scaled. A = 0 and s =
 The merged weight is W' = diag(s) W0 M^T. ``boft_dropout`` replaces random blocks of one random factor
 by the identity while training, as PEFT does.
 
-PEFT builds N > 1 only with its CUDA extension (without it, it silently uses N = 1); here every N
-runs in plain torch, on activations, with index permutations instead of dense P_i.
+PEFT builds N > 1 only with its CUDA extension (without it, it silently uses N = 1: boft_R (1, ...)
+while its saved config still says N); here every N runs in plain torch, on activations, with index
+permutations instead of dense P_i. So on a machine without the extension (e.g. a CPU benchmark) PEFT
+trains a different, smaller adapter than the config names, and its files from there hold boft_R
+(1, ...), which peftlab refuses (shape mismatch) for a config with N > 1. With the extension, shapes
+and outputs are the same (tests/test_parity_weight_b.py runs PEFT with a stand-in for it).
 """
 from __future__ import annotations
 
