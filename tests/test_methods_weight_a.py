@@ -294,3 +294,53 @@ def test_tied_lora_is_identity_at_init_and_every_part_trains():
         opt.step()
         opt.zero_grad()
     assert {name for name, p in layer.named_parameters() if not torch.equal(p, before[name])} == set(before)
+
+
+VARIANTS = [(["A", "B"], ["A", "B", "u", "v"]), (["A", "B"], ["u", "v"]), (["A"], ["A", "B", "u", "v"]),
+            ([], ["u", "v"]), (["B"], ["A", "u"]), (["A", "B"], ["A", "B"]), (["A", "B"], ["A"])]
+
+
+@pytest.mark.parametrize("tied,trainable", VARIANTS)
+def test_tied_lora_variants_select_what_is_shared_and_what_trains(tied, trainable, tmp_path):
+    config = peftlab.TiedLoraConfig(r=4, target_modules=["q_proj", "v_proj"], tied_matrices=tied, trainable=trainable)
+    model = ARCHS["llama"]()
+    peftlab.attach(model, config)
+    x = batch()
+    with peftlab.disabled(model):
+        ref = model(x).logits
+    torch.testing.assert_close(model(x).logits, ref)  # identity at init for every selection
+    layers = layers_of(model)
+    q0, q1 = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.self_attn.q_proj"]
+    for m in "AB":
+        assert (getattr(q0, m) is getattr(q1, m)) == (m in tied)
+    expected = {m for m in "ABuv" if m in trainable}
+    names = {"A": lambda l: l.A, "B": lambda l: l.B, "u": lambda l: l.tied_lora_u, "v": lambda l: l.tied_lora_v}
+    assert {m for m, get in names.items() if get(q0).requires_grad} == expected
+    peftlab.set_active(model, None)
+    peftlab.set_active(model, "default")  # re-activation must not unfreeze the frozen ones
+    assert {m for m, get in names.items() if get(q0).requires_grad} == expected
+    # trainable count from the selection: tied matrices once per shape, untied once per layer
+    shapes = {(l.out_features, l.in_features) for l in layers.values()}
+    sizes = {"A": lambda o, i: 4 * i, "B": lambda o, i: 4 * o, "u": lambda o, i: 4, "v": lambda o, i: o}
+    count = sum(sizes[m](o, i) for m in expected & {"A", "B"} & set(tied) for o, i in shapes)
+    count += sum(sizes[m](l.out_features, l.in_features) for m in expected - set(tied) for l in layers.values())
+    assert peftlab.count_parameters(model)[0] == count
+    before = {m: get(q0).detach().clone() for m, get in names.items()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert {m for m, get in names.items() if not torch.equal(get(q0), before[m])} == expected
+    torch.testing.assert_close(q0.delta_weight(), tied_reference(q0))
+    peftlab.save_adapter(model, tmp_path)
+    again = ARCHS["llama"]()
+    peftlab.load_adapter(again, tmp_path)
+    assert torch.equal(again(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("bad", [{"tied_matrices": ["C"]}, {"trainable": []}, {"trainable": ["u", "u"]},
+                                 {"tied_matrices": "AB"}])
+def test_tied_lora_bad_selection_is_a_clear_error(bad):
+    with pytest.raises(peftlab.ConfigError, match="tied_matrices|trainable"):
+        peftlab.TiedLoraConfig(r=4, target_modules=["q_proj"], **bad)
