@@ -241,3 +241,17 @@ def test_train_from_model_folder_and_data_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DefaultsError, match="no config.json and no .gguf"):
         load_model_and_tokenizer(tmp_path / "empty")
+
+
+def test_molora_expert_usage_reaches_the_training_log(tmp_path, capsys):
+    metrics = run(tmp_path, method="molora", log_every=3, max_steps=6,
+                  config_overrides={"num_experts": 4, "top_k": 2})
+    logged = [h for h in metrics["losses"] if "adapter_stats" in h]
+    assert [h["step"] for h in logged] == [3, 6]
+    for h in logged:
+        stats = h["adapter_stats"]["default"]
+        assert len(stats["expert_share"]) == 4 and sum(stats["expert_share"]) == pytest.approx(1, abs=1e-3)
+        assert 0 < stats["expert_balance"] <= 1
+    assert "default.expert_share [" in capsys.readouterr().err
+    # a method without statistics logs none
+    assert not any("adapter_stats" in h for h in run(tmp_path, "lora", log_every=3)["losses"])

@@ -4,6 +4,8 @@
   ``on_step_end`` and every method's model-level ``on_step_end(model, name, step)`` (AdaLoRA's
   global rank budget) run. Our trainer calls it; ``peftlab.train.hf.PeftlabCallback`` does it for
   HF ``Trainer``.
+* ``log_stats(model)``: every active adapter's model-level statistics for the training log
+  (``Method.log_stats``), read and reset at each log line by our trainer.
 * extra losses: a forward hook on the model adds ``sum(layer.extra_loss())`` of the active
   adapters to ``output.loss`` while training, so any trainer that reads ``output.loss`` (ours,
   HF ``Trainer``, TRL) optimises the regulariser without knowing about it.
@@ -40,6 +42,19 @@ def step_end(model: nn.Module, step: int) -> None:
         hook = method_for(state.configs[name]).on_step_end
         if hook is not None:
             hook(model, name, step)
+
+
+def log_stats(model: nn.Module) -> dict:
+    """{adapter name: {stat: value}} for active adapters whose method reports statistics."""
+    state = model.__dict__.get("_peftlab")
+    if state is None:  # not a peftlab model (compare --with-peft trains PEFT's)
+        return {}
+    out = {}
+    for name in state.active:
+        hook = method_for(state.configs[name]).log_stats
+        if hook is not None:
+            out[name] = hook(model, name)
+    return out
 
 
 def _add_extra_loss(module: nn.Module, args, kwargs, output):

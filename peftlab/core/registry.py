@@ -33,6 +33,9 @@ class Method:
     # typical learning rate relative to LoRA's; methods with very few parameters (IA3, VeRA) train at
     # 10-30x. Trainers, compare and the contract suite multiply their base learning rate by it.
     lr_scale: float = 1.0
+    # optional: log_stats(model, adapter_name) -> {key: number or list}, read (and reset) at each
+    # training log line and stored in the run's history (MoLoRA's expert usage)
+    log_stats: Callable[..., dict] | None = None
 
     def make_layer(self, view, config, module_name, shared=None):
         cls = self.layer_factory(config) if self.layer_factory else self.layer

@@ -138,5 +138,20 @@ def reset_expert_usage(model: nn.Module) -> None:
             layer.expert_choices.zero_()
 
 
-register("MOLORA", MoLoraConfig, MoLoraLayer,
+def usage_stats(model: nn.Module, name: str) -> dict:
+    """For the training log: each expert's share of the token choices since the last log line, summed
+    over the adapter's layers, and their normalised entropy (1 = perfectly balanced); then reset."""
+    layers = [layer for _, _, layer in adapter_layers(model, name) if isinstance(layer, MoLoraLayer)]
+    counts = sum(layer.expert_choices.double() for layer in layers)
+    for layer in layers:
+        layer.expert_choices.zero_()
+    total = float(counts.sum()) if layers else 0.0
+    if total == 0:
+        return {}
+    share = counts / total
+    entropy = -(share[share > 0] * share[share > 0].log()).sum() / math.log(len(share)) if len(share) > 1 else 1.0
+    return {"expert_share": [round(float(v), 4) for v in share], "expert_balance": round(float(entropy), 4)}
+
+
+register("MOLORA", MoLoraConfig, MoLoraLayer, log_stats=usage_stats,
          default_config=lambda target_modules, r=8: MoLoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from peftlab.core.config import ConfigError
-from peftlab.core.hooks import step_end
+from peftlab.core.hooks import log_stats, step_end
 from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
@@ -363,6 +363,10 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             state["label_tokens"] += step_tokens
             record = {"step": step, "loss": step_loss if step_tokens else None, "lr": lr_now,
                       "tokens": tokens, "label_tokens": step_tokens, "time_s": elapsed}
+            if report.wants_log(step):
+                stats = log_stats(model)
+                if stats:
+                    record["adapter_stats"] = stats
             state["history"].append(record)
             report.step(record, tokens_per_s=state["tokens"] / max(state["train_time_s"], 1e-9))
             if args.save_every and step % args.save_every == 0:

@@ -32,13 +32,24 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
 
+    def wants_log(self, step: int) -> bool:
+        return bool(self.log_every) and (step % self.log_every == 0 or step == self.total)
+
     def step(self, record: dict, tokens_per_s: float) -> None:
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
         info = f"loss {loss}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], info=info)
-        if self.log_every and (record["step"] % self.log_every == 0 or record["step"] == self.total):
-            self.console.print(f"step {record['step']}/{self.total}  {info}", highlight=False)
+        if self.wants_log(record["step"]):
+            stats = "".join(f"  {name} {stat}" for name, stat in _flat(record.get("adapter_stats", {})))
+            self.console.print(f"step {record['step']}/{self.total}  {info}{stats}", highlight=False)
+
+
+def _flat(stats: dict):
+    for adapter, values in stats.items():
+        for key, value in values.items():
+            shown = "[" + " ".join(f"{v:.2f}" for v in value) + "]" if isinstance(value, list) else f"{value:.4g}"
+            yield f"{adapter}.{key}", shown
 
 
 def reset_peak_memory(device: torch.device) -> None:
