@@ -59,13 +59,19 @@ def train(
     save_every: int = typer.Option(0, min=0, help="Checkpoint every N steps (0: never)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or 'latest'."),
     dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
+    nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
+    distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
     Example: `peftlab train --method dora --max-steps 20 --out runs/dora`
     """
     from peftlab.core.config import ConfigError
+    from peftlab.train import launch
     from peftlab.train.loop import TrainArgs, train as run_train
+
+    if launch.needs_relaunch(nproc):
+        raise typer.Exit(launch.relaunch(nproc))
 
     overrides = {}
     for item in set_:
@@ -82,10 +88,13 @@ def train(
                      warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
                      save_every=save_every, resume=resume, dtype=dtype)
+    args.distributed = distributed
     try:
         metrics = run_train(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if metrics["distributed"]["rank"] != 0:
+        return  # one summary line per run, not per process
     after = metrics.get("eval_after") or {}
     console.print(f"adapter: [bold]{metrics['adapter_dir']}[/]  eval loss {after.get('loss', float('nan')):.4f}  "
                   f"perplexity {after.get('perplexity', float('nan')):.2f}  metrics: {out / 'metrics.json'}")
