@@ -117,7 +117,7 @@ class Runtime:
     def total(self, value: float) -> float:
         if self.world_size == 1:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device())
         dist.all_reduce(t)
         return t.item()
 
@@ -131,7 +131,7 @@ class Runtime:
         if self.strategy != "fsdp" or self.world_size == 1 or not self.trainable:
             return
         params = self.trainable
-        device = self._comm_device()
+        device = self.comm_device()
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().to(device)
                           for p in params] + [present])
@@ -179,7 +179,7 @@ class Runtime:
             dist.destroy_process_group()
             self.owns_group = False
 
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
