@@ -234,3 +234,19 @@ def test_adaption_prompt_on_grouped_query_attention_matches_peft(heads, kv_heads
     ours(input_ids=x, labels=x).loss.backward()
     grads = [p.grad for p in ours.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("case", ["prompt", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection"])
+def test_same_seed_gives_peft_initial_weights_and_training_curve(case):
+    """The reparameterised methods draw their embedding and encoder in PEFT's order (embedding first, as
+    nn.Embedding draws it), so `compare --with-peft` starts both libraries from the same weights."""
+    torch.manual_seed(5)
+    pm = peft_model(case, "llama").train()
+    torch.manual_seed(5)
+    ours = ours_model(case, "llama").train()
+    n = virtual(case)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**x).logits, pm(**x).logits[:, n:], atol=1e-5, rtol=1e-4)
+    theirs = train(pm, lr=0.01)
+    torch.testing.assert_close(train(ours, lr=0.01), theirs, atol=5e-5, rtol=0)
