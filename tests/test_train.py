@@ -255,3 +255,24 @@ def test_molora_expert_usage_reaches_the_training_log(tmp_path, capsys):
     assert "default.expert_share [" in capsys.readouterr().err
     # a method without statistics logs none
     assert not any("adapter_stats" in h for h in run(tmp_path, "lora", log_every=3)["losses"])
+
+
+def test_eval_loss_is_the_language_model_loss_without_regularisers():
+    """evaluate() scores the logits itself: equal to the model's own loss on a plain model, and free of the
+    orthogonality penalty PEFT's AdaLoRA adds to `outputs.loss` (also in eval mode)."""
+    import peft
+
+    examples = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n))} for n in (6, 9)]
+    collate = Collator(0)
+    plain = tiny_llama()
+    got = loop.evaluate(plain, examples, collate, 2, torch.device("cpu"))
+    b = collate(examples)
+    with torch.no_grad():
+        assert got["loss"] == pytest.approx(float(plain(**b).loss), rel=1e-5)
+    adalora = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=4,
+                                                                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        with_penalty = float(adalora(**b).loss)
+        without = float(adalora.base_model.model(**b).loss)
+    assert with_penalty > without + 0.1  # PEFT adds the penalty
+    assert loop.evaluate(adalora, examples, collate, 2, torch.device("cpu"))["loss"] == pytest.approx(without, rel=1e-5)

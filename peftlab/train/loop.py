@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
@@ -150,8 +151,17 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over the label tokens (-100 ignored), from the logits alone: the
+    language-model loss without any regulariser a method or library adds to ``outputs.loss`` (PEFT's
+    AdaLoRA adds its orthogonality penalty there in eval mode too)."""
+    logits = logits[:, -labels.shape[1]:]  # methods that return logits for virtual tokens too
+    return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                 ignore_index=-100, reduction="sum"))
+
+
 def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
-    """Token-weighted mean loss and perplexity over ``dataset`` (None when it has no label tokens)."""
+    """Token-weighted mean LM loss and perplexity over ``dataset`` (None when it has no label tokens)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -161,9 +171,10 @@ def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int
             n = label_tokens(batch["labels"])
             if n == 0:
                 continue
+            labels = batch.pop("labels").to(device)
             with _autocast(device):
-                out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-            total += out.loss.float().item() * n
+                logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+            total += lm_loss_sum(logits, labels)
             count += n
     finally:
         model.train(was_training)
