@@ -276,3 +276,15 @@ def test_eval_loss_is_the_language_model_loss_without_regularisers():
         without = float(adalora.base_model.model(**b).loss)
     assert with_penalty > without + 0.1  # PEFT adds the penalty
     assert loop.evaluate(adalora, examples, collate, 2, torch.device("cpu"))["loss"] == pytest.approx(without, rel=1e-5)
+
+
+def test_eval_before_is_the_base_model_for_every_method_and_backend(tmp_path):
+    """Prefix tuning is not the identity at init: the 'before' score is still the bare base model's."""
+    from peftlab.compare.peft_backend import attach_with_peft
+
+    lora = run(tmp_path, "lora", max_steps=1)["eval_before"]["loss"]
+    prefix = run(tmp_path, "prefix", method="prefix_tuning", max_steps=1)
+    assert prefix["eval_before"]["loss"] == pytest.approx(lora, rel=1e-6)
+    args = TrainArgs(out=str(tmp_path / "peft"), **{**FAST, "method": "prefix_tuning", "max_steps": 1})
+    peft_run = train(args, model=tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS, attach_fn=attach_with_peft)
+    assert peft_run["eval_before"]["loss"] == pytest.approx(lora, rel=1e-6)

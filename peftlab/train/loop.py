@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
+from peftlab.core.inject import attach, count_parameters, delete_adapter, disabled, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
@@ -158,6 +158,12 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
     logits = logits[:, -labels.shape[1]:]  # methods that return logits for virtual tokens too
     return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                  ignore_index=-100, reduction="sum"))
+
+
+def _adapters_off(model: torch.nn.Module):
+    """peftlab's ``disabled`` block, or the adapted model's own one (HF PEFT's ``disable_adapter``)."""
+    own = getattr(model, "disable_adapter", None)
+    return own() if callable(own) else disabled(model)
 
 
 def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
@@ -297,8 +303,9 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             _check_resumable(ckpt.read_trainer_state(resume_from), all_args, fingerprint, resume_from)
             state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
             state["args"] = all_args
-        elif args.eval_before:
-            state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
+        elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
+            with _adapters_off(model):
+                state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
         _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
