@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
+from peftlab.core.inject import attach, count_parameters, delete_adapter, disabled, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
@@ -148,8 +149,23 @@ def resolve_device(requested: str, model: torch.nn.Module | None) -> torch.devic
 
 
 @torch.no_grad()
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over the label tokens (-100 ignored), from the logits alone: the
+    language-model loss without any regulariser a method or library adds to ``outputs.loss`` (PEFT's
+    AdaLoRA adds its orthogonality penalty there in eval mode too)."""
+    logits = logits[:, -labels.shape[1]:]  # methods that return logits for virtual tokens too
+    return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                 ignore_index=-100, reduction="sum"))
+
+
+def _adapters_off(model: torch.nn.Module):
+    """peftlab's ``disabled`` block, or the adapted model's own one (HF PEFT's ``disable_adapter``)."""
+    own = getattr(model, "disable_adapter", None)
+    return own() if callable(own) else disabled(model)
+
+
 def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
-    """Token-weighted mean loss and perplexity over ``dataset`` (None when it has no label tokens)."""
+    """Token-weighted mean LM loss and perplexity over ``dataset`` (None when it has no label tokens)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -159,9 +175,10 @@ def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int
             n = label_tokens(batch["labels"])
             if n == 0:
                 continue
+            labels = batch.pop("labels").to(device)
             with _autocast(device):
-                out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-            total += out.loss.float().item() * n
+                logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+            total += lm_loss_sum(logits, labels)
             count += n
     finally:
         model.train(was_training)
@@ -293,8 +310,9 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             _check_resumable(ckpt.read_trainer_state(resume_from), all_args, fingerprint, resume_from)
             state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
             state["args"] = all_args
-        elif args.eval_before:
-            state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
+        elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
+            with _adapters_off(model):
+                state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
         _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
                    runtime or distributed.Runtime())
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
