@@ -80,6 +80,21 @@ def test_resume_a_two_process_checkpoint_in_one_process(two_processes, tmp_path)
     assert resumed["eval_after"]["loss"] == pytest.approx(two["eval_after"]["loss"], **TOL)
 
 
+def test_qlora_fsdp_keeps_the_4bit_weights_whole_and_shards_the_rest(two_processes):
+    """FSDP2 cannot shard bitsandbytes' Params4bit (its all-gather returns a plain tensor without the
+    quantization state); kept whole on every process, QLoRA trains on 2 processes as on one."""
+    pytest.importorskip("bitsandbytes")
+    two = json.loads((two_processes / "qlora_fsdp.json").read_text())
+    one = dist_worker.qlora_run("none")
+    # embeddings, head, 5 norms + 12 LoRA tensors; 7 linear layers x 2 blocks in NF4
+    assert one["parameter_types"] == {"Parameter": 7 + 12, "Params4bit": 14}
+    # fsdp: the 4-bit weights stay Params4bit, every other base tensor is a DTensor shard, the adapters are whole
+    assert two["parameter_types"] == {"DTensor": 7, "Parameter": 12, "Params4bit": 14}
+    assert two["distributed"]["kept_whole_tensors"] == 12 + 14
+    assert two["losses"] == pytest.approx(one["losses"], **TOL)
+    assert len(set(round(x, 4) for x in one["losses"])) == 3
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_one_process_group_is_exactly_the_plain_loop(tmp_path, strategy):
     plain = dist_worker.run("lora_fsdp_accum", tmp_path / "plain", "none", max_steps=2, save_every=0)
