@@ -70,6 +70,8 @@ def train(
     from peftlab.train import launch
     from peftlab.train.loop import TrainArgs, train as run_train
 
+    if nproc > 1 and distributed == "none":
+        _fail("--nproc > 1 needs --distributed auto, ddp or fsdp")
     if launch.needs_relaunch(nproc):
         raise typer.Exit(launch.relaunch(nproc))
 

@@ -1,6 +1,6 @@
 """Distributed training scenarios for tests/test_distributed.py, run by torchrun in 2 CPU processes:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [--every-method]
 
 Each scenario trains a fresh tiny Llama and writes OUT_DIR/<scenario>/ (metrics.json, adapter/,
 checkpoints/) from rank 0. The test runs the same scenarios in one process and compares.
@@ -88,9 +88,33 @@ def qlora_run(strategy: str, steps: int = 3) -> dict:
     return {"losses": losses, "parameter_types": kinds, "distributed": runtime.describe()}
 
 
-def main(out_root: str) -> None:
+def all_methods(strategy: str, out_root: str) -> dict:
+    """Every registered method, 3 steps: the losses (or the error) by name."""
+    import peftlab
+
+    results = {}
+    for name in sorted(peftlab.variants()):
+        try:
+            args = TrainArgs(out=f"{out_root}/{name}", distributed=strategy, method=name, max_steps=3, batch_size=4,
+                             **COMMON)
+            metrics = train(args, model=tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS)
+            results[name] = [h["loss"] for h in metrics["losses"]]
+        except Exception as exc:  # recorded, so the test names every method that fails
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def main(out_root: str, every_method: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # once for all scenarios; train() joins it and leaves it open
+    if every_method:
+        for strategy in ("ddp", "fsdp"):
+            results = all_methods(strategy, f"{out_root}/{strategy}")
+            if dist.get_rank() == 0:
+                with open(f"{out_root}/all_methods_{strategy}.json", "w") as fh:
+                    json.dump(results, fh)
+        dist.destroy_process_group()
+        return
     for name, (_, strategy) in SCENARIOS.items():
         run(name, f"{out_root}/{name}", strategy)
     if importlib.util.find_spec("bitsandbytes"):  # an optional dependency (the gpu extra)
@@ -102,4 +126,4 @@ def main(out_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], every_method="--every-method" in sys.argv[2:])

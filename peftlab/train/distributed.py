@@ -190,6 +190,9 @@ def start(strategy: str, device: str = "auto", batch_size: int | None = None) ->
     """
     check_strategy(strategy)
     world_env = int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+    if strategy == "none" and world_env > 1:
+        raise ConfigError(f"distributed='none' in one of {world_env} torchrun processes: each would train the same "
+                          "run into the same folder; use auto, ddp or fsdp")
     if strategy == "none" or (strategy == "auto" and world_env == 1 and not dist.is_initialized()):
         return Runtime()
     runtime = Runtime(strategy=strategy)
