@@ -32,13 +32,14 @@ for path in (str(ROOT), str(BENCH)):  # run as a file from anywhere: peftlab fro
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from train_step import ALL_LINEAR, SHAPES, build_model, environment, write_readme  # noqa: E402
+from train_step import ALL_LINEAR, SHAPES, build_model, environment, table_command  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp")
 
 
 # -- worker: one process of one configuration ------------------------------------------------
-def run_worker(args) -> dict[str, Any] | None:
+def run_worker(args) -> None:
+    """One process of one configuration; rank 0 prints the record as one JSON line for the driver."""
     import torch
     import torch.distributed as dist
 
@@ -95,7 +96,8 @@ def run_worker(args) -> dict[str, Any] | None:
     if cuda:
         record["peak_gib_max_over_processes"] = round(peak.item(), 3)
     runtime.close()
-    return record if runtime.is_main else None
+    if runtime.is_main:
+        print(json.dumps(record), flush=True)
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -241,16 +243,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        table = markdown_table(json.loads(Path(args.table).read_text()))
-        print(table)
-        if args.readme:
-            write_readme(Path(args.readme), Path(args.table), table)
-    elif args.worker:
-        record = run_worker(args)
-        if record is not None:
-            print(json.dumps(record), flush=True)
-    else:
-        run_driver(args)
+        return table_command(args.table, args.readme, markdown_table)
+    (run_worker if args.worker else run_driver)(args)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,7 @@ class Runtime:
     # -- placing and wrapping the model ------------------------------------------------------
     def place(self, model: nn.Module, device: torch.device) -> None:
         """Resolve ``auto``, then move the model to ``device`` unless FSDP will move it layer by layer."""
-        if self.strategy == "auto":
-            self.strategy = "fsdp" if _too_big_for_one(model, device) else "ddp"
+        self._resolve(model, device)
         if self.strategy != "fsdp":
             model.to(device)
 
@@ -91,6 +90,7 @@ class Runtime:
         Returns the module to call in training (the DDP wrapper, or ``model`` itself, sharded in place).
         """
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self._resolve(model, self.device)
         if self.strategy == "none":
             self.forward_model = model
             return model
@@ -178,6 +178,10 @@ class Runtime:
             self.barrier()
             dist.destroy_process_group()
             self.owns_group = False
+
+    def _resolve(self, model: nn.Module, device: torch.device) -> None:
+        if self.strategy == "auto":
+            self.strategy = "fsdp" if _too_big_for_one(model, device) else "ddp"
 
     def comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
