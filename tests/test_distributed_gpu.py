@@ -10,7 +10,9 @@ import dist_worker
 from models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-BF16 = dict(rel=2e-3, abs=2e-3)  # bf16 matmuls; the same kernels, but FSDP casts weights before autocast does
+# bf16 matmuls in both; FSDP all-gathers bf16 weights, so what reads the weight itself (DoRA's norm) sees
+# bf16-rounded values where the plain run sees float32
+BF16 = dict(rel=5e-3, abs=5e-3)
 
 
 def _losses(metrics):
