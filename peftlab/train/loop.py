@@ -88,6 +88,10 @@ class TrainArgs:
     """A live progress bar (only on a terminal)."""
     device: str = "auto"
     """"auto": a given model's own device, else cuda when available, else cpu."""
+    checkpointing: str = "off"
+    """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
+    fused_ce: bool = False
+    """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
 
     def validate(self) -> None:
         known = variants()
@@ -103,6 +107,9 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        from peftlab.train.frugal import validate_memory_args
+
+        validate_memory_args(self)
 
 
 def build_config(args: TrainArgs):
@@ -288,7 +295,10 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             state["args"] = all_args
         elif args.eval_before:
             state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
+        from peftlab.train.activations import checkpointing
+
+        with checkpointing(model, args.checkpointing):
+            _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         if args.gradient_checkpointing and not had_checkpointing:
@@ -315,11 +325,13 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
         raise ckpt.CheckpointError(f"{source}: already at step {state['step']}; raise max_steps to continue")
 
 
-def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device) -> tuple[float, int]:
+def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device,
+                         loss_fn=None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (loss, label tokens).
 
     Each micro-batch's mean loss is weighted by its share of the step's label tokens, so the
     gradient is that of the mean over all the step's tokens, however they are split.
+    ``loss_fn(model, batch)`` replaces ``model(**batch).loss`` (the fused cross-entropy).
     """
     step_tokens = sum(label_tokens(b["labels"]) for b in batches)
     step_loss = 0.0
@@ -328,8 +340,9 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
         if n == 0:
             continue  # nothing to learn (the prompt filled max_length); its weight would be 0
         with _autocast(device):
-            output = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-        loss = output.loss.float() * (n / step_tokens)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            raw = loss_fn(model, inputs) if loss_fn is not None else model(**inputs, use_cache=False).loss
+        loss = raw.float() * (n / step_tokens)
         loss.backward()
         step_loss += loss.item()
     return step_loss, step_tokens
@@ -339,13 +352,16 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
                out: Path, on_step) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
     model.train()
+    from peftlab.train.frugal import loss_function
+
+    loss_fn = loss_function(args, model)
     with Reporter(args.max_steps, state["step"], enabled=args.progress, log_every=args.log_every) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
             started = time.perf_counter()
             batches = [collate([train_set[next(stream)] for _ in range(args.batch_size)])
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
-            step_loss, step_tokens = accumulate_gradients(model, batches, device)
+            step_loss, step_tokens = accumulate_gradients(model, batches, device, loss_fn)
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
