@@ -66,3 +66,31 @@ def test_bad_memory_args_are_named(tmp_path):
         run(tmp_path, checkpointing="maybe")
     with pytest.raises(ConfigError, match="exclusive"):
         run(tmp_path, checkpointing="on", gradient_checkpointing=True)
+
+
+def test_qlora_trains_on_cpu_with_bnb_optimizers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peftlab.quant.bnb import is_quantized_linear
+
+    model = tiny_llama()
+    metrics = run(tmp_path, "qlora", model=model, quantize="nf4", double_quant=True, device="cpu",
+                  optim="paged_adamw_8bit", checkpointing="on", fused_ce=True, lr=3e-2)
+    losses = _losses(metrics)
+    assert losses[-1] < losses[0]
+    assert is_quantized_linear(model.model.layers[0].self_attn.q_proj.base_layer)
+    assert metrics["args"]["quantize"] == "nf4" and metrics["args"]["optim"] == "paged_adamw_8bit"
+    assert (tmp_path / "qlora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_quantize_refusals(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        run(tmp_path, quantize="nf2", device="cpu")
+    with pytest.raises(ConfigError, match="double_quant applies to 4-bit"):
+        run(tmp_path, quantize="int8", double_quant=True, device="cpu")
+    with pytest.raises(ConfigError, match="incompatible"):
+        run(tmp_path, quantize="nf4", dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match="optim must be one of"):
+        run(tmp_path, optim="sgd")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run(tmp_path, quantize="nf4")

@@ -1,12 +1,23 @@
-"""The memory-frugal training options of ``TrainArgs`` in one place: checks, the loss, the optimizer.
+"""The memory-frugal training options of ``TrainArgs`` in one place: checks, model preparation, the loss,
+the optimizer.
 
-``validate_memory_args`` rejects bad combinations before any work; ``loss_function`` picks the fused
-cross-entropy when asked. Each option's implementation lives in its own module (activations,
-fused_loss, quant/, galore); this file only connects them to the training loop.
+``validate_memory_args`` rejects bad combinations before any work; ``prepare_model`` quantizes the base
+(QLoRA) when asked; ``loss_function`` picks the fused cross-entropy; ``optimizer_class`` maps
+``optim`` to torch's or bitsandbytes' AdamW. Each option's implementation lives in its own module
+(activations, fused_loss, quant/, galore); this file only connects them to the training loop.
 """
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from peftlab.core.config import ConfigError
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+_BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+_COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                   "float16": torch.float16, "fp16": torch.float16}
 
 
 def validate_memory_args(args) -> None:
@@ -17,6 +28,43 @@ def validate_memory_args(args) -> None:
     if args.checkpointing != "off" and args.gradient_checkpointing:
         raise ConfigError("gradient_checkpointing (transformers') and checkpointing (peftlab's) are exclusive; "
                           "use checkpointing=on|offload")
+    if args.optim not in OPTIMIZERS:
+        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {args.optim!r}")
+    if args.optim != "adamw":
+        _require_bnb(f"optim={args.optim}")
+    if args.double_quant and args.quantize in (None, "int8"):
+        raise ConfigError("double_quant applies to 4-bit quantization: use it with quantize=nf4 or fp4")
+    if args.quantize is not None:
+        from peftlab.quant.bnb import QUANT_TYPES
+
+        if args.quantize not in QUANT_TYPES:
+            raise ConfigError(f"quantize must be one of {QUANT_TYPES}, got {args.quantize!r}")
+        if args.dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"quantize computes in bfloat16 or float16; dtype={args.dtype!r} is incompatible")
+        _require_bnb(f"quantize={args.quantize}")
+        if args.device == "auto" and not torch.cuda.is_available():
+            raise ConfigError(f"quantize={args.quantize} needs a CUDA GPU (none found). bitsandbytes' CPU backend "
+                              "runs it very slowly; pass device='cpu' to use it anyway")
+
+
+def _require_bnb(what: str) -> None:
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs bitsandbytes: `pip install bitsandbytes` ({exc})") from exc
+
+
+def prepare_model(args, model, device: torch.device):
+    """Quantize the base (when asked and not done yet) on ``device`` and prepare it for k-bit training."""
+    if args.quantize is None:
+        return model
+    from peftlab.quant.bnb import is_quantized, prepare_for_kbit_training, quantize_model
+
+    compute = _COMPUTE_DTYPES[args.dtype]
+    if not is_quantized(model):
+        model.to(compute)  # still on the host (or where it is): one layer at a time goes to the device
+        quantize_model(model, args.quantize, double_quant=args.double_quant, compute_dtype=compute, device=device)
+    return prepare_for_kbit_training(model, compute)
 
 
 def loss_function(args, model):
@@ -27,3 +75,14 @@ def loss_function(args, model):
 
     check_fused_ce(model)
     return fused_causal_lm_loss
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name not in _BNB_OPTIMIZERS:
+        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {name!r}")
+    _require_bnb(f"optim={name}")
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_OPTIMIZERS[name])

@@ -92,6 +92,12 @@ class TrainArgs:
     """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
     fused_ce: bool = False
     """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
+    quantize: str | None = None
+    """QLoRA: quantize the base linears with bitsandbytes (nf4, fp4, int8); compute in bfloat16."""
+    double_quant: bool = False
+    """With quantize nf4/fp4: also quantize the quantization constants (QLoRA's double quantization)."""
+    optim: str = "adamw"
+    """adamw (torch), adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes)."""
 
     def validate(self) -> None:
         known = variants()
@@ -203,10 +209,14 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     if model is None:
         from peftlab.defaults import load_model_and_tokenizer
 
-        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or
+                                                           ("bfloat16" if args.quantize else None))
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
+    from peftlab.train.frugal import prepare_model
+
+    model = prepare_model(args, model, device)
     model.to(device)
     if records is None:
         from peftlab.defaults import default_records
@@ -261,15 +271,18 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
 
 
 def _optimizer(args: TrainArgs, model, config):
+    from peftlab.train.frugal import optimizer_class
+
     lr = args.lr * method_for(config).lr_scale
     if args.loraplus_lr_ratio is not None:
         from peftlab.train.optim import create_loraplus_optimizer
 
-        optimizer = create_loraplus_optimizer(model, lr=lr, loraplus_lr_ratio=args.loraplus_lr_ratio,
+        optimizer = create_loraplus_optimizer(model, optimizer_class(args.optim), lr=lr,
+                                              loraplus_lr_ratio=args.loraplus_lr_ratio,
                                               weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = optimizer_class(args.optim)([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                                weight_decay=args.weight_decay)
     factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), lr
 
