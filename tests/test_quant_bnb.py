@@ -144,3 +144,25 @@ def test_refusals_name_the_problem():
     peftlab.attach(adapted, peftlab.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="before attaching"):
         quantize_model(adapted, "nf4")
+
+
+def test_export_merged_fp16_model_reloads_with_the_same_outputs(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.quant.export import export_merged
+
+    q = _quantized("nf4")
+    peftlab.attach(q, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True))
+    randomize_adapters(q, std=0.05)
+    ids = batch()
+    with torch.no_grad():
+        expected = q(input_ids=ids).logits
+    report = export_merged(q, tmp_path / "merged", dtype=torch.float16)
+    assert report["dequantized"] == 14 and not report["has_adapters"]
+    config = (tmp_path / "merged" / "config.json").read_text()
+    assert "peftlab_quantization" not in config and "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert plain.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # fp16 storage; the adapter moves logits ~0.3
