@@ -28,6 +28,9 @@ def validate_memory_args(args) -> None:
     if args.checkpointing != "off" and args.gradient_checkpointing:
         raise ConfigError("gradient_checkpointing (transformers') and checkpointing (peftlab's) are exclusive; "
                           "use checkpointing=on|offload")
+    from peftlab.train import galore
+
+    galore.validate(args)
     if args.optim not in OPTIMIZERS:
         raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {args.optim!r}")
     if args.optim != "adamw":
@@ -86,3 +89,14 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     import bitsandbytes as bnb
 
     return getattr(bnb.optim, _BNB_OPTIMIZERS[name])
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer state (moments, 8-bit quantization maps, GaLore's projections)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            tensor = getattr(value, "ortho_matrix", value)  # GaLore keeps its projection in a projector object
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

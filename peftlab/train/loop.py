@@ -98,10 +98,18 @@ class TrainArgs:
     """With quantize nf4/fp4: also quantize the quantization constants (QLoRA's double quantization)."""
     optim: str = "adamw"
     """adamw (torch), adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes)."""
+    galore_rank: int | None = None
+    """method galore: projection rank (None: 128)."""
+    galore_update_proj_gap: int | None = None
+    """method galore: steps between projection refreshes (None: 200)."""
+    galore_scale: float | None = None
+    """method galore: update scale (None: 0.25)."""
+    galore_proj_type: str | None = None
+    """method galore: std, reverse_std, left, right, full (None: std)."""
 
     def validate(self) -> None:
         known = variants()
-        if self.method.lower() not in known:
+        if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -120,6 +128,10 @@ class TrainArgs:
 
 def build_config(args: TrainArgs):
     """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
+    from peftlab.train import galore
+
+    if galore.is_galore(args):
+        return galore.config_from_args(args)
     config = variants()[args.method.lower()](args.target_modules, args.r)
     changes = dict(args.config_overrides)
     if args.lora_alpha is not None:
@@ -200,6 +212,10 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     --with-peft puts HF PEFT's on the same loop); ``on_step(step)`` replaces ``step_end``.
     """
     args.validate()
+    from peftlab.train import galore
+
+    if attach_fn is None and galore.is_galore(args):
+        attach_fn = galore.attach_full  # full-parameter training; the whole model is saved
     if attach_fn is not None and (args.save_every or args.resume or args.loraplus_lr_ratio is not None):
         raise ConfigError("checkpoints, resume and LoRA+ need peftlab's own adapters; attach_fn supports none of them")
     out = Path(args.out)
@@ -250,11 +266,14 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     trainable, total = count_parameters(model)
     if attach_fn is None:
         config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
+    from peftlab.train.frugal import optimizer_state_bytes
+
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / max(1, total), "effective_lr": lr,
-        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else "adamw",
+        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else args.optim,
+                      "state_bytes": optimizer_state_bytes(optimizer),
                       "groups": [{"lr": g["initial_lr"], "tensors": len(g["params"]),
                                   "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]},
         "steps": state["step"], "examples": state["examples_seen"], "losses": state["history"],
@@ -271,8 +290,13 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
 
 
 def _optimizer(args: TrainArgs, model, config):
+    from peftlab.train import galore
     from peftlab.train.frugal import optimizer_class
 
+    if galore.is_galore(args):
+        optimizer = galore.make_optimizer(model, config, args.lr, args.weight_decay, args.optim == "adamw_8bit")
+        factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), args.lr
     lr = args.lr * method_for(config).lr_scale
     if args.loraplus_lr_ratio is not None:
         from peftlab.train.optim import create_loraplus_optimizer
