@@ -11,6 +11,7 @@ with ``optim="adamw_8bit"``). The output folder's ``adapter/`` holds the whole t
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,7 +74,7 @@ def validate(args) -> None:
     if args.optim not in ("adamw", "adamw_8bit"):
         raise ConfigError(f"method galore uses GaLoreAdamW (optim adamw or adamw_8bit), not {args.optim!r}")
     try:
-        import galore_torch  # noqa: F401
+        importlib.import_module("galore_torch")
     except ImportError as exc:
         raise ConfigError(f"method galore needs galore-torch: `pip install galore-torch` ({exc})") from exc
 
