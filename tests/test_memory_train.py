@@ -94,3 +94,31 @@ def test_quantize_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         run(tmp_path, quantize="nf4")
+
+
+def test_cli_train_streams_a_quantized_base_and_compare_passes_memory_flags(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from typer.testing import CliRunner
+
+    from models import save_tiny_model_dir
+    from peftlab.cli import app
+    from peftlab.compare.runner import CompareArgs
+
+    folder = save_tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    result = CliRunner().invoke(app, ["train", "--model", str(folder), "--data", str(data), "--out",
+                                      str(tmp_path / "run"), "--max-steps", "2", "--quantize", "nf4",
+                                      "--double-quant", "--device", "cpu", "--checkpointing", "offload",
+                                      "--fused-ce", "--optim", "adamw_8bit", "--target-modules", "q_proj,v_proj"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["args"]["quantize"] == "nf4" and metrics["optimizer"]["kind"] == "adamw_8bit"
+    bad = CliRunner().invoke(app, ["train", "--checkpointing", "sometimes", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "checkpointing must be one of" in bad.output
+    args = CompareArgs(memory={"checkpointing": "on", "fused_ce": True})
+    assert args.budget()["checkpointing"] == "on"
+    with pytest.raises(ValueError, match="unknown memory setting"):
+        CompareArgs(memory={"galore_rank": 4}).budget()

@@ -14,6 +14,8 @@ import torch
 
 from peftlab.core.config import ConfigError
 
+# TrainArgs fields that change memory, not the method (compare passes them to every run)
+MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 _COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -47,7 +49,7 @@ def validate_memory_args(args) -> None:
         _require_bnb(f"quantize={args.quantize}")
         if args.device == "auto" and not torch.cuda.is_available():
             raise ConfigError(f"quantize={args.quantize} needs a CUDA GPU (none found). bitsandbytes' CPU backend "
-                              "runs it very slowly; pass device='cpu' to use it anyway")
+                              "runs it very slowly; pass device='cpu' (--device cpu) to use it anyway")
 
 
 def _require_bnb(what: str) -> None:
@@ -55,6 +57,31 @@ def _require_bnb(what: str) -> None:
         importlib.import_module("bitsandbytes")
     except ImportError as exc:
         raise ConfigError(f"{what} needs bitsandbytes: `pip install bitsandbytes` ({exc})") from exc
+
+
+def load_base(args, device: torch.device):
+    """(model, tokenizer) for ``train`` when it loads the model itself. With ``quantize`` and a local folder
+    of safetensors, the base is streamed straight into its quantized form on ``device`` (never whole in
+    16-bit); otherwise the usual load (in the compute dtype when quantizing)."""
+    from pathlib import Path
+
+    from peftlab.defaults import default_model_dir, load_model_and_tokenizer
+
+    folder = Path(args.model) if args.model is not None else default_model_dir()
+    streamable = folder.is_dir() and ((folder / "model.safetensors").is_file()
+                                      or (folder / "model.safetensors.index.json").is_file())
+    if args.quantize is None or not streamable:
+        return load_model_and_tokenizer(args.model, dtype=args.dtype or ("bfloat16" if args.quantize else None))
+    from transformers import AutoTokenizer
+
+    from peftlab.quant.stream import load_quantized
+
+    model, _ = load_quantized(folder, args.quantize, double_quant=args.double_quant,
+                              compute_dtype=_COMPUTE_DTYPES[args.dtype], device=device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def prepare_model(args, model, device: torch.device):

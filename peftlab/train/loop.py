@@ -223,10 +223,9 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     resume_from = ckpt.resolve_resume(args.resume, out) if args.resume else None
     device = resolve_device(args.device, model)  # before loading: a model we load goes to cuda when there is one
     if model is None:
-        from peftlab.defaults import load_model_and_tokenizer
+        from peftlab.train.frugal import load_base
 
-        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype or
-                                                           ("bfloat16" if args.quantize else None))
+        model, loaded_tokenizer = load_base(args, device)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
