@@ -179,11 +179,9 @@ class LoraLayer(AdapterLayer):
         return self.lora_B(self.lora_down(self.dropout(x)) * self.scaling)
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if self.is_embedding or not fast.usable(x, base):
+        if self.is_embedding:
             return None
-        xd = None if isinstance(self.dropout, nn.Identity) or not self.training else self.dropout(x)
-        return fast.lora_linear(x, xd, base.weight_oi(), base.bias, self.lora_A.weight, self.lora_B.weight,
-                                self.scaling)
+        return fast.lowrank(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling

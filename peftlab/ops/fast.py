@@ -27,6 +27,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from peftlab.core.adapter import BaseView
 
@@ -46,6 +47,12 @@ def usable(x: torch.Tensor, base: BaseView) -> bool:
         return False
     w = base.weight
     return type(w.data) is torch.Tensor and w.dtype == x.dtype and w.dtype.is_floating_point
+
+
+def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter's activation maths runs in: the activation's on the fast path (bf16 GEMMs
+    on a bf16 model, no fp32 copies of activations kept for backward), else the adapter's own."""
+    return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +144,17 @@ def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tenso
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
     return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
+
+
+def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, scaling: float,
+            dropout: nn.Module) -> torch.Tensor | None:
+    """The fused W0 x + bias + s B A dropout(x) for any low-rank method that can state its effective
+    A (r, in) and B (out, r) (LoRA, AdaLoRA, VeRA, Tied-LoRA), or None when the fused path does not apply.
+    Gradients reach the method's own parameters through whatever built ``a`` and ``b``."""
+    if not usable(x, base):
+        return None
+    xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
+    return lora_linear(x, xd, base.weight_oi(), base.bias, a.to(x.device), b.to(x.device), scaling)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
