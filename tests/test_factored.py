@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftlab
+from devices import DEVICES
 from models import batch, tiny_llama
 from peftlab.ops.factored import hadamard_lowrank, householder_apply, householder_wy, kron_apply
 
@@ -110,17 +111,18 @@ METHODS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_fast_path_matches_reference(name, dtype, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_matches_reference(name, dtype, device, monkeypatch):
     """Loss and adapter gradients of a bf16 (or fp32) tiny Llama: fast path (activation dtype, fused
     low-rank node) vs reference path (adapter dtype, plain autograd)."""
-    model = tiny_llama().to(dtype)
+    model = tiny_llama().to(device, dtype)
     peftlab.attach(model, METHODS[name]())
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
-    ids = batch()
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.05)
+    ids = batch().to(device)
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("PEFTLAB_FAST", flag)

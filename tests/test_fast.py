@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import peftlab
+from devices import DEVICES
 from models import batch, tiny_gpt2, tiny_llama
 from peftlab.core.adapter import AdaptedModule
 from peftlab.ops import fast
@@ -32,7 +33,7 @@ def run(model, x, fast_flag, monkeypatch, seed=0):
     torch.manual_seed(seed)  # same dropout mask on both paths
     y = model(x)
     g = torch.Generator().manual_seed(5)
-    (y.float() * torch.randn(y.shape, generator=g)).sum().backward()
+    (y.float() * torch.randn(y.shape, generator=g).to(y.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return y.detach(), x.grad, grads
@@ -44,9 +45,10 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_fused_matches_reference(dtype, use_dora, bias, monkeypatch):
-    model = adapted_linear(use_dora, dtype, bias=bias)
-    x = torch.randn(3, 7, 24).to(dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_reference(dtype, use_dora, bias, device, monkeypatch):
+    model = adapted_linear(use_dora, dtype, bias=bias).to(device)
+    x = torch.randn(3, 7, 24).to(device, dtype)
     ref = run(model, x, "0", monkeypatch)
     got = run(model, x, "1", monkeypatch)
     torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
@@ -126,16 +128,17 @@ def test_dora_fused_does_not_save_product(monkeypatch):
 
 @pytest.mark.parametrize("build,use_dora", [(tiny_llama, False), (tiny_llama, True), (tiny_gpt2, False)],
                          ids=["llama-lora", "llama-dora", "gpt2-lora"])
-def test_whole_model(build, use_dora, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model(build, use_dora, device, monkeypatch):
     """A tiny causal LM (Conv1D weights on GPT-2): loss and every adapter gradient agree."""
-    model = build()
+    model = build().to(device)
     targets = "all-linear"
     peftlab.attach(model, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    ids = batch()
+    ids = batch().to(device)
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("PEFTLAB_FAST", flag)
@@ -159,3 +162,24 @@ def test_falls_back_under_autocast_and_with_two_adapters(monkeypatch):
     peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["0"]), name="second")
     model[0].active = ["default", "second"]
     assert not type(model(x).grad_fn).__name__.startswith("_LoraLinear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_and_dora_peak_memory(monkeypatch):
+    """On CUDA the fused path is the default, and DoRA's training peak is below the reference path's."""
+    monkeypatch.delenv("PEFTLAB_FAST", raising=False)
+    model = adapted_linear(True, torch.bfloat16, in_f=1024, out_f=4096).cuda()
+    x = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16)
+    assert fast.enabled(x)
+
+    def peak(flag):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    assert peak("1") < 0.9 * peak("0")
