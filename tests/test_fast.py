@@ -153,12 +153,31 @@ def test_whole_model(build, use_dora, device, monkeypatch):
     assert any(isinstance(m, AdaptedModule) for m in model.modules())
 
 
-def test_falls_back_under_autocast_and_with_two_adapters(monkeypatch):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_under_autocast(use_dora, monkeypatch):
+    """fp32 weights under bf16 autocast (the train loop on CUDA): fused, output in the autocast dtype,
+    same result as the reference path under the same autocast."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(6, 24)
+    results = []
+    for flag in ("0", "1"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run(model, x, flag, monkeypatch))
+        assert results[-1][0].dtype == torch.bfloat16
+    (ref, got) = results
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[torch.bfloat16])
+    for name in ref[2]:
+        scale = ref[2][name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[2][name] / scale, ref[2][name] / scale, **TOL[torch.bfloat16], msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "Linear" in type(model(x.requires_grad_()).grad_fn).__name__
+
+
+def test_falls_back_with_two_adapters(monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     model = adapted_linear(False, torch.float32)
     x = torch.randn(2, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not type(model(x).grad_fn).__name__.startswith("_LoraLinear")
     peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["0"]), name="second")
     model[0].active = ["default", "second"]
     assert not type(model(x).grad_fn).__name__.startswith("_LoraLinear")

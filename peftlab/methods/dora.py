@@ -71,9 +71,11 @@ class DoraLayer(LoraLayer):
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
         # with dropout active, PEFT's form rescales W0 dropout(x); the fused node covers the plain form
-        if not fast.usable(x, base) or (self.training and not isinstance(self.dropout, nn.Identity)):
+        parts = fast.operands(x, base)
+        if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
-        return fast.dora_linear(x, base.weight_oi(), base.bias, self.lora_A.weight, self.lora_B.weight,
+        x, weight, bias = parts
+        return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
                                 self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:

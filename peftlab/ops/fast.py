@@ -38,15 +38,23 @@ def enabled(x: torch.Tensor) -> bool:
     return x.is_cuda if flag == "" else flag != "0"
 
 
-def usable(x: torch.Tensor, base: BaseView) -> bool:
-    """The fused path applies: enabled, a plain floating-point linear weight in x's dtype, no autocast.
+def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
+    """(x, weight (out, in), bias) for a fused node, or None when the fused path does not apply.
 
-    Quantized weights (bitsandbytes), distributed tensors and autocast fall back to the reference path.
+    It applies when enabled, to a plain floating-point linear weight in x's dtype, or under autocast,
+    where all three are cast to the autocast dtype as ``F.linear`` would. Quantized weights
+    (bitsandbytes), distributed tensors and mixed dtypes without autocast use the reference path.
     """
-    if not enabled(x) or base.kind != "linear" or torch.is_autocast_enabled(x.device.type):
-        return False
+    if not enabled(x) or base.kind != "linear":
+        return None
     w = base.weight
-    return type(w.data) is torch.Tensor and w.dtype == x.dtype and w.dtype.is_floating_point
+    if type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
+        return None
+    weight, bias = base.weight_oi(), base.bias
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return (x, weight, bias) if w.dtype == x.dtype else None
 
 
 def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
@@ -143,7 +151,8 @@ class _DoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
-    return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
+    with torch.autocast(x.device.type, enabled=False):  # operands are already in the compute dtype
+        return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
 
 
 def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -151,13 +160,16 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
     """The fused W0 x + bias + s B A dropout(x) for any low-rank method that can state its effective
     A (r, in) and B (out, r) (LoRA, AdaLoRA, VeRA, Tied-LoRA), or None when the fused path does not apply.
     Gradients reach the method's own parameters through whatever built ``a`` and ``b``."""
-    if not usable(x, base):
+    parts = operands(x, base)
+    if parts is None:
         return None
+    x, weight, bias = parts
     xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
-    return lora_linear(x, xd, base.weight_oi(), base.bias, a.to(x.device), b.to(x.device), scaling)
+    return lora_linear(x, xd, weight, bias, a.to(x.device), b.to(x.device), scaling)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
     """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
-    return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling))
+    with torch.autocast(x.device.type, enabled=False):
+        return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling))
