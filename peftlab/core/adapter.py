@@ -159,6 +159,12 @@ class AdapterLayer(nn.Module):
         """The output this adapter adds for input ``x`` (additive methods)."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """The whole adapted output (base included) from a fused fast path, or None to use the
+        reference path (``transform_input`` / base / ``adapt``). Asked only when this adapter is the
+        module's one active, unmerged adapter; must equal the reference path (tests check both)."""
+        return None
+
     # -- weight space --------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """The weight update as (out_features, in_features), for mergeable methods."""
@@ -235,6 +241,10 @@ class AdaptedModule(nn.Module):
                 raise AdapterError(f"adapters {self.merged} are merged; unmerge them before disabling")
             return self.base_layer(x, *args, **kwargs)
         layers = [self.adapters[n] for n in self.active if n not in self.merged]
+        if len(layers) == 1 and not args and not kwargs:
+            fused = layers[0].fused_forward(x, self.view)
+            if fused is not None:
+                return fused
         xin = x
         for layer in layers:
             if layer.transforms_input:

@@ -20,6 +20,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
+from peftlab.ops import fast
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PEFT_NEUTRAL = {
@@ -176,6 +177,11 @@ class LoraLayer(AdapterLayer):
             return self.lora_out(x) * self.scaling
         # scaling on the rank-r activation, not on the (tokens, out) result: one full-size pass fewer each way
         return self.lora_B(self.lora_down(self.dropout(x)) * self.scaling)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        if self.is_embedding:
+            return None
+        return fast.lowrank(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling
