@@ -269,3 +269,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from peftlab.cli_arith import register as _register_arith  # noqa: E402  (convert, combine, export)
+
+_register_arith(app)

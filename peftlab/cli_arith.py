@@ -1,0 +1,60 @@
+"""Command line for adapter arithmetic and shipping: ``peftlab convert``, ``combine``, ``export``.
+
+Registered on the main typer app by ``register(app)`` (see the end of ``peftlab/cli.py``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from peftlab.cli import _fail, _load, console
+
+
+def _errors():
+    """The exception types that mean bad input (shown as a one-line error, exit code 2)."""
+    from peftlab.core.adapter import AdapterError
+    from peftlab.core.state import CheckpointError, ConfigError
+    from peftlab.defaults import DefaultsError
+
+    return (AdapterError, CheckpointError, ConfigError, DefaultsError, ValueError, FileNotFoundError)
+
+
+def convert(
+    adapter: Path = typer.Argument(..., help="Adapter folder to convert (any mergeable method)."),
+    out: Path = typer.Option(..., help="Output folder: a PEFT LoRA adapter + conversion_report.json."),
+    rank: int = typer.Option(..., min=1, help="Rank of the LoRA (per layer; see --clip-rank)."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: the offline SmolLM2-135M)."),
+    clip_rank: bool = typer.Option(False, help="Layers smaller than --rank get their full rank instead of an error."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Convert a DoRA/LoHa/LoKr/VeRA/IA3/OFT/BOFT/HRA/AdaLoRA/Tied-LoRA adapter into a plain LoRA by truncated SVD
+    of its weight update, reporting the relative error per layer.
+
+    Example: `peftlab convert runs/dora/adapter --out runs/dora_as_lora --rank 16`
+    """
+    from peftlab.convert import REPORT_NAME, convert_adapter
+
+    base, _ = _load(model)
+    try:
+        report = convert_adapter(base, adapter, out, rank, clip_rank=clip_rank)
+    except _errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{report.source_method} -> LoRA r={rank}")
+    for col in ("module", "shape", "rank", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for layer in report.layers:
+        table.add_row(layer.module, "x".join(map(str, layer.shape)), str(layer.rank), f"{layer.rel_error:.2e}")
+    console.print(table)
+    console.print(f"relative error: max {report.max_rel_error:.3e}, whole adapter {report.total_rel_error:.3e}; "
+                  f"LoRA written to [bold]{out}[/] (report: {REPORT_NAME})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(convert)
