@@ -56,5 +56,41 @@ def convert(
                   f"LoRA written to [bold]{out}[/] (report: {REPORT_NAME})")
 
 
+def combine(
+    adapters: list[Path] = typer.Argument(..., help="Adapter folders to combine (same base model)."),
+    weights: str = typer.Option(..., help="Comma-separated weight per adapter, e.g. 0.7,0.3 (may be negative)."),
+    out: Path = typer.Option(..., help="Output folder: the combined LoRA + combine_report.json."),
+    type_: str = typer.Option("svd", "--type", help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, "
+                                                    "or <one of those>_svd (PEFT's add_weighted_adapter)."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: the offline SmolLM2-135M)."),
+    svd_rank: Optional[int] = typer.Option(None, min=1, help="Rank for the svd types (default: the largest rank)."),
+    svd_clamp: Optional[float] = typer.Option(None, help="svd types: clamp factors at this quantile (PEFT's)."),
+    density: Optional[float] = typer.Option(None, help="Fraction of entries kept by ties/dare/magnitude_prune."),
+    majority_sign_method: str = typer.Option("total", help="ties/dare_ties sign election: total or frequency."),
+    seed: int = typer.Option(0, help="Seed of DARE's random masks."),
+) -> None:
+    """Combine several adapters into one LoRA (weighted linear, cat, svd, TIES, DARE, magnitude pruning).
+
+    Example: `peftlab combine runs/a/adapter runs/b/adapter --weights 0.7,0.3 --type cat --out runs/mix`
+    """
+    from peftlab.combine import combine_adapters
+
+    try:
+        values = [float(w) for w in weights.split(",") if w.strip()]
+    except ValueError:
+        _fail(f"--weights must be comma-separated numbers, got {weights!r}")
+    base, _ = _load(model)
+    try:
+        report = combine_adapters(base, [str(a) for a in adapters], values, out, type_, svd_rank=svd_rank,
+                                  svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method,
+                                  seed=seed)
+    except _errors() as exc:
+        _fail(str(exc))
+    ranks = sorted({info["rank"] for info in report.layers.values()})
+    console.print(f"{report.combination_type} of {len(adapters)} adapters -> LoRA on {len(report.layers)} modules, "
+                  f"rank {ranks}; written to [bold]{out}[/]")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(convert)
+    app.command()(combine)
