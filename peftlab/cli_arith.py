@@ -91,6 +91,64 @@ def combine(
                   f"rank {ranks}; written to [bold]{out}[/]")
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Export an adapter: a merged model folder, or a GGUF LoRA.")
+
+
+@export_app.command("merged")
+def export_merged(
+    adapter: Path = typer.Option(..., help="Adapter folder to merge (any mergeable method)."),
+    out: Path = typer.Option(..., help="Output folder: sharded safetensors + index + config + tokenizer."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: the offline SmolLM2-135M)."),
+    dtype: str = typer.Option("auto", help="Saved dtype: bf16, fp16, fp32 or auto (the base model's)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 500MB, 2GB."),
+) -> None:
+    """Merge an adapter into its base (in float32) and save a plain transformers model.
+
+    Example: `peftlab export merged --adapter runs/dora/adapter --out runs/merged --dtype bf16 --max-shard-size 2GB`
+    """
+    import peftlab
+    from peftlab.export import save_merged
+
+    base, tokenizer = _load(model)
+    try:
+        peftlab.load_adapter(base, adapter)
+        save_merged(base, out, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(f"merged model written to [bold]{out}[/]")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    adapter: Path = typer.Option(..., help="LoRA adapter folder (other methods: give --rank to convert first)."),
+    out: Path = typer.Option(..., help="Output .gguf file (llama.cpp LoRA adapter)."),
+    model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: the offline SmolLM2-135M)."),
+    outtype: str = typer.Option("f32", help="Tensor type: f32 or f16."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Convert a non-LoRA adapter to a LoRA of this rank first."),
+) -> None:
+    """Write a LoRA adapter as a GGUF file for llama.cpp (`llama-cli --lora FILE`).
+
+    Example: `peftlab export gguf --adapter runs/lora/adapter --out runs/lora.gguf`
+    """
+    import peftlab
+    from peftlab.convert import convert_to_lora
+    from peftlab.export import write_gguf_lora
+
+    base, _ = _load(model)
+    try:
+        peftlab.load_adapter(base, adapter, name="source")
+        name = "source"
+        if rank is not None:
+            report = convert_to_lora(base, "source", rank, new_name="lora", clip_rank=True)
+            name = "lora"
+            console.print(f"converted to LoRA r={rank}: max relative error {report.max_rel_error:.3e}")
+        write_gguf_lora(base, name, out, outtype)
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(f"GGUF LoRA written to [bold]{out}[/]")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(convert)
     app.command()(combine)
+    app.add_typer(export_app, name="export")
