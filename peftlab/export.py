@@ -132,8 +132,8 @@ def gguf_lora_tensors(model: nn.Module, name: str, outtype: str = "f32") -> tupl
         pad = rank - b.shape[1]
         a = torch.nn.functional.pad(a, (0, pad) if transposed_a else (0, 0, 0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
-        tensors[f"{gguf_name}.lora_a"] = a.contiguous().numpy().astype(GGUF_OUTTYPES[outtype])
-        tensors[f"{gguf_name}.lora_b"] = b.contiguous().numpy().astype(GGUF_OUTTYPES[outtype])
+        tensors[f"{gguf_name}.lora_a"] = a.contiguous().cpu().numpy().astype(GGUF_OUTTYPES[outtype])
+        tensors[f"{gguf_name}.lora_b"] = b.contiguous().cpu().numpy().astype(GGUF_OUTTYPES[outtype])
     return arch_name, float(rank), tensors
 
 
