@@ -309,6 +309,10 @@ def main() -> None:
     app()
 
 
+# commands that live in their own modules
+from peftlab.cli_arith import register as _register_arith  # noqa: E402  (convert, combine, export)
+
+_register_arith(app)
+
 if __name__ == "__main__":
     main()
-

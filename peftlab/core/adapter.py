@@ -170,6 +170,12 @@ class AdapterLayer(nn.Module):
         """The weight update as (out_features, in_features), for mergeable methods."""
         raise NotImplementedError
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """(A (r, in), B (out, r), scaling) when the whole effect is the additive update ``scaling * B @ A``
+        (in the (out, in) orientation of ``delta_weight``), as live tensors; None for any other form.
+        Factor-wise combination (``peftlab.combine``) and rank-padded hot-swap read it."""
+        return None
+
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         """The merged weight (out, in) from the current one. Default: additive update."""
         return weight_oi + self.delta_weight().to(weight_oi.dtype)

@@ -93,3 +93,6 @@ class DoraLayer(LoraLayer):
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "lora_magnitude_vector": "B"}
+
+    def low_rank_factors(self) -> None:
+        return None  # the magnitude rescales the whole weight: not an additive B A update

@@ -186,6 +186,9 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling
 
+    def low_rank_factors(self):
+        return self.A, self.B, self.scaling
+
     def param_roles(self) -> dict[str, str]:
         if self.is_embedding:
             return {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
