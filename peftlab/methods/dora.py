@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, BaseView
+from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.methods.lora import LoraConfig, LoraLayer
 
 
@@ -67,6 +67,13 @@ class DoraLayer(LoraLayer):
             base_out = F.linear(xd, base.weight_oi().to(xd.dtype))
         lora = self.lora_out(xd) * self.scaling
         return out + ((scale - 1) * base_out + scale * lora).to(out.dtype)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector.detach().float() / self.weight_norm(base)
+            return ServingForm(down=self.A.detach(), up=self.B.detach().float() * (self.scaling * scale)[:, None],
+                               out_scale=scale)
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         combined = weight_oi + self.delta_weight().to(weight_oi.dtype)
