@@ -55,6 +55,7 @@ class Request:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # set by the client side (disconnect, stop string); honoured at the next step
     _generator: torch.Generator | None = None
 
     @property
@@ -155,6 +156,10 @@ class Engine:
                 if not self.cache.can_reserve(need):
                     break
                 self.waiting.popleft()
+                if req.cancelled:
+                    req.finish_reason = "cancelled"
+                    self._finish_event(req)
+                    continue
                 if req.adapter is not None:
                     try:
                         slot = self._slot_for(req.adapter)
@@ -221,7 +226,9 @@ class Engine:
                 r.first_token_at = now
             if r.on_event is not None:
                 r.on_event(tok, None)
-            if tok in r.stop_ids:
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+            elif tok in r.stop_ids:
                 r.finish_reason = "stop"
             elif len(r.output) >= r.max_tokens:
                 r.finish_reason = "length"
