@@ -41,30 +41,35 @@ def _prompt(i: int) -> list[int]:
     return torch.randint(3, 96, (3 + (i * 5) % 11,), generator=g).tolist()
 
 
-def _alone(adapter_dir, prompt):
-    model = tiny_llama()
+def _alone(adapter_dir, prompt, device="cpu"):
+    model = tiny_llama().to(device)
     if adapter_dir is not None:
         peftlab.load_adapter(model, adapter_dir)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
                          pad_token_id=0, eos_token_id=2)
     return out[0, len(prompt):].tolist()
 
 
-def _engine(root, **kw) -> Engine:
+def _engine(root, device="cpu", **kw) -> Engine:
     cfg = EngineConfig(max_batch=kw.pop("max_batch", 16), max_gpu_adapters=kw.pop("gpu", 8),
                        max_cpu_adapters=kw.pop("cpu", 8), convert_rank=8, kv_tokens=2048, block_size=4, **kw)
-    engine = Engine(tiny_llama(), cfg, adapter_root=root)
+    engine = Engine(tiny_llama().to(device), cfg, adapter_root=root)
     for name in ADAPTERS:
         engine.store.register(name, root / name)
     return engine
 
 
-def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs):
-    engine = _engine(adapter_dirs)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
+    """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32)."""
+    engine = _engine(adapter_dirs, device)
     names = [None, *ADAPTERS]
     jobs = [(names[i % len(names)], _prompt(i)) for i in range(14)]
-    refs = [_alone(adapter_dirs / n if n else None, p) for n, p in jobs]
+    refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
     assert len({tuple(r) for r in refs}) > len(names) // 2  # the adapters really change the answers
     first = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:8]]
     engine.step()

@@ -47,7 +47,7 @@ class LoadedAdapter:
     nbytes: int = 0
 
 
-def _skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
+def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
     """A module tree with the served model's linear names whose leaves are its base linears (shared, not copied)."""
     root = nn.Module()
     for name, linear in linears.items():
@@ -98,7 +98,7 @@ class AdapterStore:
             raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
         self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
         self.root = Path(adapter_root).resolve() if adapter_root is not None else None
-        self._skeleton = _skeleton({n: layer.base for n, layer in layers.items()})
+        self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
         self._skeleton_lock = threading.Lock()
         self._lock = threading.RLock()
         self.paths: dict[str, Path] = {}
