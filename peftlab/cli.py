@@ -316,3 +316,8 @@ _register_arith(app)
 
 if __name__ == "__main__":
     main()
+
+
+from peftlab.serve.cli import serve as _serve  # noqa: E402  (the serve command lives in its own module)
+
+app.command(name="serve")(_serve)

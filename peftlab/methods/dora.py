@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, BaseView
+from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.methods.lora import LoraConfig, LoraLayer
 from peftlab.ops import fast
 
@@ -77,6 +77,13 @@ class DoraLayer(LoraLayer):
         x, weight, bias = parts
         return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
                                 self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector.detach().float() / self.weight_norm(base)
+            return ServingForm(down=self.A.detach(), up=self.B.detach().float() * (self.scaling * scale)[:, None],
+                               out_scale=scale)
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         combined = weight_oi + self.delta_weight().to(weight_oi.dtype)
