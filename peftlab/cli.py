@@ -59,6 +59,8 @@ def train(
     save_every: int = typer.Option(0, min=0, help="Checkpoint every N steps (0: never)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or 'latest'."),
     dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
+    nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
+    distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
     checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
     fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
@@ -78,7 +80,13 @@ def train(
     Example: `peftlab train --method dora --max-steps 20 --out runs/dora`
     """
     from peftlab.core.config import ConfigError
+    from peftlab.train import launch
     from peftlab.train.loop import TrainArgs, train as run_train
+
+    if nproc > 1 and distributed == "none":
+        _fail("--nproc > 1 needs --distributed auto, ddp or fsdp")
+    if launch.needs_relaunch(nproc):
+        raise typer.Exit(launch.relaunch(nproc))
 
     overrides = {}
     for item in set_:
@@ -98,10 +106,13 @@ def train(
                      fused_ce=fused_ce, quantize=quantize, double_quant=double_quant, optim=optim,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device)
+    args.distributed = distributed
     try:
         metrics = run_train(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if metrics["distributed"]["rank"] != 0:
+        return  # one summary line per run, not per process
     after = metrics.get("eval_after") or {}
     console.print(f"adapter: [bold]{metrics['adapter_dir']}[/]  eval loss {after.get('loss', float('nan')):.4f}  "
                   f"perplexity {after.get('perplexity', float('nan')):.2f}  metrics: {out / 'metrics.json'}")
@@ -298,6 +309,15 @@ def main() -> None:
     app()
 
 
+# commands that live in their own modules
+from peftlab.cli_arith import register as _register_arith  # noqa: E402  (convert, combine, export)
+
+_register_arith(app)
+
 if __name__ == "__main__":
     main()
 
+
+from peftlab.serve.cli import serve as _serve  # noqa: E402  (the serve command lives in its own module)
+
+app.command(name="serve")(_serve)
