@@ -121,7 +121,7 @@ def _peftlab_step_fn(model, setting: dict, device):
     loss_fn = fused_causal_lm_loss if setting.get("fused_ce", True) else None
 
     def step(batch):
-        loss, _ = accumulate_gradients(model, [batch], device, loss_fn)
+        loss, _ = accumulate_gradients(model, [batch], device, loss_fn=loss_fn)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
