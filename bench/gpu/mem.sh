@@ -8,18 +8,19 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 # 1) tests that need CUDA (skip elsewhere) + the CPU-side checks they build on (~90 s)
-timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_memory_cuda.py tests/test_fused_ce.py \
+timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_memory_cuda.py tests/test_fused_ce.py \
   tests/test_activations.py > "$OUT/mem_tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/mem_tests.log"
 
 # 2) side by side: 8B QLoRA (peftlab / PEFT+bnb / Unsloth if importable), 1B checkpointing and fused CE, GaLore
-timeout 300 python3 bench/memory.py --steps 4 --warmup 1 --timeout 110 --out "$OUT/memory_core.json" \
-  --settings 8b-qlora-b4,1b-lora-ckpt-offload,8b-qlora-b1,1b-lora-ckpt-on,1b-lora-ckpt-off,1b-lora-offload-nofused,1b-galore-r128 \
+# (most important first: a timeout keeps what was measured, the JSON is written after every row)
+timeout 310 python3 bench/memory.py --steps 3 --warmup 1 --timeout 110 --out "$OUT/memory_core.json" \
+  --settings 8b-qlora-b4,8b-qlora-b4-offload,1b-lora-ckpt-offload,8b-qlora-b1,1b-lora-ckpt-on,1b-lora-ckpt-off,1b-lora-offload-nofused,1b-galore-r128 \
   > "$OUT/mem_bench.log" 2>&1
 echo "core bench rc=$?" >> "$OUT/mem_bench.log"
 
 # 3) 70B QLoRA B1 on one GPU (random weights generated + quantized tensor by tensor)
-timeout 125 python3 bench/memory.py --settings 70b-qlora-b1 --timeout 115 --out "$OUT/memory_70b.json" \
+timeout 120 python3 bench/memory.py --settings 70b-qlora-b1 --timeout 110 --out "$OUT/memory_70b.json" \
   >> "$OUT/mem_bench.log" 2>&1
 echo "70b bench rc=$?" >> "$OUT/mem_bench.log"
 
