@@ -7,7 +7,7 @@
 A Llama-shaped model with random weights (bf16 on GPU) is built from a config. One LoRA is loaded, padded to
 ``--max-rank`` by ``prepare_for_hotswap`` and the model is compiled; then ``--swaps`` adapters of other ranks,
 alphas and targets are swapped in. Recorded: compile time, forward latency, the time of each swap, dynamo's
-count of compiled graphs before and after the swaps (``recompiles`` must be 0: swaps run under
+count of compiled graphs before and after the swaps (``recompiles``, expected 0; the tests enforce it with
 ``error_on_recompile``), and the largest difference between the compiled and the eager output after each swap.
 Then the adapter is written as a GGUF LoRA (read back with gguf) and the model is merged and saved as sharded
 safetensors, reloaded with transformers, and its logits compared with the adapted model's.
@@ -109,13 +109,12 @@ def run(args) -> dict[str, Any]:
             graphs = counters["stats"]["unique_graphs"]
             latencies = [_timed(lambda: compiled(ids).logits, args.device)[1] for _ in range(args.steps)]
             swap_ms, diffs = [], []
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                for path in sources[1:] + sources[:1]:
-                    _, took = _timed(lambda: hotswap_adapter(model, path), args.device)
-                    swap_ms.append(took * 1e3)
-                    got = compiled(ids).logits.float()
-                    ref = model(ids).logits.float()
-                    diffs.append(float((got - ref).abs().max()))
+            for path in sources[1:] + sources[:1]:  # recompiles are counted, not raised: the run records them
+                _, took = _timed(lambda: hotswap_adapter(model, path), args.device)
+                swap_ms.append(took * 1e3)
+                got = compiled(ids).logits.float()
+                ref = model(ids).logits.float()
+                diffs.append(float((got - ref).abs().max()))
             adapted_logits = model(ids).logits.float()
         result["hotswap"] = {
             "backend": args.backend, "compile_s": compile_s, "forward_ms_median": statistics.median(latencies) * 1e3,

@@ -14,9 +14,10 @@ WEIGHTS = [0.7, -0.4]
 
 
 def _lora_dirs(tmp_path, ranks=(4, 4)):
-    """Two random LoRA adapters with different targets (overlapping on q_proj) and alphas."""
+    """Two random LoRA adapters with different targets (overlapping on q_proj and the embedding) and alphas."""
     dirs = []
-    for i, (r, targets, alpha) in enumerate(zip(ranks, (["q_proj", "v_proj"], ["q_proj", "o_proj"]), (8, 2))):
+    targets = (["q_proj", "v_proj", "embed_tokens"], ["q_proj", "o_proj", "embed_tokens"])
+    for i, (r, targets, alpha) in enumerate(zip(ranks, targets, (8, 2))):
         model = tiny_llama()
         peftlab.attach(model, peftlab.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
         randomize_adapters(model, seed=10 + i, std=0.3)
@@ -50,6 +51,8 @@ def _peft_deltas(model):
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "mix" in module.lora_A:
             out[name] = module.get_delta_weight("mix").float()
+        elif hasattr(module, "lora_embedding_A") and "mix" in module.lora_embedding_A:
+            out[name] = module.get_delta_weight("mix").float().t()  # PEFT's embedding update is (num, dim)
     return out
 
 
@@ -74,7 +77,7 @@ def test_matches_peft_add_weighted_adapter(kind, ranks, kw, tmp_path):
     theirs = _peft(dirs, kind, **kw)
     got = adapter_updates(ours, "mix")
     want = _peft_deltas(theirs)
-    assert set(got) == set(want) and len(got) == 6
+    assert set(got) == set(want) and len(got) == 7
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
     ids = batch()
@@ -167,7 +170,7 @@ def test_bad_input_is_refused_with_clear_errors(tmp_path):
         (["a0", "a1"], WEIGHTS, {}, "ties", "needs density"),
         (["a0", "a1"], WEIGHTS, {"density": 1.5}, "dare_ties", "density in"),
         (["a0", "a1"], WEIGHTS, {"density": 0.5, "majority_sign_method": "mean"}, "ties", "majority_sign_method"),
-        (["a0", "a1"], WEIGHTS, {"svd_rank": 64}, "svd", r"rank 64 is larger .*32x32"),
+        (["a0", "a1"], WEIGHTS, {"svd_rank": 64}, "svd", r"model\.\S+: rank 64 is larger .* at most 32"),
         (["a0", "a1"], WEIGHTS, {"svd_rank": 2}, "cat", "svd types only"),
         (["a0", "a9"], WEIGHTS, {}, "svd", "no adapter named 'a9'"),
         (["a0", "a1"], WEIGHTS, {}, "mean", "unknown combination_type"),
@@ -216,6 +219,6 @@ def test_cli_combine(tmp_path):
     result = runner.invoke(app, args + ["--type", "svd", "--svd-rank", "3"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "mix" / "combine_report.json").read_text())
-    assert report["combination_type"] == "svd" and len(report["layers"]) == 6
+    assert report["combination_type"] == "svd" and len(report["layers"]) == 7
     bad = runner.invoke(app, args + ["--type", "linear"])
     assert bad.exit_code == 2 and "equal ranks" in bad.output

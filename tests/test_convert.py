@@ -150,3 +150,22 @@ def test_cli_convert_writes_lora_and_report(tmp_path):
     bad = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "x"), "--rank", "40",
                               "--model", str(model_dir)])
     assert bad.exit_code == 2 and "rank 40" in bad.output
+
+
+def test_conv1d_model_converts_and_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    from models import tiny_gpt2
+
+    model = tiny_gpt2()
+    peftlab.attach(model, peftlab.variants()["lokr"](["c_attn", "c_fc"], 4))
+    randomize_adapters(model, seed=4, std=0.2)
+    ids = batch()
+    with torch.no_grad():
+        expected = model(ids).logits
+    peftlab.save_adapter(model, tmp_path / "src")
+    convert_adapter(tiny_gpt2(), tmp_path / "src", tmp_path / "lora", rank=32, clip_rank=True)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "lora"))(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)

@@ -104,6 +104,7 @@ def _rope_rows(n_rows, n_head):
 
 def test_gguf_lora_reads_back_with_llama_cpp_names_and_values(tmp_path):
     from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     model = tiny_llama()
     config = peftlab.LoraConfig(r=4, lora_alpha=6, use_rslora=True, rank_pattern={"v_proj": 2},
@@ -121,8 +122,8 @@ def test_gguf_lora_reads_back_with_llama_cpp_names_and_values(tmp_path):
     gguf_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                   "mlp.down_proj": "ffn_down"}
     for i in range(2):
-        for hf, short in gguf_names.items():
-            delta = model.get_submodule(f"model.layers.{i}.{hf}").adapters["default"].delta_weight().detach()
+        for hf_name, short in gguf_names.items():
+            delta = model.get_submodule(f"model.layers.{i}.{hf_name}").adapters["default"].delta_weight().detach()
             if short == "attn_q":
                 delta = delta[_rope_rows(delta.shape[0], n_head)]
             elif short == "attn_k":
@@ -130,6 +131,11 @@ def test_gguf_lora_reads_back_with_llama_cpp_names_and_values(tmp_path):
             a, b = tensors[f"blk.{i}.{short}.weight.lora_a"], tensors[f"blk.{i}.{short}.weight.lora_b"]
             assert a.shape == (4, delta.shape[1]) and b.shape == (delta.shape[0], 4)  # padded to one rank
             torch.testing.assert_close(torch.from_numpy(b @ a), delta, atol=1e-5, rtol=1e-5)
+            if short in ("attn_q", "attn_k"):  # transformers' GGUF loader undoes llama.cpp's permutation
+                heads = n_head if short == "attn_q" else n_kv
+                undone = LlamaTensorProcessor()._reverse_permute_weights(b @ a, heads, heads)
+                hf = model.get_submodule(f"model.layers.{i}.{hf_name}").adapters["default"].delta_weight().detach()
+                torch.testing.assert_close(torch.from_numpy(undone), hf, atol=1e-5, rtol=1e-5)
     emb = model.get_submodule("model.embed_tokens").adapters["default"].delta_weight().detach()
     a, b = tensors["token_embd.weight.lora_a"], tensors["token_embd.weight.lora_b"]
     assert a.shape == (model.config.vocab_size, 4)
