@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, BaseView
+from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.methods.lora import LoraConfig, LoraLayer
+from peftlab.ops import fast
 
 
 def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -68,6 +69,22 @@ class DoraLayer(LoraLayer):
         lora = self.lora_out(xd) * self.scaling
         return out + ((scale - 1) * base_out + scale * lora).to(out.dtype)
 
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        # with dropout active, PEFT's form rescales W0 dropout(x); the fused node covers the plain form
+        parts = fast.operands(x, base)
+        if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        x, weight, bias = parts
+        return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
+                                self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector.detach().float() / self.weight_norm(base)
+            return ServingForm(down=self.A.detach(), up=self.B.detach().float() * (self.scaling * scale)[:, None],
+                               out_scale=scale)
+
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         combined = weight_oi + self.delta_weight().to(weight_oi.dtype)
         norm = combined.norm(dim=1)
@@ -83,3 +100,6 @@ class DoraLayer(LoraLayer):
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "lora_magnitude_vector": "B"}
+
+    def low_rank_factors(self) -> None:
+        return None  # the magnitude rescales the whole weight: not an additive B A update

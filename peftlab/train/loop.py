@@ -92,10 +92,28 @@ class TrainArgs:
     """"auto": a given model's own device, else cuda when available, else cpu."""
     distributed: str = "auto"
     """auto, none, ddp or fsdp (see peftlab.train.distributed); auto = none unless torchrun started us."""
+    checkpointing: str = "off"
+    """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
+    fused_ce: bool = False
+    """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
+    quantize: str | None = None
+    """QLoRA: quantize the base linears with bitsandbytes (nf4, fp4, int8); compute in bfloat16."""
+    double_quant: bool = False
+    """With quantize nf4/fp4: also quantize the quantization constants (QLoRA's double quantization)."""
+    optim: str = "adamw"
+    """adamw (torch), adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes)."""
+    galore_rank: int | None = None
+    """method galore: projection rank (None: 128)."""
+    galore_update_proj_gap: int | None = None
+    """method galore: steps between projection refreshes (None: 200)."""
+    galore_scale: float | None = None
+    """method galore: update scale (None: 0.25)."""
+    galore_proj_type: str | None = None
+    """method galore: std, reverse_std, left, right, full (None: std)."""
 
     def validate(self) -> None:
         known = variants()
-        if self.method.lower() not in known:
+        if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -108,10 +126,17 @@ class TrainArgs:
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         distributed.check_strategy(self.distributed)
+        from peftlab.train.frugal import validate_memory_args
+
+        validate_memory_args(self)
 
 
 def build_config(args: TrainArgs):
     """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
+    from peftlab.train import galore
+
+    if galore.is_galore(args):
+        return galore.config_from_args(args)
     config = variants()[args.method.lower()](args.target_modules, args.r)
     changes = dict(args.config_overrides)
     if args.lora_alpha is not None:
@@ -202,6 +227,10 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     --with-peft puts HF PEFT's on the same loop); ``on_step(step)`` replaces ``step_end``.
     """
     args.validate()
+    from peftlab.train import galore
+
+    if attach_fn is None and galore.is_galore(args):
+        attach_fn = galore.attach_full  # full-parameter training; the whole model is saved
     if attach_fn is not None and (args.save_every or args.resume or args.loraplus_lr_ratio is not None):
         raise ConfigError("checkpoints, resume and LoRA+ need peftlab's own adapters; attach_fn supports none of them")
     out = Path(args.out)
@@ -213,12 +242,15 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     # before loading: a model we load goes to cuda when there is one
     device = runtime.device or resolve_device(args.device, model)
     if model is None:
-        from peftlab.defaults import load_model_and_tokenizer
+        from peftlab.train.frugal import load_base
 
-        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        model, loaded_tokenizer = load_base(args, device)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
+    from peftlab.train.frugal import prepare_model
+
+    model = prepare_model(args, model, device)  # QLoRA: quantized layer by layer onto the device
     runtime.place(model, device)  # FSDP moves the base layer by layer as it shards it
     if records is None:
         from peftlab.defaults import default_records
@@ -254,11 +286,14 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     trainable, total = count_parameters(model)
     if attach_fn is None:
         config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
+    from peftlab.train.frugal import optimizer_state_bytes
+
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / max(1, total), "effective_lr": lr,
-        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else "adamw",
+        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else args.optim,
+                      "state_bytes": optimizer_state_bytes(optimizer),
                       "groups": [{"lr": g["initial_lr"], "tensors": len(g["params"]),
                                   "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]},
         "steps": state["step"], "examples": state["examples_seen"], "losses": state["history"],
@@ -277,15 +312,23 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
 
 
 def _optimizer(args: TrainArgs, model, config):
+    from peftlab.train import galore
+    from peftlab.train.frugal import optimizer_class
+
+    if galore.is_galore(args):
+        optimizer = galore.make_optimizer(model, config, args.lr, args.weight_decay, args.optim == "adamw_8bit")
+        factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), args.lr
     lr = args.lr * method_for(config).lr_scale
     if args.loraplus_lr_ratio is not None:
         from peftlab.train.optim import create_loraplus_optimizer
 
-        optimizer = create_loraplus_optimizer(model, lr=lr, loraplus_lr_ratio=args.loraplus_lr_ratio,
+        optimizer = create_loraplus_optimizer(model, optimizer_class(args.optim), lr=lr,
+                                              loraplus_lr_ratio=args.loraplus_lr_ratio,
                                               weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = optimizer_class(args.optim)([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                                weight_decay=args.weight_decay)
     factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), lr
 
@@ -313,8 +356,11 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
             with _adapters_off(model):
                 state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
-                   runtime or distributed.Runtime())
+        from peftlab.train.activations import checkpointing
+
+        with checkpointing(model, args.checkpointing):
+            _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
+                       runtime or distributed.Runtime())
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         if args.gradient_checkpointing and not had_checkpointing:
@@ -347,6 +393,9 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
     model.train()
     runtime.diverge_rng()
     main = runtime.is_main
+    from peftlab.train.frugal import loss_function
+
+    loss_fn = loss_function(args, model)
     with Reporter(args.max_steps, state["step"], enabled=args.progress and main,
                   log_every=args.log_every if main else 0) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
@@ -354,7 +403,8 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             batches = [collate(runtime.shard([train_set[next(stream)] for _ in range(args.batch_size)]))
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
-            step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device, runtime)
+            step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device, runtime,
+                                                          loss_fn)
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()

@@ -45,13 +45,14 @@ def autocast_context(device: torch.device):
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device,
-                         sync: LocalSync = LOCAL) -> tuple[float, int]:
+                         sync: LocalSync = LOCAL, loss_fn=None) -> tuple[float, int]:
     """Backward over this process's micro-batches of one optimizer step; returns (loss, label tokens)
     of the whole step, summed over all processes.
 
     Gradients come out as those of the mean loss over all the step's label tokens however the
     examples are split between micro-batches and processes. ``sync`` averages gradients over
-    processes, so each process scales its loss by the number of processes.
+    processes, so each process scales its loss by the number of processes. ``loss_fn(model, batch)``
+    replaces ``model(**batch).loss`` (the fused cross-entropy).
     """
     counts = [label_tokens(b["labels"]) for b in batches]
     step_tokens = int(sync.total(sum(counts)))
@@ -61,11 +62,16 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
             continue  # nothing to learn (the prompt filled max_length); its weight would be 0
         with sync.accumulating(last=index == len(batches) - 1):
             with autocast_context(device):
-                output = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                if loss_fn is not None and n > 0:
+                    raw = loss_fn(model, inputs)
+                else:
+                    output = model(**inputs, use_cache=False)
+                    raw = output.loss
             if n == 0:  # every process must take part: a zero loss that still reaches every adapter
                 loss = output.logits.float().sum() * 0.0
             else:
-                loss = output.loss.float() * (n * sync.world_size / step_tokens)
+                loss = raw.float() * (n * sync.world_size / step_tokens)
             loss.backward()
         local_loss += loss.item() / sync.world_size
     sync.reduce_gradients()
