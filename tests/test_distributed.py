@@ -14,6 +14,7 @@ import dist_worker
 import peftlab
 from models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 from peftlab.core.config import ConfigError
+from peftlab.core.state import CheckpointError
 from peftlab.train import distributed, launch
 from peftlab.train.data import Collator, build_datasets
 from peftlab.train.loop import TrainArgs
@@ -93,10 +94,13 @@ def test_resume_a_two_process_checkpoint_in_one_process(two_processes, tmp_path)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_one_process_group_is_exactly_the_plain_loop(tmp_path, strategy):
     plain = dist_worker.run("lora_fsdp_accum", tmp_path / "plain", "none", max_steps=2, save_every=0)
-    wrapped = dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2, save_every=0)
+    wrapped = dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2)  # saves step-2
     assert wrapped["distributed"]["strategy"] == strategy and wrapped["distributed"]["world_size"] == 1
     assert _losses(wrapped) == pytest.approx(_losses(plain), rel=1e-6, abs=1e-6)
     assert not torch.distributed.is_initialized(), "train() must close the group it opened"
+    with pytest.raises(CheckpointError, match="already at step 2"):  # a failing run closes it too
+        dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2, resume="latest")
+    assert not torch.distributed.is_initialized()
 
 
 # MoLoRA's load-balancing loss is a statistic of each micro-batch's routing, so slicing the batch moves it
