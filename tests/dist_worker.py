@@ -1,6 +1,7 @@
 """Distributed training scenarios for tests/test_distributed.py, run by torchrun in 2 CPU processes:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [--every-method]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR [--resume CKPT]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py OUT_DIR --every-method
 
 Each scenario trains a fresh tiny Llama and writes OUT_DIR/<scenario>/ (metrics.json, adapter/,
 checkpoints/) from rank 0. The test runs the same scenarios in one process and compares.
@@ -56,7 +57,7 @@ def all_methods(strategy: str, out_root: str) -> dict:
     return results
 
 
-def main(out_root: str, every_method: bool = False) -> None:
+def main(out_root: str, every_method: bool = False, resume: str | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # once for all scenarios; train() joins it and leaves it open
     if every_method:
@@ -70,8 +71,12 @@ def main(out_root: str, every_method: bool = False) -> None:
     for name, (_, strategy) in SCENARIOS.items():
         if name not in NEEDS or importlib.util.find_spec(NEEDS[name]):
             run(name, f"{out_root}/{name}", strategy)
+    if resume:  # a checkpoint written by one process, continued by two
+        run("lora_fsdp_accum", f"{out_root}/resumed_on_two", "fsdp", resume=resume)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], every_method="--every-method" in sys.argv[2:])
+    options = sys.argv[2:]
+    main(sys.argv[1], every_method="--every-method" in options,
+         resume=options[options.index("--resume") + 1] if "--resume" in options else None)

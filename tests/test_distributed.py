@@ -39,10 +39,12 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """Every scenario of dist_worker.SCENARIOS, trained once by 2 torchrun processes."""
+    """Every scenario of dist_worker.SCENARIOS, trained once by 2 torchrun processes; and a checkpoint
+    of a one-process run (``out/one``) continued by 2 processes (``out/resumed_on_two``)."""
     out = tmp_path_factory.mktemp("two")
+    dist_worker.run("lora_fsdp_accum", out / "one", "none")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(ROOT / "tests" / "dist_worker.py"), str(out)]
+               str(ROOT / "tests" / "dist_worker.py"), str(out), "--resume", str(out / "one/checkpoints/step-2")]
     _check(subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300))
     return out
 
@@ -89,6 +91,15 @@ def test_resume_a_two_process_checkpoint_in_one_process(two_processes, tmp_path)
     assert _losses(resumed)[:2] == _losses(two)[:2]  # the history comes from the checkpoint
     assert _losses(resumed)[2:] == pytest.approx(_losses(two)[2:], **TOL)
     assert resumed["eval_after"]["loss"] == pytest.approx(two["eval_after"]["loss"], **TOL)
+
+
+def test_resume_a_one_process_checkpoint_on_two_processes(two_processes):
+    one = json.loads((two_processes / "one" / "metrics.json").read_text())
+    two = json.loads((two_processes / "resumed_on_two" / "metrics.json").read_text())
+    assert two["distributed"]["world_size"] == 2 and two["resumed_from"].endswith("one/checkpoints/step-2")
+    assert _losses(two)[:2] == _losses(one)[:2]
+    assert _losses(two)[2:] == pytest.approx(_losses(one)[2:], **TOL)
+    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], **TOL)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
