@@ -6,7 +6,8 @@
     python bench/memory.py --table bench/results/memory/X.json
 
 Settings (random-weight Llama shapes, LoRA r16 alpha 32 on q/k/v/o/gate/up/down, T 1024):
-  8b-qlora-b1 / -b4      QLoRA nf4 + double quant, bf16 compute, checkpointing, paged AdamW 32-bit.
+  8b-qlora-b1 / -b4      QLoRA nf4 + double quant, bf16 compute, checkpointing, paged AdamW 32-bit
+  (8b-qlora-b4-offload   the same for peftlab with offloaded checkpointing).
                          peftlab: streamed 4-bit load, its own checkpointing, fused CE. PEFT: the steps
                          of /work/shared/anchors/peft_qlora_baseline.py (prepare_model_for_kbit_training,
                          get_peft_model, transformers' reentrant checkpointing, PagedAdamW32bit) on the
@@ -18,6 +19,7 @@ Settings (random-weight Llama shapes, LoRA r16 alpha 32 on q/k/v/o/gate/up/down,
   70b-qlora-b1           70B shape, nf4 + double quant, B1, offloaded checkpointing, fused CE (peftlab only):
                          random weights generated and quantized tensor by tensor on the GPU.
   1b-galore-r128         full-parameter GaLore rank 128 vs plain AdamW: optimizer state bytes, peak, time.
+  galore-curve           GaLore rank 128 vs AdamW loss curves over 200 steps on a small real task (CURVE).
 
 Each (setting, implementation) runs in its own subprocess (its peak memory is its own; a crash or an
 out-of-memory is recorded, not fatal). Unsloth must be imported before transformers and needs a
@@ -54,14 +56,21 @@ SHAPES["70b"] = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layer
 SETTINGS: dict[str, dict[str, Any]] = {
     "8b-qlora-b1": dict(shape="8b", quant="nf4", batch=1, ckpt="on", impls=("peftlab", "peft", "unsloth")),
     "8b-qlora-b4": dict(shape="8b", quant="nf4", batch=4, ckpt="on", impls=("peftlab", "peft", "unsloth")),
+    "8b-qlora-b4-offload": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", impls=("peftlab",)),
     "1b-lora-ckpt-off": dict(shape="1b", batch=4, ckpt="off", impls=("peftlab",)),
     "1b-lora-ckpt-on": dict(shape="1b", batch=4, ckpt="on", impls=("peftlab",)),
     "1b-lora-ckpt-offload": dict(shape="1b", batch=4, ckpt="offload", impls=("peftlab", "unsloth")),
     "1b-lora-offload-nofused": dict(shape="1b", batch=4, ckpt="offload", fused_ce=False, impls=("peftlab",)),
-    "70b-qlora-b1": dict(shape="70b", quant="nf4", batch=1, ckpt="offload", impls=("peftlab",), steps=3, warmup=1,
-                         timeout=400),
+    "70b-qlora-b1": dict(shape="70b", quant="nf4", batch=1, ckpt="offload", impls=("peftlab",), steps=3, warmup=1),
     "1b-galore-r128": dict(shape="1b", batch=4, ckpt="on", galore=128, impls=("peftlab", "adamw")),
+    "galore-curve": dict(curve=True, galore=128, impls=("peftlab", "adamw")),
 }
+# galore-curve: a 8-layer, hidden-512 Llama trained from scratch on chitchat text as bytes (a small real
+# task), GaLore rank 128 (lr 4e-3, scale 0.25, projection refreshed every 50 steps) vs AdamW (lr 1e-3),
+# 200 steps of 16 x 256 bytes; the final loss is the mean of the last 20 steps.
+CURVE = dict(model=dict(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512),
+             steps=200, batch=16, seq=256, galore_lr=4e-3, adamw_lr=1e-3, update_proj_gap=50)
 DEFAULT_SETTINGS = [s for s in SETTINGS if s != "70b-qlora-b1"] + ["70b-qlora-b1"]  # the longest last
 
 
@@ -97,7 +106,7 @@ def _peftlab_step_fn(model, setting: dict, device):
 
     import peftlab
     from peftlab.train.fused_loss import fused_causal_lm_loss
-    from peftlab.train.loop import accumulate_gradients
+    from peftlab.train.step import accumulate_gradients
 
     galore = setting.get("galore")
     if setting.get("quant"):
@@ -121,7 +130,7 @@ def _peftlab_step_fn(model, setting: dict, device):
     loss_fn = fused_causal_lm_loss if setting.get("fused_ce", True) else None
 
     def step(batch):
-        loss, _ = accumulate_gradients(model, [batch], device, loss_fn)
+        loss, _ = accumulate_gradients(model, [batch], device, loss_fn=loss_fn)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -152,7 +161,7 @@ def _adamw_full_step_fn(model, setting: dict, device):
     """Full fine-tuning with torch AdamW under the same checkpointing: GaLore's reference."""
     import torch
 
-    from peftlab.train.loop import accumulate_gradients
+    from peftlab.train.step import accumulate_gradients
 
     for p in model.parameters():
         p.requires_grad_(True)
@@ -166,6 +175,48 @@ def _adamw_full_step_fn(model, setting: dict, device):
     return step, opt
 
 
+def run_curve(name: str, impl: str, device_name: str, smoke: bool) -> dict[str, Any]:
+    """Loss curve of GaLore (impl peftlab) or AdamW (impl adamw) training a small Llama on chitchat bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.defaults import default_records
+    from peftlab.train.frugal import optimizer_state_bytes
+    from peftlab.train.galore import GaloreConfig, make_optimizer
+    from peftlab.train.step import accumulate_gradients
+
+    device = torch.device(device_name)
+    spec = dict(CURVE)
+    if smoke:
+        spec.update(model=dict(SHAPES["tiny"], vocab_size=256), steps=3, batch=2, seq=32)
+    text = "\n".join(m["content"] for r in default_records(limit=2000) for m in r["messages"])
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**spec["model"], attn_implementation="sdpa"))
+    model.train()
+    if impl == "peftlab":
+        config = GaloreConfig(rank=SETTINGS[name]["galore"], update_proj_gap=spec["update_proj_gap"], scale=0.25)
+        opt = make_optimizer(model, config, lr=spec["galore_lr"])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=spec["adamw_lr"])
+    generator = torch.Generator().manual_seed(1)  # the same batches for both
+    losses, started = [], time.perf_counter()
+    for _ in range(spec["steps"]):
+        starts = torch.randint(0, len(data) - spec["seq"] - 1, (spec["batch"],), generator=generator)
+        ids = torch.stack([data[i:i + spec["seq"]] for i in starts.tolist()]).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        loss, _ = accumulate_gradients(model, [batch], device)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 4))
+    tail = losses[-20:]
+    return {"setting": name, "impl": impl, "optimizer": "galore" if impl == "peftlab" else "adamw",
+            "steps": spec["steps"], "losses": losses, "final_loss": round(sum(tail) / len(tail), 4),
+            "optimizer_state_bytes": optimizer_state_bytes(opt),
+            "train_s": round(time.perf_counter() - started, 1), "spec": spec}
+
+
 def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, warmup: int) -> dict[str, Any]:
     import torch
 
@@ -173,6 +224,8 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
     from peftlab.train.frugal import optimizer_state_bytes
 
     setting = SETTINGS[name]
+    if setting.get("curve"):
+        return run_curve(name, impl, device_name, smoke)
     device = torch.device(device_name)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
@@ -300,9 +353,9 @@ def run_one(name: str, impl: str, args) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-impl", impl,
            "--device", args.device, "--steps", str(steps), "--warmup", str(warmup)] + (["--smoke"] if args.smoke else [])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=setting.get("timeout", args.timeout))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"setting": name, "impl": impl, "error": f"timeout after {setting.get('timeout', args.timeout)} s"}
+        return {"setting": name, "impl": impl, "error": f"timeout after {args.timeout} s"}
     return _parse_child(proc, name, impl)
 
 
@@ -358,6 +411,10 @@ def markdown_table(document: dict[str, Any]) -> str:
                 cells.append("")
             elif "error" in r:
                 cells.append(r["error"][:40])
+            elif "losses" in r:  # a loss curve: final loss (mean of the last 20 steps)
+                cells.append(f"final loss {r['final_loss']:.4f} after {r['steps']} steps")
+                if impl != "peftlab" and "final_loss" in ours:
+                    ratios.append(f"{impl}: final loss {ours['final_loss'] / r['final_loss']:.3f}x")
             else:
                 peak = r.get("peak_gib")
                 state = r.get("optimizer_state_bytes")

@@ -96,3 +96,25 @@ def test_checkpointing_keeps_far_fewer_activations():
     ids = batch(b=2, t=16)
     off, on = _saved_bytes(model, ids, "off"), _saved_bytes(model, ids, "on")
     assert on < off / 3, (on, off)
+
+
+def test_offload_stores_exactly_the_block_inputs():
+    from peftlab.train import activations
+
+    model = _attached("lora")
+    ids = batch(b=2, t=7)
+    stored = []
+    original = activations._Offload.pack
+
+    def pack(self, tensor):
+        out = original(self, tensor)
+        stored.append((tuple(tensor.shape), isinstance(out, activations._Stored)))
+        return out
+
+    activations._Offload.pack = pack
+    try:
+        with checkpointing(model, "offload", min_offload_bytes=1):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        activations._Offload.pack = original
+    assert stored == [((2, 7, 32), True)] * 3  # one (batch, time, hidden) input per block, nothing else

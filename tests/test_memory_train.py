@@ -122,3 +122,13 @@ def test_cli_train_streams_a_quantized_base_and_compare_passes_memory_flags(tmp_
     assert args.budget()["checkpointing"] == "on"
     with pytest.raises(ValueError, match="unknown memory setting"):
         CompareArgs(memory={"galore_rank": 4}).budget()
+
+
+def test_missing_bitsandbytes_is_named(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match="quantize=nf4 needs bitsandbytes"):
+        run(tmp_path, quantize="nf4", device="cpu")
+    with pytest.raises(ConfigError, match="optim=paged_adamw needs bitsandbytes"):
+        run(tmp_path, optim="paged_adamw")

@@ -49,10 +49,12 @@ def test_stream_load_equals_load_then_quantize(saved):
     assert stats["bytes_read"] >= bf16_bytes * 0.99
 
 
-def test_random_source_builds_a_runnable_quantized_model():
-    model = skeleton(_config(), "nf4", True, torch.bfloat16)
+@pytest.mark.parametrize("tie", [False, True])
+def test_random_source_builds_a_runnable_quantized_model(tie):
+    model = skeleton(_config(tie), "nf4", True, torch.bfloat16)
     stats = load_into(model, random_source(model, "cpu"), "cpu")
-    assert stats["tensors"] == len(list(model.named_parameters()))
+    assert stats["tensors"] == len(list(model.named_parameters()))  # named_parameters lists a tied one once
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     ids = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()

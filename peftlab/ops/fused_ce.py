@@ -40,7 +40,6 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w32 = None
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start:start + chunk_size]
             t = target[start:start + chunk_size]
@@ -58,10 +57,8 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
             grad_logits *= (ok.float() / denom)[:, None]
-            if want_h:
-                if w32 is None:
-                    w32 = weight.float()
-                grad_h[start:start + chunk_size] = (grad_logits @ w32).to(hidden.dtype)
+            if want_h:  # in the weight's dtype: no float32 copy of a (vocab, hidden) head
+                grad_h[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_w:
                 grad_w.addmm_(grad_logits.t(), h.float())
             if want_b:
@@ -81,15 +78,23 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
+def auto_chunk_size(vocab: int, budget_bytes: int = 256 << 20) -> int:
+    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64)."""
+    return max(64, budget_bytes // (4 * vocab))
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                               chunk_size: int = 1024) -> torch.Tensor:
+                               chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target`` over non-ignored rows.
 
     hidden (N, H), weight (V, H), target (N,) int64. Gradients flow to hidden, and to weight / bias
     when they require grad. All rows ignored: returns 0 (with zero gradients), not NaN.
+    ``chunk_size`` None: about 256 MiB of float32 logits per chunk.
     """
     _check(hidden, weight, target)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # the gradients are computed in the forward pass: only when autograd will ask for them
@@ -115,7 +120,7 @@ def shift_for_causal_lm(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   bias: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Next-token loss as transformers computes it (labels shifted left by one, -100 ignored), fused."""
     h, t = shift_for_causal_lm(hidden, labels)
     return fused_linear_cross_entropy(h, weight, t, bias=bias, chunk_size=chunk_size)

@@ -70,12 +70,16 @@ def safetensors_source(folder: str | os.PathLike) -> TensorSource:
 
 
 def random_source(model: nn.Module, device: torch.device | str, std: float = 0.02, seed: int = 0) -> TensorSource:
-    """(name, make) for every parameter of a skeleton: normal(0, std) matrices and ones for 1-D weights
-    (norms), generated on ``device`` one at a time (benchmarks of shapes with no checkpoint)."""
+    """(name, make) for every parameter of a skeleton (a tied head excepted): normal(0, std) matrices and
+    ones for 1-D weights (norms), generated on ``device`` one at a time (benchmarks of shapes with no
+    checkpoint)."""
     generator = torch.Generator(device=device).manual_seed(seed)
+    tied_head = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
     shapes = {}
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
+            if tied_head is not None and p is tied_head.weight:
+                continue  # a tied head shares the embeddings: not a checkpoint tensor of its own
             full = f"{module_name}.{pname}" if module_name else pname
             shape = (module.out_features, module.in_features) if is_quantized_linear(module) and pname == "weight" \
                 else tuple(p.shape)

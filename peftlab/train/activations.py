@@ -9,10 +9,12 @@ gradients reach parameters, inputs and anything a block reads from outside (a pr
 an adapter's side loss such as MoLoRA's load balancing) exactly as without checkpointing; RNG state
 (adapter dropout) and autocast are replayed by torch.
 
-With ``"offload"`` the tensors checkpointing keeps per block (its inputs: the (batch, time, hidden)
-state, masks, rotary tables) are moved to pinned host memory by saved-tensor hooks: the copy runs on a
-side CUDA stream, overlapped with the next blocks' compute, and comes back when backward reaches the
-block. Tensors under ``min_offload_bytes`` stay on the device.
+With ``"offload"`` the tensors checkpointing saves per block (its positional inputs: the (batch, time,
+hidden) state; keyword inputs such as masks and rotary tables are held, small, on the device) are moved
+to pinned host memory by saved-tensor hooks: the copy runs on a side CUDA stream, overlapped with the
+next blocks' compute. In backward, fetching a block's input starts the copy back of the previous
+block's on the side stream, overlapped with this block's recompute and backward. Tensors under
+``min_offload_bytes`` stay on the device.
 
 Why our own and not transformers' ``gradient_checkpointing_enable``: that drops the KV cache inside
 checkpointed blocks, so prefix tuning (which writes its prefix into the cache) cannot train with it.
@@ -65,34 +67,75 @@ def _set_cache_state(cache, state: list[dict]) -> None:
         layer.__dict__.update(saved)
 
 
+class _Stored:
+    """One offloaded tensor: its pinned host copy, and a device copy once fetched back ahead of time."""
+
+    def __init__(self, device: torch.device, host: torch.Tensor, copied: Any, index: int):
+        self.device, self.host, self.copied, self.index = device, host, copied, index
+        self.early: torch.Tensor | None = None
+        self.early_ready: Any = None
+
+    def prefetch(self, stream: torch.cuda.Stream) -> None:
+        """Start the copy back on the side stream (backward will need it next)."""
+        if self.early is not None or self.host is None or self.copied is None:
+            return
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.copied)
+            self.early = self.host.to(self.device, non_blocking=True)
+            self.early_ready = torch.cuda.Event()
+            self.early_ready.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.copied is None:  # CPU model
+            return self.host
+        if self.early is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.early_ready)
+            tensor, self.early = self.early, None
+            tensor.record_stream(current)  # made on the side stream, used and freed on this one
+        else:
+            self.copied.synchronize()
+            tensor = self.host.to(self.device, non_blocking=True)
+        return tensor
+
+
 class _Offload:
-    """Saved-tensor hooks that keep tensors in pinned host memory, copied on a side stream."""
+    """Saved-tensor hooks that keep tensors in pinned host memory. Forward: copied out on a side stream,
+    overlapped with the next blocks. Backward: fetching block k's tensors starts the copy back of block
+    k-1's on the side stream, so it overlaps block k's recompute and backward."""
 
     def __init__(self, stream: torch.cuda.Stream | None, min_bytes: int):
         self.stream, self.min_bytes = stream, min_bytes
+        self.order: list[_Stored] = []  # this forward's stored tensors, in forward order
+        self.backward_started = False
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if tensor.numel() * tensor.element_size() < self.min_bytes:
             return tensor
+        if self.backward_started:  # a new forward (next step or micro-batch): a new order
+            self.order, self.backward_started = [], False
         if self.stream is None or tensor.device.type != "cuda":  # CPU model: nothing to gain, same code path
-            return (tensor.device, tensor.detach(), None)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(tensor.detach(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        tensor.record_stream(self.stream)  # the allocator must not reuse it before the copy is done
-        return (tensor.device, host, event)
+            stored = _Stored(tensor.device, tensor.detach(), None, len(self.order))
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(tensor.detach(), non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            tensor.record_stream(self.stream)  # the allocator must not reuse it before the copy is done
+            stored = _Stored(tensor.device, host, copied, len(self.order))
+        self.order.append(stored)
+        return stored
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
-        device, host, event = packed
-        if event is None:
-            return host
-        event.synchronize()
-        return host.to(device, non_blocking=True)
+        self.backward_started = True
+        tensor = packed.fetch()
+        if self.stream is not None and 0 < packed.index <= len(self.order):
+            self.order[packed.index - 1].prefetch(self.stream)  # the block backward meets next
+        return tensor
 
 
 def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None):

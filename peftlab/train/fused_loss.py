@@ -63,7 +63,7 @@ def _decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """Mean next-token loss of ``batch`` (input_ids, attention_mask, labels) without full logits."""
     labels = batch["labels"]
     captured: list[torch.Tensor] = []

@@ -239,8 +239,9 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     if attach_fn is not None and args.distributed not in ("auto", "none"):
         raise ConfigError("distributed training needs peftlab's own adapters; attach_fn supports none")
     runtime = distributed.start("none" if attach_fn else args.distributed, args.device, args.batch_size)
-    # before loading: a model we load goes to cuda when there is one
-    device = runtime.device or resolve_device(args.device, model)
+    # before loading: a model we load goes to cuda when there is one; so does a base to quantize (compare
+    # hands over a model on the host)
+    device = runtime.device or resolve_device(args.device, None if args.quantize else model)
     if model is None:
         from peftlab.train.frugal import load_base
 
