@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,22 +121,30 @@ def worker_command(args, shape: str, strategy: str, nproc: int) -> list[str]:
             script[0], "--", *script[1:]]
 
 
-def run_one(args, shape: str, strategy: str, nproc: int) -> dict[str, Any]:
+def run_one(args, shape: str, strategy: str, nproc: int, timeout: float | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": shape, "strategy": strategy, "nproc": nproc,
                            "batch_per_process": args.batch or SHAPES[shape]["batch"], "seq": args.seq or SHAPES[shape]["seq"]}
     if nproc > args.devices:
         return {**row, "not_run": f"{nproc} processes need {nproc} GPUs; {args.devices} visible"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    timeout = args.timeout if timeout is None else timeout
     started = time.perf_counter()
+    proc = subprocess.Popen(worker_command(args, shape, strategy, nproc), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        proc = subprocess.run(worker_command(args, shape, strategy, nproc), capture_output=True, text=True, env=env,
-                              timeout=args.timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**row, "error": f"timed out after {args.timeout} s"}
+        proc.terminate()  # torchrun stops its workers on SIGTERM (they run in sessions of their own)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        return {**row, "error": f"timed out after {timeout:.0f} s"}
     row["wall_s"] = round(time.perf_counter() - started, 1)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-4:]
+        tail = (stderr or stdout).strip().splitlines()[-4:]
         return {**row, "error": f"exit {proc.returncode}: " + " | ".join(tail)[-800:]}
     return {**row, **json.loads(lines[-1])}
 
@@ -152,14 +161,10 @@ def scaling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_driver(args) -> Path:
-    rows = []
-    for shape, strategy, nproc in configurations(args):
-        row = run_one(args, shape, strategy, nproc)
-        rows.append(row)
-        shown = row.get("not_run") or row.get("error") or (
-            f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_ms_median']:.1f} ms/step, "
-            f"peak {row.get('peak_gib_max_over_processes', '-')} GiB ({row['wall_s']} s)")
-        print(f"{shape:>5} {strategy:>5} x{nproc}: {shown}", flush=True)
+    """Every configuration in turn; the results file is rewritten after each, so a run cut short by a
+    time limit still leaves what it measured."""
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "distributed" / "distributed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "distributed",
         "description": __doc__.split("\n\n", 2)[2].strip(),
@@ -167,12 +172,27 @@ def run_driver(args) -> Path:
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "shape", "strategy")},
         "models": {s: {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[s]["model"]}
                    for s in args.shapes},
-        "configs": rows,
-        "scaling": scaling(rows),
+        "configs": [],
+        "scaling": [],
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "distributed" / "distributed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
+    started = time.perf_counter()
+    for shape, strategy, nproc in configurations(args):
+        left = args.budget - (time.perf_counter() - started) if args.budget else float("inf")
+        if left < 15:
+            row = {"shape": shape, "strategy": strategy, "nproc": nproc, "batch_per_process": args.batch or
+                   SHAPES[shape]["batch"], "seq": args.seq or SHAPES[shape]["seq"],
+                   "not_run": f"the --budget of {args.budget} s was spent"}
+        else:
+            row = run_one(args, shape, strategy, nproc, timeout=min(args.timeout, left))
+        document["configs"].append(row)
+        document["scaling"] = scaling(document["configs"])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
+        tmp.replace(out)
+        shown = row.get("not_run") or row.get("error") or (
+            f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_ms_median']:.1f} ms/step, "
+            f"peak {row.get('peak_gib_max_over_processes', '-')} GiB ({row['wall_s']} s)")
+        print(f"{shape:>5} {strategy:>5} x{nproc}: {shown}", flush=True)
     print(f"wrote {out}")
     print(markdown_table(document))
     return out
@@ -214,6 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
+    p.add_argument("--budget", type=int, default=0, help="seconds for the whole run (0: no limit); configurations "
+                   "that no longer fit are recorded as not run")
     p.add_argument("--out", help="results JSON (default: bench/results/distributed/distributed.json)")
     p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
     p.add_argument("--readme", metavar="README", help="with --table: also write the table into this file")

@@ -14,6 +14,7 @@ import dist_worker
 import peftlab
 from models import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 from peftlab.core.config import ConfigError
+from peftlab.core.state import CheckpointError
 from peftlab.train import distributed, launch
 from peftlab.train.data import Collator, build_datasets
 from peftlab.train.loop import TrainArgs
@@ -21,6 +22,10 @@ from peftlab.train.step import LocalSync, accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rel=1e-5, abs=1e-5)  # float32 sums taken in another order
+BF16_TOL = {"qlora_fsdp": dict(rel=1e-3, abs=1e-3)}  # QLoRA computes in bfloat16
+# FSDP2 cannot shard bitsandbytes' Params4bit (its all-gather returns a plain tensor without the quantization
+# state): the 7 linear layers x 2 blocks in NF4 are kept whole on every process besides the adapter
+WHOLE_4BIT = {"qlora_fsdp": 14}
 
 
 def _env() -> dict:
@@ -34,10 +39,12 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """Every scenario of dist_worker.SCENARIOS, trained once by 2 torchrun processes."""
+    """Every scenario of dist_worker.SCENARIOS, trained once by 2 torchrun processes; and a checkpoint
+    of a one-process run (``out/one``) continued by 2 processes (``out/resumed_on_two``)."""
     out = tmp_path_factory.mktemp("two")
+    dist_worker.run("lora_fsdp_accum", out / "one", "none")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(ROOT / "tests" / "dist_worker.py"), str(out)]
+               str(ROOT / "tests" / "dist_worker.py"), str(out), "--resume", str(out / "one/checkpoints/step-2")]
     _check(subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300))
     return out
 
@@ -48,23 +55,29 @@ def _losses(metrics: dict) -> list[float]:
 
 @pytest.mark.parametrize("name", list(dist_worker.SCENARIOS))
 def test_two_processes_follow_the_single_process_curve(two_processes, tmp_path, name):
+    if name in dist_worker.NEEDS:
+        pytest.importorskip(dist_worker.NEEDS[name])
     two = json.loads((two_processes / name / "metrics.json").read_text())
     one = dist_worker.run(name, tmp_path / name, "none")
     strategy = dist_worker.SCENARIOS[name][1]
-    assert two["distributed"] == {  # with FSDP only the adapter's tensors stay whole; the 2 layers are sharded
-        "strategy": strategy, "world_size": 2, "rank": 0, "backend": "gloo",
-        "kept_whole_tensors": one["optimizer"]["groups"][0]["tensors"], "sharded_layers": 2 if strategy == "fsdp" else 0}
+    assert two["distributed"] == {  # FSDP keeps the adapter's tensors whole and shards the 2 layers
+        "strategy": strategy, "world_size": 2, "rank": 0, "backend": "gloo", "sharded_layers": 2 if strategy == "fsdp" else 0,
+        "kept_whole_tensors": one["optimizer"]["groups"][0]["tensors"] + WHOLE_4BIT.get(name, 0)}
     assert one["distributed"]["strategy"] == "none"
     assert len(set(round(x, 4) for x in _losses(one))) == len(one["losses"]), "losses should move"
-    assert _losses(two) == pytest.approx(_losses(one), **TOL)
+    tol = BF16_TOL.get(name, TOL)
+    assert _losses(two) == pytest.approx(_losses(one), **tol)
     assert [h["label_tokens"] for h in two["losses"]] == [h["label_tokens"] for h in one["losses"]]
     assert [h["tokens"] for h in two["losses"]] == [h["tokens"] for h in one["losses"]]
-    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], **TOL)
+    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], **tol)
     assert two["trainable_params"] == one["trainable_params"] and two["total_params"] == one["total_params"]
     ours, theirs = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (two_processes / name, tmp_path / name))
     assert ours.keys() == theirs.keys() and all(k.startswith("base_model.model.") for k in ours)
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
+        if name in BF16_TOL:  # bf16 noise moves small gradients, and Adam's steps do not shrink with them
+            assert (ours[key] - theirs[key]).norm() <= 1e-2 * theirs[key].norm(), key
+        else:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resume_a_two_process_checkpoint_in_one_process(two_processes, tmp_path):
@@ -80,28 +93,25 @@ def test_resume_a_two_process_checkpoint_in_one_process(two_processes, tmp_path)
     assert resumed["eval_after"]["loss"] == pytest.approx(two["eval_after"]["loss"], **TOL)
 
 
-def test_qlora_fsdp_keeps_the_4bit_weights_whole_and_shards_the_rest(two_processes):
-    """FSDP2 cannot shard bitsandbytes' Params4bit (its all-gather returns a plain tensor without the
-    quantization state); kept whole on every process, QLoRA trains on 2 processes as on one."""
-    pytest.importorskip("bitsandbytes")
-    two = json.loads((two_processes / "qlora_fsdp.json").read_text())
-    one = dist_worker.qlora_run("none")
-    # embeddings, head, 5 norms + 12 LoRA tensors; 7 linear layers x 2 blocks in NF4
-    assert one["parameter_types"] == {"Parameter": 7 + 12, "Params4bit": 14}
-    # fsdp: the 4-bit weights stay Params4bit, every other base tensor is a DTensor shard, the adapters are whole
-    assert two["parameter_types"] == {"DTensor": 7, "Parameter": 12, "Params4bit": 14}
-    assert two["distributed"]["kept_whole_tensors"] == 12 + 14
-    assert two["losses"] == pytest.approx(one["losses"], **TOL)
-    assert len(set(round(x, 4) for x in one["losses"])) == 3
+def test_resume_a_one_process_checkpoint_on_two_processes(two_processes):
+    one = json.loads((two_processes / "one" / "metrics.json").read_text())
+    two = json.loads((two_processes / "resumed_on_two" / "metrics.json").read_text())
+    assert two["distributed"]["world_size"] == 2 and two["resumed_from"].endswith("one/checkpoints/step-2")
+    assert _losses(two)[:2] == _losses(one)[:2]
+    assert _losses(two)[2:] == pytest.approx(_losses(one)[2:], **TOL)
+    assert two["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], **TOL)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_one_process_group_is_exactly_the_plain_loop(tmp_path, strategy):
     plain = dist_worker.run("lora_fsdp_accum", tmp_path / "plain", "none", max_steps=2, save_every=0)
-    wrapped = dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2, save_every=0)
+    wrapped = dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2)  # saves step-2
     assert wrapped["distributed"]["strategy"] == strategy and wrapped["distributed"]["world_size"] == 1
     assert _losses(wrapped) == pytest.approx(_losses(plain), rel=1e-6, abs=1e-6)
     assert not torch.distributed.is_initialized(), "train() must close the group it opened"
+    with pytest.raises(CheckpointError, match="already at step 2"):  # a failing run closes it too
+        dist_worker.run("lora_fsdp_accum", tmp_path / strategy, strategy, max_steps=2, resume="latest")
+    assert not torch.distributed.is_initialized()
 
 
 # MoLoRA's load-balancing loss is a statistic of each micro-batch's routing, so slicing the batch moves it

@@ -173,9 +173,11 @@ class Runtime:
         return {"strategy": self.strategy, "world_size": self.world_size, "rank": self.rank, "backend": self.backend,
                 "kept_whole_tensors": self.kept_whole, "sharded_layers": self.sharded_layers}
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if this runtime started it (after a barrier unless ``wait`` is False)."""
         if self.owns_group and dist.is_initialized():
-            self.barrier()
+            if wait:
+                self.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -67,11 +67,13 @@ def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None =
     """Mean next-token loss of ``batch`` (input_ids, attention_mask, labels) without full logits."""
     labels = batch["labels"]
     captured: list[torch.Tensor] = []
+    # DDP: call the wrapper (it syncs gradients), read the decoder and the head of the model inside it
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def grab(module, args, output):
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-    handle = _decoder(model).register_forward_hook(grab)
+    handle = _decoder(inner).register_forward_hook(grab)
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         model(**inputs, use_cache=False, logits_to_keep=1)
@@ -80,10 +82,10 @@ def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None =
     if len(captured) != 1:
         raise RuntimeError(f"fused_ce: expected one decoder call per forward, saw {len(captured)}")
     hidden = captured[0][:, -labels.shape[1]:]  # prompt-tuning's virtual tokens come first; drop them
-    weight, bias = _head_tensors(model)
+    weight, bias = _head_tensors(inner)
     loss = causal_lm_loss(hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size)
-    if model.training:
-        extra = extra_loss(model)
+    if inner.training:
+        extra = extra_loss(inner)
         if extra is not None:
             loss = loss + extra.to(loss.dtype)
     return loss

@@ -275,6 +275,7 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
         state, eval_after = _train_attached(args, model, optimizer, scheduler, train_set, eval_set, collate, device,
                                             out, resume_from, fingerprint(records), on_step, runtime)
     except BaseException:
+        runtime.close(wait=False)  # no barrier: the other processes may never get there
         if attach_fn is None:
             delete_adapter(model, args.adapter_name)  # a failed run leaves the caller's model as it was given
         raise
