@@ -59,6 +59,8 @@ def train(
     save_every: int = typer.Option(0, min=0, help="Checkpoint every N steps (0: never)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or 'latest'."),
     dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
+    packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
+    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend for adapted layers."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
@@ -81,7 +83,7 @@ def train(
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_scheduler=lr_scheduler,
                      warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
-                     save_every=save_every, resume=resume, dtype=dtype)
+                     save_every=save_every, resume=resume, dtype=dtype, packing=packing, compile=compile_)
     try:
         metrics = run_train(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

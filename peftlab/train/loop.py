@@ -29,6 +29,7 @@ from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -88,6 +89,10 @@ class TrainArgs:
     """A live progress bar (only on a terminal)."""
     device: str = "auto"
     """"auto": a given model's own device, else cuda when available, else cpu."""
+    packing: bool = False
+    """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
+    compile: str | None = None
+    """A torch.compile backend ("inductor") for the adapted modules; None = eager."""
 
     def validate(self) -> None:
         known = variants()
@@ -278,6 +283,10 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad-requiring input
+    if args.packing:
+        check_packing(model)
+    if args.compile:
+        compile_adapted(model, args.compile)
     reset_peak_memory(device)
     try:
         state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
@@ -294,6 +303,8 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         if args.gradient_checkpointing and not had_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
+        if args.compile:
+            uncompile_adapted(model)
         model.train(was_training)
 
 
@@ -338,6 +349,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
                out: Path, on_step) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
+    collate = PackingCollator() if args.packing else collate
     model.train()
     with Reporter(args.max_steps, state["step"], enabled=args.progress, log_every=args.log_every) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
@@ -356,7 +368,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = sum(batch_tokens(b) for b in batches)
             state["step"], state["examples_seen"] = step, state["examples_seen"] + args.batch_size * args.grad_accum
             state["train_time_s"] += elapsed
             state["tokens"] += tokens
