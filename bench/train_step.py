@@ -16,8 +16,8 @@ forward with labels, backward, fused AdamW step, ``zero_grad(set_to_none=True)``
 median over ``--steps`` steps after ``--warmup`` steps.
 
 Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``peftlab_ref`` (the
-plain-torch reference path, ``PEFTLAB_FAST=0``), ``peft``, ``peft_liger`` and ``unsloth`` (see
-``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
+plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_liger`` (peftlab's adapters on a model
+patched by Liger's kernels), ``peft``, ``peft_liger`` and ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
 short by a time limit still leaves its finished configurations.
 
@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 
-IMPLS = ("peftlab", "peftlab_ref", "peft", "peft_liger", "unsloth")
+IMPLS = ("peftlab", "peftlab_ref", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -160,7 +160,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
                                                    args.seq, start_peak)
         return model, {"unsloth": version}
     versions = {}
-    if args.impl == "peft_liger":
+    if args.impl.endswith("_liger"):
         from importlib.metadata import version
 
         competitors.apply_liger()
@@ -168,7 +168,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     method = method_entry(args.method)
     model = build_model(args.shape, args.device)
     start_peak()
-    if args.impl in ("peftlab", "peftlab_ref"):
+    if args.impl.startswith("peftlab"):
         import peftlab
         from peftlab.ops import fast
 
@@ -332,7 +332,7 @@ def worker_env(args, impl: str) -> dict[str, str]:
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
     if impl == "peftlab_ref":
         env["PEFTLAB_FAST"] = "0"
-    elif impl == "peftlab":
+    elif impl.startswith("peftlab"):
         env.pop("PEFTLAB_FAST", None)  # the library's default
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env

@@ -202,3 +202,14 @@ def test_cuda_default_and_dora_peak_memory(monkeypatch):
         return torch.cuda.max_memory_allocated() - start
 
     assert peak("1") < 0.9 * peak("0")
+
+
+def test_dora_norm_native_gemm():
+    """The fast path's row norm (W0 A^T in W0's bf16, no fp32 copy of W0) against the dense fp32 norm."""
+    from peftlab.methods.dora import dora_row_norm
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    a, b = torch.randn(4, 96, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1
+    dense = (w.float() + 0.7 * b @ a).norm(dim=1)
+    torch.testing.assert_close(dora_row_norm(w, a, b, 0.7, native_gemm=True), dense, atol=1e-3, rtol=2e-3)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 14: peftlab vs HF PEFT vs PEFT + Liger vs Unsloth, LoRA and DoRA (Unsloth runs nothing else).
+# Issue 14: peftlab (alone and on a Liger-patched model) vs HF PEFT vs PEFT + Liger vs Unsloth, LoRA and DoRA
+# (Unsloth runs nothing else).
 #   bench/gpu/speed_unsloth.sh [1b|8b]     (1b: ~300-400 s; 8b: ~450-520 s, B2 x 1024)
 # Needs Unsloth's site folder carried in the repo root as .unsloth_site (built here with
 # /work/shared/anchors/unsloth_site.sh .unsloth_site; ~55 MiB); UNSLOTH_SITE overrides the path.
@@ -16,7 +17,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 ls "$SITE" > /dev/null || echo "no Unsloth site folder at $SITE: the unsloth rows will be skipped"
 if [ "$SHAPE" = 1b ]; then BUDGET=380; PRIME=1; PER=120; else BUDGET=500; PRIME=0; PER=200; fi
 timeout "$BUDGET" python3 bench/train_step.py --shape "$SHAPE" --methods lora,dora \
-  --impls peftlab,peft,peft_liger,unsloth --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \
+  --impls peftlab,peftlab_liger,peft,peft_liger,unsloth --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \
   --prime "$PRIME" --timeout "$PER" --out "$OUT/speed_unsloth_$SHAPE.json" > "$OUT/speed_unsloth_$SHAPE.log" 2>&1 \
   || echo "comparison stopped early (see the log)"
 if [ "$SHAPE" = 1b ]; then
