@@ -26,6 +26,7 @@ methods (``LoraLayer.delta``, ``DoraLayer.adapt``) stay the reference; tests com
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -64,6 +65,14 @@ def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
     """The dtype an adapter's activation maths runs in: the activation's on the fast path (bf16 GEMMs
     on a bf16 model, no fp32 copies of activations kept for backward), else the adapter's own."""
     return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off inside a fused node (its operands are already in the compute dtype); entering a
+    context costs host time on every module, so only when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +166,7 @@ class _DoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
-    with torch.autocast(x.device.type, enabled=False):  # operands are already in the compute dtype
+    with _no_autocast(x):
         return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
 
 
@@ -178,5 +187,5 @@ def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | N
                 b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
     """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
     share = os.environ.get("PEFTLAB_DORA_SHARE_OUTPUT", "") == "1"
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x):
         return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)
