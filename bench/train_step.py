@@ -24,8 +24,8 @@ short by a time limit still leaves its finished configurations.
 Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
 that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
-same settings by construction. Where PEFT lacks the method or one of its options, the method is
-skipped with the reason printed and stored in the results.
+same settings by construction. Where PEFT lacks the method or one of its options, its PEFT-based
+implementations are skipped with the reason printed and stored in the results; peftlab's still run.
 """
 from __future__ import annotations
 
@@ -100,10 +100,12 @@ class Method:
     peft: Callable[[Any], Any] | None = peft_from_peftlab
     targets: tuple[str, ...] = tuple(ALL_LINEAR)
 
-    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft")) -> list[str]:
+    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft"), peft_ok: bool = True) -> list[str]:
+        """The implementations of ``impls`` that can run this method (PEFT-based ones only if ``peft_ok``)."""
         if self.peftlab is None:
             return ["torch"]
-        return [i for i in impls if i != "unsloth" or name in competitors.UNSLOTH_METHODS]
+        return [i for i in impls if (i != "unsloth" or name in competitors.UNSLOTH_METHODS)
+                and (peft_ok or not i.startswith("peft_") and i != "peft")]
 
 
 def _lora(**extra):
@@ -287,12 +289,11 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def schedule(methods: list[str], repeats: int, impls: tuple[str, ...] = ("peftlab", "peft")) -> list[tuple[str, str]]:
-    """Run order: within a repeat, the implementations of each method alternate in order (forwards,
-    backwards); every other repeat runs the whole sequence backwards."""
+def schedule(plan: dict[str, list[str]], repeats: int) -> list[tuple[str, str]]:
+    """Run order of ``plan`` (method -> implementations): within a repeat, the implementations of each
+    method alternate in order (forwards, backwards); every other repeat runs the whole sequence backwards."""
     base: list[tuple[str, str]] = []
-    for i, name in enumerate(methods):
-        here = method_entry(name).implementations(name, impls)
+    for i, (name, here) in enumerate(plan.items()):
         base += [(name, impl) for impl in (here if i % 2 == 0 else here[::-1])]
     order: list[tuple[str, str]] = []
     for k in range(repeats):
@@ -301,7 +302,8 @@ def schedule(methods: list[str], repeats: int, impls: tuple[str, ...] = ("peftla
 
 
 def check_mappings(methods: list[str], r: int, impls: tuple[str, ...]) -> dict[str, str]:
-    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess)."""
+    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess);
+    their peftlab implementations still run."""
     skipped = {}
     if not any(i.startswith("peft") and not i.startswith("peftlab") for i in impls):
         return skipped
@@ -392,8 +394,8 @@ def run_driver(args) -> Path:
     for name, reason in {**skipped, **skipped_impls}.items():
         print(f"skip {name}: {reason}", flush=True)
     impls = tuple(i for i in impls if i not in skipped_impls)
-    runnable = [m for m in methods if m not in skipped]
-    order = schedule(runnable, args.repeats, impls)
+    plan = {m: method_entry(m).implementations(m, impls, peft_ok=m not in skipped) for m in methods}
+    order = schedule(plan, args.repeats)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     log: list[dict[str, Any]] = []
     env = environment(args.device)
@@ -413,8 +415,9 @@ def run_driver(args) -> Path:
             "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
             "run_order": [f"{m}/{i}" for m, i in order],
             "configs": [summarise(m, i, results.get((m, i), []), args)
-                        for m in runnable for i in method_entry(m).implementations(m, impls)],
-            "skipped": {**skipped, **{f"impl {k}": v for k, v in skipped_impls.items()}},
+                        for m, here in plan.items() for i in here],
+            "skipped": {**{f"{k} (PEFT side)": v for k, v in skipped.items()},
+                        **{f"impl {k}": v for k, v in skipped_impls.items()}},
             "runs": log,
         }
 
