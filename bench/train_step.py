@@ -533,6 +533,14 @@ def write_readme(readme: Path, results: Path, table: str) -> None:
     readme.write_text(text)
 
 
+def table_command(results: str, readme: str | None, render: Callable[[dict[str, Any]], str]) -> None:
+    """``--table``: print the markdown table of a results file; with ``--readme`` also write it there."""
+    table = render(json.loads(Path(results).read_text()))
+    print(table)
+    if readme:
+        write_readme(Path(readme), Path(results), table)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -574,10 +582,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        table = markdown_table(json.loads(Path(args.table).read_text()))
-        print(table)
-        if args.readme:
-            write_readme(Path(args.readme), Path(args.table), table)
+        table_command(args.table, args.readme, markdown_table)
     elif args.worker:
         print(json.dumps(run_worker(args)), flush=True)
     else:

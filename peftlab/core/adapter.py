@@ -13,6 +13,7 @@ where ``t_i`` are the input transforms of adapters that rotate the input (OFT-li
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -28,8 +29,51 @@ class AdapterError(RuntimeError):
     """An operation on adapters that cannot be carried out (names the adapter and the reason)."""
 
 
+class WeightCodec:
+    """How to read and write a quantized base weight (bitsandbytes' 4-bit / 8-bit linears).
+
+    ``handles(module)`` says whether it applies; ``dense(module)`` is the weight as a dense (out, in)
+    tensor; ``store(module, value)`` quantizes ``value`` (out, in) back into the module. peftlab.quant
+    registers one; core never imports bitsandbytes.
+    """
+
+    def handles(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def store(self, module: nn.Module, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+_WEIGHT_CODECS: list[WeightCodec] = []
+# packages whose weight tensors have a codec in peftlab, imported when such a weight is first seen
+_CODEC_MODULES = {"bitsandbytes": "peftlab.quant.bnb"}
+
+
+def register_weight_codec(codec: WeightCodec) -> None:
+    if not any(type(c) is type(codec) for c in _WEIGHT_CODECS):
+        _WEIGHT_CODECS.append(codec)
+
+
+def weight_codec(module: nn.Module) -> WeightCodec | None:
+    """The codec for ``module``'s quantized weight, or None for a plain float weight."""
+    weight = getattr(module, "weight", None)
+    package = type(weight).__module__.split(".")[0] if weight is not None else ""
+    if package in _CODEC_MODULES:
+        import importlib
+
+        importlib.import_module(_CODEC_MODULES[package])
+    return next((c for c in _WEIGHT_CODECS if c.handles(module)), None)
+
+
 class BaseView:
-    """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in)."""
+    """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in).
+
+    A quantized base (``codec`` set) is read through ``weight_oi()`` (dequantized) and written through
+    ``set_weight_oi`` (re-quantized): methods never see the packed storage.
+    """
 
     def __init__(self, module: nn.Module):
         if isinstance(module, nn.Embedding):
@@ -44,6 +88,7 @@ class BaseView:
         else:
             raise AdapterError(f"cannot wrap {type(module).__name__}: supported are nn.Linear, Conv1D, nn.Embedding")
         self.module = module
+        self.codec = weight_codec(module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -51,11 +96,21 @@ class BaseView:
         return self.module.weight
 
     def weight_oi(self) -> torch.Tensor:
-        """The weight as (out_features, in_features), a view when transposed."""
+        """The weight as (out_features, in_features), a view when transposed (a dequantized copy when quantized)."""
+        if self.codec is not None:
+            return self.codec.dense(self.module)
         w = self.module.weight
         return w.t() if self.transposed else w
 
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype adapters on this module train in: float32 over half-precision or quantized weights."""
+        dtype = self.module.weight.dtype
+        return torch.float32 if self.codec is not None or dtype in (torch.float16, torch.bfloat16) else dtype
+
     def set_weight_oi(self, value: torch.Tensor) -> None:
+        if self.codec is not None:
+            self.codec.store(self.module, value)
+            return
         w = self.module.weight
         w.data.copy_((value.t() if self.transposed else value).to(w.dtype))
 
@@ -68,13 +123,63 @@ class BaseView:
         return nn.functional.linear(x, weight_oi.to(x.dtype))
 
 
+@dataclass
+class ServingForm:
+    """One adapter on one linear layer, in the form the serving engine batches across adapters:
+
+        y = out_scale ⊙ (W0 (in_scale ⊙ x)) + bias_scale ⊙ b0 + up_scale ⊙ (up (mid_scale ⊙ (down x)))
+
+    Every field is optional (None = identity / absent); ``bias_scale`` is ``out_scale`` when
+    ``scale_bias`` is set, else 1. LoRA: down = A, up = s B. DoRA: additionally out_scale = m / ||W0 + s B A||
+    (folded into ``up`` too). IA3: out_scale (and scale_bias) or in_scale. VeRA: down/up are the frozen shared
+    projections (``shared_projection`` says so, so the engine may store them once for many adapters),
+    mid_scale = lambda_d, up_scale = lambda_b.
+    """
+
+    down: torch.Tensor | None = None  # (r, in)
+    up: torch.Tensor | None = None  # (out, r)
+    mid_scale: torch.Tensor | None = None  # (r,)
+    up_scale: torch.Tensor | None = None  # (out,)
+    out_scale: torch.Tensor | None = None  # (out,)
+    in_scale: torch.Tensor | None = None  # (in,)
+    scale_bias: bool = False
+    shared_projection: bool = False
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    def apply(self, x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The adapted output for input ``x`` (..., in): the dense reference of the batched kernels."""
+        xin = x if self.in_scale is None else x * self.in_scale
+        y = nn.functional.linear(xin, weight_oi)
+        if self.out_scale is not None:
+            y = y * self.out_scale
+        if bias is not None:
+            y = y + (bias * self.out_scale if self.scale_bias and self.out_scale is not None else bias)
+        if self.down is not None:
+            z = nn.functional.linear(x, self.down)
+            if self.mid_scale is not None:
+                z = z * self.mid_scale
+            low = nn.functional.linear(z, self.up)
+            y = y + (low if self.up_scale is None else low * self.up_scale)
+        return y
+
+    def to(self, *args: Any, **kwargs: Any) -> "ServingForm":
+        moved = {k: (v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return ServingForm(**moved)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
+
+
 class AdapterLayer(nn.Module):
     """One adapter on one base module. Subclasses set flags and implement the maths.
 
     Flags (capabilities, read by core):
       mergeable          the update can be folded into the base weight (merge/unmerge/export)
       identity_at_init   the adapted module equals the base module right after init
-      batched_serving    the serving engine has a batched kernel for it
+      batched_serving    the serving engine has a batched kernel for it (``serving_form`` returns one)
       transforms_input   ``transform_input`` rewrites the input before the base layer
       supported_kinds    base-module kinds it can wrap ("linear", "embedding")
     """
@@ -116,6 +221,12 @@ class AdapterLayer(nn.Module):
         """The weight update as (out_features, in_features), for mergeable methods."""
         raise NotImplementedError
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """(A (r, in), B (out, r), scaling) when the whole effect is the additive update ``scaling * B @ A``
+        (in the (out, in) orientation of ``delta_weight``), as live tensors; None for any other form.
+        Factor-wise combination (``peftlab.combine``) and rank-padded hot-swap read it."""
+        return None
+
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         """The merged weight (out, in) from the current one. Default: additive update."""
         return weight_oi + self.delta_weight().to(weight_oi.dtype)
@@ -144,6 +255,11 @@ class AdapterLayer(nn.Module):
         Loading copies checkpoint values into these very tensors, so return parameters or buffers.
         """
         return dict(self.named_parameters())
+
+    def serving_form(self, base: BaseView) -> ServingForm | None:
+        """This adapter in the batched serving form, or None when it has none (the engine then serves a
+        mergeable method as a LoRA of its update, see ``peftlab.lowrank``)."""
+        return None
 
     def on_step_end(self, step: int) -> None:
         """Called by trainers after each optimizer step (rank schedules etc.)."""

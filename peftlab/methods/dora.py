@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, BaseView
+from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.methods.lora import LoraConfig, LoraLayer
 from peftlab.ops import fast
 
@@ -80,6 +80,13 @@ class DoraLayer(LoraLayer):
         return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
                                 self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
 
+    def serving_form(self, base: BaseView) -> ServingForm:
+        """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector.detach().float() / self.weight_norm(base)
+            return ServingForm(down=self.A.detach(), up=self.B.detach().float() * (self.scaling * scale)[:, None],
+                               out_scale=scale)
+
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         combined = weight_oi + self.delta_weight().to(weight_oi.dtype)
         norm = combined.norm(dim=1)
@@ -95,3 +102,6 @@ class DoraLayer(LoraLayer):
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "lora_magnitude_vector": "B"}
+
+    def low_rank_factors(self) -> None:
+        return None  # the magnitude rescales the whole weight: not an additive B A update

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
+from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
 from peftlab.ops import fast
@@ -63,6 +63,8 @@ class IA3Config(AdapterConfig):
 class IA3Layer(AdapterLayer):
     """One (IA)^3 vector; ``transforms_input`` is set per layer (feedforward targets scale the input)."""
 
+    batched_serving = True
+
     def __init__(self, base: BaseView, config: IA3Config, module_name: str):
         super().__init__(base, config, module_name)
         self.transforms_input = config.is_feedforward(module_name)
@@ -82,6 +84,10 @@ class IA3Layer(AdapterLayer):
             return out
         dtype = fast.compute_dtype(out, self.ia3_l)
         return (out.to(dtype) * self.scale.to(dtype)).to(out.dtype)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        scale = self.scale.detach()
+        return ServingForm(in_scale=scale) if self.transforms_input else ServingForm(out_scale=scale, scale_bias=True)
 
     def delta_weight(self) -> torch.Tensor:
         raise AdapterError(f"IA3 on {self.module_name!r} rescales the base weight; it has no additive delta_weight")

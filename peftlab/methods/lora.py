@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
 from peftlab.ops import fast
@@ -96,6 +96,7 @@ class _UpcastLinear(torch.autograd.Function):
 
 class LoraLayer(AdapterLayer):
     supported_kinds = frozenset({"linear", "embedding"})
+    batched_serving = True  # linear targets; an embedding LoRA has no serving form
 
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         super().__init__(base, config, module_name)
@@ -185,6 +186,14 @@ class LoraLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling
+
+    def low_rank_factors(self):
+        return self.A, self.B, self.scaling
+
+    def serving_form(self, base: BaseView) -> ServingForm | None:
+        if self.is_embedding:
+            return None
+        return ServingForm(down=self.A.detach(), up=self.B.detach() * self.scaling)
 
     def param_roles(self) -> dict[str, str]:
         if self.is_embedding:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
 from peftlab.ops import fast
@@ -77,6 +77,8 @@ class VeraProjections(SharedTensors):
 
 
 class VeraLayer(AdapterLayer):
+    batched_serving = True
+
     def __init__(self, base: BaseView, config: VeraConfig, module_name: str, shared: VeraProjections):
         super().__init__(base, config, module_name)
         self.shared = shared
@@ -100,6 +102,11 @@ class VeraLayer(AdapterLayer):
         a, b = self._projections()
         a, b = self.vera_lambda_d[:, None] * a.to(x.device), self.vera_lambda_b[:, None] * b.to(x.device)
         return fast.lowrank(x, base, a, b, 1.0, self.dropout)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        a, b = self._projections()
+        return ServingForm(down=a, up=b, mid_scale=self.vera_lambda_d.detach(), up_scale=self.vera_lambda_b.detach(),
+                           shared_projection=True)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self._projections()

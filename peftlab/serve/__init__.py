@@ -1,0 +1,1 @@
+"""``peftlab serve``: one base model, many adapters of mixed methods in one batch, an OpenAI-compatible API."""

@@ -1,0 +1,120 @@
+"""Batched adapter maths over a per-token adapter index (slot; -1 = base model).
+
+Pure functions over slot tensors: every adapter in a GPU slot ``s`` owns row ``s`` of each table, and
+each table has one extra identity row at the end, so that a gather with slot -1 (the base model)
+reads identity values (ones for scales, zeros for low-rank factors) without a branch.
+
+    LoRA / DoRA     y += B[s] (A[s] x)                 A: (S+1, R, in), B: (S+1, out, R); mixed ranks
+                                                        are zero-padded to R (s folded into B)
+    DoRA, IA3 out   y = out_scale[s] ⊙ (W0 x) + ...    per-slot magnitude / activation scaling
+    IA3 ff          x' = in_scale[s] ⊙ x
+    VeRA            y += up_scale[s] ⊙ (P_B[p] (mid[s] ⊙ (P_A[p] x)))   p = the slot's shared projection
+
+The low-rank products are grouped by slot (tokens sorted by slot into segments, one matmul per
+segment): ``lowrank_torch`` is the plain-torch reference; ``lowrank_triton`` does the same in one
+kernel launch per shrink and expand (``peftlab.serve.kernels``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Tokens grouped by slot: ``order[starts[g]:starts[g+1]]`` are the token rows of slot ``slots[g]``.
+
+    Base-model tokens (slot -1) belong to no segment. The CPU lists drive the torch path and the
+    kernel's grid; the device tensors are what the kernel reads.
+    """
+
+    order: torch.Tensor  # (n,) int64 token rows sorted by slot
+    starts: torch.Tensor  # (G+1,) int32
+    slots: torch.Tensor  # (G,) int32
+    starts_cpu: tuple[int, ...]
+    slots_cpu: tuple[int, ...]
+    max_len: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots_cpu
+
+
+def group_by_slot(token_slots: list[int] | torch.Tensor, device: torch.device | str = "cpu") -> Segments:
+    """Segments of the tokens of each adapter slot, from the per-token slot index (computed once per step)."""
+    slots_list = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots)
+    rows: dict[int, list[int]] = {}
+    for i, s in enumerate(slots_list):
+        if s >= 0:
+            rows.setdefault(s, []).append(i)
+    order: list[int] = []
+    starts = [0]
+    for s in sorted(rows):
+        order.extend(rows[s])
+        starts.append(len(order))
+    ordered_slots = tuple(sorted(rows))
+    max_len = max((len(v) for v in rows.values()), default=0)
+    return Segments(
+        order=torch.tensor(order, dtype=torch.int64, device=device),
+        starts=torch.tensor(starts, dtype=torch.int32, device=device),
+        slots=torch.tensor(ordered_slots, dtype=torch.int32, device=device),
+        starts_cpu=tuple(starts), slots_cpu=ordered_slots, max_len=max_len,
+    )
+
+
+def lowrank_torch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,
+                  ranks: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] += up[s] @ (down[s] @ x[t])`` for every token t of slot s; ``x`` (T, in), down (S+1, R, in),
+    up (S+1, out, R). ``ranks[s]`` (optional) cuts slot s to its own rank, skipping the zero padding."""
+    if out is None:
+        out = x.new_zeros(x.shape[0], up.shape[1])
+    for g, slot in enumerate(seg.slots_cpu):
+        idx = seg.order[seg.starts_cpu[g]:seg.starts_cpu[g + 1]]
+        r = down.shape[1] if ranks is None else ranks[slot]
+        if r == 0:
+            continue
+        z = F.linear(x.index_select(0, idx), down[slot, :r])
+        out.index_add_(0, idx, F.linear(z, up[slot, :, :r]).to(out.dtype))
+    return out
+
+
+def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as ``lowrank_torch`` (padded ranks included): one shrink and one expand launch."""
+    from peftlab.serve.kernels import grouped_matmul
+
+    if out is None:
+        out = x.new_zeros(x.shape[0], up.shape[1])
+    if seg.empty:
+        return out
+    z = torch.zeros(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)
+    # shrink: long K (in), N = rank; expand: K = rank, long N (out)
+    grouped_matmul(x.contiguous(), down, z, seg, accumulate=False, block_n=16, block_k=64)
+    grouped_matmul(z, up, out, seg, accumulate=True, block_n=64, block_k=16)
+    return out
+
+
+def gather_rows(table: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """(T, n) per-token rows of a (S+1, n) slot table; slot -1 reads the identity row at the end."""
+    return table.index_select(0, torch.where(token_slots < 0, token_slots + table.shape[0], token_slots))
+
+
+def scaled_lowrank_grouped(x: torch.Tensor, proj_down: torch.Tensor, proj_up: torch.Tensor, proj_of_slot: list[int],
+                           mid: torch.Tensor, up_scale: torch.Tensor, seg: Segments,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """VeRA for the slots in ``seg``: ``out[t] += up_scale[s] ⊙ (P_B[p] (mid[s] ⊙ (P_A[p] x[t])))``, p = proj_of_slot[s].
+
+    proj_down (P, R, in), proj_up (P, out, R), mid (S+1, R), up_scale (S+1, out); a slot with p < 0 is skipped.
+    """
+    if out is None:
+        out = x.new_zeros(x.shape[0], proj_up.shape[1])
+    for g, slot in enumerate(seg.slots_cpu):
+        p = proj_of_slot[slot]
+        if p < 0:
+            continue
+        idx = seg.order[seg.starts_cpu[g]:seg.starts_cpu[g + 1]]
+        z = F.linear(x.index_select(0, idx), proj_down[p]) * mid[slot]
+        out.index_add_(0, idx, (F.linear(z, proj_up[p]) * up_scale[slot]).to(out.dtype))
+    return out

@@ -1,0 +1,141 @@
+"""One forward pass over a ragged batch: new tokens of many sequences, flattened without padding.
+
+Works on transformers' Llama-family decoders (Llama, Mistral without sliding window, Qwen2/3, SmolLM):
+it calls the model's own modules (embedding, norms, q/k/v/o projections, MLP, rotary embedding, head) and
+replaces only the attention's cache handling by the paged cache. A chunk is a sequence's new tokens
+(a whole prompt at prefill, one token at decode); prefill and decode chunks share the pass, so every
+linear layer sees all of them at once (and the per-token adapter slots with them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.serve.kv import PagedKVCache
+
+
+class UnsupportedModel(ValueError):
+    """The model is not a Llama-family decoder the serving forward can run."""
+
+
+@dataclass
+class Chunk:
+    seq_id: int
+    tokens: list[int]
+    start: int  # tokens already in the cache for this sequence
+
+
+def decoder_parts(model: nn.Module):
+    """(embed, layers, final norm, rotary, head) of a Llama-family causal LM, or UnsupportedModel."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    needed = ("embed_tokens", "norm", "rotary_emb")
+    if layers is None or any(not hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        raise UnsupportedModel(f"{type(model).__name__}: serving supports Llama-family decoders "
+                               "(model.model.layers with self_attn.q/k/v/o_proj, rotary_emb, lm_head)")
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            raise UnsupportedModel(f"{type(model).__name__}: a decoder layer lacks self_attn.q/k/v/o_proj")
+    if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
+        if any(t == "sliding_attention" for t in getattr(model.config, "layer_types", []) or []):
+            raise UnsupportedModel(f"{type(model).__name__}: sliding-window attention is not supported by serve")
+    return inner.embed_tokens, layers, inner.norm, inner.rotary_emb, model.lm_head
+
+
+@dataclass
+class _Plan:
+    """Index tensors of one step, shared by all layers."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    write_rows: torch.Tensor
+    decode_rows: torch.Tensor | None  # flat token rows of the decode chunks
+    decode_kv: torch.Tensor | None  # (B, Lmax) pool rows of their contexts
+    decode_mask: torch.Tensor | None  # (B, 1, 1, Lmax) True = attend
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n new, pool rows of context+new, start)
+    last_rows: torch.Tensor  # flat row of each chunk's last token
+
+
+def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
+    ids, pos, write, last = [], [], [], []
+    dec_rows, dec_kv, prefills = [], [], []
+    flat = 0
+    for c in chunks:
+        n = len(c.tokens)
+        ids += c.tokens
+        pos += range(c.start, c.start + n)
+        write += cache.slots(c.seq_id, c.start, c.start + n)
+        rows = cache.slots(c.seq_id, 0, c.start + n)
+        if n == 1:
+            dec_rows.append(flat)
+            dec_kv.append(rows)
+        else:
+            prefills.append((flat, n, torch.tensor(rows, device=device), c.start))
+        flat += n
+        last.append(flat - 1)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    decode_kv = decode_mask = None
+    if dec_kv:
+        width = max(len(r) for r in dec_kv)
+        decode_kv = t([r + [0] * (width - len(r)) for r in dec_kv])
+        decode_mask = t([[1] * len(r) + [0] * (width - len(r)) for r in dec_kv]).bool()[:, None, None, :]
+    return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last))
+
+
+def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float) -> torch.Tensor:
+    """q (T, heads, D) -> (T, heads, D) over each token's own sequence in the cache (already written)."""
+    out = torch.empty_like(q)
+    if plan.decode_rows is not None:
+        k, v = cache.gather(layer_idx, plan.decode_kv)  # (B, L, kv_heads, D)
+        qd = q[plan.decode_rows][:, :, None, :]  # (B, heads, 1, D)
+        o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,
+                                           scale=scale, enable_gqa=True)
+        out[plan.decode_rows] = o[:, :, 0, :]
+    for flat, n, rows, start in plan.prefills:
+        k, v = cache.gather(layer_idx, rows)  # (L, kv_heads, D)
+        qp = q[flat:flat + n].transpose(0, 1)[None]
+        kp, vp = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if start == 0:
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # new tokens after a cached prefix: token i sees positions <= start + i
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(start)
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[flat:flat + n] = o[0].transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+def ragged_forward(model: nn.Module, cache: PagedKVCache, chunks: list[Chunk]) -> torch.Tensor:
+    """Logits (len(chunks), vocab) at the last new token of each chunk; writes the chunks' k, v into the cache."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    embed, layers, norm, rotary, head = decoder_parts(model)
+    device = embed.weight.device
+    plan = _plan(chunks, cache, device)
+    h = embed(plan.ids[None])
+    cos, sin = rotary(h, plan.positions[None])
+    T = plan.ids.shape[0]
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        d = attn.head_dim
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, T, -1, d)
+        k = attn.k_proj(x).view(1, T, -1, d)
+        v = attn.v_proj(x).view(1, T, -1, d)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]
+        cache.write(i, plan.write_rows, k, v)
+        o = _attention(q, cache, i, plan, getattr(attn, "scaling", d ** -0.5))
+        h = h + attn.o_proj(o.reshape(1, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = norm(h)[0].index_select(0, plan.last_rows)
+    return head(h).float()

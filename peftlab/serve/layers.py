@@ -1,0 +1,194 @@
+"""The serving model's linear layers: each holds its adapters in slot tables and reads, at every
+forward, the per-token slot index of the current step (``StepContext``), so one forward pass runs
+tokens of many adapters (and of the base model) together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.adapter import ServingForm
+from peftlab.serve.batched import Segments, gather_rows, group_by_slot, lowrank_torch, lowrank_triton, \
+    scaled_lowrank_grouped
+
+
+@dataclass
+class StepContext:
+    """What the engine sets before each forward: per-token slots (device), their segments, the slots present."""
+
+    token_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    seg: Segments = field(default_factory=lambda: group_by_slot([]))
+    present: frozenset = frozenset()
+
+    def set(self, slots: list[int], device: torch.device | str) -> None:
+        self.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.seg = group_by_slot(slots, device)
+        self.present = frozenset(self.seg.slots_cpu)
+
+
+def _grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``table`` zero-padded along ``dim`` to ``size``."""
+    shape = list(table.shape)
+    shape[dim] = size
+    new = table.new_zeros(shape)
+    new.narrow(dim, 0, table.shape[dim]).copy_(table)
+    return new
+
+
+class BatchedLinear(nn.Module):
+    """A base ``nn.Linear`` plus ``capacity`` adapter slots; see ``peftlab.serve.batched`` for the maths."""
+
+    def __init__(self, base: nn.Linear, name: str, capacity: int, context: StepContext, use_triton: bool = False,
+                 initial_rank: int = 16):
+        super().__init__()
+        self.base, self.name, self.capacity, self.context = base, name, capacity, context
+        self.use_triton = use_triton
+        self.in_features, self.out_features = base.in_features, base.out_features
+        w = base.weight
+        self.dtype, self.device = w.dtype, w.device
+        rows = capacity + 1  # + the identity row read by base-model tokens
+        self.down = torch.zeros(rows, initial_rank, self.in_features, dtype=self.dtype, device=self.device)
+        self.up = torch.zeros(rows, self.out_features, initial_rank, dtype=self.dtype, device=self.device)
+        self.ranks = [0] * rows
+        self.out_scale: torch.Tensor | None = None  # (rows, out), allocated on first use
+        self.bias_scale: torch.Tensor | None = None
+        self.in_scale: torch.Tensor | None = None
+        # VeRA: shared projections stored once per distinct value, per-slot vectors
+        self.proj_down: list[torch.Tensor] = []
+        self.proj_up: list[torch.Tensor] = []
+        self.proj_users: list[int] = []
+        self.proj_down_t: torch.Tensor | None = None  # (P, R, in) stacked, zero-padded to the widest rank
+        self.proj_up_t: torch.Tensor | None = None  # (P, out, R)
+        self.proj_of_slot = [-1] * rows
+        self.mid: torch.Tensor | None = None
+        self.vup: torch.Tensor | None = None
+        self.lora_slots: set[int] = set()
+        self.out_slots: set[int] = set()
+        self.in_slots: set[int] = set()
+        self.vera_slots: set[int] = set()
+
+    # -- slots ---------------------------------------------------------------------------------
+    def _ones(self, n: int) -> torch.Tensor:
+        return torch.ones(self.capacity + 1, n, dtype=self.dtype, device=self.device)
+
+    def set_slot(self, slot: int, form: ServingForm | None) -> None:
+        """Put an adapter's form into ``slot`` (None: this adapter does not touch this layer)."""
+        self.clear_slot(slot)
+        if form is None:
+            return
+        form = form.to(device=self.device, dtype=self.dtype)
+        if form.in_scale is not None:
+            self.in_scale = self._ones(self.in_features) if self.in_scale is None else self.in_scale
+            self.in_scale[slot] = form.in_scale
+            self.in_slots.add(slot)
+        if form.out_scale is not None:
+            self.out_scale = self._ones(self.out_features) if self.out_scale is None else self.out_scale
+            self.out_scale[slot] = form.out_scale
+            if self.base.bias is not None:
+                self.bias_scale = self._ones(self.out_features) if self.bias_scale is None else self.bias_scale
+                self.bias_scale[slot] = form.out_scale if form.scale_bias else 1
+            self.out_slots.add(slot)
+        if form.down is None:
+            return
+        if form.shared_projection or form.mid_scale is not None or form.up_scale is not None:
+            self._set_vera(slot, form)
+            return
+        r = form.rank
+        if r > self.down.shape[1]:
+            self.down, self.up = _grown(self.down, 1, r), _grown(self.up, 2, r)
+        self.down[slot, :r] = form.down
+        self.up[slot, :, :r] = form.up
+        self.ranks[slot] = r
+        self.lora_slots.add(slot)
+
+    def _set_vera(self, slot: int, form: ServingForm) -> None:
+        r = form.rank
+        mid = form.mid_scale if form.mid_scale is not None else torch.ones(r, dtype=self.dtype, device=self.device)
+        vup = form.up_scale if form.up_scale is not None else self._ones(self.out_features)[0]
+        p = next((i for i, (d, u) in enumerate(zip(self.proj_down, self.proj_up))
+                  if self.proj_users[i] > 0 and d.shape[0] == r and torch.equal(d, form.down) and torch.equal(u, form.up)),
+                 -1)
+        if p < 0:
+            p = self.proj_users.index(0) if 0 in self.proj_users else len(self.proj_users)
+            if p == len(self.proj_users):
+                self.proj_down.append(form.down.contiguous())
+                self.proj_up.append(form.up.contiguous())
+                self.proj_users.append(0)
+            else:
+                self.proj_down[p], self.proj_up[p] = form.down.contiguous(), form.up.contiguous()
+        self.proj_users[p] += 1
+        self.proj_of_slot[slot] = p
+        width = max(r, 0 if self.mid is None else self.mid.shape[1])
+        if self.mid is None:
+            self.mid = torch.zeros(self.capacity + 1, width, dtype=self.dtype, device=self.device)
+            self.vup = self._ones(self.out_features)
+        elif width > self.mid.shape[1]:
+            self.mid = _grown(self.mid, 1, width)
+        self.mid[slot].zero_()
+        self.mid[slot, :r] = mid
+        self.vup[slot] = vup
+        self.vera_slots.add(slot)
+        self.proj_down_t = torch.stack([F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
+        self.proj_up_t = torch.stack([F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.lora_slots:
+            self.down[slot].zero_()
+            self.up[slot].zero_()
+            self.ranks[slot] = 0
+        for table in (self.out_scale, self.bias_scale, self.in_scale):
+            if table is not None:
+                table[slot] = 1
+        p = self.proj_of_slot[slot]
+        if p >= 0:
+            self.proj_users[p] -= 1
+            self.proj_of_slot[slot] = -1
+        for used in (self.lora_slots, self.out_slots, self.in_slots, self.vera_slots):
+            used.discard(slot)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        present = ctx.present
+        if not present or not (present & (self.lora_slots | self.out_slots | self.in_slots | self.vera_slots)):
+            return self.base(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        slots = ctx.token_slots
+        if present & self.in_slots:
+            x2 = x2 * gather_rows(self.in_scale, slots)
+        if present & self.out_slots:
+            y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, slots)
+            if self.base.bias is not None:
+                y = y + self.base.bias * gather_rows(self.bias_scale, slots)
+        else:
+            y = self.base(x2)
+        if present & self.lora_slots:
+            if self.use_triton:
+                lowrank_triton(x.reshape(-1, self.in_features), self.down, self.up, ctx.seg, out=y)
+            else:
+                lowrank_torch(x.reshape(-1, self.in_features), self.down, self.up, ctx.seg, self.ranks, out=y)
+        if present & self.vera_slots:
+            scaled_lowrank_grouped(x.reshape(-1, self.in_features), self.proj_down_t, self.proj_up_t,
+                                   self.proj_of_slot, self.mid, self.vup, ctx.seg, out=y)
+        return y.reshape(*lead, self.out_features)
+
+
+def install(model: nn.Module, capacity: int, use_triton: bool = False,
+            skip: frozenset[str] | None = None) -> tuple[StepContext, dict[str, BatchedLinear]]:
+    """Replace every ``nn.Linear`` of ``model`` except the output head by a ``BatchedLinear`` sharing its weight;
+    returns the step context they read and the layers by module name."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    context = StepContext()
+    layers: dict[str, BatchedLinear] = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head or (skip and name in skip):
+            continue
+        layer = BatchedLinear(module, name, capacity, context, use_triton=use_triton)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers[name] = layer
+    return context, layers

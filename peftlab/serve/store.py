@@ -1,0 +1,315 @@
+"""The adapter store: disk (PEFT-format folders) -> LRU CPU cache -> a fixed number of GPU slots.
+
+Loading attaches the adapter with peftlab's own loader to a skeleton that shares the base linears
+(the served model is never touched), then asks each layer for its ``serving_form``. A mergeable method
+without one is served as a LoRA of its update (``peftlab.lowrank.lora_from_delta``), and the relative
+error of that conversion is recorded. Forms live on the CPU (pinned on CUDA) in an LRU cache.
+
+Slot tables are only written by the engine thread (``acquire``, ``apply_pending``); the API thread
+registers, prefetches (disk -> CPU in a worker thread) and asks for unloads, which the engine applies
+between steps once no running request uses the adapter.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.core.adapter import ServingForm
+from peftlab.core.inject import adapted_modules, attach, delete_adapter, saved_modules
+from peftlab.core.registry import method_for
+from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
+from peftlab.lowrank import lora_from_delta
+from peftlab.serve.layers import BatchedLinear
+
+
+class AdapterNotFound(KeyError):
+    pass
+
+
+class ServeError(ValueError):
+    """An adapter cannot be served (names the adapter and the reason)."""
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    peft_type: str
+    forms: dict[str, ServingForm]
+    converted: dict[str, float] = field(default_factory=dict)  # module -> relative error of the LoRA conversion
+    load_ms: float = 0.0
+    nbytes: int = 0
+
+
+def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
+    """A module tree with the served model's linear names whose leaves are its base linears (shared, not copied)."""
+    root = nn.Module()
+    for name, linear in linears.items():
+        node = root
+        parts = name.split(".")
+        for part in parts[:-1]:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(parts[-1], linear)
+    return root
+
+
+def check_servable(config, name: str) -> None:
+    """Refuse adapters the slot tables cannot express, before anything is attached."""
+    if method_for(config).kind == "input":
+        raise ServeError(f"adapter {name!r}: {config.peft_type} acts on the model input, which serve does not batch")
+    if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
+        raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
+
+
+def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:
+    """Serving forms of adapter ``name`` attached to ``model`` (and conversion errors by module)."""
+    if any(name in m.modules_to_save for _, m in saved_modules(model)):
+        raise ServeError(f"adapter {name!r}: modules_to_save are not servable")
+    forms, converted = {}, {}
+    for mname, module in adapted_modules(model):
+        if name not in module.adapters:
+            continue
+        layer = module.adapters[name]
+        form = layer.serving_form(module.view)
+        if form is None:
+            if not layer.mergeable or module.view.kind != "linear":
+                raise ServeError(f"adapter {name!r}: {type(layer).__name__} on {mname!r} has no batched serving form "
+                                 "and cannot be converted to LoRA (not a mergeable linear update)")
+            w = module.view.weight_oi().float()
+            delta = layer.merge_into(w.clone(), module.view) - w
+            lr = lora_from_delta(delta, min(convert_rank, *delta.shape), name=f"{name}:{mname}")
+            form, converted[mname] = ServingForm(down=lr.A, up=lr.B), lr.rel_error
+        forms[mname] = form
+    return forms, converted
+
+
+class AdapterStore:
+    def __init__(self, layers: dict[str, BatchedLinear], max_gpu: int, max_cpu: int, adapter_root: str | Path | None = None,
+                 convert_rank: int = 16):
+        if max_gpu < 1 or max_cpu < 1:
+            raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
+        self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
+        self.root = Path(adapter_root).resolve() if adapter_root is not None else None
+        self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
+        self._skeleton_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.paths: dict[str, Path] = {}
+        self.preloaded: dict[str, LoadedAdapter] = {}  # adapters given as forms (no disk copy): never evicted
+        self.cpu: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._loading: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefetch")
+        self.slot_name: list[str | None] = [None] * max_gpu
+        self.slot_of: dict[str, int] = {}
+        self.pins = [0] * max_gpu
+        self.last_used = [0.0] * max_gpu
+        self._pending_unload: set[str] = set()
+        self.stats = {"gpu_hits": 0, "gpu_misses": 0, "cpu_hits": 0, "disk_loads": 0, "evictions": 0,
+                      "cold_load_ms_sum": 0.0, "cold_load_count": 0, "last_cold_load_ms": 0.0}
+        self.errors: dict[str, str] = {}
+
+    # -- registration (any thread) -------------------------------------------------------------
+    def check_path(self, path: str | Path) -> Path:
+        """``path`` resolved; inside the adapter root when one is set (symlinks resolved first)."""
+        resolved = Path(path).resolve()
+        if self.root is not None and not resolved.is_relative_to(self.root):
+            raise PermissionError(f"{path}: adapters load only from inside the adapter root {self.root}")
+        return resolved
+
+    def register(self, name: str, path: str | Path, check_root: bool = True) -> None:
+        if not name or "/" in name or name == "base":
+            raise ServeError(f"adapter name {name!r} must be non-empty, without '/', and not 'base'")
+        resolved = self.check_path(path) if check_root else Path(path).resolve()
+        read_config(resolved)  # a clear error now for a folder that is not an adapter
+        with self._lock:
+            self.paths[name] = resolved
+            self._pending_unload.discard(name)
+            self.errors.pop(name, None)
+
+    def add_loaded(self, adapter: LoadedAdapter) -> None:
+        """Serve an adapter given as forms (benchmarks); it stays in memory until unloaded."""
+        with self._lock:
+            self.preloaded[adapter.name] = adapter
+            self._pending_unload.discard(adapter.name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self.paths) | set(self.preloaded))
+
+    def known(self, name: str) -> bool:
+        with self._lock:
+            return (name in self.paths or name in self.preloaded) and name not in self._pending_unload
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``; its GPU slot is freed by the engine once no running request uses it."""
+        with self._lock:
+            if not self.known(name):
+                raise AdapterNotFound(name)
+            self.paths.pop(name, None)
+            self.preloaded.pop(name, None)
+            self.cpu.pop(name, None)
+            if name in self.slot_of:
+                self._pending_unload.add(name)
+
+    # -- disk -> CPU ---------------------------------------------------------------------------
+    def load_from_disk(self, name: str, path: Path) -> LoadedAdapter:
+        t0 = time.perf_counter()
+        config = read_config(path)
+        check_servable(config, name)
+        raw = read_adapter_weights(path)
+        tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+        tmp = f"serve_{threading.get_ident()}"
+        with self._skeleton_lock:
+            attach(self._skeleton, config, tmp)
+            try:
+                load_tensors(self._skeleton, tmp, tensors, source=str(path))
+                forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
+            finally:
+                delete_adapter(self._skeleton, tmp)
+        pin = torch.cuda.is_available()
+        dtype = next(iter(self.layers.values())).dtype if self.layers else torch.float32
+        forms = {m: _to_host(f, dtype, pin) for m, f in forms.items()}
+        return LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
+                             sum(f.nbytes() for f in forms.values()))
+
+    def _cpu_get(self, name: str) -> LoadedAdapter | None:
+        with self._lock:
+            if name in self.preloaded:
+                return self.preloaded[name]
+            adapter = self.cpu.get(name)
+            if adapter is not None:
+                self.cpu.move_to_end(name)
+            return adapter
+
+    def _cpu_put(self, adapter: LoadedAdapter) -> None:
+        with self._lock:
+            if adapter.name not in self.paths:
+                return  # unloaded while loading
+            self.cpu[adapter.name] = adapter
+            self.cpu.move_to_end(adapter.name)
+            while len(self.cpu) > self.max_cpu:
+                self.cpu.popitem(last=False)
+
+    def prefetch(self, name: str) -> Future | None:
+        """Start loading ``name`` from disk into the CPU cache in the background (no-op when cached)."""
+        with self._lock:
+            if name in self.slot_of or self._cpu_get(name) is not None or name not in self.paths:
+                return None
+            if name in self._loading:
+                return self._loading[name]
+            path = self.paths[name]
+
+            def work():
+                try:
+                    adapter = self.load_from_disk(name, path)
+                    self._cpu_put(adapter)
+                    self.stats["disk_loads"] += 1
+                    return adapter
+                except Exception as exc:  # reported to the requests that wait for it
+                    with self._lock:
+                        self.errors[name] = f"{type(exc).__name__}: {exc}"
+                    raise
+                finally:
+                    with self._lock:
+                        self._loading.pop(name, None)
+
+            future = self._pool.submit(work)
+            self._loading[name] = future
+            return future
+
+    def ready(self, name: str) -> bool:
+        """True when ``name`` can be put in a slot without reading the disk."""
+        with self._lock:
+            return name in self.slot_of or self._cpu_get(name) is not None
+
+    # -- CPU -> GPU slots (engine thread only) -------------------------------------------------
+    def acquire(self, name: str, load_from_disk: bool = False) -> int | None:
+        """A GPU slot holding ``name``, pinned for one request; None when every slot is pinned (or not yet on
+        the CPU and ``load_from_disk`` is False). Evicts the least recently used idle adapter when full."""
+        with self._lock:
+            if not self.known(name):
+                raise AdapterNotFound(name)
+            slot = self.slot_of.get(name)
+            if slot is not None:
+                self.stats["gpu_hits"] += 1
+                return self._pin(slot)
+            t0 = time.perf_counter()
+            adapter = self._cpu_get(name)
+            if adapter is None:
+                if not load_from_disk:
+                    return None
+                adapter = self.load_from_disk(name, self.paths[name])
+                self._cpu_put(adapter)
+                self.stats["disk_loads"] += 1
+            else:
+                self.stats["cpu_hits"] += 1
+            free = [s for s in range(self.max_gpu) if self.slot_name[s] is None]
+            if not free:
+                idle = [s for s in range(self.max_gpu) if self.pins[s] == 0]
+                if not idle:
+                    return None
+                free = [min(idle, key=lambda s: self.last_used[s])]
+                self._clear(free[0])
+                self.stats["evictions"] += 1
+            slot = free[0]
+            for mname, layer in self.layers.items():
+                layer.set_slot(slot, adapter.forms.get(mname))
+            if adapter.forms and next(iter(self.layers.values())).device.type == "cuda":
+                torch.cuda.synchronize()
+            self.slot_name[slot], self.slot_of[name] = name, slot
+            self.stats["gpu_misses"] += 1
+            ms = (time.perf_counter() - t0) * 1e3
+            self.stats["cold_load_ms_sum"] += ms
+            self.stats["cold_load_count"] += 1
+            self.stats["last_cold_load_ms"] = ms
+            return self._pin(slot)
+
+    def _pin(self, slot: int) -> int:
+        self.pins[slot] += 1
+        self.last_used[slot] = time.monotonic()
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self.pins[slot] -= 1
+            self.last_used[slot] = time.monotonic()
+
+    def _clear(self, slot: int) -> None:
+        name = self.slot_name[slot]
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self.slot_name[slot] = None
+        self.slot_of.pop(name, None)
+
+    def apply_pending(self) -> None:
+        """Free the slots of unloaded adapters that no running request uses (engine thread, between steps)."""
+        with self._lock:
+            for name in list(self._pending_unload):
+                slot = self.slot_of.get(name)
+                if slot is None:
+                    self._pending_unload.discard(name)
+                elif self.pins[slot] == 0:
+                    self._clear(slot)
+                    self._pending_unload.discard(name)
+
+    def slots_used(self) -> int:
+        return sum(n is not None for n in self.slot_name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _to_host(form: ServingForm, dtype: torch.dtype, pin: bool) -> ServingForm:
+    form = form.to(device="cpu", dtype=dtype)
+    if pin:
+        for key, value in vars(form).items():
+            if isinstance(value, torch.Tensor):
+                setattr(form, key, value.pin_memory())
+    return form

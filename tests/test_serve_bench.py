@@ -1,0 +1,26 @@
+"""bench/serve.py in its CPU smoke mode: every scenario runs, the JSON describes itself, the table renders."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+
+
+def test_serve_bench_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve.json"
+    bench.main(["--smoke", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    labels = [s["scenario"] for s in doc["scenarios"]]
+    assert labels[0] == "base model" and any("mixed methods" in x for x in labels) and any("Zipf" in x for x in labels)
+    assert all(s["n_errors"] == 0 and s["tokens"] == s["requests"] * doc["args"]["new"] for s in doc["scenarios"])
+    assert doc["agreement"]["identical"] == doc["agreement"]["requests"]  # fp32 CPU: batched == alone
+    assert doc["cold_load"]["disk_to_gpu_ms_median"] > 0 and "mixed_tok_s" in doc["peft"]
+    assert doc["environment"]["torch"] and doc["args"]["smoke"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    bench.main(["--table", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| base model |" in text and "HF PEFT 2 adapters mixed" in text and "<!-- table:" in text

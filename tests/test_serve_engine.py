@@ -1,0 +1,159 @@
+"""Serving engine: a continuously batched mix of adapters and methods gives, per request, the greedy tokens
+that HF ``generate`` gives with that adapter alone (peftlab's own loader; fp32 CPU, token-exact).
+Also: the adapter store's LRU eviction, hot load/unload, and the KV cache's block accounting."""
+import pytest
+import torch
+
+import peftlab
+from peftlab.serve.engine import Engine, EngineConfig, Request
+from peftlab.serve.kv import CacheFull, PagedKVCache
+from peftlab.serve.sampling import SamplingParams
+from peftlab.serve.store import AdapterNotFound, ServeError
+
+from models import randomize_adapters, tiny_llama
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
+    "lora": peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora8": peftlab.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=ALL),
+    "dora": peftlab.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"]),
+    "ia3": peftlab.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "vera": peftlab.VeraConfig(r=16, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    "loha": peftlab.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]),
+}
+MAX_NEW = 6
+EOS = frozenset({2})
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, config) in enumerate(ADAPTERS.items()):
+        model = tiny_llama()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=10 + i, std=0.5)
+        peftlab.save_adapter(model, root / name)
+    return root
+
+
+def _prompt(i: int) -> list[int]:
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randint(3, 96, (3 + (i * 5) % 11,), generator=g).tolist()
+
+
+def _alone(adapter_dir, prompt, device="cpu"):
+    model = tiny_llama().to(device)
+    if adapter_dir is not None:
+        peftlab.load_adapter(model, adapter_dir)
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                         pad_token_id=0, eos_token_id=2)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine(root, device="cpu", **kw) -> Engine:
+    cfg = EngineConfig(max_batch=kw.pop("max_batch", 16), max_gpu_adapters=kw.pop("gpu", 8),
+                       max_cpu_adapters=kw.pop("cpu", 8), convert_rank=8, kv_tokens=2048, block_size=4, **kw)
+    engine = Engine(tiny_llama().to(device), cfg, adapter_root=root)
+    for name in ADAPTERS:
+        engine.store.register(name, root / name)
+    return engine
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
+    """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32)."""
+    engine = _engine(adapter_dirs, device)
+    names = [None, *ADAPTERS]
+    jobs = [(names[i % len(names)], _prompt(i)) for i in range(14)]
+    refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
+    assert len({tuple(r) for r in refs}) > len(names) // 2  # the adapters really change the answers
+    first = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:8]]
+    engine.step()
+    engine.step()  # adapters arrive from the prefetch thread; requests join as they become ready
+    late = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[8:]]  # join a running batch
+    engine.run_until_done(first + late)
+    got = [r.output for r in first + late]
+    for (name, _), ref, out, req in zip(jobs, refs, got, first + late):
+        assert req.error is None, req.error
+        assert out == ref, f"adapter {name}: batched {out} != alone {ref}"
+    loha = engine.store._cpu_get("loha")
+    assert loha.converted and max(loha.converted.values()) < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact up to rounding
+    assert engine.cache.free_blocks == engine.cache.num_blocks  # every block returned
+
+
+def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
+    engine = _engine(adapter_dirs, gpu=2, cpu=2)
+    prompt = _prompt(1)
+    ref_lora, ref_dora, ref_vera = (_alone(adapter_dirs / n, prompt) for n in ("lora", "dora", "vera"))
+    assert engine.generate(prompt, "lora", MAX_NEW, stop_ids=EOS) == ref_lora
+    assert engine.generate(prompt, "dora", MAX_NEW, stop_ids=EOS) == ref_dora
+    assert sorted(n for n in engine.store.slot_name if n) == ["dora", "lora"]
+    assert engine.generate(prompt, "vera", MAX_NEW, stop_ids=EOS) == ref_vera  # slots full: evicts "lora", the LRU idle one
+    assert sorted(n for n in engine.store.slot_name if n) == ["dora", "vera"]
+    assert engine.store.stats["evictions"] == 1
+    assert len(engine.store.cpu) <= 2
+    assert engine.generate(prompt, "lora", MAX_NEW, stop_ids=EOS) == ref_lora  # reloaded (from disk: CPU cache holds 2)
+
+    # hot unload while a request of that adapter runs: it finishes; new requests are refused
+    running = engine.submit(Request(prompt, "lora", MAX_NEW, stop_ids=EOS))
+    engine.step()
+    engine.store.unload("lora")
+    with pytest.raises(AdapterNotFound):
+        engine.submit(Request(prompt, "lora", MAX_NEW))
+    engine.run_until_done([running])
+    assert running.output == ref_lora
+    engine.step()
+    assert "lora" not in engine.store.slot_of
+    # hot load under a new name
+    engine.store.register("lora2", adapter_dirs / "lora")
+    assert engine.generate(prompt, "lora2", MAX_NEW, stop_ids=EOS) == ref_lora
+
+
+def test_all_slots_pinned_waits_instead_of_failing(adapter_dirs):
+    engine = _engine(adapter_dirs, gpu=1)
+    reqs = [engine.submit(Request(_prompt(i), n, 3)) for i, n in enumerate(["lora", "dora", "lora", None])]
+    engine.run_until_done(reqs)
+    assert all(r.error is None and len(r.output) == 3 for r in reqs)
+
+
+def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path):
+    engine = _engine(adapter_dirs)
+    with pytest.raises(PermissionError, match="adapter root"):
+        engine.store.register("x", tmp_path)
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    peftlab.save_adapter(model, adapter_dirs / "prompt")
+    engine.store.register("prompt", adapter_dirs / "prompt")
+    with pytest.raises(ServeError, match="model input"):
+        engine.store.acquire("prompt", load_from_disk=True)
+    req = engine.submit(Request(_prompt(0), "prompt", 2))
+    engine.run_until_done([req])
+    assert req.finish_reason == "error" and "model input" in req.error
+
+
+def test_seeded_sampling_is_batch_independent(adapter_dirs):
+    engine = _engine(adapter_dirs)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    alone = engine.generate(_prompt(2), "vera", 5, params=params)
+    reqs = [engine.submit(Request(_prompt(i), n, 5, params=SamplingParams(temperature=1.0, seed=i)))
+            for i, n in enumerate(["lora", None, "ia3"])]
+    mine = engine.submit(Request(_prompt(2), "vera", 5, params=params))
+    engine.run_until_done(reqs + [mine])
+    assert mine.output == alone
+
+
+def test_paged_cache_blocks():
+    cache = PagedKVCache(1, num_blocks=4, block_size=4, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    cache.reserve(0, 6)
+    assert cache.free_blocks == 2 and cache.slots(0, 3, 6)[0] == cache.tables[0][0] * 4 + 3
+    assert not cache.can_reserve(9)
+    with pytest.raises(CacheFull):
+        cache.reserve(1, 9)
+    with pytest.raises(CacheFull):
+        cache.slots(0, 0, 9)
+    cache.release(0)
+    assert cache.free_blocks == 4

@@ -1,0 +1,171 @@
+"""Batched serving maths: mixed adapters of mixed methods in one batch == each token through its own adapter.
+
+References: ``ServingForm.apply`` per token (dense, one adapter at a time) and, for the forms themselves,
+the adapted module of the method's own layer. The Triton kernel runs in the interpreter on CPU.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is imported
+
+import peftlab  # noqa: E402
+from peftlab.core.adapter import ServingForm  # noqa: E402
+from peftlab.core.inject import adapted_modules  # noqa: E402
+from peftlab.serve.batched import group_by_slot, lowrank_torch  # noqa: E402
+from peftlab.serve.layers import BatchedLinear, StepContext  # noqa: E402
+
+from models import randomize_adapters, tiny_llama  # noqa: E402
+
+IN, OUT = 24, 20
+
+
+def _forms(g: torch.Generator) -> list[ServingForm]:
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    proj_a, proj_b = rnd(6, IN), rnd(OUT, 6)
+    return [
+        ServingForm(down=rnd(2, IN), up=rnd(OUT, 2)),  # LoRA r2
+        ServingForm(down=rnd(8, IN), up=rnd(OUT, 8)),  # LoRA r8 (mixed ranks)
+        ServingForm(down=rnd(4, IN), up=rnd(OUT, 4), out_scale=1 + 0.1 * rnd(OUT)),  # DoRA
+        ServingForm(in_scale=1 + 0.1 * rnd(IN)),  # IA3 feedforward
+        ServingForm(out_scale=1 + 0.1 * rnd(OUT), scale_bias=True),  # IA3 output
+        ServingForm(down=proj_a, up=proj_b, mid_scale=rnd(6), up_scale=rnd(OUT), shared_projection=True),  # VeRA
+        ServingForm(down=proj_a, up=proj_b, mid_scale=rnd(6), up_scale=rnd(OUT), shared_projection=True),  # same P
+        ServingForm(down=rnd(3, IN), up=rnd(OUT, 3), mid_scale=rnd(3), up_scale=rnd(OUT), shared_projection=True),
+    ]
+
+
+def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64) -> tuple[BatchedLinear, StepContext]:
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, bias=True).to(dtype)
+    ctx = StepContext()
+    return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4), ctx
+
+
+def _dense(forms_by_slot, slots, x, base):
+    rows = []
+    for t, s in enumerate(slots):
+        if s not in forms_by_slot:  # -1 or an empty slot: the base model
+            rows.append(base(x[t]))
+        else:
+            rows.append(forms_by_slot[s].apply(x[t], base.weight, base.bias))
+    return torch.stack(rows)
+
+
+def test_mixed_batch_equals_each_adapter_alone():
+    g = torch.Generator().manual_seed(0)
+    forms = _forms(g)
+    layer, ctx = _layer(capacity=10)
+    placement = {slot: form for slot, form in zip([3, 0, 9, 1, 5, 2, 7, 4], forms)}
+    for slot, form in placement.items():
+        layer.set_slot(slot, form)
+    assert len([u for u in layer.proj_users if u]) == 2  # the shared VeRA projection is stored once
+    slots = [3, -1, 0, 9, 9, 1, 5, 2, 7, 4, -1, 3, 0, 7, 2]
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)
+    ctx.set(slots, "cpu")
+    got = layer(x)
+    want = _dense(placement, slots, x, layer.base)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # 3-D input (batch, time, in) as the model passes it
+    torch.testing.assert_close(layer(x[None])[0], want, rtol=1e-10, atol=1e-10)
+
+
+def test_slots_clear_and_reuse():
+    g = torch.Generator().manual_seed(1)
+    forms = _forms(g)
+    layer, ctx = _layer(capacity=3)
+    layer.set_slot(0, forms[2])
+    layer.set_slot(1, forms[5])
+    layer.set_slot(2, forms[4])
+    x = torch.randn(3, IN, generator=g, dtype=torch.float64)
+    ctx.set([0, 1, 2], "cpu")
+    for slot in range(3):
+        layer.clear_slot(slot)
+    torch.testing.assert_close(layer(x), layer.base(x))  # cleared slots are the base model
+    layer.set_slot(1, forms[1])  # rank 8 > initial 4: tables grow
+    layer.set_slot(0, forms[6])
+    want = _dense({1: forms[1], 0: forms[6]}, [0, 1, 2], x, layer.base)
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_group_by_slot_segments():
+    seg = group_by_slot([2, -1, 0, 2, 2, -1, 0])
+    assert seg.slots_cpu == (0, 2) and seg.starts_cpu == (0, 2, 5) and seg.max_len == 3
+    assert seg.order.tolist() == [2, 6, 0, 3, 4]
+    assert group_by_slot([-1, -1]).empty
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "vera"])
+def test_serving_form_equals_the_adapted_module(method):
+    """Each method's own layer is the reference for its serving form (all-linear targets of a tiny Llama)."""
+    model = tiny_llama()
+    config = peftlab.variants()[method](["q_proj", "v_proj", "down_proj", "up_proj"], 4)
+    peftlab.attach(model, config)
+    randomize_adapters(model, seed=3, std=0.2)
+    x = torch.randn(5, 48)
+    for name, module in adapted_modules(model):
+        layer = module.adapters["default"]
+        assert layer.batched_serving
+        form = layer.serving_form(module.view)
+        xin = x[:, : module.view.in_features]
+        torch.testing.assert_close(form.apply(xin, module.view.weight_oi(), module.view.bias), module(xin),
+                                   rtol=1e-5, atol=1e-5, msg=f"{method} {name}")
+
+
+def _triton_case(dtype, device):
+    g = torch.Generator().manual_seed(2)
+    S, R = 5, 8
+    down = torch.randn(S + 1, R, IN, generator=g).to(device, dtype)
+    up = torch.randn(S + 1, OUT, R, generator=g).to(device, dtype)
+    down[-1].zero_(), up[-1].zero_()
+    ranks = [2, 8, 5, 0, 3, 0]
+    for s, r in enumerate(ranks):  # mixed ranks: zero padding beyond each slot's rank
+        down[s, r:].zero_()
+        up[s, :, r:].zero_()
+    slots = [0, 1, -1, 4, 2, 2, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, 4]  # a segment > BLOCK_M
+    x = torch.randn(len(slots), IN, generator=g).to(device, dtype)
+    seg = group_by_slot(slots, device)
+    return x, down, up, seg, ranks
+
+
+def test_triton_grouped_lowrank_matches_torch():
+    from peftlab.serve.batched import lowrank_triton
+
+    x, down, up, seg, ranks = _triton_case(torch.float32, "cpu" if not torch.cuda.is_available() else "cuda")
+    base = torch.randn(x.shape[0], OUT, device=x.device)
+    want = lowrank_torch(x, down, up, seg, ranks, out=base.clone())
+    got = lowrank_triton(x, down, up, seg, out=base.clone())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernel on the GPU")
+def test_triton_grouped_lowrank_bf16_cuda():
+    from peftlab.serve.batched import lowrank_triton
+
+    x, down, up, seg, ranks = _triton_case(torch.bfloat16, "cuda")
+    want = lowrank_torch(x.float(), down.float(), up.float(), seg, ranks)
+    got = lowrank_triton(x, down, up, seg).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
+
+
+def test_batched_layer_triton_path_matches_torch_path():
+    g = torch.Generator().manual_seed(4)
+    forms = [f.to(torch.float32) for f in _forms(g)]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    outs = []
+    slots = [0, 1, 2, -1, 5, 6, 7, 0, 1]
+    x = torch.randn(len(slots), IN, generator=g).to(dev)
+    for use_triton in (False, True):
+        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32)
+        layer.to(dev)
+        layer.device = torch.device(dev)
+        for slot, form in enumerate(forms):
+            layer.set_slot(slot, form)
+        ctx.set(slots, dev)
+        outs.append(layer(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
