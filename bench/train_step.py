@@ -16,7 +16,8 @@ forward with labels, backward, fused AdamW step, ``zero_grad(set_to_none=True)``
 median over ``--steps`` steps after ``--warmup`` steps.
 
 Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``peftlab_ref`` (the
-plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_liger`` (peftlab's adapters on a model
+plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused linear + cross-entropy
+loss, ``TrainArgs.fused_ce``), ``peftlab_liger`` (peftlab's adapters on a model
 patched by Liger's kernels), ``peft``, ``peft_liger`` and ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
 short by a time limit still leaves its finished configurations.
@@ -51,7 +52,7 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 
-IMPLS = ("peftlab", "peftlab_ref", "peftlab_liger", "peft", "peft_liger", "unsloth")
+IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -196,13 +197,14 @@ def run_worker(args) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     batch, seq = args.batch, args.seq
     x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
+    loss_of = step_loss(args.impl, model, x)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     samples = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        loss = loss_of()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -213,18 +215,29 @@ def run_worker(args) -> dict[str, Any]:
         "trainable_dtypes": dtypes,
         "step_ms_samples": [round(s, 3) for s in samples],
         "step_ms_median": round(statistics.median(samples), 3),
-        "final_loss": round(float(out.loss), 4),
+        "final_loss": round(float(loss), 4),
         "versions": versions,
     }
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if args.profile:
-        record["profile"] = profile_steps(model, opt, x, cuda)
+        record["profile"] = profile_steps(loss_of, opt, cuda)
     return record
 
 
-def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
+def step_loss(impl: str, model, x) -> Callable[[], Any]:
+    """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
+    which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
+    if impl == "peftlab_fce":
+        from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+
+        check_fused_ce(model)
+        return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
+    return lambda: model(input_ids=x, labels=x).loss
+
+
+def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -> str:
     """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -232,7 +245,7 @@ def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            model(input_ids=x, labels=x).loss.backward()
+            loss_of().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if cuda:

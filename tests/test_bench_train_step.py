@@ -12,15 +12,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_FAST", "0" if impl == "peftlab_ref" else "1")
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
     args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
                                   "--steps", "2", "--warmup", "0", "--seq", "16"])
     record = train_step.run_worker(args)
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
-        assert record["versions"]["peftlab_fast"] == str(impl == "peftlab")
+        assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
 
 
 def test_driver_writes_results_and_table(tmp_path):
