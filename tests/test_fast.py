@@ -240,3 +240,20 @@ def test_dora_survives_a_consumer_that_overwrites_its_input(monkeypatch):
         grads.append(model[0].adapters["default"].lora_magnitude_vector.grad.clone())
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_tensor_scaling(use_dora, monkeypatch):
+    """Hot-swap keeps the scaling as a 0-d buffer: the fused path folds it into A, same results."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(4, 24)
+    ref = run(model, x, "1", monkeypatch)
+    layer = model[0].adapters["default"]
+    value = layer.scaling
+    del layer.scaling
+    layer.register_buffer("scaling", torch.tensor(float(value)), persistent=False)
+    got = run(model, x, "1", monkeypatch)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])

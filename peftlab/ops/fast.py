@@ -75,6 +75,14 @@ def _no_autocast(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _fold_tensor_scaling(a: torch.Tensor, scaling) -> tuple[torch.Tensor, float]:
+    """A 0-d tensor scaling (hot-swap's buffer) goes into A: reading it as a float would sync the device
+    and make torch.compile specialise on its value."""
+    if isinstance(scaling, torch.Tensor):
+        return a * scaling.to(a.dtype), 1.0
+    return a, scaling
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -166,6 +174,7 @@ class _DoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
+    a, scaling = _fold_tensor_scaling(a, scaling)
     with _no_autocast(x):
         return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
 
@@ -187,5 +196,6 @@ def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | N
                 b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
     """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
     share = os.environ.get("PEFTLAB_DORA_SHARE_OUTPUT", "") == "1"
+    a, scaling = _fold_tensor_scaling(a, scaling)
     with _no_autocast(x):
         return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)
