@@ -257,3 +257,18 @@ def test_tensor_scaling(use_dora, monkeypatch):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fused_path_under_torch_compile(use_dora, monkeypatch):
+    """The fused nodes trace under torch.compile (aot_eager: no C compiler needed) to the same results."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(4, 24)
+    ref = run(model, x, "1", monkeypatch)
+    torch._dynamo.reset()
+    model[0].compile(backend="aot_eager")
+    got = run(model, x, "1", monkeypatch)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
