@@ -16,7 +16,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 COMMON=(--shape 1b --impls peftlab,peft,peft_liger --steps 10 --warmup 2 --repeats 1 --prime 1 --timeout 100)
 case "$PART" in
   a) METHODS=lora,dora,loha,lokr,hra,oft,boft,full; BUDGET=500 ;;
-  b) timeout 110 python3 -m pytest -q -rs tests/test_fast.py tests/test_factored.py -k cuda \
+  b) timeout 110 python3 -m pytest -q -rs -p no:cacheprovider tests/test_fast.py tests/test_factored.py -k cuda \
        > "$OUT/speed_tests.log" 2>&1 || echo "GPU tests failed or timed out (see speed_tests.log)"
      METHODS=adalora,tied_lora,ia3,vera,prompt_tuning,prefix_tuning; BUDGET=400 ;;
   *) echo "unknown part $PART (a or b)"; exit 2 ;;
