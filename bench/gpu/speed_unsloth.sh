@@ -7,6 +7,7 @@
 # The 1b call also writes a torch.profiler table of peftlab's fused LoRA and DoRA steps.
 # Writes under $OUT: speed_unsloth_<shape>.json, speed_unsloth_<shape>.log (+ 1b: speed_profile_1b.json
 # and speed_profile_1b.profile.txt).
+# CPU dry run of this script: SPEED_EXTRA="--device cpu --steps 1 --warmup 0" bench/gpu/speed_unsloth.sh tiny
 set -x
 SHAPE=${1:-1b}
 OUT=${OUT:-bench/results/gpu}
@@ -18,9 +19,10 @@ ls "$SITE" > /dev/null || echo "no Unsloth site folder at $SITE: the unsloth row
 # 8b: fewer implementations (each 8B configuration builds its model afresh: ~30-60 s of the budget)
 if [ "$SHAPE" = 1b ]; then BUDGET=380; PRIME=1; PER=120; IMPLS=peftlab,peftlab_fce,peftlab_liger,peft,peft_liger,unsloth
 else BUDGET=500; PRIME=0; PER=200; IMPLS=peftlab,peftlab_fce,peft,unsloth; fi
+# shellcheck disable=SC2086  # SPEED_EXTRA is a list of options
 timeout "$BUDGET" python3 bench/train_step.py --shape "$SHAPE" --methods lora,dora \
   --impls "$IMPLS" --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \
-  --prime "$PRIME" --timeout "$PER" --out "$OUT/speed_unsloth_$SHAPE.json" > "$OUT/speed_unsloth_$SHAPE.log" 2>&1 \
+  --prime "$PRIME" --timeout "$PER" $SPEED_EXTRA --out "$OUT/speed_unsloth_$SHAPE.json" > "$OUT/speed_unsloth_$SHAPE.log" 2>&1 \
   || echo "comparison stopped early (see the log)"
 if [ "$SHAPE" = 1b ]; then
   timeout 130 python3 bench/train_step.py --shape 1b --methods lora,dora --impls peftlab --steps 5 --warmup 2 \
