@@ -492,17 +492,18 @@ def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
 
 def markdown_table(document: dict[str, Any]) -> str:
     """One row per configuration; peftlab rows get time / memory ratios against each competitor that
-    ran the same method in this run, and against peftlab's own LoRA (the issue's targets)."""
+    ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
+    targets)."""
     env, args, configs = document["environment"], document["args"], document["configs"]
     rows = {(c["method"], c["impl"]): c for c in configs if "error" not in c}
     present = {c["impl"] for c in configs}
     competitors_here = [(impl, name) for impl, name in COMPETITORS if impl in present]
     has_mem = any("peak_gib" in c for c in configs)
-    our_lora = rows.get(("lora", "peftlab"))
+    has_lora = any(m == "lora" and i.startswith("peftlab") for m, i in rows)
     header = ["method", "impl", "trainable params", "step ms (p10-p90)", "tokens/s"] + (["peak GiB"] if has_mem else [])
     suffix = " (time / mem)" if has_mem else ""
     header += [f"vs {name}{suffix}" for _, name in competitors_here]
-    header += [f"vs peftlab LoRA{suffix}"] if our_lora else []
+    header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for c in configs:
         if "error" in c:
@@ -519,8 +520,8 @@ def markdown_table(document: dict[str, Any]) -> str:
         if has_mem:
             cells.append(f"{c['peak_gib']:.2f}")
         cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
-        if our_lora:
-            cells.append(_ratio(c, our_lora) if ours else "")
+        if has_lora:
+            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     runs = args["repeats"]
