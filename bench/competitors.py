@@ -2,6 +2,8 @@
 
     peft_liger   HF PEFT on a Llama patched by liger-kernel's ``apply_liger_kernel_to_llama()`` (fused
                  RMSNorm, RoPE, SwiGLU and linear + cross-entropy), patched before the model is built
+    peftlab_liger  peftlab's adapters on the same Liger-patched Llama (what is left when the model's own
+                 non-adapter ops are fused too)
     unsloth      Unsloth as its users run it: ``FastLanguageModel.from_pretrained`` on a checkpoint folder
                  (random weights of the same shape, written by a child process, because Unsloth must be
                  imported before transformers), then ``FastLanguageModel.get_peft_model`` with r, alpha 2r,
@@ -26,7 +28,7 @@ UNSLOTH_METHODS = {"lora": {}, "dora": {"use_dora": True}}
 
 def missing(impl: str, unsloth_site: str | None) -> str | None:
     """Why ``impl`` cannot run here (a missing package), or None."""
-    if impl == "peft_liger" and importlib.util.find_spec("liger_kernel") is None:
+    if impl.endswith("_liger") and importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel is not installed"
     if impl == "unsloth":
         if not unsloth_site:

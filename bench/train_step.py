@@ -16,16 +16,17 @@ forward with labels, backward, fused AdamW step, ``zero_grad(set_to_none=True)``
 median over ``--steps`` steps after ``--warmup`` steps.
 
 Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``peftlab_ref`` (the
-plain-torch reference path, ``PEFTLAB_FAST=0``), ``peft``, ``peft_liger`` and ``unsloth`` (see
-``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
+plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused linear + cross-entropy
+loss, ``TrainArgs.fused_ce``), ``peftlab_liger`` (peftlab's adapters on a model
+patched by Liger's kernels), ``peft``, ``peft_liger`` and ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
 short by a time limit still leaves its finished configurations.
 
 Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
 that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
-same settings by construction. Where PEFT lacks the method or one of its options, the method is
-skipped with the reason printed and stored in the results.
+same settings by construction. Where PEFT lacks the method or one of its options, its PEFT-based
+implementations are skipped with the reason printed and stored in the results; peftlab's still run.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 
-IMPLS = ("peftlab", "peftlab_ref", "peft", "peft_liger", "unsloth")
+IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,10 +101,12 @@ class Method:
     peft: Callable[[Any], Any] | None = peft_from_peftlab
     targets: tuple[str, ...] = tuple(ALL_LINEAR)
 
-    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft")) -> list[str]:
+    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft"), peft_ok: bool = True) -> list[str]:
+        """The implementations of ``impls`` that can run this method (PEFT-based ones only if ``peft_ok``)."""
         if self.peftlab is None:
             return ["torch"]
-        return [i for i in impls if i != "unsloth" or name in competitors.UNSLOTH_METHODS]
+        return [i for i in impls if (i != "unsloth" or name in competitors.UNSLOTH_METHODS)
+                and (peft_ok or not i.startswith("peft_") and i != "peft")]
 
 
 def _lora(**extra):
@@ -160,7 +163,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
                                                    args.seq, start_peak)
         return model, {"unsloth": version}
     versions = {}
-    if args.impl == "peft_liger":
+    if args.impl.endswith("_liger"):
         from importlib.metadata import version
 
         competitors.apply_liger()
@@ -168,7 +171,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     method = method_entry(args.method)
     model = build_model(args.shape, args.device)
     start_peak()
-    if args.impl in ("peftlab", "peftlab_ref"):
+    if args.impl.startswith("peftlab"):
         import peftlab
         from peftlab.ops import fast
 
@@ -194,13 +197,14 @@ def run_worker(args) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     batch, seq = args.batch, args.seq
     x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
+    loss_of = step_loss(args.impl, model, x)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     samples = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        loss = loss_of()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -211,18 +215,29 @@ def run_worker(args) -> dict[str, Any]:
         "trainable_dtypes": dtypes,
         "step_ms_samples": [round(s, 3) for s in samples],
         "step_ms_median": round(statistics.median(samples), 3),
-        "final_loss": round(float(out.loss), 4),
+        "final_loss": round(float(loss), 4),
         "versions": versions,
     }
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if args.profile:
-        record["profile"] = profile_steps(model, opt, x, cuda)
+        record["profile"] = profile_steps(loss_of, opt, cuda)
     return record
 
 
-def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
+def step_loss(impl: str, model, x) -> Callable[[], Any]:
+    """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
+    which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
+    if impl == "peftlab_fce":
+        from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+
+        check_fused_ce(model)
+        return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
+    return lambda: model(input_ids=x, labels=x).loss
+
+
+def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -> str:
     """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -230,7 +245,7 @@ def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            model(input_ids=x, labels=x).loss.backward()
+            loss_of().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if cuda:
@@ -287,12 +302,11 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def schedule(methods: list[str], repeats: int, impls: tuple[str, ...] = ("peftlab", "peft")) -> list[tuple[str, str]]:
-    """Run order: within a repeat, the implementations of each method alternate in order (forwards,
-    backwards); every other repeat runs the whole sequence backwards."""
+def schedule(plan: dict[str, list[str]], repeats: int) -> list[tuple[str, str]]:
+    """Run order of ``plan`` (method -> implementations): within a repeat, the implementations of each
+    method alternate in order (forwards, backwards); every other repeat runs the whole sequence backwards."""
     base: list[tuple[str, str]] = []
-    for i, name in enumerate(methods):
-        here = method_entry(name).implementations(name, impls)
+    for i, (name, here) in enumerate(plan.items()):
         base += [(name, impl) for impl in (here if i % 2 == 0 else here[::-1])]
     order: list[tuple[str, str]] = []
     for k in range(repeats):
@@ -301,7 +315,8 @@ def schedule(methods: list[str], repeats: int, impls: tuple[str, ...] = ("peftla
 
 
 def check_mappings(methods: list[str], r: int, impls: tuple[str, ...]) -> dict[str, str]:
-    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess)."""
+    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess);
+    their peftlab implementations still run."""
     skipped = {}
     if not any(i.startswith("peft") and not i.startswith("peftlab") for i in impls):
         return skipped
@@ -332,7 +347,7 @@ def worker_env(args, impl: str) -> dict[str, str]:
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
     if impl == "peftlab_ref":
         env["PEFTLAB_FAST"] = "0"
-    elif impl == "peftlab":
+    elif impl.startswith("peftlab"):
         env.pop("PEFTLAB_FAST", None)  # the library's default
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env
@@ -392,8 +407,8 @@ def run_driver(args) -> Path:
     for name, reason in {**skipped, **skipped_impls}.items():
         print(f"skip {name}: {reason}", flush=True)
     impls = tuple(i for i in impls if i not in skipped_impls)
-    runnable = [m for m in methods if m not in skipped]
-    order = schedule(runnable, args.repeats, impls)
+    plan = {m: method_entry(m).implementations(m, impls, peft_ok=m not in skipped) for m in methods}
+    order = schedule(plan, args.repeats)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     log: list[dict[str, Any]] = []
     env = environment(args.device)
@@ -413,8 +428,9 @@ def run_driver(args) -> Path:
             "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
             "run_order": [f"{m}/{i}" for m, i in order],
             "configs": [summarise(m, i, results.get((m, i), []), args)
-                        for m in runnable for i in method_entry(m).implementations(m, impls)],
-            "skipped": {**skipped, **{f"impl {k}": v for k, v in skipped_impls.items()}},
+                        for m, here in plan.items() for i in here],
+            "skipped": {**{f"{k} (PEFT side)": v for k, v in skipped.items()},
+                        **{f"impl {k}": v for k, v in skipped_impls.items()}},
             "runs": log,
         }
 
@@ -476,17 +492,18 @@ def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
 
 def markdown_table(document: dict[str, Any]) -> str:
     """One row per configuration; peftlab rows get time / memory ratios against each competitor that
-    ran the same method in this run, and against peftlab's own LoRA (the issue's targets)."""
+    ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
+    targets)."""
     env, args, configs = document["environment"], document["args"], document["configs"]
     rows = {(c["method"], c["impl"]): c for c in configs if "error" not in c}
     present = {c["impl"] for c in configs}
     competitors_here = [(impl, name) for impl, name in COMPETITORS if impl in present]
     has_mem = any("peak_gib" in c for c in configs)
-    our_lora = rows.get(("lora", "peftlab"))
+    has_lora = any(m == "lora" and i.startswith("peftlab") for m, i in rows)
     header = ["method", "impl", "trainable params", "step ms (p10-p90)", "tokens/s"] + (["peak GiB"] if has_mem else [])
     suffix = " (time / mem)" if has_mem else ""
     header += [f"vs {name}{suffix}" for _, name in competitors_here]
-    header += [f"vs peftlab LoRA{suffix}"] if our_lora else []
+    header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for c in configs:
         if "error" in c:
@@ -503,8 +520,8 @@ def markdown_table(document: dict[str, Any]) -> str:
         if has_mem:
             cells.append(f"{c['peak_gib']:.2f}")
         cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
-        if our_lora:
-            cells.append(_ratio(c, our_lora) if ours else "")
+        if has_lora:
+            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     runs = args["repeats"]

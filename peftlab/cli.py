@@ -71,6 +71,8 @@ def train(
     galore_scale: Optional[float] = typer.Option(None, help="--method galore: update scale (0.25)."),
     galore_proj_type: Optional[str] = typer.Option(None, help="--method galore: std, reverse_std, left, right, full."),
     device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
+    packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
+    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend for adapted layers."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
@@ -105,7 +107,8 @@ def train(
                      save_every=save_every, resume=resume, dtype=dtype, checkpointing=checkpointing,
                      fused_ce=fused_ce, quantize=quantize, double_quant=double_quant, optim=optim,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
-                     galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device)
+                     galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
+                     packing=packing, compile=compile_)
     args.distributed = distributed
     try:
         metrics = run_train(args)

@@ -12,31 +12,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_ref", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_FAST", "0" if impl == "peftlab_ref" else "1")
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
     args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
                                   "--steps", "2", "--warmup", "0", "--seq", "16"])
     record = train_step.run_worker(args)
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
-        assert record["versions"]["peftlab_fast"] == str(impl == "peftlab")
+        assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
 
 
 def test_driver_writes_results_and_table(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--shape", "tiny", "--device", "cpu",
-                    "--methods", "lora", "--impls", "peftlab,unsloth,peft_liger", "--steps", "2", "--warmup", "0",
+                    "--methods", "tied_lora", "--impls", "peftlab,unsloth,peft_liger,peft", "--steps", "2", "--warmup", "0",
                     "--repeats", "1", "--prime", "0", "--seq", "16", "--out", str(out)],
                    check=True, env=env, capture_output=True, timeout=300)
     doc = json.loads(out.read_text())
     (row,) = doc["configs"]
-    assert row["impl"] == "peftlab" and len(row["step_ms_samples"]) == 2
+    assert row["impl"] == "peftlab" and len(row["step_ms_samples"]) == 2  # PEFT lacks Tied-LoRA: peftlab alone
     assert row["step_ms_p10_p90"][0] <= row["step_ms_median"] <= row["step_ms_p10_p90"][1]
     assert "impl unsloth" in doc["skipped"]  # no site folder given: skipped with the reason, not a crash
+    assert "tied_lora (PEFT side)" in doc["skipped"]
     table = train_step.markdown_table(doc)
-    assert "| LoRA r16, all linear | peftlab |" in table and "Skipped impl unsloth" in table
+    assert "| tied_lora (variant default), all linear | peftlab |" in table and "Skipped impl unsloth" in table
 
 
 def test_table_ratios_against_competitors():

@@ -24,13 +24,14 @@ from peftlab.ops import fast
 
 
 def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                  w0_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Row norms of W0 + s B A without materialising the product (all fp32)."""
-    w0 = w0.float()
+                  w0_sq: torch.Tensor | None = None, native_gemm: bool = False) -> torch.Tensor:
+    """Row norms of W0 + s B A without materialising the product (fp32; with ``native_gemm`` the one
+    (out, in) x (in, r) product runs in W0's own dtype instead of on an fp32 copy of W0)."""
     a, b = a.float(), b.float()
     if w0_sq is None:
-        w0_sq = w0.pow(2).sum(1)
-    cross = (b * (w0 @ a.t())).sum(1)
+        w0_sq = w0.float().pow(2).sum(1)
+    w0_a = (w0 @ a.t().to(w0.dtype)).float() if native_gemm else w0.float() @ a.t()
+    cross = (b * w0_a).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     return (w0_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 
@@ -55,8 +56,9 @@ class DoraLayer(LoraLayer):
 
     def weight_norm(self, base: BaseView) -> torch.Tensor:
         w0 = base.weight_oi()
-        with torch.no_grad():
-            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0))
+        with torch.no_grad():  # on the fast path, no fp32 copy of W0 per step
+            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0),
+                                 native_gemm=fast.enabled(w0))
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         scale = self.lora_magnitude_vector / self.weight_norm(base)

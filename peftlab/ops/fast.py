@@ -12,8 +12,11 @@ output gradient (gs = g ⊙ m/n for DoRA):
     dm = Σ_tokens g ⊙ (y - b) / m    (DoRA: z = (y - b) n / m, so Σ g ⊙ z / n = Σ g ⊙ (y - b) / m)
 
 Saved for backward: the input (already held by whoever produced it), the rank-r activation s A xd,
-and for DoRA the output y (the next op often holds it too: gate/up feed SiLU-mul, v feeds attention),
-instead of autograd's W0 x and s B A x copies. The frozen base weight's gradient is computed only when
+and for DoRA one bf16 copy of the output y instead of autograd's W0 x (bf16) and s B A x (fp32) and
+their products. ``PEFTLAB_DORA_SHARE_OUTPUT=1`` keeps the output itself rather than a copy (free where
+the next op holds it anyway: gate/up feed SiLU-mul, v feeds attention); it is off by default because
+some fused kernels write gradients into the tensors they saved (Liger's and Unsloth's SwiGLU backward
+overwrite their inputs, here the gate/up outputs), which would corrupt dm silently. The frozen base weight's gradient is computed only when
 it requires grad; the base bias likewise. Adapter weights (fp32) are cast to the activation dtype once
 per call; their gradients come back in their own dtype.
 
@@ -23,6 +26,7 @@ methods (``LoraLayer.delta``, ``DoraLayer.adapt``) stay the reference; tests com
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,6 +65,22 @@ def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
     """The dtype an adapter's activation maths runs in: the activation's on the fast path (bf16 GEMMs
     on a bf16 model, no fp32 copies of activations kept for backward), else the adapter's own."""
     return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off inside a fused node (its operands are already in the compute dtype); entering a
+    context costs host time on every module, so only when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fold_tensor_scaling(a: torch.Tensor, scaling) -> tuple[torch.Tensor, float]:
+    """A 0-d tensor scaling (hot-swap's buffer) goes into A: reading it as a float would sync the device
+    and make torch.compile specialise on its value."""
+    if isinstance(scaling, torch.Tensor):
+        return a * scaling.to(a.dtype), 1.0
+    return a, scaling
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +128,7 @@ class _LoraLinear(torch.autograd.Function):
 
 class _DoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling):
+    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, share_output):
         x2 = _flat(x)
         scale = (magnitude / norm).to(x.dtype)
         z = F.linear(x2, weight)
@@ -117,7 +137,10 @@ class _DoraLinear(torch.autograd.Function):
         y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
         y = y.view(*x.shape[:-1], y.shape[-1])
         ctx.scaling = scaling
-        ctx.save_for_backward(x2, weight, bias, a, b, magnitude, scale, xa, y)
+        kept = None
+        if ctx.needs_input_grad[5]:  # dm needs the output; a copy unless the caller vouches for sharing it
+            kept = y if share_output else y.clone()
+        ctx.save_for_backward(x2, weight, bias, a, b, magnitude, scale, xa, kept)
         return y
 
     @staticmethod
@@ -145,13 +168,14 @@ class _DoraLinear(torch.autograd.Function):
             if bias is not None:
                 gy = gy - bias.float() * g_sum
             grad_m = (gy / magnitude.float()).to(magnitude.dtype)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None
 
 
 def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
-    with torch.autocast(x.device.type, enabled=False):  # operands are already in the compute dtype
+    a, scaling = _fold_tensor_scaling(a, scaling)
+    with _no_autocast(x):
         return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
 
 
@@ -171,5 +195,7 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
     """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling))
+    share = os.environ.get("PEFTLAB_DORA_SHARE_OUTPUT", "") == "1"
+    a, scaling = _fold_tensor_scaling(a, scaling)
+    with _no_autocast(x):
+        return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)

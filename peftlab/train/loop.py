@@ -30,6 +30,7 @@ from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
 from peftlab.train import distributed
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients, autocast_context as _autocast
 
@@ -110,6 +111,10 @@ class TrainArgs:
     """method galore: update scale (None: 0.25)."""
     galore_proj_type: str | None = None
     """method galore: std, reverse_std, left, right, full (None: std)."""
+    packing: bool = False
+    """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
+    compile: str | None = None
+    """A torch.compile backend ("inductor") for the adapted modules; None = eager."""
 
     def validate(self) -> None:
         known = variants()
@@ -347,6 +352,10 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad-requiring input
+    if args.packing:
+        check_packing(model)
+    if args.compile:
+        compile_adapted(model, args.compile)
     reset_peak_memory(device)
     try:
         state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
@@ -368,6 +377,8 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         if args.gradient_checkpointing and not had_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
+        if args.compile:
+            uncompile_adapted(model)
         model.train(was_training)
 
 
@@ -392,6 +403,7 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
                out: Path, on_step, runtime: distributed.Runtime) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
+    collate = PackingCollator() if args.packing else collate
     model.train()
     runtime.diverge_rng()
     main = runtime.is_main
@@ -417,7 +429,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
-            tokens = int(runtime.total(sum(int(b["attention_mask"].sum()) for b in batches)))
+            tokens = int(runtime.total(sum(batch_tokens(b) for b in batches)))
             state["step"], state["examples_seen"] = step, state["examples_seen"] + args.batch_size * args.grad_accum
             state["train_time_s"] += elapsed
             state["tokens"] += tokens
