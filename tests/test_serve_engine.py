@@ -111,6 +111,31 @@ def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
     # hot load under a new name
     engine.store.register("lora2", adapter_dirs / "lora")
     assert engine.generate(prompt, "lora2", MAX_NEW, stop_ids=EOS) == ref_lora
+    # re-registering a name with other weights while a request holds the old ones: each gets its own
+    held = engine.submit(Request(prompt, "lora2", MAX_NEW, stop_ids=EOS))
+    engine.step()
+    engine.store.register("lora2", adapter_dirs / "dora")
+    assert engine.generate(prompt, "lora2", MAX_NEW, stop_ids=EOS) == ref_dora
+    engine.run_until_done([held])
+    assert held.output == ref_lora
+
+
+def test_failing_step_fails_its_requests_instead_of_losing_them(adapter_dirs, monkeypatch):
+    engine = _engine(adapter_dirs)
+    engine.start()
+    try:
+        import peftlab.serve.engine as engine_module
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine_module, "ragged_forward", broken)
+        reqs = [engine.submit(Request(_prompt(i), n, 3)) for i, n in enumerate([None, "lora"])]
+        assert all(r.done.wait(30) for r in reqs)
+        assert all(r.finish_reason == "error" and "boom" in r.error for r in reqs)
+        assert engine.cache.free_blocks == engine.cache.num_blocks and not any(engine.store.pins)
+    finally:
+        engine.stop()
 
 
 def test_all_slots_pinned_waits_instead_of_failing(adapter_dirs):

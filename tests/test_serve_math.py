@@ -40,9 +40,10 @@ def _forms(g: torch.Generator) -> list[ServingForm]:
     ]
 
 
-def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64) -> tuple[BatchedLinear, StepContext]:
+def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64,
+           device="cpu") -> tuple[BatchedLinear, StepContext]:
     torch.manual_seed(0)
-    base = nn.Linear(IN, OUT, bias=True).to(dtype)
+    base = nn.Linear(IN, OUT, bias=True).to(device, dtype)
     ctx = StepContext()
     return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4), ctx
 
@@ -161,9 +162,7 @@ def test_batched_layer_triton_path_matches_torch_path():
     slots = [0, 1, 2, -1, 5, 6, 7, 0, 1]
     x = torch.randn(len(slots), IN, generator=g).to(dev)
     for use_triton in (False, True):
-        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32)
-        layer.to(dev)
-        layer.device = torch.device(dev)
+        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev)
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
         ctx.set(slots, dev)

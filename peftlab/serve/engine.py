@@ -207,14 +207,16 @@ class Engine:
         batch = new + self.running
         if not batch:
             return False
+        self.running = batch  # from here on a failing step fails these requests (see _loop), never loses them
         chunks, slots = [], []
-        for r in new:
-            chunks.append(Chunk(r.id, r.prompt, 0))
-            slots += [r.slot] * len(r.prompt)
-            self.metrics["prompt_tokens"] += len(r.prompt)
-        for r in self.running:
-            chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
-            slots.append(r.slot)
+        for r in batch:
+            if r.output:
+                chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
+                slots.append(r.slot)
+            else:
+                chunks.append(Chunk(r.id, r.prompt, 0))
+                slots += [r.slot] * len(r.prompt)
+                self.metrics["prompt_tokens"] += len(r.prompt)
         self.context.set(slots, self.device)
         logits = ragged_forward(self.model, self.cache, chunks)
         tokens = sample(logits, [r.params for r in batch], [r._generator for r in batch])

@@ -11,6 +11,7 @@ between steps once no running request uses the adapter.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -110,7 +111,8 @@ class AdapterStore:
         self.slot_of: dict[str, int] = {}
         self.pins = [0] * max_gpu
         self.last_used = [0.0] * max_gpu
-        self._pending_unload: set[str] = set()
+        self._pending_unload: set[str] = set()  # retired slot entries, cleared when no request holds them
+        self._retired = itertools.count()
         self.stats = {"gpu_hits": 0, "gpu_misses": 0, "cpu_hits": 0, "disk_loads": 0, "evictions": 0,
                       "cold_load_ms_sum": 0.0, "cold_load_count": 0, "last_cold_load_ms": 0.0}
         self.errors: dict[str, str] = {}
@@ -129,15 +131,17 @@ class AdapterStore:
         resolved = self.check_path(path) if check_root else Path(path).resolve()
         read_config(resolved)  # a clear error now for a folder that is not an adapter
         with self._lock:
+            if self.known(name):  # a reload: the old weights must never answer for the new registration
+                self.unload(name)
             self.paths[name] = resolved
-            self._pending_unload.discard(name)
             self.errors.pop(name, None)
 
     def add_loaded(self, adapter: LoadedAdapter) -> None:
         """Serve an adapter given as forms (benchmarks); it stays in memory until unloaded."""
         with self._lock:
+            if self.known(adapter.name):
+                self.unload(adapter.name)
             self.preloaded[adapter.name] = adapter
-            self._pending_unload.discard(adapter.name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -145,18 +149,23 @@ class AdapterStore:
 
     def known(self, name: str) -> bool:
         with self._lock:
-            return (name in self.paths or name in self.preloaded) and name not in self._pending_unload
+            return name in self.paths or name in self.preloaded
 
     def unload(self, name: str) -> None:
-        """Forget adapter ``name``; its GPU slot is freed by the engine once no running request uses it."""
+        """Forget adapter ``name`` now. Its GPU slot is renamed to a retired entry that no new request can
+        reach, and the engine clears it once the running requests that hold it finish."""
         with self._lock:
             if not self.known(name):
                 raise AdapterNotFound(name)
             self.paths.pop(name, None)
             self.preloaded.pop(name, None)
             self.cpu.pop(name, None)
-            if name in self.slot_of:
-                self._pending_unload.add(name)
+            self.errors.pop(name, None)
+            slot = self.slot_of.pop(name, None)
+            if slot is not None:
+                retired = f"{name}\0retired{next(self._retired)}"
+                self.slot_name[slot], self.slot_of[retired] = retired, slot
+                self._pending_unload.add(retired)
 
     # -- disk -> CPU ---------------------------------------------------------------------------
     def load_from_disk(self, name: str, path: Path) -> LoadedAdapter:
