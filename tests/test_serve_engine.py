@@ -153,11 +153,11 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     peftlab.attach(model, peftlab.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     peftlab.save_adapter(model, adapter_dirs / "prompt")
     engine.store.register("prompt", adapter_dirs / "prompt")
-    with pytest.raises(ServeError, match="model input"):
+    with pytest.raises(ServeError, match="model hooks"):
         engine.store.acquire("prompt", load_from_disk=True)
     req = engine.submit(Request(_prompt(0), "prompt", 2))
     engine.run_until_done([req])
-    assert req.finish_reason == "error" and "model input" in req.error
+    assert req.finish_reason == "error" and "model hooks" in req.error
 
 
 def test_seeded_sampling_is_batch_independent(adapter_dirs):

@@ -118,6 +118,38 @@ def test_serving_form_equals_the_adapted_module(method):
                                    rtol=1e-5, atol=1e-5, msg=f"{method} {name}")
 
 
+@pytest.mark.parametrize("variant", sorted(peftlab.variants()))
+def test_every_method_is_served_or_refused_with_a_reason(variant):
+    """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
+    served form equals the method's own module (full-rank conversion: exact up to rounding); hook-based and
+    non-mergeable methods are refused with a ServeError."""
+    from peftlab.core.registry import method_for
+    from peftlab.serve.store import ServeError, check_servable, forms_of
+
+    model = tiny_llama()
+    config = peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4)
+    method = method_for(config)
+    if method.kind == "input":
+        with pytest.raises(ServeError, match="model hooks"):
+            check_servable(config, variant)
+        return
+    check_servable(config, variant)
+    peftlab.attach(model, config)
+    randomize_adapters(model, seed=1, std=0.2)
+    layers = [(name, module, module.adapters["default"]) for name, module in adapted_modules(model)]
+    if not all(layer.mergeable or layer.batched_serving for _, _, layer in layers):
+        with pytest.raises(ServeError, match="no batched serving form"):
+            forms_of(model, "default", 64)
+        return
+    forms, converted = forms_of(model, "default", 64)
+    assert bool(converted) == (not layers[0][2].batched_serving)
+    assert all(err < 1e-5 for err in converted.values())
+    for name, module, _ in layers:
+        x = torch.randn(3, module.view.in_features)
+        torch.testing.assert_close(forms[name].apply(x, module.view.weight_oi(), module.view.bias), module(x),
+                                   rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
+
+
 def _triton_case(dtype, device):
     g = torch.Generator().manual_seed(2)
     S, R = 5, 8

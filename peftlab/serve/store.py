@@ -65,7 +65,8 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
     if method_for(config).kind == "input":
-        raise ServeError(f"adapter {name!r}: {config.peft_type} acts on the model input, which serve does not batch")
+        raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (input-side tokens or "
+                         "inserted modules), which serve does not batch")
     if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
 
