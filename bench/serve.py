@@ -64,14 +64,13 @@ def _randomize(model, seed: int, std: float) -> None:
 def make_adapter(engine, name: str, config, seed: int, std: float = 0.02):
     """A LoadedAdapter of ``config`` with random weights, built on the served base (no disk)."""
     import peftlab
-    from peftlab.serve.store import LoadedAdapter, _to_host, forms_of, skeleton
+    from peftlab.serve.store import LoadedAdapter, forms_of, pack_to_host, skeleton
 
     sk = skeleton({n: layer.base for n, layer in engine.layers.items()})
     peftlab.attach(sk, config, "x")
     _randomize(sk, seed, std)
     forms, converted = forms_of(sk, "x", engine.config.convert_rank)
-    dtype = next(iter(engine.layers.values())).dtype
-    forms = {m: _to_host(f, dtype, engine.device.type == "cuda") for m, f in forms.items()}
+    forms = pack_to_host(forms, next(iter(engine.layers.values())).dtype, engine.device.type == "cuda")
     return LoadedAdapter(name, config.peft_type, forms, converted, 0.0, sum(f.nbytes() for f in forms.values()))
 
 

@@ -89,7 +89,7 @@ def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: S
         out = x.new_zeros(x.shape[0], up.shape[1])
     if seg.empty:
         return out
-    z = torch.zeros(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)
+    z = torch.empty(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)  # rows outside segments unread
     # shrink: long K (in), N = rank; expand: K = rank, long N (out)
     grouped_matmul(x.contiguous(), down, z, seg, accumulate=False, block_n=16, block_k=64)
     grouped_matmul(z, up, out, seg, accumulate=True, block_n=64, block_k=16)

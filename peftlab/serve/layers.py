@@ -79,7 +79,7 @@ class BatchedLinear(nn.Module):
         self.clear_slot(slot)
         if form is None:
             return
-        form = form.to(device=self.device, dtype=self.dtype)
+        form = form.to(device=self.device, dtype=self.dtype, non_blocking=True)  # from pinned host memory
         if form.in_scale is not None:
             self.in_scale = self._ones(self.in_features) if self.in_scale is None else self.in_scale
             self.in_scale[slot] = form.in_scale
