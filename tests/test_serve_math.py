@@ -166,23 +166,27 @@ def _triton_case(dtype, device):
     return x, down, up, seg, ranks
 
 
-def test_triton_grouped_lowrank_matches_torch():
-    from peftlab.serve.batched import lowrank_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_grouped_lowrank_matches_torch(fused, monkeypatch):
+    import peftlab.serve.batched as batched
 
+    monkeypatch.setattr(batched, "FUSED_MAX_TOKENS", 10**6 if fused else 0)  # the decode or the prefill path
     x, down, up, seg, ranks = _triton_case(torch.float32, "cpu" if not torch.cuda.is_available() else "cuda")
     base = torch.randn(x.shape[0], OUT, device=x.device)
     want = lowrank_torch(x, down, up, seg, ranks, out=base.clone())
-    got = lowrank_triton(x, down, up, seg, out=base.clone())
+    got = batched.lowrank_triton(x, down, up, seg, out=base.clone())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernel on the GPU")
-def test_triton_grouped_lowrank_bf16_cuda():
-    from peftlab.serve.batched import lowrank_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_grouped_lowrank_bf16_cuda(fused, monkeypatch):
+    import peftlab.serve.batched as batched
 
+    monkeypatch.setattr(batched, "FUSED_MAX_TOKENS", 10**6 if fused else 0)
     x, down, up, seg, ranks = _triton_case(torch.bfloat16, "cuda")
     want = lowrank_torch(x.float(), down.float(), up.float(), seg, ranks)
-    got = lowrank_triton(x, down, up, seg).float()
+    got = batched.lowrank_triton(x, down, up, seg).float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
 
 

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 
+FUSED_MAX_TOKENS = 16  # per slot; above it the fused kernel would recompute too many rank activations
+
+
 @dataclass(frozen=True)
 class Segments:
     """Tokens grouped by slot: ``order[starts[g]:starts[g+1]]`` are the token rows of slot ``slots[g]``.
@@ -82,12 +85,16 @@ def lowrank_torch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Se
 
 def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same result as ``lowrank_torch`` (padded ranks included): one shrink and one expand launch."""
-    from peftlab.serve.kernels import grouped_matmul
+    """Same result as ``lowrank_torch`` (padded ranks included): one fused launch when every slot has at most
+    ``FUSED_MAX_TOKENS`` tokens (decode), else one shrink and one expand launch."""
+    from peftlab.serve.kernels import fused_lowrank, grouped_matmul
 
     if out is None:
         out = x.new_zeros(x.shape[0], up.shape[1])
     if seg.empty:
+        return out
+    if seg.max_len <= FUSED_MAX_TOKENS and down.shape[1] <= 128:
+        fused_lowrank(x.contiguous(), down, up, out, seg)
         return out
     z = torch.empty(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)  # rows outside segments unread
     # shrink: long K (in), N = rank; expand: K = rank, long N (out)
