@@ -108,6 +108,7 @@ def test_completions_per_adapter_and_models(server, expected):
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == expected[model]
             assert r.json()["usage"]["completion_tokens"] >= len(expected[model]) > 0
+        assert _complete(c, "base").json()["choices"][0]["text"] == expected["base"]  # the alias of the base model
         r = _complete(c, "a2", headers={"Authorization": "Bearer sk-beta-0001"})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["a2"]
         ids = {m["id"] for m in c.get("/v1/models", headers=ACME).json()["data"]}

@@ -81,7 +81,7 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
     def adapter_for(tenant: Tenant, model: Any) -> str | None:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' must name an adapter or the base model")
-        is_base = model == base_name
+        is_base = model in (base_name, "base")  # "base" always names the base model (no adapter may take it)
         if not tenant.allows("base" if is_base else model):
             raise AuthError(403, f"model {model!r} is not available to this API key")
         if not is_base and not engine.store.known(model):
@@ -143,7 +143,7 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
         req.adapter = adapter
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req.on_event = lambda tok, reason: loop.call_soon_threadsafe(events.put_nowait, (tok, reason))
+        req.on_event = lambda tok, reason: loop.call_soon_threadsafe(events.put_nowait, (tok, reason))  # engine thread
         try:
             engine.submit(req)
         except QueueFull as exc:

@@ -195,9 +195,18 @@ class Engine:
 
     def _finish_event(self, req: Request) -> None:
         req.finished_at = time.perf_counter()
-        if req.on_event is not None:
-            req.on_event(None, req.finish_reason)
+        self._emit(req, None, req.finish_reason)
         req.done.set()
+
+    @staticmethod
+    def _emit(req: Request, token: int | None, reason: str | None) -> None:
+        """Call the request's callback; a failing callback (its client is gone) cancels that request only."""
+        if req.on_event is None:
+            return
+        try:
+            req.on_event(token, reason)
+        except Exception:
+            req.cancelled = True
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to run."""
@@ -226,8 +235,7 @@ class Engine:
             r.output.append(tok)
             if not r.first_token_at:
                 r.first_token_at = now
-            if r.on_event is not None:
-                r.on_event(tok, None)
+            self._emit(r, tok, None)
             if r.cancelled:
                 r.finish_reason = "cancelled"
             elif tok in r.stop_ids:
