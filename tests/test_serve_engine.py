@@ -1,16 +1,21 @@
 """Serving engine: a continuously batched mix of adapters and methods gives, per request, the greedy tokens
 that HF ``generate`` gives with that adapter alone (peftlab's own loader; fp32 CPU, token-exact).
 Also: the adapter store's LRU eviction, hot load/unload, and the KV cache's block accounting."""
+import os
+
 import pytest
 import torch
 
-import peftlab
-from peftlab.serve.engine import Engine, EngineConfig, Request
-from peftlab.serve.kv import CacheFull, PagedKVCache
-from peftlab.serve.sampling import SamplingParams
-from peftlab.serve.store import AdapterNotFound, ServeError
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the engine's Triton path runs in the interpreter on CPU
 
-from models import randomize_adapters, tiny_llama
+import peftlab  # noqa: E402
+from peftlab.serve.engine import Engine, EngineConfig, Request  # noqa: E402
+from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
+from peftlab.serve.sampling import SamplingParams  # noqa: E402
+from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
+
+from models import randomize_adapters, tiny_llama  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
@@ -83,6 +88,18 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
     loha = engine.store._cpu_get("loha")
     assert loha.converted and max(loha.converted.values()) < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact up to rounding
     assert engine.cache.free_blocks == engine.cache.num_blocks  # every block returned
+
+
+def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
+    """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    outs = []
+    for use_triton in (False, True):
+        engine = _engine(adapter_dirs, device, use_triton=use_triton)
+        reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate([None, "lora", "rslora8", "dora", "loha"])]
+        engine.run_until_done(reqs)
+        outs.append([r.output for r in reqs])
+    assert outs[0] == outs[1]
 
 
 def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
