@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 if not torch.cuda.is_available():
@@ -74,6 +75,21 @@ def test_mixed_batch_equals_each_adapter_alone():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # 3-D input (batch, time, in) as the model passes it
     torch.testing.assert_close(layer(x[None])[0], want, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(-1, 7), min_size=1, max_size=40), st.permutations(range(8)), st.integers(0, 2**16))
+def test_any_slot_mix_equals_dense_reference(slots, placement, seed):
+    """Property: for any token -> slot assignment and any placement of the forms in slots, batched == dense."""
+    g = torch.Generator().manual_seed(seed)
+    forms = _forms(g)
+    layer, ctx = _layer(capacity=8)
+    by_slot = {slot: form for slot, form in zip(placement, forms)}
+    for slot, form in by_slot.items():
+        layer.set_slot(slot, form)
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)
+    ctx.set(slots, "cpu")
+    torch.testing.assert_close(layer(x), _dense(by_slot, slots, x, layer.base), rtol=1e-10, atol=1e-10)
 
 
 def test_slots_clear_and_reuse():
