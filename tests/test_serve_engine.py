@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 import peftlab  # noqa: E402
 from peftlab.serve.engine import Engine, EngineConfig, Request  # noqa: E402
 from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
-from peftlab.serve.sampling import SamplingParams  # noqa: E402
+from peftlab.serve.sampling import SamplingParams, sample, top_p_filter  # noqa: E402
 from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
 
 from models import randomize_adapters, tiny_llama  # noqa: E402
@@ -199,3 +199,20 @@ def test_paged_cache_blocks():
         cache.slots(0, 0, 9)
     cache.release(0)
     assert cache.free_blocks == 4
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, 0.0]])
+    probs = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, 0.03
+    kept = top_p_filter(logits[0], 0.8).isfinite()
+    assert kept.tolist() == [True, True, False, False] and probs[0] < 0.8 <= probs[:2].sum()
+    assert top_p_filter(logits[0], 0.5).isfinite().tolist() == [True, False, False, False]
+    greedy = SamplingParams()
+    assert sample(logits, [greedy, greedy], [None, None]) == [0, 1]
+    narrow = SamplingParams(temperature=1.0, top_p=0.01, seed=1)
+    assert sample(logits, [narrow, narrow], [narrow.generator("cpu"), narrow.generator("cpu")]) == [0, 1]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    draws = [sample(logits[:1], [p], [p.generator("cpu")])[0] for p in (SamplingParams(1.0, 1.0, s) for s in range(300))]
+    share = sum(d == 0 for d in draws) / len(draws)
+    assert abs(share - float(probs[0])) < 0.1  # sampled in proportion to the probabilities

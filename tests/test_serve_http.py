@@ -253,3 +253,38 @@ def test_cli_options():
     for bad in (["a"], ["=x"], ["a=x", "a=y"]):
         with pytest.raises(typer.BadParameter):
             parse_adapter_specs(bad)
+
+
+def test_peftlab_serve_command_end_to_end(root, expected):
+    """The real command in a subprocess: serves, answers, and exits cleanly on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "serve", "--model", str(root / "model"), "--adapter",
+                             f"a1={root / 'adapters' / 'a1'}", "--port", str(port), "--device", "cpu",
+                             "--dtype", "float32", "--kv-tokens", "1024"], env=env, cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "a1", "prompt": PROMPT, "max_tokens": NEW,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["a1"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
