@@ -56,8 +56,9 @@ def _field(body: dict, key: str, kinds: tuple, default: Any = None) -> Any:
 def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing | None = None,
                limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    eos = {t for t in (tokenizer.eos_token_id, getattr(engine.model.generation_config, "eos_token_id", None))
-           if isinstance(t, int)}
+    generation = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    candidates = [tokenizer.eos_token_id, *(generation if isinstance(generation, (list, tuple)) else [generation])]
+    eos = {t for t in candidates if isinstance(t, int)}  # generation configs may list several (Llama 3)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,8 +185,10 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
             finally:
                 req.cancelled = req.cancelled or not req.done.is_set()  # client went away
 
-        usage = lambda: {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),  # noqa: E731
-                         "total_tokens": len(req.prompt) + len(req.output)}
+        def usage() -> dict:
+            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+                    "total_tokens": len(req.prompt) + len(req.output)}
+
         if body.get("stream"):
             async def sse():
                 if chat:
@@ -322,6 +325,7 @@ def prometheus_text(engine: Engine) -> str:
         ("requests_failed_total", "counter", "requests that ended in an error", m["requests_failed"]),
         ("prompt_tokens_total", "counter", "prompt tokens prefilled", m["prompt_tokens"]),
         ("generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
+        ("step_seconds_total", "counter", "time spent in engine steps", round(m["step_seconds"], 6)),
         ("tokens_per_second", "gauge", "generated tokens per second, last 10 s", round(engine.tokens_per_second(), 3)),
         ("adapter_gpu_hits_total", "counter", "requests whose adapter was already in a GPU slot", st["gpu_hits"]),
         ("adapter_cpu_hits_total", "counter", "slot loads served from the CPU cache", st["cpu_hits"]),

@@ -113,6 +113,8 @@ class Engine:
             raise AdapterNotFound(req.adapter)
         if not req.prompt:
             raise ValueError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}")
         if len(req.prompt) + req.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                              f"limit of {self.max_context} tokens")
