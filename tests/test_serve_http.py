@@ -127,6 +127,8 @@ def test_auth_and_errors(server):
         assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
         r = _complete(c, "a0", prompt="x" * 49)
         assert r.status_code == 400 and "over the limit of 48" in r.json()["error"]["message"]
+        r = _complete(c, "a0", prompt="x" * (48 * 64 + 1))
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"]
         assert _complete(c, "a0", n=2).status_code == 400
         assert _complete(c, "a0", temperature=-1).status_code == 400
         assert _complete(c, "a0", top_p="high").status_code == 400
@@ -151,6 +153,9 @@ def test_chat_streaming_with_openai_client(server, root):
     want = _expected(root / "adapters" / "a1", list(ids))
     full = client.chat.completions.create(model="a1", messages=messages, max_tokens=NEW, temperature=0)
     assert full.choices[0].message.content == want
+    parts_form = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    same = client.chat.completions.create(model="a1", messages=parts_form, max_tokens=NEW, temperature=0)
+    assert same.choices[0].message.content == want
     parts = [ch.choices[0].delta.content or "" for ch in
              client.chat.completions.create(model="a1", messages=messages, max_tokens=NEW, temperature=0, stream=True)]
     assert "".join(parts) == want and len([p for p in parts if p]) > 1  # really streamed, token by token

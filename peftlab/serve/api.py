@@ -29,6 +29,9 @@ from peftlab.serve.sampling import SamplingParams
 from peftlab.serve.store import AdapterNotFound, ServeError
 
 
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per allowed token is refused untokenized
+
+
 @dataclass
 class Limits:
     max_tokens: int = 1024  # per request
@@ -89,23 +92,38 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
             raise ApiError(404, f"model {model!r} does not exist", "invalid_request_error", "model_not_found")
         return None if is_base else model
 
+    def message_text(m: Any) -> str | None:
+        """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+        content = m.get("content") if isinstance(m, dict) and isinstance(m.get("role"), str) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        return content if isinstance(content, str) else None
+
     def encode_prompt(body: dict, chat: bool) -> list[int]:
         if chat:
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                    for m in messages):
-                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
+            texts = [message_text(m) for m in messages] if isinstance(messages, list) else []
+            if not texts or any(t is None for t in texts):
+                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content")
             if not getattr(tokenizer, "chat_template", None):
                 raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            text = sum(len(t) for t in texts)
+            messages = [{"role": m["role"], "content": t} for m, t in zip(messages, texts)]
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)")
+            text = len(prompt)
+        if text > limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN:  # refuse before spending time tokenizing
+            raise ApiError(400, f"prompt is {text} characters, over the limit of {limits.max_prompt_tokens} tokens",
+                           code="context_length_exceeded")
+        if chat:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
             ids = tokenizer(prompt)["input_ids"]
         ids = list(ids)
         if len(ids) > limits.max_prompt_tokens:
