@@ -93,7 +93,7 @@ def _fused_lowrank_kernel(x_ptr, a_ptr, b_ptr, out_ptr, order_ptr, starts_ptr, s
 
 
 def fused_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out: torch.Tensor, seg: Segments,
-                  block_m: int = 16, block_n: int = 64, block_k: int = 64) -> None:
+                  block_m: int = 16, block_n: int = 128, block_k: int = 128) -> None:
     """``out[t] += up[s] @ (down[s] @ x[t])`` in one launch; x (T, in), down (S+1, R, in), up (S+1, out, R)."""
     if seg.empty:
         return
