@@ -85,8 +85,9 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
     for (name, _), ref, out, req in zip(jobs, refs, got, first + late):
         assert req.error is None, req.error
         assert out == ref, f"adapter {name}: batched {out} != alone {ref}"
-    loha = engine.store._cpu_get("loha")
-    assert loha.converted and max(loha.converted.values()) < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact up to rounding
+    loha = engine.store.describe("loha")
+    assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
+    assert engine.store.describe("dora")["converted_to_lora"] is False
     assert engine.cache.free_blocks == engine.cache.num_blocks  # every block returned
 
 

@@ -195,6 +195,7 @@ def test_load_test_with_hot_load_and_unload(server, expected):
         for _ in range(3):
             r = await c.post("/admin/adapters", json={"name": "a3", "path": str(server_root / "a3")}, headers=ADMIN)
             assert r.status_code == 200, r.text
+            assert r.json()["peft_type"] == "LORA" and r.json()["converted_to_lora"] is False
             r = await c.post("/v1/completions", headers=ADMIN, json={"model": "a3", "prompt": PROMPT,
                                                                      "max_tokens": NEW, "temperature": 0})
             results.append(("a3", r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))

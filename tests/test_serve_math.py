@@ -166,6 +166,9 @@ def test_every_method_is_served_or_refused_with_a_reason(variant):
     forms, converted = forms_of(model, "default", 64)
     assert bool(converted) == (not layers[0][2].batched_serving)
     assert all(err < 1e-5 for err in converted.values())
+    if converted:  # at rank 1 the conversion loses something, and says how much
+        _, rank1 = forms_of(model, "default", 1)
+        assert set(rank1) == set(converted) and max(rank1.values()) > 1e-3
     for name, module, _ in layers:
         x = torch.randn(3, module.view.in_features)
         torch.testing.assert_close(forms[name].apply(x, module.view.weight_oi(), module.view.bias), module(x),

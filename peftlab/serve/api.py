@@ -3,7 +3,8 @@
     POST /v1/completions, /v1/chat/completions   ``model`` = an adapter name or the base model's name;
                                                  ``stream: true`` answers with server-sent events
     GET  /v1/models                              what the caller's key may use
-    POST /admin/adapters {"name", "path"}        hot load (path inside --adapter-root); DELETE /admin/adapters/{name}
+    POST /admin/adapters {"name", "path"}        hot load (path inside --adapter-root); DELETE /admin/adapters/{name};
+                                                 GET /admin/adapters (method, slot, load time, LoRA conversion error)
     GET  /health, /metrics (Prometheus text)
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 bad input or over a limit,
@@ -276,7 +277,12 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
             except Exception as exc:
                 engine.store.unload(name)
                 raise ApiError(400, f"adapter {name!r} cannot be served: {exc}") from None
-        return {"loaded": name}
+        return {"loaded": name, **engine.store.describe(name)}
+
+    @app.get("/admin/adapters")
+    async def list_adapters(http: HttpRequest):
+        admin(http)
+        return {"adapters": [engine.store.describe(n) for n in engine.store.names()]}
 
     @app.delete("/admin/adapters/{name}")
     async def unload_adapter(name: str, http: HttpRequest):

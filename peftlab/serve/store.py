@@ -12,6 +12,7 @@ between steps once no running request uses the adapter.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,9 @@ from peftlab.core.registry import method_for
 from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
 from peftlab.lowrank import lora_from_delta
 from peftlab.serve.layers import BatchedLinear
+
+
+log = logging.getLogger("peftlab.serve")
 
 
 class AdapterNotFound(KeyError):
@@ -185,8 +189,26 @@ class AdapterStore:
                 delete_adapter(self._skeleton, tmp)
         layer = next(iter(self.layers.values()))
         forms = pack_to_host(forms, layer.dtype, layer.device.type == "cuda")
-        return LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
-                             sum(f.nbytes() for f in forms.values()))
+        adapter = LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
+                                sum(f.nbytes() for f in forms.values()))
+        if converted:
+            log.warning("adapter %r (%s) is served as a rank-%d LoRA of its update: relative error max %.3g over "
+                        "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
+        return adapter
+
+    def describe(self, name: str) -> dict:
+        """What the store knows of ``name``: method, where it is, load time, and any LoRA conversion error."""
+        with self._lock:
+            if not self.known(name):
+                raise AdapterNotFound(name)
+            adapter = self._cpu_get(name)
+            info = {"name": name, "path": str(self.paths[name]) if name in self.paths else None,
+                    "gpu_slot": self.slot_of.get(name), "in_cpu_cache": adapter is not None}
+            if adapter is not None:
+                info.update(peft_type=adapter.peft_type, bytes=adapter.nbytes, load_ms=round(adapter.load_ms, 2),
+                            converted_to_lora=bool(adapter.converted),
+                            max_conversion_error=max(adapter.converted.values(), default=0.0))
+            return info
 
     def _cpu_get(self, name: str) -> LoadedAdapter | None:
         with self._lock:
