@@ -44,7 +44,7 @@ def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64,
            device="cpu") -> tuple[BatchedLinear, StepContext]:
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, bias=True).to(device, dtype)
-    ctx = StepContext()
+    ctx = StepContext(capacity)
     return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4), ctx
 
 

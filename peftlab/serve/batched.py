@@ -103,9 +103,14 @@ def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: S
     return out
 
 
-def gather_rows(table: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """(T, n) per-token rows of a (S+1, n) slot table; slot -1 reads the identity row at the end."""
-    return table.index_select(0, torch.where(token_slots < 0, token_slots + table.shape[0], token_slots))
+def table_rows(token_slots: list[int], capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-token row of the (capacity + 1)-row slot tables: the slot, or the identity row ``capacity`` for -1."""
+    return torch.tensor([s if s >= 0 else capacity for s in token_slots], dtype=torch.int64, device=device)
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(T, n) per-token rows of a (S+1, n) slot table (``rows`` from ``table_rows``)."""
+    return table.index_select(0, rows)
 
 
 def scaled_lowrank_grouped(x: torch.Tensor, proj_down: torch.Tensor, proj_up: torch.Tensor, proj_of_slot: list[int],
