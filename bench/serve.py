@@ -271,6 +271,16 @@ def run(args, doc: dict[str, Any], save) -> None:
     from peftlab.serve.engine import Engine, EngineConfig
 
     vocab = SHAPES[args.shape]["model"]["vocab_size"]
+    if not args.no_peft:  # first: a run cut short by its time limit still has the comparison
+        try:
+            doc["peft"] = peft_baseline(args, vocab)
+        except Exception as exc:  # recorded, not fatal: our numbers stand on their own
+            doc["peft"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(doc["peft"]), flush=True)
+        save(doc)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     model = build_model(args.shape, args.device, args.torch_dtype)
     cfg = EngineConfig(max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt, max_queue=10**6,
                        kv_tokens=args.batch * (args.prompt + max(args.new, args.agree_new)) * 2,
@@ -297,15 +307,17 @@ def run(args, doc: dict[str, Any], save) -> None:
         save(doc)  # a run cut short by its time limit still leaves what it measured
 
     scenario("base model", [None] * n, adapters=0, popularity="-")
-    for count in args.adapters:
+    for count in args.adapters:  # uniform first, the mixed-method batch early: the headline numbers come first
         pool = [f"lora{i}" for i in range(count)]
         scenario(f"{count} adapter{'s' if count > 1 else ''}, uniform", popularity(pool, n, 0.0, count),
                  adapters=count, popularity="uniform")
-        if count >= 8:
-            scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
-    mixed = ["lora0", "dora", "ia3", "vera"]
-    scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], adapters=4,
-             popularity="uniform")
+        if count == 8:
+            mixed = ["lora0", "dora", "ia3", "vera"]
+            scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], adapters=4,
+                     popularity="uniform")
+    for count in [c for c in args.adapters if c >= 8]:
+        pool = [f"lora{i}" for i in range(count)]
+        scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
     doc["cold_load"] = cold_load(engine, args)
     print(json.dumps(doc["cold_load"]), flush=True)
     doc["agreement"] = agreement(engine, args, vocab)
@@ -318,16 +330,6 @@ def run(args, doc: dict[str, Any], save) -> None:
     print(json.dumps(doc["kernels"]), flush=True)
     save(doc)
     engine.stop(drain=False)
-    engine = model = None  # free the device for the PEFT side
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    if not args.no_peft:
-        try:
-            doc["peft"] = peft_baseline(args, vocab)
-        except Exception as exc:  # recorded, not fatal: our numbers stand on their own
-            doc["peft"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(doc["peft"]), flush=True)
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
