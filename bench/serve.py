@@ -64,14 +64,13 @@ def _randomize(model, seed: int, std: float) -> None:
 def make_adapter(engine, name: str, config, seed: int, std: float = 0.02):
     """A LoadedAdapter of ``config`` with random weights, built on the served base (no disk)."""
     import peftlab
-    from peftlab.serve.store import LoadedAdapter, _to_host, forms_of, skeleton
+    from peftlab.serve.store import LoadedAdapter, forms_of, pack_to_host, skeleton
 
     sk = skeleton({n: layer.base for n, layer in engine.layers.items()})
     peftlab.attach(sk, config, "x")
     _randomize(sk, seed, std)
     forms, converted = forms_of(sk, "x", engine.config.convert_rank)
-    dtype = next(iter(engine.layers.values())).dtype
-    forms = {m: _to_host(f, dtype, engine.device.type == "cuda") for m, f in forms.items()}
+    forms = pack_to_host(forms, next(iter(engine.layers.values())).dtype, engine.device.type == "cuda")
     return LoadedAdapter(name, config.peft_type, forms, converted, 0.0, sum(f.nbytes() for f in forms.values()))
 
 
@@ -193,6 +192,45 @@ def agreement(engine, args, vocab: int) -> dict[str, Any]:
             "dtype": str(args.torch_dtype)}
 
 
+def kernel_timing(args) -> list[dict[str, Any]]:
+    """Microseconds per call of the grouped LoRA product at decode (1 token per slot) and prefill shapes of the
+    model: the fused Triton kernel and the two-kernel Triton path (CUDA only) and the torch reference."""
+    import peftlab.serve.batched as batched
+
+    shape = SHAPES[args.shape]["model"]
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    cuda = args.device.startswith("cuda")
+    paths = [("torch", None, batched.lowrank_torch)]
+    if cuda:
+        paths = [("fused", 10**9, batched.lowrank_triton), ("two_kernel", 0, batched.lowrank_triton)] + paths
+    default_limit = batched.FUSED_MAX_TOKENS
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for tokens_per_slot in (1, args.prompt):
+        for k, n in ((h, h), (h, inter), (inter, h)):
+            down = (torch.randn(args.batch + 1, args.r, k, generator=g) * 0.02).to(args.device, args.torch_dtype)
+            up = (torch.randn(args.batch + 1, n, args.r, generator=g) * 0.02).to(args.device, args.torch_dtype)
+            x = torch.randn(args.batch * tokens_per_slot, k, generator=g).to(args.device, args.torch_dtype)
+            seg = batched.group_by_slot([i // tokens_per_slot for i in range(x.shape[0])], args.device)
+            out = torch.zeros(x.shape[0], n, device=args.device, dtype=args.torch_dtype)
+            row = {"tokens_per_slot": tokens_per_slot, "slots": args.batch, "in": k, "out": n, "r": args.r}
+            try:
+                for label, limit, fn in paths:
+                    if limit is not None:
+                        batched.FUSED_MAX_TOKENS = limit
+                    fn(x, down, up, seg, out=out)  # compile / warm up
+                    _sync(args.device)
+                    t0 = time.perf_counter()
+                    for _ in range(args.kernel_iters):
+                        fn(x, down, up, seg, out=out)
+                    _sync(args.device)
+                    row[f"{label}_us"] = round((time.perf_counter() - t0) * 1e6 / args.kernel_iters, 1)
+            finally:
+                batched.FUSED_MAX_TOKENS = default_limit
+            rows.append(row)
+    return rows
+
+
 def peft_baseline(args, vocab: int) -> dict[str, Any]:
     """HF generate: base, one adapter, ``--peft-adapters`` adapters mixed (``adapter_names``), as the anchor."""
     from peft import LoraConfig, get_peft_model
@@ -233,6 +271,16 @@ def run(args, doc: dict[str, Any], save) -> None:
     from peftlab.serve.engine import Engine, EngineConfig
 
     vocab = SHAPES[args.shape]["model"]["vocab_size"]
+    if not args.no_peft:  # first: a run cut short by its time limit still has the comparison
+        try:
+            doc["peft"] = peft_baseline(args, vocab)
+        except Exception as exc:  # recorded, not fatal: our numbers stand on their own
+            doc["peft"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(doc["peft"]), flush=True)
+        save(doc)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     model = build_model(args.shape, args.device, args.torch_dtype)
     cfg = EngineConfig(max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt, max_queue=10**6,
                        kv_tokens=args.batch * (args.prompt + max(args.new, args.agree_new)) * 2,
@@ -259,31 +307,29 @@ def run(args, doc: dict[str, Any], save) -> None:
         save(doc)  # a run cut short by its time limit still leaves what it measured
 
     scenario("base model", [None] * n, adapters=0, popularity="-")
-    for count in args.adapters:
+    for count in args.adapters:  # uniform first, the mixed-method batch early: the headline numbers come first
         pool = [f"lora{i}" for i in range(count)]
         scenario(f"{count} adapter{'s' if count > 1 else ''}, uniform", popularity(pool, n, 0.0, count),
                  adapters=count, popularity="uniform")
-        if count >= 8:
-            scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
-    mixed = ["lora0", "dora", "ia3", "vera"]
-    scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], adapters=4,
-             popularity="uniform")
+        if count == 8:
+            mixed = ["lora0", "dora", "ia3", "vera"]
+            scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], adapters=4,
+                     popularity="uniform")
+    for count in [c for c in args.adapters if c >= 8]:
+        pool = [f"lora{i}" for i in range(count)]
+        scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
     doc["cold_load"] = cold_load(engine, args)
     print(json.dumps(doc["cold_load"]), flush=True)
     doc["agreement"] = agreement(engine, args, vocab)
     print(json.dumps(doc["agreement"]), flush=True)
     save(doc)
+    try:
+        doc["kernels"] = kernel_timing(args)
+    except Exception as exc:  # recorded: the scenarios above stand without it
+        doc["kernels"] = [{"error": f"{type(exc).__name__}: {exc}"}]
+    print(json.dumps(doc["kernels"]), flush=True)
+    save(doc)
     engine.stop(drain=False)
-    engine = model = None  # free the device for the PEFT side
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    if not args.no_peft:
-        try:
-            doc["peft"] = peft_baseline(args, vocab)
-        except Exception as exc:  # recorded, not fatal: our numbers stand on their own
-            doc["peft"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(doc["peft"]), flush=True)
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
@@ -313,6 +359,11 @@ def markdown_table(doc: dict[str, Any]) -> str:
     if agree:
         notes.append(f"Greedy agreement, mixed batch vs alone ({agree['dtype']}, {agree['new_tokens']} tokens): "
                      f"{agree['identical']}/{agree['requests']} requests identical.")
+    kernels = [k for k in doc.get("kernels", []) if "error" not in k]
+    if kernels:
+        lines += ["", "| grouped LoRA product | fused Triton us | two-kernel Triton us | torch us |", "|---|---:|---:|---:|"]
+        lines += [f"| {k['slots']} slots x {k['tokens_per_slot']} tokens, {k['in']} -> {k['out']}, r{k['r']} | "
+                  f"{k.get('fused_us', '-')} | {k.get('two_kernel_us', '-')} | {k['torch_us']} |" for k in kernels]
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']} "
                f"(commit {env['commit'][:10]}); shape {args['shape']} {args['dtype']}, batch {args['batch']} in "
@@ -338,6 +389,7 @@ def parse_args(argv=None):
     p.add_argument("--cold-repeats", type=int, default=5)
     p.add_argument("--agree-new", type=int, default=32)
     p.add_argument("--agree-requests", type=int, default=20, help="requests of the batched-vs-alone check (<= 20)")
+    p.add_argument("--kernel-iters", type=int, default=20)
     p.add_argument("--peft-adapters", type=int, default=8)
     p.add_argument("--peft-repeats", type=int, default=2)
     p.add_argument("--no-peft", action="store_true")
@@ -351,7 +403,7 @@ def parse_args(argv=None):
         args.batch, args.prompt, args.new, args.requests = 4, 8, 3, 8
         args.adapters, args.distinct, args.max_gpu_adapters = "1,8,20", 4, 8
         args.cold_repeats, args.agree_new, args.peft_adapters, args.peft_repeats = 1, 3, 2, 1
-        args.agree_requests = 6
+        args.agree_requests, args.kernel_iters = 6, 2
         torch.set_num_threads(1)  # tiny matrices: threads only contend
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.torch_dtype = getattr(torch, args.dtype)

@@ -19,8 +19,10 @@ def test_serve_bench_smoke(tmp_path):
     assert doc["agreement"]["identical"] == doc["agreement"]["requests"]  # fp32 CPU: batched == alone
     assert doc["cold_load"]["disk_to_gpu_ms_median"] > 0 and "mixed_tok_s" in doc["peft"]
     assert doc["environment"]["torch"] and doc["args"]["smoke"]
+    assert len(doc["kernels"]) == 6 and all(k["torch_us"] > 0 for k in doc["kernels"])
     readme = tmp_path / "README.md"
     readme.write_text("# x\n")
     bench.main(["--table", str(out), "--readme", str(readme)])
     text = readme.read_text()
     assert "| base model |" in text and "HF PEFT 2 adapters mixed" in text and "<!-- table:" in text
+    assert "grouped LoRA product" in text

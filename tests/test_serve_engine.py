@@ -1,16 +1,21 @@
 """Serving engine: a continuously batched mix of adapters and methods gives, per request, the greedy tokens
 that HF ``generate`` gives with that adapter alone (peftlab's own loader; fp32 CPU, token-exact).
 Also: the adapter store's LRU eviction, hot load/unload, and the KV cache's block accounting."""
+import os
+
 import pytest
 import torch
 
-import peftlab
-from peftlab.serve.engine import Engine, EngineConfig, Request
-from peftlab.serve.kv import CacheFull, PagedKVCache
-from peftlab.serve.sampling import SamplingParams
-from peftlab.serve.store import AdapterNotFound, ServeError
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the engine's Triton path runs in the interpreter on CPU
 
-from models import randomize_adapters, tiny_llama
+import peftlab  # noqa: E402
+from peftlab.serve.engine import Engine, EngineConfig, Request  # noqa: E402
+from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
+from peftlab.serve.sampling import SamplingParams, sample, top_p_filter  # noqa: E402
+from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
+
+from models import randomize_adapters, tiny_llama  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
@@ -80,9 +85,22 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
     for (name, _), ref, out, req in zip(jobs, refs, got, first + late):
         assert req.error is None, req.error
         assert out == ref, f"adapter {name}: batched {out} != alone {ref}"
-    loha = engine.store._cpu_get("loha")
-    assert loha.converted and max(loha.converted.values()) < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact up to rounding
+    loha = engine.store.describe("loha")
+    assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
+    assert engine.store.describe("dora")["converted_to_lora"] is False
     assert engine.cache.free_blocks == engine.cache.num_blocks  # every block returned
+
+
+def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
+    """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    outs = []
+    for use_triton in (False, True):
+        engine = _engine(adapter_dirs, device, use_triton=use_triton)
+        reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate([None, "lora", "rslora8", "dora", "loha"])]
+        engine.run_until_done(reqs)
+        outs.append([r.output for r in reqs])
+    assert outs[0] == outs[1]
 
 
 def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
@@ -111,6 +129,31 @@ def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
     # hot load under a new name
     engine.store.register("lora2", adapter_dirs / "lora")
     assert engine.generate(prompt, "lora2", MAX_NEW, stop_ids=EOS) == ref_lora
+    # re-registering a name with other weights while a request holds the old ones: each gets its own
+    held = engine.submit(Request(prompt, "lora2", MAX_NEW, stop_ids=EOS))
+    engine.step()
+    engine.store.register("lora2", adapter_dirs / "dora")
+    assert engine.generate(prompt, "lora2", MAX_NEW, stop_ids=EOS) == ref_dora
+    engine.run_until_done([held])
+    assert held.output == ref_lora
+
+
+def test_failing_step_fails_its_requests_instead_of_losing_them(adapter_dirs, monkeypatch):
+    engine = _engine(adapter_dirs)
+    engine.start()
+    try:
+        import peftlab.serve.engine as engine_module
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine_module, "ragged_forward", broken)
+        reqs = [engine.submit(Request(_prompt(i), n, 3)) for i, n in enumerate([None, "lora"])]
+        assert all(r.done.wait(30) for r in reqs)
+        assert all(r.finish_reason == "error" and "boom" in r.error for r in reqs)
+        assert engine.cache.free_blocks == engine.cache.num_blocks and not any(engine.store.pins)
+    finally:
+        engine.stop()
 
 
 def test_all_slots_pinned_waits_instead_of_failing(adapter_dirs):
@@ -128,11 +171,11 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     peftlab.attach(model, peftlab.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     peftlab.save_adapter(model, adapter_dirs / "prompt")
     engine.store.register("prompt", adapter_dirs / "prompt")
-    with pytest.raises(ServeError, match="model input"):
+    with pytest.raises(ServeError, match="model hooks"):
         engine.store.acquire("prompt", load_from_disk=True)
     req = engine.submit(Request(_prompt(0), "prompt", 2))
     engine.run_until_done([req])
-    assert req.finish_reason == "error" and "model input" in req.error
+    assert req.finish_reason == "error" and "model hooks" in req.error
 
 
 def test_seeded_sampling_is_batch_independent(adapter_dirs):
@@ -157,3 +200,20 @@ def test_paged_cache_blocks():
         cache.slots(0, 0, 9)
     cache.release(0)
     assert cache.free_blocks == 4
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 0.0, 0.0]])
+    probs = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, 0.03
+    kept = top_p_filter(logits[0], 0.8).isfinite()
+    assert kept.tolist() == [True, True, False, False] and probs[0] < 0.8 <= probs[:2].sum()
+    assert top_p_filter(logits[0], 0.5).isfinite().tolist() == [True, False, False, False]
+    greedy = SamplingParams()
+    assert sample(logits, [greedy, greedy], [None, None]) == [0, 1]
+    narrow = SamplingParams(temperature=1.0, top_p=0.01, seed=1)
+    assert sample(logits, [narrow, narrow], [narrow.generator("cpu"), narrow.generator("cpu")]) == [0, 1]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    draws = [sample(logits[:1], [p], [p.generator("cpu")])[0] for p in (SamplingParams(1.0, 1.0, s) for s in range(300))]
+    share = sum(d == 0 for d in draws) / len(draws)
+    assert abs(share - float(probs[0])) < 0.1  # sampled in proportion to the probabilities

@@ -108,6 +108,7 @@ def test_completions_per_adapter_and_models(server, expected):
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == expected[model]
             assert r.json()["usage"]["completion_tokens"] >= len(expected[model]) > 0
+        assert _complete(c, "base").json()["choices"][0]["text"] == expected["base"]  # the alias of the base model
         r = _complete(c, "a2", headers={"Authorization": "Bearer sk-beta-0001"})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["a2"]
         ids = {m["id"] for m in c.get("/v1/models", headers=ACME).json()["data"]}
@@ -126,6 +127,8 @@ def test_auth_and_errors(server):
         assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
         r = _complete(c, "a0", prompt="x" * 49)
         assert r.status_code == 400 and "over the limit of 48" in r.json()["error"]["message"]
+        r = _complete(c, "a0", prompt="x" * (48 * 64 + 1))
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"]
         assert _complete(c, "a0", n=2).status_code == 400
         assert _complete(c, "a0", temperature=-1).status_code == 400
         assert _complete(c, "a0", top_p="high").status_code == 400
@@ -150,6 +153,9 @@ def test_chat_streaming_with_openai_client(server, root):
     want = _expected(root / "adapters" / "a1", list(ids))
     full = client.chat.completions.create(model="a1", messages=messages, max_tokens=NEW, temperature=0)
     assert full.choices[0].message.content == want
+    parts_form = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    same = client.chat.completions.create(model="a1", messages=parts_form, max_tokens=NEW, temperature=0)
+    assert same.choices[0].message.content == want
     parts = [ch.choices[0].delta.content or "" for ch in
              client.chat.completions.create(model="a1", messages=messages, max_tokens=NEW, temperature=0, stream=True)]
     assert "".join(parts) == want and len([p for p in parts if p]) > 1  # really streamed, token by token
@@ -189,6 +195,7 @@ def test_load_test_with_hot_load_and_unload(server, expected):
         for _ in range(3):
             r = await c.post("/admin/adapters", json={"name": "a3", "path": str(server_root / "a3")}, headers=ADMIN)
             assert r.status_code == 200, r.text
+            assert r.json()["peft_type"] == "LORA" and r.json()["converted_to_lora"] is False
             r = await c.post("/v1/completions", headers=ADMIN, json={"model": "a3", "prompt": PROMPT,
                                                                      "max_tokens": NEW, "temperature": 0})
             results.append(("a3", r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))
@@ -252,3 +259,38 @@ def test_cli_options():
     for bad in (["a"], ["=x"], ["a=x", "a=y"]):
         with pytest.raises(typer.BadParameter):
             parse_adapter_specs(bad)
+
+
+def test_peftlab_serve_command_end_to_end(root, expected):
+    """The real command in a subprocess: serves, answers, and exits cleanly on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "serve", "--model", str(root / "model"), "--adapter",
+                             f"a1={root / 'adapters' / 'a1'}", "--port", str(port), "--device", "cpu",
+                             "--dtype", "float32", "--kv-tokens", "1024"], env=env, cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "a1", "prompt": PROMPT, "max_tokens": NEW,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["a1"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out

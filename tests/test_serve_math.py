@@ -40,10 +40,11 @@ def _forms(g: torch.Generator) -> list[ServingForm]:
     ]
 
 
-def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64) -> tuple[BatchedLinear, StepContext]:
+def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64,
+           device="cpu") -> tuple[BatchedLinear, StepContext]:
     torch.manual_seed(0)
-    base = nn.Linear(IN, OUT, bias=True).to(dtype)
-    ctx = StepContext()
+    base = nn.Linear(IN, OUT, bias=True).to(device, dtype)
+    ctx = StepContext(capacity)
     return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4), ctx
 
 
@@ -73,6 +74,28 @@ def test_mixed_batch_equals_each_adapter_alone():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # 3-D input (batch, time, in) as the model passes it
     torch.testing.assert_close(layer(x[None])[0], want, rtol=1e-10, atol=1e-10)
+
+
+def _check_slot_mix(slots, placement, seed):
+    g = torch.Generator().manual_seed(seed)
+    forms = _forms(g)
+    layer, ctx = _layer(capacity=8)
+    by_slot = {slot: form for slot, form in zip(placement, forms)}
+    for slot, form in by_slot.items():
+        layer.set_slot(slot, form)
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)
+    ctx.set(slots, "cpu")
+    torch.testing.assert_close(layer(x), _dense(by_slot, slots, x, layer.base), rtol=1e-10, atol=1e-10)
+
+
+def test_any_slot_mix_equals_dense_reference():
+    """Property: for any token -> slot assignment and any placement of the forms in slots, batched == dense."""
+    hypothesis = pytest.importorskip("hypothesis")  # a test extra; the GPU machine may lack it
+    st = hypothesis.strategies
+    check = hypothesis.settings(max_examples=25, deadline=None)(hypothesis.given(
+        st.lists(st.integers(-1, 7), min_size=1, max_size=40), st.permutations(range(8)), st.integers(0, 2**16))(
+        _check_slot_mix))
+    check()
 
 
 def test_slots_clear_and_reuse():
@@ -117,6 +140,41 @@ def test_serving_form_equals_the_adapted_module(method):
                                    rtol=1e-5, atol=1e-5, msg=f"{method} {name}")
 
 
+@pytest.mark.parametrize("variant", sorted(peftlab.variants()))
+def test_every_method_is_served_or_refused_with_a_reason(variant):
+    """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
+    served form equals the method's own module (full-rank conversion: exact up to rounding); hook-based and
+    non-mergeable methods are refused with a ServeError."""
+    from peftlab.core.registry import method_for
+    from peftlab.serve.store import ServeError, check_servable, forms_of
+
+    model = tiny_llama()
+    config = peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4)
+    method = method_for(config)
+    if method.kind == "input":
+        with pytest.raises(ServeError, match="model hooks"):
+            check_servable(config, variant)
+        return
+    check_servable(config, variant)
+    peftlab.attach(model, config)
+    randomize_adapters(model, seed=1, std=0.2)
+    layers = [(name, module, module.adapters["default"]) for name, module in adapted_modules(model)]
+    if not all(layer.mergeable or layer.batched_serving for _, _, layer in layers):
+        with pytest.raises(ServeError, match="no batched serving form"):
+            forms_of(model, "default", 64)
+        return
+    forms, converted = forms_of(model, "default", 64)
+    assert bool(converted) == (not layers[0][2].batched_serving)
+    assert all(err < 1e-5 for err in converted.values())
+    if converted:  # at rank 1 the conversion loses something, and says how much
+        _, rank1 = forms_of(model, "default", 1)
+        assert set(rank1) == set(converted) and max(rank1.values()) > 1e-3
+    for name, module, _ in layers:
+        x = torch.randn(3, module.view.in_features)
+        torch.testing.assert_close(forms[name].apply(x, module.view.weight_oi(), module.view.bias), module(x),
+                                   rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
+
+
 def _triton_case(dtype, device):
     g = torch.Generator().manual_seed(2)
     S, R = 5, 8
@@ -133,23 +191,27 @@ def _triton_case(dtype, device):
     return x, down, up, seg, ranks
 
 
-def test_triton_grouped_lowrank_matches_torch():
-    from peftlab.serve.batched import lowrank_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_grouped_lowrank_matches_torch(fused, monkeypatch):
+    import peftlab.serve.batched as batched
 
+    monkeypatch.setattr(batched, "FUSED_MAX_TOKENS", 10**6 if fused else 0)  # the decode or the prefill path
     x, down, up, seg, ranks = _triton_case(torch.float32, "cpu" if not torch.cuda.is_available() else "cuda")
     base = torch.randn(x.shape[0], OUT, device=x.device)
     want = lowrank_torch(x, down, up, seg, ranks, out=base.clone())
-    got = lowrank_triton(x, down, up, seg, out=base.clone())
+    got = batched.lowrank_triton(x, down, up, seg, out=base.clone())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernel on the GPU")
-def test_triton_grouped_lowrank_bf16_cuda():
-    from peftlab.serve.batched import lowrank_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_grouped_lowrank_bf16_cuda(fused, monkeypatch):
+    import peftlab.serve.batched as batched
 
+    monkeypatch.setattr(batched, "FUSED_MAX_TOKENS", 10**6 if fused else 0)
     x, down, up, seg, ranks = _triton_case(torch.bfloat16, "cuda")
     want = lowrank_torch(x.float(), down.float(), up.float(), seg, ranks)
-    got = lowrank_triton(x, down, up, seg).float()
+    got = batched.lowrank_triton(x, down, up, seg).float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
 
 
@@ -161,9 +223,7 @@ def test_batched_layer_triton_path_matches_torch_path():
     slots = [0, 1, 2, -1, 5, 6, 7, 0, 1]
     x = torch.randn(len(slots), IN, generator=g).to(dev)
     for use_triton in (False, True):
-        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32)
-        layer.to(dev)
-        layer.device = torch.device(dev)
+        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev)
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
         ctx.set(slots, dev)

@@ -3,7 +3,8 @@
     POST /v1/completions, /v1/chat/completions   ``model`` = an adapter name or the base model's name;
                                                  ``stream: true`` answers with server-sent events
     GET  /v1/models                              what the caller's key may use
-    POST /admin/adapters {"name", "path"}        hot load (path inside --adapter-root); DELETE /admin/adapters/{name}
+    POST /admin/adapters {"name", "path"}        hot load (path inside --adapter-root); DELETE /admin/adapters/{name};
+                                                 GET /admin/adapters (method, slot, load time, LoRA conversion error)
     GET  /health, /metrics (Prometheus text)
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 bad input or over a limit,
@@ -27,6 +28,9 @@ from peftlab.serve.auth import OPEN, AuthError, KeyRing, Tenant
 from peftlab.serve.engine import Engine, EngineStopped, QueueFull, Request
 from peftlab.serve.sampling import SamplingParams
 from peftlab.serve.store import AdapterNotFound, ServeError
+
+
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per allowed token is refused untokenized
 
 
 @dataclass
@@ -56,8 +60,9 @@ def _field(body: dict, key: str, kinds: tuple, default: Any = None) -> Any:
 def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing | None = None,
                limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    eos = {t for t in (tokenizer.eos_token_id, getattr(engine.model.generation_config, "eos_token_id", None))
-           if isinstance(t, int)}
+    generation = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    candidates = [tokenizer.eos_token_id, *(generation if isinstance(generation, (list, tuple)) else [generation])]
+    eos = {t for t in candidates if isinstance(t, int)}  # generation configs may list several (Llama 3)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,30 +86,45 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
     def adapter_for(tenant: Tenant, model: Any) -> str | None:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "'model' must name an adapter or the base model")
-        is_base = model == base_name
+        is_base = model in (base_name, "base")  # "base" always names the base model (no adapter may take it)
         if not tenant.allows("base" if is_base else model):
             raise AuthError(403, f"model {model!r} is not available to this API key")
         if not is_base and not engine.store.known(model):
             raise ApiError(404, f"model {model!r} does not exist", "invalid_request_error", "model_not_found")
         return None if is_base else model
 
+    def message_text(m: Any) -> str | None:
+        """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+        content = m.get("content") if isinstance(m, dict) and isinstance(m.get("role"), str) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        return content if isinstance(content, str) else None
+
     def encode_prompt(body: dict, chat: bool) -> list[int]:
         if chat:
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                    for m in messages):
-                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
+            texts = [message_text(m) for m in messages] if isinstance(messages, list) else []
+            if not texts or any(t is None for t in texts):
+                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with text content")
             if not getattr(tokenizer, "chat_template", None):
                 raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            text = sum(len(t) for t in texts)
+            messages = [{"role": m["role"], "content": t} for m, t in zip(messages, texts)]
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)")
+            text = len(prompt)
+        if text > limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN:  # refuse before spending time tokenizing
+            raise ApiError(400, f"prompt is {text} characters, over the limit of {limits.max_prompt_tokens} tokens",
+                           code="context_length_exceeded")
+        if chat:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
             ids = tokenizer(prompt)["input_ids"]
         ids = list(ids)
         if len(ids) > limits.max_prompt_tokens:
@@ -143,7 +163,7 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
         req.adapter = adapter
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req.on_event = lambda tok, reason: loop.call_soon_threadsafe(events.put_nowait, (tok, reason))
+        req.on_event = lambda tok, reason: loop.call_soon_threadsafe(events.put_nowait, (tok, reason))  # engine thread
         try:
             engine.submit(req)
         except QueueFull as exc:
@@ -184,8 +204,10 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
             finally:
                 req.cancelled = req.cancelled or not req.done.is_set()  # client went away
 
-        usage = lambda: {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),  # noqa: E731
-                         "total_tokens": len(req.prompt) + len(req.output)}
+        def usage() -> dict:
+            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+                    "total_tokens": len(req.prompt) + len(req.output)}
+
         if body.get("stream"):
             async def sse():
                 if chat:
@@ -255,7 +277,12 @@ def create_app(engine: Engine, tokenizer, base_name: str = "base", keys: KeyRing
             except Exception as exc:
                 engine.store.unload(name)
                 raise ApiError(400, f"adapter {name!r} cannot be served: {exc}") from None
-        return {"loaded": name}
+        return {"loaded": name, **engine.store.describe(name)}
+
+    @app.get("/admin/adapters")
+    async def list_adapters(http: HttpRequest):
+        admin(http)
+        return {"adapters": [engine.store.describe(n) for n in engine.store.names()]}
 
     @app.delete("/admin/adapters/{name}")
     async def unload_adapter(name: str, http: HttpRequest):
@@ -322,6 +349,7 @@ def prometheus_text(engine: Engine) -> str:
         ("requests_failed_total", "counter", "requests that ended in an error", m["requests_failed"]),
         ("prompt_tokens_total", "counter", "prompt tokens prefilled", m["prompt_tokens"]),
         ("generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
+        ("step_seconds_total", "counter", "time spent in engine steps", round(m["step_seconds"], 6)),
         ("tokens_per_second", "gauge", "generated tokens per second, last 10 s", round(engine.tokens_per_second(), 3)),
         ("adapter_gpu_hits_total", "counter", "requests whose adapter was already in a GPU slot", st["gpu_hits"]),
         ("adapter_cpu_hits_total", "counter", "slot loads served from the CPU cache", st["cpu_hits"]),

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 
+FUSED_MAX_TOKENS = 16  # per slot; above it the fused kernel would recompute too many rank activations
+
+
 @dataclass(frozen=True)
 class Segments:
     """Tokens grouped by slot: ``order[starts[g]:starts[g+1]]`` are the token rows of slot ``slots[g]``.
@@ -82,23 +85,32 @@ def lowrank_torch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Se
 
 def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same result as ``lowrank_torch`` (padded ranks included): one shrink and one expand launch."""
-    from peftlab.serve.kernels import grouped_matmul
+    """Same result as ``lowrank_torch`` (padded ranks included): one fused launch when every slot has at most
+    ``FUSED_MAX_TOKENS`` tokens (decode), else one shrink and one expand launch."""
+    from peftlab.serve.kernels import fused_lowrank, grouped_matmul
 
     if out is None:
         out = x.new_zeros(x.shape[0], up.shape[1])
     if seg.empty:
         return out
-    z = torch.zeros(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)
+    if seg.max_len <= FUSED_MAX_TOKENS and down.shape[1] <= 128:
+        fused_lowrank(x.contiguous(), down, up, out, seg)
+        return out
+    z = torch.empty(x.shape[0], down.shape[1], device=x.device, dtype=up.dtype)  # rows outside segments unread
     # shrink: long K (in), N = rank; expand: K = rank, long N (out)
     grouped_matmul(x.contiguous(), down, z, seg, accumulate=False, block_n=16, block_k=64)
     grouped_matmul(z, up, out, seg, accumulate=True, block_n=64, block_k=16)
     return out
 
 
-def gather_rows(table: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """(T, n) per-token rows of a (S+1, n) slot table; slot -1 reads the identity row at the end."""
-    return table.index_select(0, torch.where(token_slots < 0, token_slots + table.shape[0], token_slots))
+def table_rows(token_slots: list[int], capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-token row of the (capacity + 1)-row slot tables: the slot, or the identity row ``capacity`` for -1."""
+    return torch.tensor([s if s >= 0 else capacity for s in token_slots], dtype=torch.int64, device=device)
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(T, n) per-token rows of a (S+1, n) slot table (``rows`` from ``table_rows``)."""
+    return table.index_select(0, rows)
 
 
 def scaled_lowrank_grouped(x: torch.Tensor, proj_down: torch.Tensor, proj_up: torch.Tensor, proj_of_slot: list[int],

@@ -62,7 +62,8 @@ def serve(
     max_queue: int = typer.Option(256, min=1, help="Waiting requests before 429."),
     max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(4096, min=1, help="Longest prompt accepted."),
-    kv_tokens: int = typer.Option(65536, min=64, help="KV cache capacity in tokens (all requests together)."),
+    kv_tokens: int = typer.Option(16384, min=64, help="KV cache capacity in tokens, all requests together (memory: "
+                                  "tokens x layers x 2 x kv_heads x head_dim x dtype size)."),
     convert_rank: int = typer.Option(16, min=1, help="LoRA rank for methods served as a LoRA of their update."),
 ) -> None:
     """Serve one base model with many adapters behind an OpenAI-compatible API.

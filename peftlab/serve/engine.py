@@ -113,6 +113,8 @@ class Engine:
             raise AdapterNotFound(req.adapter)
         if not req.prompt:
             raise ValueError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}")
         if len(req.prompt) + req.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                              f"limit of {self.max_context} tokens")
@@ -195,9 +197,18 @@ class Engine:
 
     def _finish_event(self, req: Request) -> None:
         req.finished_at = time.perf_counter()
-        if req.on_event is not None:
-            req.on_event(None, req.finish_reason)
+        self._emit(req, None, req.finish_reason)
         req.done.set()
+
+    @staticmethod
+    def _emit(req: Request, token: int | None, reason: str | None) -> None:
+        """Call the request's callback; a failing callback (its client is gone) cancels that request only."""
+        if req.on_event is None:
+            return
+        try:
+            req.on_event(token, reason)
+        except Exception:
+            req.cancelled = True
 
     def step(self) -> bool:
         """One scheduling step; False when there was nothing to run."""
@@ -207,14 +218,16 @@ class Engine:
         batch = new + self.running
         if not batch:
             return False
+        self.running = batch  # from here on a failing step fails these requests (see _loop), never loses them
         chunks, slots = [], []
-        for r in new:
-            chunks.append(Chunk(r.id, r.prompt, 0))
-            slots += [r.slot] * len(r.prompt)
-            self.metrics["prompt_tokens"] += len(r.prompt)
-        for r in self.running:
-            chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
-            slots.append(r.slot)
+        for r in batch:
+            if r.output:
+                chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
+                slots.append(r.slot)
+            else:
+                chunks.append(Chunk(r.id, r.prompt, 0))
+                slots += [r.slot] * len(r.prompt)
+                self.metrics["prompt_tokens"] += len(r.prompt)
         self.context.set(slots, self.device)
         logits = ragged_forward(self.model, self.cache, chunks)
         tokens = sample(logits, [r.params for r in batch], [r._generator for r in batch])
@@ -224,8 +237,7 @@ class Engine:
             r.output.append(tok)
             if not r.first_token_at:
                 r.first_token_at = now
-            if r.on_event is not None:
-                r.on_event(tok, None)
+            self._emit(r, tok, None)
             if r.cancelled:
                 r.finish_reason = "cancelled"
             elif tok in r.stop_ids:

@@ -62,19 +62,20 @@ class _Plan:
 
 def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     ids, pos, write, last = [], [], [], []
-    dec_rows, dec_kv, prefills = [], [], []
+    dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
     flat = 0
     for c in chunks:
         n = len(c.tokens)
         ids += c.tokens
         pos += range(c.start, c.start + n)
         write += cache.slots(c.seq_id, c.start, c.start + n)
-        rows = cache.slots(c.seq_id, 0, c.start + n)
         if n == 1:
             dec_rows.append(flat)
-            dec_kv.append(rows)
+            dec_tables.append(cache.tables[c.seq_id])
+            dec_lens.append(c.start + 1)
         else:
-            prefills.append((flat, n, torch.tensor(rows, device=device), c.start))
+            rows = torch.tensor(cache.slots(c.seq_id, 0, c.start + n), device=device)
+            prefills.append((flat, n, rows, c.start))
         flat += n
         last.append(flat - 1)
 
@@ -82,10 +83,13 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
         return torch.tensor(x, dtype=torch.int64, device=device)
 
     decode_kv = decode_mask = None
-    if dec_kv:
-        width = max(len(r) for r in dec_kv)
-        decode_kv = t([r + [0] * (width - len(r)) for r in dec_kv])
-        decode_mask = t([[1] * len(r) + [0] * (width - len(r)) for r in dec_kv]).bool()[:, None, None, :]
+    if dec_tables:  # pool rows of every decode context from the block tables, computed on the device
+        width = max(dec_lens)
+        blocks = -(-width // cache.block_size)
+        tables = t([tb[:blocks] + [0] * (blocks - len(tb[:blocks])) for tb in dec_tables])
+        p = torch.arange(width, device=device)
+        decode_kv = tables[:, p // cache.block_size] * cache.block_size + p % cache.block_size
+        decode_mask = (p[None, :] < t(dec_lens)[:, None])[:, None, None, :]
     return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last))
 
 

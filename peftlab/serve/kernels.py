@@ -1,4 +1,7 @@
-"""Triton kernel for the grouped LoRA shrink and expand (the fast path of ``batched.lowrank_torch``).
+"""Triton kernels for the grouped LoRA shrink and expand (the fast path of ``batched.lowrank_torch``).
+
+Decode steps (a few tokens per slot) use ``fused_lowrank``: shrink and expand in one launch. Prefill
+steps (many tokens per slot) use ``grouped_matmul`` twice, so the rank activations are computed once.
 
 One kernel serves both directions: ``out[t, n] (+)= sum_k inp[t, k] * w[slot(t), n, k]`` with the tokens of
 each slot gathered through the segment order, so each program multiplies a tile of one slot's tokens
@@ -16,19 +19,29 @@ from peftlab.serve.batched import Segments
 
 
 @triton.jit
-def _grouped_matmul_kernel(inp_ptr, w_ptr, out_ptr, order_ptr, starts_ptr, slots_ptr, N, K,
-                           stride_it, stride_ws, stride_wn, stride_ot,
-                           ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _segment_rows(order_ptr, starts_ptr, slots_ptr, BLOCK_M: tl.constexpr):
+    """(token rows, their mask, the slot) of this program's tile of its segment."""
     seg = tl.program_id(0)
-    start = tl.load(starts_ptr + seg)
     end = tl.load(starts_ptr + seg + 1)
-    slot = tl.load(slots_ptr + seg).to(tl.int64)
-    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(starts_ptr + seg) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    tok = tl.load(order_ptr + rows, mask=row_ok, other=0)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    return tl.load(order_ptr + rows, mask=row_ok, other=0), row_ok, tl.load(slots_ptr + seg).to(tl.int64)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32; IEEE (fp32 inputs) avoids TF32, so fp32 serving matches torch's fp32 matmul."""
+    if IEEE:
+        out = tl.dot(a, b.to(a.dtype), input_precision="ieee")
+    else:
+        out = tl.dot(a, b.to(a.dtype))
+    return out
+
+
+@triton.jit
+def _gathered_product(inp_ptr, w_ptr, tok, row_ok, slot, cols, col_ok, K, stride_it, stride_ws, stride_wn,
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of inp[tok] @ w[slot, cols]^T over K."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -36,15 +49,69 @@ def _grouped_matmul_kernel(inp_ptr, w_ptr, out_ptr, order_ptr, starts_ptr, slots
         a = tl.load(inp_ptr + tok[:, None] * stride_it + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn + ks[:, None],
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a.dtype))
+        acc += _dot(a, w, IEEE)
+    return acc
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, tok, row_ok, cols, col_ok, stride_ot, ACCUMULATE: tl.constexpr):
     ptrs = out_ptr + tok[:, None] * stride_ot + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_matmul_kernel(inp_ptr, w_ptr, out_ptr, order_ptr, starts_ptr, slots_ptr, N, K,
+                           stride_it, stride_ws, stride_wn, stride_ot,
+                           ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tok, row_ok, slot = _segment_rows(order_ptr, starts_ptr, slots_ptr, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = _gathered_product(inp_ptr, w_ptr, tok, row_ok, slot, cols, col_ok, K, stride_it, stride_ws, stride_wn,
+                            IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_rows(out_ptr, acc, tok, row_ok, cols, col_ok, stride_ot, ACCUMULATE)
+
+
+@triton.jit
+def _fused_lowrank_kernel(x_ptr, a_ptr, b_ptr, out_ptr, order_ptr, starts_ptr, slots_ptr, N, K, R,
+                          stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """out[t, n] += sum_r B[s, n, r] * (sum_k A[s, r, k] x[t, k]): shrink and expand in one program, which
+    recomputes its tokens' rank-R activations (cheap for the few tokens per slot of a decode step)."""
+    tok, row_ok, slot = _segment_rows(order_ptr, starts_ptr, slots_ptr, BLOCK_M)
+    rs = tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    z = _gathered_product(x_ptr, a_ptr, tok, row_ok, slot, rs, r_ok, K, stride_xt, stride_as, stride_ar,
+                          IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
+    zt = z.to(x_ptr.dtype.element_ty)  # the rank activations in the input dtype, as the two-kernel path stores them
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    bt = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + rs[:, None],
+                 mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+    _store_rows(out_ptr, _dot(zt, bt, IEEE), tok, row_ok, cols, col_ok, stride_ot, True)
+
+
+def fused_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, out: torch.Tensor, seg: Segments,
+                  block_m: int = 16, block_n: int = 128, block_k: int = 128) -> None:
+    """``out[t] += up[s] @ (down[s] @ x[t])`` in one launch; x (T, in), down (S+1, R, in), up (S+1, out, R)."""
+    if seg.empty:
+        return
+    if x.stride(1) != 1 or down.stride(2) != 1 or up.stride(2) != 1 or out.stride(1) != 1:
+        raise ValueError("fused_lowrank needs row-major (contiguous last dimension) inputs")
+    r, k, n = down.shape[1], down.shape[2], up.shape[1]
+    if up.shape[2] != r or x.shape[1] != k or out.shape[1] != n:
+        raise ValueError(f"fused_lowrank: shapes x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, "
+                         f"out {tuple(out.shape)} do not fit")
+    block_r = max(16, triton.next_power_of_2(r))
+    grid = (len(seg.slots_cpu), triton.cdiv(seg.max_len, block_m), triton.cdiv(n, block_n))
+    _fused_lowrank_kernel[grid](x, down, up, out, seg.order, seg.starts, seg.slots, n, k, r,
+                                x.stride(0), down.stride(0), down.stride(1), up.stride(0), up.stride(1), out.stride(0),
+                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                BLOCK_R=block_r)
 
 
 def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: Segments, accumulate: bool,

@@ -12,19 +12,21 @@ from torch import nn
 
 from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import Segments, gather_rows, group_by_slot, lowrank_torch, lowrank_triton, \
-    scaled_lowrank_grouped
+    scaled_lowrank_grouped, table_rows
 
 
 @dataclass
 class StepContext:
-    """What the engine sets before each forward: per-token slots (device), their segments, the slots present."""
+    """What the engine sets before each forward: per-token table rows (device), the tokens' segments by slot,
+    and the slots present. Shared by every BatchedLinear of a model (same ``capacity``)."""
 
-    token_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    capacity: int
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     seg: Segments = field(default_factory=lambda: group_by_slot([]))
     present: frozenset = frozenset()
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
-        self.token_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.rows = table_rows(slots, self.capacity, device)
         self.seg = group_by_slot(slots, device)
         self.present = frozenset(self.seg.slots_cpu)
 
@@ -69,6 +71,7 @@ class BatchedLinear(nn.Module):
         self.out_slots: set[int] = set()
         self.in_slots: set[int] = set()
         self.vera_slots: set[int] = set()
+        self.used_slots: set[int] = set()  # the union of the four above
 
     # -- slots ---------------------------------------------------------------------------------
     def _ones(self, n: int) -> torch.Tensor:
@@ -79,11 +82,12 @@ class BatchedLinear(nn.Module):
         self.clear_slot(slot)
         if form is None:
             return
-        form = form.to(device=self.device, dtype=self.dtype)
+        form = form.to(device=self.device, dtype=self.dtype, non_blocking=True)  # from pinned host memory
         if form.in_scale is not None:
             self.in_scale = self._ones(self.in_features) if self.in_scale is None else self.in_scale
             self.in_scale[slot] = form.in_scale
             self.in_slots.add(slot)
+            self.used_slots.add(slot)
         if form.out_scale is not None:
             self.out_scale = self._ones(self.out_features) if self.out_scale is None else self.out_scale
             self.out_scale[slot] = form.out_scale
@@ -91,6 +95,7 @@ class BatchedLinear(nn.Module):
                 self.bias_scale = self._ones(self.out_features) if self.bias_scale is None else self.bias_scale
                 self.bias_scale[slot] = form.out_scale if form.scale_bias else 1
             self.out_slots.add(slot)
+            self.used_slots.add(slot)
         if form.down is None:
             return
         if form.shared_projection or form.mid_scale is not None or form.up_scale is not None:
@@ -103,6 +108,7 @@ class BatchedLinear(nn.Module):
         self.up[slot, :, :r] = form.up
         self.ranks[slot] = r
         self.lora_slots.add(slot)
+        self.used_slots.add(slot)
 
     def _set_vera(self, slot: int, form: ServingForm) -> None:
         r = form.rank
@@ -131,6 +137,7 @@ class BatchedLinear(nn.Module):
         self.mid[slot, :r] = mid
         self.vup[slot] = vup
         self.vera_slots.add(slot)
+        self.used_slots.add(slot)
         self.proj_down_t = torch.stack([F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
         self.proj_up_t = torch.stack([F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
 
@@ -146,18 +153,18 @@ class BatchedLinear(nn.Module):
         if p >= 0:
             self.proj_users[p] -= 1
             self.proj_of_slot[slot] = -1
-        for used in (self.lora_slots, self.out_slots, self.in_slots, self.vera_slots):
+        for used in (self.lora_slots, self.out_slots, self.in_slots, self.vera_slots, self.used_slots):
             used.discard(slot)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         present = ctx.present
-        if not present or not (present & (self.lora_slots | self.out_slots | self.in_slots | self.vera_slots)):
+        if present.isdisjoint(self.used_slots):
             return self.base(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        slots = ctx.token_slots
+        slots = ctx.rows
         if present & self.in_slots:
             x2 = x2 * gather_rows(self.in_scale, slots)
         if present & self.out_slots:
@@ -182,7 +189,7 @@ def install(model: nn.Module, capacity: int, use_triton: bool = False,
     """Replace every ``nn.Linear`` of ``model`` except the output head by a ``BatchedLinear`` sharing its weight;
     returns the step context they read and the layers by module name."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    context = StepContext()
+    context = StepContext(capacity)
     layers: dict[str, BatchedLinear] = {}
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is head or (skip and name in skip):

@@ -11,6 +11,8 @@ between steps once no running request uses the adapter.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,9 @@ from peftlab.core.registry import method_for
 from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
 from peftlab.lowrank import lora_from_delta
 from peftlab.serve.layers import BatchedLinear
+
+
+log = logging.getLogger("peftlab.serve")
 
 
 class AdapterNotFound(KeyError):
@@ -64,7 +69,8 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
     if method_for(config).kind == "input":
-        raise ServeError(f"adapter {name!r}: {config.peft_type} acts on the model input, which serve does not batch")
+        raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (input-side tokens or "
+                         "inserted modules), which serve does not batch")
     if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
 
@@ -110,7 +116,8 @@ class AdapterStore:
         self.slot_of: dict[str, int] = {}
         self.pins = [0] * max_gpu
         self.last_used = [0.0] * max_gpu
-        self._pending_unload: set[str] = set()
+        self._pending_unload: set[str] = set()  # retired slot entries, cleared when no request holds them
+        self._retired = itertools.count()
         self.stats = {"gpu_hits": 0, "gpu_misses": 0, "cpu_hits": 0, "disk_loads": 0, "evictions": 0,
                       "cold_load_ms_sum": 0.0, "cold_load_count": 0, "last_cold_load_ms": 0.0}
         self.errors: dict[str, str] = {}
@@ -129,15 +136,17 @@ class AdapterStore:
         resolved = self.check_path(path) if check_root else Path(path).resolve()
         read_config(resolved)  # a clear error now for a folder that is not an adapter
         with self._lock:
+            if self.known(name):  # a reload: the old weights must never answer for the new registration
+                self.unload(name)
             self.paths[name] = resolved
-            self._pending_unload.discard(name)
             self.errors.pop(name, None)
 
     def add_loaded(self, adapter: LoadedAdapter) -> None:
         """Serve an adapter given as forms (benchmarks); it stays in memory until unloaded."""
         with self._lock:
+            if self.known(adapter.name):
+                self.unload(adapter.name)
             self.preloaded[adapter.name] = adapter
-            self._pending_unload.discard(adapter.name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -145,18 +154,23 @@ class AdapterStore:
 
     def known(self, name: str) -> bool:
         with self._lock:
-            return (name in self.paths or name in self.preloaded) and name not in self._pending_unload
+            return name in self.paths or name in self.preloaded
 
     def unload(self, name: str) -> None:
-        """Forget adapter ``name``; its GPU slot is freed by the engine once no running request uses it."""
+        """Forget adapter ``name`` now. Its GPU slot is renamed to a retired entry that no new request can
+        reach, and the engine clears it once the running requests that hold it finish."""
         with self._lock:
             if not self.known(name):
                 raise AdapterNotFound(name)
             self.paths.pop(name, None)
             self.preloaded.pop(name, None)
             self.cpu.pop(name, None)
-            if name in self.slot_of:
-                self._pending_unload.add(name)
+            self.errors.pop(name, None)
+            slot = self.slot_of.pop(name, None)
+            if slot is not None:
+                retired = f"{name}\0retired{next(self._retired)}"
+                self.slot_name[slot], self.slot_of[retired] = retired, slot
+                self._pending_unload.add(retired)
 
     # -- disk -> CPU ---------------------------------------------------------------------------
     def load_from_disk(self, name: str, path: Path) -> LoadedAdapter:
@@ -173,11 +187,28 @@ class AdapterStore:
                 forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
             finally:
                 delete_adapter(self._skeleton, tmp)
-        pin = torch.cuda.is_available()
-        dtype = next(iter(self.layers.values())).dtype if self.layers else torch.float32
-        forms = {m: _to_host(f, dtype, pin) for m, f in forms.items()}
-        return LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
-                             sum(f.nbytes() for f in forms.values()))
+        layer = next(iter(self.layers.values()))
+        forms = pack_to_host(forms, layer.dtype, layer.device.type == "cuda")
+        adapter = LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
+                                sum(f.nbytes() for f in forms.values()))
+        if converted:
+            log.warning("adapter %r (%s) is served as a rank-%d LoRA of its update: relative error max %.3g over "
+                        "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
+        return adapter
+
+    def describe(self, name: str) -> dict:
+        """What the store knows of ``name``: method, where it is, load time, and any LoRA conversion error."""
+        with self._lock:
+            if not self.known(name):
+                raise AdapterNotFound(name)
+            adapter = self._cpu_get(name)
+            info = {"name": name, "path": str(self.paths[name]) if name in self.paths else None,
+                    "gpu_slot": self.slot_of.get(name), "in_cpu_cache": adapter is not None}
+            if adapter is not None:
+                info.update(peft_type=adapter.peft_type, bytes=adapter.nbytes, load_ms=round(adapter.load_ms, 2),
+                            converted_to_lora=bool(adapter.converted),
+                            max_conversion_error=max(adapter.converted.values(), default=0.0))
+            return info
 
     def _cpu_get(self, name: str) -> LoadedAdapter | None:
         with self._lock:
@@ -306,10 +337,20 @@ class AdapterStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _to_host(form: ServingForm, dtype: torch.dtype, pin: bool) -> ServingForm:
-    form = form.to(device="cpu", dtype=dtype)
+def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
+    """The forms as views into ONE host buffer (pinned when ``pin``): one allocation and one device sync per
+    adapter instead of one per tensor, and fast asynchronous copies into the slots later."""
+    tensors = [(m, key, value) for m, f in forms.items() for key, value in vars(f).items()
+               if isinstance(value, torch.Tensor)]
+    total = sum(v.numel() for _, _, v in tensors)
+    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+    out = {m: ServingForm(**vars(f)) for m, f in forms.items()}
+    offset = 0
+    for m, key, value in tensors:
+        view = buffer[offset:offset + value.numel()].view(value.shape)
+        view.copy_(value.detach(), non_blocking=pin)
+        setattr(out[m], key, view)
+        offset += value.numel()
     if pin:
-        for key, value in vars(form).items():
-            if isinstance(value, torch.Tensor):
-                setattr(form, key, value.pin_memory())
-    return form
+        torch.cuda.synchronize()
+    return out
