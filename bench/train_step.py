@@ -93,18 +93,20 @@ def peft_from_peftlab(config) -> Any:
 
 @dataclass(frozen=True)
 class Method:
-    """One benchmarked method. ``peftlab`` builds its config from (target_modules, r); None means
-    full fine-tuning (no adapter, run once as the reference). ``peft`` maps that config to PEFT's."""
+    """One benchmarked method. ``peftlab`` builds its config from (target_modules, r); None means no
+    adapter: a reference run once as ``reference`` ("torch": full fine-tuning; "frozen": the frozen base's
+    forward and input-gradient backward, nothing trained). ``peft`` maps that config to PEFT's."""
 
     label: str
     peftlab: Callable[[list[str], int], Any] | None
     peft: Callable[[Any], Any] | None = peft_from_peftlab
     targets: tuple[str, ...] = tuple(ALL_LINEAR)
+    reference: str = "torch"
 
     def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft"), peft_ok: bool = True) -> list[str]:
         """The implementations of ``impls`` that can run this method (PEFT-based ones only if ``peft_ok``)."""
         if self.peftlab is None:
-            return ["torch"]
+            return [self.reference]
         return [i for i in impls if (i != "unsloth" or name in competitors.UNSLOTH_METHODS)
                 and (peft_ok or not i.startswith("peft_") and i != "peft")]
 
@@ -120,6 +122,7 @@ def _lora(**extra):
 
 METHODS: dict[str, Method] = {
     "full": Method("full fine-tune", None, None),
+    "frozen": Method("frozen base (forward + input-gradient backward)", None, None, reference="frozen"),
     "lora": Method("LoRA r{r}, all linear", _lora()),
     "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
 }
@@ -171,6 +174,9 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     method = method_entry(args.method)
     model = build_model(args.shape, args.device)
     start_peak()
+    if args.impl == "frozen":  # gradients flow back to the embeddings' output, no parameter trains
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
     if args.impl.startswith("peftlab"):
         import peftlab
         from peftlab.ops import fast
@@ -194,7 +200,7 @@ def run_worker(args) -> dict[str, Any]:
     dtypes: dict[str, int] = {}
     for p in params:
         dtypes[str(p.dtype).removeprefix("torch.")] = dtypes.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     batch, seq = args.batch, args.seq
     x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
     loss_of = step_loss(args.impl, model, x)
@@ -205,8 +211,9 @@ def run_worker(args) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss = loss_of()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync()
         if i >= args.warmup:
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -246,8 +253,9 @@ def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -
     with profile(activities=activities) as prof:
         for _ in range(steps):
             loss_of().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -504,6 +512,8 @@ def markdown_table(document: dict[str, Any]) -> str:
     suffix = " (time / mem)" if has_mem else ""
     header += [f"vs {name}{suffix}" for _, name in competitors_here]
     header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
+    frozen = rows.get(("frozen", "frozen"))
+    header += ["time vs frozen base"] if frozen else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for c in configs:
         if "error" in c:
@@ -522,6 +532,8 @@ def markdown_table(document: dict[str, Any]) -> str:
         cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
         if has_lora:
             cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
+        if frozen:
+            cells.append(f"{c['step_ms_median'] / frozen['step_ms_median']:.2f}x" if ours else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     runs = args["repeats"]
@@ -578,7 +590,7 @@ def parse_args(argv=None):
     p.add_argument("--readme", metavar="README", help="with --table: also write the table into this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=[*IMPLS, "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=[*IMPLS, "torch", "frozen"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.impls) - set(IMPLS))
     if unknown:

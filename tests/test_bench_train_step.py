@@ -23,6 +23,14 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
 
 
+def test_worker_frozen_base():
+    """The frozen-base reference: nothing trains, gradients still flow back through every layer."""
+    args = train_step.parse_args(["--worker", "--method", "frozen", "--impl", "frozen", "--shape", "tiny", "--device",
+                                  "cpu", "--steps", "1", "--warmup", "0", "--seq", "16"])
+    record = train_step.run_worker(args)
+    assert record["trainable_params"] == 0 and len(record["step_ms_samples"]) == 1
+
+
 def test_driver_writes_results_and_table(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -49,11 +57,12 @@ def test_table_ratios_against_competitors():
                            "peftlab_source_sha256": "s", "tf32_matmul": False},
            "args": {"repeats": 1, "steps": 1, "warmup": 0, "shape": "1b", "batch": 1, "seq": 1, "r": 16},
            "configs": [row("lora", "peftlab", 50.0, 6.0), row("lora", "peft", 100.0, 12.0),
-                       row("lora", "unsloth", 80.0, 8.0), row("dora", "peftlab", 55.0, 6.6)]}
+                       row("lora", "unsloth", 80.0, 8.0), row("dora", "peftlab", 55.0, 6.6),
+                       row("frozen", "frozen", 40.0, 5.0)]}
     table = train_step.markdown_table(doc)
     assert "vs PEFT (time / mem)" in table and "vs Unsloth (time / mem)" in table and "PEFT+Liger" not in table
-    assert "| lora | peftlab | 1 | 50.00 | 1 | 6.00 | 0.50x / 0.50x | 0.62x / 0.75x |  |" in table
-    assert "| dora | peftlab | 1 | 55.00 | 1 | 6.60 |  |  | 1.10x / 1.10x |" in table
+    assert "| lora | peftlab | 1 | 50.00 | 1 | 6.00 | 0.50x / 0.50x | 0.62x / 0.75x |  | 1.25x |" in table
+    assert "| dora | peftlab | 1 | 55.00 | 1 | 6.60 |  |  | 1.10x / 1.10x | 1.38x |" in table
 
 
 def test_unknown_impl_is_an_error():

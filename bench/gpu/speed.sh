@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14 (training speed) on one GPU, in two calls of <= 540 s each:
 #   bench/gpu/speed.sh a   # 1B shape: lora dora loha lokr hra oft boft + full fine-tune   (~350-450 s)
-#   bench/gpu/speed.sh b   # GPU tests, then adalora tied_lora ia3 vera prompt/prefix tuning (~300-420 s)
+#   bench/gpu/speed.sh b   # GPU tests, then lora adalora tied_lora ia3 vera prompt/prefix tuning + frozen base (~350-520 s)
 # Each: peftlab (fused path, the default on CUDA), HF PEFT and PEFT + Liger side by side, one fresh
 # process per configuration (--timeout per configuration); the results JSON is rewritten after every
 # configuration, so the outer `timeout` leaves whatever finished. Writes under $OUT (3 files a call):
@@ -21,7 +21,7 @@ case "$PART" in
   a) METHODS=lora,dora,loha,lokr,hra,oft,boft,full; BUDGET=500 ;;
   b) timeout 110 python3 -m pytest -q -rs -p no:cacheprovider tests/test_fast.py tests/test_factored.py -k cuda \
        > "$OUT/speed_tests.log" 2>&1 || echo "GPU tests failed or timed out (see speed_tests.log)"
-     METHODS=adalora,tied_lora,ia3,vera,prompt_tuning,prefix_tuning; BUDGET=400 ;;
+     METHODS=lora,adalora,tied_lora,ia3,vera,prompt_tuning,prefix_tuning,frozen; BUDGET=410 ;;
   *) echo "unknown part $PART (a or b)"; exit 2 ;;
 esac
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch; print(torch.__version__)"; } \
