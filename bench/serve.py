@@ -58,7 +58,7 @@ def _randomize(model, seed: int, std: float) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+                p.add_((torch.randn(p.shape, generator=g) * std).to(device=p.device, dtype=p.dtype))
 
 
 def make_adapter(engine, name: str, config, seed: int, std: float = 0.02):
