@@ -294,3 +294,48 @@ def test_peftlab_serve_command_end_to_end(root, expected):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+
+
+def test_keys_file_errors(tmp_path):
+    from peftlab.serve.auth import AuthError, KeyRing
+
+    path = tmp_path / "keys.json"
+    with pytest.raises(ValueError, match="not found"):
+        KeyRing.from_file(path)
+    bad = {"{": "invalid JSON", json.dumps({"x": 1}): "expected",
+           json.dumps({"tenants": {"t": {"keys": ["short"]}}}): "at least 8",
+           json.dumps({"tenants": {"t": {"keys": ["sk-12345678"], "adapters": "all"}}}): "adapters",
+           json.dumps({"tenants": {"t": {"keys": ["sk-12345678"], "role": "x"}}}): "allowed fields",
+           json.dumps({"tenants": {"a": {"keys": ["sk-12345678"]}, "b": {"keys": ["sk-12345678"]}}}): "twice"}
+    for text, message in bad.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            KeyRing.from_file(path)
+    path.write_text(json.dumps(KEYS))
+    ring = KeyRing.from_file(path)
+    tenant = ring.authenticate("Bearer sk-acme-0001")
+    assert tenant.name == "acme" and tenant.allows("a0") and not tenant.allows("a2") and not tenant.admin
+    for header in (None, "sk-acme-0001", "Bearer nope-nope-nope"):
+        with pytest.raises(AuthError) as err:
+            ring.authenticate(header)
+        assert err.value.status == 401
+
+
+def test_stream_decoder_holds_back_partial_characters_and_stop_prefixes():
+    from peftlab.serve.api import Decoder
+    from peftlab.serve.engine import Request
+
+    pieces = {5: b"h", 6: b"\xc3", 7: b"\xa9", 8: b"!", 9: b"E", 10: b"N", 11: b"D"}
+
+    class ByteTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=[])
+    assert [dec.push(t) for t in (5, 6, 7, 2)] == ["h", "", "é", ""]  # é only once both bytes are there; eos hidden
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=["END"])
+    out = [dec.push(t) for t in (5, 6, 7, 8, 9, 10)]
+    assert out[1] == "" and "".join(out) + dec.flush() == "hé!EN"  # é only once complete; "EN" held back, then flushed
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=["END"])
+    text = "".join(dec.push(t) for t in (5, 9, 10, 11, 8, 2)) + dec.flush()
+    assert text == "h" and dec.reason == "stop"
