@@ -15,7 +15,7 @@ from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
 from peftlab.serve.sampling import SamplingParams, sample, top_p_filter  # noqa: E402
 from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
 
-from models import randomize_adapters, tiny_llama  # noqa: E402
+from models import randomize_adapters, tiny_llama, tiny_qwen2  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
@@ -217,3 +217,23 @@ def test_sampling_rules():
     draws = [sample(logits[:1], [p], [p.generator("cpu")])[0] for p in (SamplingParams(1.0, 1.0, s) for s in range(300))]
     share = sum(d == 0 for d in draws) / len(draws)
     assert abs(share - float(probs[0])) < 0.1  # sampled in proportion to the probabilities
+
+
+def test_qwen2_with_biases(tmp_path):
+    """A second architecture, whose q/k/v carry biases: IA3's output scaling must scale the bias too, DoRA's not."""
+    configs = {"ia3": peftlab.IA3Config(target_modules=["q_proj", "k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               "dora": peftlab.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])}
+    refs, engine = {}, Engine(tiny_qwen2(), EngineConfig(kv_tokens=512, block_size=4))
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_qwen2()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=30 + i, std=0.5)
+        peftlab.save_adapter(model, tmp_path / name)
+        engine.store.register(name, tmp_path / name, check_root=False)
+        ids = torch.tensor([_prompt(i)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                             pad_token_id=0, eos_token_id=2)
+        refs[name] = out[0, ids.shape[1]:].tolist()
+    reqs = {n: engine.submit(Request(_prompt(i), n, MAX_NEW, stop_ids=EOS)) for i, n in enumerate(configs)}
+    engine.run_until_done(list(reqs.values()))
+    assert {n: r.output for n, r in reqs.items()} == refs
