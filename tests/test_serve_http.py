@@ -226,6 +226,13 @@ def test_load_test_with_hot_load_and_unload(server, expected):
 def test_graceful_shutdown_finishes_running_requests(root):
     srv = Server(root)
     got = {}
+    step = srv.engine.step
+
+    def slow_step():  # every step takes >= 20 ms, so the request is surely still running when shutdown starts
+        time.sleep(0.02)
+        return step()
+
+    srv.engine.step = slow_step
 
     def long_request():
         with httpx.Client(base_url=srv.url, timeout=60) as c:
