@@ -100,7 +100,21 @@ def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
         reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate([None, "lora", "rslora8", "dora", "loha"])]
         engine.run_until_done(reqs)
         outs.append([r.output for r in reqs])
+        assert engine.context.triton_error is None  # the kernel really ran (no fallback to torch)
     assert outs[0] == outs[1]
+
+
+def test_triton_failure_falls_back_to_torch_and_says_so(adapter_dirs, monkeypatch):
+    import peftlab.serve.layers as layers
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel here")
+
+    monkeypatch.setattr(layers, "lowrank_triton", broken)
+    engine = _engine(adapter_dirs, use_triton=True)
+    prompt = _prompt(3)
+    assert engine.generate(prompt, "lora", MAX_NEW, stop_ids=EOS) == _alone(adapter_dirs / "lora", prompt)
+    assert "no kernel here" in engine.context.triton_error
 
 
 def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
