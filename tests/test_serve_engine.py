@@ -190,6 +190,15 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     req = engine.submit(Request(_prompt(0), "prompt", 2))
     engine.run_until_done([req])
     assert req.finish_reason == "error" and "model hooks" in req.error
+    # PiSSA keeps a residual in the base: refused before anything touches the served weights
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    peftlab.save_adapter(model, adapter_dirs / "pissa")
+    before = {n: layer.base.weight.clone() for n, layer in engine.layers.items()}
+    engine.store.register("pissa", adapter_dirs / "pissa")
+    with pytest.raises(ServeError, match="rewrites the base"):
+        engine.store.acquire("pissa", load_from_disk=True)
+    assert all(torch.equal(before[n], layer.base.weight) for n, layer in engine.layers.items())
 
 
 def test_seeded_sampling_is_batch_independent(adapter_dirs):

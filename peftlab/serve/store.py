@@ -68,9 +68,15 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 
 def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
-    if method_for(config).kind == "input":
+    method = method_for(config)
+    if method.kind == "input":
         raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (input-side tokens or "
                          "inserted modules), which serve does not batch")
+    layer_cls = method.layer_factory(config) if method.layer_factory else method.layer
+    if layer_cls.init_rewrites_base(config):
+        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
+                         "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
+                         "to a plain update first")
     if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
 
