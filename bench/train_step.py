@@ -1,6 +1,8 @@
-"""Training-step time and peak memory: peftlab and HF PEFT side by side, in one run.
+"""Training-step time and peak memory: peftlab, HF PEFT, PEFT + Liger and Unsloth side by side, in one run.
 
     python bench/train_step.py --shape 1b                      # LoRA, DoRA, full fine-tune
+    python bench/train_step.py --shape 1b --impls peftlab,peftlab_ref,peft,peft_liger
+    python bench/train_step.py --methods lora,dora --impls peftlab,peft,unsloth --unsloth-site .unsloth_site
     python bench/train_step.py --shape 8b --methods lora,dora  # 8B Llama shape, batch 2
     python bench/train_step.py --shape tiny --device cpu       # smoke run, no GPU
     python bench/train_step.py --table bench/results/X.json    # markdown table from a results file
@@ -13,11 +15,18 @@ not favour one side. The step protocol is that of ``/work/shared/anchors/peft_ba
 forward with labels, backward, fused AdamW step, ``zero_grad(set_to_none=True)``, synchronise;
 median over ``--steps`` steps after ``--warmup`` steps.
 
+Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``peftlab_ref`` (the
+plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused linear + cross-entropy
+loss, ``TrainArgs.fused_ce``), ``peftlab_liger`` (peftlab's adapters on a model
+patched by Liger's kernels), ``peft``, ``peft_liger`` and ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
+missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
+short by a time limit still leaves its finished configurations.
+
 Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
 that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
-same settings by construction. Where PEFT lacks the method or one of its options, the method is
-skipped with the reason printed and stored in the results.
+same settings by construction. Where PEFT lacks the method or one of its options, its PEFT-based
+implementations are skipped with the reason printed and stored in the results; peftlab's still run.
 """
 from __future__ import annotations
 
@@ -40,6 +49,10 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this checkout
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import competitors  # noqa: E402  (bench/competitors.py, beside this file)
+
+IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -88,8 +101,12 @@ class Method:
     peft: Callable[[Any], Any] | None = peft_from_peftlab
     targets: tuple[str, ...] = tuple(ALL_LINEAR)
 
-    def implementations(self) -> list[str]:
-        return ["torch"] if self.peftlab is None else ["peftlab", "peft"]
+    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft"), peft_ok: bool = True) -> list[str]:
+        """The implementations of ``impls`` that can run this method (PEFT-based ones only if ``peft_ok``)."""
+        if self.peftlab is None:
+            return ["torch"]
+        return [i for i in impls if (i != "unsloth" or name in competitors.UNSLOTH_METHODS)
+                and (peft_ok or not i.startswith("peft_") and i != "peft")]
 
 
 def _lora(**extra):
@@ -131,23 +148,47 @@ def build_model(shape: str, device: str):
         return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
-def run_worker(args) -> dict[str, Any]:
+def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
+    """The model of one configuration, adapted by ``args.impl``; the peak-memory count starts after
+    the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
+    def start_peak():
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    if args.impl == "unsloth":
+        model, version = competitors.unsloth_model(SHAPES[args.shape]["model"], args.method, ALL_LINEAR, args.r,
+                                                   args.seq, start_peak)
+        return model, {"unsloth": version}
+    versions = {}
+    if args.impl.endswith("_liger"):
+        from importlib.metadata import version
+
+        competitors.apply_liger()
+        versions["liger_kernel"] = version("liger_kernel")
     method = method_entry(args.method)
-    cuda = args.device.startswith("cuda")
     model = build_model(args.shape, args.device)
-    if cuda:  # the fp32 init of the base is a build artefact; the peak counts from the bf16 model on
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    if args.impl == "peftlab":
+    start_peak()
+    if args.impl.startswith("peftlab"):
         import peftlab
+        from peftlab.ops import fast
 
         peftlab.attach(model, method.peftlab(method.targets, args.r))
-    elif args.impl == "peft":
+        versions["peftlab_fast"] = str(fast.enabled(torch.empty(0, device=args.device)))
+    elif args.impl in ("peft", "peft_liger"):
         import peft
 
         model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
+    return model, versions
+
+
+def run_worker(args) -> dict[str, Any]:
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    model, versions = prepare_model(args, cuda)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     dtypes: dict[str, int] = {}
@@ -156,13 +197,14 @@ def run_worker(args) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     batch, seq = args.batch, args.seq
     x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
+    loss_of = step_loss(args.impl, model, x)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     samples = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        loss = loss_of()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -173,17 +215,29 @@ def run_worker(args) -> dict[str, Any]:
         "trainable_dtypes": dtypes,
         "step_ms_samples": [round(s, 3) for s in samples],
         "step_ms_median": round(statistics.median(samples), 3),
-        "final_loss": round(float(out.loss), 4),
+        "final_loss": round(float(loss), 4),
+        "versions": versions,
     }
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if args.profile:
-        record["profile"] = profile_steps(model, opt, x, cuda)
+        record["profile"] = profile_steps(loss_of, opt, cuda)
     return record
 
 
-def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
+def step_loss(impl: str, model, x) -> Callable[[], Any]:
+    """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
+    which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
+    if impl == "peftlab_fce":
+        from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+
+        check_fused_ce(model)
+        return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
+    return lambda: model(input_ids=x, labels=x).loss
+
+
+def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -> str:
     """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -191,7 +245,7 @@ def profile_steps(model, opt, x, cuda: bool, steps: int = 3) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            model(input_ids=x, labels=x).loss.backward()
+            loss_of().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if cuda:
@@ -248,22 +302,24 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
-    """Run order: within a repeat, the two sides of each method alternate who goes first; every
-    other repeat runs the whole sequence backwards."""
+def schedule(plan: dict[str, list[str]], repeats: int) -> list[tuple[str, str]]:
+    """Run order of ``plan`` (method -> implementations): within a repeat, the implementations of each
+    method alternate in order (forwards, backwards); every other repeat runs the whole sequence backwards."""
     base: list[tuple[str, str]] = []
-    for i, name in enumerate(methods):
-        impls = method_entry(name).implementations()
-        base += [(name, impl) for impl in (impls if i % 2 == 0 else impls[::-1])]
+    for i, (name, here) in enumerate(plan.items()):
+        base += [(name, impl) for impl in (here if i % 2 == 0 else here[::-1])]
     order: list[tuple[str, str]] = []
     for k in range(repeats):
         order += base if k % 2 == 0 else base[::-1]
     return order
 
 
-def check_mappings(methods: list[str], r: int) -> dict[str, str]:
-    """Methods that cannot run on both sides -> the reason (built here, before any subprocess)."""
+def check_mappings(methods: list[str], r: int, impls: tuple[str, ...]) -> dict[str, str]:
+    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess);
+    their peftlab implementations still run."""
     skipped = {}
+    if not any(i.startswith("peft") and not i.startswith("peftlab") for i in impls):
+        return skipped
     for name in methods:
         method = method_entry(name)
         if method.peftlab is None:
@@ -284,12 +340,24 @@ def worker_command(args, method: str, impl: str, profile: bool = False) -> list[
     return cmd + (["--profile"] if profile else [])
 
 
+def worker_env(args, impl: str) -> dict[str, str]:
+    paths = [str(ROOT), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ)
+    if impl == "unsloth":  # its site folder carries its own trl / datasets: only on the Unsloth runs' path
+        paths.insert(0, str(Path(args.unsloth_site).resolve()))
+    if impl == "peftlab_ref":
+        env["PEFTLAB_FAST"] = "0"
+    elif impl.startswith("peftlab"):
+        env.pop("PEFTLAB_FAST", None)  # the library's default
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    return env
+
+
 def run_one(args, method: str, impl: str, profile: bool = False) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(worker_command(args, method, impl, profile), capture_output=True, text=True,
-                              env=env, timeout=args.timeout)
+                              env=worker_env(args, impl), timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     wall = round(time.perf_counter() - t0, 1)
@@ -298,6 +366,14 @@ def run_one(args, method: str, impl: str, profile: bool = False) -> dict[str, An
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:], "wall_s": wall}
     return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def p10_p90(samples: list[float]) -> list[float]:
+    """The 10th and 90th percentiles of the timed steps (one sample: itself twice)."""
+    if len(samples) < 2:
+        return [samples[0], samples[0]]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return [round(q[0], 3), round(q[-1], 3)]
 
 
 def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[str, Any]:
@@ -312,7 +388,8 @@ def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[
         trainable_params=ok[0]["trainable_params"], trainable_dtypes=ok[0]["trainable_dtypes"],
         step_ms_median=round(median, 3), step_ms_run_medians=[r["step_ms_median"] for r in ok],
         step_ms_samples=samples, tokens_per_s=round(args.batch * args.seq / (median / 1e3)),
-        final_loss=[r["final_loss"] for r in ok],
+        step_ms_p10_p90=p10_p90(samples),
+        final_loss=[r["final_loss"] for r in ok], versions=ok[0].get("versions", {}),
     )
     if "peak_gib" in ok[0]:
         row["peak_gib"] = max(r["peak_gib"] for r in ok)
@@ -324,13 +401,39 @@ def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[
 
 def run_driver(args) -> Path:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    skipped = check_mappings(methods, args.r)
-    for name, reason in skipped.items():
+    impls = tuple(args.impls)
+    skipped = check_mappings(methods, args.r, impls)
+    skipped_impls = {i: why for i in impls if (why := competitors.missing(i, args.unsloth_site))}
+    for name, reason in {**skipped, **skipped_impls}.items():
         print(f"skip {name}: {reason}", flush=True)
-    runnable = [m for m in methods if m not in skipped]
-    order = schedule(runnable, args.repeats)
+    impls = tuple(i for i in impls if i not in skipped_impls)
+    plan = {m: method_entry(m).implementations(m, impls, peft_ok=m not in skipped) for m in methods}
+    order = schedule(plan, args.repeats)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    log = []
+    log: list[dict[str, Any]] = []
+    env = environment(args.device)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / default_name(args, env)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def document() -> dict[str, Any]:
+        return {
+            "benchmark": "train_step",
+            "description": "one training step (forward with labels, backward, fused AdamW step, zero_grad); "
+                           "step_ms_median is the median over all timed steps of all runs of a configuration; "
+                           "peak_gib is torch.cuda.max_memory_allocated from the bf16 base model on (the fp32 "
+                           "init of the random base is excluded); each run is a fresh subprocess; the first "
+                           "--prime runs (of the first configuration) are discarded",
+            "environment": env,
+            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "impl", "method")},
+            "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
+            "run_order": [f"{m}/{i}" for m, i in order],
+            "configs": [summarise(m, i, results.get((m, i), []), args)
+                        for m, here in plan.items() for i in here],
+            "skipped": {**{f"{k} (PEFT side)": v for k, v in skipped.items()},
+                        **{f"impl {k}": v for k, v in skipped_impls.items()}},
+            "runs": log,
+        }
+
     # The first run on a freshly started machine ran ~20% slow in every step (seen twice on an H100),
     # which would fall on whichever configuration is scheduled first: discard it.
     for n in range(args.prime if order else 0):
@@ -345,38 +448,26 @@ def run_driver(args) -> Path:
         log.append({"method": method, "impl": impl, **{k: v for k, v in record.items() if k != "step_ms_samples"}})
         shown = record.get("error") or (f"{record['step_ms_median']:.2f} ms, peak {record.get('peak_gib', '-')} GiB, "
                                         f"trainable {record['trainable_params']:,} ({record['wall_s']} s)")
-        print(f"[{n}/{len(order)}] {method:>8} {impl:>7}: {shown}", flush=True)
+        print(f"[{n}/{len(order)}] {method:>8} {impl:>11}: {shown}", flush=True)
+        write_atomic(out, json.dumps(document(), indent=1) + "\n")  # what finished survives a time limit
     profiles = {}
     if args.profile:
         for method, impl in order[:len(order) // max(args.repeats, 1)]:
             record = run_one(args, method, impl, profile=True)
             profiles[f"{method}/{impl}"] = record.get("profile") or record.get("error")
-    env = environment(args.device)
-    document = {
-        "benchmark": "train_step",
-        "description": "one training step (forward with labels, backward, fused AdamW step, zero_grad); "
-                       "step_ms_median is the median over all timed steps of all runs of a configuration; "
-                       "peak_gib is torch.cuda.max_memory_allocated from the bf16 base model on (the fp32 "
-                       "init of the random base is excluded); each run is a fresh subprocess; the first "
-                       "--prime runs (of the first configuration) are discarded",
-        "environment": env,
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "impl", "method")},
-        "model": {"family": "LlamaForCausalLM, random weights, bf16, sdpa", **SHAPES[args.shape]["model"]},
-        "run_order": [f"{m}/{i}" for m, i in order],
-        "configs": [summarise(m, i, results.get((m, i), []), args)
-                    for m in runnable for i in method_entry(m).implementations()],
-        "skipped": skipped,
-        "runs": log,
-    }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / default_name(args, env)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1) + "\n")
+    final = document()
+    write_atomic(out, json.dumps(final, indent=1) + "\n")
     if profiles:
-        out.with_suffix(".profile.txt").write_text(
-            "\n\n".join(f"=== {k}\n{v}" for k, v in profiles.items()) + "\n")
+        write_atomic(out.with_suffix(".profile.txt"), "\n\n".join(f"=== {k}\n{v}" for k, v in profiles.items()) + "\n")
     print(f"wrote {out}")
-    print(markdown_table(document))
+    print(markdown_table(final))
     return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def default_name(args, env: dict[str, Any]) -> str:
@@ -386,28 +477,51 @@ def default_name(args, env: dict[str, Any]) -> str:
 
 
 # -- tables --------------------------------------------------------------------------------------
+COMPETITORS = (("peft", "PEFT"), ("peft_liger", "PEFT+Liger"), ("unsloth", "Unsloth"))
+
+
+def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    """"time x / memory x" of ``row`` against ``ref`` (same method, another implementation)."""
+    if not ref or "error" in ref or ref is row:
+        return ""
+    text = f"{row['step_ms_median'] / ref['step_ms_median']:.2f}x"
+    if row.get("peak_gib") and ref.get("peak_gib"):
+        text += f" / {row['peak_gib'] / ref['peak_gib']:.2f}x"
+    return text
+
+
 def markdown_table(document: dict[str, Any]) -> str:
+    """One row per configuration; peftlab rows get time / memory ratios against each competitor that
+    ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
+    targets)."""
     env, args, configs = document["environment"], document["args"], document["configs"]
-    peft_rows = {c["method"]: c for c in configs if c["impl"] == "peft" and "error" not in c}
+    rows = {(c["method"], c["impl"]): c for c in configs if "error" not in c}
+    present = {c["impl"] for c in configs}
+    competitors_here = [(impl, name) for impl, name in COMPETITORS if impl in present]
     has_mem = any("peak_gib" in c for c in configs)
-    header = ["method", "impl", "trainable params", "step ms", "tokens/s"] + (["peak GiB"] if has_mem else [])
-    header += ["time vs PEFT"] + (["memory vs PEFT"] if has_mem else [])
+    has_lora = any(m == "lora" and i.startswith("peftlab") for m, i in rows)
+    header = ["method", "impl", "trainable params", "step ms (p10-p90)", "tokens/s"] + (["peak GiB"] if has_mem else [])
+    suffix = " (time / mem)" if has_mem else ""
+    header += [f"vs {name}{suffix}" for _, name in competitors_here]
+    header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for c in configs:
         if "error" in c:
             lines.append(f"| {c['label']} | {c['impl']} | error: {c['error'][:120]} |" + " |" * (len(header) - 3))
             continue
-        ref = peft_rows.get(c["method"]) if c["impl"] == "peftlab" else None
+        ours = c["impl"].startswith("peftlab")
+        peft_row = rows.get((c["method"], "peft"))
         trainable = f"{c['trainable_params']:,}"
-        if ref and ref["trainable_params"] != c["trainable_params"]:
-            trainable += f" (PEFT: {ref['trainable_params']:,})"
-        cells = [c["label"], c["impl"], trainable, f"{c['step_ms_median']:.2f}",
-                 f"{c['tokens_per_s']:,}"]
+        if ours and peft_row and peft_row["trainable_params"] != c["trainable_params"]:
+            trainable += f" (PEFT: {peft_row['trainable_params']:,})"
+        spread = c.get("step_ms_p10_p90")
+        step = f"{c['step_ms_median']:.2f}" + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread else "")
+        cells = [c["label"], c["impl"], trainable, step, f"{c['tokens_per_s']:,}"]
         if has_mem:
             cells.append(f"{c['peak_gib']:.2f}")
-        cells.append(f"{c['step_ms_median'] / ref['step_ms_median']:.2f}x" if ref else "")
-        if has_mem:
-            cells.append(f"{c['peak_gib'] / ref['peak_gib']:.2f}x" if ref else "")
+        cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
+        if has_lora:
+            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     runs = args["repeats"]
@@ -416,6 +530,8 @@ def markdown_table(document: dict[str, Any]) -> str:
                f"shape {args['shape']}, batch {args['batch']} x {args['seq']}, r {args['r']}; median of "
                f"{runs} x {args['steps']} steps after {args['warmup']} warm-up steps per run; "
                f"TF32 matmul {'on' if env['tf32_matmul'] else 'off'}.")
+    versions = sorted({f"{k} {v}" for c in configs for k, v in c.get("versions", {}).items() if k != "peftlab_fast"})
+    caption += f" Competitors: {', '.join(versions)}." if versions else ""
     skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
     return "\n".join(lines) + "\n\n" + caption + skipped
 
@@ -431,6 +547,14 @@ def write_readme(readme: Path, results: Path, table: str) -> None:
     readme.write_text(text)
 
 
+def table_command(results: str, readme: str | None, render: Callable[[dict[str, Any]], str]) -> None:
+    """``--table``: print the markdown table of a results file; with ``--readme`` also write it there."""
+    table = render(json.loads(Path(results).read_text()))
+    print(table)
+    if readme:
+        write_readme(Path(readme), Path(results), table)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -438,6 +562,9 @@ def parse_args(argv=None):
                    help="comma-separated: entries of METHODS or any name in peftlab.variants()")
     p.add_argument("--batch", type=int, help="default: the shape's (1b: 4, 8b: 2, tiny: 2)")
     p.add_argument("--seq", type=int, help="default: the shape's (1024; tiny: 64)")
+    p.add_argument("--impls", default="peftlab,peft", type=lambda v: [i.strip() for i in v.split(",") if i.strip()],
+                   help=f"comma-separated, of {', '.join(IMPLS)} (full fine-tuning always runs as torch)")
+    p.add_argument("--unsloth-site", help="folder built by unsloth_site.sh (for --impls unsloth)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
@@ -451,8 +578,11 @@ def parse_args(argv=None):
     p.add_argument("--readme", metavar="README", help="with --table: also write the table into this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=["peftlab", "peft", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=[*IMPLS, "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.impls) - set(IMPLS))
+    if unknown:
+        p.error(f"unknown --impls {unknown}; choose from {', '.join(IMPLS)}")
     shape = SHAPES[args.shape]
     args.batch = args.batch or shape["batch"]
     args.seq = args.seq or shape["seq"]
@@ -466,10 +596,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        table = markdown_table(json.loads(Path(args.table).read_text()))
-        print(table)
-        if args.readme:
-            write_readme(Path(args.readme), Path(args.table), table)
+        table_command(args.table, args.readme, markdown_table)
     elif args.worker:
         print(json.dumps(run_worker(args)), flush=True)
     else:

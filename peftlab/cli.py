@@ -59,13 +59,36 @@ def train(
     save_every: int = typer.Option(0, min=0, help="Checkpoint every N steps (0: never)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or 'latest'."),
     dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
+    nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
+    distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
+    checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
+    fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
+    double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
+    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
+    galore_rank: Optional[int] = typer.Option(None, help="--method galore: projection rank (default 128)."),
+    galore_update_proj_gap: Optional[int] = typer.Option(None, help="--method galore: steps per projection (200)."),
+    galore_scale: Optional[float] = typer.Option(None, help="--method galore: update scale (0.25)."),
+    galore_proj_type: Optional[str] = typer.Option(None, help="--method galore: std, reverse_std, left, right, full."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
+    packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
+    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend for adapted layers."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
+
+    Memory: `--quantize nf4 --double-quant --checkpointing offload --fused-ce --optim paged_adamw`;
+    full-parameter GaLore: `--method galore --galore-rank 128`.
 
     Example: `peftlab train --method dora --max-steps 20 --out runs/dora`
     """
     from peftlab.core.config import ConfigError
+    from peftlab.train import launch
     from peftlab.train.loop import TrainArgs, train as run_train
+
+    if nproc > 1 and distributed == "none":
+        _fail("--nproc > 1 needs --distributed auto, ddp or fsdp")
+    if launch.needs_relaunch(nproc):
+        raise typer.Exit(launch.relaunch(nproc))
 
     overrides = {}
     for item in set_:
@@ -81,11 +104,18 @@ def train(
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_scheduler=lr_scheduler,
                      warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
-                     save_every=save_every, resume=resume, dtype=dtype)
+                     save_every=save_every, resume=resume, dtype=dtype, checkpointing=checkpointing,
+                     fused_ce=fused_ce, quantize=quantize, double_quant=double_quant, optim=optim,
+                     galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
+                     galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
+                     packing=packing, compile=compile_)
+    args.distributed = distributed
     try:
         metrics = run_train(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if metrics["distributed"]["rank"] != 0:
+        return  # one summary line per run, not per process
     after = metrics.get("eval_after") or {}
     console.print(f"adapter: [bold]{metrics['adapter_dir']}[/]  eval loss {after.get('loss', float('nan')):.4f}  "
                   f"perplexity {after.get('perplexity', float('nan')):.2f}  metrics: {out / 'metrics.json'}")
@@ -107,6 +137,11 @@ def compare(
     max_length: Optional[int] = typer.Option(None, help="Override the preset's max sequence length."),
     lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
     r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
+    checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
+    fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),
+    double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
+    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
 ) -> None:
     """Fine-tune every method on the same data and budget; rank by eval loss and perplexity.
 
@@ -138,7 +173,9 @@ def compare(
         return
     overrides = {"max_steps": max_steps, "max_length": max_length, "lr": lr, "r": r}
     args = CompareArgs(methods=names, model=model, data=data, out=str(out), preset=preset, repeat=repeat, seed=seed,
-                       with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None})
+                       with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None},
+                       memory=_memory_settings(checkpointing=checkpointing, fused_ce=fused_ce, quantize=quantize,
+                                               double_quant=double_quant, optim=optim))
     try:
         args.budget(), args.method_list()
     except ValueError as exc:
@@ -263,14 +300,26 @@ def methods() -> None:
     console.print(table)
 
 
+def _memory_settings(**given) -> dict:
+    """Only the memory options that differ from the defaults, so plain runs keep their budget (and resume)."""
+    from peftlab.train.loop import TrainArgs
+
+    defaults = TrainArgs()
+    return {k: v for k, v in given.items() if v != getattr(defaults, k)}
+
+
 def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+# commands that live in their own modules
+from peftlab.cli_arith import register as _register_arith  # noqa: E402  (convert, combine, export)
 
+_register_arith(app)
 
-from peftlab.serve.cli import serve as _serve  # noqa: E402  (the serve command lives in its own module)
+from peftlab.serve.cli import serve as _serve  # noqa: E402  (serve)
 
 app.command(name="serve")(_serve)
+
+if __name__ == "__main__":
+    main()

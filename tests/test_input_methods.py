@@ -68,7 +68,8 @@ def test_outputs_line_up_with_the_callers_tokens(setup):
     embeds = model(inputs_embeds=model.get_input_embeddings()(x)).logits
     torch.testing.assert_close(given, out.logits)
     torch.testing.assert_close(embeds, out.logits)
-    cache = model(x, use_cache=True).past_key_values
+    out = model(x, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.24 names it `cache`
     assert cache.get_seq_length() == x.shape[1] + sum(c.num_virtual_tokens for c in SEQUENCE_SETUPS[setup]())
 
 

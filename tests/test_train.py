@@ -255,3 +255,36 @@ def test_molora_expert_usage_reaches_the_training_log(tmp_path, capsys):
     assert "default.expert_share [" in capsys.readouterr().err
     # a method without statistics logs none
     assert not any("adapter_stats" in h for h in run(tmp_path, "lora", log_every=3)["losses"])
+
+
+def test_eval_loss_is_the_language_model_loss_without_regularisers():
+    """evaluate() scores the logits itself: equal to the model's own loss on a plain model, and free of the
+    orthogonality penalty PEFT's AdaLoRA adds to `outputs.loss` (also in eval mode)."""
+    import peft
+
+    examples = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n))} for n in (6, 9)]
+    collate = Collator(0)
+    plain = tiny_llama()
+    got = loop.evaluate(plain, examples, collate, 2, torch.device("cpu"))
+    b = collate(examples)
+    with torch.no_grad():
+        assert got["loss"] == pytest.approx(float(plain(**b).loss), rel=1e-5)
+    adalora = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, init_r=4,
+                                                                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        with_penalty = float(adalora(**b).loss)
+        without = float(adalora.base_model.model(**b).loss)
+    assert with_penalty > without + 0.1  # PEFT adds the penalty
+    assert loop.evaluate(adalora, examples, collate, 2, torch.device("cpu"))["loss"] == pytest.approx(without, rel=1e-5)
+
+
+def test_eval_before_is_the_base_model_for_every_method_and_backend(tmp_path):
+    """Prefix tuning is not the identity at init: the 'before' score is still the bare base model's."""
+    from peftlab.compare.peft_backend import attach_with_peft
+
+    lora = run(tmp_path, "lora", max_steps=1)["eval_before"]["loss"]
+    prefix = run(tmp_path, "prefix", method="prefix_tuning", max_steps=1)
+    assert prefix["eval_before"]["loss"] == pytest.approx(lora, rel=1e-6)
+    args = TrainArgs(out=str(tmp_path / "peft"), **{**FAST, "method": "prefix_tuning", "max_steps": 1})
+    peft_run = train(args, model=tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS, attach_fn=attach_with_peft)
+    assert peft_run["eval_before"]["loss"] == pytest.approx(lora, rel=1e-6)

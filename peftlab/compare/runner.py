@@ -51,6 +51,8 @@ class CompareArgs:
     with_peft: bool = False
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)  # any preset key, e.g. max_steps
+    # memory options passed to every run (TrainArgs fields: checkpointing, fused_ce, quantize, double_quant, optim)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def budget(self) -> dict[str, Any]:
         if self.preset not in PRESETS:
@@ -58,7 +60,12 @@ class CompareArgs:
         unknown = set(self.overrides) - set(PRESETS[self.preset])
         if unknown:
             raise ValueError(f"unknown budget setting(s) {sorted(unknown)}; known: {sorted(PRESETS[self.preset])}")
-        return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
+        from peftlab.train.frugal import MEMORY_KEYS
+
+        bad = set(self.memory) - set(MEMORY_KEYS)
+        if bad:
+            raise ValueError(f"unknown memory setting(s) {sorted(bad)}; known: {list(MEMORY_KEYS)}")
+        return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}, **self.memory}
 
     def method_list(self) -> list[str]:
         known = peftlab.variants()
@@ -109,6 +116,7 @@ def environment() -> dict[str, Any]:
 
 def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out: Path, progress: bool,
             eval_before: bool = True) -> dict:
+    from peftlab.train.frugal import MEMORY_KEYS as memory_keys
     from peftlab.train.loop import TrainArgs, train
 
     model = copy.deepcopy(base)
@@ -119,6 +127,7 @@ def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out
         lr=budget["lr"], lr_scheduler=budget["lr_scheduler"], warmup_steps=budget["warmup_steps"],
         max_length=budget["max_length"], eval_size=budget["eval_size"], eval_batch_size=budget["eval_batch_size"],
         seed=seed, progress=progress, log_every=0, eval_before=eval_before,
+        **{k: budget[k] for k in memory_keys if k in budget},
     )
     attach_fn = None
     if backend == "peft":

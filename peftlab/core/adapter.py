@@ -29,8 +29,51 @@ class AdapterError(RuntimeError):
     """An operation on adapters that cannot be carried out (names the adapter and the reason)."""
 
 
+class WeightCodec:
+    """How to read and write a quantized base weight (bitsandbytes' 4-bit / 8-bit linears).
+
+    ``handles(module)`` says whether it applies; ``dense(module)`` is the weight as a dense (out, in)
+    tensor; ``store(module, value)`` quantizes ``value`` (out, in) back into the module. peftlab.quant
+    registers one; core never imports bitsandbytes.
+    """
+
+    def handles(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def store(self, module: nn.Module, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+_WEIGHT_CODECS: list[WeightCodec] = []
+# packages whose weight tensors have a codec in peftlab, imported when such a weight is first seen
+_CODEC_MODULES = {"bitsandbytes": "peftlab.quant.bnb"}
+
+
+def register_weight_codec(codec: WeightCodec) -> None:
+    if not any(type(c) is type(codec) for c in _WEIGHT_CODECS):
+        _WEIGHT_CODECS.append(codec)
+
+
+def weight_codec(module: nn.Module) -> WeightCodec | None:
+    """The codec for ``module``'s quantized weight, or None for a plain float weight."""
+    weight = getattr(module, "weight", None)
+    package = type(weight).__module__.split(".")[0] if weight is not None else ""
+    if package in _CODEC_MODULES:
+        import importlib
+
+        importlib.import_module(_CODEC_MODULES[package])
+    return next((c for c in _WEIGHT_CODECS if c.handles(module)), None)
+
+
 class BaseView:
-    """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in)."""
+    """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in).
+
+    A quantized base (``codec`` set) is read through ``weight_oi()`` (dequantized) and written through
+    ``set_weight_oi`` (re-quantized): methods never see the packed storage.
+    """
 
     def __init__(self, module: nn.Module):
         if isinstance(module, nn.Embedding):
@@ -45,6 +88,7 @@ class BaseView:
         else:
             raise AdapterError(f"cannot wrap {type(module).__name__}: supported are nn.Linear, Conv1D, nn.Embedding")
         self.module = module
+        self.codec = weight_codec(module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -52,11 +96,21 @@ class BaseView:
         return self.module.weight
 
     def weight_oi(self) -> torch.Tensor:
-        """The weight as (out_features, in_features), a view when transposed."""
+        """The weight as (out_features, in_features), a view when transposed (a dequantized copy when quantized)."""
+        if self.codec is not None:
+            return self.codec.dense(self.module)
         w = self.module.weight
         return w.t() if self.transposed else w
 
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype adapters on this module train in: float32 over half-precision or quantized weights."""
+        dtype = self.module.weight.dtype
+        return torch.float32 if self.codec is not None or dtype in (torch.float16, torch.bfloat16) else dtype
+
     def set_weight_oi(self, value: torch.Tensor) -> None:
+        if self.codec is not None:
+            self.codec.store(self.module, value)
+            return
         w = self.module.weight
         w.data.copy_((value.t() if self.transposed else value).to(w.dtype))
 
@@ -156,10 +210,22 @@ class AdapterLayer(nn.Module):
         """The output this adapter adds for input ``x`` (additive methods)."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """The whole adapted output (base included) from a fused fast path, or None to use the
+        reference path (``transform_input`` / base / ``adapt``). Asked only when this adapter is the
+        module's one active, unmerged adapter; must equal the reference path (tests check both)."""
+        return None
+
     # -- weight space --------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """The weight update as (out_features, in_features), for mergeable methods."""
         raise NotImplementedError
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """(A (r, in), B (out, r), scaling) when the whole effect is the additive update ``scaling * B @ A``
+        (in the (out, in) orientation of ``delta_weight``), as live tensors; None for any other form.
+        Factor-wise combination (``peftlab.combine``) and rank-padded hot-swap read it."""
+        return None
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         """The merged weight (out, in) from the current one. Default: additive update."""
@@ -243,6 +309,10 @@ class AdaptedModule(nn.Module):
                 raise AdapterError(f"adapters {self.merged} are merged; unmerge them before disabling")
             return self.base_layer(x, *args, **kwargs)
         layers = [self.adapters[n] for n in self.active if n not in self.merged]
+        if len(layers) == 1 and not args and not kwargs:
+            fused = layers[0].fused_forward(x, self.view)
+            if fused is not None:
+                return fused
         xin = x
         for layer in layers:
             if layer.transforms_input:

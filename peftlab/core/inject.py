@@ -196,8 +196,7 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
         ref = module.base_layer.weight
         with torch.device(ref.device):  # build on the base's device (also "meta" for parameter counting)
             layer = method.make_layer(module.view, config, target, shared)
-        dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
-        layer.to(device=ref.device, dtype=dtype)
+        layer.to(device=ref.device, dtype=module.view.adapter_dtype())
         layer.train(module.base_layer.training)  # no adapter dropout in a model that is in eval mode
         module.adapters[name] = layer
         new_layers.append((module, layer))

@@ -160,8 +160,13 @@ def _past_length(cache) -> int:
     if cache is None:
         return 0
     if not hasattr(cache, "get_seq_length"):
-        raise AdapterError("prompt-side adapters need a transformers Cache as past_key_values, not legacy tuples")
+        raise AdapterError("prompt-side adapters need a transformers Cache object as the KV cache, not legacy tuples")
     return int(cache.get_seq_length())
+
+
+def _cache_key(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
@@ -179,12 +184,15 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     batch, length = (ids if ids is not None else embeds).shape[:2]
     n_seq = sum(a.num_virtual_tokens for a in prompts)
     n_kv = sum(a.num_prefix_tokens for a in prefixes)
-    first = _past_length(kw.get("past_key_values")) == 0
+    key = _cache_key(model)
+    if key != "past_key_values" and kw.get("past_key_values") is not None:  # a caller still using the old name
+        kw[key] = kw.pop("past_key_values")
+    first = _past_length(kw.get(key)) == 0
     dtype = _reference_parameter(model).dtype
     if first and prefixes:
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and model.training:
             raise AdapterError("prefix tuning writes the KV cache and does not work with gradient checkpointing")
-        cache = kw.get("past_key_values")
+        cache = kw.get(key)
         if cache is None:
             from transformers import DynamicCache
 
@@ -194,7 +202,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
             pending["drop_cache"] = not (use_cache or (use_cache is None and getattr(model.config, "use_cache", False)))
         for adapter in prefixes:
             adapter.write_prefix(cache, batch, dtype)
-        kw["past_key_values"] = cache
+        kw[key] = cache
     if first and prompts:
         if embeds is None:
             embeds = model.get_input_embeddings()(ids)
@@ -233,7 +241,9 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
     if pending is None or not hasattr(output, "keys"):
         return output
     if pending["drop_cache"]:
-        output.past_key_values = None
+        key = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
+        if key in output.keys():
+            output[key] = None  # item and attribute both (ModelOutput's setattr leaves the item when given None)
     length = pending["length"]
     if length is None:
         return output

@@ -1,8 +1,12 @@
 """What the LyCORIS methods (LoHa, LoKr) share: config fields, per-module rank/alpha, dropouts.
 
-Each builds a dense update from small factors and adds it like LoRA:
+Each defines a dense update from small factors and adds it like LoRA:
 
     h = W0 x + ΔW x,    ΔW = (alpha / r) * build()     (build() is method-specific, (out, in))
+
+In the forward, ``apply_update`` computes ΔW x from the factors without building ΔW (LoHa as a
+rank-r^2 product, LoKr on the reshaped activation: ``peftlab.ops.factored``); ``build()`` is the dense
+reference, used for merging and by the tests.
 
 with PEFT's training-time regularisers:
   rank_dropout     each output row of ΔW is zeroed with probability p; LoHa rescales the kept
@@ -24,6 +28,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.methods.lora import pattern_value
+from peftlab.ops import fast
 
 
 def _positive_int(name: str, value) -> None:
@@ -85,11 +90,16 @@ class LycorisLayer(AdapterLayer):
             return out
         return out + self.delta(x).to(out.dtype)
 
+    def apply_update(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """x @ (scale * build())^T over the last dimension, in x's dtype; override with a factored form."""
+        return F.linear(x, (self.build() * scale).to(x.dtype))
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.delta_weight()
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout).to(weight.dtype)
+        x = x.to(fast.compute_dtype(x, next(iter(self._parameters.values()))))
+        out = self.apply_update(x, self.scaling)
+        if self.training and self.rank_dropout:  # rank dropout zeroes rows of ΔW, i.e. outputs
+            keep = (torch.rand(self.out_features, device=out.device) > self.rank_dropout).to(out.dtype)
             if self.rescale_rank_dropout:
-                keep = keep / keep.mean().clamp_min(1.0 / weight.shape[0])
-            weight = weight * keep[:, None]
-        return F.linear(x.to(weight.dtype), weight)
+                keep = keep / keep.mean().clamp_min(1.0 / self.out_features)
+            out = out * keep
+        return out

@@ -42,6 +42,7 @@ from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.registry import register
 from peftlab.methods.lora import LoraConfig
+from peftlab.ops import fast
 
 _FACTORS = ("lora_A", "lora_E", "lora_B")
 
@@ -154,6 +155,9 @@ class AdaLoraLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        return fast.lowrank(x, base, self.lora_A * self.lora_E, self.lora_B, self.scaling, self.dropout)
 
     def extra_loss(self) -> torch.Tensor | None:
         if not self.training or self.orth_reg_weight == 0:

@@ -27,6 +27,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.ops import fast
 from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops.orthogonal import butterfly_matrix, butterfly_permutations, butterfly_rotate, cayley, \
     identity_block_dropout
@@ -105,7 +106,8 @@ class BOFTLayer(AdapterLayer):
         return rot
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return butterfly_rotate(x.to(self.boft_R.dtype), self.blocks(), self.perms).to(x.dtype)
+        dtype = fast.compute_dtype(x, self.boft_R)
+        return butterfly_rotate(x.to(dtype), self.blocks().to(dtype), self.perms).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         scale = self.boft_s.view(-1).to(out.dtype)

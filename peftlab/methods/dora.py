@@ -20,16 +20,18 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.methods.lora import LoraConfig, LoraLayer
+from peftlab.ops import fast
 
 
 def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                  w0_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Row norms of W0 + s B A without materialising the product (all fp32)."""
-    w0 = w0.float()
+                  w0_sq: torch.Tensor | None = None, native_gemm: bool = False) -> torch.Tensor:
+    """Row norms of W0 + s B A without materialising the product (fp32; with ``native_gemm`` the one
+    (out, in) x (in, r) product runs in W0's own dtype instead of on an fp32 copy of W0)."""
     a, b = a.float(), b.float()
     if w0_sq is None:
-        w0_sq = w0.pow(2).sum(1)
-    cross = (b * (w0 @ a.t())).sum(1)
+        w0_sq = w0.float().pow(2).sum(1)
+    w0_a = (w0 @ a.t().to(w0.dtype)).float() if native_gemm else w0.float() @ a.t()
+    cross = (b * w0_a).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     return (w0_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 
@@ -54,8 +56,9 @@ class DoraLayer(LoraLayer):
 
     def weight_norm(self, base: BaseView) -> torch.Tensor:
         w0 = base.weight_oi()
-        with torch.no_grad():
-            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0))
+        with torch.no_grad():  # on the fast path, no fp32 copy of W0 per step
+            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0),
+                                 native_gemm=fast.enabled(w0))
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         scale = self.lora_magnitude_vector / self.weight_norm(base)
@@ -67,6 +70,15 @@ class DoraLayer(LoraLayer):
             base_out = F.linear(xd, base.weight_oi().to(xd.dtype))
         lora = self.lora_out(xd) * self.scaling
         return out + ((scale - 1) * base_out + scale * lora).to(out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        # with dropout active, PEFT's form rescales W0 dropout(x); the fused node covers the plain form
+        parts = fast.operands(x, base)
+        if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        x, weight, bias = parts
+        return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
+                                self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""
@@ -90,3 +102,6 @@ class DoraLayer(LoraLayer):
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "lora_magnitude_vector": "B"}
+
+    def low_rank_factors(self) -> None:
+        return None  # the magnitude rescales the whole weight: not an additive B A update

@@ -7,8 +7,10 @@
 orthonormal by Gram-Schmidt (U) and H = I - 2 U U^T. PEFT's default init draws r/2 Kaiming columns
 and repeats each one, so the reflections cancel in pairs (H_{2k} H_{2k+1} = I) and the layer starts
 as the base; with r odd (or ``init_weights=False``, or GS) it is not the identity at init.
-The reflections act on activations (``transforms_input``): x H^T = x H_{r-1} ... H_0, each step
-x <- x - 2 (x . u) u, O(tokens * in * r), instead of PEFT's dense (in, in) product per forward.
+The reflections act on activations (``transforms_input``) in the compact WY form of the chain,
+H = I - U T U^T with T (r, r) upper triangular (``ops.factored.householder_wy``), so x H^T =
+x - ((x U) T^T) U^T: two thin (tokens, in) x (in, r) products, instead of PEFT's dense (in, in)
+product per forward or r sequential passes over the activations.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
 from peftlab.methods.oft import check_bias
+from peftlab.ops import fast
+from peftlab.ops.factored import householder_apply, householder_wy
 
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
@@ -34,14 +38,6 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
             col = col - (q @ col) * q
         basis.append(col / col.norm())
     return torch.stack(basis, dim=1)
-
-
-def reflect(x: torch.Tensor, units: torch.Tensor, order) -> torch.Tensor:
-    """x (..., in) times the reflections I - 2 u_i u_i^T for i in ``order`` (left to right)."""
-    for i in order:
-        u = units[:, i]
-        x = x - 2 * (x @ u)[..., None] * u
-    return x
 
 
 @dataclass
@@ -75,19 +71,16 @@ class HRALayer(AdapterLayer):
         self.hra_u = nn.Parameter(torch.repeat_interleave(half, 2, dim=1) if paired else half)
         self.identity_at_init = paired and not self.apply_GS
 
-    def _units(self) -> torch.Tensor:
-        return gram_schmidt(self.hra_u) if self.apply_GS else self.hra_u / self.hra_u.norm(dim=0)
-
     def _reflect_rows(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         """x H^T (transpose=True) or x H, for row vectors x (..., in)."""
-        units = self._units().to(x.dtype)
-        if self.apply_GS:  # H = I - 2 U U^T is symmetric
+        if self.apply_GS:  # H = I - 2 U U^T with orthonormal U, symmetric
+            units = gram_schmidt(self.hra_u).to(x.dtype)
             return x - 2 * (x @ units) @ units.t()
-        order = range(self.r - 1, -1, -1) if transpose else range(self.r)
-        return reflect(x, units, order)
+        wy = householder_wy(self.hra_u.float())  # a triangular solve: fp32 on every device
+        return householder_apply(x, self.hra_u.to(x.dtype), wy.to(x.dtype), transpose)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reflect_rows(x.to(self.hra_u.dtype), transpose=True).to(x.dtype)
+        return self._reflect_rows(x.to(fast.compute_dtype(x, self.hra_u)), transpose=True).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         return out  # all of HRA's effect is in transform_input

@@ -21,6 +21,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.ops import fast
 
 # Down-projections of common architectures (the paper's feedforward scaling), for ``default_config``.
 _FEEDFORWARD_NAMES = ("down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2", "wo")
@@ -75,10 +76,14 @@ class IA3Layer(AdapterLayer):
         return self.ia3_l.flatten()
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.ia3_l.dtype) * self.scale).to(x.dtype)
+        dtype = fast.compute_dtype(x, self.ia3_l)
+        return (x.to(dtype) * self.scale.to(dtype)).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
-        return out if self.transforms_input else (out * self.scale).to(out.dtype)
+        if self.transforms_input:
+            return out
+        dtype = fast.compute_dtype(out, self.ia3_l)
+        return (out.to(dtype) * self.scale.to(dtype)).to(out.dtype)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         scale = self.scale.detach()

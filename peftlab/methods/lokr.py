@@ -10,7 +10,8 @@ otherwise it is a full matrix (``lokr_w1``, ``lokr_w2``).
 
 Init: ``init_weights=True`` zeroes W1 (or W1a), the rest Kaiming-uniform (identity at init);
 "lycoris" zeroes W2 (or W2b) instead; False: all Kaiming. Dropouts and patterns: see ``_lycoris``
-(``rank_dropout_scale`` turns on rescaling of the kept rows). PEFT adapts only ``nn.Linear`` with
+(``rank_dropout_scale`` turns on rescaling of the kept rows). The forward never builds the Kronecker
+product: ΔW x = vec(W1 X W2^T) with X the input viewed as (c, d) (``ops.factored.kron_apply``). PEFT adapts only ``nn.Linear`` with
 LoKr; we also adapt GPT-2's ``Conv1D``, but such files only load here.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from peftlab.core.adapter import BaseView
 from peftlab.core.config import ConfigError
 from peftlab.core.registry import register
 from peftlab.methods._lycoris import LycorisConfig, LycorisLayer, kaiming_
+from peftlab.ops.factored import kron_apply
 
 
 @dataclass
@@ -85,6 +87,16 @@ class LoKrLayer(LycorisLayer):
 
     def build(self) -> torch.Tensor:
         return torch.kron(self._factor("lokr_w1"), self._factor("lokr_w2"))
+
+    def apply_update(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """vec(W1 X W2^T) on x viewed as X (in_m, in_n); low-rank factors applied one at a time."""
+        def cast(t):
+            return t.to(x.dtype)
+
+        w2 = cast(self.lokr_w2) if hasattr(self, "lokr_w2") else (cast(self.lokr_w2_a), cast(self.lokr_w2_b))
+        if hasattr(self, "lokr_w1"):
+            return kron_apply(x, cast(self.lokr_w1 * scale), w2)
+        return kron_apply(x, None, w2, (cast(self.lokr_w1_a * scale), cast(self.lokr_w1_b)))
 
 
 register("LOKR", LoKrConfig, LoKrLayer,

@@ -20,6 +20,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
+from peftlab.ops import fast
 
 _INITS = (True, False, "gaussian", "pissa", "olora")
 _PEFT_NEUTRAL = {
@@ -178,8 +179,16 @@ class LoraLayer(AdapterLayer):
         # scaling on the rank-r activation, not on the (tokens, out) result: one full-size pass fewer each way
         return self.lora_B(self.lora_down(self.dropout(x)) * self.scaling)
 
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        if self.is_embedding:
+            return None
+        return fast.lowrank(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling
+
+    def low_rank_factors(self):
+        return self.A, self.B, self.scaling
 
     @classmethod
     def init_rewrites_base(cls, config: LoraConfig) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.ops import fast
 from peftlab.ops.orthogonal import (
     block_rotate, cayley, cayley_neumann, identity_block_dropout, skew_from_upper, upper_from_skew,
 )
@@ -134,7 +135,8 @@ class OFTLayer(AdapterLayer):
         return rot.expand(self.r, -1, -1) if rot.shape[0] == 1 else rot
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return block_rotate(x.to(self.oft_R.dtype), self.blocks()).to(x.dtype)
+        dtype = fast.compute_dtype(x, self.oft_R)
+        return block_rotate(x.to(dtype), self.blocks().to(dtype)).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         return out  # all of OFT's effect is in transform_input

@@ -198,10 +198,11 @@ class VirtualTable(HookedAdapter):
     """``n`` rows learned directly (``embedding``) or, while training a reparameterised form, computed
     by ``encoder(embedding)``. Saved as PEFT's ``prompt_embeddings``: the table the encoder computes."""
 
-    def __init__(self, rows: int, width: int, encoder: nn.Module | None = None, embedding_width: int | None = None):
+    def __init__(self, rows: int, width: int, make_encoder=None, embedding_width: int | None = None):
         super().__init__()
-        self.embedding = nn.Parameter(torch.randn(rows, embedding_width or width))
-        self.encoder = encoder
+        # drawn as nn.Embedding draws it, and before the encoder: PEFT's order, so one seed gives PEFT's init
+        self.embedding = nn.Parameter(torch.empty(rows, embedding_width or width).normal_())
+        self.encoder = make_encoder() if make_encoder is not None else None
         self.rows_count = rows
 
     def rows(self) -> torch.Tensor:
@@ -275,10 +276,12 @@ def build_p_tuning(model: nn.Module, config: PromptEncoderConfig) -> VirtualToke
         return VirtualTokens(config.num_virtual_tokens, dim)
     hidden = config.encoder_hidden_size or dim
     if config.encoder_reparameterization_type == "LSTM":
-        encoder = LSTMEncoder(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
+        def make_encoder():
+            return LSTMEncoder(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
     else:
-        encoder = MLP([dim, hidden, hidden, dim], F.relu)
-    return VirtualTokens(config.num_virtual_tokens, dim, encoder)
+        def make_encoder():
+            return MLP([dim, hidden, hidden, dim], F.relu)
+    return VirtualTokens(config.num_virtual_tokens, dim, make_encoder)
 
 
 def build_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> KVPrefix:
@@ -287,10 +290,11 @@ def build_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> KVPrefi
     width = layers * 2 * heads * head_dim
     if config.prefix_projection and not config.inference_mode:
         token_dim = heads * head_dim
-        encoder = MLP([token_dim, config.encoder_hidden_size or token_dim, width], torch.tanh)
-        adapter = KVPrefix(shape, config.num_virtual_tokens, width, encoder, embedding_width=token_dim)
+        def make_encoder():
+            return MLP([token_dim, config.encoder_hidden_size or token_dim, width], torch.tanh)
+        adapter = KVPrefix(shape, config.num_virtual_tokens, width, make_encoder, embedding_width=token_dim)
         if config.init_weights == "zero":
-            encoder.zero_last()
+            adapter.encoder.zero_last()
         return adapter
     adapter = KVPrefix(shape, config.num_virtual_tokens, width)
     if config.init_weights == "zero":

@@ -33,6 +33,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
 
 
@@ -143,6 +144,11 @@ class TiedLoraLayer(AdapterLayer):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return scaled_lowrank(self.dropout(x), self.A, self.B, self.tied_lora_u, self.tied_lora_v) * self.scaling
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        a = self.tied_lora_u[:, None] * self.A.to(x.device)
+        b = self.tied_lora_v[:, None] * self.B.to(x.device)
+        return fast.lowrank(x, base, a, b, self.scaling, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         return scaled_lowrank_weight(self.A, self.B, self.tied_lora_u, self.tied_lora_v) * self.scaling

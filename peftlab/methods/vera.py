@@ -22,6 +22,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
 
 
@@ -96,6 +97,11 @@ class VeraLayer(AdapterLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._projections()
         return scaled_lowrank(self.dropout(x), a, b, self.vera_lambda_d, self.vera_lambda_b)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        a, b = self._projections()
+        a, b = self.vera_lambda_d[:, None] * a.to(x.device), self.vera_lambda_b[:, None] * b.to(x.device)
+        return fast.lowrank(x, base, a, b, 1.0, self.dropout)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         a, b = self._projections()

@@ -115,6 +115,7 @@ def save_checkpoint(out: str | Path, step: int, model: nn.Module, adapter_name: 
     try:
         save_adapter(model, tmp / "adapter", name=adapter_name)
         opt_tensors, opt_structure = optimizer_state(optimizer)
+        opt_structure["param_names"] = optimizer_param_names(optimizer, model)
         rng_tensors, rng_structure = rng_state()
         live = {f"live.{k}": v for k, v in live_state(model, adapter_name).items()}
         atomic_save_safetensors({**opt_tensors, **rng_tensors, **live}, tmp / STATE_TENSORS, metadata={"format": "pt"})
@@ -208,7 +209,39 @@ def load_checkpoint(path: str | Path, model: nn.Module, adapter_name: str, optim
         for key, target in expected.items():
             target.copy_(saved[key].to(device=target.device, dtype=target.dtype))
     state.configs[adapter_name] = saved_config.replace(inference_mode=False)
-    load_optimizer_state(optimizer, document["optimizer"], tensors, source)
+    structure = match_by_name(document["optimizer"], optimizer_param_names(optimizer, model), source)
+    load_optimizer_state(optimizer, structure, tensors, source)
     scheduler.load_state_dict(document["scheduler"])
     set_rng_state(tensors, document["rng"])
     return document["trainer"]
+
+
+# -- optimizer state by parameter name ------------------------------------------------------------
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """The model's name of every optimizer parameter, group by group (the order of the state's indices)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return [[names.get(id(p), "?") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def match_by_name(structure: dict, current: list[list[str]], source: str) -> dict:
+    """The saved optimizer structure renumbered to this optimizer's parameter order, matched by name.
+
+    Checkpoints without names (older ones) are returned as they are and matched by position.
+    """
+    saved = structure.get("param_names")
+    if saved is None or saved == current:
+        return structure
+    if len(saved) != len(current) or any(set(a) != set(b) for a, b in zip(saved, current)):
+        flat_saved = {n for g in saved for n in g}
+        flat_now = {n for g in current for n in g}
+        raise CheckpointError(f"{source}: optimizer parameters differ from this model's: missing "
+                              f"{sorted(flat_now - flat_saved)[:5]}, unexpected {sorted(flat_saved - flat_now)[:5]} "
+                              f"(groups {[len(g) for g in saved]} vs {[len(g) for g in current]})")
+    now_index = {n: i for i, n in enumerate(n for g in current for n in g)}
+    old_to_new = {str(i): now_index[n] for i, n in enumerate(n for g in saved for n in g)}
+    groups, start = [], 0
+    for group, names in zip(structure["param_groups"], current):
+        groups.append({**group, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    state = {str(old_to_new[k]): v for k, v in structure["state"].items()}
+    return {**structure, "state": state, "param_groups": groups}

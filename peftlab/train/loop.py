@@ -9,7 +9,6 @@ regularisers (the extra-loss forward hook); weighting by token share counts them
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -21,15 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
+from peftlab.core.inject import attach, count_parameters, delete_adapter, disabled, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
+from peftlab.train import distributed
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
+from peftlab.train.step import accumulate_gradients, autocast_context as _autocast
 
 SCHEDULERS = ("linear", "cosine", "constant")
 # Arguments that fix the adapter and the data order: a resumed run must use the same values.
@@ -88,10 +91,34 @@ class TrainArgs:
     """A live progress bar (only on a terminal)."""
     device: str = "auto"
     """"auto": a given model's own device, else cuda when available, else cpu."""
+    distributed: str = "auto"
+    """auto, none, ddp or fsdp (see peftlab.train.distributed); auto = none unless torchrun started us."""
+    checkpointing: str = "off"
+    """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
+    fused_ce: bool = False
+    """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
+    quantize: str | None = None
+    """QLoRA: quantize the base linears with bitsandbytes (nf4, fp4, int8); compute in bfloat16."""
+    double_quant: bool = False
+    """With quantize nf4/fp4: also quantize the quantization constants (QLoRA's double quantization)."""
+    optim: str = "adamw"
+    """adamw (torch), adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes)."""
+    galore_rank: int | None = None
+    """method galore: projection rank (None: 128)."""
+    galore_update_proj_gap: int | None = None
+    """method galore: steps between projection refreshes (None: 200)."""
+    galore_scale: float | None = None
+    """method galore: update scale (None: 0.25)."""
+    galore_proj_type: str | None = None
+    """method galore: std, reverse_std, left, right, full (None: std)."""
+    packing: bool = False
+    """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
+    compile: str | None = None
+    """A torch.compile backend ("inductor") for the adapted modules; None = eager."""
 
     def validate(self) -> None:
         known = variants()
-        if self.method.lower() not in known:
+        if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -103,10 +130,18 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        distributed.check_strategy(self.distributed)
+        from peftlab.train.frugal import validate_memory_args
+
+        validate_memory_args(self)
 
 
 def build_config(args: TrainArgs):
     """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
+    from peftlab.train import galore
+
+    if galore.is_galore(args):
+        return galore.config_from_args(args)
     config = variants()[args.method.lower()](args.target_modules, args.r)
     changes = dict(args.config_overrides)
     if args.lora_alpha is not None:
@@ -143,15 +178,24 @@ def resolve_device(requested: str, model: torch.nn.Module | None) -> torch.devic
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # CPU: float32 throughout
-
-
 @torch.no_grad()
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over the label tokens (-100 ignored), from the logits alone: the
+    language-model loss without any regulariser a method or library adds to ``outputs.loss`` (PEFT's
+    AdaLoRA adds its orthogonality penalty there in eval mode too)."""
+    logits = logits[:, -labels.shape[1]:]  # methods that return logits for virtual tokens too
+    return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                 ignore_index=-100, reduction="sum"))
+
+
+def _adapters_off(model: torch.nn.Module):
+    """peftlab's ``disabled`` block, or the adapted model's own one (HF PEFT's ``disable_adapter``)."""
+    own = getattr(model, "disable_adapter", None)
+    return own() if callable(own) else disabled(model)
+
+
 def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
-    """Token-weighted mean loss and perplexity over ``dataset`` (None when it has no label tokens)."""
+    """Token-weighted mean LM loss and perplexity over ``dataset`` (None when it has no label tokens)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -161,9 +205,10 @@ def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int
             n = label_tokens(batch["labels"])
             if n == 0:
                 continue
+            labels = batch.pop("labels").to(device)
             with _autocast(device):
-                out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-            total += out.loss.float().item() * n
+                logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+            total += lm_loss_sum(logits, labels)
             count += n
     finally:
         model.train(was_training)
@@ -187,20 +232,32 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     --with-peft puts HF PEFT's on the same loop); ``on_step(step)`` replaces ``step_end``.
     """
     args.validate()
+    from peftlab.train import galore
+
+    if attach_fn is None and galore.is_galore(args):
+        attach_fn = galore.attach_full  # full-parameter training; the whole model is saved
     if attach_fn is not None and (args.save_every or args.resume or args.loraplus_lr_ratio is not None):
         raise ConfigError("checkpoints, resume and LoRA+ need peftlab's own adapters; attach_fn supports none of them")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = ckpt.resolve_resume(args.resume, out) if args.resume else None
-    device = resolve_device(args.device, model)  # before loading: a model we load goes to cuda when there is one
+    if attach_fn is not None and args.distributed not in ("auto", "none"):
+        raise ConfigError("distributed training needs peftlab's own adapters; attach_fn supports none")
+    runtime = distributed.start("none" if attach_fn else args.distributed, args.device, args.batch_size)
+    # before loading: a model we load goes to cuda when there is one; so does a base to quantize (compare
+    # hands over a model on the host)
+    device = runtime.device or resolve_device(args.device, None if args.quantize else model)
     if model is None:
-        from peftlab.defaults import load_model_and_tokenizer
+        from peftlab.train.frugal import load_base
 
-        model, loaded_tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        model, loaded_tokenizer = load_base(args, device)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
-    model.to(device)
+    from peftlab.train.frugal import prepare_model
+
+    model = prepare_model(args, model, device)  # QLoRA: quantized layer by layer onto the device
+    runtime.place(model, device)  # FSDP moves the base layer by layer as it shards it
     if records is None:
         from peftlab.defaults import default_records
 
@@ -218,26 +275,32 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     else:  # another library's adapters (compare --with-peft): attach_fn(model, config) -> (model, on_step)
         model, on_step = attach_fn(model, config)
     try:
+        runtime.wrap(model)
         optimizer, scheduler, lr = _optimizer(args, model, config)
         state, eval_after = _train_attached(args, model, optimizer, scheduler, train_set, eval_set, collate, device,
-                                            out, resume_from, fingerprint(records), on_step)
+                                            out, resume_from, fingerprint(records), on_step, runtime)
     except BaseException:
+        runtime.close(wait=False)  # no barrier: the other processes may never get there
         if attach_fn is None:
             delete_adapter(model, args.adapter_name)  # a failed run leaves the caller's model as it was given
         raise
-    if attach_fn is None:
-        adapter_dir = save_adapter(model, out / "adapter", name=args.adapter_name)
+    if attach_fn is None:  # adapters are whole on every process: rank 0 writes the consolidated file
+        adapter_dir = out / "adapter"
+        runtime.on_main(save_adapter, model, adapter_dir, name=args.adapter_name)
     else:
         adapter_dir = out / "adapter"
         model.save_pretrained(adapter_dir)
     trainable, total = count_parameters(model)
     if attach_fn is None:
         config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
+    from peftlab.train.frugal import optimizer_state_bytes
+
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / max(1, total), "effective_lr": lr,
-        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else "adamw",
+        "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else args.optim,
+                      "state_bytes": optimizer_state_bytes(optimizer),
                       "groups": [{"lr": g["initial_lr"], "tensors": len(g["params"]),
                                   "params": sum(p.numel() for p in g["params"])} for g in optimizer.param_groups]},
         "steps": state["step"], "examples": state["examples_seen"], "losses": state["history"],
@@ -247,28 +310,39 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
         "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
         "resumed_from": str(resume_from) if resume_from else None,
         "peak_memory": peak_memory(device), "seed": args.seed, "args": state["args"],
-        "adapter_dir": str(adapter_dir), **environment(device),
+        "adapter_dir": str(adapter_dir), **environment(device), "distributed": runtime.describe(),
     }
-    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    if runtime.is_main:
+        atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    runtime.close()
     return metrics
 
 
 def _optimizer(args: TrainArgs, model, config):
+    from peftlab.train import galore
+    from peftlab.train.frugal import optimizer_class
+
+    if galore.is_galore(args):
+        optimizer = galore.make_optimizer(model, config, args.lr, args.weight_decay, args.optim == "adamw_8bit")
+        factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), args.lr
     lr = args.lr * method_for(config).lr_scale
     if args.loraplus_lr_ratio is not None:
         from peftlab.train.optim import create_loraplus_optimizer
 
-        optimizer = create_loraplus_optimizer(model, lr=lr, loraplus_lr_ratio=args.loraplus_lr_ratio,
+        optimizer = create_loraplus_optimizer(model, optimizer_class(args.optim), lr=lr,
+                                              loraplus_lr_ratio=args.loraplus_lr_ratio,
                                               weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = optimizer_class(args.optim)([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                                weight_decay=args.weight_decay)
     factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), lr
 
 
 def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eval_set, collate, device, out: Path,
-                    resume_from: Path | None, fingerprint: str, on_step) -> tuple[dict, dict | None]:
+                    resume_from: Path | None, fingerprint: str, on_step,
+                    runtime: distributed.Runtime | None = None) -> tuple[dict, dict | None]:
     """Eval, the steps, eval; the model's train mode and gradient checkpointing are restored after."""
     all_args = dataclasses.asdict(args)
     was_training, had_checkpointing = model.training, _checkpointing(model)
@@ -278,6 +352,10 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad-requiring input
+    if args.packing:
+        check_packing(model)
+    if args.compile:
+        compile_adapted(model, args.compile)
     reset_peak_memory(device)
     try:
         state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
@@ -286,14 +364,21 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             _check_resumable(ckpt.read_trainer_state(resume_from), all_args, fingerprint, resume_from)
             state = ckpt.load_checkpoint(resume_from, model, args.adapter_name, optimizer, scheduler)
             state["args"] = all_args
-        elif args.eval_before:
-            state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step)
+        elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
+            with _adapters_off(model):
+                state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
+        from peftlab.train.activations import checkpointing
+
+        with checkpointing(model, args.checkpointing):
+            _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
+                       runtime or distributed.Runtime())
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         if args.gradient_checkpointing and not had_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
+        if args.compile:
+            uncompile_adapted(model)
         model.train(was_training)
 
 
@@ -315,37 +400,25 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
         raise ckpt.CheckpointError(f"{source}: already at step {state['step']}; raise max_steps to continue")
 
 
-def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step; returns (loss, label tokens).
-
-    Each micro-batch's mean loss is weighted by its share of the step's label tokens, so the
-    gradient is that of the mean over all the step's tokens, however they are split.
-    """
-    step_tokens = sum(label_tokens(b["labels"]) for b in batches)
-    step_loss = 0.0
-    for batch in batches:
-        n = label_tokens(batch["labels"])
-        if n == 0:
-            continue  # nothing to learn (the prompt filled max_length); its weight would be 0
-        with _autocast(device):
-            output = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-        loss = output.loss.float() * (n / step_tokens)
-        loss.backward()
-        step_loss += loss.item()
-    return step_loss, step_tokens
-
-
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
-               out: Path, on_step) -> None:
+               out: Path, on_step, runtime: distributed.Runtime) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
+    collate = PackingCollator() if args.packing else collate
     model.train()
-    with Reporter(args.max_steps, state["step"], enabled=args.progress, log_every=args.log_every) as report:
+    runtime.diverge_rng()
+    main = runtime.is_main
+    from peftlab.train.frugal import loss_function
+
+    loss_fn = loss_function(args, model)
+    with Reporter(args.max_steps, state["step"], enabled=args.progress and main,
+                  log_every=args.log_every if main else 0) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
             started = time.perf_counter()
-            batches = [collate([train_set[next(stream)] for _ in range(args.batch_size)])
+            batches = [collate(runtime.shard([train_set[next(stream)] for _ in range(args.batch_size)]))
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
-            step_loss, step_tokens = accumulate_gradients(model, batches, device)
+            step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device, runtime,
+                                                          loss_fn)
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
@@ -356,7 +429,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = int(runtime.total(sum(batch_tokens(b) for b in batches)))
             state["step"], state["examples_seen"] = step, state["examples_seen"] + args.batch_size * args.grad_accum
             state["train_time_s"] += elapsed
             state["tokens"] += tokens
@@ -370,4 +443,4 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             state["history"].append(record)
             report.step(record, tokens_per_s=state["tokens"] / max(state["train_time_s"], 1e-9))
             if args.save_every and step % args.save_every == 0:
-                ckpt.save_checkpoint(out, step, model, args.adapter_name, optimizer, scheduler, state)
+                runtime.on_main(ckpt.save_checkpoint, out, step, model, args.adapter_name, optimizer, scheduler, state)

@@ -1,0 +1,59 @@
+"""Structured updates applied to activations, never forming the dense (out, in) matrix.
+
+    LoHa       ((W1a W1b) ⊙ (W2a W2b)) x = U (V x),  U = W1a ⊙r W2a (out, r1 r2),  V = W1b ⊙c W2b (r1 r2, in)
+               (⊙r / ⊙c: row- / column-wise Khatri-Rao products; ΔW_oi = Σ_pq W1a_op W2a_oq W1b_pi W2b_qi)
+    LoKr       (W1 ⊗ W2) x = vec(W1 X W2^T),  X = x viewed as (c, d),  W1: (a, c), W2: (b, d)
+    Householder chain  H_0 H_1 ... H_{k-1} = I - U T U^T,   H_i = I - 2 u_i u_i^T / ||u_i||^2
+               T = (diag(U^T U) / 2 + strict_upper(U^T U))^{-1}   (compact WY form; U need not be unit)
+
+Each is a handful of thin GEMMs: O(tokens * (in + out) * r1 r2) for LoHa, O(tokens * in * (a + b + rank))
+for LoKr, O(tokens * in * k) for the chain, instead of O(tokens * in * out) plus an (out, in) tensor
+per module. The dense builders stay in the method files as the reference (merging, tests).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def khatri_rao_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(n, r1), (n, r2) -> (n, r1 r2) with [o, i r2 + j] = p[o, i] q[o, j]."""
+    return (p[:, :, None] * q[:, None, :]).reshape(p.shape[0], -1)
+
+
+def hadamard_lowrank(x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                     w2b: torch.Tensor) -> torch.Tensor:
+    """x @ ((w1a @ w1b) * (w2a @ w2b))^T over the last dimension, as a rank-(r1 r2) product."""
+    u = khatri_rao_rows(w1a, w2a)
+    v = khatri_rao_rows(w1b.t(), w2b.t()).t()
+    return (x @ v.t()) @ u.t()
+
+
+def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+               w1_parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x @ kron(W1, W2)^T over the last dimension of x (..., c d) -> (..., a b).
+
+    ``w2`` is W2 (b, d) or its factors (W2a (b, r), W2b (r, d)); W1 (a, c) likewise through ``w1_parts``
+    (then ``w1`` is ignored and may be None). Factors are applied one at a time, never multiplied out.
+    """
+    lead = x.shape[:-1]
+    c = w1_parts[1].shape[1] if w1_parts is not None else w1.shape[1]
+    xm = x.reshape(-1, c, x.shape[-1] // c)  # X: (N, c, d)
+    if isinstance(w2, tuple):
+        t = (xm @ w2[1].t()) @ w2[0].t()  # X W2^T: (N, c, b)
+    else:
+        t = xm @ w2.t()
+    y = w1_parts[0] @ (w1_parts[1] @ t) if w1_parts is not None else w1 @ t  # W1 X W2^T: (N, a, b)
+    return y.reshape(*lead, -1)
+
+
+def householder_wy(u: torch.Tensor) -> torch.Tensor:
+    """T (k, k) with H_0 H_1 ... H_{k-1} = I - U T U^T for the reflections along the columns of u (n, k)."""
+    gram = u.t() @ u
+    inverse = torch.triu(gram, diagonal=1) + torch.diag(gram.diagonal() / 2)
+    eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
+    return torch.linalg.solve_triangular(inverse, eye, upper=True)
+
+
+def householder_apply(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """x H (transpose=False) or x H^T for row vectors x (..., n), H = I - U T U^T."""
+    return x - ((x @ u) @ (t.t() if transpose else t)) @ u.t()

@@ -1,0 +1,201 @@
+"""Fused LoRA and DoRA linear layers: one autograd node per adapted module, adapter maths in the
+activation dtype, and only what backward needs saved.
+
+    LoRA   y = W0 x + b + s B (A xd)                       (xd = dropout(x); xd = x without dropout)
+    DoRA   y = (m / n) ⊙ (W0 x + s B (A x)) + b,   n = ||W0 + s B A||_row  (detached, as the paper says)
+
+Forward is one GEMM for the base and two thin ones (shrink to rank r, expand added in place into the
+base output), so the (tokens, out) adapter result is never a separate tensor. Backward, with g the
+output gradient (gs = g ⊙ m/n for DoRA):
+
+    dx = gs W0 + (s gs B) A        dA = (s gs B)^T xd      dB = gs^T (s A xd)
+    dm = Σ_tokens g ⊙ (y - b) / m    (DoRA: z = (y - b) n / m, so Σ g ⊙ z / n = Σ g ⊙ (y - b) / m)
+
+Saved for backward: the input (already held by whoever produced it), the rank-r activation s A xd,
+and for DoRA one bf16 copy of the output y instead of autograd's W0 x (bf16) and s B A x (fp32) and
+their products. ``PEFTLAB_DORA_SHARE_OUTPUT=1`` keeps the output itself rather than a copy (free where
+the next op holds it anyway: gate/up feed SiLU-mul, v feeds attention); it is off by default because
+some fused kernels write gradients into the tensors they saved (Liger's and Unsloth's SwiGLU backward
+overwrite their inputs, here the gate/up outputs), which would corrupt dm silently. The frozen base weight's gradient is computed only when
+it requires grad; the base bias likewise. Adapter weights (fp32) are cast to the activation dtype once
+per call; their gradients come back in their own dtype.
+
+Used by ``AdaptedModule`` through ``AdapterLayer.fused_forward`` when ``enabled(x)``: on CUDA by default,
+off elsewhere; ``PEFTLAB_FAST=0`` turns it off, ``PEFTLAB_FAST=1`` on (also on CPU, for tests). The plain
+methods (``LoraLayer.delta``, ``DoraLayer.adapt``) stay the reference; tests compare the two.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.adapter import BaseView
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the fused path is on for an input on this device (``PEFTLAB_FAST`` overrides)."""
+    flag = os.environ.get("PEFTLAB_FAST", "")
+    return x.is_cuda if flag == "" else flag != "0"
+
+
+def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
+    """(x, weight (out, in), bias) for a fused node, or None when the fused path does not apply.
+
+    It applies when enabled, to a plain floating-point linear weight in x's dtype, or under autocast,
+    where all three are cast to the autocast dtype as ``F.linear`` would. Quantized weights
+    (bitsandbytes), distributed tensors and mixed dtypes without autocast use the reference path.
+    """
+    if not enabled(x) or base.kind != "linear":
+        return None
+    w = base.weight
+    if type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
+        return None
+    weight, bias = base.weight_oi(), base.bias
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return (x, weight, bias) if w.dtype == x.dtype else None
+
+
+def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter's activation maths runs in: the activation's on the fast path (bf16 GEMMs
+    on a bf16 model, no fp32 copies of activations kept for backward), else the adapter's own."""
+    return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off inside a fused node (its operands are already in the compute dtype); entering a
+    context costs host time on every module, so only when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fold_tensor_scaling(a: torch.Tensor, scaling) -> tuple[torch.Tensor, float]:
+    """A 0-d tensor scaling (hot-swap's buffer) goes into A: reading it as a float would sync the device
+    and make torch.compile specialise on its value."""
+    if isinstance(scaling, torch.Tensor):
+        return a * scaling.to(a.dtype), 1.0
+    return a, scaling
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, a, b, scaling):
+        src = x if xd is None else xd
+        x2, s2 = _flat(x), _flat(src)
+        out = F.linear(x2, weight, bias)
+        xa = (s2 @ a.to(x.dtype).t()).mul_(scaling)
+        out.addmm_(xa, b.to(x.dtype).t())
+        ctx.scaling, ctx.has_dropout = scaling, xd is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x2 if weight.requires_grad else None, s2, weight, a, b, xa)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, s2, weight, a, b, xa = ctx.saved_tensors
+        g2 = _flat(grad)
+        a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
+        gxa = (g2 @ b_).mul_(ctx.scaling)
+        lead = grad.shape[:-1]
+        grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g2 @ weight.to(g2.dtype)
+            if not ctx.has_dropout:
+                grad_x.addmm_(gxa, a_)
+            grad_x = grad_x.view(*lead, -1)
+        if ctx.has_dropout and ctx.needs_input_grad[1]:
+            grad_xd = (gxa @ a_).view(*lead, -1)
+        if ctx.needs_input_grad[2]:
+            grad_w = (g2.t() @ x2).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_a = (gxa.t() @ s2).to(a.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_b = (g2.t() @ xa).to(b.dtype)
+        return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class _DoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, share_output):
+        x2 = _flat(x)
+        scale = (magnitude / norm).to(x.dtype)
+        z = F.linear(x2, weight)
+        xa = (x2 @ a.to(x.dtype).t()).mul_(scaling)
+        z.addmm_(xa, b.to(x.dtype).t())
+        y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        ctx.scaling = scaling
+        kept = None
+        if ctx.needs_input_grad[5]:  # dm needs the output; a copy unless the caller vouches for sharing it
+            kept = y if share_output else y.clone()
+        ctx.save_for_backward(x2, weight, bias, a, b, magnitude, scale, xa, kept)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, bias, a, b, magnitude, scale, xa, y = ctx.saved_tensors
+        g2 = _flat(grad)
+        gs = g2 * scale
+        a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
+        gxa = (gs @ b_).mul_(ctx.scaling)
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gs @ weight.to(g2.dtype)).addmm_(gxa, a_).view(*grad.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            grad_w = (gs.t() @ x2).to(weight.dtype)
+        if ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[5]):
+            g_sum = g2.sum(0, dtype=torch.float32)
+            if ctx.needs_input_grad[2]:
+                grad_bias = g_sum.to(bias.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gxa.t() @ x2).to(a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (gs.t() @ xa).to(b.dtype)
+        if ctx.needs_input_grad[5]:
+            gy = (g2 * _flat(y)).sum(0, dtype=torch.float32)
+            if bias is not None:
+                gy = gy - bias.float() * g_sum
+            grad_m = (gy / magnitude.float()).to(magnitude.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None
+
+
+def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
+                a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
+    a, scaling = _fold_tensor_scaling(a, scaling)
+    with _no_autocast(x):
+        return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
+
+
+def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, scaling: float,
+            dropout: nn.Module) -> torch.Tensor | None:
+    """The fused W0 x + bias + s B A dropout(x) for any low-rank method that can state its effective
+    A (r, in) and B (out, r) (LoRA, AdaLoRA, VeRA, Tied-LoRA), or None when the fused path does not apply.
+    Gradients reach the method's own parameters through whatever built ``a`` and ``b``."""
+    parts = operands(x, base)
+    if parts is None:
+        return None
+    x, weight, bias = parts
+    xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
+    return lora_linear(x, xd, weight, bias, a.to(x.device), b.to(x.device), scaling)
+
+
+def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
+    share = os.environ.get("PEFTLAB_DORA_SHARE_OUTPUT", "") == "1"
+    a, scaling = _fold_tensor_scaling(a, scaling)
+    with _no_autocast(x):
+        return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)

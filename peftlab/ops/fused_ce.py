@@ -1,0 +1,126 @@
+"""Fused output projection + cross-entropy that never holds the full (tokens, vocab) logits.
+
+    loss = sum_t CE(h_t W^T (+ b), y_t) / N,     N = number of targets != ignore_index
+
+The tokens are processed in chunks of ``chunk_size`` rows: each chunk's logits are computed in fp32,
+reduced to its loss and, in the same pass, to the gradient of the loss with respect to those logits
+(softmax - onehot), which is immediately turned into the chunk's grad for ``h`` and accumulated into
+the grad for ``W``. Backward then only rescales the stored gradients by the incoming grad. Peak extra
+memory is one chunk's logits (chunk x vocab fp32) instead of tokens x vocab in the model dtype plus
+its fp32 upcast and its gradient.
+
+``fused_linear_cross_entropy_reference`` is the plain materializing form; tests hold the two equal.
+For causal LM training use ``causal_lm_loss`` (shifts labels by one as transformers does).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or target.dim() != 1:
+        raise ValueError(f"expected hidden (N, H), weight (V, H), target (N,); got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(target.shape)}")
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != target.shape[0]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"target {tuple(target.shape)}")
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index: int, chunk_size: int, grads: bool):
+        n_tokens = hidden.shape[0]
+        denom = max(int((target != ignore_index).sum()), 1)
+        want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        want_b = grads and bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = target[start:start + chunk_size]
+            logits = (h @ weight.t().to(h.dtype)).float()
+            if bias is not None:
+                logits += bias.float()
+            ok = t != ignore_index
+            safe_t = torch.where(ok, t, torch.zeros_like(t))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - picked) * ok).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            # d loss / d logits = (softmax - onehot) / N on valid rows, 0 on ignored rows
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad_logits *= (ok.float() / denom)[:, None]
+            if want_h:  # in the weight's dtype: no float32 copy of a (vocab, hidden) head
+                grad_h[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if want_w:
+                grad_w.addmm_(grad_logits.t(), h.float())
+            if want_b:
+                grad_b += grad_logits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.float()
+        gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = (grad_b * scale).to(ctx.bias_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None, None
+
+
+def auto_chunk_size(vocab: int, budget_bytes: int = 256 << 20) -> int:
+    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64)."""
+    return max(64, budget_bytes // (4 * vocab))
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                               chunk_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target`` over non-ignored rows.
+
+    hidden (N, H), weight (V, H), target (N,) int64. Gradients flow to hidden, and to weight / bias
+    when they require grad. All rows ignored: returns 0 (with zero gradients), not NaN.
+    ``chunk_size`` None: about 256 MiB of float32 logits per chunk.
+    """
+    _check(hidden, weight, target)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    # the gradients are computed in the forward pass: only when autograd will ask for them
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _FusedLinearCE.apply(hidden, weight, bias, target, ignore_index, chunk_size, grads)
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index: int = IGNORE_INDEX):
+    """The plain form: full logits in fp32, then F.cross_entropy (mean over non-ignored rows)."""
+    _check(hidden, weight, target)
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    if bool((target != ignore_index).any()):
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    return logits.sum() * 0.0
+
+
+def shift_for_causal_lm(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, H), (B, T) -> the (N, H) positions that predict a next token and their (N,) labels."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (batch, time)")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return h, labels[:, 1:].reshape(-1).to(h.device)
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Next-token loss as transformers computes it (labels shifted left by one, -100 ignored), fused."""
+    h, t = shift_for_causal_lm(hidden, labels)
+    return fused_linear_cross_entropy(h, weight, t, bias=bias, chunk_size=chunk_size)

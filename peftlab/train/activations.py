@@ -1,0 +1,192 @@
+"""Activation checkpointing per decoder block, optionally with the block inputs offloaded to host memory.
+
+    with checkpointing(model, "on"):       # or "offload"; "off" does nothing
+        loss = model(**batch).loss; loss.backward()
+
+Each block runs under ``torch.utils.checkpoint`` (non-reentrant): its activations are dropped and
+re-computed in backward from its inputs. Non-reentrant checkpointing keeps the graph whole, so
+gradients reach parameters, inputs and anything a block reads from outside (a prefix in the KV cache,
+an adapter's side loss such as MoLoRA's load balancing) exactly as without checkpointing; RNG state
+(adapter dropout) and autocast are replayed by torch.
+
+With ``"offload"`` the tensors checkpointing saves per block (its positional inputs: the (batch, time,
+hidden) state; keyword inputs such as masks and rotary tables are held, small, on the device) are moved
+to pinned host memory by saved-tensor hooks: the copy runs on a side CUDA stream, overlapped with the
+next blocks' compute. In backward, fetching a block's input starts the copy back of the previous
+block's on the side stream, overlapped with this block's recompute and backward. Tensors under
+``min_offload_bytes`` stay on the device.
+
+Why our own and not transformers' ``gradient_checkpointing_enable``: that drops the KV cache inside
+checkpointed blocks, so prefix tuning (which writes its prefix into the cache) cannot train with it.
+Here the cache is an ordinary argument: the state of its layers is recorded before a block runs and
+put back for the re-run (and restored after it), so the recompute sees what the forward saw. No
+``enable_input_require_grads`` is needed either (non-reentrant checkpointing does not need a
+grad-requiring input).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MODES = ("off", "on", "offload")
+
+
+class CheckpointError(ValueError):
+    """Checkpointing cannot be set up for this model (names the reason)."""
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks: the ModuleList holding the most parameters (model.layers, transformer.h, ...)."""
+    best, size = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            n = sum(p.numel() for p in module.parameters())
+            if n > size:
+                best, size = module, n
+    if best is None:
+        raise CheckpointError(f"{type(model).__name__} has no ModuleList of blocks to checkpoint")
+    return best
+
+
+def _is_cache(value: Any) -> bool:
+    return hasattr(value, "layers") and hasattr(value, "get_seq_length")
+
+
+def _cache_state(cache) -> list[dict]:
+    return [dict(layer.__dict__) for layer in cache.layers]
+
+
+def _set_cache_state(cache, state: list[dict]) -> None:
+    del cache.layers[len(state):]  # a layer created lazily by the run being undone
+    for layer, saved in zip(cache.layers, state):
+        layer.__dict__.clear()
+        layer.__dict__.update(saved)
+
+
+class _Stored:
+    """One offloaded tensor: its pinned host copy, and a device copy once fetched back ahead of time."""
+
+    def __init__(self, device: torch.device, host: torch.Tensor, copied: Any, index: int):
+        self.device, self.host, self.copied, self.index = device, host, copied, index
+        self.early: torch.Tensor | None = None
+        self.early_ready: Any = None
+
+    def prefetch(self, stream: torch.cuda.Stream) -> None:
+        """Start the copy back on the side stream (backward will need it next)."""
+        if self.early is not None or self.host is None or self.copied is None:
+            return
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.copied)
+            self.early = self.host.to(self.device, non_blocking=True)
+            self.early_ready = torch.cuda.Event()
+            self.early_ready.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.copied is None:  # CPU model
+            return self.host
+        if self.early is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.early_ready)
+            tensor, self.early = self.early, None
+            tensor.record_stream(current)  # made on the side stream, used and freed on this one
+        else:
+            self.copied.synchronize()
+            tensor = self.host.to(self.device, non_blocking=True)
+        return tensor
+
+
+class _Offload:
+    """Saved-tensor hooks that keep tensors in pinned host memory. Forward: copied out on a side stream,
+    overlapped with the next blocks. Backward: fetching block k's tensors starts the copy back of block
+    k-1's on the side stream, so it overlaps block k's recompute and backward."""
+
+    def __init__(self, stream: torch.cuda.Stream | None, min_bytes: int):
+        self.stream, self.min_bytes = stream, min_bytes
+        self.order: list[_Stored] = []  # this forward's stored tensors, in forward order
+        self.backward_started = False
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if tensor.numel() * tensor.element_size() < self.min_bytes:
+            return tensor
+        if self.backward_started:  # a new forward (next step or micro-batch): a new order
+            self.order, self.backward_started = [], False
+        if self.stream is None or tensor.device.type != "cuda":  # CPU model: nothing to gain, same code path
+            stored = _Stored(tensor.device, tensor.detach(), None, len(self.order))
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(tensor.detach(), non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            tensor.record_stream(self.stream)  # the allocator must not reuse it before the copy is done
+            stored = _Stored(tensor.device, host, copied, len(self.order))
+        self.order.append(stored)
+        return stored
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        self.backward_started = True
+        tensor = packed.fetch()
+        if self.stream is not None and 0 < packed.index <= len(self.order):
+            self.order[packed.index - 1].prefetch(self.stream)  # the block backward meets next
+        return tensor
+
+
+def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None):
+    def forward(*args, **kwargs):
+        if not (block.training and torch.is_grad_enabled()):
+            return block_forward(*args, **kwargs)
+        cache = next((v for v in kwargs.values() if _is_cache(v)), None)
+        before = _cache_state(cache) if cache is not None else None
+        calls = [0]
+
+        def run(*a, **kw):
+            calls[0] += 1
+            if cache is None or calls[0] == 1:
+                return block_forward(*a, **kw)
+            after = _cache_state(cache)  # a re-run: give it the cache as the forward saw it
+            _set_cache_state(cache, before)
+            try:
+                return block_forward(*a, **kw)
+            finally:
+                _set_cache_state(cache, after)
+
+        hooks = (torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack) if offload is not None
+                 else contextlib.nullcontext())
+        with hooks:
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+    return forward
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1 << 20) -> Iterator[nn.Module]:
+    """Checkpoint every decoder block of ``model`` inside the block ("off": nothing; "offload": also
+    keep the block inputs in pinned host memory). Restores the blocks' forward afterwards."""
+    if mode not in MODES:
+        raise CheckpointError(f"checkpointing must be one of {MODES}, got {mode!r}")
+    if mode == "off":
+        yield model
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise CheckpointError("transformers' gradient checkpointing is already on; use one of the two")
+    device = next(model.parameters()).device
+    offload = None
+    if mode == "offload":
+        offload = _Offload(torch.cuda.Stream(device) if device.type == "cuda" else None, min_offload_bytes)
+    blocks = list(decoder_blocks(model))
+    for block in blocks:
+        if "forward" in block.__dict__:
+            raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
+    try:
+        for block in blocks:
+            block.forward = _checkpointed(block, block.forward, offload)
+        yield model
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)

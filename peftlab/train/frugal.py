@@ -1,0 +1,129 @@
+"""The memory-frugal training options of ``TrainArgs`` in one place: checks, model preparation, the loss,
+the optimizer.
+
+``validate_memory_args`` rejects bad combinations before any work; ``prepare_model`` quantizes the base
+(QLoRA) when asked; ``loss_function`` picks the fused cross-entropy; ``optimizer_class`` maps
+``optim`` to torch's or bitsandbytes' AdamW. Each option's implementation lives in its own module
+(activations, fused_loss, quant/, galore); this file only connects them to the training loop.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from peftlab.core.config import ConfigError
+
+# TrainArgs fields that change memory, not the method (compare passes them to every run)
+MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+_BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+_COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                   "float16": torch.float16, "fp16": torch.float16}
+
+
+def validate_memory_args(args) -> None:
+    from peftlab.train.activations import MODES
+
+    if args.checkpointing not in MODES:
+        raise ConfigError(f"checkpointing must be one of {MODES}, got {args.checkpointing!r}")
+    if args.checkpointing != "off" and args.gradient_checkpointing:
+        raise ConfigError("gradient_checkpointing (transformers') and checkpointing (peftlab's) are exclusive; "
+                          "use checkpointing=on|offload")
+    from peftlab.train import galore
+
+    galore.validate(args)
+    if args.optim not in OPTIMIZERS:
+        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {args.optim!r}")
+    if args.optim != "adamw":
+        _require_bnb(f"optim={args.optim}")
+    if args.double_quant and args.quantize in (None, "int8"):
+        raise ConfigError("double_quant applies to 4-bit quantization: use it with quantize=nf4 or fp4")
+    if args.quantize is not None:
+        from peftlab.quant.bnb import QUANT_TYPES
+
+        if args.quantize not in QUANT_TYPES:
+            raise ConfigError(f"quantize must be one of {QUANT_TYPES}, got {args.quantize!r}")
+        if args.dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"quantize computes in bfloat16 or float16; dtype={args.dtype!r} is incompatible")
+        _require_bnb(f"quantize={args.quantize}")
+        if args.device == "auto" and not torch.cuda.is_available():
+            raise ConfigError(f"quantize={args.quantize} needs a CUDA GPU (none found). bitsandbytes' CPU backend "
+                              "runs it very slowly; pass device='cpu' (--device cpu) to use it anyway")
+
+
+def _require_bnb(what: str) -> None:
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs bitsandbytes: `pip install bitsandbytes` ({exc})") from exc
+
+
+def load_base(args, device: torch.device):
+    """(model, tokenizer) for ``train`` when it loads the model itself. With ``quantize`` and a local folder
+    of safetensors, the base is streamed straight into its quantized form on ``device`` (never whole in
+    16-bit); otherwise the usual load (in the compute dtype when quantizing)."""
+    from pathlib import Path
+
+    from peftlab.defaults import default_model_dir, load_model_and_tokenizer
+
+    folder = Path(args.model) if args.model is not None else default_model_dir()
+    streamable = folder.is_dir() and ((folder / "model.safetensors").is_file()
+                                      or (folder / "model.safetensors.index.json").is_file())
+    if args.quantize is None or not streamable:
+        return load_model_and_tokenizer(args.model, dtype=args.dtype or ("bfloat16" if args.quantize else None))
+    from transformers import AutoTokenizer
+
+    from peftlab.quant.stream import load_quantized
+
+    model, _ = load_quantized(folder, args.quantize, double_quant=args.double_quant,
+                              compute_dtype=_COMPUTE_DTYPES[args.dtype], device=device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def prepare_model(args, model, device: torch.device):
+    """Quantize the base (when asked and not done yet) on ``device`` and prepare it for k-bit training."""
+    if args.quantize is None:
+        return model
+    from peftlab.quant.bnb import is_quantized, prepare_for_kbit_training, quantize_model
+
+    compute = _COMPUTE_DTYPES[args.dtype]
+    if not is_quantized(model):
+        model.to(compute)  # still on the host (or where it is): one layer at a time goes to the device
+        quantize_model(model, args.quantize, double_quant=args.double_quant, compute_dtype=compute, device=device)
+    return prepare_for_kbit_training(model, compute)
+
+
+def loss_function(args, model):
+    """``loss_fn(model, batch)`` for ``accumulate_gradients``, or None for the model's own loss."""
+    if not args.fused_ce:
+        return None
+    from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+
+    check_fused_ce(model)
+    return fused_causal_lm_loss
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name not in _BNB_OPTIMIZERS:
+        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {name!r}")
+    _require_bnb(f"optim={name}")
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_OPTIMIZERS[name])
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer state (moments, 8-bit quantization maps, GaLore's projections)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            tensor = getattr(value, "ortho_matrix", value)  # GaLore keeps its projection in a projector object
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

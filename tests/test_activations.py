@@ -1,0 +1,120 @@
+"""Checkpointing (on / offload) gives the same loss and gradients as no checkpointing, for every method."""
+import pytest
+import torch
+
+import peftlab
+from models import batch, tiny_llama
+from peftlab.train.activations import CheckpointError, checkpointing, decoder_blocks
+
+
+def _loss_and_grads(model, ids, mode, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with checkpointing(model, mode, min_offload_bytes=0):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _attached(name, **overrides):
+    model = tiny_llama(layers=3)
+    config = peftlab.variants()[name](["q_proj", "v_proj", "down_proj"], 4)
+    if overrides:
+        config = config.replace(**overrides)
+    peftlab.attach(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial adapters: every parameter gets a gradient path
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(peftlab.variants()))
+def test_gradients_equal_without_checkpointing(name):
+    model = _attached(name)
+    ids = batch(b=2, t=7)
+    ref_loss, ref = _loss_and_grads(model, ids, "off")
+    assert ref, f"{name}: nothing trainable"
+    for mode in ("on", "offload"):
+        loss, grads = _loss_and_grads(model, ids, mode)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        assert grads.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{name} {mode} {key}")
+
+
+def test_dropout_mask_is_replayed_in_the_recompute():
+    model = _attached("lora", lora_dropout=0.3)
+    ids = batch(b=2, t=7)
+    ref_loss, ref = _loss_and_grads(model, ids, "off", seed=5)
+    loss, grads = _loss_and_grads(model, ids, "on", seed=5)
+    torch.testing.assert_close(loss, ref_loss)
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_restored_and_eval_untouched():
+    model = _attached("lora")
+    blocks = decoder_blocks(model)
+    assert blocks is model.model.layers
+    with checkpointing(model, "offload"):
+        assert all("forward" in b.__dict__ for b in blocks)
+        with torch.no_grad():
+            model(input_ids=batch(b=1, t=5))
+    assert not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_bad_mode_and_double_checkpointing_refused():
+    model = _attached("lora")
+    with pytest.raises(CheckpointError, match="one of"):
+        with checkpointing(model, "sometimes"):
+            pass
+    model.gradient_checkpointing_enable()
+    with pytest.raises(CheckpointError, match="already on"):
+        with checkpointing(model, "on"):
+            pass
+
+
+def _saved_bytes(model, ids, mode):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with checkpointing(model, mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return total[0]
+
+
+def test_checkpointing_keeps_far_fewer_activations():
+    model = _attached("lora")
+    ids = batch(b=2, t=16)
+    off, on = _saved_bytes(model, ids, "off"), _saved_bytes(model, ids, "on")
+    assert on < off / 3, (on, off)
+
+
+def test_offload_stores_exactly_the_block_inputs():
+    from peftlab.train import activations
+
+    model = _attached("lora")
+    ids = batch(b=2, t=7)
+    stored = []
+    original = activations._Offload.pack
+
+    def pack(self, tensor):
+        out = original(self, tensor)
+        stored.append((tuple(tensor.shape), isinstance(out, activations._Stored)))
+        return out
+
+    activations._Offload.pack = pack
+    try:
+        with checkpointing(model, "offload", min_offload_bytes=1):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        activations._Offload.pack = original
+    assert stored == [((2, 7, 32), True)] * 3  # one (batch, time, hidden) input per block, nothing else

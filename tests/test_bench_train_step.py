@@ -1,0 +1,61 @@
+"""bench/train_step.py runs end to end on CPU (tiny shape), so a GPU run does not die of a typo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import train_step  # noqa: E402
+
+
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peft"])
+def test_worker_each_implementation(impl, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
+                                  "--steps", "2", "--warmup", "0", "--seq", "16"])
+    record = train_step.run_worker(args)
+    assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
+    if impl.startswith("peftlab"):
+        assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
+
+
+def test_driver_writes_results_and_table(tmp_path):
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--shape", "tiny", "--device", "cpu",
+                    "--methods", "tied_lora", "--impls", "peftlab,unsloth,peft_liger,peft", "--steps", "2", "--warmup", "0",
+                    "--repeats", "1", "--prime", "0", "--seq", "16", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())
+    (row,) = doc["configs"]
+    assert row["impl"] == "peftlab" and len(row["step_ms_samples"]) == 2  # PEFT lacks Tied-LoRA: peftlab alone
+    assert row["step_ms_p10_p90"][0] <= row["step_ms_median"] <= row["step_ms_p10_p90"][1]
+    assert "impl unsloth" in doc["skipped"]  # no site folder given: skipped with the reason, not a crash
+    assert "tied_lora (PEFT side)" in doc["skipped"]
+    table = train_step.markdown_table(doc)
+    assert "| tied_lora (variant default), all linear | peftlab |" in table and "Skipped impl unsloth" in table
+
+
+def test_table_ratios_against_competitors():
+    def row(method, impl, ms, gib):
+        return {"method": method, "impl": impl, "label": method, "trainable_params": 1, "step_ms_median": ms,
+                "tokens_per_s": 1, "peak_gib": gib}
+
+    doc = {"environment": {"gpu": "X", "torch": "t", "transformers": "t", "peft": "p", "peftlab": "0", "commit": "c",
+                           "peftlab_source_sha256": "s", "tf32_matmul": False},
+           "args": {"repeats": 1, "steps": 1, "warmup": 0, "shape": "1b", "batch": 1, "seq": 1, "r": 16},
+           "configs": [row("lora", "peftlab", 50.0, 6.0), row("lora", "peft", 100.0, 12.0),
+                       row("lora", "unsloth", 80.0, 8.0), row("dora", "peftlab", 55.0, 6.6)]}
+    table = train_step.markdown_table(doc)
+    assert "vs PEFT (time / mem)" in table and "vs Unsloth (time / mem)" in table and "PEFT+Liger" not in table
+    assert "| lora | peftlab | 1 | 50.00 | 1 | 6.00 | 0.50x / 0.50x | 0.62x / 0.75x |  |" in table
+    assert "| dora | peftlab | 1 | 55.00 | 1 | 6.60 |  |  | 1.10x / 1.10x |" in table
+
+
+def test_unknown_impl_is_an_error():
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--impls", "peftlab,nope", "--device", "cpu"])

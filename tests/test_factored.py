@@ -1,0 +1,140 @@
+"""Activation-side forms of LoHa, LoKr and HRA (peftlab/ops/factored.py) against dense references, and
+every weight method's fast path (activation dtype, fused low-rank node) against its reference path."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftlab
+from devices import DEVICES
+from models import batch, tiny_llama
+from peftlab.ops.factored import hadamard_lowrank, householder_apply, householder_wy, kron_apply
+
+D = torch.float64
+
+
+def test_hadamard_lowrank_is_the_hadamard_product():
+    g = torch.Generator().manual_seed(0)
+    w1a, w1b = torch.randn(12, 3, generator=g, dtype=D), torch.randn(3, 10, generator=g, dtype=D)
+    w2a, w2b = torch.randn(12, 5, generator=g, dtype=D), torch.randn(5, 10, generator=g, dtype=D)
+    x = torch.randn(2, 4, 10, generator=g, dtype=D)
+    dense = (w1a @ w1b) * (w2a @ w2b)
+    torch.testing.assert_close(hadamard_lowrank(x, w1a, w1b, w2a, w2b), x @ dense.t())
+
+
+@pytest.mark.parametrize("low1,low2", [(False, False), (False, True), (True, True)])
+def test_kron_apply_is_the_kronecker_product(low1, low2):
+    g = torch.Generator().manual_seed(1)
+    a, b, c, d, r = 3, 4, 5, 6, 2
+
+    def factor(rows, cols, low):
+        if low:
+            parts = torch.randn(rows, r, generator=g, dtype=D), torch.randn(r, cols, generator=g, dtype=D)
+            return parts, parts[0] @ parts[1]
+        full = torch.randn(rows, cols, generator=g, dtype=D)
+        return full, full
+
+    w1, dense1 = factor(a, c, low1)
+    w2, dense2 = factor(b, d, low2)
+    x = torch.randn(2, 3, c * d, generator=g, dtype=D)
+    got = kron_apply(x, None, w2, w1) if low1 else kron_apply(x, w1, w2)
+    torch.testing.assert_close(got, x @ torch.kron(dense1, dense2).t())
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_householder_wy_is_the_chain_of_reflections(k):
+    g = torch.Generator().manual_seed(k)
+    u = torch.randn(9, k, generator=g, dtype=D) * 3  # not unit: the WY form normalises implicitly
+    chain = torch.eye(9, dtype=D)
+    for i in range(k):
+        v = u[:, i:i + 1]
+        chain = chain @ (torch.eye(9, dtype=D) - 2 * v @ v.t() / (v.t() @ v))
+    x = torch.randn(4, 9, generator=g, dtype=D)
+    t = householder_wy(u)
+    torch.testing.assert_close(householder_apply(x, u, t, transpose=False), x @ chain)
+    torch.testing.assert_close(householder_apply(x, u, t, transpose=True), x @ chain.t())
+
+
+def test_householder_pairs_cancel():
+    u = torch.randn(8, 1, dtype=D).repeat_interleave(2, dim=1)
+    x = torch.randn(3, 8, dtype=D)
+    torch.testing.assert_close(householder_apply(x, u, householder_wy(u), transpose=True), x)
+
+
+CONFIGS = {
+    "loha": lambda: peftlab.LoHaConfig(r=3, alpha=6, target_modules=["0"], init_weights=False),
+    "lokr": lambda: peftlab.LoKrConfig(r=2, alpha=4, target_modules=["0"], init_weights=False),
+    "lokr_both": lambda: peftlab.LoKrConfig(r=1, alpha=4, target_modules=["0"], init_weights=False,
+                                            decompose_both=True),
+    "lokr_full": lambda: peftlab.LoKrConfig(r=16, alpha=4, target_modules=["0"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lycoris_forward_equals_dense_update(name):
+    """delta(x) from the factors equals x through delta_weight() (the dense reference used for merging)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 36))
+    peftlab.attach(model, CONFIGS[name]())
+    layer = model[0].adapters["default"]
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer.delta(x), F.linear(x, layer.delta_weight()), atol=1e-5, rtol=1e-5)
+
+
+def test_loha_saves_no_dense_update():
+    """No tensor of (out, in) size is kept for backward (nor built) by LoHa's forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96))
+    peftlab.attach(model, peftlab.LoHaConfig(r=4, alpha=8, target_modules=["0"], init_weights=False))
+    x = torch.randn(3, 64)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        model(x).sum()
+    held = {p.numel() for p in model.parameters()}
+    assert max(n for n in sizes if n not in held) < 64 * 96
+
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "loha": lambda: peftlab.LoHaConfig(r=4, alpha=8, target_modules=ALL, init_weights=False),
+    "lokr": lambda: peftlab.LoKrConfig(r=2, alpha=4, target_modules=ALL, init_weights=False),
+    "hra": lambda: peftlab.HRAConfig(r=4, target_modules=ALL, init_weights=False),
+    "oft": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False),
+    "boft": lambda: peftlab.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=ALL,
+                                       init_weights=False),
+    "ia3": lambda: peftlab.IA3Config(target_modules=ALL, feedforward_modules=["down_proj"], init_ia3_weights=False),
+    "vera": lambda: peftlab.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+    "adalora": lambda: peftlab.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ALL),
+    "tied_lora": lambda: peftlab.TiedLoraConfig(r=4, lora_alpha=8, target_modules=ALL),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_matches_reference(name, dtype, device, monkeypatch):
+    """Loss and adapter gradients of a bf16 (or fp32) tiny Llama: fast path (activation dtype, fused
+    low-rank node) vs reference path (adapter dtype, plain autograd)."""
+    model = tiny_llama().to(device, dtype)
+    peftlab.attach(model, METHODS[name]())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.05)
+    ids = batch().to(device)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach().float(),
+                        {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (ref_loss, ref), (loss, got) = results
+    assert ref.keys() == got.keys() and ref
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for key in ref:
+        scale = ref[key].abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(got[key] / scale, ref[key] / scale, atol=tol["atol"] * 5, rtol=0, msg=key)

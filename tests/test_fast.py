@@ -1,0 +1,274 @@
+"""The fused LoRA / DoRA path (peftlab/ops/fast.py) against the reference path, forward and gradients.
+
+The reference is the same adapter run with ``PEFTLAB_FAST=0`` (LoraLayer.delta / DoraLayer.adapt, plain
+autograd, fp32 adapter maths); the fused path runs the adapter maths in the activation dtype, so
+bf16 comparisons use bf16 tolerances.
+"""
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from devices import DEVICES
+from models import batch, tiny_gpt2, tiny_llama
+from peftlab.core.adapter import AdaptedModule
+from peftlab.ops import fast
+
+
+def adapted_linear(use_dora, dtype, bias=True, dropout=0.0, seed=0, in_f=24, out_f=20):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=bias)).to(dtype)
+    peftlab.attach(model, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=use_dora,
+                                             lora_dropout=dropout))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def run(model, x, fast_flag, monkeypatch, seed=0):
+    monkeypatch.setenv("PEFTLAB_FAST", fast_flag)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # same dropout mask on both paths
+    y = model(x)
+    g = torch.Generator().manual_seed(5)
+    (y.float() * torch.randn(y.shape, generator=g).to(y.device)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_reference(dtype, use_dora, bias, device, monkeypatch):
+    model = adapted_linear(use_dora, dtype, bias=bias).to(device)
+    x = torch.randn(3, 7, 24).to(device, dtype)
+    ref = run(model, x, "0", monkeypatch)
+    got = run(model, x, "1", monkeypatch)
+    torch.testing.assert_close(got[0], ref[0], **TOL[dtype])
+    torch.testing.assert_close(got[1], ref[1], **TOL[dtype])
+    assert set(got[2]) == set(ref[2]) and got[2]
+    for name in ref[2]:
+        assert got[2][name].dtype == ref[2][name].dtype, name
+        scale = ref[2][name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[2][name] / scale, ref[2][name] / scale, **TOL[dtype], msg=name)
+
+
+def test_fused_path_is_taken(monkeypatch):
+    """The fused node is really used (a check that could otherwise pass with the fused path off)."""
+    model = adapted_linear(False, torch.float32)
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    y = model(torch.randn(2, 24, requires_grad=True))
+    assert type(y.grad_fn).__name__.startswith("_LoraLinear")
+    monkeypatch.setenv("PEFTLAB_FAST", "0")
+    y = model(torch.randn(2, 24, requires_grad=True))
+    assert not type(y.grad_fn).__name__.startswith("_LoraLinear")
+
+
+def test_default_is_cuda_only(monkeypatch):
+    monkeypatch.delenv("PEFTLAB_FAST", raising=False)
+    assert not fast.enabled(torch.zeros(1))
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    assert fast.enabled(torch.zeros(1))
+
+
+def test_lora_dropout_same_mask(monkeypatch):
+    model = adapted_linear(False, torch.float32, dropout=0.3)
+    model.train()
+    x = torch.randn(4, 24)
+    ref, got = run(model, x, "0", monkeypatch, seed=7), run(model, x, "1", monkeypatch, seed=7)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
+
+
+def test_trainable_base_weight_and_bias(monkeypatch):
+    """Gradients of a base weight / bias that require grad (bias='all', or unfrozen by the user)."""
+    model = adapted_linear(False, torch.float32)
+    for p in model[0].base_layer.parameters():
+        p.requires_grad_(True)
+    x = torch.randn(5, 24)
+    ref, got = run(model, x, "0", monkeypatch), run(model, x, "1", monkeypatch)
+    assert "0.base_layer.weight" in got[2] and "0.base_layer.bias" in got[2]
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
+
+
+def test_dora_fused_does_not_save_product(monkeypatch):
+    """DoRA's fused node keeps less for backward than plain autograd: one bf16 (tokens, out) tensor (the
+    output) besides the input and the weights, instead of W0 x and an fp32 s B A x."""
+    model = adapted_linear(True, torch.bfloat16, in_f=64, out_f=64)
+    x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
+    held = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(flag):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in held:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        return sum(seen.values())
+
+    tokens_by_out = 256 * 64
+    assert saved_bytes("1") <= 2 * tokens_by_out + 2 * 256 * 4 + 64 * 4  # a copy of y (bf16), s A x (bf16), m / n
+    assert saved_bytes("0") >= 6 * tokens_by_out
+
+
+@pytest.mark.parametrize("build,use_dora", [(tiny_llama, False), (tiny_llama, True), (tiny_gpt2, False)],
+                         ids=["llama-lora", "llama-dora", "gpt2-lora"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model(build, use_dora, device, monkeypatch):
+    """A tiny causal LM (Conv1D weights on GPT-2): loss and every adapter gradient agree."""
+    model = build().to(device)
+    targets = "all-linear"
+    peftlab.attach(model, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = batch().to(device)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(isinstance(m, AdaptedModule) for m in model.modules())
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_under_autocast(use_dora, monkeypatch):
+    """fp32 weights under bf16 autocast (the train loop on CUDA): fused, output in the autocast dtype,
+    same result as the reference path under the same autocast."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(6, 24)
+    results = []
+    for flag in ("0", "1"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run(model, x, flag, monkeypatch))
+        assert results[-1][0].dtype == torch.bfloat16
+    (ref, got) = results
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[torch.bfloat16])
+    for name in ref[2]:
+        scale = ref[2][name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got[2][name] / scale, ref[2][name] / scale, **TOL[torch.bfloat16], msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "Linear" in type(model(x.requires_grad_()).grad_fn).__name__
+
+
+def test_falls_back_with_two_adapters(monkeypatch):
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    model = adapted_linear(False, torch.float32)
+    x = torch.randn(2, 24, requires_grad=True)
+    peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["0"]), name="second")
+    model[0].active = ["default", "second"]
+    assert not type(model(x).grad_fn).__name__.startswith("_LoraLinear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_and_dora_peak_memory(monkeypatch):
+    """On CUDA the fused path is the default, and DoRA's training peak is below the reference path's."""
+    monkeypatch.delenv("PEFTLAB_FAST", raising=False)
+    model = adapted_linear(True, torch.bfloat16, in_f=1024, out_f=4096).cuda()
+    x = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16)
+    assert fast.enabled(x)
+
+    def peak(flag):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    assert peak("1") < 0.9 * peak("0")
+
+
+def test_dora_norm_native_gemm():
+    """The fast path's row norm (W0 A^T in W0's bf16, no fp32 copy of W0) against the dense fp32 norm."""
+    from peftlab.methods.dora import dora_row_norm
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    a, b = torch.randn(4, 96, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1
+    dense = (w.float() + 0.7 * b @ a).norm(dim=1)
+    torch.testing.assert_close(dora_row_norm(w, a, b, 0.7, native_gemm=True), dense, atol=1e-3, rtol=2e-3)
+
+
+class _OverwritesInput(torch.autograd.Function):
+    """y = x * 2, whose backward writes its gradient into the saved input (as Liger's SwiGLU does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x.data.copy_(grad * 2)  # in place, like a Triton kernel: no version bump
+        return x
+
+
+def test_dora_survives_a_consumer_that_overwrites_its_input(monkeypatch):
+    model = adapted_linear(True, torch.float32)
+    x = torch.randn(5, 24)
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        _OverwritesInput.apply(model(x)).pow(2).sum().backward()
+        grads.append(model[0].adapters["default"].lora_magnitude_vector.grad.clone())
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_tensor_scaling(use_dora, monkeypatch):
+    """Hot-swap keeps the scaling as a 0-d buffer: the fused path folds it into A, same results."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(4, 24)
+    ref = run(model, x, "1", monkeypatch)
+    layer = model[0].adapters["default"]
+    value = layer.scaling
+    del layer.scaling
+    layer.register_buffer("scaling", torch.tensor(float(value)), persistent=False)
+    got = run(model, x, "1", monkeypatch)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fused_path_under_torch_compile(use_dora, monkeypatch):
+    """The fused nodes trace under torch.compile (aot_eager: no C compiler needed) to the same results."""
+    model = adapted_linear(use_dora, torch.float32)
+    x = torch.randn(4, 24)
+    ref = run(model, x, "1", monkeypatch)
+    torch._dynamo.reset()
+    model[0].compile(backend="aot_eager")
+    got = run(model, x, "1", monkeypatch)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])

@@ -1,0 +1,134 @@
+"""The memory options of the training loop on a tiny random Llama: fused loss, checkpointing, optimizers."""
+import pytest
+import torch
+
+import peftlab
+from models import batch, tiny_llama, tiny_tokenizer
+from peftlab.core.config import ConfigError
+from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+from peftlab.train.loop import TrainArgs, train
+
+RECORDS = [{"instruction": f"add {i} and {i * 7 % 11}", "input": "", "output": f"{i + i * 7 % 11}" + "!" * (i % 5)}
+           for i in range(40)]
+FAST = dict(max_steps=4, batch_size=4, lr=1e-2, max_length=96, eval_size=4, log_every=0, progress=False,
+            target_modules=["q_proj", "v_proj", "down_proj"], r=4)
+
+
+def run(tmp_path, name="run", model=None, **kw):
+    args = TrainArgs(out=str(tmp_path / name), **{**FAST, **kw})
+    return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS)
+
+
+def _losses(metrics):
+    return [h["loss"] for h in metrics["losses"]]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning", "molora"])
+def test_fused_loss_equals_model_loss_and_gradients(method):
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
+    model.train()
+    ids = batch(b=3, t=10)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    torch.manual_seed(0)
+    ref = model(**inputs, use_cache=False).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    fused = fused_causal_lm_loss(model, inputs, chunk_size=7)
+    fused.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_with_fused_ce_and_checkpointing_matches_plain(tmp_path):
+    plain = run(tmp_path, "plain")
+    fused = run(tmp_path, "fused", fused_ce=True)
+    ckpt = run(tmp_path, "ckpt", checkpointing="offload", fused_ce=True)
+    assert _losses(fused) == pytest.approx(_losses(plain), rel=1e-4)
+    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-4)
+    assert fused["args"]["fused_ce"] is True and ckpt["args"]["checkpointing"] == "offload"
+
+
+def test_fused_ce_refuses_an_adapted_head():
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ConfigError, match="output head has active adapters"):
+        check_fused_ce(model)
+
+
+def test_bad_memory_args_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="checkpointing must be one of"):
+        run(tmp_path, checkpointing="maybe")
+    with pytest.raises(ConfigError, match="exclusive"):
+        run(tmp_path, checkpointing="on", gradient_checkpointing=True)
+
+
+def test_qlora_trains_on_cpu_with_bnb_optimizers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peftlab.quant.bnb import is_quantized_linear
+
+    model = tiny_llama()
+    metrics = run(tmp_path, "qlora", model=model, quantize="nf4", double_quant=True, device="cpu",
+                  optim="paged_adamw_8bit", checkpointing="on", fused_ce=True, lr=3e-2)
+    losses = _losses(metrics)
+    assert losses[-1] < losses[0]
+    assert is_quantized_linear(model.model.layers[0].self_attn.q_proj.base_layer)
+    assert metrics["args"]["quantize"] == "nf4" and metrics["args"]["optim"] == "paged_adamw_8bit"
+    assert (tmp_path / "qlora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_quantize_refusals(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        run(tmp_path, quantize="nf2", device="cpu")
+    with pytest.raises(ConfigError, match="double_quant applies to 4-bit"):
+        run(tmp_path, quantize="int8", double_quant=True, device="cpu")
+    with pytest.raises(ConfigError, match="incompatible"):
+        run(tmp_path, quantize="nf4", dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match="optim must be one of"):
+        run(tmp_path, optim="sgd")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run(tmp_path, quantize="nf4")
+
+
+def test_cli_train_streams_a_quantized_base_and_compare_passes_memory_flags(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from typer.testing import CliRunner
+
+    from models import save_tiny_model_dir
+    from peftlab.cli import app
+    from peftlab.compare.runner import CompareArgs
+
+    folder = save_tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    result = CliRunner().invoke(app, ["train", "--model", str(folder), "--data", str(data), "--out",
+                                      str(tmp_path / "run"), "--max-steps", "2", "--quantize", "nf4",
+                                      "--double-quant", "--device", "cpu", "--checkpointing", "offload",
+                                      "--fused-ce", "--optim", "adamw_8bit", "--target-modules", "q_proj,v_proj"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["args"]["quantize"] == "nf4" and metrics["optimizer"]["kind"] == "adamw_8bit"
+    bad = CliRunner().invoke(app, ["train", "--checkpointing", "sometimes", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "checkpointing must be one of" in bad.output
+    args = CompareArgs(memory={"checkpointing": "on", "fused_ce": True})
+    assert args.budget()["checkpointing"] == "on"
+    with pytest.raises(ValueError, match="unknown memory setting"):
+        CompareArgs(memory={"galore_rank": 4}).budget()
+
+
+def test_missing_bitsandbytes_is_named(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match="quantize=nf4 needs bitsandbytes"):
+        run(tmp_path, quantize="nf4", device="cpu")
+    with pytest.raises(ConfigError, match="optim=paged_adamw needs bitsandbytes"):
+        run(tmp_path, optim="paged_adamw")

@@ -1,0 +1,96 @@
+"""Sequence packing (one row per micro-batch, restarting position_ids) and compiled adapted layers."""
+import pytest
+import torch
+
+import peftlab
+from models import tiny_llama, tiny_tokenizer
+from peftlab.core.config import ConfigError
+from peftlab.train.data import IGNORE_INDEX, Collator, build_datasets
+from peftlab.train.loop import TrainArgs, train
+from peftlab.train.packing import PackingCollator, batch_tokens, check_packing
+
+RECORDS = [{"instruction": f"add {i} and {i * 3}", "input": "", "output": f"{4 * i}" + " ok" * (i % 4)}
+           for i in range(24)]
+
+
+def examples(n=4):
+    train_set, _ = build_datasets(RECORDS, tiny_tokenizer(), 64, 0.0, 0, 0)
+    return [train_set[i] for i in range(n)]
+
+
+def test_collator_layout():
+    ex = examples(3)
+    packed = PackingCollator()(ex)
+    lengths = [len(e["input_ids"]) for e in ex]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    starts = [sum(lengths[:i]) for i in range(3)]
+    assert all(packed["labels"][0, s] == IGNORE_INDEX for s in starts)
+    assert batch_tokens(packed) == sum(lengths)
+    padded = Collator(0)(ex)
+    assert batch_tokens(padded) == sum(lengths)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_grads_equal_padded(attn):
+    """Same label tokens, same per-token losses: the packed row is the padded batch without padding."""
+    model = tiny_llama()
+    model.config._attn_implementation = attn
+    peftlab.attach(model, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ex = examples(4)
+    results = []
+    for batch in (Collator(0)(ex), PackingCollator()(ex)):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_attention_across_packed_examples():
+    """Changing the first example changes none of the second example's logits (with use_cache=False, as
+    the training loop calls the model: transformers looks for packed sequences only without a cache)."""
+    model = tiny_llama()
+    ex = examples(2)
+    packed = PackingCollator()(ex)
+    n0 = len(ex[0]["input_ids"])
+    changed = {k: v.clone() for k, v in packed.items()}
+    changed["input_ids"][0, 1:n0] = (changed["input_ids"][0, 1:n0] + 5) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(**packed, use_cache=False).logits, model(**changed, use_cache=False).logits
+    torch.testing.assert_close(a[0, n0:], b[0, n0:])
+    assert not torch.allclose(a[0, 1:n0], b[0, 1:n0])
+
+
+def test_unsupported_attention_is_refused():
+    model = tiny_llama()
+    model.config._attn_implementation = "paged|sdpa"
+    with pytest.raises(ConfigError, match="packing needs"):
+        check_packing(model)
+
+
+def test_train_with_packing_and_compile(tmp_path):
+    """Through train(): packing gives the padded run's losses; compiled adapted layers (a backend
+    without a C compiler, for CI) give the same losses too and are uncompiled afterwards."""
+    common = dict(max_steps=3, batch_size=4, lr=1e-2, max_length=64, eval_size=4, log_every=0, progress=False,
+                  target_modules=["q_proj", "v_proj"], r=4)
+
+    def losses(name, model=None, **kw):
+        metrics = train(TrainArgs(out=str(tmp_path / name), **common, **kw), model=model or tiny_llama(),
+                        tokenizer=tiny_tokenizer(), records=RECORDS)
+        return [h["loss"] for h in metrics["losses"]], metrics
+
+    padded, _ = losses("padded")
+    packed, metrics = losses("packed", packing=True)
+    assert packed == pytest.approx(padded, abs=1e-5)
+    assert metrics["args"]["packing"] is True
+    model = tiny_llama()
+    compiled, _ = losses("compiled", model=model, compile="aot_eager")
+    assert compiled == pytest.approx(padded, abs=1e-5)
+    assert all(m._compiled_call_impl is None for m in model.modules())

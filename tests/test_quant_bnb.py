@@ -1,0 +1,168 @@
+"""QLoRA pieces that bitsandbytes' CPU backend runs for real: quantize / dequantize, forward, adapters on
+quantized linears against a dense reference, merging with the error reported, PEFT QLoRA adapters."""
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from models import TARGETS, batch, randomize_adapters, tiny_llama
+from peftlab.core.config import ConfigError
+from peftlab.core.registry import methods
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+from peftlab.quant.bnb import (dequantize_weight, is_quantized_linear, merge_quantized,  # noqa: E402
+                               prepare_for_kbit_training, quantize_model)
+
+
+def _quantized(quant_type="nf4", double_quant=True, seed=0):
+    model = tiny_llama(seed)
+    return quantize_model(model, quant_type, double_quant=double_quant, compute_dtype=torch.float32)
+
+
+def _dense_twin(qmodel):
+    """The same model with every quantized linear replaced by nn.Linear holding its dequantized weight."""
+    dense = tiny_llama()
+    for name, module in qmodel.named_modules():
+        if is_quantized_linear(module):
+            target = dense.get_submodule(name)
+            target.weight.data.copy_(dequantize_weight(module).float())
+    dense.load_state_dict({k: v for k, v in qmodel.state_dict().items()
+                           if k in dense.state_dict() and "proj" not in k}, strict=False)
+    return dense
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
+def test_quantized_forward_equals_dense_dequantized(quant_type):
+    q = _quantized(quant_type)
+    n = sum(is_quantized_linear(m) for m in q.modules())
+    assert n == 2 * 7 and type(q.lm_head) is nn.Linear
+    dense = _dense_twin(q)
+    ids = batch()
+    with torch.no_grad():
+        got, ref = q(input_ids=ids).logits, dense(input_ids=ids).logits
+    tol = 5e-2 if quant_type == "int8" else 1e-4  # int8: bnb's matmul quantizes activations too
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    w = dequantize_weight(q.model.layers[0].mlp.up_proj)
+    orig = tiny_llama().model.layers[0].mlp.up_proj.weight
+    rel = float((w.float() - orig).norm() / orig.norm())
+    assert 0 < rel < {"int8": 0.02, "nf4": 0.25, "fp4": 0.3}[quant_type]
+
+
+WEIGHT_METHODS = sorted(n for n, f in peftlab.variants().items()
+                        if methods()[f(["q_proj"], 4).peft_type].kind == "weight")
+
+
+@pytest.mark.parametrize("name", WEIGHT_METHODS)
+def test_every_weight_method_on_a_4bit_base_equals_the_dense_reference(name):
+    q = _quantized("nf4")
+    dense = _dense_twin(q)
+    config = peftlab.variants()[name](TARGETS["llama"], 4)
+    for model in (q, dense):
+        torch.manual_seed(0)
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=3, std=0.05)
+    ids = batch()
+    with torch.no_grad():
+        got, ref = q(input_ids=ids).logits, dense(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the adapter trains on the quantized base: gradients reach it, the base stays frozen
+    q.train()
+    q(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for n, p in q.named_parameters() if "adapters" not in n)
+
+
+def test_merge_into_a_quantized_base_reports_the_error():
+    q = _quantized("nf4")
+    peftlab.attach(q, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"]))
+    randomize_adapters(q, std=0.05)
+    ids = batch()
+    with torch.no_grad():
+        before = q(input_ids=ids).logits
+    module = q.model.layers[1].mlp.down_proj
+    target = module.adapters["default"].merge_into(module.view.weight_oi().float(), module.view)
+    report = merge_quantized(q)
+    assert len(report["modules"]) == 14 and 0 < report["relative_error"] < 0.3
+    assert report["max_module_error"] >= report["relative_error"]
+    # independent reference: quantize the merged dense weight with bitsandbytes directly
+    import bitsandbytes.functional as F
+    packed, state = F.quantize_4bit(target.to(torch.float32), quant_type="nf4", compress_statistics=True)
+    again = F.dequantize_4bit(packed, state).float()
+    expected = float((again - target).norm() / target.norm())
+    assert report["modules"]["model.layers.1.mlp.down_proj"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        after = q(input_ids=ids).logits
+    assert is_quantized_linear(q.model.layers[0].self_attn.q_proj.base_layer)
+    rel = float((after - before).norm() / before.norm())
+    assert 0 < rel < 0.3  # the merge itself is exact; what is left is the re-quantization
+
+
+def test_pissa_init_rewrites_the_quantized_base():
+    q = _quantized("nf4")
+    w0 = dequantize_weight(q.model.layers[0].self_attn.q_proj).clone()
+    peftlab.attach(q, peftlab.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    module = q.model.layers[0].self_attn.q_proj
+    residual = module.view.weight_oi().float()
+    layer = module.adapters["default"]
+    rebuilt = residual + layer.delta_weight()
+    assert float((rebuilt - w0.float()).norm() / w0.float().norm()) < 0.35  # one more 4-bit rounding
+    assert float((residual - w0.float()).norm()) > 0.1  # the principal part moved into the adapter
+
+
+def test_peft_qlora_adapter_loads_with_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(_quantized("nf4"), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                     target_modules=TARGETS["llama"]))
+    randomize_adapters(theirs, seed=7, std=0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = _quantized("nf4")
+    peftlab.load_adapter(ours, tmp_path)
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_for_kbit_training_keeps_norms_fp32_and_outputs_half():
+    model = tiny_llama().to(torch.bfloat16)
+    quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
+    prepare_for_kbit_training(model)
+    norm = model.model.layers[0].input_layernorm
+    assert norm.weight.dtype == torch.float32 and not norm.weight.requires_grad
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    out = norm(torch.randn(2, 3, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_refusals_name_the_problem():
+    q = _quantized("nf4")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(q, "nf4")
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        quantize_model(tiny_llama(), "nf3")
+    adapted = tiny_llama()
+    peftlab.attach(adapted, peftlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="before attaching"):
+        quantize_model(adapted, "nf4")
+
+
+def test_export_merged_fp16_model_reloads_with_the_same_outputs(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.quant.export import export_merged
+
+    q = _quantized("nf4")
+    peftlab.attach(q, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], use_dora=True))
+    randomize_adapters(q, std=0.05)
+    ids = batch()
+    with torch.no_grad():
+        expected = q(input_ids=ids).logits
+    report = export_merged(q, tmp_path / "merged", dtype=torch.float16)
+    assert report["dequantized"] == 14 and not report["has_adapters"]
+    config = (tmp_path / "merged" / "config.json").read_text()
+    assert "peftlab_quantization" not in config and "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert plain.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # fp16 storage; the adapter moves logits ~0.3
