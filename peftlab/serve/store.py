@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.core.adapter import ServingForm
+from peftlab.convert import weight_update
+from peftlab.core.adapter import AdapterError, ServingForm
 from peftlab.core.inject import adapted_modules, attach, delete_adapter, saved_modules
 from peftlab.core.registry import method_for
 from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
@@ -95,8 +96,10 @@ def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, 
             if not layer.mergeable or module.view.kind != "linear":
                 raise ServeError(f"adapter {name!r}: {type(layer).__name__} on {mname!r} has no batched serving form "
                                  "and cannot be converted to LoRA (not a mergeable linear update)")
-            w = module.view.weight_oi().float()
-            delta = layer.merge_into(w.clone(), module.view) - w
+            try:
+                delta = weight_update(module, name)
+            except AdapterError as exc:  # e.g. an update that also changes the bias
+                raise ServeError(f"adapter {name!r}: {exc}") from None
             lr = lora_from_delta(delta, min(convert_rank, *delta.shape), name=f"{name}:{mname}")
             form, converted[mname] = ServingForm(down=lr.A, up=lr.B), lr.rel_error
         forms[mname] = form
