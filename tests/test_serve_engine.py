@@ -182,14 +182,15 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     with pytest.raises(PermissionError, match="adapter root"):
         engine.store.register("x", tmp_path)
     model = tiny_llama()
-    peftlab.attach(model, peftlab.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
-    peftlab.save_adapter(model, adapter_dirs / "prompt")
-    engine.store.register("prompt", adapter_dirs / "prompt")
+    peftlab.attach(model, peftlab.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    peftlab.save_adapter(model, adapter_dirs / "prefix")
+    engine.store.register("prefix", adapter_dirs / "prefix")
     with pytest.raises(ServeError, match="model hooks"):
-        engine.store.acquire("prompt", load_from_disk=True)
-    req = engine.submit(Request(_prompt(0), "prompt", 2))
+        engine.store.acquire("prefix", load_from_disk=True)
+    req = engine.submit(Request(_prompt(0), "prefix", 2))
     engine.run_until_done([req])
     assert req.finish_reason == "error" and "model hooks" in req.error
+    assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
     # PiSSA keeps a residual in the base: refused before anything touches the served weights
     model = tiny_llama()
     peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
@@ -260,3 +261,26 @@ def test_qwen2_with_biases(tmp_path):
     reqs = {n: engine.submit(Request(_prompt(i), n, MAX_NEW, stop_ids=EOS)) for i, n in enumerate(configs)}
     engine.run_until_done(list(reqs.values()))
     assert {n: r.output for n, r in reqs.items()} == refs
+
+
+def test_virtual_token_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
+    """Prompt tuning and P-tuning: their virtual tokens are prepended at prefill, in the same batch as LoRA and
+    base requests; each equals HF generate with the adapter alone (peftlab's hooks)."""
+    configs = {"prompt": peftlab.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+               "ptuning": peftlab.variants()["p_tuning"](None, 4)}
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_llama()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=40 + i, std=1.0)
+        peftlab.save_adapter(model, tmp_path / name)
+    engine = _engine(adapter_dirs)
+    for name in configs:
+        engine.store.register(name, tmp_path / name, check_root=False)
+    jobs = [(n, _prompt(i)) for i, n in enumerate(["prompt", "lora", "ptuning", None, "prompt"])]
+    refs = [_alone(tmp_path / n if n in configs else adapter_dirs / n if n else None, p) for n, p in jobs]
+    reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+    engine.run_until_done(reqs)
+    assert [r.output for r in reqs] == refs
+    assert refs[0] != _alone(None, jobs[0][1])  # the virtual tokens change the answer
+    assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
+    assert engine.cache.free_blocks == engine.cache.num_blocks

@@ -51,6 +51,7 @@ class LoadedAdapter:
     converted: dict[str, float] = field(default_factory=dict)  # module -> relative error of the LoRA conversion
     load_ms: float = 0.0
     nbytes: int = 0
+    virtual: torch.Tensor | None = None  # (n, hidden) embeddings prepended to the prompt (prompt tuning, P-tuning)
 
 
 def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
@@ -70,11 +71,8 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
     method = method_for(config)
-    if method.kind == "input":
-        raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (input-side tokens or "
-                         "inserted modules), which serve does not batch")
     layer_cls = method.layer_factory(config) if method.layer_factory else method.layer
-    if layer_cls.init_rewrites_base(config):
+    if method.kind == "weight" and layer_cls.init_rewrites_base(config):
         raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
                          "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
                          "to a plain update first")
@@ -108,12 +106,14 @@ def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, 
 
 class AdapterStore:
     def __init__(self, layers: dict[str, BatchedLinear], max_gpu: int, max_cpu: int, adapter_root: str | Path | None = None,
-                 convert_rank: int = 16):
+                 convert_rank: int = 16, model: nn.Module | None = None):
         if max_gpu < 1 or max_cpu < 1:
             raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
         self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
         self.root = Path(adapter_root).resolve() if adapter_root is not None else None
         self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
+        self.model = model  # the served model: input-side adapters are built on it (they read its embedding size)
+        self.virtual: dict[str, LoadedAdapter] = {}  # virtual-token adapters: tiny, need no slot, never evicted
         self._skeleton_lock = threading.Lock()
         self._lock = threading.RLock()
         self.paths: dict[str, Path] = {}
@@ -174,6 +174,7 @@ class AdapterStore:
             self.paths.pop(name, None)
             self.preloaded.pop(name, None)
             self.cpu.pop(name, None)
+            self.virtual.pop(name, None)
             self.errors.pop(name, None)
             slot = self.slot_of.pop(name, None)
             if slot is not None:
@@ -189,6 +190,10 @@ class AdapterStore:
         raw = read_adapter_weights(path)
         tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
         tmp = f"serve_{threading.get_ident()}"
+        if method_for(config).kind == "input":
+            virtual = self._virtual_tokens(name, tmp, config, tensors, str(path))
+            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
+                                 virtual.numel() * virtual.element_size(), virtual)
         with self._skeleton_lock:
             attach(self._skeleton, config, tmp)
             try:
@@ -204,6 +209,28 @@ class AdapterStore:
             log.warning("adapter %r (%s) is served as a rank-%d LoRA of its update: relative error max %.3g over "
                         "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
         return adapter
+
+    def _virtual_tokens(self, name: str, tmp: str, config, tensors: dict, source: str) -> torch.Tensor:
+        """The embeddings an input-side adapter prepends to every prompt, computed once at load. Adapters that
+        act through KV prefixes or module hooks (prefix tuning, LLaMA-Adapter, bottleneck) are refused."""
+        from peftlab.core.input_side import hooked
+
+        if self.model is None:
+            raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
+        layer = next(iter(self.layers.values()))
+        with self._skeleton_lock:
+            attach(self.model, config, tmp, activate=False)
+            try:
+                load_tensors(self.model, tmp, tensors, source=source)
+                adapter = hooked(self.model)[tmp].eval()
+                if adapter.num_prefix_tokens or adapter.handles or not adapter.num_virtual_tokens:
+                    raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (a KV prefix or "
+                                     "inserted modules), which serve does not batch; virtual-token methods "
+                                     "(prompt tuning, P-tuning) are served")
+                with torch.no_grad():
+                    return adapter.virtual_tokens(1, layer.dtype)[0].to(layer.device).clone()
+            finally:
+                delete_adapter(self.model, tmp)
 
     def describe(self, name: str) -> dict:
         """What the store knows of ``name``: method, where it is, load time, and any LoRA conversion error."""
@@ -223,6 +250,8 @@ class AdapterStore:
         with self._lock:
             if name in self.preloaded:
                 return self.preloaded[name]
+            if name in self.virtual:
+                return self.virtual[name]
             adapter = self.cpu.get(name)
             if adapter is not None:
                 self.cpu.move_to_end(name)
@@ -232,6 +261,9 @@ class AdapterStore:
         with self._lock:
             if adapter.name not in self.paths:
                 return  # unloaded while loading
+            if adapter.virtual is not None:
+                self.virtual[adapter.name] = adapter
+                return
             self.cpu[adapter.name] = adapter
             self.cpu.move_to_end(adapter.name)
             while len(self.cpu) > self.max_cpu:
@@ -271,8 +303,9 @@ class AdapterStore:
 
     # -- CPU -> GPU slots (engine thread only) -------------------------------------------------
     def acquire(self, name: str, load_from_disk: bool = False) -> int | None:
-        """A GPU slot holding ``name``, pinned for one request; None when every slot is pinned (or not yet on
-        the CPU and ``load_from_disk`` is False). Evicts the least recently used idle adapter when full."""
+        """A GPU slot holding ``name``, pinned for one request; -1 for a virtual-token adapter (no slot); None when
+        every slot is pinned (or not yet on the CPU and ``load_from_disk`` is False). Evicts the least recently used
+        idle adapter when full."""
         with self._lock:
             if not self.known(name):
                 raise AdapterNotFound(name)
@@ -290,6 +323,8 @@ class AdapterStore:
                 self.stats["disk_loads"] += 1
             else:
                 self.stats["cpu_hits"] += 1
+            if adapter.virtual is not None:
+                return -1  # virtual tokens only: nothing in the linear layers, no slot to hold
             free = [s for s in range(self.max_gpu) if self.slot_name[s] is None]
             if not free:
                 idle = [s for s in range(self.max_gpu) if self.pins[s] == 0]
@@ -310,6 +345,12 @@ class AdapterStore:
             self.stats["cold_load_count"] += 1
             self.stats["last_cold_load_ms"] = ms
             return self._pin(slot)
+
+    def virtual_tokens(self, name: str) -> torch.Tensor | None:
+        """The (n, hidden) embeddings adapter ``name`` prepends to prompts, or None."""
+        with self._lock:
+            adapter = self.virtual.get(name)
+            return None if adapter is None else adapter.virtual
 
     def _pin(self, slot: int) -> int:
         self.pins[slot] += 1
