@@ -182,12 +182,12 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     with pytest.raises(PermissionError, match="adapter root"):
         engine.store.register("x", tmp_path)
     model = tiny_llama()
-    peftlab.attach(model, peftlab.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
-    peftlab.save_adapter(model, adapter_dirs / "prefix")
-    engine.store.register("prefix", adapter_dirs / "prefix")
+    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
+    peftlab.save_adapter(model, adapter_dirs / "llama_adapter")
+    engine.store.register("llama_adapter", adapter_dirs / "llama_adapter")
     with pytest.raises(ServeError, match="model hooks"):
-        engine.store.acquire("prefix", load_from_disk=True)
-    req = engine.submit(Request(_prompt(0), "prefix", 2))
+        engine.store.acquire("llama_adapter", load_from_disk=True)
+    req = engine.submit(Request(_prompt(0), "llama_adapter", 2))
     engine.run_until_done([req])
     assert req.finish_reason == "error" and "model hooks" in req.error
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
@@ -263,11 +263,13 @@ def test_qwen2_with_biases(tmp_path):
     assert {n: r.output for n, r in reqs.items()} == refs
 
 
-def test_virtual_token_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
-    """Prompt tuning and P-tuning: their virtual tokens are prepended at prefill, in the same batch as LoRA and
-    base requests; each equals HF generate with the adapter alone (peftlab's hooks)."""
+def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
+    """Prompt tuning and P-tuning (virtual tokens prepended at prefill) and prefix tuning (keys/values written as
+    the sequence's first cache positions), in the same batch as LoRA and base requests; each equals HF generate
+    with the adapter alone (peftlab's hooks)."""
     configs = {"prompt": peftlab.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-               "ptuning": peftlab.variants()["p_tuning"](None, 4)}
+               "ptuning": peftlab.variants()["p_tuning"](None, 4),
+               "prefix": peftlab.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")}
     for i, (name, config) in enumerate(configs.items()):
         model = tiny_llama()
         peftlab.attach(model, config)
@@ -276,11 +278,11 @@ def test_virtual_token_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
     engine = _engine(adapter_dirs)
     for name in configs:
         engine.store.register(name, tmp_path / name, check_root=False)
-    jobs = [(n, _prompt(i)) for i, n in enumerate(["prompt", "lora", "ptuning", None, "prompt"])]
+    jobs = [(n, _prompt(i)) for i, n in enumerate(["prompt", "lora", "ptuning", None, "prefix", "prompt", "prefix"])]
     refs = [_alone(tmp_path / n if n in configs else adapter_dirs / n if n else None, p) for n, p in jobs]
     reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
     engine.run_until_done(reqs)
     assert [r.output for r in reqs] == refs
-    assert refs[0] != _alone(None, jobs[0][1])  # the virtual tokens change the answer
+    assert refs[0] != _alone(None, jobs[0][1]) and refs[4] != _alone(None, jobs[4][1])  # they change the answers
     assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
     assert engine.cache.free_blocks == engine.cache.num_blocks

@@ -161,11 +161,23 @@ def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
         engine = Engine(tiny_llama(), EngineConfig(kv_tokens=256, block_size=4, max_gpu_adapters=1))
         engine.store.register(variant, tmp_path / variant, check_root=False)
         own = hooked(model)["default"].eval()
-        if own.num_virtual_tokens and not own.num_prefix_tokens and not own.handles:
+        if not own.handles:  # virtual tokens or a KV prefix: served
             assert engine.store.acquire(variant, load_from_disk=True) == -1
+            virtual, prefix_kv = engine.store.input_side(variant)
             with torch.no_grad():
-                want = own.virtual_tokens(1, torch.float32)[0]
-            torch.testing.assert_close(engine.store.virtual_tokens(variant), want)
+                if own.num_virtual_tokens:
+                    torch.testing.assert_close(virtual, own.virtual_tokens(1, torch.float32)[0])
+                if own.num_prefix_tokens:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=model.config)
+                    own.write_prefix(cache, 1, torch.float32)
+                    for layer in range(model.config.num_hidden_layers):
+                        k, v = cache.layers[layer].keys, cache.layers[layer].values
+                        torch.testing.assert_close(prefix_kv[layer, 0], k[0].transpose(0, 1))
+                        torch.testing.assert_close(prefix_kv[layer, 1], v[0].transpose(0, 1))
+            assert (virtual is not None) == bool(own.num_virtual_tokens)
+            assert (prefix_kv is not None) == bool(own.num_prefix_tokens)
         else:
             with pytest.raises(ServeError, match="model hooks"):
                 engine.store.acquire(variant, load_from_disk=True)

@@ -59,14 +59,19 @@ class Request:
     _generator: torch.Generator | None = None
 
     virtual: torch.Tensor | None = None  # (n, hidden) prepended embeddings of a virtual-token adapter
+    prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) of a prefix-tuning adapter
 
     @property
     def n_virtual(self) -> int:
         return 0 if self.virtual is None else int(self.virtual.shape[0])
 
     @property
+    def n_prefix(self) -> int:
+        return 0 if self.prefix_kv is None else int(self.prefix_kv.shape[2])
+
+    @property
     def n_cached(self) -> int:
-        return self.n_virtual + len(self.prompt) + len(self.output) - 1
+        return self.n_prefix + self.n_virtual + len(self.prompt) + len(self.output) - 1
 
 
 @dataclass
@@ -179,11 +184,12 @@ class Engine:
                     if slot is None:  # still on disk, or every slot busy: let later requests go first
                         skipped.append(req)
                         continue
-                    req.slot, req.virtual = slot, self.store.virtual_tokens(req.adapter)
-                need = req.n_virtual + len(req.prompt) + req.max_tokens
+                    req.slot = slot
+                    req.virtual, req.prefix_kv = self.store.input_side(req.adapter)
+                need = req.n_prefix + req.n_virtual + len(req.prompt) + req.max_tokens
                 if need > self.max_context:
                     self._release_slot(req)
-                    self._fail(req, f"{req.n_virtual} virtual tokens of adapter {req.adapter!r} + prompt "
+                    self._fail(req, f"{req.n_prefix + req.n_virtual} virtual positions of adapter {req.adapter!r} + prompt "
                                     f"({len(req.prompt)}) + max_tokens ({req.max_tokens}) exceed the context limit "
                                     f"of {self.max_context} tokens")
                     continue
@@ -192,6 +198,10 @@ class Engine:
                     self.waiting.appendleft(req)
                     break
                 self.cache.reserve(req.id, need)
+                if req.prefix_kv is not None:  # prefix tuning: its keys/values are the sequence's first positions
+                    rows = torch.tensor(self.cache.slots(req.id, 0, req.n_prefix), device=self.device)
+                    for layer, (k, v) in enumerate(req.prefix_kv):
+                        self.cache.write(layer, rows, k, v)
                 budget -= len(req.prompt)
                 admitted.append(req)
             self.waiting.extendleft(reversed(skipped))
@@ -200,7 +210,7 @@ class Engine:
     def _release_slot(self, req: Request) -> None:
         if req.slot >= 0:
             self.store.release(req.slot)
-        req.slot, req.virtual = -1, None
+        req.slot, req.virtual, req.prefix_kv = -1, None, None
 
     def _slot_for(self, name: str) -> int | None:
         error = self.store.errors.get(name)
@@ -246,7 +256,7 @@ class Engine:
                 chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
                 slots.append(r.slot)
             else:  # prefill: virtual-token positions (their embeddings given) then the prompt
-                chunks.append(Chunk(r.id, [0] * r.n_virtual + r.prompt, 0, prefix=r.virtual))
+                chunks.append(Chunk(r.id, [0] * r.n_virtual + r.prompt, r.n_prefix, prefix=r.virtual))
                 slots += [r.slot] * (r.n_virtual + len(r.prompt))
                 self.metrics["prompt_tokens"] += len(r.prompt)
         self.context.set(slots, self.device)

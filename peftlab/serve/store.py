@@ -52,6 +52,11 @@ class LoadedAdapter:
     load_ms: float = 0.0
     nbytes: int = 0
     virtual: torch.Tensor | None = None  # (n, hidden) embeddings prepended to the prompt (prompt tuning, P-tuning)
+    prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) keys/values before the prompt (prefix)
+
+    @property
+    def input_side(self) -> bool:
+        return self.virtual is not None or self.prefix_kv is not None
 
 
 def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
@@ -191,9 +196,10 @@ class AdapterStore:
         tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
         tmp = f"serve_{threading.get_ident()}"
         if method_for(config).kind == "input":
-            virtual = self._virtual_tokens(name, tmp, config, tensors, str(path))
+            virtual, prefix_kv = self._input_side(name, tmp, config, tensors, str(path))
+            held = virtual if virtual is not None else prefix_kv
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
-                                 virtual.numel() * virtual.element_size(), virtual)
+                                 held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
             attach(self._skeleton, config, tmp)
             try:
@@ -210,9 +216,11 @@ class AdapterStore:
                         "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
         return adapter
 
-    def _virtual_tokens(self, name: str, tmp: str, config, tensors: dict, source: str) -> torch.Tensor:
-        """The embeddings an input-side adapter prepends to every prompt, computed once at load. Adapters that
-        act through KV prefixes or module hooks (prefix tuning, LLaMA-Adapter, bottleneck) are refused."""
+    def _input_side(self, name: str, tmp: str, config, tensors: dict,
+                    source: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(virtual token embeddings, prefix keys/values) of an input-side adapter, computed once at load on the
+        served model and detached again. Adapters acting through module hooks (LLaMA-Adapter, bottleneck) are
+        refused."""
         from peftlab.core.input_side import hooked
 
         if self.model is None:
@@ -223,12 +231,19 @@ class AdapterStore:
             try:
                 load_tensors(self.model, tmp, tensors, source=source)
                 adapter = hooked(self.model)[tmp].eval()
-                if adapter.num_prefix_tokens or adapter.handles or not adapter.num_virtual_tokens:
-                    raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (a KV prefix or "
-                                     "inserted modules), which serve does not batch; virtual-token methods "
-                                     "(prompt tuning, P-tuning) are served")
+                if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
+                    raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted "
+                                     "modules), which serve does not batch; virtual-token and prefix methods are served")
                 with torch.no_grad():
-                    return adapter.virtual_tokens(1, layer.dtype)[0].to(layer.device).clone()
+                    virtual = prefix = None
+                    if adapter.num_virtual_tokens:
+                        virtual = adapter.virtual_tokens(1, layer.dtype)[0].to(layer.device).clone()
+                    if adapter.num_prefix_tokens:
+                        recorder = _PrefixRecorder()
+                        adapter.write_prefix(recorder, 1, layer.dtype)
+                        prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
+                        prefix = prefix.to(layer.device).contiguous()
+                    return virtual, prefix
             finally:
                 delete_adapter(self.model, tmp)
 
@@ -261,7 +276,7 @@ class AdapterStore:
         with self._lock:
             if adapter.name not in self.paths:
                 return  # unloaded while loading
-            if adapter.virtual is not None:
+            if adapter.input_side:
                 self.virtual[adapter.name] = adapter
                 return
             self.cpu[adapter.name] = adapter
@@ -323,8 +338,8 @@ class AdapterStore:
                 self.stats["disk_loads"] += 1
             else:
                 self.stats["cpu_hits"] += 1
-            if adapter.virtual is not None:
-                return -1  # virtual tokens only: nothing in the linear layers, no slot to hold
+            if adapter.input_side:
+                return -1  # virtual tokens / KV prefix only: nothing in the linear layers, no slot to hold
             free = [s for s in range(self.max_gpu) if self.slot_name[s] is None]
             if not free:
                 idle = [s for s in range(self.max_gpu) if self.pins[s] == 0]
@@ -346,11 +361,12 @@ class AdapterStore:
             self.stats["last_cold_load_ms"] = ms
             return self._pin(slot)
 
-    def virtual_tokens(self, name: str) -> torch.Tensor | None:
-        """The (n, hidden) embeddings adapter ``name`` prepends to prompts, or None."""
+    def input_side(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(virtual token embeddings (n, hidden), prefix keys/values (layers, 2, n, kv_heads, head_dim)) that adapter
+        ``name`` puts before every prompt; (None, None) for a weight adapter."""
         with self._lock:
             adapter = self.virtual.get(name)
-            return None if adapter is None else adapter.virtual
+            return (None, None) if adapter is None else (adapter.virtual, adapter.prefix_kv)
 
     def _pin(self, slot: int) -> int:
         self.pins[slot] += 1
@@ -385,6 +401,18 @@ class AdapterStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _PrefixRecorder:
+    """Stands in for a transformers cache: ``write_prefix`` hands it each layer's (1, kv_heads, n, head_dim) keys
+    and values, kept as (n, kv_heads, head_dim)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        self.layers[layer] = (keys[0].transpose(0, 1), values[0].transpose(0, 1))
+        return keys, values
 
 
 def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
