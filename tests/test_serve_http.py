@@ -268,6 +268,16 @@ def test_cli_options():
             parse_adapter_specs(bad)
 
 
+def test_server_refuses_an_unservable_adapter_at_start(root, tmp_path):
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
+    peftlab.save_adapter(model, tmp_path / "llama_adapter")
+    import typer
+
+    with pytest.raises(typer.BadParameter, match="llama_adapter.*model hooks"):
+        Server(root, adapters={"bad": tmp_path / "llama_adapter"})
+
+
 def test_peftlab_serve_command_end_to_end(root, expected):
     """The real command in a subprocess: serves, answers, and exits cleanly on SIGINT."""
     import os
