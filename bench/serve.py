@@ -318,6 +318,7 @@ def run(args, doc: dict[str, Any], save) -> None:
     for count in [c for c in args.adapters if c >= 8]:
         pool = [f"lora{i}" for i in range(count)]
         scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
+    doc["triton_error"] = engine.context.triton_error  # None: the Triton kernels ran throughout
     doc["cold_load"] = cold_load(engine, args)
     print(json.dumps(doc["cold_load"]), flush=True)
     doc["agreement"] = agreement(engine, args, vocab)
@@ -364,6 +365,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines += ["", "| grouped LoRA product | fused Triton us | two-kernel Triton us | torch us |", "|---|---:|---:|---:|"]
         lines += [f"| {k['slots']} slots x {k['tokens_per_slot']} tokens, {k['in']} -> {k['out']}, r{k['r']} | "
                   f"{k.get('fused_us', '-')} | {k.get('two_kernel_us', '-')} | {k['torch_us']} |" for k in kernels]
+    if doc.get("triton_error"):
+        notes.append(f"The Triton kernel failed ({doc['triton_error'][:200]}); LoRA ran on the torch path.")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']} "
                f"(commit {env['commit'][:10]}); shape {args['shape']} {args['dtype']}, batch {args['batch']} in "

@@ -317,10 +317,9 @@ from peftlab.cli_arith import register as _register_arith  # noqa: E402  (conver
 
 _register_arith(app)
 
-if __name__ == "__main__":
-    main()
-
-
-from peftlab.serve.cli import serve as _serve  # noqa: E402  (the serve command lives in its own module)
+from peftlab.serve.cli import serve as _serve  # noqa: E402  (serve)
 
 app.command(name="serve")(_serve)
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
 from peftlab.serve.sampling import SamplingParams, sample, top_p_filter  # noqa: E402
 from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
 
-from models import randomize_adapters, tiny_llama  # noqa: E402
+from models import randomize_adapters, tiny_llama, tiny_qwen2  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
@@ -100,7 +100,21 @@ def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
         reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate([None, "lora", "rslora8", "dora", "loha"])]
         engine.run_until_done(reqs)
         outs.append([r.output for r in reqs])
+        assert engine.context.triton_error is None  # the kernel really ran (no fallback to torch)
     assert outs[0] == outs[1]
+
+
+def test_triton_failure_falls_back_to_torch_and_says_so(adapter_dirs, monkeypatch):
+    import peftlab.serve.layers as layers
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel here")
+
+    monkeypatch.setattr(layers, "lowrank_triton", broken)
+    engine = _engine(adapter_dirs, use_triton=True)
+    prompt = _prompt(3)
+    assert engine.generate(prompt, "lora", MAX_NEW, stop_ids=EOS) == _alone(adapter_dirs / "lora", prompt)
+    assert "no kernel here" in engine.context.triton_error
 
 
 def test_store_evicts_lru_idle_adapter_and_hot_unload(adapter_dirs):
@@ -168,14 +182,24 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     with pytest.raises(PermissionError, match="adapter root"):
         engine.store.register("x", tmp_path)
     model = tiny_llama()
-    peftlab.attach(model, peftlab.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
-    peftlab.save_adapter(model, adapter_dirs / "prompt")
-    engine.store.register("prompt", adapter_dirs / "prompt")
+    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
+    peftlab.save_adapter(model, adapter_dirs / "llama_adapter")
+    engine.store.register("llama_adapter", adapter_dirs / "llama_adapter")
     with pytest.raises(ServeError, match="model hooks"):
-        engine.store.acquire("prompt", load_from_disk=True)
-    req = engine.submit(Request(_prompt(0), "prompt", 2))
+        engine.store.acquire("llama_adapter", load_from_disk=True)
+    req = engine.submit(Request(_prompt(0), "llama_adapter", 2))
     engine.run_until_done([req])
     assert req.finish_reason == "error" and "model hooks" in req.error
+    assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
+    # PiSSA keeps a residual in the base: refused before anything touches the served weights
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    peftlab.save_adapter(model, adapter_dirs / "pissa")
+    before = {n: layer.base.weight.clone() for n, layer in engine.layers.items()}
+    engine.store.register("pissa", adapter_dirs / "pissa")
+    with pytest.raises(ServeError, match="rewrites the base"):
+        engine.store.acquire("pissa", load_from_disk=True)
+    assert all(torch.equal(before[n], layer.base.weight) for n, layer in engine.layers.items())
 
 
 def test_seeded_sampling_is_batch_independent(adapter_dirs):
@@ -217,3 +241,48 @@ def test_sampling_rules():
     draws = [sample(logits[:1], [p], [p.generator("cpu")])[0] for p in (SamplingParams(1.0, 1.0, s) for s in range(300))]
     share = sum(d == 0 for d in draws) / len(draws)
     assert abs(share - float(probs[0])) < 0.1  # sampled in proportion to the probabilities
+
+
+def test_qwen2_with_biases(tmp_path):
+    """A second architecture, whose q/k/v carry biases: IA3's output scaling must scale the bias too, DoRA's not."""
+    configs = {"ia3": peftlab.IA3Config(target_modules=["q_proj", "k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               "dora": peftlab.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])}
+    refs, engine = {}, Engine(tiny_qwen2(), EngineConfig(kv_tokens=512, block_size=4))
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_qwen2()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=30 + i, std=0.5)
+        peftlab.save_adapter(model, tmp_path / name)
+        engine.store.register(name, tmp_path / name, check_root=False)
+        ids = torch.tensor([_prompt(i)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                             pad_token_id=0, eos_token_id=2)
+        refs[name] = out[0, ids.shape[1]:].tolist()
+    reqs = {n: engine.submit(Request(_prompt(i), n, MAX_NEW, stop_ids=EOS)) for i, n in enumerate(configs)}
+    engine.run_until_done(list(reqs.values()))
+    assert {n: r.output for n, r in reqs.items()} == refs
+
+
+def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
+    """Prompt tuning and P-tuning (virtual tokens prepended at prefill) and prefix tuning (keys/values written as
+    the sequence's first cache positions), in the same batch as LoRA and base requests; each equals HF generate
+    with the adapter alone (peftlab's hooks)."""
+    configs = {"prompt": peftlab.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+               "ptuning": peftlab.variants()["p_tuning"](None, 4),
+               "prefix": peftlab.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")}
+    for i, (name, config) in enumerate(configs.items()):
+        model = tiny_llama()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=40 + i, std=1.0)
+        peftlab.save_adapter(model, tmp_path / name)
+    engine = _engine(adapter_dirs)
+    for name in configs:
+        engine.store.register(name, tmp_path / name, check_root=False)
+    jobs = [(n, _prompt(i)) for i, n in enumerate(["prompt", "lora", "ptuning", None, "prefix", "prompt", "prefix"])]
+    refs = [_alone(tmp_path / n if n in configs else adapter_dirs / n if n else None, p) for n, p in jobs]
+    reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+    engine.run_until_done(reqs)
+    assert [r.output for r in reqs] == refs
+    assert refs[0] != _alone(None, jobs[0][1]) and refs[4] != _alone(None, jobs[4][1])  # they change the answers
+    assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
+    assert engine.cache.free_blocks == engine.cache.num_blocks

@@ -226,6 +226,13 @@ def test_load_test_with_hot_load_and_unload(server, expected):
 def test_graceful_shutdown_finishes_running_requests(root):
     srv = Server(root)
     got = {}
+    step = srv.engine.step
+
+    def slow_step():  # every step takes >= 20 ms, so the request is surely still running when shutdown starts
+        time.sleep(0.02)
+        return step()
+
+    srv.engine.step = slow_step
 
     def long_request():
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -235,9 +242,9 @@ def test_graceful_shutdown_finishes_running_requests(root):
     t = threading.Thread(target=long_request)
     t.start()
     deadline = time.time() + 30
-    while not srv.engine.running and time.time() < deadline:
-        time.sleep(0.005)
-    assert srv.engine.running  # the shutdown starts while the request is being decoded
+    while not srv.engine.metrics["requests_total"] and time.time() < deadline:
+        time.sleep(0.002)
+    assert srv.engine.metrics["requests_total"] == 1 and not got  # submitted, not answered: shut down now
     srv.stop()
     t.join(30)
     assert got["r"].status_code == 200
@@ -259,6 +266,16 @@ def test_cli_options():
     for bad in (["a"], ["=x"], ["a=x", "a=y"]):
         with pytest.raises(typer.BadParameter):
             parse_adapter_specs(bad)
+
+
+def test_server_refuses_an_unservable_adapter_at_start(root, tmp_path):
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
+    peftlab.save_adapter(model, tmp_path / "llama_adapter")
+    import typer
+
+    with pytest.raises(typer.BadParameter, match="llama_adapter.*model hooks"):
+        Server(root, adapters={"bad": tmp_path / "llama_adapter"})
 
 
 def test_peftlab_serve_command_end_to_end(root, expected):
@@ -294,3 +311,48 @@ def test_peftlab_serve_command_end_to_end(root, expected):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+
+
+def test_keys_file_errors(tmp_path):
+    from peftlab.serve.auth import AuthError, KeyRing
+
+    path = tmp_path / "keys.json"
+    with pytest.raises(ValueError, match="not found"):
+        KeyRing.from_file(path)
+    bad = {"{": "invalid JSON", json.dumps({"x": 1}): "expected",
+           json.dumps({"tenants": {"t": {"keys": ["short"]}}}): "at least 8",
+           json.dumps({"tenants": {"t": {"keys": ["sk-12345678"], "adapters": "all"}}}): "adapters",
+           json.dumps({"tenants": {"t": {"keys": ["sk-12345678"], "role": "x"}}}): "allowed fields",
+           json.dumps({"tenants": {"a": {"keys": ["sk-12345678"]}, "b": {"keys": ["sk-12345678"]}}}): "twice"}
+    for text, message in bad.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            KeyRing.from_file(path)
+    path.write_text(json.dumps(KEYS))
+    ring = KeyRing.from_file(path)
+    tenant = ring.authenticate("Bearer sk-acme-0001")
+    assert tenant.name == "acme" and tenant.allows("a0") and not tenant.allows("a2") and not tenant.admin
+    for header in (None, "sk-acme-0001", "Bearer nope-nope-nope"):
+        with pytest.raises(AuthError) as err:
+            ring.authenticate(header)
+        assert err.value.status == 401
+
+
+def test_stream_decoder_holds_back_partial_characters_and_stop_prefixes():
+    from peftlab.serve.api import Decoder
+    from peftlab.serve.engine import Request
+
+    pieces = {5: b"h", 6: b"\xc3", 7: b"\xa9", 8: b"!", 9: b"E", 10: b"N", 11: b"D"}
+
+    class ByteTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=[])
+    assert [dec.push(t) for t in (5, 6, 7, 2)] == ["h", "", "é", ""]  # é only once both bytes are there; eos hidden
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=["END"])
+    out = [dec.push(t) for t in (5, 6, 7, 8, 9, 10)]
+    assert out[1] == "" and "".join(out) + dec.flush() == "hé!EN"  # é only once complete; "EN" held back, then flushed
+    dec = Decoder(ByteTokenizer(), Request([1], stop_ids=frozenset({2})), stop=["END"])
+    text = "".join(dec.push(t) for t in (5, 9, 10, 11, 8, 2)) + dec.flush()
+    assert text == "h" and dec.reason == "stop"

@@ -141,19 +141,47 @@ def test_serving_form_equals_the_adapted_module(method):
 
 
 @pytest.mark.parametrize("variant", sorted(peftlab.variants()))
-def test_every_method_is_served_or_refused_with_a_reason(variant):
+def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
-    served form equals the method's own module (full-rank conversion: exact up to rounding); hook-based and
-    non-mergeable methods are refused with a ServeError."""
+    served form equals the method's own module (full-rank conversion: exact up to rounding); an input-side method
+    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods are refused
+    with a ServeError."""
+    from peftlab.core.input_side import hooked
     from peftlab.core.registry import method_for
+    from peftlab.serve.engine import Engine, EngineConfig
     from peftlab.serve.store import ServeError, check_servable, forms_of
 
     model = tiny_llama()
     config = peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4)
     method = method_for(config)
     if method.kind == "input":
-        with pytest.raises(ServeError, match="model hooks"):
-            check_servable(config, variant)
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=1, std=0.2)
+        peftlab.save_adapter(model, tmp_path / variant)
+        engine = Engine(tiny_llama(), EngineConfig(kv_tokens=256, block_size=4, max_gpu_adapters=1))
+        engine.store.register(variant, tmp_path / variant, check_root=False)
+        own = hooked(model)["default"].eval()
+        if not own.handles:  # virtual tokens or a KV prefix: served
+            assert engine.store.acquire(variant, load_from_disk=True) == -1
+            virtual, prefix_kv = engine.store.input_side(variant)
+            with torch.no_grad():
+                if own.num_virtual_tokens:
+                    torch.testing.assert_close(virtual, own.virtual_tokens(1, torch.float32)[0])
+                if own.num_prefix_tokens:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=model.config)
+                    own.write_prefix(cache, 1, torch.float32)
+                    for layer in range(model.config.num_hidden_layers):
+                        k, v = cache.layers[layer].keys, cache.layers[layer].values
+                        torch.testing.assert_close(prefix_kv[layer, 0], k[0].transpose(0, 1))
+                        torch.testing.assert_close(prefix_kv[layer, 1], v[0].transpose(0, 1))
+            assert (virtual is not None) == bool(own.num_virtual_tokens)
+            assert (prefix_kv is not None) == bool(own.num_prefix_tokens)
+        else:
+            with pytest.raises(ServeError, match="model hooks"):
+                engine.store.acquire(variant, load_from_disk=True)
+        assert not hasattr(engine.model, "peftlab_hooked")
         return
     check_servable(config, variant)
     peftlab.attach(model, config)

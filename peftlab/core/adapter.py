@@ -256,6 +256,12 @@ class AdapterLayer(nn.Module):
         """
         return dict(self.named_parameters())
 
+    @classmethod
+    def init_rewrites_base(cls, config: Any) -> bool:
+        """True when building this layer from ``config`` writes into the base weight (PiSSA/OLoRA keep a residual
+        there). Such adapters need their own base, so a server sharing one base refuses them before attaching."""
+        return False
+
     def serving_form(self, base: BaseView) -> ServingForm | None:
         """This adapter in the batched serving form, or None when it has none (the engine then serves a
         mergeable method as a LoRA of its update, see ``peftlab.lowrank``)."""

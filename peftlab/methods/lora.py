@@ -190,6 +190,10 @@ class LoraLayer(AdapterLayer):
     def low_rank_factors(self):
         return self.A, self.B, self.scaling
 
+    @classmethod
+    def init_rewrites_base(cls, config: LoraConfig) -> bool:
+        return config.init_lora_weights not in (True, False, "gaussian")  # pissa*, olora
+
     def serving_form(self, base: BaseView) -> ServingForm | None:
         if self.is_embedding:
             return None

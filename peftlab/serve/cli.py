@@ -38,9 +38,16 @@ def build_server(model: Optional[str], adapters: dict[str, Path], adapter_root: 
                        max_cpu_adapters=max_cpu_adapters, convert_rank=convert_rank,
                        max_prefill_tokens=max(max_prompt_tokens, 512))
     engine = Engine(base, cfg, adapter_root=adapter_root)
+    pending = {}
     for name, folder in adapters.items():
         engine.store.register(name, folder, check_root=False)  # the operator's own choice, not the admin API
-        engine.store.prefetch(name)
+        pending[name] = engine.store.prefetch(name)
+    for name, future in pending.items():  # fail at start-up, not at the first request, for an adapter that cannot serve
+        try:
+            if future is not None:
+                future.result()
+        except Exception as exc:
+            raise typer.BadParameter(f"--adapter {name}={adapters[name]}: {exc}") from None
     base_name = Path(model).name if model else "base"
     app = create_app(engine, tokenizer, base_name=base_name, keys=keys,
                      limits=Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens))

@@ -58,9 +58,20 @@ class Request:
     cancelled: bool = False  # set by the client side (disconnect, stop string); honoured at the next step
     _generator: torch.Generator | None = None
 
+    virtual: torch.Tensor | None = None  # (n, hidden) prepended embeddings of a virtual-token adapter
+    prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) of a prefix-tuning adapter
+
+    @property
+    def n_virtual(self) -> int:
+        return 0 if self.virtual is None else int(self.virtual.shape[0])
+
+    @property
+    def n_prefix(self) -> int:
+        return 0 if self.prefix_kv is None else int(self.prefix_kv.shape[2])
+
     @property
     def n_cached(self) -> int:
-        return len(self.prompt) + len(self.output) - 1
+        return self.n_prefix + self.n_virtual + len(self.prompt) + len(self.output) - 1
 
 
 @dataclass
@@ -86,7 +97,7 @@ class Engine:
         self.context: StepContext
         self.context, self.layers = install(model, cfg.max_gpu_adapters, use_triton=use_triton)
         self.store = AdapterStore(self.layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters, adapter_root,
-                                  cfg.convert_rank)
+                                  cfg.convert_rank, model=model)
         attn = layers[0].self_attn
         mc = model.config
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
@@ -154,8 +165,7 @@ class Engine:
                 req = self.waiting[0]
                 if admitted and len(req.prompt) > budget:
                     break
-                need = len(req.prompt) + req.max_tokens
-                if not self.cache.can_reserve(need):
+                if not self.cache.can_reserve(len(req.prompt) + req.max_tokens):
                     break
                 self.waiting.popleft()
                 if req.cancelled:
@@ -175,11 +185,32 @@ class Engine:
                         skipped.append(req)
                         continue
                     req.slot = slot
+                    req.virtual, req.prefix_kv = self.store.input_side(req.adapter)
+                need = req.n_prefix + req.n_virtual + len(req.prompt) + req.max_tokens
+                if need > self.max_context:
+                    self._release_slot(req)
+                    self._fail(req, f"{req.n_prefix + req.n_virtual} virtual positions of adapter {req.adapter!r} + prompt "
+                                    f"({len(req.prompt)}) + max_tokens ({req.max_tokens}) exceed the context limit "
+                                    f"of {self.max_context} tokens")
+                    continue
+                if not self.cache.can_reserve(need):  # the adapter's virtual tokens did not fit: wait
+                    self._release_slot(req)
+                    self.waiting.appendleft(req)
+                    break
                 self.cache.reserve(req.id, need)
+                if req.prefix_kv is not None:  # prefix tuning: its keys/values are the sequence's first positions
+                    rows = torch.tensor(self.cache.slots(req.id, 0, req.n_prefix), device=self.device)
+                    for layer, (k, v) in enumerate(req.prefix_kv):
+                        self.cache.write(layer, rows, k, v)
                 budget -= len(req.prompt)
                 admitted.append(req)
             self.waiting.extendleft(reversed(skipped))
         return admitted
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot >= 0:
+            self.store.release(req.slot)
+        req.slot, req.virtual, req.prefix_kv = -1, None, None
 
     def _slot_for(self, name: str) -> int | None:
         error = self.store.errors.get(name)
@@ -224,9 +255,9 @@ class Engine:
             if r.output:
                 chunks.append(Chunk(r.id, [r.output[-1]], r.n_cached))
                 slots.append(r.slot)
-            else:
-                chunks.append(Chunk(r.id, r.prompt, 0))
-                slots += [r.slot] * len(r.prompt)
+            else:  # prefill: virtual-token positions (their embeddings given) then the prompt
+                chunks.append(Chunk(r.id, [0] * r.n_virtual + r.prompt, r.n_prefix, prefix=r.virtual))
+                slots += [r.slot] * (r.n_virtual + len(r.prompt))
                 self.metrics["prompt_tokens"] += len(r.prompt)
         self.context.set(slots, self.device)
         logits = ragged_forward(self.model, self.cache, chunks)

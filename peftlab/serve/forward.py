@@ -26,6 +26,7 @@ class Chunk:
     seq_id: int
     tokens: list[int]
     start: int  # tokens already in the cache for this sequence
+    prefix: torch.Tensor | None = None  # (n, hidden) embeddings replacing those of the first n tokens (virtual tokens)
 
 
 def decoder_parts(model: nn.Module):
@@ -124,6 +125,11 @@ def ragged_forward(model: nn.Module, cache: PagedKVCache, chunks: list[Chunk]) -
     device = embed.weight.device
     plan = _plan(chunks, cache, device)
     h = embed(plan.ids[None])
+    offset = 0
+    for c in chunks:
+        if c.prefix is not None:
+            h[0, offset:offset + c.prefix.shape[0]] = c.prefix.to(h.dtype)
+        offset += len(c.tokens)
     cos, sin = rotary(h, plan.positions[None])
     T = plan.ids.shape[0]
     for i, layer in enumerate(layers):

@@ -4,6 +4,7 @@ tokens of many adapters (and of the base model) together.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,9 @@ from peftlab.serve.batched import Segments, gather_rows, group_by_slot, lowrank_
     scaled_lowrank_grouped, table_rows
 
 
+log = logging.getLogger("peftlab.serve")
+
+
 @dataclass
 class StepContext:
     """What the engine sets before each forward: per-token table rows (device), the tokens' segments by slot,
@@ -24,6 +28,7 @@ class StepContext:
     rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     seg: Segments = field(default_factory=lambda: group_by_slot([]))
     present: frozenset = frozenset()
+    triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
         self.rows = table_rows(slots, self.capacity, device)
@@ -174,10 +179,17 @@ class BatchedLinear(nn.Module):
         else:
             y = self.base(x2)
         if present & self.lora_slots:
-            if self.use_triton:
-                lowrank_triton(x.reshape(-1, self.in_features), self.down, self.up, ctx.seg, out=y)
-            else:
-                lowrank_torch(x.reshape(-1, self.in_features), self.down, self.up, ctx.seg, self.ranks, out=y)
+            xf = x.reshape(-1, self.in_features)
+            if self.use_triton and ctx.triton_error is None:
+                try:
+                    lowrank_triton(xf, self.down, self.up, ctx.seg, out=y)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # the kernel did not build or launch (then y is untouched): say so, go on
+                    ctx.triton_error = f"{type(exc).__name__}: {exc}"
+                    log.error("Triton LoRA kernel failed (%s); serving continues on the torch path", ctx.triton_error)
+            if not self.use_triton or ctx.triton_error is not None:
+                lowrank_torch(xf, self.down, self.up, ctx.seg, self.ranks, out=y)
         if present & self.vera_slots:
             scaled_lowrank_grouped(x.reshape(-1, self.in_features), self.proj_down_t, self.proj_up_t,
                                    self.proj_of_slot, self.mid, self.vup, ctx.seg, out=y)

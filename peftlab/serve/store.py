@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.core.adapter import ServingForm
+from peftlab.convert import weight_update
+from peftlab.core.adapter import AdapterError, ServingForm
 from peftlab.core.inject import adapted_modules, attach, delete_adapter, saved_modules
 from peftlab.core.registry import method_for
 from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
@@ -50,6 +51,12 @@ class LoadedAdapter:
     converted: dict[str, float] = field(default_factory=dict)  # module -> relative error of the LoRA conversion
     load_ms: float = 0.0
     nbytes: int = 0
+    virtual: torch.Tensor | None = None  # (n, hidden) embeddings prepended to the prompt (prompt tuning, P-tuning)
+    prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) keys/values before the prompt (prefix)
+
+    @property
+    def input_side(self) -> bool:
+        return self.virtual is not None or self.prefix_kv is not None
 
 
 def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
@@ -68,9 +75,12 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 
 def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
-    if method_for(config).kind == "input":
-        raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (input-side tokens or "
-                         "inserted modules), which serve does not batch")
+    method = method_for(config)
+    layer_cls = method.layer_factory(config) if method.layer_factory else method.layer
+    if method.kind == "weight" and layer_cls.init_rewrites_base(config):
+        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
+                         "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
+                         "to a plain update first")
     if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
 
@@ -89,8 +99,10 @@ def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, 
             if not layer.mergeable or module.view.kind != "linear":
                 raise ServeError(f"adapter {name!r}: {type(layer).__name__} on {mname!r} has no batched serving form "
                                  "and cannot be converted to LoRA (not a mergeable linear update)")
-            w = module.view.weight_oi().float()
-            delta = layer.merge_into(w.clone(), module.view) - w
+            try:
+                delta = weight_update(module, name)
+            except AdapterError as exc:  # e.g. an update that also changes the bias
+                raise ServeError(f"adapter {name!r}: {exc}") from None
             lr = lora_from_delta(delta, min(convert_rank, *delta.shape), name=f"{name}:{mname}")
             form, converted[mname] = ServingForm(down=lr.A, up=lr.B), lr.rel_error
         forms[mname] = form
@@ -99,12 +111,14 @@ def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, 
 
 class AdapterStore:
     def __init__(self, layers: dict[str, BatchedLinear], max_gpu: int, max_cpu: int, adapter_root: str | Path | None = None,
-                 convert_rank: int = 16):
+                 convert_rank: int = 16, model: nn.Module | None = None):
         if max_gpu < 1 or max_cpu < 1:
             raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
         self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
         self.root = Path(adapter_root).resolve() if adapter_root is not None else None
         self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
+        self.model = model  # the served model: input-side adapters are built on it (they read its embedding size)
+        self.virtual: dict[str, LoadedAdapter] = {}  # virtual-token adapters: tiny, need no slot, never evicted
         self._skeleton_lock = threading.Lock()
         self._lock = threading.RLock()
         self.paths: dict[str, Path] = {}
@@ -165,6 +179,7 @@ class AdapterStore:
             self.paths.pop(name, None)
             self.preloaded.pop(name, None)
             self.cpu.pop(name, None)
+            self.virtual.pop(name, None)
             self.errors.pop(name, None)
             slot = self.slot_of.pop(name, None)
             if slot is not None:
@@ -180,6 +195,11 @@ class AdapterStore:
         raw = read_adapter_weights(path)
         tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
         tmp = f"serve_{threading.get_ident()}"
+        if method_for(config).kind == "input":
+            virtual, prefix_kv = self._input_side(name, tmp, config, tensors, str(path))
+            held = virtual if virtual is not None else prefix_kv
+            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
+                                 held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
             attach(self._skeleton, config, tmp)
             try:
@@ -195,6 +215,37 @@ class AdapterStore:
             log.warning("adapter %r (%s) is served as a rank-%d LoRA of its update: relative error max %.3g over "
                         "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
         return adapter
+
+    def _input_side(self, name: str, tmp: str, config, tensors: dict,
+                    source: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(virtual token embeddings, prefix keys/values) of an input-side adapter, computed once at load on the
+        served model and detached again. Adapters acting through module hooks (LLaMA-Adapter, bottleneck) are
+        refused."""
+        from peftlab.core.input_side import hooked
+
+        if self.model is None:
+            raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
+        layer = next(iter(self.layers.values()))
+        with self._skeleton_lock:
+            attach(self.model, config, tmp, activate=False)
+            try:
+                load_tensors(self.model, tmp, tensors, source=source)
+                adapter = hooked(self.model)[tmp].eval()
+                if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
+                    raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted "
+                                     "modules), which serve does not batch; virtual-token and prefix methods are served")
+                with torch.no_grad():
+                    virtual = prefix = None
+                    if adapter.num_virtual_tokens:
+                        virtual = adapter.virtual_tokens(1, layer.dtype)[0].to(layer.device).clone()
+                    if adapter.num_prefix_tokens:
+                        recorder = _PrefixRecorder()
+                        adapter.write_prefix(recorder, 1, layer.dtype)
+                        prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
+                        prefix = prefix.to(layer.device).contiguous()
+                    return virtual, prefix
+            finally:
+                delete_adapter(self.model, tmp)
 
     def describe(self, name: str) -> dict:
         """What the store knows of ``name``: method, where it is, load time, and any LoRA conversion error."""
@@ -214,6 +265,8 @@ class AdapterStore:
         with self._lock:
             if name in self.preloaded:
                 return self.preloaded[name]
+            if name in self.virtual:
+                return self.virtual[name]
             adapter = self.cpu.get(name)
             if adapter is not None:
                 self.cpu.move_to_end(name)
@@ -223,6 +276,9 @@ class AdapterStore:
         with self._lock:
             if adapter.name not in self.paths:
                 return  # unloaded while loading
+            if adapter.input_side:
+                self.virtual[adapter.name] = adapter
+                return
             self.cpu[adapter.name] = adapter
             self.cpu.move_to_end(adapter.name)
             while len(self.cpu) > self.max_cpu:
@@ -262,8 +318,9 @@ class AdapterStore:
 
     # -- CPU -> GPU slots (engine thread only) -------------------------------------------------
     def acquire(self, name: str, load_from_disk: bool = False) -> int | None:
-        """A GPU slot holding ``name``, pinned for one request; None when every slot is pinned (or not yet on
-        the CPU and ``load_from_disk`` is False). Evicts the least recently used idle adapter when full."""
+        """A GPU slot holding ``name``, pinned for one request; -1 for a virtual-token adapter (no slot); None when
+        every slot is pinned (or not yet on the CPU and ``load_from_disk`` is False). Evicts the least recently used
+        idle adapter when full."""
         with self._lock:
             if not self.known(name):
                 raise AdapterNotFound(name)
@@ -281,6 +338,8 @@ class AdapterStore:
                 self.stats["disk_loads"] += 1
             else:
                 self.stats["cpu_hits"] += 1
+            if adapter.input_side:
+                return -1  # virtual tokens / KV prefix only: nothing in the linear layers, no slot to hold
             free = [s for s in range(self.max_gpu) if self.slot_name[s] is None]
             if not free:
                 idle = [s for s in range(self.max_gpu) if self.pins[s] == 0]
@@ -301,6 +360,13 @@ class AdapterStore:
             self.stats["cold_load_count"] += 1
             self.stats["last_cold_load_ms"] = ms
             return self._pin(slot)
+
+    def input_side(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(virtual token embeddings (n, hidden), prefix keys/values (layers, 2, n, kv_heads, head_dim)) that adapter
+        ``name`` puts before every prompt; (None, None) for a weight adapter."""
+        with self._lock:
+            adapter = self.virtual.get(name)
+            return (None, None) if adapter is None else (adapter.virtual, adapter.prefix_kv)
 
     def _pin(self, slot: int) -> int:
         self.pins[slot] += 1
@@ -335,6 +401,18 @@ class AdapterStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _PrefixRecorder:
+    """Stands in for a transformers cache: ``write_prefix`` hands it each layer's (1, kv_heads, n, head_dim) keys
+    and values, kept as (n, kv_heads, head_dim)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        self.layers[layer] = (keys[0].transpose(0, 1), values[0].transpose(0, 1))
+        return keys, values
 
 
 def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
