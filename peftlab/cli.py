@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -236,18 +233,12 @@ def merge(
         merged = peftlab.merge_and_unload(base)
     except (CheckpointError, ConfigError, peftlab.AdapterError) as exc:
         _fail(str(exc))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from peftlab.core.state import staged_dir
+
+    with staged_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"merged model written to [bold]{out}[/]")
 
 

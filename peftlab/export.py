@@ -17,11 +17,8 @@ transposed. Layers must be plain LoRA (``low_rank_factors``); convert other meth
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,30 +26,11 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.inject import adapted_modules, model_state
+from peftlab.core.state import staged_dir
 
 # transformers model_type -> (gguf architecture name, q/k rows permuted as llama.cpp's LlamaModel does)
 GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 GGUF_OUTTYPES = {"f32": np.float32, "f16": np.float16}
-
-
-@contextmanager
-def staged_dir(out: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that replaces ``out`` when the block succeeds (removed on failure)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_merged(model: nn.Module, out: str | Path, tokenizer=None, dtype: str | torch.dtype | None = None,

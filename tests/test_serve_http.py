@@ -55,7 +55,7 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=30))
+                                                    timeout_graceful_shutdown=30, timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -203,7 +203,8 @@ def test_load_test_with_hot_load_and_unload(server, expected):
 
     async def main():
         results = []
-        limits = httpx.Limits(max_connections=100)
+        # idle pooled connections expire well before the server's keep-alive ends (else a reuse can race the close)
+        limits = httpx.Limits(max_connections=100, keepalive_expiry=2.0)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
             await asyncio.gather(admin(c, results), *[client(c, i, results) for i in range(64)])
         return results

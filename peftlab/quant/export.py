@@ -9,11 +9,11 @@ safetensors (written to a temporary folder beside ``out`` and renamed into place
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from peftlab.core.state import staged_dir
 from torch import nn
 
 from peftlab.core.adapter import AdaptedModule, BaseView
@@ -58,17 +58,9 @@ def export_merged(model: nn.Module, out: str | os.PathLike, dtype: torch.dtype =
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"path": str(out), "dequantized": dequantized, "dtype": str(dtype).replace("torch.", ""),
             "has_adapters": any(isinstance(m, AdaptedModule) for m in model.modules())}

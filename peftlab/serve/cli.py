@@ -82,4 +82,6 @@ def serve(
     app, _ = build_server(model, parse_adapter_specs(adapter), adapter_root, max_gpu_adapters, max_cpu_adapters,
                           api_keys, dtype, device, max_batch, max_queue, max_tokens, max_prompt_tokens, kv_tokens,
                           convert_rank)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=60, log_level="info")
+    # keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so a reused connection is never one
+    # the server is closing at that moment (the client then sees a ReadError)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=60, timeout_keep_alive=30, log_level="info")
