@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter, disabled, model_state
+from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
 from peftlab.train import distributed
-from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, label_tokens, load_records
+from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, load_records
+from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
-from peftlab.train.step import accumulate_gradients, autocast_context as _autocast
+from peftlab.train.step import accumulate_gradients
 
 SCHEDULERS = ("linear", "cosine", "constant")
 # Arguments that fix the adapter and the data order: a resumed run must use the same values.
@@ -176,46 +176,6 @@ def resolve_device(requested: str, model: torch.nn.Module | None) -> torch.devic
     if model is not None:
         return next(model.parameters()).device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Summed next-token cross-entropy over the label tokens (-100 ignored), from the logits alone: the
-    language-model loss without any regulariser a method or library adds to ``outputs.loss`` (PEFT's
-    AdaLoRA adds its orthogonality penalty there in eval mode too)."""
-    logits = logits[:, -labels.shape[1]:]  # methods that return logits for virtual tokens too
-    return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                 ignore_index=-100, reduction="sum"))
-
-
-def _adapters_off(model: torch.nn.Module):
-    """peftlab's ``disabled`` block, or the adapted model's own one (HF PEFT's ``disable_adapter``)."""
-    own = getattr(model, "disable_adapter", None)
-    return own() if callable(own) else disabled(model)
-
-
-def evaluate(model: torch.nn.Module, dataset, collate: Collator, batch_size: int, device: torch.device) -> dict | None:
-    """Token-weighted mean LM loss and perplexity over ``dataset`` (None when it has no label tokens)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            n = label_tokens(batch["labels"])
-            if n == 0:
-                continue
-            labels = batch.pop("labels").to(device)
-            with _autocast(device):
-                logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
-            total += lm_loss_sum(logits, labels)
-            count += n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        return None
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
 
 def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
