@@ -34,7 +34,8 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from train_step import ALL_LINEAR, SHAPES, environment, write_readme  # noqa: E402
+from results_io import write_readme  # noqa: E402
+from train_step import ALL_LINEAR, SHAPES, environment  # noqa: E402
 
 import torch  # noqa: E402
 

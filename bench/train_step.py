@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import hashlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -51,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
+from results_io import environment, table_command, write_atomic  # noqa: E402
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
@@ -263,53 +261,6 @@ def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -
 
 
 # -- driver --------------------------------------------------------------------------------------
-def source_hash() -> str:
-    """sha256 over peftlab/ sources: names the exact library code that ran, committed or not."""
-    h = hashlib.sha256()
-    for path in sorted((ROOT / "peftlab").rglob("*.py")):
-        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def git_commit() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "peftlab"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.split("\n")
-        return {"commit": commit, "peftlab_uncommitted": [line[3:] for line in dirty if line.strip()]}
-    except (OSError, subprocess.CalledProcessError):  # a copied tree without .git (the GPU machine)
-        return {"commit": os.environ.get("PEFTLAB_COMMIT", "unknown"), "peftlab_uncommitted": "unknown"}
-
-
-def environment(device: str) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    import peftlab
-
-    env = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "peft": peft.__version__, "peftlab": peftlab.__version__,
-        "peftlab_source_sha256": source_hash(), **git_commit(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "host": platform.node(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    else:
-        env["gpu"] = None
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
 def schedule(plan: dict[str, list[str]], repeats: int) -> list[tuple[str, str]]:
     """Run order of ``plan`` (method -> implementations): within a repeat, the implementations of each
     method alternate in order (forwards, backwards); every other repeat runs the whole sequence backwards."""
@@ -472,12 +423,6 @@ def run_driver(args) -> Path:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def default_name(args, env: dict[str, Any]) -> str:
     device = re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or "cpu").lower()).strip("-")
     stamp = env["date"][:10]
@@ -546,25 +491,6 @@ def markdown_table(document: dict[str, Any]) -> str:
     caption += f" Competitors: {', '.join(versions)}." if versions else ""
     skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
     return "\n".join(lines) + "\n\n" + caption + skipped
-
-
-def write_readme(readme: Path, results: Path, table: str) -> None:
-    """Replace the block between the markers for this results file (or append one)."""
-    rel = results.resolve().relative_to(ROOT) if results.resolve().is_relative_to(ROOT) else results
-    begin, end = f"<!-- table: {rel} -->", f"<!-- end table: {rel} -->"
-    block = f"{begin}\n{table}\n{end}"
-    text = readme.read_text() if readme.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(text)
-
-
-def table_command(results: str, readme: str | None, render: Callable[[dict[str, Any]], str]) -> None:
-    """``--table``: print the markdown table of a results file; with ``--readme`` also write it there."""
-    table = render(json.loads(Path(results).read_text()))
-    print(table)
-    if readme:
-        write_readme(Path(readme), Path(results), table)
 
 
 def parse_args(argv=None):
