@@ -117,3 +117,39 @@ def saved_pair(folder):
     ours_cfg = json.loads((folder / "ours" / "adapter_config.json").read_text())
     theirs_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
     return ours, theirs, ours_cfg, theirs_cfg
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def check_peft_file_loads_in_peftlab(peft_model, make_base, folder) -> None:
+    """A PEFT model with random adapter weights, saved by PEFT, gives PEFT's logits in peftlab (and differs from the base)."""
+    import peftlab
+
+    randomize_adapters(peft_model, seed=3)
+    x = batch()
+    expected = logits(peft_model, x)
+    assert not torch.allclose(expected, logits(make_base(), x), atol=1e-3), "the adapter should change the output"
+    peft_model.save_pretrained(folder)
+    ours = make_base()
+    peftlab.load_adapter(ours, folder)
+    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+
+
+def check_peftlab_file_loads_in_peft(make_base, config, folder) -> None:
+    """peftlab's adapter with random weights, saved by peftlab, gives the same logits in HF PEFT."""
+    import peft
+
+    import peftlab
+
+    ours = make_base()
+    peftlab.attach(ours, config)
+    randomize_adapters(ours, seed=4)
+    x = batch()
+    expected = logits(ours, x)
+    peftlab.save_adapter(ours, folder)
+    theirs = peft.PeftModel.from_pretrained(make_base(), folder).eval()
+    torch.testing.assert_close(logits(theirs, x), expected, atol=1e-5, rtol=1e-4)
+

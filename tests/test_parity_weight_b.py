@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import peftlab
 from peftlab.core.hooks import step_end
 from peftlab.core.inject import adapter_layers, model_state
-from models import ARCHS, batch, randomize_adapters, saved_pair
+from models import (ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits,
+                    randomize_adapters, saved_pair)
 
 TARGETS = {
     "bench_llama": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
@@ -92,35 +93,14 @@ def our_config(case, arch):
     return peftlab.lookup(peft_type).config(**kwargs)
 
 
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
 @pytest.mark.parametrize("case,arch", PAIRS)
 def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    pm = peft_model(case, arch)
-    randomize_adapters(pm, seed=3)
-    x = batch()
-    expected = logits(pm, x)
-    assert not torch.allclose(expected, logits(ARCHS[arch](), x), atol=1e-3), "adapter should change the output"
-    pm.save_pretrained(tmp_path)
-    ours = ARCHS[arch]()
-    peftlab.load_adapter(ours, tmp_path)
-    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)
 def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    ours = ARCHS[arch]()
-    peftlab.attach(ours, our_config(case, arch))
-    randomize_adapters(ours, seed=4)
-    x = batch()
-    expected = logits(ours, x)
-    peftlab.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path)
-    theirs.eval()
-    torch.testing.assert_close(logits(theirs, x), expected, atol=1e-5, rtol=1e-4)
+    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
