@@ -153,3 +153,30 @@ def check_peftlab_file_loads_in_peft(make_base, config, folder) -> None:
     theirs = peft.PeftModel.from_pretrained(make_base(), folder).eval()
     torch.testing.assert_close(logits(theirs, x), expected, atol=1e-5, rtol=1e-4)
 
+
+# Replies of different lengths, so micro-batches hold different numbers of label tokens.
+TRAIN_RECORDS = [{"instruction": f"add {i} and {i * 7 % 11}", "input": "", "output": f"{i + i * 7 % 11}" + "!" * (i % 5)}
+                 for i in range(40)]
+TRAIN_FAST = dict(max_steps=6, batch_size=4, lr=1e-2, max_length=96, eval_size=4, log_every=0, progress=False,
+                  target_modules=["q_proj", "v_proj", "down_proj"], r=4)
+
+
+def train_tiny(tmp_path, name="run", model=None, **kw):
+    """peftlab's training loop on a tiny Llama and TRAIN_RECORDS; ``kw`` overrides TRAIN_FAST's TrainArgs."""
+    from peftlab.train.loop import TrainArgs, train
+
+    args = TrainArgs(out=str(tmp_path / name), **{**TRAIN_FAST, **kw})
+    return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=TRAIN_RECORDS)
+
+
+def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Loss and every gradient of one forward/backward with the reference path (PEFTLAB_FAST=0), then the fused one."""
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    return results
+

@@ -7,7 +7,7 @@ from torch import nn
 
 import peftlab
 from devices import DEVICES
-from models import batch, tiny_llama
+from models import batch, losses_and_grads_by_fast_flag, tiny_llama
 from peftlab.ops.factored import hadamard_lowrank, householder_apply, householder_wy, kron_apply
 
 D = torch.float64
@@ -123,15 +123,8 @@ def test_fast_path_matches_reference(name, dtype, device, monkeypatch):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.05)
     ids = batch().to(device)
-    results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("PEFTLAB_FAST", flag)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach().float(),
-                        {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad(set_to_none=True)
-    (ref_loss, ref), (loss, got) = results
+    (ref_loss, ref), (loss, got) = [(lo.float(), {n: g.float() for n, g in grads.items()})
+                                    for lo, grads in losses_and_grads_by_fast_flag(model, ids, monkeypatch)]
     assert ref.keys() == got.keys() and ref
     tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(loss, ref_loss, **tol)

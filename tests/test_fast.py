@@ -10,7 +10,7 @@ from torch import nn
 
 import peftlab
 from devices import DEVICES
-from models import batch, tiny_gpt2, tiny_llama
+from models import batch, losses_and_grads_by_fast_flag, tiny_gpt2, tiny_llama
 from peftlab.core.adapter import AdaptedModule
 from peftlab.ops import fast
 
@@ -139,13 +139,7 @@ def test_whole_model(build, use_dora, device, monkeypatch):
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     ids = batch().to(device)
-    results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("PEFTLAB_FAST", flag)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad(set_to_none=True)
+    results = losses_and_grads_by_fast_flag(model, ids, monkeypatch)
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     assert results[0][1].keys() == results[1][1].keys()
     for name in results[0][1]:

@@ -1,22 +1,16 @@
 """The memory options of the training loop on a tiny random Llama: fused loss, checkpointing, optimizers."""
+import functools
+
 import pytest
 import torch
 
 import peftlab
-from models import batch, tiny_llama, tiny_tokenizer
+from models import TRAIN_RECORDS, batch, tiny_llama, train_tiny
 from peftlab.core.config import ConfigError
 from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
-from peftlab.train.loop import TrainArgs, train
 
-RECORDS = [{"instruction": f"add {i} and {i * 7 % 11}", "input": "", "output": f"{i + i * 7 % 11}" + "!" * (i % 5)}
-           for i in range(40)]
-FAST = dict(max_steps=4, batch_size=4, lr=1e-2, max_length=96, eval_size=4, log_every=0, progress=False,
-            target_modules=["q_proj", "v_proj", "down_proj"], r=4)
-
-
-def run(tmp_path, name="run", model=None, **kw):
-    args = TrainArgs(out=str(tmp_path / name), **{**FAST, **kw})
-    return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS)
+RECORDS = TRAIN_RECORDS
+run = functools.partial(train_tiny, max_steps=4)
 
 
 def _losses(metrics):

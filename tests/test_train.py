@@ -7,22 +7,13 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, tiny_llama, tiny_tokenizer
+from models import TRAIN_FAST, TRAIN_RECORDS, batch, tiny_llama, tiny_tokenizer, train_tiny
 from peftlab.core.state import CheckpointError
 from peftlab.train import loop
 from peftlab.train.data import Collator, build_datasets
 from peftlab.train.loop import TrainArgs, accumulate_gradients, lr_factor, train
 
-# Replies of different lengths, so micro-batches hold different numbers of label tokens.
-RECORDS = [{"instruction": f"add {i} and {i * 7 % 11}", "input": "", "output": f"{i + i * 7 % 11}" + "!" * (i % 5)}
-           for i in range(40)]
-FAST = dict(max_steps=6, batch_size=4, lr=1e-2, max_length=96, eval_size=4, log_every=0, progress=False,
-            target_modules=["q_proj", "v_proj", "down_proj"], r=4)
-
-
-def run(tmp_path, name="run", model=None, **kw):
-    args = TrainArgs(out=str(tmp_path / name), **{**FAST, **kw})
-    return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS)
+RECORDS, FAST, run = TRAIN_RECORDS, TRAIN_FAST, train_tiny
 
 
 def test_resume_gives_the_same_losses(tmp_path):
