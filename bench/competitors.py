@@ -60,10 +60,11 @@ PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", bos_token="w1", 
 """
 
 
-def random_checkpoint(model_config: dict[str, Any], folder: Path) -> Path:
+def random_checkpoint(model_config: dict[str, Any], folder: Path, timeout: float | None = None) -> Path:
     """A random-weight bf16 Llama checkpoint with a small tokenizer, written once per shape."""
     if not (folder / "tokenizer.json").exists():
-        subprocess.run([sys.executable, "-c", _WRITE_CHECKPOINT, json.dumps(model_config), str(folder)], check=True)
+        subprocess.run([sys.executable, "-c", _WRITE_CHECKPOINT, json.dumps(model_config), str(folder)], check=True,
+                       timeout=timeout)
     return folder
 
 

@@ -47,6 +47,7 @@ for path in (str(ROOT), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import competitors  # noqa: E402  (the random checkpoint Unsloth loads, shared with train_step.py)
 from train_step import SHAPES as STEP_SHAPES, environment  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -298,21 +299,6 @@ print("RESULT " + json.dumps({"setting": name, "impl": "unsloth", "unsloth": uns
       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}))
 '''
 
-UNSLOTH_CHECKPOINT = r'''
-import json, sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers
-shape, folder = json.loads(sys.argv[1]), sys.argv[2]
-torch.manual_seed(0)
-with torch.device("cuda"):
-    m = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
-m.save_pretrained(folder)
-tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(1024)}, unk_token="t0"))
-tk.pre_tokenizer = pre_tokenizers.Whitespace()
-PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2",
-                        pad_token="t3").save_pretrained(folder)
-'''
-
 
 def run_unsloth(name: str, timeout: int) -> dict[str, Any]:
     setting = SETTINGS[name]
@@ -321,9 +307,7 @@ def run_unsloth(name: str, timeout: int) -> dict[str, Any]:
         return {"setting": name, "impl": "unsloth", "error": "unsloth not importable: "
                 + (probe.stderr.strip().splitlines() or ["?"])[-1][:300]}
     folder = Path(tempfile.gettempdir()) / f"peftlab-rand-llama-{setting['shape']}"
-    if not (folder / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-c", UNSLOTH_CHECKPOINT, json.dumps(SHAPES[setting["shape"]]), str(folder)],
-                       check=True, timeout=timeout)
+    competitors.random_checkpoint(SHAPES[setting["shape"]], folder, timeout=timeout)
     gc_mode = {"off": "0", "on": "1", "offload": "unsloth"}[setting["ckpt"]]
     proc = subprocess.run([sys.executable, "-c", UNSLOTH_CHILD, name, "", str(setting["batch"]), gc_mode,
                            "1" if setting.get("quant") else "0", str(folder)],
