@@ -139,9 +139,8 @@ def text_config(model: nn.Module):
 
 
 # -- the sequence pre-hook ---------------------------------------------------------------------
-def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _bind(model: nn.Module, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
     """All call arguments by name (the model's forward signature binds positional ones)."""
-    signature = inspect.signature(model.forward)
     bound = signature.bind(*args, **kwargs).arguments
     out: dict[str, Any] = {}
     for key, value in bound.items():
@@ -164,11 +163,6 @@ def _past_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
-def _cache_key(model: nn.Module) -> str:
-    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     container = model._modules[CONTAINER]
     prompts = [a for a in container.values() if a.active and a.num_virtual_tokens]
@@ -177,14 +171,16 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     if not prompts and not prefixes:
         return None
     pending = container.__dict__["pending"] = {"length": None, "drop_cache": False}
-    kw = _bind(model, args, kwargs)
+    signature = inspect.signature(model.forward)
+    kw = _bind(model, signature, args, kwargs)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if (ids is None) == (embeds is None):
         raise AdapterError("prompt-side adapters need exactly one of input_ids and inputs_embeds")
     batch, length = (ids if ids is not None else embeds).shape[:2]
     n_seq = sum(a.num_virtual_tokens for a in prompts)
     n_kv = sum(a.num_prefix_tokens for a in prefixes)
-    key = _cache_key(model)
+    # the forward's name for the KV cache: `cache` from transformers 5.24 on, `past_key_values` before
+    key = "cache" if "cache" in signature.parameters else "past_key_values"
     if key != "past_key_values" and kw.get("past_key_values") is not None:  # a caller still using the old name
         kw[key] = kw.pop("past_key_values")
     first = _past_length(kw.get(key)) == 0

@@ -58,7 +58,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-
 @contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """A temporary folder beside ``out`` that replaces ``out`` when the block succeeds (removed on failure)."""
@@ -77,6 +76,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     path = Path(path)
