@@ -27,9 +27,12 @@ from peftlab.core.inject import attach, count_parameters, delete_adapter, model_
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
-from peftlab.train import distributed
+from peftlab.train import distributed, galore
+from peftlab.train.activations import checkpointing
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, load_records
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
+from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
+                                  validate_memory_args)
 from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients
@@ -131,15 +134,11 @@ class TrainArgs:
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         distributed.check_strategy(self.distributed)
-        from peftlab.train.frugal import validate_memory_args
-
         validate_memory_args(self)
 
 
 def build_config(args: TrainArgs):
     """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
-    from peftlab.train import galore
-
     if galore.is_galore(args):
         return galore.config_from_args(args)
     config = variants()[args.method.lower()](args.target_modules, args.r)
@@ -192,8 +191,6 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     --with-peft puts HF PEFT's on the same loop); ``on_step(step)`` replaces ``step_end``.
     """
     args.validate()
-    from peftlab.train import galore
-
     if attach_fn is None and galore.is_galore(args):
         attach_fn = galore.attach_full  # full-parameter training; the whole model is saved
     if attach_fn is not None and (args.save_every or args.resume or args.loraplus_lr_ratio is not None):
@@ -208,14 +205,10 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     # hands over a model on the host)
     device = runtime.device or resolve_device(args.device, None if args.quantize else model)
     if model is None:
-        from peftlab.train.frugal import load_base
-
         model, loaded_tokenizer = load_base(args, device)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
-    from peftlab.train.frugal import prepare_model
-
     model = prepare_model(args, model, device)  # QLoRA: quantized layer by layer onto the device
     runtime.place(model, device)  # FSDP moves the base layer by layer as it shards it
     if records is None:
@@ -253,8 +246,6 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     trainable, total = count_parameters(model)
     if attach_fn is None:
         config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
-    from peftlab.train.frugal import optimizer_state_bytes
-
     metrics = {
         "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
@@ -279,9 +270,6 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
 
 
 def _optimizer(args: TrainArgs, model, config):
-    from peftlab.train import galore
-    from peftlab.train.frugal import optimizer_class
-
     if galore.is_galore(args):
         optimizer = galore.make_optimizer(model, config, args.lr, args.weight_decay, args.optim == "adamw_8bit")
         factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
@@ -327,8 +315,6 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
             with _adapters_off(model):
                 state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        from peftlab.train.activations import checkpointing
-
         with checkpointing(model, args.checkpointing):
             _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
                        runtime or distributed.Runtime())
@@ -367,8 +353,6 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
     model.train()
     runtime.diverge_rng()
     main = runtime.is_main
-    from peftlab.train.frugal import loss_function
-
     loss_fn = loss_function(args, model)
     with Reporter(args.max_steps, state["step"], enabled=args.progress and main,
                   log_every=args.log_every if main else 0) as report:
