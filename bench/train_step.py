@@ -123,6 +123,11 @@ METHODS: dict[str, Method] = {
     "frozen": Method("frozen base (forward + input-gradient backward)", None, None, reference="frozen"),
     "lora": Method("LoRA r{r}, all linear", _lora()),
     "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
+    # PEFT builds BOFT's butterfly factors > 1 only with its CUDA extension (else it silently trains one
+    # factor): this entry is the like-for-like comparison, one factor on both sides
+    "boft_f1": Method("BOFT block {r}, 1 butterfly factor, all linear",
+                      lambda targets, r: __import__("peftlab").BOFTConfig(
+                          boft_block_size=r, boft_n_butterfly_factor=1, target_modules=list(targets))),
 }
 
 

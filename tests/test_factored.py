@@ -8,6 +8,7 @@ from torch import nn
 import peftlab
 from devices import DEVICES
 from models import batch, losses_and_grads_by_fast_flag, tiny_llama
+from peftlab.ops import fast
 from peftlab.ops.factored import hadamard_lowrank, householder_apply, householder_wy, kron_apply
 
 D = torch.float64
@@ -131,3 +132,52 @@ def test_fast_path_matches_reference(name, dtype, device, monkeypatch):
     for key in ref:
         scale = ref[key].abs().max().clamp_min(1e-3)
         torch.testing.assert_close(got[key] / scale, ref[key] / scale, atol=tol["atol"] * 5, rtol=0, msg=key)
+
+
+COMPILED = {
+    "oft_neumann": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False),
+    "oft_exact": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False,
+                                           use_cayley_neumann=False),
+    "oft_shared_coft": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, block_share=True, coft=True, eps=1e-2,
+                                                 target_modules=ALL, init_weights=False),
+    "boft": METHODS["boft"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_compiled_rotation_matches_eager(name, monkeypatch):
+    """OFT's and BOFT's compiled parameter-to-rotated-input graph (fast.compiled; aot_eager on the CPU,
+    so dynamo's capture and AOTAutograd's backward are what is checked) gives the eager loss and gradients."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    peftlab.attach(model, COMPILED[name]())
+    ids = batch()
+    results = []
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    for flag in ("0", "aot_eager"):
+        monkeypatch.setenv("PEFTLAB_COMPILE", flag)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (ref_loss, ref), (loss, got) = results
+    assert ref.keys() == got.keys() and ref
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert fast._COMPILED, "the compiled path was not taken"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (elsewhere block_rotate is the einsum form)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_bmm_block_rotate_matches_einsum_on_cuda(dtype):
+    from peftlab.ops.orthogonal import block_rotate, block_rotate_reference
+
+    x = torch.randn(3, 37, 8 * 32, device="cuda", dtype=dtype, requires_grad=True)
+    blocks = (torch.randn(8, 32, 32, device="cuda", dtype=dtype) * 0.2).requires_grad_()
+    grad = torch.randn(3, 37, 8 * 32, device="cuda", dtype=dtype)
+    got = [block_rotate(x, blocks), *torch.autograd.grad(block_rotate(x, blocks), (x, blocks), grad)]
+    ref = [block_rotate_reference(x, blocks), *torch.autograd.grad(block_rotate_reference(x, blocks), (x, blocks), grad)]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

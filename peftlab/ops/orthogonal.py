@@ -22,6 +22,17 @@ def skew_from_upper(vec: torch.Tensor, size: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
+def oft_rotate(x: torch.Tensor, upper: torch.Tensor, size: int, count: int, terms: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """x @ blockdiag(R_1, ..., R_count) in ``dtype``, R_i = cayley(S_i) (``terms`` None) or its Neumann
+    form, S_i from the rows of ``upper`` (one row: the same block everywhere). The whole path from the
+    parameters to the rotated input, as one pure function, so that it can be compiled as one graph."""
+    skew = skew_from_upper(upper, size)
+    rot = cayley(skew) if terms is None else cayley_neumann(skew, terms)
+    rot = rot.expand(count, -1, -1) if rot.shape[0] == 1 else rot
+    return block_rotate(x.to(dtype), rot.to(dtype)).to(x.dtype)
+
+
 def upper_from_skew(skew: torch.Tensor) -> torch.Tensor:
     size = skew.shape[-1]
     rows, cols = torch.triu_indices(size, size, 1, device=skew.device)
@@ -35,7 +46,9 @@ def _eye_like(mats: torch.Tensor) -> torch.Tensor:
 def cayley(skew: torch.Tensor) -> torch.Tensor:
     """(I - S)(I + S)^{-1} for a batch of skew-symmetric S (b, n, n)."""
     eye = _eye_like(skew)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    # I + S is never singular for a real skew-symmetric S (its eigenvalues are 1 + i t), so the error
+    # check of linalg.solve, a device-to-host sync on every call, has nothing to find
+    return torch.linalg.solve_ex(eye + skew, eye - skew, left=False)[0]
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
@@ -53,11 +66,52 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     return rot
 
 
-def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x @ blockdiag(blocks) over the last dimension of x; blocks: (b, n, n), x: (..., b*n)."""
+def block_rotate_reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x @ blockdiag(blocks) over the last dimension of x; blocks: (b, n, n), x: (..., b*n). Plain einsum."""
     b, n, _ = blocks.shape
     lead = x.shape[:-1]
     return torch.einsum("...rk,rkc->...rc", x.reshape(*lead, b, n), blocks).reshape(*lead, b * n)
+
+
+def _blocked(t: torch.Tensor, b: int) -> torch.Tensor:
+    """(tokens, b*n) -> the (b, tokens, n) strided view batched matmuls read and write in place."""
+    return t.view(t.shape[0], b, -1).transpose(0, 1)
+
+
+class _BlockRotate(torch.autograd.Function):
+    """One batched matmul per direction on strided views of the activations: einsum's autograd instead
+    permutes x, the output and both gradients into contiguous (b, tokens, n) copies, which set the time."""
+
+    @staticmethod
+    def forward(ctx, x, blocks):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.empty_like(x2)
+        torch.bmm(_blocked(x2, blocks.shape[0]), blocks, out=_blocked(out, blocks.shape[0]))
+        ctx.save_for_backward(x2, blocks)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, blocks = ctx.saved_tensors
+        b = blocks.shape[0]
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_x = grad_blocks = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(g2)
+            torch.bmm(_blocked(g2, b), blocks.transpose(-2, -1), out=_blocked(grad_x, b))
+            grad_x = grad_x.view(grad.shape)
+        if ctx.needs_input_grad[1]:
+            grad_blocks = torch.bmm(_blocked(x2, b).transpose(-2, -1), _blocked(g2, b))
+        return grad_x, grad_blocks
+
+
+def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x @ blockdiag(blocks) over the last dimension of x; blocks: (b, n, n), x: (..., b*n).
+    Same dtype for both (the caller casts); ``block_rotate_reference`` is the einsum form."""
+    if not x.is_cuda or x.dtype != blocks.dtype or x.shape[-1] != blocks.shape[0] * blocks.shape[1]:
+        # elsewhere bmm copies strided operands itself (then einsum is faster); mismatches raise as einsum does
+        return block_rotate_reference(x, blocks)
+    return _BlockRotate.apply(x, blocks)
 
 
 def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
@@ -106,6 +160,14 @@ def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor)
         perm = perms[i]
         x = block_rotate(x[..., torch.argsort(perm)], blocks[i])[..., perm]
     return x
+
+
+def boft_rotate(x: torch.Tensor, raw: torch.Tensor, perms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ M_{N-1} ... M_0 in ``dtype``, the blocks cayley((A - A^T) / 2) of ``raw`` (N, b, n, n): BOFT's
+    path from its parameters to the rotated input, one pure function (see ``oft_rotate``)."""
+    flat = raw.flatten(0, 1)
+    rot = cayley(0.5 * (flat - flat.transpose(-2, -1))).view_as(raw)
+    return butterfly_rotate(x.to(dtype), rot.to(dtype), perms).to(x.dtype)
 
 
 def butterfly_matrix(blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
