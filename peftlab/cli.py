@@ -139,6 +139,8 @@ def compare(
     quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),
     double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
     optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
+    device: str = typer.Option("auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."),
+    dtype: Optional[str] = typer.Option(None, help="Base model dtype (float32, bfloat16); default: the checkpoint's."),
 ) -> None:
     """Fine-tune every method on the same data and budget; rank by eval loss and perplexity.
 
@@ -172,9 +174,9 @@ def compare(
     args = CompareArgs(methods=names, model=model, data=data, out=str(out), preset=preset, repeat=repeat, seed=seed,
                        with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None},
                        memory=_memory_settings(checkpointing=checkpointing, fused_ce=fused_ce, quantize=quantize,
-                                               double_quant=double_quant, optim=optim))
+                                               double_quant=double_quant, optim=optim), device=device, dtype=dtype)
     try:
-        args.budget(), args.method_list()
+        args.budget(), args.method_list(), args.resolved_device()
     except ValueError as exc:
         _fail(str(exc))
     try:

@@ -116,3 +116,37 @@ def test_compare_bad_input_fails_before_training(workspace, tmp_path):
                                  "--methods", "lora", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "none.jsonl" in result.output
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_compare_device_defaults_to_cuda_when_there_is_one(monkeypatch):
+    """`compare` trains where the base model is, so the base goes to the GPU when one exists (it once stayed on
+    the CPU on a GPU machine); an explicit device that is not there is a clear error before any work."""
+    from peftlab.compare.runner import CompareArgs
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert CompareArgs().resolved_device().type == "cuda"
+    assert CompareArgs(device="cpu").resolved_device().type == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert CompareArgs().resolved_device().type == "cpu"
+    result = runner.invoke(app, ["compare", "--device", "cuda", "--methods", "lora"])
+    assert result.exit_code == 2 and "CUDA is not available" in result.output
+    result = runner.invoke(app, ["compare", "--device", "gpu0", "--methods", "lora"])
+    assert result.exit_code == 2 and "--device 'gpu0'" in result.output
+
+
+def test_compare_records_device_and_dtype_and_resumes_only_on_a_match(workspace, monkeypatch):
+    from peftlab.compare import runner as compare_runner
+
+    root, model_dir, data = workspace
+    out = root / "dtype"
+    common = ["compare", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 1, "--methods", "lora"]
+    invoke(*common)
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["device"] == "cpu" and settings["dtype"] == "checkpoint"
+    trained = []
+    real_run_one = compare_runner.run_one
+    monkeypatch.setattr(compare_runner, "run_one", lambda backend, name, *a, **k: trained.append(name) or
+                        real_run_one(backend, name, *a, **k))
+    invoke(*common, "--dtype", "bfloat16")  # another dtype: not the stored run
+    assert trained == ["lora"]
+    assert json.loads((out / "results.json").read_text())["settings"]["dtype"] == "bfloat16"

@@ -53,6 +53,19 @@ class CompareArgs:
     overrides: dict[str, Any] = field(default_factory=dict)  # any preset key, e.g. max_steps
     # memory options passed to every run (TrainArgs fields: checkpointing, fused_ce, quantize, double_quant, optim)
     memory: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"  # "auto": cuda when available, else cpu (every run trains where the base model is)
+    dtype: str | None = None  # the base model's dtype; None keeps the checkpoint's (float32 for the default)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+        return device
 
     def budget(self) -> dict[str, Any]:
         if self.preset not in PRESETS:
@@ -155,7 +168,12 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
     names = args.method_list()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base, tokenizer = load_model_and_tokenizer(args.model)
+    device = args.resolved_device()
+    # where and in what dtype, as settings: in results.json, and a resumed run must match them too
+    budget = {**budget, "device": device.type, "dtype": args.dtype or "checkpoint"}
+    # a quantized base is quantized onto the GPU by each run from the CPU copy; otherwise it moves once
+    base, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype,
+                                               device=None if budget.get("quantize") else device)
     base.requires_grad_(False)
     # the default data: one user -> assistant exchange per record, so short sequences still hold a reply
     records = default_records(exchanges=1) if args.data is None else load_records(args.data)
