@@ -14,9 +14,21 @@ from __future__ import annotations
 import torch
 
 
+_UPPER: dict = {}
+
+
+def _upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the strict upper triangle, built once per size and device (a kernel and an
+    unbind per call otherwise, on every adapted layer of every step)."""
+    key = (size, device)
+    if key not in _UPPER:
+        _UPPER[key] = tuple(torch.triu_indices(size, size, 1, device=device))
+    return _UPPER[key]
+
+
 def skew_from_upper(vec: torch.Tensor, size: int) -> torch.Tensor:
     """(b, size*(size-1)/2) strictly-upper-triangular entries -> (b, size, size) skew-symmetric matrices."""
-    rows, cols = torch.triu_indices(size, size, 1, device=vec.device)
+    rows, cols = _upper_indices(size, vec.device)
     upper = vec.new_zeros(vec.shape[0], size, size)
     upper[:, rows, cols] = vec
     return upper - upper.transpose(-2, -1)
@@ -34,8 +46,7 @@ def oft_rotate(x: torch.Tensor, upper: torch.Tensor, size: int, count: int, term
 
 
 def upper_from_skew(skew: torch.Tensor) -> torch.Tensor:
-    size = skew.shape[-1]
-    rows, cols = torch.triu_indices(size, size, 1, device=skew.device)
+    rows, cols = _upper_indices(skew.shape[-1], skew.device)
     return skew[:, rows, cols]
 
 
@@ -53,16 +64,16 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     """PEFT's truncated Neumann form of the Cayley map (its term bookkeeping reproduced exactly)."""
-    rot = _eye_like(skew).clone()
+    rot = _eye_like(skew).clone()  # accumulated in place: one kernel per term (a + 2 b is exact either way)
     if terms > 1:
-        rot = rot + 2 * skew
+        rot.add_(skew, alpha=2.0)
     if terms > 2:
-        power = skew @ skew
-        rot = rot + 2 * power
+        power = torch.bmm(skew, skew)
+        rot.add_(power, alpha=2.0)
         for _ in range(3, terms - 1):
-            power = power @ skew
-            rot = rot + 2 * power
-        rot = rot + power @ skew
+            power = torch.bmm(power, skew)
+            rot.add_(power, alpha=2.0)
+        rot.add_(torch.bmm(power, skew))
     return rot
 
 
