@@ -33,7 +33,8 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index: int, chunk_size: int, grads: bool):
         n_tokens = hidden.shape[0]
-        denom = max(int((target != ignore_index).sum()), 1)
+        # a device tensor, not int(): reading the count would stall the host mid-step until the GPU drained
+        denom = (target != ignore_index).sum().clamp_min(1).float()
         want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         want_b = grads and bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if want_h else None
