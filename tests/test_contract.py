@@ -133,3 +133,31 @@ def test_coexists_with_another_method(variant):
     peftlab.set_active(model, "default")
     torch.testing.assert_close(model(x).logits, first)
     assert set(model_state(model).configs) == {"default", "second"}
+
+
+def test_loading_skips_random_init_only_when_the_checkpoint_covers_it(tmp_path, monkeypatch):
+    """load_adapter builds LoRA without its random fills (the checkpoint overwrites them; serving's cold load
+    spent most of its time there) and puts torch.nn.init back afterwards."""
+    from torch import nn
+
+    calls = []
+    real = nn.init.kaiming_uniform_
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, _ = make("lora")
+    assert calls  # attaching a new adapter draws A
+    randomize_adapters(model)
+    peftlab.save_adapter(model, tmp_path / "lora")
+    fresh = tiny_llama(0)
+    calls.clear()
+    peftlab.load_adapter(fresh, tmp_path / "lora")
+    assert calls == [] and nn.init.kaiming_uniform_ is not real and nn.init.normal_ is torch.nn.init.normal_
+    x = batch()
+    assert torch.equal(fresh(x).logits, model(x).logits)
+    from peftlab.core.state import random_init_skipped
+
+    with random_init_skipped():
+        t = torch.zeros(3)
+        nn.init.normal_(t)
+        assert torch.equal(t, torch.zeros(3))
+    nn.init.normal_(t)
+    assert not torch.equal(t, torch.zeros(3))

@@ -25,9 +25,9 @@ from torch import nn
 
 from peftlab.convert import weight_update
 from peftlab.core.adapter import AdapterError, ServingForm
-from peftlab.core.inject import adapted_modules, attach, delete_adapter, saved_modules
+from peftlab.core.inject import adapted_modules, delete_adapter, saved_modules
 from peftlab.core.registry import method_for
-from peftlab.core.state import load_tensors, read_adapter_weights, read_config, PREFIX
+from peftlab.core.state import PREFIX, attach_loaded, read_adapter_weights, read_config
 from peftlab.lowrank import lora_from_delta
 from peftlab.serve.layers import BatchedLinear
 
@@ -201,9 +201,8 @@ class AdapterStore:
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
                                  held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
-            attach(self._skeleton, config, tmp)
+            attach_loaded(self._skeleton, config, tmp, tensors, str(path))
             try:
-                load_tensors(self._skeleton, tmp, tensors, source=str(path))
                 forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
             finally:
                 delete_adapter(self._skeleton, tmp)
@@ -227,9 +226,8 @@ class AdapterStore:
             raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
         layer = next(iter(self.layers.values()))
         with self._skeleton_lock:
-            attach(self.model, config, tmp, activate=False)
+            attach_loaded(self.model, config, tmp, tensors, source, activate=False)
             try:
-                load_tensors(self.model, tmp, tensors, source=source)
                 adapter = hooked(self.model)[tmp].eval()
                 if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
                     raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted "
