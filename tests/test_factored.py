@@ -151,16 +151,9 @@ def test_compiled_rotation_matches_eager(name, monkeypatch):
     torch._dynamo.reset()
     model = tiny_llama()
     peftlab.attach(model, COMPILED[name]())
-    ids = batch()
-    results = []
     monkeypatch.setenv("PEFTLAB_FAST", "1")
-    for flag in ("0", "aot_eager"):
-        monkeypatch.setenv("PEFTLAB_COMPILE", flag)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad(set_to_none=True)
-    (ref_loss, ref), (loss, got) = results
+    (ref_loss, ref), (loss, got) = losses_and_grads_by_fast_flag(model, batch(), monkeypatch, "PEFTLAB_COMPILE",
+                                                                 ("0", "aot_eager"))
     assert ref.keys() == got.keys() and ref
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for key in ref:
