@@ -205,3 +205,24 @@ def test_prepared_norms_keep_the_residual_stream_in_bf16():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=torch.randint(0, 1024, (1, 8), device="cuda"))
     assert seen == [torch.bfloat16]
+
+
+def test_host_embeddings_on_cuda_free_the_table_and_keep_the_outputs():
+    from peftlab.train.embeddings import host_embeddings
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).requires_grad_(False)
+    x = torch.randint(0, 32000, (2, 64), device="cuda")
+    ref = model(x).logits
+    table_bytes = model.get_input_embeddings().weight.numel() * 2
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with host_embeddings(model, True):
+        assert before - torch.cuda.memory_allocated() >= table_bytes
+        for _ in range(3):  # the staging buffer is reused: each result must stay as it was
+            got = model(x).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert model.get_input_embeddings().weight.is_cuda
+    torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)

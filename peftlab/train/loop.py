@@ -9,6 +9,7 @@ regularisers (the extra-loss forward hook); weighting by token share counts them
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
 from peftlab.train import distributed, galore
 from peftlab.train.activations import checkpointing
+from peftlab.train.embeddings import host_embeddings
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, load_records
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
@@ -114,6 +116,9 @@ class TrainArgs:
     """method galore: update scale (None: 0.25)."""
     galore_proj_type: str | None = None
     """method galore: std, reverse_std, left, right, full (None: std)."""
+    offload_embeddings: bool = False
+    """Keep the frozen, untied input embedding table in host memory; each step sends its rows (see
+    peftlab/train/embeddings.py)."""
     packing: bool = False
     """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
     compile: str | None = None
@@ -304,6 +309,8 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         check_packing(model)
     if args.compile:
         compile_adapted(model, args.compile)
+    offload = contextlib.ExitStack()
+    offload.enter_context(host_embeddings(model, args.offload_embeddings))  # before the peak: its table is gone
     reset_peak_memory(device)
     try:
         state = {"step": 0, "examples_seen": 0, "history": [], "train_time_s": 0.0, "tokens": 0, "label_tokens": 0,
@@ -320,6 +327,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
                        runtime or distributed.Runtime())
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
+        offload.close()
         if args.gradient_checkpointing and not had_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
