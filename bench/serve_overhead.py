@@ -1,0 +1,66 @@
+"""Serving's per-step overhead on the CPU: the engine's decode throughput for the base model, one LoRA adapter and
+the LoRA + DoRA + IA3 + VeRA mix, on a Llama with the 1B shape's 16 layers but hidden size 64, so that the
+arithmetic is negligible and what is timed is the Python and operator work per layer and step.
+
+On the H200 (bench/results/serve/serve_1b_h200.json) decode is bound by that same work: there one adapter ran at
+0.53x the base model's throughput and the mix at 0.32x; this proxy gives about 0.55x and 0.36x, so changes to the
+per-layer path can be tried here first. The torch path stands in for the Triton one (no GPU here).
+
+    python bench/serve_overhead.py --out bench/results/serve/overhead_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+import serve
+from results_io import environment, write_atomic
+from train_step import SHAPES
+
+SCENARIOS = {"base model": [None], "1 LoRA adapter": ["lora0"], "LoRA + DoRA + IA3 + VeRA": ["lora0", "dora", "ia3", "vera"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--new", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out")
+    cli = p.parse_args()
+    from peftlab.serve.engine import Engine, EngineConfig
+
+    torch.set_num_threads(1)
+    SHAPES["overhead"] = {"model": dict(SHAPES["tiny"]["model"], num_hidden_layers=16)}
+    args = serve.parse_args(["--shape", "overhead", "--device", "cpu", "--dtype", "float32", "--batch", str(cli.batch),
+                             "--prompt", "8", "--new", str(cli.new), "--requests", str(cli.batch), "--r", "16"])
+    model = serve.build_model("overhead", "cpu", torch.float32)
+    engine = Engine(model, EngineConfig(max_batch=cli.batch, max_prefill_tokens=cli.batch * 8, max_queue=10**6,
+                                        kv_tokens=cli.batch * (8 + cli.new) * 2, max_gpu_adapters=16,
+                                        max_cpu_adapters=8, convert_rank=16))
+    engine.store.add_loaded(serve.make_adapter(engine, "lora0", serve.lora_config(16), seed=1))
+    for k, (name, config) in enumerate(serve.method_configs(16).items()):
+        if name != "lora":
+            engine.store.add_loaded(serve.make_adapter(engine, name, config, seed=200 + k))
+    vocab = SHAPES["overhead"]["model"]["vocab_size"]
+    serve.workload(engine, ["lora0"] * cli.batch, args, vocab, 0)  # warm-up
+    rates: dict[str, list[float]] = {label: [] for label in SCENARIOS}
+    for k in range(cli.rounds):
+        for label, pool in SCENARIOS.items():
+            names = [pool[i % len(pool)] for i in range(cli.batch)]
+            rates[label].append(serve.workload(engine, names, args, vocab, k + 1)["tokens_per_s"])
+    median = {label: statistics.median(v) for label, v in rates.items()}
+    ratios = {label: round(median[label] / median["base model"], 3) for label in SCENARIOS}
+    print(json.dumps({"tokens_per_s_median": median, "vs_base": ratios}))
+    if cli.out:
+        write_atomic(Path(cli.out), json.dumps({"benchmark": "serve_overhead_cpu", "environment": environment("cpu"),
+                                                "batch": cli.batch, "new_tokens": cli.new, "layers": 16,
+                                                "tokens_per_s": rates, "tokens_per_s_median": median,
+                                                "vs_base": ratios}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
