@@ -225,7 +225,8 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool) -> dict[str, 
             "train_s": round(time.perf_counter() - started, 1), "spec": spec}
 
 
-def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, warmup: int) -> dict[str, Any]:
+def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, warmup: int,
+              seq: int | None = None) -> dict[str, Any]:
     import torch
 
     from peftlab.train.activations import checkpointing
@@ -252,7 +253,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
     build = {"peftlab": _peftlab_step_fn, "peft": _peft_step_fn, "adamw": _adamw_full_step_fn}[impl]
     step, opt = build(model, setting, device)
     model.train()
-    batch_size, seq = (2, 32) if smoke else (setting["batch"], 1024)
+    batch_size, seq = (2, 32) if smoke else (setting["batch"], seq or 1024)
     vocab = model.config.vocab_size
     ids = torch.randint(0, min(vocab, 128000), (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -345,9 +346,10 @@ def run_one(name: str, impl: str, args) -> dict[str, Any]:
             return {"setting": name, "impl": "unsloth", "error": "skipped: Unsloth needs a CUDA GPU"}
         return run_unsloth(name, args.timeout)
     if args.inline:
-        return run_child(name, impl, args.device, args.smoke, steps, warmup)
+        return run_child(name, impl, args.device, args.smoke, steps, warmup, args.seq)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-impl", impl,
-           "--device", args.device, "--steps", str(steps), "--warmup", str(warmup)] + (["--smoke"] if args.smoke else [])
+           "--device", args.device, "--steps", str(steps), "--warmup", str(warmup)] + (["--smoke"] if args.smoke else []) \
+        + (["--seq", str(args.seq)] if args.seq else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -437,6 +439,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=int, default=300, help="seconds per (setting, implementation)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, in-process, CPU unless --device says")
+    p.add_argument("--seq", type=int, help="sequence length (default 1024); short ones measure state sizes on a CPU")
     p.add_argument("--inline", action="store_true", help="run every configuration in this process")
     p.add_argument("--out", help="results JSON path (default: bench/results/memory/memory_<gpu>.json)")
     p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
@@ -458,7 +461,7 @@ def main(argv=None) -> None:
         print(markdown_table(json.loads(Path(args.table).read_text())), end="")
         return
     if args.child:
-        record = run_child(args.child, args.child_impl, args.device, args.smoke, args.steps, args.warmup)
+        record = run_child(args.child, args.child_impl, args.device, args.smoke, args.steps, args.warmup, args.seq)
         print("RESULT " + json.dumps(record), flush=True)
         return
     run_driver(args)
