@@ -66,6 +66,8 @@ def check_offloadable(model: nn.Module) -> nn.Embedding:
     if type(embedding) is not nn.Embedding:
         raise ConfigError(f"{what}: the input embedding is {type(embedding).__name__}, not a plain nn.Embedding "
                           "(adapted by the method, or a custom module); it has to stay on the device")
+    if embedding.max_norm is not None:
+        raise ConfigError(f"{what}: the input embedding renormalises its rows in place (max_norm); it stays on the device")
     if embedding.weight.requires_grad:
         raise ConfigError(f"{what}: the input embedding trains (requires_grad); only a frozen table can be offloaded")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
