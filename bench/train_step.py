@@ -118,6 +118,12 @@ def _lora(**extra):
     return build
 
 
+def _boft_one_factor(targets, r):
+    import peftlab
+
+    return peftlab.BOFTConfig(boft_block_size=r, boft_n_butterfly_factor=1, target_modules=list(targets))
+
+
 METHODS: dict[str, Method] = {
     "full": Method("full fine-tune", None, None),
     "frozen": Method("frozen base (forward + input-gradient backward)", None, None, reference="frozen"),
@@ -125,9 +131,7 @@ METHODS: dict[str, Method] = {
     "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
     # PEFT builds BOFT's butterfly factors > 1 only with its CUDA extension (else it silently trains one
     # factor): this entry is the like-for-like comparison, one factor on both sides
-    "boft_f1": Method("BOFT block {r}, 1 butterfly factor, all linear",
-                      lambda targets, r: __import__("peftlab").BOFTConfig(
-                          boft_block_size=r, boft_n_butterfly_factor=1, target_modules=list(targets))),
+    "boft_f1": Method("BOFT block {r}, 1 butterfly factor, all linear", _boft_one_factor),
 }
 
 

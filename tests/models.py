@@ -169,13 +169,11 @@ def train_tiny(tmp_path, name="run", model=None, **kw):
     return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=TRAIN_RECORDS)
 
 
-def losses_and_grads_by_fast_flag(model, ids, monkeypatch, variable: str = "PEFTLAB_FAST",
-                                  flags: tuple[str, str] = ("0", "1")) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Loss and every gradient of one forward/backward with the reference path (PEFTLAB_FAST=0), then the fused
-    one (or with ``variable`` set to each of ``flags`` in turn)."""
+def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Loss and every gradient of one forward/backward with the reference path (PEFTLAB_FAST=0), then the fused one."""
     results = []
-    for flag in flags:
-        monkeypatch.setenv(variable, flag)
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

@@ -161,3 +161,19 @@ def test_loading_skips_random_init_only_when_the_checkpoint_covers_it(tmp_path, 
         assert torch.equal(t, torch.zeros(3))
     nn.init.normal_(t)
     assert not torch.equal(t, torch.zeros(3))
+
+
+def test_loading_builds_with_its_init_when_the_file_does_not_cover_the_adapter(tmp_path, monkeypatch):
+    """A P-tuning adapter loaded for training has an encoder the file does not hold (it was folded when saving):
+    it is built again with its own init (a second attach), and the load then fails as before, leaving no adapter."""
+    import peftlab.core.state as state
+
+    model, _ = make("p_tuning")
+    peftlab.save_adapter(model, tmp_path)
+    calls = []
+    real = state.attach
+    monkeypatch.setattr(state, "attach", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = tiny_llama(0)
+    with pytest.raises(peftlab.CheckpointError, match="computes"):
+        peftlab.load_adapter(fresh, tmp_path, inference_mode=False)
+    assert len(calls) == 2 and not model_state(fresh).configs

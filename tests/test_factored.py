@@ -8,7 +8,6 @@ from torch import nn
 import peftlab
 from devices import DEVICES
 from models import batch, losses_and_grads_by_fast_flag, tiny_llama
-from peftlab.ops import fast
 from peftlab.ops.factored import hadamard_lowrank, householder_apply, householder_wy, kron_apply
 
 D = torch.float64
@@ -132,33 +131,6 @@ def test_fast_path_matches_reference(name, dtype, device, monkeypatch):
     for key in ref:
         scale = ref[key].abs().max().clamp_min(1e-3)
         torch.testing.assert_close(got[key] / scale, ref[key] / scale, atol=tol["atol"] * 5, rtol=0, msg=key)
-
-
-COMPILED = {
-    "oft_neumann": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False),
-    "oft_exact": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False,
-                                           use_cayley_neumann=False),
-    "oft_shared_coft": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, block_share=True, coft=True, eps=1e-2,
-                                                 target_modules=ALL, init_weights=False),
-    "boft": METHODS["boft"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(COMPILED))
-def test_compiled_rotation_matches_eager(name, monkeypatch):
-    """OFT's and BOFT's compiled parameter-to-rotated-input graph (fast.compiled; aot_eager on the CPU,
-    so dynamo's capture and AOTAutograd's backward are what is checked) gives the eager loss and gradients."""
-    torch._dynamo.reset()
-    model = tiny_llama()
-    peftlab.attach(model, COMPILED[name]())
-    monkeypatch.setenv("PEFTLAB_FAST", "1")
-    (ref_loss, ref), (loss, got) = losses_and_grads_by_fast_flag(model, batch(), monkeypatch, "PEFTLAB_COMPILE",
-                                                                 ("0", "aot_eager"))
-    assert ref.keys() == got.keys() and ref
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-5, msg=key)
-    assert fast._COMPILED, "the compiled path was not taken"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (elsewhere block_rotate is the einsum form)")

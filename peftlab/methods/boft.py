@@ -29,10 +29,8 @@ from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
 from peftlab.ops import fast
 from peftlab.methods.oft import check_bias, check_dropout
-from peftlab.ops.orthogonal import boft_rotate, butterfly_matrix, butterfly_permutations, butterfly_rotate, \
-    cayley, identity_block_dropout
-
-_boft_rotate = fast.compiled(boft_rotate)
+from peftlab.ops.orthogonal import butterfly_matrix, butterfly_permutations, butterfly_rotate, cayley, \
+    identity_block_dropout
 
 
 def boft_blocks(in_features: int, block_size: int, block_num: int, factors: int, module_name: str) -> tuple[int, int]:
@@ -101,7 +99,7 @@ class BOFTLayer(AdapterLayer):
     def blocks(self, dropout: bool = True) -> torch.Tensor:
         """The rotations (N, blocks, size, size); block dropout only in training and when asked for."""
         raw = self.boft_R.flatten(0, 1)
-        rot = cayley(0.5 * (raw - raw.transpose(-2, -1))).view_as(self.boft_R)  # as boft_rotate builds them
+        rot = cayley(0.5 * (raw - raw.transpose(-2, -1))).view_as(self.boft_R)
         if dropout and self.training and self.block_dropout > 0:
             factor = int(torch.randint(rot.shape[0], (1,)))
             rot = torch.cat([rot[:factor], identity_block_dropout(rot[factor], self.block_dropout)[None], rot[factor + 1:]])
@@ -109,9 +107,7 @@ class BOFTLayer(AdapterLayer):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fast.compute_dtype(x, self.boft_R)
-        if self.training and self.block_dropout > 0:  # random block choice: the eager path
-            return butterfly_rotate(x.to(dtype), self.blocks().to(dtype), self.perms).to(x.dtype)
-        return _boft_rotate(x, self.boft_R, self.perms, dtype)
+        return butterfly_rotate(x.to(dtype), self.blocks().to(dtype), self.perms).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         scale = self.boft_s.view(-1).to(out.dtype)

@@ -12,8 +12,7 @@ one block for all positions; ``coft`` projects each S_i into an eps-ball (constr
 dropout but its Linear forward never applies it; here it acts as PEFT documents it).
 S = 0 at init, so R = I and the adapted layer equals the base. The rotation acts on activations
 (``transforms_input``), which costs O(tokens * in * b) instead of forming the (out, in) merged weight;
-on CUDA the rotation is one batched matmul per direction on strided views (``block_rotate``), and
-``PEFTLAB_COMPILE=1`` compiles the whole path from ``oft_R`` to the rotated input (``fast.compiled``).
+on CUDA the rotation is one batched matmul per direction on strided views (``block_rotate``).
 """
 from __future__ import annotations
 
@@ -28,10 +27,8 @@ from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
 from peftlab.ops import fast
 from peftlab.ops.orthogonal import (
-    block_rotate, cayley, cayley_neumann, identity_block_dropout, oft_rotate, skew_from_upper, upper_from_skew,
+    block_rotate, cayley, cayley_neumann, identity_block_dropout, skew_from_upper, upper_from_skew,
 )
-
-_oft_rotate = fast.compiled(oft_rotate)
 
 SUPPORTED_BIAS = ("none", "all")
 
@@ -140,11 +137,7 @@ class OFTLayer(AdapterLayer):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fast.compute_dtype(x, self.oft_R)
-        if self.training and self.module_dropout > 0:  # random block choice: the eager path
-            return block_rotate(x.to(dtype), self.blocks().to(dtype)).to(x.dtype)
-        if self.coft:
-            self._project()
-        return _oft_rotate(x, self.oft_R, self.block_size, self.r, self.neumann_terms, dtype)
+        return block_rotate(x.to(dtype), self.blocks().to(dtype)).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         return out  # all of OFT's effect is in transform_input

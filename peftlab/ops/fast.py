@@ -67,30 +67,6 @@ def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
 
 
-_COMPILED: dict = {}
-
-
-def compiled(fn):
-    """``fn(x, ...)`` compiled as one graph (``torch.compile``, dynamic shapes) when ``PEFTLAB_COMPILE`` names
-    a backend ("1" = inductor) and the fast path is on for ``x``; else ``fn`` itself. For adapter paths made of
-    many small ops (OFT's and BOFT's rotations), whose eager cost is kernel launches, not arithmetic. Opt-in:
-    on the 1B shape (H200) it took OFT's step from 263 to 252 ms, within the run-to-run spread, for a first
-    step some 20 s longer (bench/README.md); the tests use aot_eager on the CPU."""
-    def call(x: torch.Tensor, *args):
-        flag = os.environ.get("PEFTLAB_COMPILE", "0")
-        if flag in ("", "0") or not enabled(x):
-            return fn(x, *args)
-        backend = "inductor" if flag == "1" else flag
-        key = (fn, backend)
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=True)
-        return _COMPILED[key](x, *args)
-
-    call.__wrapped__ = fn
-    call.__doc__ = fn.__doc__
-    return call
-
-
 def _no_autocast(x: torch.Tensor):
     """Autocast off inside a fused node (its operands are already in the compute dtype); entering a
     context costs host time on every module, so only when autocast is on."""

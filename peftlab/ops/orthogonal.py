@@ -34,17 +34,6 @@ def skew_from_upper(vec: torch.Tensor, size: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
-def oft_rotate(x: torch.Tensor, upper: torch.Tensor, size: int, count: int, terms: int | None,
-               dtype: torch.dtype) -> torch.Tensor:
-    """x @ blockdiag(R_1, ..., R_count) in ``dtype``, R_i = cayley(S_i) (``terms`` None) or its Neumann
-    form, S_i from the rows of ``upper`` (one row: the same block everywhere). The whole path from the
-    parameters to the rotated input, as one pure function, so that it can be compiled as one graph."""
-    skew = skew_from_upper(upper, size)
-    rot = cayley(skew) if terms is None else cayley_neumann(skew, terms)
-    rot = rot.expand(count, -1, -1) if rot.shape[0] == 1 else rot
-    return block_rotate(x.to(dtype), rot.to(dtype)).to(x.dtype)
-
-
 def upper_from_skew(skew: torch.Tensor) -> torch.Tensor:
     rows, cols = _upper_indices(skew.shape[-1], skew.device)
     return skew[:, rows, cols]
@@ -171,14 +160,6 @@ def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor)
         perm = perms[i]
         x = block_rotate(x[..., torch.argsort(perm)], blocks[i])[..., perm]
     return x
-
-
-def boft_rotate(x: torch.Tensor, raw: torch.Tensor, perms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x @ M_{N-1} ... M_0 in ``dtype``, the blocks cayley((A - A^T) / 2) of ``raw`` (N, b, n, n): BOFT's
-    path from its parameters to the rotated input, one pure function (see ``oft_rotate``)."""
-    flat = raw.flatten(0, 1)
-    rot = cayley(0.5 * (flat - flat.transpose(-2, -1))).view_as(raw)
-    return butterfly_rotate(x.to(dtype), rot.to(dtype), perms).to(x.dtype)
 
 
 def butterfly_matrix(blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
