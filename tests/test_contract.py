@@ -177,3 +177,20 @@ def test_loading_builds_with_its_init_when_the_file_does_not_cover_the_adapter(t
     with pytest.raises(peftlab.CheckpointError, match="computes"):
         peftlab.load_adapter(fresh, tmp_path, inference_mode=False)
     assert len(calls) == 2 and not model_state(fresh).configs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trains_under_bf16_autocast(variant):
+    """The trainer runs CUDA steps under bf16 autocast (train/step.py): matmuls inside an adapter come out in
+    bf16 there, so fp32-only kernels an adapter calls (triangular solves, Cayley inverses) must opt out of it.
+    CPU autocast casts the same ops, so this catches it without a GPU (HRA's Householder WY solve failed
+    inside a GPU compare run with "triangular_solve not implemented for 'BFloat16'")."""
+    model, config = make(variant)
+    model.train()
+    x = batch(b=2, t=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), f"{variant}: missing or bad grads"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from peftlab.ops.fast import no_autocast
+
 
 def khatri_rao_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """(n, r1), (n, r2) -> (n, r1 r2) with [o, i r2 + j] = p[o, i] q[o, j]."""
@@ -48,10 +50,11 @@ def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | tuple[torch
 
 def householder_wy(u: torch.Tensor) -> torch.Tensor:
     """T (k, k) with H_0 H_1 ... H_{k-1} = I - U T U^T for the reflections along the columns of u (n, k)."""
-    gram = u.t() @ u
-    inverse = torch.triu(gram, diagonal=1) + torch.diag(gram.diagonal() / 2)
-    eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
-    return torch.linalg.solve_triangular(inverse, eye, upper=True)
+    with no_autocast(u):  # in u's dtype even inside a bf16 autocast region (triangular solves have no bf16)
+        gram = u.t() @ u
+        inverse = torch.triu(gram, diagonal=1) + torch.diag(gram.diagonal() / 2)
+        eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
+        return torch.linalg.solve_triangular(inverse, eye, upper=True)
 
 
 def householder_apply(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, transpose: bool) -> torch.Tensor:

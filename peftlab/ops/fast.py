@@ -67,7 +67,7 @@ def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype.is_floating_point and enabled(x) else param.dtype
 
 
-def _no_autocast(x: torch.Tensor):
+def no_autocast(x: torch.Tensor):
     """Autocast off inside a fused node (its operands are already in the compute dtype); entering a
     context costs host time on every module, so only when autocast is on."""
     if torch.is_autocast_enabled(x.device.type):
@@ -175,7 +175,7 @@ def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tenso
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
     a, scaling = _fold_tensor_scaling(a, scaling)
-    with _no_autocast(x):
+    with no_autocast(x):
         return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
 
 
@@ -197,5 +197,5 @@ def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | N
     """(magnitude / norm) ⊙ (W0 x + scaling * B A x) + bias, one autograd node; ``norm`` gets no gradient."""
     share = os.environ.get("PEFTLAB_DORA_SHARE_OUTPUT", "") == "1"
     a, scaling = _fold_tensor_scaling(a, scaling)
-    with _no_autocast(x):
+    with no_autocast(x):
         return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)
