@@ -150,3 +150,26 @@ def test_compare_records_device_and_dtype_and_resumes_only_on_a_match(workspace,
     invoke(*common, "--dtype", "bfloat16")  # another dtype: not the stored run
     assert trained == ["lora"]
     assert json.loads((out / "results.json").read_text())["settings"]["dtype"] == "bfloat16"
+
+
+def test_failed_method_is_kept_with_its_traceback(workspace, monkeypatch):
+    """A method that raises stays in the results (error column) and leaves its traceback in its run folder, so a
+    failure inside one of several compares sharing an --out (bench/gpu/compare.sh) can still be read."""
+    from peftlab.compare import runner as compare_runner
+
+    root, model_dir, data = workspace
+    out = root / "failing"
+    real_run_one = compare_runner.run_one
+
+    def run_one(backend, name, *a, **k):
+        if name == "ia3":
+            raise RuntimeError("boom in ia3")
+        return real_run_one(backend, name, *a, **k)
+
+    monkeypatch.setattr(compare_runner, "run_one", run_one)
+    invoke("compare", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 1, "--methods", "lora,ia3")
+    runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs["lora"]["error"] is None and runs["ia3"]["error"] == "RuntimeError: boom in ia3"
+    text = (out / "runs" / "ia3-peftlab-42" / compare_runner.RUN_ERROR).read_text()
+    assert "Traceback" in text and "boom in ia3" in text
+    assert not (out / "runs" / "ia3-peftlab-42" / compare_runner.RUN_RECORD).exists()  # so a resume retrains it

@@ -12,6 +12,7 @@ import math
 import json
 import platform
 import random
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,10 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
                 except Exception as exc:  # recorded in the results and shown in the table, never dropped
                     runs.append({"backend": backend, "method": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}",
                                  "trainable_params": None, "percent_trainable": None})
+                    # and the traceback beside the run (a resumed compare retrains it; several compares sharing one
+                    # --out overwrite each other's results.json, not this)
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(run_dir / RUN_ERROR, traceback.format_exc().encode())
                     if console is not None:
                         console.print(f"[red]{name} [{backend}] failed: {exc}[/]")
     summary = report.summarize(runs)
@@ -228,6 +233,7 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
 
 
 RUN_RECORD = "run.json"
+RUN_ERROR = "error.txt"  # the traceback of a run that failed
 
 
 def finished_run(run_dir: Path, budget: dict, model: str | None, data: str | None) -> dict | None:
