@@ -16,7 +16,7 @@ import peftlab  # noqa: E402
 from peftlab.core.adapter import ServingForm  # noqa: E402
 from peftlab.core.inject import adapted_modules  # noqa: E402
 from peftlab.serve.batched import group_by_slot, lowrank_torch  # noqa: E402
-from peftlab.serve.layers import BatchedLinear, StepContext  # noqa: E402
+from peftlab.serve.layers import FOLD_RANK, BatchedLinear, StepContext  # noqa: E402
 
 from models import randomize_adapters, tiny_llama  # noqa: E402
 
@@ -41,11 +41,11 @@ def _forms(g: torch.Generator) -> list[ServingForm]:
 
 
 def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64,
-           device="cpu") -> tuple[BatchedLinear, StepContext]:
+           device="cpu", fold_rank: int = FOLD_RANK) -> tuple[BatchedLinear, StepContext]:
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, bias=True).to(device, dtype)
     ctx = StepContext(capacity)
-    return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4), ctx
+    return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4, fold_rank=fold_rank), ctx
 
 
 def _dense(forms_by_slot, slots, x, base):
@@ -58,14 +58,18 @@ def _dense(forms_by_slot, slots, x, base):
     return torch.stack(rows)
 
 
-def test_mixed_batch_equals_each_adapter_alone():
+@pytest.mark.parametrize("fold_rank", [FOLD_RANK, 0], ids=["vera-folded", "vera-shared"])
+def test_mixed_batch_equals_each_adapter_alone(fold_rank):
     g = torch.Generator().manual_seed(0)
     forms = _forms(g)
-    layer, ctx = _layer(capacity=10)
+    layer, ctx = _layer(capacity=10, fold_rank=fold_rank)
     placement = {slot: form for slot, form in zip([3, 0, 9, 1, 5, 2, 7, 4], forms)}
     for slot, form in placement.items():
         layer.set_slot(slot, form)
-    assert len([u for u in layer.proj_users if u]) == 2  # the shared VeRA projection is stored once
+    if fold_rank:  # VeRA slots are LoRA slots of the grouped kernel
+        assert not layer.vera_slots and {2, 7, 4} <= layer.lora_slots
+    else:
+        assert len([u for u in layer.proj_users if u]) == 2  # the shared VeRA projection is stored once
     slots = [3, -1, 0, 9, 9, 1, 5, 2, 7, 4, -1, 3, 0, 7, 2]
     x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)
     ctx.set(slots, "cpu")
@@ -76,10 +80,10 @@ def test_mixed_batch_equals_each_adapter_alone():
     torch.testing.assert_close(layer(x[None])[0], want, rtol=1e-10, atol=1e-10)
 
 
-def _check_slot_mix(slots, placement, seed):
+def _check_slot_mix(slots, placement, seed, fold_rank):
     g = torch.Generator().manual_seed(seed)
     forms = _forms(g)
-    layer, ctx = _layer(capacity=8)
+    layer, ctx = _layer(capacity=8, fold_rank=fold_rank)
     by_slot = {slot: form for slot, form in zip(placement, forms)}
     for slot, form in by_slot.items():
         layer.set_slot(slot, form)
@@ -93,7 +97,8 @@ def test_any_slot_mix_equals_dense_reference():
     hypothesis = pytest.importorskip("hypothesis")  # a test extra; the GPU machine may lack it
     st = hypothesis.strategies
     check = hypothesis.settings(max_examples=25, deadline=None)(hypothesis.given(
-        st.lists(st.integers(-1, 7), min_size=1, max_size=40), st.permutations(range(8)), st.integers(0, 2**16))(
+        st.lists(st.integers(-1, 7), min_size=1, max_size=40), st.permutations(range(8)), st.integers(0, 2**16),
+        st.sampled_from([FOLD_RANK, 0]))(
         _check_slot_mix))
     check()
 

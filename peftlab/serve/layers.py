@@ -36,6 +36,24 @@ class StepContext:
         self.present = frozenset(self.seg.slots_cpu)
 
 
+# VeRA forms up to this rank are served as the LoRA (diag(up_scale) P_B, diag(mid) P_A) of their slot: one more
+# segment of the grouped LoRA kernel instead of a separate per-slot path (exact up to rounding). The shared
+# projections are then not shared in GPU memory; a larger rank (VeRA's are often 256) would widen every slot's
+# padded rank, so those keep the shared-projection path.
+FOLD_RANK = 64
+
+
+def _folded(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of the LoRA equal to a VeRA form: up_scale ⊙ (P_B (mid ⊙ (P_A x))) = (up_scale P_B)(mid P_A) x."""
+    wide = torch.promote_types(form.down.dtype, torch.float32)  # products in fp32 at least, one rounding
+    down, up = form.down.to(wide), form.up.to(wide)
+    if form.mid_scale is not None:
+        down = form.mid_scale.to(wide)[:, None] * down
+    if form.up_scale is not None:
+        up = form.up_scale.to(wide)[:, None] * up
+    return down.to(form.down.dtype), up.to(form.up.dtype)
+
+
 def _grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """``table`` zero-padded along ``dim`` to ``size``."""
     shape = list(table.shape)
@@ -49,10 +67,10 @@ class BatchedLinear(nn.Module):
     """A base ``nn.Linear`` plus ``capacity`` adapter slots; see ``peftlab.serve.batched`` for the maths."""
 
     def __init__(self, base: nn.Linear, name: str, capacity: int, context: StepContext, use_triton: bool = False,
-                 initial_rank: int = 16):
+                 initial_rank: int = 16, fold_rank: int = FOLD_RANK):
         super().__init__()
         self.base, self.name, self.capacity, self.context = base, name, capacity, context
-        self.use_triton = use_triton
+        self.use_triton, self.fold_rank = use_triton, fold_rank
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight
         self.dtype, self.device = w.dtype, w.device
@@ -103,14 +121,17 @@ class BatchedLinear(nn.Module):
             self.used_slots.add(slot)
         if form.down is None:
             return
+        down, up = form.down, form.up
         if form.shared_projection or form.mid_scale is not None or form.up_scale is not None:
-            self._set_vera(slot, form)
-            return
+            if form.rank > self.fold_rank:
+                self._set_vera(slot, form)
+                return
+            down, up = _folded(form)
         r = form.rank
         if r > self.down.shape[1]:
             self.down, self.up = _grown(self.down, 1, r), _grown(self.up, 2, r)
-        self.down[slot, :r] = form.down
-        self.up[slot, :, :r] = form.up
+        self.down[slot, :r] = down
+        self.up[slot, :, :r] = up
         self.ranks[slot] = r
         self.lora_slots.add(slot)
         self.used_slots.add(slot)
