@@ -144,6 +144,10 @@ def compare(
     optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
     device: str = typer.Option("auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="Base model dtype (float32, bfloat16); default: the checkpoint's."),
+    jobs: int = typer.Option(1, min=1, help="Runs trained at once, each in its own process on the same device "
+                                            "(a small model on a GPU is launch-bound; times are then shared-device times)."),
+    gather: bool = typer.Option(False, help="Train nothing: report the runs finished in --out (e.g. after an interrupted "
+                                            "--jobs run), the others as not finished."),
 ) -> None:
     """Fine-tune every method on the same data and budget; rank by eval loss and perplexity.
 
@@ -154,6 +158,7 @@ def compare(
     import peftlab
     from peftlab.compare import report
     from peftlab.compare.params import SEED_PARAMS_SETTINGS, params_table
+    from peftlab.compare.jobs import run_jobs
     from peftlab.compare.runner import CompareArgs, run_compare
 
     names = [m.strip() for m in methods.split(",")] if methods else None
@@ -184,7 +189,8 @@ def compare(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        results = run_compare(args, console=console)
+        results = run_compare(args, console=console, train=False, jobs=jobs) if gather else \
+            run_jobs(args, jobs, console=console)
     except (ValueError, FileNotFoundError) as exc:  # bad model/data paths or fields: before any training
         _fail(str(exc))
     report.print_table(results, console)

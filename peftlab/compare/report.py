@@ -99,6 +99,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     if "process_max_rss" in kinds:
         text += ("\nPeak MiB on the CPU is the process's peak resident set so far, which includes every earlier "
                  "run of the comparison: it orders nothing. On CUDA it is each run's own max_memory_allocated.\n")
+    errors = [r for r in results.get("runs", []) if r.get("error")]
+    if errors:  # a row says "failed"; here is why (a run that raised, or one a --jobs worker did not finish)
+        text += "\nRuns without a result:\n" + "".join(
+            f"- {r['method']} [{r['backend']}] seed {r['seed']}: {r['error'][:300]}\n" for r in errors)
+    if results.get("jobs", 1) > 1:
+        text += (f"\nTrained {results['jobs']} runs at a time (`--jobs`) on one device: train time and tokens/s were "
+                 "taken while the runs shared it, so they are not solo times. Eval loss does not depend on it.\n")
     comparison = results.get("peft_comparison") or []
     if comparison:
         text += "\n| method | eval loss peftlab | eval loss PEFT | rel. diff | within 1% | time ratio | memory ratio |\n"

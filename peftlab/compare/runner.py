@@ -161,10 +161,28 @@ def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out
     }
 
 
-def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
+def load_inputs(args: CompareArgs, device: torch.device | None):
+    """(base model, tokenizer, records) of a comparison; a bad model or data path raises here."""
     from peftlab.defaults import default_records, load_model_and_tokenizer
     from peftlab.train.data import load_records
 
+    budget = args.budget()
+    base, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+    base.requires_grad_(False)
+    # the default data: one user -> assistant exchange per record, so short sequences still hold a reply
+    records = default_records(exchanges=1) if args.data is None else load_records(args.data)
+    return base, tokenizer, sample_records(records, budget["train_size"] + budget["eval_size"])
+
+
+def check_inputs(args: CompareArgs) -> None:
+    """The errors ``run_compare`` would give for the model and data, without training (loads both on the CPU)."""
+    load_inputs(args, None)
+
+
+def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int = 1) -> dict[str, Any]:
+    """Train every (seed, method, backend) run not finished earlier in ``args.out`` and write the reports.
+    ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
+    a run without a record is reported as not finished, with its error when it left one."""
     budget = args.budget()
     names = args.method_list()
     out = Path(args.out)
@@ -173,12 +191,7 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
     # where and in what dtype, as settings: in results.json, and a resumed run must match them too
     budget = {**budget, "device": device.type, "dtype": args.dtype or "checkpoint"}
     # a quantized base is quantized onto the GPU by each run from the CPU copy; otherwise it moves once
-    base, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype,
-                                               device=None if budget.get("quantize") else device)
-    base.requires_grad_(False)
-    # the default data: one user -> assistant exchange per record, so short sequences still hold a reply
-    records = default_records(exchanges=1) if args.data is None else load_records(args.data)
-    records = sample_records(records, budget["train_size"] + budget["eval_size"])
+    base, tokenizer, records = load_inputs(args, None if budget.get("quantize") else device)
     backends = ["peftlab"] + (["peft"] if args.with_peft else [])
     runs = []
     seeds = [args.seed + i for i in range(args.repeat)]
@@ -193,6 +206,12 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
                     runs.append(done)
                     if console is not None:
                         console.print(f"{name} [{backend}] seed {seed}: finished earlier, kept ({run_dir})")
+                    continue
+                if not train:
+                    error = run_dir / RUN_ERROR
+                    reason = error.read_text().strip().splitlines()[-1] if error.is_file() else "did not finish"
+                    runs.append({"backend": backend, "method": name, "seed": seed, "error": f"not finished: {reason}",
+                                 "trainable_params": None, "percent_trainable": None})
                     continue
                 if console is not None:
                     console.rule(f"{name} [{backend}] seed {seed}")
@@ -223,6 +242,7 @@ def run_compare(args: CompareArgs, console=None) -> dict[str, Any]:
                   "class": type(base).__name__, "parameters": sum(p.numel() for p in base.parameters())},
         "data": {"name": args.data or "chitchat-dataset (offline default)", "records": len(records)},
         "preset": args.preset, "settings": budget, "seeds": seeds, "methods": names, "backends": backends,
+        "jobs": jobs,  # runs trained at once on the device: above 1, times and tokens/s are taken under sharing
         "eval_loss_base": {str(r["seed"]): r["eval_loss_before"] for r in runs if r.get("eval_loss_before") is not None},
         "runs": runs, "summary": summary,
         "peft_comparison": report.peft_comparison(summary) if args.with_peft else [],
