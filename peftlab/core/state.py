@@ -214,17 +214,26 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
 
 _RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "orthogonal_")
+_FILLS = ("zeros_", "ones_", "constant_", "eye_", "dirac_")
+
+
+def _skip_for_parameters(fill):
+    """``fill`` as a no-op on parameters; other tensors (buffers a layer computes from them) are still filled."""
+    return lambda tensor, *args, **kwargs: tensor if isinstance(tensor, nn.Parameter) else fill(tensor, *args, **kwargs)
 
 
 @contextmanager
 def random_init_skipped() -> Iterator[None]:
-    """``torch.nn.init``'s random fills as no-ops (process-wide, as transformers' ``no_init_weights``), for
-    adapters built only to be overwritten by a checkpoint. Deterministic fills (zeros_, ones_, constant_) and
-    anything drawn from an explicit generator outside nn.init (VeRA's projections) still run."""
-    saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS}
+    """``torch.nn.init``'s random fills as no-ops (process-wide, as transformers' ``no_init_weights``), and its
+    deterministic fills (zeros_, ones_, ...) as no-ops on parameters, for adapters built only to be overwritten by
+    a checkpoint. Deterministic fills of other tensors and anything drawn from an explicit generator outside nn.init
+    (VeRA's projections) still run."""
+    saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS + _FILLS}
     try:
         for n in _RANDOM_INITS:
             setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        for n in _FILLS:
+            setattr(nn.init, n, _skip_for_parameters(saved[n]))
         yield
     finally:
         for n, fn in saved.items():
@@ -232,10 +241,10 @@ def random_init_skipped() -> Iterator[None]:
 
 
 def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.Tensor], source: str,
-                  activate: bool = True) -> None:
-    """``attach`` then ``load_tensors``, all or nothing. The random initialisation is skipped when the checkpoint
-    overwrites every parameter of the new adapter (checked; otherwise it is built again with its own init):
-    on a 1B model's LoRA it was three quarters of an adapter's load time, spent on values thrown away."""
+                  activate: bool = True, share: bool = False) -> None:
+    """``attach`` then ``load_tensors`` (``share`` as there), all or nothing. The random initialisation is skipped
+    when the checkpoint overwrites every parameter of the new adapter (checked; otherwise it is built again with its
+    own init): on a 1B model's LoRA it was three quarters of an adapter's load time, spent on values thrown away."""
     before = {id(p) for p in model.parameters()}
     with random_init_skipped():
         attach(model, config, name, activate=activate)
@@ -245,14 +254,19 @@ def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.
         if any(id(p) not in before and id(p) not in loaded for p in model.parameters()):
             delete_adapter(model, name)
             attach(model, config, name, activate=activate)
-        load_tensors(model, name, tensors, source=source)
+        load_tensors(model, name, tensors, source=source, share=share)
     except BaseException:
         delete_adapter(model, name)
         raise
 
 
-def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing."""
+def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                 share: bool = False) -> None:
+    """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing.
+
+    ``share``: the adapter's own tensors take the checkpoint tensors' storage instead of a copy of it (no copy at
+    all when dtype and device already match), for an adapter that is only read and soon deleted, as serving's
+    load does; the checkpoint tensors must then not be written to while it lives. Base weights are always copied."""
     expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
     extra = [k for k in tensors if k not in expected]
     base_layer_weights = [k for k in extra if k.endswith(".base_layer.weight")]  # PEFT's saved embeddings
@@ -284,7 +298,11 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
         )
     with torch.no_grad():
         for k, target in expected.items():
-            target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
+            value = tensors[k].to(device=target.device, dtype=target.dtype)
+            if share and k not in base_layer_weights:
+                target.data = value  # same tensor object (references held elsewhere stay valid), the file's storage
+            else:
+                target.copy_(value)
 
 
 __all__ = ["save_adapter", "load_adapter", "attach_loaded", "random_init_skipped", "read_config", "adapter_tensors", "checkpoint_tensors", "CheckpointError",

@@ -201,7 +201,7 @@ class AdapterStore:
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
                                  held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
-            attach_loaded(self._skeleton, config, tmp, tensors, str(path))
+            attach_loaded(self._skeleton, config, tmp, tensors, str(path), share=True)
             try:
                 forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
             finally:
