@@ -260,6 +260,24 @@ def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.
         raise
 
 
+def check_checkpoint(shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str, name: str,
+                     spare: set[str] = frozenset()) -> None:
+    """``tensors`` against the ``shapes`` (by key) that adapter ``name`` holds: no key missing, none unexpected
+    (``spare`` keys aside), every shape equal; else a CheckpointError naming the keys."""
+    extra = [k for k in tensors if k not in shapes and k not in spare]
+    missing = [k for k in shapes if k not in tensors]
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: keys do not match the model for adapter {name!r}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(tensors[k].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(shape)}")
+
+
 def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
                  share: bool = False) -> None:
     """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing.
@@ -268,27 +286,15 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     all when dtype and device already match), for an adapter that is only read and soon deleted, as serving's
     load does; the checkpoint tensors must then not be written to while it lives. Base weights are always copied."""
     expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
-    extra = [k for k in tensors if k not in expected]
-    base_layer_weights = [k for k in extra if k.endswith(".base_layer.weight")]  # PEFT's saved embeddings
-    extra = [k for k in extra if k not in base_layer_weights]
-    missing = [k for k in expected if k not in tensors]
-    if missing or extra:
-        raise CheckpointError(
-            f"{source}: keys do not match the model for adapter {name!r}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-    params = dict(model.named_parameters())
+    # PEFT also saves an embedding target's base weight (``.base_layer.weight``)
+    base_layer_weights = {k for k in tensors if k not in expected and k.endswith(".base_layer.weight")}
+    check_checkpoint({k: tuple(t.shape) for k, t in expected.items()}, tensors, source, name, spare=base_layer_weights)
+    params = dict(model.named_parameters()) if base_layer_weights else {}
     for k in base_layer_weights:
         target = params.get(k)
         if target is None or target.shape != tensors[k].shape:
             raise CheckpointError(f"{source}: key {k!r} matches no base weight of the same shape")
         expected[k] = target
-    for k, target in expected.items():
-        if tuple(target.shape) != tuple(tensors[k].shape):
-            raise CheckpointError(
-                f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(target.shape)}"
-            )
     live = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     computed = [k for k, target in expected.items() if id(target) not in live]
     if computed:
