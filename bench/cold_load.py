@@ -1,15 +1,15 @@
-"""The host side of serving's adapter cold load (disk -> host forms: read, attach to the skeleton, load, serving
-forms, pack), for a r16 all-linear LoRA on the 1B Llama shape's linears, with and without the random
-initialisation that the checkpoint overwrites (``peftlab.core.state.random_init_skipped``), side by side in one
-run. No GPU needed: on the H200 the whole disk -> GPU slot load was 121 ms and CPU cache -> slot 9 ms
-(bench/results/serve/serve_1b_h200.json), so this part is the cold load's cost.
+"""The host side of serving's adapter cold load (disk -> host forms: read, serving forms, pack), for a r16
+all-linear LoRA on the 1B Llama shape's linears, two ways side by side in one run: "attached", the generic path
+every method can take (attach to the skeleton with the checkpoint's tensors shared, ``serving_form`` per layer,
+delete), and "from_state", the path LoRA takes (``peftlab.serve.loading.forms_from_state``: forms straight from the
+checkpoint, no modules built). No GPU needed: on the H200 the whole disk -> GPU slot load was 121 ms and
+CPU cache -> slot 9 ms (bench/results/serve/serve_1b_h200.json), so this part is the cold load's cost.
 
     python bench/cold_load.py --out bench/results/serve/cold_load_host.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import tempfile
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import peftlab
-import peftlab.core.state as state
+import peftlab.serve.store as store
 from peftlab.serve.store import AdapterStore, skeleton
 from results_io import environment, write_atomic
 
@@ -49,19 +49,19 @@ def main() -> None:
                                          for n in linears},
                                  _skeleton=skeleton(linears), convert_rank=args.r, _skeleton_lock=threading.Lock(),
                                  model=None)
-    skip = state.random_init_skipped
+    direct = store.forms_from_state
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         peftlab.save_adapter(source, Path(tmp) / "a", name="x")
         size_mb = (Path(tmp) / "a" / "adapter_model.safetensors").stat().st_size / 2**20
-        for k in range(args.repeats + 1):  # alternate the two forms; the first round warms the page cache
-            for init in ("skipped", "full") if k % 2 == 0 else ("full", "skipped"):
-                state.random_init_skipped = skip if init == "skipped" else contextlib.nullcontext
+        for k in range(args.repeats + 1):  # alternate the two paths; the first round warms the page cache
+            for path in ("from_state", "attached") if k % 2 == 0 else ("attached", "from_state"):
+                store.forms_from_state = direct if path == "from_state" else lambda *a, **kw: None
                 t0 = time.perf_counter()
                 AdapterStore.load_from_disk(host, "a", Path(tmp) / "a")
                 if k:
-                    rows.setdefault(init, []).append(round((time.perf_counter() - t0) * 1e3, 2))
-        state.random_init_skipped = skip
+                    rows.setdefault(path, []).append(round((time.perf_counter() - t0) * 1e3, 2))
+        store.forms_from_state = direct
     result = {"benchmark": "cold_load_host", "environment": environment("cpu"), "layers": args.layers, "r": args.r,
               "adapter_file_mb": round(size_mb, 2), "threads": torch.get_num_threads(),
               "ms": rows, "ms_median": {k: statistics.median(v) for k, v in rows.items()}}

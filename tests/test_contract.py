@@ -161,6 +161,12 @@ def test_loading_skips_random_init_only_when_the_checkpoint_covers_it(tmp_path, 
         assert torch.equal(t, torch.zeros(3))
     nn.init.normal_(t)
     assert not torch.equal(t, torch.zeros(3))
+    zeros = nn.init.zeros_
+    with random_init_skipped():  # deterministic fills: skipped on parameters (all checked to come from the file)
+        p, buffer = nn.Parameter(torch.ones(3)), torch.ones(3)
+        nn.init.zeros_(p)
+        nn.init.zeros_(buffer)  # ... but not on other tensors (buffers a layer computes at init)
+    assert torch.equal(p, torch.ones(3)) and torch.equal(buffer, torch.zeros(3)) and nn.init.zeros_ is zeros
 
 
 def test_loading_builds_with_its_init_when_the_file_does_not_cover_the_adapter(tmp_path, monkeypatch):

@@ -13,11 +13,12 @@ where ``t_i`` are the input transforms of adapters that rotate the input (OFT-li
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from .serving_form import ServingForm
 
 try:  # transformers' GPT-2 style linear layer, weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -123,56 +124,6 @@ class BaseView:
         return nn.functional.linear(x, weight_oi.to(x.dtype))
 
 
-@dataclass
-class ServingForm:
-    """One adapter on one linear layer, in the form the serving engine batches across adapters:
-
-        y = out_scale ⊙ (W0 (in_scale ⊙ x)) + bias_scale ⊙ b0 + up_scale ⊙ (up (mid_scale ⊙ (down x)))
-
-    Every field is optional (None = identity / absent); ``bias_scale`` is ``out_scale`` when
-    ``scale_bias`` is set, else 1. LoRA: down = A, up = s B. DoRA: additionally out_scale = m / ||W0 + s B A||
-    (folded into ``up`` too). IA3: out_scale (and scale_bias) or in_scale. VeRA: down/up are the frozen shared
-    projections (``shared_projection`` says so, so the engine may store them once for many adapters),
-    mid_scale = lambda_d, up_scale = lambda_b.
-    """
-
-    down: torch.Tensor | None = None  # (r, in)
-    up: torch.Tensor | None = None  # (out, r)
-    mid_scale: torch.Tensor | None = None  # (r,)
-    up_scale: torch.Tensor | None = None  # (out,)
-    out_scale: torch.Tensor | None = None  # (out,)
-    in_scale: torch.Tensor | None = None  # (in,)
-    scale_bias: bool = False
-    shared_projection: bool = False
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.down is None else int(self.down.shape[0])
-
-    def apply(self, x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The adapted output for input ``x`` (..., in): the dense reference of the batched kernels."""
-        xin = x if self.in_scale is None else x * self.in_scale
-        y = nn.functional.linear(xin, weight_oi)
-        if self.out_scale is not None:
-            y = y * self.out_scale
-        if bias is not None:
-            y = y + (bias * self.out_scale if self.scale_bias and self.out_scale is not None else bias)
-        if self.down is not None:
-            z = nn.functional.linear(x, self.down)
-            if self.mid_scale is not None:
-                z = z * self.mid_scale
-            low = nn.functional.linear(z, self.up)
-            y = y + (low if self.up_scale is None else low * self.up_scale)
-        return y
-
-    def to(self, *args: Any, **kwargs: Any) -> "ServingForm":
-        moved = {k: (v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return ServingForm(**moved)
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
-
-
 class AdapterLayer(nn.Module):
     """One adapter on one base module. Subclasses set flags and implement the maths.
 
@@ -180,6 +131,7 @@ class AdapterLayer(nn.Module):
       mergeable          the update can be folded into the base weight (merge/unmerge/export)
       identity_at_init   the adapted module equals the base module right after init
       batched_serving    the serving engine has a batched kernel for it (``serving_form`` returns one)
+      serves_from_state  on a linear, ``serving_form_from_state`` gives that form straight from checkpoint tensors
       transforms_input   ``transform_input`` rewrites the input before the base layer
       supported_kinds    base-module kinds it can wrap ("linear", "embedding")
     """
@@ -187,6 +139,7 @@ class AdapterLayer(nn.Module):
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     batched_serving: ClassVar[bool] = False
+    serves_from_state: ClassVar[bool] = False
     transforms_input: ClassVar[bool] = False
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
 
@@ -266,6 +219,20 @@ class AdapterLayer(nn.Module):
         """This adapter in the batched serving form, or None when it has none (the engine then serves a
         mergeable method as a LoRA of its update, see ``peftlab.lowrank``)."""
         return None
+
+    @classmethod
+    def state_shapes(cls, base: BaseView, config: Any, module_name: str) -> dict[str, tuple[int, ...]]:
+        """(``serves_from_state``) suffix -> shape of each tensor ``state_tensors`` holds on a layer built from
+        ``config`` on the linear ``base``, without building it."""
+        raise NotImplementedError
+
+    @classmethod
+    def serving_form_from_state(cls, state: dict[str, torch.Tensor], base: BaseView, config: Any,
+                                module_name: str) -> ServingForm | None:
+        """(``serves_from_state``) what ``serving_form`` returns on a layer built from ``config`` on the linear
+        ``base`` and loaded with ``state`` (suffix -> tensor of ``state_shapes``' shape, in the layer's dtype and
+        device), bit for bit, without building the layer: serving's cold load skips the modules."""
+        raise NotImplementedError
 
     def on_step_end(self, step: int) -> None:
         """Called by trainers after each optimizer step (rank schedules etc.)."""

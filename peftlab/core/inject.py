@@ -74,12 +74,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or bool(Conv1D and isinstance(module, Conv1D))
 
 
 def _is_wrappable(module: nn.Module) -> bool:
-    return _is_linear(module) or isinstance(module, nn.Embedding)
+    return is_linear(module) or isinstance(module, nn.Embedding)
 
 
 # -- matching ----------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         if isinstance(module, ModulesToSave):
             continue
         if all_linear:
-            if not _is_linear(base) or name in heads:
+            if not is_linear(base) or name in heads:
                 continue
         elif not _matches(spec, name):
             continue

@@ -37,8 +37,11 @@ class Method:
     # training log line and stored in the run's history (MoLoRA's expert usage)
     log_stats: Callable[..., dict] | None = None
 
+    def layer_class(self, config):
+        return self.layer_factory(config) if self.layer_factory else self.layer
+
     def make_layer(self, view, config, module_name, shared=None):
-        cls = self.layer_factory(config) if self.layer_factory else self.layer
+        cls = self.layer_class(config)
         return cls(view, config, module_name) if shared is None else cls(view, config, module_name, shared)
 
 

@@ -214,17 +214,26 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
 
 _RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "orthogonal_")
+_FILLS = ("zeros_", "ones_", "constant_", "eye_", "dirac_")
+
+
+def _skip_for_parameters(fill):
+    """``fill`` as a no-op on parameters; other tensors (buffers a layer computes from them) are still filled."""
+    return lambda tensor, *args, **kwargs: tensor if isinstance(tensor, nn.Parameter) else fill(tensor, *args, **kwargs)
 
 
 @contextmanager
 def random_init_skipped() -> Iterator[None]:
-    """``torch.nn.init``'s random fills as no-ops (process-wide, as transformers' ``no_init_weights``), for
-    adapters built only to be overwritten by a checkpoint. Deterministic fills (zeros_, ones_, constant_) and
-    anything drawn from an explicit generator outside nn.init (VeRA's projections) still run."""
-    saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS}
+    """``torch.nn.init``'s random fills as no-ops (process-wide, as transformers' ``no_init_weights``), and its
+    deterministic fills (zeros_, ones_, ...) as no-ops on parameters, for adapters built only to be overwritten by
+    a checkpoint. Deterministic fills of other tensors and anything drawn from an explicit generator outside nn.init
+    (VeRA's projections) still run."""
+    saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS + _FILLS}
     try:
         for n in _RANDOM_INITS:
             setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        for n in _FILLS:
+            setattr(nn.init, n, _skip_for_parameters(saved[n]))
         yield
     finally:
         for n, fn in saved.items():
@@ -232,10 +241,10 @@ def random_init_skipped() -> Iterator[None]:
 
 
 def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.Tensor], source: str,
-                  activate: bool = True) -> None:
-    """``attach`` then ``load_tensors``, all or nothing. The random initialisation is skipped when the checkpoint
-    overwrites every parameter of the new adapter (checked; otherwise it is built again with its own init):
-    on a 1B model's LoRA it was three quarters of an adapter's load time, spent on values thrown away."""
+                  activate: bool = True, share: bool = False) -> None:
+    """``attach`` then ``load_tensors`` (``share`` as there), all or nothing. The random initialisation is skipped
+    when the checkpoint overwrites every parameter of the new adapter (checked; otherwise it is built again with its
+    own init): on a 1B model's LoRA it was three quarters of an adapter's load time, spent on values thrown away."""
     before = {id(p) for p in model.parameters()}
     with random_init_skipped():
         attach(model, config, name, activate=activate)
@@ -245,36 +254,47 @@ def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.
         if any(id(p) not in before and id(p) not in loaded for p in model.parameters()):
             delete_adapter(model, name)
             attach(model, config, name, activate=activate)
-        load_tensors(model, name, tensors, source=source)
+        load_tensors(model, name, tensors, source=source, share=share)
     except BaseException:
         delete_adapter(model, name)
         raise
 
 
-def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing."""
-    expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
-    extra = [k for k in tensors if k not in expected]
-    base_layer_weights = [k for k in extra if k.endswith(".base_layer.weight")]  # PEFT's saved embeddings
-    extra = [k for k in extra if k not in base_layer_weights]
-    missing = [k for k in expected if k not in tensors]
+def check_checkpoint(shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str, name: str,
+                     spare: set[str] = frozenset()) -> None:
+    """``tensors`` against the ``shapes`` (by key) that adapter ``name`` holds: no key missing, none unexpected
+    (``spare`` keys aside), every shape equal; else a CheckpointError naming the keys."""
+    extra = [k for k in tensors if k not in shapes and k not in spare]
+    missing = [k for k in shapes if k not in tensors]
     if missing or extra:
         raise CheckpointError(
             f"{source}: keys do not match the model for adapter {name!r}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
         )
-    params = dict(model.named_parameters())
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(tensors[k].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(shape)}")
+
+
+def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+                 share: bool = False) -> None:
+    """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing.
+
+    ``share``: the adapter's own tensors take the checkpoint tensors' storage instead of a copy of it (no copy at
+    all when dtype and device already match), for an adapter that is only read and soon deleted, as serving's
+    load does; the checkpoint tensors must then not be written to while it lives. Base weights are always copied."""
+    expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
+    # PEFT also saves an embedding target's base weight (``.base_layer.weight``)
+    base_layer_weights = {k for k in tensors if k not in expected and k.endswith(".base_layer.weight")}
+    check_checkpoint({k: tuple(t.shape) for k, t in expected.items()}, tensors, source, name, spare=base_layer_weights)
+    params = dict(model.named_parameters()) if base_layer_weights else {}
     for k in base_layer_weights:
         target = params.get(k)
         if target is None or target.shape != tensors[k].shape:
             raise CheckpointError(f"{source}: key {k!r} matches no base weight of the same shape")
         expected[k] = target
-    for k, target in expected.items():
-        if tuple(target.shape) != tuple(tensors[k].shape):
-            raise CheckpointError(
-                f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(target.shape)}"
-            )
     live = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     computed = [k for k, target in expected.items() if id(target) not in live]
     if computed:
@@ -284,7 +304,11 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
         )
     with torch.no_grad():
         for k, target in expected.items():
-            target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
+            value = tensors[k].to(device=target.device, dtype=target.dtype)
+            if share and k not in base_layer_weights:
+                target.data = value  # same tensor object (references held elsewhere stay valid), the file's storage
+            else:
+                target.copy_(value)
 
 
 __all__ = ["save_adapter", "load_adapter", "attach_loaded", "random_init_skipped", "read_config", "adapter_tensors", "checkpoint_tensors", "CheckpointError",

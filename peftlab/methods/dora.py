@@ -38,6 +38,7 @@ def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
 
 class DoraLayer(LoraLayer):
     supported_kinds = frozenset({"linear"})
+    serves_from_state = False  # its form needs ||W0 + s B A||, computed by the built layer
 
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         super().__init__(base, config, module_name)

@@ -94,16 +94,27 @@ class _UpcastLinear(torch.autograd.Function):
         return grad_x, grad_a
 
 
+def rank_and_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
+    """(r, s) of the LoRA on ``module_name``: rank/alpha patterns applied, s = alpha / r (rsLoRA: alpha / sqrt(r))."""
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    return r, alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def lora_serving_form(a: torch.Tensor, b: torch.Tensor, scaling: float) -> ServingForm:
+    """down = A (r, in), up = s B (out, r)."""
+    return ServingForm(down=a.detach(), up=b.detach() * scaling)
+
+
 class LoraLayer(AdapterLayer):
     supported_kinds = frozenset({"linear", "embedding"})
     batched_serving = True  # linear targets; an embedding LoRA has no serving form
+    serves_from_state = True
 
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         super().__init__(base, config, module_name)
-        r = pattern_value(config.rank_pattern, module_name, config.r)
-        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        r, self.scaling = rank_and_scaling(config, module_name)
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.is_embedding = base.kind == "embedding"
         if self.is_embedding:
             self.lora_embedding_A = nn.Parameter(torch.randn(r, base.in_features))
@@ -197,7 +208,16 @@ class LoraLayer(AdapterLayer):
     def serving_form(self, base: BaseView) -> ServingForm | None:
         if self.is_embedding:
             return None
-        return ServingForm(down=self.A.detach(), up=self.B.detach() * self.scaling)
+        return lora_serving_form(self.A, self.B, self.scaling)
+
+    @classmethod
+    def state_shapes(cls, base: BaseView, config: LoraConfig, module_name: str) -> dict[str, tuple[int, ...]]:
+        r = rank_and_scaling(config, module_name)[0]
+        return {"lora_A.weight": (r, base.in_features), "lora_B.weight": (base.out_features, r)}
+
+    @classmethod
+    def serving_form_from_state(cls, state, base, config, module_name) -> ServingForm:
+        return lora_serving_form(state["lora_A.weight"], state["lora_B.weight"], rank_and_scaling(config, module_name)[1])
 
     def param_roles(self) -> dict[str, str]:
         if self.is_embedding:

@@ -1,7 +1,8 @@
 """The adapter store: disk (PEFT-format folders) -> LRU CPU cache -> a fixed number of GPU slots.
 
-Loading attaches the adapter with peftlab's own loader to a skeleton that shares the base linears
-(the served model is never touched), then asks each layer for its ``serving_form``. A mergeable method
+Loading (``peftlab.serve.loading``) attaches the adapter with peftlab's own loader to a skeleton that shares the
+base linears (the served model is never touched), then asks each layer for its ``serving_form``; layer classes
+that give that form straight from the checkpoint (LoRA) skip the attach. A mergeable method
 without one is served as a LoRA of its update (``peftlab.lowrank.lora_from_delta``), and the relative
 error of that conversion is recorded. Forms live on the CPU (pinned on CUDA) in an LRU cache.
 
@@ -23,13 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.convert import weight_update
-from peftlab.core.adapter import AdapterError, ServingForm
-from peftlab.core.inject import adapted_modules, delete_adapter, saved_modules
+from peftlab.core.adapter import ServingForm
+from peftlab.core.inject import delete_adapter
 from peftlab.core.registry import method_for
 from peftlab.core.state import PREFIX, attach_loaded, read_adapter_weights, read_config
-from peftlab.lowrank import lora_from_delta
 from peftlab.serve.layers import BatchedLinear
+from peftlab.serve.loading import ServeError, check_servable, forms_from_state, forms_of, pack_to_host
 
 
 log = logging.getLogger("peftlab.serve")
@@ -37,10 +37,6 @@ log = logging.getLogger("peftlab.serve")
 
 class AdapterNotFound(KeyError):
     pass
-
-
-class ServeError(ValueError):
-    """An adapter cannot be served (names the adapter and the reason)."""
 
 
 @dataclass
@@ -71,42 +67,6 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
             node = getattr(node, part)
         node.add_module(parts[-1], linear)
     return root
-
-
-def check_servable(config, name: str) -> None:
-    """Refuse adapters the slot tables cannot express, before anything is attached."""
-    method = method_for(config)
-    layer_cls = method.layer_factory(config) if method.layer_factory else method.layer
-    if method.kind == "weight" and layer_cls.init_rewrites_base(config):
-        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
-                         "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
-                         "to a plain update first")
-    if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
-        raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
-
-
-def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:
-    """Serving forms of adapter ``name`` attached to ``model`` (and conversion errors by module)."""
-    if any(name in m.modules_to_save for _, m in saved_modules(model)):
-        raise ServeError(f"adapter {name!r}: modules_to_save are not servable")
-    forms, converted = {}, {}
-    for mname, module in adapted_modules(model):
-        if name not in module.adapters:
-            continue
-        layer = module.adapters[name]
-        form = layer.serving_form(module.view)
-        if form is None:
-            if not layer.mergeable or module.view.kind != "linear":
-                raise ServeError(f"adapter {name!r}: {type(layer).__name__} on {mname!r} has no batched serving form "
-                                 "and cannot be converted to LoRA (not a mergeable linear update)")
-            try:
-                delta = weight_update(module, name)
-            except AdapterError as exc:  # e.g. an update that also changes the bias
-                raise ServeError(f"adapter {name!r}: {exc}") from None
-            lr = lora_from_delta(delta, min(convert_rank, *delta.shape), name=f"{name}:{mname}")
-            form, converted[mname] = ServingForm(down=lr.A, up=lr.B), lr.rel_error
-        forms[mname] = form
-    return forms, converted
 
 
 class AdapterStore:
@@ -201,11 +161,13 @@ class AdapterStore:
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
                                  held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
-            attach_loaded(self._skeleton, config, tmp, tensors, str(path))
-            try:
-                forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
-            finally:
-                delete_adapter(self._skeleton, tmp)
+            forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path)), {}
+            if forms is None:
+                attach_loaded(self._skeleton, config, tmp, tensors, str(path), share=True)
+                try:
+                    forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
+                finally:
+                    delete_adapter(self._skeleton, tmp)
         layer = next(iter(self.layers.values()))
         forms = pack_to_host(forms, layer.dtype, layer.device.type == "cuda")
         adapter = LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
@@ -411,22 +373,3 @@ class _PrefixRecorder:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
         self.layers[layer] = (keys[0].transpose(0, 1), values[0].transpose(0, 1))
         return keys, values
-
-
-def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
-    """The forms as views into ONE host buffer (pinned when ``pin``): one allocation and one device sync per
-    adapter instead of one per tensor, and fast asynchronous copies into the slots later."""
-    tensors = [(m, key, value) for m, f in forms.items() for key, value in vars(f).items()
-               if isinstance(value, torch.Tensor)]
-    total = sum(v.numel() for _, _, v in tensors)
-    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
-    out = {m: ServingForm(**vars(f)) for m, f in forms.items()}
-    offset = 0
-    for m, key, value in tensors:
-        view = buffer[offset:offset + value.numel()].view(value.shape)
-        view.copy_(value.detach(), non_blocking=pin)
-        setattr(out[m], key, view)
-        offset += value.numel()
-    if pin:
-        torch.cuda.synchronize()
-    return out

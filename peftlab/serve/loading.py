@@ -1,0 +1,97 @@
+"""Disk -> host serving forms, the store's cold load: check that an adapter can be served, get each layer's
+``ServingForm`` (straight from the checkpoint where the layer class can, else by attaching it to the skeleton),
+and pack the forms into one host buffer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftlab.convert import weight_update
+from peftlab.core.adapter import AdapterError, BaseView, ServingForm
+from peftlab.core.inject import adapted_modules, find_targets, is_linear, saved_modules
+from peftlab.core.registry import method_for
+from peftlab.core.state import check_checkpoint
+from peftlab.lowrank import lora_from_delta
+
+
+class ServeError(ValueError):
+    """An adapter cannot be served (names the adapter and the reason)."""
+
+
+def check_servable(config, name: str) -> None:
+    """Refuse adapters the slot tables cannot express, before anything is attached."""
+    method = method_for(config)
+    if method.kind == "weight" and method.layer_class(config).init_rewrites_base(config):
+        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
+                         "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
+                         "to a plain update first")
+    if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
+        raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
+
+
+def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:
+    """Serving forms of adapter ``name`` attached to ``model`` (and conversion errors by module)."""
+    if any(name in m.modules_to_save for _, m in saved_modules(model)):
+        raise ServeError(f"adapter {name!r}: modules_to_save are not servable")
+    forms, converted = {}, {}
+    for mname, module in adapted_modules(model):
+        if name not in module.adapters:
+            continue
+        layer = module.adapters[name]
+        form = layer.serving_form(module.view)
+        if form is None:
+            if not layer.mergeable or module.view.kind != "linear":
+                raise ServeError(f"adapter {name!r}: {type(layer).__name__} on {mname!r} has no batched serving form "
+                                 "and cannot be converted to LoRA (not a mergeable linear update)")
+            try:
+                delta = weight_update(module, name)
+            except AdapterError as exc:  # e.g. an update that also changes the bias
+                raise ServeError(f"adapter {name!r}: {exc}") from None
+            lr = lora_from_delta(delta, min(convert_rank, *delta.shape), name=f"{name}:{mname}")
+            form, converted[mname] = ServingForm(down=lr.A, up=lr.B), lr.rel_error
+        forms[mname] = form
+    return forms, converted
+
+
+def forms_from_state(model: nn.Module, config, name: str, tensors: dict[str, torch.Tensor],
+                     source: str) -> dict[str, ServingForm] | None:
+    """The serving forms of an adapter straight from its checkpoint ``tensors`` (file keys without
+    ``base_model.model.``) on ``model``'s targets, without attaching it: no modules built, nothing copied into them.
+    Only for layer classes that can (``serves_from_state``) on plain linear targets with nothing shared across
+    layers; None otherwise (the caller attaches). Missing, unexpected or misshapen keys raise as loading does."""
+    method = method_for(config)
+    cls = method.layer_class(config)
+    if method.kind != "weight" or not cls.serves_from_state or method.make_shared is not None:
+        return None
+    modules = {target: model.get_submodule(target) for target in find_targets(model, config)}
+    if not all(is_linear(m) and "linear" in cls.supported_kinds for m in modules.values()):
+        return None
+    views = {target: BaseView(m) for target, m in modules.items()}
+    shapes = {target: cls.state_shapes(view, config, target) for target, view in views.items()}
+    check_checkpoint({f"{t}.{suffix}": shape for t, s in shapes.items() for suffix, shape in s.items()},
+                     tensors, source, name)
+    forms = {}
+    for target, view in views.items():
+        kind = {"device": view.weight.device, "dtype": view.adapter_dtype()}  # the built layer's, as attach makes it
+        state = {suffix: tensors[f"{target}.{suffix}"].to(**kind) for suffix in shapes[target]}
+        forms[target] = cls.serving_form_from_state(state, view, config, target)
+    return forms
+
+
+def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
+    """The forms as views into ONE host buffer (pinned when ``pin``): one allocation and one device sync per
+    adapter instead of one per tensor, and fast asynchronous copies into the slots later."""
+    tensors = [(m, key, value) for m, f in forms.items() for key, value in vars(f).items()
+               if isinstance(value, torch.Tensor)]
+    total = sum(v.numel() for _, _, v in tensors)
+    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+    out = {m: ServingForm(**vars(f)) for m, f in forms.items()}
+    offset = 0
+    for m, key, value in tensors:
+        view = buffer[offset:offset + value.numel()].view(value.shape)
+        view.copy_(value.detach(), non_blocking=pin)
+        setattr(out[m], key, view)
+        offset += value.numel()
+    if pin:
+        torch.cuda.synchronize()
+    return out
