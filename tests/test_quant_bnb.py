@@ -166,3 +166,37 @@ def test_export_merged_fp16_model_reloads_with_the_same_outputs(tmp_path):
     with torch.no_grad():
         got = plain(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # fp16 storage; the adapter moves logits ~0.3
+
+
+@pytest.mark.parametrize("variant,quant_type", [("lora", "nf4"), ("dora", "nf4"), ("lora", "fp4"), ("lora", "int8")])
+def test_fused_node_over_a_quantized_base_equals_the_reference_path(variant, quant_type, monkeypatch):
+    """The fused LoRA/DoRA node dequantizes a 4-bit base itself (forward and backward, never keeping the dense
+    weight): loss and every adapter gradient equal the reference path through bitsandbytes' layer; an int8 base keeps
+    bitsandbytes' own kernels (the node is not used there, so the two paths are the same code)."""
+    from models import losses_and_grads_by_fast_flag
+
+    model = quantize_model(tiny_llama(), quant_type, double_quant=True, compute_dtype=torch.float32)
+    peftlab.attach(model, peftlab.variants()[variant](TARGETS["llama"], 4))
+    randomize_adapters(model)
+    (loss_ref, grads_ref), (loss_fast, grads_fast) = losses_and_grads_by_fast_flag(model, batch(b=2, t=10), monkeypatch)
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads_ref and grads_ref.keys() == grads_fast.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads_fast[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_node_keeps_no_dense_copy_of_a_4bit_weight(monkeypatch):
+    """What the fused node saves for backward over a 4-bit base: no tensor of the layer's dense (out, in) size."""
+    from peftlab.ops import fast
+
+    model = quantize_model(tiny_llama(), "nf4", compute_dtype=torch.float32)
+    peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    q = model.model.layers[0].self_attn.q_proj
+    dense_shape = (q.view.out_features, q.view.in_features)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(input_ids=batch(b=1, t=6), labels=batch(b=1, t=6)).loss
+    assert dense_shape not in saved and (dense_shape[1], dense_shape[0]) not in saved
+    loss.backward()
+    assert fast.operands(torch.zeros(1, 2, dense_shape[1]), q.view) is not None  # the fused path did apply

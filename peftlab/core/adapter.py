@@ -47,6 +47,12 @@ class WeightCodec:
     def store(self, module: nn.Module, value: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def dense_for_matmul(self, module: nn.Module) -> bool:
+        """Whether ``dense`` is how this module multiplies anyway (dequantize, then a dense GEMM, as bitsandbytes'
+        4-bit training path does), so a fused adapter node may dequantize on its own in forward and backward
+        instead of calling the module; False (the default) keeps the module's own kernels (8-bit matmuls)."""
+        return False
+
 
 _WEIGHT_CODECS: list[WeightCodec] = []
 # packages whose weight tensors have a codec in peftlab, imported when such a weight is first seen

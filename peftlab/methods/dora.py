@@ -77,9 +77,9 @@ class DoraLayer(LoraLayer):
         parts = fast.operands(x, base)
         if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
-        x, weight, bias = parts
-        return fast.dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight,
-                                self.lora_magnitude_vector, self.weight_norm(base), self.scaling)
+        xc, weight, bias = parts
+        return fast.restore_dtype(fast.dora_linear(xc, weight, bias, self.lora_A.weight, self.lora_B.weight,
+                                                   self.lora_magnitude_vector, self.weight_norm(base), self.scaling), x)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""

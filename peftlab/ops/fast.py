@@ -52,6 +52,14 @@ def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
     if not enabled(x) or base.kind != "linear":
         return None
     w = base.weight
+    if base.codec is not None and base.codec.dense_for_matmul(base.module):
+        # in the autocast dtype, else the layer's compute dtype as bitsandbytes' own forward does (the output
+        # goes back to the input's dtype through ``restore_dtype``)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else \
+            getattr(base.module, "compute_dtype", None) or x.dtype
+        bias = base.bias
+        return x.to(dtype), QuantizedWeight(base), None if bias is None else bias.to(dtype)
     if type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
         return None
     weight, bias = base.weight_oi(), base.bias
@@ -59,6 +67,42 @@ def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
         dtype = torch.get_autocast_dtype(x.device.type)
         return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return (x, weight, bias) if w.dtype == x.dtype else None
+
+
+class QuantizedWeight:
+    """A frozen quantized base weight that a fused node dequantizes when it needs it (forward, and backward for the
+    input gradient) and never keeps: the saved state stays the packed 4-bit storage."""
+
+    requires_grad = False
+
+    def __init__(self, base: BaseView):
+        self.base = base
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base.weight_oi().to(dtype)
+
+
+def restore_dtype(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A fused node's output in the dtype the caller's input had (outside autocast; under autocast the node's
+    dtype is what F.linear would have given)."""
+    if out.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return out
+    return out.to(x.dtype)
+
+
+def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
+
+
+def _save(ctx, weight, *tensors) -> None:
+    """save_for_backward, with a QuantizedWeight kept on ctx (it is no tensor) and None in its place."""
+    ctx.quantized = weight if isinstance(weight, QuantizedWeight) else None
+    ctx.save_for_backward(None if ctx.quantized is not None else weight, *tensors)
+
+
+def _saved(ctx) -> tuple:
+    weight, *rest = ctx.saved_tensors
+    return (ctx.quantized if ctx.quantized is not None else weight, *rest)
 
 
 def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
@@ -92,24 +136,24 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, a, b, scaling):
         src = x if xd is None else xd
         x2, s2 = _flat(x), _flat(src)
-        out = F.linear(x2, weight, bias)
+        out = F.linear(x2, _dense(weight, x.dtype), bias)
         xa = (s2 @ a.to(x.dtype).t()).mul_(scaling)
         out.addmm_(xa, b.to(x.dtype).t())
         ctx.scaling, ctx.has_dropout = scaling, xd is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x2 if weight.requires_grad else None, s2, weight, a, b, xa)
+        _save(ctx, weight, x2 if weight.requires_grad else None, s2, a, b, xa)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, s2, weight, a, b, xa = ctx.saved_tensors
+        weight, x2, s2, a, b, xa = _saved(ctx)
         g2 = _flat(grad)
         a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
         gxa = (g2 @ b_).mul_(ctx.scaling)
         lead = grad.shape[:-1]
         grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2 @ weight.to(g2.dtype)
+            grad_x = g2 @ _dense(weight, g2.dtype)
             if not ctx.has_dropout:
                 grad_x.addmm_(gxa, a_)
             grad_x = grad_x.view(*lead, -1)
@@ -131,7 +175,7 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, share_output):
         x2 = _flat(x)
         scale = (magnitude / norm).to(x.dtype)
-        z = F.linear(x2, weight)
+        z = F.linear(x2, _dense(weight, x.dtype))
         xa = (x2 @ a.to(x.dtype).t()).mul_(scaling)
         z.addmm_(xa, b.to(x.dtype).t())
         y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
@@ -140,19 +184,19 @@ class _DoraLinear(torch.autograd.Function):
         kept = None
         if ctx.needs_input_grad[5]:  # dm needs the output; a copy unless the caller vouches for sharing it
             kept = y if share_output else y.clone()
-        ctx.save_for_backward(x2, weight, bias, a, b, magnitude, scale, xa, kept)
+        _save(ctx, weight, x2, bias, a, b, magnitude, scale, xa, kept)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, bias, a, b, magnitude, scale, xa, y = ctx.saved_tensors
+        weight, x2, bias, a, b, magnitude, scale, xa, y = _saved(ctx)
         g2 = _flat(grad)
         gs = g2 * scale
         a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
         gxa = (gs @ b_).mul_(ctx.scaling)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gs @ weight.to(g2.dtype)).addmm_(gxa, a_).view(*grad.shape[:-1], -1)
+            grad_x = (gs @ _dense(weight, g2.dtype)).addmm_(gxa, a_).view(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
             grad_w = (gs.t() @ x2).to(weight.dtype)
         if ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[5]):
@@ -187,9 +231,9 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
     parts = operands(x, base)
     if parts is None:
         return None
-    x, weight, bias = parts
-    xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
-    return lora_linear(x, xd, weight, bias, a.to(x.device), b.to(x.device), scaling)
+    xc, weight, bias = parts
+    xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(xc)
+    return restore_dtype(lora_linear(xc, xd, weight, bias, a.to(x.device), b.to(x.device), scaling), x)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,

@@ -7,8 +7,10 @@
 Adapters reach the base weight only through ``BaseView.weight_oi()`` / ``set_weight_oi``; the codec
 registered here dequantizes (``dense``) and re-quantizes (``store``) for them, so every method that
 reads its base weight (DoRA's norm, PiSSA's SVD, merging) works on a 4-bit or 8-bit base without
-knowing it. Compute: bitsandbytes' own kernels (dequantize + matmul); there is no fused Triton
-dequant kernel here.
+knowing it. Compute: on the fused path (CUDA by default, ``peftlab.ops.fast``) a LoRA/DoRA node over a
+4-bit base dequantizes the weight itself (``dequantize_4bit``) in forward and again in backward, one node per
+layer instead of bitsandbytes' MatMul4Bit plus the adapter's separate ops; 8-bit bases and the reference path use
+bitsandbytes' own layer. There is no fused Triton dequant-matmul kernel here.
 
 bitsandbytes >= 0.48 has a CPU backend: 4-bit and 8-bit quantize / dequantize and forward run on CPU
 (slowly), which is what the CPU tests use; training at speed needs CUDA.
@@ -103,6 +105,9 @@ class BnbCodec(WeightCodec):
 
     def store(self, module: nn.Module, value: torch.Tensor) -> None:
         quantize_weight(module, value, module.weight.device)
+
+    def dense_for_matmul(self, module: nn.Module) -> bool:
+        return isinstance(module, _bnb_classes()[0])  # Linear4bit: dequantize + GEMM; int8 keeps its int8 kernels
 
 
 register_weight_codec(BnbCodec())
