@@ -56,7 +56,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
     """
     counts = [label_tokens(b["labels"]) for b in batches]
     step_tokens = int(sync.total(sum(counts)))
-    local_loss = 0.0
+    local_loss = torch.zeros((), dtype=torch.float32, device=device)  # read once a step, not once a micro-batch
     for index, (batch, n) in enumerate(zip(batches, counts)):
         if n == 0 and not sync.collective:
             continue  # nothing to learn (the prompt filled max_length); its weight would be 0
@@ -73,6 +73,6 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
             else:
                 loss = raw.float() * (n * sync.world_size / step_tokens)
             loss.backward()
-        local_loss += loss.item() / sync.world_size
+        local_loss += loss.detach() / sync.world_size
     sync.reduce_gradients()
-    return sync.total(local_loss), step_tokens
+    return sync.total(local_loss.item()), step_tokens
