@@ -29,7 +29,7 @@ CONFIGS = {  # name -> (config, whether it is served straight from the checkpoin
                                            rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
                                            alpha_pattern={"q_proj": 3.0, "o_proj": 5}), True),
     "dora": (peftlab.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"]), False),
-    "ia3": (peftlab.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), False),
+    "ia3": (peftlab.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), True),
     "vera": (peftlab.VeraConfig(r=16, target_modules=["q_proj", "v_proj", "gate_proj"]), False),
     "loha": (peftlab.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]), False),
 }

@@ -64,12 +64,22 @@ class IA3Layer(AdapterLayer):
     """One (IA)^3 vector; ``transforms_input`` is set per layer (feedforward targets scale the input)."""
 
     batched_serving = True
+    serves_from_state = True
 
     def __init__(self, base: BaseView, config: IA3Config, module_name: str):
         super().__init__(base, config, module_name)
         self.transforms_input = config.is_feedforward(module_name)
-        shape = (1, base.in_features) if self.transforms_input else (base.out_features, 1)
+        shape = self.state_shapes(base, config, module_name)["ia3_l"]
         self.ia3_l = nn.Parameter(torch.ones(shape) if config.init_ia3_weights else torch.randn(shape))
+
+    @classmethod
+    def state_shapes(cls, base: BaseView, config: IA3Config, module_name: str) -> dict[str, tuple[int, ...]]:
+        # PEFT's shapes: (1, in) scales a feedforward target's input, (out, 1) any other target's output
+        return {"ia3_l": (1, base.in_features) if config.is_feedforward(module_name) else (base.out_features, 1)}
+
+    @classmethod
+    def serving_form_from_state(cls, state, base: BaseView, config: IA3Config, module_name: str) -> ServingForm:
+        return _serving_form(state["ia3_l"].flatten(), config.is_feedforward(module_name))
 
     @property
     def scale(self) -> torch.Tensor:
@@ -86,8 +96,7 @@ class IA3Layer(AdapterLayer):
         return (out.to(dtype) * self.scale.to(dtype)).to(out.dtype)
 
     def serving_form(self, base: BaseView) -> ServingForm:
-        scale = self.scale.detach()
-        return ServingForm(in_scale=scale) if self.transforms_input else ServingForm(out_scale=scale, scale_bias=True)
+        return _serving_form(self.scale.detach(), self.transforms_input)
 
     def delta_weight(self) -> torch.Tensor:
         raise AdapterError(f"IA3 on {self.module_name!r} rescales the base weight; it has no additive delta_weight")
@@ -112,6 +121,11 @@ class IA3Layer(AdapterLayer):
         if bool((factor == 0).any()):
             raise AdapterError(f"IA3 on {self.module_name!r}: a scale is exactly 0, so the merge cannot be undone")
         return factor
+
+
+def _serving_form(scale: torch.Tensor, transforms_input: bool) -> ServingForm:
+    """The input scale of a feedforward target, else the output (and bias) scale."""
+    return ServingForm(in_scale=scale) if transforms_input else ServingForm(out_scale=scale, scale_bias=True)
 
 
 def _default_config(target_modules, r: int = 8) -> IA3Config:
