@@ -46,27 +46,26 @@ def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
     """(x, weight (out, in), bias) for a fused node, or None when the fused path does not apply.
 
     It applies when enabled, to a plain floating-point linear weight in x's dtype, or under autocast,
-    where all three are cast to the autocast dtype as ``F.linear`` would. Quantized weights
-    (bitsandbytes), distributed tensors and mixed dtypes without autocast use the reference path.
+    where all three are cast to the autocast dtype as ``F.linear`` would, and to a quantized base whose codec
+    multiplies by dequantizing (``dense_for_matmul``: bitsandbytes 4-bit), as a ``QuantizedWeight``. Other
+    quantized weights (8-bit), distributed tensors and mixed dtypes without autocast use the reference path.
     """
     if not enabled(x) or base.kind != "linear":
         return None
-    w = base.weight
+    autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    bias = base.bias
     if base.codec is not None and base.codec.dense_for_matmul(base.module):
-        # in the autocast dtype, else the layer's compute dtype as bitsandbytes' own forward does (the output
-        # goes back to the input's dtype through ``restore_dtype``)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else \
-            getattr(base.module, "compute_dtype", None) or x.dtype
-        bias = base.bias
-        return x.to(dtype), QuantizedWeight(base), None if bias is None else bias.to(dtype)
-    if type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
-        return None
-    weight, bias = base.weight_oi(), base.bias
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    return (x, weight, bias) if w.dtype == x.dtype else None
+        # dequantized inside the node; in the autocast dtype, else the layer's compute dtype as bitsandbytes' own
+        # forward does (the output goes back to the input's dtype through ``restore_dtype``)
+        weight, dtype = QuantizedWeight(base), autocast or getattr(base.module, "compute_dtype", None) or x.dtype
+    else:
+        w = base.weight
+        if type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
+            return None
+        if autocast is None:
+            return (x, base.weight_oi(), bias) if w.dtype == x.dtype else None
+        weight, dtype = base.weight_oi().to(autocast), autocast
+    return x.to(dtype), weight, None if bias is None else bias.to(dtype)
 
 
 class QuantizedWeight:
