@@ -14,7 +14,7 @@ import multiprocessing
 from dataclasses import replace
 from typing import Any
 
-from peftlab.compare.runner import CompareArgs, check_inputs, run_compare
+from peftlab.compare.runner import CompareArgs, load_inputs, run_compare
 
 
 def _worker(args: CompareArgs) -> None:
@@ -31,7 +31,7 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     if jobs == 1:
         return run_compare(args, console=console)
-    check_inputs(args)  # a bad model or data path fails here, before any worker starts
+    inputs = load_inputs(args, None)  # a bad model or data path fails here, before any worker starts
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_worker, args=(replace(args, methods=part, progress=False),), daemon=False)
                for part in share(args.method_list(), jobs)]
@@ -44,4 +44,4 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
         if worker.exitcode and console is not None:
             console.print(f"[red]a compare worker exited with code {worker.exitcode}; its unfinished runs are "
                           "reported as such[/]")
-    return run_compare(args, console=console, train=False, jobs=len(workers))
+    return run_compare(args, console=console, train=False, jobs=len(workers), inputs=inputs)

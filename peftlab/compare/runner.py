@@ -174,15 +174,12 @@ def load_inputs(args: CompareArgs, device: torch.device | None):
     return base, tokenizer, sample_records(records, budget["train_size"] + budget["eval_size"])
 
 
-def check_inputs(args: CompareArgs) -> None:
-    """The errors ``run_compare`` would give for the model and data, without training (loads both on the CPU)."""
-    load_inputs(args, None)
-
-
-def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int = 1) -> dict[str, Any]:
+def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int = 1, inputs: tuple | None = None
+                ) -> dict[str, Any]:
     """Train every (seed, method, backend) run not finished earlier in ``args.out`` and write the reports.
     ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
-    a run without a record is reported as not finished, with its error when it left one."""
+    a run without a record is reported as not finished, with its error when it left one. ``inputs``: what
+    ``load_inputs`` gave already (a gather needs the base only to describe it, wherever it is)."""
     budget = args.budget()
     names = args.method_list()
     out = Path(args.out)
@@ -191,7 +188,7 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
     # where and in what dtype, as settings: in results.json, and a resumed run must match them too
     budget = {**budget, "device": device.type, "dtype": args.dtype or "checkpoint"}
     # a quantized base is quantized onto the GPU by each run from the CPU copy; otherwise it moves once
-    base, tokenizer, records = load_inputs(args, None if budget.get("quantize") else device)
+    base, tokenizer, records = inputs or load_inputs(args, None if budget.get("quantize") else device)
     backends = ["peftlab"] + (["peft"] if args.with_peft else [])
     runs = []
     seeds = [args.seed + i for i in range(args.repeat)]
