@@ -262,3 +262,26 @@ def test_same_seed_gives_peft_initial_weights_and_training_curve(case):
         torch.testing.assert_close(ours(**x).logits, pm(**x).logits[:, n:], atol=1e-5, rtol=1e-4)
     theirs = train(pm, lr=0.01)
     torch.testing.assert_close(train(ours, lr=0.01), theirs, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_prefix_projection_keys_values_equal_peft_bit_for_bit(batch_size):
+    """PEFT runs the prefix encoder on every batch row (a (batch * n)-row matmul). An n-row matmul expanded
+    rounds differently (~5e-7 on SmolLM2's shapes), which a lr-1e-2 `compare` run amplified from 3.80 vs
+    3.80 into 4.37 vs 8.83 (issue 6). Wider than the other cases so the matmul shapes differ for real."""
+    from transformers import DynamicCache
+
+    kwargs = dict(num_virtual_tokens=8, prefix_projection=True, encoder_hidden_size=192)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(ARCHS["llama"](), peft.PrefixTuningConfig(task_type="CAUSAL_LM", **kwargs))
+    torch.manual_seed(3)
+    ours = ARCHS["llama"]()
+    peftlab.attach(ours, peftlab.lookup("PREFIX_TUNING").config(**kwargs))
+    adapter = next(m for m in ours.modules() if hasattr(m, "write_prefix") and getattr(m, "encoder", None))
+    assert torch.equal(adapter.encoder.weights[1], pm.prompt_encoder["default"].transform[2].weight)
+    expected = pm.get_prompt(batch_size=batch_size)
+    cache = DynamicCache()
+    adapter.write_prefix(cache, batch_size, torch.float32)
+    for layer in range(len(cache.layers)):
+        assert torch.equal(cache.layers[layer].keys, expected.layers[layer].keys), layer
+        assert torch.equal(cache.layers[layer].values, expected.layers[layer].values), layer

@@ -205,16 +205,20 @@ class VirtualTable(HookedAdapter):
         self.encoder = make_encoder() if make_encoder is not None else None
         self.rows_count = rows
 
-    def rows(self) -> torch.Tensor:
-        if self.encoder is None:
-            return self.embedding
-        return self.encoder(self.embedding.unsqueeze(0))[0]
+    def rows(self, batch: int = 1) -> torch.Tensor:
+        """(batch, n, width): the encoder run on ``batch`` copies of the embedding. One (batch * n)-row matmul
+        rounds differently from an n-row one expanded (~5e-7 on CPU), and a high-lr run amplifies that into
+        a different result (issue 6: prefix projection at lr 1e-3), so each subclass follows PEFT's choice."""
+        table = self.embedding.unsqueeze(0)
+        if batch > 1:  # (an expand to 1 would give the batch dim stride 0: another kernel path, other rounding)
+            table = table.expand(batch, -1, -1)
+        return table if self.encoder is None else self.encoder(table)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.encoder is None:
             return {"prompt_embeddings": self.embedding}
         # computed as in the forward (grad mode included: the LSTM's fused inference kernel rounds differently)
-        return {"prompt_embeddings": self.rows().detach()}
+        return {"prompt_embeddings": self.rows()[0].detach()}
 
 
 class VirtualTokens(VirtualTable):
@@ -225,7 +229,7 @@ class VirtualTokens(VirtualTable):
         self.num_virtual_tokens = self.rows_count
 
     def virtual_tokens(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.rows().to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        return self.rows(1).to(dtype).expand(batch, -1, -1)  # PEFT: one row through the encoder, repeated
 
 
 class KVPrefix(VirtualTable):
@@ -238,11 +242,10 @@ class KVPrefix(VirtualTable):
         self.num_prefix_tokens = self.rows_count
 
     def write_prefix(self, cache, batch: int, dtype: torch.dtype) -> None:
-        layers, heads, head_dim = self.shape
-        kv = self.rows().to(dtype).view(self.rows_count, 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
+        layers, heads, head_dim = self.shape  # PEFT runs the prefix encoder on every batch row
+        kv = self.rows(batch).to(dtype).view(batch, self.rows_count, 2 * layers, heads, head_dim).permute(2, 0, 3, 1, 4)
         for layer in range(layers):
-            keys, values = kv[2 * layer], kv[2 * layer + 1]
-            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
 
 
 def _prompt_init_ids(model: nn.Module, config: PromptTuningConfig) -> torch.Tensor:
