@@ -10,6 +10,7 @@
 #   bench/gpu/compare.sh run              # again while warm: `compare` resumes the folder /tmp/cmp
 #
 # Writes results.json, table.md, chart.png, chart.html and compare.log under $OUT.
+# CMP_RESUME=bench/results/compare/gpu/results.json keeps that run's finished methods (only the others train).
 # Settings: CMP_METHODS (default every method), CMP_STEPS (default 300: the seed's), CMP_DTYPE (default bfloat16: the
 # base in bf16 as a GPU user runs it; an fp32 135M model takes ~3x longer a step), CMP_EXTRA (e.g. --with-peft).
 # Measured 2026-12-02 (third session): not the 15-25 s a method first estimated but ~130-170 s on the H200 (a 30-layer
@@ -46,6 +47,19 @@ case "$PHASE" in
     N=${CMP_PARALLEL:-10}
     COMMON=(--preset seed000 --max-steps "${CMP_STEPS:-300}" --dtype "${CMP_DTYPE:-bfloat16}" --out /tmp/cmp --methods "$M")
     python3 -c "from peftlab.defaults import default_model_dir; default_model_dir()" || exit 1  # convert once
+    if [ -n "$CMP_RESUME" ]; then  # an earlier call's results.json: its finished runs are kept, not retrained
+      python3 - "$CMP_RESUME" /tmp/cmp <<'PY' || exit 1
+import json, pathlib, sys
+results = json.loads(pathlib.Path(sys.argv[1]).read_text())
+for run in results["runs"]:
+    if run.get("error") is None:
+        folder = pathlib.Path(sys.argv[2], "runs", f"{run['method']}-{run['backend']}-{run['seed']}")
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"budget": results["settings"], "model": results["args"]["model"], "data": results["args"]["data"], "run": run}
+        (folder / "run.json").write_text(json.dumps(record))
+        print("kept", folder.name)
+PY
+    fi
     # shellcheck disable=SC2086  # CMP_EXTRA is a list of options
     timeout "${CMP_BUDGET:-480}" python3 -m peftlab compare "${COMMON[@]}" --jobs "$N" $CMP_EXTRA > "$OUT/compare.log" 2>&1
     RC=$?
