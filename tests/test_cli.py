@@ -218,3 +218,21 @@ def test_gather_reports_unfinished_runs_with_their_error(workspace):
     assert runs["vera"]["error"] == "not finished: did not finish"
     assert not (out / "runs" / "vera-peftlab-42").exists()  # nothing was trained
     assert "- ia3 [peftlab] seed 42: not finished: RuntimeError: worker boom" in (out / "table.md").read_text()
+
+
+def test_table_says_how_each_run_shared_the_device():
+    """A resumed folder can hold runs of several calls with different --jobs: the note counts them per run."""
+    from peftlab.compare.report import markdown_table, summarize
+
+    def run(method, **extra):
+        return {"backend": "peftlab", "method": method, "seed": 1, "error": None, "trainable_params": 1,
+                "percent_trainable": 0.1, "eval_loss": 3.0, "perplexity": 20.0, "train_time_s": 1.0,
+                "tokens_per_s": 1.0, "peak_memory_mib": 1.0, **extra}
+
+    def note(runs):
+        return markdown_table({"runs": runs, "summary": summarize(runs)})
+
+    assert "Trained" not in note([run("lora", jobs=1), run("ia3", jobs=1)])
+    assert "Trained 2 runs at a time" in note([run("lora", jobs=2), run("ia3", jobs=2)])
+    mixed = note([run("lora", jobs=10), run("ia3", jobs=10), run("vera", jobs=5), run("hra")])
+    assert "2 runs 10 at a time" in mixed and "1 run 5 at a time" in mixed and "1 run at an unrecorded sharing" in mixed

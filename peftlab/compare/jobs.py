@@ -17,8 +17,8 @@ from typing import Any
 from peftlab.compare.runner import CompareArgs, load_inputs, run_compare
 
 
-def _worker(args: CompareArgs) -> None:
-    run_compare(args)
+def _worker(args: CompareArgs, jobs: int) -> None:
+    run_compare(args, jobs=jobs)
 
 
 def share(names: list[str], jobs: int) -> list[list[str]]:
@@ -33,8 +33,9 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
         return run_compare(args, console=console)
     inputs = load_inputs(args, None)  # a bad model or data path fails here, before any worker starts
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(replace(args, methods=part, progress=False),), daemon=False)
-               for part in share(args.method_list(), jobs)]
+    parts = share(args.method_list(), jobs)
+    workers = [context.Process(target=_worker, args=(replace(args, methods=part, progress=False), len(parts)),
+                               daemon=False) for part in parts]
     if console is not None:
         console.print(f"training {len(args.method_list())} methods in {len(workers)} processes at once")
     for worker in workers:

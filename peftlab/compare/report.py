@@ -5,6 +5,7 @@ import html
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def peft_comparison(summary: list[dict[str, Any]], tolerance: float = 0.01) -> l
 
 def _fmt(mean: float, std: float, digits: int = 4) -> str:
     if not math.isfinite(mean):
-        return "failed"
+        return "n/a"  # a run without a result: listed below the table with its reason
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
@@ -87,6 +88,20 @@ def table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+def _sharing(results: dict[str, Any]) -> str:
+    """How many runs trained at once, per finished run (its own record: a resumed folder can mix calls), e.g.
+    "2 runs at a time"; "" when every run trained alone. Records from before runs kept it say "not recorded"."""
+    finished = [r for r in results.get("runs", []) if not r.get("error")]
+    counts = Counter(r.get("jobs", "?") for r in finished)
+    if set(counts) <= {1}:
+        return ""
+    if len(counts) == 1 and "?" not in counts:
+        return f"{next(iter(counts))} runs at a time"
+    parts = [f"{n} run{'s' * (n > 1)} {'at an unrecorded sharing' if k == '?' else f'{k} at a time'}"
+             for k, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+    return ", ".join(parts)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     header, rows = table_rows(results["summary"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -100,12 +115,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         text += ("\nPeak MiB on the CPU is the process's peak resident set so far, which includes every earlier "
                  "run of the comparison: it orders nothing. On CUDA it is each run's own max_memory_allocated.\n")
     errors = [r for r in results.get("runs", []) if r.get("error")]
-    if errors:  # a row says "failed"; here is why (a run that raised, or one a --jobs worker did not finish)
+    if errors:  # a row says "n/a"; here is why (a run that raised, or one a --jobs worker did not finish)
         text += "\nRuns without a result:\n" + "".join(
             f"- {r['method']} [{r['backend']}] seed {r['seed']}: {r['error'][:300]}\n" for r in errors)
-    if results.get("jobs", 1) > 1:
-        text += (f"\nTrained {results['jobs']} runs at a time (`--jobs`) on one device: train time and tokens/s were "
-                 "taken while the runs shared it, so they are not solo times. Eval loss does not depend on it.\n")
+    sharing = _sharing(results)
+    if sharing:
+        text += (f"\nTrained {sharing} (`--jobs`) on one device: train time and tokens/s were taken while the runs "
+                 "shared it, so they are not solo times. Eval loss does not depend on it.\n")
     comparison = results.get("peft_comparison") or []
     if comparison:
         text += "\n| method | eval loss peftlab | eval loss PEFT | rel. diff | within 1% | time ratio | memory ratio |\n"

@@ -177,7 +177,7 @@ def load_inputs(args: CompareArgs, device: torch.device | None):
 def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int = 1, inputs: tuple | None = None
                 ) -> dict[str, Any]:
     """Train every (seed, method, backend) run not finished earlier in ``args.out`` and write the reports.
-    ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
+    ``jobs``: how many runs train at once (each run records it). ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
     a run without a record is reported as not finished, with its error when it left one. ``inputs``: what
     ``load_inputs`` gave already (a gather needs the base only to describe it, wherever it is)."""
     budget = args.budget()
@@ -218,6 +218,7 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
                     first = not any(r.get("eval_loss_before") is not None and r["seed"] == seed for r in runs)
                     run = run_one(backend, name, base, tokenizer, records, budget, seed, run_dir, args.progress,
                                   eval_before=first)
+                    run["jobs"] = jobs  # runs training at once on the device while this one trained
                     record = {"budget": budget, "model": args.model, "data": args.data, "run": run}
                     atomic_write_bytes(run_dir / RUN_RECORD, (json.dumps(record, indent=2) + "\n").encode())
                     runs.append(run)
