@@ -236,3 +236,18 @@ def test_table_says_how_each_run_shared_the_device():
     assert "Trained 2 runs at a time" in note([run("lora", jobs=2), run("ia3", jobs=2)])
     mixed = note([run("lora", jobs=10), run("ia3", jobs=10), run("vera", jobs=5), run("hra")])
     assert "2 runs 10 at a time" in mixed and "1 run 5 at a time" in mixed and "1 run at an unrecorded sharing" in mixed
+
+
+def test_jobs_share_out_only_unfinished_methods(workspace):
+    """A resumed --jobs compare gives its workers only the methods left to train (a finished method in a worker's
+    share used to leave that worker's later methods queued while other workers sat idle)."""
+    from peftlab.compare import runner as compare_runner
+
+    root, model_dir, data = workspace
+    out = root / "share"
+    invoke("compare", "--model", model_dir, "--data", data, "--out", out, "--max-steps", 1, "--methods", "lora")
+    args = compare_runner.CompareArgs(methods=["ia3", "lora", "vera"], model=model_dir, data=data, out=str(out),
+                                      overrides={"max_steps": 1})
+    assert compare_runner.unfinished_methods(args) == ["ia3", "vera"]
+    args.overrides["max_steps"] = 2  # another budget: nothing in the folder counts as finished
+    assert compare_runner.unfinished_methods(args) == ["ia3", "lora", "vera"]

@@ -269,3 +269,14 @@ def test_molora_aux_loss_usage_statistics_and_merge_rule():
     ref = model(x).logits
     peftlab.merge(model)
     torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_counts_equal_bincount_and_one_hot():
+    """MoLoRA counts its experts' use without bincount (a host sync per layer on CUDA): same numbers."""
+    from peftlab.methods.molora import expert_counts
+
+    chosen = torch.randint(0, 6, (37, 2), generator=torch.Generator().manual_seed(0))
+    counts = expert_counts(chosen, 6)
+    assert counts.dtype == torch.float32
+    assert torch.equal(counts, torch.bincount(chosen.flatten(), minlength=6).float())
+    assert torch.equal(counts / chosen.numel(), torch.nn.functional.one_hot(chosen, 6).float().mean(dim=(0, 1)))

@@ -14,7 +14,7 @@ import multiprocessing
 from dataclasses import replace
 from typing import Any
 
-from peftlab.compare.runner import CompareArgs, load_inputs, run_compare
+from peftlab.compare.runner import CompareArgs, load_inputs, run_compare, unfinished_methods
 
 
 def _worker(args: CompareArgs, jobs: int) -> None:
@@ -33,11 +33,13 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
         return run_compare(args, console=console)
     inputs = load_inputs(args, None)  # a bad model or data path fails here, before any worker starts
     context = multiprocessing.get_context("spawn")
-    parts = share(args.method_list(), jobs)
+    # only what is left to train is shared out: a resumed folder's finished methods would leave some workers idle
+    # while others queue several runs (on the H200, 2026-12-03, P-tuning queued behind BOFT, then behind MoLoRA, and never started)
+    parts = share(unfinished_methods(args), jobs)
     workers = [context.Process(target=_worker, args=(replace(args, methods=part, progress=False), len(parts)),
                                daemon=False) for part in parts]
     if console is not None:
-        console.print(f"training {len(args.method_list())} methods in {len(workers)} processes at once")
+        console.print(f"training {sum(map(len, parts))} methods in {len(workers)} processes at once")
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -45,4 +47,4 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
         if worker.exitcode and console is not None:
             console.print(f"[red]a compare worker exited with code {worker.exitcode}; its unfinished runs are "
                           "reported as such[/]")
-    return run_compare(args, console=console, train=False, jobs=len(workers), inputs=inputs)
+    return run_compare(args, console=console, train=False, jobs=max(1, len(workers)), inputs=inputs)

@@ -180,16 +180,14 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
     ``jobs``: how many runs train at once (each run records it). ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
     a run without a record is reported as not finished, with its error when it left one. ``inputs``: what
     ``load_inputs`` gave already (a gather needs the base only to describe it, wherever it is)."""
-    budget = args.budget()
     names = args.method_list()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.resolved_device()
-    # where and in what dtype, as settings: in results.json, and a resumed run must match them too
-    budget = {**budget, "device": device.type, "dtype": args.dtype or "checkpoint"}
+    budget = run_budget(args)
     # a quantized base is quantized onto the GPU by each run from the CPU copy; otherwise it moves once
     base, tokenizer, records = inputs or load_inputs(args, None if budget.get("quantize") else device)
-    backends = ["peftlab"] + (["peft"] if args.with_peft else [])
+    backends = _backends(args)
     runs = []
     seeds = [args.seed + i for i in range(args.repeat)]
     for seed in seeds:
@@ -197,7 +195,7 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
             for backend in backends:
                 if backend == "peft" and not _peft_has(name):
                     continue
-                run_dir = out / "runs" / f"{name}-{backend}-{seed}"
+                run_dir = _run_dir(out, name, backend, seed)
                 done = finished_run(run_dir, budget, args.model, args.data)
                 if done is not None:  # an interrupted compare picks up where it stopped
                     runs.append(done)
@@ -248,6 +246,29 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
     }
     report.write_reports(results, out)
     return results
+
+
+def run_budget(args: CompareArgs) -> dict[str, Any]:
+    """The preset with its overrides, plus where and in what dtype: in results.json, and a resumed run must
+    match them too."""
+    return {**args.budget(), "device": args.resolved_device().type, "dtype": args.dtype or "checkpoint"}
+
+
+def _backends(args: CompareArgs) -> list[str]:
+    return ["peftlab"] + (["peft"] if args.with_peft else [])
+
+
+def _run_dir(out: Path, name: str, backend: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-{backend}-{seed}"
+
+
+def unfinished_methods(args: CompareArgs) -> list[str]:
+    """The methods with a (seed, backend) run not finished in ``args.out`` yet, in order."""
+    budget, out = run_budget(args), Path(args.out)
+    return [name for name in args.method_list()
+            if any(finished_run(_run_dir(out, name, backend, args.seed + i), budget, args.model, args.data) is None
+                   for i in range(args.repeat) for backend in _backends(args)
+                   if backend == "peftlab" or _peft_has(name))]
 
 
 RUN_RECORD = "run.json"

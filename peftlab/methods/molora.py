@@ -64,9 +64,19 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return gates, chosen
 
 
-def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """E * sum_e f_e P_e (Switch Transformer); 1 for a uniform load."""
-    fraction = F.one_hot(chosen, num_experts).float().mean(dim=(0, 1))
+def expert_counts(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many times each expert was chosen, as float32, without a host sync: ``torch.bincount`` and a CUDA
+    ``F.one_hot`` read the indices' range back to the host, once per adapted layer and pass, which stalled a
+    launch-bound GPU run (issue 6: MoLoRA did not finish on the H200 where LoRA took ~200 s)."""
+    flat = chosen.flatten()
+    return torch.zeros(num_experts, device=chosen.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
+def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts: int,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
+    """E * sum_e f_e P_e (Switch Transformer); 1 for a uniform load. ``counts``: ``expert_counts(chosen)`` if known."""
+    counts = expert_counts(chosen, num_experts) if counts is None else counts
+    fraction = counts / chosen.numel()
     probability = F.softmax(logits, dim=-1).mean(dim=0)
     return num_experts * (fraction * probability).sum()
 
@@ -89,10 +99,10 @@ class MoLoraLayer(AdapterLayer):
         tokens = x.reshape(-1, x.shape[-1]).to(self.molora_A.dtype)
         logits = self.molora_router(tokens).float()
         gates, chosen = route(logits, self.top_k)
-        with torch.no_grad():
-            self.expert_choices += torch.bincount(chosen.flatten(), minlength=len(self.expert_choices))
+        counts = expert_counts(chosen, len(self.expert_choices))
+        self.expert_choices += counts
         if self.training and self.aux_coef:
-            self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices))
+            self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices), counts)
         down = torch.einsum("ni,eri->ner", self.dropout(tokens), self.molora_A) * gates.unsqueeze(-1).to(tokens.dtype)
         out = torch.einsum("ner,eor->no", down, self.molora_B) * self.scaling
         return out.reshape(*x.shape[:-1], -1)
