@@ -92,7 +92,9 @@ def _sharing(results: dict[str, Any]) -> str:
     """How many runs trained at once, per finished run (its own record: a resumed folder can mix calls), e.g.
     "2 runs at a time"; "" when every run trained alone. Records from before runs kept it say "not recorded"."""
     finished = [r for r in results.get("runs", []) if not r.get("error")]
-    counts = Counter(r.get("jobs", "?") for r in finished)
+    # a record without it: trained alone if this compare ran alone, else unknown (a --jobs gather keeps older runs)
+    unknown = "?" if results.get("jobs", 1) > 1 else 1
+    counts = Counter(r.get("jobs", unknown) for r in finished)
     if set(counts) <= {1}:
         return ""
     if len(counts) == 1 and "?" not in counts:
