@@ -4,9 +4,9 @@
 # too) and run from the repo root. Total <= ~540 s; each JSON is rewritten after every row, so a timeout keeps
 # what was measured. Writes to $OUT: mem_tests.log, mem_bench.log, memory_a.json, memory_b.json, memory_table.md.
 # Wheels the image lacks (galore-torch for the GaLore rows: `pip download --no-deps galore-torch -d .whl`) travel in
-# .whl (carry it too) and are installed under /tmp/site. MEM_A / MEM_B replace the two setting lists (a run on
-# 2026-12-02 measured the defaults but for the Unsloth offloaded 1B row and GaLore's step: next,
-# MEM_A=1b-lora-ckpt-offload,1b-galore-r128 MEM_B=8b-qlora-b1).
+# .whl (carry it too) and are installed under /tmp/site. MEM_A / MEM_B replace the two setting lists (2026-12-03:
+# MEM_A=8b-qlora-b1,8b-qlora-b4 MEM_B=1b-lora-ckpt-offload,1b-galore-r128 took 501 s, GaLore's AdamW row cut off;
+# next: MEM_A=8b-qlora-b4-offload-embed,8b-qlora-b1 MEM_B=1b-galore-r128 with --impls adamw first).
 set -x
 OUT=${OUT:-/tmp/mem-out}
 SITE=${UNSLOTH_SITE:-$PWD/.unsloth_site}
