@@ -6,7 +6,7 @@
 # Wheels the image lacks (galore-torch for the GaLore rows: `pip download --no-deps galore-torch -d .whl`) travel in
 # .whl (carry it too) and are installed under /tmp/site. MEM_A / MEM_B replace the two setting lists (2026-12-03:
 # MEM_A=8b-qlora-b1,8b-qlora-b4 MEM_B=1b-lora-ckpt-offload,1b-galore-r128 took 501 s, GaLore's AdamW row cut off;
-# next: MEM_A=8b-qlora-b4-offload-embed,8b-qlora-b1 MEM_B=1b-galore-r128 with --impls adamw first).
+# next: MEM_A=8b-qlora-b4-offload-embed,8b-qlora-b1 MEM_B=1b-galore-r128, so its AdamW row gets the time).
 set -x
 OUT=${OUT:-/tmp/mem-out}
 SITE=${UNSLOTH_SITE:-$PWD/.unsloth_site}
