@@ -319,6 +319,9 @@ def run(args, doc: dict[str, Any], save) -> None:
     for count in [c for c in args.adapters if c >= 8]:
         pool = [f"lora{i}" for i in range(count)]
         scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
+    if args.cuda_graphs:  # the headline scenarios again, decode steps replayed as CUDA graphs (serve/graphs.py)
+        graph_scenarios(engine, args, vocab, n, scenario, doc)
+        save(doc)
     doc["triton_error"] = engine.context.triton_error  # None: the Triton kernels ran throughout
     doc["cold_load"] = cold_load(engine, args)
     print(json.dumps(doc["cold_load"]), flush=True)
@@ -334,12 +337,31 @@ def run(args, doc: dict[str, Any], save) -> None:
     engine.stop(drain=False)
 
 
+def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, Any]) -> None:
+    """Base, 1 and 100 uniform adapters and the mixed-method batch on the same engine with CUDA graphs on."""
+    from peftlab.serve.graphs import DecodeGraphs
+
+    engine.graphs = DecodeGraphs(engine.model, engine.cache, engine.context, engine.layers)
+    workload(engine, [f"lora{i % 8}" for i in range(args.batch)], args, vocab, seed=0)  # warm-up: the captures
+    mixed = ["lora0", "dora", "ia3", "vera"]
+    runs = [("base model", [None] * n, 0), ("1 adapter, uniform", ["lora0"] * n, 1),
+            ("100 adapters, uniform", popularity([f"lora{i}" for i in range(100)], n, 0.0, 100), 100),
+            ("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], 4)]
+    for label, names, count in runs:
+        if count <= max(args.adapters):
+            scenario(f"{label}, CUDA graphs", names, adapters=count, popularity="uniform" if count else "-", graphs=True)
+    doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
+                     "shapes": sorted(engine.graphs.steps), "error": engine.graphs.error}
+    engine.graphs = None
+
+
 def markdown_table(doc: dict[str, Any]) -> str:
     env, args, rows = doc["environment"], doc["args"], doc["scenarios"]
-    base = next(r["tokens_per_s"] for r in rows if r["adapters"] == 0)
+    bases = {bool(r.get("graphs")): r["tokens_per_s"] for r in rows if r["adapters"] == 0}
     lines = ["| scenario | tokens/s | vs base | p50 latency s | p99 latency s | slot loads | errors |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in rows:  # graph rows against the base model with graphs
+        base = bases.get(bool(r.get("graphs")), bases[False])
         lines.append(f"| {r['scenario']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | {r['gpu_misses']} | {r['n_errors']} |")
     peft = doc.get("peft", {})
@@ -349,7 +371,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines.append(f"| HF PEFT {peft['adapters']} adapters mixed, generate(adapter_names=) | "
                      f"{peft['mixed_tok_s']:,.0f} | | | | | |")
     notes = []
-    hundred = next((r for r in rows if r["adapters"] == 100 and r["popularity"] == "uniform"), None)
+    hundred = next((r for r in rows if r["adapters"] == 100 and r["popularity"] == "uniform" and not r.get("graphs")),
+                   None)
     if hundred and "mixed_tok_s" in peft:
         notes.append(f"100 adapters uniform vs HF PEFT's mixed batch: {hundred['tokens_per_s'] / peft['mixed_tok_s']:.1f}x.")
     cold = doc.get("cold_load")
@@ -366,6 +389,11 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines += ["", "| grouped LoRA product | fused Triton us | two-kernel Triton us | torch us |", "|---|---:|---:|---:|"]
         lines += [f"| {k['slots']} slots x {k['tokens_per_slot']} tokens, {k['in']} -> {k['out']}, r{k['r']} | "
                   f"{k.get('fused_us', '-')} | {k.get('two_kernel_us', '-')} | {k['torch_us']} |" for k in kernels]
+    graphs = doc.get("graphs")
+    if graphs:
+        notes.append(f"CUDA graphs: {graphs['captures']} captured, {graphs['graph_steps']} decode steps replayed"
+                     + (f"; capture failed ({graphs['error'][:200]}), those rows ran eagerly." if graphs.get("error")
+                        else "."))
     if doc.get("triton_error"):
         notes.append(f"The Triton kernel failed ({doc['triton_error'][:200]}); LoRA ran on the torch path.")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
@@ -397,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--peft-adapters", type=int, default=8)
     p.add_argument("--peft-repeats", type=int, default=2)
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also run base, 1 and 100 adapters and the mixed batch with decode steps as CUDA graphs")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU, small everything (a test runs it)")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/serve/serve_<shape>.json)")
     p.add_argument("--table", type=Path, help="print the markdown table of a results JSON (no run)")

@@ -11,7 +11,7 @@ def test_serve_bench_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "serve.json"
-    bench.main(["--smoke", "--out", str(out)])
+    bench.main(["--smoke", "--cuda-graphs", "--out", str(out)])
     doc = json.loads(out.read_text())
     labels = [s["scenario"] for s in doc["scenarios"]]
     assert labels[0] == "base model" and any("mixed methods" in x for x in labels) and any("Zipf" in x for x in labels)
@@ -19,6 +19,8 @@ def test_serve_bench_smoke(tmp_path):
     assert doc["agreement"]["identical"] == doc["agreement"]["requests"]  # fp32 CPU: batched == alone
     assert doc["cold_load"]["disk_to_gpu_ms_median"] > 0 and "mixed_tok_s" in doc["peft"]
     assert doc["environment"]["torch"] and doc["args"]["smoke"]
+    graph_rows = [x for x in labels if x.endswith(", CUDA graphs")]  # on the CPU: the fixed-shape steps, eager
+    assert len(graph_rows) == 3 and doc["graphs"]["graph_steps"] > 0 and doc["graphs"]["captures"] == 0
     assert len(doc["kernels"]) == 6 and all(k["torch_us"] > 0 for k in doc["kernels"])
     readme = tmp_path / "README.md"
     readme.write_text("# x\n")

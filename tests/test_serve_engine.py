@@ -68,10 +68,13 @@ def _engine(root, device="cpu", **kw) -> Engine:
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
-    """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32)."""
-    engine = _engine(adapter_dirs, device)
+def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, graphs):
+    """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32). ``graphs``: decode
+    steps at fixed, padded shapes with each token's adapter gathered by its row (serve/graphs.py), captured and
+    replayed as CUDA graphs on CUDA, run eagerly on the CPU; batches shrink as requests stop, so padding is used."""
+    engine = _engine(adapter_dirs, device, cuda_graphs=graphs)
     names = [None, *ADAPTERS]
     jobs = [(names[i % len(names)], _prompt(i)) for i in range(14)]
     refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
@@ -88,7 +91,10 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device):
     loha = engine.store.describe("loha")
     assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
     assert engine.store.describe("dora")["converted_to_lora"] is False
-    assert engine.cache.free_blocks == engine.cache.num_blocks  # every block returned
+    # every block returned (the graphs keep one padding block for good)
+    assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
+    if graphs:
+        assert engine.graphs.steps_run >= MAX_NEW - 2 and len(engine.graphs.steps) >= 2
 
 
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
@@ -286,3 +292,24 @@ def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
     assert refs[0] != _alone(None, jobs[0][1]) and refs[4] != _alone(None, jobs[4][1])  # they change the answers
     assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
     assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_graph_capture_failure_falls_back_to_eager_steps(adapter_dirs, monkeypatch, caplog):
+    """A decode step that cannot be built at a fixed shape (on CUDA: a failed capture) is said once in the log,
+    and the engine goes on eagerly with the same tokens."""
+    from peftlab.serve import graphs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    reference = _engine(adapter_dirs)
+    jobs = [(_prompt(i), n) for i, n in enumerate([None, "lora", "dora", "ia3"])]
+    want = [reference.submit(Request(p, n, 4)) for p, n in jobs]
+    reference.run_until_done(want)
+    monkeypatch.setattr(graphs, "StaticDecode", broken)
+    engine = _engine(adapter_dirs, cuda_graphs=True)
+    got = [engine.submit(Request(p, n, 4)) for p, n in jobs]
+    engine.run_until_done(got)
+    assert [r.output for r in got] == [r.output for r in want] and all(r.error is None for r in got)
+    assert engine.graphs.error == "RuntimeError: capture refused" and engine.graphs.steps_run == 0
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/serve_
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_serve_math.py tests/test_serve_engine.py \
     >> "$OUT/serve_tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/serve_tests.log"
-timeout 280 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 > "$OUT/serve_bench.log" 2>&1
+timeout 280 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 --cuda-graphs > "$OUT/serve_bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/serve_bench.log"
 timeout 20 python3 bench/serve.py --table "$OUT/serve.json" > "$OUT/serve_table.md" 2>&1
 tail -n 30 "$OUT/serve_bench.log"

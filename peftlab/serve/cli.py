@@ -22,7 +22,8 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 def build_server(model: Optional[str], adapters: dict[str, Path], adapter_root: Optional[Path], max_gpu_adapters: int,
                  max_cpu_adapters: int, api_keys: Optional[Path], dtype: str, device: Optional[str], max_batch: int,
-                 max_queue: int, max_tokens: int, max_prompt_tokens: int, kv_tokens: int, convert_rank: int):
+                 max_queue: int, max_tokens: int, max_prompt_tokens: int, kv_tokens: int, convert_rank: int,
+                 cuda_graphs: bool = False):
     """(FastAPI app, engine) for the given options; shared by the command and the tests."""
     import torch
 
@@ -36,7 +37,7 @@ def build_server(model: Optional[str], adapters: dict[str, Path], adapter_root: 
     base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     cfg = EngineConfig(max_batch=max_batch, max_queue=max_queue, kv_tokens=kv_tokens, max_gpu_adapters=max_gpu_adapters,
                        max_cpu_adapters=max_cpu_adapters, convert_rank=convert_rank,
-                       max_prefill_tokens=max(max_prompt_tokens, 512))
+                       max_prefill_tokens=max(max_prompt_tokens, 512), cuda_graphs=cuda_graphs)
     engine = Engine(base, cfg, adapter_root=adapter_root)
     pending = {}
     for name, folder in adapters.items():
@@ -72,6 +73,8 @@ def serve(
     kv_tokens: int = typer.Option(16384, min=64, help="KV cache capacity in tokens, all requests together (memory: "
                                   "tokens x layers x 2 x kv_heads x head_dim x dtype size)."),
     convert_rank: int = typer.Option(16, min=1, help="LoRA rank for methods served as a LoRA of their update."),
+    cuda_graphs: bool = typer.Option(False, help="Replay decode steps as CUDA graphs (padded to batch and context "
+                                     "buckets; prefill stays eager). Experimental: not yet measured on a GPU."),
 ) -> None:
     """Serve one base model with many adapters behind an OpenAI-compatible API.
 
@@ -81,7 +84,7 @@ def serve(
 
     app, _ = build_server(model, parse_adapter_specs(adapter), adapter_root, max_gpu_adapters, max_cpu_adapters,
                           api_keys, dtype, device, max_batch, max_queue, max_tokens, max_prompt_tokens, kv_tokens,
-                          convert_rank)
+                          convert_rank, cuda_graphs)
     # keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so a reused connection is never one
     # the server is closing at that moment (the client then sees a ReadError)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=60, timeout_keep_alive=30, log_level="info")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftlab.serve.forward import Chunk, decoder_parts, ragged_forward
+from peftlab.serve.graphs import DecodeGraphs
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import StepContext, install
 from peftlab.serve.sampling import SamplingParams, sample
@@ -85,6 +86,8 @@ class EngineConfig:
     max_cpu_adapters: int = 64
     convert_rank: int = 16
     use_triton: bool | None = None  # None: on CUDA
+    # decode steps at fixed shapes, replayed as CUDA graphs (serve/graphs.py); on the CPU the same steps run eagerly
+    cuda_graphs: bool = False
 
 
 class Engine:
@@ -105,6 +108,7 @@ class Engine:
         self.cache = PagedKVCache(len(layers), blocks, cfg.block_size, kv_heads, attn.head_dim, embed.weight.dtype,
                                   self.device)
         self.max_context = min(cfg.kv_tokens, getattr(mc, "max_position_embeddings", cfg.kv_tokens))
+        self.graphs = DecodeGraphs(model, self.cache, self.context, self.layers) if cfg.cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -259,8 +263,10 @@ class Engine:
                 chunks.append(Chunk(r.id, [0] * r.n_virtual + r.prompt, r.n_prefix, prefix=r.virtual))
                 slots += [r.slot] * (r.n_virtual + len(r.prompt))
                 self.metrics["prompt_tokens"] += len(r.prompt)
-        self.context.set(slots, self.device)
-        logits = ragged_forward(self.model, self.cache, chunks)
+        logits = None if self.graphs is None else self.graphs.run(chunks, slots)
+        if logits is None:  # prefill, a mixed step, or no graphs
+            self.context.set(slots, self.device)
+            logits = ragged_forward(self.model, self.cache, chunks)
         tokens = sample(logits, [r.params for r in batch], [r._generator for r in batch])
         now = time.perf_counter()
         still = []

@@ -98,11 +98,8 @@ def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float
     """q (T, heads, D) -> (T, heads, D) over each token's own sequence in the cache (already written)."""
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
-        k, v = cache.gather(layer_idx, plan.decode_kv)  # (B, L, kv_heads, D)
-        qd = q[plan.decode_rows][:, :, None, :]  # (B, heads, 1, D)
-        o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[plan.decode_rows] = o[:, :, 0, :]
+        out[plan.decode_rows] = decode_attention(q[plan.decode_rows], cache, layer_idx, plan.decode_kv,
+                                                 plan.decode_mask, scale)
     for flat, n, rows, start in plan.prefills:
         k, v = cache.gather(layer_idx, rows)  # (L, kv_heads, D)
         qp = q[flat:flat + n].transpose(0, 1)[None]
@@ -116,22 +113,15 @@ def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float
     return out
 
 
-@torch.no_grad()
-def ragged_forward(model: nn.Module, cache: PagedKVCache, chunks: list[Chunk]) -> torch.Tensor:
-    """Logits (len(chunks), vocab) at the last new token of each chunk; writes the chunks' k, v into the cache."""
+def _decoder(model: nn.Module, cache: PagedKVCache, h: torch.Tensor, positions: torch.Tensor,
+             write_rows: torch.Tensor, attend) -> torch.Tensor:
+    """The decoder layers over flat tokens ``h`` (1, T, hidden): each layer writes its k, v at ``write_rows`` and
+    ``attend(q, layer_idx, scale)`` attends q (T, heads, D) over the cache. Returns the final-normed (T, hidden)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    embed, layers, norm, rotary, head = decoder_parts(model)
-    device = embed.weight.device
-    plan = _plan(chunks, cache, device)
-    h = embed(plan.ids[None])
-    offset = 0
-    for c in chunks:
-        if c.prefix is not None:
-            h[0, offset:offset + c.prefix.shape[0]] = c.prefix.to(h.dtype)
-        offset += len(c.tokens)
-    cos, sin = rotary(h, plan.positions[None])
-    T = plan.ids.shape[0]
+    _, layers, norm, rotary, _ = decoder_parts(model)
+    cos, sin = rotary(h, positions[None])
+    T = h.shape[1]
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         d = attn.head_dim
@@ -143,9 +133,44 @@ def ragged_forward(model: nn.Module, cache: PagedKVCache, chunks: list[Chunk]) -
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]
-        cache.write(i, plan.write_rows, k, v)
-        o = _attention(q, cache, i, plan, getattr(attn, "scaling", d ** -0.5))
+        cache.write(i, write_rows, k, v)
+        o = attend(q, i, getattr(attn, "scaling", d ** -0.5))
         h = h + attn.o_proj(o.reshape(1, T, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    h = norm(h)[0].index_select(0, plan.last_rows)
+    return norm(h)[0]
+
+
+@torch.no_grad()
+def ragged_forward(model: nn.Module, cache: PagedKVCache, chunks: list[Chunk]) -> torch.Tensor:
+    """Logits (len(chunks), vocab) at the last new token of each chunk; writes the chunks' k, v into the cache."""
+    embed, _, _, _, head = decoder_parts(model)
+    plan = _plan(chunks, cache, embed.weight.device)
+    h = embed(plan.ids[None])
+    offset = 0
+    for c in chunks:
+        if c.prefix is not None:
+            h[0, offset:offset + c.prefix.shape[0]] = c.prefix.to(h.dtype)
+        offset += len(c.tokens)
+    h = _decoder(model, cache, h, plan.positions, plan.write_rows,
+                 lambda q, i, scale: _attention(q, cache, i, plan, scale))
+    return head(h.index_select(0, plan.last_rows)).float()
+
+
+def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer_idx: int, kv_rows: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per sequence: q (B, heads, D) over pool rows ``kv_rows`` (B, L) where ``mask`` (B, 1, 1, L)."""
+    k, v = cache.gather(layer_idx, kv_rows)  # (B, L, kv_heads, D)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale, enable_gqa=True)
+    return o[:, :, 0, :]
+
+
+@torch.no_grad()
+def decode_forward(model: nn.Module, cache: PagedKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                   write_rows: torch.Tensor, kv_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A decode step of fixed shape (no host work, no data-dependent shapes: what a CUDA graph can replay):
+    logits (B, vocab) of one new token per sequence, ``ids``/``positions``/``write_rows`` (B,)."""
+    embed, _, _, _, head = decoder_parts(model)
+    h = _decoder(model, cache, embed(ids[None]), positions, write_rows,
+                 lambda q, i, scale: decode_attention(q, cache, i, kv_rows, mask, scale))
     return head(h).float()

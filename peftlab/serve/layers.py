@@ -29,6 +29,8 @@ class StepContext:
     seg: Segments = field(default_factory=lambda: group_by_slot([]))
     present: frozenset = frozenset()
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
+    # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
+    static_rows: torch.Tensor | None = None
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
         self.rows = table_rows(slots, self.capacity, device)
@@ -183,8 +185,33 @@ class BatchedLinear(nn.Module):
             used.discard(slot)
 
     # -- forward -------------------------------------------------------------------------------
+    def static_signature(self) -> tuple:
+        """What a captured fixed-shape step depends on: the tables it reads (replaced when they grow or first
+        appear) and which paths run. Slot contents may change between replays; these may not."""
+        return (id(self.down), id(self.up), id(self.in_scale), id(self.out_scale), id(self.bias_scale),
+                bool(self.lora_slots))
+
+    def _forward_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Every token's adapter gathered by its row (base tokens read the identity row): no host-side grouping,
+        so the step has one shape whatever the mix of adapters. Unfolded VeRA is not served here (graphs.py)."""
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.in_features)
+        x2 = xf if self.in_scale is None else xf * gather_rows(self.in_scale, rows)
+        if self.out_scale is not None:
+            y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, rows)
+            if self.base.bias is not None:
+                y = y + self.base.bias * gather_rows(self.bias_scale, rows)
+        else:
+            y = self.base(x2)
+        if self.lora_slots:
+            z = torch.bmm(gather_rows(self.down, rows), xf.unsqueeze(-1))  # (T, R, 1)
+            y = y + torch.bmm(gather_rows(self.up, rows), z).squeeze(-1).to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
+        if ctx.static_rows is not None:
+            return self._forward_static(x, ctx.static_rows)
         present = ctx.present
         if present.isdisjoint(self.used_slots):
             return self.base(x)
