@@ -269,10 +269,11 @@ def test_qwen2_with_biases(tmp_path):
     assert {n: r.output for n, r in reqs.items()} == refs
 
 
-def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path, graphs):
     """Prompt tuning and P-tuning (virtual tokens prepended at prefill) and prefix tuning (keys/values written as
     the sequence's first cache positions), in the same batch as LoRA and base requests; each equals HF generate
-    with the adapter alone (peftlab's hooks)."""
+    with the adapter alone (peftlab's hooks). With ``graphs`` the decode steps run at fixed shapes."""
     configs = {"prompt": peftlab.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
                "ptuning": peftlab.variants()["p_tuning"](None, 4),
                "prefix": peftlab.PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")}
@@ -281,7 +282,7 @@ def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
         peftlab.attach(model, config)
         randomize_adapters(model, seed=40 + i, std=1.0)
         peftlab.save_adapter(model, tmp_path / name)
-    engine = _engine(adapter_dirs)
+    engine = _engine(adapter_dirs, cuda_graphs=graphs)
     for name in configs:
         engine.store.register(name, tmp_path / name, check_root=False)
     jobs = [(n, _prompt(i)) for i, n in enumerate(["prompt", "lora", "ptuning", None, "prefix", "prompt", "prefix"])]
@@ -291,7 +292,8 @@ def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path):
     assert [r.output for r in reqs] == refs
     assert refs[0] != _alone(None, jobs[0][1]) and refs[4] != _alone(None, jobs[4][1])  # they change the answers
     assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
-    assert engine.cache.free_blocks == engine.cache.num_blocks
+    assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
+    assert not graphs or engine.graphs.steps_run > 0
 
 
 def test_graph_capture_failure_falls_back_to_eager_steps(adapter_dirs, monkeypatch, caplog):
