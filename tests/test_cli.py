@@ -79,6 +79,12 @@ def test_compare_writes_run_folder_with_peft_side_by_side(workspace):
     for c in comparison.values():
         assert abs(c["eval_loss_rel_diff"]) < 0.01, c
     assert "eval loss" in (out / "table.md").read_text()
+    # with repeats: each method's eval loss minus LoRA's of the same seed, per backend
+    by_seed = {(r["backend"], r["method"], r["seed"]): r["eval_loss"] for r in results["runs"]}
+    for row in results["summary"]:
+        diffs = [by_seed[(row["backend"], row["method"], s)] - by_seed[(row["backend"], "lora", s)] for s in (42, 43)]
+        assert row["paired_n"] == 2 and row["paired_delta_mean"] == pytest.approx(sum(diffs) / 2)
+    assert "vs lora, same seeds" in (out / "table.md").read_text()
 
 
 def test_params_only_reproduces_the_seed_table():

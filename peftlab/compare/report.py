@@ -42,11 +42,28 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["trainable_params"] = ok[0]["trainable_params"] if ok else items[0].get("trainable_params")
         row["percent_trainable"] = ok[0]["percent_trainable"] if ok else items[0].get("percent_trainable")
         rows.append(row)
+    _paired(groups, rows)
     for backend in {r["backend"] for r in rows}:
         ranked = sorted((r for r in rows if r["backend"] == backend and r["n"]), key=lambda r: r["eval_loss_mean"])
         for i, row in enumerate(ranked, 1):
             row["rank"] = i
     return sorted(rows, key=lambda r: (r["backend"] != "peftlab", r.get("rank", 1e9), r["method"]))
+
+
+PAIRED_REFERENCE = "lora"
+
+
+def _paired(groups: dict[tuple[str, str], list[dict]], rows: list[dict[str, Any]]) -> None:
+    """Each method's eval loss minus LoRA's of the same seed, mean and spread over the seeds both finished. The
+    eval split depends on the seed (the base model's loss moved 4.26-5.04 over three seeds), so the plain spread
+    mostly measures the split; the paired difference is what tells methods apart."""
+    for row in rows:
+        ref = groups.get((row["backend"], PAIRED_REFERENCE), [])
+        by_seed = {r["seed"]: r["eval_loss"] for r in ref if not r.get("error")}
+        diffs = [r["eval_loss"] - by_seed[r["seed"]] for r in groups[(row["backend"], row["method"])]
+                 if not r.get("error") and r["seed"] in by_seed]
+        row["paired_delta_mean"], row["paired_delta_std"] = _mean_std(diffs)
+        row["paired_n"] = len(diffs)
 
 
 def peft_comparison(summary: list[dict[str, Any]], tolerance: float = 0.01) -> list[dict[str, Any]]:
@@ -77,14 +94,22 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 def table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["rank", "backend", "method", "trainable params", "% trainable", "eval loss", "perplexity",
               "train time s", "tokens/s", "peak MiB", "seeds"]
+    # with repeats, the paired difference to LoRA over the same seeds (see _paired)
+    paired = any(r.get("paired_n", 0) > 1 for r in summary)
+    if paired:
+        header.insert(6, f"vs {PAIRED_REFERENCE}, same seeds")
     rows = []
     for r in summary:
-        rows.append([
+        row = [
             str(r.get("rank", "-")), r["backend"], r["method"], f"{r['trainable_params'] or 0:,}",
             f"{r['percent_trainable'] or 0:.4f}%", _fmt(r["eval_loss_mean"], r["eval_loss_std"]),
             _fmt(r["perplexity_mean"], r["perplexity_std"], 2), _fmt(r["train_time_s_mean"], 0.0, 1),
             _fmt(r["tokens_per_s_mean"], 0.0, 1), _fmt(r["peak_memory_mib_mean"], 0.0, 0), str(r["n"]),
-        ])
+        ]
+        if paired:
+            row.insert(6, "+" + _fmt(r["paired_delta_mean"], r["paired_delta_std"]) if r["paired_delta_mean"] > 0
+                       else _fmt(r["paired_delta_mean"], r["paired_delta_std"]))
+        rows.append(row)
     return header, rows
 
 
