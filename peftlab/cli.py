@@ -60,6 +60,7 @@ def train(
     distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
     checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
     fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
     double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
@@ -104,7 +105,7 @@ def train(
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
                      save_every=save_every, resume=resume, dtype=dtype, checkpointing=checkpointing,
                      fused_ce=fused_ce, quantize=quantize, double_quant=double_quant, optim=optim,
-                     offload_embeddings=offload_embeddings,
+                     offload_embeddings=offload_embeddings, lean_activations=lean_activations,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
                      packing=packing, compile=compile_)
@@ -138,6 +139,7 @@ def compare(
     r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
     checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
     fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),
     double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
@@ -183,7 +185,8 @@ def compare(
                        with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None},
                        memory=_memory_settings(checkpointing=checkpointing, fused_ce=fused_ce, quantize=quantize,
                                                double_quant=double_quant, optim=optim,
-                                               offload_embeddings=offload_embeddings), device=device, dtype=dtype)
+                                               offload_embeddings=offload_embeddings,
+                                               lean_activations=lean_activations), device=device, dtype=dtype)
     try:
         args.budget(), args.method_list(), args.resolved_device()
     except ValueError as exc:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
@@ -21,6 +21,8 @@ def test_worker_each_implementation(impl, monkeypatch):
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
+    if impl == "peftlab_lean":
+        assert record["versions"]["lean_modules"] > 0  # the tiny Llama's norms and MLPs went through the lean nodes
 
 
 def test_worker_frozen_base():

@@ -48,6 +48,17 @@ def test_train_with_fused_ce_and_checkpointing_matches_plain(tmp_path):
     assert fused["args"]["fused_ce"] is True and ckpt["args"]["checkpointing"] == "offload"
 
 
+def test_train_with_lean_activations_matches_plain(tmp_path):
+    """--lean-activations (RMSNorm and SwiGLU nodes that keep less), alone and with offloaded checkpointing and the
+    fused loss: the same loss curve as the plain run."""
+    plain = run(tmp_path, "plain")
+    lean = run(tmp_path, "lean", lean_activations=True)
+    everything = run(tmp_path, "all", lean_activations=True, checkpointing="offload", fused_ce=True)
+    assert _losses(lean) == pytest.approx(_losses(plain), rel=1e-4)
+    assert _losses(everything) == pytest.approx(_losses(plain), rel=1e-4)
+    assert lean["args"]["lean_activations"] is True
+
+
 def test_fused_ce_refuses_an_adapted_head():
     model = tiny_llama()
     peftlab.attach(model, peftlab.LoraConfig(r=2, target_modules=["lm_head"]))

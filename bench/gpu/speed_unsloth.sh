@@ -17,8 +17,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 ls "$SITE" > /dev/null || echo "no Unsloth site folder at $SITE: the unsloth rows will be skipped"
 # 8b: fewer implementations (each 8B configuration builds its model afresh: ~30-60 s of the budget)
-if [ "$SHAPE" = 1b ]; then BUDGET=380; PRIME=1; PER=120; IMPLS=peftlab,peftlab_fce,peftlab_liger,peft,peft_liger,unsloth
-else BUDGET=500; PRIME=0; PER=200; IMPLS=peftlab,peftlab_fce,peft,unsloth; fi
+if [ "$SHAPE" = 1b ]; then BUDGET=380; PRIME=1; PER=120; IMPLS=peftlab,peftlab_fce,peftlab_lean,peftlab_liger,peft,peft_liger,unsloth
+else BUDGET=500; PRIME=0; PER=200; IMPLS=peftlab,peftlab_fce,peftlab_lean,peft,unsloth; fi
 # shellcheck disable=SC2086  # SPEED_EXTRA is a list of options
 timeout "$BUDGET" python3 bench/train_step.py --shape "$SHAPE" --methods lora,dora \
   --impls "$IMPLS" --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \

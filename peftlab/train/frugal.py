@@ -15,7 +15,8 @@ import torch
 from peftlab.core.config import ConfigError
 
 # TrainArgs fields that change memory, not the method (compare passes them to every run)
-MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings")
+MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings",
+               "lean_activations")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 _COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -98,7 +99,12 @@ def prepare_model(args, model, device: torch.device):
 
 
 def loss_function(args, model):
-    """``loss_fn(model, batch)`` for ``accumulate_gradients``, or None for the model's own loss."""
+    """``loss_fn(model, batch)`` for ``accumulate_gradients``, or None for the model's own loss. With
+    ``lean_activations`` the model's norms and gated MLPs are routed through the lean nodes first."""
+    if args.lean_activations:
+        from peftlab.ops.lean import use_lean_modules
+
+        use_lean_modules(model)
     if not args.fused_ce:
         return None
     from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss

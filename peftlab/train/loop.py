@@ -102,6 +102,8 @@ class TrainArgs:
     """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
     fused_ce: bool = False
     """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
+    lean_activations: bool = False
+    """RMSNorm and SwiGLU nodes that keep less for backward (peftlab/ops/lean.py)."""
     quantize: str | None = None
     """QLoRA: quantize the base linears with bitsandbytes (nf4, fp4, int8); compute in bfloat16."""
     double_quant: bool = False
