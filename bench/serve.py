@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+MIXED = ["lora0", "dora", "ia3", "vera"]  # the mixed-method batch: a LoRA and one adapter of each other method
 for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -313,8 +314,7 @@ def run(args, doc: dict[str, Any], save) -> None:
         scenario(f"{count} adapter{'s' if count > 1 else ''}, uniform", popularity(pool, n, 0.0, count),
                  adapters=count, popularity="uniform")
         if count == 8:
-            mixed = ["lora0", "dora", "ia3", "vera"]
-            scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], adapters=4,
+            scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [MIXED[i % len(MIXED)] for i in range(n)], adapters=4,
                      popularity="uniform")
     for count in [c for c in args.adapters if c >= 8]:
         pool = [f"lora{i}" for i in range(count)]
@@ -343,10 +343,9 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
 
     engine.graphs = DecodeGraphs(engine.model, engine.cache, engine.context, engine.layers)
     workload(engine, [f"lora{i % 8}" for i in range(args.batch)], args, vocab, seed=0)  # warm-up: the captures
-    mixed = ["lora0", "dora", "ia3", "vera"]
     runs = [("base model", [None] * n, 0), ("1 adapter, uniform", ["lora0"] * n, 1),
             ("100 adapters, uniform", popularity([f"lora{i}" for i in range(100)], n, 0.0, 100), 100),
-            ("mixed methods: LoRA + DoRA + IA3 + VeRA", [mixed[i % 4] for i in range(n)], 4)]
+            ("mixed methods: LoRA + DoRA + IA3 + VeRA", [MIXED[i % len(MIXED)] for i in range(n)], 4)]
     for label, names, count in runs:
         if count <= max(args.adapters):
             scenario(f"{label}, CUDA graphs", names, adapters=count, popularity="uniform" if count else "-", graphs=True)

@@ -34,7 +34,8 @@ def run_jobs(args: CompareArgs, jobs: int, console=None) -> dict[str, Any]:
     inputs = load_inputs(args, None)  # a bad model or data path fails here, before any worker starts
     context = multiprocessing.get_context("spawn")
     # only what is left to train is shared out: a resumed folder's finished methods would leave some workers idle
-    # while others queue several runs (on the H200, 2026-12-03, P-tuning queued behind BOFT, then behind MoLoRA, and never started)
+    # while others queue several runs (on the H200, 2026-12-03, P-tuning queued behind BOFT, then MoLoRA, and never
+    # started)
     parts = share(unfinished_methods(args), jobs)
     workers = [context.Process(target=_worker, args=(replace(args, methods=part, progress=False), len(parts)),
                                daemon=False) for part in parts]

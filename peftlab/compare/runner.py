@@ -177,8 +177,9 @@ def load_inputs(args: CompareArgs, device: torch.device | None):
 def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int = 1, inputs: tuple | None = None
                 ) -> dict[str, Any]:
     """Train every (seed, method, backend) run not finished earlier in ``args.out`` and write the reports.
-    ``jobs``: how many runs train at once (each run records it). ``train=False`` only gathers the finished runs (``jobs`` processes trained them, see compare/jobs.py):
-    a run without a record is reported as not finished, with its error when it left one. ``inputs``: what
+    ``jobs``: how many runs train at once (each run records it). ``train=False`` only gathers the finished runs
+    (``jobs`` processes trained them, see compare/jobs.py): a run without a record is reported as not finished,
+    with its error when it left one. ``inputs``: what
     ``load_inputs`` gave already (a gather needs the base only to describe it, wherever it is)."""
     names = args.method_list()
     out = Path(args.out)

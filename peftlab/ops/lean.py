@@ -83,7 +83,8 @@ def _is_silu(act) -> bool:  # torch's, or transformers' SiLUActivation (ACT2FN["
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(module, "act_fn", None))
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
+        and _is_silu(getattr(module, "act_fn", None))
 
 
 def use_lean_modules(model: nn.Module) -> int:

@@ -61,6 +61,18 @@ class _Plan:
     last_rows: torch.Tensor  # flat row of each chunk's last token
 
 
+def context_rows(cache: PagedKVCache, tables: list[list[int]], lens: list[int], width: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool rows (B, width) of the first ``width`` positions of each sequence (block tables ``tables``), computed on
+    the device, and which of them hold its ``lens`` tokens (B, width) (past that: block 0's rows, masked out)."""
+    bs = cache.block_size
+    blocks = -(-width // bs)
+    table = torch.tensor([(tb + [0] * blocks)[:blocks] for tb in tables], dtype=torch.int64, device=device)
+    p = torch.arange(width, device=device)
+    live = p[None, :] < torch.tensor(lens, dtype=torch.int64, device=device)[:, None]
+    return table[:, p // bs] * bs + p % bs, live
+
+
 def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     ids, pos, write, last = [], [], [], []
     dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
@@ -84,13 +96,9 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
         return torch.tensor(x, dtype=torch.int64, device=device)
 
     decode_kv = decode_mask = None
-    if dec_tables:  # pool rows of every decode context from the block tables, computed on the device
-        width = max(dec_lens)
-        blocks = -(-width // cache.block_size)
-        tables = t([tb[:blocks] + [0] * (blocks - len(tb[:blocks])) for tb in dec_tables])
-        p = torch.arange(width, device=device)
-        decode_kv = tables[:, p // cache.block_size] * cache.block_size + p % cache.block_size
-        decode_mask = (p[None, :] < t(dec_lens)[:, None])[:, None, None, :]
+    if dec_tables:
+        decode_kv, live = context_rows(cache, dec_tables, dec_lens, max(dec_lens), device)
+        decode_mask = live[:, None, None, :]
     return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last))
 
 

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from peftlab.serve.forward import Chunk, decode_forward
+from peftlab.serve.forward import Chunk, context_rows, decode_forward
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import BatchedLinear, StepContext
 
@@ -80,8 +80,7 @@ class StaticDecode:
             self.context.static_rows = None
 
     def __call__(self, chunks: list[Chunk], table_rows: list[int]) -> torch.Tensor:
-        n, bs, cache = len(chunks), self.cache.block_size, self.cache
-        device = self.ids.device
+        n, cache, device = len(chunks), self.cache, self.ids.device
 
         def padded(values: list[int], fill: int) -> torch.Tensor:
             return torch.tensor(values + [fill] * (self.batch - n), dtype=torch.int64)
@@ -92,12 +91,8 @@ class StaticDecode:
         self.write_rows.copy_(padded([cache.slots(c.seq_id, c.start, c.start + 1)[0] for c in chunks], self.trash),
                               non_blocking=True)
         self.rows.copy_(padded(table_rows, self.context.capacity), non_blocking=True)
-        blocks = self.width // bs + 1
-        tables = torch.tensor([(cache.tables[c.seq_id] + [0] * blocks)[:blocks] for c in chunks], dtype=torch.int64,
-                              device=device)
-        p = torch.arange(self.width, device=device)
-        live = p[None, :] < torch.tensor(lens, device=device)[:, None]
-        self.kv_rows[:n] = torch.where(live, tables[:, p // bs] * bs + p % bs, self.trash)
+        rows, live = context_rows(cache, [cache.tables[c.seq_id] for c in chunks], lens, self.width, device)
+        self.kv_rows[:n] = torch.where(live, rows, self.trash)
         self.mask[:n, 0, 0] = live
         self.kv_rows[n:] = self.trash  # padding rows (a larger batch may have used them last time)
         self.mask[n:] = False
@@ -118,6 +113,8 @@ class DecodeGraphs:
         self.trash_row = cache.tables[TRASH_SEQ][0] * cache.block_size
         self.steps: dict[tuple[int, int], StaticDecode] = {}
         self.signature: tuple | None = None
+        self.seen_changes = -1  # context.slot_changes when the layers were last read
+        self.wide_vera = False  # a VeRA adapter above the fold rank is loaded somewhere: eager steps
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captures = 0
         self.steps_run = 0  # decode steps this class ran (the rest ran eagerly)
@@ -130,12 +127,15 @@ class DecodeGraphs:
         if self.error is not None or n > BATCH_BUCKETS[-1] or any(len(c.tokens) != 1 or c.prefix is not None
                                                                   for c in chunks):
             return None
-        if any(layer.vera_slots for layer in self.layers.values()):
+        if self.context.slot_changes != self.seen_changes:  # the layers are read only after a slot changed
+            self.seen_changes = self.context.slot_changes
+            self.wide_vera = any(layer.vera_slots for layer in self.layers.values())
+            signature = tuple(layer.static_signature() for layer in self.layers.values())
+            if signature != self.signature:  # tables replaced or a path switched: every graph is stale
+                self.steps.clear()
+                self.signature = signature
+        if self.wide_vera:
             return None  # VeRA wider than the fold rank keeps its shared-projection path
-        signature = tuple(layer.static_signature() for layer in self.layers.values())
-        if signature != self.signature:  # tables replaced or a path switched: every graph is stale
-            self.steps.clear()
-            self.signature = signature
         key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)))
         step = self.steps.get(key)
         if step is None:

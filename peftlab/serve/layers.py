@@ -31,6 +31,7 @@ class StepContext:
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
+    slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
         self.rows = table_rows(slots, self.capacity, device)
@@ -169,7 +170,8 @@ class BatchedLinear(nn.Module):
         self.proj_down_t = torch.stack([F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
         self.proj_up_t = torch.stack([F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
 
-    def clear_slot(self, slot: int) -> None:
+    def clear_slot(self, slot: int) -> None:  # set_slot starts here too
+        self.context.slot_changes += 1
         if slot in self.lora_slots:
             self.down[slot].zero_()
             self.up[slot].zero_()
@@ -191,18 +193,23 @@ class BatchedLinear(nn.Module):
         return (id(self.down), id(self.up), id(self.in_scale), id(self.out_scale), id(self.bias_scale),
                 bool(self.lora_slots))
 
+    def _scaled_base(self, x2: torch.Tensor, rows: torch.Tensor, scale_in: bool, scale_out: bool) -> torch.Tensor:
+        """``out_scale ⊙ W0 (in_scale ⊙ x) + bias_scale ⊙ b`` per token row, each scale only where asked."""
+        if scale_in:
+            x2 = x2 * gather_rows(self.in_scale, rows)
+        if not scale_out:
+            return self.base(x2)
+        y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, rows)
+        if self.base.bias is not None:
+            y = y + self.base.bias * gather_rows(self.bias_scale, rows)
+        return y
+
     def _forward_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Every token's adapter gathered by its row (base tokens read the identity row): no host-side grouping,
         so the step has one shape whatever the mix of adapters. Unfolded VeRA is not served here (graphs.py)."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features)
-        x2 = xf if self.in_scale is None else xf * gather_rows(self.in_scale, rows)
-        if self.out_scale is not None:
-            y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, rows)
-            if self.base.bias is not None:
-                y = y + self.base.bias * gather_rows(self.bias_scale, rows)
-        else:
-            y = self.base(x2)
+        y = self._scaled_base(xf, rows, self.in_scale is not None, self.out_scale is not None)
         if self.lora_slots:
             z = torch.bmm(gather_rows(self.down, rows), xf.unsqueeze(-1))  # (T, R, 1)
             y = y + torch.bmm(gather_rows(self.up, rows), z).squeeze(-1).to(y.dtype)
@@ -216,16 +223,8 @@ class BatchedLinear(nn.Module):
         if present.isdisjoint(self.used_slots):
             return self.base(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        slots = ctx.rows
-        if present & self.in_slots:
-            x2 = x2 * gather_rows(self.in_scale, slots)
-        if present & self.out_slots:
-            y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, slots)
-            if self.base.bias is not None:
-                y = y + self.base.bias * gather_rows(self.bias_scale, slots)
-        else:
-            y = self.base(x2)
+        y = self._scaled_base(x.reshape(-1, self.in_features), ctx.rows, bool(present & self.in_slots),
+                              bool(present & self.out_slots))
         if present & self.lora_slots:
             xf = x.reshape(-1, self.in_features)
             if self.use_triton and ctx.triton_error is None:

@@ -86,7 +86,12 @@ def load_base(args, device: torch.device):
 
 
 def prepare_model(args, model, device: torch.device):
-    """Quantize the base (when asked and not done yet) on ``device`` and prepare it for k-bit training."""
+    """Route the norms and gated MLPs through the lean nodes (``lean_activations``); quantize the base (when asked
+    and not done yet) on ``device`` and prepare it for k-bit training."""
+    if args.lean_activations:
+        from peftlab.ops.lean import use_lean_modules
+
+        use_lean_modules(model)
     if args.quantize is None:
         return model
     from peftlab.quant.bnb import is_quantized, prepare_for_kbit_training, quantize_model
@@ -99,12 +104,7 @@ def prepare_model(args, model, device: torch.device):
 
 
 def loss_function(args, model):
-    """``loss_fn(model, batch)`` for ``accumulate_gradients``, or None for the model's own loss. With
-    ``lean_activations`` the model's norms and gated MLPs are routed through the lean nodes first."""
-    if args.lean_activations:
-        from peftlab.ops.lean import use_lean_modules
-
-        use_lean_modules(model)
+    """``loss_fn(model, batch)`` for ``accumulate_gradients``, or None for the model's own loss."""
     if not args.fused_ce:
         return None
     from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
