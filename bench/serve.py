@@ -286,7 +286,8 @@ def run(args, doc: dict[str, Any], save) -> None:
     model = build_model(args.shape, args.device, args.torch_dtype)
     cfg = EngineConfig(max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt, max_queue=10**6,
                        kv_tokens=args.batch * (args.prompt + max(args.new, args.agree_new)) * 2,
-                       max_gpu_adapters=args.max_gpu_adapters, max_cpu_adapters=8, convert_rank=args.r)
+                       max_gpu_adapters=args.max_gpu_adapters, max_cpu_adapters=8, convert_rank=args.r,
+                       cuda_graphs=False)  # the eager rows; graph_scenarios turns graphs on for its rows
     engine = Engine(model, cfg)
     t0 = time.perf_counter()
     distinct = [make_adapter(engine, f"w{i}", lora_config(args.r), seed=100 + i) for i in range(args.distinct)]

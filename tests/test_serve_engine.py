@@ -57,6 +57,7 @@ def _alone(adapter_dir, prompt, device="cpu"):
 
 
 def _engine(root, device="cpu", **kw) -> Engine:
+    kw.setdefault("cuda_graphs", False)  # the eager engine unless a test asks (graphs are the default on CUDA)
     cfg = EngineConfig(max_batch=kw.pop("max_batch", 16), max_gpu_adapters=kw.pop("gpu", 8),
                        max_cpu_adapters=kw.pop("cpu", 8), convert_rank=8, kv_tokens=2048, block_size=4, **kw)
     engine = Engine(tiny_llama().to(device), cfg, adapter_root=root)
@@ -95,6 +96,24 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
     if graphs:
         assert engine.graphs.steps_run >= MAX_NEW - 2 and len(engine.graphs.steps) >= 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_steps_serve_unfolded_vera(adapter_dirs, device):
+    """VeRA above the fold rank keeps its shared projections; the fixed-shape decode step serves it too (each
+    token picks its projection pair and row), beside LoRA, DoRA and the base model."""
+    engine = _engine(adapter_dirs, device, cuda_graphs=True)
+    for layer in engine.layers.values():
+        layer.fold_rank = 0  # as a VeRA of rank 256 would be with the default fold rank
+    names = [None, "vera", "lora", "dora", "vera"]
+    jobs = [(names[i % len(names)], _prompt(i)) for i in range(10)]
+    refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
+    reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+    engine.run_until_done(reqs)
+    assert any(layer.vera_slots for layer in engine.layers.values())
+    assert engine.graphs.steps_run >= MAX_NEW - 2
+    for (name, _), ref, req in zip(jobs, refs, reqs):
+        assert req.error is None and req.output == ref, f"adapter {name}: batched {req.output} != alone {ref}"
 
 
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):

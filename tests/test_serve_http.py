@@ -180,8 +180,21 @@ def test_stop_string_and_metrics(server, expected):
             assert f"peftlab_{name} " in text
 
 
-def test_load_test_with_hot_load_and_unload(server, expected):
-    """64 concurrent clients over base + 3 adapters; an admin loads, uses and unloads a fourth meanwhile."""
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_load_test_with_hot_load_and_unload(server, root, expected, graphs):
+    """64 concurrent clients over base + 3 adapters; an admin loads, uses and unloads a fourth meanwhile. ``graphs``:
+    a second server whose decode steps run at fixed shapes (serve/graphs.py; captured only on CUDA), so slots change
+    under them while requests run."""
+    server = Server(root, cuda_graphs=True) if graphs else server
+    try:
+        _load_test(server, expected)
+        assert not graphs or server.engine.graphs.steps_run > 0
+    finally:
+        if graphs:
+            server.stop()
+
+
+def _load_test(server, expected):
     async def client(c, i, results):
         model = ["model", "a0", "a1", "base-a2"][i % 4]
         headers = {"Authorization": "Bearer sk-beta-0001"} if model == "base-a2" else ACME

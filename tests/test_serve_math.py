@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import peftlab  # noqa: E402
 from peftlab.core.adapter import ServingForm  # noqa: E402
 from peftlab.core.inject import adapted_modules  # noqa: E402
-from peftlab.serve.batched import group_by_slot, lowrank_torch  # noqa: E402
+from peftlab.serve.batched import group_by_slot, lowrank_torch, table_rows  # noqa: E402
 from peftlab.serve.layers import FOLD_RANK, BatchedLinear, StepContext  # noqa: E402
 
 from models import randomize_adapters, tiny_llama  # noqa: E402
@@ -78,6 +78,17 @@ def test_mixed_batch_equals_each_adapter_alone(fold_rank):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # 3-D input (batch, time, in) as the model passes it
     torch.testing.assert_close(layer(x[None])[0], want, rtol=1e-10, atol=1e-10)
+    # the fixed-shape step of serve/graphs.py: every token's adapter gathered by its table row, no grouping
+    ctx.static_rows = table_rows(slots, 10)
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+    ctx.static_rows = None
+    for slot in (2, 4):  # a VeRA slot cleared and reused by a LoRA, or left empty: no VeRA term stays behind
+        layer.clear_slot(slot)
+    layer.set_slot(2, forms[0])
+    placement.pop(4)
+    placement[2] = forms[0]
+    ctx.static_rows = table_rows(slots, 10)
+    torch.testing.assert_close(layer(x), _dense(placement, slots, x, layer.base), rtol=1e-10, atol=1e-10)
 
 
 def _check_slot_mix(slots, placement, seed, fold_rank):
@@ -118,6 +129,16 @@ def test_slots_clear_and_reuse():
     layer.set_slot(1, forms[1])  # rank 8 > initial 4: tables grow
     layer.set_slot(0, forms[6])
     want = _dense({1: forms[1], 0: forms[6]}, [0, 1, 2], x, layer.base)
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+    # a slot overwritten without clear_slot: a narrower LoRA over a full-width one (its old rows must go), then a
+    # full-width one over that (rows overwritten whole, not zeroed first), a LoRA over a VeRA slot
+    layer.set_slot(1, forms[0])
+    torch.testing.assert_close(layer(x), _dense({1: forms[0], 0: forms[6]}, [0, 1, 2], x, layer.base), rtol=1e-10,
+                               atol=1e-10)
+    layer.set_slot(1, forms[1])
+    layer.set_slot(0, forms[1])
+    layer.set_slot(2, forms[0])
+    want = _dense({1: forms[1], 0: forms[1], 2: forms[0]}, [0, 1, 2], x, layer.base)
     torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
 
 

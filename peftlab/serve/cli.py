@@ -23,7 +23,7 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 def build_server(model: Optional[str], adapters: dict[str, Path], adapter_root: Optional[Path], max_gpu_adapters: int,
                  max_cpu_adapters: int, api_keys: Optional[Path], dtype: str, device: Optional[str], max_batch: int,
                  max_queue: int, max_tokens: int, max_prompt_tokens: int, kv_tokens: int, convert_rank: int,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: Optional[bool] = None):
     """(FastAPI app, engine) for the given options; shared by the command and the tests."""
     import torch
 
@@ -73,8 +73,9 @@ def serve(
     kv_tokens: int = typer.Option(16384, min=64, help="KV cache capacity in tokens, all requests together (memory: "
                                   "tokens x layers x 2 x kv_heads x head_dim x dtype size)."),
     convert_rank: int = typer.Option(16, min=1, help="LoRA rank for methods served as a LoRA of their update."),
-    cuda_graphs: bool = typer.Option(False, help="Replay decode steps as CUDA graphs (padded to batch and context "
-                                     "buckets; prefill stays eager). Experimental: not yet measured on a GPU."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                               help="Replay decode steps as CUDA graphs (padded to batch and context "
+                                               "buckets; prefill stays eager). Default: on with a CUDA device."),
 ) -> None:
     """Serve one base model with many adapters behind an OpenAI-compatible API.
 

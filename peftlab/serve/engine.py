@@ -86,8 +86,9 @@ class EngineConfig:
     max_cpu_adapters: int = 64
     convert_rank: int = 16
     use_triton: bool | None = None  # None: on CUDA
-    # decode steps at fixed shapes, replayed as CUDA graphs (serve/graphs.py); on the CPU the same steps run eagerly
-    cuda_graphs: bool = False
+    # decode steps at fixed shapes, replayed as CUDA graphs (serve/graphs.py); None: on CUDA. On the CPU (True) the same
+    # fixed-shape steps run eagerly
+    cuda_graphs: bool | None = None
 
 
 class Engine:
@@ -108,7 +109,8 @@ class Engine:
         self.cache = PagedKVCache(len(layers), blocks, cfg.block_size, kv_heads, attn.head_dim, embed.weight.dtype,
                                   self.device)
         self.max_context = min(cfg.kv_tokens, getattr(mc, "max_position_embeddings", cfg.kv_tokens))
-        self.graphs = DecodeGraphs(model, self.cache, self.context, self.layers) if cfg.cuda_graphs else None
+        graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+        self.graphs = DecodeGraphs(model, self.cache, self.context, self.layers) if graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()

@@ -7,14 +7,13 @@ graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bu
 at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer gathers every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host; which paths run (LoRA, IA3 / DoRA scales) and which
+  instead of grouping tokens by slot on the host; which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which
   tables are read are fixed per graph: when a layer's tables are replaced (a larger rank, a first IA3
   adapter) or its LoRA path turns on or off, the graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
   only, so they touch no sequence's cache.
 
-Prefill steps (and steps mixing prefill and decode, and VeRA adapters too wide to fold into the LoRA
-tables) keep the eager ``ragged_forward``. On the CPU the same fixed-shape step runs without capture:
+Prefill steps (and steps mixing prefill and decode) keep the eager ``ragged_forward``. On the CPU the same fixed-shape step runs without capture:
 that is how the tests check it against the eager engine.
 """
 from __future__ import annotations
@@ -114,7 +113,6 @@ class DecodeGraphs:
         self.steps: dict[tuple[int, int], StaticDecode] = {}
         self.signature: tuple | None = None
         self.seen_changes = -1  # context.slot_changes when the layers were last read
-        self.wide_vera = False  # a VeRA adapter above the fold rank is loaded somewhere: eager steps
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captures = 0
         self.steps_run = 0  # decode steps this class ran (the rest ran eagerly)
@@ -129,13 +127,10 @@ class DecodeGraphs:
             return None
         if self.context.slot_changes != self.seen_changes:  # the layers are read only after a slot changed
             self.seen_changes = self.context.slot_changes
-            self.wide_vera = any(layer.vera_slots for layer in self.layers.values())
             signature = tuple(layer.static_signature() for layer in self.layers.values())
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
                 self.steps.clear()
                 self.signature = signature
-        if self.wide_vera:
-            return None  # VeRA wider than the fold rank keeps its shared-projection path
         key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)))
         step = self.steps.get(key)
         if step is None:

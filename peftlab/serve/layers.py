@@ -57,6 +57,12 @@ def _folded(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
     return down.to(form.down.dtype), up.to(form.up.dtype)
 
 
+def _restacked(old: torch.Tensor | None, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(parts)``, written into ``old`` when the shapes agree."""
+    new = torch.stack(parts)
+    return old.copy_(new) if old is not None and old.shape == new.shape else new
+
+
 def _grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """``table`` zero-padded along ``dim`` to ``size``."""
     shape = list(table.shape)
@@ -91,6 +97,7 @@ class BatchedLinear(nn.Module):
         self.proj_down_t: torch.Tensor | None = None  # (P, R, in) stacked, zero-padded to the widest rank
         self.proj_up_t: torch.Tensor | None = None  # (P, out, R)
         self.proj_of_slot = [-1] * rows
+        self.proj_index: torch.Tensor | None = None  # (rows,) proj_of_slot on the device (0 where none): graphs.py
         self.mid: torch.Tensor | None = None
         self.vup: torch.Tensor | None = None
         self.lora_slots: set[int] = set()
@@ -103,38 +110,43 @@ class BatchedLinear(nn.Module):
     def _ones(self, n: int) -> torch.Tensor:
         return torch.ones(self.capacity + 1, n, dtype=self.dtype, device=self.device)
 
+    def _vera(self, form: ServingForm) -> bool:
+        return form.shared_projection or form.mid_scale is not None or form.up_scale is not None
+
     def set_slot(self, slot: int, form: ServingForm | None) -> None:
-        """Put an adapter's form into ``slot`` (None: this adapter does not touch this layer)."""
-        self.clear_slot(slot)
+        """Put an adapter's form into ``slot`` (None: this adapter does not touch this layer). Plain tensors are
+        copied straight from (pinned) host memory into the slot's rows: one copy each, no synchronisation."""
+        lora_rank = 0 if form is None or form.down is None or (self._vera(form) and form.rank > self.fold_rank) \
+            else form.rank
+        self.clear_slot(slot, zero_lowrank=lora_rank != self.down.shape[1])  # full-width rows are overwritten anyway
         if form is None:
             return
-        form = form.to(device=self.device, dtype=self.dtype, non_blocking=True)  # from pinned host memory
+        if self._vera(form):  # compared with the stored projections, or folded, on the device in the table's dtype
+            form = form.to(device=self.device, dtype=self.dtype, non_blocking=True)
         if form.in_scale is not None:
             self.in_scale = self._ones(self.in_features) if self.in_scale is None else self.in_scale
-            self.in_scale[slot] = form.in_scale
+            self.in_scale[slot].copy_(form.in_scale, non_blocking=True)
             self.in_slots.add(slot)
             self.used_slots.add(slot)
         if form.out_scale is not None:
             self.out_scale = self._ones(self.out_features) if self.out_scale is None else self.out_scale
-            self.out_scale[slot] = form.out_scale
+            self.out_scale[slot].copy_(form.out_scale, non_blocking=True)
             if self.base.bias is not None:
                 self.bias_scale = self._ones(self.out_features) if self.bias_scale is None else self.bias_scale
-                self.bias_scale[slot] = form.out_scale if form.scale_bias else 1
+                if form.scale_bias:  # else it stays at clear_slot's 1
+                    self.bias_scale[slot].copy_(form.out_scale, non_blocking=True)
             self.out_slots.add(slot)
             self.used_slots.add(slot)
-        if form.down is None:
-            return
-        down, up = form.down, form.up
-        if form.shared_projection or form.mid_scale is not None or form.up_scale is not None:
-            if form.rank > self.fold_rank:
+        if not lora_rank:
+            if form.down is not None:
                 self._set_vera(slot, form)
-                return
-            down, up = _folded(form)
+            return
+        down, up = _folded(form) if self._vera(form) else (form.down, form.up)
         r = form.rank
         if r > self.down.shape[1]:
             self.down, self.up = _grown(self.down, 1, r), _grown(self.up, 2, r)
-        self.down[slot, :r] = down
-        self.up[slot, :, :r] = up
+        self.down[slot, :r].copy_(down, non_blocking=True)
+        self.up[slot, :, :r].copy_(up, non_blocking=True)
         self.ranks[slot] = r
         self.lora_slots.add(slot)
         self.used_slots.add(slot)
@@ -156,6 +168,9 @@ class BatchedLinear(nn.Module):
                 self.proj_down[p], self.proj_up[p] = form.down.contiguous(), form.up.contiguous()
         self.proj_users[p] += 1
         self.proj_of_slot[slot] = p
+        if self.proj_index is None:
+            self.proj_index = torch.zeros(self.capacity + 1, dtype=torch.int64, device=self.device)
+        self.proj_index[slot] = p
         width = max(r, 0 if self.mid is None else self.mid.shape[1])
         if self.mid is None:
             self.mid = torch.zeros(self.capacity + 1, width, dtype=self.dtype, device=self.device)
@@ -167,12 +182,13 @@ class BatchedLinear(nn.Module):
         self.vup[slot] = vup
         self.vera_slots.add(slot)
         self.used_slots.add(slot)
-        self.proj_down_t = torch.stack([F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
-        self.proj_up_t = torch.stack([F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
+        # restacked in place when the shape holds, so that a captured decode step keeps reading the same tensors
+        self.proj_down_t = _restacked(self.proj_down_t, [F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
+        self.proj_up_t = _restacked(self.proj_up_t, [F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
 
-    def clear_slot(self, slot: int) -> None:  # set_slot starts here too
+    def clear_slot(self, slot: int, zero_lowrank: bool = True) -> None:  # set_slot starts here too
         self.context.slot_changes += 1
-        if slot in self.lora_slots:
+        if slot in self.lora_slots and zero_lowrank:
             self.down[slot].zero_()
             self.up[slot].zero_()
             self.ranks[slot] = 0
@@ -183,6 +199,7 @@ class BatchedLinear(nn.Module):
         if p >= 0:
             self.proj_users[p] -= 1
             self.proj_of_slot[slot] = -1
+            self.mid[slot].zero_()  # the fixed-shape step reads every row's VeRA term: zero for a non-VeRA slot
         for used in (self.lora_slots, self.out_slots, self.in_slots, self.vera_slots, self.used_slots):
             used.discard(slot)
 
@@ -191,7 +208,8 @@ class BatchedLinear(nn.Module):
         """What a captured fixed-shape step depends on: the tables it reads (replaced when they grow or first
         appear) and which paths run. Slot contents may change between replays; these may not."""
         return (id(self.down), id(self.up), id(self.in_scale), id(self.out_scale), id(self.bias_scale),
-                bool(self.lora_slots))
+                bool(self.lora_slots), id(self.mid), id(self.vup), id(self.proj_down_t), id(self.proj_up_t),
+                id(self.proj_index), bool(self.vera_slots))
 
     def _scaled_base(self, x2: torch.Tensor, rows: torch.Tensor, scale_in: bool, scale_out: bool) -> torch.Tensor:
         """``out_scale ⊙ W0 (in_scale ⊙ x) + bias_scale ⊙ b`` per token row, each scale only where asked."""
@@ -206,14 +224,27 @@ class BatchedLinear(nn.Module):
 
     def _forward_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Every token's adapter gathered by its row (base tokens read the identity row): no host-side grouping,
-        so the step has one shape whatever the mix of adapters. Unfolded VeRA is not served here (graphs.py)."""
+        so the step has one shape whatever the mix of adapters."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features)
         y = self._scaled_base(xf, rows, self.in_scale is not None, self.out_scale is not None)
         if self.lora_slots:
             z = torch.bmm(gather_rows(self.down, rows), xf.unsqueeze(-1))  # (T, R, 1)
             y = y + torch.bmm(gather_rows(self.up, rows), z).squeeze(-1).to(y.dtype)
+        if self.vera_slots:
+            y = y + self._vera_static(xf, rows).to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _vera_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unfolded VeRA by row: every stored projection pair runs on every token (adapters made from one key share a
+        pair, so there are few), each token keeps its own pair's result; rows of non-VeRA slots have mid = 0."""
+        pick = self.proj_index.index_select(0, rows)[:, None, None]  # (T, 1, 1)
+
+        def own(z: torch.Tensor) -> torch.Tensor:  # (T, P, n) -> (T, n): each token's projection pair
+            return z.gather(1, pick.expand(-1, 1, z.shape[2])).squeeze(1)
+
+        z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * gather_rows(self.mid, rows)
+        return own(torch.einsum("tr,por->tpo", z, self.proj_up_t)) * gather_rows(self.vup, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context

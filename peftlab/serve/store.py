@@ -309,10 +309,10 @@ class AdapterStore:
                 self._clear(free[0])
                 self.stats["evictions"] += 1
             slot = free[0]
+            # no synchronisation: the copies are queued on the stream ahead of the next step's kernels, and the
+            # pinned host buffer they read is not reused before they finish (torch's caching host allocator)
             for mname, layer in self.layers.items():
                 layer.set_slot(slot, adapter.forms.get(mname))
-            if adapter.forms and next(iter(self.layers.values())).device.type == "cuda":
-                torch.cuda.synchronize()
             self.slot_name[slot], self.slot_of[name] = name, slot
             self.stats["gpu_misses"] += 1
             ms = (time.perf_counter() - t0) * 1e3
