@@ -116,6 +116,28 @@ def test_graph_steps_serve_unfolded_vera(adapter_dirs, device):
         assert req.error is None and req.output == ref, f"adapter {name}: batched {req.output} != alone {ref}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphs_are_captured_again_after_the_tables_change(adapter_dirs, device):
+    """A first adapter set is captured; a later one replaces tables (a VeRA above the fold rank, a DoRA magnitude),
+    so every graph is dropped, freed, and captured again (on CUDA into a fresh memory pool: re-opening the freed
+    one trips torch's allocator), and the answers still equal each adapter alone."""
+    import gc
+
+    engine = _engine(adapter_dirs, device, cuda_graphs=True)
+    for layer in engine.layers.values():
+        layer.fold_rank = 0
+    for names in ([None, "lora"], ["vera", "dora", "lora", None]):
+        jobs = [(names[i % len(names)], _prompt(i)) for i in range(6)]
+        reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+        engine.run_until_done(reqs)
+        for (name, prompt), req in zip(jobs, reqs):
+            assert req.error is None and req.output == _alone(adapter_dirs / name if name else None, prompt, device)
+        gc.collect()
+    assert engine.graphs.error is None
+    signatures_seen = engine.graphs.captures if device == "cuda" else len(engine.graphs.steps)
+    assert signatures_seen >= (2 if device == "cuda" else 1)
+
+
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
     """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -131,6 +131,10 @@ class DecodeGraphs:
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
                 self.steps.clear()
                 self.signature = signature
+                # and a fresh memory pool for the next captures: once the old graphs are freed their pool's use count
+                # is 0, and capturing into that handle again trips an internal assert in torch's allocator (seen on
+                # the H200, torch 2.11), after which the CUDA generator believes a capture is still under way
+                self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)))
         step = self.steps.get(key)
         if step is None:
