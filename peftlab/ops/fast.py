@@ -65,7 +65,7 @@ def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
         if autocast is None:
             return (x, base.weight_oi(), bias) if w.dtype == x.dtype else None
         weight, dtype = base.weight_oi().to(autocast), autocast
-    return x.to(dtype), weight, None if bias is None else bias.to(dtype)
+    return _as(x, dtype), weight, None if bias is None else _as(bias, dtype)
 
 
 class QuantizedWeight:
@@ -90,7 +90,12 @@ def restore_dtype(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
-    return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
+    return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else _as(weight, dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the dispatcher round trip when it already has it (host time: ten per layer a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _save(ctx, weight, *tensors) -> None:
@@ -136,8 +141,8 @@ class _LoraLinear(torch.autograd.Function):
         src = x if xd is None else xd
         x2, s2 = _flat(x), _flat(src)
         out = F.linear(x2, _dense(weight, x.dtype), bias)
-        xa = (s2 @ a.to(x.dtype).t()).mul_(scaling)
-        out.addmm_(xa, b.to(x.dtype).t())
+        xa = (s2 @ _as(a, x.dtype).t()).mul_(scaling)
+        out.addmm_(xa, _as(b, x.dtype).t())
         ctx.scaling, ctx.has_dropout = scaling, xd is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         _save(ctx, weight, x2 if weight.requires_grad else None, s2, a, b, xa)
@@ -147,7 +152,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         weight, x2, s2, a, b, xa = _saved(ctx)
         g2 = _flat(grad)
-        a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
+        a_, b_ = _as(a, g2.dtype), _as(b, g2.dtype)
         gxa = (g2 @ b_).mul_(ctx.scaling)
         lead = grad.shape[:-1]
         grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_b = None
@@ -159,13 +164,13 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.has_dropout and ctx.needs_input_grad[1]:
             grad_xd = (gxa @ a_).view(*lead, -1)
         if ctx.needs_input_grad[2]:
-            grad_w = (g2.t() @ x2).to(weight.dtype)
+            grad_w = _as(g2.t() @ x2, weight.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:
-            grad_a = (gxa.t() @ s2).to(a.dtype)
+            grad_a = _as(gxa.t() @ s2, a.dtype)
         if ctx.needs_input_grad[5]:
-            grad_b = (g2.t() @ xa).to(b.dtype)
+            grad_b = _as(g2.t() @ xa, b.dtype)
         return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_b, None
 
 
@@ -175,8 +180,8 @@ class _DoraLinear(torch.autograd.Function):
         x2 = _flat(x)
         scale = (magnitude / norm).to(x.dtype)
         z = F.linear(x2, _dense(weight, x.dtype))
-        xa = (x2 @ a.to(x.dtype).t()).mul_(scaling)
-        z.addmm_(xa, b.to(x.dtype).t())
+        xa = (x2 @ _as(a, x.dtype).t()).mul_(scaling)
+        z.addmm_(xa, _as(b, x.dtype).t())
         y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
         y = y.view(*x.shape[:-1], y.shape[-1])
         ctx.scaling = scaling
@@ -191,21 +196,21 @@ class _DoraLinear(torch.autograd.Function):
         weight, x2, bias, a, b, magnitude, scale, xa, y = _saved(ctx)
         g2 = _flat(grad)
         gs = g2 * scale
-        a_, b_ = a.to(g2.dtype), b.to(g2.dtype)
+        a_, b_ = _as(a, g2.dtype), _as(b, g2.dtype)
         gxa = (gs @ b_).mul_(ctx.scaling)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
             grad_x = (gs @ _dense(weight, g2.dtype)).addmm_(gxa, a_).view(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            grad_w = (gs.t() @ x2).to(weight.dtype)
+            grad_w = _as(gs.t() @ x2, weight.dtype)
         if ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[5]):
             g_sum = g2.sum(0, dtype=torch.float32)
             if ctx.needs_input_grad[2]:
                 grad_bias = g_sum.to(bias.dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = (gxa.t() @ x2).to(a.dtype)
+            grad_a = _as(gxa.t() @ x2, a.dtype)
         if ctx.needs_input_grad[4]:
-            grad_b = (gs.t() @ xa).to(b.dtype)
+            grad_b = _as(gs.t() @ xa, b.dtype)
         if ctx.needs_input_grad[5]:
             gy = (g2 * _flat(y)).sum(0, dtype=torch.float32)
             if bias is not None:
@@ -232,7 +237,8 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
         return None
     xc, weight, bias = parts
     xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(xc)
-    return restore_dtype(lora_linear(xc, xd, weight, bias, a.to(x.device), b.to(x.device), scaling), x)
+    return restore_dtype(lora_linear(xc, xd, weight, bias, a if a.device == x.device else a.to(x.device),
+                                     b if b.device == x.device else b.to(x.device), scaling), x)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,

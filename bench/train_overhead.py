@@ -1,0 +1,92 @@
+"""Host time of a training step on the CPU: forward + backward + AdamW of a Llama with the 1B shape's 16 layers but
+hidden size 64, so that the arithmetic is negligible and what is timed is the Python and operator work per layer
+(the fused adapter nodes with PEFTLAB_FAST=1, as on a GPU), side by side with HF PEFT and the frozen base.
+
+On the H200 the 1B LoRA step is bound by that work (bench/README.md, 2026-12-03: 70 ms of GPU work but ~143 ms of
+host time a profiled step), so changes to the per-layer path can be tried here first. Rounds alternate between the
+implementations; the medians of the rounds are reported.
+
+    python bench/train_overhead.py --methods lora,dora --out bench/results/train_overhead_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from results_io import environment, write_atomic
+
+os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(impl: str, method: str, layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftlab
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    model.requires_grad_(False)
+    kw = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, use_dora=method == "dora")
+    if impl == "peftlab":
+        peftlab.attach(model, peftlab.LoraConfig(**kw))
+    elif impl == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(**kw))
+    else:  # the frozen base with one trainable tensor at the bottom, so backward runs through every layer
+        model.model.embed_tokens.weight.requires_grad_(True)
+    return model.train()
+
+
+def step_ms(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    times = []
+    for k in range(steps + 3):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if k >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="lora,dora")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out")
+    cli = p.parse_args()
+    torch.set_num_threads(1)
+    ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(0))
+    models = {"frozen base": build("frozen", "lora", cli.layers)}
+    for method in cli.methods.split(","):
+        for impl in ("peftlab", "peft"):
+            models[f"{method} {impl}"] = build(impl, method, cli.layers)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(cli.rounds):
+        for label, model in models.items():
+            times[label].append(round(step_ms(model, ids, cli.steps), 3))
+    median = {label: statistics.median(v) for label, v in times.items()}
+    ratios = {m: round(median[f"{m} peftlab"] / median[f"{m} peft"], 3) for m in cli.methods.split(",")}
+    print(json.dumps({"step_ms_median": median, "peftlab_vs_peft": ratios}))
+    if cli.out:
+        write_atomic(Path(cli.out), json.dumps({"benchmark": "train_overhead_cpu", "environment": environment("cpu"),
+                                                "layers": cli.layers, "hidden": 64, "batch": list(ids.shape),
+                                                "step_ms": times, "step_ms_median": median,
+                                                "peftlab_vs_peft": ratios}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
