@@ -1,12 +1,13 @@
 """Host time of a training step on the CPU: forward + backward + AdamW of a Llama with the 1B shape's 16 layers but
 hidden size 64, so that the arithmetic is negligible and what is timed is the Python and operator work per layer
-(the fused adapter nodes with PEFTLAB_FAST=1, as on a GPU), side by side with HF PEFT and the frozen base.
+(the fused adapter nodes with PEFTLAB_FAST=1, as on a GPU), side by side with HF PEFT and the frozen base; with
+``--compile inductor`` also with each decoder layer compiled (``compile_scope="layers"``; compiled in the warm-up).
 
 On the H200 the 1B LoRA step is bound by that work (bench/README.md, 2026-12-03: 70 ms of GPU work but ~143 ms of
 host time a profiled step), so changes to the per-layer path can be tried here first. Rounds alternate between the
 implementations; the medians of the rounds are reported.
 
-    python bench/train_overhead.py --methods lora,dora --out bench/results/train_overhead_cpu.json
+    python bench/train_overhead.py --methods lora,dora --compile inductor --out bench/results/train_overhead_cpu.json
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, h
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(impl: str, method: str, layers: int) -> torch.nn.Module:
+def build(impl: str, method: str, layers: int, compile_backend: str | None = None) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import peftlab
@@ -33,11 +34,16 @@ def build(impl: str, method: str, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2)
+    config.use_cache = False  # training: no KV cache (as the trainer and the GPU bench run)
     model = LlamaForCausalLM(config)
     model.requires_grad_(False)
     kw = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, use_dora=method == "dora")
-    if impl == "peftlab":
+    if impl.startswith("peftlab"):
         peftlab.attach(model, peftlab.LoraConfig(**kw))
+        if impl == "peftlab compiled":  # TrainArgs(compile=backend, compile_scope="layers")
+            from peftlab.train.packing import compile_model
+
+            compile_model(model, compile_backend, "layers")
     elif impl == "peft":
         import peft
 
@@ -66,20 +72,25 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile", metavar="BACKEND", help="also peftlab with each decoder layer compiled (inductor)")
     p.add_argument("--out")
     cli = p.parse_args()
     torch.set_num_threads(1)
     ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(0))
-    models = {"frozen base": build("frozen", "lora", cli.layers)}
-    for method in cli.methods.split(","):
-        for impl in ("peftlab", "peft"):
-            models[f"{method} {impl}"] = build(impl, method, cli.layers)
-    times: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(cli.rounds):
-        for label, model in models.items():
-            times[label].append(round(step_ms(model, ids, cli.steps), 3))
+    times: dict[str, list[float]] = {}
+    for k, method in enumerate(cli.methods.split(",")):
+        # one method at a time, its implementations alternating round by round; compiled graphs of one method do
+        # not share dynamo's caches with the next (each GPU configuration runs in a fresh process too)
+        torch._dynamo.reset()
+        models = {"frozen base": build("frozen", "lora", cli.layers)} if k == 0 else {}
+        for impl in ("peftlab", "peft") + (("peftlab compiled",) if cli.compile else ()):
+            models[f"{method} {impl}"] = build(impl, method, cli.layers, cli.compile)
+        for _ in range(cli.rounds):
+            for label, model in models.items():
+                times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps), 3))
     median = {label: statistics.median(v) for label, v in times.items()}
-    ratios = {m: round(median[f"{m} peftlab"] / median[f"{m} peft"], 3) for m in cli.methods.split(",")}
+    ratios = {label: round(median[label] / median[f"{label.split()[0]} peft"], 3) for label in median
+              if label.split()[1] == "peftlab"}
     print(json.dumps({"step_ms_median": median, "peftlab_vs_peft": ratios}))
     if cli.out:
         write_atomic(Path(cli.out), json.dumps({"benchmark": "train_overhead_cpu", "environment": environment("cpu"),

@@ -71,7 +71,9 @@ def train(
     galore_proj_type: Optional[str] = typer.Option(None, help="--method galore: std, reverse_std, left, right, full."),
     device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
     packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
-    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend for adapted layers."),
+    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend (e.g. inductor)."),
+    compile_scope: str = typer.Option("adapted", help="What --compile compiles: layers (each decoder layer) or "
+                                      "adapted (each adapted module)."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
@@ -108,7 +110,7 @@ def train(
                      offload_embeddings=offload_embeddings, lean_activations=lean_activations,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
-                     packing=packing, compile=compile_)
+                     packing=packing, compile=compile_, compile_scope=compile_scope)
     args.distributed = distributed
     try:
         metrics = run_train(args)

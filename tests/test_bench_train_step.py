@@ -12,9 +12,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
+    monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")  # no C compiler needed
     args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
                                   "--steps", "2", "--warmup", "0", "--seq", "16"])
     record = train_step.run_worker(args)
@@ -23,6 +24,8 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
     if impl == "peftlab_lean":
         assert record["versions"]["lean_modules"] > 0  # the tiny Llama's norms and MLPs went through the lean nodes
+    if impl == "peftlab_compiled":
+        assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 
 
 def test_worker_frozen_base():

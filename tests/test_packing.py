@@ -90,7 +90,15 @@ def test_train_with_packing_and_compile(tmp_path):
     packed, metrics = losses("packed", packing=True)
     assert packed == pytest.approx(padded, abs=1e-5)
     assert metrics["args"]["packing"] is True
-    model = tiny_llama()
-    compiled, _ = losses("compiled", model=model, compile="aot_eager")
-    assert compiled == pytest.approx(padded, abs=1e-5)
-    assert all(m._compiled_call_impl is None for m in model.modules())
+    for scope in ("adapted", "layers"):  # each adapted module, or each decoder layer as one graph
+        model = tiny_llama()
+        compiled, metrics = losses(f"compiled-{scope}", model=model, compile="aot_eager", compile_scope=scope,
+                                   lean_activations=scope == "layers")  # lean nodes trace too (the rebuild stands aside)
+        assert compiled == pytest.approx(padded, abs=1e-5), scope
+        assert metrics["args"]["compile_scope"] == scope
+        assert all(m._compiled_call_impl is None for m in model.modules())
+
+
+def test_compile_scope_is_checked():
+    with pytest.raises(ConfigError, match="compile_scope must be one of"):
+        TrainArgs(compile="aot_eager", compile_scope="model").validate()

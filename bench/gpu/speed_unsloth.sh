@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14: peftlab (alone, with its fused cross-entropy, on a Liger-patched model) vs HF PEFT vs PEFT + Liger vs Unsloth, LoRA and DoRA
 # (Unsloth runs nothing else).
-#   bench/gpu/speed_unsloth.sh [1b|8b]     (1b: ~350-500 s; 8b: ~450-520 s, B2 x 1024)
+#   bench/gpu/speed_unsloth.sh [1b|8b]     (1b: ~400-570 s; 8b: ~450-520 s, B2 x 1024)
 # Needs Unsloth's site folder carried in the repo root as .unsloth_site (built here with
 # /work/shared/anchors/unsloth_site.sh .unsloth_site; ~55 MiB); UNSLOTH_SITE overrides the path.
 # The 1b call also writes a torch.profiler table of peftlab's fused LoRA and DoRA steps.
@@ -17,8 +17,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 ls "$SITE" > /dev/null || echo "no Unsloth site folder at $SITE: the unsloth rows will be skipped"
 # 8b: fewer implementations (each 8B configuration builds its model afresh: ~30-60 s of the budget)
-if [ "$SHAPE" = 1b ]; then BUDGET=380; PRIME=1; PER=120; IMPLS=peftlab,peftlab_fce,peftlab_lean,peftlab_liger,peft,peft_liger,unsloth
-else BUDGET=500; PRIME=0; PER=200; IMPLS=peftlab,peftlab_fce,peftlab_lean,peft,unsloth; fi
+if [ "$SHAPE" = 1b ]; then BUDGET=440; PRIME=1; PER=120; IMPLS=peftlab,peftlab_fce,peftlab_lean,peftlab_compiled,peftlab_liger,peft,peft_liger,unsloth
+else BUDGET=500; PRIME=0; PER=200; IMPLS=peftlab,peftlab_fce,peftlab_lean,peftlab_compiled,peft,unsloth; fi
 # shellcheck disable=SC2086  # SPEED_EXTRA is a list of options
 timeout "$BUDGET" python3 bench/train_step.py --shape "$SHAPE" --methods lora,dora \
   --impls "$IMPLS" --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \

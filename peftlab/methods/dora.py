@@ -49,6 +49,8 @@ class DoraLayer(LoraLayer):
         self._merge_norm: torch.Tensor | None = None
 
     def _w0_sq(self, w0: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled graph computes it (the cache's pointer check breaks graphs)
+            return w0.detach().float().pow(2).sum(1)
         key = (w0.data_ptr(), w0._version, w0.dtype)
         if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
             with torch.no_grad():

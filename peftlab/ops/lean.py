@@ -77,8 +77,10 @@ class Rebuild:
         stack = self._active.__dict__.setdefault("stack", [])
         top = _top_saved_tensors_hooks()
         foreign = top is not False and top is not None and not isinstance(getattr(top[0], "__self__", None), Rebuild)
-        if foreign or top is False or not torch.is_grad_enabled():
-            stack.append(None)  # checkpointing, offloading or other hooks decide what is kept; or nothing is saved
+        if foreign or top is False or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # checkpointing, offloading or other hooks decide what is kept; or nothing is saved; or the layer is
+            # compiled, where the partitioner chooses what to recompute
+            stack.append(None)
             return
         self.targets.clear()
         hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)

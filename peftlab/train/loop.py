@@ -35,7 +35,8 @@ from peftlab.train.data import Collator, build_datasets, example_order, fingerpr
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
-from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, compile_adapted, uncompile_adapted
+from peftlab.train.packing import (COMPILE_SCOPES, PackingCollator, batch_tokens, check_packing, compile_model,
+                                   uncompile_model)
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients
 
@@ -124,12 +125,16 @@ class TrainArgs:
     packing: bool = False
     """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
     compile: str | None = None
-    """A torch.compile backend ("inductor") for the adapted modules; None = eager."""
+    """A torch.compile backend ("inductor"); None = eager."""
+    compile_scope: str = "adapted"
+    """What ``compile`` compiles: each decoder layer ("layers") or each adapted module ("adapted")."""
 
     def validate(self) -> None:
         known = variants()
         if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "r"):
@@ -310,7 +315,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
     if args.packing:
         check_packing(model)
     if args.compile:
-        compile_adapted(model, args.compile)
+        compile_model(model, args.compile, args.compile_scope)
     offload = contextlib.ExitStack()
     offload.enter_context(host_embeddings(model, args.offload_embeddings))  # before the peak: its table is gone
     reset_peak_memory(device)
@@ -334,7 +339,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
         if args.compile:
-            uncompile_adapted(model)
+            uncompile_model(model, args.compile_scope)
         model.train(was_training)
 
 

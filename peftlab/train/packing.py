@@ -16,9 +16,11 @@ token attends to another example and the loss is the padded batch's loss over th
 padding no longer computed; with sdpa the explicit mask can keep PyTorch off its flash kernel, so
 packing pays off when examples vary in length (measure: ``tokens_per_s`` in metrics.json).
 
-Compiling (``TrainArgs.compile``: a ``torch.compile`` backend, e.g. "inductor") compiles each adapted
-module's forward in place (the fused LoRA / DoRA node included), not the whole model; it is undone
-when training ends, like every other change train() makes to a caller's model besides the adapter.
+Compiling (``TrainArgs.compile``: a ``torch.compile`` backend, e.g. "inductor") works on one of two scopes
+(``TrainArgs.compile_scope``): each decoder layer (``layers``: the attention, norms, MLP and the adapted linears of a
+block as one graph, so element-wise ops fuse and the partitioner chooses what backward recomputes; identical blocks
+share one compiled graph), or each adapted module alone (``adapted``: the fused LoRA / DoRA node and its casts). It is
+undone when training ends, like every other change train() makes to a caller's model besides the adapter.
 """
 from __future__ import annotations
 
@@ -71,12 +73,29 @@ def adapted_modules(model: nn.Module) -> Iterator[AdaptedModule]:
     return (m for m in model.modules() if isinstance(m, AdaptedModule))
 
 
-def compile_adapted(model: nn.Module, backend: str) -> None:
-    """``torch.compile`` each adapted module's forward in place (nn.Module.compile)."""
-    for module in adapted_modules(model):
+COMPILE_SCOPES = ("layers", "adapted")
+
+
+def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
+    if scope == "layers":
+        from peftlab.train.distributed import decoder_layers
+
+        try:
+            return decoder_layers(model)
+        except ConfigError:
+            raise ConfigError(f"compile_scope 'layers': found no decoder layers in {type(model).__name__}; use "
+                              "compile_scope 'adapted'") from None
+    if scope == "adapted":
+        return list(adapted_modules(model))
+    raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+
+
+def compile_model(model: nn.Module, backend: str, scope: str = "adapted") -> None:
+    """``torch.compile`` the forward of each module of ``scope`` in place (nn.Module.compile)."""
+    for module in compiled_modules(model, scope):
         module.compile(backend=backend)
 
 
-def uncompile_adapted(model: nn.Module) -> None:
-    for module in adapted_modules(model):
+def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
+    for module in compiled_modules(model, scope):
         module._compiled_call_impl = None  # what nn.Module.compile set; eager forward again
