@@ -26,10 +26,13 @@ os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, h
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(impl: str, method: str, layers: int, compile_backend: str | None = None) -> torch.nn.Module:
+def build(impl: str, method: str, layers: int, compile_backend: str | None = None) -> torch.nn.Module | None:
+    """The proxy model adapted by ``impl`` with ``method`` (any name ``bench/train_step.py`` knows: its LoRA/DoRA
+    entries, or a registered variant at r 8); None when PEFT lacks the method."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import peftlab
+    from train_step import Unmapped, method_entry
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -37,19 +40,24 @@ def build(impl: str, method: str, layers: int, compile_backend: str | None = Non
     config.use_cache = False  # training: no KV cache (as the trainer and the GPU bench run)
     model = LlamaForCausalLM(config)
     model.requires_grad_(False)
-    kw = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, use_dora=method == "dora")
+    if impl == "frozen":  # the frozen base with one trainable tensor at the bottom: backward runs through every layer
+        model.model.embed_tokens.weight.requires_grad_(True)
+        return model.train()
+    entry = method_entry(method)
+    adapter = entry.peftlab(TARGETS, 8)
     if impl.startswith("peftlab"):
-        peftlab.attach(model, peftlab.LoraConfig(**kw))
+        peftlab.attach(model, adapter)
         if impl == "peftlab compiled":  # TrainArgs(compile=backend, compile_scope="layers")
             from peftlab.train.packing import compile_model
 
             compile_model(model, compile_backend, "layers")
-    elif impl == "peft":
+    else:
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(**kw))
-    else:  # the frozen base with one trainable tensor at the bottom, so backward runs through every layer
-        model.model.embed_tokens.weight.requires_grad_(True)
+        try:
+            model = peft.get_peft_model(model, entry.peft(adapter))
+        except Unmapped:
+            return None
     return model.train()
 
 
@@ -84,19 +92,23 @@ def main() -> None:
         torch._dynamo.reset()
         models = {"frozen base": build("frozen", "lora", cli.layers)} if k == 0 else {}
         for impl in ("peftlab", "peft") + (("peftlab compiled",) if cli.compile else ()):
-            models[f"{method} {impl}"] = build(impl, method, cli.layers, cli.compile)
+            model = build(impl, method, cli.layers, cli.compile)
+            if model is not None:
+                models[f"{method} {impl}"] = model
         for _ in range(cli.rounds):
             for label, model in models.items():
                 times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps), 3))
     median = {label: statistics.median(v) for label, v in times.items()}
     ratios = {label: round(median[label] / median[f"{label.split()[0]} peft"], 3) for label in median
-              if label.split()[1] == "peftlab"}
-    print(json.dumps({"step_ms_median": median, "peftlab_vs_peft": ratios}))
+              if label.split()[1] == "peftlab" and f"{label.split()[0]} peft" in median}
+    ratios.update({f"{label} vs frozen": round(median[label] / median["frozen base"], 3) for label in median
+                   if label != "frozen base"})
+    print(json.dumps({"step_ms_median": median, "ratios": ratios}))
     if cli.out:
         write_atomic(Path(cli.out), json.dumps({"benchmark": "train_overhead_cpu", "environment": environment("cpu"),
                                                 "layers": cli.layers, "hidden": 64, "batch": list(ids.shape),
                                                 "step_ms": times, "step_ms_median": median,
-                                                "peftlab_vs_peft": ratios}, indent=1) + "\n")
+                                                "ratios": ratios}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
