@@ -22,7 +22,6 @@ import torch
 
 from results_io import environment, write_atomic
 
-os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -83,6 +82,7 @@ def main() -> None:
     p.add_argument("--compile", metavar="BACKEND", help="also peftlab with each decoder layer compiled (inductor)")
     p.add_argument("--out")
     cli = p.parse_args()
+    os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
     torch.set_num_threads(1)
     ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {}

@@ -73,3 +73,21 @@ def test_table_ratios_against_competitors():
 def test_unknown_impl_is_an_error():
     with pytest.raises(SystemExit):
         train_step.parse_args(["--impls", "peftlab,nope", "--device", "cpu"])
+
+
+def test_train_overhead_proxy_runs(tmp_path, monkeypatch):
+    """bench/train_overhead.py (the CPU host-time proxy) end to end, small: a method PEFT has, one it lacks, and
+    the compiled layers (aot_eager here)."""
+    import torch
+    import train_overhead
+
+    out = tmp_path / "overhead.json"
+    monkeypatch.setenv("PEFTLAB_FAST", "1")  # what main() would set for good; the monkeypatch undoes it after
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's threads alone
+    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--methods", "lora,tied_lora", "--layers", "2", "--rounds",
+                                      "1", "--steps", "1", "--compile", "aot_eager", "--out", str(out)])
+    train_overhead.main()
+    doc = json.loads(out.read_text())
+    assert {"frozen base", "lora peftlab", "lora peft", "lora peftlab compiled", "tied_lora peftlab",
+            "tied_lora peftlab compiled"} == set(doc["step_ms_median"])  # PEFT has no Tied-LoRA: no row, no ratio
+    assert "lora peftlab" in doc["ratios"] and "tied_lora peftlab" not in doc["ratios"]
