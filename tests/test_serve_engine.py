@@ -95,7 +95,9 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     # every block returned (the graphs keep one padding block for good)
     assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
     if graphs:
-        assert engine.graphs.steps_run >= MAX_NEW - 2 and len(engine.graphs.steps) >= 2
+        # (how many shapes were captured depends on when the prefetch thread delivers each adapter: a table that
+        # appears drops the graphs built so far, so the count of shapes is not asserted)
+        assert engine.graphs.steps_run >= MAX_NEW - 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
