@@ -19,8 +19,9 @@ Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``
 plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused linear + cross-entropy
 loss, ``TrainArgs.fused_ce``), ``peftlab_lean`` (that loss and the lean RMSNorm / SwiGLU nodes,
 ``TrainArgs.lean_activations``), ``peftlab_compiled`` (that loss with each decoder layer compiled by
-inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``; the warm-up steps include compiling), ``peftlab_liger`` (peftlab's adapters on a model
-patched by Liger's kernels), ``peft``, ``peft_liger`` and ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
+inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``; the warm-up steps include compiling),
+``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
+``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
 short by a time limit still leaves its finished configurations.
 

@@ -188,14 +188,11 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
     budget = run_budget(args)
     # a quantized base is quantized onto the GPU by each run from the CPU copy; otherwise it moves once
     base, tokenizer, records = inputs or load_inputs(args, None if budget.get("quantize") else device)
-    backends = _backends(args)
     runs = []
     seeds = [args.seed + i for i in range(args.repeat)]
     for seed in seeds:
         for name in names:
-            for backend in backends:
-                if backend == "peft" and not _peft_has(name):
-                    continue
+            for backend in _backends(args, name):
                 run_dir = _run_dir(out, name, backend, seed)
                 done = finished_run(run_dir, budget, args.model, args.data)
                 if done is not None:  # an interrupted compare picks up where it stopped
@@ -238,7 +235,7 @@ def run_compare(args: CompareArgs, console=None, train: bool = True, jobs: int =
         "model": {"name": args.model or "SmolLM2-135M-Instruct (offline default)",
                   "class": type(base).__name__, "parameters": sum(p.numel() for p in base.parameters())},
         "data": {"name": args.data or "chitchat-dataset (offline default)", "records": len(records)},
-        "preset": args.preset, "settings": budget, "seeds": seeds, "methods": names, "backends": backends,
+        "preset": args.preset, "settings": budget, "seeds": seeds, "methods": names, "backends": _backends(args),
         "jobs": jobs,  # runs trained at once on the device: above 1, times and tokens/s are taken under sharing
         "eval_loss_base": {str(r["seed"]): r["eval_loss_before"] for r in runs if r.get("eval_loss_before") is not None},
         "runs": runs, "summary": summary,
@@ -255,8 +252,10 @@ def run_budget(args: CompareArgs) -> dict[str, Any]:
     return {**args.budget(), "device": args.resolved_device().type, "dtype": args.dtype or "checkpoint"}
 
 
-def _backends(args: CompareArgs) -> list[str]:
-    return ["peftlab"] + (["peft"] if args.with_peft else [])
+def _backends(args: CompareArgs, name: str | None = None) -> list[str]:
+    """The backends that train ``name`` (None: the ones asked for): peftlab, and PEFT with ``with_peft`` where PEFT
+    has the method."""
+    return ["peftlab"] + (["peft"] if args.with_peft and (name is None or _peft_has(name)) else [])
 
 
 def _run_dir(out: Path, name: str, backend: str, seed: int) -> Path:
@@ -268,8 +267,7 @@ def unfinished_methods(args: CompareArgs) -> list[str]:
     budget, out = run_budget(args), Path(args.out)
     return [name for name in args.method_list()
             if any(finished_run(_run_dir(out, name, backend, args.seed + i), budget, args.model, args.data) is None
-                   for i in range(args.repeat) for backend in _backends(args)
-                   if backend == "peftlab" or _peft_has(name))]
+                   for i in range(args.repeat) for backend in _backends(args, name))]
 
 
 RUN_RECORD = "run.json"

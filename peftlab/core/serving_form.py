@@ -35,6 +35,11 @@ class ServingForm:
     def rank(self) -> int:
         return 0 if self.down is None else int(self.down.shape[0])
 
+    @property
+    def vera_like(self) -> bool:
+        """A low-rank part with shared projections or per-rank / per-output scales (VeRA's shape), not plain down/up."""
+        return self.shared_projection or self.mid_scale is not None or self.up_scale is not None
+
     def apply(self, x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The adapted output for input ``x`` (..., in): the dense reference of the batched kernels."""
         xin = x if self.in_scale is None else x * self.in_scale

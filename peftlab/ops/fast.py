@@ -93,9 +93,12 @@ def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.dense(dtype) if isinstance(weight, QuantizedWeight) else _as(weight, dtype)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, without the dispatcher round trip when it already has it (host time: ten per layer a step)."""
-    return t if t.dtype == dtype else t.to(dtype)
+def _as(t: torch.Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """``t.to(dtype)`` or ``t.to(device)``, without the dispatcher round trip when it already is (host time: ten
+    per layer a step)."""
+    if dtype is not None:
+        return t if t.dtype == dtype else t.to(dtype)
+    return t if t.device == device else t.to(device)
 
 
 def _save(ctx, weight, *tensors) -> None:
@@ -237,8 +240,8 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
         return None
     xc, weight, bias = parts
     xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(xc)
-    return restore_dtype(lora_linear(xc, xd, weight, bias, a if a.device == x.device else a.to(x.device),
-                                     b if b.device == x.device else b.to(x.device), scaling), x)
+    return restore_dtype(lora_linear(xc, xd, weight, bias, _as(a, device=x.device), _as(b, device=x.device),
+                                     scaling), x)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,

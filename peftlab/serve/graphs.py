@@ -7,14 +7,14 @@ graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bu
 at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer gathers every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host; which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which
-  tables are read are fixed per graph: when a layer's tables are replaced (a larger rank, a first IA3
-  adapter) or its LoRA path turns on or off, the graphs are captured again;
+  instead of grouping tokens by slot on the host; which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
+  projections) and which tables are read are fixed per graph: when a layer's tables are replaced (a larger
+  rank, a first IA3 adapter) or a path turns on or off, the graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
   only, so they touch no sequence's cache.
 
-Prefill steps (and steps mixing prefill and decode) keep the eager ``ragged_forward``. On the CPU the same fixed-shape step runs without capture:
-that is how the tests check it against the eager engine.
+Prefill steps (and steps mixing prefill and decode) keep the eager ``ragged_forward``. On the CPU the same
+fixed-shape step runs without capture: that is how the tests check it against the eager engine.
 """
 from __future__ import annotations
 

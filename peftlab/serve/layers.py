@@ -110,18 +110,15 @@ class BatchedLinear(nn.Module):
     def _ones(self, n: int) -> torch.Tensor:
         return torch.ones(self.capacity + 1, n, dtype=self.dtype, device=self.device)
 
-    def _vera(self, form: ServingForm) -> bool:
-        return form.shared_projection or form.mid_scale is not None or form.up_scale is not None
-
     def set_slot(self, slot: int, form: ServingForm | None) -> None:
         """Put an adapter's form into ``slot`` (None: this adapter does not touch this layer). Plain tensors are
         copied straight from (pinned) host memory into the slot's rows: one copy each, no synchronisation."""
-        lora_rank = 0 if form is None or form.down is None or (self._vera(form) and form.rank > self.fold_rank) \
+        lora_rank = 0 if form is None or form.down is None or (form.vera_like and form.rank > self.fold_rank) \
             else form.rank
         self.clear_slot(slot, zero_lowrank=lora_rank != self.down.shape[1])  # full-width rows are overwritten anyway
         if form is None:
             return
-        if self._vera(form):  # compared with the stored projections, or folded, on the device in the table's dtype
+        if form.vera_like:  # compared with the stored projections, or folded, on the device in the table's dtype
             form = form.to(device=self.device, dtype=self.dtype, non_blocking=True)
         if form.in_scale is not None:
             self.in_scale = self._ones(self.in_features) if self.in_scale is None else self.in_scale
@@ -141,7 +138,7 @@ class BatchedLinear(nn.Module):
             if form.down is not None:
                 self._set_vera(slot, form)
             return
-        down, up = _folded(form) if self._vera(form) else (form.down, form.up)
+        down, up = _folded(form) if form.vera_like else (form.down, form.up)
         r = form.rank
         if r > self.down.shape[1]:
             self.down, self.up = _grown(self.down, 1, r), _grown(self.up, 2, r)
