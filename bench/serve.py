@@ -371,10 +371,12 @@ def markdown_table(doc: dict[str, Any]) -> str:
         lines.append(f"| HF PEFT {peft['adapters']} adapters mixed, generate(adapter_names=) | "
                      f"{peft['mixed_tok_s']:,.0f} | | | | | |")
     notes = []
-    hundred = next((r for r in rows if r["adapters"] == 100 and r["popularity"] == "uniform" and not r.get("graphs")),
-                   None)
-    if hundred and "mixed_tok_s" in peft:
-        notes.append(f"100 adapters uniform vs HF PEFT's mixed batch: {hundred['tokens_per_s'] / peft['mixed_tok_s']:.1f}x.")
+    for graphs in (False, True):
+        hundred = next((r for r in rows if r["adapters"] == 100 and r["popularity"] == "uniform"
+                        and bool(r.get("graphs")) == graphs), None)
+        if hundred and "mixed_tok_s" in peft:
+            notes.append(f"100 adapters uniform{', CUDA graphs,' if graphs else ''} vs HF PEFT's mixed batch: "
+                         f"{hundred['tokens_per_s'] / peft['mixed_tok_s']:.1f}x.")
     cold = doc.get("cold_load")
     if cold:
         notes.append(f"Adapter cold load ({cold['adapter_mb']} MB, r{args['r']} all linear): disk -> GPU slot "

@@ -20,6 +20,7 @@ plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused line
 loss, ``TrainArgs.fused_ce``), ``peftlab_lean`` (that loss and the lean RMSNorm / SwiGLU nodes,
 ``TrainArgs.lean_activations``), ``peftlab_compiled`` (that loss with each decoder layer compiled by
 inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``; the warm-up steps include compiling),
+``peftlab_compiled_lean`` (both: lean nodes inside compiled layers),
 ``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
 ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
@@ -53,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
 
-IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_liger", "peft",
-         "peft_liger", "unsloth")
+IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
+         "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -194,11 +195,11 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
 
         peftlab.attach(model, method.peftlab(method.targets, args.r))
         versions["peftlab_fast"] = str(fast.enabled(torch.empty(0, device=args.device)))
-        if args.impl == "peftlab_lean":
+        if args.impl in ("peftlab_lean", "peftlab_compiled_lean"):
             from peftlab.ops.lean import use_lean_modules
 
             versions["lean_modules"] = use_lean_modules(model)
-        if args.impl == "peftlab_compiled":  # TrainArgs(compile="inductor", compile_scope="layers")
+        if args.impl.startswith("peftlab_compiled"):  # TrainArgs(compile="inductor", compile_scope="layers")
             from peftlab.train.packing import compile_model
 
             model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
@@ -258,7 +259,7 @@ def run_worker(args) -> dict[str, Any]:
 def step_loss(impl: str, model, x) -> Callable[[], Any]:
     """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
     which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
-    if impl in ("peftlab_fce", "peftlab_lean", "peftlab_compiled"):
+    if impl in ("peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean"):
         from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
 
         check_fused_ce(model)

@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
+                                  "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")  # no C compiler needed
@@ -22,9 +23,9 @@ def test_worker_each_implementation(impl, monkeypatch):
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
-    if impl == "peftlab_lean":
+    if impl in ("peftlab_lean", "peftlab_compiled_lean"):
         assert record["versions"]["lean_modules"] > 0  # the tiny Llama's norms and MLPs went through the lean nodes
-    if impl == "peftlab_compiled":
+    if impl.startswith("peftlab_compiled"):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 
 

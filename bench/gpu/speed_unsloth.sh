@@ -4,7 +4,7 @@
 #   bench/gpu/speed_unsloth.sh [1b|8b]     (1b: ~400-570 s; 8b: ~450-520 s, B2 x 1024)
 # Needs Unsloth's site folder carried in the repo root as .unsloth_site (built here with
 # /work/shared/anchors/unsloth_site.sh .unsloth_site; ~55 MiB); UNSLOTH_SITE overrides the path.
-# The 1b call also writes a torch.profiler table of peftlab's fused LoRA and DoRA steps.
+# The 1b call also writes a torch.profiler table of peftlab's fused LoRA and DoRA steps (SPEED_PROFILE=0: not).
 # Writes under $OUT: speed_unsloth_<shape>.json, speed_unsloth_<shape>.log (+ 1b: speed_profile_1b.json
 # and speed_profile_1b.profile.txt).
 # CPU dry run of this script: SPEED_EXTRA="--device cpu --steps 1 --warmup 0" bench/gpu/speed_unsloth.sh tiny
@@ -24,7 +24,7 @@ timeout "$BUDGET" python3 bench/train_step.py --shape "$SHAPE" --methods lora,do
   --impls "$IMPLS" --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \
   --prime "$PRIME" --timeout "$PER" $SPEED_EXTRA --out "$OUT/speed_unsloth_$SHAPE.json" > "$OUT/speed_unsloth_$SHAPE.log" 2>&1 \
   || echo "comparison stopped early (see the log)"
-if [ "$SHAPE" = 1b ]; then
+if [ "$SHAPE" = 1b ] && [ "${SPEED_PROFILE:-1}" = 1 ]; then
   timeout 130 python3 bench/train_step.py --shape 1b --methods lora,dora --impls peftlab --steps 5 --warmup 2 \
     --repeats 1 --prime 0 --timeout 60 --profile --out "$OUT/speed_profile_1b.json" >> "$OUT/speed_unsloth_$SHAPE.log" 2>&1 \
     || echo "profile run stopped early"
