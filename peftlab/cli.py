@@ -71,9 +71,10 @@ def train(
     galore_proj_type: Optional[str] = typer.Option(None, help="--method galore: std, reverse_std, left, right, full."),
     device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
     packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
-    compile_: Optional[str] = typer.Option(None, "--compile", help="torch.compile backend (e.g. inductor)."),
-    compile_scope: str = typer.Option("adapted", help="What --compile compiles: layers (each decoder layer) or "
-                                      "adapted (each adapted module)."),
+    compile_: str = typer.Option("auto", "--compile", help="torch.compile backend for the training steps (e.g. "
+                                 "inductor), none, or auto: inductor on each decoder layer on CUDA, eager elsewhere."),
+    compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
+                                      "or adapted (each adapted module)."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
@@ -110,7 +111,8 @@ def train(
                      offload_embeddings=offload_embeddings, lean_activations=lean_activations,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
-                     packing=packing, compile=compile_, compile_scope=compile_scope)
+                     packing=packing, compile=None if compile_ == "none" else compile_,
+                     compile_scope=compile_scope)
     args.distributed = distributed
     try:
         metrics = run_train(args)

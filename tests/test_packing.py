@@ -7,7 +7,8 @@ from models import tiny_llama, tiny_tokenizer
 from peftlab.core.config import ConfigError
 from peftlab.train.data import IGNORE_INDEX, Collator, build_datasets
 from peftlab.train.loop import TrainArgs, train
-from peftlab.train.packing import PackingCollator, batch_tokens, check_packing
+from peftlab.train import packing
+from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, resolve_compile
 
 RECORDS = [{"instruction": f"add {i} and {i * 3}", "input": "", "output": f"{4 * i}" + " ok" * (i % 4)}
            for i in range(24)]
@@ -99,6 +100,40 @@ def test_train_with_packing_and_compile(tmp_path):
         assert all(m._compiled_call_impl is None for m in model.modules())
 
 
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("this backend cannot compile")
+
+
+def test_auto_compile_is_eager_off_cuda_and_on_quantized_bases():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", "adapted", cpu, quantized=False) == (None, "adapted")
+    assert resolve_compile("auto", "adapted", cuda, quantized=True) == (None, "adapted")
+    assert resolve_compile("inductor", "adapted", cpu, quantized=False) == ("inductor", "adapted")  # asked for
+    assert resolve_compile(None, "layers", cuda, quantized=False) == (None, "layers")
+
+
+def test_auto_compile_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch):
+    """An "auto" compile that fails in the first step warns and trains eagerly, to the eager run's losses; an
+    explicitly asked-for backend that fails raises."""
+    common = dict(max_steps=2, batch_size=4, lr=1e-2, max_length=64, eval_size=4, log_every=0, progress=False,
+                  target_modules=["q_proj", "v_proj"], r=4)
+
+    def run(name, **kw):
+        model = tiny_llama()
+        metrics = train(TrainArgs(out=str(tmp_path / name), **common, **kw), model=model, tokenizer=tiny_tokenizer(),
+                        records=RECORDS)
+        assert all(m._compiled_call_impl is None for m in model.modules())
+        return [h["loss"] for h in metrics["losses"]]
+
+    eager = run("eager", compile=None)
+    monkeypatch.setattr(packing, "resolve_compile", lambda *a: (_failing_backend, "layers"))
+    with pytest.warns(RuntimeWarning, match="training eagerly|run eagerly"):
+        fell_back = run("auto", compile="auto")
+    assert fell_back == pytest.approx(eager, abs=1e-6)
+    with pytest.raises(Exception, match="cannot compile"):
+        run("asked", compile="explicit")
+
+
 def test_compile_scope_is_checked():
     with pytest.raises(ConfigError, match="compile_scope must be one of"):
         TrainArgs(compile="aot_eager", compile_scope="model").validate()
@@ -126,3 +161,23 @@ def test_inductor_compiled_layers_on_cuda_match_eager():
     torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=2e-2)
     for name in grads_a:
         assert float((grads_b[name] - grads_a[name]).norm()) <= 5e-2 * float(grads_a[name].norm()) + 1e-6, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the default compile acts only there")
+def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path):
+    """On CUDA a plain train() compiles each decoder layer with inductor (the default "auto"), with no fallback
+    warning, and reaches the eager run's losses within bf16 autocast's rounding (inductor fuses differently)."""
+    import warnings as _warnings
+
+    common = dict(max_steps=3, batch_size=4, lr=1e-2, max_length=64, eval_size=4, log_every=0, progress=False,
+                  r=4, target_modules="all-linear")
+    runs = {}
+    for compile_ in (None, "auto"):
+        model = tiny_llama().to("cuda")
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+            metrics = train(TrainArgs(out=str(tmp_path / str(compile_)), compile=compile_, **common), model=model,
+                            tokenizer=tiny_tokenizer(), records=RECORDS)
+        runs[compile_] = [h["loss"] for h in metrics["losses"]]
+    assert runs["auto"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
+    assert packing.resolve_compile("auto", "adapted", torch.device("cuda"), False) == ("inductor", "layers")

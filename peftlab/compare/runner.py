@@ -141,6 +141,7 @@ def run_one(backend: str, name: str, base, tokenizer, records, budget, seed, out
         lr=budget["lr"], lr_scheduler=budget["lr_scheduler"], warmup_steps=budget["warmup_steps"],
         max_length=budget["max_length"], eval_size=budget["eval_size"], eval_batch_size=budget["eval_batch_size"],
         seed=seed, progress=progress, log_every=0, eval_before=eval_before,
+        compile=None,  # eager: a short run's time would be mostly compiling, and every method is timed alike
         **{k: budget[k] for k in memory_keys if k in budget},
     )
     attach_fn = None

@@ -35,8 +35,8 @@ from peftlab.train.data import Collator, build_datasets, example_order, fingerpr
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
-from peftlab.train.packing import (COMPILE_SCOPES, PackingCollator, batch_tokens, check_packing, compile_model,
-                                   uncompile_model)
+from peftlab.train.packing import (COMPILE_SCOPES, CompiledSteps, PackingCollator, batch_tokens, check_packing,
+                                   compiled_steps)
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients
 
@@ -124,10 +124,13 @@ class TrainArgs:
     peftlab/train/embeddings.py)."""
     packing: bool = False
     """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
-    compile: str | None = None
-    """A torch.compile backend ("inductor"); None = eager."""
+    compile: str | None = "auto"
+    """A torch.compile backend ("inductor") for the training steps; None = eager; "auto" = inductor on each decoder
+    layer on CUDA (unquantized base, Triton present), eager elsewhere, and eager again if compiling fails in the
+    first step (with a warning). Evaluation runs eagerly."""
     compile_scope: str = "adapted"
-    """What ``compile`` compiles: each decoder layer ("layers") or each adapted module ("adapted")."""
+    """What an explicit ``compile`` backend compiles: each decoder layer ("layers") or each adapted module
+    ("adapted"); "auto" always compiles layers."""
 
     def validate(self) -> None:
         known = variants()
@@ -314,8 +317,6 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad-requiring input
     if args.packing:
         check_packing(model)
-    if args.compile:
-        compile_model(model, args.compile, args.compile_scope)
     offload = contextlib.ExitStack()
     offload.enter_context(host_embeddings(model, args.offload_embeddings))  # before the peak: its table is gone
     reset_peak_memory(device)
@@ -329,17 +330,15 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
             with _adapters_off(model):
                 state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        with checkpointing(model, args.checkpointing):
+        with checkpointing(model, args.checkpointing), compiled_steps(args, model, device) as compiled:
             _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
-                       runtime or distributed.Runtime())
+                       runtime or distributed.Runtime(), compiled)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         offload.close()
         if args.gradient_checkpointing and not had_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.disable_input_require_grads()
-        if args.compile:
-            uncompile_model(model, args.compile_scope)
         model.train(was_training)
 
 
@@ -362,7 +361,7 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
 
 
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
-               out: Path, on_step, runtime: distributed.Runtime) -> None:
+               out: Path, on_step, runtime: distributed.Runtime, compiled: CompiledSteps) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
     collate = PackingCollator() if args.packing else collate
     model.train()
@@ -376,8 +375,16 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             batches = [collate(runtime.shard([train_set[next(stream)] for _ in range(args.batch_size)]))
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
-            step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device, runtime,
-                                                          loss_fn)
+            try:
+                step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device,
+                                                              runtime, loss_fn)
+            except Exception as exc:  # noqa: BLE001  (an "auto" compile's failure: the step runs again, eagerly)
+                if not compiled.fall_back(exc):
+                    raise
+                optimizer.zero_grad(set_to_none=True)  # what a half-done backward left
+                step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device,
+                                                              runtime, loss_fn)
+            compiled.stepped()
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
