@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Issue 14/13: peftlab with compiled decoder layers (alone and with the lean nodes inside them) vs HF PEFT vs
-# Unsloth, side by side: 1b LoRA and DoRA (B4 x 1024), then 8b LoRA (B2 x 1024). ~9 min on one H200.
+# Issue 14/13: peftlab with compiled decoder layers, alone and with the lean nodes inside them, beside Unsloth
+# (1b LoRA, B4 x 1024; DoRA compiled + lean alone), then 8b LoRA (B2 x 1024) compiled vs HF PEFT vs Unsloth.
+# ~7.5 min on one H200; bench/gpu/speed_unsloth.sh has the full 1b comparison (compiled layers included).
 #   OUT=... bench/gpu/speed_compiled.sh      (carry .unsloth_site; UNSLOTH_SITE overrides the path)
-# Writes $OUT/speed_compiled_1b.json, $OUT/speed_compiled_8b.json and their logs.
+# Writes $OUT/speed_compiled_{1b,1b_dora,8b}.json and their logs.
 set -x
 OUT=${OUT:-bench/results/gpu}
 SITE=${UNSLOTH_SITE:-$PWD/.unsloth_site}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-timeout 300 python3 bench/train_step.py --shape 1b --methods lora,dora \
-  --impls peftlab_compiled,peftlab_compiled_lean,peft,unsloth --unsloth-site "$SITE" --steps 10 --warmup 3 \
-  --repeats 1 --prime 1 --timeout 110 --out "$OUT/speed_compiled_1b.json" > "$OUT/speed_compiled_1b.log" 2>&1 \
-  || echo "1b comparison stopped early (see the log)"
-timeout 250 python3 bench/train_step.py --shape 8b --methods lora \
-  --impls peftlab_compiled,peft,unsloth --unsloth-site "$SITE" --steps 10 --warmup 3 \
-  --repeats 1 --prime 0 --timeout 120 --out "$OUT/speed_compiled_8b.json" > "$OUT/speed_compiled_8b.log" 2>&1 \
-  || echo "8b comparison stopped early (see the log)"
-tail -n 12 "$OUT/speed_compiled_1b.log" "$OUT/speed_compiled_8b.log"
+run() {  # name, timeout, then train_step.py options
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 bench/train_step.py --unsloth-site "$SITE" --steps 10 --warmup 3 --repeats 1 \
+    --out "$OUT/speed_compiled_$name.json" "$@" > "$OUT/speed_compiled_$name.log" 2>&1 \
+    || echo "$name stopped early (see its log)"
+  tail -n 14 "$OUT/speed_compiled_$name.log"
+}
+run 1b 190 --shape 1b --methods lora --impls peftlab_compiled,peftlab_compiled_lean,unsloth --prime 1 --timeout 100
+run 1b_dora 60 --shape 1b --methods dora --impls peftlab_compiled_lean --prime 0 --timeout 55
+run 8b 200 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
 exit 0
