@@ -19,5 +19,5 @@ run() {  # name, timeout, then train_step.py options
 }
 run 1b 190 --shape 1b --methods lora --impls peftlab_compiled,peftlab_compiled_lean,unsloth --prime 1 --timeout 100
 run 1b_dora 60 --shape 1b --methods dora --impls peftlab_compiled_lean --prime 0 --timeout 55
-run 8b 180 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
+run 8b 150 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
 exit 0

@@ -140,6 +140,8 @@ class AdapterLayer(nn.Module):
       serves_from_state  on a linear, ``serving_form_from_state`` gives that form straight from checkpoint tensors
       transforms_input   ``transform_input`` rewrites the input before the base layer
       supported_kinds    base-module kinds it can wrap ("linear", "embedding")
+      compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
+                         the CUDA default of ``peftlab train``); False keeps a model with it eager
     """
 
     mergeable: ClassVar[bool] = True
@@ -148,6 +150,7 @@ class AdapterLayer(nn.Module):
     serves_from_state: ClassVar[bool] = False
     transforms_input: ClassVar[bool] = False
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    compiles_in_layers: ClassVar[bool] = True
 
     def __init__(self, base: BaseView, config: Any, module_name: str):
         super().__init__()

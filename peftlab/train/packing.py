@@ -104,13 +104,15 @@ def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
         module._compiled_call_impl = None  # what nn.Module.compile set; eager forward again
 
 
-def resolve_compile(backend: str | None, scope: str, device: torch.device, quantized: bool) -> tuple[str | None, str]:
+def resolve_compile(backend: str | None, scope: str, device: torch.device, quantized: bool,
+                    compiles: bool = True) -> tuple[str | None, str]:
     """The (backend, scope) a training run compiles with. ``"auto"``: inductor on each decoder layer when training
-    on CUDA with Triton present and an unquantized base (the step there is host-bound: compiled layers measured
-    0.59x PEFT's LoRA step and 0.38x its DoRA step on an H200, bench/README.md), eager elsewhere."""
+    on CUDA with Triton present, an unquantized base and adapters that all run in compiled layers (``compiles``;
+    the step there is host-bound: compiled layers measured 0.59x PEFT's LoRA step and 0.38x its DoRA step on an
+    H200, bench/README.md), eager elsewhere."""
     if backend != "auto":
         return backend, scope
-    if device.type != "cuda" or quantized:
+    if device.type != "cuda" or quantized or not compiles:
         return None, scope
     if importlib.util.find_spec("triton") is None:  # inductor's GPU code generator
         return None, scope
@@ -148,7 +150,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     from peftlab.quant.bnb import is_quantized
 
     quantized = args.quantize is not None or is_quantized(model)
-    backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized)
+    backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model))
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
     if backend:
         compile_model(model, backend, scope)
@@ -163,3 +165,13 @@ def _compiler_error(exc: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
 
     return isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith(("torch._inductor", "triton"))
+
+
+def layers_compile(model: nn.Module) -> bool:
+    """Whether every adapter attached to ``model`` runs inside compiled decoder layers (``compiles_in_layers``)."""
+    from peftlab.core.input_side import hooked
+
+    container = hooked(model)
+    hooks = list(container.values()) if container is not None else []
+    return all(a.compiles_in_layers for m in adapted_modules(model) for a in m.adapters.values()) and \
+        all(a.compiles_in_layers for a in hooks)

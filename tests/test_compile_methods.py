@@ -1,0 +1,61 @@
+"""Every registered method under compiled decoder layers (``compile_scope="layers"``, what ``peftlab train``
+does by default on CUDA): one training step's loss and every trainable parameter's gradient equal eager's.
+The backend is ``aot_eager`` (dynamo's capture and AOT autograd's joint graph, no C compiler), which is where a
+method's forward either traces correctly or not; inductor only changes the kernels.
+"""
+import copy
+
+import pytest
+import torch
+
+import peftlab
+from models import batch, randomize_adapters, tiny_llama
+from peftlab.train.packing import compile_model, layers_compile
+
+VARIANTS = sorted(peftlab.variants())
+
+
+def _step(model, x):
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _adapted(variant):
+    torch._dynamo.reset()
+    model = tiny_llama()
+    model.config.use_cache = False
+    peftlab.attach(model, peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4))
+    randomize_adapters(model)
+    return model
+
+
+def test_only_llama_adapter_stays_eager():
+    """The flag is set where compiling fails, and nowhere else: if torch starts tracing LLaMA-Adapter's attention
+    hooks into the graph, the second assertion says to drop its flag."""
+    assert [v for v in VARIANTS if not layers_compile(_adapted(v))] == ["adaption_prompt"]
+    model = _adapted("adaption_prompt")
+    compile_model(model, "aot_eager", "layers")
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        _step(model, batch(b=2, t=12))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_layers_give_eager_loss_and_gradients(variant):
+    model = _adapted(variant)
+    if not layers_compile(model):
+        pytest.skip(f"{variant}: its adapter says it does not run inside compiled decoder layers (trains eagerly)")
+    reference = copy.deepcopy(model)
+    x = batch(b=2, t=12)
+    torch.manual_seed(0)
+    loss_eager, grads_eager = _step(reference, x)
+    compile_model(model, "aot_eager", "layers")
+    torch.manual_seed(0)
+    loss_compiled, grads_compiled = _step(model, x)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
+    assert {n for n, g in grads_compiled.items() if g is None} == {n for n, g in grads_eager.items() if g is None}
+    assert any(g is not None for g in grads_eager.values()), variant
+    for name, grad in grads_eager.items():
+        if grad is not None:
+            torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
