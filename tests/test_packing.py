@@ -141,27 +141,31 @@ def test_compile_scope_is_checked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: inductor's GPU code")
-def test_inductor_compiled_layers_on_cuda_match_eager():
-    """compile_scope 'layers' with inductor on a GPU, bf16 with the fused nodes: the loss and the adapter gradients
-    of one step match eager within bf16 rounding (inductor fuses element-wise ops, so not bit for bit)."""
+def test_inductor_compiled_layers_on_cuda_match_eager(device="cuda"):
+    """compile_scope 'layers' with inductor on a GPU, bf16 with the fused nodes: one step's loss and adapter
+    gradients are as close to an fp32 eager step as the bf16 eager step is (within 2x its error, + 1%). bf16 against
+    bf16 is no test: both carry rounding of several percent in the first layer's gradients (H200: 8% seen)."""
     from peftlab.train.packing import compile_model
 
-    ids = torch.randint(3, 90, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for compiled in (False, True):
+    ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for label, dtype, compiled in (("fp32", torch.float32, False), ("eager", torch.bfloat16, False),
+                                   ("compiled", torch.bfloat16, True)):
         torch.manual_seed(0)
-        model = tiny_llama().to("cuda", torch.bfloat16)
+        model = tiny_llama().to(device, dtype)
         model.config.use_cache = False
         peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         if compiled:
             compile_model(model, "inductor", "layers")
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        results.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=2e-2)
-    for name in grads_a:
-        assert float((grads_b[name] - grads_a[name]).norm()) <= 5e-2 * float(grads_a[name].norm()) + 1e-6, name
+        results[label] = (loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    (loss_ref, grads_ref), (loss_eager, grads_eager), (loss_comp, grads_comp) = (results[k] for k in results)
+    assert abs(float(loss_comp - loss_ref)) <= 2 * abs(float(loss_eager - loss_ref)) + 1e-2 * abs(float(loss_ref))
+    for name, ref in grads_ref.items():
+        err_eager = float((grads_eager[name] - ref).norm())
+        err_comp = float((grads_comp[name] - ref).norm())
+        assert err_comp <= 2 * err_eager + 1e-2 * float(ref.norm()), (name, err_comp, err_eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the default compile acts only there")
