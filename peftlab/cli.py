@@ -72,7 +72,8 @@ def train(
     device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
     packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
     compile_: str = typer.Option("auto", "--compile", help="torch.compile backend for the training steps (e.g. "
-                                 "inductor), none, or auto: inductor on each decoder layer on CUDA, eager elsewhere."),
+                                 "inductor), none, or auto: inductor on each decoder layer on CUDA, eager elsewhere, on "
+                                 "quantized bases and with --lean-activations or checkpointing."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
                                       "or adapted (each adapted module)."),
 ) -> None:

@@ -111,6 +111,7 @@ def test_auto_compile_is_eager_off_cuda_and_on_quantized_bases():
     assert resolve_compile("inductor", "adapted", cpu, quantized=False) == ("inductor", "adapted")  # asked for
     assert resolve_compile(None, "layers", cuda, quantized=False) == (None, "layers")
     assert resolve_compile("auto", "adapted", cuda, quantized=False, compiles=False) == (None, "adapted")
+    assert resolve_compile("auto", "adapted", cuda, quantized=False, memory_first=True) == (None, "adapted")
 
 
 def test_auto_compile_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch):

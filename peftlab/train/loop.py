@@ -126,8 +126,9 @@ class TrainArgs:
     """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
     compile: str | None = "auto"
     """A torch.compile backend ("inductor") for the training steps; None = eager; "auto" = inductor on each decoder
-    layer on CUDA (unquantized base, Triton present), eager elsewhere, and eager again if compiling fails in the
-    first step (with a warning). Evaluation runs eagerly."""
+    layer on CUDA (unquantized base, Triton present, no lean activations or checkpointing asked for, every adapter
+    ``compiles_in_layers``), eager elsewhere, and eager again if compiling fails (with a warning; see
+    ``packing.resolve_compile``). Evaluation runs eagerly."""
     compile_scope: str = "adapted"
     """What an explicit ``compile`` backend compiles: each decoder layer ("layers") or each adapted module
     ("adapted"); "auto" always compiles layers."""

@@ -105,14 +105,16 @@ def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
 
 
 def resolve_compile(backend: str | None, scope: str, device: torch.device, quantized: bool,
-                    compiles: bool = True) -> tuple[str | None, str]:
+                    compiles: bool = True, memory_first: bool = False) -> tuple[str | None, str]:
     """The (backend, scope) a training run compiles with. ``"auto"``: inductor on each decoder layer when training
     on CUDA with Triton present, an unquantized base and adapters that all run in compiled layers (``compiles``;
     the step there is host-bound: compiled layers measured 0.59x PEFT's LoRA step and 0.38x its DoRA step on an
-    H200, bench/README.md), eager elsewhere."""
+    H200, bench/README.md), eager elsewhere, and eager when the run asked to save memory (``memory_first``: lean
+    activations or checkpointing, whose savings inside compiled layers are inductor's to decide: on the H200 the
+    lean LoRA step took 7.96 GiB compiled against 6.53 GiB eager)."""
     if backend != "auto":
         return backend, scope
-    if device.type != "cuda" or quantized or not compiles:
+    if device.type != "cuda" or quantized or not compiles or memory_first:
         return None, scope
     if importlib.util.find_spec("triton") is None:  # inductor's GPU code generator
         return None, scope
@@ -150,7 +152,9 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     from peftlab.quant.bnb import is_quantized
 
     quantized = args.quantize is not None or is_quantized(model)
-    backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model))
+    memory_first = args.lean_activations or args.gradient_checkpointing or args.checkpointing != "off"
+    backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model),
+                                     memory_first)
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
     if backend:
         compile_model(model, backend, scope)
