@@ -137,6 +137,13 @@ class TrainArgs:
         known = variants()
         if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            import torch._dynamo
+
+            known_backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in known_backends:
+                raise ConfigError(f"compile must be 'auto', None or a torch.compile backend, got {self.compile!r}; "
+                                  f"backends here: {', '.join(known_backends)}")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.lr_scheduler not in SCHEDULERS:
