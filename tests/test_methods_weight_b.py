@@ -98,6 +98,24 @@ def test_adalora_allocation_is_the_same_whether_step_end_comes_before_or_after_z
         assert torch.equal(a.lora_E, b.lora_E)
 
 
+def test_adalora_batched_orthogonality_loss_equals_the_per_layer_sum():
+    """extra_loss_of (groups of equal shapes, one batched product each) == the sum of each layer's extra_loss,
+    value and gradients, on layers of four shapes (all linear layers of the tiny Llama)."""
+    config = peftlab.AdaLoraConfig(**{**SCHEDULE, "target_modules": "all-linear"}, orth_reg_weight=0.3)
+    model = peftlab.attach(tiny_llama(), config)
+    randomize_adapters(model, std=0.3)
+    model.train()
+    ours = layers(model)
+    assert len({(tuple(l.lora_A.shape), tuple(l.lora_B.shape)) for l in ours}) >= 3
+    batched = type(ours[0]).extra_loss_of(ours)
+    grads = torch.autograd.grad(batched, [l.lora_A for l in ours] + [l.lora_B for l in ours])
+    per_layer = sum(layer.extra_loss() for layer in ours)
+    want = torch.autograd.grad(per_layer, [l.lora_A for l in ours] + [l.lora_B for l in ours])
+    torch.testing.assert_close(batched, per_layer, rtol=1e-6, atol=1e-7)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
 def test_adalora_step_end_misuse_names_the_problem():
     model = peftlab.attach(tiny_llama(), peftlab.AdaLoraConfig(**SCHEDULE))
     with pytest.raises(peftlab.AdapterError, match="no gradient for lora_A at step_end"):

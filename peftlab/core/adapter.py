@@ -250,6 +250,18 @@ class AdapterLayer(nn.Module):
         """A regulariser added to the training loss, or None."""
         return None
 
+    @classmethod
+    def extra_loss_of(cls, layers: list[AdapterLayer]) -> torch.Tensor | None:
+        """The sum of ``extra_loss()`` over ``layers`` (all of this class), or None: what core adds to the loss. A
+        method may compute it for all its layers at once (a few batched operations instead of some for each
+        layer: host time per step)."""
+        total = None
+        for layer in layers:
+            value = layer.extra_loss()
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
 
 class SharedTensors(nn.Module):
     """Tensors that all layers of one adapter share (VeRA's frozen projections, Tied-LoRA's A and B).

@@ -26,9 +26,13 @@ def _active_layers(model: nn.Module):
 
 
 def extra_loss(model: nn.Module) -> torch.Tensor | None:
-    total = None
+    """The active layers' regularisers, each class's layers summed by its ``extra_loss_of``."""
+    by_class: dict[type, list] = {}
     for _, layer in _active_layers(model):
-        value = layer.extra_loss()
+        by_class.setdefault(type(layer), []).append(layer)
+    total = None
+    for cls, layers in by_class.items():
+        value = cls.extra_loss_of(layers)
         if value is not None:
             total = value if total is None else total + value
     return total

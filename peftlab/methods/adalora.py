@@ -167,6 +167,25 @@ class AdaLoraLayer(AdapterLayer):
             torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - eye)
         return self.orth_reg_weight * reg / (2 * self.budget.num_layers)
 
+    @classmethod
+    def extra_loss_of(cls, layers: list[AdaLoraLayer]) -> torch.Tensor | None:
+        """``extra_loss`` summed over ``layers``, each group of equal shapes (and weight) as one batched product:
+        on the 1B shape's 112 layers a few dozen operations instead of ~1,300 a step."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for layer in layers:
+            if layer.training and layer.orth_reg_weight != 0:
+                weight = layer.orth_reg_weight / (2 * layer.budget.num_layers)
+                groups.setdefault(("A", weight, tuple(layer.lora_A.shape)), []).append(layer.lora_A)
+                groups.setdefault(("B", weight, tuple(layer.lora_B.shape)), []).append(layer.lora_B.t())
+        total = None
+        for (_, weight, _), factors in groups.items():
+            stacked = torch.stack(factors)  # (n, r, k): Q, or P^T
+            gram = stacked @ stacked.transpose(1, 2) - torch.eye(stacked.shape[1], device=stacked.device,
+                                                                 dtype=stacked.dtype)
+            value = weight * torch.linalg.matrix_norm(gram).sum()
+            total = value if total is None else total + value
+        return total
+
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "A", "lora_E": "B", "lora_B": "B"}
 
