@@ -20,7 +20,8 @@ plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused line
 loss, ``TrainArgs.fused_ce``), ``peftlab_lean`` (that loss and the lean RMSNorm / SwiGLU nodes,
 ``TrainArgs.lean_activations``), ``peftlab_compiled`` (that loss with each decoder layer compiled by
 inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``; the warm-up steps include compiling),
-``peftlab_compiled_lean`` (both: lean nodes inside compiled layers),
+``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
+layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
 ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
@@ -55,7 +56,7 @@ import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
-         "peftlab_liger", "peft", "peft_liger", "unsloth")
+         "peftlab_compiled_budget", "peftlab_liger", "peft", "peft_liger", "unsloth")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -206,6 +207,12 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
             compile_model(model, backend, "layers")
             versions["compiled"] = f"{backend}, decoder layers"
+            if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
+                import torch._functorch.config as functorch_config
+
+                budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
+                functorch_config.activation_memory_budget = budget
+                versions["activation_budget"] = budget
     elif args.impl in ("peft", "peft_liger"):
         import peft
 
@@ -259,7 +266,7 @@ def run_worker(args) -> dict[str, Any]:
 def step_loss(impl: str, model, x) -> Callable[[], Any]:
     """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
     which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
-    if impl in ("peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean"):
+    if impl in ("peftlab_fce", "peftlab_lean") or impl.startswith("peftlab_compiled"):
         from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
 
         check_fused_ce(model)

@@ -74,6 +74,8 @@ def train(
     compile_: str = typer.Option("auto", "--compile", help="torch.compile backend for the training steps (e.g. "
                                  "inductor), none, or auto: inductor on each decoder layer on CUDA, eager elsewhere, on "
                                  "quantized bases and with --lean-activations or checkpointing."),
+    activation_budget: Optional[float] = typer.Option(None, help="Compiled layers: share (0-1] of their activations "
+                                                      "kept for backward, the rest recomputed (default 1)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
                                       "or adapted (each adapted module)."),
 ) -> None:
@@ -113,7 +115,7 @@ def train(
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
                      packing=packing, compile=None if compile_ == "none" else compile_,
-                     compile_scope=compile_scope)
+                     compile_scope=compile_scope, activation_budget=activation_budget)
     args.distributed = distributed
     try:
         metrics = run_train(args)

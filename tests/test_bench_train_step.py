@@ -13,18 +13,26 @@ import train_step  # noqa: E402
 
 
 @pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
-                                  "peft"])
+                                  "peftlab_compiled_budget", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")  # no C compiler needed
     args = train_step.parse_args(["--worker", "--method", "dora", "--impl", impl, "--shape", "tiny", "--device", "cpu",
                                   "--steps", "2", "--warmup", "0", "--seq", "16"])
-    record = train_step.run_worker(args)
+    import torch._functorch.config as functorch_config
+
+    budget = functorch_config.activation_memory_budget
+    try:
+        record = train_step.run_worker(args)
+    finally:  # the budget impl sets torch's global (a worker is a process of its own): not for the next tests
+        functorch_config.activation_memory_budget = budget
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
     if impl in ("peftlab_lean", "peftlab_compiled_lean"):
         assert record["versions"]["lean_modules"] > 0  # the tiny Llama's norms and MLPs went through the lean nodes
+    if impl == "peftlab_compiled_budget":
+        assert record["versions"]["activation_budget"] == 0.5
     if impl.startswith("peftlab_compiled"):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 

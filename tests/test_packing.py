@@ -189,3 +189,39 @@ def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path):
         runs[compile_] = [h["loss"] for h in metrics["losses"]]
     assert runs["auto"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
     assert packing.resolve_compile("auto", "adapted", torch.device("cuda"), False) == ("inductor", "layers")
+
+
+def test_activation_budget_keeps_less_for_backward_with_the_same_gradients(tmp_path, monkeypatch):
+    """An activation budget below 1 makes the compiled layers keep fewer bytes for backward (what they save is
+    counted through saved-tensor hooks), with the same loss and gradients; it needs a compile and a share in (0, 1]."""
+    from peftlab.train.packing import compiled_steps
+
+    ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(0))
+    saved, grads = {}, {}
+    for budget in (None, 0.3):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_llama(layers=2)
+        model.config.use_cache = False
+        peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        args = TrainArgs(compile="aot_eager", compile_scope="layers", activation_budget=budget)
+        sizes = []
+
+        def keep(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with compiled_steps(args, model, torch.device("cpu")):
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        saved[budget] = sum(sizes)
+        grads[budget] = (loss.detach(), [p.grad for p in model.parameters() if p.requires_grad])
+    assert saved[0.3] < 0.8 * saved[None], saved
+    torch.testing.assert_close(grads[0.3][0], grads[None][0])
+    for got, want in zip(grads[0.3][1], grads[None][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="activation_budget must be in"):
+        TrainArgs(activation_budget=1.5).validate()
+    with pytest.raises(ConfigError, match="needs compile"):
+        TrainArgs(compile=None, activation_budget=0.5).validate()

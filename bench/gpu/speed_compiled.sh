@@ -17,7 +17,7 @@ run() {  # name, timeout, then train_step.py options
     || echo "$name stopped early (see its log)"
   tail -n 14 "$OUT/speed_compiled_$name.log"
 }
-run 1b 190 --shape 1b --methods lora --impls peftlab_compiled,peftlab_compiled_lean,unsloth --prime 1 --timeout 100
+run 1b 230 --shape 1b --methods lora --impls peftlab_compiled,peftlab_compiled_budget,peftlab_compiled_lean,unsloth --prime 1 --timeout 100
 run 1b_dora 60 --shape 1b --methods dora --impls peftlab_compiled_lean --prime 0 --timeout 55
 run 8b 150 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
 exit 0

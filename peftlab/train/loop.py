@@ -129,6 +129,9 @@ class TrainArgs:
     layer on CUDA (unquantized base, Triton present, no lean activations or checkpointing asked for, every adapter
     ``compiles_in_layers``), eager elsewhere, and eager again if compiling fails (with a warning; see
     ``packing.resolve_compile``). Evaluation runs eagerly."""
+    activation_budget: float | None = None
+    """Compiled layers only: the share (0, 1] of their activations kept for backward; the partitioner recomputes the
+    cheapest of the rest (torch's ``activation_memory_budget``; None = 1, inductor's default choice)."""
     compile_scope: str = "adapted"
     """What an explicit ``compile`` backend compiles: each decoder layer ("layers") or each adapted module
     ("adapted"); "auto" always compiles layers."""
@@ -144,6 +147,11 @@ class TrainArgs:
             if self.compile not in known_backends:
                 raise ConfigError(f"compile must be 'auto', None or a torch.compile backend, got {self.compile!r}; "
                                   f"backends here: {', '.join(known_backends)}")
+        if self.activation_budget is not None:
+            if not 0 < self.activation_budget <= 1:
+                raise ConfigError(f"activation_budget must be in (0, 1], got {self.activation_budget!r}")
+            if self.compile is None:
+                raise ConfigError("activation_budget acts on compiled layers; it needs compile ('auto' or a backend)")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.lr_scheduler not in SCHEDULERS:

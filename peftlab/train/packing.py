@@ -158,8 +158,12 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
     if backend:
         compile_model(model, backend, scope)
-    try:
-        yield state
+    import torch._functorch.config as functorch_config
+
+    budget = args.activation_budget
+    try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
+        with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext():
+            yield state
     finally:
         if state.backend:
             uncompile_model(model, scope)
