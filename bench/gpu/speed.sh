@@ -16,7 +16,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 # SPEED_SHAPE / SPEED_METHODS / SPEED_EXTRA only for a CPU dry run of this script:
 #   SPEED_SHAPE=tiny SPEED_METHODS=lora,full SPEED_EXTRA="--device cpu --steps 1 --warmup 0 --prime 0" OUT=/tmp/s bench/gpu/speed.sh a
 SHAPE=${SPEED_SHAPE:-1b}
-COMMON=(--shape "$SHAPE" --impls peftlab,peft,peft_liger --steps 10 --warmup 2 --repeats 1 --prime 1 --timeout 100)
+# SPEED_IMPLS: the implementations (default peftlab,peft,peft_liger; e.g. peftlab_compiled,peftlab,peft)
+COMMON=(--shape "$SHAPE" --impls "${SPEED_IMPLS:-peftlab,peft,peft_liger}" --steps 10 --warmup 2 --repeats 1 --prime 1 --timeout 100)
 case "$PART" in
   a) METHODS=lora,dora,loha,lokr,hra,oft,boft,full; BUDGET=500 ;;
   b) timeout 110 python3 -m pytest -q -rs -p no:cacheprovider tests/test_fast.py tests/test_factored.py -k cuda \

@@ -135,8 +135,8 @@ class CompiledSteps:
         """Called with a step's exception: uncompile and say True when the step may run again eagerly."""
         if self.backend is None or not (self.may_retry or self.auto and _compiler_error(exc)):
             return False
-        warnings.warn(f"compiling the decoder layers ({self.backend}) failed, this step and the next run eagerly "
-                      f"instead: {type(exc).__name__}: {str(exc)[:300]}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"compiling the decoder layers ({self.backend}) failed; training goes on eagerly from this "
+                      f"step: {type(exc).__name__}: {str(exc)[:300]}", RuntimeWarning, stacklevel=2)
         uncompile_model(self.model, self.scope)
         self.backend, self.may_retry = None, False
         return True
