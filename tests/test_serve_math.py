@@ -91,6 +91,21 @@ def test_mixed_batch_equals_each_adapter_alone(fold_rank):
     torch.testing.assert_close(layer(x), _dense(placement, slots, x, layer.base), rtol=1e-10, atol=1e-10)
 
 
+def test_fixed_shape_step_with_one_vera_projection_pair():
+    """The fixed-shape step's single-pair VeRA path (two plain products) next to LoRA, DoRA and IA3 == dense."""
+    g = torch.Generator().manual_seed(5)
+    forms = _forms(g)
+    layer, ctx = _layer(capacity=6, fold_rank=0)
+    placement = {0: forms[0], 1: forms[2], 2: forms[3], 3: forms[5], 4: forms[6]}  # forms 5 and 6 share P
+    for slot, form in placement.items():
+        layer.set_slot(slot, form)
+    assert layer.proj_down_t.shape[0] == 1
+    slots = [3, 0, -1, 4, 1, 2, 3, 5, 4]
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)
+    ctx.static_rows = table_rows(slots, 6)
+    torch.testing.assert_close(layer(x), _dense(placement, slots, x, layer.base), rtol=1e-10, atol=1e-10)
+
+
 def _check_slot_mix(slots, placement, seed, fold_rank):
     g = torch.Generator().manual_seed(seed)
     forms = _forms(g)

@@ -225,23 +225,30 @@ class BatchedLinear(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features)
         y = self._scaled_base(xf, rows, self.in_scale is not None, self.out_scale is not None)
+        # y is this step's own tensor (tables and activations share the model's dtype): the adapter terms are added
+        # in place, one kernel fewer each (a graph-replayed decode step is bound by its count of small kernels)
         if self.lora_slots:
             z = torch.bmm(gather_rows(self.down, rows), xf.unsqueeze(-1))  # (T, R, 1)
-            y = y + torch.bmm(gather_rows(self.up, rows), z).squeeze(-1).to(y.dtype)
+            y.unsqueeze(-1).baddbmm_(gather_rows(self.up, rows), z)
         if self.vera_slots:
-            y = y + self._vera_static(xf, rows).to(y.dtype)
+            self._vera_static(xf, rows, y)
         return y.reshape(*lead, self.out_features)
 
-    def _vera_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Unfolded VeRA by row: every stored projection pair runs on every token (adapters made from one key share a
-        pair, so there are few), each token keeps its own pair's result; rows of non-VeRA slots have mid = 0."""
+    def _vera_static(self, x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> None:
+        """Adds unfolded VeRA by row into ``y``: every stored projection pair runs on every token (adapters made from
+        one key share a pair, so there are few; with one, two plain products), each token keeps its own pair's
+        result; rows of non-VeRA slots have mid = 0."""
+        mid, vup = gather_rows(self.mid, rows), gather_rows(self.vup, rows)
+        if self.proj_down_t.shape[0] == 1:
+            y.addcmul_(F.linear(F.linear(x, self.proj_down_t[0]) * mid, self.proj_up_t[0]), vup)
+            return
         pick = self.proj_index.index_select(0, rows)[:, None, None]  # (T, 1, 1)
 
         def own(z: torch.Tensor) -> torch.Tensor:  # (T, P, n) -> (T, n): each token's projection pair
             return z.gather(1, pick.expand(-1, 1, z.shape[2])).squeeze(1)
 
-        z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * gather_rows(self.mid, rows)
-        return own(torch.einsum("tr,por->tpo", z, self.proj_up_t)) * gather_rows(self.vup, rows)
+        z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * mid
+        y.addcmul_(own(torch.einsum("tr,por->tpo", z, self.proj_up_t)), vup)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
