@@ -160,17 +160,13 @@ class AdaLoraLayer(AdapterLayer):
         return fast.lowrank(x, base, self.lora_A * self.lora_E, self.lora_B, self.scaling, self.dropout)
 
     def extra_loss(self) -> torch.Tensor | None:
-        if not self.training or self.orth_reg_weight == 0:
-            return None
-        eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        reg = torch.linalg.matrix_norm(self.lora_A @ self.lora_A.t() - eye) + \
-            torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - eye)
-        return self.orth_reg_weight * reg / (2 * self.budget.num_layers)
+        return self.extra_loss_of([self])
 
     @classmethod
     def extra_loss_of(cls, layers: list[AdaLoraLayer]) -> torch.Tensor | None:
-        """``extra_loss`` summed over ``layers``, each group of equal shapes (and weight) as one batched product:
-        on the 1B shape's 112 layers a few dozen operations instead of ~1,300 a step."""
+        """The orthogonality regulariser (module docstring) of ``layers`` (training, weight > 0), each group of equal
+        shapes (and weight) as one batched product: on the 1B shape's 112 layers a few dozen operations a step
+        instead of ~12 per layer."""
         groups: dict[tuple, list[torch.Tensor]] = {}
         for layer in layers:
             if layer.training and layer.orth_reg_weight != 0:

@@ -384,6 +384,9 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
     runtime.diverge_rng()
     main = runtime.is_main
     loss_fn = loss_function(args, model)
+
+    def gradients(batches: list) -> tuple:
+        return accumulate_gradients(runtime.forward_model or model, batches, device, runtime, loss_fn)
     with Reporter(args.max_steps, state["step"], enabled=args.progress and main,
                   log_every=args.log_every if main else 0) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
@@ -392,14 +395,12 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
             try:
-                step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device,
-                                                              runtime, loss_fn)
+                step_loss, step_tokens = gradients(batches)
             except Exception as exc:  # noqa: BLE001  (an "auto" compile's failure: the step runs again, eagerly)
                 if not compiled.fall_back(exc):
                     raise
                 optimizer.zero_grad(set_to_none=True)  # what a half-done backward left
-                step_loss, step_tokens = accumulate_gradients(runtime.forward_model or model, batches, device,
-                                                              runtime, loss_fn)
+                step_loss, step_tokens = gradients(batches)
             compiled.stepped()
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)

@@ -149,6 +149,8 @@ class CompiledSteps:
 def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[CompiledSteps]:
     """Compile ``model`` as ``args.compile`` / ``args.compile_scope`` ask (see ``resolve_compile``) for the
     duration of the block; eager again after it."""
+    import torch._functorch.config as functorch_config
+
     from peftlab.quant.bnb import is_quantized
 
     quantized = args.quantize is not None or is_quantized(model)
@@ -158,8 +160,6 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
     if backend:
         compile_model(model, backend, scope)
-    import torch._functorch.config as functorch_config
-
     budget = args.activation_budget
     try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
         with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext():
