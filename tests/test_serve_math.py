@@ -298,3 +298,23 @@ def test_batched_layer_triton_path_matches_torch_path():
         ctx.set(slots, dev)
         outs.append(layer(x))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_views_share_one_storage_and_gather_together():
+    from peftlab.serve.batched import PackedRows
+
+    packed = PackedRows()
+    a, b = torch.randn(5, 3, 4), torch.randn(5, 6)
+    packed.set("a", a.clone())
+    packed.set("b", b.clone())
+    first = packed.data
+    packed.get("a")[2, 1].fill_(7.0)  # writes through the view into the packed storage
+    a[2, 1] = 7.0
+    assert torch.equal(packed.get("a"), a) and torch.equal(packed.get("b"), b)
+    rows = torch.tensor([4, 0, 2, 2])
+    got = packed.gather(rows)
+    assert torch.equal(got["a"], a[rows]) and torch.equal(got["b"], b[rows])
+    wider = torch.cat([a, torch.zeros(5, 2, 4)], dim=1)  # a new shape for "a": packed anew, contents kept
+    packed.set("a", wider)
+    assert packed.data is not first and packed.get("a").shape == (5, 5, 4)
+    assert torch.equal(packed.get("a"), wider) and torch.equal(packed.get("b"), b)

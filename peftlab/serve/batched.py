@@ -16,6 +16,7 @@ kernel launch per shrink and expand (``peftlab.serve.kernels``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +131,37 @@ def scaled_lowrank_grouped(x: torch.Tensor, proj_down: torch.Tensor, proj_up: to
         z = F.linear(x.index_select(0, idx), proj_down[p]) * mid[slot]
         out.index_add_(0, idx, (F.linear(z, proj_up[p]) * up_scale[slot]).to(out.dtype))
     return out
+
+
+class PackedRows:
+    """Per-slot tables of one layer stored side by side in a single (rows, width) tensor, so that a fixed-shape step
+    gathers every token's row of all of them with one ``index_select`` (a graph-replayed decode step is bound by its
+    count of small kernels). Each table is a view ``(rows, *shape)`` into ``data``; adding or reshaping one packs
+    anew into fresh storage (``data`` changes identity: a captured step must be captured again)."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+        self.spans: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (first column, shape of one row)
+        self.views: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.views.get(name)
+
+    def set(self, name: str, table: torch.Tensor) -> None:
+        """Make ``table`` (rows, ...) the content of ``name``, added or replacing the old one (any shape)."""
+        parts = {n: v for n, v in self.views.items() if n != name}
+        parts[name] = table
+        self.data = torch.cat([v.reshape(v.shape[0], -1) for v in parts.values()], dim=1)
+        self.spans, self.views, col = {}, {}, 0
+        for n, v in parts.items():
+            shape, width = tuple(v.shape[1:]), v[0].numel()
+            self.spans[n] = (col, shape)
+            self.views[n] = self.data[:, col:col + width].view(v.shape[0], *shape)
+            col += width
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every table's rows ``rows`` (T, ...), from one gather of the packed storage."""
+        if self.data is None:
+            return {}
+        g = self.data.index_select(0, rows)
+        return {n: g[:, c:c + math.prod(s)].view(g.shape[0], *s) for n, (c, s) in self.spans.items()}

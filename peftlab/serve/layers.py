@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import ServingForm
-from peftlab.serve.batched import Segments, gather_rows, group_by_slot, lowrank_torch, lowrank_triton, \
+from peftlab.serve.batched import PackedRows, Segments, group_by_slot, lowrank_torch, lowrank_triton, \
     scaled_lowrank_grouped, table_rows
 
 
@@ -72,8 +72,32 @@ def _grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return new
 
 
+class _Packed:
+    """A slot table of a ``BatchedLinear`` kept as a view into one of its ``PackedRows`` (``group``): read as a
+    tensor (None until first set), assigned to add or replace it."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.group).get(self.name)
+
+    def __set__(self, obj, table: torch.Tensor) -> None:
+        getattr(obj, self.group).set(self.name, table)
+
+
 class BatchedLinear(nn.Module):
-    """A base ``nn.Linear`` plus ``capacity`` adapter slots; see ``peftlab.serve.batched`` for the maths."""
+    """A base ``nn.Linear`` plus ``capacity`` adapter slots; see ``peftlab.serve.batched`` for the maths.
+
+    The per-slot tables live in two packed groups, so that the fixed-shape step gathers a token's low-rank factors
+    with one gather and its scales (IA3 / DoRA, VeRA's vectors) with another."""
+
+    down, up = _Packed("lowrank"), _Packed("lowrank")  # (rows, R, in), (rows, out, R)
+    out_scale, bias_scale, in_scale = _Packed("scales"), _Packed("scales"), _Packed("scales")  # (rows, out|in)
+    mid, vup = _Packed("scales"), _Packed("scales")  # VeRA per slot: (rows, R), (rows, out)
 
     def __init__(self, base: nn.Linear, name: str, capacity: int, context: StepContext, use_triton: bool = False,
                  initial_rank: int = 16, fold_rank: int = FOLD_RANK):
@@ -84,12 +108,10 @@ class BatchedLinear(nn.Module):
         w = base.weight
         self.dtype, self.device = w.dtype, w.device
         rows = capacity + 1  # + the identity row read by base-model tokens
+        self.lowrank, self.scales = PackedRows(), PackedRows()
         self.down = torch.zeros(rows, initial_rank, self.in_features, dtype=self.dtype, device=self.device)
         self.up = torch.zeros(rows, self.out_features, initial_rank, dtype=self.dtype, device=self.device)
-        self.ranks = [0] * rows
-        self.out_scale: torch.Tensor | None = None  # (rows, out), allocated on first use
-        self.bias_scale: torch.Tensor | None = None
-        self.in_scale: torch.Tensor | None = None
+        self.ranks = [0] * rows  # the scale tables are allocated on first use
         # VeRA: shared projections stored once per distinct value, per-slot vectors
         self.proj_down: list[torch.Tensor] = []
         self.proj_up: list[torch.Tensor] = []
@@ -98,8 +120,6 @@ class BatchedLinear(nn.Module):
         self.proj_up_t: torch.Tensor | None = None  # (P, out, R)
         self.proj_of_slot = [-1] * rows
         self.proj_index: torch.Tensor | None = None  # (rows,) proj_of_slot on the device (0 where none): graphs.py
-        self.mid: torch.Tensor | None = None
-        self.vup: torch.Tensor | None = None
         self.lora_slots: set[int] = set()
         self.out_slots: set[int] = set()
         self.in_slots: set[int] = set()
@@ -204,19 +224,20 @@ class BatchedLinear(nn.Module):
     def static_signature(self) -> tuple:
         """What a captured fixed-shape step depends on: the tables it reads (replaced when they grow or first
         appear) and which paths run. Slot contents may change between replays; these may not."""
-        return (id(self.down), id(self.up), id(self.in_scale), id(self.out_scale), id(self.bias_scale),
-                bool(self.lora_slots), id(self.mid), id(self.vup), id(self.proj_down_t), id(self.proj_up_t),
-                id(self.proj_index), bool(self.vera_slots))
+        return (id(self.lowrank.data), id(self.scales.data), bool(self.lora_slots), id(self.proj_down_t),
+                id(self.proj_up_t), id(self.proj_index), bool(self.vera_slots))
 
-    def _scaled_base(self, x2: torch.Tensor, rows: torch.Tensor, scale_in: bool, scale_out: bool) -> torch.Tensor:
-        """``out_scale ⊙ W0 (in_scale ⊙ x) + bias_scale ⊙ b`` per token row, each scale only where asked."""
+    def _scaled_base(self, x2: torch.Tensor, scales: dict[str, torch.Tensor], scale_in: bool,
+                     scale_out: bool) -> torch.Tensor:
+        """``out_scale ⊙ W0 (in_scale ⊙ x) + bias_scale ⊙ b`` per token (``scales``: the tokens' gathered rows of
+        ``self.scales``), each scale only where asked."""
         if scale_in:
-            x2 = x2 * gather_rows(self.in_scale, rows)
+            x2 = x2 * scales["in_scale"]
         if not scale_out:
             return self.base(x2)
-        y = F.linear(x2, self.base.weight) * gather_rows(self.out_scale, rows)
+        y = F.linear(x2, self.base.weight).mul_(scales["out_scale"])
         if self.base.bias is not None:
-            y = y + self.base.bias * gather_rows(self.bias_scale, rows)
+            y.addcmul_(self.base.bias, scales["bias_scale"])
         return y
 
     def _forward_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -224,21 +245,23 @@ class BatchedLinear(nn.Module):
         so the step has one shape whatever the mix of adapters."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features)
-        y = self._scaled_base(xf, rows, self.in_scale is not None, self.out_scale is not None)
+        scales = self.scales.gather(rows)  # one gather for every scale table (a small kernel less per table)
+        y = self._scaled_base(xf, scales, self.in_scale is not None, self.out_scale is not None)
         # y is this step's own tensor (tables and activations share the model's dtype): the adapter terms are added
         # in place, one kernel fewer each (a graph-replayed decode step is bound by its count of small kernels)
         if self.lora_slots:
-            z = torch.bmm(gather_rows(self.down, rows), xf.unsqueeze(-1))  # (T, R, 1)
-            y.unsqueeze(-1).baddbmm_(gather_rows(self.up, rows), z)
+            factors = self.lowrank.gather(rows)  # down and up in one gather
+            z = torch.bmm(factors["down"], xf.unsqueeze(-1))  # (T, R, 1)
+            y.unsqueeze(-1).baddbmm_(factors["up"], z)
         if self.vera_slots:
-            self._vera_static(xf, rows, y)
+            self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y.reshape(*lead, self.out_features)
 
-    def _vera_static(self, x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> None:
+    def _vera_static(self, x: torch.Tensor, rows: torch.Tensor, mid: torch.Tensor, vup: torch.Tensor,
+                     y: torch.Tensor) -> None:
         """Adds unfolded VeRA by row into ``y``: every stored projection pair runs on every token (adapters made from
         one key share a pair, so there are few; with one, two plain products), each token keeps its own pair's
-        result; rows of non-VeRA slots have mid = 0."""
-        mid, vup = gather_rows(self.mid, rows), gather_rows(self.vup, rows)
+        result; rows of non-VeRA slots have mid = 0. ``mid``, ``vup``: the tokens' rows of those tables."""
         if self.proj_down_t.shape[0] == 1:
             y.addcmul_(F.linear(F.linear(x, self.proj_down_t[0]) * mid, self.proj_up_t[0]), vup)
             return
@@ -258,8 +281,9 @@ class BatchedLinear(nn.Module):
         if present.isdisjoint(self.used_slots):
             return self.base(x)
         lead = x.shape[:-1]
-        y = self._scaled_base(x.reshape(-1, self.in_features), ctx.rows, bool(present & self.in_slots),
-                              bool(present & self.out_slots))
+        scale_in, scale_out = bool(present & self.in_slots), bool(present & self.out_slots)
+        y = self._scaled_base(x.reshape(-1, self.in_features),
+                              self.scales.gather(ctx.rows) if scale_in or scale_out else {}, scale_in, scale_out)
         if present & self.lora_slots:
             xf = x.reshape(-1, self.in_features)
             if self.use_triton and ctx.triton_error is None:
