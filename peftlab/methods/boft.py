@@ -89,7 +89,10 @@ class BOFTLayer(AdapterLayer):
         num, size = boft_blocks(base.in_features, config.boft_block_size, config.boft_block_num, factors, module_name)
         self.boft_R = nn.Parameter(torch.zeros(factors, num, size, size))
         self.boft_s = nn.Parameter(torch.ones(base.out_features, 1))
-        self.register_buffer("perms", butterfly_permutations(base.in_features, num, size, factors), persistent=False)
+        perms = butterfly_permutations(base.in_features, num, size, factors)
+        self.register_buffer("perms", perms, persistent=False)
+        self.register_buffer("inverse_perms", torch.argsort(perms, dim=1), persistent=False)
+        self.permuted = tuple(not torch.equal(p, torch.arange(p.numel())) for p in perms)  # factor 0: never
         self.block_dropout = config.boft_dropout
         if config.init_weights is False:
             nn.init.normal_(self.boft_R, mean=0.0, std=0.1)
@@ -107,7 +110,8 @@ class BOFTLayer(AdapterLayer):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fast.compute_dtype(x, self.boft_R)
-        return butterfly_rotate(x.to(dtype), self.blocks().to(dtype), self.perms).to(x.dtype)
+        return butterfly_rotate(x.to(dtype), self.blocks().to(dtype), self.perms, self.inverse_perms,
+                                self.permuted).to(x.dtype)
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         scale = self.boft_s.view(-1).to(out.dtype)

@@ -150,15 +150,21 @@ def butterfly_permutations(n: int, block_num: int, block_size: int, factors: int
     return torch.stack([butterfly_permutation(n, block_num // 2**i, block_size // 2, extra) for i in range(factors)])
 
 
-def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, inverses: torch.Tensor | None = None,
+                     permuted: tuple[bool, ...] | None = None) -> torch.Tensor:
     """x @ M_{N-1} ... M_0 with M_i = P_i blockdiag(blocks[i]) P_i^T.
 
     (x P)[j] = x[p^{-1}[j]] and (y P^T)[j] = y[p[j]], so no dense permutation matrix is formed.
-    blocks: (N, b, n, n); perms: (N, b*n).
+    blocks: (N, b, n, n); perms: (N, b*n); ``inverses``: their argsorts, if the caller keeps them; ``permuted``:
+    which factors' permutations are not the identity (factor 0's never is: its two gathers of the activations
+    are skipped when the caller says so).
     """
     for i in reversed(range(blocks.shape[0])):
-        perm = perms[i]
-        x = block_rotate(x[..., torch.argsort(perm)], blocks[i])[..., perm]
+        if permuted is not None and not permuted[i]:
+            x = block_rotate(x, blocks[i])
+            continue
+        inverse = torch.argsort(perms[i]) if inverses is None else inverses[i]
+        x = block_rotate(x[..., inverse], blocks[i])[..., perms[i]]
     return x
 
 
