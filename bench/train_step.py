@@ -57,6 +57,7 @@ from results_io import environment, table_command, write_atomic  # noqa: E402
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
          "peftlab_compiled_budget", "peftlab_liger", "peft", "peft_liger", "unsloth")
+COMPILED = ("peftlab_compiled", "peftlab_compiled_lean", "peftlab_compiled_budget", "frozen_compiled")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -133,6 +134,9 @@ def _boft_one_factor(targets, r):
 METHODS: dict[str, Method] = {
     "full": Method("full fine-tune", None, None),
     "frozen": Method("frozen base (forward + input-gradient backward)", None, None, reference="frozen"),
+    # the same, treated as peftlab_compiled treats an adapted model (compiled decoder layers, fused cross-entropy):
+    # the like-for-like floor of IA3 / VeRA / prompt tuning's "<= 1.05x a frozen-base step" with compiled layers
+    "frozen_compiled": Method("frozen base, compiled layers + fused CE", None, None, reference="frozen_compiled"),
     "lora": Method("LoRA r{r}, all linear", _lora()),
     "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
     # PEFT builds BOFT's butterfly factors > 1 only with its CUDA extension (else it silently trains one
@@ -187,7 +191,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     method = method_entry(args.method)
     model = build_model(args.shape, args.device)
     start_peak()
-    if args.impl == "frozen":  # gradients flow back to the embeddings' output, no parameter trains
+    if args.impl in ("frozen", "frozen_compiled"):  # gradients flow back to the embeddings' output, nothing trains
         model.requires_grad_(False)
         model.enable_input_require_grads()
     if args.impl.startswith("peftlab"):
@@ -200,23 +204,23 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             from peftlab.ops.lean import use_lean_modules
 
             versions["lean_modules"] = use_lean_modules(model)
-        if args.impl.startswith("peftlab_compiled"):  # TrainArgs(compile="inductor", compile_scope="layers")
-            from peftlab.train.packing import compile_model
-
-            model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
-            backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
-            compile_model(model, backend, "layers")
-            versions["compiled"] = f"{backend}, decoder layers"
-            if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
-                import torch._functorch.config as functorch_config
-
-                budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
-                functorch_config.activation_memory_budget = budget
-                versions["activation_budget"] = budget
     elif args.impl in ("peft", "peft_liger"):
         import peft
 
         model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
+    if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
+        from peftlab.train.packing import compile_model
+
+        model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
+        backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
+        compile_model(model, backend, "layers")
+        versions["compiled"] = f"{backend}, decoder layers"
+        if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
+            import torch._functorch.config as functorch_config
+
+            budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
+            functorch_config.activation_memory_budget = budget
+            versions["activation_budget"] = budget
     return model, versions
 
 
@@ -266,7 +270,7 @@ def run_worker(args) -> dict[str, Any]:
 def step_loss(impl: str, model, x) -> Callable[[], Any]:
     """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
     which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
-    if impl in ("peftlab_fce", "peftlab_lean") or impl.startswith("peftlab_compiled"):
+    if impl in ("peftlab_fce", "peftlab_lean") or impl in COMPILED:
         from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
 
         check_fused_ce(model)
@@ -489,8 +493,8 @@ def markdown_table(document: dict[str, Any]) -> str:
     suffix = " (time / mem)" if has_mem else ""
     header += [f"vs {name}{suffix}" for _, name in competitors_here]
     header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
-    frozen = rows.get(("frozen", "frozen"))
-    header += ["time vs frozen base"] if frozen else []
+    frozen = {False: rows.get(("frozen", "frozen")), True: rows.get(("frozen_compiled", "frozen_compiled"))}
+    header += ["time vs frozen base, same treatment"] if any(frozen.values()) else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for c in configs:
         if "error" in c:
@@ -509,8 +513,9 @@ def markdown_table(document: dict[str, Any]) -> str:
         cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
         if has_lora:
             cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
-        if frozen:
-            cells.append(f"{c['step_ms_median'] / frozen['step_ms_median']:.2f}x" if ours else "")
+        if any(frozen.values()):
+            floor = frozen[c["impl"] in COMPILED]  # compiled rows against the compiled frozen step, eager ones eager
+            cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
     runs = args["repeats"]
@@ -548,7 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--readme", metavar="README", help="with --table: also write the table into this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=[*IMPLS, "torch", "frozen"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=[*IMPLS, "torch", "frozen", "frozen_compiled"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.impls) - set(IMPLS))
     if unknown:

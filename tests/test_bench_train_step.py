@@ -37,12 +37,16 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 
 
-def test_worker_frozen_base():
-    """The frozen-base reference: nothing trains, gradients still flow back through every layer."""
-    args = train_step.parse_args(["--worker", "--method", "frozen", "--impl", "frozen", "--shape", "tiny", "--device",
+@pytest.mark.parametrize("impl", ["frozen", "frozen_compiled"])
+def test_worker_frozen_base(impl, monkeypatch):
+    """The frozen-base reference (eager, or as the compiled impls run): nothing trains, gradients still flow back
+    through every layer."""
+    monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
+    args = train_step.parse_args(["--worker", "--method", impl, "--impl", impl, "--shape", "tiny", "--device",
                                   "cpu", "--steps", "1", "--warmup", "0", "--seq", "16"])
     record = train_step.run_worker(args)
     assert record["trainable_params"] == 0 and len(record["step_ms_samples"]) == 1
+    assert (record["versions"].get("compiled") == "aot_eager, decoder layers") == (impl == "frozen_compiled")
 
 
 def test_driver_writes_results_and_table(tmp_path):
@@ -72,8 +76,11 @@ def test_table_ratios_against_competitors():
            "args": {"repeats": 1, "steps": 1, "warmup": 0, "shape": "1b", "batch": 1, "seq": 1, "r": 16},
            "configs": [row("lora", "peftlab", 50.0, 6.0), row("lora", "peft", 100.0, 12.0),
                        row("lora", "unsloth", 80.0, 8.0), row("dora", "peftlab", 55.0, 6.6),
-                       row("frozen", "frozen", 40.0, 5.0)]}
+                       row("frozen", "frozen", 40.0, 5.0), row("ia3", "peftlab_compiled", 42.0, 5.0),
+                       row("frozen_compiled", "frozen_compiled", 30.0, 5.0)]}
     table = train_step.markdown_table(doc)
+    assert "| ia3 | peftlab_compiled | 1 | 42.00 | 1 | 5.00 |  |  |  | 1.40x |" in table  # against the compiled floor
+    assert "| lora | peftlab | 1 | 50.00 | 1 | 6.00 | 0.50x / 0.50x | 0.62x / 0.75x |  | 1.25x |" in table
     assert "vs PEFT (time / mem)" in table and "vs Unsloth (time / mem)" in table and "PEFT+Liger" not in table
     assert "| lora | peftlab | 1 | 50.00 | 1 | 6.00 | 0.50x / 0.50x | 0.62x / 0.75x |  | 1.25x |" in table
     assert "| dora | peftlab | 1 | 55.00 | 1 | 6.60 |  |  | 1.10x / 1.10x | 1.38x |" in table
