@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 14/13: peftlab with compiled decoder layers, alone and with the lean nodes inside them, beside Unsloth
-# (1b LoRA, B4 x 1024; DoRA compiled + lean alone), then 8b LoRA (B2 x 1024) compiled vs HF PEFT vs Unsloth.
-# ~7.5 min on one H200; bench/gpu/speed_unsloth.sh has the full 1b comparison (compiled layers included).
+# Issue 14/13: peftlab with compiled decoder layers, alone and with an activation budget (PEFTLAB_BENCH_BUDGET,
+# default 0.5), beside Unsloth (1b LoRA, B4 x 1024), then 8b LoRA (B2 x 1024) compiled vs HF PEFT vs Unsloth.
+# ~6 min on one H200; bench/gpu/speed_unsloth.sh has the full 1b comparison (compiled layers included).
 #   OUT=... bench/gpu/speed_compiled.sh      (carry .unsloth_site; UNSLOTH_SITE overrides the path)
-# Writes $OUT/speed_compiled_{1b,1b_dora,8b}.json and their logs.
+# Writes $OUT/speed_compiled_{1b,8b}.json and their logs.
 set -x
 OUT=${OUT:-bench/results/gpu}
 SITE=${UNSLOTH_SITE:-$PWD/.unsloth_site}
@@ -17,7 +17,8 @@ run() {  # name, timeout, then train_step.py options
     || echo "$name stopped early (see its log)"
   tail -n 14 "$OUT/speed_compiled_$name.log"
 }
-run 1b 230 --shape 1b --methods lora --impls peftlab_compiled,peftlab_compiled_budget,peftlab_compiled_lean,unsloth --prime 1 --timeout 100
-run 1b_dora 60 --shape 1b --methods dora --impls peftlab_compiled_lean --prime 0 --timeout 55
+# SPEED_COMPILED_1B: the 1b implementations (the lean-in-compiled and DoRA rows were measured on 2026-12-03)
+run 1b 230 --shape 1b --methods lora --impls "${SPEED_COMPILED_1B:-peftlab_compiled,peftlab_compiled_budget,unsloth}" \
+  --prime 1 --timeout 100
 run 8b 150 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
 exit 0
