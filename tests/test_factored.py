@@ -146,3 +146,27 @@ def test_strided_bmm_block_rotate_matches_einsum_on_cuda(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_permute_last_and_butterfly_rotate_gradients_equal_indexing(device):
+    """The gather-only permutation (backward: the inverse gather) against advanced indexing, and the butterfly
+    rotation with kept inverses and skipped identity factors against the plain form (argsort each time)."""
+    from peftlab.ops.orthogonal import butterfly_permutations, butterfly_rotate, permute_last
+
+    x = torch.randn(5, 64, device=device, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(64, device=device)
+    grad = torch.randn(5, 64, device=device, dtype=torch.float64)
+    got = torch.autograd.grad(permute_last(x, perm, torch.argsort(perm)), x, grad)[0]
+    assert torch.equal(permute_last(x, perm, torch.argsort(perm)), x[..., perm])
+    assert torch.equal(got, torch.autograd.grad(x[..., perm], x, grad)[0])
+    perms = butterfly_permutations(64, 8, 8, 3).to(device)
+    assert torch.equal(perms[0].cpu(), torch.arange(64))  # factor 0 is never permuted (what the skip relies on)
+    blocks = torch.randn(3, 8, 8, 8, device=device, dtype=torch.float64, requires_grad=True)
+    permuted = tuple(not torch.equal(p.cpu(), torch.arange(64)) for p in perms)
+    fast = butterfly_rotate(x, blocks, perms, torch.argsort(perms, dim=1), permuted)
+    plain = butterfly_rotate(x, blocks, perms)
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(fast, (x, blocks), grad), torch.autograd.grad(plain, (x, blocks), grad)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

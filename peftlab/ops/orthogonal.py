@@ -150,6 +150,26 @@ def butterfly_permutations(n: int, block_num: int, block_size: int, factors: int
     return torch.stack([butterfly_permutation(n, block_num // 2**i, block_size // 2, extra) for i in range(factors)])
 
 
+class _Permute(torch.autograd.Function):
+    """``x[..., perm]`` with the backward a gather by the inverse permutation: advanced indexing's backward is an
+    accumulating scatter (a sort of the indices and atomics on CUDA), which for a permutation is wasted work."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(-1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(-1, inverse), None, None
+
+
+def permute_last(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[..., perm]`` (``inverse`` = argsort(perm)), differentiable by gathers only."""
+    return _Permute.apply(x, perm, inverse)
+
+
 def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor, inverses: torch.Tensor | None = None,
                      permuted: tuple[bool, ...] | None = None) -> torch.Tensor:
     """x @ M_{N-1} ... M_0 with M_i = P_i blockdiag(blocks[i]) P_i^T.
@@ -163,8 +183,9 @@ def butterfly_rotate(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor,
         if permuted is not None and not permuted[i]:
             x = block_rotate(x, blocks[i])
             continue
-        inverse = torch.argsort(perms[i]) if inverses is None else inverses[i]
-        x = block_rotate(x[..., inverse], blocks[i])[..., perms[i]]
+        perm = perms[i]
+        inverse = torch.argsort(perm) if inverses is None else inverses[i]
+        x = permute_last(block_rotate(permute_last(x, inverse, perm), blocks[i]), perm, inverse)
     return x
 
 
