@@ -318,3 +318,25 @@ def test_packed_rows_views_share_one_storage_and_gather_together():
     packed.set("a", wider)
     assert packed.data is not first and packed.get("a").shape == (5, 5, 4)
     assert torch.equal(packed.get("a"), wider) and torch.equal(packed.get("b"), b)
+
+
+def test_fixed_shape_step_triton_lowrank_matches_torch():
+    """The fixed-shape step's LoRA through the Triton kernel (one segment per token, the slot read on the device)
+    equals its gather + bmm form, base-model tokens and every method's slot included."""
+    from peftlab.serve.batched import token_segments
+
+    g = torch.Generator().manual_seed(6)
+    forms = [f.to(torch.float32) for f in _forms(g)]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    slots = [3, 0, -1, 4, 1, 2, 3, 5, 6, -1]
+    x = torch.randn(len(slots), IN, generator=g).to(dev)
+    outs = []
+    for use_triton in (False, True):
+        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev)
+        for slot, form in enumerate(forms):
+            layer.set_slot(slot, form)
+        ctx.static_rows = table_rows(slots, 8, dev)
+        ctx.static_seg = token_segments(ctx.static_rows)
+        outs.append(layer(x))
+        assert ctx.triton_error is None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

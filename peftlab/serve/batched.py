@@ -38,7 +38,7 @@ class Segments:
     starts: torch.Tensor  # (G+1,) int32
     slots: torch.Tensor  # (G,) int32
     starts_cpu: tuple[int, ...]
-    slots_cpu: tuple[int, ...]
+    slots_cpu: tuple[int, ...]  # (-1, ...) from token_segments: unknown on the host, for the kernels only
     max_len: int
 
     @property
@@ -66,6 +66,16 @@ def group_by_slot(token_slots: list[int] | torch.Tensor, device: torch.device | 
         slots=torch.tensor(ordered_slots, dtype=torch.int32, device=device),
         starts_cpu=tuple(starts), slots_cpu=ordered_slots, max_len=max_len,
     )
+
+
+def token_segments(rows: torch.Tensor) -> Segments:
+    """One segment per token of a fixed-shape step, its slot read from the device buffer ``rows`` (table rows; base
+    tokens read the identity row, whose zero factors add nothing): the kernels' grid depends on the batch size
+    only, so the step can be captured and replayed whatever the adapters of its tokens."""
+    n = rows.shape[0]
+    return Segments(order=torch.arange(n, device=rows.device),
+                    starts=torch.arange(n + 1, dtype=torch.int32, device=rows.device), slots=rows,
+                    starts_cpu=tuple(range(n + 1)), slots_cpu=(-1,) * n, max_len=1)
 
 
 def lowrank_torch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,

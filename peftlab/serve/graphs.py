@@ -6,8 +6,9 @@ at 0.5x of that). A graph replays the whole step's kernels with one launch. It n
 graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bucket (a power of two,
 at least 64), and every dynamic decision is made at capture time:
 
-- each linear layer gathers every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host; which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
+- each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
+  instead of grouping tokens by slot on the host (LoRA: the Triton kernel with one segment per token, else one
+  gather of the factors and two batched products; the scales: one gather); which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
   projections) and which tables are read are fixed per graph: when a layer's tables are replaced (a larger
   rank, a first IA3 adapter) or a path turns on or off, the graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
@@ -23,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from peftlab.serve.batched import token_segments
 from peftlab.serve.forward import Chunk, context_rows, decode_forward
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import BatchedLinear, StepContext
@@ -56,6 +58,7 @@ class StaticDecode:
         self.mask = buffer(batch, 1, 1, width, dtype=torch.bool, fill=False)
         self.mask[..., 0] = True
         self.rows = buffer(batch, fill=context.capacity)  # the identity row: the base model
+        self.segments = token_segments(self.rows)  # for the layers' Triton LoRA kernel (one segment per token)
         self.graph = None
         self.logits = None
         if capture:
@@ -71,12 +74,12 @@ class StaticDecode:
                 self.logits = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        self.context.static_rows = self.rows
+        self.context.static_rows, self.context.static_seg = self.rows, self.segments
         try:
             return decode_forward(self.model, self.cache, self.ids, self.positions, self.write_rows, self.kv_rows,
                                   self.mask)
         finally:
-            self.context.static_rows = None
+            self.context.static_rows = self.context.static_seg = None
 
     def __call__(self, chunks: list[Chunk], table_rows: list[int]) -> torch.Tensor:
         n, cache, device = len(chunks), self.cache, self.ids.device

@@ -31,6 +31,7 @@ class StepContext:
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
+    static_seg: Segments | None = None  # with it: one segment per token, its slot read from static_rows (Triton path)
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
@@ -249,7 +250,7 @@ class BatchedLinear(nn.Module):
         y = self._scaled_base(xf, scales, self.in_scale is not None, self.out_scale is not None)
         # y is this step's own tensor (tables and activations share the model's dtype): the adapter terms are added
         # in place, one kernel fewer each (a graph-replayed decode step is bound by its count of small kernels)
-        if self.lora_slots:
+        if self.lora_slots and not self._lowrank_triton(xf, self.context.static_seg, y):
             factors = self.lowrank.gather(rows)  # down and up in one gather
             z = torch.bmm(factors["down"], xf.unsqueeze(-1))  # (T, R, 1)
             y.unsqueeze(-1).baddbmm_(factors["up"], z)
@@ -273,6 +274,22 @@ class BatchedLinear(nn.Module):
         z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * mid
         y.addcmul_(own(torch.einsum("tr,por->tpo", z, self.proj_up_t)), vup)
 
+    def _lowrank_triton(self, x: torch.Tensor, seg: Segments | None, y: torch.Tensor) -> bool:
+        """Adds the LoRA terms of ``seg``'s tokens into ``y`` with the Triton kernels, reading the factors in place;
+        False when they are off or failed (then ``y`` is untouched and the caller runs torch)."""
+        ctx = self.context
+        if not self.use_triton or ctx.triton_error is not None or seg is None:
+            return False
+        try:
+            lowrank_triton(x, self.down, self.up, seg, out=y)
+            return True
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # the kernel did not build or launch: say so, go on
+            ctx.triton_error = f"{type(exc).__name__}: {exc}"
+            log.error("Triton LoRA kernel failed (%s); serving continues on the torch path", ctx.triton_error)
+            return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         if ctx.static_rows is not None:
@@ -286,15 +303,7 @@ class BatchedLinear(nn.Module):
                               self.scales.gather(ctx.rows) if scale_in or scale_out else {}, scale_in, scale_out)
         if present & self.lora_slots:
             xf = x.reshape(-1, self.in_features)
-            if self.use_triton and ctx.triton_error is None:
-                try:
-                    lowrank_triton(xf, self.down, self.up, ctx.seg, out=y)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:  # the kernel did not build or launch (then y is untouched): say so, go on
-                    ctx.triton_error = f"{type(exc).__name__}: {exc}"
-                    log.error("Triton LoRA kernel failed (%s); serving continues on the torch path", ctx.triton_error)
-            if not self.use_triton or ctx.triton_error is not None:
+            if not self._lowrank_triton(xf, ctx.seg, y):
                 lowrank_torch(xf, self.down, self.up, ctx.seg, self.ranks, out=y)
         if present & self.vera_slots:
             scaled_lowrank_grouped(x.reshape(-1, self.in_features), self.proj_down_t, self.proj_up_t,
