@@ -359,6 +359,17 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
             warm = {"mixed_warmup_s": round(time.perf_counter() - t0, 3),
                     "mixed_warmup_captures": engine.graphs.captures - before}
         scenario(f"{label}, CUDA graphs", names, adapters=count, popularity="uniform" if count else "-", graphs=True)
+    layers = list(engine.layers.values())
+    if 100 <= max(args.adapters) and any(layer.use_triton for layer in layers) and engine.context.triton_error is None:
+        # the same 100-adapter row with the step's LoRA as a gather + batched products instead of the Triton kernel
+        for layer in layers:
+            layer.use_triton = False
+        engine.graphs.invalidate()  # captured again on the torch path
+        scenario("100 adapters, uniform, CUDA graphs, torch LoRA in the step", runs[2][1], adapters=100,
+                 popularity="uniform", graphs=True)
+        for layer in layers:
+            layer.use_triton = True
+        engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
                      "shapes": sorted(engine.graphs.steps), "error": engine.graphs.error, **warm}
     engine.graphs = None

@@ -121,6 +121,14 @@ class DecodeGraphs:
         self.steps_run = 0  # decode steps this class ran (the rest ran eagerly)
         self.error: str | None = None  # a capture failed: every step runs eagerly from then on (said once, in the log)
 
+    def invalidate(self) -> None:
+        """Drop every captured step (they are captured again on next use)."""
+        self.steps.clear()
+        # and a fresh memory pool for the next captures: once the old graphs are freed their pool's use count
+        # is 0, and capturing into that handle again trips an internal assert in torch's allocator (seen on
+        # the H200, torch 2.11), after which the CUDA generator believes a capture is still under way
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
     def run(self, chunks: list[Chunk], slots: list[int]) -> torch.Tensor | None:
         """Logits (len(chunks), vocab) for a pure decode step (``slots``: each chunk's adapter slot, -1 = base),
         or None when it must run eagerly."""
@@ -132,12 +140,8 @@ class DecodeGraphs:
             self.seen_changes = self.context.slot_changes
             signature = tuple(layer.static_signature() for layer in self.layers.values())
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
-                self.steps.clear()
+                self.invalidate()
                 self.signature = signature
-                # and a fresh memory pool for the next captures: once the old graphs are freed their pool's use count
-                # is 0, and capturing into that handle again trips an internal assert in torch's allocator (seen on
-                # the H200, torch 2.11), after which the CUDA generator believes a capture is still under way
-                self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)))
         step = self.steps.get(key)
         if step is None:
