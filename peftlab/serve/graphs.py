@@ -7,8 +7,8 @@ graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bu
 at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host (LoRA: the Triton kernel with one segment per token, else one
-  gather of the factors and two batched products; the scales: one gather); which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
+  instead of grouping tokens by slot on the host (LoRA: one gather of the factors and two batched products, or,
+  with ``StepContext.static_triton``, the Triton kernel with one segment per token; the scales: one gather); which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
   projections) and which tables are read are fixed per graph: when a layer's tables are replaced (a larger
   rank, a first IA3 adapter) or a path turns on or off, the graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
@@ -74,7 +74,8 @@ class StaticDecode:
                 self.logits = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        self.context.static_rows, self.context.static_seg = self.rows, self.segments
+        self.context.static_rows = self.rows
+        self.context.static_seg = self.segments if self.context.static_triton else None
         try:
             return decode_forward(self.model, self.cache, self.ids, self.positions, self.write_rows, self.kv_rows,
                                   self.mask)

@@ -32,6 +32,10 @@ class StepContext:
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
     static_seg: Segments | None = None  # with it: one segment per token, its slot read from static_rows (Triton path)
+    # the fixed-shape step's LoRA through the Triton kernel (one segment per token) instead of gather + batched
+    # products: off by default, since on the H200 it cost ~24 us per adapted linear in a captured 100-adapter step
+    # against ~17.5 us for the torch form (two runs, bench/README.md); graphs.py reads it when it captures
+    static_triton: bool = False
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
