@@ -108,8 +108,12 @@ class _BlockRotate(torch.autograd.Function):
 def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x @ blockdiag(blocks) over the last dimension of x; blocks: (b, n, n), x: (..., b*n).
     Same dtype for both (the caller casts); ``block_rotate_reference`` is the einsum form."""
-    if not x.is_cuda or x.dtype != blocks.dtype or x.shape[-1] != blocks.shape[0] * blocks.shape[1]:
-        # elsewhere bmm copies strided operands itself (then einsum is faster); mismatches raise as einsum does
+    if not x.is_cuda or x.dtype != blocks.dtype or x.shape[-1] != blocks.shape[0] * blocks.shape[1] \
+            or torch.compiler.is_compiling():
+        # elsewhere bmm copies strided operands itself (then einsum is faster); mismatches raise as einsum does.
+        # Under torch.compile the einsum form too: writing bmm's result into a permuted view (out=) is an eager
+        # trick that functionalization turns into extra copies (and AOT tracing of it can fail to view the result);
+        # there the compiler picks the layouts
         return block_rotate_reference(x, blocks)
     return _BlockRotate.apply(x, blocks)
 
