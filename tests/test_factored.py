@@ -99,6 +99,7 @@ METHODS = {
     "loha": lambda: peftlab.LoHaConfig(r=4, alpha=8, target_modules=ALL, init_weights=False),
     "lokr": lambda: peftlab.LoKrConfig(r=2, alpha=4, target_modules=ALL, init_weights=False),
     "hra": lambda: peftlab.HRAConfig(r=4, target_modules=ALL, init_weights=False),
+    "hra_gs": lambda: peftlab.HRAConfig(r=4, apply_GS=True, target_modules=ALL, init_weights=False),
     "oft": lambda: peftlab.OFTConfig(r=0, oft_block_size=8, target_modules=ALL, init_weights=False),
     "boft": lambda: peftlab.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=ALL,
                                        init_weights=False),

@@ -53,6 +53,9 @@ class HRAConfig(AdapterConfig):
         check_bias(self.bias, "hra_only")
 
 
+_NO_DROPOUT = nn.Identity()  # HRA has no dropout; the fused node is told so
+
+
 class HRALayer(AdapterLayer):
     transforms_input = True
 
@@ -84,6 +87,21 @@ class HRALayer(AdapterLayer):
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         return out  # all of HRA's effect is in transform_input
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """W0 (x H^T) = W0 x - (W0 U) T (U^T x): HRA as the fused rank-r LoRA node with A = U^T, B = -(W0 U) T (with
+        Gram-Schmidt: A = Q^T, B = -2 W0 Q), so no rotated copy of the input is made and kept per layer; U gets its
+        gradient through both factors. W0 U costs (out x in x r) per step, small beside the tokens' products."""
+        if base.codec is not None or fast.operands(x, base) is None:
+            return None  # a quantized base would have to be dequantized for W0 U: the reference path
+        weight = base.weight_oi()
+        if self.apply_GS:
+            units = gram_schmidt(self.hra_u)
+            a, b = units.t(), -2 * (weight @ units.to(weight.dtype)).float()
+        else:
+            a = self.hra_u.t()
+            b = -(weight @ self.hra_u.to(weight.dtype)).float() @ householder_wy(self.hra_u.float())
+        return fast.lowrank(x, base, a, b, 1.0, _NO_DROPOUT)
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         return self._reflect_rows(weight_oi, transpose=False)  # rows of W times H
