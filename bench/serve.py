@@ -364,7 +364,8 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
             # the same row, right after it (before the mixed batch adds scale tables to every layer), with the step's
             # LoRA through the Triton kernel (one segment per token) instead of gather + batched products
             engine.context.static_triton = True
-            engine.graphs.invalidate()  # captured again on that path (the first batch of the row pays for it)
+            engine.graphs.invalidate()  # captured again on that path, in an untimed batch first
+            workload(engine, names[:args.batch], args, vocab, seed=98)
             scenario(f"{label}, CUDA graphs, Triton LoRA in the step", names, adapters=count, popularity="uniform",
                      graphs=True)
             engine.context.static_triton = False
