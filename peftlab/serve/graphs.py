@@ -8,9 +8,10 @@ at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
   instead of grouping tokens by slot on the host (LoRA: one gather of the factors and two batched products, or,
-  with ``StepContext.static_triton``, the Triton kernel with one segment per token; the scales: one gather); which paths run (LoRA, IA3 / DoRA scales, VeRA's shared
-  projections) and which tables are read are fixed per graph: when a layer's tables are replaced (a larger
-  rank, a first IA3 adapter) or a path turns on or off, the graphs are captured again;
+  with ``StepContext.static_triton``, the Triton kernel with one segment per token; the scales: one gather);
+  which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which tables are read are fixed per
+  graph: when a layer's tables are replaced (a larger rank, a first IA3 adapter) or a path turns on or off, the
+  graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
   only, so they touch no sequence's cache.
 
