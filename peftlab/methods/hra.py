@@ -92,9 +92,11 @@ class HRALayer(AdapterLayer):
         """W0 (x H^T) = W0 x - (W0 U) T (U^T x): HRA as the fused rank-r LoRA node with A = U^T, B = -(W0 U) T (with
         Gram-Schmidt: A = Q^T, B = -2 W0 Q), so no rotated copy of the input is made and kept per layer; U gets its
         gradient through both factors. W0 U costs (out x in x r) per step, small beside the tokens' products."""
-        if base.codec is not None or fast.operands(x, base) is None:
+        if base.codec is not None or base.kind != "linear" or not fast.enabled(x):
             return None  # a quantized base would have to be dequantized for W0 U: the reference path
         weight = base.weight_oi()
+        if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+            return None  # (fast.lowrank refuses the rest, e.g. mixed dtypes without autocast)
         if self.apply_GS:
             units = gram_schmidt(self.hra_u)
             a, b = units.t(), -2 * (weight @ units.to(weight.dtype)).float()
