@@ -13,7 +13,7 @@ where ``t_i`` are the input transforms of adapters that rotate the input (OFT-li
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -255,12 +255,16 @@ class AdapterLayer(nn.Module):
         """The sum of ``extra_loss()`` over ``layers`` (all of this class), or None: what core adds to the loss. A
         method may compute it for all its layers at once (a few batched operations instead of some for each
         layer: host time per step)."""
-        total = None
-        for layer in layers:
-            value = layer.extra_loss()
-            if value is not None:
-                total = value if total is None else total + value
-        return total
+        return sum_present(layer.extra_loss() for layer in layers)
+
+
+def sum_present(values: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the values that are not None, in order, or None when there are none (regularisers)."""
+    total = None
+    for value in values:
+        if value is not None:
+            total = value if total is None else total + value
+    return total
 
 
 class SharedTensors(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapter import sum_present
 from .inject import adapted_modules, model_state
 from .registry import method_for
 
@@ -30,12 +31,7 @@ def extra_loss(model: nn.Module) -> torch.Tensor | None:
     by_class: dict[type, list] = {}
     for _, layer in _active_layers(model):
         by_class.setdefault(type(layer), []).append(layer)
-    total = None
-    for cls, layers in by_class.items():
-        value = cls.extra_loss_of(layers)
-        if value is not None:
-            total = value if total is None else total + value
-    return total
+    return sum_present(cls.extra_loss_of(layers) for cls, layers in by_class.items())
 
 
 def step_end(model: nn.Module, step: int) -> None:

@@ -37,7 +37,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors, sum_present
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.registry import register
@@ -173,14 +173,14 @@ class AdaLoraLayer(AdapterLayer):
                 weight = layer.orth_reg_weight / (2 * layer.budget.num_layers)
                 groups.setdefault(("A", weight, tuple(layer.lora_A.shape)), []).append(layer.lora_A)
                 groups.setdefault(("B", weight, tuple(layer.lora_B.shape)), []).append(layer.lora_B.t())
-        total = None
-        for (_, weight, _), factors in groups.items():
+
+        def group_loss(weight: float, factors: list[torch.Tensor]) -> torch.Tensor:
             stacked = torch.stack(factors)  # (n, r, k): Q, or P^T
             gram = stacked @ stacked.transpose(1, 2) - torch.eye(stacked.shape[1], device=stacked.device,
                                                                  dtype=stacked.dtype)
-            value = weight * torch.linalg.matrix_norm(gram).sum()
-            total = value if total is None else total + value
-        return total
+            return weight * torch.linalg.matrix_norm(gram).sum()
+
+        return sum_present(group_loss(weight, factors) for (_, weight, _), factors in groups.items())
 
     def param_roles(self) -> dict[str, str]:
         return {"lora_A": "A", "lora_E": "B", "lora_B": "B"}
