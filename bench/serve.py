@@ -343,6 +343,8 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
     from peftlab.serve.graphs import DecodeGraphs
 
     engine.graphs = DecodeGraphs(engine.model, engine.cache, engine.context, engine.layers)
+    if args.static_triton is not None:
+        engine.context.static_triton = args.static_triton == "on"
     workload(engine, [f"lora{i % 8}" for i in range(args.batch)], args, vocab, seed=0)  # warm-up: the captures
     runs = [("base model", [None] * n, 0), ("1 adapter, uniform", ["lora0"] * n, 1),
             ("100 adapters, uniform", popularity([f"lora{i}" for i in range(100)], n, 0.0, 100), 100),
@@ -352,26 +354,33 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
     for label, names, count in runs:
         if count > max(args.adapters):
             continue
+        if count == 100:
+            # the rows before (1,000 adapters) left other adapters in the GPU slots: one untimed pass of this row's
+            # requests brings its adapters back (loads counted apart), so the row measures steady-state decoding
+            res = workload(engine, names, args, vocab, seed=97)
+            warm.update(hundred_warmup_s=res["wall_s"], hundred_warmup_loads=res["gpu_misses"])
         if label.startswith("mixed"):
             # its first DoRA / IA3 / VeRA adapters add scale tables to the layers, so the decode graphs are captured
             # again, once in a server's life: that one-off is timed here, apart from the steady-state row
             before, t0 = engine.graphs.captures, time.perf_counter()
             workload(engine, names[:args.batch], args, vocab, seed=99)
-            warm = {"mixed_warmup_s": round(time.perf_counter() - t0, 3),
-                    "mixed_warmup_captures": engine.graphs.captures - before}
+            warm.update(mixed_warmup_s=round(time.perf_counter() - t0, 3),
+                        mixed_warmup_captures=engine.graphs.captures - before)
         scenario(f"{label}, CUDA graphs", names, adapters=count, popularity="uniform" if count else "-", graphs=True)
         if count == 100 and triton_ab:
-            # the same row, right after it (before the mixed batch adds scale tables to every layer), with the step's
-            # LoRA through the Triton kernel (one segment per token) instead of gather + batched products
-            engine.context.static_triton = True
+            # the same row, right after it (before the mixed batch adds scale tables to every layer), with the other
+            # form of the step's LoRA: the Triton row kernels if the default is gather + batched products, or back
+            default = engine.context.static_triton
+            engine.context.static_triton = not default
             engine.graphs.invalidate()  # captured again on that path, in an untimed batch first
             workload(engine, names[:args.batch], args, vocab, seed=98)
-            scenario(f"{label}, CUDA graphs, Triton LoRA in the step", names, adapters=count, popularity="uniform",
-                     graphs=True)
-            engine.context.static_triton = False
+            scenario(f"{label}, CUDA graphs, LoRA step by {'Triton row kernels' if not default else 'gather + bmm'}",
+                     names, adapters=count, popularity="uniform", graphs=True)
+            engine.context.static_triton = default
             engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
-                     "shapes": sorted(engine.graphs.steps), "error": engine.graphs.error, **warm}
+                     "shapes": sorted(engine.graphs.steps), "error": engine.graphs.error,
+                     "static_triton": engine.context.static_triton, **warm}
     engine.graphs = None
 
 
@@ -413,9 +422,16 @@ def markdown_table(doc: dict[str, Any]) -> str:
                   f"{k.get('fused_us', '-')} | {k.get('two_kernel_us', '-')} | {k['torch_us']} |" for k in kernels]
     graphs = doc.get("graphs")
     if graphs:
+        if "static_triton" in graphs:
+            notes.append("The graph rows' LoRA step: " + ("Triton row kernels" if graphs["static_triton"]
+                                                          else "gather + batched products") + ".")
         notes.append(f"CUDA graphs: {graphs['captures']} captured, {graphs['graph_steps']} decode steps replayed"
                      + (f"; capture failed ({graphs['error'][:200]}), those rows ran eagerly." if graphs.get("error")
                         else "."))
+        if "hundred_warmup_s" in graphs:
+            notes.append(f"Before the 100-adapter graph row, one pass of its requests ran untimed "
+                         f"({graphs['hundred_warmup_s']} s, {graphs['hundred_warmup_loads']} slot loads: the 1,000-"
+                         "adapter rows had filled the slots with others).")
         if "mixed_warmup_s" in graphs:
             notes.append(f"Before the mixed-method graph row, one batch of it ran untimed: {graphs['mixed_warmup_s']} s "
                          f"with {graphs['mixed_warmup_captures']} capture(s) of the decode graph (the first DoRA / IA3 / "
@@ -453,6 +469,9 @@ def parse_args(argv=None):
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also run base, 1 and 100 adapters and the mixed batch with decode steps as CUDA graphs")
+    p.add_argument("--static-triton", choices=["on", "off"], default=None,
+                   help="the graph rows' LoRA step: Triton row kernels (on) or gather + bmm (off); default: the "
+                        "library's (StepContext.static_triton); the A/B row runs the other")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU, small everything (a test runs it)")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/serve/serve_<shape>.json)")
     p.add_argument("--table", type=Path, help="print the markdown table of a results JSON (no run)")

@@ -69,13 +69,16 @@ def _engine(root, device="cpu", **kw) -> Engine:
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("graphs", [False, True, "triton"], ids=["eager", "graphs", "graphs_triton_rows"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, graphs):
     """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32). ``graphs``: decode
     steps at fixed, padded shapes with each token's adapter gathered by its row (serve/graphs.py), captured and
-    replayed as CUDA graphs on CUDA, run eagerly on the CPU; batches shrink as requests stop, so padding is used."""
-    engine = _engine(adapter_dirs, device, cuda_graphs=graphs)
+    replayed as CUDA graphs on CUDA, run eagerly on the CPU; batches shrink as requests stop, so padding is used.
+    ``triton``: the same with the fixed-shape step's LoRA in the Triton row kernels (interpreted on the CPU)."""
+    engine = _engine(adapter_dirs, device, cuda_graphs=bool(graphs), **({"use_triton": True} if graphs == "triton"
+                                                                        else {}))
+    engine.context.static_triton = graphs == "triton"
     names = [None, *ADAPTERS]
     jobs = [(names[i % len(names)], _prompt(i)) for i in range(14)]
     refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
@@ -93,7 +96,8 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
     assert engine.store.describe("dora")["converted_to_lora"] is False
     # every block returned (the graphs keep one padding block for good)
-    assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
+    assert engine.cache.free_blocks == engine.cache.num_blocks - bool(graphs)
+    assert engine.context.triton_error is None
     if graphs:
         # (how many shapes were captured depends on when the prefetch thread delivers each adapter: a table that
         # appears drops the graphs built so far, so the count of shapes is not asserted)
@@ -335,7 +339,8 @@ def test_input_side_adapters_in_a_mixed_batch(adapter_dirs, tmp_path, graphs):
     assert [r.output for r in reqs] == refs
     assert refs[0] != _alone(None, jobs[0][1]) and refs[4] != _alone(None, jobs[4][1])  # they change the answers
     assert engine.store.describe("prompt")["in_cpu_cache"] and engine.store.slots_used() == 1  # only "lora"
-    assert engine.cache.free_blocks == engine.cache.num_blocks - graphs
+    assert engine.cache.free_blocks == engine.cache.num_blocks - bool(graphs)
+    assert engine.context.triton_error is None
     assert not graphs or engine.graphs.steps_run > 0
 
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import peftlab  # noqa: E402
 from peftlab.core.adapter import ServingForm  # noqa: E402
 from peftlab.core.inject import adapted_modules  # noqa: E402
-from peftlab.serve.batched import group_by_slot, lowrank_torch, table_rows  # noqa: E402
+from peftlab.serve.batched import group_by_slot, lowrank_torch, row_lowrank, table_rows  # noqa: E402
 from peftlab.serve.layers import FOLD_RANK, BatchedLinear, StepContext  # noqa: E402
 
 from models import randomize_adapters, tiny_llama  # noqa: E402
@@ -320,11 +320,33 @@ def test_packed_rows_views_share_one_storage_and_gather_together():
     assert torch.equal(packed.get("a"), wider) and torch.equal(packed.get("b"), b)
 
 
-def test_fixed_shape_step_triton_lowrank_matches_torch():
-    """The fixed-shape step's LoRA through the Triton kernel (one segment per token, the slot read on the device)
-    equals its gather + bmm form, base-model tokens and every method's slot included."""
-    from peftlab.serve.batched import token_segments
+def test_row_lowrank_kernels_match_einsum():
+    """The fixed-shape step's Triton row kernels against an einsum reference: padded ranks, repeated rows, a rank that
+    is not a multiple of the kernels' rank block, dimensions that are not multiples of their tiles; tokens of the
+    skipped (identity) row are left exactly as they were."""
+    g = torch.Generator().manual_seed(11)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    slots, r, k, n = 5, 6, 70, 45
+    down, up = torch.randn(slots + 1, r, k, generator=g).to(dev), torch.randn(slots + 1, n, r, generator=g).to(dev)
+    rows = torch.tensor([3, 0, 5, 3, 1, 5, 4], device=dev)
+    x, y0 = torch.randn(len(rows), k, generator=g).to(dev), torch.randn(len(rows), n, generator=g).to(dev)
+    want = y0 + torch.einsum("tor,tri,ti->to", up[rows], down[rows], x)
+    keep = rows == slots
+    want[keep] = y0[keep]
+    got = row_lowrank(x, down, up, rows, y0.clone(), skip_row=slots)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[keep], y0[keep])
+    with pytest.raises(ValueError, match="row_lowrank: shapes"):
+        row_lowrank(x[:, :-1], down, up, rows, y0.clone())
 
+
+def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch):
+    """The fixed-shape step's LoRA through the Triton row kernels (each token's slot read on the device) equals its
+    gather + bmm form, base-model tokens and every method's slot included."""
+    import peftlab.serve.layers as layers
+
+    calls = []
+    monkeypatch.setattr(layers, "row_lowrank", lambda *a, **kw: calls.append(1) or row_lowrank(*a, **kw))
     g = torch.Generator().manual_seed(6)
     forms = [f.to(torch.float32) for f in _forms(g)]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -335,8 +357,8 @@ def test_fixed_shape_step_triton_lowrank_matches_torch():
         layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev)
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
-        ctx.static_rows = table_rows(slots, 8, dev)
-        ctx.static_seg = token_segments(ctx.static_rows)
+        ctx.static_rows, ctx.static_triton = table_rows(slots, 8, dev), use_triton
         outs.append(layer(x))
         assert ctx.triton_error is None
+    assert calls == [1]  # the Triton side ran the kernels (not the torch form after a failure)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

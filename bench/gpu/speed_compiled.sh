@@ -3,7 +3,8 @@
 # default 0.5), beside Unsloth (1b LoRA, B4 x 1024), then 8b LoRA (B2 x 1024) compiled vs HF PEFT vs Unsloth.
 # ~6 min on one H200; bench/gpu/speed_unsloth.sh has the full 1b comparison (compiled layers included).
 #   OUT=... bench/gpu/speed_compiled.sh      (carry .unsloth_site; UNSLOTH_SITE overrides the path)
-# Writes $OUT/speed_compiled_{1b,1b_budget<B>,8b}.json and their logs (SPEED_BUDGETS: the budgets, default 0.5 0.05).
+# Writes $OUT/speed_compiled_{1b,1b_budget<B>,8b}.json and their logs (SPEED_BUDGETS: the budgets, default 0.5 0.05;
+# SPEED_8B=0 leaves the 8b part out).
 set -x
 OUT=${OUT:-bench/results/gpu}
 SITE=${UNSLOTH_SITE:-$PWD/.unsloth_site}
@@ -23,5 +24,5 @@ for budget in ${SPEED_BUDGETS:-0.5 0.05}; do  # the compiled layers with an acti
   PEFTLAB_BENCH_BUDGET=$budget run "1b_budget$budget" 70 --shape 1b --methods lora --impls peftlab_compiled_budget \
     --prime 0 --timeout 65
 done
-run 8b 150 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
+[ "${SPEED_8B:-1}" = 1 ] && run 8b 150 --shape 8b --methods lora --impls peftlab_compiled,peft,unsloth --prime 0 --timeout 100
 exit 0

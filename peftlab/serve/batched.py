@@ -38,7 +38,7 @@ class Segments:
     starts: torch.Tensor  # (G+1,) int32
     slots: torch.Tensor  # (G,) int32
     starts_cpu: tuple[int, ...]
-    slots_cpu: tuple[int, ...]  # (-1, ...) from token_segments: unknown on the host, for the kernels only
+    slots_cpu: tuple[int, ...]
     max_len: int
 
     @property
@@ -66,16 +66,6 @@ def group_by_slot(token_slots: list[int] | torch.Tensor, device: torch.device | 
         slots=torch.tensor(ordered_slots, dtype=torch.int32, device=device),
         starts_cpu=tuple(starts), slots_cpu=ordered_slots, max_len=max_len,
     )
-
-
-def token_segments(rows: torch.Tensor) -> Segments:
-    """One segment per token of a fixed-shape step, its slot read from the device buffer ``rows`` (table rows; base
-    tokens read the identity row, whose zero factors add nothing): the kernels' grid depends on the batch size
-    only, so the step can be captured and replayed whatever the adapters of its tokens."""
-    n = rows.shape[0]
-    return Segments(order=torch.arange(n, device=rows.device),
-                    starts=torch.arange(n + 1, dtype=torch.int32, device=rows.device), slots=rows,
-                    starts_cpu=tuple(range(n + 1)), slots_cpu=(-1,) * n, max_len=1)
 
 
 def lowrank_torch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: Segments,
@@ -111,6 +101,17 @@ def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: S
     # shrink: long K (in), N = rank; expand: K = rank, long N (out)
     grouped_matmul(x.contiguous(), down, z, seg, accumulate=False, block_n=16, block_k=64)
     grouped_matmul(z, up, out, seg, accumulate=True, block_n=64, block_k=16)
+    return out
+
+
+def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+                skip_row: int = -1) -> torch.Tensor:
+    """``out[t] += up[rows[t]] @ (down[rows[t]] @ x[t])`` with the Triton row kernels (``kernels.row_lowrank``): the
+    fixed-shape step's form, every token's table row read on the device; a gather and two batched products in
+    torch (``BatchedLinear._forward_static``) compute the same."""
+    from peftlab.serve.kernels import row_lowrank as kernels
+
+    kernels(x, down, up, rows, out, skip_row=skip_row)
     return out
 
 

@@ -8,7 +8,8 @@ at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
   instead of grouping tokens by slot on the host (LoRA: one gather of the factors and two batched products, or,
-  with ``StepContext.static_triton``, the Triton kernel with one segment per token; the scales: one gather);
+  with ``StepContext.static_triton``, the Triton row kernels reading each token's factors in place; the scales:
+  one gather);
   which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which tables are read are fixed per
   graph: when a layer's tables are replaced (a larger rank, a first IA3 adapter) or a path turns on or off, the
   graphs are captured again;
@@ -25,7 +26,6 @@ import logging
 import torch
 from torch import nn
 
-from peftlab.serve.batched import token_segments
 from peftlab.serve.forward import Chunk, context_rows, decode_forward
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import BatchedLinear, StepContext
@@ -59,7 +59,6 @@ class StaticDecode:
         self.mask = buffer(batch, 1, 1, width, dtype=torch.bool, fill=False)
         self.mask[..., 0] = True
         self.rows = buffer(batch, fill=context.capacity)  # the identity row: the base model
-        self.segments = token_segments(self.rows)  # for the layers' Triton LoRA kernel (one segment per token)
         self.graph = None
         self.logits = None
         if capture:
@@ -76,12 +75,11 @@ class StaticDecode:
 
     def _forward(self) -> torch.Tensor:
         self.context.static_rows = self.rows
-        self.context.static_seg = self.segments if self.context.static_triton else None
         try:
             return decode_forward(self.model, self.cache, self.ids, self.positions, self.write_rows, self.kv_rows,
                                   self.mask)
         finally:
-            self.context.static_rows = self.context.static_seg = None
+            self.context.static_rows = None
 
     def __call__(self, chunks: list[Chunk], table_rows: list[int]) -> torch.Tensor:
         n, cache, device = len(chunks), self.cache, self.ids.device

@@ -2,6 +2,8 @@
 
 Decode steps (a few tokens per slot) use ``fused_lowrank``: shrink and expand in one launch. Prefill
 steps (many tokens per slot) use ``grouped_matmul`` twice, so the rank activations are computed once.
+The fixed-shape (graph-replayed) decode step uses ``row_lowrank``: every token's slot read on the device, a
+shrink kernel and an expand kernel that each read the token's factors once, in place (no gathered copy).
 
 One kernel serves both directions: ``out[t, n] (+)= sum_k inp[t, k] * w[slot(t), n, k]`` with the tokens of
 each slot gathered through the segment order, so each program multiplies a tile of one slot's tokens
@@ -130,3 +132,63 @@ def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: S
                                  inp.stride(0), w.stride(0), w.stride(1), out.stride(0),
                                  ACCUMULATE=accumulate, IEEE=inp.dtype == torch.float32,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+@triton.jit
+def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, z_ptr, K, R, skip_row, stride_xt, stride_as, stride_ar, stride_zt,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z[t, rs] = A[row(t), rs] @ x[t] for one token and BLOCK_R ranks per program (zeros for ``skip_row``)."""
+    t = tl.program_id(0)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if row != skip_row:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + row * stride_as + rs[:, None] * stride_ar + ks[None, :],
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * x[None, :], axis=1)
+    tl.store(z_ptr + t * stride_zt + rs, acc.to(z_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit
+def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, N, R, skip_row, stride_zt, stride_bs, stride_bn, stride_ot,
+                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[t, ns] += B[row(t), ns] @ z[t] for one token and BLOCK_N outputs per program (nothing for ``skip_row``)."""
+    t = tl.program_id(0)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    if row != skip_row:
+        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        rs = tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        z = tl.load(z_ptr + t * stride_zt + rs, mask=r_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_bs + ns[:, None] * stride_bn + rs[None, :],
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        ptrs = out_ptr + t * stride_ot + ns
+        y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32) + tl.sum(b * z[None, :], axis=1)
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+                skip_row: int = -1, block_r: int = 4, block_k: int = 512, block_n: int = 128) -> None:
+    """``out[t] += up[rows[t]] @ (down[rows[t]] @ x[t])`` (tokens whose row is ``skip_row`` untouched); x (T, in),
+    down (S+1, R, in), up (S+1, out, R), rows (T,) on the device. The rank activations are rounded to x's dtype
+    between the two kernels, as the batched products of the torch form round them."""
+    if x.stride(1) != 1 or down.stride(2) != 1 or up.stride(2) != 1 or out.stride(1) != 1:
+        raise ValueError("row_lowrank needs row-major (contiguous last dimension) inputs")
+    t, (r, k), n = x.shape[0], down.shape[1:], up.shape[1]
+    if up.shape[2] != r or x.shape[1] != k or out.shape != (t, n) or rows.shape != (t,):
+        raise ValueError(f"row_lowrank: shapes x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, "
+                         f"rows {tuple(rows.shape)}, out {tuple(out.shape)} do not fit")
+    if t == 0:
+        return
+    z = torch.empty(t, r, device=x.device, dtype=x.dtype)
+    _row_shrink_kernel[(t, triton.cdiv(r, block_r))](x, down, rows, z, k, r, skip_row, x.stride(0), down.stride(0),
+                                                     down.stride(1), z.stride(0), BLOCK_R=block_r, BLOCK_K=block_k)
+    _row_expand_kernel[(t, triton.cdiv(n, block_n))](z, up, rows, out, n, r, skip_row, z.stride(0), up.stride(0),
+                                                     up.stride(1), out.stride(0), BLOCK_N=block_n,
+                                                     BLOCK_R=triton.next_power_of_2(r))

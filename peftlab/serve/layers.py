@@ -13,7 +13,7 @@ from torch import nn
 
 from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import PackedRows, Segments, group_by_slot, lowrank_torch, lowrank_triton, \
-    scaled_lowrank_grouped, table_rows
+    row_lowrank, scaled_lowrank_grouped, table_rows
 
 
 log = logging.getLogger("peftlab.serve")
@@ -31,10 +31,8 @@ class StepContext:
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
-    static_seg: Segments | None = None  # with it: one segment per token, its slot read from static_rows (Triton path)
-    # the fixed-shape step's LoRA through the Triton kernel (one segment per token) instead of gather + batched
-    # products: off by default, since on the H200 it cost ~24 us per adapted linear in a captured 100-adapter step
-    # against ~17.5 us for the torch form (two runs, bench/README.md); graphs.py reads it when it captures
+    # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
+    # read each token's factors in place) instead of one gather of the factors and two batched products
     static_triton: bool = False
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
@@ -254,7 +252,8 @@ class BatchedLinear(nn.Module):
         y = self._scaled_base(xf, scales, self.in_scale is not None, self.out_scale is not None)
         # y is this step's own tensor (tables and activations share the model's dtype): the adapter terms are added
         # in place, one kernel fewer each (a graph-replayed decode step is bound by its count of small kernels)
-        if self.lora_slots and not self._lowrank_triton(xf, self.context.static_seg, y):
+        if self.lora_slots and not (self.context.static_triton and self._triton(
+                lambda: row_lowrank(xf.contiguous(), self.down, self.up, rows, y, skip_row=self.capacity))):
             factors = self.lowrank.gather(rows)  # down and up in one gather
             z = torch.bmm(factors["down"], xf.unsqueeze(-1))  # (T, R, 1)
             y.unsqueeze(-1).baddbmm_(factors["up"], z)
@@ -278,14 +277,14 @@ class BatchedLinear(nn.Module):
         z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * mid
         y.addcmul_(own(torch.einsum("tr,por->tpo", z, self.proj_up_t)), vup)
 
-    def _lowrank_triton(self, x: torch.Tensor, seg: Segments | None, y: torch.Tensor) -> bool:
-        """Adds the LoRA terms of ``seg``'s tokens into ``y`` with the Triton kernels, reading the factors in place;
-        False when they are off or failed (then ``y`` is untouched and the caller runs torch)."""
+    def _triton(self, kernels) -> bool:
+        """Runs ``kernels()`` (Triton launches adding LoRA terms into the layer output) and says whether they ran:
+        False when the kernels are off or failed (then the output is untouched and the caller runs torch)."""
         ctx = self.context
-        if not self.use_triton or ctx.triton_error is not None or seg is None:
+        if not self.use_triton or ctx.triton_error is not None:
             return False
         try:
-            lowrank_triton(x, self.down, self.up, seg, out=y)
+            kernels()
             return True
         except torch.OutOfMemoryError:
             raise
@@ -307,7 +306,7 @@ class BatchedLinear(nn.Module):
                               self.scales.gather(ctx.rows) if scale_in or scale_out else {}, scale_in, scale_out)
         if present & self.lora_slots:
             xf = x.reshape(-1, self.in_features)
-            if not self._lowrank_triton(xf, ctx.seg, y):
+            if not self._triton(lambda: lowrank_triton(xf, self.down, self.up, ctx.seg, out=y)):
                 lowrank_torch(xf, self.down, self.up, ctx.seg, self.ranks, out=y)
         if present & self.vera_slots:
             scaled_lowrank_grouped(x.reshape(-1, self.in_features), self.proj_down_t, self.proj_up_t,
