@@ -338,15 +338,30 @@ def test_row_lowrank_kernels_match_einsum():
     assert torch.equal(got[keep], y0[keep])
     with pytest.raises(ValueError, match="row_lowrank: shapes"):
         row_lowrank(x[:, :-1], down, up, rows, y0.clone())
+    # VeRA's form (a shared projection pair picked per row, per-row vectors) with an output scale on top
+    proj = torch.tensor([1, 0, 1, 0, 1, 0], device=dev)  # slot -> projection pair
+    mid, vup, scale = (torch.randn(slots + 1, *shape, generator=g).to(dev) for shape in ((r,), (n,), (n,)))
+    pa, pb = down[:2].contiguous(), up[:2].contiguous()
+    j = proj[rows]
+    want = scale[rows] * y0 + vup[rows] * torch.einsum("tor,tr->to", pb[j], mid[rows] * torch.einsum("tri,ti->tr",
+                                                                                                        pa[j], x))
+    want[keep] = y0[keep]
+    got = row_lowrank(x, pa, pb, rows, y0.clone(), skip_row=slots, index=proj, mid=mid, vup=vup, out_scale=scale)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="mid"):
+        row_lowrank(x, pa, pb, rows, y0.clone(), index=proj, mid=mid[:, :-1])
 
 
-def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch):
-    """The fixed-shape step's LoRA through the Triton row kernels (each token's slot read on the device) equals its
-    gather + bmm form, base-model tokens and every method's slot included."""
+@pytest.mark.parametrize("bias,fold_rank", [(True, FOLD_RANK), (False, FOLD_RANK), (False, 0)],
+                         ids=["bias", "no_bias_scale_in_kernel", "vera_unfolded"])
+def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank):
+    """The fixed-shape step through the Triton row kernels (each token's slot read on the device) equals its gather
+    + bmm form, base-model tokens and every method's slot included: with a bias (output scales applied in torch),
+    without (the output scale inside the first expand kernel), and with VeRA on its shared projections."""
     import peftlab.serve.layers as layers
 
     calls = []
-    monkeypatch.setattr(layers, "row_lowrank", lambda *a, **kw: calls.append(1) or row_lowrank(*a, **kw))
+    monkeypatch.setattr(layers, "row_lowrank", lambda *a, **kw: calls.append(sorted(kw)) or row_lowrank(*a, **kw))
     g = torch.Generator().manual_seed(6)
     forms = [f.to(torch.float32) for f in _forms(g)]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -354,11 +369,15 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch):
     x = torch.randn(len(slots), IN, generator=g).to(dev)
     outs = []
     for use_triton in (False, True):
-        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev)
+        layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev, fold_rank=fold_rank)
+        if not bias:
+            layer.base.bias = None
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
         ctx.static_rows, ctx.static_triton = table_rows(slots, 8, dev), use_triton
         outs.append(layer(x))
         assert ctx.triton_error is None
-    assert calls == [1]  # the Triton side ran the kernels (not the torch form after a failure)
+    # the Triton side ran the kernels (not the torch form after a failure): LoRA, then VeRA's pair when unfolded
+    lora = ["out_scale", "skip_row"]
+    assert calls == ([lora, ["index", "mid", "out_scale", "skip_row", "vup"]] if fold_rank == 0 else [lora])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -7,9 +7,9 @@ graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bu
 at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host (LoRA: one gather of the factors and two batched products, or,
-  with ``StepContext.static_triton``, the Triton row kernels reading each token's factors in place; the scales:
-  one gather);
+  instead of grouping tokens by slot on the host: with ``StepContext.static_triton`` (the default where the layers
+  use Triton) the row kernels read each token's LoRA factors, VeRA vectors and output scale in place, two launches
+  per low-rank term; otherwise one gather of the factors and two batched products, one gather of the scales;
   which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which tables are read are fixed per
   graph: when a layer's tables are replaced (a larger rank, a first IA3 adapter) or a path turns on or off, the
   graphs are captured again;
