@@ -338,18 +338,13 @@ def test_row_lowrank_kernels_match_einsum():
     assert torch.equal(got[keep], y0[keep])
     with pytest.raises(ValueError, match="row_lowrank: shapes"):
         row_lowrank(x[:, :-1], down, up, rows, y0.clone())
-    # VeRA's form (a shared projection pair picked per row, per-row vectors) with an output scale on top
-    proj = torch.tensor([1, 0, 1, 0, 1, 0], device=dev)  # slot -> projection pair
-    mid, vup, scale = (torch.randn(slots + 1, *shape, generator=g).to(dev) for shape in ((r,), (n,), (n,)))
-    pa, pb = down[:2].contiguous(), up[:2].contiguous()
-    j = proj[rows]
-    want = scale[rows] * y0 + vup[rows] * torch.einsum("tor,tr->to", pb[j], mid[rows] * torch.einsum("tri,ti->tr",
-                                                                                                        pa[j], x))
+    scale = torch.randn(slots + 1, n, generator=g).to(dev)  # DoRA / IA3's output scale, applied in the kernel
+    want = scale[rows] * y0 + torch.einsum("tor,tri,ti->to", up[rows], down[rows], x)
     want[keep] = y0[keep]
-    got = row_lowrank(x, pa, pb, rows, y0.clone(), skip_row=slots, index=proj, mid=mid, vup=vup, out_scale=scale)
+    got = row_lowrank(x, down, up, rows, y0.clone(), skip_row=slots, out_scale=scale)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="mid"):
-        row_lowrank(x, pa, pb, rows, y0.clone(), index=proj, mid=mid[:, :-1])
+    with pytest.raises(ValueError, match="out_scale"):
+        row_lowrank(x, down, up, rows, y0.clone(), out_scale=scale[:, :-1])
 
 
 @pytest.mark.parametrize("bias,fold_rank", [(True, FOLD_RANK), (False, FOLD_RANK), (False, 0)],
@@ -357,7 +352,7 @@ def test_row_lowrank_kernels_match_einsum():
 def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank):
     """The fixed-shape step through the Triton row kernels (each token's slot read on the device) equals its gather
     + bmm form, base-model tokens and every method's slot included: with a bias (output scales applied in torch),
-    without (the output scale inside the first expand kernel), and with VeRA on its shared projections."""
+    without (the output scale inside the expand kernel), and with VeRA on its shared projections beside them."""
     import peftlab.serve.layers as layers
 
     calls = []
@@ -377,7 +372,5 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_r
         ctx.static_rows, ctx.static_triton = table_rows(slots, 8, dev), use_triton
         outs.append(layer(x))
         assert ctx.triton_error is None
-    # the Triton side ran the kernels (not the torch form after a failure): LoRA, then VeRA's pair when unfolded
-    lora = ["out_scale", "skip_row"]
-    assert calls == ([lora, ["index", "mid", "out_scale", "skip_row", "vup"]] if fold_rank == 0 else [lora])
+    assert calls == [["out_scale", "skip_row"]]  # the Triton side ran the kernels (not torch after a failure)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

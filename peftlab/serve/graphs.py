@@ -8,8 +8,8 @@ at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
   instead of grouping tokens by slot on the host: with ``StepContext.static_triton`` (the default where the layers
-  use Triton) the row kernels read each token's LoRA factors, VeRA vectors and output scale in place, two launches
-  per low-rank term; otherwise one gather of the factors and two batched products, one gather of the scales;
+  use Triton) two row kernels read each token's LoRA factors (and output scale) in place; otherwise one gather of
+  the factors and two batched products; the scales: one gather; VeRA on shared projections: products over all tokens;
   which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which tables are read are fixed per
   graph: when a layer's tables are replaced (a larger rank, a first IA3 adapter) or a path turns on or off, the
   graphs are captured again;

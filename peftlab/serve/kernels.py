@@ -135,16 +135,11 @@ def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: S
 
 
 @triton.jit
-def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, z_ptr, a_index_ptr, mid_ptr, K, R, skip_row, stride_xt, stride_as,
-                       stride_ar, stride_zt, stride_mid, HAS_INDEX: tl.constexpr, HAS_MID: tl.constexpr,
+def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, z_ptr, K, R, skip_row, stride_xt, stride_as, stride_ar, stride_zt,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z[t, rs] = (mid[row(t), rs] ⊙) A[index(row(t)), rs] @ x[t] for one token and BLOCK_R ranks per program (zeros
-    for ``skip_row``); index: the identity, or a per-row table (VeRA: the row's shared projection)."""
+    """z[t, rs] = A[row(t), rs] @ x[t] for one token and BLOCK_R ranks per program (zeros for ``skip_row``)."""
     t = tl.program_id(0)
     row = tl.load(rows_ptr + t).to(tl.int64)
-    a_row = row
-    if HAS_INDEX:
-        a_row = tl.load(a_index_ptr + row).to(tl.int64)
     rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rs < R
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -153,80 +148,57 @@ def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, z_ptr, a_index_ptr, mid_ptr, K, R
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + a_row * stride_as + rs[:, None] * stride_ar + ks[None, :],
+            a = tl.load(a_ptr + row * stride_as + rs[:, None] * stride_ar + ks[None, :],
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-        if HAS_MID:
-            acc *= tl.load(mid_ptr + row * stride_mid + rs, mask=r_ok, other=0.0).to(tl.float32)
     tl.store(z_ptr + t * stride_zt + rs, acc.to(z_ptr.dtype.element_ty), mask=r_ok)
 
 
 @triton.jit
-def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, b_index_ptr, vup_ptr, scale_ptr, N, R, skip_row, stride_zt,
-                       stride_bs, stride_bn, stride_ot, stride_vup, stride_scale, HAS_INDEX: tl.constexpr,
-                       HAS_VUP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[t, ns] = (scale[row(t), ns] ⊙) out[t, ns] + (vup[row(t), ns] ⊙) B[index(row(t)), ns] @ z[t] for one token and
-    BLOCK_N outputs per program (nothing for ``skip_row``, whose scales are ones)."""
+def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, skip_row, stride_zt, stride_bs, stride_bn,
+                       stride_ot, stride_scale, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[t, ns] = (scale[row(t), ns] ⊙) out[t, ns] + B[row(t), ns] @ z[t] for one token and BLOCK_N outputs per
+    program (nothing for ``skip_row``, whose scales are ones)."""
     t = tl.program_id(0)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
-        b_row = row
-        if HAS_INDEX:
-            b_row = tl.load(b_index_ptr + row).to(tl.int64)
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < N
         rs = tl.arange(0, BLOCK_R)
         r_ok = rs < R
         z = tl.load(z_ptr + t * stride_zt + rs, mask=r_ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + b_row * stride_bs + ns[:, None] * stride_bn + rs[None, :],
+        b = tl.load(b_ptr + row * stride_bs + ns[:, None] * stride_bn + rs[None, :],
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.sum(b * z[None, :], axis=1)
-        if HAS_VUP:
-            acc *= tl.load(vup_ptr + row * stride_vup + ns, mask=n_ok, other=0.0).to(tl.float32)
         ptrs = out_ptr + t * stride_ot + ns
         y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_SCALE:
             y *= tl.load(scale_ptr + row * stride_scale + ns, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (y + acc).to(out_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(ptrs, (y + tl.sum(b * z[None, :], axis=1)).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
-                skip_row: int = -1, index: torch.Tensor | None = None, mid: torch.Tensor | None = None,
-                vup: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-                block_r: int = 4, block_k: int = 512, block_n: int = 128) -> None:
-    """``out[t] = out_scale[i] ⊙ out[t] + vup[i] ⊙ (up[j] @ (mid[i] ⊙ (down[j] @ x[t])))`` with i = rows[t] and
-    j = index[i] (or i), each optional factor absent when None; tokens whose row is ``skip_row`` untouched. x (T, in),
-    down (P, R, in), up (P, out, R), rows (T,) on the device, index / mid / vup / out_scale (S+1,) / (S+1, R) /
-    (S+1, out) / (S+1, out). LoRA: none of the options; VeRA: index, mid, vup. The rank activations are rounded
-    to x's dtype between the two kernels, as the batched products of the torch form round them."""
-    tensors = [x, down, up, out] + [v for v in (mid, vup, out_scale) if v is not None]
+                skip_row: int = -1, out_scale: torch.Tensor | None = None, block_r: int = 4, block_k: int = 512,
+                block_n: int = 128) -> None:
+    """``out[t] = out_scale[i] ⊙ out[t] + up[i] @ (down[i] @ x[t])`` with i = rows[t] (no scaling when ``out_scale``
+    is None), tokens whose row is ``skip_row`` untouched; x (T, in), down (S+1, R, in), up (S+1, out, R), rows (T,)
+    on the device, out_scale (S+1, out). The rank activations are rounded to x's dtype between the two kernels, as
+    the batched products of the torch form round them."""
+    tensors = [x, down, up, out] + ([out_scale] if out_scale is not None else [])
     if any(v.stride(-1) != 1 for v in tensors):
         raise ValueError("row_lowrank needs row-major (contiguous last dimension) inputs")
     t, (r, k), n = x.shape[0], down.shape[1:], up.shape[1]
-    bad = (up.shape[2] != r or x.shape[1] != k or out.shape != (t, n) or rows.shape != (t,)
-           or (mid is not None and mid.shape[1] != r) or any(v is not None and v.shape[1] != n for v in (vup, out_scale)))
-    if bad:
+    if (up.shape[2] != r or x.shape[1] != k or out.shape != (t, n) or rows.shape != (t,)
+            or (out_scale is not None and out_scale.shape[1] != n)):
         raise ValueError(f"row_lowrank: shapes x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, "
                          f"rows {tuple(rows.shape)}, out {tuple(out.shape)}"
-                         + "".join(f", {name} {tuple(v.shape)}" for name, v in
-                                   (("mid", mid), ("vup", vup), ("out_scale", out_scale)) if v is not None)
-                         + " do not fit")
+                         + (f", out_scale {tuple(out_scale.shape)}" if out_scale is not None else "") + " do not fit")
     if t == 0:
         return
     z = torch.empty(t, r, device=x.device, dtype=x.dtype)
-
-    def ptr(v):  # an unused pointer argument (its flag is off) points at rows
-        return rows if v is None else v
-
-    def stride(v):
-        return 0 if v is None else v.stride(0)
-
-    _row_shrink_kernel[(t, triton.cdiv(r, block_r))](
-        x, down, rows, z, ptr(index), ptr(mid), k, r, skip_row, x.stride(0), down.stride(0), down.stride(1),
-        z.stride(0), stride(mid), HAS_INDEX=index is not None, HAS_MID=mid is not None, BLOCK_R=block_r,
-        BLOCK_K=block_k)
+    _row_shrink_kernel[(t, triton.cdiv(r, block_r))](x, down, rows, z, k, r, skip_row, x.stride(0), down.stride(0),
+                                                     down.stride(1), z.stride(0), BLOCK_R=block_r, BLOCK_K=block_k)
+    scale = rows if out_scale is None else out_scale  # an unused pointer argument when HAS_SCALE is off
     _row_expand_kernel[(t, triton.cdiv(n, block_n))](
-        z, up, rows, out, ptr(index), ptr(vup), ptr(out_scale), n, r, skip_row, z.stride(0), up.stride(0),
-        up.stride(1), out.stride(0), stride(vup), stride(out_scale), HAS_INDEX=index is not None,
-        HAS_VUP=vup is not None, HAS_SCALE=out_scale is not None, BLOCK_N=block_n,
+        z, up, rows, out, scale, n, r, skip_row, z.stride(0), up.stride(0), up.stride(1), out.stride(0),
+        0 if out_scale is None else out_scale.stride(0), HAS_SCALE=out_scale is not None, BLOCK_N=block_n,
         BLOCK_R=triton.next_power_of_2(r))
