@@ -146,6 +146,26 @@ def test_graphs_are_captured_again_after_the_tables_change(adapter_dirs, device)
     assert signatures_seen >= (2 if device == "cuda" else 1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_base_only_steps_run_their_own_graph_without_adapter_work(adapter_dirs, device, monkeypatch):
+    """With adapters in the tables, a decode step of base-model tokens only runs (and on CUDA captures) a step of
+    its own that does no adapter work in any layer, and still answers as the plain base model."""
+    from peftlab.serve.layers import BatchedLinear
+
+    engine = _engine(adapter_dirs, device, cuda_graphs=True)
+    first = engine.submit(Request(_prompt(0), "dora", MAX_NEW, stop_ids=EOS))
+    engine.run_until_done([first])
+    assert first.error is None and any(layer.lora_slots for layer in engine.layers.values())
+    adapter_steps = []
+    static = BatchedLinear._forward_static
+    monkeypatch.setattr(BatchedLinear, "_forward_static", lambda self, *a: adapter_steps.append(1) or static(self, *a))
+    reqs = [engine.submit(Request(_prompt(i), None, MAX_NEW, stop_ids=EOS)) for i in range(1, 4)]
+    engine.run_until_done(reqs)
+    for i, req in enumerate(reqs, 1):
+        assert req.error is None and req.output == _alone(None, _prompt(i), device)
+    assert any(base_only for _, _, base_only in engine.graphs.steps) and not adapter_steps
+
+
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
     """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -45,9 +45,9 @@ class StaticDecode:
     """One decode step of ``batch`` sequences over contexts of at most ``width`` positions, on static buffers."""
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, batch: int, width: int,
-                 trash_row: int, capture: bool, pool=None):
+                 base_only: bool, trash_row: int, capture: bool, pool=None):
         self.model, self.cache, self.context = model, cache, context
-        self.batch, self.width, self.trash = batch, width, trash_row
+        self.batch, self.width, self.base_only, self.trash = batch, width, base_only, trash_row
         device = cache.k[0].device
 
         def buffer(*shape, dtype=torch.int64, fill=0):
@@ -74,12 +74,12 @@ class StaticDecode:
                 self.logits = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        self.context.static_rows = self.rows
+        self.context.static_rows, self.context.static_base = self.rows, self.base_only
         try:
             return decode_forward(self.model, self.cache, self.ids, self.positions, self.write_rows, self.kv_rows,
                                   self.mask)
         finally:
-            self.context.static_rows = None
+            self.context.static_rows, self.context.static_base = None, False
 
     def __call__(self, chunks: list[Chunk], table_rows: list[int]) -> torch.Tensor:
         n, cache, device = len(chunks), self.cache, self.ids.device
@@ -106,14 +106,15 @@ class StaticDecode:
 
 
 class DecodeGraphs:
-    """The engine's fixed-shape decode steps, one per (batch bucket, context bucket), built on first use."""
+    """The engine's fixed-shape decode steps, one per (batch bucket, context bucket, base tokens only), built on
+    first use."""
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, layers: dict[str, BatchedLinear]):
         self.model, self.cache, self.context, self.layers = model, cache, context, layers
         self.capture = cache.k[0].device.type == "cuda"
         cache.reserve(TRASH_SEQ, 1)  # one block no sequence owns: padding rows write and read there
         self.trash_row = cache.tables[TRASH_SEQ][0] * cache.block_size
-        self.steps: dict[tuple[int, int], StaticDecode] = {}
+        self.steps: dict[tuple[int, int, bool], StaticDecode] = {}
         self.signature: tuple | None = None
         self.seen_changes = -1  # context.slot_changes when the layers were last read
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -142,7 +143,9 @@ class DecodeGraphs:
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
                 self.invalidate()
                 self.signature = signature
-        key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)))
+        # a step of base-model tokens only has its own graph, which runs no adapter kernels at all
+        key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)),
+               all(s < 0 for s in slots))
         step = self.steps.get(key)
         if step is None:
             try:

@@ -31,6 +31,7 @@ class StepContext:
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
+    static_base: bool = False  # with static_rows: every token of the step is a base-model token (no adapter work)
     # the fixed-shape step's adapters through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
     # read each token's factors in place; layers without use_triton ignore it) instead of gathers and batched
     # products: on the H200, 100 adapters under graphs 0.89x the base against 0.77x in the same run (bench/README.md)
@@ -321,7 +322,7 @@ class BatchedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         if ctx.static_rows is not None:
-            return self._forward_static(x, ctx.static_rows)
+            return self.base(x) if ctx.static_base else self._forward_static(x, ctx.static_rows)
         present = ctx.present
         if present.isdisjoint(self.used_slots):
             return self.base(x)
