@@ -32,9 +32,10 @@ class StepContext:
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
     static_base: bool = False  # with static_rows: every token of the step is a base-model token (no adapter work)
-    # the fixed-shape step's adapters through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
-    # read each token's factors in place; layers without use_triton ignore it) instead of gathers and batched
-    # products: on the H200, 100 adapters under graphs 0.89x the base against 0.77x in the same run (bench/README.md)
+    # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
+    # read each token's factors in place; layers without use_triton ignore it) instead of a gather and two batched
+    # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,
+    # each side by side, bench/README.md)
     static_triton: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
