@@ -378,6 +378,16 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
                      names, adapters=count, popularity="uniform", graphs=True)
             engine.context.static_triton = default
             engine.graphs.invalidate()
+        if label.startswith("mixed") and triton_ab and engine.context.static_triton:
+            # the same row, right after it, with IA3's input scale and VeRA's products and vectors in torch (the
+            # LoRA row kernels kept): what the row-scale kernels change, side by side
+            engine.context.static_row_scales = False
+            engine.graphs.invalidate()
+            workload(engine, names[:args.batch], args, vocab, seed=96)
+            scenario(f"{label}, CUDA graphs, IA3 input scale and VeRA in torch", names, adapters=count,
+                     popularity="uniform", graphs=True)
+            engine.context.static_row_scales = True
+            engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
                      "shapes": sorted(engine.graphs.steps), "error": engine.graphs.error,
                      "static_triton": engine.context.static_triton, **warm}

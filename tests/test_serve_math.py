@@ -347,18 +347,26 @@ def test_row_lowrank_kernels_match_einsum():
         row_lowrank(x, down, up, rows, y0.clone(), out_scale=scale[:, :-1])
 
 
-@pytest.mark.parametrize("bias,fold_rank", [(True, FOLD_RANK), (False, FOLD_RANK), (False, 0)],
-                         ids=["bias", "no_bias_scale_in_kernel", "vera_unfolded"])
-def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank):
+@pytest.mark.parametrize("bias,fold_rank,pairs,row_scales", [
+    (True, FOLD_RANK, 2, True), (False, FOLD_RANK, 2, True), (False, 0, 2, True), (False, 0, 1, True),
+    (True, 0, 1, True), (False, 0, 1, False)], ids=["bias", "no_bias_scale_in_kernel", "vera_two_pairs",
+                                                     "vera_one_pair_in_kernel", "vera_one_pair_bias", "row_scales_off"])
+def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank, pairs, row_scales):
     """The fixed-shape step through the Triton row kernels (each token's slot read on the device) equals its gather
     + bmm form, base-model tokens and every method's slot included: with a bias (output scales applied in torch),
-    without (the output scale inside the expand kernel), and with VeRA on its shared projections beside them."""
+    without (the output scale inside the expand kernel), with VeRA on two shared projection pairs beside them (its
+    products in torch), and on one pair (its vectors applied in ``row_scaled_matmul``); IA3's input scale by
+    ``row_scale`` throughout."""
+    import peftlab.serve.kernels as kernels
     import peftlab.serve.layers as layers
 
     calls = []
     monkeypatch.setattr(layers, "row_lowrank", lambda *a, **kw: calls.append(sorted(kw)) or row_lowrank(*a, **kw))
+    vera_calls = []
+    real = kernels.row_scaled_matmul
+    monkeypatch.setattr(kernels, "row_scaled_matmul", lambda *a, **kw: vera_calls.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(6)
-    forms = [f.to(torch.float32) for f in _forms(g)]
+    forms = [f.to(torch.float32) for f in _forms(g)][:None if pairs == 2 else -1]  # the last VeRA has its own pair
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     slots = [3, 0, -1, 4, 1, 2, 3, 5, 6, -1]
     x = torch.randn(len(slots), IN, generator=g).to(dev)
@@ -369,8 +377,37 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_r
             layer.base.bias = None
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
-        ctx.static_rows, ctx.static_triton = table_rows(slots, 8, dev), use_triton
+        ctx.static_rows, ctx.static_triton, ctx.static_row_scales = table_rows(slots, 8, dev), use_triton, row_scales
         outs.append(layer(x))
         assert ctx.triton_error is None
     assert calls == [["out_scale", "skip_row"]]  # the Triton side ran the kernels (not torch after a failure)
+    assert len(vera_calls) == (fold_rank == 0 and pairs == 1 and row_scales)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_row_scaled_matmul_and_row_scale_match_einsum():
+    """VeRA's expand kernel (a shared matrix, per-token vectors before and after it, read by row) and the per-token
+    input scale against einsum: tiles that do not divide the sizes, repeated rows, each scale optional; shape
+    errors name the argument."""
+    from peftlab.serve.kernels import row_scale, row_scaled_matmul
+
+    g = torch.Generator().manual_seed(12)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t, k, n, slots = 37, 70, 45, 6
+    z, w = torch.randn(t, k, generator=g).to(dev), torch.randn(n, k, generator=g).to(dev)
+    rows = torch.randint(0, slots + 1, (t,), generator=g).to(dev)
+    s_in, s_out = torch.randn(slots + 1, k, generator=g).to(dev), torch.randn(slots + 1, n, generator=g).to(dev)
+    y0 = torch.randn(t, n, generator=g).to(dev)
+    for a, b in [(None, None), (s_in, None), (None, s_out), (s_in, s_out)]:
+        zz = z if a is None else z * a[rows]
+        want = y0 + (zz @ w.T) * (1 if b is None else b[rows])
+        got = y0.clone()
+        row_scaled_matmul(z, w, rows, got, in_scale=a, out_scale=b, block_t=16, block_n=32, block_k=32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(row_scale(z, s_in, rows), z * s_in[rows])
+    with pytest.raises(ValueError, match="out_scale"):
+        row_scaled_matmul(z, w, rows, y0.clone(), out_scale=s_out[:, :-1])
+    with pytest.raises(ValueError, match="w "):
+        row_scaled_matmul(z, w[:, :-1], rows, y0.clone())
+    with pytest.raises(ValueError, match="rows"):
+        row_scale(z, s_in, rows[:-1])

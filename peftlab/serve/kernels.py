@@ -202,3 +202,90 @@ def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: tor
         z, up, rows, out, scale, n, r, skip_row, z.stride(0), up.stride(0), up.stride(1), out.stride(0),
         0 if out_scale is None else out_scale.stride(0), HAS_SCALE=out_scale is not None, BLOCK_N=block_n,
         BLOCK_R=triton.next_power_of_2(r))
+
+
+@triton.jit
+def _row_scaled_matmul_kernel(z_ptr, w_ptr, rows_ptr, out_ptr, in_ptr, outs_ptr, T, N, K, stride_zt, stride_wn,
+                              stride_ot, stride_in, stride_outs, HAS_IN: tl.constexpr, HAS_OUT: tl.constexpr,
+                              IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    """out[t, ns] += out_scale[row(t), ns] ⊙ (W[ns] @ (in_scale[row(t)] ⊙ z[t])) for a tile of tokens and outputs:
+    one shared W read once per tile of tokens (VeRA's projection), the per-token vectors read by row."""
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = ts < T
+    rows = tl.load(rows_ptr + ts, mask=t_ok, other=0).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        mask = t_ok[:, None] & k_ok[None, :]
+        z = tl.load(z_ptr + ts[:, None] * stride_zt + ks[None, :], mask=mask, other=0.0)
+        if HAS_IN:  # scaled, then rounded to z's dtype, as the torch form's separate product rounds it
+            s = tl.load(in_ptr + rows[:, None] * stride_in + ks[None, :], mask=mask, other=0.0)
+            z = (z.to(tl.float32) * s.to(tl.float32)).to(z_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + ns[None, :] * stride_wn + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc += _dot(z, w, IEEE)
+    mask = t_ok[:, None] & n_ok[None, :]
+    if HAS_OUT:
+        acc *= tl.load(outs_ptr + rows[:, None] * stride_outs + ns[None, :], mask=mask, other=0.0).to(tl.float32)
+    ptrs = out_ptr + ts[:, None] * stride_ot + ns[None, :]
+    tl.store(ptrs, (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_scale_kernel(x_ptr, table_ptr, rows_ptr, out_ptr, N, stride_xt, stride_table, stride_ot,
+                      BLOCK_N: tl.constexpr):
+    """out[t, ns] = table[row(t), ns] ⊙ x[t, ns]."""
+    t = tl.program_id(0)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    x = tl.load(x_ptr + t * stride_xt + ns, mask=n_ok, other=0.0).to(tl.float32)
+    s = tl.load(table_ptr + row * stride_table + ns, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + ns, (x * s).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _check_rows(name: str, rows: torch.Tensor, t: int, tables: dict[str, torch.Tensor | None], n: dict[str, int]):
+    """Shape errors of the row kernels' per-slot tables: each (S+1, n[name]) with row-major rows."""
+    if rows.shape != (t,):
+        raise ValueError(f"{name}: rows {tuple(rows.shape)} should be ({t},)")
+    for key, table in tables.items():
+        if table is not None and (table.dim() != 2 or table.shape[1] != n[key] or table.stride(1) != 1):
+            raise ValueError(f"{name}: {key} {tuple(table.shape)} should be (slots + 1, {n[key]}), row-major")
+
+
+def row_scaled_matmul(z: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+                      in_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
+                      block_t: int = 32, block_n: int = 64, block_k: int = 64) -> None:
+    """``out[t] += out_scale[i] ⊙ (w @ (in_scale[i] ⊙ z[t]))``, i = rows[t] (each scale optional): z (T, K), w (N, K)
+    shared by every token, out (T, N), scales (S+1, K) and (S+1, N). VeRA's expand with both of its vectors in one
+    launch, the projection read once per tile of tokens."""
+    t, k = z.shape
+    n = w.shape[0]
+    if z.stride(1) != 1 or w.stride(1) != 1 or out.stride(1) != 1 or w.shape[1] != k or out.shape != (t, n):
+        raise ValueError(f"row_scaled_matmul: shapes z {tuple(z.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)} "
+                         "do not fit (z (T, K), w (N, K), out (T, N), row-major)")
+    _check_rows("row_scaled_matmul", rows, t, {"in_scale": in_scale, "out_scale": out_scale}, {"in_scale": k, "out_scale": n})
+    if t == 0:
+        return
+    grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
+    _row_scaled_matmul_kernel[grid](
+        z, w, rows, out, rows if in_scale is None else in_scale, rows if out_scale is None else out_scale, t, n, k,
+        z.stride(0), w.stride(0), out.stride(0), 0 if in_scale is None else in_scale.stride(0),
+        0 if out_scale is None else out_scale.stride(0), HAS_IN=in_scale is not None, HAS_OUT=out_scale is not None,
+        IEEE=z.dtype == torch.float32, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def row_scale(x: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, block_n: int = 1024) -> torch.Tensor:
+    """``table[rows[t]] ⊙ x[t]`` for every token in one launch (no gathered copy of the table's rows); x (T, N)."""
+    t, n = x.shape
+    if x.stride(1) != 1:
+        raise ValueError(f"row_scale: x {tuple(x.shape)} should be row-major")
+    _check_rows("row_scale", rows, t, {"table": table}, {"table": n})
+    out = torch.empty_like(x)
+    if t:
+        _row_scale_kernel[(t, triton.cdiv(n, block_n))](x, table, rows, out, n, x.stride(0), table.stride(0),
+                                                        out.stride(0), BLOCK_N=block_n)
+    return out

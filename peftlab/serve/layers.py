@@ -37,6 +37,9 @@ class StepContext:
     # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,
     # each side by side, bench/README.md)
     static_triton: bool = True
+    # with static_triton: IA3's input scale and VeRA on one shared projection pair in row kernels too (kernels.
+    # row_scale, row_scaled_matmul: three launches fewer per layer for the mixed batch), else in torch
+    static_row_scales: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
@@ -270,21 +273,40 @@ class BatchedLinear(nn.Module):
         return y
 
     def _static_kernels(self, xf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """The same with LoRA through the Triton row kernels, which read each token's factors (and, when the base
-        has no bias, its output scale: DoRA, IA3) in place, two launches; None when they are off or failed (the
-        torch form then runs). VeRA on shared projections stays on its products over all tokens: read per token
-        by the row kernels, a rank-256 projection pair cost the mixed batch 0.66x -> 0.49x of the base (H200)."""
+        """The same with the adapter terms in Triton row kernels, which read each token's table rows in place (no
+        gathered copies): LoRA's shrink and expand (with DoRA / IA3's output scale folded in when the base has no
+        bias), IA3's input scale, and VeRA on one shared projection pair as a product plus one kernel that applies
+        both of its vectors around the second product (four launches -> two). None when the kernels are off or
+        failed (the torch form then runs). VeRA with several pairs stays on its products over all tokens; read per
+        token by the LoRA row kernels, a rank-256 pair cost the mixed batch 0.66x -> 0.49x of the base (H200)."""
         if not self.lora_slots or not self.use_triton or self.context.triton_error is not None:
             return None
+        from peftlab.serve import kernels
+
         fold = self.out_scale is not None and self.base.bias is None
-        scales = self.scales.gather(rows) if self.in_scale is not None or self.vera_slots or (
+        row_scales = self.context.static_row_scales
+        one_pair = row_scales and bool(self.vera_slots) and self.proj_down_t.shape[0] == 1
+        torch_in = self.in_scale is not None and not row_scales
+        scales = self.scales.gather(rows) if (self.vera_slots and not one_pair) or torch_in or (
             self.out_scale is not None and not fold) else {}
-        y = self._scaled_base(xf, scales, self.in_scale is not None, self.out_scale is not None and not fold)
         xc = xf.contiguous()
-        if not self._triton(lambda: row_lowrank(xc, self.down, self.up, rows, y, skip_row=self.capacity,
-                                                out_scale=self.out_scale if fold else None)):
+        out: list[torch.Tensor] = []
+
+        def run() -> None:
+            xin = xc if self.in_scale is None else xc * scales["in_scale"] if torch_in else \
+                kernels.row_scale(xc, self.in_scale, rows)
+            y = self._scaled_base(xin, scales, False, self.out_scale is not None and not fold)
+            row_lowrank(xc, self.down, self.up, rows, y, skip_row=self.capacity,
+                        out_scale=self.out_scale if fold else None)
+            if one_pair:
+                kernels.row_scaled_matmul(F.linear(xc, self.proj_down_t[0]), self.proj_up_t[0], rows, y,
+                                          in_scale=self.mid, out_scale=self.vup)
+            out.append(y)
+
+        if not self._triton(run):
             return None
-        if self.vera_slots:
+        y = out[0]
+        if self.vera_slots and not one_pair:
             self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y
 
