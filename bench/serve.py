@@ -269,9 +269,30 @@ def peft_baseline(args, vocab: int) -> dict[str, Any]:
     return out
 
 
-def run(args, doc: dict[str, Any], save) -> None:
+def build_engine(args):
+    """The engine of the scenarios (graphs off: graph_scenarios turns them on for its rows), its LoRA adapter names
+    (``args.distinct`` weight sets behind them) and one adapter of each other method in the store; and the build
+    time in seconds."""
     from peftlab.serve.engine import Engine, EngineConfig
 
+    model = build_model(args.shape, args.device, args.torch_dtype)
+    cfg = EngineConfig(max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt, max_queue=10**6,
+                       kv_tokens=args.batch * (args.prompt + max(args.new, args.agree_new)) * 2,
+                       max_gpu_adapters=args.max_gpu_adapters, max_cpu_adapters=8, convert_rank=args.r,
+                       cuda_graphs=False)
+    engine = Engine(model, cfg)
+    t0 = time.perf_counter()
+    distinct = [make_adapter(engine, f"w{i}", lora_config(args.r), seed=100 + i) for i in range(args.distinct)]
+    for i in range(max(args.adapters)):
+        shared = distinct[i % len(distinct)]
+        engine.store.add_loaded(type(shared)(f"lora{i}", shared.peft_type, shared.forms, {}, 0.0, shared.nbytes))
+    for k, (name, config) in enumerate(method_configs(args.r).items()):
+        if name != "lora":
+            engine.store.add_loaded(make_adapter(engine, name, config, seed=200 + k))
+    return engine, time.perf_counter() - t0
+
+
+def run(args, doc: dict[str, Any], save) -> None:
     vocab = SHAPES[args.shape]["model"]["vocab_size"]
     if not args.no_peft:  # first: a run cut short by its time limit still has the comparison
         try:
@@ -283,21 +304,7 @@ def run(args, doc: dict[str, Any], save) -> None:
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    model = build_model(args.shape, args.device, args.torch_dtype)
-    cfg = EngineConfig(max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt, max_queue=10**6,
-                       kv_tokens=args.batch * (args.prompt + max(args.new, args.agree_new)) * 2,
-                       max_gpu_adapters=args.max_gpu_adapters, max_cpu_adapters=8, convert_rank=args.r,
-                       cuda_graphs=False)  # the eager rows; graph_scenarios turns graphs on for its rows
-    engine = Engine(model, cfg)
-    t0 = time.perf_counter()
-    distinct = [make_adapter(engine, f"w{i}", lora_config(args.r), seed=100 + i) for i in range(args.distinct)]
-    for i in range(max(args.adapters)):
-        shared = distinct[i % len(distinct)]
-        engine.store.add_loaded(type(shared)(f"lora{i}", shared.peft_type, shared.forms, {}, 0.0, shared.nbytes))
-    for k, (name, config) in enumerate(method_configs(args.r).items()):
-        if name != "lora":
-            engine.store.add_loaded(make_adapter(engine, name, config, seed=200 + k))
-    build_s = time.perf_counter() - t0
+    engine, build_s = build_engine(args)
     n = args.requests
     workload(engine, [f"lora{i % 8}" for i in range(args.batch)], args, vocab, seed=0)  # warm-up: kernels, caches
     scenarios: list[dict[str, Any]] = []

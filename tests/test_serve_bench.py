@@ -28,3 +28,22 @@ def test_serve_bench_smoke(tmp_path):
     text = readme.read_text()
     assert "| base model |" in text and "HF PEFT 2 adapters mixed" in text and "<!-- table:" in text
     assert "grouped LoRA product" in text
+
+
+def test_serve_profile_smoke(tmp_path):
+    """bench/serve_profile.py on the CPU smoke shape: every scenario's steps are timed by kind (eager with prefill,
+    fixed-shape decode) and the JSON is written."""
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_serve_profile", BENCH.parent / "serve_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    out = tmp_path / "profile.json"
+    prof.main(["--smoke", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert len(doc["scenarios"]) == 4
+    for s in doc["scenarios"].values():
+        steps = s["steps"]
+        assert steps["decode, fixed-shape step"]["count"] > 0 and steps["eager (prefill in it)"]["count"] > 0
+        assert s["profile"]["decode_steps"] > 0
