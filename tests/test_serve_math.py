@@ -345,6 +345,18 @@ def test_row_lowrank_kernels_match_einsum():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="out_scale"):
         row_lowrank(x, down, up, rows, y0.clone(), out_scale=scale[:, :-1])
+    # a long K: the shrink splits it into chunks (the last one partial) whose partial sums the expand adds
+    from peftlab.serve.kernels import row_lowrank as split_kernels
+
+    k, r = 1100, 16
+    down, up = torch.randn(slots + 1, r, k, generator=g).to(dev), torch.randn(slots + 1, n, r, generator=g).to(dev)
+    x = torch.randn(len(rows), k, generator=g).to(dev)
+    want = y0 + torch.einsum("tor,tri,ti->to", up[rows], down[rows], x)
+    want[keep] = y0[keep]
+    for max_chunks in (1, 3, 16):
+        got = y0.clone()
+        split_kernels(x, down, up, rows, got, skip_row=slots, max_chunks=max_chunks)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("bias,fold_rank,pairs,row_scales", [

@@ -135,30 +135,35 @@ def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: S
 
 
 @triton.jit
-def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, z_ptr, K, R, skip_row, stride_xt, stride_as, stride_ar, stride_zt,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z[t, rs] = A[row(t), rs] @ x[t] for one token and BLOCK_R ranks per program (zeros for ``skip_row``)."""
-    t = tl.program_id(0)
+def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, zp_ptr, K, R, chunk, skip_row, stride_xt, stride_as, stride_ar,
+                       stride_zt, stride_zs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """zp[t, c] = A[row(t), :, chunk c] @ x[t, chunk c]: one token and one chunk of K per program, every rank (the
+    chunks' partial sums are added by the expand kernel), nothing for ``skip_row``. Split over K, so that no
+    program walks all of K alone: the one-program-per-4-ranks form took ~6 us a launch on the H200, the largest
+    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json)."""
+    t, c = tl.program_id(0), tl.program_id(1)
     row = tl.load(rows_ptr + t).to(tl.int64)
-    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rs < R
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if row != skip_row:
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+        rs = tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, chunk, BLOCK_K):  # chunk: a multiple of BLOCK_K
+            ks = c * chunk + k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + row * stride_as + rs[:, None] * stride_ar + ks[None, :],
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(z_ptr + t * stride_zt + rs, acc.to(z_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(zp_ptr + t * stride_zt + c * stride_zs + rs, acc, mask=r_ok)
 
 
 @triton.jit
-def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, skip_row, stride_zt, stride_bs, stride_bn,
-                       stride_ot, stride_scale, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _row_expand_kernel(zp_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, C, skip_row, stride_zt, stride_zs,
+                       stride_bs, stride_bn, stride_ot, stride_scale, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[t, ns] = (scale[row(t), ns] ⊙) out[t, ns] + B[row(t), ns] @ z[t] for one token and BLOCK_N outputs per
-    program (nothing for ``skip_row``, whose scales are ones)."""
+    program, z[t] = the sum of the shrink's C partial sums rounded to the output's dtype (as the torch form stores
+    the rank activations); nothing for ``skip_row``, whose scales are ones."""
     t = tl.program_id(0)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
@@ -166,7 +171,10 @@ def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, skip_ro
         n_ok = ns < N
         rs = tl.arange(0, BLOCK_R)
         r_ok = rs < R
-        z = tl.load(z_ptr + t * stride_zt + rs, mask=r_ok, other=0.0).to(tl.float32)
+        cs = tl.arange(0, BLOCK_C)
+        zp = tl.load(zp_ptr + t * stride_zt + cs[:, None] * stride_zs + rs[None, :],
+                     mask=(cs < C)[:, None] & r_ok[None, :], other=0.0)
+        z = tl.sum(zp, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
         b = tl.load(b_ptr + row * stride_bs + ns[:, None] * stride_bn + rs[None, :],
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         ptrs = out_ptr + t * stride_ot + ns
@@ -177,12 +185,13 @@ def _row_expand_kernel(z_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, skip_ro
 
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
-                skip_row: int = -1, out_scale: torch.Tensor | None = None, block_r: int = 4, block_k: int = 512,
+                skip_row: int = -1, out_scale: torch.Tensor | None = None, max_chunks: int = 16,
                 block_n: int = 128) -> None:
     """``out[t] = out_scale[i] ⊙ out[t] + up[i] @ (down[i] @ x[t])`` with i = rows[t] (no scaling when ``out_scale``
     is None), tokens whose row is ``skip_row`` untouched; x (T, in), down (S+1, R, in), up (S+1, out, R), rows (T,)
-    on the device, out_scale (S+1, out). The rank activations are rounded to x's dtype between the two kernels, as
-    the batched products of the torch form round them."""
+    on the device, out_scale (S+1, out). The shrink is split into at most ``max_chunks`` chunks of K per token (fp32
+    partial sums); the rank activations are rounded to the output's dtype before the expand, as the batched products
+    of the torch form round them."""
     tensors = [x, down, up, out] + ([out_scale] if out_scale is not None else [])
     if any(v.stride(-1) != 1 for v in tensors):
         raise ValueError("row_lowrank needs row-major (contiguous last dimension) inputs")
@@ -194,14 +203,18 @@ def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: tor
                          + (f", out_scale {tuple(out_scale.shape)}" if out_scale is not None else "") + " do not fit")
     if t == 0:
         return
-    z = torch.empty(t, r, device=x.device, dtype=x.dtype)
-    _row_shrink_kernel[(t, triton.cdiv(r, block_r))](x, down, rows, z, k, r, skip_row, x.stride(0), down.stride(0),
-                                                     down.stride(1), z.stride(0), BLOCK_R=block_r, BLOCK_K=block_k)
+    block_r = triton.next_power_of_2(r)
+    block_k = max(32, min(256, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
+    chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
+    chunks = triton.cdiv(k, chunk)
+    zp = torch.empty(t, chunks, r, device=x.device, dtype=torch.float32)
+    _row_shrink_kernel[(t, chunks)](x, down, rows, zp, k, r, chunk, skip_row, x.stride(0), down.stride(0),
+                                    down.stride(1), zp.stride(0), zp.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
     scale = rows if out_scale is None else out_scale  # an unused pointer argument when HAS_SCALE is off
     _row_expand_kernel[(t, triton.cdiv(n, block_n))](
-        z, up, rows, out, scale, n, r, skip_row, z.stride(0), up.stride(0), up.stride(1), out.stride(0),
-        0 if out_scale is None else out_scale.stride(0), HAS_SCALE=out_scale is not None, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(r))
+        zp, up, rows, out, scale, n, r, chunks, skip_row, zp.stride(0), zp.stride(1), up.stride(0), up.stride(1),
+        out.stride(0), 0 if out_scale is None else out_scale.stride(0), HAS_SCALE=out_scale is not None,
+        BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=triton.next_power_of_2(chunks))
 
 
 @triton.jit
@@ -258,7 +271,7 @@ def _check_rows(name: str, rows: torch.Tensor, t: int, tables: dict[str, torch.T
 
 def row_scaled_matmul(z: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
                       in_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-                      block_t: int = 32, block_n: int = 64, block_k: int = 64) -> None:
+                      block_t: int = 32, block_n: int = 32, block_k: int = 128) -> None:
     """``out[t] += out_scale[i] ⊙ (w @ (in_scale[i] ⊙ z[t]))``, i = rows[t] (each scale optional): z (T, K), w (N, K)
     shared by every token, out (T, N), scales (S+1, K) and (S+1, N). VeRA's expand with both of its vectors in one
     launch, the projection read once per tile of tokens."""
