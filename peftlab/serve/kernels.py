@@ -140,7 +140,7 @@ def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, zp_ptr, K, R, chunk, skip_row, st
     """zp[t, c] = A[row(t), :, chunk c] @ x[t, chunk c]: one token and one chunk of K per program, every rank (the
     chunks' partial sums are added by the expand kernel), nothing for ``skip_row``. Split over K, so that no
     program walks all of K alone: the one-program-per-4-ranks form took ~6 us a launch on the H200, the largest
-    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json)."""
+    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json; profile_1b_h200.json: ~3.7 us after)."""
     t, c = tl.program_id(0), tl.program_id(1)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
