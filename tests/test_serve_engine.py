@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 import peftlab  # noqa: E402
 from peftlab.serve.engine import Engine, EngineConfig, Request  # noqa: E402
+from peftlab.serve.batched import PackedRows  # noqa: E402
 from peftlab.serve.kv import CacheFull, PagedKVCache  # noqa: E402
 from peftlab.serve.sampling import SamplingParams, sample, top_p_filter  # noqa: E402
 from peftlab.serve.store import AdapterNotFound, ServeError  # noqa: E402
@@ -163,7 +164,49 @@ def test_base_only_steps_run_their_own_graph_without_adapter_work(adapter_dirs, 
     engine.run_until_done(reqs)
     for i, req in enumerate(reqs, 1):
         assert req.error is None and req.output == _alone(None, _prompt(i), device)
-    assert any(base_only for _, _, base_only in engine.graphs.steps) and not adapter_steps
+    assert any(not paths for _, _, paths in engine.graphs.steps) and not adapter_steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_steps_run_only_the_paths_their_tokens_use(adapter_dirs, device, monkeypatch):
+    """With VeRA, IA3 and DoRA adapters resident in slots, a decode step of LoRA tokens (and base tokens) runs a step
+    keyed by the paths its tokens use: LoRA only, no VeRA products or scale gathers in any layer; its answers equal
+    each adapter alone. A step with a VeRA token then runs VeRA's path."""
+    from peftlab.serve.layers import BatchedLinear
+
+    engine = _engine(adapter_dirs, device, cuda_graphs=True)
+    for layer in engine.layers.values():
+        layer.fold_rank = 0  # VeRA on its shared projections (rank 16 would otherwise be folded into a LoRA)
+    warm = [engine.submit(Request(_prompt(i), n, MAX_NEW, stop_ids=EOS)) for i, n in enumerate(["vera", "ia3", "dora"])]
+    engine.run_until_done(warm)
+    assert all(r.error is None for r in warm)
+    assert any(layer.vera_slots for layer in engine.layers.values())
+    scale_groups = {id(layer.scales) for layer in engine.layers.values()}
+    vera_runs, scale_gathers = [], []
+    vera = BatchedLinear._vera_static
+    monkeypatch.setattr(BatchedLinear, "_vera_static", lambda self, *a: vera_runs.append(1) or vera(self, *a))
+    real_gather = PackedRows.gather
+    monkeypatch.setattr(PackedRows, "gather", lambda self, rows: (id(self) in scale_groups and scale_gathers.append(1))
+                        or real_gather(self, rows))
+    engine.graphs.steps.clear()
+    jobs = [("lora", _prompt(4)), (None, _prompt(5)), ("rslora8", _prompt(6))]
+    reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+    engine.run_until_done(reqs)
+    for (name, prompt), req in zip(jobs, reqs):
+        assert req.error is None and req.output == _alone(adapter_dirs / name if name else None, prompt, device)
+    assert frozenset({"lora"}) in {paths for _, _, paths in engine.graphs.steps}
+    assert {paths for _, _, paths in engine.graphs.steps} <= {frozenset({"lora"}), frozenset()}
+    eager_gathers = len(scale_gathers)  # the prefill steps are eager and gather where their tokens need it
+    scale_gathers.clear()
+    reqs = [engine.submit(Request(_prompt(8), "lora", 4))]
+    engine.step()  # the prefill
+    scale_gathers.clear()
+    engine.run_until_done(reqs)
+    assert not vera_runs and not scale_gathers, (len(vera_runs), len(scale_gathers), eager_gathers)
+    req = engine.submit(Request(_prompt(7), "vera", MAX_NEW, stop_ids=EOS))
+    engine.run_until_done([req])
+    assert req.error is None and req.output == _alone(adapter_dirs / "vera", _prompt(7), device)
+    assert any("vera" in paths for _, _, paths in engine.graphs.steps) and vera_runs
 
 
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):

@@ -28,7 +28,7 @@ from torch import nn
 
 from peftlab.serve.forward import Chunk, context_rows, decode_forward
 from peftlab.serve.kv import PagedKVCache
-from peftlab.serve.layers import BatchedLinear, StepContext
+from peftlab.serve.layers import PATHS, BatchedLinear, StepContext
 
 log = logging.getLogger("peftlab.serve")
 
@@ -45,9 +45,9 @@ class StaticDecode:
     """One decode step of ``batch`` sequences over contexts of at most ``width`` positions, on static buffers."""
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, batch: int, width: int,
-                 base_only: bool, trash_row: int, capture: bool, pool=None):
+                 paths: frozenset, trash_row: int, capture: bool, pool=None):
         self.model, self.cache, self.context = model, cache, context
-        self.batch, self.width, self.base_only, self.trash = batch, width, base_only, trash_row
+        self.batch, self.width, self.paths, self.trash = batch, width, paths, trash_row
         device = cache.k[0].device
 
         def buffer(*shape, dtype=torch.int64, fill=0):
@@ -74,12 +74,12 @@ class StaticDecode:
                 self.logits = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        self.context.static_rows, self.context.static_base = self.rows, self.base_only
+        self.context.static_rows, self.context.static_paths = self.rows, self.paths
         try:
             return decode_forward(self.model, self.cache, self.ids, self.positions, self.write_rows, self.kv_rows,
                                   self.mask)
         finally:
-            self.context.static_rows, self.context.static_base = None, False
+            self.context.static_rows, self.context.static_paths = None, frozenset(PATHS)
 
     def __call__(self, chunks: list[Chunk], table_rows: list[int]) -> torch.Tensor:
         n, cache, device = len(chunks), self.cache, self.ids.device
@@ -106,16 +106,17 @@ class StaticDecode:
 
 
 class DecodeGraphs:
-    """The engine's fixed-shape decode steps, one per (batch bucket, context bucket, base tokens only), built on
-    first use."""
+    """The engine's fixed-shape decode steps, one per (batch bucket, context bucket, adapter paths of the step's
+    tokens), built on first use."""
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, layers: dict[str, BatchedLinear]):
         self.model, self.cache, self.context, self.layers = model, cache, context, layers
         self.capture = cache.k[0].device.type == "cuda"
         cache.reserve(TRASH_SEQ, 1)  # one block no sequence owns: padding rows write and read there
         self.trash_row = cache.tables[TRASH_SEQ][0] * cache.block_size
-        self.steps: dict[tuple[int, int, bool], StaticDecode] = {}
+        self.steps: dict[tuple[int, int, frozenset], StaticDecode] = {}
         self.signature: tuple | None = None
+        self.slot_paths: dict[str, frozenset] = {p: frozenset() for p in PATHS}  # path -> the slots using it
         self.seen_changes = -1  # context.slot_changes when the layers were last read
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.captures = 0
@@ -140,12 +141,17 @@ class DecodeGraphs:
         if self.context.slot_changes != self.seen_changes:  # the layers are read only after a slot changed
             self.seen_changes = self.context.slot_changes
             signature = tuple(layer.static_signature() for layer in self.layers.values())
+            self.slot_paths = {p: frozenset().union(*(getattr(layer, f"{p}_slots") for layer in self.layers.values()))
+                               for p in PATHS}
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
                 self.invalidate()
                 self.signature = signature
-        # a step of base-model tokens only has its own graph, which runs no adapter kernels at all
-        key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)),
-               all(s < 0 for s in slots))
+        # a step runs the adapter paths its tokens use and no other (one graph per set of paths): base-model tokens
+        # only, no adapter kernel at all; LoRA tokens only, no VeRA products or scale gathers even while adapters
+        # that use them sit in other slots
+        present = frozenset(slots)
+        paths = frozenset(p for p, used in self.slot_paths.items() if not used.isdisjoint(present))
+        key = (next(b for b in BATCH_BUCKETS if b >= n), context_bucket(max(c.start + 1 for c in chunks)), paths)
         step = self.steps.get(key)
         if step is None:
             try:

@@ -31,7 +31,11 @@ class StepContext:
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
-    static_base: bool = False  # with static_rows: every token of the step is a base-model token (no adapter work)
+    # with static_rows: the adapter paths the step's tokens use, a subset of PATHS (empty: base-model tokens only, no
+    # adapter work; default: all). graphs.py sets it per step, so a step of LoRA tokens skips VeRA's products and the
+    # scale tables even while adapters that use them sit in other slots (a resident VeRA adapter cost every captured
+    # step its products: H200 profile, bench/results/serve/profile_1b_h200.json)
+    static_paths: frozenset = frozenset(("lora", "out", "in", "vera"))
     # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
     # read each token's factors in place; layers without use_triton ignore it) instead of a gather and two batched
     # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,
@@ -96,6 +100,10 @@ class _Packed:
 
     def __set__(self, obj, table: torch.Tensor) -> None:
         getattr(obj, self.group).set(self.name, table)
+
+
+# the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots)
+PATHS = tuple(StepContext.static_paths)
 
 
 class BatchedLinear(nn.Module):
@@ -249,9 +257,18 @@ class BatchedLinear(nn.Module):
             y.addcmul_(self.base.bias, scales["bias_scale"])
         return y
 
+    def _step_paths(self) -> tuple[bool, bool, bool, bool]:
+        """(lora, out, in, vera): which of this layer's paths the fixed-shape step runs, those its tokens' adapters
+        use (``StepContext.static_paths``) and this layer has."""
+        paths = self.context.static_paths
+        return ("lora" in paths and bool(self.lora_slots), "out" in paths and self.out_scale is not None,
+                "in" in paths and self.in_scale is not None, "vera" in paths and bool(self.vera_slots))
+
     def _forward_static(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Every token's adapter gathered by its row (base tokens read the identity row): no host-side grouping,
         so the step has one shape whatever the mix of adapters."""
+        if not any(self._step_paths()):
+            return self.base(x)
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.in_features)
         y = self._static_kernels(xf, rows) if self.context.static_triton else None
@@ -260,15 +277,17 @@ class BatchedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _static_torch(self, xf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        scales = self.scales.gather(rows)  # one gather for every scale table (a small kernel less per table)
-        y = self._scaled_base(xf, scales, self.in_scale is not None, self.out_scale is not None)
+        lora, scale_out, scale_in, vera = self._step_paths()
+        # one gather for every scale table (a small kernel less per table)
+        scales = self.scales.gather(rows) if scale_out or scale_in or vera else {}
+        y = self._scaled_base(xf, scales, scale_in, scale_out)
         # y is this step's own tensor (tables and activations share the model's dtype): the adapter terms are added
         # in place, one kernel fewer each (a graph-replayed decode step is bound by its count of small kernels)
-        if self.lora_slots:
+        if lora:
             factors = self.lowrank.gather(rows)  # down and up in one gather
             z = torch.bmm(factors["down"], xf.unsqueeze(-1))  # (T, R, 1)
             y.unsqueeze(-1).baddbmm_(factors["up"], z)
-        if self.vera_slots:
+        if vera:
             self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y
 
@@ -279,23 +298,23 @@ class BatchedLinear(nn.Module):
         both of its vectors around the second product (four launches -> two). None when the kernels are off or
         failed (the torch form then runs). VeRA with several pairs stays on its products over all tokens; read per
         token by the LoRA row kernels, a rank-256 pair cost the mixed batch 0.66x -> 0.49x of the base (H200)."""
-        if not self.lora_slots or not self.use_triton or self.context.triton_error is not None:
+        lora, scale_out, scale_in, vera = self._step_paths()
+        if not lora or not self.use_triton or self.context.triton_error is not None:
             return None
         from peftlab.serve import kernels
 
-        fold = self.out_scale is not None and self.base.bias is None
+        fold = scale_out and self.base.bias is None
         row_scales = self.context.static_row_scales
-        one_pair = row_scales and bool(self.vera_slots) and self.proj_down_t.shape[0] == 1
-        torch_in = self.in_scale is not None and not row_scales
-        scales = self.scales.gather(rows) if (self.vera_slots and not one_pair) or torch_in or (
-            self.out_scale is not None and not fold) else {}
+        one_pair = row_scales and vera and self.proj_down_t.shape[0] == 1
+        torch_in = scale_in and not row_scales
+        scales = self.scales.gather(rows) if (vera and not one_pair) or torch_in or (scale_out and not fold) else {}
         xc = xf.contiguous()
         out: list[torch.Tensor] = []
 
         def run() -> None:
-            xin = xc if self.in_scale is None else xc * scales["in_scale"] if torch_in else \
+            xin = xc if not scale_in else xc * scales["in_scale"] if torch_in else \
                 kernels.row_scale(xc, self.in_scale, rows)
-            y = self._scaled_base(xin, scales, False, self.out_scale is not None and not fold)
+            y = self._scaled_base(xin, scales, False, scale_out and not fold)
             row_lowrank(xc, self.down, self.up, rows, y, skip_row=self.capacity,
                         out_scale=self.out_scale if fold else None)
             if one_pair:
@@ -306,7 +325,7 @@ class BatchedLinear(nn.Module):
         if not self._triton(run):
             return None
         y = out[0]
-        if self.vera_slots and not one_pair:
+        if vera and not one_pair:
             self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y
 
@@ -345,7 +364,7 @@ class BatchedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         if ctx.static_rows is not None:
-            return self.base(x) if ctx.static_base else self._forward_static(x, ctx.static_rows)
+            return self._forward_static(x, ctx.static_rows) if ctx.static_paths else self.base(x)
         present = ctx.present
         if present.isdisjoint(self.used_slots):
             return self.base(x)
