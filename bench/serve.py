@@ -396,7 +396,8 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
             engine.context.static_row_scales = True
             engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
-                     "shapes": sorted([b, w, sorted(p)] for b, w, p in engine.graphs.steps), "error": engine.graphs.error,
+                     "shapes": sorted([b, w, sorted(p)] for b, w, p in engine.graphs.steps),
+                     "error": engine.graphs.error,
                      "static_triton": engine.context.static_triton, **warm}
     engine.graphs = None
 

@@ -85,7 +85,8 @@ def kernel_table(engine, names, args, vocab: int) -> dict:
     rows = sorted(((k, len(v) / n, sum(v) / n) for k, v in kernels.items()), key=lambda r: -r[2])
     return {"decode_steps": decode_steps, "launches_per_step": round(sum(r[1] for r in rows), 1),
             "gpu_us_per_step": round(sum(r[2] for r in rows), 1),
-            "kernels": [{"name": k[:120], "per_step": round(c, 2), "us_per_step": round(t, 1)} for k, c, t in rows[:25]]}
+            "kernels": [{"name": k[:120], "per_step": round(c, 2), "us_per_step": round(t, 1)}
+                        for k, c, t in rows[:25]]}
 
 
 def main(argv=None) -> None:

@@ -140,7 +140,8 @@ def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, zp_ptr, K, R, chunk, skip_row, st
     """zp[t, c] = A[row(t), :, chunk c] @ x[t, chunk c]: one token and one chunk of K per program, every rank (the
     chunks' partial sums are added by the expand kernel), nothing for ``skip_row``. Split over K, so that no
     program walks all of K alone: the one-program-per-4-ranks form took ~6 us a launch on the H200, the largest
-    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json; profile_1b_h200.json: ~3.7 us after)."""
+    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json), ~3.7 us split
+    (profile_1b_h200.json)."""
     t, c = tl.program_id(0), tl.program_id(1)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
@@ -272,15 +273,16 @@ def _check_rows(name: str, rows: torch.Tensor, t: int, tables: dict[str, torch.T
 def row_scaled_matmul(z: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
                       in_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                       block_t: int = 32, block_n: int = 32, block_k: int = 128) -> None:
-    """``out[t] += out_scale[i] ⊙ (w @ (in_scale[i] ⊙ z[t]))``, i = rows[t] (each scale optional): z (T, K), w (N, K)
-    shared by every token, out (T, N), scales (S+1, K) and (S+1, N). VeRA's expand with both of its vectors in one
-    launch, the projection read once per tile of tokens."""
+    """``out[t] += out_scale[i] ⊙ (w @ (in_scale[i] ⊙ z[t]))``, i = rows[t] (each scale optional): z (T, K),
+    w (N, K) shared by every token, out (T, N), scales (S+1, K) and (S+1, N). VeRA's expand with both of its
+    vectors in one launch, the projection read once per tile of tokens."""
     t, k = z.shape
     n = w.shape[0]
     if z.stride(1) != 1 or w.stride(1) != 1 or out.stride(1) != 1 or w.shape[1] != k or out.shape != (t, n):
         raise ValueError(f"row_scaled_matmul: shapes z {tuple(z.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)} "
                          "do not fit (z (T, K), w (N, K), out (T, N), row-major)")
-    _check_rows("row_scaled_matmul", rows, t, {"in_scale": in_scale, "out_scale": out_scale}, {"in_scale": k, "out_scale": n})
+    _check_rows("row_scaled_matmul", rows, t, {"in_scale": in_scale, "out_scale": out_scale},
+                {"in_scale": k, "out_scale": n})
     if t == 0:
         return
     grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
