@@ -12,6 +12,8 @@ implementations; the medians of the rounds are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -23,6 +25,24 @@ import torch
 from results_io import environment, write_atomic
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# --variant NAME: the peftlab rows again with one library constant changed while they run (module, name, value)
+VARIANTS = {"wy-solve": ("peftlab.ops.factored", "SERIES_MAX_RANK", 0)}  # HRA's T by a triangular solve, as before
+
+
+@contextlib.contextmanager
+def variant(name: str | None):
+    """The library with ``VARIANTS[name]`` in effect (nothing for None)."""
+    if name is None:
+        yield
+        return
+    module, attr, value = VARIANTS[name]
+    mod = importlib.import_module(module)
+    old = getattr(mod, attr)
+    setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        setattr(mod, attr, old)
 
 
 def build(impl: str, method: str, layers: int, compile_backend: str | None = None) -> torch.nn.Module | None:
@@ -80,6 +100,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", metavar="BACKEND", help="also peftlab with each decoder layer compiled (inductor)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), help="also the peftlab rows with this change in effect")
     p.add_argument("--out")
     cli = p.parse_args()
     os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
@@ -91,13 +112,17 @@ def main() -> None:
         # not share dynamo's caches with the next (each GPU configuration runs in a fresh process too)
         torch._dynamo.reset()
         models = {"frozen base": build("frozen", "lora", cli.layers)} if k == 0 else {}
+        changed: dict[str, str | None] = {}  # label -> the variant its rows run under
         for impl in ("peftlab", "peft") + (("peftlab compiled",) if cli.compile else ()):
-            model = build(impl, method, cli.layers, cli.compile)
-            if model is not None:
-                models[f"{method} {impl}"] = model
+            for var in (None, cli.variant) if impl.startswith("peftlab") and cli.variant else (None,):
+                model = build(impl, method, cli.layers, cli.compile)
+                if model is not None:
+                    label = f"{method} {impl}" + (f", {var}" if var else "")
+                    models[label], changed[label] = model, var
         for _ in range(cli.rounds):
             for label, model in models.items():
-                times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps), 3))
+                with variant(changed.get(label)):
+                    times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps), 3))
     median = {label: statistics.median(v) for label, v in times.items()}
     ratios = {label: round(median[label] / median[f"{label.split()[0]} peft"], 3) for label in median
               if label.split()[1] == "peftlab" and f"{label.split()[0]} peft" in median}

@@ -41,18 +41,44 @@ def test_kron_apply_is_the_kronecker_product(low1, low2):
     torch.testing.assert_close(got, x @ torch.kron(dense1, dense2).t())
 
 
-@pytest.mark.parametrize("k", [1, 4, 7])
-def test_householder_wy_is_the_chain_of_reflections(k):
+@pytest.mark.parametrize("series", [False, True], ids=["solve", "product_form"])
+@pytest.mark.parametrize("k", [1, 4, 7, 16, 17])  # 17: past the solve-free product form, a triangular solve
+def test_householder_wy_is_the_chain_of_reflections(k, series):
     g = torch.Generator().manual_seed(k)
-    u = torch.randn(9, k, generator=g, dtype=D) * 3  # not unit: the WY form normalises implicitly
-    chain = torch.eye(9, dtype=D)
+    n = max(9, k + 2)
+    u = torch.randn(n, k, generator=g, dtype=D) * 3  # not unit: the WY form normalises implicitly
+    chain = torch.eye(n, dtype=D)
     for i in range(k):
         v = u[:, i:i + 1]
-        chain = chain @ (torch.eye(9, dtype=D) - 2 * v @ v.t() / (v.t() @ v))
-    x = torch.randn(4, 9, generator=g, dtype=D)
-    t = householder_wy(u)
+        chain = chain @ (torch.eye(n, dtype=D) - 2 * v @ v.t() / (v.t() @ v))
+    x = torch.randn(4, n, generator=g, dtype=D)
+    t = householder_wy(u, series=series)
     torch.testing.assert_close(householder_apply(x, u, t, transpose=False), x @ chain)
     torch.testing.assert_close(householder_apply(x, u, t, transpose=True), x @ chain.t())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 9, 16])
+def test_householder_wy_without_solve_matches_the_solve_with_gradients(k):
+    """T from the nilpotent product form (k <= 16) equals the triangular solve's, and so do the gradients that flow
+    back to U through it (HRA trains U through T); more than 16 reflections are refused by the product form."""
+    from peftlab.ops.factored import unit_upper_inverse
+
+    g = torch.Generator().manual_seed(30 + k)
+    u = (torch.randn(12 + k, k, generator=g, dtype=D) * 2).requires_grad_()
+    weights = torch.randn(k, k, generator=g, dtype=D)
+
+    def solved(v):
+        gram = v.t() @ v
+        m = torch.triu(gram, diagonal=1) + torch.diag(gram.diagonal() / 2)
+        return torch.linalg.solve_triangular(m, torch.eye(k, dtype=D), upper=True)
+
+    got, want = householder_wy(u, series=True), solved(u)
+    torch.testing.assert_close(got, want)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), u)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), u)
+    torch.testing.assert_close(grad_got, grad_want)
+    with pytest.raises(ValueError, match="k <= 16"):
+        unit_upper_inverse(torch.zeros(17, 17))
 
 
 def test_householder_pairs_cancel():
@@ -171,3 +197,25 @@ def test_permute_last_and_butterfly_rotate_gradients_equal_indexing(device):
     torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
     for a, b in zip(torch.autograd.grad(fast, (x, blocks), grad), torch.autograd.grad(plain, (x, blocks), grad)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_householder_wy_traced_by_compile_has_no_solve():
+    """While torch.compile traces, T comes from the product form (no triangular solve in the captured graph) and
+    equals the eager solve's, gradients included."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    u = (torch.randn(20, 8, generator=g, dtype=D) * 2).requires_grad_()
+    compiled = torch.compile(lambda v: householder_wy(v), backend=backend, fullgraph=True)
+    got = compiled(u)
+    assert seen and not any("solve_triangular" in target for target in seen)
+    want = householder_wy(u)
+    torch.testing.assert_close(got, want)
+    (grad_got,), (grad_want,) = torch.autograd.grad(got.sum(), u), torch.autograd.grad(want.sum(), u)
+    torch.testing.assert_close(grad_got, grad_want)
+    torch._dynamo.reset()

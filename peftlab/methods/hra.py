@@ -79,7 +79,7 @@ class HRALayer(AdapterLayer):
         if self.apply_GS:  # H = I - 2 U U^T with orthonormal U, symmetric
             units = gram_schmidt(self.hra_u).to(x.dtype)
             return x - 2 * (x @ units) @ units.t()
-        wy = householder_wy(self.hra_u.float())  # a triangular solve: fp32 on every device
+        wy = householder_wy(self.hra_u.float())  # fp32 on every device (a triangular solve above r 16)
         return householder_apply(x, self.hra_u.to(x.dtype), wy.to(x.dtype), transpose)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:

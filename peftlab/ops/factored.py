@@ -12,6 +12,8 @@ per module. The dense builders stay in the method files as the reference (mergin
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from peftlab.ops.fast import no_autocast
@@ -48,13 +50,54 @@ def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | tuple[torch
     return y.reshape(*lead, -1)
 
 
-def householder_wy(u: torch.Tensor) -> torch.Tensor:
-    """T (k, k) with H_0 H_1 ... H_{k-1} = I - U T U^T for the reflections along the columns of u (n, k)."""
+# householder_wy without a triangular solve (under torch.compile) up to this many reflections; PEFTLAB_WY_SERIES_MAX=0
+# keeps the solve everywhere (to measure one against the other in separate processes, as bench/train_step.py runs)
+SERIES_MAX_RANK = min(16, int(os.environ.get("PEFTLAB_WY_SERIES_MAX", "16")))
+
+
+def _small_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for tiny square matrices as a broadcast product and a sum, which torch.compile fuses with the
+    elementwise work around it (a matrix product would be one library call each)."""
+    return (a[:, :, None] * b[None, :, :]).sum(1)
+
+
+def unit_upper_inverse(strict: torch.Tensor) -> torch.Tensor:
+    """(I + K)^-1 for a strictly upper triangular K (k, k), k <= 16: K is nilpotent (K^16 = 0), so
+    (I + K)^-1 = sum_j (-K)^j = (I + L)(I + L^2)(I + L^4)(I + L^8) with L = -K (three squarings, three products).
+    Exact up to rounding; no triangular solve, whose library call cost ~90 us of host time each on the H200 (224 per
+    HRA training step: bench/results/train_step_1b_h200_hra_boft_profile.profile.txt)."""
+    k = strict.shape[0]
+    if k > SERIES_MAX_RANK:
+        raise ValueError(f"unit_upper_inverse: the product form covers k <= {SERIES_MAX_RANK}, got {k}")
+    eye = torch.eye(k, device=strict.device, dtype=strict.dtype)
+    power, inverse = -strict, eye - strict
+    for _ in range(max(0, (k - 1).bit_length() - 1)):  # L^2, L^4, L^8 as far as they can be nonzero
+        power = _small_mm(power, power)
+        inverse = _small_mm(inverse, eye + power)
+    return inverse
+
+
+def householder_wy(u: torch.Tensor, series: bool | None = None) -> torch.Tensor:
+    """T (k, k) with H_0 H_1 ... H_{k-1} = I - U T U^T for the reflections along the columns of u (n, k):
+    T = M^-1, M = D + N (D = diag(U^T U) / 2, N its strict upper part) = D (I + D^-1 N).
+
+    ``series`` (default: while torch.compile traces): for k <= 16, T = unit_upper_inverse(D^-1 N) D^-1 with no
+    solve, a few broadcast products that the compiler fuses into a kernel or two; otherwise a triangular solve. Eagerly
+    the solve is cheaper (CPU proxy, 16 layers of HRA r8, same run: 69 ms a step with the solve, 127 ms with the
+    product form eagerly, bench/results/train_overhead_hra_wy_series_eager_cpu.json); compiled, the two are within
+    a few percent on the CPU (33.4 ms product form vs 32.3 ms solve, train_overhead_hra_wy_cpu.json), where LAPACK's
+    solve is cheap; on the H200 each solve cost ~90 us of host time (224 a step, ~20 ms:
+    train_step_1b_h200_hra_boft_profile.profile.txt). Not yet measured on the GPU with the product form."""
     with no_autocast(u):  # in u's dtype even inside a bf16 autocast region (triangular solves have no bf16)
         gram = u.t() @ u
-        inverse = torch.triu(gram, diagonal=1) + torch.diag(gram.diagonal() / 2)
+        half = gram.diagonal() / 2
+        strict = torch.triu(gram, diagonal=1)
+        if series is None:
+            series = torch.compiler.is_compiling()
+        if series and u.shape[1] <= SERIES_MAX_RANK:
+            return unit_upper_inverse(strict / half[:, None]) / half[None, :]
         eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
-        return torch.linalg.solve_triangular(inverse, eye, upper=True)
+        return torch.linalg.solve_triangular(strict + torch.diag(half), eye, upper=True)
 
 
 def householder_apply(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, transpose: bool) -> torch.Tensor:
