@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# the mixed-method graph row is run again with each of these StepContext flags off (flag, what the row says)
+MIX_AB = [("static_row_scales", "IA3 input scale and VeRA in torch"),
+          ("static_vera_in_base", "VeRA's first product apart from the base GEMM")]
 MIXED = ["lora0", "dora", "ia3", "vera"]  # the mixed-method batch: a LoRA and one adapter of each other method
 for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
@@ -385,15 +388,13 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
                      names, adapters=count, popularity="uniform", graphs=True)
             engine.context.static_triton = default
             engine.graphs.invalidate()
-        if label.startswith("mixed") and triton_ab and engine.context.static_triton:
-            # the same row, right after it, with IA3's input scale and VeRA's products and vectors in torch (the
-            # LoRA row kernels kept): what the row-scale kernels change, side by side
-            engine.context.static_row_scales = False
+        for flag, change in MIX_AB if label.startswith("mixed") and triton_ab and engine.context.static_triton else ():
+            # the same row, right after it, with one of the mix's kernel choices off: what it changes, side by side
+            setattr(engine.context, flag, False)
             engine.graphs.invalidate()
             workload(engine, names[:args.batch], args, vocab, seed=96)
-            scenario(f"{label}, CUDA graphs, IA3 input scale and VeRA in torch", names, adapters=count,
-                     popularity="uniform", graphs=True)
-            engine.context.static_row_scales = True
+            scenario(f"{label}, CUDA graphs, {change}", names, adapters=count, popularity="uniform", graphs=True)
+            setattr(engine.context, flag, True)
             engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
                      "shapes": sorted([b, w, sorted(p)] for b, w, p in engine.graphs.steps),

@@ -209,6 +209,25 @@ def test_decode_steps_run_only_the_paths_their_tokens_use(adapter_dirs, device, 
     assert any("vera" in paths for _, _, paths in engine.graphs.steps) and vera_runs
 
 
+def test_unfolded_vera_in_the_base_gemm_through_the_model(adapter_dirs):
+    """VeRA on its shared projections in a fixed-shape step with the Triton row kernels: its first product comes out
+    of the base GEMM ([W0; P_A], the layer output a strided view of it) and runs through the whole model beside LoRA,
+    DoRA and IA3 tokens; every request's tokens equal its adapter alone."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    engine = _engine(adapter_dirs, device, cuda_graphs=True, use_triton=True)
+    for layer in engine.layers.values():
+        layer.fold_rank = 0
+    jobs = [("vera", _prompt(1)), ("lora", _prompt(2)), ("ia3", _prompt(3)), ("dora", _prompt(4)), ("vera", _prompt(5))]
+    reqs = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs]
+    engine.run_until_done(reqs)
+    for (name, prompt), req in zip(jobs, reqs):
+        assert req.error is None and req.output == _alone(adapter_dirs / name, prompt, device), name
+    assert any(layer.cat_weight is not None for layer in engine.layers.values())
+    assert engine.graphs.steps_run > 0 and engine.context.triton_error is None
+
+
 def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
     """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if not torch.cuda.is_available():
@@ -359,11 +360,12 @@ def test_row_lowrank_kernels_match_einsum():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("bias,fold_rank,pairs,row_scales", [
-    (True, FOLD_RANK, 2, True), (False, FOLD_RANK, 2, True), (False, 0, 2, True), (False, 0, 1, True),
-    (True, 0, 1, True), (False, 0, 1, False)], ids=["bias", "no_bias_scale_in_kernel", "vera_two_pairs",
-                                                     "vera_one_pair_in_kernel", "vera_one_pair_bias", "row_scales_off"])
-def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank, pairs, row_scales):
+@pytest.mark.parametrize("bias,fold_rank,pairs,row_scales,in_base", [
+    (True, FOLD_RANK, 2, True, True), (False, FOLD_RANK, 2, True, True), (False, 0, 2, True, True),
+    (False, 0, 1, True, True), (False, 0, 1, True, False), (True, 0, 1, True, True), (False, 0, 1, False, True)],
+    ids=["bias", "no_bias_scale_in_kernel", "vera_two_pairs", "vera_one_pair_in_base_gemm", "vera_one_pair_apart",
+         "vera_one_pair_bias", "row_scales_off"])
+def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_rank, pairs, row_scales, in_base):
     """The fixed-shape step through the Triton row kernels (each token's slot read on the device) equals its gather
     + bmm form, base-model tokens and every method's slot included: with a bias (output scales applied in torch),
     without (the output scale inside the expand kernel), with VeRA on two shared projection pairs beside them (its
@@ -387,10 +389,24 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_r
         layer, ctx = _layer(capacity=8, use_triton=use_triton, dtype=torch.float32, device=dev, fold_rank=fold_rank)
         if not bias:
             layer.base.bias = None
+        w0 = layer.base.weight.detach().clone()
         for slot, form in enumerate(forms):
             layer.set_slot(slot, form)
+        # [W0; P_A] stored once, the base weight a view of its first rows, its values unchanged
+        # (made with the first pair; with a second one it is left unused)
+        assert (layer.cat_weight is not None) == (not bias and fold_rank == 0)
+        if layer.cat_weight is not None:
+            assert layer.base.weight.data_ptr() == layer.cat_weight.data_ptr() and torch.equal(layer.base.weight, w0)
+            assert pairs == 2 or torch.equal(layer.cat_weight[OUT:], layer.proj_down_t[0])
         ctx.static_rows, ctx.static_triton, ctx.static_row_scales = table_rows(slots, 8, dev), use_triton, row_scales
+        ctx.static_vera_in_base = in_base
+        linear, cat_products = F.linear, []
+        monkeypatch.setattr(F, "linear", lambda inp, w, *a: cat_products.append(w is layer.cat_weight and
+                                                                                   w is not None) or linear(inp, w, *a))
         outs.append(layer(x))
+        monkeypatch.setattr(F, "linear", linear)
+        assert any(cat_products) == (use_triton and in_base and row_scales and not bias and fold_rank == 0
+                                     and pairs == 1)
         assert ctx.triton_error is None
     assert calls == [["out_scale", "skip_row"]]  # the Triton side ran the kernels (not torch after a failure)
     assert len(vera_calls) == (fold_rank == 0 and pairs == 1 and row_scales)

@@ -177,3 +177,35 @@ class PackedRows:
             return {}
         g = self.data.index_select(0, rows)
         return {n: g[:, c:c + math.prod(s)].view(g.shape[0], *s) for n, (c, s) in self.spans.items()}
+
+
+def restacked(old: torch.Tensor | None, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(parts)``, written into ``old`` when the shapes agree."""
+    new = torch.stack(parts)
+    return old.copy_(new) if old is not None and old.shape == new.shape else new
+
+
+def grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``table`` zero-padded along ``dim`` to ``size``."""
+    shape = list(table.shape)
+    shape[dim] = size
+    new = table.new_zeros(shape)
+    new.narrow(dim, 0, table.shape[dim]).copy_(table)
+    return new
+
+
+class PackedTable:
+    """A slot table of a ``BatchedLinear`` kept as a view into one of its ``PackedRows`` (``group``): read as a
+    tensor (None until first set), assigned to add or replace it."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.group).get(self.name)
+
+    def __set__(self, obj, table: torch.Tensor) -> None:
+        getattr(obj, self.group).set(self.name, table)

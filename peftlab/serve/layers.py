@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import ServingForm
-from peftlab.serve.batched import PackedRows, Segments, group_by_slot, lowrank_torch, lowrank_triton, \
-    row_lowrank, scaled_lowrank_grouped, table_rows
+from peftlab.serve.batched import PackedRows, PackedTable, Segments, group_by_slot, grown, lowrank_torch, \
+    lowrank_triton, restacked, row_lowrank, scaled_lowrank_grouped, table_rows
 
 
 log = logging.getLogger("peftlab.serve")
@@ -44,6 +44,10 @@ class StepContext:
     # with static_triton: IA3's input scale and VeRA on one shared projection pair in row kernels too (kernels.
     # row_scale, row_scaled_matmul: three launches fewer per layer for the mixed batch), else in torch
     static_row_scales: bool = True
+    # with static_row_scales: VeRA's first product on one shared projection pair computed in the base GEMM, through a
+    # weight [W0; P_A] whose first rows W0 is (BatchedLinear.cat_weight; bases without bias only): a launch fewer per
+    # adapted linear of a step with VeRA tokens
+    static_vera_in_base: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
@@ -70,38 +74,6 @@ def _folded(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
     return down.to(form.down.dtype), up.to(form.up.dtype)
 
 
-def _restacked(old: torch.Tensor | None, parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(parts)``, written into ``old`` when the shapes agree."""
-    new = torch.stack(parts)
-    return old.copy_(new) if old is not None and old.shape == new.shape else new
-
-
-def _grown(table: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``table`` zero-padded along ``dim`` to ``size``."""
-    shape = list(table.shape)
-    shape[dim] = size
-    new = table.new_zeros(shape)
-    new.narrow(dim, 0, table.shape[dim]).copy_(table)
-    return new
-
-
-class _Packed:
-    """A slot table of a ``BatchedLinear`` kept as a view into one of its ``PackedRows`` (``group``): read as a
-    tensor (None until first set), assigned to add or replace it."""
-
-    def __init__(self, group: str):
-        self.group = group
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else getattr(obj, self.group).get(self.name)
-
-    def __set__(self, obj, table: torch.Tensor) -> None:
-        getattr(obj, self.group).set(self.name, table)
-
-
 # the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots)
 PATHS = tuple(StepContext.static_paths)
 
@@ -112,9 +84,9 @@ class BatchedLinear(nn.Module):
     The per-slot tables live in two packed groups, so that the fixed-shape step gathers a token's low-rank factors
     with one gather and its scales (IA3 / DoRA, VeRA's vectors) with another."""
 
-    down, up = _Packed("lowrank"), _Packed("lowrank")  # (rows, R, in), (rows, out, R)
-    out_scale, bias_scale, in_scale = _Packed("scales"), _Packed("scales"), _Packed("scales")  # (rows, out|in)
-    mid, vup = _Packed("scales"), _Packed("scales")  # VeRA per slot: (rows, R), (rows, out)
+    down, up = PackedTable("lowrank"), PackedTable("lowrank")  # (rows, R, in), (rows, out, R)
+    out_scale, bias_scale, in_scale = PackedTable("scales"), PackedTable("scales"), PackedTable("scales")  # (rows, out|in)
+    mid, vup = PackedTable("scales"), PackedTable("scales")  # VeRA per slot: (rows, R), (rows, out)
 
     def __init__(self, base: nn.Linear, name: str, capacity: int, context: StepContext, use_triton: bool = False,
                  initial_rank: int = 16, fold_rank: int = FOLD_RANK):
@@ -137,6 +109,7 @@ class BatchedLinear(nn.Module):
         self.proj_up_t: torch.Tensor | None = None  # (P, out, R)
         self.proj_of_slot = [-1] * rows
         self.proj_index: torch.Tensor | None = None  # (rows,) proj_of_slot on the device (0 where none): graphs.py
+        self.cat_weight: torch.Tensor | None = None  # [W0; P_A] while one projection pair is stored: _sync_cat
         self.lora_slots: set[int] = set()
         self.out_slots: set[int] = set()
         self.in_slots: set[int] = set()
@@ -178,7 +151,7 @@ class BatchedLinear(nn.Module):
         down, up = _folded(form) if form.vera_like else (form.down, form.up)
         r = form.rank
         if r > self.down.shape[1]:
-            self.down, self.up = _grown(self.down, 1, r), _grown(self.up, 2, r)
+            self.down, self.up = grown(self.down, 1, r), grown(self.up, 2, r)
         self.down[slot, :r].copy_(down, non_blocking=True)
         self.up[slot, :, :r].copy_(up, non_blocking=True)
         self.ranks[slot] = r
@@ -210,15 +183,31 @@ class BatchedLinear(nn.Module):
             self.mid = torch.zeros(self.capacity + 1, width, dtype=self.dtype, device=self.device)
             self.vup = self._ones(self.out_features)
         elif width > self.mid.shape[1]:
-            self.mid = _grown(self.mid, 1, width)
+            self.mid = grown(self.mid, 1, width)
         self.mid[slot].zero_()
         self.mid[slot, :r] = mid
         self.vup[slot] = vup
         self.vera_slots.add(slot)
         self.used_slots.add(slot)
         # restacked in place when the shape holds, so that a captured decode step keeps reading the same tensors
-        self.proj_down_t = _restacked(self.proj_down_t, [F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
-        self.proj_up_t = _restacked(self.proj_up_t, [F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
+        self.proj_down_t = restacked(self.proj_down_t, [F.pad(d, (0, 0, 0, width - d.shape[0])) for d in self.proj_down])
+        self.proj_up_t = restacked(self.proj_up_t, [F.pad(u, (0, width - u.shape[1])) for u in self.proj_up])
+        self._sync_cat()
+
+    def _sync_cat(self) -> None:
+        """With one stored projection pair and a base without bias: ``cat_weight`` = [W0; P_A] (out + R, in), the base
+        weight made a view of its first rows (no second copy of W0), so the fixed-shape step gets W0 x and P_A x from
+        one GEMM. Rewritten in place while its shape holds (a captured step keeps reading it)."""
+        w = self.base.weight
+        if self.proj_down_t.shape[0] != 1 or self.base.bias is not None or w.dim() != 2:
+            return
+        rows = self.out_features + self.proj_down_t.shape[1]
+        if self.cat_weight is None or self.cat_weight.shape[0] != rows:
+            cat = torch.empty(rows, self.in_features, dtype=w.dtype, device=w.device)
+            cat[:self.out_features].copy_(w.data)
+            w.data = cat[:self.out_features]  # the model's parameter now reads the new storage
+            self.cat_weight = cat
+        self.cat_weight[self.out_features:].copy_(self.proj_down_t[0])
 
     def clear_slot(self, slot: int, zero_lowrank: bool = True) -> None:  # set_slot starts here too
         self.context.slot_changes += 1
@@ -241,7 +230,8 @@ class BatchedLinear(nn.Module):
     def static_signature(self) -> tuple:
         """What a captured fixed-shape step depends on: the tables it reads (replaced when they grow or first
         appear) and which paths run. Slot contents may change between replays; these may not."""
-        return (id(self.lowrank.data), id(self.scales.data), bool(self.lora_slots), id(self.proj_down_t),
+        return (id(self.lowrank.data), id(self.scales.data), bool(self.lora_slots), id(self.cat_weight),
+                id(self.proj_down_t),
                 id(self.proj_up_t), id(self.proj_index), bool(self.vera_slots))
 
     def _scaled_base(self, x2: torch.Tensor, scales: dict[str, torch.Tensor], scale_in: bool,
@@ -306,6 +296,7 @@ class BatchedLinear(nn.Module):
         fold = scale_out and self.base.bias is None
         row_scales = self.context.static_row_scales
         one_pair = row_scales and vera and self.proj_down_t.shape[0] == 1
+        in_base = one_pair and self.context.static_vera_in_base and self.cat_weight is not None
         torch_in = scale_in and not row_scales
         scales = self.scales.gather(rows) if (vera and not one_pair) or torch_in or (scale_out and not fold) else {}
         xc = xf.contiguous()
@@ -314,12 +305,16 @@ class BatchedLinear(nn.Module):
         def run() -> None:
             xin = xc if not scale_in else xc * scales["in_scale"] if torch_in else \
                 kernels.row_scale(xc, self.in_scale, rows)
-            y = self._scaled_base(xin, scales, False, scale_out and not fold)
+            if in_base:  # [W0 x, P_A x] in one GEMM (no bias here); x scaled by IA3 only on tokens without VeRA
+                both = F.linear(xin, self.cat_weight)
+                y, z = both[:, :self.out_features], both[:, self.out_features:]
+            else:
+                y = self._scaled_base(xin, scales, False, scale_out and not fold)
+                z = F.linear(xc, self.proj_down_t[0]) if one_pair else None
             row_lowrank(xc, self.down, self.up, rows, y, skip_row=self.capacity,
                         out_scale=self.out_scale if fold else None)
             if one_pair:
-                kernels.row_scaled_matmul(F.linear(xc, self.proj_down_t[0]), self.proj_up_t[0], rows, y,
-                                          in_scale=self.mid, out_scale=self.vup)
+                kernels.row_scaled_matmul(z, self.proj_up_t[0], rows, y, in_scale=self.mid, out_scale=self.vup)
             out.append(y)
 
         if not self._triton(run):
