@@ -228,16 +228,23 @@ def test_unfolded_vera_in_the_base_gemm_through_the_model(adapter_dirs):
     assert engine.graphs.steps_run > 0 and engine.context.triton_error is None
 
 
-def test_triton_path_gives_the_torch_path_tokens(adapter_dirs):
-    """The engine with the Triton LoRA kernels (compiled on CUDA, interpreted on CPU) == the torch path."""
+def test_triton_path_gives_the_torch_path_tokens(adapter_dirs, monkeypatch):
+    """The engine with the Triton kernels (compiled on CUDA, interpreted on CPU) == the torch path: the LoRA products
+    and, for DoRA's and IA3's scales, ``kernels.row_scale`` on the eager steps."""
+    import peftlab.serve.kernels as kernels
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    scaled, real = [], kernels.row_scale
+    monkeypatch.setattr(kernels, "row_scale", lambda *a, **kw: scaled.append(1) or real(*a, **kw))
     outs = []
     for use_triton in (False, True):
         engine = _engine(adapter_dirs, device, use_triton=use_triton)
-        reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate([None, "lora", "rslora8", "dora", "loha"])]
+        names = [None, "lora", "rslora8", "dora", "loha", "ia3"]
+        reqs = [engine.submit(Request(_prompt(i), n, 4)) for i, n in enumerate(names)]
         engine.run_until_done(reqs)
         outs.append([r.output for r in reqs])
         assert engine.context.triton_error is None  # the kernel really ran (no fallback to torch)
+        assert bool(scaled) == use_triton
     assert outs[0] == outs[1]
 
 

@@ -340,6 +340,24 @@ class BatchedLinear(nn.Module):
         z = own(torch.einsum("ti,pri->tpr", x, self.proj_down_t)) * mid
         y.addcmul_(own(torch.einsum("tr,por->tpo", z, self.proj_up_t)), vup)
 
+    def _row_scaled_base(self, xf: torch.Tensor, rows: torch.Tensor, scale_in: bool,
+                         scale_out: bool) -> torch.Tensor | None:
+        """``_scaled_base`` with the scales applied by ``kernels.row_scale``, each reading only its own table's rows
+        (the packed gather copies every scale table, VeRA's vectors included, for every token: at prefill, thousands
+        of tokens); None without Triton or with a bias (the torch form then runs)."""
+        if self.base.bias is not None:
+            return None
+        from peftlab.serve import kernels
+
+        out: list[torch.Tensor] = []
+
+        def run() -> None:
+            xin = kernels.row_scale(xf.contiguous(), self.in_scale, rows) if scale_in else xf
+            y = F.linear(xin, self.base.weight)
+            out.append(kernels.row_scale(y, self.out_scale, rows) if scale_out else y)
+
+        return out[0] if self._triton(run) else None
+
     def _triton(self, kernels) -> bool:
         """Runs ``kernels()`` (Triton launches adding LoRA terms into the layer output) and says whether they ran:
         False when the kernels are off or failed (then the output is untouched and the caller runs torch)."""
@@ -364,11 +382,13 @@ class BatchedLinear(nn.Module):
         if present.isdisjoint(self.used_slots):
             return self.base(x)
         lead = x.shape[:-1]
+        xf = x.reshape(-1, self.in_features)
         scale_in, scale_out = bool(present & self.in_slots), bool(present & self.out_slots)
-        y = self._scaled_base(x.reshape(-1, self.in_features),
-                              self.scales.gather(ctx.rows) if scale_in or scale_out else {}, scale_in, scale_out)
+        y = self._row_scaled_base(xf, ctx.rows, scale_in, scale_out) if scale_in or scale_out else None
+        if y is None:
+            y = self._scaled_base(xf, self.scales.gather(ctx.rows) if scale_in or scale_out else {}, scale_in,
+                                  scale_out)
         if present & self.lora_slots:
-            xf = x.reshape(-1, self.in_features)
             if not self._triton(lambda: lowrank_triton(xf, self.down, self.up, ctx.seg, out=y)):
                 lowrank_torch(xf, self.down, self.up, ctx.seg, self.ranks, out=y)
         if present & self.vera_slots:
