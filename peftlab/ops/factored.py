@@ -67,8 +67,8 @@ def unit_upper_inverse(strict: torch.Tensor) -> torch.Tensor:
     Exact up to rounding; no triangular solve, whose library call cost ~90 us of host time each on the H200 (224 per
     HRA training step: bench/results/train_step_1b_h200_hra_boft_profile.profile.txt)."""
     k = strict.shape[0]
-    if k > SERIES_MAX_RANK:
-        raise ValueError(f"unit_upper_inverse: the product form covers k <= {SERIES_MAX_RANK}, got {k}")
+    if k > 16:
+        raise ValueError(f"unit_upper_inverse: the product form covers k <= 16, got {k}")
     eye = torch.eye(k, device=strict.device, dtype=strict.dtype)
     power, inverse = -strict, eye - strict
     for _ in range(max(0, (k - 1).bit_length() - 1)):  # L^2, L^4, L^8 as far as they can be nonzero
