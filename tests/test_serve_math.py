@@ -397,7 +397,8 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_r
         assert (layer.cat_weight is not None) == (not bias and fold_rank == 0)
         if layer.cat_weight is not None:
             assert layer.base.weight.data_ptr() == layer.cat_weight.data_ptr() and torch.equal(layer.base.weight, w0)
-            assert pairs == 2 or torch.equal(layer.cat_weight[OUT:], layer.proj_down_t[0])
+            assert pairs == 2 or (torch.equal(layer.cat_weight[OUT:], layer.proj_down_t[0])
+                                  and layer.proj_down_t.data_ptr() == layer.cat_weight[OUT:].data_ptr())
         ctx.static_rows, ctx.static_triton, ctx.static_row_scales = table_rows(slots, 8, dev), use_triton, row_scales
         ctx.static_vera_in_base = in_base
         linear, cat_products = F.linear, []

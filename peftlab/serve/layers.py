@@ -208,6 +208,9 @@ class BatchedLinear(nn.Module):
             w.data = cat[:self.out_features]  # the model's parameter now reads the new storage
             self.cat_weight = cat
         self.cat_weight[self.out_features:].copy_(self.proj_down_t[0])
+        # the stacked projection becomes a view of those rows (restacked in place into them from now on): P_A is not
+        # kept a second time on the device
+        self.proj_down_t = self.cat_weight[self.out_features:].unsqueeze(0)
 
     def clear_slot(self, slot: int, zero_lowrank: bool = True) -> None:  # set_slot starts here too
         self.context.slot_changes += 1
