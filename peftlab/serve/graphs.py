@@ -28,7 +28,8 @@ from torch import nn
 
 from peftlab.serve.forward import Chunk, context_rows, decode_forward
 from peftlab.serve.kv import PagedKVCache
-from peftlab.serve.layers import PATHS, BatchedLinear, StepContext
+from peftlab.serve.context import PATHS, StepContext
+from peftlab.serve.layers import BatchedLinear
 
 log = logging.getLogger("peftlab.serve")
 

@@ -5,55 +5,18 @@ tokens of many adapters (and of the base model) together.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import ServingForm
-from peftlab.serve.batched import PackedRows, PackedTable, Segments, group_by_slot, grown, lowrank_torch, \
-    lowrank_triton, restacked, row_lowrank, scaled_lowrank_grouped, table_rows
+from peftlab.serve.batched import PackedRows, PackedTable, grown, lowrank_torch, lowrank_triton, restacked, \
+    row_lowrank, scaled_lowrank_grouped
+from peftlab.serve.context import StepContext
 
 
 log = logging.getLogger("peftlab.serve")
-
-
-@dataclass
-class StepContext:
-    """What the engine sets before each forward: per-token table rows (device), the tokens' segments by slot,
-    and the slots present. Shared by every BatchedLinear of a model (same ``capacity``)."""
-
-    capacity: int
-    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    seg: Segments = field(default_factory=lambda: group_by_slot([]))
-    present: frozenset = frozenset()
-    triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
-    # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
-    static_rows: torch.Tensor | None = None
-    # with static_rows: the adapter paths the step's tokens use, a subset of PATHS (empty: base-model tokens only, no
-    # adapter work; default: all). graphs.py sets it per step, so a step of LoRA tokens skips VeRA's products and the
-    # scale tables even while adapters that use them sit in other slots (a resident VeRA adapter cost every captured
-    # step its products: H200 profile, bench/results/serve/profile_1b_h200.json)
-    static_paths: frozenset = frozenset(("lora", "out", "in", "vera"))
-    # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
-    # read each token's factors in place; layers without use_triton ignore it) instead of a gather and two batched
-    # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,
-    # each side by side, bench/README.md)
-    static_triton: bool = True
-    # with static_triton: IA3's input scale and VeRA on one shared projection pair in row kernels too (kernels.
-    # row_scale, row_scaled_matmul: three launches fewer per layer for the mixed batch), else in torch
-    static_row_scales: bool = True
-    # with static_row_scales: VeRA's first product on one shared projection pair computed in the base GEMM, through a
-    # weight [W0; P_A] whose first rows W0 is (BatchedLinear.cat_weight; bases without bias only): a launch fewer per
-    # adapted linear of a step with VeRA tokens
-    static_vera_in_base: bool = True
-    slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
-
-    def set(self, slots: list[int], device: torch.device | str) -> None:
-        self.rows = table_rows(slots, self.capacity, device)
-        self.seg = group_by_slot(slots, device)
-        self.present = frozenset(self.seg.slots_cpu)
 
 
 # VeRA forms up to this rank are served as the LoRA (diag(up_scale) P_B, diag(mid) P_A) of their slot: one more
@@ -72,10 +35,6 @@ def _folded(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
     if form.up_scale is not None:
         up = form.up_scale.to(wide)[:, None] * up
     return down.to(form.down.dtype), up.to(form.up.dtype)
-
-
-# the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots)
-PATHS = tuple(StepContext.static_paths)
 
 
 class BatchedLinear(nn.Module):
