@@ -90,11 +90,8 @@ def kernel_table(engine, names, args, vocab: int) -> dict:
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = Path(argv.pop(argv.index("--out") + 1)) if "--out" in argv else None
-    if "--out" in argv:
-        argv.remove("--out")
-    args = sb.parse_args(argv + ["--cuda-graphs"])
+    args = sb.parse_args(list(sys.argv[1:] if argv is None else argv) + ["--cuda-graphs"])  # --out: serve.py's option
+    out = args.out
     vocab = sb.SHAPES[args.shape]["model"]["vocab_size"]
     engine, _ = sb.build_engine(args)
     engine.graphs = DecodeGraphs(engine.model, engine.cache, engine.context, engine.layers)

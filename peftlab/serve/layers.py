@@ -193,8 +193,7 @@ class BatchedLinear(nn.Module):
         """What a captured fixed-shape step depends on: the tables it reads (replaced when they grow or first
         appear) and which paths run. Slot contents may change between replays; these may not."""
         return (id(self.lowrank.data), id(self.scales.data), bool(self.lora_slots), id(self.cat_weight),
-                id(self.proj_down_t),
-                id(self.proj_up_t), id(self.proj_index), bool(self.vera_slots))
+                id(self.proj_down_t), id(self.proj_up_t), id(self.proj_index), bool(self.vera_slots))
 
     def _scaled_base(self, x2: torch.Tensor, scales: dict[str, torch.Tensor], scale_in: bool,
                      scale_out: bool) -> torch.Tensor:
@@ -262,9 +261,8 @@ class BatchedLinear(nn.Module):
         torch_in = scale_in and not row_scales
         scales = self.scales.gather(rows) if (vera and not one_pair) or torch_in or (scale_out and not fold) else {}
         xc = xf.contiguous()
-        out: list[torch.Tensor] = []
 
-        def run() -> None:
+        def run() -> torch.Tensor:
             xin = xc if not scale_in else xc * scales["in_scale"] if torch_in else \
                 kernels.row_scale(xc, self.in_scale, rows)
             if in_base:  # [W0 x, P_A x] in one GEMM (no bias here); x scaled by IA3 only on tokens without VeRA
@@ -277,11 +275,11 @@ class BatchedLinear(nn.Module):
                         out_scale=self.out_scale if fold else None)
             if one_pair:
                 kernels.row_scaled_matmul(z, self.proj_up_t[0], rows, y, in_scale=self.mid, out_scale=self.vup)
-            out.append(y)
+            return y
 
-        if not self._triton(run):
+        y = self._triton_value(run)
+        if y is None:
             return None
-        y = out[0]
         if vera and not one_pair:
             self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y
@@ -311,14 +309,17 @@ class BatchedLinear(nn.Module):
             return None
         from peftlab.serve import kernels
 
-        out: list[torch.Tensor] = []
-
-        def run() -> None:
+        def run() -> torch.Tensor:
             xin = kernels.row_scale(xf.contiguous(), self.in_scale, rows) if scale_in else xf
             y = F.linear(xin, self.base.weight)
-            out.append(kernels.row_scale(y, self.out_scale, rows) if scale_out else y)
+            return kernels.row_scale(y, self.out_scale, rows) if scale_out else y
 
-        return out[0] if self._triton(run) else None
+        return self._triton_value(run)
+
+    def _triton_value(self, kernels) -> torch.Tensor | None:
+        """``kernels()``'s result when the Triton launches in it ran, else None (off or failed: see ``_triton``)."""
+        result: list[torch.Tensor] = []
+        return result[0] if self._triton(lambda: result.append(kernels())) else None
 
     def _triton(self, kernels) -> bool:
         """Runs ``kernels()`` (Triton launches adding LoRA terms into the layer output) and says whether they ran:
@@ -354,8 +355,8 @@ class BatchedLinear(nn.Module):
             if not self._triton(lambda: lowrank_triton(xf, self.down, self.up, ctx.seg, out=y)):
                 lowrank_torch(xf, self.down, self.up, ctx.seg, self.ranks, out=y)
         if present & self.vera_slots:
-            scaled_lowrank_grouped(x.reshape(-1, self.in_features), self.proj_down_t, self.proj_up_t,
-                                   self.proj_of_slot, self.mid, self.vup, ctx.seg, out=y)
+            scaled_lowrank_grouped(xf, self.proj_down_t, self.proj_up_t, self.proj_of_slot, self.mid, self.vup,
+                                   ctx.seg, out=y)
         return y.reshape(*lead, self.out_features)
 
 
