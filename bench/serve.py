@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# the mixed-method graph row is run again with each of these StepContext flags off (flag, what the row says)
-MIX_AB = [("static_row_scales", "IA3 input scale and VeRA in torch"),
-          ("static_vera_in_base", "VeRA's first product apart from the base GEMM")]
+# graph rows run again, right after them, with each of these StepContext flags off (row, flag, what the row says)
+FLAG_AB = [("100 adapters", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
+           ("mixed", "static_row_scales", "IA3 input scale and VeRA in torch"),
+           ("mixed", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),
+           ("mixed", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time")]
 MIXED = ["lora0", "dora", "ia3", "vera"]  # the mixed-method batch: a LoRA and one adapter of each other method
 for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
@@ -388,8 +390,10 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
                      names, adapters=count, popularity="uniform", graphs=True)
             engine.context.static_triton = default
             engine.graphs.invalidate()
-        for flag, change in MIX_AB if label.startswith("mixed") and triton_ab and engine.context.static_triton else ():
-            # the same row, right after it, with one of the mix's kernel choices off: what it changes, side by side
+        for row, flag, change in FLAG_AB if triton_ab and engine.context.static_triton else ():
+            if not label.startswith(row):
+                continue
+            # the same row, right after it, with one of the step's kernel choices off: what it changes, side by side
             setattr(engine.context, flag, False)
             engine.graphs.invalidate()
             workload(engine, names[:args.batch], args, vocab, seed=96)

@@ -26,7 +26,10 @@ from results_io import environment, write_atomic
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # --variant NAME: the peftlab rows again with one library constant changed while they run (module, name, value)
-VARIANTS = {"wy-solve": ("peftlab.ops.factored", "SERIES_MAX_RANK", 0)}  # HRA's T by a triangular solve, as before
+# HRA's T under compile by a triangular solve (the default since the H200 measured the product form slower), or by the
+# solve-free product form (PEFTLAB_WY_SERIES_MAX=16)
+VARIANTS = {"wy-solve": ("peftlab.ops.factored", "SERIES_MAX_RANK", 0),
+            "wy-product": ("peftlab.ops.factored", "SERIES_MAX_RANK", 16)}
 
 
 @contextlib.contextmanager

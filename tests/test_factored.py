@@ -199,9 +199,13 @@ def test_permute_last_and_butterfly_rotate_gradients_equal_indexing(device):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_householder_wy_traced_by_compile_has_no_solve():
-    """While torch.compile traces, T comes from the product form (no triangular solve in the captured graph) and
-    equals the eager solve's, gradients included."""
+@pytest.mark.parametrize("series_max", [0, 16], ids=["default_solve", "product_form"])
+def test_householder_wy_traced_by_compile(monkeypatch, series_max):
+    """While torch.compile traces, T comes from the triangular solve by default and from the product form (no solve
+    in the captured graph) with SERIES_MAX_RANK = 16; either equals the eager solve's, gradients included."""
+    import peftlab.ops.factored as factored
+
+    monkeypatch.setattr(factored, "SERIES_MAX_RANK", series_max)
     seen = []
 
     def backend(gm, example_inputs):
@@ -213,7 +217,7 @@ def test_householder_wy_traced_by_compile_has_no_solve():
     u = (torch.randn(20, 8, generator=g, dtype=D) * 2).requires_grad_()
     compiled = torch.compile(lambda v: householder_wy(v), backend=backend, fullgraph=True)
     got = compiled(u)
-    assert seen and not any("solve_triangular" in target for target in seen)
+    assert seen and any("solve_triangular" in target for target in seen) == (series_max == 0)
     want = householder_wy(u)
     torch.testing.assert_close(got, want)
     (grad_got,), (grad_want,) = torch.autograd.grad(got.sum(), u), torch.autograd.grad(want.sum(), u)

@@ -8,7 +8,7 @@ set -x
 OUT=${OUT:-/tmp/serve_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/serve_tests.log" 2>&1
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_serve_math.py tests/test_serve_engine.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_serve_math.py tests/test_serve_engine.py tests/test_serve_shared.py \
     >> "$OUT/serve_tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/serve_tests.log"
 timeout 280 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 --cuda-graphs ${SERVE_ARGS:-} > "$OUT/serve_bench.log" 2>&1

@@ -50,9 +50,11 @@ def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | tuple[torch
     return y.reshape(*lead, -1)
 
 
-# householder_wy without a triangular solve (under torch.compile) up to this many reflections; PEFTLAB_WY_SERIES_MAX=0
-# keeps the solve everywhere (to measure one against the other in separate processes, as bench/train_step.py runs)
-SERIES_MAX_RANK = min(16, int(os.environ.get("PEFTLAB_WY_SERIES_MAX", "16")))
+# householder_wy without a triangular solve (under torch.compile) up to this many reflections; off by default
+# (PEFTLAB_WY_SERIES_MAX=16 turns it on): on the H200 the compiled HRA step took 122.3 ms with the product form and
+# 98.0 ms with the solve (bench/results/train_step_1b_h200_hra_wy_product.json, _hra_wy_solve.json; one fresh
+# process each, same call)
+SERIES_MAX_RANK = min(16, int(os.environ.get("PEFTLAB_WY_SERIES_MAX", "0")))
 
 
 def _small_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,13 +83,13 @@ def householder_wy(u: torch.Tensor, series: bool | None = None) -> torch.Tensor:
     """T (k, k) with H_0 H_1 ... H_{k-1} = I - U T U^T for the reflections along the columns of u (n, k):
     T = M^-1, M = D + N (D = diag(U^T U) / 2, N its strict upper part) = D (I + D^-1 N).
 
-    ``series`` (default: while torch.compile traces): for k <= 16, T = unit_upper_inverse(D^-1 N) D^-1 with no
-    solve, a few broadcast products that the compiler fuses into a kernel or two; otherwise a triangular solve. Eagerly
-    the solve is cheaper (CPU proxy, 16 layers of HRA r8, same run: 69 ms a step with the solve, 127 ms with the
-    product form eagerly, bench/results/train_overhead_hra_wy_series_eager_cpu.json); compiled, the two are within
-    a few percent on the CPU (33.4 ms product form vs 32.3 ms solve, train_overhead_hra_wy_cpu.json), where LAPACK's
-    solve is cheap; on the H200 each solve cost ~90 us of host time (224 a step, ~20 ms:
-    train_step_1b_h200_hra_boft_profile.profile.txt). Not yet measured on the GPU with the product form."""
+    ``series`` (default: while torch.compile traces, for k <= SERIES_MAX_RANK, which is 0 unless
+    PEFTLAB_WY_SERIES_MAX says otherwise): T = unit_upper_inverse(D^-1 N) D^-1 with no solve, a few broadcast
+    products; otherwise a triangular solve. The product form was meant to save the solve's host time (~90 us each on
+    the H200, 224 a step: train_step_1b_h200_hra_boft_profile.profile.txt), but measured slower there, compiled:
+    122.3 ms a step against 98.0 ms with the solve (train_step_1b_h200_hra_wy_product.json, _wy_solve.json). On the
+    CPU proxy (16 layers of HRA r8) it was 127 vs 69 ms eagerly (train_overhead_hra_wy_series_eager_cpu.json) and
+    33.4 vs 32.3 ms compiled (train_overhead_hra_wy_cpu.json). Kept, tested, for ``series=True`` and the variable."""
     with no_autocast(u):  # in u's dtype even inside a bf16 autocast region (triangular solves have no bf16)
         gram = u.t() @ u
         half = gram.diagonal() / 2

@@ -4,6 +4,7 @@ adapter paths its tokens use and which kernels run them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,9 @@ class StepContext:
     # weight [W0; P_A] whose first rows W0 is (BatchedLinear.cat_weight; bases without bias only): a launch fewer per
     # adapted linear of a step with VeRA tokens
     static_vera_in_base: bool = True
+    # with static_triton: the LoRA terms of layers that read one input (q / k / v, gate / up) in one shrink and one
+    # expand launch (serve/shared.py), else a launch pair per layer
+    static_shared_input: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:
@@ -49,3 +53,16 @@ class StepContext:
 
 # the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots)
 PATHS = tuple(StepContext.static_paths)
+
+
+class KernelPlan(NamedTuple):
+    """How one layer's fixed-shape step runs in the row kernels (``BatchedLinear._kernel_plan``)."""
+
+    scale_in: bool  # IA3's input scale
+    scale_out: bool  # IA3 / DoRA's output scale
+    vera: bool  # VeRA on the shared projections
+    fold: bool  # the output scale applied inside the LoRA expand kernel (bases without bias)
+    one_pair: bool  # VeRA on one shared projection pair, its vectors in row_scaled_matmul
+    in_base: bool  # with one_pair: P_A x out of the base GEMM through [W0; P_A]
+    torch_in: bool  # the input scale by a gathered table in torch (row-scale kernels off)
+    scales: dict  # the tokens' gathered rows of the scale tables, where a torch path needs them

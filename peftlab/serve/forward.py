@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.serve.kv import PagedKVCache
+from peftlab.serve.shared import shared_input
 
 
 class UnsupportedModel(ValueError):
@@ -134,9 +135,7 @@ def _decoder(model: nn.Module, cache: PagedKVCache, h: torch.Tensor, positions: 
         attn = layer.self_attn
         d = attn.head_dim
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(1, T, -1, d)
-        k = attn.k_proj(x).view(1, T, -1, d)
-        v = attn.v_proj(x).view(1, T, -1, d)
+        q, k, v = (p.view(1, T, -1, d) for p in shared_input(x, attn.q_proj, attn.k_proj, attn.v_proj))
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -144,8 +143,17 @@ def _decoder(model: nn.Module, cache: PagedKVCache, h: torch.Tensor, positions: 
         cache.write(i, write_rows, k, v)
         o = attend(q, i, getattr(attn, "scaling", d ** -0.5))
         h = h + attn.o_proj(o.reshape(1, T, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
     return norm(h)[0]
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of the Llama family, down(act(gate(x)) * up(x)), with gate and up through ``shared_input``;
+    another MLP by its own forward."""
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return mlp(x)
+    gate, up = shared_input(x, mlp.gate_proj, mlp.up_proj)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 @torch.no_grad()

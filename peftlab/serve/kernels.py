@@ -135,54 +135,60 @@ def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: S
 
 
 @triton.jit
-def _row_shrink_kernel(x_ptr, a_ptr, rows_ptr, zp_ptr, K, R, chunk, skip_row, stride_xt, stride_as, stride_ar,
-                       stride_zt, stride_zs, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """zp[t, c] = A[row(t), :, chunk c] @ x[t, chunk c]: one token and one chunk of K per program, every rank (the
-    chunks' partial sums are added by the expand kernel), nothing for ``skip_row``. Split over K, so that no
-    program walks all of K alone: the one-program-per-4-ranks form took ~6 us a launch on the H200, the largest
-    adapter cost of a decode step (bench/results/serve/profile_1b_h200_2026-12-03a.json), ~3.7 us split
-    (profile_1b_h200.json)."""
-    t, c = tl.program_id(0), tl.program_id(1)
+def _row_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, K, Rs, chunk, skip_row, stride_xt, stride_as, stride_ar,
+                       stride_zg, stride_zt, stride_zs, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c]: one token, one chunk of K and one of the G tables (layers
+    that read the same input: q / k / v) per program, every rank (the chunks' partial sums are added by the expand
+    kernel), nothing for ``skip_row``. Split over K, so that no program walks all of K alone: the
+    one-program-per-4-ranks form took ~6 us a launch on the H200, the largest adapter cost of a decode step
+    (bench/results/serve/profile_1b_h200_2026-12-03a.json), ~3.7 us split (profile_1b_h200.json)."""
+    t, c, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
-        rs = tl.arange(0, BLOCK_R)
-        r_ok = rs < R
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, chunk, BLOCK_K):  # chunk: a multiple of BLOCK_K
-            ks = c * chunk + k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + row * stride_as + rs[:, None] * stride_ar + ks[None, :],
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(zp_ptr + t * stride_zt + c * stride_zs + rs, acc, mask=r_ok)
+        for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
+            if g == i:
+                rs = tl.arange(0, BLOCK_R)
+                r_ok = rs < Rs[i]
+                acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                for k0 in range(0, chunk, BLOCK_K):  # chunk: a multiple of BLOCK_K
+                    ks = c * chunk + k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K
+                    x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
+                    a = tl.load(a_ptrs[i] + row * stride_as[i] + rs[:, None] * stride_ar[i] + ks[None, :],
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                    acc += tl.sum(a * x[None, :], axis=1)
+                tl.store(zp_ptr + g * stride_zg + t * stride_zt + c * stride_zs + rs, acc, mask=r_ok)
 
 
 @triton.jit
-def _row_expand_kernel(zp_ptr, b_ptr, rows_ptr, out_ptr, scale_ptr, N, R, C, skip_row, stride_zt, stride_zs,
-                       stride_bs, stride_bn, stride_ot, stride_scale, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[t, ns] = (scale[row(t), ns] ⊙) out[t, ns] + B[row(t), ns] @ z[t] for one token and BLOCK_N outputs per
-    program, z[t] = the sum of the shrink's C partial sums rounded to the output's dtype (as the torch form stores
-    the rank activations); nothing for ``skip_row``, whose scales are ones."""
-    t = tl.program_id(0)
+def _row_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, Ns, Rs, C, skip_row, stride_zg, stride_zt,
+                       stride_zs, stride_bs, stride_bn, stride_ot, stride_scale, G: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out_g[t, ns] = (scale_g[row(t), ns] ⊙) out_g[t, ns] + B_g[row(t), ns] @ z_g[t] for one token, BLOCK_N outputs
+    and one of the G tables per program, z_g[t] = the sum of the shrink's C partial sums rounded to the output's dtype
+    (as the torch form stores the rank activations); nothing for ``skip_row``, whose scales are ones."""
+    t, g = tl.program_id(0), tl.program_id(2)
     row = tl.load(rows_ptr + t).to(tl.int64)
     if row != skip_row:
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
-        rs = tl.arange(0, BLOCK_R)
-        r_ok = rs < R
-        cs = tl.arange(0, BLOCK_C)
-        zp = tl.load(zp_ptr + t * stride_zt + cs[:, None] * stride_zs + rs[None, :],
-                     mask=(cs < C)[:, None] & r_ok[None, :], other=0.0)
-        z = tl.sum(zp, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
-        b = tl.load(b_ptr + row * stride_bs + ns[:, None] * stride_bn + rs[None, :],
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        ptrs = out_ptr + t * stride_ot + ns
-        y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            y *= tl.load(scale_ptr + row * stride_scale + ns, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (y + tl.sum(b * z[None, :], axis=1)).to(out_ptr.dtype.element_ty), mask=n_ok)
+        for i in tl.static_range(G):
+            if g == i:
+                out_ptr = out_ptrs[i]
+                ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = ns < Ns[i]
+                rs = tl.arange(0, BLOCK_R)
+                r_ok = rs < Rs[i]
+                cs = tl.arange(0, BLOCK_C)
+                zp = tl.load(zp_ptr + g * stride_zg + t * stride_zt + cs[:, None] * stride_zs + rs[None, :],
+                             mask=(cs < C)[:, None] & r_ok[None, :], other=0.0)
+                z = tl.sum(zp, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+                b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[:, None] * stride_bn[i] + rs[None, :],
+                            mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                ptrs = out_ptr + t * stride_ot[i] + ns
+                y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
+                if HAS_SCALE[i]:
+                    y *= tl.load(scale_ptrs[i] + row * stride_scale[i] + ns, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(ptrs, (y + tl.sum(b * z[None, :], axis=1)).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
@@ -193,29 +199,49 @@ def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: tor
     on the device, out_scale (S+1, out). The shrink is split into at most ``max_chunks`` chunks of K per token (fp32
     partial sums); the rank activations are rounded to the output's dtype before the expand, as the batched products
     of the torch form round them."""
-    tensors = [x, down, up, out] + ([out_scale] if out_scale is not None else [])
-    if any(v.stride(-1) != 1 for v in tensors):
-        raise ValueError("row_lowrank needs row-major (contiguous last dimension) inputs")
-    t, (r, k), n = x.shape[0], down.shape[1:], up.shape[1]
-    if (up.shape[2] != r or x.shape[1] != k or out.shape != (t, n) or rows.shape != (t,)
-            or (out_scale is not None and out_scale.shape[1] != n)):
-        raise ValueError(f"row_lowrank: shapes x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, "
-                         f"rows {tuple(rows.shape)}, out {tuple(out.shape)}"
-                         + (f", out_scale {tuple(out_scale.shape)}" if out_scale is not None else "") + " do not fit")
+    row_lowrank_group(x, [(down, up, out, out_scale)], rows, skip_row, max_chunks, block_n)
+
+
+MAX_GROUP = 3  # layers per launch of row_lowrank_group (q / k / v)
+
+
+def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
+                      max_chunks: int = 16, block_n: int = 128) -> None:
+    """``row_lowrank`` for up to MAX_GROUP layers that read the same input ``x`` (q / k / v, gate / up), each given as
+    (down, up, out, out_scale or None): one shrink launch and one expand launch for all of them."""
+    if not 1 <= len(layers) <= MAX_GROUP:
+        raise ValueError(f"row_lowrank_group: 1 to {MAX_GROUP} layers per launch, got {len(layers)}")
+    t, k = x.shape
+    for down, up, out, out_scale in layers:
+        tensors = [x, down, up, out] + ([out_scale] if out_scale is not None else [])
+        if any(v.stride(-1) != 1 for v in tensors):
+            raise ValueError("row_lowrank needs row-major (contiguous last dimension) inputs")
+        r, n = down.shape[1], up.shape[1]
+        if (up.shape[2] != r or down.shape[2] != k or out.shape != (t, n) or rows.shape != (t,)
+                or (out_scale is not None and out_scale.shape[1] != n)):
+            raise ValueError(f"row_lowrank: shapes x {tuple(x.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)}, "
+                             f"rows {tuple(rows.shape)}, out {tuple(out.shape)}"
+                             + (f", out_scale {tuple(out_scale.shape)}" if out_scale is not None else "")
+                             + " do not fit")
     if t == 0:
         return
-    block_r = triton.next_power_of_2(r)
+    downs, ups, outs, scales = zip(*layers)
+    ranks, widths = tuple(d.shape[1] for d in downs), tuple(u.shape[1] for u in ups)
+    block_r = triton.next_power_of_2(max(ranks))
     block_k = max(32, min(256, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
     chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
-    chunks = triton.cdiv(k, chunk)
-    zp = torch.empty(t, chunks, r, device=x.device, dtype=torch.float32)
-    _row_shrink_kernel[(t, chunks)](x, down, rows, zp, k, r, chunk, skip_row, x.stride(0), down.stride(0),
-                                    down.stride(1), zp.stride(0), zp.stride(1), BLOCK_R=block_r, BLOCK_K=block_k)
-    scale = rows if out_scale is None else out_scale  # an unused pointer argument when HAS_SCALE is off
-    _row_expand_kernel[(t, triton.cdiv(n, block_n))](
-        zp, up, rows, out, scale, n, r, chunks, skip_row, zp.stride(0), zp.stride(1), up.stride(0), up.stride(1),
-        out.stride(0), 0 if out_scale is None else out_scale.stride(0), HAS_SCALE=out_scale is not None,
-        BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=triton.next_power_of_2(chunks))
+    chunks, g = triton.cdiv(k, chunk), len(layers)
+    zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
+    _row_shrink_kernel[(t, chunks, g)](
+        x, downs, rows, zp, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
+        tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, BLOCK_R=block_r,
+        BLOCK_K=block_k)
+    _row_expand_kernel[(t, triton.cdiv(max(widths), block_n), g)](
+        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), widths, ranks, chunks, skip_row,
+        zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
+        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=g,
+        HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_C=triton.next_power_of_2(chunks))
 
 
 @triton.jit

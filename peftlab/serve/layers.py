@@ -13,7 +13,7 @@ from torch import nn
 from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import PackedRows, PackedTable, grown, lowrank_torch, lowrank_triton, restacked, \
     row_lowrank, scaled_lowrank_grouped
-from peftlab.serve.context import StepContext
+from peftlab.serve.context import KernelPlan, StepContext
 
 
 log = logging.getLogger("peftlab.serve")
@@ -242,46 +242,71 @@ class BatchedLinear(nn.Module):
             self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
         return y
 
-    def _static_kernels(self, xf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """The same with the adapter terms in Triton row kernels, which read each token's table rows in place (no
-        gathered copies): LoRA's shrink and expand (with DoRA / IA3's output scale folded in when the base has no
-        bias), IA3's input scale, and VeRA on one shared projection pair as a product plus one kernel that applies
-        both of its vectors around the second product (four launches -> two). None when the kernels are off or
-        failed (the torch form then runs). VeRA with several pairs stays on its products over all tokens; read per
-        token by the LoRA row kernels, a rank-256 pair cost the mixed batch 0.66x -> 0.49x of the base (H200)."""
-        lora, scale_out, scale_in, vera = self._step_paths()
-        if not lora or not self.use_triton or self.context.triton_error is not None:
-            return None
-        from peftlab.serve import kernels
+    def _kernels_ready(self) -> bool:
+        """Whether the fixed-shape step runs this layer's LoRA in the Triton row kernels (with its other paths)."""
+        return self._step_paths()[0] and self.use_triton and self.context.triton_error is None
 
+    def _kernel_plan(self, rows: torch.Tensor) -> KernelPlan:
+        """How ``_static_kernels`` runs this step: the Triton row kernels for LoRA's shrink and expand (with DoRA /
+        IA3's output scale folded into the expand when the base has no bias), IA3's input scale, and VeRA on one
+        shared projection pair as a product plus one kernel that applies both of its vectors around the second
+        product (four launches -> two); VeRA with several pairs stays on its products over all tokens (read per
+        token by the LoRA row kernels, a rank-256 pair cost the mixed batch 0.66x -> 0.49x of the base, H200)."""
+        _, scale_out, scale_in, vera = self._step_paths()
         fold = scale_out and self.base.bias is None
         row_scales = self.context.static_row_scales
         one_pair = row_scales and vera and self.proj_down_t.shape[0] == 1
         in_base = one_pair and self.context.static_vera_in_base and self.cat_weight is not None
         torch_in = scale_in and not row_scales
         scales = self.scales.gather(rows) if (vera and not one_pair) or torch_in or (scale_out and not fold) else {}
+        return KernelPlan(scale_in, scale_out, vera, fold, one_pair, in_base, torch_in, scales)
+
+    def _kernel_base(self, xc: torch.Tensor, rows: torch.Tensor, plan: KernelPlan) -> tuple:
+        """(y, z): the step's base output before the LoRA term and, with VeRA on one pair, P_A x (else None)."""
+        from peftlab.serve import kernels
+
+        xin = xc if not plan.scale_in else xc * plan.scales["in_scale"] if plan.torch_in else \
+            kernels.row_scale(xc, self.in_scale, rows)
+        if plan.in_base:  # [W0 x, P_A x] in one GEMM (no bias here); x scaled by IA3 only on tokens without VeRA
+            both = F.linear(xin, self.cat_weight)
+            return both[:, :self.out_features], both[:, self.out_features:]
+        y = self._scaled_base(xin, plan.scales, False, plan.scale_out and not plan.fold)
+        return y, F.linear(xc, self.proj_down_t[0]) if plan.one_pair else None
+
+    def _kernel_lowrank(self, y: torch.Tensor, plan: KernelPlan) -> tuple:
+        """This layer's part of a ``row_lowrank`` call: (down, up, out, out_scale or None)."""
+        return self.down, self.up, y, self.out_scale if plan.fold else None
+
+    def _kernel_vera(self, xf: torch.Tensor, z: torch.Tensor | None, rows: torch.Tensor, plan: KernelPlan,
+                     y: torch.Tensor, triton: bool) -> None:
+        """VeRA's term into y: on one pair by ``row_scaled_matmul`` (``triton``, inside the launches' error
+        handling), on several by torch products (not ``triton``, after it)."""
+        if plan.one_pair and triton:
+            from peftlab.serve import kernels
+
+            kernels.row_scaled_matmul(z, self.proj_up_t[0], rows, y, in_scale=self.mid, out_scale=self.vup)
+        elif plan.vera and not plan.one_pair and not triton:
+            self._vera_static(xf, rows, plan.scales["mid"], plan.scales["vup"], y)
+
+    def _static_kernels(self, xf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The fixed-shape step with the adapter terms in Triton row kernels, which read each token's table rows in
+        place (no gathered copies): see ``_kernel_plan``. None when the kernels are off or failed (the torch form
+        then runs). ``serve.shared.shared_input`` runs the same for layers that read one input, LoRA in one launch."""
+        if not self._kernels_ready():
+            return None
+        plan = self._kernel_plan(rows)
         xc = xf.contiguous()
 
         def run() -> torch.Tensor:
-            xin = xc if not scale_in else xc * scales["in_scale"] if torch_in else \
-                kernels.row_scale(xc, self.in_scale, rows)
-            if in_base:  # [W0 x, P_A x] in one GEMM (no bias here); x scaled by IA3 only on tokens without VeRA
-                both = F.linear(xin, self.cat_weight)
-                y, z = both[:, :self.out_features], both[:, self.out_features:]
-            else:
-                y = self._scaled_base(xin, scales, False, scale_out and not fold)
-                z = F.linear(xc, self.proj_down_t[0]) if one_pair else None
-            row_lowrank(xc, self.down, self.up, rows, y, skip_row=self.capacity,
-                        out_scale=self.out_scale if fold else None)
-            if one_pair:
-                kernels.row_scaled_matmul(z, self.proj_up_t[0], rows, y, in_scale=self.mid, out_scale=self.vup)
+            y, z = self._kernel_base(xc, rows, plan)
+            down, up, _, out_scale = self._kernel_lowrank(y, plan)
+            row_lowrank(xc, down, up, rows, y, skip_row=self.capacity, out_scale=out_scale)
+            self._kernel_vera(xc, z, rows, plan, y, triton=True)
             return y
 
         y = self._triton_value(run)
-        if y is None:
-            return None
-        if vera and not one_pair:
-            self._vera_static(xf, rows, scales["mid"], scales["vup"], y)
+        if y is not None:
+            self._kernel_vera(xf, None, rows, plan, y, triton=False)
         return y
 
     def _vera_static(self, x: torch.Tensor, rows: torch.Tensor, mid: torch.Tensor, vup: torch.Tensor,
