@@ -49,29 +49,41 @@ def step_times(engine, names, args, vocab: int, seed: int) -> dict:
                           "median_ms": round(1e3 * sorted(v)[len(v) // 2], 3)} for k, v in times.items()}}
 
 
+def _rows(kernels: dict[str, list[float]], n: int, top: int = 25) -> dict:
+    rows = sorted(((k, len(v) / n, sum(v) / n) for k, v in kernels.items()), key=lambda r: -r[2])
+    return {"launches_per_step": round(sum(r[1] for r in rows), 1), "gpu_us_per_step": round(sum(r[2] for r in rows), 1),
+            "kernels": [{"name": k[:120], "per_step": round(c, 2), "us_per_step": round(t, 1)} for k, c, t in rows[:top]]}
+
+
 def kernel_table(engine, names, args, vocab: int) -> dict:
-    """Kernels of the pure decode steps of one batch, the fixed-shape step run without capture."""
+    """Kernels of the pure decode steps of one batch, the fixed-shape step run without capture; and of its eager
+    (prefill) steps, with their host wall time and the operators that take the host's time."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.graphs.capture = False
     engine.graphs.invalidate()
-    decode_steps = 0
+    counts = {"decode": 0, "eager": 0}
     real = engine.step
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    kernels: dict[str, list[float]] = defaultdict(list)
+    kernels: dict[str, dict[str, list[float]]] = {"decode": defaultdict(list), "eager": defaultdict(list)}
+    host_ops: dict[str, float] = defaultdict(float)
+    eager_wall: list[float] = []
 
     def step():
-        nonlocal decode_steps
-        if engine.waiting or any(not r.output for r in engine.running):
-            return real()  # a prefill step: not profiled
+        kind = "eager" if engine.waiting or any(not r.output for r in engine.running) else "decode"
         sb._sync(args.device)
+        t0 = time.perf_counter()
         with profile(activities=acts) as prof:
             ran = real()
             sb._sync(args.device)
-        decode_steps += 1
+        counts[kind] += 1
+        if kind == "eager":
+            eager_wall.append(time.perf_counter() - t0)
+            for avg in prof.key_averages():
+                host_ops[avg.key] += avg.self_cpu_time_total
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[e.name].append(e.time_range.elapsed_us())
+                kernels[kind][e.name].append(e.time_range.elapsed_us())
         return ran
 
     engine.step = step
@@ -81,12 +93,13 @@ def kernel_table(engine, names, args, vocab: int) -> dict:
         del engine.step
         engine.graphs.capture = args.device.startswith("cuda")
         engine.graphs.invalidate()
-    n = max(decode_steps, 1)
-    rows = sorted(((k, len(v) / n, sum(v) / n) for k, v in kernels.items()), key=lambda r: -r[2])
-    return {"decode_steps": decode_steps, "launches_per_step": round(sum(r[1] for r in rows), 1),
-            "gpu_us_per_step": round(sum(r[2] for r in rows), 1),
-            "kernels": [{"name": k[:120], "per_step": round(c, 2), "us_per_step": round(t, 1)}
-                        for k, c, t in rows[:25]]}
+    n_eager = max(counts["eager"], 1)
+    eager = {"steps": counts["eager"], "wall_ms_per_step_profiled": round(1e3 * sum(eager_wall) / n_eager, 2),
+             **_rows(kernels["eager"], n_eager, top=12),
+             "host_ops_total_us": round(sum(host_ops.values()) / n_eager, 1),  # the rest of the wall: Python, Triton
+             "host_ops": [{"op": k[:100], "self_cpu_us_per_step": round(v / n_eager, 1)}
+                          for k, v in sorted(host_ops.items(), key=lambda kv: -kv[1])[:15]]}
+    return {"decode_steps": counts["decode"], **_rows(kernels["decode"], max(counts["decode"], 1)), "eager": eager}
 
 
 def main(argv=None) -> None:
@@ -123,6 +136,14 @@ def main(argv=None) -> None:
               f"{p['gpu_us_per_step']} GPU us per step")
         for k in p["kernels"][:12]:
             print(f"  {k['us_per_step']:9.1f} us  {k['per_step']:6.1f}x  {k['name'][:90]}")
+        e = p["eager"]
+        print(f"eager steps (profiled, {e['steps']}): {e['wall_ms_per_step_profiled']} ms wall, "
+              f"{e['launches_per_step']} kernels, {e['gpu_us_per_step']} GPU us per step, "
+              f"{e['host_ops_total_us']} us in torch operators on the host")
+        for k in e["kernels"]:
+            print(f"  {k['us_per_step']:9.1f} us  {k['per_step']:6.1f}x  {k['name'][:90]}")
+        for o in e["host_ops"]:
+            print(f"  host {o['self_cpu_us_per_step']:9.1f} us  {o['op']}")
 
 
 if __name__ == "__main__":
