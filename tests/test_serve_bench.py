@@ -18,6 +18,7 @@ def test_serve_bench_smoke(tmp_path):
     assert all(s["n_errors"] == 0 and s["tokens"] == s["requests"] * doc["args"]["new"] for s in doc["scenarios"])
     assert doc["agreement"]["identical"] == doc["agreement"]["requests"]  # fp32 CPU: batched == alone
     assert doc["cold_load"]["disk_to_gpu_ms_median"] > 0 and "mixed_tok_s" in doc["peft"]
+    assert doc["cold_load_before_graphs"]["cpu_to_gpu_ms_median"] > 0  # also measured before the graph rows
     assert doc["environment"]["torch"] and doc["args"]["smoke"]
     graph_rows = [x for x in labels if x.endswith(", CUDA graphs")]  # on the CPU: the fixed-shape steps, eager
     assert len(graph_rows) == 3 and doc["graphs"]["graph_steps"] > 0 and doc["graphs"]["captures"] == 0
@@ -27,7 +28,7 @@ def test_serve_bench_smoke(tmp_path):
     bench.main(["--table", str(out), "--readme", str(readme)])
     text = readme.read_text()
     assert "| base model |" in text and "HF PEFT 2 adapters mixed" in text and "<!-- table:" in text
-    assert "grouped LoRA product" in text
+    assert "grouped LoRA product" in text and "measured before the graph rows" in text
 
 
 def test_serve_profile_smoke(tmp_path):
