@@ -277,15 +277,17 @@ class BatchedLinear(nn.Module):
         """This layer's part of a ``row_lowrank`` call: (down, up, out, out_scale or None)."""
         return self.down, self.up, y, self.out_scale if plan.fold else None
 
-    def _kernel_vera(self, xf: torch.Tensor, z: torch.Tensor | None, rows: torch.Tensor, plan: KernelPlan,
-                     y: torch.Tensor, triton: bool) -> None:
-        """VeRA's term into y: on one pair by ``row_scaled_matmul`` (``triton``, inside the launches' error
-        handling), on several by torch products (not ``triton``, after it)."""
-        if plan.one_pair and triton:
+    def _kernel_vera_pair(self, z: torch.Tensor | None, rows: torch.Tensor, plan: KernelPlan, y: torch.Tensor) -> None:
+        """VeRA on one shared pair into y by ``row_scaled_matmul`` (with the other launches, inside their error
+        handling); z = P_A x from ``_kernel_base``."""
+        if plan.one_pair:
             from peftlab.serve import kernels
 
             kernels.row_scaled_matmul(z, self.proj_up_t[0], rows, y, in_scale=self.mid, out_scale=self.vup)
-        elif plan.vera and not plan.one_pair and not triton:
+
+    def _kernel_vera_pairs(self, xf: torch.Tensor, rows: torch.Tensor, plan: KernelPlan, y: torch.Tensor) -> None:
+        """VeRA on several shared pairs into y by torch products, after the Triton launches ran."""
+        if plan.vera and not plan.one_pair:
             self._vera_static(xf, rows, plan.scales["mid"], plan.scales["vup"], y)
 
     def _static_kernels(self, xf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
@@ -301,12 +303,12 @@ class BatchedLinear(nn.Module):
             y, z = self._kernel_base(xc, rows, plan)
             down, up, _, out_scale = self._kernel_lowrank(y, plan)
             row_lowrank(xc, down, up, rows, y, skip_row=self.capacity, out_scale=out_scale)
-            self._kernel_vera(xc, z, rows, plan, y, triton=True)
+            self._kernel_vera_pair(z, rows, plan, y)
             return y
 
         y = self._triton_value(run)
         if y is not None:
-            self._kernel_vera(xf, None, rows, plan, y, triton=False)
+            self._kernel_vera_pairs(xf, rows, plan, y)
         return y
 
     def _vera_static(self, x: torch.Tensor, rows: torch.Tensor, mid: torch.Tensor, vup: torch.Tensor,

@@ -27,29 +27,24 @@ def shared_input(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
     from peftlab.serve import kernels
 
     rows = ctx.static_rows
-    plans = {id(m): m._kernel_plan(rows) for m in joined}
+    plans = [m._kernel_plan(rows) for m in joined]
     xf = x.reshape(-1, x.shape[-1])
     xc = xf.contiguous()
 
-    def run() -> dict[int, torch.Tensor]:
-        parts = {id(m): m._kernel_base(xc, rows, plans[id(m)]) for m in joined}
-        lowrank = [m._kernel_lowrank(parts[id(m)][0], plans[id(m)]) for m in joined]
+    def run() -> list[torch.Tensor]:
+        parts = [m._kernel_base(xc, rows, plan) for m, plan in zip(joined, plans)]
+        lowrank = [m._kernel_lowrank(y, plan) for m, plan, (y, _) in zip(joined, plans, parts)]
         for start in range(0, len(lowrank), kernels.MAX_GROUP):
             kernels.row_lowrank_group(xc, lowrank[start:start + kernels.MAX_GROUP], rows, skip_row=ctx.capacity)
-        for m in joined:
-            y, z = parts[id(m)]
-            m._kernel_vera(xc, z, rows, plans[id(m)], y, triton=True)
-        return {key: y for key, (y, _) in parts.items()}
+        for m, plan, (y, z) in zip(joined, plans, parts):
+            m._kernel_vera_pair(z, rows, plan, y)
+        return [y for y, _ in parts]
 
     ys = joined[0]._triton_value(run)
     if ys is None:  # the kernels failed (the context says why): every layer runs its torch form from now on
         return [m(x) for m in modules]
-    out = []
-    for m in modules:
-        if id(m) not in ys:
-            out.append(m(x))
-            continue
-        y = ys[id(m)]
-        m._kernel_vera(xf, None, rows, plans[id(m)], y, triton=False)
-        out.append(y.reshape(*x.shape[:-1], m.out_features))
-    return out
+    done = {}
+    for m, plan, y in zip(joined, plans, ys):
+        m._kernel_vera_pairs(xf, rows, plan, y)
+        done[id(m)] = y.reshape(*x.shape[:-1], m.out_features)
+    return [done[id(m)] if id(m) in done else m(x) for m in modules]
