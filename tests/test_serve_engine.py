@@ -197,7 +197,6 @@ def test_decode_steps_run_only_the_paths_their_tokens_use(adapter_dirs, device, 
     assert frozenset({"lora"}) in {paths for _, _, paths in engine.graphs.steps}
     assert {paths for _, _, paths in engine.graphs.steps} <= {frozenset({"lora"}), frozenset()}
     eager_gathers = len(scale_gathers)  # the prefill steps are eager and gather where their tokens need it
-    scale_gathers.clear()
     reqs = [engine.submit(Request(_prompt(8), "lora", 4))]
     engine.step()  # the prefill
     scale_gathers.clear()
