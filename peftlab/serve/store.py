@@ -161,7 +161,7 @@ class AdapterStore:
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
                                  held.numel() * held.element_size(), virtual, prefix_kv)
         with self._skeleton_lock:
-            forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path)), {}
+            forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path), "cpu"), {}
             if forms is None:
                 attach_loaded(self._skeleton, config, tmp, tensors, str(path), share=True)
                 try:
