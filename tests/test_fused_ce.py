@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from devices import DEVICES
+
 from peftlab.ops.fused_ce import (causal_lm_loss, fused_linear_cross_entropy,
                                   fused_linear_cross_entropy_reference)
 
@@ -89,3 +91,54 @@ def test_bad_shapes_are_named():
         fused_linear_cross_entropy(hidden[:, :5], weight, target)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_cross_entropy(hidden, weight, target, chunk_size=0)
+
+
+# -- the row kernel (ops/ce_rows.py): Triton on CUDA, in the interpreter on CPU (conftest sets TRITON_INTERPRET) --
+
+@pytest.fixture
+def row_kernel(monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CE_KERNEL", "1")  # on CPU too (in the interpreter)
+
+
+def _kernel_or_skip(device):
+    from peftlab.ops.ce_rows import kernel_usable
+    if not kernel_usable(torch.empty(1, device=device)):
+        pytest.skip("the Triton row kernel cannot run here (no Triton, or CPU without TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 4100), (torch.bfloat16, 5000), (torch.float32, 7)])
+def test_row_kernel_matches_reference(device, dtype, vocab, row_kernel):
+    from peftlab.ops.ce_rows import ce_rows, ce_rows_reference
+    _kernel_or_skip(device)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, vocab, generator=g) * 4).to(device=device, dtype=dtype)
+    logits[2, :vocab // 2] = -1e4  # a row with most of its mass elsewhere
+    target = torch.randint(0, vocab, (6,), generator=g).to(device)
+    target[[1, 4]] = -100
+    target[5] = vocab - 1  # the last column, in the last (partial) block
+    scale = torch.tensor(0.25, device=device)
+    z_ref, z_got = logits.clone(), logits.clone()
+    loss_ref = ce_rows_reference(z_ref, target, scale, -100)
+    loss_got = ce_rows(z_got, target, scale, -100)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    torch.testing.assert_close(loss_got, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_got, z_ref, **tol)
+    assert loss_got[1] == 0 and loss_got[4] == 0 and bool((z_got[1] == 0).all())
+    # the gradient rows sum to zero (softmax - onehot), scaled by 0.25 where the target counts
+    torch.testing.assert_close(z_got.float().sum(1), torch.zeros(6, device=device), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_loss_through_the_row_kernel_matches_reference(device, row_kernel):
+    _kernel_or_skip(device)
+    hidden, weight, _, target = _case(n=29, v=3000, seed=5)
+    hidden, weight = hidden.detach().to(device).requires_grad_(), weight.detach().to(device)  # a frozen head
+    target = target.to(device)
+    loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=8)  # no bias, frozen head: kernel path
+    (loss * 1.7).backward()
+    h2 = hidden.detach().clone().requires_grad_()
+    ref = fused_linear_cross_entropy_reference(h2, weight, target)
+    (ref * 1.7).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-4, atol=1e-6)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from peftlab.ops.ce_rows import ce_rows
+
 IGNORE_INDEX = -100
 
 
@@ -41,10 +43,19 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # the row kernel's path: logits stay in the GEMM's dtype and the gradient is written over them (no fp32
+        # copy); a trained head or a bias keeps the plain fp32 path below
+        rows_path = not (want_w or want_b) and bias is None
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start:start + chunk_size]
             t = target[start:start + chunk_size]
-            logits = (h @ weight.t().to(h.dtype)).float()
+            logits = h @ weight.t().to(h.dtype)
+            if rows_path:
+                total += ce_rows(logits, t, 1.0 / denom, ignore_index).sum()
+                if want_h:
+                    grad_h[start:start + chunk_size] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                continue
+            logits = logits.float()
             if bias is not None:
                 logits += bias.float()
             ok = t != ignore_index
