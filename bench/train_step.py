@@ -215,6 +215,13 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
         compile_model(model, backend, "layers")
         versions["compiled"] = f"{backend}, decoder layers"
+        if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels
+            import torch._inductor.config as inductor_config
+
+            inductor_config.combo_kernels = True
+            versions["combo_kernels"] = True
+        if os.environ.get("PEFTLAB_MM_ADD_OP") == "0":  # A/B: functionalised addmm (a copy each) instead of the op
+            versions["mm_add_op"] = False
         if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
             import torch._functorch.config as functorch_config
 

@@ -266,3 +266,25 @@ def test_fused_path_under_torch_compile(use_dora, monkeypatch):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_t,v_t,bias", [(True, True, True), (True, True, False), (False, False, False)])
+def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias):
+    from peftlab.ops.mm_add import mm_add
+    g = torch.Generator().manual_seed(0)
+    x, u = torch.randn(9, 6, generator=g), torch.randn(9, 3, generator=g)
+    w = torch.randn(5, 6, generator=g) if w_t else torch.randn(6, 5, generator=g)
+    v = torch.randn(5, 3, generator=g) if v_t else torch.randn(3, 5, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    x, u, w, v = (t.to(device) for t in (x, u, w, v))
+    b = None if b is None else b.to(device)
+    want = x @ (w.t() if w_t else w) + u @ (v.t() if v_t else v) + (0 if b is None else b)
+    torch.testing.assert_close(mm_add(x, w, b, u, v, w_t, v_t), want)
+    compiled = torch.compile(lambda *a: mm_add(*a, w_t, v_t) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b, u, v), want * 2)
+    # inside the traced graph it is the opaque op (no functionalised addmm copying its input)
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(lambda *a: mm_add(*a, w_t, v_t), backend=lambda gm, _: graphs.append(gm) or gm)(x, w, b, u, v)
+    assert "peftlab.mm_add" in graphs[0].code

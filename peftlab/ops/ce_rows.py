@@ -11,6 +11,7 @@ from the same logits and round the gradient to the logits' dtype once.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -78,11 +79,7 @@ def kernel_usable(logits: torch.Tensor) -> bool:
     flag = os.environ.get("PEFTLAB_CE_KERNEL", "")
     if flag == "0" or not (logits.is_cuda or (flag == "1" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def ce_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> torch.Tensor:

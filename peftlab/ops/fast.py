@@ -30,10 +30,10 @@ import contextlib
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import BaseView
+from peftlab.ops.mm_add import mm_add
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -143,9 +143,8 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, a, b, scaling):
         src = x if xd is None else xd
         x2, s2 = _flat(x), _flat(src)
-        out = F.linear(x2, _dense(weight, x.dtype), bias)
         xa = (s2 @ _as(a, x.dtype).t()).mul_(scaling)
-        out.addmm_(xa, _as(b, x.dtype).t())
+        out = mm_add(x2, _dense(weight, x.dtype), bias, xa, _as(b, x.dtype), True, True)
         ctx.scaling, ctx.has_dropout = scaling, xd is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         _save(ctx, weight, x2 if weight.requires_grad else None, s2, a, b, xa)
@@ -160,9 +159,8 @@ class _LoraLinear(torch.autograd.Function):
         lead = grad.shape[:-1]
         grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2 @ _dense(weight, g2.dtype)
-            if not ctx.has_dropout:
-                grad_x.addmm_(gxa, a_)
+            w = _dense(weight, g2.dtype)
+            grad_x = g2 @ w if ctx.has_dropout else mm_add(g2, w, None, gxa, a_, False, False)
             grad_x = grad_x.view(*lead, -1)
         if ctx.has_dropout and ctx.needs_input_grad[1]:
             grad_xd = (gxa @ a_).view(*lead, -1)
@@ -182,9 +180,8 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, share_output):
         x2 = _flat(x)
         scale = (magnitude / norm).to(x.dtype)
-        z = F.linear(x2, _dense(weight, x.dtype))
         xa = (x2 @ _as(a, x.dtype).t()).mul_(scaling)
-        z.addmm_(xa, _as(b, x.dtype).t())
+        z = mm_add(x2, _dense(weight, x.dtype), None, xa, _as(b, x.dtype), True, True)
         y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
         y = y.view(*x.shape[:-1], y.shape[-1])
         ctx.scaling = scaling
@@ -203,7 +200,7 @@ class _DoraLinear(torch.autograd.Function):
         gxa = (gs @ b_).mul_(ctx.scaling)
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gs @ _dense(weight, g2.dtype)).addmm_(gxa, a_).view(*grad.shape[:-1], -1)
+            grad_x = mm_add(gs, _dense(weight, g2.dtype), None, gxa, a_, False, False).view(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
             grad_w = _as(gs.t() @ x2, weight.dtype)
         if ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[5]):

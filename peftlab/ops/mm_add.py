@@ -1,0 +1,47 @@
+"""``x @ op(w) (+ bias) + u @ op(v)`` with the second product added into the first's output in place, as one
+opaque op inside compiled graphs.
+
+The fused low-rank nodes (``fast.py``) write the expand GEMM into the base GEMM's output with ``addmm_``. Eagerly
+that costs nothing extra; inside a compiled graph, functionalisation turns it into an out-of-place ``addmm``, and
+``addmm`` with a separate output first copies its (tokens, out) input there: one device-to-device copy per adapted
+linear, forward and backward (231 copies, 2.8 ms of a 1B LoRA step's ~49 ms of GPU time on an H200). As a custom
+op the in-place add stays inside it. Eagerly, ``mm_add`` runs the plain form directly (a custom op's dispatch costs
+host time on every call).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_LIB = torch.library.Library("peftlab", "DEF")
+_LIB.define("mm_add(Tensor x, Tensor w, Tensor? bias, Tensor u, Tensor v, bool w_t, bool v_t) -> Tensor")
+
+
+def mm_add_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                     v: torch.Tensor, w_t: bool, v_t: bool) -> torch.Tensor:
+    """x (n, k) @ (w.T if w_t else w) + bias + u (n, r) @ (v.T if v_t else v); a new (n, out) tensor."""
+    out = F.linear(x, w, bias) if w_t else (x @ w if bias is None else torch.addmm(bias, x, w))
+    return out.addmm_(u, v.t() if v_t else v)
+
+
+def _shape(x: torch.Tensor, w: torch.Tensor, w_t: bool) -> tuple[int, int]:
+    return x.shape[0], w.shape[0] if w_t else w.shape[1]
+
+
+_LIB.impl("mm_add", mm_add_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("peftlab::mm_add")
+def _fake(x, w, bias, u, v, w_t, v_t):
+    return x.new_empty(_shape(x, w, w_t))
+
+
+def mm_add(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor,
+           w_t: bool, v_t: bool) -> torch.Tensor:
+    """``mm_add_reference``; as the opaque op while torch.compile traces (``PEFTLAB_MM_ADD_OP=0``: never, for A/B
+    runs), directly otherwise."""
+    if torch.compiler.is_compiling() and os.environ.get("PEFTLAB_MM_ADD_OP", "") != "0":
+        return torch.ops.peftlab.mm_add(x, w, bias, u, v, w_t, v_t)
+    return mm_add_reference(x, w, bias, u, v, w_t, v_t)
