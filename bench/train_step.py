@@ -220,8 +220,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
 
             inductor_config.combo_kernels = True
             versions["combo_kernels"] = True
-        if os.environ.get("PEFTLAB_MM_ADD_OP") == "0":  # A/B: functionalised addmm (a copy each) instead of the op
-            versions["mm_add_op"] = False
+        if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
+            versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
         if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
             import torch._functorch.config as functorch_config
 

@@ -270,8 +270,9 @@ def test_fused_path_under_torch_compile(use_dora, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_t,v_t,bias", [(True, True, True), (True, True, False), (False, False, False)])
-def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias):
+def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias, monkeypatch):
     from peftlab.ops.mm_add import mm_add
+    monkeypatch.setenv("PEFTLAB_MM_ADD_OP", "1")
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(9, 6, generator=g), torch.randn(9, 3, generator=g)
     w = torch.randn(5, 6, generator=g) if w_t else torch.randn(6, 5, generator=g)

@@ -7,6 +7,13 @@ that costs nothing extra; inside a compiled graph, functionalisation turns it in
 linear, forward and backward (231 copies, 2.8 ms of a 1B LoRA step's ~49 ms of GPU time on an H200). As a custom
 op the in-place add stays inside it. Eagerly, ``mm_add`` runs the plain form directly (a custom op's dispatch costs
 host time on every call).
+
+Off by default (``PEFTLAB_MM_ADD_OP=1`` turns it on): measured on an H200 (2026-12-04, bench/README.md), the 1B
+LoRA step was no faster with it beyond the spread between processes (53.3-61.9 ms in four runs with it, 54.8-65.2
+ms in six and one of 75.3 ms without), and two steps got slower
+in the one call that ran them: the compiled layers with an activation budget of 0.5 (76.4 ms / 3.35 GiB against
+58.7-64.0 ms / 5.18 GiB) and DoRA (97.9 ms against 76.8 on 2026-12-03). Inductor's partitioner cannot see inside
+the opaque op, so it treats it as cheap to recompute, which is the likely cause (not verified).
 """
 from __future__ import annotations
 
@@ -40,8 +47,8 @@ def _fake(x, w, bias, u, v, w_t, v_t):
 
 def mm_add(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor,
            w_t: bool, v_t: bool) -> torch.Tensor:
-    """``mm_add_reference``; as the opaque op while torch.compile traces (``PEFTLAB_MM_ADD_OP=0``: never, for A/B
-    runs), directly otherwise."""
-    if torch.compiler.is_compiling() and os.environ.get("PEFTLAB_MM_ADD_OP", "") != "0":
+    """``mm_add_reference``; as the opaque op while torch.compile traces when ``PEFTLAB_MM_ADD_OP=1``, directly
+    otherwise."""
+    if torch.compiler.is_compiling() and os.environ.get("PEFTLAB_MM_ADD_OP", "") == "1":
         return torch.ops.peftlab.mm_add(x, w, bias, u, v, w_t, v_t)
     return mm_add_reference(x, w, bias, u, v, w_t, v_t)
