@@ -295,6 +295,7 @@ def build_engine(args):
     for k, (name, config) in enumerate(method_configs(args.r).items()):
         if name != "lora":
             engine.store.add_loaded(make_adapter(engine, name, config, seed=200 + k))
+    engine.settle()  # as the server does once its start-up adapters are in
     return engine, time.perf_counter() - t0
 
 

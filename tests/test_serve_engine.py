@@ -453,3 +453,22 @@ def test_graph_capture_failure_falls_back_to_eager_steps(adapter_dirs, monkeypat
     assert [r.output for r in got] == [r.output for r in want] and all(r.error is None for r in got)
     assert engine.graphs.error == "RuntimeError: capture refused" and engine.graphs.steps_run == 0
     assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_settle_freezes_the_collector_only_where_asked(adapter_dirs):
+    import gc
+
+    before = gc.get_freeze_count()
+    try:
+        plain = _engine(adapter_dirs)  # CPU: off by default
+        assert gc.get_freeze_count() == before
+        engine = _engine(adapter_dirs, freeze_gc=True)
+        frozen = gc.get_freeze_count()
+        assert frozen > before
+        engine.store.register("late", adapter_dirs / "lora")
+        engine.settle()  # again after start-up adapters: what is new is frozen too
+        assert gc.get_freeze_count() > frozen
+        # the frozen engine serves as the plain one does
+        assert engine.generate(_prompt(1), "late", 4) == plain.generate(_prompt(1), "lora", 4)
+    finally:
+        gc.unfreeze()

@@ -49,6 +49,7 @@ def build_server(model: Optional[str], adapters: dict[str, Path], adapter_root: 
                 future.result()
         except Exception as exc:
             raise typer.BadParameter(f"--adapter {name}={adapters[name]}: {exc}") from None
+    engine.settle()
     base_name = Path(model).name if model else "base"
     app = create_app(engine, tokenizer, base_name=base_name, keys=keys,
                      limits=Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens))
