@@ -213,8 +213,9 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
 
         model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
         backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
-        compile_model(model, backend, "layers")
-        versions["compiled"] = f"{backend}, decoder layers"
+        mode = os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None  # A/B: "reduce-overhead" (CUDA graphs per layer)
+        compile_model(model, backend, "layers", mode=mode)
+        versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
         if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels
             import torch._inductor.config as inductor_config
 

@@ -93,10 +93,11 @@ def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
     raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
 
 
-def compile_model(model: nn.Module, backend: str, scope: str = "adapted") -> None:
-    """``torch.compile`` the forward of each module of ``scope`` in place (nn.Module.compile)."""
+def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: str | None = None) -> None:
+    """``torch.compile`` the forward of each module of ``scope`` in place (nn.Module.compile); ``mode`` is
+    torch.compile's (e.g. "reduce-overhead": inductor's CUDA graphs)."""
     for module in compiled_modules(model, scope):
-        module.compile(backend=backend)
+        module.compile(backend=backend, mode=mode)
 
 
 def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
