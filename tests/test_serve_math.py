@@ -440,3 +440,32 @@ def test_row_scaled_matmul_and_row_scale_match_einsum():
         row_scaled_matmul(z, w[:, :-1], rows, y0.clone())
     with pytest.raises(ValueError, match="rows"):
         row_scale(z, s_in, rows[:-1])
+
+
+@pytest.mark.parametrize("starts,lens", [((0, 0, 0), (5, 5, 5)), ((0, 0, 3), (7, 2, 4)), ((4, 0), (1 + 2, 6))],
+                         ids=["equal_causal", "ragged_with_prefix", "prefix_and_fresh"])
+def test_prefills_in_one_padded_call_equal_one_by_one(starts, lens, monkeypatch):
+    """The padded prefill attention (forward._batched_prefills) gives each chunk what attending it alone gives,
+    beside a decode token, with ragged lengths and cached prefixes (start > 0)."""
+    from peftlab.serve import forward
+    from peftlab.serve.forward import Chunk, _attention, _plan
+    from peftlab.serve.kv import PagedKVCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = PagedKVCache(1, 16, 4, 2, 8, torch.float32, "cpu")
+    chunks = []
+    for sid, (start, n) in enumerate(zip(starts, lens)):
+        cache.reserve(sid, start + n + 1)
+        chunks.append(Chunk(sid, [1] * n, start))
+    cache.reserve(9, 6)
+    chunks.insert(1, Chunk(9, [1], 5))  # a decode token among the prefills
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    q = torch.randn(sum(len(c.tokens) for c in chunks), 4, 8, generator=g)
+    plan = _plan(chunks, cache, "cpu")
+    assert plan.batched is not None and (plan.batched.mask is None) == (starts == (0, 0, 0))
+    got = _attention(q, cache, 0, plan, 0.3)
+    monkeypatch.setattr(forward, "PREFILL_PAD_MAX", 0)  # one by one
+    alone = _plan(chunks, cache, "cpu")
+    assert alone.batched is None
+    torch.testing.assert_close(got, _attention(q, cache, 0, alone, 0.3), rtol=1e-5, atol=1e-6)

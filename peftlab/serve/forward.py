@@ -49,6 +49,49 @@ def decoder_parts(model: nn.Module):
 
 
 @dataclass
+class _Prefills:
+    """Several prefill chunks attended in one padded call: (B, Lq) query rows, (B, Lk) pool rows of their contexts,
+    the (B, 1, Lq, Lk) mask (None: every chunk starts at 0 with one length, so plain causal attention), and where
+    each prefill token's output is in the padded (B * Lq) result (``src``) and in the step (``rows``)."""
+
+    q_rows: torch.Tensor
+    kv_rows: torch.Tensor
+    mask: torch.Tensor | None
+    rows: torch.Tensor
+    src: torch.Tensor
+
+
+# the padded prefill call's mask holds B x Lq x Lk entries; past this many, prefills are attended one by one
+PREFILL_PAD_MAX = 1 << 24
+
+
+def _batched_prefills(prefills: list[tuple[int, int, torch.Tensor, int]], tables: list[list[int]],
+                      cache: PagedKVCache, device) -> _Prefills | None:
+    if len(prefills) < 2:
+        return None
+    lq = max(n for _, n, _, _ in prefills)
+    lens = [start + n for _, n, _, start in prefills]
+    lk = max(lens)
+    if len(prefills) * lq * lk > PREFILL_PAD_MAX:
+        return None
+    q_rows = [[flat + min(i, n - 1) for i in range(lq)] for flat, n, _, _ in prefills]  # padding repeats a row
+    rows = [flat + i for flat, n, _, _ in prefills for i in range(n)]
+    src = [b * lq + i for b, (_, n, _, _) in enumerate(prefills) for i in range(n)]
+    kv_rows, _ = context_rows(cache, tables, lens, lk, device)
+    mask = None
+    if any(start for *_, start in prefills) or len(set(lens)) > 1:
+        starts = torch.tensor([start for *_, start in prefills], dtype=torch.int64, device=device)
+        i, j = torch.arange(lq, device=device), torch.arange(lk, device=device)
+        # token i of chunk b sees positions j <= start_b + i (all live for i < n_b; padded rows are discarded)
+        mask = (j[None, None, :] <= starts[:, None, None] + i[None, :, None])[:, None]
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    return _Prefills(t(q_rows), kv_rows, mask, t(rows), t(src))
+
+
+@dataclass
 class _Plan:
     """Index tensors of one step, shared by all layers."""
 
@@ -60,6 +103,7 @@ class _Plan:
     decode_mask: torch.Tensor | None  # (B, 1, 1, Lmax) True = attend
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n new, pool rows of context+new, start)
     last_rows: torch.Tensor  # flat row of each chunk's last token
+    batched: _Prefills | None = None  # the prefills in one padded call (None: one by one)
 
 
 def context_rows(cache: PagedKVCache, tables: list[list[int]], lens: list[int], width: int, device
@@ -76,7 +120,7 @@ def context_rows(cache: PagedKVCache, tables: list[list[int]], lens: list[int], 
 
 def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     ids, pos, write, last = [], [], [], []
-    dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
+    dec_rows, dec_tables, dec_lens, prefills, pre_tables = [], [], [], [], []
     flat = 0
     for c in chunks:
         n = len(c.tokens)
@@ -90,6 +134,7 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
         else:
             rows = torch.tensor(cache.slots(c.seq_id, 0, c.start + n), device=device)
             prefills.append((flat, n, rows, c.start))
+            pre_tables.append(cache.tables[c.seq_id])
         flat += n
         last.append(flat - 1)
 
@@ -100,7 +145,8 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     if dec_tables:
         decode_kv, live = context_rows(cache, dec_tables, dec_lens, max(dec_lens), device)
         decode_mask = live[:, None, None, :]
-    return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last))
+    return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last),
+                 _batched_prefills(prefills, pre_tables, cache, device))
 
 
 def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float) -> torch.Tensor:
@@ -109,6 +155,14 @@ def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float
     if plan.decode_rows is not None:
         out[plan.decode_rows] = decode_attention(q[plan.decode_rows], cache, layer_idx, plan.decode_kv,
                                                  plan.decode_mask, scale)
+    bp = plan.batched
+    if bp is not None:
+        k, v = cache.gather(layer_idx, bp.kv_rows)  # (B, Lk, kv_heads, D)
+        o = F.scaled_dot_product_attention(q[bp.q_rows].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=bp.mask, is_causal=bp.mask is None, scale=scale,
+                                           enable_gqa=True)  # (B, heads, Lq, D)
+        out[bp.rows] = o.transpose(1, 2).reshape(-1, *q.shape[1:])[bp.src]
+        return out
     for flat, n, rows, start in plan.prefills:
         k, v = cache.gather(layer_idx, rows)  # (L, kv_heads, D)
         qp = q[flat:flat + n].transpose(0, 1)[None]
