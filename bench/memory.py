@@ -136,6 +136,12 @@ def _peftlab_step_fn(model, setting: dict, device):
         else:
             opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     loss_fn = fused_causal_lm_loss if setting.get("fused_ce", True) else None
+    backend = os.environ.get("PEFTLAB_BENCH_COMPILE")  # A/B: compiled decoder layers (also over 4-bit, checkpointed)
+    if backend:
+        from peftlab.train.packing import compile_model
+
+        model.config.use_cache = False
+        compile_model(model, backend, "layers")
 
     def step(batch):
         loss, _ = accumulate_gradients(model, [batch], device, loss_fn=loss_fn)
@@ -270,7 +276,9 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
             if i >= warmup:
                 samples.append((time.perf_counter() - started) * 1e3)
     record = {"setting": name, "impl": impl, "batch": batch_size, "seq": seq, "load_s": round(load_s, 1),
-              "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")), "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
+              "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")),
+              "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
+              "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "optimizer_state_bytes": optimizer_state_bytes(opt), "final_loss": round(float(loss), 4),
               "step_ms_samples": [round(s, 2) for s in samples], "step_ms": round(statistics.median(samples), 2)}

@@ -200,3 +200,38 @@ def test_fused_node_keeps_no_dense_copy_of_a_4bit_weight(monkeypatch):
     assert dense_shape not in saved and (dense_shape[1], dense_shape[0]) not in saved
     loss.backward()
     assert fast.operands(torch.zeros(1, 2, dense_shape[1]), q.view) is not None  # the fused path did apply
+
+
+@pytest.mark.parametrize("ckpt", ["off", "on", "offload"])
+def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
+    """Decoder layers compiled (aot_eager) over 4-bit linears, the fused node dequantizing inside the graph, under
+    peftlab's checkpointing: the eager loss and every adapter gradient, without graph breaks (the bench's
+    PEFTLAB_BENCH_COMPILE rows for the QLoRA settings rely on it)."""
+    import torch._dynamo
+
+    from peftlab.train.activations import checkpointing
+    from peftlab.train.packing import compile_model
+
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+
+    def run(compiled):
+        model = quantize_model(tiny_llama(), "nf4", double_quant=True, compute_dtype=torch.float32)
+        peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=TARGETS["llama"]))
+        randomize_adapters(model)
+        model.config.use_cache = False
+        if compiled:
+            compile_model(model, "aot_eager", "layers")
+        ids = batch(b=2, t=10)
+        with checkpointing(model, ckpt):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    (loss_ref, grads_ref), (loss, grads) = run(False), run(True)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads and grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
