@@ -56,7 +56,7 @@ def _kernel():
         top = tl.max(m, 0)
         lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
         t_safe = tl.where(ok, t, 0)
-        picked = tl.load(base + t_safe, mask=t_safe < vocab, other=0.0).to(tl.float32)
+        picked = tl.load(base + t_safe, mask=(t_safe >= 0) & (t_safe < vocab), other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(ok, lse - picked, 0.0))
         w = tl.where(ok, tl.load(scale_ptr).to(tl.float32), 0.0)
         for start in range(0, vocab, BLOCK):  # the gradient, over the logits

@@ -10,10 +10,10 @@ host time on every call).
 
 Off by default (``PEFTLAB_MM_ADD_OP=1`` turns it on): measured on an H200 (2026-12-04, bench/README.md), the 1B
 LoRA step was no faster with it beyond the spread between processes (53.3-61.9 ms in four runs with it, 54.8-65.2
-ms in six and one of 75.3 ms without), and two steps got slower
-in the one call that ran them: the compiled layers with an activation budget of 0.5 (76.4 ms / 3.35 GiB against
-58.7-64.0 ms / 5.18 GiB) and DoRA (97.9 ms against 76.8 on 2026-12-03). Inductor's partitioner cannot see inside
-the opaque op, so it treats it as cheap to recompute, which is the likely cause (not verified).
+ms in six and one of 75.3 ms without), and two steps got slower in the one call that ran them: the compiled layers
+with an activation budget of 0.5 (76.4 ms / 3.35 GiB against 58.7-64.0 ms / 5.18 GiB) and DoRA (97.9 ms against
+76.8 on 2026-12-03). Inductor's partitioner cannot see inside the opaque op and decides differently what to
+recompute around it, which is the likely cause (not verified).
 """
 from __future__ import annotations
 

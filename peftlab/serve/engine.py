@@ -132,7 +132,8 @@ class Engine:
         """Collect, then freeze what is alive out of the cyclic collector (``EngineConfig.freeze_gc``); the server
         calls it again once its start-up adapters are loaded. Objects freed later by reference counting (unloaded
         adapters, finished requests) are freed as usual."""
-        if self.config.freeze_gc if self.config.freeze_gc is not None else self.device.type == "cuda":
+        freeze = self.config.freeze_gc
+        if freeze if freeze is not None else self.device.type == "cuda":
             gc.collect()
             gc.freeze()
 
