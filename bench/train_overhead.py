@@ -8,6 +8,10 @@ host time a profiled step), so changes to the per-layer path can be tried here f
 implementations; the medians of the rounds are reported.
 
     python bench/train_overhead.py --methods lora,dora --compile inductor --out bench/results/train_overhead_cpu.json
+    python bench/train_overhead.py --methods lora --compile inductor --checkpointing on --out ...
+
+``--checkpointing on|offload`` runs every row under peftlab's block checkpointing (compiled blocks trace it into
+their graphs).
 """
 from __future__ import annotations
 
@@ -83,8 +87,17 @@ def build(impl: str, method: str, layers: int, compile_backend: str | None = Non
     return model.train()
 
 
-def step_ms(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
+def step_ms(model: torch.nn.Module, ids: torch.Tensor, steps: int, ckpt: str = "off") -> float:
+    from peftlab.train.activations import checkpointing
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    times = []
+    with checkpointing(model, ckpt):
+        times = _timed(model, opt, ids, steps)
+    return statistics.median(times) * 1e3
+
+
+def _timed(model: torch.nn.Module, opt, ids: torch.Tensor, steps: int) -> list[float]:
     times = []
     for k in range(steps + 3):
         t0 = time.perf_counter()
@@ -93,7 +106,7 @@ def step_ms(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         if k >= 3:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return times
 
 
 def main() -> None:
@@ -104,6 +117,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", metavar="BACKEND", help="also peftlab with each decoder layer compiled (inductor)")
     p.add_argument("--variant", choices=sorted(VARIANTS), help="also the peftlab rows with this change in effect")
+    p.add_argument("--checkpointing", default="off", choices=["off", "on", "offload"],
+                   help="every row under peftlab's block checkpointing (train/activations.py)")
     p.add_argument("--out")
     cli = p.parse_args()
     os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
@@ -125,7 +140,7 @@ def main() -> None:
         for _ in range(cli.rounds):
             for label, model in models.items():
                 with variant(changed.get(label)):
-                    times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps), 3))
+                    times.setdefault(label, []).append(round(step_ms(model, ids, cli.steps, cli.checkpointing), 3))
     median = {label: statistics.median(v) for label, v in times.items()}
     ratios = {label: round(median[label] / median[f"{label.split()[0]} peft"], 3) for label in median
               if label.split()[1] == "peftlab" and f"{label.split()[0]} peft" in median}
@@ -135,6 +150,7 @@ def main() -> None:
     if cli.out:
         write_atomic(Path(cli.out), json.dumps({"benchmark": "train_overhead_cpu", "environment": environment("cpu"),
                                                 "layers": cli.layers, "hidden": 64, "batch": list(ids.shape),
+                                                "checkpointing": cli.checkpointing,
                                                 "step_ms": times, "step_ms_median": median,
                                                 "ratios": ratios}, indent=1) + "\n")
 

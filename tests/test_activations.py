@@ -118,3 +118,57 @@ def test_offload_stores_exactly_the_block_inputs():
     finally:
         activations._Offload.pack = original
     assert stored == [((2, 7, 32), True)] * 3  # one (batch, time, hidden) input per block, nothing else
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_compiled_blocks_trace_the_checkpoint_and_offload_only_activations(mode):
+    """Blocks compiled by torch.compile (aot_eager here) take the checkpoint into their graph: no graph break, the
+    eager losses and gradients, far fewer saved activation bytes; with offload, the hooks around each compiled
+    block store its activations (the block input among them) and never a parameter."""
+    import torch._dynamo
+
+    from peftlab.train import activations
+    from peftlab.train.packing import compile_model
+
+    model = _attached("lora")
+    ids = batch(b=2, t=7)
+    ref_loss, ref = _loss_and_grads(model, ids, "off")
+    model.config.use_cache = False
+    compile_model(model, "aot_eager", "layers")
+    torch._dynamo.utils.counters.clear()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stored = []
+    original = activations._Offload.pack
+
+    def pack(self, tensor):
+        out = original(self, tensor)
+        if isinstance(out, activations._Stored):
+            stored.append((tuple(tensor.shape), tensor.untyped_storage().data_ptr() in params))
+        return out
+
+    activations._Offload.pack = pack
+    try:
+        loss, grads = _loss_and_grads(model, ids, mode)
+    finally:
+        activations._Offload.pack = original
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    if mode == "offload":
+        assert stored.count(((2, 7, 32), False)) == 3 and not any(is_param for _, is_param in stored), stored
+    else:
+        long_ids = batch(b=2, t=64)  # activations outweigh the tiny model's weights
+        kept = {}
+        for m in ("off", "on"):
+            total = [0]
+
+            def count(t):
+                total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
+                return t
+
+            with checkpointing(model, m), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+                out = model(input_ids=long_ids, labels=long_ids, use_cache=False).loss
+            out.backward()
+            kept[m] = total[0]
+        assert kept["on"] < kept["off"] / 2, kept
