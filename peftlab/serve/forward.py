@@ -65,8 +65,9 @@ class _Prefills:
 PREFILL_PAD_MAX = 1 << 24
 
 
-def _batched_prefills(prefills: list[tuple[int, int, torch.Tensor, int]], tables: list[list[int]],
+def _batched_prefills(prefills: list[tuple[int, int, int, int]], tables: list[list[int]],
                       cache: PagedKVCache, device) -> _Prefills | None:
+    """``prefills``: (flat start, n new, sequence id, start) of each prefill chunk."""
     if len(prefills) < 2:
         return None
     lq = max(n for _, n, _, _ in prefills)
@@ -101,7 +102,7 @@ class _Plan:
     decode_rows: torch.Tensor | None  # flat token rows of the decode chunks
     decode_kv: torch.Tensor | None  # (B, Lmax) pool rows of their contexts
     decode_mask: torch.Tensor | None  # (B, 1, 1, Lmax) True = attend
-    prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n new, pool rows of context+new, start)
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # one by one: (flat start, n new, pool rows, start)
     last_rows: torch.Tensor  # flat row of each chunk's last token
     batched: _Prefills | None = None  # the prefills in one padded call (None: one by one)
 
@@ -132,8 +133,7 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
             dec_tables.append(cache.tables[c.seq_id])
             dec_lens.append(c.start + 1)
         else:
-            rows = torch.tensor(cache.slots(c.seq_id, 0, c.start + n), device=device)
-            prefills.append((flat, n, rows, c.start))
+            prefills.append((flat, n, c.seq_id, c.start))
             pre_tables.append(cache.tables[c.seq_id])
         flat += n
         last.append(flat - 1)
@@ -145,8 +145,11 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     if dec_tables:
         decode_kv, live = context_rows(cache, dec_tables, dec_lens, max(dec_lens), device)
         decode_mask = live[:, None, None, :]
-    return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, prefills, t(last),
-                 _batched_prefills(prefills, pre_tables, cache, device))
+    batched = _batched_prefills(prefills, pre_tables, cache, device)
+    one_by_one = [] if batched is not None else [  # the pool rows of each chunk's context, only where needed
+        (flat, n, torch.tensor(cache.slots(sid, 0, start + n), device=device), start) for flat, n, sid, start in prefills]
+    return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, one_by_one,
+                 t(last), batched)
 
 
 def _attention(q, cache: PagedKVCache, layer_idx: int, plan: _Plan, scale: float) -> torch.Tensor:
