@@ -59,7 +59,9 @@ def train(
     nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
     distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
     checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
-    fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    fused_ce: Optional[bool] = typer.Option(None, "--fused-ce/--no-fused-ce",
+                                            help="Fused linear + cross-entropy (never the full logits); default: "
+                                                 "on CUDA where the model allows it."),
     lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
@@ -145,7 +147,9 @@ def compare(
     lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
     r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
     checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
-    fused_ce: bool = typer.Option(False, help="Fused linear + cross-entropy (never the full logits)."),
+    fused_ce: Optional[bool] = typer.Option(None, "--fused-ce/--no-fused-ce",
+                                            help="Fused linear + cross-entropy (never the full logits); default: "
+                                                 "on CUDA where the model allows it."),
     lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),

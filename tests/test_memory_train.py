@@ -137,3 +137,25 @@ def test_missing_bitsandbytes_is_named(tmp_path, monkeypatch):
         run(tmp_path, quantize="nf4", device="cpu")
     with pytest.raises(ConfigError, match="optim=paged_adamw needs bitsandbytes"):
         run(tmp_path, optim="paged_adamw")
+
+
+def test_fused_loss_by_default_on_cuda_where_the_model_allows(monkeypatch):
+    """TrainArgs.fused_ce None: the fused loss on CUDA (the device check is stubbed here), the model's own loss on
+    the CPU and where the fused loss cannot reproduce it (an adapter on the head); True insists, False never."""
+    from types import SimpleNamespace
+
+    from peftlab.core.config import ConfigError
+    from peftlab.train import frugal
+
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
+    auto, on, off = (SimpleNamespace(fused_ce=v) for v in (None, True, False))
+    assert frugal.loss_function(auto, model) is None  # CPU
+    assert frugal.loss_function(on, model) is fused_causal_lm_loss and frugal.loss_function(off, model) is None
+    monkeypatch.setattr(frugal, "_on_cuda", lambda m: True)
+    assert frugal.loss_function(auto, model) is fused_causal_lm_loss
+    headed = tiny_llama()
+    peftlab.attach(headed, peftlab.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert frugal.loss_function(auto, headed) is None
+    with pytest.raises(ConfigError, match="output head"):
+        frugal.loss_function(on, headed)

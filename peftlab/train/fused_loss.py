@@ -24,7 +24,7 @@ from peftlab.ops.fused_ce import causal_lm_loss
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def _head_tensors(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_tensors(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     if head is None:
         raise ConfigError(f"fused_ce: {type(model).__name__} has no output embeddings (lm_head)")
@@ -50,7 +50,7 @@ def check_fused_ce(model: nn.Module) -> None:
             raise ConfigError(f"fused_ce: {type(model).__name__} post-processes logits ({key}={value})")
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise ConfigError(f"fused_ce: {type(model).__name__}.forward has no logits_to_keep argument")
-    _head_tensors(model)
+    head_tensors(model)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -82,7 +82,7 @@ def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None =
     if len(captured) != 1:
         raise RuntimeError(f"fused_ce: expected one decoder call per forward, saw {len(captured)}")
     hidden = captured[0][:, -labels.shape[1]:]  # prompt-tuning's virtual tokens come first; drop them
-    weight, bias = _head_tensors(inner)
+    weight, bias = head_tensors(inner)
     loss = causal_lm_loss(hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size)
     if inner.training:
         extra = extra_loss(inner)

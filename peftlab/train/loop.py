@@ -101,8 +101,10 @@ class TrainArgs:
     """auto, none, ddp or fsdp (see peftlab.train.distributed); auto = none unless torchrun started us."""
     checkpointing: str = "off"
     """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
-    fused_ce: bool = False
-    """Loss through the chunked fused linear + cross-entropy (never the full logits)."""
+    fused_ce: bool | None = None
+    """Loss through the chunked fused linear + cross-entropy (never the full logits; its row kernel on CUDA).
+    None: on CUDA where the model allows it (no head adapter, no logit post-processing), the model's own loss
+    elsewhere; True: required (a model that does not allow it is an error); False: the model's own loss."""
     lean_activations: bool = False
     """RMSNorm and SwiGLU nodes that keep less for backward (peftlab/ops/lean.py)."""
     quantize: str | None = None
