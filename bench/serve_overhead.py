@@ -34,22 +34,24 @@ def main() -> None:
     p.add_argument("--new", type=int, default=48)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prefill", action="store_true", help="time prefill steps, padded call vs one by one")
-    p.add_argument("--prompt", type=int, default=8, help="prompt tokens (--prefill: default 128)")
+    p.add_argument("--prompt", type=int, help="prompt tokens (default 8; with --prefill 128)")
     p.add_argument("--out")
     cli = p.parse_args()
+    cli.prompt = cli.prompt or (128 if cli.prefill else 8)
     if cli.prefill:
-        cli.new, cli.prompt = 1, 128 if cli.prompt == 8 else cli.prompt
+        cli.new = 1
     from peftlab.serve import forward
     from peftlab.serve.engine import Engine, EngineConfig
 
     torch.set_num_threads(1)
     SHAPES["overhead"] = {"model": dict(SHAPES["tiny"]["model"], num_hidden_layers=16)}
     args = serve.parse_args(["--shape", "overhead", "--device", "cpu", "--dtype", "float32", "--batch", str(cli.batch),
-                             "--prompt", str(cli.prompt), "--new", str(cli.new), "--requests", str(cli.batch), "--r", "16"])
+                             "--prompt", str(cli.prompt), "--new", str(cli.new), "--requests", str(cli.batch),
+                             "--r", "16"])
     model = serve.build_model("overhead", "cpu", torch.float32)
     engine = Engine(model, EngineConfig(max_batch=cli.batch, max_prefill_tokens=cli.batch * cli.prompt,
-                                        max_queue=10**6, kv_tokens=cli.batch * (cli.prompt + cli.new) * 2, max_gpu_adapters=16,
-                                        max_cpu_adapters=8, convert_rank=16))
+                                        max_queue=10**6, kv_tokens=cli.batch * (cli.prompt + cli.new) * 2,
+                                        max_gpu_adapters=16, max_cpu_adapters=8, convert_rank=16))
     engine.store.add_loaded(serve.make_adapter(engine, "lora0", serve.lora_config(16), seed=1))
     for k, (name, config) in enumerate(serve.method_configs(16).items()):
         if name != "lora":

@@ -93,20 +93,14 @@ def step_ms(model: torch.nn.Module, ids: torch.Tensor, steps: int, ckpt: str = "
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     times = []
     with checkpointing(model, ckpt):
-        times = _timed(model, opt, ids, steps)
+        for k in range(steps + 3):
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if k >= 3:
+                times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
-
-
-def _timed(model: torch.nn.Module, opt, ids: torch.Tensor, steps: int) -> list[float]:
-    times = []
-    for k in range(steps + 3):
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if k >= 3:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:

@@ -65,8 +65,7 @@ class _Prefills:
 PREFILL_PAD_MAX = 1 << 24
 
 
-def _batched_prefills(prefills: list[tuple[int, int, int, int]], tables: list[list[int]],
-                      cache: PagedKVCache, device) -> _Prefills | None:
+def _batched_prefills(prefills: list[tuple[int, int, int, int]], cache: PagedKVCache, device) -> _Prefills | None:
     """``prefills``: (flat start, n new, sequence id, start) of each prefill chunk."""
     if len(prefills) < 2:
         return None
@@ -78,7 +77,7 @@ def _batched_prefills(prefills: list[tuple[int, int, int, int]], tables: list[li
     q_rows = [[flat + min(i, n - 1) for i in range(lq)] for flat, n, _, _ in prefills]  # padding repeats a row
     rows = [flat + i for flat, n, _, _ in prefills for i in range(n)]
     src = [b * lq + i for b, (_, n, _, _) in enumerate(prefills) for i in range(n)]
-    kv_rows, _ = context_rows(cache, tables, lens, lk, device)
+    kv_rows, _ = context_rows(cache, [cache.tables[sid] for _, _, sid, _ in prefills], lens, lk, device)
     mask = None
     if any(start for *_, start in prefills) or len(set(lens)) > 1:
         starts = torch.tensor([start for *_, start in prefills], dtype=torch.int64, device=device)
@@ -121,7 +120,7 @@ def context_rows(cache: PagedKVCache, tables: list[list[int]], lens: list[int], 
 
 def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     ids, pos, write, last = [], [], [], []
-    dec_rows, dec_tables, dec_lens, prefills, pre_tables = [], [], [], [], []
+    dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
     flat = 0
     for c in chunks:
         n = len(c.tokens)
@@ -134,7 +133,6 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
             dec_lens.append(c.start + 1)
         else:
             prefills.append((flat, n, c.seq_id, c.start))
-            pre_tables.append(cache.tables[c.seq_id])
         flat += n
         last.append(flat - 1)
 
@@ -145,9 +143,10 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
     if dec_tables:
         decode_kv, live = context_rows(cache, dec_tables, dec_lens, max(dec_lens), device)
         decode_mask = live[:, None, None, :]
-    batched = _batched_prefills(prefills, pre_tables, cache, device)
+    batched = _batched_prefills(prefills, cache, device)
     one_by_one = [] if batched is not None else [  # the pool rows of each chunk's context, only where needed
-        (flat, n, torch.tensor(cache.slots(sid, 0, start + n), device=device), start) for flat, n, sid, start in prefills]
+        (flat, n, torch.tensor(cache.slots(sid, 0, start + n), device=device), start)
+        for flat, n, sid, start in prefills]
     return _Plan(t(ids), t(pos), t(write), t(dec_rows) if dec_rows else None, decode_kv, decode_mask, one_by_one,
                  t(last), batched)
 

@@ -156,30 +156,31 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None):
         if not (block.training and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
         cache = next((v for v in kwargs.values() if _is_cache(v)), None)
-        if cache is None and offload is None:  # the block alone: nothing to replay, no side effect for torch.compile
-            return checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
-        hooks = (torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack) if offload is not None
-                 else contextlib.nullcontext())
-        if cache is None:
-            with hooks:
-                return checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
-        before = _cache_state(cache)
-        calls = [0]
-
-        def run(*a, **kw):
-            calls[0] += 1
-            if calls[0] == 1:
-                return block_forward(*a, **kw)
-            after = _cache_state(cache)  # a re-run: give it the cache as the forward saw it
-            _set_cache_state(cache, before)
-            try:
-                return block_forward(*a, **kw)
-            finally:
-                _set_cache_state(cache, after)
-
-        with hooks:
+        run = block_forward if cache is None else _replaying(block_forward, cache)
+        if offload is None:  # no context manager around it: what torch.compile traces whole in a compiled block
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
     return forward
+
+
+def _replaying(block_forward, cache):
+    """``block_forward`` for a checkpoint whose re-run must see the KV cache as the first run saw it (the counter is
+    a side effect, so only blocks with a cache have it)."""
+    before = _cache_state(cache)
+    calls = [0]
+
+    def run(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 1:
+            return block_forward(*a, **kw)
+        after = _cache_state(cache)  # a re-run: give it the cache as the forward saw it
+        _set_cache_state(cache, before)
+        try:
+            return block_forward(*a, **kw)
+        finally:
+            _set_cache_state(cache, after)
+    return run
 
 
 def _with_hooks(call, offload: _Offload):
