@@ -91,8 +91,9 @@ class EngineConfig:
     # fixed-shape steps run eagerly
     cuda_graphs: bool | None = None
     # after start-up, move every object then alive out of Python's cyclic garbage collector (gc.freeze), so its
-    # full collections stop scanning the model and the adapter store: in the 1B bench process a full collection took
-    # ~170 ms (375k objects), the size of an outlier seen in a cold load; None: on CUDA. It is process-wide.
+    # full collections stop scanning the model and the adapter store: in the 1B bench process built on the CPU a full
+    # collection took ~170 ms (375k objects; an ad hoc measurement, not a committed benchmark), the size of an outlier
+    # seen in a cold load; None: on CUDA. It is process-wide.
     freeze_gc: bool | None = None
 
 
