@@ -60,6 +60,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "8b-qlora-b4": dict(shape="8b", quant="nf4", batch=4, ckpt="on", impls=("peftlab", "peft", "unsloth")),
     "8b-qlora-b4-offload": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", impls=("peftlab",)),
     # + the frozen input embedding table in host memory (TrainArgs.offload_embeddings): 1.0 GB at this shape
+    "8b-qlora-b1-embed": dict(shape="8b", quant="nf4", batch=1, ckpt="on", embed_offload=True, impls=("peftlab",)),
     "8b-qlora-b4-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="on", embed_offload=True, impls=("peftlab",)),
     "8b-qlora-b4-offload-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", embed_offload=True,
                                       impls=("peftlab",)),

@@ -67,11 +67,16 @@ def test_blocks_restored_and_eval_untouched():
     assert not any("forward" in b.__dict__ for b in blocks)
 
 
-def test_bad_mode_and_double_checkpointing_refused():
+def test_bad_mode_and_double_checkpointing_refused(monkeypatch):
     model = _attached("lora")
     with pytest.raises(CheckpointError, match="one of"):
         with checkpointing(model, "sometimes"):
             pass
+    monkeypatch.setenv("PEFTLAB_CKPT_COMPILED", "inside")
+    with pytest.raises(CheckpointError, match="PEFTLAB_CKPT_COMPILED must be one of"):
+        with checkpointing(model, "on"):
+            pass
+    monkeypatch.delenv("PEFTLAB_CKPT_COMPILED")
     model.gradient_checkpointing_enable()
     with pytest.raises(CheckpointError, match="already on"):
         with checkpointing(model, "on"):
@@ -120,12 +125,15 @@ def test_offload_stores_exactly_the_block_inputs():
     assert stored == [((2, 7, 32), True)] * 3  # one (batch, time, hidden) input per block, nothing else
 
 
+@pytest.mark.parametrize("placement", ["around", "traced"])
 @pytest.mark.parametrize("mode", ["on", "offload"])
-def test_compiled_blocks_trace_the_checkpoint_and_offload_only_activations(mode):
-    """Blocks compiled by torch.compile (aot_eager here) take the checkpoint into their graph: no graph break, the
-    eager losses and gradients, far fewer saved activation bytes; with offload, the hooks around each compiled
-    block store its activations (the block input among them) and never a parameter."""
+def test_compiled_blocks_checkpoint_and_offload_only_activations(mode, placement, monkeypatch):
+    """Blocks compiled by torch.compile (aot_eager here), the checkpoint around the compiled call or traced into the
+    block's graph: no graph break, the eager losses and gradients, far fewer saved activation bytes; with offload,
+    the hooks store each block's activations (its input among them) and never a parameter."""
     import torch._dynamo
+
+    monkeypatch.setenv("PEFTLAB_CKPT_COMPILED", placement)
 
     from peftlab.train import activations
     from peftlab.train.packing import compile_model

@@ -16,9 +16,14 @@ next blocks' compute. In backward, fetching a block's input starts the copy back
 block's on the side stream, overlapped with this block's recompute and backward. Tensors under
 ``min_offload_bytes`` stay on the device.
 
-Blocks compiled by ``torch.compile`` (``compile_model``) trace the checkpoint into their own graph, so the
-recompute is the compiled forward (no per-tensor hooks at run time); with ``"offload"`` the saved-tensor hooks
-then wrap each compiled block's call from outside, where they see what the compiled block saves: its inputs.
+Blocks compiled by ``torch.compile`` (``compile_model``) are checkpointed in one of two places
+(``PEFTLAB_CKPT_COMPILED``): ``around`` (the default) runs the checkpoint around the compiled call, so forward
+and recompute are both the compiled forward and whatever the compiled graph saves is dropped and recomputed,
+as in eager; ``traced`` puts the checkpoint inside the block's forward, where torch.compile traces it into the
+block's graph and its partitioner decides what to recompute (the offload hooks then wrap the compiled call from
+outside, where they see what the compiled block saves: its inputs). ``traced`` depends on the compiler's
+handling of checkpoints: on the H200's torch 2.11 the traced 8B QLoRA B1 step peaked at 21.6 GiB against 6.3
+eager (bench/README.md, ninth session), while torch 2.13 on the CPU saves no more than eager.
 
 Why our own and not transformers' ``gradient_checkpointing_enable``: that drops the KV cache inside
 checkpointed blocks, so prefix tuning (which writes its prefix into the cache) cannot train with it.
@@ -30,6 +35,7 @@ grad-requiring input).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -183,6 +189,17 @@ def _replaying(block_forward, cache):
     return run
 
 
+PLACEMENTS = ("around", "traced")
+
+
+def compiled_placement() -> str:
+    """Where a compiled block's checkpoint goes: ``PEFTLAB_CKPT_COMPILED`` (around | traced), default around."""
+    value = os.environ.get("PEFTLAB_CKPT_COMPILED", "") or "around"
+    if value not in PLACEMENTS:
+        raise CheckpointError(f"PEFTLAB_CKPT_COMPILED must be one of {PLACEMENTS}, got {value!r}")
+    return value
+
+
 def _with_hooks(call, offload: _Offload):
     def hooked(*args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
@@ -224,15 +241,19 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
         if "forward" in block.__dict__:
             raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
+    traced = compiled_placement() == "traced"
     try:
         with _compile_friendly():
             for block in blocks:
                 inner = compiled.get(id(block))
-                # a compiled block traces the checkpoint into its graph (the partitioner recomputes there); the
-                # offload hooks cannot be traced, so they wrap the compiled call from outside
-                block.forward = _checkpointed(block, block.forward, None if inner is not None else offload)
-                if inner is not None and offload is not None:
-                    block._compiled_call_impl = _with_hooks(inner, offload)
+                if inner is None:
+                    block.forward = _checkpointed(block, block.forward, offload)
+                elif not traced:  # the checkpoint around the compiled call: it recomputes the compiled forward
+                    block._compiled_call_impl = _checkpointed(block, inner, offload)
+                else:  # traced into the block's graph; the offload hooks cannot be, so they wrap the call
+                    block.forward = _checkpointed(block, block.forward, None)
+                    if offload is not None:
+                        block._compiled_call_impl = _with_hooks(inner, offload)
             yield model
     finally:
         for block in blocks:
