@@ -236,7 +236,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               seq: int | None = None) -> dict[str, Any]:
     import torch
 
-    from peftlab.train.activations import checkpointing
+    from peftlab.train.activations import checkpointing, compiled_placement
     from peftlab.train.embeddings import host_embeddings
     from peftlab.train.frugal import optimizer_state_bytes
 
@@ -280,6 +280,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")),
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
+              "ckpt_placement": compiled_placement() if impl == "peftlab" and own_ckpt else None,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "optimizer_state_bytes": optimizer_state_bytes(opt), "final_loss": round(float(loss), 4),
               "step_ms_samples": [round(s, 2) for s in samples], "step_ms": round(statistics.median(samples), 2)}
