@@ -136,6 +136,66 @@ def test_auto_compile_falls_back_to_eager_when_compiling_fails(tmp_path, monkeyp
         run("asked", compile="aot_eager")  # resolve_compile is patched: the failing backend runs
 
 
+@pytest.mark.parametrize("ckpt", ["on", "offload"])
+def test_compiled_checkpointed_training_matches_eager_and_survives_a_fallback(tmp_path, monkeypatch, ckpt):
+    """train() with compiled layers under peftlab's checkpointing (around each compiled call) reaches the eager
+    checkpointed losses; after a failed compile falls back, the blocks are still checkpointed (eager) and nothing
+    compiled or wrapped is left on the model."""
+    from peftlab.train import activations
+
+    common = dict(max_steps=2, batch_size=4, lr=1e-2, max_length=64, eval_size=4, log_every=0, progress=False,
+                  target_modules=["q_proj", "v_proj"], r=4, checkpointing=ckpt)
+    checkpoints = []
+    original = activations.checkpoint
+    monkeypatch.setattr(activations, "checkpoint", lambda *a, **k: checkpoints.append(1) or original(*a, **k))
+
+    def run(name, **kw):
+        model = tiny_llama()
+        checkpoints.clear()
+        metrics = train(TrainArgs(out=str(tmp_path / name), **common, **kw), model=model, tokenizer=tiny_tokenizer(),
+                        records=RECORDS)
+        assert all(m._compiled_call_impl is None and "forward" not in m.__dict__ for m in model.modules())
+        return [h["loss"] for h in metrics["losses"]], len(checkpoints)
+
+    eager, eager_calls = run("eager", compile=None)
+    compiled, compiled_calls = run("compiled", compile="aot_eager")
+    assert eager_calls > 0 and compiled_calls >= eager_calls  # every block checkpointed in every step
+    assert compiled == pytest.approx(eager, abs=1e-5)
+    monkeypatch.setattr(packing, "resolve_compile", lambda *a: (_failing_backend, "layers"))
+    with pytest.warns(RuntimeWarning, match="training goes on eagerly"):
+        fell_back, fell_back_calls = run("auto", compile="auto")
+    assert fell_back == pytest.approx(eager, abs=1e-6) and fell_back_calls >= eager_calls
+
+
+def test_blocks_compiled_after_checkpointing_is_entered_still_checkpoint():
+    """A block compiled after checkpointing began (so not wrapped around its compiled call) traces the checkpoint
+    in its forward instead: far fewer saved bytes than without checkpointing, not a silently unchecked block."""
+    from peftlab.train.activations import checkpointing
+
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.config.use_cache = False
+    model.train()
+    ids = torch.randint(3, 90, (2, 64))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+    for mode in ("off", "on"):
+        total = [0]
+
+        def count(t):
+            total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
+            return t
+
+        with checkpointing(model, mode):
+            packing.compile_model(model, "aot_eager", "layers")
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            packing.uncompile_model(model, "layers")
+        kept[mode] = total[0]
+    assert kept["on"] < kept["off"] / 2, kept
+
+
 def test_compile_scope_is_checked():
     with pytest.raises(ConfigError, match="compile_scope must be one of"):
         TrainArgs(compile="aot_eager", compile_scope="model").validate()

@@ -157,10 +157,15 @@ class _Offload:
         return tensor
 
 
-def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None):
+def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, around_compiled: bool = False):
+    """``block_forward`` under a checkpoint in training. ``around_compiled``: the block's compiled call is
+    checkpointed from outside, so a compiled trace of this forward leaves the checkpoint out (a block compiled after
+    checkpointing was entered, or inside a compiled parent, traces the checkpoint instead)."""
     def forward(*args, **kwargs):
         if not (block.training and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
+        if around_compiled and torch.compiler.is_compiling():
+            return block_forward(*args, **kwargs)  # the checkpoint runs around this compiled call
         cache = next((v for v in kwargs.values() if _is_cache(v)), None)
         run = block_forward if cache is None else _replaying(block_forward, cache)
         if offload is None:  # no context manager around it: what torch.compile traces whole in a compiled block
@@ -241,22 +246,26 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
         if "forward" in block.__dict__:
             raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
-    traced = compiled_placement() == "traced"
+    around = compiled_placement() == "around"
+    wrappers = {}
     try:
         with _compile_friendly():
             for block in blocks:
                 inner = compiled.get(id(block))
-                if inner is None:
+                if around:  # eager blocks checkpoint in forward; compiled ones around the compiled call, which
+                    # recomputes the compiled forward (after an uncompile, the forward's checkpoint takes over)
+                    block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None)
+                    if inner is not None:
+                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, inner, offload)
+                elif inner is None:
                     block.forward = _checkpointed(block, block.forward, offload)
-                elif not traced:  # the checkpoint around the compiled call: it recomputes the compiled forward
-                    block._compiled_call_impl = _checkpointed(block, inner, offload)
                 else:  # traced into the block's graph; the offload hooks cannot be, so they wrap the call
                     block.forward = _checkpointed(block, block.forward, None)
                     if offload is not None:
-                        block._compiled_call_impl = _with_hooks(inner, offload)
+                        wrappers[id(block)] = block._compiled_call_impl = _with_hooks(inner, offload)
             yield model
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
-            if id(block) in compiled:
+            if id(block) in wrappers and block.__dict__.get("_compiled_call_impl") is wrappers[id(block)]:
                 block._compiled_call_impl = compiled[id(block)]

@@ -348,7 +348,8 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
         elif args.eval_before:  # the base model: adapters off (methods such as prefix tuning are not identity at init)
             with _adapters_off(model):
                 state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
-        with checkpointing(model, args.checkpointing), compiled_steps(args, model, device) as compiled:
+        # compiled first: checkpointing wraps the compiled blocks' calls (activations.compiled_placement)
+        with compiled_steps(args, model, device) as compiled, checkpointing(model, args.checkpointing):
             _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
                        runtime or distributed.Runtime(), compiled)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
