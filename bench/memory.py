@@ -58,12 +58,15 @@ SHAPES["70b"] = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layer
 SETTINGS: dict[str, dict[str, Any]] = {
     "8b-qlora-b1": dict(shape="8b", quant="nf4", batch=1, ckpt="on", impls=("peftlab", "peft", "unsloth")),
     "8b-qlora-b4": dict(shape="8b", quant="nf4", batch=4, ckpt="on", impls=("peftlab", "peft", "unsloth")),
-    "8b-qlora-b4-offload": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", impls=("peftlab",)),
+    "8b-qlora-b4-offload": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", impls=("peftlab",),
+                                peer="8b-qlora-b4"),  # the table compares it with that setting's other rows
     # + the frozen input embedding table in host memory (TrainArgs.offload_embeddings): 1.0 GB at this shape
-    "8b-qlora-b1-embed": dict(shape="8b", quant="nf4", batch=1, ckpt="on", embed_offload=True, impls=("peftlab",)),
-    "8b-qlora-b4-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="on", embed_offload=True, impls=("peftlab",)),
+    "8b-qlora-b1-embed": dict(shape="8b", quant="nf4", batch=1, ckpt="on", embed_offload=True, impls=("peftlab",),
+                              peer="8b-qlora-b1"),
+    "8b-qlora-b4-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="on", embed_offload=True, impls=("peftlab",),
+                              peer="8b-qlora-b4"),
     "8b-qlora-b4-offload-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", embed_offload=True,
-                                      impls=("peftlab",)),
+                                      impls=("peftlab",), peer="8b-qlora-b4"),
     "1b-lora-ckpt-off": dict(shape="1b", batch=4, ckpt="off", impls=("peftlab",)),
     "1b-lora-ckpt-on": dict(shape="1b", batch=4, ckpt="on", impls=("peftlab",)),
     "1b-lora-ckpt-offload": dict(shape="1b", batch=4, ckpt="offload", impls=("peftlab", "unsloth")),
@@ -400,10 +403,12 @@ def _write(path: Path, document: dict) -> None:
 
 
 def markdown_table(document: dict[str, Any]) -> str:
-    """One row per setting: each implementation's step ms / peak GiB, and peftlab's ratios to the others."""
+    """One row per setting: each implementation's step ms / peak GiB, and peftlab's ratios to the others (for a
+    variant setting with a ``peer``, to the peer setting's other implementations, named in the ratio)."""
     by_setting: dict[str, dict[str, dict]] = {}
     for record in document["results"]:
         by_setting.setdefault(record["setting"], {})[record["impl"]] = record
+    peers = {name: SETTINGS.get(name, {}).get("peer") for name in by_setting}
     impls = [i for i in ("peftlab", "peft", "unsloth", "adamw") if any(i in v for v in by_setting.values())]
     env = document["environment"]
     lines = [f"{env.get('gpu') or env.get('cpu')}, torch {env['torch']}, transformers {env['transformers']}, "
@@ -413,10 +418,16 @@ def markdown_table(document: dict[str, Any]) -> str:
     for name, rows in by_setting.items():
         cells, ratios = [], []
         ours = rows.get("peftlab", {})
+        peer_rows = by_setting.get(peers[name] or "", {})
         for impl in impls:
             r = rows.get(impl)
             if r is None:
                 cells.append("")
+                r = peer_rows.get(impl) if impl != "peftlab" else None
+                if r is not None and "step_ms" in r and "step_ms" in ours:
+                    ratios.append(f"{impl} ({peers[name]}): {ours['step_ms'] / r['step_ms']:.2f}x time"
+                                  + (f", {ours['peak_gib'] / r['peak_gib']:.2f}x memory"
+                                     if r.get("peak_gib") and ours.get("peak_gib") else ""))
             elif "error" in r:
                 cells.append(r["error"][:40])
             elif "losses" in r:  # a loss curve: final loss (mean of the last 20 steps)
@@ -440,6 +451,15 @@ def markdown_table(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_tables(spec: str) -> dict[str, Any]:
+    """One results file, or several joined by "+" (files of one device call: the first one's environment, all
+    their rows)."""
+    documents = [json.loads(Path(path).read_text()) for path in spec.split("+")]
+    merged = dict(documents[0])
+    merged["results"] = [record for document in documents for record in document["results"]]
+    return merged
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", help=f"comma-separated (default: all): {', '.join(SETTINGS)}")
@@ -452,7 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="sequence length (default 1024); short ones measure state sizes on a CPU")
     p.add_argument("--inline", action="store_true", help="run every configuration in this process")
     p.add_argument("--out", help="results JSON path (default: bench/results/memory/memory_<gpu>.json)")
-    p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
+    p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file (or of "
+                   "several from one call, joined by '+') and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-impl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -468,7 +489,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        print(markdown_table(json.loads(Path(args.table).read_text())), end="")
+        print(markdown_table(_read_tables(args.table)), end="")
         return
     if args.child:
         record = run_child(args.child, args.child_impl, args.device, args.smoke, args.steps, args.warmup, args.seq)

@@ -56,6 +56,32 @@ def test_dropout_mask_is_replayed_in_the_recompute():
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
+_CXX = __import__("shutil").which("g++") or __import__("shutil").which("c++")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not _CXX, reason="inductor on the CPU needs a C++ compiler"))])
+def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend):
+    """The checkpoint around a compiled block restores the RNG state for the recompute, so the compiled forward
+    draws the same dropout masks again (inductor draws its own random numbers, seeded from torch's generator)."""
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    model = _attached("lora", lora_dropout=0.3)
+    model.config.use_cache = False
+    ids = batch(b=2, t=7)
+    compile_model(model, backend, "layers")
+    try:
+        ref_loss, ref = _loss_and_grads(model, ids, "off", seed=5)
+        loss, grads = _loss_and_grads(model, ids, "on", seed=5)
+        other_loss, _ = _loss_and_grads(model, ids, "off", seed=6)
+    finally:
+        uncompile_model(model, "layers")
+    assert not torch.allclose(other_loss, ref_loss)  # the masks do change the loss
+    torch.testing.assert_close(loss, ref_loss)
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
 def test_blocks_restored_and_eval_untouched():
     model = _attached("lora")
     blocks = decoder_blocks(model)
