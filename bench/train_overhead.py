@@ -10,8 +10,8 @@ implementations; the medians of the rounds are reported.
     python bench/train_overhead.py --methods lora,dora --compile inductor --out bench/results/train_overhead_cpu.json
     python bench/train_overhead.py --methods lora --compile inductor --checkpointing on --out ...
 
-``--checkpointing on|offload`` runs every row under peftlab's block checkpointing (compiled blocks trace it into
-their graphs).
+``--checkpointing on|offload`` runs every row under peftlab's block checkpointing (compiled blocks: around each
+compiled call, or traced into their graphs with PEFTLAB_CKPT_COMPILED=traced; recorded as ``ckpt_placement``).
 """
 from __future__ import annotations
 
@@ -145,6 +145,7 @@ def main() -> None:
         write_atomic(Path(cli.out), json.dumps({"benchmark": "train_overhead_cpu", "environment": environment("cpu"),
                                                 "layers": cli.layers, "hidden": 64, "batch": list(ids.shape),
                                                 "checkpointing": cli.checkpointing,
+                                                "ckpt_placement": os.environ.get("PEFTLAB_CKPT_COMPILED") or "around",
                                                 "step_ms": times, "step_ms_median": median,
                                                 "ratios": ratios}, indent=1) + "\n")
 

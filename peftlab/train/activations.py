@@ -217,8 +217,8 @@ def _compile_friendly():
     would have to replay in the recompute; transformers' hub-kernel layers set a context variable (a side effect
     that needs no replay), which made the whole checkpoint fall back to eager with a graph break, so the compiled
     checkpointed step was no faster than the eager one (ad hoc CPU runs); with it, bench/train_overhead.py
-    --checkpointing on gives 40.6 ms against 110.3 eager (bench/results/train_overhead_ckpt_on_cpu.json). No effect
-    on eager blocks."""
+    --checkpointing on gives 40.6 ms against 110.3 eager (bench/results/train_overhead_ckpt_on_cpu.json). Only the
+    traced placement (and a block compiled after checkpointing began) needs it; no effect on eager blocks."""
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if config is None or not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         return contextlib.nullcontext()
