@@ -25,7 +25,9 @@ layers keeping a share of their activations, ``TrainArgs.activation_budget``; en
 ``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
 ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
-short by a time limit still leaves its finished configurations.
+short by a time limit still leaves its finished configurations. ``PEFTLAB_BENCH_CKPT=on|offload`` runs the peftlab
+rows under peftlab's block checkpointing (``--checkpointing``; compiled rows checkpoint around each compiled call),
+recorded in the row's versions.
 
 Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
@@ -36,6 +38,7 @@ implementations are skipped with the reason printed and stored in the results; p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -248,17 +251,26 @@ def run_worker(args) -> dict[str, Any]:
     loss_of = step_loss(args.impl, model, x)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     samples = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        loss = loss_of()
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= args.warmup:
-            samples.append((time.perf_counter() - t0) * 1e3)
+    ckpt = os.environ.get("PEFTLAB_BENCH_CKPT", "off")  # A/B: peftlab's block checkpointing (on | offload)
+    if ckpt != "off":
+        from peftlab.train.activations import checkpointing, compiled_placement
+
+        if not args.impl.startswith("peftlab"):
+            raise SystemExit(f"PEFTLAB_BENCH_CKPT is peftlab's checkpointing; {args.impl} has its own")
+        versions["checkpointing"] = ckpt + (f", {compiled_placement()}" if args.impl in COMPILED else "")
+    with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = loss_of()
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= args.warmup:
+                samples.append((time.perf_counter() - t0) * 1e3)
+        profile = profile_steps(loss_of, opt, cuda) if args.profile else None
     record = {
         "trainable_params": sum(p.numel() for p in params),
         "trainable_dtypes": dtypes,
@@ -270,8 +282,8 @@ def run_worker(args) -> dict[str, Any]:
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    if args.profile:
-        record["profile"] = profile_steps(loss_of, opt, cuda)
+    if profile is not None:
+        record["profile"] = profile
     return record
 
 
