@@ -109,16 +109,27 @@ def test_bad_mode_and_double_checkpointing_refused(monkeypatch):
             pass
 
 
-def _saved_bytes(model, ids, mode):
+def _saved_bytes(model, ids, mode, skip_params=False, compile_inside=False):
+    """Bytes saved for backward in one step under ``checkpointing(model, mode)`` (without the parameters' own
+    storages with ``skip_params``; with ``compile_inside`` the layers are compiled after checkpointing began)."""
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if skip_params else set()
     total = [0]
 
     def pack(t):
-        total[0] += t.numel() * t.element_size()
+        total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
         return t
 
-    with checkpointing(model, mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
+    with checkpointing(model, mode):
+        if compile_inside:
+            compile_model(model, "aot_eager", "layers")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        if compile_inside:
+            uncompile_model(model, "layers")
+            torch._dynamo.reset()  # no cached code for later tests' backends
     return total[0]
 
 
@@ -193,16 +204,14 @@ def test_compiled_blocks_checkpoint_and_offload_only_activations(mode, placement
         assert stored.count(((2, 7, 32), False)) == 3 and not any(is_param for _, is_param in stored), stored
     else:
         long_ids = batch(b=2, t=64)  # activations outweigh the tiny model's weights
-        kept = {}
-        for m in ("off", "on"):
-            total = [0]
-
-            def count(t):
-                total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
-                return t
-
-            with checkpointing(model, m), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-                out = model(input_ids=long_ids, labels=long_ids, use_cache=False).loss
-            out.backward()
-            kept[m] = total[0]
+        kept = {m: _saved_bytes(model, long_ids, m, skip_params=True) for m in ("off", "on")}
         assert kept["on"] < kept["off"] / 2, kept
+
+
+def test_blocks_compiled_after_checkpointing_is_entered_still_checkpoint():
+    """A block compiled after checkpointing began (so not wrapped around its compiled call) traces the checkpoint
+    in its forward instead: far fewer saved bytes than without checkpointing, not a silently unchecked block."""
+    model = _attached("lora")
+    model.config.use_cache = False
+    kept = {m: _saved_bytes(model, batch(b=2, t=64), m, skip_params=True, compile_inside=True) for m in ("off", "on")}
+    assert kept["on"] < kept["off"] / 2, kept

@@ -128,6 +128,7 @@ def test_auto_compile_falls_back_to_eager_when_compiling_fails(tmp_path, monkeyp
         return [h["loss"] for h in metrics["losses"]]
 
     eager = run("eager", compile=None)
+    torch._dynamo.reset()  # code compiled by earlier tests would be reused without calling the failing backend
     monkeypatch.setattr(packing, "resolve_compile", lambda *a: (_failing_backend, "layers"))
     with pytest.warns(RuntimeWarning, match="training goes on eagerly"):
         fell_back = run("auto", compile="auto")
@@ -161,39 +162,11 @@ def test_compiled_checkpointed_training_matches_eager_and_survives_a_fallback(tm
     compiled, compiled_calls = run("compiled", compile="aot_eager")
     assert eager_calls > 0 and compiled_calls >= eager_calls  # every block checkpointed in every step
     assert compiled == pytest.approx(eager, abs=1e-5)
+    torch._dynamo.reset()  # the code just compiled would be reused without calling the failing backend
     monkeypatch.setattr(packing, "resolve_compile", lambda *a: (_failing_backend, "layers"))
     with pytest.warns(RuntimeWarning, match="training goes on eagerly"):
         fell_back, fell_back_calls = run("auto", compile="auto")
     assert fell_back == pytest.approx(eager, abs=1e-6) and fell_back_calls >= eager_calls
-
-
-def test_blocks_compiled_after_checkpointing_is_entered_still_checkpoint():
-    """A block compiled after checkpointing began (so not wrapped around its compiled call) traces the checkpoint
-    in its forward instead: far fewer saved bytes than without checkpointing, not a silently unchecked block."""
-    from peftlab.train.activations import checkpointing
-
-    model = tiny_llama()
-    peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=["q_proj"]))
-    model.config.use_cache = False
-    model.train()
-    ids = torch.randint(3, 90, (2, 64))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-    for mode in ("off", "on"):
-        total = [0]
-
-        def count(t):
-            total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
-            return t
-
-        with checkpointing(model, mode):
-            packing.compile_model(model, "aot_eager", "layers")
-            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            packing.uncompile_model(model, "layers")
-        kept[mode] = total[0]
-    assert kept["on"] < kept["off"] / 2, kept
 
 
 def test_compile_scope_is_checked():
