@@ -113,7 +113,7 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
     H200, bench/README.md), eager elsewhere, and eager when the run asked to save memory in a way compiled layers
     would leave to inductor (``memory_first``: lean activations, transformers' own checkpointing; on the H200 the
     lean LoRA step took 7.96 GiB compiled against 6.53 GiB eager). peftlab's checkpointing compiles: it runs
-    around each compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183 ms / 3.32 GiB
+    around each compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183-204 ms / 3.32 GiB
     eager on the H200). A quantized base stays eager: its compiled checkpointed 8B B1 step took 358 ms / 6.49 GiB
     against 367 ms / 6.26 GiB eager, no gain."""
     if backend != "auto":
