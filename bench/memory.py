@@ -26,7 +26,8 @@ out-of-memory is recorded, not fatal). Unsloth must be imported before transform
 checkpoint on disk: its child writes one under $TMPDIR first; when unsloth is not importable the row
 says so. Step protocol as the anchors: forward with labels, backward, optimizer step, zero_grad,
 synchronise; median over --steps after --warmup. Peak = torch.cuda.max_memory_allocated() from after
-the load on.
+the load on. Env switches for peftlab rows: PEFTLAB_BENCH_COMPILE=inductor compiles the decoder layers;
+PEFTLAB_BENCH_PROFILE=PREFIX writes torch.profiler's table of two more steps to PREFIX.<setting>.txt.
 """
 from __future__ import annotations
 
@@ -279,14 +280,22 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
                 torch.cuda.synchronize()
             if i >= warmup:
                 samples.append((time.perf_counter() - started) * 1e3)
+        profile_to = os.environ.get("PEFTLAB_BENCH_PROFILE")  # a path prefix: torch.profiler's table of 2 more steps
+        profile_path = Path(f"{profile_to}.{name}.txt") if profile_to and impl == "peftlab" else None
+        if profile_path is not None:
+            from train_step import profile_table
+
+            profile_path.write_text(profile_table(lambda: step(batch), cuda, 2) + "\n")
     record = {"setting": name, "impl": impl, "batch": batch_size, "seq": seq, "load_s": round(load_s, 1),
               "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")),
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
-              "ckpt_placement": compiled_placement() if impl == "peftlab" and own_ckpt else None,
+              "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
+                                 and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "optimizer_state_bytes": optimizer_state_bytes(opt), "final_loss": round(float(loss), 4),
-              "step_ms_samples": [round(s, 2) for s in samples], "step_ms": round(statistics.median(samples), 2)}
+              "step_ms_samples": [round(s, 2) for s in samples], "step_ms": round(statistics.median(samples), 2),
+              "profile": None if profile_path is None else str(profile_path)}
     if cuda:
         record.update(after_load_gib=round(after_load, 3),
                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),

@@ -300,16 +300,24 @@ def step_loss(impl: str, model, x) -> Callable[[], Any]:
 
 def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -> str:
     """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
+    def run_step():
+        loss_of().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return profile_table(run_step, cuda, steps)
+
+
+def profile_table(run_step: Callable[[], Any], cuda: bool, steps: int = 3) -> str:
+    """torch.profiler's table of ``steps`` calls of ``run_step`` (one whole training step each), by device time on
+    CUDA, else by host time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            loss_of().backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            run_step()
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
