@@ -208,6 +208,39 @@ def test_compiled_blocks_checkpoint_and_offload_only_activations(mode, placement
         assert kept["on"] < kept["off"] / 2, kept
 
 
+def test_compiled_blocks_with_module_hooks_trace_the_checkpoint():
+    """A compiled block with forward hooks (FSDP2 has them) keeps its checkpoint inside the traced forward (its
+    compiled call is left unwrapped, so the hooks stay outside the checkpoint); the hooks run once per step, the
+    gradients are eager's, and ``checkpoints_around`` (which keeps the trainer's auto compile eager) says no."""
+    from peftlab.train.activations import checkpoints_around
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    model = _attached("lora")
+    model.config.use_cache = False
+    ids = batch(b=2, t=7)
+    ref_loss, ref = _loss_and_grads(model, ids, "off")
+    assert checkpoints_around(model)
+    calls = []
+    handles = [b.register_forward_hook(lambda *a: calls.append(1)) for b in decoder_blocks(model)]
+    assert not checkpoints_around(model)
+    compile_model(model, "aot_eager", "layers")
+    compiled = [b._compiled_call_impl for b in decoder_blocks(model)]
+    try:
+        with checkpointing(model, "on"):
+            assert [b._compiled_call_impl for b in decoder_blocks(model)] == compiled  # not wrapped: traced
+            assert all("forward" in b.__dict__ for b in decoder_blocks(model))
+        loss, grads = _loss_and_grads(model, ids, "on")
+    finally:
+        uncompile_model(model, "layers")
+        for h in handles:
+            h.remove()
+        torch._dynamo.reset()
+    assert len(calls) == len(decoder_blocks(model)), len(calls)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_blocks_compiled_after_checkpointing_is_entered_still_checkpoint():
     """A block compiled after checkpointing began (so not wrapped around its compiled call) traces the checkpoint
     in its forward instead: far fewer saved bytes than without checkpointing, not a silently unchecked block."""

@@ -23,7 +23,8 @@ as in eager; ``traced`` puts the checkpoint inside the block's forward, where to
 block's graph and its partitioner decides what to recompute (the offload hooks then wrap the compiled call from
 outside, where they see what the compiled block saves: its inputs). ``traced`` depends on the compiler's
 handling of checkpoints: on the H200's torch 2.11 the traced 8B QLoRA B1 step peaked at 21.6 GiB against 6.3
-eager (bench/README.md, ninth session), while torch 2.13 on the CPU saves no more than eager.
+eager (bench/README.md, ninth session), while torch 2.13 on the CPU saves no more than eager. A compiled block with
+forward hooks (FSDP2's) is always traced: around, its hooks would sit inside the checkpoint.
 
 Why our own and not transformers' ``gradient_checkpointing_enable``: that drops the KV cache inside
 checkpointed blocks, so prefix tuning (which writes its prefix into the cache) cannot train with it.
@@ -205,6 +206,18 @@ def compiled_placement() -> str:
     return value
 
 
+def has_module_hooks(block: nn.Module) -> bool:
+    """Whether the block has forward (pre-)hooks (FSDP2's all-gather and reshard, for one). A checkpoint around the
+    compiled call would put them inside the checkpoint and its recompute, where FSDP2's are not meant to run (it
+    shards blocks whose checkpoint sits inside their forward), so such a block's checkpoint is traced instead."""
+    return bool(block._forward_hooks or block._forward_pre_hooks)
+
+
+def checkpoints_around(model: nn.Module) -> bool:
+    """Whether compiled blocks of ``model`` would be checkpointed around their compiled call (see the module doc)."""
+    return compiled_placement() == "around" and not any(has_module_hooks(b) for b in decoder_blocks(model))
+
+
 def _with_hooks(call, offload: _Offload):
     def hooked(*args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
@@ -252,17 +265,16 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
         with _compile_friendly():
             for block in blocks:
                 inner = compiled.get(id(block))
-                if around:  # eager blocks checkpoint in forward; compiled ones around the compiled call, which
-                    # recomputes the compiled forward (after an uncompile, the forward's checkpoint takes over)
-                    block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None)
-                    if inner is not None:
-                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, inner, offload)
-                elif inner is None:
-                    block.forward = _checkpointed(block, block.forward, offload)
-                else:  # traced into the block's graph; the offload hooks cannot be, so they wrap the call
+                if inner is not None and (not around or has_module_hooks(block)):
+                    # traced into the block's graph; the offload hooks cannot be, so they wrap the compiled call
                     block.forward = _checkpointed(block, block.forward, None)
                     if offload is not None:
                         wrappers[id(block)] = block._compiled_call_impl = _with_hooks(inner, offload)
+                else:  # eager blocks checkpoint in forward; compiled ones around the compiled call, which recomputes
+                    # the compiled forward (after an uncompile, the forward's checkpoint takes over)
+                    block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None)
+                    if inner is not None:
+                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, inner, offload)
             yield model
     finally:
         for block in blocks:

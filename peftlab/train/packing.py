@@ -112,8 +112,9 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
     the step there is host-bound: compiled layers measured 0.59x PEFT's LoRA step and 0.38x its DoRA step on an
     H200, bench/README.md), eager elsewhere, and eager when the run asked to save memory in a way compiled layers
     would leave to inductor (``memory_first``: lean activations, transformers' own checkpointing; on the H200 the
-    lean LoRA step took 7.96 GiB compiled against 6.53 GiB eager). peftlab's checkpointing compiles: it runs
-    around each compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183-204 ms / 3.32 GiB
+    lean LoRA step took 7.96 GiB compiled against 6.53 GiB eager; peftlab's checkpointing of blocks with module
+    hooks, e.g. FSDP2's, which would be traced). Otherwise peftlab's checkpointing compiles: it runs around each
+    compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183-204 ms / 3.32 GiB
     eager on the H200). A quantized base stays eager: its compiled checkpointed 8B B1 step took 358 ms / 6.49 GiB
     against 367 ms / 6.26 GiB eager, no gain."""
     if backend != "auto":
@@ -156,9 +157,11 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     import torch._functorch.config as functorch_config
 
     from peftlab.quant.bnb import is_quantized
+    from peftlab.train.activations import checkpoints_around
 
     quantized = args.quantize is not None or is_quantized(model)
-    memory_first = args.lean_activations or args.gradient_checkpointing
+    memory_first = args.lean_activations or args.gradient_checkpointing or (
+        args.checkpointing != "off" and not checkpoints_around(model))  # traced checkpoints: see activations.py
     backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model),
                                      memory_first)
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
