@@ -74,8 +74,9 @@ def train(
     device: str = typer.Option("auto", help="auto (cuda when available), cuda, cpu."),
     packing: bool = typer.Option(False, help="Pack each micro-batch into one row, no padding (docs/performance.md)."),
     compile_: str = typer.Option("auto", "--compile", help="torch.compile backend for the training steps (e.g. "
-                                 "inductor), none, or auto: inductor on each decoder layer on CUDA, eager elsewhere, on "
-                                 "quantized bases and with --lean-activations or checkpointing."),
+                                 "inductor), none, or auto: inductor on each decoder layer on CUDA (checkpointed around "
+                                 "each compiled layer with --checkpointing), eager elsewhere, on quantized bases, with "
+                                 "--lean-activations or --gradient-checkpointing."),
     activation_budget: Optional[float] = typer.Option(None, help="Compiled layers: share (0-1] of their activations "
                                                       "kept for backward, the rest recomputed (default 1)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
