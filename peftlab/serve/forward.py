@@ -48,6 +48,11 @@ def decoder_parts(model: nn.Module):
     return inner.embed_tokens, layers, inner.norm, inner.rotary_emb, model.lm_head
 
 
+def _index(rows, device) -> torch.Tensor:
+    """An int64 index tensor of ``rows`` (a list) on ``device``."""
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
 @dataclass
 class _Prefills:
     """Several prefill chunks attended in one padded call: (B, Lq) query rows, (B, Lk) pool rows of their contexts,
@@ -80,15 +85,12 @@ def _batched_prefills(prefills: list[tuple[int, int, int, int]], cache: PagedKVC
     kv_rows, _ = context_rows(cache, [cache.tables[sid] for _, _, sid, _ in prefills], lens, lk, device)
     mask = None
     if any(start for *_, start in prefills) or len(set(lens)) > 1:
-        starts = torch.tensor([start for *_, start in prefills], dtype=torch.int64, device=device)
+        starts = _index([start for *_, start in prefills], device)
         i, j = torch.arange(lq, device=device), torch.arange(lk, device=device)
         # token i of chunk b sees positions j <= start_b + i (all live for i < n_b; padded rows are discarded)
         mask = (j[None, None, :] <= starts[:, None, None] + i[None, :, None])[:, None]
 
-    def t(x):
-        return torch.tensor(x, dtype=torch.int64, device=device)
-
-    return _Prefills(t(q_rows), kv_rows, mask, t(rows), t(src))
+    return _Prefills(_index(q_rows, device), kv_rows, mask, _index(rows, device), _index(src, device))
 
 
 @dataclass
@@ -137,7 +139,7 @@ def _plan(chunks: list[Chunk], cache: PagedKVCache, device) -> _Plan:
         last.append(flat - 1)
 
     def t(x):
-        return torch.tensor(x, dtype=torch.int64, device=device)
+        return _index(x, device)
 
     decode_kv = decode_mask = None
     if dec_tables:

@@ -169,10 +169,9 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, aro
             return block_forward(*args, **kwargs)  # the checkpoint runs around this compiled call
         cache = next((v for v in kwargs.values() if _is_cache(v)), None)
         run = block_forward if cache is None else _replaying(block_forward, cache)
-        if offload is None:  # no context manager around it: what torch.compile traces whole in a compiled block
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        # no context manager around it without offload: what torch.compile traces whole in a compiled block
+        call = checkpoint if offload is None else _with_hooks(checkpoint, offload)
+        return call(run, *args, use_reentrant=False, **kwargs)
     return forward
 
 
