@@ -146,7 +146,8 @@ def _peftlab_step_fn(model, setting: dict, device):
         from peftlab.train.packing import compile_model
 
         model.config.use_cache = False
-        compile_model(model, backend, "layers")
+        mode = os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None  # A/B: "reduce-overhead" (CUDA graphs per layer)
+        compile_model(model, backend, "layers", mode=mode)
 
     def step(batch):
         loss, _ = accumulate_gradients(model, [batch], device, loss_fn=loss_fn)
@@ -290,6 +291,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")),
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
+              "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,
               "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
                                  and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

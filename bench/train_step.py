@@ -19,7 +19,9 @@ Implementations (``--impls``): ``peftlab`` (its default path: fused on CUDA), ``
 plain-torch reference path, ``PEFTLAB_FAST=0``), ``peftlab_fce`` (its fused linear + cross-entropy
 loss, ``TrainArgs.fused_ce``), ``peftlab_lean`` (that loss and the lean RMSNorm / SwiGLU nodes,
 ``TrainArgs.lean_activations``), ``peftlab_compiled`` (that loss with each decoder layer compiled by
-inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``; the warm-up steps include compiling),
+inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``, in the trainer's "auto" compile mode: CUDA
+graphs per layer unless checkpointed, env PEFTLAB_BENCH_COMPILE_MODE=default for torch's default; the warm-up steps
+include compiling),
 ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
@@ -212,11 +214,15 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
 
         model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
     if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
-        from peftlab.train.packing import compile_model
+        import torch
+
+        from peftlab.train.packing import compile_model, resolve_compile_mode
 
         model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
         backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
-        mode = os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None  # A/B: "reduce-overhead" (CUDA graphs per layer)
+        # the trainer's compile_mode "auto" (CUDA graphs per layer unless checkpointed); A/B: "default", ...
+        mode = resolve_compile_mode(os.environ.get("PEFTLAB_BENCH_COMPILE_MODE", "auto"), backend,
+                                    torch.device(args.device), os.environ.get("PEFTLAB_BENCH_CKPT", "off") != "off")
         compile_model(model, backend, "layers", mode=mode)
         versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
         if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels

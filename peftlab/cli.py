@@ -77,6 +77,9 @@ def train(
                                  "inductor), none, or auto: inductor on each decoder layer on CUDA (checkpointed around "
                                  "each compiled layer with --checkpointing), eager elsewhere, on quantized bases, with "
                                  "--lean-activations or --gradient-checkpointing."),
+    compile_mode: str = typer.Option("auto", help="torch.compile mode of the compiled layers: default, "
+                                     "reduce-overhead (CUDA graphs per layer), max-autotune, or auto: reduce-overhead "
+                                     "for inductor on one CUDA GPU without --checkpointing or --packing."),
     activation_budget: Optional[float] = typer.Option(None, help="Compiled layers: share (0-1] of their activations "
                                                       "kept for backward, the rest recomputed (default 1)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
@@ -118,7 +121,7 @@ def train(
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
                      packing=packing, compile=None if compile_ == "none" else compile_,
-                     compile_scope=compile_scope, activation_budget=activation_budget)
+                     compile_scope=compile_scope, compile_mode=compile_mode, activation_budget=activation_budget)
     args.distributed = distributed
     try:
         metrics = run_train(args)

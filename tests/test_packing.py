@@ -8,7 +8,8 @@ from peftlab.core.config import ConfigError
 from peftlab.train.data import IGNORE_INDEX, Collator, build_datasets
 from peftlab.train.loop import TrainArgs, train
 from peftlab.train import packing
-from peftlab.train.packing import PackingCollator, batch_tokens, check_packing, resolve_compile
+from peftlab.train.packing import (PackingCollator, batch_tokens, check_packing, resolve_compile,
+                                   resolve_compile_mode)
 
 RECORDS = [{"instruction": f"add {i} and {i * 3}", "input": "", "output": f"{4 * i}" + " ok" * (i % 4)}
            for i in range(24)]
@@ -114,6 +115,71 @@ def test_auto_compile_is_eager_off_cuda_and_on_quantized_bases():
     assert resolve_compile("auto", "adapted", cuda, quantized=False, memory_first=True) == (None, "adapted")
 
 
+def test_compile_mode_auto_uses_cuda_graphs_only_where_they_hold():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile_mode("auto", "inductor", cuda, checkpointed=False) == "reduce-overhead"
+    for kw in (dict(checkpointed=True), dict(checkpointed=False, packed=True),
+               dict(checkpointed=False, distributed=True), dict(checkpointed=False, full_parameter=True)):
+        assert resolve_compile_mode("auto", "inductor", cuda, **kw) is None, kw
+    assert resolve_compile_mode("auto", "inductor", cpu, checkpointed=False) is None
+    assert resolve_compile_mode("auto", None, cuda, checkpointed=False) is None  # eager: nothing compiles
+    assert resolve_compile_mode("auto", "aot_eager", cuda, checkpointed=False) is None
+    assert resolve_compile_mode("max-autotune", "inductor", cpu, checkpointed=False) == "max-autotune"  # asked for
+    assert resolve_compile_mode("default", "inductor", cuda, checkpointed=False) is None
+    assert resolve_compile_mode("reduce-overhead", None, cuda, checkpointed=False) is None
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ConfigError, match="compile_mode must be.*'fast'"):
+        TrainArgs(compile_mode="fast").validate()
+    with pytest.raises(ConfigError, match="'reduce-overhead'.*checkpointing 'offload'.*overwrites"):
+        TrainArgs(compile_mode="reduce-overhead", checkpointing="offload").validate()
+    TrainArgs(compile_mode="reduce-overhead").validate()
+    TrainArgs(checkpointing="on").validate()  # "auto" leaves the graphs out under checkpointing
+
+
+def test_padded_collator_rounds_the_width_up():
+    ex = examples(3)
+    plain, padded = Collator(0)(ex), Collator(0).padded_to(40)(ex)
+    width = plain["input_ids"].shape[1]
+    assert width % 40 and padded["input_ids"].shape == (3, -(-width // 40) * 40)
+    for key in plain:
+        assert torch.equal(padded[key][:, :width], plain[key]), key
+    assert (padded["attention_mask"][:, width:] == 0).all() and (padded["labels"][:, width:] == IGNORE_INDEX).all()
+    assert batch_tokens(padded) == batch_tokens(plain)
+
+
+def test_graph_mode_bookkeeping_trains_like_eager_with_accumulation(tmp_path, monkeypatch):
+    """A compile mode with CUDA graphs pads batches to a multiple of 64 tokens, starts a graph generation each step
+    and keeps zeroed .grad tensors between steps (accumulation adds into them). Here the backend (aot_eager, on the
+    CPU) ignores the mode, so this checks the bookkeeping: the losses stay the eager run's over two micro-batches."""
+    common = dict(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, max_length=100, eval_size=4, log_every=0,
+                  progress=False, target_modules=["q_proj", "v_proj"], r=4)
+    from peftlab.train import loop
+
+    marks, widths = [], set()
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    step = loop.accumulate_gradients
+    monkeypatch.setattr(loop, "accumulate_gradients",
+                        lambda model, batches, *a: widths.update(b["input_ids"].shape[1] for b in batches) or
+                        step(model, batches, *a))
+
+    def run(name, **kw):
+        model = tiny_llama()
+        widths.clear()
+        metrics = train(TrainArgs(out=str(tmp_path / name), **common, **kw), model=model, tokenizer=tiny_tokenizer(),
+                        records=RECORDS)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        return [h["loss"] for h in metrics["losses"]], set(widths), grads
+
+    eager, eager_widths, eager_grads = run("eager", compile=None)
+    graphs, graph_widths, graph_grads = run("graphs", compile="aot_eager", compile_mode="reduce-overhead")
+    assert None not in eager and graphs == pytest.approx(eager, abs=1e-5)
+    assert any(w % 64 for w in eager_widths) and graph_widths <= {64, 128}
+    assert len(marks) == common["max_steps"]
+    assert all(g is None for g in eager_grads) and all(g is not None and not g.any() for g in graph_grads)
+
+
 def test_auto_compile_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch):
     """An "auto" compile that fails in the first step warns and trains eagerly, to the eager run's losses; an
     explicitly asked-for backend that fails raises."""
@@ -205,13 +271,15 @@ def test_inductor_compiled_layers_on_cuda_match_eager(device="cuda"):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the default compile acts only there")
-def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path):
-    """On CUDA a plain train() compiles each decoder layer with inductor (the default "auto"), with no fallback
-    warning, and reaches the eager run's losses within bf16 autocast's rounding (inductor fuses differently)."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path, grad_accum):
+    """On CUDA a plain train() compiles each decoder layer with inductor in CUDA graphs (the default "auto" compile
+    and compile mode), with no fallback warning, and reaches the eager run's losses within bf16 autocast's rounding
+    (inductor fuses differently), also when two micro-batches accumulate into the graphs' gradients."""
     import warnings as _warnings
 
-    common = dict(max_steps=3, batch_size=4, lr=1e-2, max_length=64, eval_size=4, log_every=0, progress=False,
-                  r=4, target_modules="all-linear")
+    common = dict(max_steps=3, batch_size=4 // grad_accum, grad_accum=grad_accum, lr=1e-2, max_length=64,
+                  eval_size=4, log_every=0, progress=False, r=4, target_modules="all-linear")
     runs = {}
     for compile_ in (None, "auto"):
         model = tiny_llama().to("cuda")
@@ -222,6 +290,7 @@ def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path):
         runs[compile_] = [h["loss"] for h in metrics["losses"]]
     assert runs["auto"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
     assert packing.resolve_compile("auto", "adapted", torch.device("cuda"), False) == ("inductor", "layers")
+    assert resolve_compile_mode("auto", "inductor", torch.device("cuda"), False) == "reduce-overhead"
 
 
 def test_activation_budget_keeps_less_for_backward_with_the_same_gradients(tmp_path, monkeypatch):

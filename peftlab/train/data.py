@@ -282,11 +282,16 @@ def build_datasets(records: list[dict], tokenizer, max_length: int = 128, eval_f
 class Collator:
     """Right-pads a list of examples into input_ids / attention_mask / labels tensors."""
 
-    def __init__(self, pad_token_id: int | None):
+    def __init__(self, pad_token_id: int | None, multiple: int = 1):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked anyway; any id will do
+        self.multiple = multiple
+        """The batch width is rounded up to a multiple of this (fewer distinct shapes for compiled code)."""
+
+    def padded_to(self, multiple: int) -> "Collator":
+        return Collator(self.pad_token_id, multiple)
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
+        width = -(-max(len(e["input_ids"]) for e in examples) // self.multiple) * self.multiple
         ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

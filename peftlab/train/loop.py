@@ -35,8 +35,8 @@ from peftlab.train.data import Collator, build_datasets, example_order, fingerpr
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
-from peftlab.train.packing import (COMPILE_SCOPES, CompiledSteps, PackingCollator, batch_tokens, check_packing,
-                                   compiled_steps)
+from peftlab.train.packing import (COMPILE_MODES, COMPILE_SCOPES, GRAPH_MODES, GRAPH_PAD, CompiledSteps,
+                                   PackingCollator, batch_tokens, check_packing, compiled_steps)
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients
 
@@ -132,6 +132,11 @@ class TrainArgs:
     every adapter ``compiles_in_layers``; peftlab's ``checkpointing`` then runs around each compiled layer), eager
     elsewhere, and eager again if compiling fails (with a warning; see
     ``packing.resolve_compile``). Evaluation runs eagerly."""
+    compile_mode: str | None = "auto"
+    """torch.compile's mode for the compiled layers (None or "default", "reduce-overhead", "max-autotune", ...);
+    "auto" = "reduce-overhead" (CUDA graphs per compiled layer) for inductor on CUDA with one process, no peftlab
+    checkpointing, no packing and adapters (not full-parameter training), the default elsewhere (``packing.resolve_compile_mode``). Under CUDA graphs
+    padded batches are padded to a multiple of 64 tokens."""
     activation_budget: float | None = None
     """Compiled layers only: the share (0, 1] of their activations kept for backward; the partitioner recomputes the
     cheapest of the rest (torch's ``activation_memory_budget``; None = 1, inductor's default choice)."""
@@ -150,6 +155,12 @@ class TrainArgs:
             if self.compile not in known_backends:
                 raise ConfigError(f"compile must be 'auto', None or a torch.compile backend, got {self.compile!r}; "
                                   f"backends here: {', '.join(known_backends)}")
+        if self.compile_mode not in ("auto", None, *COMPILE_MODES):
+            raise ConfigError(f"compile_mode must be 'auto', None or one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_mode in GRAPH_MODES and self.checkpointing != "off":
+            raise ConfigError(f"compile_mode {self.compile_mode!r} (CUDA graphs) cannot run with checkpointing "
+                              f"{self.checkpointing!r}: the recompute calls a layer again before its backward and "
+                              "overwrites the graphs' outputs; use checkpointing 'off' or compile_mode 'default'")
         if self.activation_budget is not None:
             if not 0 < self.activation_budget <= 1:
                 raise ConfigError(f"activation_budget must be in (0, 1], got {self.activation_budget!r}")
@@ -383,7 +394,7 @@ def _check_resumable(state: dict, args: dict, fingerprint: str, source: Path) ->
 def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate, device, state: dict,
                out: Path, on_step, runtime: distributed.Runtime, compiled: CompiledSteps) -> None:
     stream = example_order(len(train_set), args.seed, start=state["examples_seen"])
-    collate = PackingCollator() if args.packing else collate
+    collate = PackingCollator() if args.packing else collate.padded_to(GRAPH_PAD) if compiled.graphs else collate
     model.train()
     runtime.diverge_rng()
     main = runtime.is_main
@@ -398,6 +409,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             batches = [collate(runtime.shard([train_set[next(stream)] for _ in range(args.batch_size)]))
                        for _ in range(args.grad_accum)]
             lr_now = scheduler.get_last_lr()[0]
+            compiled.begin_step()
             try:
                 step_loss, step_tokens = gradients(batches)
             except Exception as exc:  # noqa: BLE001  (an "auto" compile's failure: the step runs again, eagerly)
@@ -412,7 +424,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             scheduler.step()
             # adapter schedules (AdaLoRA's rank budget) see completed steps, 1-based, and still the gradients
             on_step(step)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=compiled.frees_grads)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started

@@ -77,6 +77,11 @@ def adapted_modules(model: nn.Module) -> Iterator[AdaptedModule]:
 
 
 COMPILE_SCOPES = ("layers", "adapted")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture each compiled layer in CUDA graphs (inductor's cudagraph trees)."""
+GRAPH_PAD = 64
+"""Under CUDA graphs padded batches are padded to a multiple of this width: each width records its own graphs."""
 
 
 def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
@@ -126,15 +131,52 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
     return "inductor", "layers"
 
 
+def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.device, checkpointed: bool,
+                         packed: bool = False, distributed: bool = False, full_parameter: bool = False) -> str | None:
+    """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
+    (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
+    packing and a small trainable share (not ``full_parameter``: CUDA graphs keep the .grad tensors between steps,
+    see ``CompiledSteps``); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs took the 1B LoRA
+    step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-106 ms to 61-63 ms (bench/README.md, tenth
+    session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
+    outputs (it failed on the H200, 8B QLoRA); a packed row's width changes every step, so each step would record
+    new graphs; several processes were not tried."""
+    if mode != "auto":
+        return None if backend is None or mode in (None, "default") else mode
+    if backend == "inductor" and device.type == "cuda" and not (checkpointed or packed or distributed
+                                                                 or full_parameter):
+        return "reduce-overhead"
+    return None
+
+
 class CompiledSteps:
     """The compile state of one run's training steps: which modules are compiled, and whether a failed step may
     run again eagerly (only under an "auto" compile: any error in its first step, a compiler error in later ones,
-    for example when a new sequence length recompiles)."""
+    for example when a new sequence length recompiles). Under CUDA graphs (``graphs``) each step begins a new
+    graph generation and the trainable parameters keep their .grad tensors between steps (zeroed, not freed), so
+    the graphs' backward adds into them instead of handing out its own buffers, which the next micro-batch would
+    overwrite."""
 
-    def __init__(self, model: nn.Module, backend: str | None, scope: str, auto: bool):
+    def __init__(self, model: nn.Module, backend: str | None, scope: str, auto: bool, mode: str | None = None):
         self.model, self.backend, self.scope = model, backend, scope
         self.auto = auto
         self.may_retry = auto and backend is not None
+        self.mode = mode
+        self.graphs = backend is not None and mode in GRAPH_MODES  # inductor's; other backends ignore the mode
+
+    def begin_step(self) -> None:
+        """Before a step's first forward: a new CUDA graph generation, and .grad tensors allocated outside them."""
+        if not self.graphs:
+            return
+        torch.compiler.cudagraph_mark_step_begin()
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    @property
+    def frees_grads(self) -> bool:
+        """Whether zero_grad may free the .grad tensors (set_to_none); not under CUDA graphs (``begin_step``)."""
+        return not self.graphs
 
     def fall_back(self, exc: BaseException) -> bool:
         """Called with a step's exception: uncompile and say True when the step may run again eagerly."""
@@ -143,7 +185,7 @@ class CompiledSteps:
         warnings.warn(f"compiling the decoder layers ({self.backend}) failed; training goes on eagerly from this "
                       f"step: {type(exc).__name__}: {str(exc)[:300]}", RuntimeWarning, stacklevel=2)
         uncompile_model(self.model, self.scope)
-        self.backend, self.may_retry = None, False
+        self.backend, self.may_retry, self.graphs = None, False, False
         return True
 
     def stepped(self) -> None:
@@ -164,9 +206,15 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
         args.checkpointing != "off" and not checkpoints_around(model))  # traced checkpoints: see activations.py
     backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model),
                                      memory_first)
-    state = CompiledSteps(model, backend, scope, auto=args.compile == "auto")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())  # GaLore, say
+    mode = resolve_compile_mode(args.compile_mode, backend, device, args.checkpointing != "off", args.packing,
+                                distributed, full_parameter)
+    state = CompiledSteps(model, backend, scope, auto=args.compile == "auto", mode=mode)
+    graphs = state.graphs
     if backend:
-        compile_model(model, backend, scope)
+        compile_model(model, backend, scope, mode=mode)
     budget = args.activation_budget
     try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
         with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext():
@@ -174,6 +222,10 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     finally:
         if state.backend:
             uncompile_model(model, scope)
+        if graphs and device.type == "cuda":
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()  # the graphs' memory pool
 
 
 def _compiler_error(exc: BaseException) -> bool:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepared in the tenth session (2026-12-04), not yet run: one H200 call, <= ~10 min, carry .unsloth_site.
+# The trainer now runs compiled layers as CUDA graphs by default where they hold (TrainArgs.compile_mode "auto").
+#   1. the trainer's graph path on the GPU: the CUDA tests of tests/test_packing.py (train() with compile "auto",
+#      gradient accumulation 1 and 2, against eager) and the compiled + checkpointed peak test;
+#   2. same-call ratios: our LoRA with graphs (default now), with graphs and activation budget 0.5 (the memory
+#      target), PEFT and Unsloth -> $OUT/peers.json, $OUT/lora.json;
+#   3. the methods not yet run with graphs, beside the compiled frozen base -> $OUT/methods.json.
+#   OUT=... bench/gpu/graphs_next.sh
+set -x
+OUT=${OUT:-/tmp/graphs-next}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+timeout 150 python3 -m pytest -q -x tests/test_packing.py -k "cuda" 2>&1 | tail -3
+timeout 100 python3 bench/train_step.py --steps 10 --warmup 3 --repeats 1 --shape 1b --methods lora \
+  --impls peftlab_compiled,peftlab_compiled_budget --prime 0 --timeout 60 --out "$OUT/lora.json" 2>&1 | grep -E '^\[|rror'
+timeout 170 python3 bench/train_step.py --unsloth-site "${UNSLOTH_SITE:-$PWD/.unsloth_site}" --steps 10 --warmup 3 \
+  --repeats 1 --shape 1b --methods lora --impls peft,unsloth --prime 0 --timeout 150 --out "$OUT/peers.json" 2>&1 \
+  | grep -E '^\[|rror|kip'
+timeout 260 python3 bench/train_step.py --steps 10 --warmup 3 --repeats 1 --shape 1b \
+  --methods frozen_compiled,lora,ia3,vera,loha,lokr,oft,adalora --impls peftlab_compiled --prime 0 --timeout 45 \
+  --out "$OUT/methods.json" 2>&1 | grep -E '^\[|rror'
+exit 0
