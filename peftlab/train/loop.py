@@ -35,8 +35,8 @@ from peftlab.train.data import Collator, build_datasets, example_order, fingerpr
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
 from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
-from peftlab.train.packing import (COMPILE_MODES, COMPILE_SCOPES, GRAPH_MODES, GRAPH_PAD, CompiledSteps,
-                                   PackingCollator, batch_tokens, check_packing, compiled_steps)
+from peftlab.train.packing import (GRAPH_PAD, CompiledSteps, PackingCollator, batch_tokens, check_packing,
+                                   compiled_steps, validate_compile_args)
 from peftlab.train.progress import Reporter, environment, peak_memory, reset_peak_memory
 from peftlab.train.step import accumulate_gradients
 
@@ -148,26 +148,7 @@ class TrainArgs:
         known = variants()
         if self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
-        if isinstance(self.compile, str) and self.compile != "auto":
-            import torch._dynamo
-
-            known_backends = torch._dynamo.list_backends(exclude_tags=())
-            if self.compile not in known_backends:
-                raise ConfigError(f"compile must be 'auto', None or a torch.compile backend, got {self.compile!r}; "
-                                  f"backends here: {', '.join(known_backends)}")
-        if self.compile_mode not in ("auto", None, *COMPILE_MODES):
-            raise ConfigError(f"compile_mode must be 'auto', None or one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.compile_mode in GRAPH_MODES and self.checkpointing != "off":
-            raise ConfigError(f"compile_mode {self.compile_mode!r} (CUDA graphs) cannot run with checkpointing "
-                              f"{self.checkpointing!r}: the recompute calls a layer again before its backward and "
-                              "overwrites the graphs' outputs; use checkpointing 'off' or compile_mode 'default'")
-        if self.activation_budget is not None:
-            if not 0 < self.activation_budget <= 1:
-                raise ConfigError(f"activation_budget must be in (0, 1], got {self.activation_budget!r}")
-            if self.compile is None:
-                raise ConfigError("activation_budget acts on compiled layers; it needs compile ('auto' or a backend)")
-        if self.compile_scope not in COMPILE_SCOPES:
-            raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
+        validate_compile_args(self)
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "r"):

@@ -110,6 +110,30 @@ def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
         module._compiled_call_impl = None  # what nn.Module.compile set; eager forward again
 
 
+def validate_compile_args(args) -> None:
+    """The compile settings of ``TrainArgs`` (compile, compile_mode, compile_scope, activation_budget)."""
+    if isinstance(args.compile, str) and args.compile != "auto":
+        import torch._dynamo
+
+        known_backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in known_backends:
+            raise ConfigError(f"compile must be 'auto', None or a torch.compile backend, got {args.compile!r}; "
+                              f"backends here: {', '.join(known_backends)}")
+    if args.compile_mode not in ("auto", None, *COMPILE_MODES):
+        raise ConfigError(f"compile_mode must be 'auto', None or one of {COMPILE_MODES}, got {args.compile_mode!r}")
+    if args.compile_mode in GRAPH_MODES and args.checkpointing != "off":
+        raise ConfigError(f"compile_mode {args.compile_mode!r} (CUDA graphs) cannot run with checkpointing "
+                          f"{args.checkpointing!r}: the recompute calls a layer again before its backward and "
+                          "overwrites the graphs' outputs; use checkpointing 'off' or compile_mode 'default'")
+    if args.activation_budget is not None:
+        if not 0 < args.activation_budget <= 1:
+            raise ConfigError(f"activation_budget must be in (0, 1], got {args.activation_budget!r}")
+        if args.compile is None:
+            raise ConfigError("activation_budget acts on compiled layers; it needs compile ('auto' or a backend)")
+    if args.compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {args.compile_scope!r}")
+
+
 def resolve_compile(backend: str | None, scope: str, device: torch.device, quantized: bool,
                     compiles: bool = True, memory_first: bool = False) -> tuple[str | None, str]:
     """The (backend, scope) a training run compiles with. ``"auto"``: inductor on each decoder layer when training
