@@ -78,7 +78,7 @@ class QuantizedWeight:
         self.base = base
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.base.weight_oi().to(dtype)
+        return _as(self.base.weight_oi(), dtype)
 
 
 def restore_dtype(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -143,11 +143,13 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, a, b, scaling):
         src = x if xd is None else xd
         x2, s2 = _flat(x), _flat(src)
-        xa = (s2 @ _as(a, x.dtype).t()).mul_(scaling)
-        out = mm_add(x2, _dense(weight, x.dtype), bias, xa, _as(b, x.dtype), True, True)
+        a_, b_ = _as(a, x.dtype), _as(b, x.dtype)  # kept for backward: no second cast there
+        xa = (s2 @ a_.t()).mul_(scaling)
+        out = mm_add(x2, _dense(weight, x.dtype), bias, xa, b_, True, True)
         ctx.scaling, ctx.has_dropout = scaling, xd is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        _save(ctx, weight, x2 if weight.requires_grad else None, s2, a, b, xa)
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        _save(ctx, weight, x2 if weight.requires_grad else None, s2, a_, b_, xa)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -169,9 +171,9 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_bias = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4]:
-            grad_a = _as(gxa.t() @ s2, a.dtype)
+            grad_a = _as(gxa.t() @ s2, ctx.a_dtype)
         if ctx.needs_input_grad[5]:
-            grad_b = _as(g2.t() @ xa, b.dtype)
+            grad_b = _as(g2.t() @ xa, ctx.b_dtype)
         return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_b, None
 
 
@@ -180,15 +182,17 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, share_output):
         x2 = _flat(x)
         scale = (magnitude / norm).to(x.dtype)
-        xa = (x2 @ _as(a, x.dtype).t()).mul_(scaling)
-        z = mm_add(x2, _dense(weight, x.dtype), None, xa, _as(b, x.dtype), True, True)
+        a_, b_ = _as(a, x.dtype), _as(b, x.dtype)  # kept for backward: no second cast there
+        xa = (x2 @ a_.t()).mul_(scaling)
+        z = mm_add(x2, _dense(weight, x.dtype), None, xa, b_, True, True)
         y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
         y = y.view(*x.shape[:-1], y.shape[-1])
         ctx.scaling = scaling
         kept = None
         if ctx.needs_input_grad[5]:  # dm needs the output; a copy unless the caller vouches for sharing it
             kept = y if share_output else y.clone()
-        _save(ctx, weight, x2, bias, a, b, magnitude, scale, xa, kept)
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        _save(ctx, weight, x2, bias, a_, b_, magnitude, scale, xa, kept)
         return y
 
     @staticmethod
@@ -208,9 +212,9 @@ class _DoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_bias = g_sum.to(bias.dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = _as(gxa.t() @ x2, a.dtype)
+            grad_a = _as(gxa.t() @ x2, ctx.a_dtype)
         if ctx.needs_input_grad[4]:
-            grad_b = _as(gs.t() @ xa, b.dtype)
+            grad_b = _as(gs.t() @ xa, ctx.b_dtype)
         if ctx.needs_input_grad[5]:
             gy = (g2 * _flat(y)).sum(0, dtype=torch.float32)
             if bias is not None:
