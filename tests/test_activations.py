@@ -82,6 +82,33 @@ def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend):
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
+def test_cloned_outputs_of_compiled_blocks_keep_the_gradients(monkeypatch):
+    """PEFTLAB_CKPT_CLONE_OUTPUTS=1 (the experiment for CUDA graphs under checkpointing) clones what each compiled,
+    checkpointed block returns: the losses and gradients stay those without it, and the clones happen (at least one
+    per block: the forward's; the recompute may stop early, once the block's saved tensors are back)."""
+    from peftlab.train import activations
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    model = _attached("lora")
+    model.config.use_cache = False
+    ids = batch(b=2, t=7)
+    clones = []
+    original = torch.clone
+    compile_model(model, "aot_eager", "layers")
+    try:
+        ref_loss, ref = _loss_and_grads(model, ids, "on", seed=5)
+        monkeypatch.setenv("PEFTLAB_CKPT_CLONE_OUTPUTS", "1")
+        monkeypatch.setattr(activations.torch, "clone", lambda t: clones.append(1) or original(t))
+        loss, grads = _loss_and_grads(model, ids, "on", seed=5)
+    finally:
+        monkeypatch.setattr(activations.torch, "clone", original)
+        uncompile_model(model, "layers")
+    assert len(clones) >= len(decoder_blocks(model))
+    torch.testing.assert_close(loss, ref_loss)
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
 def test_blocks_restored_and_eval_untouched():
     model = _attached("lora")
     blocks = decoder_blocks(model)

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("off", "on", "offload")
@@ -175,6 +176,20 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, aro
     return forward
 
 
+def _owning(compiled_call):
+    """``compiled_call`` with its tensor outputs cloned when ``PEFTLAB_CKPT_CLONE_OUTPUTS=1`` (an experiment, off by
+    default): under CUDA graphs a compiled call's outputs live in the graphs' memory pool, and a checkpoint's
+    recompute calls it a second time before its backward, which overwrote them on the H200 (8B QLoRA, tenth
+    session); cloned, the block's output belongs to the caching allocator. Untested on a GPU."""
+    if os.environ.get("PEFTLAB_CKPT_CLONE_OUTPUTS", "") != "1":
+        return compiled_call
+
+    def call(*args, **kwargs):
+        out = compiled_call(*args, **kwargs)
+        return tree_map_only(torch.Tensor, torch.clone, out)
+    return call
+
+
 def _replaying(block_forward, cache):
     """``block_forward`` for a checkpoint whose re-run must see the KV cache as the first run saw it (the counter is
     a side effect, so only blocks with a cache have it)."""
@@ -273,7 +288,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
                     # the compiled forward (after an uncompile, the forward's checkpoint takes over)
                     block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None)
                     if inner is not None:
-                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, inner, offload)
+                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, _owning(inner), offload)
             yield model
     finally:
         for block in blocks:

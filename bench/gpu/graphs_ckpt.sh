@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Prepared in the tenth session (2026-12-04), not yet run: one H200 call each, <= ~8 min, carry .unsloth_site.
+# Can CUDA graphs run under checkpointing if each compiled block's output is cloned out of the graphs' pool
+# (PEFTLAB_CKPT_CLONE_OUTPUTS=1, peftlab/train/activations.py)? Without it the 8B QLoRA B1 row failed ("accessing
+# tensor output of CUDAGraphs that has been overwritten"). The checkpointed steps are host-bound (8B QLoRA B1: ~78 ms
+# of kernels in a 338-366 ms step; 1B offloaded: ~80 ms in 103-121 ms), so graphs would be the big lever for issue 13.
+# SETTINGS (default "8b-qlora-b1 8b-qlora-b1-embed"; also "1b-lora-ckpt-offload"): each compiled with graphs and
+# clones, one process each; then Unsloth's row of the first setting in the same call. The same rows without graphs
+# ran on 2026-12-04: QLoRA B1 338-366 ms / 6.49 GiB, 1B offloaded 103-121 ms / 2.98 GiB.
+#   OUT=... [SETTINGS=...] bench/gpu/graphs_ckpt.sh -> $OUT/ckpt_graphs_<setting>.json, ..._unsloth.json, .log
+set -x
+OUT=${OUT:-/tmp/graphs-ckpt}
+SETTINGS=${SETTINGS:-8b-qlora-b1 8b-qlora-b1-embed}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH=${UNSLOTH_SITE:-$PWD/.unsloth_site}:$PWD
+for setting in $SETTINGS; do
+  PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_COMPILE_MODE=reduce-overhead PEFTLAB_CKPT_CLONE_OUTPUTS=1 \
+    timeout 120 python3 bench/memory.py --steps 5 --warmup 2 --timeout 115 --impls peftlab --settings "$setting" \
+    --out "$OUT/ckpt_graphs_$setting.json" >> "$OUT/ckpt_graphs.log" 2>&1
+done
+first=${SETTINGS%% *}
+timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "${first%-embed}" \
+  --out "$OUT/ckpt_graphs_unsloth.json" >> "$OUT/ckpt_graphs.log" 2>&1
+grep -E '^\{' "$OUT/ckpt_graphs.log" | cut -c1-420
+exit 0
