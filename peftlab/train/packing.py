@@ -160,9 +160,9 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
     (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
     packing and a small trainable share (not ``full_parameter``: CUDA graphs keep the .grad tensors between steps,
-    see ``CompiledSteps``); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs took the 1B LoRA
-    step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-106 ms to 61-63 ms (bench/README.md, tenth
-    session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
+    see ``CompiledSteps``); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs
+    took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms to 61-63 ms
+    (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
     outputs (it failed on the H200, 8B QLoRA); a packed row's width changes every step, so each step would record
     new graphs; several processes were not tried."""
     if mode != "auto":
