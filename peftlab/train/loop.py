@@ -382,7 +382,8 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
     loss_fn = loss_function(args, model)
 
     def gradients(batches: list) -> tuple:
-        return accumulate_gradients(runtime.forward_model or model, batches, device, runtime, loss_fn)
+        return accumulate_gradients(runtime.forward_model or model, batches, device, runtime, loss_fn,
+                                    compiled.own_grads)
     with Reporter(args.max_steps, state["step"], enabled=args.progress and main,
                   log_every=args.log_every if main else 0) as report:
         for step in range(state["step"] + 1, args.max_steps + 1):
@@ -405,7 +406,7 @@ def _run_steps(args: TrainArgs, model, optimizer, scheduler, train_set, collate,
             scheduler.step()
             # adapter schedules (AdaLoRA's rank budget) see completed steps, 1-based, and still the gradients
             on_step(step)
-            optimizer.zero_grad(set_to_none=compiled.frees_grads)
+            optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started

@@ -159,8 +159,8 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
                          packed: bool = False, distributed: bool = False, full_parameter: bool = False) -> str | None:
     """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
     (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
-    packing and a small trainable share (not ``full_parameter``: CUDA graphs keep the .grad tensors between steps,
-    see ``CompiledSteps``); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs
+    packing and a small trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between
+    micro-batches, see ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs
     took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms to 61-63 ms
     (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
     outputs (it failed on the H200, 8B QLoRA); a packed row's width changes every step, so each step would record
@@ -177,9 +177,9 @@ class CompiledSteps:
     """The compile state of one run's training steps: which modules are compiled, and whether a failed step may
     run again eagerly (only under an "auto" compile: any error in its first step, a compiler error in later ones,
     for example when a new sequence length recompiles). Under CUDA graphs (``graphs``) each step begins a new
-    graph generation and the trainable parameters keep their .grad tensors between steps (zeroed, not freed), so
-    the graphs' backward adds into them instead of handing out its own buffers, which the next micro-batch would
-    overwrite."""
+    graph generation, and between micro-batches the gradients are copied out of the graphs' memory, which the next
+    micro-batch's graphs overwrite (torch's "gradient accumulation" hazard of reduce-overhead); the last
+    micro-batch's gradients are read by the optimizer before any graph runs again."""
 
     def __init__(self, model: nn.Module, backend: str | None, scope: str, auto: bool, mode: str | None = None):
         self.model, self.backend, self.scope = model, backend, scope
@@ -189,18 +189,19 @@ class CompiledSteps:
         self.graphs = backend is not None and mode in GRAPH_MODES  # inductor's; other backends ignore the mode
 
     def begin_step(self) -> None:
-        """Before a step's first forward: a new CUDA graph generation, and .grad tensors allocated outside them."""
+        """Before a step's first forward: a new CUDA graph generation."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def own_grads(self) -> None:
+        """After a micro-batch's backward when another follows: the .grad tensors as copies the caching allocator
+        owns, so the next backward adds into them. Gradients stay None where a parameter got none (AdamW skips such
+        a parameter; a zero gradient would still decay it)."""
         if not self.graphs:
             return
-        torch.compiler.cudagraph_mark_step_begin()
         for p in self.model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-    @property
-    def frees_grads(self) -> bool:
-        """Whether zero_grad may free the .grad tensors (set_to_none); not under CUDA graphs (``begin_step``)."""
-        return not self.graphs
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
     def fall_back(self, exc: BaseException) -> bool:
         """Called with a step's exception: uncompile and say True when the step may run again eagerly."""

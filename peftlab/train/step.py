@@ -45,14 +45,15 @@ def autocast_context(device: torch.device):
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: torch.device,
-                         sync: LocalSync = LOCAL, loss_fn=None) -> tuple[float, int]:
+                         sync: LocalSync = LOCAL, loss_fn=None, between=None) -> tuple[float, int]:
     """Backward over this process's micro-batches of one optimizer step; returns (loss, label tokens)
     of the whole step, summed over all processes.
 
     Gradients come out as those of the mean loss over all the step's label tokens however the
     examples are split between micro-batches and processes. ``sync`` averages gradients over
     processes, so each process scales its loss by the number of processes. ``loss_fn(model, batch)``
-    replaces ``model(**batch).loss`` (the fused cross-entropy).
+    replaces ``model(**batch).loss`` (the fused cross-entropy). ``between()`` runs after every backward but the
+    last (``CompiledSteps.own_grads``: gradients out of CUDA graphs' memory before the next micro-batch).
     """
     counts = [label_tokens(b["labels"]) for b in batches]
     step_tokens = int(sync.total(sum(counts)))
@@ -73,6 +74,8 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict], device: to
             else:
                 loss = raw.float() * (n * sync.world_size / step_tokens)
             loss.backward()
+        if between is not None and index < len(batches) - 1:
+            between()
         local_loss += loss.detach() / sync.world_size
     sync.reduce_gradients()
     return sync.total(local_loss.item()), step_tokens
