@@ -119,7 +119,8 @@ def test_compile_mode_auto_uses_cuda_graphs_only_where_they_hold():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_compile_mode("auto", "inductor", cuda, checkpointed=False) == "reduce-overhead"
     for kw in (dict(checkpointed=True), dict(checkpointed=False, packed=True),
-               dict(checkpointed=False, distributed=True), dict(checkpointed=False, full_parameter=True)):
+               dict(checkpointed=False, distributed=True), dict(checkpointed=False, full_parameter=True),
+               dict(checkpointed=False, padding_sensitive=True)):
         assert resolve_compile_mode("auto", "inductor", cuda, **kw) is None, kw
     assert resolve_compile_mode("auto", "inductor", cpu, checkpointed=False) is None
     assert resolve_compile_mode("auto", None, cuda, checkpointed=False) is None  # eager: nothing compiles
@@ -136,6 +137,15 @@ def test_compile_mode_is_checked():
         TrainArgs(compile_mode="reduce-overhead", checkpointing="offload").validate()
     TrainArgs(compile_mode="reduce-overhead").validate()
     TrainArgs(checkpointing="on").validate()  # "auto" leaves the graphs out under checkpointing
+
+
+def test_padding_sensitive_adapters_are_declared():
+    """MoE-LoRA's balancing loss counts pad tokens (its losses changed when CUDA-graph padding was on: a sweep over
+    every method, tenth session), so it declares itself not token-local; LoRA pads freely."""
+    for method, free in (("lora", True), ("molora", False), ("prompt_tuning", True)):
+        model = tiny_llama()
+        peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
+        assert packing.pads_freely(model) is free, method
 
 
 def test_padded_collator_rounds_the_width_up():

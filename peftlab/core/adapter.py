@@ -142,6 +142,9 @@ class AdapterLayer(nn.Module):
       supported_kinds    base-module kinds it can wrap ("linear", "embedding")
       compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
+      token_local        each token's output, and any loss it adds, depends on that token alone (no statistics over
+                         the batch's tokens), so extra padding changes nothing; False keeps CUDA graphs (which pad
+                         batches) off by default
     """
 
     mergeable: ClassVar[bool] = True
@@ -151,6 +154,7 @@ class AdapterLayer(nn.Module):
     transforms_input: ClassVar[bool] = False
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
     compiles_in_layers: ClassVar[bool] = True
+    token_local: ClassVar[bool] = True
 
     def __init__(self, base: BaseView, config: Any, module_name: str):
         super().__init__()

@@ -82,6 +82,8 @@ def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts:
 
 
 class MoLoraLayer(AdapterLayer):
+    token_local = False  # the load-balancing loss averages the router over every token, padding included
+
     def __init__(self, base: BaseView, config: MoLoraConfig, module_name: str):
         super().__init__(base, config, module_name)
         experts, r = config.num_experts, config.r

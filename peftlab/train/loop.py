@@ -135,7 +135,7 @@ class TrainArgs:
     compile_mode: str | None = "auto"
     """torch.compile's mode for the compiled layers (None or "default", "reduce-overhead", "max-autotune", ...);
     "auto" = "reduce-overhead" (CUDA graphs per compiled layer) for inductor on CUDA with one process, no peftlab
-    checkpointing, no packing and adapters (not full-parameter training), the default elsewhere
+    checkpointing, no packing and token-local adapters (not full-parameter training), the default elsewhere
     (``packing.resolve_compile_mode``). Under CUDA graphs padded batches are padded to a multiple of 64 tokens."""
     activation_budget: float | None = None
     """Compiled layers only: the share (0, 1] of their activations kept for backward; the partitioner recomputes the

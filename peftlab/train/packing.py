@@ -156,10 +156,12 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
 
 
 def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.device, checkpointed: bool,
-                         packed: bool = False, distributed: bool = False, full_parameter: bool = False) -> str | None:
+                         packed: bool = False, distributed: bool = False, full_parameter: bool = False,
+                         padding_sensitive: bool = False) -> str | None:
     """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
     (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
-    packing and a small trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between
+    packing, adapters whose results do not depend on padding (not ``padding_sensitive``: graphs pad each batch to
+    a multiple of ``GRAPH_PAD``; MoE-LoRA's balancing loss counts pad tokens) and a small trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between
     micro-batches, see ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs
     took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms to 61-63 ms
     (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
@@ -168,7 +170,7 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     if mode != "auto":
         return None if backend is None or mode in (None, "default") else mode
     if backend == "inductor" and device.type == "cuda" and not (checkpointed or packed or distributed
-                                                                 or full_parameter):
+                                                                 or full_parameter or padding_sensitive):
         return "reduce-overhead"
     return None
 
@@ -235,7 +237,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())  # GaLore, say
     mode = resolve_compile_mode(args.compile_mode, backend, device, args.checkpointing != "off", args.packing,
-                                distributed, full_parameter)
+                                distributed, full_parameter, not pads_freely(model))
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto", mode=mode)
     graphs = state.graphs
     if backend:
@@ -259,11 +261,21 @@ def _compiler_error(exc: BaseException) -> bool:
     return isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith(("torch._inductor", "triton"))
 
 
-def layers_compile(model: nn.Module) -> bool:
-    """Whether every adapter attached to ``model`` runs inside compiled decoder layers (``compiles_in_layers``)."""
+def _all_adapters(model: nn.Module, flag: str) -> bool:
+    """Whether every adapter attached to ``model`` (module adapters and hook-based ones) has capability ``flag``."""
     from peftlab.core.input_side import hooked
 
     container = hooked(model)
     hooks = list(container.values()) if container is not None else []
-    return all(a.compiles_in_layers for m in adapted_modules(model) for a in m.adapters.values()) and \
-        all(a.compiles_in_layers for a in hooks)
+    return all(getattr(a, flag) for m in adapted_modules(model) for a in m.adapters.values()) and \
+        all(getattr(a, flag) for a in hooks)
+
+
+def layers_compile(model: nn.Module) -> bool:
+    """Whether every adapter attached to ``model`` runs inside compiled decoder layers (``compiles_in_layers``)."""
+    return _all_adapters(model, "compiles_in_layers")
+
+
+def pads_freely(model: nn.Module) -> bool:
+    """Whether extra padding leaves every adapter's outputs and losses alone (``token_local``)."""
+    return _all_adapters(model, "token_local")
