@@ -134,7 +134,11 @@ def _peftlab_step_fn(model, setting: dict, device):
     else:
         peftlab.attach(model, peftlab.LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR))
         params = [p for p in model.parameters() if p.requires_grad]
-        if setting.get("quant"):
+        if setting.get("quant") and os.environ.get("PEFTLAB_BENCH_OPTIM") == "paged_adamw_fused":
+            from peftlab.train.paged import PagedAdamWFused  # A/B: one fused update, no sync per parameter
+
+            opt = PagedAdamWFused(params, lr=1e-4)
+        elif setting.get("quant"):
             import bitsandbytes as bnb
 
             opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4)
@@ -292,6 +296,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
               "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,
+              "optimizer": type(opt).__name__,
               "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
                                  and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

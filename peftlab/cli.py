@@ -66,7 +66,7 @@ def train(
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
     double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
-    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
+    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, paged_adamw_fused."),
     galore_rank: Optional[int] = typer.Option(None, help="--method galore: projection rank (default 128)."),
     galore_update_proj_gap: Optional[int] = typer.Option(None, help="--method galore: steps per projection (200)."),
     galore_scale: Optional[float] = typer.Option(None, help="--method galore: update scale (0.25)."),
@@ -158,7 +158,7 @@ def compare(
     offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
     quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),
     double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
-    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit."),
+    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, paged_adamw_fused."),
     device: str = typer.Option("auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="Base model dtype (float32, bfloat16); default: the checkpoint's."),
     jobs: int = typer.Option(1, min=1, help="Runs trained at once, each in its own process on the same device "

@@ -17,7 +17,7 @@ from peftlab.core.config import ConfigError
 # TrainArgs fields that change memory, not the method (compare passes them to every run)
 MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings",
                "lean_activations")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_fused")
 _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 _COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                    "float16": torch.float16, "fp16": torch.float16}
@@ -132,9 +132,13 @@ def loss_function(args, model):
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if name == "adamw":
         return torch.optim.AdamW
-    if name not in _BNB_OPTIMIZERS:
+    if name not in _BNB_OPTIMIZERS and name != "paged_adamw_fused":
         raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {name!r}")
     _require_bnb(f"optim={name}")
+    if name == "paged_adamw_fused":  # bitsandbytes' managed memory, torch's fused update (peftlab/train/paged.py)
+        from peftlab.train.paged import PagedAdamWFused
+
+        return PagedAdamWFused
     import bitsandbytes as bnb
 
     return getattr(bnb.optim, _BNB_OPTIMIZERS[name])
