@@ -45,7 +45,8 @@ def _managed_zeros(numel: int, device: torch.device) -> torch.Tensor:
 
 class PagedAdamWFused(torch.optim.AdamW):
     """``torch.optim.AdamW(fused=True)`` whose moments of large tensors live in managed memory (see module doc).
-    The managed blocks are never freed while the process runs (bitsandbytes' paged optimizers do the same)."""
+    The managed blocks are never freed while the process runs (bitsandbytes' paged optimizers do the same). State
+    loaded with ``load_state_dict`` (a resumed run) comes back as ordinary device tensors: same maths, not paged."""
 
     def __init__(self, params: Any, lr: float = 1e-3, **kwargs: Any):
         kwargs.pop("fused", None)
