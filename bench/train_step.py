@@ -264,19 +264,22 @@ def run_worker(args) -> dict[str, Any]:
         if not args.impl.startswith("peftlab"):
             raise SystemExit(f"PEFTLAB_BENCH_CKPT is peftlab's checkpointing; {args.impl} has its own")
         versions["checkpointing"] = ckpt + (f", {compiled_placement()}" if args.impl in COMPILED else "")
+    def train_step():
+        loss = loss_of()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
     with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
         for i in range(args.warmup + args.steps):
             sync()
             t0 = time.perf_counter()
-            loss = loss_of()
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            loss = train_step()
             sync()
             if i >= args.warmup:
                 samples.append((time.perf_counter() - t0) * 1e3)
-        profile = profile_steps(loss_of, opt, cuda) if args.profile else None
+        profile = profile_table(train_step, cuda) if args.profile else None
     record = {
         "trainable_params": sum(p.numel() for p in params),
         "trainable_dtypes": dtypes,
@@ -302,16 +305,6 @@ def step_loss(impl: str, model, x) -> Callable[[], Any]:
         check_fused_ce(model)
         return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
     return lambda: model(input_ids=x, labels=x).loss
-
-
-def profile_steps(loss_of: Callable[[], Any], opt, cuda: bool, steps: int = 3) -> str:
-    """Top kernels/ops of a few more steps (after the timed ones), as torch.profiler's table."""
-    def run_step():
-        loss_of().backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return profile_table(run_step, cuda, steps)
 
 
 def profile_table(run_step: Callable[[], Any], cuda: bool, steps: int = 3) -> str:

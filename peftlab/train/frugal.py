@@ -130,10 +130,10 @@ def loss_function(args, model):
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {name!r}")
     if name == "adamw":
         return torch.optim.AdamW
-    if name not in _BNB_OPTIMIZERS and name != "paged_adamw_fused":
-        raise ConfigError(f"optim must be one of {OPTIMIZERS}, got {name!r}")
     _require_bnb(f"optim={name}")
     if name == "paged_adamw_fused":  # bitsandbytes' managed memory, torch's fused update (peftlab/train/paged.py)
         from peftlab.train.paged import PagedAdamWFused
