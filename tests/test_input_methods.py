@@ -280,3 +280,25 @@ def test_expert_counts_equal_bincount_and_one_hot():
     assert counts.dtype == torch.float32
     assert torch.equal(counts, torch.bincount(chosen.flatten(), minlength=6).float())
     assert torch.equal(counts / chosen.numel(), torch.nn.functional.one_hot(chosen, 6).float().mean(dim=(0, 1)))
+
+
+def test_token_mask_lines_up_with_the_layer_input_and_is_dropped_after_inference():
+    from peftlab.core.adapter import tokens_mask
+
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]]).bool()
+    assert tokens_mask(None, (2, 4)) is None
+    assert torch.equal(tokens_mask(mask, (2, 4)), mask.reshape(-1))
+    assert torch.equal(tokens_mask(mask, (2, 1)), torch.tensor([True, False]))  # cached decoding: the last column
+    assert torch.equal(tokens_mask(mask, (2, 6)).view(2, 6)[:, :2], torch.ones(2, 2, dtype=torch.bool))  # prepended
+    assert tokens_mask(mask, (8,)) is None and tokens_mask(mask, (3, 4)) is None  # gathered tokens, another batch
+    model, layers = molora(router_aux_loss_coef=0.1)
+    x = batch(b=2, t=4)
+    model.train()
+    model(x, attention_mask=mask.long(), labels=x).loss.backward()
+    assert all(torch.equal(layer.token_mask, mask) for layer in layers)  # kept for a checkpointed recomputation
+    model.eval()
+    reset_expert_usage(model)
+    with torch.no_grad():
+        model(x, attention_mask=mask.long())
+    assert all(layer.token_mask is None for layer in layers)
+    assert all(c.sum() == 5 * 2 for c in expert_usage(model).values())  # 5 real tokens x top_k

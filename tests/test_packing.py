@@ -5,6 +5,7 @@ import torch
 import peftlab
 from models import tiny_llama, tiny_tokenizer
 from peftlab.core.config import ConfigError
+from peftlab.methods.molora import expert_usage, reset_expert_usage
 from peftlab.train.data import IGNORE_INDEX, Collator, build_datasets
 from peftlab.train.loop import TrainArgs, train
 from peftlab.train import packing
@@ -139,13 +140,36 @@ def test_compile_mode_is_checked():
     TrainArgs(checkpointing="on").validate()  # "auto" leaves the graphs out under checkpointing
 
 
-def test_padding_sensitive_adapters_are_declared():
-    """MoE-LoRA's balancing loss counts pad tokens (its losses changed when CUDA-graph padding was on: a sweep over
-    every method, tenth session), so it declares itself not token-local; LoRA pads freely."""
-    for method, free in (("lora", True), ("molora", False), ("prompt_tuning", True)):
+def test_padding_changes_nothing_for_molora():
+    """MoE-LoRA's balancing loss and expert counts were averaged over every token, padding included, so its losses
+    changed when CUDA-graph padding was on (a sweep over every method, tenth session). Core now hands it the
+    attention mask: loss, gradients and usage are the unpadded batch's; every method pads freely."""
+    ex = examples(3)
+    results = []
+    for collate in (Collator(0), Collator(0).padded_to(100)):
+        model = tiny_llama()
+        config = peftlab.MoLoraConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"],
+                                      router_aux_loss_coef=0.5)
+        peftlab.attach(model, config)
+        for name, p in model.named_parameters():
+            if "molora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(hash(name) % 1000))
+        reset_expert_usage(model)
+        model.train()
+        loss = model(**collate(ex)).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads, expert_usage(model)))
+    (loss, grads, usage), (padded_loss, padded_grads, padded_usage) = results
+    assert collate(ex)["input_ids"].shape[1] > Collator(0)(ex)["input_ids"].shape[1]
+    torch.testing.assert_close(padded_loss, loss)
+    for name in grads:
+        torch.testing.assert_close(padded_grads[name], grads[name], msg=name)
+    assert all(torch.equal(padded_usage[k], usage[k]) for k in usage)
+    for method in ("lora", "molora", "prompt_tuning"):
         model = tiny_llama()
         peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
-        assert packing.pads_freely(model) is free, method
+        assert packing.pads_freely(model), method
 
 
 def test_padded_collator_rounds_the_width_up():
@@ -159,12 +183,13 @@ def test_padded_collator_rounds_the_width_up():
     assert batch_tokens(padded) == batch_tokens(plain)
 
 
-def test_graph_mode_bookkeeping_trains_like_eager_with_accumulation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "molora"])
+def test_graph_mode_bookkeeping_trains_like_eager_with_accumulation(tmp_path, monkeypatch, method):
     """A compile mode with CUDA graphs pads batches to a multiple of 64 tokens, starts a graph generation each step
     and copies the gradients between micro-batches. Here the backend (aot_eager, on the CPU) ignores the mode, so
     this checks the bookkeeping: the losses stay the eager run's over two micro-batches."""
     common = dict(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, max_length=100, eval_size=4, log_every=0,
-                  progress=False, target_modules=["q_proj", "v_proj"], r=4)
+                  progress=False, target_modules=["q_proj", "v_proj"], r=4, method=method)
     from peftlab.train import loop
 
     marks, widths, owned = [], set(), []

@@ -142,9 +142,11 @@ class AdapterLayer(nn.Module):
       supported_kinds    base-module kinds it can wrap ("linear", "embedding")
       compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
-      token_local        each token's output, and any loss it adds, depends on that token alone (no statistics over
-                         the batch's tokens), so extra padding changes nothing; False keeps CUDA graphs (which pad
-                         batches) off by default
+      token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or
+                         losses; False keeps CUDA graphs (which pad batches) off by default
+      reads_token_mask   before each model forward core sets ``self.token_mask`` to the call's 2-D attention mask
+                         as bool (None without one); ``token_mask_for(x)`` says which rows of an input ``x`` are
+                         real tokens. It stays set until the next forward, for checkpointing's recomputation
     """
 
     mergeable: ClassVar[bool] = True
@@ -155,6 +157,8 @@ class AdapterLayer(nn.Module):
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
     compiles_in_layers: ClassVar[bool] = True
     token_local: ClassVar[bool] = True
+    reads_token_mask: ClassVar[bool] = False
+    token_mask: torch.Tensor | None = None
 
     def __init__(self, base: BaseView, config: Any, module_name: str):
         super().__init__()
@@ -165,6 +169,10 @@ class AdapterLayer(nn.Module):
         self.module_name = module_name
 
     # -- forward -------------------------------------------------------------------------------
+    def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (N,) bool mask of ``x.reshape(-1, features)``'s real tokens, or None (every token real, or no mask)."""
+        return tokens_mask(self.token_mask, x.shape[:-1])
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -260,6 +268,19 @@ class AdapterLayer(nn.Module):
         method may compute it for all its layers at once (a few batched operations instead of some for each
         layer: host time per step)."""
         return sum_present(layer.extra_loss() for layer in layers)
+
+
+def tokens_mask(mask: torch.Tensor | None, lead: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+    """Which of the ``prod(lead)`` tokens of an input with leading shape ``lead`` (B, T) are real, as an (B*T,)
+    bool tensor, from the model call's (B, S) attention mask; None when there is no mask or ``lead`` is not
+    (B, T) of that batch (tokens gathered out of order, e.g. by a base MoE's router). The mask covers past
+    positions first, so the input's tokens are its last T columns; a shorter mask (virtual tokens prepended
+    after it was read) counts the extra leading tokens as real."""
+    if mask is None or len(lead) != 2 or lead[0] != mask.shape[0]:
+        return None
+    t, s = lead[1], mask.shape[1]
+    cols = mask[:, s - t:] if s >= t else torch.cat([mask.new_ones(mask.shape[0], t - s), mask], dim=1)
+    return cols.reshape(-1)
 
 
 def sum_present(values: Iterable[torch.Tensor | None]) -> torch.Tensor | None:

@@ -9,6 +9,9 @@
 * extra losses: a forward hook on the model adds ``sum(layer.extra_loss())`` of the active
   adapters to ``output.loss`` while training, so any trainer that reads ``output.loss`` (ours,
   HF ``Trainer``, TRL) optimises the regulariser without knowing about it.
+* token masks: a forward pre-hook hands the call's attention mask to the active layers that declare
+  ``reads_token_mask`` (MoLoRA's balancing loss leaves padding out), and to none when no active
+  adapter's layer class declares it, so other models pay one short loop over their configs.
 """
 from __future__ import annotations
 
@@ -66,7 +69,38 @@ def _add_extra_loss(module: nn.Module, args, kwargs, output):
     return output
 
 
-def install_extra_loss_hook(model: nn.Module) -> None:
-    """Idempotent: one forward hook per model."""
-    if model.__dict__.get("_peftlab_loss_hook") is None:
-        model.__dict__["_peftlab_loss_hook"] = model.register_forward_hook(_add_extra_loss, with_kwargs=True)
+def _mask_readers(model: nn.Module) -> list:
+    state = model_state(model)
+    classes = (method_for(state.configs[n]).layer_class(state.configs[n]) for n in state.active)
+    if not any(getattr(cls, "reads_token_mask", False) for cls in classes):
+        return []
+    return [layer for _, layer in _active_layers(model) if layer.reads_token_mask]
+
+
+def _share_token_mask(module: nn.Module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for layer in _mask_readers(module):
+        layer.token_mask = mask
+    return None
+
+
+def _after_forward(module: nn.Module, args, kwargs, output):
+    if not (module.training and torch.is_grad_enabled()):  # else kept: checkpointing recomputes in backward
+        for layer in _mask_readers(module):
+            layer.token_mask = None
+    return _add_extra_loss(module, args, kwargs, output)
+
+
+def install_model_hooks(model: nn.Module) -> None:
+    """Idempotent: the extra-loss forward hook and the token-mask pre-hook, once per model."""
+    if model.__dict__.get("_peftlab_hooks") is None:
+        model.__dict__["_peftlab_hooks"] = (
+            model.register_forward_hook(_after_forward, with_kwargs=True),
+            model.register_forward_pre_hook(_share_token_mask, with_kwargs=True),
+        )
+
+
+def remove_model_hooks(model: nn.Module) -> None:
+    for handle in model.__dict__.pop("_peftlab_hooks", None) or ():
+        handle.remove()

@@ -166,9 +166,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     for target in config.modules_to_save or []:
         _add_module_to_save(model, target, name)
     state.configs[name] = config
-    from .hooks import install_extra_loss_hook
+    from .hooks import install_model_hooks
 
-    install_extra_loss_hook(model)
+    install_model_hooks(model)
     # also when not activating: set_active freezes the new adapter's parameters
     set_active(model, name if activate or not state.active else state.active)
     return model

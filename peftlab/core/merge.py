@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapter import AdapterError
+from .hooks import remove_model_hooks
 from .inject import _set_submodule, adapted_modules, model_state, saved_modules
 from .registry import method_for
 
@@ -57,9 +58,7 @@ def merge_and_unload(model: nn.Module, name: str | list[str] | None = None) -> n
         if method.kind == "input":
             method.input_hooks.detach(model, n)
     model.__dict__.pop("_peftlab", None)
-    hook = model.__dict__.pop("_peftlab_loss_hook", None)
-    if hook is not None:
-        hook.remove()
+    remove_model_hooks(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

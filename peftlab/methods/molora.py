@@ -13,7 +13,8 @@ Load balancing (Switch Transformer): while training, ``extra_loss()`` returns
 with f_e the fraction of (token, slot) choices that picked expert e and P_e its mean router
 probability; core's forward hook adds it to ``output.loss`` (it equals the coefficient when the load
 is uniform). ``expert_usage(model)`` reads how many token choices each expert received since the last
-``reset_expert_usage(model)``.
+``reset_expert_usage(model)``. Both count only real tokens: core hands the layer the call's attention
+mask (``reads_token_mask``), so padding, however wide, changes neither.
 
 Merging needs an input-independent update: only when top_k covers all experts and the router
 weight is zero (constant gate 1/E) is ``delta_weight = s / E * sum_e B_e A_e``; otherwise merge is
@@ -64,25 +65,33 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return gates, chosen
 
 
-def expert_counts(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many times each expert was chosen, as float32, without a host sync: ``torch.bincount`` and a CUDA
-    ``F.one_hot`` read the indices' range back to the host, once per adapted layer and pass, which stalled a
-    launch-bound GPU run (issue 6: MoLoRA did not finish on the H200 where LoRA took ~200 s)."""
+def expert_counts(chosen: torch.Tensor, num_experts: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """How many times each expert was chosen, as float32, by the tokens ``real`` (an (N,) bool mask; None: all)
+    marks. No host sync: ``torch.bincount`` and a CUDA ``F.one_hot`` read the indices' range back to the host,
+    once per adapted layer and pass, which stalled a launch-bound GPU run (issue 6: MoLoRA did not finish on the
+    H200 where LoRA took ~200 s); boolean indexing would sync too, so the mask weighs the choices."""
     flat = chosen.flatten()
-    return torch.zeros(num_experts, device=chosen.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    ones = torch.ones(chosen.shape, device=flat.device) if real is None else real.float()[:, None].expand(chosen.shape)
+    return torch.zeros(num_experts, device=chosen.device).index_add_(0, flat, ones.reshape(-1))
 
 
 def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts: int,
-                        counts: torch.Tensor | None = None) -> torch.Tensor:
-    """E * sum_e f_e P_e (Switch Transformer); 1 for a uniform load. ``counts``: ``expert_counts(chosen)`` if known."""
-    counts = expert_counts(chosen, num_experts) if counts is None else counts
-    fraction = counts / chosen.numel()
-    probability = F.softmax(logits, dim=-1).mean(dim=0)
-    return num_experts * (fraction * probability).sum()
+                        counts: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
+    """E * sum_e f_e P_e (Switch Transformer) over the tokens ``real`` marks (None: all); 1 for a uniform load.
+    ``counts``: ``expert_counts(chosen, num_experts, real)`` if known."""
+    counts = expert_counts(chosen, num_experts, real) if counts is None else counts
+    probability = F.softmax(logits, dim=-1)
+    if real is None:
+        fraction, mean_probability = counts / chosen.numel(), probability.mean(dim=0)
+    else:
+        weight = real.to(probability.dtype)[:, None]
+        tokens = weight.sum().clamp_min(1.0)
+        fraction, mean_probability = counts / (tokens * chosen.shape[-1]), (probability * weight).sum(0) / tokens
+    return num_experts * (fraction * mean_probability).sum()
 
 
 class MoLoraLayer(AdapterLayer):
-    token_local = False  # the load-balancing loss averages the router over every token, padding included
+    reads_token_mask = True  # the balancing loss and the usage counts leave padding out (core hands the mask)
 
     def __init__(self, base: BaseView, config: MoLoraConfig, module_name: str):
         super().__init__(base, config, module_name)
@@ -101,10 +110,11 @@ class MoLoraLayer(AdapterLayer):
         tokens = x.reshape(-1, x.shape[-1]).to(self.molora_A.dtype)
         logits = self.molora_router(tokens).float()
         gates, chosen = route(logits, self.top_k)
-        counts = expert_counts(chosen, len(self.expert_choices))
+        real = self.token_mask_for(x)
+        counts = expert_counts(chosen, len(self.expert_choices), real)
         self.expert_choices += counts
         if self.training and self.aux_coef:
-            self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices), counts)
+            self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices), counts, real)
         down = torch.einsum("ni,eri->ner", self.dropout(tokens), self.molora_A) * gates.unsqueeze(-1).to(tokens.dtype)
         out = torch.einsum("ner,eor->no", down, self.molora_B) * self.scaling
         return out.reshape(*x.shape[:-1], -1)
