@@ -6,6 +6,7 @@ step is what a change to the 4-bit path should lower; this script counts the ope
 and times steps.
 
     PYTHONPATH=DIR_WITH_BITSANDBYTES python bench/qlora_overhead.py --out bench/results/qlora_overhead_cpu.json
+    python bench/qlora_overhead.py --compile inductor [--out ...]   # compiled layers, as the GPU rows run
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--compile", metavar="BACKEND", help="compile each decoder layer (inductor), as the GPU rows do; "
+                   "PEFTLAB_TORCH_DEQUANT=0 keeps bitsandbytes' dequantization inside the compiled layers")
     p.add_argument("--out")
     cli = p.parse_args()
     os.environ.setdefault("PEFTLAB_FAST", "1")  # the fused nodes a GPU run takes, here on the CPU
@@ -54,6 +57,10 @@ def main() -> None:
     from peftlab.train.activations import checkpointing
 
     model = build(cli.layers)
+    if cli.compile:
+        from peftlab.train.packing import compile_model
+
+        compile_model(model, cli.compile, "layers")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     ids = torch.randint(3, 120, (1, 16), generator=torch.Generator().manual_seed(0))
 
@@ -76,7 +83,9 @@ def main() -> None:
     events = prof.key_averages()
     counts = {e.key: e.count for e in events if e.key in COUNTED}
     record = {"benchmark": "qlora_overhead", "environment": environment("cpu"), "layers": cli.layers,
-              "adapted_linears": 7 * cli.layers, "step_ms_median": round(statistics.median(times), 2),
+              "adapted_linears": 7 * cli.layers,
+              "compile": cli.compile, "torch_dequant": os.environ.get("PEFTLAB_TORCH_DEQUANT", "1") != "0",
+              "step_ms_median": round(statistics.median(times), 2),
               "operators_per_step": sum(e.count for e in events if e.key.startswith(("aten::", "bitsandbytes::"))),
               "counts": counts}
     print(json.dumps(record, indent=1))

@@ -16,8 +16,9 @@ def _build(cfg, seed: int = 0):
     return model
 
 
-def tiny_llama(seed: int = 0, layers: int = 2):
-    return _build(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 48):
+    return _build(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                              num_hidden_layers=layers,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               pad_token_id=0, bos_token_id=1, eos_token_id=2), seed)
 

@@ -93,7 +93,7 @@ def test_removal_leaves_a_plain_model_and_later_all_linear_skips_our_tensors():
     peftlab.delete_adapter(model, "lora")
     peftlab.delete_adapter(model, "a0")
     x = batch()
-    assert not hasattr(model, CONTAINER) and not model._forward_pre_hooks
+    assert not hasattr(model, CONTAINER) and not model._forward_pre_hooks and not model._forward_hooks
     torch.testing.assert_close(model(x).logits, tiny_llama()(x).logits)
 
 

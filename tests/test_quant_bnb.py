@@ -206,7 +206,9 @@ def test_fused_node_keeps_no_dense_copy_of_a_4bit_weight(monkeypatch):
 def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
     """Decoder layers compiled (aot_eager) over 4-bit linears, the fused node dequantizing inside the graph, under
     peftlab's checkpointing: the eager loss and every adapter gradient, without graph breaks (the bench's
-    PEFTLAB_BENCH_COMPILE rows for the QLoRA settings rely on it)."""
+    PEFTLAB_BENCH_COMPILE rows for the QLoRA settings rely on it). Compiled, the weights are dequantized by
+    peftlab's torch form, eager by bitsandbytes' kernel; whole blocks per row (hidden 64, MLP 128), as the CPU
+    kernel gets other rows wrong (peftlab/quant/dequant.py)."""
     import torch._dynamo
 
     from peftlab.train.activations import checkpointing
@@ -215,7 +217,8 @@ def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
 
     def run(compiled):
-        model = quantize_model(tiny_llama(), "nf4", double_quant=True, compute_dtype=torch.float32)
+        model = quantize_model(tiny_llama(hidden=64, intermediate=128), "nf4", double_quant=True,
+                               compute_dtype=torch.float32)
         peftlab.attach(model, peftlab.LoraConfig(r=4, target_modules=TARGETS["llama"]))
         randomize_adapters(model)
         model.config.use_cache = False
@@ -235,3 +238,87 @@ def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
     assert grads and grads.keys() == grads_ref.keys()
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+_CXX = __import__("shutil").which("g++") or __import__("shutil").which("c++")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("backend", [None, "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not _CXX, reason="inductor on the CPU needs a C++ compiler"))])
+def test_torch_dequantization_equals_bitsandbytes_bit_for_bit(quant_type, nested, backend):
+    """The 4-bit weights as plain torch operators (taken inside compiled code) against bitsandbytes' own
+    dequantization: every element equal, for each compute dtype. 96 x 128 has 192 absmax, not a whole block of
+    the nested state's 256. Rows that are not whole blocks (8 x 96, 5 x 50) go against bitsandbytes' torch
+    reference, as its CPU kernel gets some of them wrong (peftlab/quant/dequant.py)."""
+    import bitsandbytes.functional as F
+    import torch._dynamo
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute as bnb_torch_reference
+
+    from peftlab.quant.dequant import dequantize_4bit_torch
+
+    torch._dynamo.reset()
+    fn = dequantize_4bit_torch if backend is None else torch.compile(dequantize_4bit_torch, backend=backend)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for shape in ((96, 128), (256, 2048), (8, 96), (5, 50)):
+            w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).to(dtype)
+            packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+            expected = F.dequantize_4bit(packed, state)
+            if shape[1] % 64:
+                absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+                expected = bnb_torch_reference(packed.reshape(-1), absmax.float(), state.code, 64, state.shape, dtype)
+            got = fn(packed, state)
+            assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
+            assert torch.equal(got, expected), (dtype, shape, (got - expected).abs().max())
+
+
+def test_torch_dequantization_is_taken_inside_compiled_code_only(monkeypatch):
+    """``dequantize_weight`` traces the torch form while compiling (no bitsandbytes kernel in the graph) and calls
+    bitsandbytes' kernels in eager code; a state it does not cover is refused by name."""
+    import bitsandbytes.functional as F
+    import torch._dynamo
+
+    from peftlab.quant import bnb as qbnb
+    from peftlab.quant.dequant import dequantize_4bit_torch
+
+    from peftlab.quant.bnb import new_quantized_linear, quantize_weight
+
+    module = new_quantized_linear(128, 16, False, "nf4", True, torch.float32)  # whole blocks: bnb's kernel is right
+    quantize_weight(module, torch.randn(16, 128), "cpu")
+    calls = []
+    monkeypatch.setattr(qbnb, "dequantize_4bit_torch", lambda *a: calls.append("torch") or dequantize_4bit_torch(*a))
+    real = F.dequantize_4bit
+    monkeypatch.setattr(F, "dequantize_4bit", lambda *a, **k: calls.append("bnb") or real(*a, **k))
+    eager = dequantize_weight(module)
+    assert calls == ["bnb"]
+    calls.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: dequantize_weight(module), backend="aot_eager", fullgraph=True)()
+    assert calls == ["torch"] and torch.equal(compiled, eager)
+    state = module.weight.quant_state
+    monkeypatch.setattr(state, "shape", torch.Size([3, 7]))
+    with pytest.raises(ValueError, match=r"shape \(3, 7\), blocksize 64.*not covered"):
+        dequantize_4bit_torch(module.weight.data, state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bitsandbytes' CUDA kernel and inductor's Triton")
+def test_torch_dequantization_on_cuda_equals_bitsandbytes():
+    """On the GPU, the inductor-compiled torch form against bitsandbytes' CUDA kernel on an 8B-shaped weight. Inductor
+    may fuse the nested absmax's multiply and add into one FMA (bitsandbytes rounds twice), so an element may move by
+    one bf16 step; the test allows that for at most 1 in 10,000 elements and reports the count."""
+    import bitsandbytes.functional as F
+    import torch._dynamo
+
+    from peftlab.quant.dequant import dequantize_4bit_torch
+
+    torch._dynamo.reset()
+    fn = torch.compile(dequantize_4bit_torch, backend="inductor")
+    for nested in (True, False):
+        w = torch.randn(4096, 14336, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+        packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        expected, got = F.dequantize_4bit(packed, state), fn(packed, state)
+        differ = (got != expected).sum().item()
+        print(f"nested={nested}: {differ} of {got.numel()} elements differ")
+        assert differ <= got.numel() // 10_000
+        torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=0)

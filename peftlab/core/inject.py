@@ -228,7 +228,8 @@ def _add_module_to_save(model: nn.Module, target: str, name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` everywhere; wrappers left with no adapter are unwrapped."""
+    """Remove adapter ``name`` everywhere; wrappers left with no adapter are unwrapped, and with the last adapter
+    the model-level hooks (core/hooks.py)."""
     state = model_state(model)
     if name not in state.configs:
         raise AdapterError(f"no adapter named {name!r}; have {list(state.configs)}")
@@ -252,6 +253,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             _set_submodule(model, mname, module.original_module)
     state.active = [a for a in state.active if a != name]
     set_active(model, state.active or None)
+    if not state.configs:  # the last adapter: the model-level hooks go too
+        from .hooks import remove_model_hooks
+
+        remove_model_hooks(model)
 
 
 # -- activity ----------------------------------------------------------------------------------
