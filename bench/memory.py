@@ -28,6 +28,8 @@ says so. Step protocol as the anchors: forward with labels, backward, optimizer 
 synchronise; median over --steps after --warmup. Peak = torch.cuda.max_memory_allocated() from after
 the load on. Env switches for peftlab rows: PEFTLAB_BENCH_COMPILE=inductor compiles the decoder layers;
 PEFTLAB_BENCH_PROFILE=PREFIX writes torch.profiler's table of two more steps to PREFIX.<setting>.txt.
+Compiled 4-bit rows dequantize with peftlab's torch form (peftlab/quant/dequant.py); PEFTLAB_TORCH_DEQUANT=0 keeps
+bitsandbytes' kernels there (recorded as ``torch_dequant``).
 """
 from __future__ import annotations
 
@@ -296,6 +298,8 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
               "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,
+              "torch_dequant": (impl == "peftlab" and bool(setting.get("quant")) and bool(os.environ.get(
+                  "PEFTLAB_BENCH_COMPILE")) and os.environ.get("PEFTLAB_TORCH_DEQUANT", "1") != "0"),
               "optimizer": type(opt).__name__,
               "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
                                  and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepared in the eleventh session (2026-12-04), not yet run (no device was lent that session): one H200 call,
+# <= ~9 min, carry .unsloth_site. The 8B QLoRA rows compiled (checkpoint around each compiled call), with
+# bitsandbytes' dequantization inside the compiled layers (PEFTLAB_TORCH_DEQUANT=0, the rows so far) against
+# peftlab's torch form (peftlab/quant/dequant.py: one fused kernel per weight; the default now), then the torch form
+# with the fused paged AdamW (PEFTLAB_BENCH_OPTIM=paged_adamw_fused), one process per row, Unsloth's row last.
+#   1. CUDA tests: the torch form against bitsandbytes' CUDA kernel (prints how many elements differ); the fused
+#      paged AdamW's managed moments.
+#   2. SETTING (default 8b-qlora-b1; also 8b-qlora-b4) rows, and ${SETTING}-embed with the torch form (for b4:
+#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json; Unsloth -> $OUT/qlora_unsloth.json; log $OUT/qlora.log
+#   OUT=... [SETTING=8b-qlora-b4] bench/gpu/qlora_next.sh
+set -x
+OUT=${OUT:-/tmp/qlora-next}
+SETTING=${SETTING:-8b-qlora-b1}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH=${UNSLOTH_SITE:-$PWD/.unsloth_site}:$PWD
+timeout 100 python3 -m pytest -q -s tests/test_quant_bnb.py -k cuda 2>&1 | grep -E "differ|passed|failed|rror" | tail -4
+timeout 60 python3 -m pytest -q tests/test_paged_optim.py 2>&1 | tail -1
+row() {  # row name, setting, env assignments...
+  local name=$1 setting=$2; shift 2
+  env PEFTLAB_BENCH_COMPILE=inductor "$@" timeout 110 python3 bench/memory.py --steps 5 --warmup 2 --timeout 105 \
+    --impls peftlab --settings "$setting" --out "$OUT/qlora_$name.json" >> "$OUT/qlora.log" 2>&1
+}
+embed=${SETTING}-embed
+[ "$SETTING" = 8b-qlora-b4 ] && embed=8b-qlora-b4-offload-embed
+row bnb_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=0
+row torch_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=1
+row torch_dequant_embed "$embed" PEFTLAB_TORCH_DEQUANT=1
+row torch_dequant_fused_optim "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
+timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "$SETTING" \
+  --out "$OUT/qlora_unsloth.json" >> "$OUT/qlora.log" 2>&1
+grep -E '^\{' "$OUT/qlora.log" | cut -c1-300
+exit 0
