@@ -26,16 +26,11 @@ COUNTED = ("aten::to", "aten::_to_copy", "aten::copy_", "aten::mm", "aten::mul",
 
 
 def build(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import peftlab
     from peftlab.quant.bnb import prepare_for_kbit_training, quantize_model
+    from proxy import proxy_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
-    config.use_cache = False
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = proxy_llama(layers, intermediate=256, dtype=torch.bfloat16)
     quantize_model(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16, device=torch.device("cpu"))
     model = prepare_for_kbit_training(model, torch.bfloat16)
     peftlab.attach(model, peftlab.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))

@@ -55,16 +55,11 @@ def variant(name: str | None):
 def build(impl: str, method: str, layers: int, compile_backend: str | None = None) -> torch.nn.Module | None:
     """The proxy model adapted by ``impl`` with ``method`` (any name ``bench/train_step.py`` knows: its LoRA/DoRA
     entries, or a registered variant at r 8); None when PEFT lacks the method."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import peftlab
+    from proxy import proxy_llama
     from train_step import Unmapped, method_entry
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
-    config.use_cache = False  # training: no KV cache (as the trainer and the GPU bench run)
-    model = LlamaForCausalLM(config)
+    model = proxy_llama(layers)
     model.requires_grad_(False)
     if impl == "frozen":  # the frozen base with one trainable tensor at the bottom: backward runs through every layer
         model.model.embed_tokens.weight.requires_grad_(True)
