@@ -16,6 +16,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH=${UNSLOTH_SITE:-$PWD/.unsloth_site}:$PWD
 timeout 60 python3 -m pytest -q tests/test_paged_optim.py 2>&1 | tail -2  # managed moments on the GPU
+# compiled + checkpointed peak against eager, around and traced, bf16 and 4-bit (eleventh session: traced + the torch
+# form of the dequantization)
+timeout 200 python3 -m pytest -q tests/test_memory_cuda.py -k keep_no_more 2>&1 | tail -3
 # the fused paged AdamW alone (no graphs): bitsandbytes' PagedAdamW syncs the device after each of 448 tensors
 PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_OPTIM=paged_adamw_fused timeout 120 python3 bench/memory.py --steps 5 \
   --warmup 2 --timeout 115 --impls peftlab --settings 8b-qlora-b1 --out "$OUT/ckpt_graphs_fused_optim.json" \

@@ -4,10 +4,15 @@
 # bitsandbytes' dequantization inside the compiled layers (PEFTLAB_TORCH_DEQUANT=0, the rows so far) against
 # peftlab's torch form (peftlab/quant/dequant.py: one fused kernel per weight; the default now), then the torch form
 # with the fused paged AdamW (PEFTLAB_BENCH_OPTIM=paged_adamw_fused), one process per row, Unsloth's row last.
+# Also the checkpoint traced into the compiled graphs with the torch form (PEFTLAB_CKPT_COMPILED=traced): in the
+# ninth session traced was fast (8B B1 255 ms = 0.88x Unsloth) but kept every layer's dequantized weights (21.6 GiB),
+# bitsandbytes' dequantization being a custom operator the partitioner would not recompute; now it is torch operators.
+# Each row has its own timeout, and what is under $OUT comes back if the call runs out: rows in order of importance.
 #   1. CUDA tests: the torch form against bitsandbytes' CUDA kernel (prints how many elements differ); the fused
 #      paged AdamW's managed moments.
 #   2. SETTING (default 8b-qlora-b1; also 8b-qlora-b4) rows, and ${SETTING}-embed with the torch form (for b4:
-#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json; Unsloth -> $OUT/qlora_unsloth.json; log $OUT/qlora.log
+#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json (5 files); Unsloth -> $OUT/qlora_unsloth.json; log
+#      $OUT/qlora.log (7 files: at most 8 come back from a call)
 #   OUT=... [SETTING=8b-qlora-b4] bench/gpu/qlora_next.sh
 set -x
 OUT=${OUT:-/tmp/qlora-next}
@@ -24,8 +29,9 @@ row() {  # row name, setting, env assignments...
 }
 embed=${SETTING}-embed
 [ "$SETTING" = 8b-qlora-b4 ] && embed=8b-qlora-b4-offload-embed
-row bnb_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=0
 row torch_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=1
+row bnb_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=0
+row torch_dequant_traced "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_COMPILED=traced
 row torch_dequant_embed "$embed" PEFTLAB_TORCH_DEQUANT=1
 row torch_dequant_fused_optim "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
 timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "$SETTING" \
