@@ -145,7 +145,8 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
     hooks, e.g. FSDP2's, which would be traced). Otherwise peftlab's checkpointing compiles: it runs around each
     compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183-204 ms / 3.32 GiB
     eager on the H200). A quantized base stays eager: its compiled checkpointed 8B B1 step took 358 ms / 6.49 GiB
-    against 367 ms / 6.26 GiB eager, no gain."""
+    against 367 ms / 6.26 GiB eager, no gain (measured before the compiled layers dequantized with torch
+    operators, peftlab/quant/dequant.py; bench/gpu/qlora_next.sh is to decide again)."""
     if backend != "auto":
         return backend, scope
     if device.type != "cuda" or quantized or not compiles or memory_first:
@@ -161,12 +162,13 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
     (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
     packing, adapters whose results do not depend on padding (not ``padding_sensitive``: graphs pad each batch to
-    a multiple of ``GRAPH_PAD``; MoE-LoRA's balancing loss counts pad tokens) and a small trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between
-    micro-batches, see ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on the H200 the CUDA graphs
-    took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms to 61-63 ms
-    (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its backward, which overwrites the graphs'
-    outputs (it failed on the H200, 8B QLoRA); a packed row's width changes every step, so each step would record
-    new graphs; several processes were not tried."""
+    a multiple of ``GRAPH_PAD``; no registered method is, since MoE-LoRA reads the attention mask) and a small
+    trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between micro-batches, see
+    ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on
+    the H200 the CUDA graphs took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms
+    to 61-63 ms (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its
+    backward, which overwrites the graphs' outputs (it failed on the H200, 8B QLoRA); a packed row's width
+    changes every step, so each step would record new graphs; several processes were not tried."""
     if mode != "auto":
         return None if backend is None or mode in (None, "default") else mode
     if backend == "inductor" and device.type == "cuda" and not (checkpointed or packed or distributed
