@@ -80,6 +80,7 @@ def main() -> None:
     record = {"benchmark": "qlora_overhead", "environment": environment("cpu"), "layers": cli.layers,
               "adapted_linears": 7 * cli.layers,
               "compile": cli.compile, "torch_dequant": os.environ.get("PEFTLAB_TORCH_DEQUANT", "1") != "0",
+              "ckpt_reentrant": os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") != "0",
               "step_ms_median": round(statistics.median(times), 2),
               "operators_per_step": sum(e.count for e in events if e.key.startswith(("aten::", "bitsandbytes::"))),
               "counts": counts}

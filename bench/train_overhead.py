@@ -141,6 +141,7 @@ def main() -> None:
                                                 "layers": cli.layers, "hidden": 64, "batch": list(ids.shape),
                                                 "checkpointing": cli.checkpointing,
                                                 "ckpt_placement": os.environ.get("PEFTLAB_CKPT_COMPILED") or "around",
+                                                "ckpt_reentrant": os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") != "0",
                                                 "step_ms": times, "step_ms_median": median,
                                                 "ratios": ratios}, indent=1) + "\n")
 

@@ -144,6 +144,9 @@ class AdapterLayer(nn.Module):
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
       token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or
                          losses; False keeps CUDA graphs (which pad batches) off by default
+      loss_in_forward    its forward computes a loss from the layer's input (``extra_loss``, MoLoRA's balancing loss):
+                         checkpointing then keeps torch's non-reentrant checkpoint, whose recompute keeps that
+                         loss's gradient (peftlab/train/recompute.py)
       reads_token_mask   before each model forward core sets ``self.token_mask`` to the call's 2-D attention mask
                          as bool (None without one); ``token_mask_for(x)`` says which rows of an input ``x`` are
                          real tokens. It stays set until the next forward, for checkpointing's recomputation
@@ -158,6 +161,7 @@ class AdapterLayer(nn.Module):
     compiles_in_layers: ClassVar[bool] = True
     token_local: ClassVar[bool] = True
     reads_token_mask: ClassVar[bool] = False
+    loss_in_forward: ClassVar[bool] = False
     token_mask: torch.Tensor | None = None
 
     def __init__(self, base: BaseView, config: Any, module_name: str):

@@ -92,6 +92,7 @@ def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts:
 
 class MoLoraLayer(AdapterLayer):
     reads_token_mask = True  # the balancing loss and the usage counts leave padding out (core hands the mask)
+    loss_in_forward = True  # the balancing loss is computed in delta(): checkpointing must keep its gradient
 
     def __init__(self, base: BaseView, config: MoLoraConfig, module_name: str):
         super().__init__(base, config, module_name)

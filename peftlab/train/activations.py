@@ -44,6 +44,8 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
+from peftlab.train import recompute
+
 MODES = ("off", "on", "offload")
 
 
@@ -159,15 +161,19 @@ class _Offload:
         return tensor
 
 
-def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, around_compiled: bool = False):
+def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, around_compiled: bool = False,
+                  lean: bool = False):
     """``block_forward`` under a checkpoint in training. ``around_compiled``: the block's compiled call is
     checkpointed from outside, so a compiled trace of this forward leaves the checkpoint out (a block compiled after
-    checkpointing was entered, or inside a compiled parent, traces the checkpoint instead)."""
+    checkpointing was entered, or inside a compiled parent, traces the checkpoint instead). ``lean``: calls that
+    allow it take the one-node checkpoint of ``recompute.py``, the others torch's."""
     def forward(*args, **kwargs):
         if not (block.training and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
-        if around_compiled and torch.compiler.is_compiling():
+        if around_compiled and (torch.compiler.is_compiling() or recompute.running()):
             return block_forward(*args, **kwargs)  # the checkpoint runs around this compiled call
+        if lean and recompute.eligible(args, kwargs, _is_cache):
+            return recompute.recompute(block_forward, args, kwargs, offload)
         cache = next((v for v in kwargs.values() if _is_cache(v)), None)
         run = block_forward if cache is None else _replaying(block_forward, cache)
         # no context manager around it without offload: what torch.compile traces whole in a compiled block
@@ -274,6 +280,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
             raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
     around = compiled_placement() == "around"
+    lean = recompute.enabled_for(model)
     wrappers = {}
     try:
         with _compile_friendly():
@@ -286,9 +293,11 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
                         wrappers[id(block)] = block._compiled_call_impl = _with_hooks(inner, offload)
                 else:  # eager blocks checkpoint in forward; compiled ones around the compiled call, which recomputes
                     # the compiled forward (after an uncompile, the forward's checkpoint takes over)
-                    block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None)
+                    block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None,
+                                                  lean=lean)
                     if inner is not None:
-                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, _owning(inner), offload)
+                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, _owning(inner), offload,
+                                                                                        lean=lean)
             yield model
     finally:
         for block in blocks:

@@ -1,0 +1,165 @@
+"""A lean block checkpoint: one autograd node per block that recomputes the block inside its own backward.
+
+    forward:   out = block(h, ...) under no_grad; keep h (or its offloaded copy), the RNG and autocast state
+    backward:  out = block(h, ...) again with grad, replaying them; backward through it; return dL/dh
+
+This is the "reentrant" checkpoint (Unsloth's too): no saved-tensor hooks around every tensor the block saves, no
+graph of holders, no early-stop bookkeeping. torch's non-reentrant ``checkpoint`` does all of that in Python per
+block and step; the compiled, checkpointed steps are host-bound (1B offloaded on the H200: ~80 ms of kernels in a
+103-121 ms step, bench/README.md), and on the CPU proxy (bench/train_overhead.py, 16 compiled layers) the step went
+from 40.6 to 26.5-28.4 ms with this node against torch's (eleventh session; not yet measured on a GPU).
+
+It is used (``eligible``) only where it gives the same gradients as the non-reentrant one:
+* not while torch.compile traces (the traced placement keeps torch's checkpoint, which the compiler understands);
+* no KV cache among the arguments (prefix tuning writes its prefix there; ``_replaying`` handles it with torch's);
+* no argument but the hidden state requires grad (their gradients would be lost);
+* no adapter computes a loss in its forward (capability ``loss_in_forward``, MoLoRA's balancing loss: run under
+  no_grad here, its gradient would be lost);
+* one process: DistributedDataParallel's reducer expects each gradient once per backward pass.
+* ``PEFTLAB_CKPT_REENTRANT=0`` turns it off (torch's non-reentrant checkpoint everywhere).
+Like torch's reentrant checkpoint, gradients reach parameters by ``.grad`` accumulation inside the block's
+backward, so ``torch.autograd.grad(loss, params)`` would not see them; ``loss.backward()`` (our trainer, HF
+Trainer) does. Every block goes through the node, also one without trainable parameters of its own: it may use
+others' (hook-based adapters keep theirs on the model, Tied-LoRA shares its matrices across layers).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+def enabled_for(model: nn.Module) -> bool:
+    """Whether ``model``'s checkpointed blocks may take the lean node (the checks that hold for the whole run)."""
+    if os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") == "0":
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    from peftlab.core.inject import adapted_modules
+    from peftlab.core.input_side import hooked
+
+    container = hooked(model)
+    adapters = [a for _, m in adapted_modules(model) for a in m.adapters.values()]
+    adapters += list(container.values()) if container is not None else []
+    return not any(getattr(a, "loss_in_forward", False) for a in adapters)
+
+
+def eligible(args: tuple, kwargs: dict, is_cache: Callable[[Any], bool]) -> bool:
+    """The per-call checks: the hidden state first, no cache, no other argument that requires grad."""
+    if not args or not isinstance(args[0], torch.Tensor) or torch.compiler.is_compiling():
+        return False
+    for value in (*args[1:], *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.requires_grad or is_cache(value):
+            return False
+    return True
+
+
+_ANCHOR: dict[torch.device, torch.Tensor] = {}
+_TENSOR = object()  # marks the output leaves the node returns
+
+
+def _anchor(device: torch.device) -> torch.Tensor:
+    """A leaf that requires grad, so the node joins the graph even when the hidden state needs no gradient (the
+    first block over a frozen embedding) and the block's parameters do."""
+    if device not in _ANCHOR:
+        _ANCHOR[device] = torch.empty(0, device=device, requires_grad=True)
+    return _ANCHOR[device]
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, hidden, call):
+        ctx.call, ctx.store = call, call.store
+        ctx.stored = ctx.store.pack(hidden) if ctx.store is not None else None
+        if ctx.store is None:
+            ctx.save_for_backward(hidden)
+        ctx.hidden_grad = hidden.requires_grad
+        ctx.rng = _rng_state(hidden.device)
+        ctx.autocast = _autocast_state(hidden.device)
+        with torch.no_grad():
+            out = call.run(hidden)
+        leaves, call.spec = tree_flatten(out)
+        call.others = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
+        tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
+        ctx.mark_non_differentiable(*(t for t in tensors if not t.is_floating_point()))
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden = ctx.store.unpack(ctx.stored) if ctx.store is not None else ctx.saved_tensors[0]
+        hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
+        with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []), torch.enable_grad():
+            _set_rng_state(hidden.device, ctx.rng)
+            with _autocast(hidden.device, ctx.autocast):
+                out = ctx.call.run(hidden)
+        leaves = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(leaves, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return None, hidden.grad if ctx.hidden_grad else None, None
+
+
+class _Call:
+    """The block call a node recomputes (the hidden state is its only tensor input that needs a gradient)."""
+
+    def __init__(self, block_forward, args: tuple, kwargs: dict, store):
+        self.block_forward, self.rest, self.kwargs, self.store = block_forward, args[1:], kwargs, store
+        self.spec, self.others = None, None
+
+    def run(self, hidden: torch.Tensor):
+        global _depth
+        _depth += 1
+        try:
+            return self.block_forward(hidden, *self.rest, **self.kwargs)
+        finally:
+            _depth -= 1
+
+
+_depth = 0  # > 0 while a node runs its block: a checkpoint inside it (the forward of a compiled block that
+# dynamo runs eagerly) would checkpoint the same block twice
+
+
+def running() -> bool:
+    """Whether a lean node is running its block (forward or recompute) right now."""
+    return _depth > 0
+
+
+def recompute(block_forward, args: tuple, kwargs: dict, store=None):
+    """``block_forward(*args, **kwargs)`` through one lean checkpoint node (``store``: offload hooks' pack/unpack)."""
+    hidden = args[0]
+    call = _Call(block_forward, args, kwargs, store)
+    tensors = iter(_Recompute.apply(_anchor(hidden.device), hidden, call))
+    return tree_unflatten([next(tensors) if v is _TENSOR else v for v in call.others], call.spec)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _autocast_state(device: torch.device) -> list[tuple]:
+    kinds = {device.type, "cpu"}
+    return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in sorted(kinds)]
+
+
+class _autocast:
+    """The forward's autocast state (device and CPU) around the recompute."""
+
+    def __init__(self, device: torch.device, state: list[tuple]):
+        self.contexts = [torch.autocast(k, dtype=d, enabled=on) for k, on, d in state]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
