@@ -29,7 +29,8 @@ synchronise; median over --steps after --warmup. Peak = torch.cuda.max_memory_al
 the load on. Env switches for peftlab rows: PEFTLAB_BENCH_COMPILE=inductor compiles the decoder layers;
 PEFTLAB_BENCH_PROFILE=PREFIX writes torch.profiler's table of two more steps to PREFIX.<setting>.txt.
 Compiled 4-bit rows dequantize with peftlab's torch form (peftlab/quant/dequant.py); PEFTLAB_TORCH_DEQUANT=0 keeps
-bitsandbytes' kernels there (recorded as ``torch_dequant``).
+bitsandbytes' kernels there (recorded as ``torch_dequant``). peftlab's checkpointing takes the lean block node
+(peftlab/train/recompute.py) where it may; PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``).
 """
 from __future__ import annotations
 
@@ -300,6 +301,8 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,
               "torch_dequant": (impl == "peftlab" and bool(setting.get("quant")) and bool(os.environ.get(
                   "PEFTLAB_BENCH_COMPILE")) and os.environ.get("PEFTLAB_TORCH_DEQUANT", "1") != "0"),
+              "ckpt_reentrant": (impl == "peftlab" and setting["ckpt"] != "off"
+                                 and os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") != "0"),
               "optimizer": type(opt).__name__,
               "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
                                  and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),

@@ -11,8 +11,9 @@
 #   1. CUDA tests: the torch form against bitsandbytes' CUDA kernel (prints how many elements differ); the fused
 #      paged AdamW's managed moments.
 #   2. SETTING (default 8b-qlora-b1; also 8b-qlora-b4) rows, and ${SETTING}-embed with the torch form (for b4:
-#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json (5 files); Unsloth -> $OUT/qlora_unsloth.json; log
-#      $OUT/qlora.log (7 files: at most 8 come back from a call)
+#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json (6 files); Unsloth -> $OUT/qlora_unsloth.json; log
+#      $OUT/qlora.log (8 files: at most 8 come back from a call). The lean block checkpoint
+#      (peftlab/train/recompute.py, PEFTLAB_CKPT_REENTRANT) is on in every row but "before" and "torch_ckpt".
 #   OUT=... [SETTING=8b-qlora-b4] bench/gpu/qlora_next.sh
 set -x
 OUT=${OUT:-/tmp/qlora-next}
@@ -29,12 +30,15 @@ row() {  # row name, setting, env assignments...
 }
 embed=${SETTING}-embed
 [ "$SETTING" = 8b-qlora-b4 ] && embed=8b-qlora-b4-offload-embed
+# the eleventh session's defaults (torch-form dequantization, lean block checkpoint) against the tenth's
 row torch_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=1
-row bnb_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=0
-row torch_dequant_traced "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_COMPILED=traced
+row before "$SETTING" PEFTLAB_TORCH_DEQUANT=0 PEFTLAB_CKPT_REENTRANT=0
 row torch_dequant_embed "$embed" PEFTLAB_TORCH_DEQUANT=1
 row torch_dequant_fused_optim "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
 timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "$SETTING" \
   --out "$OUT/qlora_unsloth.json" >> "$OUT/qlora.log" 2>&1
+# if time is left: each change alone
+row torch_dequant_traced "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_COMPILED=traced
+row torch_dequant_torch_ckpt "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_REENTRANT=0
 grep -E '^\{' "$OUT/qlora.log" | cut -c1-300
 exit 0
