@@ -7,7 +7,9 @@ Each block runs under ``torch.utils.checkpoint`` (non-reentrant): its activation
 re-computed in backward from its inputs. Non-reentrant checkpointing keeps the graph whole, so
 gradients reach parameters, inputs and anything a block reads from outside (a prefix in the KV cache,
 an adapter's side loss such as MoLoRA's load balancing) exactly as without checkpointing; RNG state
-(adapter dropout) and autocast are replayed by torch.
+(adapter dropout) and autocast are replayed by torch. Where none of that is at stake (most runs: see
+``recompute.py`` for the conditions) a block takes a leaner node with the same gradients and far less Python
+per step, which matters because the checkpointed steps are host-bound.
 
 With ``"offload"`` the tensors checkpointing saves per block (its positional inputs: the (batch, time,
 hidden) state; keyword inputs such as masks and rotary tables are held, small, on the device) are moved
