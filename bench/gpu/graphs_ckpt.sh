@@ -4,7 +4,10 @@
 # (PEFTLAB_CKPT_CLONE_OUTPUTS=1, peftlab/train/activations.py)? Without it the 8B QLoRA B1 row failed ("accessing
 # tensor output of CUDAGraphs that has been overwritten"). The checkpointed steps are host-bound (8B QLoRA B1: ~78 ms
 # of kernels in a 338-366 ms step; 1B offloaded: ~80 ms in 103-121 ms), so graphs would be the big lever for issue 13.
-# First the 8B B1 row with the fused paged AdamW (PEFTLAB_BENCH_OPTIM=paged_adamw_fused, peftlab/train/paged.py).
+# Eleventh session: the fused paged AdamW row moved to bench/gpu/qlora_next.sh (run that first); checkpointing now
+# takes the lean block node (peftlab/train/recompute.py) by default, whose recompute runs right before the block's
+# backward, and the compiled layers dequantize with torch operators; the CUDA peak test of compiled + checkpointed
+# blocks (around and traced) runs first here.
 # SETTINGS (default "8b-qlora-b1"; also "8b-qlora-b1-embed", "1b-lora-ckpt-offload"): each compiled with graphs and
 # clones, one process each; then Unsloth's row of the first setting in the same call. The same rows without graphs
 # ran on 2026-12-04: QLoRA B1 338-366 ms / 6.49 GiB, 1B offloaded 103-121 ms / 2.98 GiB.
@@ -12,17 +15,10 @@
 set -x
 OUT=${OUT:-/tmp/graphs-ckpt}
 SETTINGS=${SETTINGS:-8b-qlora-b1}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-export PYTHONPATH=${UNSLOTH_SITE:-$PWD/.unsloth_site}:$PWD
-timeout 60 python3 -m pytest -q tests/test_paged_optim.py 2>&1 | tail -2  # managed moments on the GPU
+source bench/gpu/unsloth_env.sh
 # compiled + checkpointed peak against eager, around and traced, bf16 and 4-bit (eleventh session: traced + the torch
 # form of the dequantization)
 timeout 200 python3 -m pytest -q tests/test_memory_cuda.py -k keep_no_more 2>&1 | tail -3
-# the fused paged AdamW alone (no graphs): bitsandbytes' PagedAdamW syncs the device after each of 448 tensors
-PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_OPTIM=paged_adamw_fused timeout 120 python3 bench/memory.py --steps 5 \
-  --warmup 2 --timeout 115 --impls peftlab --settings 8b-qlora-b1 --out "$OUT/ckpt_graphs_fused_optim.json" \
-  >> "$OUT/ckpt_graphs.log" 2>&1
 for setting in $SETTINGS; do
   PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_COMPILE_MODE=reduce-overhead PEFTLAB_CKPT_CLONE_OUTPUTS=1 \
     timeout 120 python3 bench/memory.py --steps 5 --warmup 2 --timeout 115 --impls peftlab --settings "$setting" \

@@ -18,9 +18,7 @@
 set -x
 OUT=${OUT:-/tmp/qlora-next}
 SETTING=${SETTING:-8b-qlora-b1}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-export PYTHONPATH=${UNSLOTH_SITE:-$PWD/.unsloth_site}:$PWD
+source bench/gpu/unsloth_env.sh
 timeout 100 python3 -m pytest -q -s tests/test_quant_bnb.py -k cuda 2>&1 | grep -E "differ|passed|failed|rror" | tail -4
 timeout 60 python3 -m pytest -q tests/test_paged_optim.py 2>&1 | tail -1
 row() {  # row name, setting, env assignments...
