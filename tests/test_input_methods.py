@@ -302,3 +302,7 @@ def test_token_mask_lines_up_with_the_layer_input_and_is_dropped_after_inference
         model(x, attention_mask=mask.long())
     assert all(layer.token_mask is None for layer in layers)
     assert all(c.sum() == 5 * 2 for c in expert_usage(model).values())  # 5 real tokens x top_k
+    reset_expert_usage(model)
+    with torch.no_grad():
+        model(x, mask.long())  # the mask by position, as forward(input_ids, attention_mask) takes it
+    assert all(c.sum() == 5 * 2 for c in expert_usage(model).values())

@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -77,11 +79,25 @@ def _mask_readers(model: nn.Module) -> list:
     return [layer for _, layer in _active_layers(model) if layer.reads_token_mask]
 
 
+def _attention_mask(module: nn.Module, args: tuple, kwargs: dict):
+    """The call's ``attention_mask``, by keyword or by its place in ``forward``'s signature (found once per model)."""
+    if "attention_mask" in kwargs:
+        return kwargs["attention_mask"]
+    place = module.__dict__.get("_peftlab_mask_place")
+    if place is None:
+        names = list(inspect.signature(module.forward).parameters)
+        place = module.__dict__["_peftlab_mask_place"] = names.index("attention_mask") if "attention_mask" in names \
+            else -1
+    return args[place] if 0 <= place < len(args) else None
+
+
 def _share_token_mask(module: nn.Module, args, kwargs):
-    mask = kwargs.get("attention_mask")
-    mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    for layer in _mask_readers(module):
-        layer.token_mask = mask
+    readers = _mask_readers(module)
+    if readers:
+        mask = _attention_mask(module, args, kwargs)
+        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for layer in readers:
+            layer.token_mask = mask
     return None
 
 
