@@ -24,6 +24,7 @@ others' (hook-based adapters keep theirs on the model, Tied-LoRA shares its matr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
 
@@ -93,7 +94,7 @@ class _Recompute(torch.autograd.Function):
         hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
         with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []), torch.enable_grad():
             _set_rng_state(hidden.device, ctx.rng)
-            with _autocast(hidden.device, ctx.autocast):
+            with _autocast(ctx.autocast):
                 out = ctx.call.run(hidden)
         leaves = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
         pairs = [(o, g) for o, g in zip(leaves, grads) if g is not None and o.requires_grad]
@@ -150,16 +151,9 @@ def _autocast_state(device: torch.device) -> list[tuple]:
     return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in sorted(kinds)]
 
 
-class _autocast:
+def _autocast(state: list[tuple]) -> contextlib.ExitStack:
     """The forward's autocast state (device and CPU) around the recompute."""
-
-    def __init__(self, device: torch.device, state: list[tuple]):
-        self.contexts = [torch.autocast(k, dtype=d, enabled=on) for k, on, d in state]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
+    stack = contextlib.ExitStack()
+    for kind, on, dtype in state:
+        stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=on))
+    return stack
