@@ -25,6 +25,11 @@ for setting in $SETTINGS; do
     --out "$OUT/ckpt_graphs_$setting.json" >> "$OUT/ckpt_graphs.log" 2>&1
 done
 first=${SETTINGS%% *}
+# the lean node recomputes a block right before its backward (the overwritten outputs came from torch's checkpoint
+# calling the compiled forward again earlier): the first setting once more without the clones
+PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_COMPILE_MODE=reduce-overhead PEFTLAB_CKPT_CLONE_OUTPUTS=0 \
+  timeout 120 python3 bench/memory.py --steps 5 --warmup 2 --timeout 115 --impls peftlab --settings "$first" \
+  --out "$OUT/ckpt_graphs_noclone_$first.json" >> "$OUT/ckpt_graphs.log" 2>&1
 timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "${first%-embed}" \
   --out "$OUT/ckpt_graphs_unsloth.json" >> "$OUT/ckpt_graphs.log" 2>&1
 grep -E '^\{' "$OUT/ckpt_graphs.log" | cut -c1-420
