@@ -273,6 +273,25 @@ def test_torch_dequantization_equals_bitsandbytes_bit_for_bit(quant_type, nested
             assert torch.equal(got, expected), (dtype, shape, (got - expected).abs().max())
 
 
+@pytest.mark.skipif(not _CXX, reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("nested", [True, False])
+def test_torch_dequantization_compiles_to_one_kernel(nested):
+    """What the torch form is for: inductor fuses the unpacking, the table lookup, the nested absmax and the cast into
+    one generated kernel (a stack of the two nibbles made it two kernels and a concatenation between them)."""
+    import bitsandbytes.functional as F
+    import torch._dynamo
+    import torch._inductor.metrics as metrics
+
+    from peftlab.quant.dequant import dequantize_4bit_torch
+
+    packed, state = F.quantize_4bit(torch.randn(256, 2048).bfloat16(), blocksize=64, compress_statistics=nested,
+                                    quant_type="nf4")
+    torch._dynamo.reset()
+    metrics.reset()
+    out = torch.compile(dequantize_4bit_torch, backend="inductor")(packed, state)
+    assert metrics.generated_kernel_count == 1 and torch.equal(out, F.dequantize_4bit(packed, state))
+
+
 def test_torch_dequantization_is_taken_inside_compiled_code_only(monkeypatch):
     """``dequantize_weight`` traces the torch form while compiling (no bitsandbytes kernel in the graph) and calls
     bitsandbytes' kernels in eager code; a state it does not cover is refused by name."""

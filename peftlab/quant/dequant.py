@@ -79,6 +79,7 @@ def dequantize_4bit_torch(packed: torch.Tensor, quant_state, dtype: torch.dtype 
         raise ValueError(f"dequantize_4bit_torch: state of shape {tuple(quant_state.shape)}, blocksize "
                          f"{quant_state.blocksize}, type {quant_state.quant_type!r} is not covered; use bitsandbytes'")
     pairs = packed.reshape(-1).view(torch.uint8)
-    codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).reshape(-1)
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=pairs.device)  # high nibble first
+    codes = ((pairs[:, None] >> shifts) & 15).reshape(-1)  # a broadcast, not a stack: no separate copy kernel
     dense = _blockwise(codes, quant_state.code, nested_absmax(quant_state), quant_state.blocksize)
     return dense.reshape(quant_state.shape).to(dtype or quant_state.dtype)
