@@ -59,16 +59,21 @@ def test_dropout_mask_is_replayed_in_the_recompute():
 _CXX = __import__("shutil").which("g++") or __import__("shutil").which("c++")
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
-    not _CXX, reason="inductor on the CPU needs a C++ compiler"))])
-def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend):
+@pytest.mark.parametrize("backend,device", [
+    ("aot_eager", "cpu"),
+    pytest.param("inductor", "cpu",
+                 marks=pytest.mark.skipif(not _CXX, reason="inductor on the CPU needs a C++ compiler")),
+    pytest.param("inductor", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend, device):
     """The checkpoint around a compiled block restores the RNG state for the recompute, so the compiled forward
-    draws the same dropout masks again (inductor draws its own random numbers, seeded from torch's generator)."""
+    draws the same dropout masks again (inductor draws its own random numbers, seeded from torch's generator). With
+    the lean node (the default) the forward is the block's no-grad graph and the recompute its training graph: both
+    must draw the same masks, on the GPU too (Triton's random numbers)."""
     from peftlab.train.packing import compile_model, uncompile_model
 
-    model = _attached("lora", lora_dropout=0.3)
+    model = _attached("lora", lora_dropout=0.3).to(device)
     model.config.use_cache = False
-    ids = batch(b=2, t=7)
+    ids = batch(b=2, t=7).to(device)
     compile_model(model, backend, "layers")
     try:
         ref_loss, ref = _loss_and_grads(model, ids, "off", seed=5)
