@@ -13,11 +13,12 @@ Its own ``dequantize_4bit`` runs that as two or three kernels (the nested absmax
 custom operator whose CUDA implementation is Python around a ctypes call: ~100 us of host time per weight on the
 H200, and the 8B QLoRA step dequantizes 669 times eager, 448 compiled (forward, recomputation, backward;
 profiles in bench/README.md, tenth session). Inside a ``torch.compile`` region the function below is instead a
-table lookup and a broadcast product that inductor fuses into one kernel with no Python at run time. ``dequantize_weight`` (peftlab/quant/bnb.py) takes
-it only while compiling (``PEFTLAB_TORCH_DEQUANT=0`` keeps bitsandbytes' there too, for side-by-side benchmarks);
-eager code keeps bitsandbytes' kernels. Both compute each product in float32 in the same
-order; tests compare them bit for bit on the CPU (eager, aot_eager, inductor); on CUDA inductor may fuse the nested
-absmax's multiply-add into one FMA (one rounding instead of two), so its test allows a rare one-step difference.
+table lookup and a broadcast product that inductor fuses into one kernel with no Python at run time.
+``dequantize_weight`` (peftlab/quant/bnb.py) takes it only while compiling (``PEFTLAB_TORCH_DEQUANT=0`` keeps
+bitsandbytes' there too, for side-by-side benchmarks); eager code keeps bitsandbytes' kernels. Both compute each
+product in float32 in the same order; tests compare them bit for bit on the CPU (eager, aot_eager, inductor); on
+CUDA inductor may fuse the nested absmax's multiply-add into one FMA (one rounding instead of two), so its test
+allows a rare one-step difference.
 
 Found on the way: bitsandbytes 0.50's CPU kernel is wrong for rows that are not whole blocks (in_features not a
 multiple of the blocksize): it restarts the block count at every row, so with in_features 32 every row reads block
