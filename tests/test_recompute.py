@@ -67,6 +67,8 @@ def test_torch_checkpoint_where_the_lean_node_would_lose_a_gradient(monkeypatch)
     assert not recompute.eligible((hidden,), {"extra": torch.zeros(2, requires_grad=True)}, activations._is_cache)
     assert not recompute.eligible((hidden, torch.zeros(2, requires_grad=True)), {}, activations._is_cache)
     assert not recompute.eligible(((hidden,),), {}, activations._is_cache)
+    nested = {"position_embeddings": (torch.zeros(2), torch.zeros(2, requires_grad=True))}
+    assert not recompute.eligible((hidden,), nested, activations._is_cache)
     calls = _counting(monkeypatch)
     ids = batch(b=2, t=7)
     for model in (molora, prefix):

@@ -52,10 +52,10 @@ def eligible(args: tuple, kwargs: dict, is_cache: Callable[[Any], bool]) -> bool
     """The per-call checks: the hidden state first, no cache, no other argument that requires grad."""
     if not args or not isinstance(args[0], torch.Tensor) or torch.compiler.is_compiling():
         return False
-    for value in (*args[1:], *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.requires_grad or is_cache(value):
-            return False
-    return True
+    if any(is_cache(value) for value in (*args[1:], *kwargs.values())):
+        return False
+    # tensors also inside tuples (position_embeddings is (cos, sin)) and whatever pytree flattens
+    return not any(isinstance(v, torch.Tensor) and v.requires_grad for v in tree_flatten((args[1:], kwargs))[0])
 
 
 _ANCHOR: dict[torch.device, torch.Tensor] = {}
