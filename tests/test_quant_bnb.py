@@ -325,11 +325,13 @@ def test_torch_dequantization_is_taken_inside_compiled_code_only(monkeypatch):
 def test_torch_dequantization_on_cuda_equals_bitsandbytes():
     """On the GPU, the inductor-compiled torch form against bitsandbytes' CUDA kernel on an 8B-shaped weight. Inductor
     may fuse the nested absmax's multiply and add into one FMA (bitsandbytes rounds twice), so an element may move by
-    one bf16 step; the test allows that for at most 1 in 10,000 elements and reports the count."""
+    one bf16 step; the test allows that for at most 1 in 10,000 elements and reports the count. The eager Triton
+    kernel is compiled without contraction and must be exact."""
     import bitsandbytes.functional as F
     import torch._dynamo
 
     from peftlab.quant.dequant import dequantize_4bit_torch
+    from peftlab.quant.dequant_triton import dequantize_4bit_triton
 
     torch._dynamo.reset()
     fn = torch.compile(dequantize_4bit_torch, backend="inductor")
@@ -341,3 +343,45 @@ def test_torch_dequantization_on_cuda_equals_bitsandbytes():
         print(f"nested={nested}: {differ} of {got.numel()} elements differ")
         assert differ <= got.numel() // 10_000
         torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=0)
+        kernel = dequantize_4bit_triton(packed, state)  # the eager kernel: no FMA, so exact
+        print(f"nested={nested}: Triton kernel, {(kernel != expected).sum().item()} elements differ")
+        assert torch.equal(kernel, expected)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_triton_dequantization_kernel_equals_the_torch_form(quant_type, nested, monkeypatch):
+    """The eager GPU kernel (peftlab/quant/dequant_triton.py) in Triton's interpreter: float32 and float16 weights
+    bit for bit the torch form's (so bitsandbytes'); bfloat16 equal to the float32 result truncated, which is how
+    the interpreter converts (the GPU rounds to nearest even: its CUDA test compares with bitsandbytes exactly).
+    Taken by ``dequantize_weight`` in eager code when usable."""
+    import os
+
+    import bitsandbytes.functional as F
+
+    from peftlab.quant import bnb as qbnb
+    from peftlab.quant.dequant import dequantize_4bit_torch
+    from peftlab.quant.dequant_triton import dequantize_4bit_triton, kernel_usable
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not __import__("importlib").util.find_spec("triton"):
+        pytest.skip("needs Triton and TRITON_INTERPRET=1 (conftest sets it on machines without CUDA)")
+    monkeypatch.setenv("PEFTLAB_DEQUANT_KERNEL", "1")
+    for shape in ((96, 128), (8, 96), (5, 50)):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+        packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+        assert kernel_usable(packed)
+        for dtype in (torch.float32, torch.float16):
+            expected = dequantize_4bit_torch(packed, state, dtype)
+            assert torch.equal(dequantize_4bit_triton(packed, state, dtype), expected)
+        f32 = dequantize_4bit_torch(packed, state, torch.float32)
+        truncated = (f32.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+        assert torch.equal(dequantize_4bit_triton(packed, state, torch.bfloat16), truncated)
+    module = next(m for m in _quantized(quant_type, nested).modules() if is_quantized_linear(m))
+    calls = []
+    real = qbnb.dequantize_4bit_triton
+    monkeypatch.setattr(qbnb, "dequantize_4bit_triton", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(dequantize_weight(module), dequantize_4bit_torch(module.weight.data, module.weight.quant_state))
+    assert calls == [1]
+    monkeypatch.setenv("PEFTLAB_DEQUANT_KERNEL", "0")
+    dequantize_weight(module)
+    assert calls == [1]  # off: bitsandbytes' kernels

@@ -25,6 +25,7 @@ from torch import nn
 from peftlab.core.adapter import AdaptedModule, WeightCodec, register_weight_codec
 from peftlab.core.config import ConfigError
 from peftlab.quant.dequant import dequantize_4bit_torch, fusable, torch_form_enabled
+from peftlab.quant.dequant_triton import dequantize_4bit_triton, kernel_usable
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
@@ -86,8 +87,11 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
             raise ConfigError("this Linear4bit is not quantized yet (move it to a device first)")
         if getattr(w.quant_state, "packing_format_for_cpu", False):  # repacked by a CPU inference forward
             w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-        if torch.compiler.is_compiling() and torch_form_enabled() and fusable(w.quant_state):
-            return dequantize_4bit_torch(w.data, w.quant_state)  # one fused kernel, no per-call Python
+        if torch.compiler.is_compiling():
+            if torch_form_enabled() and fusable(w.quant_state):
+                return dequantize_4bit_torch(w.data, w.quant_state)  # one fused kernel, no per-call Python
+        elif kernel_usable(w.data) and fusable(w.quant_state):
+            return dequantize_4bit_triton(w.data, w.quant_state)  # eager: one launch instead of two or three
         return F.dequantize_4bit(w.data, w.quant_state)
     if isinstance(module, Linear8bitLt):
         scb = getattr(w, "SCB", None)
