@@ -360,6 +360,7 @@ def test_triton_dequantization_kernel_equals_the_torch_form(quant_type, nested, 
     import bitsandbytes.functional as F
 
     from peftlab.quant import bnb as qbnb
+    from peftlab.quant import dequant_triton
     from peftlab.quant.dequant import dequantize_4bit_torch
     from peftlab.quant.dequant_triton import dequantize_4bit_triton, kernel_usable
 
@@ -378,10 +379,17 @@ def test_triton_dequantization_kernel_equals_the_torch_form(quant_type, nested, 
         assert torch.equal(dequantize_4bit_triton(packed, state, torch.bfloat16), truncated)
     module = next(m for m in _quantized(quant_type, nested).modules() if is_quantized_linear(m))
     calls = []
-    real = qbnb.dequantize_4bit_triton
-    monkeypatch.setattr(qbnb, "dequantize_4bit_triton", lambda *a: calls.append(1) or real(*a))
+    real = qbnb.dequantize_or_none
+    monkeypatch.setattr(qbnb, "dequantize_or_none", lambda *a: calls.append(1) or real(*a))
     assert torch.equal(dequantize_weight(module), dequantize_4bit_torch(module.weight.data, module.weight.quant_state))
     assert calls == [1]
     monkeypatch.setenv("PEFTLAB_DEQUANT_KERNEL", "0")
     dequantize_weight(module)
     assert calls == [1]  # off: bitsandbytes' kernels
+    monkeypatch.setenv("PEFTLAB_DEQUANT_KERNEL", "1")
+    monkeypatch.setattr(dequant_triton, "_FAILED", None)  # restored to None after the test
+    monkeypatch.setattr(dequant_triton, "_kernel", lambda: (_ for _ in ()).throw(RuntimeError("no such option")))
+    monkeypatch.setattr(dequant_triton, "_COMPILED", None)
+    with pytest.warns(RuntimeWarning, match="no such option.*bitsandbytes' kernels"):
+        dense = dequantize_weight(module)  # a kernel that cannot be built: bitsandbytes', once warned
+    assert dense.shape == module.weight.quant_state.shape and not kernel_usable(packed)

@@ -25,7 +25,7 @@ from torch import nn
 from peftlab.core.adapter import AdaptedModule, WeightCodec, register_weight_codec
 from peftlab.core.config import ConfigError
 from peftlab.quant.dequant import dequantize_4bit_torch, fusable, torch_form_enabled
-from peftlab.quant.dequant_triton import dequantize_4bit_triton, kernel_usable
+from peftlab.quant.dequant_triton import dequantize_or_none, kernel_usable
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
@@ -91,7 +91,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
             if torch_form_enabled() and fusable(w.quant_state):
                 return dequantize_4bit_torch(w.data, w.quant_state)  # one fused kernel, no per-call Python
         elif kernel_usable(w.data) and fusable(w.quant_state):
-            return dequantize_4bit_triton(w.data, w.quant_state)  # eager: one launch instead of two or three
+            dense = dequantize_or_none(w.data, w.quant_state)  # eager: one launch instead of two or three
+            if dense is not None:
+                return dense
         return F.dequantize_4bit(w.data, w.quant_state)
     if isinstance(module, Linear8bitLt):
         scb = getattr(w, "SCB", None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -55,12 +56,30 @@ def _kernel():
 _COMPILED = None
 
 
+_FAILED: str | None = None  # why the kernel failed once (then bitsandbytes' kernels for the rest of the process)
+
+
 def kernel_usable(packed: torch.Tensor) -> bool:
     """Whether the kernel runs for this storage (see the module doc)."""
     flag = os.environ.get("PEFTLAB_DEQUANT_KERNEL", "")
-    if flag == "0" or not (packed.is_cuda or (flag == "1" and os.environ.get("TRITON_INTERPRET") == "1")):
+    if flag == "0" or _FAILED is not None:
+        return False
+    if not (packed.is_cuda or (flag == "1" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     return importlib.util.find_spec("triton") is not None
+
+
+def dequantize_or_none(packed: torch.Tensor, quant_state) -> torch.Tensor | None:
+    """``dequantize_4bit_triton``, or None (with one warning naming the error) if the kernel cannot be built or
+    launched here, so the caller falls back to bitsandbytes' kernels instead of failing a training run."""
+    global _FAILED
+    try:
+        return dequantize_4bit_triton(packed, quant_state)
+    except Exception as exc:  # a Triton or driver version without what the kernel needs
+        _FAILED = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"peftlab's Triton 4-bit dequantization failed ({_FAILED}); using bitsandbytes' kernels",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
 
 def dequantize_4bit_triton(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
