@@ -29,7 +29,8 @@ synchronise; median over --steps after --warmup. Peak = torch.cuda.max_memory_al
 the load on. Env switches for peftlab rows: PEFTLAB_BENCH_COMPILE=inductor compiles the decoder layers;
 PEFTLAB_BENCH_PROFILE=PREFIX writes torch.profiler's table of two more steps to PREFIX.<setting>.txt.
 Compiled 4-bit rows dequantize with peftlab's torch form (peftlab/quant/dequant.py); PEFTLAB_TORCH_DEQUANT=0 keeps
-bitsandbytes' kernels there (recorded as ``torch_dequant``). peftlab's checkpointing takes the lean block node
+bitsandbytes' kernels there (recorded as ``torch_dequant``); eager 4-bit rows on CUDA dequantize with peftlab's Triton
+kernel (peftlab/quant/dequant_triton.py; PEFTLAB_DEQUANT_KERNEL=0 keeps bitsandbytes', recorded as ``dequant_kernel``). peftlab's checkpointing takes the lean block node
 (peftlab/train/recompute.py) where it may; PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``).
 """
 from __future__ import annotations
@@ -301,6 +302,8 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
               "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,
               "torch_dequant": (impl == "peftlab" and bool(setting.get("quant")) and bool(os.environ.get(
                   "PEFTLAB_BENCH_COMPILE")) and os.environ.get("PEFTLAB_TORCH_DEQUANT", "1") != "0"),
+              "dequant_kernel": (impl == "peftlab" and bool(setting.get("quant")) and not os.environ.get(
+                  "PEFTLAB_BENCH_COMPILE") and os.environ.get("PEFTLAB_DEQUANT_KERNEL", "") != "0"),
               "ckpt_reentrant": (impl == "peftlab" and setting["ckpt"] != "off"
                                  and os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") != "0"),
               "ckpt_clone_outputs": os.environ.get("PEFTLAB_CKPT_CLONE_OUTPUTS", "") == "1",

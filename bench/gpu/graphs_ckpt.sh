@@ -9,9 +9,10 @@
 # backward, and the compiled layers dequantize with torch operators; the CUDA peak test of compiled + checkpointed
 # blocks (around and traced) runs first here.
 # SETTINGS (default "8b-qlora-b1"; also "8b-qlora-b1-embed", "1b-lora-ckpt-offload"): each compiled with graphs and
-# clones, one process each; then Unsloth's row of the first setting in the same call. The same rows without graphs
+# clones, one process each; then the first without clones; then the eager dequantization A/B. The same rows without graphs
 # ran on 2026-12-04: QLoRA B1 338-366 ms / 6.49 GiB, 1B offloaded 103-121 ms / 2.98 GiB.
-#   OUT=... [SETTINGS=...] bench/gpu/graphs_ckpt.sh -> $OUT/ckpt_graphs_<setting>.json, ..._unsloth.json, .log
+#   OUT=... [SETTINGS=...] bench/gpu/graphs_ckpt.sh -> $OUT/ckpt_graphs_<setting>.json, ckpt_graphs_noclone_*.json,
+#   ckpt_eager_dequant_kernel{0,1}.json, ckpt_graphs.log
 set -x
 OUT=${OUT:-/tmp/graphs-ckpt}
 SETTINGS=${SETTINGS:-8b-qlora-b1}
@@ -30,7 +31,12 @@ first=${SETTINGS%% *}
 PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_COMPILE_MODE=reduce-overhead PEFTLAB_CKPT_CLONE_OUTPUTS=0 \
   timeout 120 python3 bench/memory.py --steps 5 --warmup 2 --timeout 115 --impls peftlab --settings "$first" \
   --out "$OUT/ckpt_graphs_noclone_$first.json" >> "$OUT/ckpt_graphs.log" 2>&1
-timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "${first%-embed}" \
-  --out "$OUT/ckpt_graphs_unsloth.json" >> "$OUT/ckpt_graphs.log" 2>&1
+# the eager 8B B1 step (the trainer's default for 4-bit bases): bitsandbytes' dequantization against peftlab's Triton
+# kernel (peftlab/quant/dequant_triton.py, the default on CUDA since the eleventh session); Unsloth's row is in
+# qlora_next.sh
+for kernel in 0 1; do
+  PEFTLAB_DEQUANT_KERNEL=$kernel timeout 100 python3 bench/memory.py --steps 5 --warmup 1 --timeout 95 --impls peftlab \
+    --settings 8b-qlora-b1 --out "$OUT/ckpt_eager_dequant_kernel$kernel.json" >> "$OUT/ckpt_graphs.log" 2>&1
+done
 grep -E '^\{' "$OUT/ckpt_graphs.log" | cut -c1-420
 exit 0
