@@ -29,9 +29,10 @@ synchronise; median over --steps after --warmup. Peak = torch.cuda.max_memory_al
 the load on. Env switches for peftlab rows: PEFTLAB_BENCH_COMPILE=inductor compiles the decoder layers;
 PEFTLAB_BENCH_PROFILE=PREFIX writes torch.profiler's table of two more steps to PREFIX.<setting>.txt.
 Compiled 4-bit rows dequantize with peftlab's torch form (peftlab/quant/dequant.py); PEFTLAB_TORCH_DEQUANT=0 keeps
-bitsandbytes' kernels there (recorded as ``torch_dequant``); eager 4-bit rows on CUDA dequantize with peftlab's Triton
-kernel (peftlab/quant/dequant_triton.py; PEFTLAB_DEQUANT_KERNEL=0 keeps bitsandbytes', recorded as ``dequant_kernel``). peftlab's checkpointing takes the lean block node
-(peftlab/train/recompute.py) where it may; PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``).
+bitsandbytes' kernels there (recorded as ``torch_dequant``). Eager 4-bit rows on CUDA dequantize with peftlab's
+Triton kernel (peftlab/quant/dequant_triton.py); PEFTLAB_DEQUANT_KERNEL=0 keeps bitsandbytes' (``dequant_kernel``).
+peftlab's checkpointing takes the lean block node (peftlab/train/recompute.py) where it may;
+PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``).
 """
 from __future__ import annotations
 
