@@ -202,6 +202,32 @@ def test_fused_node_keeps_no_dense_copy_of_a_4bit_weight(monkeypatch):
     assert fast.operands(torch.zeros(1, 2, dense_shape[1]), q.view) is not None  # the fused path did apply
 
 
+def test_dora_on_a_4bit_base_dequantizes_twice_a_step_and_keeps_its_row_norms(monkeypatch):
+    """DoRA's norm needs the dense W0: the fused node reuses that dequantization for its forward GEMM (forward and
+    backward: two a step, was three), keeps no dense copy for backward, and ||W0||^2 is cached on the packed storage
+    (the dense W0 is a new tensor each time, so a cache keyed on it recomputed a float32 pass every forward)."""
+    from peftlab.quant import bnb as qbnb
+
+    model = quantize_model(tiny_llama(hidden=64, intermediate=128), "nf4", compute_dtype=torch.float32)
+    peftlab.attach(model, peftlab.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    q = model.model.layers[1].self_attn.q_proj  # its input needs a gradient (layer 0's adapter), so backward dequantizes
+    layer = q.adapters["default"]
+    dense_shape = (q.view.out_features, q.view.in_features)
+    calls, saved = [], []
+    real = qbnb.dequantize_weight
+    monkeypatch.setattr(qbnb.BnbCodec, "dense", lambda self, module: calls.append(module) or real(module))
+    ids = batch(b=1, t=6)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert sum(m is q.base_layer for m in calls) == 2 and dense_shape not in saved
+    cached = layer._w0_sq_cache[1]
+    model(input_ids=ids, labels=ids)
+    assert layer._w0_sq_cache[1] is cached
+
+
 @pytest.mark.parametrize("ckpt", ["off", "on", "offload"])
 def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
     """Decoder layers compiled (aot_eager) over 4-bit linears, the fused node dequantizing inside the graph, under

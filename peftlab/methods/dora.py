@@ -48,19 +48,23 @@ class DoraLayer(LoraLayer):
         self._w0_sq_cache: tuple[tuple, torch.Tensor] | None = None
         self._merge_norm: torch.Tensor | None = None
 
-    def _w0_sq(self, w0: torch.Tensor) -> torch.Tensor:
+    def _w0_sq(self, w0: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """||W0||^2 per row, cached while the stored weight (``stored``: the module's parameter, packed when
+        quantized, whose dense form ``w0`` is a new tensor at every dequantization) stays the same."""
         if torch.compiler.is_compiling():  # a compiled graph computes it (the cache's pointer check breaks graphs)
             return w0.detach().float().pow(2).sum(1)
-        key = (w0.data_ptr(), w0._version, w0.dtype)
+        key = (stored.data_ptr(), stored._version, w0.dtype)
         if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
             with torch.no_grad():
                 self._w0_sq_cache = (key, w0.float().pow(2).sum(1))
         return self._w0_sq_cache[1]
 
-    def weight_norm(self, base: BaseView) -> torch.Tensor:
-        w0 = base.weight_oi()
+    def weight_norm(self, base: BaseView, w0: torch.Tensor | None = None) -> torch.Tensor:
+        """||W0 + s B A|| per row; ``w0``: the dense base weight if the caller has it (a 4-bit base's dequantization)."""
+        w0 = base.weight_oi() if w0 is None else w0
         with torch.no_grad():  # on the fast path, no fp32 copy of W0 per step
-            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self._w0_sq(w0),
+            w0_sq = self._w0_sq(w0, base.weight)
+            return dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, w0_sq,
                                  native_gemm=fast.enabled(w0))
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
@@ -80,8 +84,12 @@ class DoraLayer(LoraLayer):
         if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
         xc, weight, bias = parts
+        w0 = base.weight_oi()
+        norm = self.weight_norm(base, w0)
+        if isinstance(weight, fast.QuantizedWeight):
+            weight.first = w0  # the norm's dequantization serves the forward GEMM too (one fewer per step)
         return fast.restore_dtype(fast.dora_linear(xc, weight, bias, self.lora_A.weight, self.lora_B.weight,
-                                                   self.lora_magnitude_vector, self.weight_norm(base), self.scaling), x)
+                                                   self.lora_magnitude_vector, norm, self.scaling), x)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         """Per-output scale m / ||W0 + s B A|| on the base output (not the bias) and folded into B."""

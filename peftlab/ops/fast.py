@@ -70,14 +70,19 @@ def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
 
 class QuantizedWeight:
     """A frozen quantized base weight that a fused node dequantizes when it needs it (forward, and backward for the
-    input gradient) and never keeps: the saved state stays the packed 4-bit storage."""
+    input gradient) and never keeps: the saved state stays the packed 4-bit storage. ``first``: a dense copy the
+    caller already made this step (DoRA's norm needs W0), used by the first ``dense`` call and then dropped."""
 
     requires_grad = False
 
     def __init__(self, base: BaseView):
         self.base = base
+        self.first: torch.Tensor | None = None
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.first is not None:
+            dense, self.first = self.first, None
+            return _as(dense, dtype)
         return _as(self.base.weight_oi(), dtype)
 
 
