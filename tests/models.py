@@ -1,12 +1,15 @@
 """Tiny random models of several architectures, built from configs (no downloads)."""
 from __future__ import annotations
 
+import shutil
+
 import torch
 from transformers import (
     AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config,
 )
 
 VOCAB = 96
+CXX = shutil.which("g++") or shutil.which("c++")  # inductor on the CPU needs a C++ compiler
 
 
 def _build(cfg, seed: int = 0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, tiny_llama
+from models import CXX, batch, tiny_llama
 from peftlab.train.activations import CheckpointError, checkpointing, decoder_blocks
 
 
@@ -56,13 +56,10 @@ def test_dropout_mask_is_replayed_in_the_recompute():
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
-_CXX = __import__("shutil").which("g++") or __import__("shutil").which("c++")
-
-
 @pytest.mark.parametrize("backend,device", [
     ("aot_eager", "cpu"),
     pytest.param("inductor", "cpu",
-                 marks=pytest.mark.skipif(not _CXX, reason="inductor on the CPU needs a C++ compiler")),
+                 marks=pytest.mark.skipif(not CXX, reason="inductor on the CPU needs a C++ compiler")),
     pytest.param("inductor", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend, device):
     """The checkpoint around a compiled block restores the RNG state for the recompute, so the compiled forward

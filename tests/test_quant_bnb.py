@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import peftlab
-from models import TARGETS, batch, randomize_adapters, tiny_llama
+from models import CXX, TARGETS, batch, randomize_adapters, tiny_llama
 from peftlab.core.config import ConfigError
 from peftlab.core.registry import methods
 
@@ -266,13 +266,10 @@ def test_compiled_layers_over_a_4bit_base_equal_eager(ckpt, monkeypatch):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-_CXX = __import__("shutil").which("g++") or __import__("shutil").which("c++")
-
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("backend", [None, "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
-    not _CXX, reason="inductor on the CPU needs a C++ compiler"))])
+    not CXX, reason="inductor on the CPU needs a C++ compiler"))])
 def test_torch_dequantization_equals_bitsandbytes_bit_for_bit(quant_type, nested, backend):
     """The 4-bit weights as plain torch operators (taken inside compiled code) against bitsandbytes' own
     dequantization: every element equal, for each compute dtype. 96 x 128 has 192 absmax, not a whole block of
@@ -299,7 +296,7 @@ def test_torch_dequantization_equals_bitsandbytes_bit_for_bit(quant_type, nested
             assert torch.equal(got, expected), (dtype, shape, (got - expected).abs().max())
 
 
-@pytest.mark.skipif(not _CXX, reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not CXX, reason="inductor on the CPU needs a C++ compiler")
 @pytest.mark.parametrize("nested", [True, False])
 def test_torch_dequantization_compiles_to_one_kernel(nested):
     """What the torch form is for: inductor fuses the unpacking, the table lookup, the nested absmax and the cast into

@@ -44,14 +44,15 @@ class HookedAdapter(nn.Module):
     ``num_virtual_tokens`` > 0: ``virtual_tokens(batch, dtype)`` returns (batch, n, dim) embeddings to
     prepend. ``num_prefix_tokens`` > 0: ``write_prefix(cache, batch, dtype)`` appends n key/value
     positions to every layer of ``cache``. ``install(model)`` returns handles of its own module hooks,
-    which must do nothing while ``self.active`` is False. ``compiles_in_layers``, ``token_local``: as on
-    ``AdapterLayer``.
+    which must do nothing while ``self.active`` is False. ``compiles_in_layers``, ``token_local``,
+    ``loss_in_forward``: as on ``AdapterLayer``.
     """
 
     num_virtual_tokens: int = 0
     num_prefix_tokens: int = 0
     compiles_in_layers: bool = True
     token_local: bool = True
+    loss_in_forward: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -263,14 +263,18 @@ def _compiler_error(exc: BaseException) -> bool:
     return isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith(("torch._inductor", "triton"))
 
 
-def _all_adapters(model: nn.Module, flag: str) -> bool:
-    """Whether every adapter attached to ``model`` (module adapters and hook-based ones) has capability ``flag``."""
+def attached_adapters(model: nn.Module) -> list:
+    """Every adapter attached to ``model``: module adapters (one per adapted module) and hook-based ones."""
     from peftlab.core.input_side import hooked
 
     container = hooked(model)
     hooks = list(container.values()) if container is not None else []
-    return all(getattr(a, flag) for m in adapted_modules(model) for a in m.adapters.values()) and \
-        all(getattr(a, flag) for a in hooks)
+    return [a for m in adapted_modules(model) for a in m.adapters.values()] + hooks
+
+
+def _all_adapters(model: nn.Module, flag: str) -> bool:
+    """Whether every adapter attached to ``model`` has capability ``flag``."""
+    return all(getattr(a, flag) for a in attached_adapters(model))
 
 
 def layers_compile(model: nn.Module) -> bool:

@@ -39,13 +39,9 @@ def enabled_for(model: nn.Module) -> bool:
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
-    from peftlab.core.inject import adapted_modules
-    from peftlab.core.input_side import hooked
+    from peftlab.train.packing import attached_adapters  # packing imports activations, which imports this
 
-    container = hooked(model)
-    adapters = [a for _, m in adapted_modules(model) for a in m.adapters.values()]
-    adapters += list(container.values()) if container is not None else []
-    return not any(getattr(a, "loss_in_forward", False) for a in adapters)
+    return not any(a.loss_in_forward for a in attached_adapters(model))
 
 
 def eligible(args: tuple, kwargs: dict, is_cache: Callable[[Any], bool]) -> bool:
