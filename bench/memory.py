@@ -204,8 +204,9 @@ def _adamw_full_step_fn(model, setting: dict, device):
     return step, opt
 
 
-def run_curve(name: str, impl: str, device_name: str, smoke: bool) -> dict[str, Any]:
-    """Loss curve of GaLore (impl peftlab) or AdamW (impl adamw) training a small Llama on chitchat bytes."""
+def run_curve(name: str, impl: str, device_name: str, smoke: bool, lr: float | None = None) -> dict[str, Any]:
+    """Loss curve of GaLore (impl peftlab) or AdamW (impl adamw) training a small Llama on chitchat bytes;
+    `lr` replaces that optimizer's learning rate in CURVE (a learning-rate sweep)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -218,6 +219,8 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool) -> dict[str, 
     spec = dict(CURVE)
     if smoke:
         spec.update(model=dict(SHAPES["tiny"], vocab_size=256), steps=3, batch=2, seq=32)
+    if lr is not None:
+        spec["galore_lr" if impl == "peftlab" else "adamw_lr"] = lr
     text = "\n".join(m["content"] for r in default_records(limit=2000) for m in r["messages"])
     data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
     torch.manual_seed(0)
@@ -247,7 +250,7 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool) -> dict[str, 
 
 
 def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, warmup: int,
-              seq: int | None = None) -> dict[str, Any]:
+              seq: int | None = None, curve_lr: float | None = None) -> dict[str, Any]:
     import torch
 
     from peftlab.train.activations import checkpointing, compiled_placement
@@ -256,7 +259,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
 
     setting = SETTINGS[name]
     if setting.get("curve"):
-        return run_curve(name, impl, device_name, smoke)
+        return run_curve(name, impl, device_name, smoke, curve_lr)
     device = torch.device(device_name)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
@@ -387,10 +390,10 @@ def run_one(name: str, impl: str, args) -> dict[str, Any]:
             return {"setting": name, "impl": "unsloth", "error": "skipped: Unsloth needs a CUDA GPU"}
         return run_unsloth(name, args.timeout)
     if args.inline:
-        return run_child(name, impl, args.device, args.smoke, steps, warmup, args.seq)
+        return run_child(name, impl, args.device, args.smoke, steps, warmup, args.seq, args.curve_lr)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-impl", impl,
            "--device", args.device, "--steps", str(steps), "--warmup", str(warmup)] + (["--smoke"] if args.smoke else []) \
-        + (["--seq", str(args.seq)] if args.seq else [])
+        + (["--seq", str(args.seq)] if args.seq else []) + (["--curve-lr", str(args.curve_lr)] if args.curve_lr else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -498,6 +501,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=300, help="seconds per (setting, implementation)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, in-process, CPU unless --device says")
     p.add_argument("--seq", type=int, help="sequence length (default 1024); short ones measure state sizes on a CPU")
+    p.add_argument("--curve-lr", type=float, help="galore-curve: this learning rate for the optimizer run "
+                   "(default: CURVE's galore_lr / adamw_lr)")
     p.add_argument("--inline", action="store_true", help="run every configuration in this process")
     p.add_argument("--out", help="results JSON path (default: bench/results/memory/memory_<gpu>.json)")
     p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file (or of "
@@ -520,7 +525,8 @@ def main(argv=None) -> None:
         print(markdown_table(_read_tables(args.table)), end="")
         return
     if args.child:
-        record = run_child(args.child, args.child_impl, args.device, args.smoke, args.steps, args.warmup, args.seq)
+        record = run_child(args.child, args.child_impl, args.device, args.smoke, args.steps, args.warmup, args.seq,
+                           args.curve_lr)
         print("RESULT " + json.dumps(record), flush=True)
         return
     run_driver(args)

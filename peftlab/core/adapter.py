@@ -240,6 +240,12 @@ class AdapterLayer(nn.Module):
         there). Such adapters need their own base, so a server sharing one base refuses them before attaching."""
         return False
 
+    @classmethod
+    def init_needs_dense_base(cls, config: Any) -> bool:
+        """True when building this layer from ``config`` needs the base's full-precision weight (LoftQ), so a
+        trainer that quantizes the base attaches it first (and moves it onto the quantized base after)."""
+        return False
+
     def serving_form(self, base: BaseView) -> ServingForm | None:
         """This adapter in the batched serving form, or None when it has none (the engine then serves a
         mergeable method as a LoRA of its update, see ``peftlab.lowrank``)."""

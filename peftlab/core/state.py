@@ -212,6 +212,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     return model
 
 
+_LOADING = 0
 _RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "orthogonal_")
 _FILLS = ("zeros_", "ones_", "constant_", "eye_", "dirac_")
@@ -228,7 +229,9 @@ def random_init_skipped() -> Iterator[None]:
     deterministic fills (zeros_, ones_, ...) as no-ops on parameters, for adapters built only to be overwritten by
     a checkpoint. Deterministic fills of other tensors and anything drawn from an explicit generator outside nn.init
     (VeRA's projections) still run."""
+    global _LOADING
     saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS + _FILLS}
+    _LOADING += 1
     try:
         for n in _RANDOM_INITS:
             setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
@@ -238,6 +241,13 @@ def random_init_skipped() -> Iterator[None]:
     finally:
         for n, fn in saved.items():
             setattr(nn.init, n, fn)
+        _LOADING -= 1
+
+
+def loading() -> bool:
+    """Whether adapters are being built only to be overwritten by a checkpoint (inside ``random_init_skipped``):
+    an initialisation that needs what is gone by then (LoftQ's full-precision base) may stand aside."""
+    return _LOADING > 0
 
 
 def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.Tensor], source: str,

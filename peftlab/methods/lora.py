@@ -1,10 +1,11 @@
-"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA initialisation.
+"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA / LoftQ initialisation.
 
     h = W0 x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
 
 A: (r, in), B: (out, r). B starts at zero, so the adapted model equals the base at init.
 PiSSA puts the top-r singular directions of W0 in A and B and leaves the residual in W0;
-OLoRA does the same with a QR factorisation. Both rewrite the base weight, as PEFT does.
+OLoRA does the same with a QR factorisation. LoftQ (peftlab/quant/loftq.py) leaves the quantized W0 in the base and
+the low-rank part of its quantization error in B A. All three rewrite the base weight, as PEFT does.
 For ``nn.Embedding`` the update is looked up: h = E[ids] + s * A^T[ids] B^T.
 """
 from __future__ import annotations
@@ -17,15 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
+from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
+from peftlab.core.state import loading
 from peftlab.ops import fast
+from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 
-_INITS = (True, False, "gaussian", "pissa", "olora")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+_LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
-    "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {}, "lora_bias": False,
+    "eva_config": None, "kasa_config": None, "layer_replication": None, "lora_bias": False,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
     "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
     "megatron_core": "megatron.core", "qalora_group_size": 16,
@@ -52,8 +56,15 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict = dict_field()
     alpha_pattern: dict = dict_field()
     use_dora: bool = False
+    loftq_config: dict = dict_field()
 
     peft_neutral_fields = _PEFT_NEUTRAL
+
+    def __post_init__(self) -> None:
+        if self.init_lora_weights == "loftq" and isinstance(self.loftq_config, dict):
+            # written out whole: PEFT refuses a loftq init whose loftq_config is empty
+            self.loftq_config = {**_LOFTQ_DEFAULTS, **self.loftq_config}
+        super().__post_init__()
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -68,6 +79,22 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if init not in _INITS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             raise ConfigError(f"init_lora_weights must be one of {_INITS} or 'pissa_niter_K', got {init!r}")
+        self._validate_loftq()
+
+    def _validate_loftq(self) -> None:
+        loftq = self.loftq_config
+        if not isinstance(loftq, dict):
+            raise ConfigError(f"loftq_config must be a dict, got {loftq!r}")
+        if loftq and self.init_lora_weights != "loftq":
+            raise ConfigError(f"loftq_config={loftq!r} is given but init_lora_weights is "
+                              f"{self.init_lora_weights!r}; set init_lora_weights='loftq'")
+        unknown = set(loftq) - set(_LOFTQ_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"loftq_config: unknown key(s) {sorted(unknown)}; known: {sorted(_LOFTQ_DEFAULTS)}")
+        if loftq and loftq["loftq_bits"] not in LOFTQ_BITS:
+            raise ConfigError(f"loftq_config['loftq_bits'] must be one of {LOFTQ_BITS}, got {loftq['loftq_bits']!r}")
+        if loftq and not (isinstance(loftq["loftq_iter"], int) and loftq["loftq_iter"] >= 1):
+            raise ConfigError(f"loftq_config['loftq_iter'] must be an integer >= 1, got {loftq['loftq_iter']!r}")
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -124,6 +151,7 @@ class LoraLayer(AdapterLayer):
             self.lora_A = nn.Linear(base.in_features, r, bias=False)
             self.lora_B = nn.Linear(r, base.out_features, bias=False)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.loftq_config = dict(config.loftq_config)
         self.reset_parameters(config.init_lora_weights, base)
 
     @property
@@ -152,9 +180,16 @@ class LoraLayer(AdapterLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def _init_from_weight(self, init: str, base: BaseView) -> None:
-        """PiSSA / OLoRA: principal part of W0 into B A (divided by s), residual stays in W0."""
-        w = base.weight_oi().float()
+        """PiSSA / OLoRA: principal part of W0 into B A (divided by s), residual stays in W0. LoftQ: the
+        quantized W0 stays, the low-rank part of its error goes into B A."""
         r = self.r
+        if r > min(base.out_features, base.in_features):
+            raise AdapterError(f"init_lora_weights={init!r} on {self.module_name!r}: rank {r} exceeds the weight's "
+                               f"smaller side (shape {(base.out_features, base.in_features)})")
+        if init == "loftq":
+            self._init_loftq(base)
+            return
+        w = base.weight_oi().float()
         if init == "olora":
             q, rr = torch.linalg.qr(w)
             b, a = q[:, :r], rr[:r]
@@ -170,6 +205,23 @@ class LoraLayer(AdapterLayer):
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         base.set_weight_oi(w - self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+
+    def _init_loftq(self, base: BaseView) -> None:
+        if base.codec is not None:
+            if loading():
+                return  # a LoftQ checkpoint onto its quantized base: the base already is the quantized W0
+            raise AdapterError(
+                f"init_lora_weights='loftq' on {self.module_name!r}: the base is already quantized, so its "
+                "full-precision weight is gone; attach LoftQ to the unquantized model (the trainer does this for "
+                "--quantize), or use init_lora_weights='pissa', which works on a quantized base")
+        if self.scaling <= 0:
+            raise AdapterError(f"init_lora_weights='loftq' on {self.module_name!r} needs a positive scaling "
+                               f"(lora_alpha > 0), got {self.scaling}")
+        loftq = self.loftq_config
+        quantized, a, b = loftq_factors(base.weight_oi(), loftq["loftq_bits"], self.r, loftq["loftq_iter"], self.scaling)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        base.set_weight_oi(quantized)
 
     def lora_down(self, x: torch.Tensor) -> torch.Tensor:
         """A x in the adapter's dtype (x already dropped out)."""
@@ -204,6 +256,10 @@ class LoraLayer(AdapterLayer):
     @classmethod
     def init_rewrites_base(cls, config: LoraConfig) -> bool:
         return config.init_lora_weights not in (True, False, "gaussian")  # pissa*, olora
+
+    @classmethod
+    def init_needs_dense_base(cls, config: LoraConfig) -> bool:
+        return config.init_lora_weights == "loftq"
 
     def serving_form(self, base: BaseView) -> ServingForm | None:
         if self.is_embedding:

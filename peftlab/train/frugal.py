@@ -60,10 +60,10 @@ def _require_bnb(what: str) -> None:
         raise ConfigError(f"{what} needs bitsandbytes: `pip install bitsandbytes` ({exc})") from exc
 
 
-def load_base(args, device: torch.device):
+def load_base(args, device: torch.device, stream: bool = True):
     """(model, tokenizer) for ``train`` when it loads the model itself. With ``quantize`` and a local folder
     of safetensors, the base is streamed straight into its quantized form on ``device`` (never whole in
-    16-bit); otherwise the usual load (in the compute dtype when quantizing)."""
+    16-bit) unless ``stream`` is False; otherwise the usual load (in the compute dtype when quantizing)."""
     from pathlib import Path
 
     from peftlab.defaults import default_model_dir, load_model_and_tokenizer
@@ -71,7 +71,7 @@ def load_base(args, device: torch.device):
     folder = Path(args.model) if args.model is not None else default_model_dir()
     streamable = folder.is_dir() and ((folder / "model.safetensors").is_file()
                                       or (folder / "model.safetensors.index.json").is_file())
-    if args.quantize is None or not streamable:
+    if args.quantize is None or not streamable or not stream:
         return load_model_and_tokenizer(args.model, dtype=args.dtype or ("bfloat16" if args.quantize else None))
     from transformers import AutoTokenizer
 
@@ -101,6 +101,51 @@ def prepare_model(args, model, device: torch.device):
         model.to(compute)  # still on the host (or where it is): one layer at a time goes to the device
         quantize_model(model, args.quantize, double_quant=args.double_quant, compute_dtype=compute, device=device)
     return prepare_for_kbit_training(model, compute)
+
+
+# LoftQ's quantizer for each loftq_bits, and the --quantize that stores the same codes
+_LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}
+
+
+def needs_dense_init(args, config) -> bool:
+    """Whether ``quantize`` meets an adapter whose initialisation needs the full-precision base (LoftQ): then the
+    base loads unquantized, the adapter is initialised on it, and the base is quantized after. LoftQ's quantizer
+    must be the one ``quantize`` asks for."""
+    from peftlab.core.registry import method_for
+
+    method = method_for(config)
+    if args.quantize is None or method.kind != "weight" or not method.layer_class(config).init_needs_dense_base(config):
+        return False
+    bits = getattr(config, "loftq_config", {}).get("loftq_bits")
+    if bits in _LOFTQ_QUANTIZE and _LOFTQ_QUANTIZE[bits] != args.quantize:
+        raise ConfigError(f"loftq_config loftq_bits={bits} quantizes as {_LOFTQ_QUANTIZE[bits]}, but quantize="
+                          f"{args.quantize!r}; use quantize={_LOFTQ_QUANTIZE[bits]!r} so the base keeps LoftQ's codes")
+    return True
+
+
+def init_before_quantizing(model, config, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Attach adapter ``name`` to the unquantized ``model`` (its initialisation rewrites the base: LoftQ leaves the
+    quantized weights there, in full precision), keep copies of its tensors and take it off again. Quantizing that
+    base gives back LoftQ's codes; ``attach_initial`` then puts the tensors onto the quantized base."""
+    from peftlab.core.inject import attach, delete_adapter
+    from peftlab.core.state import PREFIX, checkpoint_tensors
+
+    torch.manual_seed(seed)
+    attach(model, config, name=name)
+    tensors = {k.removeprefix(PREFIX): t.detach().clone() for k, t in checkpoint_tensors(model, name).items()}
+    delete_adapter(model, name)
+    return tensors
+
+
+def attach_initial(model, config, name: str, initial: dict[str, torch.Tensor] | None) -> None:
+    """``attach``, or with ``initial`` (from ``init_before_quantizing``) attach those values instead."""
+    from peftlab.core.inject import attach
+    from peftlab.core.state import attach_loaded
+
+    if initial is None:
+        attach(model, config, name=name)
+    else:
+        attach_loaded(model, config, name, initial, source="the initialisation on the unquantized base")
 
 
 def _on_cuda(model) -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
-from peftlab.core.inject import attach, count_parameters, delete_adapter, model_state
+from peftlab.core.inject import count_parameters, delete_adapter, model_state
 from peftlab.core.registry import method_for, variants
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.train import checkpoint as ckpt
@@ -33,7 +33,8 @@ from peftlab.train.activations import checkpointing
 from peftlab.train.embeddings import host_embeddings
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, load_records
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
-from peftlab.train.frugal import (load_base, loss_function, optimizer_class, optimizer_state_bytes, prepare_model,
+from peftlab.train.frugal import (attach_initial, init_before_quantizing, load_base, loss_function, needs_dense_init,
+                                  optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
 from peftlab.train.packing import (GRAPH_PAD, CompiledSteps, PackingCollator, batch_tokens, check_packing,
                                    compiled_steps, validate_compile_args)
@@ -230,11 +231,14 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     # before loading: a model we load goes to cuda when there is one; so does a base to quantize (compare
     # hands over a model on the host)
     device = runtime.device or resolve_device(args.device, None if args.quantize else model)
+    config = build_config(args)
+    dense_init = attach_fn is None and needs_dense_init(args, config)  # LoftQ under --quantize
     if model is None:
-        model, loaded_tokenizer = load_base(args, device)
+        model, loaded_tokenizer = load_base(args, device, stream=not dense_init)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("train() was given a model but no tokenizer; pass tokenizer= as well")
+    initial = init_before_quantizing(model, config, args.adapter_name, args.seed) if dense_init else None
     model = prepare_model(args, model, device)  # QLoRA: quantized layer by layer onto the device
     runtime.place(model, device)  # FSDP moves the base layer by layer as it shards it
     if records is None:
@@ -245,11 +249,10 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
                                          args.seed)
     collate = Collator(tokenizer.pad_token_id)
 
-    config = build_config(args)
     torch.manual_seed(args.seed)  # the adapter's initial weights depend on the seed only
     random.seed(args.seed)
     if attach_fn is None:
-        attach(model, config, name=args.adapter_name)
+        attach_initial(model, config, args.adapter_name, initial)
         on_step = partial(step_end, model)
     else:  # another library's adapters (compare --with-peft): attach_fn(model, config) -> (model, on_step)
         model, on_step = attach_fn(model, config)
