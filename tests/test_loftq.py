@@ -1,5 +1,9 @@
 """LoftQ initialisation: the quantizers against bitsandbytes, the factors against a short reference of the paper's
 alternation, the base it leaves, checkpoints onto a dense or a quantized base, and the trainer under --quantize."""
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +146,16 @@ def test_trainer_initialises_on_the_dense_base_then_quantizes(tmp_path):
     with pytest.raises(ConfigError, match="loftq_bits=4 quantizes as nf4"):
         train_tiny(tmp_path, "bad", model=tiny_llama(), quantize="int8", device="cpu",
                    config_overrides={"init_lora_weights": "loftq"})
+
+
+def test_loftq_bench_smoke(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import loftq as bench_loftq
+
+    out = tmp_path / "loftq.json"
+    bench_loftq.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    errors = {(r["init"], r.get("loftq_iter")): r["weight_rel_error"] for r in rows[1:]}
+    assert errors[("loftq", 1)] < errors[("qlora", None)] and errors[("loftq", 2)] < errors[("loftq", 1)]
+    bench_loftq.main(["--table", str(out)])
+    assert "| loftq | 4 | 2 |" in capsys.readouterr().out

@@ -218,7 +218,10 @@ class LoraLayer(AdapterLayer):
             raise AdapterError(f"init_lora_weights='loftq' on {self.module_name!r} needs a positive scaling "
                                f"(lora_alpha > 0), got {self.scaling}")
         loftq = self.loftq_config
-        quantized, a, b = loftq_factors(base.weight_oi(), loftq["loftq_bits"], self.r, loftq["loftq_iter"], self.scaling)
+        w = base.weight_oi()
+        if w.device.type == "cpu" and torch.cuda.is_available():
+            w = w.cuda()  # a base waiting on the host to be quantized: its SVDs run on the GPU, as PEFT's
+        quantized, a, b = loftq_factors(w, loftq["loftq_bits"], self.r, loftq["loftq_iter"], self.scaling)
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         base.set_weight_oi(quantized)
