@@ -79,14 +79,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "1b-lora-offload-nofused": dict(shape="1b", batch=4, ckpt="offload", fused_ce=False, impls=("peftlab",)),
     "70b-qlora-b1": dict(shape="70b", quant="nf4", batch=1, ckpt="offload", impls=("peftlab",), steps=3, warmup=1),
     "1b-galore-r128": dict(shape="1b", batch=4, ckpt="on", galore=128, impls=("peftlab", "adamw")),
-    "galore-curve": dict(curve=True, galore=128, impls=("peftlab", "adamw")),
+    "galore-curve": dict(curve=True, galore=128, impls=("peftlab", "adamw", "adamw_galore_lrs")),
 }
 # galore-curve: a 8-layer, hidden-512 Llama trained from scratch on chitchat text as bytes (a small real
 # task), GaLore rank 128 (lr 4e-3, scale 0.25, projection refreshed every 50 steps) vs AdamW (lr 1e-3),
-# 200 steps of 16 x 256 bytes; the final loss is the mean of the last 20 steps.
+# 200 steps of 16 x 256 bytes; the final loss is the mean of the last 20 steps. Impl adamw_galore_lrs: AdamW with
+# GaLore's effective rates (the projected weights at galore_lr * galore_scale, every other parameter at galore_lr).
 CURVE = dict(model=dict(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512),
-             steps=200, batch=16, seq=256, galore_lr=4e-3, adamw_lr=1e-3, update_proj_gap=50)
+             steps=200, batch=16, seq=256, galore_lr=4e-3, galore_scale=0.25, adamw_lr=1e-3, update_proj_gap=50)
 DEFAULT_SETTINGS = [s for s in SETTINGS if s != "70b-qlora-b1"] + ["70b-qlora-b1"]  # the longest last
 
 
@@ -220,7 +221,7 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool, lr: float | N
     if smoke:
         spec.update(model=dict(SHAPES["tiny"], vocab_size=256), steps=3, batch=2, seq=32)
     if lr is not None:
-        spec["galore_lr" if impl == "peftlab" else "adamw_lr"] = lr
+        spec["galore_lr" if impl in ("peftlab", "adamw_galore_lrs") else "adamw_lr"] = lr
     text = "\n".join(m["content"] for r in default_records(limit=2000) for m in r["messages"])
     data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
     torch.manual_seed(0)
@@ -228,8 +229,16 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool, lr: float | N
         model = LlamaForCausalLM(LlamaConfig(**spec["model"], attn_implementation="sdpa"))
     model.train()
     if impl == "peftlab":
-        config = GaloreConfig(rank=SETTINGS[name]["galore"], update_proj_gap=spec["update_proj_gap"], scale=0.25)
+        config = GaloreConfig(rank=SETTINGS[name]["galore"], update_proj_gap=spec["update_proj_gap"],
+                              scale=spec["galore_scale"])
         opt = make_optimizer(model, config, lr=spec["galore_lr"])
+    elif impl == "adamw_galore_lrs":  # AdamW at GaLore's per-group rates: projected weights lr * scale, the rest lr
+        from peftlab.train.galore import projected_parameters
+
+        projected = {id(p) for p in projected_parameters(model)}
+        opt = torch.optim.AdamW([
+            {"params": [p for p in model.parameters() if id(p) not in projected], "lr": spec["galore_lr"]},
+            {"params": [p for p in model.parameters() if id(p) in projected], "lr": spec["galore_lr"] * spec["galore_scale"]}])
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=spec["adamw_lr"])
     generator = torch.Generator().manual_seed(1)  # the same batches for both
@@ -243,7 +252,7 @@ def run_curve(name: str, impl: str, device_name: str, smoke: bool, lr: float | N
         opt.zero_grad(set_to_none=True)
         losses.append(round(float(loss), 4))
     tail = losses[-20:]
-    return {"setting": name, "impl": impl, "optimizer": "galore" if impl == "peftlab" else "adamw",
+    return {"setting": name, "impl": impl, "optimizer": {"peftlab": "galore"}.get(impl, "adamw"),
             "steps": spec["steps"], "losses": losses, "final_loss": round(sum(tail) / len(tail), 4),
             "optimizer_state_bytes": optimizer_state_bytes(opt),
             "train_s": round(time.perf_counter() - started, 1), "spec": spec}
@@ -416,7 +425,8 @@ def run_driver(args) -> Path:
                 "settings": {n: SETTINGS[n] for n in names}, "results": []}
     for name in names:
         for impl in SETTINGS[name]["impls"]:
-            if wanted is not None and impl not in wanted and impl != "adamw":
+            if wanted is not None and impl not in wanted and not (impl == "adamw" and "peftlab" in wanted):
+                # (AdamW is the baseline of GaLore's peftlab rows)
                 continue
             record = run_one(name, impl, args)
             print(json.dumps({k: v for k, v in record.items() if k != "step_ms_samples"}), flush=True)
@@ -440,7 +450,8 @@ def markdown_table(document: dict[str, Any]) -> str:
     for record in document["results"]:
         by_setting.setdefault(record["setting"], {})[record["impl"]] = record
     peers = {name: SETTINGS.get(name, {}).get("peer") for name in by_setting}
-    impls = [i for i in ("peftlab", "peft", "unsloth", "adamw") if any(i in v for v in by_setting.values())]
+    impls = [i for i in ("peftlab", "peft", "unsloth", "adamw", "adamw_galore_lrs")
+             if any(i in v for v in by_setting.values())]
     env = document["environment"]
     lines = [f"{env.get('gpu') or env.get('cpu')}, torch {env['torch']}, transformers {env['transformers']}, "
              f"peft {env['peft']}, commit {str(env.get('commit'))[:10]}" + (" (smoke run)" if document.get("smoke") else ""),

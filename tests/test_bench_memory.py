@@ -24,7 +24,7 @@ def test_smoke_run_writes_self_describing_json_and_a_table(tmp_path):
                          ("8b-qlora-b4-offload-embed", "peftlab"),
                          ("1b-lora-ckpt-offload", "peftlab"), ("1b-lora-ckpt-offload", "unsloth"),
                          ("1b-galore-r128", "peftlab"), ("1b-galore-r128", "adamw"),
-                         ("galore-curve", "peftlab"), ("galore-curve", "adamw")}
+                         ("galore-curve", "peftlab"), ("galore-curve", "adamw"), ("galore-curve", "adamw_galore_lrs")}
     for key, row in rows.items():
         if key[1] == "unsloth":
             assert "needs a CUDA GPU" in row["error"]
@@ -33,8 +33,9 @@ def test_smoke_run_writes_self_describing_json_and_a_table(tmp_path):
         else:
             assert "error" not in row and row["step_ms"] > 0 and row["final_loss"] > 0, row
     assert rows[("8b-qlora-b4-offload-embed", "peftlab")]["embed_offload"] is True
-    curve = [rows[("galore-curve", i)]["losses"] for i in ("peftlab", "adamw")]
-    assert curve[0][0] == curve[1][0]  # the first loss is before any update
+    curve = [rows[("galore-curve", i)]["losses"] for i in ("peftlab", "adamw", "adamw_galore_lrs")]
+    assert curve[0][0] == curve[1][0] == curve[2][0]  # the first loss is before any update
+    assert curve[1][1] != curve[2][1]  # the two AdamW runs differ in their rates
     # both QLoRA sides train the same adapter (r16 on every linear layer)
     assert rows[("8b-qlora-b1", "peftlab")]["trainable_params"] == rows[("8b-qlora-b1", "peft")]["trainable_params"]
     table = subprocess.run([sys.executable, memory.__file__, "--table", str(out)], capture_output=True, text=True,
