@@ -12,6 +12,7 @@ from models import ARCHS, TARGETS, batch, randomize_adapters
 VARIANTS = {
     "lora": dict(r=4, lora_alpha=8),
     "dora": dict(r=4, lora_alpha=8, use_dora=True),
+    "lora_bias": dict(r=4, lora_alpha=8, lora_bias=True),
     "rslora_patterns": dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj|c_attn|query_key_value": 2},
                             alpha_pattern={"v_proj|c_attn|query_key_value": 3}),
 }
@@ -142,3 +143,44 @@ def test_loraplus_gives_b_matrices_ratio_times_lr():
     assert by_lr[1e-4 * 16] == q.lora_B.weight.numel() * n_layers
     emb = model.model.embed_tokens.adapters["default"]
     assert by_lr[1e-6] == emb.lora_embedding_A.numel() + emb.lora_embedding_B.numel()
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_lora_bias_merges_where_the_base_has_a_bias_and_refuses_where_not(arch):
+    ours = ARCHS[arch]()
+    peftlab.attach(ours, peftlab.LoraConfig(target_modules=TARGETS[arch], r=4, lora_alpha=8, lora_bias=True))
+    randomize_adapters(ours, seed=6)
+    biased = [m for m in ours.modules() if hasattr(m, "adapters") and m.view.bias is not None]
+    x = batch()
+    with torch.no_grad():
+        expected = ours(x).logits
+        if len(biased) < sum(hasattr(m, "adapters") for m in ours.modules()):
+            with pytest.raises(peftlab.AdapterError, match="lora_bias=True cannot merge"):
+                peftlab.merge(ours)
+            return
+        peftlab.merge(ours)
+        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+        peftlab.unmerge(ours)
+        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_lora_bias_refusals():
+    from peftlab.convert import convert_to_lora
+    from peftlab.serve.store import ServeError, check_servable
+
+    for bad in (dict(use_dora=True), dict(init_lora_weights="pissa")):
+        with pytest.raises(peftlab.ConfigError, match="lora_bias=True works with plain LoRA"):
+            peftlab.LoraConfig(target_modules=["q_proj"], lora_bias=True, **bad)
+    with pytest.raises(peftlab.AdapterError, match="embedding LoRA has no bias"):
+        peftlab.attach(ARCHS["llama"](), peftlab.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+    config = peftlab.LoraConfig(target_modules=TARGETS["gpt2"], lora_bias=True)
+    with pytest.raises(ServeError, match="trained biases"):
+        check_servable(config, "biased")
+    model = ARCHS["gpt2"]()
+    peftlab.attach(model, config)
+    layer = next(peftlab.adapter_layers(model))[2]
+    assert layer.low_rank_factors() is None  # combine / export / hot-swap refuse it as not a plain s B A
+    assert layer.param_roles()["lora_B.bias"] == "B"  # LoRA+ gives it B's learning rate
+    randomize_adapters(model)
+    with pytest.raises(peftlab.AdapterError, match="changes the layer's bias"):
+        convert_to_lora(model, "default", rank=4)

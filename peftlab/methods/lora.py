@@ -29,7 +29,7 @@ _INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
-    "eva_config": None, "kasa_config": None, "layer_replication": None, "lora_bias": False,
+    "eva_config": None, "kasa_config": None, "layer_replication": None,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
     "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
     "megatron_core": "megatron.core", "qalora_group_size": 16,
@@ -57,6 +57,7 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict = dict_field()
     use_dora: bool = False
     loftq_config: dict = dict_field()
+    lora_bias: bool = False
 
     peft_neutral_fields = _PEFT_NEUTRAL
 
@@ -80,6 +81,9 @@ class LoraConfig(AdapterConfig):
         if init not in _INITS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
             raise ConfigError(f"init_lora_weights must be one of {_INITS} or 'pissa_niter_K', got {init!r}")
         self._validate_loftq()
+        if self.lora_bias and (self.use_dora or init not in (True, False)):  # as PEFT
+            raise ConfigError(f"lora_bias=True works with plain LoRA and init_lora_weights True or False, got "
+                              f"use_dora={self.use_dora}, init_lora_weights={init!r}")
 
     def _validate_loftq(self) -> None:
         loftq = self.loftq_config
@@ -143,13 +147,15 @@ class LoraLayer(AdapterLayer):
         r, self.scaling = rank_and_scaling(config, module_name)
         self.r = r
         self.is_embedding = base.kind == "embedding"
+        if self.is_embedding and config.lora_bias:
+            raise AdapterError(f"lora_bias=True on {module_name!r}: an embedding LoRA has no bias (as PEFT)")
         if self.is_embedding:
             self.lora_embedding_A = nn.Parameter(torch.randn(r, base.in_features))
             self.lora_embedding_B = nn.Parameter(torch.randn(base.out_features, r))
             self.padding_idx = base.module.padding_idx
         else:
             self.lora_A = nn.Linear(base.in_features, r, bias=False)
-            self.lora_B = nn.Linear(r, base.out_features, bias=False)
+            self.lora_B = nn.Linear(r, base.out_features, bias=config.lora_bias)  # PEFT's lora_bias: B's bias
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.loftq_config = dict(config.loftq_config)
         self.reset_parameters(config.init_lora_weights, base)
@@ -178,6 +184,8 @@ class LoraLayer(AdapterLayer):
             self._init_from_weight(str(init), base)
             return
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def _init_from_weight(self, init: str, base: BaseView) -> None:
         """PiSSA / OLoRA: principal part of W0 into B A (divided by s), residual stays in W0. LoftQ: the
@@ -243,18 +251,37 @@ class LoraLayer(AdapterLayer):
         if self.is_embedding:
             return self.lora_out(x) * self.scaling
         # scaling on the rank-r activation, not on the (tokens, out) result: one full-size pass fewer each way
-        return self.lora_B(self.lora_down(self.dropout(x)) * self.scaling)
+        h = self.lora_down(self.dropout(x)) * self.scaling
+        bias = self.lora_B.bias
+        return self.lora_B(h) if bias is None else F.linear(h, self.lora_B.weight, bias * self.scaling)
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if self.is_embedding:
+        if self.is_embedding or self.has_bias:
             return None
         return fast.lowrank(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
+
+    @property
+    def has_bias(self) -> bool:
+        """PEFT's lora_bias: B's bias, scaled with the update (s (B A x + b))."""
+        return not self.is_embedding and self.lora_B.bias is not None
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scaling
 
     def low_rank_factors(self):
-        return self.A, self.B, self.scaling
+        return None if self.has_bias else (self.A, self.B, self.scaling)
+
+    def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
+        if self.has_bias and base.bias is None:
+            raise AdapterError(f"{self.module_name!r}: a LoRA with lora_bias=True cannot merge into a layer "
+                               "without a bias (as PEFT)")
+        return super().merge_into(weight_oi, base)
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype) if self.has_bias else bias
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype) if self.has_bias else bias
 
     @classmethod
     def init_rewrites_base(cls, config: LoraConfig) -> bool:
@@ -265,14 +292,15 @@ class LoraLayer(AdapterLayer):
         return config.init_lora_weights == "loftq"
 
     def serving_form(self, base: BaseView) -> ServingForm | None:
-        if self.is_embedding:
+        if self.is_embedding or self.has_bias:
             return None
         return lora_serving_form(self.A, self.B, self.scaling)
 
     @classmethod
     def state_shapes(cls, base: BaseView, config: LoraConfig, module_name: str) -> dict[str, tuple[int, ...]]:
         r = rank_and_scaling(config, module_name)[0]
-        return {"lora_A.weight": (r, base.in_features), "lora_B.weight": (base.out_features, r)}
+        shapes = {"lora_A.weight": (r, base.in_features), "lora_B.weight": (base.out_features, r)}
+        return {**shapes, "lora_B.bias": (base.out_features,)} if config.lora_bias else shapes
 
     @classmethod
     def serving_form_from_state(cls, state, base, config, module_name) -> ServingForm:
@@ -281,7 +309,7 @@ class LoraLayer(AdapterLayer):
     def param_roles(self) -> dict[str, str]:
         if self.is_embedding:
             return {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
-        return {"lora_A.weight": "A", "lora_B.weight": "B"}
+        return {"lora_A.weight": "A", "lora_B.weight": "B", **({"lora_B.bias": "B"} if self.has_bias else {})}
 
 
 def _layer_for(config: LoraConfig) -> type[AdapterLayer]:

@@ -25,7 +25,8 @@ def check_servable(config, name: str) -> None:
         raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (a residual base, as PiSSA "
                          "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
                          "to a plain update first")
-    if getattr(config, "bias", "none") != "none" or getattr(config, "modules_to_save", None):
+    if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False) \
+            or getattr(config, "modules_to_save", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
 
 
