@@ -240,6 +240,9 @@ def inspect(
     for key in ("method", "target_modules", "r", "rank_pattern", "adapted_modules", "parameters", "bytes", "dtypes"):
         value = info[key]
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    vllm = info["vllm"]
+    table.add_row("vllm", "loads" + (f"; {vllm['note']}" if vllm["note"] else "") if vllm["loadable"]
+                  else "refused: " + "; ".join(vllm["problems"]))
     console.print(table)
 
 

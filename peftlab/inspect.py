@@ -1,4 +1,5 @@
-"""Describe an adapter folder without loading a model: method, targets, ranks, parameters, bytes."""
+"""Describe an adapter folder without loading a model: method, targets, ranks, parameters, bytes, and what would
+keep vLLM from serving it."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -48,7 +49,44 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         "config_bytes": (path / CONFIG_NAME).stat().st_size,
         "dtypes": sorted(dtypes),
         "modules": {m: per_module[m] for m in sorted(per_module)},
+        "vllm": vllm_report(cfg, per_module),
     }
+
+
+# vLLM's LoRA loader reads lora_A / lora_B (and lora_embedding_A / B) tensors of a plain LoRA, one scaling per adapter
+# from its config; its server starts with --max-lora-rank 16 unless told otherwise.
+VLLM_DEFAULT_MAX_RANK = 16
+_VLLM_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    """What would keep vLLM from serving this adapter as trained (``problems``; empty: it loads), and the
+    ``--max-lora-rank`` it needs. Known refusals of vLLM's LoRA loading: other methods than LoRA, DoRA, trained
+    biases, modules_to_save; and an initialisation that rewrote the base (PiSSA / OLoRA / LoftQ), which would run on
+    vLLM's original base weights, giving other outputs than in training."""
+    problems = []
+    fix = "`peftlab convert` turns it into a plain LoRA" if cfg["peft_type"] != "LORA" or cfg.get("use_dora") else ""
+    if cfg["peft_type"] != "LORA":
+        problems.append(f"vLLM serves LoRA adapters only, this is {cfg['peft_type']} ({fix})")
+    elif cfg.get("use_dora"):
+        problems.append(f"vLLM does not serve DoRA ({fix})")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        problems.append("trained biases (bias / lora_bias) are not served by vLLM")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save {cfg['modules_to_save']} (full module copies) are not served by vLLM")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init not in ("gaussian",):
+        problems.append(f"init_lora_weights={init!r} rewrote the base weights in training; vLLM would run the "
+                        "adapter on the original base (merge it instead: `peftlab merge`)")
+    if cfg["peft_type"] == "LORA" and not problems:
+        odd = sorted({s for m in per_module.values() for s in m if not s.startswith(_VLLM_SUFFIXES)})
+        if odd:
+            problems.append(f"tensors vLLM does not read: {odd}")
+    ranks = [cfg.get("r") or 0, *(cfg.get("rank_pattern") or {}).values()]
+    needed = max(int(r) for r in ranks)
+    return {"loadable": not problems, "problems": problems, "max_lora_rank": needed,
+            "note": (f"start vLLM with --max-lora-rank >= {needed} (its default is {VLLM_DEFAULT_MAX_RANK})"
+                     if needed > VLLM_DEFAULT_MAX_RANK else "")}
 
 
 def _split_module(name: str) -> tuple[str, str, str]:
