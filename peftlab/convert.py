@@ -91,8 +91,8 @@ def adapter_updates(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"adapter {name!r} ({state.configs[name].peft_type}) acts on the input tokens and has no "
                            "weight update; it cannot be expressed as a LoRA")
     if any(name in module.modules_to_save for _, module in saved_modules(model)):
-        raise AdapterError(f"adapter {name!r} has modules_to_save (fully trained copies); they are not a low-rank "
-                           "update and are not converted")
+        raise AdapterError(f"adapter {name!r} has modules_to_save or trainable tokens (fully trained copies or "
+                           "rows); they are not a low-rank update and are not converted")
     return {mname: weight_update(module, name) for mname, module in adapted_modules(model) if name in module.adapters}
 
 

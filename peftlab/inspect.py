@@ -56,6 +56,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
 # vLLM's LoRA loader reads lora_A / lora_B (and lora_embedding_A / B) tensors of a plain LoRA, one scaling per adapter
 # from its config; its server starts with --max-lora-rank 16 unless told otherwise.
 VLLM_DEFAULT_MAX_RANK = 16
+_TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's trainable_token_indices (module path ends in token_adapter)
 _VLLM_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
 
@@ -78,15 +79,19 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
     if isinstance(init, str) and init not in ("gaussian",):
         problems.append(f"init_lora_weights={init!r} rewrote the base weights in training; vLLM would run the "
                         "adapter on the original base (merge it instead: `peftlab merge`)")
+    notes = []
+    if cfg.get("trainable_token_indices"):
+        notes.append("trainable tokens need a vLLM that loads them (its max_lora_trainable_tokens)")
     if cfg["peft_type"] == "LORA" and not problems:
-        odd = sorted({s for m in per_module.values() for s in m if not s.startswith(_VLLM_SUFFIXES)})
+        odd = sorted({s for m in per_module.values() for s in m
+                      if not s.startswith(_VLLM_SUFFIXES) and s != _TOKEN_ROWS})
         if odd:
             problems.append(f"tensors vLLM does not read: {odd}")
     ranks = [cfg.get("r") or 0, *(cfg.get("rank_pattern") or {}).values()]
     needed = max(int(r) for r in ranks)
-    return {"loadable": not problems, "problems": problems, "max_lora_rank": needed,
-            "note": (f"start vLLM with --max-lora-rank >= {needed} (its default is {VLLM_DEFAULT_MAX_RANK})"
-                     if needed > VLLM_DEFAULT_MAX_RANK else "")}
+    if needed > VLLM_DEFAULT_MAX_RANK:
+        notes.append(f"start vLLM with --max-lora-rank >= {needed} (its default is {VLLM_DEFAULT_MAX_RANK})")
+    return {"loadable": not problems, "problems": problems, "max_lora_rank": needed, "note": "; ".join(notes)}
 
 
 def _split_module(name: str) -> tuple[str, str, str]:

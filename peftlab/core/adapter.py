@@ -417,6 +417,10 @@ class ModulesToSave(nn.Module):
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active](*args, **kwargs)
 
+    def unloaded(self, name: str | None) -> nn.Module:
+        """The module that replaces this wrapper when adapter ``name`` (None: none) is merged and unloaded."""
+        return self.modules_to_save[name] if name is not None else self.original_module
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -156,6 +156,13 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if name in state.configs:
         raise AdapterError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
     method = method_for(config)
+    token_indices = getattr(config, "trainable_token_indices", None)  # PEFT's LoraConfig field
+    tokens = None
+    if token_indices is not None:  # checked before anything is attached
+        from .tokens import token_plan
+
+        targets = find_targets(model, config) if method.kind == "weight" else []
+        tokens = token_plan(model, token_indices, [*(config.modules_to_save or []), *targets])
     if not state.configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -165,6 +172,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
         _attach_weight_method(model, config, name, method)
     for target in config.modules_to_save or []:
         _add_module_to_save(model, target, name)
+    if tokens:
+        from .tokens import add_trainable_tokens
+
+        add_trainable_tokens(model, tokens, name)
     state.configs[name] = config
     from .hooks import install_model_hooks
 

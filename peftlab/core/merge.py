@@ -52,7 +52,7 @@ def merge_and_unload(model: nn.Module, name: str | list[str] | None = None) -> n
         _set_submodule(model, mname, module.base_layer)
     for mname, module in list(saved_modules(model)):
         keep = next((n for n in names if n in module.modules_to_save), None)
-        _set_submodule(model, mname, module.modules_to_save[keep] if keep else module.original_module)
+        _set_submodule(model, mname, module.unloaded(keep))
     for n, config in model_state(model).configs.items():
         method = method_for(config)
         if method.kind == "input":

@@ -31,7 +31,7 @@ _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
     "eva_config": None, "kasa_config": None, "layer_replication": None,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
-    "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    "use_bdlora": None, "use_qalora": False, "velora_config": None,
     "megatron_core": "megatron.core", "qalora_group_size": 16,
 }
 
@@ -58,6 +58,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     loftq_config: dict = dict_field()
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
 
     peft_neutral_fields = _PEFT_NEUTRAL
 

@@ -26,8 +26,8 @@ def check_servable(config, name: str) -> None:
                          "and OLoRA keep), so it cannot share the served base; merge it (peftlab merge) or convert it "
                          "to a plain update first")
     if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False) \
-            or getattr(config, "modules_to_save", None):
-        raise ServeError(f"adapter {name!r}: trained biases / modules_to_save are not servable")
+            or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+        raise ServeError(f"adapter {name!r}: trained biases / modules_to_save / trainable tokens are not servable")
 
 
 def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:

@@ -28,6 +28,10 @@ def head_tensors(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     if head is None:
         raise ConfigError(f"fused_ce: {type(model).__name__} has no output embeddings (lm_head)")
+    if isinstance(head, ModulesToSave) and type(head).forward is not ModulesToSave.forward and head.active \
+            and not head.disabled:
+        raise ConfigError("fused_ce: the output head computes some logits its own way (trainable tokens tied to the "
+                          "input embedding); train without --fused-ce")
     if isinstance(head, ModulesToSave):
         head = head.modules_to_save[head.active] if head.active and not head.disabled else head.original_module
     if isinstance(head, AdaptedModule):

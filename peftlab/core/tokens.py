@@ -1,0 +1,180 @@
+"""Trainable token rows (PEFT's ``trainable_token_indices``): chosen rows of an embedding table train, the rest
+stay frozen, e.g. the rows of new chat-template tokens.
+
+Each adapter keeps its rows as ``<embedding>.token_adapter.trainable_tokens_delta`` (n, hidden), PEFT's key; in
+spite of the name they hold the rows' values (a copy of the originals at the start), not differences. The lookup
+gives row ``rows[k]`` for token ``indices[k]`` and the table's own row for every other token, without copying the
+table. When the output head shares the table's weight (tied embeddings), the head's logits for those tokens use the
+same rows, as PEFT's tied token adapter does; only the embedding's copy is saved.
+
+Both wrappers are ``ModulesToSave`` to core: one per-adapter entry each, activated, frozen, deleted and saved by the
+same code; ``unloaded`` writes the rows into the table (merge_and_unload).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdapterError, ModulesToSave
+
+
+class _Rows(nn.Module):
+    def __init__(self, table: torch.Tensor, indices: list[int]):
+        super().__init__()
+        self.indices = list(indices)
+        self.trainable_tokens_delta = nn.Parameter(table.detach()[self.indices].clone())
+
+
+class _Entry(nn.Module):
+    """What one adapter keeps on the embedding: ``token_adapter`` (PEFT's key path) with its rows."""
+
+    def __init__(self, table: torch.Tensor, indices: list[int]):
+        super().__init__()
+        self.token_adapter = _Rows(table, indices)
+
+
+class _TiedEntry(nn.Module):
+    """The head's view of an embedding entry; holds no parameter of its own (not saved twice)."""
+
+    def __init__(self, entry: _Entry):
+        super().__init__()
+        self._source = [entry]
+
+    @property
+    def token_adapter(self) -> _Rows:
+        return self._source[0].token_adapter
+
+
+def check_indices(indices, vocab: int, where: str) -> list[int]:
+    if not isinstance(indices, (list, tuple)) or not indices or not all(isinstance(i, int) for i in indices):
+        raise AdapterError(f"trainable_token_indices for {where!r} must be a non-empty list of token ids, "
+                           f"got {indices!r}")
+    bad = [i for i in indices if not 0 <= i < vocab]
+    if bad or len(set(indices)) != len(indices):
+        raise AdapterError(f"trainable_token_indices for {where!r}: ids {bad or 'repeated'} "
+                           f"(the table has {vocab} rows; each id once)")
+    return list(indices)
+
+
+class TokenRows(ModulesToSave):
+    """An ``nn.Embedding`` whose adapter-chosen rows train."""
+
+    def __init__(self, original: nn.Module):
+        if type(original) is not nn.Embedding:
+            raise AdapterError(f"trainable tokens wrap a plain nn.Embedding, not {type(original).__name__}")
+        super().__init__(original)
+
+    def add(self, name: str, indices: list[int]) -> None:  # type: ignore[override]
+        self.modules_to_save[name] = _Entry(self.original_module.weight, indices)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.original_module(ids)
+        if self.disabled or self.active not in self.modules_to_save:
+            return out
+        rows = self.modules_to_save[self.active].token_adapter
+        position = torch.full((self.original_module.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+        position[rows.indices] = torch.arange(len(rows.indices), device=ids.device)
+        pos = position[ids]
+        picked = F.embedding(pos.clamp(min=0), rows.trainable_tokens_delta).to(out.dtype)
+        return torch.where((pos >= 0).unsqueeze(-1), picked, out)
+
+    def unloaded(self, name: str | None) -> nn.Module:
+        if name is not None:
+            rows = self.modules_to_save[name].token_adapter
+            weight = self.original_module.weight
+            with torch.no_grad():
+                weight.index_copy_(0, torch.tensor(rows.indices, device=weight.device),
+                                   rows.trainable_tokens_delta.detach().to(weight.dtype))
+        return self.original_module
+
+
+class TiedTokenHead(ModulesToSave):
+    """The output head of a tied model: the logits of the trainable tokens come from the embedding's rows."""
+
+    def add(self, name: str, entry: _Entry) -> None:  # type: ignore[override]
+        self.modules_to_save[name] = _TiedEntry(entry)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.original_module(hidden)
+        if self.disabled or self.active not in self.modules_to_save:
+            return out
+        rows = self.modules_to_save[self.active].token_adapter
+        index = torch.tensor(rows.indices, device=out.device)
+        bias = self.original_module.bias
+        logits = F.linear(hidden, rows.trainable_tokens_delta.to(hidden.dtype),
+                          None if bias is None else bias[index].to(hidden.dtype)).to(out.dtype)
+        return out.index_copy(-1, index, logits)
+
+    def unloaded(self, name: str | None) -> nn.Module:
+        return self.original_module  # the table it shares gets the rows from TokenRows.unloaded
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str | None:
+    from .inject import logical_modules
+
+    return next((n for n, m in logical_modules(model) if m is module), None)
+
+
+def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list[int], str | None]]:
+    """(embedding name, indices, tied head name or None) for each table ``spec`` names, all checked before anything
+    changes. ``spec``: a list of token ids (the input embedding), or {module name: ids}. ``taken``: the new
+    adapter's modules_to_save and weight targets, which must not be among them."""
+    from .adapter import AdaptedModule
+    from .inject import _unwrap, logical_modules
+
+    if isinstance(spec, (list, tuple)):
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        where = _name_of(model, emb) if emb is not None else None
+        if where is None:
+            raise AdapterError("trainable_token_indices as a list needs a model with get_input_embeddings()")
+        targets = {where: spec}
+    elif isinstance(spec, dict):
+        targets = {}
+        for key, ids in spec.items():
+            hits = [n for n, _ in logical_modules(model) if n == key or n.endswith("." + key)]
+            if len(hits) != 1:
+                raise AdapterError(f"trainable_token_indices key {key!r} matches {len(hits)} modules; name one")
+            targets[hits[0]] = ids
+    else:
+        raise AdapterError(f"trainable_token_indices must be a list of ids or {{module: ids}}, got {spec!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plan = []
+    for where, ids in targets.items():
+        module = model.get_submodule(where)
+        if isinstance(module, AdaptedModule) or (isinstance(module, ModulesToSave) and not isinstance(module, TokenRows)):
+            raise AdapterError(f"{where!r} is already adapted or in modules_to_save; trainable tokens need it plain")
+        if any(where == s or where.endswith("." + s) for s in taken):
+            raise AdapterError(f"{where!r} is both a target or in modules_to_save and in trainable_token_indices; "
+                               "pick one")
+        base = _unwrap(module)
+        if type(base) is not nn.Embedding:
+            raise AdapterError(f"trainable_token_indices: {where!r} is a {type(base).__name__}, not an nn.Embedding")
+        ids = check_indices(ids, base.num_embeddings, where)
+        tied = None
+        if head is not None and getattr(_unwrap(head), "weight", None) is base.weight:
+            tied = _name_of(model, head)
+            if tied in targets:
+                raise AdapterError(f"{tied!r} shares {where!r}'s weight and follows its trainable tokens; "
+                                   "name only the embedding")
+            if isinstance(head, ModulesToSave) and not isinstance(head, TiedTokenHead):
+                raise AdapterError(f"{tied!r} is in modules_to_save but shares {where!r}'s weight")
+        plan.append((where, ids, tied))
+    return plan
+
+
+def add_trainable_tokens(model: nn.Module, plan, name: str) -> None:
+    from .inject import _set_submodule
+
+    for where, ids, tied in plan:
+        module = model.get_submodule(where)
+        if not isinstance(module, TokenRows):
+            module = TokenRows(module)
+            _set_submodule(model, where, module)
+        module.add(name, ids)
+        if tied is not None:
+            head = model.get_submodule(tied)
+            if not isinstance(head, TiedTokenHead):
+                head = TiedTokenHead(head)
+                _set_submodule(model, tied, head)
+            head.add(name, module.modules_to_save[name])
