@@ -159,3 +159,14 @@ def test_loftq_bench_smoke(tmp_path, capsys):
     assert errors[("loftq", 1)] < errors[("qlora", None)] and errors[("loftq", 2)] < errors[("loftq", 1)]
     bench_loftq.main(["--table", str(out)])
     assert "| loftq | 4 | 2 |" in capsys.readouterr().out
+
+
+def test_dora_with_loftq_starts_where_lora_with_loftq_does():
+    ids = batch()
+    outputs = []
+    for use_dora in (False, True):
+        model = tiny_llama(hidden=64, intermediate=128)
+        peftlab.attach(model, _loftq_config(use_dora=use_dora))
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
