@@ -133,3 +133,30 @@ def test_trainer_trains_the_rows(tmp_path, ratio):
     saved = load_file(tmp_path / "tokens" / "adapter" / "adapter_model.safetensors")
     rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
     assert rows.shape == before.shape and not torch.equal(rows, before)
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                              sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_scaled_and_tied_embedding_of_gemma3_against_peft(tmp_path):
+    assert hasattr(_tiny_gemma3().get_input_embeddings(), "embed_scale")  # the case under test
+    theirs = peft.get_peft_model(_tiny_gemma3(), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                 trainable_token_indices=IDS))
+    randomize_adapters(theirs, seed=5)
+    x = _batch()
+    with torch.no_grad():
+        expected = theirs.eval()(x).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = _tiny_gemma3()
+    peftlab.load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+        plain = peftlab.merge_and_unload(ours)
+        torch.testing.assert_close(plain(x).logits, expected, atol=2e-5, rtol=1e-4)

@@ -57,12 +57,18 @@ def check_indices(indices, vocab: int, where: str) -> list[int]:
     return list(indices)
 
 
+def wrappable(module: nn.Module) -> bool:
+    """A plain ``nn.Embedding``, or one whose forward multiplies by its ``embed_scale`` (Gemma 3's scaled table)."""
+    return type(module) is nn.Embedding or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
+
+
 class TokenRows(ModulesToSave):
     """An ``nn.Embedding`` whose adapter-chosen rows train."""
 
     def __init__(self, original: nn.Module):
-        if type(original) is not nn.Embedding:
-            raise AdapterError(f"trainable tokens wrap a plain nn.Embedding, not {type(original).__name__}")
+        if not wrappable(original):
+            raise AdapterError(f"trainable tokens wrap an nn.Embedding (optionally with an embed_scale), not "
+                               f"{type(original).__name__}")
         super().__init__(original)
 
     def add(self, name: str, indices: list[int]) -> None:  # type: ignore[override]
@@ -76,7 +82,11 @@ class TokenRows(ModulesToSave):
         position = torch.full((self.original_module.num_embeddings,), -1, dtype=torch.long, device=ids.device)
         position[rows.indices] = torch.arange(len(rows.indices), device=ids.device)
         pos = position[ids]
-        picked = F.embedding(pos.clamp(min=0), rows.trainable_tokens_delta).to(out.dtype)
+        picked = F.embedding(pos.clamp(min=0), rows.trainable_tokens_delta)
+        scale = getattr(self.original_module, "embed_scale", None)
+        if scale is not None:  # as the table's own forward scales its rows
+            picked = picked * scale.to(self.original_module.weight.dtype)
+        picked = picked.to(out.dtype)
         return torch.where((pos >= 0).unsqueeze(-1), picked, out)
 
     def unloaded(self, name: str | None) -> nn.Module:
@@ -148,7 +158,7 @@ def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list
             raise AdapterError(f"{where!r} is both a target or in modules_to_save and in trainable_token_indices; "
                                "pick one")
         base = _unwrap(module)
-        if type(base) is not nn.Embedding:
+        if not wrappable(base):
             raise AdapterError(f"trainable_token_indices: {where!r} is a {type(base).__name__}, not an nn.Embedding")
         ids = check_indices(ids, base.num_embeddings, where)
         tied = None
