@@ -73,6 +73,12 @@ def test_factors_equal_the_reference_and_absorb_the_quantization_error(iters):
     assert float((w - base - b @ a).norm()) < 0.95 * plain
 
 
+def _as_attach_computes(weight, iters):
+    """loftq_factors where attaching computes them: on the GPU when there is one (the base waits on the host)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [t.cpu() for t in loftq_factors(weight.to(device), 4, rank=4, iters=iters, scaling=2.0)]
+
+
 def _loftq_config(**kw):
     return peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="loftq",
                               **kw)
@@ -84,7 +90,7 @@ def test_attach_rewrites_the_base_to_its_quantized_weights():
     peftlab.attach(dense, _loftq_config(loftq_config={"loftq_iter": 2}))
     module = dense.model.layers[0].self_attn.q_proj
     layer = module.adapters["default"]
-    base, a, b = loftq_factors(original, 4, rank=4, iters=2, scaling=2.0)
+    base, a, b = _as_attach_computes(original, iters=2)
     assert torch.equal(module.view.weight_oi(), base)
     torch.testing.assert_close(layer.delta_weight(), 2.0 * (b @ a))
     assert float((original - module.view.weight_oi() - layer.delta_weight().detach()).norm()) < \
@@ -136,7 +142,7 @@ def test_trainer_initialises_on_the_dense_base_then_quantizes(tmp_path):
     train_tiny(tmp_path, "loftq", model=model, quantize="nf4", device="cpu", max_steps=1, lr=1e-9, r=4,
                target_modules=["q_proj", "down_proj"], config_overrides=overrides)
     module = model.model.layers[1].mlp.down_proj
-    base, a, b = loftq_factors(original, 4, rank=4, iters=1, scaling=2.0)
+    base, a, b = _as_attach_computes(original, iters=1)
     # the base was cast to bfloat16 before quantizing: the same codes, the absmax rounded to bfloat16
     torch.testing.assert_close(dequantize_weight(module.base_layer).float(), base, rtol=1e-2, atol=1e-3)
     assert torch.equal(nf4_round_trip(dequantize_weight(module.base_layer).float()) != 0, base != 0)

@@ -21,6 +21,7 @@ SETTING=${SETTING:-8b-qlora-b1}
 source bench/gpu/unsloth_env.sh
 timeout 100 python3 -m pytest -q -s tests/test_quant_bnb.py -k cuda 2>&1 | grep -E "differ|passed|failed|rror" | tail -4
 timeout 60 python3 -m pytest -q tests/test_paged_optim.py 2>&1 | tail -1
+timeout 60 python3 -m pytest -q tests/test_loftq.py tests/test_trainable_tokens.py 2>&1 | tail -1  # LoftQ's SVDs on CUDA
 row() {  # row name, setting, env assignments...
   local name=$1 setting=$2; shift 2
   env PEFTLAB_BENCH_COMPILE=inductor "$@" timeout 110 python3 bench/memory.py --steps 5 --warmup 2 --timeout 105 \
