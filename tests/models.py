@@ -128,21 +128,34 @@ def logits(model, x):
         return model(x).logits
 
 
-def check_peft_file_loads_in_peftlab(peft_model, make_base, folder) -> None:
-    """A PEFT model with random adapter weights, saved by PEFT, gives PEFT's logits in peftlab (and differs from the base)."""
+def check_merge_unmerge(model, x, expected, atol: float, rtol: float) -> None:
+    """Merging the active adapters, then unmerging them, keeps the logits on ``x`` at ``expected``."""
+    import peftlab
+
+    with torch.no_grad():
+        peftlab.merge(model)
+        torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
+        peftlab.unmerge(model)
+        torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
+
+
+def check_peft_file_loads_in_peftlab(peft_model, make_base, folder, x=None):
+    """A PEFT model with random adapter weights, saved by PEFT, gives PEFT's logits in peftlab (and differs from the
+    base) on ``x`` (default ``batch()``); returns peftlab's model."""
     import peftlab
 
     randomize_adapters(peft_model, seed=3)
-    x = batch()
+    x = batch() if x is None else x
     expected = logits(peft_model, x)
     assert not torch.allclose(expected, logits(make_base(), x), atol=1e-3), "the adapter should change the output"
     peft_model.save_pretrained(folder)
     ours = make_base()
     peftlab.load_adapter(ours, folder)
     torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+    return ours
 
 
-def check_peftlab_file_loads_in_peft(make_base, config, folder) -> None:
+def check_peftlab_file_loads_in_peft(make_base, config, folder, x=None) -> None:
     """peftlab's adapter with random weights, saved by peftlab, gives the same logits in HF PEFT."""
     import peft
 
@@ -151,7 +164,7 @@ def check_peftlab_file_loads_in_peft(make_base, config, folder) -> None:
     ours = make_base()
     peftlab.attach(ours, config)
     randomize_adapters(ours, seed=4)
-    x = batch()
+    x = batch() if x is None else x
     expected = logits(ours, x)
     peftlab.save_adapter(ours, folder)
     theirs = peft.PeftModel.from_pretrained(make_base(), folder).eval()

@@ -11,7 +11,7 @@ import peftlab
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.hooks import step_end
 from peftlab.core.registry import method_for
-from models import batch, randomize_adapters, tiny_llama
+from models import batch, check_merge_unmerge, randomize_adapters, tiny_llama
 
 VARIANTS = sorted(peftlab.variants())
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -79,10 +79,7 @@ def test_merge_equals_unmerged(variant):
         with pytest.raises(peftlab.AdapterError, match="not mergeable"):
             peftlab.merge(model)
         return
-    peftlab.merge(model)
-    torch.testing.assert_close(model(x).logits, ref, atol=1e-4, rtol=1e-4)
-    peftlab.unmerge(model)
-    torch.testing.assert_close(model(x).logits, ref, atol=1e-4, rtol=1e-4)
+    check_merge_unmerge(model, x, ref, atol=1e-4, rtol=1e-4)
     plain = peftlab.merge_and_unload(model)
     assert not any(isinstance(m, peftlab.AdaptedModule) for m in plain.modules())
     torch.testing.assert_close(plain(x).logits, ref, atol=1e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from models import ARCHS, TARGETS, batch, randomize_adapters
+from models import ARCHS, TARGETS, batch, check_merge_unmerge, randomize_adapters
 
 VARIANTS = {
     "lora": dict(r=4, lora_alpha=8),
@@ -158,10 +158,7 @@ def test_lora_bias_merges_where_the_base_has_a_bias_and_refuses_where_not(arch):
             with pytest.raises(peftlab.AdapterError, match="lora_bias=True cannot merge"):
                 peftlab.merge(ours)
             return
-        peftlab.merge(ours)
-        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
-        peftlab.unmerge(ours)
-        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+    check_merge_unmerge(ours, x, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_lora_bias_refusals():

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from models import ARCHS, TARGETS, batch, randomize_adapters
+from models import ARCHS, TARGETS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft
 from peftlab.core.adapter import AdapterError
 
 IDS = [3, 5, 7, 11]
@@ -18,26 +18,20 @@ def _batch():
     return x
 
 
+def _config(arch, **kw):
+    return dict(r=4, lora_alpha=8, target_modules=TARGETS[arch][:1], trainable_token_indices=IDS, **kw)
+
+
 def _ours(arch, **kw):
     model = ARCHS[arch]()
-    peftlab.attach(model, peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch][:1],
-                                             trainable_token_indices=IDS, **kw))
+    peftlab.attach(model, peftlab.LoraConfig(**_config(arch, **kw)))
     return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_peft_checkpoint_loads_with_the_same_logits_and_keys(arch, tmp_path):
-    theirs = peft.get_peft_model(ARCHS[arch](), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch][:1],
-                                                                trainable_token_indices=IDS))
-    randomize_adapters(theirs, seed=3)
-    x = _batch()
-    with torch.no_grad():
-        expected = theirs.eval()(x).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = ARCHS[arch]()
-    peftlab.load_adapter(ours, tmp_path / "peft")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+    theirs = peft.get_peft_model(ARCHS[arch](), peft.LoraConfig(**_config(arch)))
+    ours = check_peft_file_loads_in_peftlab(theirs, ARCHS[arch], tmp_path / "peft", x=_batch())
     peftlab.save_adapter(ours, tmp_path / "ours")
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
         set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -45,15 +39,7 @@ def test_peft_checkpoint_loads_with_the_same_logits_and_keys(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_peftlab_checkpoint_loads_in_peft(arch, tmp_path):
-    ours = _ours(arch)
-    randomize_adapters(ours, seed=4)
-    x = _batch()
-    with torch.no_grad():
-        expected = ours(x).logits
-    peftlab.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(theirs.eval()(x).logits, expected, atol=2e-5, rtol=1e-4)
+    check_peftlab_file_loads_in_peft(ARCHS[arch], peftlab.LoraConfig(**_config(arch)), tmp_path, x=_batch())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -149,14 +135,9 @@ def test_scaled_and_tied_embedding_of_gemma3_against_peft(tmp_path):
     assert hasattr(_tiny_gemma3().get_input_embeddings(), "embed_scale")  # the case under test
     theirs = peft.get_peft_model(_tiny_gemma3(), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                                  trainable_token_indices=IDS))
-    randomize_adapters(theirs, seed=5)
     x = _batch()
+    ours = check_peft_file_loads_in_peftlab(theirs, _tiny_gemma3, tmp_path / "peft", x=x)
     with torch.no_grad():
-        expected = theirs.eval()(x).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = _tiny_gemma3()
-    peftlab.load_adapter(ours, tmp_path / "peft")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x).logits, expected, atol=2e-5, rtol=1e-4)
+        expected = ours(x).logits
         plain = peftlab.merge_and_unload(ours)
         torch.testing.assert_close(plain(x).logits, expected, atol=2e-5, rtol=1e-4)
