@@ -76,7 +76,7 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
     if cfg.get("modules_to_save"):
         problems.append(f"modules_to_save {cfg['modules_to_save']} (full module copies) are not served by vLLM")
     init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init not in ("gaussian",):
+    if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq", "corda", "lora_ga"):
         problems.append(f"init_lora_weights={init!r} rewrote the base weights in training; vLLM would run the "
                         "adapter on the original base (merge it instead: `peftlab merge`)")
     notes = []

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA / LoftQ initialisation.
+"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA / LoftQ / orthogonal / MiCA initialisation.
 
     h = W0 x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
 
@@ -25,7 +25,8 @@ from peftlab.core.state import loading
 from peftlab.ops import fast
 from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mica", "eva")
+_REWRITES_BASE = ("pissa", "olora", "loftq")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
@@ -159,6 +160,11 @@ class LoraLayer(AdapterLayer):
             self.lora_B = nn.Linear(r, base.out_features, bias=config.lora_bias)  # PEFT's lora_bias: B's bias
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.loftq_config = dict(config.loftq_config)
+        if self.is_embedding and config.init_lora_weights == "mica":
+            raise AdapterError(f"init_lora_weights='mica' on {module_name!r}: MiCA on an embedding is not supported")
+        self.b_frozen = config.init_lora_weights == "mica"
+        if self.b_frozen:
+            self.lora_B.weight.requires_grad_(False)
         self.reset_parameters(config.init_lora_weights, base)
 
     @property
@@ -177,10 +183,17 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
             return
-        if init is True:
+        if init is True or init == "eva":
+            if init == "eva" and not loading():
+                raise AdapterError(f"init_lora_weights='eva' on {self.module_name!r}: EVA's data-driven "
+                                   "initialisation is not implemented here; EVA adapters load, but train a new one with "
+                                   "another init")
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        elif init in ("orthogonal", "mica"):
+            self._init_zero_product(init, base)
+            return
         else:
             self._init_from_weight(str(init), base)
             return
@@ -214,6 +227,31 @@ class LoraLayer(AdapterLayer):
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         base.set_weight_oi(w - self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+
+    def _init_zero_product(self, init: str, base: BaseView) -> None:
+        """B A = 0 with both non-zero (PEFT's "orthogonal": A and B from disjoint rows of one orthogonal matrix), or
+        MiCA: B = the left singular vectors of W0's r smallest singular values, frozen; A = 0 (only A trains)."""
+        r, out_f, in_f = self.r, base.out_features, base.in_features
+        if init == "orthogonal":
+            if r % 2:
+                raise AdapterError(f"init_lora_weights='orthogonal' on {self.module_name!r} needs an even rank, "
+                                   f"got {r}")
+            q = torch.linalg.qr(torch.randn(r, r))[0]
+            a = (torch.randn(in_f, r // 2) @ q[0::2]).t() / 10.0
+            b = torch.randn(r // 2, out_f).t() @ q[1::2] / 10.0
+        else:
+            if r > min(out_f, in_f):
+                raise AdapterError(f"init_lora_weights='mica' on {self.module_name!r}: rank {r} exceeds the "
+                                   f"weight's smaller side (shape {(out_f, in_f)})")
+            b = torch.linalg.svd(base.weight_oi().float(), full_matrices=False)[0][:, -r:]
+            a = torch.zeros(r, in_f)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+
+    def adapter_params(self):
+        """MiCA trains A only: its B stays frozen (PEFT's MiCA variant)."""
+        frozen = self.lora_B.weight if self.b_frozen else None
+        return (p for p in self.parameters() if p is not frozen)
 
     def _init_loftq(self, base: BaseView) -> None:
         if base.codec is not None:
@@ -286,7 +324,8 @@ class LoraLayer(AdapterLayer):
 
     @classmethod
     def init_rewrites_base(cls, config: LoraConfig) -> bool:
-        return config.init_lora_weights not in (True, False, "gaussian")  # pissa*, olora
+        init = config.init_lora_weights
+        return isinstance(init, str) and (init in _REWRITES_BASE or init.startswith("pissa_niter_"))
 
     @classmethod
     def init_needs_dense_base(cls, config: LoraConfig) -> bool:
