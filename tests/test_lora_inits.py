@@ -46,7 +46,9 @@ def test_orthogonal_product_is_zero_and_eva_only_loads(tmp_path):
         peftlab.attach(tiny_llama(), peftlab.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva"))
     peftlab.save_adapter(model, tmp_path)  # an adapter whose config says eva (as PEFT writes after its pass)
     cfg = tmp_path / "adapter_config.json"
-    cfg.write_text(cfg.read_text().replace('"orthogonal"', '"eva"'))
+    cfg.write_text(cfg.read_text().replace('"orthogonal"', '"eva"').replace('"eva_config": null',
+                                                                          '"eva_config": {"rho": 2.0, "tau": 0.99}'))
+    assert '"rho"' in cfg.read_text() and '"eva"' in cfg.read_text()
     again = tiny_llama()
     peftlab.load_adapter(again, tmp_path)
     x = batch()
