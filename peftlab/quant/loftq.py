@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from peftlab.quant.dequant import _blockwise
+
 # bitsandbytes' NF4 levels (float32), lowest first
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -45,7 +47,7 @@ def nf4_round_trip(w: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
     midpoints = (levels[1:] + levels[:-1]) / 2
     scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     codes = torch.bucketize(scaled, midpoints)  # midpoint -> lower level
-    return (levels[codes] * absmax).reshape(-1)[:n].view(w.shape)
+    return _blockwise(codes.reshape(-1), levels, absmax, blocksize)[:n].view(w.shape)
 
 
 def int8_round_trip(w: torch.Tensor) -> torch.Tensor:
