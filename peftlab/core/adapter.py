@@ -241,10 +241,11 @@ class AdapterLayer(nn.Module):
         return False
 
     @classmethod
-    def init_needs_dense_base(cls, config: Any) -> bool:
-        """True when building this layer from ``config`` needs the base's full-precision weight (LoftQ), so a
-        trainer that quantizes the base attaches it first (and moves it onto the quantized base after)."""
-        return False
+    def init_quantization(cls, config: Any) -> str | None:
+        """The quantization (a ``quantize`` value: "nf4", "int8") whose codes building this layer from ``config``
+        leaves in the full-precision base (LoftQ), or None. A trainer that quantizes the base with exactly that
+        attaches the adapter first and moves it onto the quantized base after; another quantization is refused."""
+        return None
 
     def serving_form(self, base: BaseView) -> ServingForm | None:
         """This adapter in the batched serving form, or None when it has none (the engine then serves a

@@ -28,6 +28,7 @@ from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mica", "eva")
 _REWRITES_BASE = ("pissa", "olora", "loftq")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
+_LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
     "kasa_config": None, "layer_replication": None,
@@ -329,8 +330,10 @@ class LoraLayer(AdapterLayer):
         return isinstance(init, str) and (init in _REWRITES_BASE or init.startswith("pissa_niter_"))
 
     @classmethod
-    def init_needs_dense_base(cls, config: LoraConfig) -> bool:
-        return config.init_lora_weights == "loftq"
+    def init_quantization(cls, config: LoraConfig) -> str | None:
+        if config.init_lora_weights != "loftq":
+            return None
+        return _LOFTQ_QUANTIZE[config.loftq_config["loftq_bits"]]
 
     def serving_form(self, base: BaseView) -> ServingForm | None:
         if self.is_embedding or self.has_bias:

@@ -103,23 +103,19 @@ def prepare_model(args, model, device: torch.device):
     return prepare_for_kbit_training(model, compute)
 
 
-# LoftQ's quantizer for each loftq_bits, and the --quantize that stores the same codes
-_LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}
-
-
 def needs_dense_init(args, config) -> bool:
-    """Whether ``quantize`` meets an adapter whose initialisation needs the full-precision base (LoftQ): then the
-    base loads unquantized, the adapter is initialised on it, and the base is quantized after. LoftQ's quantizer
-    must be the one ``quantize`` asks for."""
+    """Whether ``quantize`` meets an adapter whose initialisation needs the full-precision base (the layer's
+    ``init_quantization``, LoftQ): then the base loads unquantized, the adapter is initialised on it, and the base is
+    quantized after. The initialisation's quantization must be the one ``quantize`` asks for."""
     from peftlab.core.registry import method_for
 
     method = method_for(config)
-    if args.quantize is None or method.kind != "weight" or not method.layer_class(config).init_needs_dense_base(config):
+    wanted = method.layer_class(config).init_quantization(config) if method.kind == "weight" else None
+    if args.quantize is None or wanted is None:
         return False
-    bits = getattr(config, "loftq_config", {}).get("loftq_bits")
-    if bits in _LOFTQ_QUANTIZE and _LOFTQ_QUANTIZE[bits] != args.quantize:
-        raise ConfigError(f"loftq_config loftq_bits={bits} quantizes as {_LOFTQ_QUANTIZE[bits]}, but quantize="
-                          f"{args.quantize!r}; use quantize={_LOFTQ_QUANTIZE[bits]!r} so the base keeps LoftQ's codes")
+    if wanted != args.quantize:
+        raise ConfigError(f"the adapter's initialisation leaves {wanted} codes in the base, but quantize="
+                          f"{args.quantize!r}; use quantize={wanted!r} so the base keeps them")
     return True
 
 
