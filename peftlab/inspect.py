@@ -75,6 +75,9 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
         problems.append("trained biases (bias / lora_bias) are not served by vLLM")
     if cfg.get("modules_to_save"):
         problems.append(f"modules_to_save {cfg['modules_to_save']} (full module copies) are not served by vLLM")
+    if cfg.get("layer_replication"):
+        problems.append("layer_replication (a deeper model made of shared layer copies) is not served by vLLM "
+                        "(merge it instead: `peftlab merge`)")
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq", "corda", "lora_ga"):
         problems.append(f"init_lora_weights={init!r} rewrote the base weights in training; vLLM would run the "

@@ -30,6 +30,7 @@ class ModelState:
     active: list[str] = field(default_factory=list)
     # per adapter, the tensors its layers share (methods registered with make_shared); see SharedTensors
     shared: dict[str, nn.Module] = field(default_factory=dict)
+    layer_replication: list | None = None  # the map the decoder layers were replicated with (core/replicate.py)
 
 
 def model_state(model: nn.Module) -> ModelState:
@@ -156,6 +157,14 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if name in state.configs:
         raise AdapterError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
     method = method_for(config)
+    replication = getattr(config, "layer_replication", None)  # PEFT's LoraConfig field
+    if replication:  # before the targets are found: the copies take adapters of their own
+        from .replicate import replicate_layers
+
+        if state.configs and state.layer_replication is None:
+            raise ConfigError(f"layer_replication={replication!r} must come with the first adapter on a model "
+                              f"(attached already: {list(state.configs)})")
+        state.layer_replication = replicate_layers(model, replication, state.layer_replication)
     token_indices = getattr(config, "trainable_token_indices", None)  # PEFT's LoraConfig field
     tokens = None
     if token_indices is not None:  # checked before anything is attached

@@ -30,6 +30,10 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
             raise AdapterError(f"adapter {n!r} ({type(layer).__name__}) on {layer.module_name!r} is not mergeable")
         if n in module.merged:
             raise AdapterError(f"adapter {n!r} on {layer.module_name!r} is already merged")
+    if model_state(model).layer_replication is not None:  # copies share weights: each merges into its own
+        from .replicate import unshare
+
+        unshare(model, list({id(m): m.base_layer for m, _ in modules}.values()))
     for module, n in modules:
         module.merge(n)
 
@@ -48,6 +52,10 @@ def merge_and_unload(model: nn.Module, name: str | list[str] | None = None) -> n
     """Merge the active adapters (or ``name``) and return the plain base model, wrappers removed."""
     names = _names(model, name)
     merge(model, names)
+    if model_state(model).layer_replication is not None:
+        from .replicate import materialize
+
+        materialize(model)
     for mname, module in list(adapted_modules(model)):
         _set_submodule(model, mname, module.base_layer)
     for mname, module in list(saved_modules(model)):

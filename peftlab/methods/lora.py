@@ -31,7 +31,7 @@ _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defau
 _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
-    "kasa_config": None, "layer_replication": None,
+    "kasa_config": None,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
     "use_bdlora": None, "use_qalora": False, "velora_config": None,
     "megatron_core": "megatron.core", "qalora_group_size": 16,
@@ -61,6 +61,7 @@ class LoraConfig(AdapterConfig):
     loftq_config: dict = dict_field()
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
+    layer_replication: list | None = None  # PEFT's [[start, end), ...] decoder-layer map (core/replicate.py)
     eva_config: dict | None = None  # kept as read: EVA adapters load (the EVA pass itself is not implemented)
 
     peft_neutral_fields = _PEFT_NEUTRAL
