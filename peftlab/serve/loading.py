@@ -28,6 +28,9 @@ def check_servable(config, name: str) -> None:
     if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False) \
             or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save / trainable tokens are not servable")
+    if getattr(config, "target_parameters", None):
+        raise ServeError(f"adapter {name!r}: target_parameters (LoRA on nn.Parameters, e.g. MoE experts) is not "
+                         "servable; merge it (peftlab merge)")
 
 
 def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:
