@@ -35,6 +35,7 @@ from torch import nn
 from peftlab.convert import attach_lora_factors, weight_update
 from peftlab.core.adapter import AdapterError
 from peftlab.core.inject import adapted_modules, model_state, saved_modules
+from peftlab.core.params import refuse_parameter_targets
 from peftlab.lowrank import lora_from_delta
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -131,6 +132,7 @@ def _check_args(model, adapters, weights, new_name, combination_type, svd_rank, 
     with_saved = [n for n in adapters if any(n in m.modules_to_save for _, m in saved_modules(model))]
     if with_saved:
         raise AdapterError(f"adapters {with_saved} have modules_to_save (full copies), which combine does not merge")
+    refuse_parameter_targets(model, list(adapters), "combine")
 
 
 def _layer_factors(module, mname: str, names: list[str]):

@@ -26,6 +26,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdaptedModule, AdapterError
 from peftlab.core.inject import adapted_modules, attach, model_state, saved_modules
+from peftlab.core.params import refuse_parameter_targets
 from peftlab.core.registry import method_for
 from peftlab.core.state import atomic_write_bytes, save_adapter
 from peftlab.lowrank import lora_from_delta
@@ -93,6 +94,7 @@ def adapter_updates(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if any(name in module.modules_to_save for _, module in saved_modules(model)):
         raise AdapterError(f"adapter {name!r} has modules_to_save or trainable tokens (fully trained copies or "
                            "rows); they are not a low-rank update and are not converted")
+    refuse_parameter_targets(model, name, "convert")
     return {mname: weight_update(module, name) for mname, module in adapted_modules(model) if name in module.adapters}
 
 

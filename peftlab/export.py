@@ -26,6 +26,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.inject import adapted_modules, model_state
+from peftlab.core.params import refuse_parameter_targets
 from peftlab.core.state import staged_dir
 
 # transformers model_type -> (gguf architecture name, q/k rows permuted as llama.cpp's LlamaModel does)
@@ -72,6 +73,7 @@ def gguf_lora_tensors(model: nn.Module, name: str, outtype: str = "f32") -> tupl
     model_type = getattr(cfg, "model_type", None)
     if model_type not in GGUF_ARCHS:
         raise AdapterError(f"GGUF LoRA export supports model types {sorted(GGUF_ARCHS)}, not {model_type!r}")
+    refuse_parameter_targets(model, name, "GGUF LoRA export")
     arch_name, permute = GGUF_ARCHS[model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)

@@ -24,6 +24,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.inject import adapted_modules, model_state
+from peftlab.core.params import refuse_parameter_targets
 from peftlab.core.registry import method_for
 from peftlab.core.state import PREFIX, load_tensors, read_adapter_weights, read_config
 
@@ -52,6 +53,7 @@ def prepare_for_hotswap(model: nn.Module, name: str = "default", target_rank: in
     """Pad adapter ``name``'s low-rank layers to ``target_rank`` (default: their largest rank) and store each
     scaling as a 0-d float32 buffer. Outputs are unchanged. Call before ``torch.compile``."""
     modules = _layers(model, name)
+    refuse_parameter_targets(model, name, "prepare_for_hotswap (swap it with an adapter of the same configuration)")
     if not _factor_layers(modules, name):
         raise AdapterError(f"adapter {name!r} is not a low-rank (LoRA) adapter; it can be hot-swapped with an "
                            "adapter of the same configuration without preparation")

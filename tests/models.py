@@ -5,7 +5,7 @@ import shutil
 
 import torch
 from transformers import (
-    AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config,
+    AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, GptOssConfig, LlamaConfig, Qwen2Config, Qwen3MoeConfig,
 )
 
 VOCAB = 96
@@ -41,6 +41,23 @@ def tiny_qwen2(seed: int = 0):
     return _build(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               bos_token_id=1, eos_token_id=2), seed)
+
+
+def tiny_qwen3_moe(seed: int = 0):
+    """4 experts stored as 3-D parameters (num_experts, out, in): experts.gate_up_proj / experts.down_proj."""
+    return _build(Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                                 bos_token_id=1, eos_token_id=2), seed)
+
+
+def tiny_gpt_oss(seed: int = 0):
+    """4 experts stored transposed (num_experts, in, out), ``is_transposed`` set by transformers."""
+    return _build(GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=128, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,
+                               pad_token_id=0), seed)
 
 
 ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox, "qwen2": tiny_qwen2}

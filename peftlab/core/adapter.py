@@ -322,6 +322,8 @@ class SharedTensors(nn.Module):
 class AdaptedModule(nn.Module):
     """A base module plus named adapters; behaves like the base module."""
 
+    view_class: ClassVar[type] = BaseView  # core/params.py's AdaptedParams views the module's parameters instead
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -329,7 +331,7 @@ class AdaptedModule(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        self.view = BaseView(base_layer)
+        self.view = self.view_class(base_layer)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
@@ -358,9 +360,7 @@ class AdaptedModule(nn.Module):
         if name in self.merged:
             raise AdapterError(f"adapter {name!r} on {layer.module_name!r} is already merged")
         with torch.no_grad():
-            w = self.view.weight_oi()
-            self.view.set_weight_oi(layer.merge_into(w.float(), self.view))
-            self._set_bias(layer.merge_bias)
+            self._fold(layer, undo=False)
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -370,10 +370,14 @@ class AdaptedModule(nn.Module):
         if self.merged[-1] != name:
             raise AdapterError(f"unmerge adapters in reverse order of merging: {self.merged[-1]!r} first")
         with torch.no_grad():
-            w = self.view.weight_oi()
-            self.view.set_weight_oi(layer.unmerge_from(w.float(), self.view))
-            self._set_bias(layer.unmerge_bias)
+            self._fold(layer, undo=True)
         self.merged.pop()
+
+    def _fold(self, layer: AdapterLayer, undo: bool) -> None:
+        """Write ``layer``'s update into the base weight (and bias), or take it out again (``undo``)."""
+        w = self.view.weight_oi()
+        self.view.set_weight_oi((layer.unmerge_from if undo else layer.merge_into)(w.float(), self.view))
+        self._set_bias(layer.unmerge_bias if undo else layer.merge_bias)
 
     def _set_bias(self, update) -> None:
         bias = self.view.bias

@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapter import AdaptedModule, AdapterError, BaseView, Conv1D, ModulesToSave
 from .config import AdapterConfig, ConfigError
+from .params import AdaptedParams, attach_parameters, plan_parameters
 from .registry import method_for
 
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
@@ -165,12 +166,14 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
             raise ConfigError(f"layer_replication={replication!r} must come with the first adapter on a model "
                               f"(attached already: {list(state.configs)})")
         state.layer_replication = replicate_layers(model, replication, state.layer_replication)
+    # checked before anything is attached
+    targets = module_targets(model, config) if method.kind == "weight" else []
+    params = plan_parameters(model, config, method, targets)
     token_indices = getattr(config, "trainable_token_indices", None)  # PEFT's LoraConfig field
     tokens = None
-    if token_indices is not None:  # checked before anything is attached
+    if token_indices is not None:
         from .tokens import token_plan
 
-        targets = find_targets(model, config) if method.kind == "weight" else []
         tokens = token_plan(model, token_indices, [*(config.modules_to_save or []), *targets])
     if not state.configs:
         for p in model.parameters():
@@ -178,7 +181,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if method.kind == "input":
         method.input_hooks.attach(model, config, name)
     else:
-        _attach_weight_method(model, config, name, method)
+        _attach_weight_method(model, config, name, method, targets)
+        attach_parameters(model, config, name, method, params)
     for target in config.modules_to_save or []:
         _add_module_to_save(model, target, name)
     if tokens:
@@ -194,8 +198,22 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     return model
 
 
-def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, method) -> None:
+def module_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """``find_targets``, except that a config adapting only parameters (``target_parameters`` with empty
+    ``target_modules``, core/params.py) targets no module."""
+    if getattr(config, "target_parameters", None) and not config.target_modules:
+        return []
     targets = find_targets(model, config)
+    taken = [t for t in targets if isinstance(model.get_submodule(t), AdaptedParams)]
+    if taken:
+        raise ConfigError(f"targets {taken[:3]} have adapters on their parameters (target_parameters); adapt a module "
+                          "either by target_modules or by its parameters")
+    return targets
+
+
+def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, method, targets: list[str]) -> None:
+    if not targets:
+        return
     wrapped = []
     for target in targets:
         module = model.get_submodule(target)

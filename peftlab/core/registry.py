@@ -36,6 +36,9 @@ class Method:
     # optional: log_stats(model, adapter_name) -> {key: number or list}, read (and reset) at each
     # training log line and stored in the run's history (MoLoRA's expert usage)
     log_stats: Callable[..., dict] | None = None
+    # optional: param_layer(config) -> the AdapterLayer class for nn.Parameter targets (PEFT's target_parameters,
+    # core/params.py); None: the method adapts modules only
+    param_layer: Callable[..., type] | None = None
 
     def layer_class(self, config):
         return self.layer_factory(config) if self.layer_factory else self.layer

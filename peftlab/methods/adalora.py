@@ -73,7 +73,8 @@ class AdaLoraConfig(AdapterConfig):
     # LoRA's unimplemented PEFT fields, plus LoRA options AdaLoRA's layers ignore in PEFT too
     peft_neutral_fields = {**LoraConfig.peft_neutral_fields, "use_rslora": False, "use_dora": False,
                            "alpha_pattern": {}, "loftq_config": {}, "lora_bias": False,
-                           "trainable_token_indices": None, "eva_config": None, "layer_replication": None}
+                           "trainable_token_indices": None, "eva_config": None, "layer_replication": None,
+                           "target_parameters": None}
 
     def validate(self) -> None:
         if self.total_step is None:

@@ -32,7 +32,7 @@ _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's
 _PEFT_NEUTRAL = {
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
     "kasa_config": None,
-    "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "target_parameters": None,
+    "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
     "use_bdlora": None, "use_qalora": False, "velora_config": None,
     "megatron_core": "megatron.core", "qalora_group_size": 16,
 }
@@ -63,6 +63,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
     layer_replication: list | None = None  # PEFT's [[start, end), ...] decoder-layer map (core/replicate.py)
     eva_config: dict | None = None  # kept as read: EVA adapters load (the EVA pass itself is not implemented)
+    target_parameters: list[str] | None = None  # LoRA on nn.Parameters (MoE experts): lora_param.py, core/params.py
 
     peft_neutral_fields = _PEFT_NEUTRAL
 
@@ -70,6 +71,10 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights == "loftq" and isinstance(self.loftq_config, dict):
             # written out whole: PEFT refuses a loftq init whose loftq_config is empty
             self.loftq_config = {**_LOFTQ_DEFAULTS, **self.loftq_config}
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters and self.target_modules is None:
+            self.target_modules = []  # written out so: PEFT would add its default modules for a missing value
         super().__post_init__()
 
     def validate(self) -> None:
@@ -89,6 +94,23 @@ class LoraConfig(AdapterConfig):
         if self.lora_bias and (self.use_dora or init not in (True, False)):  # as PEFT
             raise ConfigError(f"lora_bias=True works with plain LoRA and init_lora_weights True or False, got "
                               f"use_dora={self.use_dora}, init_lora_weights={init!r}")
+        if self.target_parameters is not None:
+            self._validate_target_parameters()
+
+    def _validate_target_parameters(self) -> None:
+        names = self.target_parameters
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"target_parameters must be a list of parameter names, got {names!r}")
+        if not names:
+            return
+        # PEFT's parameter layer refuses the first four; the others are not implemented for parameters here
+        fixed = {"lora_dropout": 0.0, "fan_in_fan_out": False, "lora_bias": False, "use_dora": False, "bias": "none"}
+        bad = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) != v}
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            bad["init_lora_weights"] = self.init_lora_weights
+        if bad:
+            raise ConfigError(f"target_parameters={names!r} does not work with {bad}; parameter LoRA needs "
+                              f"{fixed} and init_lora_weights True, False or 'gaussian'")
 
     def _validate_loftq(self) -> None:
         loftq = self.loftq_config
@@ -365,7 +387,13 @@ def _layer_for(config: LoraConfig) -> type[AdapterLayer]:
     return LoraLayer
 
 
-register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for,
+def _param_layer_for(config: LoraConfig) -> type[AdapterLayer]:
+    from peftlab.methods.lora_param import LoraParamLayer
+
+    return LoraParamLayer
+
+
+register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for, param_layer=_param_layer_for,
          default_config=lambda target_modules, r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
 register_variant("dora", "LORA", lambda target_modules, r=8: LoraConfig(
     r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=True))

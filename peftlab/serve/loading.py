@@ -31,6 +31,9 @@ def check_servable(config, name: str) -> None:
     if getattr(config, "layer_replication", None):
         raise ServeError(f"adapter {name!r}: layer_replication builds a deeper model than the served base; merge it "
                          "(peftlab merge) and serve the merged model")
+    if getattr(config, "target_parameters", None):
+        raise ServeError(f"adapter {name!r}: target_parameters (LoRA on nn.Parameters, e.g. MoE experts) is not "
+                         "servable; merge it (peftlab merge)")
 
 
 def forms_of(model: nn.Module, name: str, convert_rank: int) -> tuple[dict[str, ServingForm], dict[str, float]]:
