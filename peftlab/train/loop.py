@@ -129,7 +129,8 @@ class TrainArgs:
     """Pack each micro-batch's examples into one row (no padding; see peftlab/train/packing.py)."""
     compile: str | None = "auto"
     """A torch.compile backend ("inductor") for the training steps; None = eager; "auto" = inductor on each decoder
-    layer on CUDA (unquantized base, Triton present, no lean activations or transformers' checkpointing asked for,
+    layer on CUDA (Triton present; a quantized base only under ``checkpointing``; no lean activations or
+    transformers' checkpointing asked for,
     every adapter ``compiles_in_layers``; peftlab's ``checkpointing`` then runs around each compiled layer), eager
     elsewhere, and eager again if compiling fails (with a warning; see
     ``packing.resolve_compile``). Evaluation runs eagerly."""

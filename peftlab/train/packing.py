@@ -135,7 +135,8 @@ def validate_compile_args(args) -> None:
 
 
 def resolve_compile(backend: str | None, scope: str, device: torch.device, quantized: bool,
-                    compiles: bool = True, memory_first: bool = False) -> tuple[str | None, str]:
+                    compiles: bool = True, memory_first: bool = False,
+                    checkpointed: bool = False) -> tuple[str | None, str]:
     """The (backend, scope) a training run compiles with. ``"auto"``: inductor on each decoder layer when training
     on CUDA with Triton present, an unquantized base and adapters that all run in compiled layers (``compiles``;
     the step there is host-bound: compiled layers measured 0.59x PEFT's LoRA step and 0.38x its DoRA step on an
@@ -144,12 +145,14 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
     lean LoRA step took 7.96 GiB compiled against 6.53 GiB eager; peftlab's checkpointing of blocks with module
     hooks, e.g. FSDP2's, which would be traced). Otherwise peftlab's checkpointing compiles: it runs around each
     compiled block (1B LoRA B4 offloaded: 129-155 ms / 2.98 GiB compiled against 183-204 ms / 3.32 GiB
-    eager on the H200). A quantized base stays eager: its compiled checkpointed 8B B1 step took 358 ms / 6.49 GiB
-    against 367 ms / 6.26 GiB eager, no gain (measured before the compiled layers dequantized with torch
-    operators, peftlab/quant/dequant.py; bench/gpu/qlora_next.sh is to decide again)."""
+    eager on the H200). A quantized base compiles under peftlab's checkpointing (``checkpointed``) only: its 8B
+    QLoRA B1 step took 232 ms / 6.22 GiB compiled (the layers dequantizing with torch operators,
+    peftlab/quant/dequant.py) against 338 ms / 6.27 GiB eager on the H200 (bench/README.md, thirteenth session);
+    without checkpointing a compiled 4-bit layer was not measured, and the partitioner may keep the dequantized
+    weights for backward (the traced checkpoint did: 8.67 GiB), so it stays eager."""
     if backend != "auto":
         return backend, scope
-    if device.type != "cuda" or quantized or not compiles or memory_first:
+    if device.type != "cuda" or (quantized and not checkpointed) or not compiles or memory_first:
         return None, scope
     if importlib.util.find_spec("triton") is None:  # inductor's GPU code generator
         return None, scope
@@ -234,7 +237,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     memory_first = args.lean_activations or args.gradient_checkpointing or (
         args.checkpointing != "off" and not checkpoints_around(model))  # traced checkpoints: see activations.py
     backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model),
-                                     memory_first)
+                                     memory_first, checkpointed=args.checkpointing != "off")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())  # GaLore, say
