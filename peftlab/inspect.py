@@ -85,6 +85,8 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
     notes = []
     if cfg.get("trainable_token_indices"):
         notes.append("trainable tokens need a vLLM that loads them (its max_lora_trainable_tokens)")
+    if cfg.get("alora_invocation_tokens"):
+        notes.append("activated LoRA (alora_invocation_tokens): not checked against vLLM's loader")
     if cfg.get("target_parameters"):
         notes.append("target_parameters (LoRA on nn.Parameters, e.g. MoE experts): not checked against vLLM's loader")
     if cfg["peft_type"] == "LORA" and not problems:

@@ -12,6 +12,9 @@
 * token masks: a forward pre-hook hands the call's attention mask to the active layers that declare
   ``reads_token_mask`` (MoLoRA's balancing loss leaves padding out), and to none when no active
   adapter's layer class declares it, so other models pay one short loop over their configs.
+* token gates: the same pre-hook asks each active adapter's method for a gate of the call's tokens
+  (``Method.token_gate``: aLoRA acts from its invocation tokens on) and sets it as ``layer.gate`` on that
+  adapter's layers.
 """
 from __future__ import annotations
 
@@ -98,7 +101,40 @@ def _share_token_mask(module: nn.Module, args, kwargs):
         mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for layer in readers:
             layer.token_mask = mask
+    _share_gates(module, args, kwargs)
     return None
+
+
+def _call_tokens(args, kwargs) -> tuple[torch.Tensor | None, tuple[int, int] | None, bool]:
+    """(input_ids, (B, T), whether the call continues a key-value cache) of a causal LM call."""
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids = args[0]
+    embeds = kwargs.get("inputs_embeds")
+    lead = tuple(ids.shape[:2]) if ids is not None and ids.dim() == 2 else \
+        tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
+    past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 names it ``cache`` in generate
+    cached = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+    return (ids if ids is not None and ids.dim() == 2 else None), lead, cached
+
+
+def _share_gates(model: nn.Module, args, kwargs) -> None:
+    """Each active adapter whose method gates tokens (``Method.token_gate``, aLoRA) gets this call's gate on its
+    layers (``layer.gate``); the method keeps what it needs across a cached generation in ``memory``."""
+    state = model_state(model)
+    gated = [(n, method_for(state.configs[n]).token_gate) for n in state.active]
+    gated = [(n, fn) for n, fn in gated if fn is not None]
+    if not gated:
+        return
+    ids, lead, cached = _call_tokens(args, kwargs)
+    memories = model.__dict__.setdefault("_peftlab_gate_memory", {})
+    for name, fn in gated:
+        gate = fn(state.configs[name], ids, lead, cached, memories.setdefault(name, {})) if lead else None
+        if gate is None:
+            continue
+        for _, module in adapted_modules(model):
+            if name in module.adapters:
+                module.adapters[name].gate = gate
 
 
 def _after_forward(module: nn.Module, args, kwargs, output):

@@ -39,6 +39,9 @@ class Method:
     # optional: param_layer(config) -> the AdapterLayer class for nn.Parameter targets (PEFT's target_parameters,
     # core/params.py); None: the method adapts modules only
     param_layer: Callable[..., type] | None = None
+    # optional: token_gate(config, input_ids, (B, T), cached, memory) -> a (B, T) bool gate or None, computed by the
+    # pre-forward hook of each model call and set as ``layer.gate`` on the adapter's layers (aLoRA; core/hooks.py)
+    token_gate: Callable[..., Any] | None = None
 
     def layer_class(self, config):
         return self.layer_factory(config) if self.layer_factory else self.layer

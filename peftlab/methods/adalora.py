@@ -74,7 +74,7 @@ class AdaLoraConfig(AdapterConfig):
     peft_neutral_fields = {**LoraConfig.peft_neutral_fields, "use_rslora": False, "use_dora": False,
                            "alpha_pattern": {}, "loftq_config": {}, "lora_bias": False,
                            "trainable_token_indices": None, "eva_config": None, "layer_replication": None,
-                           "target_parameters": None}
+                           "target_parameters": None, "alora_invocation_tokens": None}
 
     def validate(self) -> None:
         if self.total_step is None:

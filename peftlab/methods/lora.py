@@ -30,7 +30,7 @@ _REWRITES_BASE = ("pissa", "olora", "loftq")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
 _PEFT_NEUTRAL = {
-    "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
+    "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
     "kasa_config": None,
     "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
     "use_bdlora": None, "use_qalora": False, "velora_config": None,
@@ -63,6 +63,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
     layer_replication: list | None = None  # PEFT's [[start, end), ...] decoder-layer map (core/replicate.py)
     eva_config: dict | None = None  # kept as read: EVA adapters load (the EVA pass itself is not implemented)
+    alora_invocation_tokens: list[int] | None = None  # activated LoRA (methods/alora.py)
     target_parameters: list[str] | None = None  # LoRA on nn.Parameters (MoE experts): lora_param.py, core/params.py
 
     peft_neutral_fields = _PEFT_NEUTRAL
@@ -94,23 +95,11 @@ class LoraConfig(AdapterConfig):
         if self.lora_bias and (self.use_dora or init not in (True, False)):  # as PEFT
             raise ConfigError(f"lora_bias=True works with plain LoRA and init_lora_weights True or False, got "
                               f"use_dora={self.use_dora}, init_lora_weights={init!r}")
-        if self.target_parameters is not None:
-            self._validate_target_parameters()
+        from peftlab.methods.alora import validate_invocation
+        from peftlab.methods.lora_param import validate_target_parameters
 
-    def _validate_target_parameters(self) -> None:
-        names = self.target_parameters
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"target_parameters must be a list of parameter names, got {names!r}")
-        if not names:
-            return
-        # PEFT's parameter layer refuses the first four; the others are not implemented for parameters here
-        fixed = {"lora_dropout": 0.0, "fan_in_fan_out": False, "lora_bias": False, "use_dora": False, "bias": "none"}
-        bad = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) != v}
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            bad["init_lora_weights"] = self.init_lora_weights
-        if bad:
-            raise ConfigError(f"target_parameters={names!r} does not work with {bad}; parameter LoRA needs "
-                              f"{fixed} and init_lora_weights True, False or 'gaussian'")
+        validate_target_parameters(self)
+        validate_invocation(self)
 
     def _validate_loftq(self) -> None:
         loftq = self.loftq_config
@@ -380,6 +369,10 @@ class LoraLayer(AdapterLayer):
 
 
 def _layer_for(config: LoraConfig) -> type[AdapterLayer]:
+    if config.alora_invocation_tokens:
+        from peftlab.methods.alora import ALoraLayer
+
+        return ALoraLayer
     if config.use_dora:
         from peftlab.methods.dora import DoraLayer
 
@@ -393,7 +386,13 @@ def _param_layer_for(config: LoraConfig) -> type[AdapterLayer]:
     return LoraParamLayer
 
 
-register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for, param_layer=_param_layer_for,
+def _token_gate(config: LoraConfig, *args):
+    from peftlab.methods.alora import token_gate
+
+    return token_gate(config, *args)
+
+
+register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for, param_layer=_param_layer_for, token_gate=_token_gate,
          default_config=lambda target_modules, r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
 register_variant("dora", "LORA", lambda target_modules, r=8: LoraConfig(
     r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=True))

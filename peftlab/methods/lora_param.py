@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer
+from peftlab.core.config import ConfigError
 from peftlab.methods.lora import LoraConfig, rank_and_scaling
 
 
@@ -28,6 +29,25 @@ def add_expert_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling
     """W (E, out, in) + scaling * B_e A_e for every expert, without a separate (E, out, in) update tensor."""
     a_e, b_e = expert_factors(a.to(w.dtype), b.to(w.dtype), w.shape[0])
     return torch.baddbmm(w, b_e, a_e, alpha=scaling)
+
+
+def validate_target_parameters(config: LoraConfig) -> None:
+    """``config.target_parameters`` is a list of names, and the options parameter LoRA cannot honour are off."""
+    names = config.target_parameters
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"target_parameters must be a list of parameter names, got {names!r}")
+    if not names:
+        return
+    # PEFT's parameter layer refuses the first four; the others are not implemented for parameters here
+    fixed = {"lora_dropout": 0.0, "fan_in_fan_out": False, "lora_bias": False, "use_dora": False, "bias": "none"}
+    bad = {k: getattr(config, k) for k, v in fixed.items() if getattr(config, k) != v}
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        bad["init_lora_weights"] = config.init_lora_weights
+    if bad:
+        raise ConfigError(f"target_parameters={names!r} does not work with {bad}; parameter LoRA needs "
+                          f"{fixed} and init_lora_weights True, False or 'gaussian'")
 
 
 class LoraParamLayer(AdapterLayer):

@@ -31,6 +31,9 @@ def check_servable(config, name: str) -> None:
     if getattr(config, "layer_replication", None):
         raise ServeError(f"adapter {name!r}: layer_replication builds a deeper model than the served base; merge it "
                          "(peftlab merge) and serve the merged model")
+    if getattr(config, "alora_invocation_tokens", None):
+        raise ServeError(f"adapter {name!r}: activated LoRA (alora_invocation_tokens) gates tokens per request, "
+                         "which the batched slot tables do not; serve it with peftlab's model directly")
     if getattr(config, "target_parameters", None):
         raise ServeError(f"adapter {name!r}: target_parameters (LoRA on nn.Parameters, e.g. MoE experts) is not "
                          "servable; merge it (peftlab merge)")
