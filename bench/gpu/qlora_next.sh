@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
-# Prepared in the eleventh session (2026-12-04), not yet run (no device was lent that session): one H200 call,
-# <= ~9 min, carry .unsloth_site. The 8B QLoRA rows compiled (checkpoint around each compiled call), with
-# bitsandbytes' dequantization inside the compiled layers (PEFTLAB_TORCH_DEQUANT=0, the rows so far) against
-# peftlab's torch form (peftlab/quant/dequant.py: one fused kernel per weight; the default now), then the torch form
-# with the fused paged AdamW (PEFTLAB_BENCH_OPTIM=paged_adamw_fused), one process per row, Unsloth's row last.
-# Also the checkpoint traced into the compiled graphs with the torch form (PEFTLAB_CKPT_COMPILED=traced): in the
-# ninth session traced was fast (8B B1 255 ms = 0.88x Unsloth) but kept every layer's dequantized weights (21.6 GiB),
-# bitsandbytes' dequantization being a custom operator the partitioner would not recompute; now it is torch operators.
-# Each row has its own timeout, and what is under $OUT comes back if the call runs out: rows in order of importance.
+# Prepared in the eleventh session (2026-12-04), run for B1 in the thirteenth (2026-12-05), rows updated: one H200 call,
+# <= ~9 min, carry .unsloth_site. 8B QLoRA rows, compiled with peftlab's torch-form dequantization (checkpoint around
+# each compiled call, the lean block checkpoint), one process per row, Unsloth's row after the main ones; each row has
+# its own timeout and what is under $OUT comes back if the call runs out, so rows are in order of importance.
 #   1. CUDA tests: the torch form against bitsandbytes' CUDA kernel (prints how many elements differ); the fused
-#      paged AdamW's managed moments.
-#   2. SETTING (default 8b-qlora-b1; also 8b-qlora-b4) rows, and ${SETTING}-embed with the torch form (for b4:
-#      8b-qlora-b4-offload-embed) -> $OUT/qlora_<row>.json (6 files); Unsloth -> $OUT/qlora_unsloth.json; log
-#      $OUT/qlora.log (8 files: at most 8 come back from a call). The lean block checkpoint
-#      (peftlab/train/recompute.py, PEFTLAB_CKPT_REENTRANT) is on in every row but "before" and "torch_ckpt".
+#      paged AdamW's managed moments; LoftQ and trainable tokens on CUDA.
+#   2. SETTING (default 8b-qlora-b1; also 8b-qlora-b4) rows, and ${SETTING}-embed (for b4: 8b-qlora-b4-offload-embed)
+#      -> $OUT/qlora_<row>.json; Unsloth -> $OUT/qlora_unsloth.json; log $OUT/qlora.log (at most 8 files come back).
 #   OUT=... [SETTING=8b-qlora-b4] bench/gpu/qlora_next.sh
 set -x
 OUT=${OUT:-/tmp/qlora-next}
@@ -29,15 +22,16 @@ row() {  # row name, setting, env assignments...
 }
 embed=${SETTING}-embed
 [ "$SETTING" = 8b-qlora-b4 ] && embed=8b-qlora-b4-offload-embed
-# the eleventh session's defaults (torch-form dequantization, lean block checkpoint) against the tenth's
+# Thirteenth session (2026-12-05) ran B1: compiled torch form 232 ms / 6.22 GiB, + fused paged AdamW 208 ms, + embed
+# offload 265 ms / 5.24 GiB, Unsloth 270 ms / 6.23 GiB (bench/README.md). Next: the embed offload with the fused
+# optimizer (both targets with a margin?), and B4 (SETTING=8b-qlora-b4) with the same rows.
 row torch_dequant "$SETTING" PEFTLAB_TORCH_DEQUANT=1
-row before "$SETTING" PEFTLAB_TORCH_DEQUANT=0 PEFTLAB_CKPT_REENTRANT=0
+row embed_fused_optim "$embed" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
 row torch_dequant_embed "$embed" PEFTLAB_TORCH_DEQUANT=1
 row torch_dequant_fused_optim "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
 timeout 230 python3 bench/memory.py --steps 5 --warmup 1 --timeout 110 --impls unsloth --settings "$SETTING" \
   --out "$OUT/qlora_unsloth.json" >> "$OUT/qlora.log" 2>&1
-# if time is left: each change alone
-row torch_dequant_traced "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_COMPILED=traced
-row torch_dequant_torch_ckpt "$SETTING" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_CKPT_REENTRANT=0
+# if time is left: the embed offload with the fused optimizer once more (the spread at B1 was 216-288 ms)
+row embed_fused_optim_2 "$embed" PEFTLAB_TORCH_DEQUANT=1 PEFTLAB_BENCH_OPTIM=paged_adamw_fused
 grep -E '^\{' "$OUT/qlora.log" | cut -c1-300
 exit 0
