@@ -241,6 +241,12 @@ class AdapterLayer(nn.Module):
         return False
 
     @classmethod
+    def init_needs_data(cls, config: Any) -> bool:
+        """True when building this layer from ``config`` needs statistics of data (EVA): ``attach`` alone refuses it,
+        the method's registered ``data_init(model, config, batches, name)`` attaches it."""
+        return False
+
+    @classmethod
     def init_quantization(cls, config: Any) -> str | None:
         """The quantization (a ``quantize`` value: "nf4", "int8") whose codes building this layer from ``config``
         leaves in the full-precision base (LoftQ), or None. A trainer that quantizes the base with exactly that

@@ -42,6 +42,9 @@ class Method:
     # optional: token_gate(config, input_ids, (B, T), cached, memory) -> a (B, T) bool gate or None, computed by the
     # pre-forward hook of each model call and set as ``layer.gate`` on the adapter's layers (aLoRA; core/hooks.py)
     token_gate: Callable[..., Any] | None = None
+    # optional: data_init(model, config, batches, name) attaches the adapter with an initialisation computed from
+    # batches of data, for configs whose layer class says ``init_needs_data`` (EVA, peftlab/eva.py); trainers call it
+    data_init: Callable[..., Any] | None = None
 
     def layer_class(self, config):
         return self.layer_factory(config) if self.layer_factory else self.layer

@@ -22,6 +22,7 @@ from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingFo
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
 from peftlab.core.state import loading
+from peftlab.eva import eva_init, eva_rows, eva_settings
 from peftlab.ops import fast
 from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 
@@ -29,13 +30,9 @@ _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mic
 _REWRITES_BASE = ("pissa", "olora", "loftq")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
-_PEFT_NEUTRAL = {
-    "arrow_config": None, "corda_config": None, "ensure_weight_tying": False,
-    "kasa_config": None,
-    "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
-    "use_bdlora": None, "use_qalora": False, "velora_config": None,
-    "megatron_core": "megatron.core", "qalora_group_size": 16,
-}
+_PEFT_NEUTRAL = {"arrow_config": None, "corda_config": None, "ensure_weight_tying": False, "kasa_config": None,
+                 "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "use_bdlora": None,
+                 "use_qalora": False, "velora_config": None, "megatron_core": "megatron.core", "qalora_group_size": 16}
 
 
 def pattern_value(patterns: dict, module_name: str, default):
@@ -62,7 +59,7 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
     layer_replication: list | None = None  # PEFT's [[start, end), ...] decoder-layer map (core/replicate.py)
-    eva_config: dict | None = None  # kept as read: EVA adapters load (the EVA pass itself is not implemented)
+    eva_config: dict | None = None  # PEFT's EvaConfig fields (peftlab/eva.py)
     alora_invocation_tokens: list[int] | None = None  # activated LoRA (methods/alora.py)
     target_parameters: list[str] | None = None  # LoRA on nn.Parameters (MoE experts): lora_param.py, core/params.py
 
@@ -100,6 +97,7 @@ class LoraConfig(AdapterConfig):
 
         validate_target_parameters(self)
         validate_invocation(self)
+        eva_settings(self.eva_config)
 
     def _validate_loftq(self) -> None:
         loftq = self.loftq_config
@@ -198,11 +196,9 @@ class LoraLayer(AdapterLayer):
             nn.init.normal_(self.lora_embedding_B)
             return
         if init is True or init == "eva":
-            if init == "eva" and not loading():
-                raise AdapterError(f"init_lora_weights='eva' on {self.module_name!r}: EVA's data-driven "
-                                   "initialisation is not implemented here; EVA adapters load, but train a new one with "
-                                   "another init")
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            if init == "eva" and not loading():  # A: the rows peftlab.eva_init computed from data
+                self.lora_A.weight.copy_(eva_rows(self.module_name))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         elif init in ("orthogonal", "mica"):
@@ -342,6 +338,10 @@ class LoraLayer(AdapterLayer):
         return isinstance(init, str) and (init in _REWRITES_BASE or init.startswith("pissa_niter_"))
 
     @classmethod
+    def init_needs_data(cls, config: LoraConfig) -> bool:
+        return config.init_lora_weights == "eva"
+
+    @classmethod
     def init_quantization(cls, config: LoraConfig) -> str | None:
         if config.init_lora_weights != "loftq":
             return None
@@ -393,6 +393,7 @@ def _token_gate(config: LoraConfig, *args):
 
 
 register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for, param_layer=_param_layer_for, token_gate=_token_gate,
+         data_init=eva_init,
          default_config=lambda target_modules, r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
 register_variant("dora", "LORA", lambda target_modules, r=8: LoraConfig(
     r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=True))

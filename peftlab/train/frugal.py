@@ -133,15 +133,26 @@ def init_before_quantizing(model, config, name: str, seed: int) -> dict[str, tor
     return tensors
 
 
-def attach_initial(model, config, name: str, initial: dict[str, torch.Tensor] | None) -> None:
-    """``attach``, or with ``initial`` (from ``init_before_quantizing``) attach those values instead."""
+def attach_initial(model, config, name: str, initial: dict[str, torch.Tensor] | None, batches=None) -> None:
+    """``attach``, or with ``initial`` (from ``init_before_quantizing``) attach those values instead; an initialisation
+    that needs data (the layer's ``init_needs_data``, EVA) gets the method's ``data_init`` over ``batches()``."""
     from peftlab.core.inject import attach
+    from peftlab.core.registry import method_for
     from peftlab.core.state import attach_loaded
 
-    if initial is None:
-        attach(model, config, name=name)
-    else:
+    method = method_for(config)
+    if initial is not None:
         attach_loaded(model, config, name, initial, source="the initialisation on the unquantized base")
+    elif method.kind == "weight" and method.layer_class(config).init_needs_data(config):
+        method.data_init(model, config, batches(), name)
+    else:
+        attach(model, config, name=name)
+
+
+def init_batches(train_set, collate, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` batches of the training records in stored order (an initialisation's data pass)."""
+    examples = [train_set[i] for i in range(min(len(train_set), count * batch_size))]
+    return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
 def _on_cuda(model) -> bool:

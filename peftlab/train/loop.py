@@ -33,8 +33,8 @@ from peftlab.train.activations import checkpointing
 from peftlab.train.embeddings import host_embeddings
 from peftlab.train.data import Collator, build_datasets, example_order, fingerprint, load_records
 from peftlab.train.evaluate import adapters_off as _adapters_off, evaluate
-from peftlab.train.frugal import (attach_initial, init_before_quantizing, load_base, loss_function, needs_dense_init,
-                                  optimizer_class, optimizer_state_bytes, prepare_model,
+from peftlab.train.frugal import (attach_initial, init_batches, init_before_quantizing, load_base, loss_function,
+                                  needs_dense_init, optimizer_class, optimizer_state_bytes, prepare_model,
                                   validate_memory_args)
 from peftlab.train.packing import (GRAPH_PAD, CompiledSteps, PackingCollator, batch_tokens, check_packing,
                                    compiled_steps, validate_compile_args)
@@ -142,6 +142,8 @@ class TrainArgs:
     activation_budget: float | None = None
     """Compiled layers only: the share (0, 1] of their activations kept for backward; the partitioner recomputes the
     cheapest of the rest (torch's ``activation_memory_budget``; None = 1, inductor's default choice)."""
+    init_batches: int = 8
+    """Training batches an initialisation that needs data (LoRA's init_lora_weights=eva) sees before training."""
     compile_scope: str = "adapted"
     """What an explicit ``compile`` backend compiles: each decoder layer ("layers") or each adapted module
     ("adapted"); "auto" always compiles layers."""
@@ -153,7 +155,7 @@ class TrainArgs:
         validate_compile_args(self)
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "r"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "r", "init_batches"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "save_every", "log_every"):
@@ -253,7 +255,8 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     torch.manual_seed(args.seed)  # the adapter's initial weights depend on the seed only
     random.seed(args.seed)
     if attach_fn is None:
-        attach_initial(model, config, args.adapter_name, initial)
+        attach_initial(model, config, args.adapter_name, initial,
+                       batches=partial(init_batches, train_set, collate, args.batch_size, args.init_batches))
         on_step = partial(step_end, model)
     else:  # another library's adapters (compare --with-peft): attach_fn(model, config) -> (model, on_step)
         model, on_step = attach_fn(model, config)

@@ -1,0 +1,261 @@
+"""EVA (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning via Explained Variance
+Adaptation"): LoRA's A from the principal directions of each target's inputs; PEFT's ``init_lora_weights="eva"``.
+
+    A_l = the k_l leading principal directions of X_l (rows: the layer's input at every counted token), B_l = 0
+    k_l: a budget of sum_l r_l directions goes to the largest explained-variance ratios over all linear targets,
+         each layer taking at most round(rho * r_l); a layer left with k_l = 0 gets no adapter
+
+    peftlab.eva_init(model, LoraConfig(r=8, init_lora_weights="eva", target_modules=...), batches)
+
+B = 0, so the adapted model equals the base at init. The saved config keeps ``init_lora_weights="eva"`` and carries
+the ranks as ``rank_pattern``, the rescaled alphas (``adjust_scaling_factors``: alpha_l = alpha * k_l / r_l, so each
+layer keeps alpha / r) as ``alpha_pattern`` and the adapted modules by full name in ``target_modules``, as PEFT's
+``initialize_lora_eva_weights`` writes them; PEFT and peftlab both load it.
+
+The statistics are exact, not PEFT's approximation: each target's input mean and scatter matrix are summed over all
+the given batches (float32, shifted by the first batch's mean) and eigendecomposed, which costs in_features^2 floats
+per distinct input (layers fed the same tensor, q/k/v, share one). PEFT instead runs an incremental PCA with a
+randomised SVD per batch, cycling the batches until the directions it needs change by less than ``tau`` (cosine
+similarity); here ``tau`` is checked and saved but there is no early stop: every batch is used once.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from peftlab.core.adapter import AdapterError
+from peftlab.core.config import ConfigError
+from peftlab.core.inject import attach, disabled, find_targets, is_linear
+
+EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+                "adjust_scaling_factors": True}  # PEFT's EvaConfig
+
+
+def eva_settings(eva_config: dict | None) -> dict:
+    """PEFT's EvaConfig with ``eva_config``'s entries applied, checked: rho >= 1, 0 <= tau <= 1, known keys."""
+    if eva_config is None:
+        return dict(EVA_DEFAULTS)
+    if not isinstance(eva_config, dict):
+        raise ConfigError(f"eva_config must be a dict of EvaConfig fields, got {eva_config!r}")
+    unknown = sorted(set(eva_config) - set(EVA_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"eva_config: unknown key(s) {unknown}; known: {sorted(EVA_DEFAULTS)}")
+    settings = {**EVA_DEFAULTS, **eva_config}
+    if not isinstance(settings["rho"], (int, float)) or not settings["rho"] >= 1.0:
+        raise ConfigError(f"eva_config['rho'] must be >= 1.0 (a layer may take up to rho * r directions), "
+                          f"got {settings['rho']!r}")
+    if not isinstance(settings["tau"], (int, float)) or not 0.0 <= settings["tau"] <= 1.0:
+        raise ConfigError(f"eva_config['tau'] must be in [0, 1], got {settings['tau']!r}")
+    return settings
+
+
+def principal_directions(count: int, shift: torch.Tensor, total: torch.Tensor, scatter: torch.Tensor):
+    """(directions (in, in) as rows, scatter eigenvalues, explained-variance ratios), largest first, from the sums of
+    ``count`` rows d = x - shift: ``total`` = sum d, ``scatter`` = sum d d^T. Each row's largest entry is made
+    positive (PEFT's sign rule, its svd_flip on V)."""
+    mean = total.double() / count
+    centred = scatter.double() - count * torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh((centred + centred.T) / 2)
+    values, rows = values.flip(0).clamp_min(0), vectors.flip(1).T
+    signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))
+    rows = rows * torch.where(signs == 0, 1.0, signs)
+    trace = values.sum()
+    ratios = values / trace if trace > 0 else torch.zeros_like(values)
+    return rows, values, ratios
+
+
+def distribute_ranks(ratios: dict[str, torch.Tensor], budget: int) -> dict[str, int]:
+    """How many directions each layer gets: the ``budget`` largest ratios over all layers (each layer's list is cut to
+    its most directions beforehand); ties go to the layer listed first."""
+    entries = [(-float(v), i, name) for i, (name, values) in enumerate(ratios.items()) for v in values]
+    counts = dict.fromkeys(ratios, 0)
+    for _, _, name in sorted(entries, key=lambda e: (e[0], e[1]))[:budget]:
+        counts[name] += 1
+    return counts
+
+
+class _Moments:
+    """Streaming sums of one layer's input rows, shifted by the first batch's mean (float32 without cancellation)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift = self.total = self.scatter = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.float()
+        if self.shift is None:
+            self.shift = rows.mean(0)
+            self.total = torch.zeros_like(self.shift)
+            self.scatter = rows.new_zeros(rows.shape[1], rows.shape[1])
+        d = rows - self.shift
+        self.count += rows.shape[0]
+        self.total += d.sum(0)
+        self.scatter += d.T @ d
+
+
+def _token_mask(batch: dict, settings: dict) -> torch.Tensor:
+    """(B, T) bool: the tokens counted: not padding, and with use_label_mask not labelled ``label_mask_value``."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if settings["use_label_mask"] and batch.get("labels") is not None:
+        mask = mask & (batch["labels"] != settings["label_mask_value"])
+    return mask
+
+
+def _as_batch(item, device: torch.device) -> dict:
+    if isinstance(item, torch.Tensor):
+        item = {"input_ids": item}
+    if not isinstance(item, Mapping) or "input_ids" not in item:  # a dict, a tokenizer's BatchEncoding
+        raise ConfigError(f"batches: each batch must be a dict with 'input_ids' (and optionally 'attention_mask', "
+                          f"'labels') or an input_ids tensor, got {type(item).__name__}")
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+
+def _collect(model: torch.nn.Module, names: list[str], batches: Iterable, settings: dict) -> dict[str, _Moments]:
+    """Run the bare base over ``batches``, summing each named module's counted input rows. A module called with the
+    very tensor the previous one was (q/k/v) shares that one's sums."""
+    moments: dict[str, _Moments] = {}
+    alias: dict[str, str] = {}
+    current: dict = {"mask": None, "last": (None, None)}
+
+    def hook(module, args, output, name):
+        x = args[0]
+        if x is current["last"][0]:
+            alias[name] = current["last"][1]
+            return
+        current["last"] = (x, name)
+        mask = current["mask"]
+        if x.shape[:-1] != mask.shape:
+            raise AdapterError(f"EVA: the input of {name!r} has shape {tuple(x.shape)}, not (batch, tokens, features) "
+                               f"of the batch's {tuple(mask.shape)} tokens")
+        moments.setdefault(name, _Moments()).add(x[mask])
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    device = next(model.parameters()).device
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), disabled(model):
+            for item in batches:
+                batch = _as_batch(item, device)
+                current["mask"], current["last"] = _token_mask(batch, settings), (None, None)
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not seen:
+        raise ConfigError("batches: no batches given; EVA needs the targets' inputs on some data")
+    missing = [n for n in names if n not in moments and n not in alias]
+    if missing:
+        raise ConfigError(f"EVA: targets {missing[:3]} were not called during the pass over the batches")
+    return {n: moments[alias.get(n, n)] for n in names}
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "base_layer", module)  # a target that already carries another adapter
+
+
+def eva_components(model: torch.nn.Module, config, batches: Iterable) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_eva_state_dict``: for each linear target of ``config`` on ``model`` its EVA rows (k_l, in), k_l
+    from the rank redistribution (possibly 0), whitened when asked. Runs the bare base over ``batches``."""
+    from peftlab.methods.lora import pattern_value
+
+    settings = eva_settings(config.eva_config)
+    names = [n for n in find_targets(model, config) if is_linear(_base(model.get_submodule(n)))]
+    if not names:
+        raise ConfigError(f"target_modules={config.target_modules!r}: EVA needs linear targets, found none")
+    moments = _collect(model, names, batches, settings)
+    ranks = {n: pattern_value(config.rank_pattern, n, config.r) for n in names}
+    most = {n: min(round(ranks[n] * settings["rho"]), moments[n].scatter.shape[0]) for n in names}
+    counted, needed = min(moments[n].count for n in names), max(2, *most.values())
+    if counted < needed:
+        left_out = "padding and label-masked" if settings["use_label_mask"] else "padding"
+        raise ConfigError(f"batches: only {counted} tokens counted ({left_out} tokens are left out); EVA needs at "
+                          f"least {needed} (rho * r): give more batches, or set eva_config['use_label_mask']=False "
+                          "if most tokens are label-masked")
+    by_input: dict[int, tuple] = {}  # layers sharing an input share its decomposition
+    pcs = {}
+    for n in names:
+        m = moments[n]
+        if id(m) not in by_input:
+            by_input[id(m)] = principal_directions(m.count, m.shift, m.total, m.scatter)
+        pcs[n] = by_input[id(m)]
+    counts = distribute_ranks({n: pcs[n][2][:most[n]] for n in names}, sum(ranks.values()))
+    rows = {}
+    for n in names:
+        directions, values, _ = pcs[n]
+        a = directions[:counts[n]]
+        if settings["whiten"]:  # PEFT divides by the square root of the singular value, sqrt(eigenvalue)
+            a = a / values[:counts[n]].clamp_min(1e-12).pow(0.25)[:, None]
+        rows[n] = a.float()
+    return rows
+
+
+def eva_config_for(model: torch.nn.Module, config, rows: dict[str, torch.Tensor]):
+    """``config`` as PEFT saves it after its EVA pass: the targets that kept a direction by full name (embedding
+    targets too, which keep their rank and init), the ranks as rank_pattern, rescaled alphas as alpha_pattern."""
+    from peftlab.methods.lora import pattern_value
+
+    settings = eva_settings(config.eva_config)
+    targets, rank_pattern, alpha_pattern = [], {}, {}
+    for name in find_targets(model, config):
+        rank = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        if name in rows:
+            new_rank = rows[name].shape[0]
+            if new_rank == 0:
+                continue
+            if settings["adjust_scaling_factors"] and new_rank != rank:
+                alpha = alpha * new_rank / rank
+            rank = new_rank
+        targets.append(name)
+        if rank != config.r:
+            rank_pattern[name] = rank
+        if alpha != config.lora_alpha:
+            alpha_pattern[name] = alpha
+    return config.replace(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                          eva_config=settings, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+
+
+_SUPPLIED: list[dict[str, torch.Tensor]] = []
+
+
+@contextmanager
+def _supplying(rows: dict[str, torch.Tensor]) -> Iterator[None]:
+    _SUPPLIED.append(rows)
+    try:
+        yield
+    finally:
+        _SUPPLIED.pop()
+
+
+def eva_rows(module_name: str) -> torch.Tensor:
+    """The EVA rows for ``module_name`` while ``eva_init`` attaches (read by LoRA's layer as its A)."""
+    if not _SUPPLIED or module_name not in _SUPPLIED[-1]:
+        raise AdapterError(f"init_lora_weights='eva' on {module_name!r}: EVA's A comes from data; attach with "
+                           "peftlab.eva_init(model, config, batches) (peftlab train does this) or load a saved adapter")
+    return _SUPPLIED[-1][module_name]
+
+
+def eva_init(model: torch.nn.Module, config, batches: Iterable, name: str = "default") -> torch.nn.Module:
+    """Attach LoRA adapter ``name`` with EVA's initialisation computed from ``batches`` (dicts of input_ids and
+    optionally attention_mask and labels, or input_ids tensors), the model's other adapters off during the pass.
+    The attached config is ``eva_config_for``'s (what is saved). Returns the model."""
+    if getattr(config, "init_lora_weights", None) != "eva":
+        raise ConfigError(f"eva_init needs a LoraConfig with init_lora_weights='eva', got "
+                          f"{getattr(config, 'init_lora_weights', type(config).__name__)!r}")
+    for field_name in ("layer_replication", "target_parameters"):
+        if getattr(config, field_name):
+            raise ConfigError(f"{field_name}={getattr(config, field_name)!r} is not supported with "
+                              "init_lora_weights='eva'")
+    rows = eva_components(model, config, batches)
+    with _supplying(rows):
+        attach(model, eva_config_for(model, config, rows), name)
+    return model
+
