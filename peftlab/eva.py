@@ -16,7 +16,11 @@ The statistics are exact, not PEFT's approximation: each target's input mean and
 the given batches (float32, shifted by the first batch's mean) and eigendecomposed, which costs in_features^2 floats
 per distinct input (layers fed the same tensor, q/k/v, share one). PEFT instead runs an incremental PCA with a
 randomised SVD per batch, cycling the batches until the directions it needs change by less than ``tau`` (cosine
-similarity); here ``tau`` is checked and saved but there is no early stop: every batch is used once.
+similarity); here ``tau`` is checked and saved but there is no early stop: every batch is used once. ``whiten``
+divides each row by sqrt(singular value) of the data given; PEFT's divisor grows with the times it cycled the data,
+and it divides one tensor in place once per layer sharing an input (q/k/v), so whitened scales differ from PEFT's.
+Inputs are not gathered across processes (PEFT's gather_distributed_inputs): the trainer gives every process the same
+batches.
 """
 from __future__ import annotations
 

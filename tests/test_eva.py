@@ -82,7 +82,8 @@ def test_matches_peft_eva(r, eva_config, labels):
 
     PEFT gets the two batches as one: its incremental PCA keeps only round(rho * r) directions between batches and
     may stop after any batch once they settle (tau), so over several batches its A is an approximation of the PCA of
-    all of them (off by up to ~0.05 in A^T A here); peftlab streams exact sums, so two batches give what one does."""
+    all of them (given the two batches separately: A^T A off by up to 0.09 here, and with labels one direction moves
+    between two layers); peftlab streams exact sums, so its two batches give what PEFT's one does."""
     import peft
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
