@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter import AdaptedModule, AdapterError, BaseView, Conv1D, ModulesToSave
+from .adapter import AdaptedModule, AdapterError, BaseView, ModulesToSave
+from .view import Conv1D
 from .config import AdapterConfig, ConfigError
 from .params import AdaptedParams, attach_parameters, plan_parameters
 from .registry import method_for

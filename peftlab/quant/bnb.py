@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.core.adapter import AdaptedModule, WeightCodec, register_weight_codec
+from peftlab.core.adapter import AdaptedModule
+from peftlab.core.view import WeightCodec, register_weight_codec
 from peftlab.core.config import ConfigError
 from peftlab.quant.dequant import dequantize_4bit_torch, fusable, torch_form_enabled
 from peftlab.quant.dequant_triton import dequantize_or_none, kernel_usable
