@@ -119,3 +119,19 @@ def test_refusals():
     with pytest.raises(AdapterError, match="linear layers only"):
         peftlab.attach(tiny_llama(), peftlab.LoraConfig(target_modules=["embed_tokens"],
                                                         alora_invocation_tokens=INVOKE))
+
+
+def test_trains_on_the_reply_after_the_invocation(tmp_path):
+    """peftlab train with the chat template's assistant header as the invocation: the replies (after it) carry the
+    loss, so B leaves zero; the saved config keeps the tokens and loads."""
+    from peftlab.core.state import read_adapter_weights
+    from tests.models import tiny_tokenizer, train_tiny
+
+    invocation = tiny_tokenizer()("<|im_start|>assistant", add_special_tokens=False).input_ids
+    train_tiny(tmp_path, "alora", device="cpu", max_steps=2, config_overrides={"alora_invocation_tokens": invocation})
+    folder = tmp_path / "alora" / "adapter"
+    assert peftlab.read_config(folder).alora_invocation_tokens == invocation
+    b = [t for k, t in read_adapter_weights(folder).items() if k.endswith("lora_B.weight")]
+    assert b and all(float(t.abs().max()) > 0 for t in b)
+    model = tiny_llama()
+    peftlab.load_adapter(model, folder)
