@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Prepared in the tenth session (2026-12-04), not yet run: one H200 call, <= ~10 min, carry .unsloth_site.
+# Prepared in the tenth session (2026-12-04), run in the thirteenth (2026-12-05: tests 5 passed; LoRA 0.47x PEFT, 0.60x
+# Unsloth, budget 0.5 0.499x / 0.64x / 0.76x memory; methods ia3 vera loha lokr; bench/README.md). Next run: the LoRA
+# rows again (a second sample of the budget's PEFT ratio) and the methods not yet run with graphs (OFT, AdaLoRA,
+# Tied-LoRA) beside the frozen base and IA3. One H200 call, <= ~10 min, carry .unsloth_site.
 # The trainer now runs compiled layers as CUDA graphs by default where they hold (TrainArgs.compile_mode "auto").
 #   1. the trainer's graph path on the GPU: the CUDA tests of tests/test_packing.py (train() with compile "auto",
 #      gradient accumulation 1 and 2, against eager) and the compiled + checkpointed peak test;
@@ -18,6 +21,6 @@ timeout 170 python3 bench/train_step.py --unsloth-site "${UNSLOTH_SITE:-$PWD/.un
   --repeats 1 --shape 1b --methods lora --impls peft,unsloth --prime 0 --timeout 150 --out "$OUT/peers.json" 2>&1 \
   | grep -E '^\[|rror|kip'
 timeout 230 python3 bench/train_step.py --steps 10 --warmup 3 --repeats 1 --shape 1b \
-  --methods frozen_compiled,lora,ia3,vera,loha,lokr --impls peftlab_compiled --prime 0 --timeout 45 \
+  --methods frozen_compiled,lora,oft,adalora,tied_lora,ia3 --impls peftlab_compiled --prime 0 --timeout 45 \
   --out "$OUT/methods.json" 2>&1 | grep -E '^\[|rror'
 exit 0
