@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 
 from peftlab.core.adapter import AdapterError
+from peftlab.core.view import BaseView
 from peftlab.core.config import ConfigError
 from peftlab.core.inject import attach, find_targets, is_linear
 from peftlab.input_stats import collect_inputs, supplied, supplying, token_mask
@@ -160,8 +161,7 @@ def corda_components(model: torch.nn.Module, config, batches: Iterable | None) -
             _save(settings["covariance_file"], covs)
     eigens = {}
     for n in names:
-        w = _base(model.get_submodule(n)).weight
-        w = w.T if type(_base(model.get_submodule(n))).__name__ == "Conv1D" else w  # (out, in)
+        w = BaseView(_base(model.get_submodule(n))).weight_oi()  # (out, in): Conv1D turned, a quantized base read
         r = pattern_value(config.rank_pattern, n, config.r)
         if r > min(w.shape):
             raise AdapterError(f"init_lora_weights='corda' on {n!r}: rank {r} exceeds the weight's smaller side "

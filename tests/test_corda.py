@@ -193,3 +193,33 @@ def test_trainer_runs_the_corda_pass_then_trains(tmp_path):
                          config_overrides={"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}})
     assert metrics["steps"] == 2 and metrics["config"]["init_lora_weights"] == "corda"
     assert metrics["config"]["corda_config"]["corda_method"] == "kpm"
+
+
+def test_gpt2_conv1d_matches_peft():
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from models import tiny_gpt2
+
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]  # no padding: GPT-2's positions ignore the mask
+    theirs = tiny_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights="corda",
+                             fan_in_fan_out=True)
+
+    def run():
+        for b in batches:
+            for row in b["input_ids"]:
+                theirs(row[None])
+
+    preprocess_corda(theirs, config, run_model=run)
+    theirs = peft.get_peft_model(theirs, config)
+    ours = peftlab.corda_init(tiny_gpt2(), peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                             init_lora_weights="corda"), batches)
+    for name, _, layer in adapter_layers(ours):
+        module = theirs.base_model.model.get_submodule(name)
+        b = module.lora_B["default"].weight
+        signs = torch.sign((layer.lora_B.weight * b).sum(0))
+        torch.testing.assert_close(layer.lora_B.weight, b * signs[None, :], atol=2e-4, rtol=2e-3, msg=name)
+        torch.testing.assert_close(ours.get_submodule(name).base_layer.weight, module.base_layer.weight,
+                                   atol=1e-5, rtol=1e-4, msg=name)
+    x = batch(seed=7)
+    torch.testing.assert_close(logits(ours, x), logits(tiny_gpt2(), x), atol=1e-4, rtol=1e-4)
