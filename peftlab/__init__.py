@@ -7,6 +7,7 @@ from peftlab.core.inject import (
 from peftlab.core.merge import merge, merge_and_unload, unmerge
 from peftlab.core.registry import config_from_dict, lookup, methods, register, variants
 from peftlab.core.state import CheckpointError, load_adapter, read_config, save_adapter
+from peftlab.corda import corda_components, corda_init
 from peftlab.eva import eva_components, eva_init
 from peftlab.methods.lora import LoraConfig
 from peftlab.train.optim import create_loraplus_optimizer

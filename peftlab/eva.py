@@ -24,14 +24,13 @@ batches.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable
 
 import torch
 
-from peftlab.core.adapter import AdapterError
 from peftlab.core.config import ConfigError
-from peftlab.core.inject import attach, disabled, find_targets, is_linear
+from peftlab.core.inject import attach, find_targets, is_linear
+from peftlab.input_stats import collect_inputs, supplied, supplying, token_mask
 
 EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
                 "adjust_scaling_factors": True}  # PEFT's EvaConfig
@@ -87,8 +86,8 @@ class _Moments:
         self.count = 0
         self.shift = self.total = self.scatter = None
 
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.float()
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = x[mask].float()
         if self.shift is None:
             self.shift = rows.mean(0)
             self.total = torch.zeros_like(self.shift)
@@ -99,66 +98,13 @@ class _Moments:
         self.scatter += d.T @ d
 
 
-def _token_mask(batch: dict, settings: dict) -> torch.Tensor:
-    """(B, T) bool: the tokens counted: not padding, and with use_label_mask not labelled ``label_mask_value``."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    if settings["use_label_mask"] and batch.get("labels") is not None:
-        mask = mask & (batch["labels"] != settings["label_mask_value"])
-    return mask
-
-
-def _as_batch(item, device: torch.device) -> dict:
-    if isinstance(item, torch.Tensor):
-        item = {"input_ids": item}
-    if not isinstance(item, Mapping) or "input_ids" not in item:  # a dict, a tokenizer's BatchEncoding
-        raise ConfigError(f"batches: each batch must be a dict with 'input_ids' (and optionally 'attention_mask', "
-                          f"'labels') or an input_ids tensor, got {type(item).__name__}")
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
-
-
 def _collect(model: torch.nn.Module, names: list[str], batches: Iterable, settings: dict) -> dict[str, _Moments]:
-    """Run the bare base over ``batches``, summing each named module's counted input rows. A module called with the
-    very tensor the previous one was (q/k/v) shares that one's sums."""
-    moments: dict[str, _Moments] = {}
-    alias: dict[str, str] = {}
-    current: dict = {"mask": None, "last": (None, None)}
+    """Run the bare base over ``batches``, summing each named module's counted input rows (shared input, shared
+    sums: peftlab/input_stats.py)."""
+    def mask_fn(batch):
+        return token_mask(batch, settings["use_label_mask"], settings["label_mask_value"])
 
-    def hook(module, args, output, name):
-        x = args[0]
-        if x is current["last"][0]:
-            alias[name] = current["last"][1]
-            return
-        current["last"] = (x, name)
-        mask = current["mask"]
-        if x.shape[:-1] != mask.shape:
-            raise AdapterError(f"EVA: the input of {name!r} has shape {tuple(x.shape)}, not (batch, tokens, features) "
-                               f"of the batch's {tuple(mask.shape)} tokens")
-        moments.setdefault(name, _Moments()).add(x[mask])
-
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
-    device = next(model.parameters()).device
-    seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), disabled(model):
-            for item in batches:
-                batch = _as_batch(item, device)
-                current["mask"], current["last"] = _token_mask(batch, settings), (None, None)
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-                seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if not seen:
-        raise ConfigError("batches: no batches given; EVA needs the targets' inputs on some data")
-    missing = [n for n in names if n not in moments and n not in alias]
-    if missing:
-        raise ConfigError(f"EVA: targets {missing[:3]} were not called during the pass over the batches")
-    return {n: moments[alias.get(n, n)] for n in names}
+    return collect_inputs(model, names, batches, _Moments, mask_fn, "EVA")
 
 
 def _base(module: torch.nn.Module) -> torch.nn.Module:
@@ -227,24 +173,9 @@ def eva_config_for(model: torch.nn.Module, config, rows: dict[str, torch.Tensor]
                           eva_config=settings, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
 
 
-_SUPPLIED: list[dict[str, torch.Tensor]] = []
-
-
-@contextmanager
-def _supplying(rows: dict[str, torch.Tensor]) -> Iterator[None]:
-    _SUPPLIED.append(rows)
-    try:
-        yield
-    finally:
-        _SUPPLIED.pop()
-
-
 def eva_rows(module_name: str) -> torch.Tensor:
     """The EVA rows for ``module_name`` while ``eva_init`` attaches (read by LoRA's layer as its A)."""
-    if not _SUPPLIED or module_name not in _SUPPLIED[-1]:
-        raise AdapterError(f"init_lora_weights='eva' on {module_name!r}: EVA's A comes from data; attach with "
-                           "peftlab.eva_init(model, config, batches) (peftlab train does this) or load a saved adapter")
-    return _SUPPLIED[-1][module_name]
+    return supplied("eva", module_name, "peftlab.eva_init(model, config, batches)")
 
 
 def eva_init(model: torch.nn.Module, config, batches: Iterable, name: str = "default") -> torch.nn.Module:
@@ -259,7 +190,7 @@ def eva_init(model: torch.nn.Module, config, batches: Iterable, name: str = "def
             raise ConfigError(f"{field_name}={getattr(config, field_name)!r} is not supported with "
                               "init_lora_weights='eva'")
     rows = eva_components(model, config, batches)
-    with _supplying(rows):
+    with supplying("eva", rows):
         attach(model, eva_config_for(model, config, rows), name)
     return model
 

@@ -1,11 +1,12 @@
-"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA / LoftQ / orthogonal / MiCA initialisation.
+"""LoRA (Hu et al. 2021), with rsLoRA scaling and PiSSA / OLoRA / LoftQ / CorDA / orthogonal / MiCA initialisation.
 
     h = W0 x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
 
 A: (r, in), B: (out, r). B starts at zero, so the adapted model equals the base at init.
 PiSSA puts the top-r singular directions of W0 in A and B and leaves the residual in W0;
 OLoRA does the same with a QR factorisation. LoftQ (peftlab/quant/loftq.py) leaves the quantized W0 in the base and
-the low-rank part of its quantization error in B A. All three rewrite the base weight, as PEFT does.
+the low-rank part of its quantization error in B A. CorDA (peftlab/corda.py) splits W0 C, C from data. All four
+rewrite the base weight, as PEFT does.
 For ``nn.Embedding`` the update is looked up: h = E[ids] + s * A^T[ids] B^T.
 """
 from __future__ import annotations
@@ -22,15 +23,16 @@ from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingFo
 from peftlab.core.config import AdapterConfig, ConfigError, dict_field
 from peftlab.core.registry import register, register_variant
 from peftlab.core.state import loading
+from peftlab.corda import corda_init, corda_parts, corda_settings
 from peftlab.eva import eva_init, eva_rows, eva_settings
 from peftlab.ops import fast
 from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 
-_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mica", "eva")
-_REWRITES_BASE = ("pissa", "olora", "loftq")  # and pissa_niter_K
+_INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mica", "eva", "corda")
+_REWRITES_BASE = ("pissa", "olora", "loftq", "corda")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
-_PEFT_NEUTRAL = {"arrow_config": None, "corda_config": None, "ensure_weight_tying": False, "kasa_config": None,
+_PEFT_NEUTRAL = {"arrow_config": None, "ensure_weight_tying": False, "kasa_config": None,
                  "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "use_bdlora": None,
                  "use_qalora": False, "velora_config": None, "megatron_core": "megatron.core", "qalora_group_size": 16}
 
@@ -60,6 +62,7 @@ class LoraConfig(AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # core/tokens.py
     layer_replication: list | None = None  # PEFT's [[start, end), ...] decoder-layer map (core/replicate.py)
     eva_config: dict | None = None  # PEFT's EvaConfig fields (peftlab/eva.py)
+    corda_config: dict | None = None  # PEFT's CordaConfig fields (peftlab/corda.py)
     alora_invocation_tokens: list[int] | None = None  # activated LoRA (methods/alora.py)
     target_parameters: list[str] | None = None  # LoRA on nn.Parameters (MoE experts): lora_param.py, core/params.py
 
@@ -69,6 +72,8 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights == "loftq" and isinstance(self.loftq_config, dict):
             # written out whole: PEFT refuses a loftq init whose loftq_config is empty
             self.loftq_config = {**_LOFTQ_DEFAULTS, **self.loftq_config}
+        if self.init_lora_weights == "corda":  # written out whole, as PEFT fills in its default CordaConfig
+            self.corda_config = corda_settings(self.corda_config)
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
         if self.target_parameters and self.target_modules is None:
@@ -98,6 +103,7 @@ class LoraConfig(AdapterConfig):
         validate_target_parameters(self)
         validate_invocation(self)
         eva_settings(self.eva_config)
+        corda_settings(self.corda_config)
 
     def _validate_loftq(self) -> None:
         loftq = self.loftq_config
@@ -212,7 +218,7 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(self.lora_B.bias)
 
     def _init_from_weight(self, init: str, base: BaseView) -> None:
-        """PiSSA / OLoRA: principal part of W0 into B A (divided by s), residual stays in W0. LoftQ: the
+        """PiSSA / OLoRA / CorDA: principal part of W0 into B A (divided by s), residual stays in W0. LoftQ: the
         quantized W0 stays, the low-rank part of its error goes into B A."""
         r = self.r
         if r > min(base.out_features, base.in_features):
@@ -220,6 +226,13 @@ class LoraLayer(AdapterLayer):
                                f"smaller side (shape {(base.out_features, base.in_features)})")
         if init == "loftq":
             self._init_loftq(base)
+            return
+        if init == "corda":  # from the data pass of peftlab.corda_init; a load keeps the (residual) base as given
+            if not loading():
+                a, b, residual = corda_parts(self.module_name, base.weight_oi().float(), self.scaling)
+                self.lora_A.weight.copy_(a)
+                self.lora_B.weight.copy_(b)
+                base.set_weight_oi(residual)
             return
         w = base.weight_oi().float()
         if init == "olora":
@@ -339,7 +352,7 @@ class LoraLayer(AdapterLayer):
 
     @classmethod
     def init_needs_data(cls, config: LoraConfig) -> bool:
-        return config.init_lora_weights == "eva"
+        return config.init_lora_weights in ("eva", "corda")
 
     @classmethod
     def init_quantization(cls, config: LoraConfig) -> str | None:
@@ -386,6 +399,10 @@ def _param_layer_for(config: LoraConfig) -> type[AdapterLayer]:
     return LoraParamLayer
 
 
+def _data_init(model, config: LoraConfig, batches, name: str):
+    return (corda_init if config.init_lora_weights == "corda" else eva_init)(model, config, batches, name)
+
+
 def _token_gate(config: LoraConfig, *args):
     from peftlab.methods.alora import token_gate
 
@@ -393,7 +410,7 @@ def _token_gate(config: LoraConfig, *args):
 
 
 register("LORA", LoraConfig, LoraLayer, layer_factory=_layer_for, param_layer=_param_layer_for, token_gate=_token_gate,
-         data_init=eva_init,
+         data_init=_data_init,
          default_config=lambda target_modules, r=8: LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
 register_variant("dora", "LORA", lambda target_modules, r=8: LoraConfig(
     r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=True))

@@ -22,8 +22,8 @@ def check_servable(config, name: str) -> None:
     """Refuse adapters the slot tables cannot express, before anything is attached."""
     method = method_for(config)
     if method.kind == "weight" and method.layer_class(config).init_rewrites_base(config):
-        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (PiSSA's and OLoRA's "
-                         "residual, LoftQ's quantized weights), so it cannot share the served base; merge it (peftlab merge) or convert it "
+        raise ServeError(f"adapter {name!r}: its initialisation rewrites the base weights (PiSSA's, OLoRA's and "
+                         "CorDA's residual, LoftQ's quantized weights), so it cannot share the served base; merge it (peftlab merge) or convert it "
                          "to a plain update first")
     if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False) \
             or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
