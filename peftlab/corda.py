@@ -26,7 +26,7 @@ import torch
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.view import BaseView
-from peftlab.core.config import ConfigError
+from peftlab.core.config import ConfigError, sub_config
 from peftlab.core.inject import attach, find_targets, is_linear
 from peftlab.input_stats import collect_inputs, supplied, supplying, token_mask
 
@@ -36,14 +36,7 @@ CORDA_DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "
 
 def corda_settings(corda_config: dict | None) -> dict:
     """PEFT's CordaConfig with ``corda_config``'s entries applied, checked by field name."""
-    if corda_config is None:
-        return dict(CORDA_DEFAULTS)
-    if not isinstance(corda_config, dict):
-        raise ConfigError(f"corda_config must be a dict of CordaConfig fields, got {corda_config!r}")
-    unknown = sorted(set(corda_config) - set(CORDA_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"corda_config: unknown key(s) {unknown}; known: {sorted(CORDA_DEFAULTS)}")
-    settings = {**CORDA_DEFAULTS, **corda_config}
+    settings = sub_config("corda_config", corda_config, CORDA_DEFAULTS, "CordaConfig")
     if settings["corda_method"] not in ("ipm", "kpm"):
         raise ConfigError(f"corda_config['corda_method'] must be 'ipm' or 'kpm', got {settings['corda_method']!r}")
     for key in ("cache_file", "covariance_file"):

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from peftlab.core.config import ConfigError
+from peftlab.core.config import ConfigError, sub_config
 from peftlab.core.inject import attach, find_targets, is_linear
 from peftlab.input_stats import collect_inputs, supplied, supplying, token_mask
 
@@ -38,14 +38,7 @@ EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_val
 
 def eva_settings(eva_config: dict | None) -> dict:
     """PEFT's EvaConfig with ``eva_config``'s entries applied, checked: rho >= 1, 0 <= tau <= 1, known keys."""
-    if eva_config is None:
-        return dict(EVA_DEFAULTS)
-    if not isinstance(eva_config, dict):
-        raise ConfigError(f"eva_config must be a dict of EvaConfig fields, got {eva_config!r}")
-    unknown = sorted(set(eva_config) - set(EVA_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"eva_config: unknown key(s) {unknown}; known: {sorted(EVA_DEFAULTS)}")
-    settings = {**EVA_DEFAULTS, **eva_config}
+    settings = sub_config("eva_config", eva_config, EVA_DEFAULTS, "EvaConfig")
     if not isinstance(settings["rho"], (int, float)) or not settings["rho"] >= 1.0:
         raise ConfigError(f"eva_config['rho'] must be >= 1.0 (a layer may take up to rho * r directions), "
                           f"got {settings['rho']!r}")

@@ -76,6 +76,19 @@ def batch(seed: int = 0, b: int = 2, t: int = 9):
     return torch.randint(3, VOCAB, (b, t), generator=g)
 
 
+def padded_batches(b: int, t: int, ends: dict[int, int], count: int = 2) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``batch(seed)`` with an attention mask; row ``i`` of ``ends`` is padded from ``ends[i]`` on
+    (right padding), for data passes that must leave padding out."""
+    out = []
+    for seed in range(count):
+        ids = batch(seed=seed, b=b, t=t)
+        mask = torch.ones_like(ids)
+        for row, end in ends.items():
+            mask[row, end:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 def randomize_adapters(model, seed: int = 1, std: float = 0.1):
     """Give every trainable parameter random values so an adapter is not the identity."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 
 import peftlab
 from peftlab.core.inject import adapter_layers
-from models import batch, logits, randomize_adapters, tiny_llama, train_tiny
+from models import batch, logits, padded_batches, randomize_adapters, tiny_llama, train_tiny
 
 if importlib.util.find_spec("attr") is None:  # PEFT's corda.py imports attrs' dataclass for a plain record
     sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
@@ -21,14 +21,7 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
 def _batches():
     """Two right-padded batches; ``_rows`` gives the same sequences unpadded, one per call (PEFT's samples)."""
-    out = []
-    for seed in range(2):
-        ids = batch(seed=seed, b=5, t=16)
-        mask = torch.ones_like(ids)
-        mask[1, 11:] = 0
-        mask[3, 6:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return padded_batches(b=5, t=16, ends={1: 11, 3: 6})
 
 
 def _rows(batches):
@@ -169,7 +162,8 @@ def test_bad_input_is_refused_by_name():
         _corda("ipm", damp=0.1)
     with pytest.raises(peftlab.ConfigError, match=r"corda_config\['verbose'\]"):
         _corda("ipm", verbose="yes")
-    assert peftlab.LoraConfig(target_modules=TARGETS, init_lora_weights="corda").corda_config["corda_method"] == "ipm"  # PEFT's default
+    default = peftlab.LoraConfig(target_modules=TARGETS, init_lora_weights="corda")
+    assert default.corda_config["corda_method"] == "ipm"  # PEFT's default
     with pytest.raises(peftlab.ConfigError, match="batches: no batches given"):
         peftlab.corda_init(tiny_llama(), _corda(), [])
     with pytest.raises(peftlab.ConfigError, match="batches: none given"):

@@ -9,23 +9,16 @@ import torch
 import peftlab
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.eva import distribute_ranks
-from models import batch, logits, randomize_adapters, save_tiny_model_dir, tiny_llama, train_tiny
+from models import batch, logits, padded_batches, randomize_adapters, save_tiny_model_dir, tiny_llama, train_tiny
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _batches(labels: bool = False):
     """Two batches with right padding (and, with ``labels``, a masked prompt part)."""
-    out = []
-    for seed in range(2):
-        ids = batch(seed=seed, b=6, t=20)
-        mask = torch.ones_like(ids)
-        mask[1, 14:] = 0
-        mask[4, 7:] = 0
-        item = {"input_ids": ids, "attention_mask": mask}
-        if labels:
-            item["labels"] = torch.where(torch.arange(20) < 5, -100, ids)
-        out.append(item)
+    out = padded_batches(b=6, t=20, ends={1: 14, 4: 7})
+    for item in out if labels else ():
+        item["labels"] = torch.where(torch.arange(20) < 5, -100, item["input_ids"])
     return out
 
 

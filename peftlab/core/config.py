@@ -107,3 +107,16 @@ def list_field(default: list | None = None):
 
 def dict_field():
     return field(default_factory=dict)
+
+
+def sub_config(field_name: str, value: dict | None, defaults: dict, kind: str) -> dict:
+    """A nested PEFT config given as a dict (``eva_config``, ``corda_config``): ``defaults`` with ``value``'s entries
+    applied, refusing a non-dict and unknown keys by name (``kind``: PEFT's class name, for the message)."""
+    if value is None:
+        return dict(defaults)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field_name} must be a dict of {kind} fields, got {value!r}")
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{field_name}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **value}
