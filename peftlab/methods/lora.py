@@ -25,6 +25,7 @@ from peftlab.core.registry import register, register_variant
 from peftlab.core.state import loading
 from peftlab.corda import corda_init, corda_parts, corda_settings
 from peftlab.eva import eva_init, eva_rows, eva_settings
+from peftlab.methods.lora_init import principal_factors, zero_product_factors
 from peftlab.ops import fast
 from peftlab.quant.loftq import LOFTQ_BITS, loftq_factors
 
@@ -235,18 +236,7 @@ class LoraLayer(AdapterLayer):
                 base.set_weight_oi(residual)
             return
         w = base.weight_oi().float()
-        if init == "olora":
-            q, rr = torch.linalg.qr(w)
-            b, a = q[:, :r], rr[:r]
-        else:
-            if init == "pissa":
-                u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            else:
-                niter = int(init.rsplit("_", 1)[-1])
-                u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-                vh = v.t()
-            sr = (s[:r] / self.scaling).sqrt()
-            a, b = sr[:, None] * vh[:r], u[:, :r] * sr[None, :]
+        a, b = principal_factors(init, w, r, self.scaling)
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
         base.set_weight_oi(w - self.scaling * (self.lora_B.weight @ self.lora_A.weight))
@@ -254,20 +244,7 @@ class LoraLayer(AdapterLayer):
     def _init_zero_product(self, init: str, base: BaseView) -> None:
         """B A = 0 with both non-zero (PEFT's "orthogonal": A and B from disjoint rows of one orthogonal matrix), or
         MiCA: B = the left singular vectors of W0's r smallest singular values, frozen; A = 0 (only A trains)."""
-        r, out_f, in_f = self.r, base.out_features, base.in_features
-        if init == "orthogonal":
-            if r % 2:
-                raise AdapterError(f"init_lora_weights='orthogonal' on {self.module_name!r} needs an even rank, "
-                                   f"got {r}")
-            q = torch.linalg.qr(torch.randn(r, r))[0]
-            a = (torch.randn(in_f, r // 2) @ q[0::2]).t() / 10.0
-            b = torch.randn(r // 2, out_f).t() @ q[1::2] / 10.0
-        else:
-            if r > min(out_f, in_f):
-                raise AdapterError(f"init_lora_weights='mica' on {self.module_name!r}: rank {r} exceeds the "
-                                   f"weight's smaller side (shape {(out_f, in_f)})")
-            b = torch.linalg.svd(base.weight_oi().float(), full_matrices=False)[0][:, -r:]
-            a = torch.zeros(r, in_f)
+        a, b = zero_product_factors(init, self.r, base, self.module_name)
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
 
