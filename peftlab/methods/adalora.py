@@ -29,6 +29,8 @@ when ``p.grad`` is gone: both orders give PEFT's numbers. A trainer that zeroes 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 
 from dataclasses import dataclass
@@ -70,11 +72,8 @@ class AdaLoraConfig(AdapterConfig):
     bias: str = "none"
     init_lora_weights: bool | str = True
 
-    # LoRA's unimplemented PEFT fields, plus LoRA options AdaLoRA's layers ignore in PEFT too
-    peft_neutral_fields = {**LoraConfig.peft_neutral_fields, "use_rslora": False, "use_dora": False,
-                           "alpha_pattern": {}, "loftq_config": {}, "lora_bias": False,
-                           "trainable_token_indices": None, "eva_config": None, "layer_replication": None,
-                           "target_parameters": None, "alora_invocation_tokens": None}
+    # set below the class: LoRA's unimplemented PEFT fields, plus every LoraConfig field AdaLoRA lacks (PEFT's
+    # AdaLoraConfig inherits them and writes them; its layers ignore them), each at LoRA's default
 
     def validate(self) -> None:
         if self.total_step is None:
@@ -105,6 +104,15 @@ class AdaLoraConfig(AdapterConfig):
                                   f"got {mask!r}")
         if self.rank_pattern:
             self.rank_pattern = {key: [bool(m) for m in mask] for key, mask in self.rank_pattern.items()}
+
+
+def _lora_fields_adalora_lacks() -> dict:
+    own = {f.name for f in dataclasses.fields(AdaLoraConfig)}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(LoraConfig) if f.name not in own}
+
+
+AdaLoraConfig.peft_neutral_fields = {**LoraConfig.peft_neutral_fields, **_lora_fields_adalora_lacks()}
 
 
 class RankBudget(SharedTensors):
