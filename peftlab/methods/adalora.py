@@ -30,7 +30,6 @@ when ``p.grad`` is gone: both orders give PEFT's numbers. A trainer that zeroes 
 from __future__ import annotations
 
 import dataclasses
-
 import warnings
 
 from dataclasses import dataclass
