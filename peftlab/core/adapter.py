@@ -42,6 +42,8 @@ class AdapterLayer(nn.Module):
       reads_token_mask   before each model forward core sets ``self.token_mask`` to the call's 2-D attention mask
                          as bool (None without one); ``token_mask_for(x)`` says which rows of an input ``x`` are
                          real tokens. It stays set until the next forward, for checkpointing's recomputation
+      reads_token_gate   before each model forward core sets ``self.gate`` to the (B, T) bool gate its method's
+                         ``Method.token_gate`` computes for the call (activated LoRA); kept like ``token_mask``
     """
 
     mergeable: ClassVar[bool] = True
@@ -53,8 +55,10 @@ class AdapterLayer(nn.Module):
     compiles_in_layers: ClassVar[bool] = True
     token_local: ClassVar[bool] = True
     reads_token_mask: ClassVar[bool] = False
+    reads_token_gate: ClassVar[bool] = False
     loss_in_forward: ClassVar[bool] = False
     token_mask: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
     def __init__(self, base: BaseView, config: Any, module_name: str):
         super().__init__()

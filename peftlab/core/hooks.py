@@ -119,11 +119,13 @@ def _call_tokens(args, kwargs) -> tuple[torch.Tensor | None, tuple[int, int] | N
 
 
 def _share_gates(model: nn.Module, args, kwargs) -> None:
-    """Each active adapter whose method gates tokens (``Method.token_gate``, aLoRA) gets this call's gate on its
-    layers (``layer.gate``); the method keeps what it needs across a cached generation in ``memory``."""
+    """Each active adapter whose layer class ``reads_token_gate`` (aLoRA) gets this call's gate from its method's
+    ``token_gate`` on its layers (``layer.gate``); the method keeps what it needs across a cached generation in
+    ``memory``. Other models pay one short loop over their active configs."""
     state = model_state(model)
-    gated = [(n, method_for(state.configs[n]).token_gate) for n in state.active]
-    gated = [(n, fn) for n, fn in gated if fn is not None]
+    methods = {n: method_for(state.configs[n]) for n in state.active}
+    gated = [(n, m.token_gate) for n, m in methods.items()
+             if getattr(m.layer_class(state.configs[n]), "reads_token_gate", False)]
     if not gated:
         return
     ids, lead, cached = _call_tokens(args, kwargs)

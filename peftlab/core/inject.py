@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .adapter import AdaptedModule, AdapterError, BaseView, ModulesToSave
-from .view import Conv1D
 from .config import AdapterConfig, ConfigError
 from .params import AdaptedParams, attach_parameters, plan_parameters
 from .registry import method_for
+from .view import Conv1D
 
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 

@@ -115,8 +115,4 @@ def unshare(model: nn.Module, modules: list[nn.Module]) -> None:
 
 def materialize(model: nn.Module) -> None:
     """Every module of the replicated decoder stack with tensors of its own (a plain deeper model)."""
-    shared = _shared_ids(model)
-    for block in decoder_stack(model)[2]:
-        for module in block.modules():
-            if any(id(t) in shared for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
-                _own(module)
+    unshare(model, [module for block in decoder_stack(model)[2] for module in block.modules()])

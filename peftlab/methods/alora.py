@@ -78,7 +78,7 @@ class ALoraLayer(LoraLayer):
     batched_serving = False
     serves_from_state = False
     compiles_in_layers = False  # the gate changes shape every call: stay eager
-    gate: torch.Tensor | None = None  # this call's (B, T) gate, set by core before each model call
+    reads_token_gate = True  # ``self.gate``: this call's (B, T) gate, set by core before each model call
 
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         if base.kind != "linear":
