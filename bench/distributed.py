@@ -127,6 +127,8 @@ def run_one(args, shape: str, strategy: str, nproc: int, timeout: float | None =
     if nproc > args.devices:
         return {**row, "not_run": f"{nproc} processes need {nproc} GPUs; {args.devices} visible"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.device == "cpu":  # one host: gloo on loopback, not on whatever the host name resolves to
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = args.timeout if timeout is None else timeout
     started = time.perf_counter()
     proc = subprocess.Popen(worker_command(args, shape, strategy, nproc), stdout=subprocess.PIPE,

@@ -18,7 +18,7 @@ def test_cpu_smoke_run_writes_results_and_a_table(tmp_path):
     rows = {(r["shape"], r["strategy"], r["nproc"]): r for r in document["configs"]}
     assert set(rows) == {("tiny", "none", 1), ("tiny", "fsdp", 2)}
     for key, row in rows.items():
-        assert "error" not in row, row
+        assert "error" not in row, row["error"]
         assert row["tokens_per_step"] == 2 * 16 * key[2] and row["tokens_per_s"] > 0
         assert row["distributed"]["world_size"] == key[2] and row["distributed"]["strategy"] == key[1]
     assert rows[("tiny", "fsdp", 2)]["distributed"]["sharded_layers"] == 2
