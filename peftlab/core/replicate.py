@@ -16,25 +16,10 @@ import copy
 
 from torch import nn
 
+from .blocks import decoder_stack
 from .config import ConfigError
 
 _FIELD = "layer_replication"
-
-
-def decoder_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(owner, attribute, layers): the ModuleList of decoder blocks (``model.layers``, ``transformer.h``)."""
-    owner = model
-    for _ in range(4):
-        for attr in ("layers", "h"):
-            layers = getattr(owner, attr, None)
-            if isinstance(layers, nn.ModuleList):
-                return owner, attr, layers
-        inner = getattr(owner, "model", None) or getattr(owner, "transformer", None)
-        if not isinstance(inner, nn.Module):
-            break
-        owner = inner
-    raise ConfigError(f"{_FIELD}: found no decoder layer list (model.layers or transformer.h) in "
-                      f"{type(model).__name__}")
 
 
 def _check_map(layer_map, n_layers: int) -> list[tuple[int, int]]:

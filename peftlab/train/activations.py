@@ -46,6 +46,8 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
+from peftlab.core.blocks import decoder_blocks
+from peftlab.core.config import ConfigError
 from peftlab.train import recompute
 
 MODES = ("off", "on", "offload")
@@ -53,19 +55,6 @@ MODES = ("off", "on", "offload")
 
 class CheckpointError(ValueError):
     """Checkpointing cannot be set up for this model (names the reason)."""
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated blocks: the ModuleList holding the most parameters (model.layers, transformer.h, ...)."""
-    best, size = None, 0
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            n = sum(p.numel() for p in module.parameters())
-            if n > size:
-                best, size = module, n
-    if best is None:
-        raise CheckpointError(f"{type(model).__name__} has no ModuleList of blocks to checkpoint")
-    return best
 
 
 def _is_cache(value: Any) -> bool:
@@ -276,7 +265,10 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
     if mode == "offload":
         keep = {_storage(t) for t in [*model.parameters(), *model.buffers()]} - {None}
         offload = _Offload(torch.cuda.Stream(device) if device.type == "cuda" else None, min_offload_bytes, keep)
-    blocks = list(decoder_blocks(model))
+    try:
+        blocks = list(decoder_blocks(model))
+    except ConfigError as e:
+        raise CheckpointError(f"nothing to checkpoint: {e}") from None
     for block in blocks:
         if "forward" in block.__dict__:
             raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")

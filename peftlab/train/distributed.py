@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, SharedTensors
+from peftlab.core.blocks import decoder_blocks
 from peftlab.core.config import ConfigError
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -242,18 +243,11 @@ def _shardable(p: nn.Parameter) -> bool:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes, else its
-    ``GradientCheckpointingLayer`` instances."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise ConfigError(f"fsdp: found no decoder layers in {type(model).__name__} (no _no_split_modules "
-                          "classes, no GradientCheckpointingLayer); use --distributed ddp")
-    return layers
+    """The blocks to shard one by one (``core/blocks.py``'s rule)."""
+    try:
+        return list(decoder_blocks(model))
+    except ConfigError as e:
+        raise ConfigError(f"fsdp: {e}; use --distributed ddp") from None
 
 
 def _shard(model: nn.Module, ignored: set, device: torch.device, world_size: int) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from peftlab.core.blocks import decoder_blocks
 from peftlab.core.config import ConfigError
 
 NAME = "galore"
@@ -81,8 +82,6 @@ def validate(args) -> None:
 
 def projected_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D weights GaLore projects: linear layers inside the repeated decoder blocks."""
-    from peftlab.train.activations import decoder_blocks
-
     blocks = decoder_blocks(model)
     return [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2]
 
