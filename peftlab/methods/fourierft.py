@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.oft import check_bias
 from peftlab.ops.spectral import sparse_spectrum_weight
@@ -31,11 +31,6 @@ def pattern_lookup(patterns: dict, module_name: str, default):
     else the entry for the full module name, else ``default`` (LoRA's ``rank_pattern`` rule differs slightly)."""
     key = next((k for k in patterns if re.match(rf".*\.{k}$", module_name)), module_name)
     return patterns.get(key, default)
-
-
-def check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
