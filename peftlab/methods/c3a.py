@@ -4,8 +4,8 @@
 
 b = ``block_size`` must divide in and out (m = out / b, n = in / b); ``c3a_kernel`` (m, n, b) holds one length-b
 vector per block (float32 over half-precision bases, like every adapter here; the FFTs run in float32). The
-forward never forms ΔW: ``ops.spectral.block_circular_correlation`` does it in O(m n b log b)-ish per token by
-real FFTs; merging adds the exact matrix (a gather). Init (PEFT's ``init_weights``): True gives w = 0 (the base
+forward never forms ΔW: ``ops.spectral.block_circular_correlation`` applies it by real FFTs, O(m n b) per token
+plus the FFTs, where ΔW x costs O(m n b^2); merging adds the exact matrix (a gather). Init (PEFT's ``init_weights``): True gives w = 0 (the base
 at init); "xavier_uniform" (PEFT's default) and False draw U(-a, a), a = sqrt(6 / (in + out));
 "kaiming_uniform" draws U(-1/sqrt(in), 1/sqrt(in)); "gaussian" N(0, 1). ``block_size_pattern`` sets b per module
 by PEFT's rule for this method. PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D is adapted here too (as a linear).
@@ -69,9 +69,8 @@ class C3ALayer(AdapterLayer):
             if size % b:
                 raise ConfigError(f"C3A on {module_name!r}: block_size={b} must divide the {side} size {size} "
                                   f"(in={self.in_features}, out={self.out_features})")
-        kernel = torch.empty(self.out_features // b, self.in_features // b, b, dtype=torch.float32)
-        c3a_init_(kernel, config.init_weights, self.in_features, self.out_features)
-        self.c3a_kernel = nn.Parameter(kernel)
+        self.c3a_kernel = nn.Parameter(torch.empty(self.out_features // b, self.in_features // b, b))
+        c3a_init_(self.c3a_kernel, config.init_weights, self.in_features, self.out_features)
         self.identity_at_init = config.init_weights is True
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

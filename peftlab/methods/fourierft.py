@@ -12,6 +12,7 @@ as in PEFT; GPT-2's Conv1D is adapted through its (out, in) view, so ``fan_in_fa
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -57,8 +58,10 @@ class FourierFTConfig(AdapterConfig):
         check_bias(self.bias, "fourier_only")
 
 
+@functools.lru_cache(maxsize=8)
 def frequency_locations(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
-    """(2, n) rows and columns of the n spectrum entries FourierFT trains, drawn as PEFT draws them."""
+    """(2, n) rows and columns of the n spectrum entries FourierFT trains, drawn as PEFT draws them. Cached: layers of
+    one shape get the same locations, and a permutation of out * in positions is slow on large layers."""
     flat = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed),
                           device="cpu")[:n]
     return torch.stack([flat // in_features, flat % in_features])
