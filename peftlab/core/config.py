@@ -101,6 +101,12 @@ class AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_positive_int(name: str, value: Any) -> None:
+    """Refuse anything but a positive int (bools too) for the config field ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def list_field(default: list | None = None):
     return field(default_factory=lambda: list(default or []))
 
