@@ -8,7 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from models import ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits, saved_pair
+from devices import DEVICES
+from models import (
+    ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits,
+    losses_and_grads_by_fast_flag, saved_pair,
+)
 from peftlab.core.inject import adapter_layers, model_state
 
 TARGETS = {
@@ -173,6 +177,24 @@ def test_delta_weight_and_merge_match_einsum_reference():
         for mname, ref in refs.items():
             merged = model.get_submodule(mname).base_layer.weight
             torch.testing.assert_close(merged, base.get_submodule(mname).weight + ref, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_path_matches_the_reference_path(dtype, device, monkeypatch):
+    """The fused low-rank node (the CUDA default) fed VB-LoRA's A and B: same loss and gradients, bank included."""
+    model = ARCHS["llama"]().to(device, dtype)
+    peftlab.attach(model, ours_config("topk_saved", "llama"))
+    model.train()
+    (ref_loss, ref), (loss, got) = [(lo.float(), {n: g.float() for n, g in grads.items()})
+                                    for lo, grads in losses_and_grads_by_fast_flag(model, batch().to(device),
+                                                                                   monkeypatch)]
+    assert ref.keys() == got.keys() and any("vblora_vector_bank" in k for k in ref)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for key in ref:
+        scale = ref[key].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(got[key] / scale, ref[key] / scale, atol=tol["atol"] * 5, rtol=0, msg=key)
 
 
 def test_one_bank_per_adapter_shared_by_its_layers_and_counted_once():
