@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import peftlab
 from devices import DEVICES
@@ -130,6 +130,22 @@ def test_topk_loaded_adapter_merges_but_refuses_training(tmp_path):
     ours.eval()
     merged = peftlab.merge_and_unload(ours)
     torch.testing.assert_close(logits(merged, x), expected, atol=1e-5, rtol=1e-4)
+    training = ARCHS["llama"]().train()  # already in training mode when the adapter arrives: the next train() says so
+    peftlab.load_adapter(training, tmp_path)
+    with pytest.raises(peftlab.AdapterError, match="inference and merging only"):
+        training.train()
+
+
+def test_topk_indices_without_their_weights_are_refused(tmp_path):
+    peft_model("topk_saved", "llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    dropped = next(k for k in tensors if k.endswith("_topk_weights"))
+    del tensors[dropped]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = ARCHS["llama"]()
+    with pytest.raises(peftlab.CheckpointError, match="but not .*_topk_weights"):
+        peftlab.load_adapter(model, tmp_path)
+    assert not peftlab.list_adapters(model)
 
 
 def test_topk_config_still_trains_and_a_full_logits_file_loads_under_it(tmp_path):

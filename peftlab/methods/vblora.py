@@ -29,6 +29,8 @@ from torch import nn
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.core.state import CheckpointError
+from peftlab.methods._lycoris import _positive_int
 from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 
@@ -51,9 +53,7 @@ class VBLoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         for name in ("r", "num_vectors", "vector_length", "topk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            _positive_int(name, getattr(self, name))
         if self.topk > self.num_vectors:
             raise ConfigError(f"topk={self.topk} must not exceed num_vectors={self.num_vectors}")
         check_dropout("vblora_dropout", self.vblora_dropout)
@@ -119,7 +119,7 @@ def from_file(config: VBLoRAConfig, tensors: dict[str, torch.Tensor]) -> dict[st
         if key.endswith(INDICES) and key.removesuffix(INDICES).endswith(LOGIT_KEYS):
             stem = key.removesuffix(INDICES)
             if stem + WEIGHTS not in tensors:
-                raise ConfigError(f"checkpoint has {key!r} but not {stem + WEIGHTS!r}")
+                raise CheckpointError(f"checkpoint has {key!r} but not {stem + WEIGHTS!r}")
             out[stem] = topk_to_logits(value, tensors[stem + WEIGHTS], config.num_vectors)
         elif not (key.endswith(WEIGHTS) and key.removesuffix(WEIGHTS) + INDICES in tensors):
             out[key] = value
@@ -169,10 +169,11 @@ class VBLoRALayer(AdapterLayer):
         return vblora_factors(self.vblora_logits_A, self.vblora_logits_B, bank, self.topk)
 
     def train(self, mode: bool = True) -> VBLoRALayer:
-        """Refuses training logits loaded from a ``save_only_topk_weights`` file (-inf outside the top k: AdamW's
-        weight decay turns them into NaN), checked when the layer enters training mode, as PEFT checks them."""
+        """Refuses to train logits loaded from a ``save_only_topk_weights`` file (-inf outside the top k: AdamW's
+        weight decay turns them into NaN). PEFT checks in every training forward; here at each ``train()`` call
+        (trainers make one per step at most), so the forward has no host sync."""
         logits = self.vblora_logits_A
-        if mode and not self.training and not logits.is_meta and torch.isinf(logits[0, 0]).any():
+        if mode and not logits.is_meta and torch.isinf(logits[0, 0]).any():
             raise AdapterError(f"VB-LoRA on {self.module_name!r} has logits loaded from a save_only_topk_weights "
                                "checkpoint (only the top-k kept); such an adapter is for inference and merging only")
         return super().train(mode)
@@ -201,5 +202,7 @@ def default_config(target_modules, r: int = 8) -> VBLoRAConfig:
     return VBLoRAConfig(r=r, num_vectors=64, vector_length=16, target_modules=target_modules)
 
 
+# lr_scale: A and B are mixtures of bank vectors drawn within +-0.02, so LoRA-sized steps barely move the update; the
+# paper trains the bank and logits at 10-100x LoRA's rates (on the tiny test model 10x falls about as LoRA at 3x)
 register("VBLORA", VBLoRAConfig, VBLoRALayer, make_shared=VectorBank, to_file=to_file, from_file=from_file,
          lr_scale=10.0, default_config=default_config)
