@@ -11,7 +11,7 @@ import peftlab
 from devices import DEVICES
 from models import (
     ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits,
-    losses_and_grads_by_fast_flag, saved_pair,
+    losses_and_grads_by_fast_flag, saved_pair, train_tiny,
 )
 from peftlab.core.inject import adapter_layers, model_state
 
@@ -269,3 +269,17 @@ def test_config_round_trip(case):
     assert again == config and type(again) is type(config)
     theirs = peft.PeftConfig.from_peft_type(**config.to_dict())
     assert theirs.peft_type == config.peft_type and theirs.save_only_topk_weights == config.save_only_topk_weights
+
+
+def test_training_with_topk_files_resumes_exactly(tmp_path):
+    """Training checkpoints keep the whole live logits beside the top-k adapter file, so a resumed run goes on
+    exactly; the adapter file itself is in PEFT's top-k form."""
+    kw = dict(method="vblora", max_steps=4, save_every=2, eval_size=2,
+              config_overrides=dict(save_only_topk_weights=True, topk=3))
+    full = train_tiny(tmp_path, **kw)
+    resumed = train_tiny(tmp_path, resume=str(tmp_path / "run" / "checkpoints" / "step-2"), **kw)
+    assert [h["loss"] for h in resumed["losses"][2:]] == pytest.approx([h["loss"] for h in full["losses"][2:]],
+                                                                       abs=1e-6)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("vblora_logits_A_topk_indices") for k in saved)
+    assert not any(k.endswith("vblora_logits_A") for k in saved)
