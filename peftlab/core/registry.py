@@ -45,6 +45,14 @@ class Method:
     # optional: data_init(model, config, batches, name) attaches the adapter with an initialisation computed from
     # batches of data, for configs whose layer class says ``init_needs_data`` (EVA, peftlab/eva.py); trainers call it
     data_init: Callable[..., Any] | None = None
+    # optional: to_file(config, tensors) -> tensors and from_file(config, tensors) -> tensors, for a checkpoint that
+    # holds some tensors in another form than the layers keep them (PEFT's per-method state-dict hooks: VBLoRA's
+    # top-k indices and weights in place of its logits). Saving passes the live tensors through ``to_file``; loading
+    # passes the file's tensors through ``from_file`` before checking keys and shapes. Both go by key suffix (keys
+    # come with or without ``base_model.model.``), and ``from_file`` leaves tensors already in the live form as they
+    # are (a training checkpoint's snapshot, an older file)
+    to_file: Callable[..., dict] | None = None
+    from_file: Callable[..., dict] | None = None
 
     def layer_class(self, config):
         return self.layer_factory(config) if self.layer_factory else self.layer

@@ -150,12 +150,20 @@ def checkpoint_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def file_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """``checkpoint_tensors`` in the form the file holds them (the method's ``to_file``, if it has one)."""
+    tensors = checkpoint_tensors(model, name)
+    config = model_state(model).configs[name]
+    to_file = method_for(config).to_file
+    return to_file(config, tensors) if to_file is not None else tensors
+
+
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` as a PEFT checkpoint folder; returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model_state(model).configs.get(name)
-    tensors = checkpoint_tensors(model, name)
+    tensors = file_tensors(model, name)
     cfg = config.to_dict()
     if cfg.get("base_model_name_or_path") is None:
         cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -296,6 +304,10 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     all when dtype and device already match), for an adapter that is only read and soon deleted, as serving's
     load does; the checkpoint tensors must then not be written to while it lives. Base weights are always copied."""
     expected = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in checkpoint_tensors(model, name).items()}
+    config = model_state(model).configs[name]
+    from_file = method_for(config).from_file
+    if from_file is not None:
+        tensors = from_file(config, tensors)
     # PEFT also saves an embedding target's base weight (``.base_layer.weight``)
     base_layer_weights = {k for k in tensors if k not in expected and k.endswith(".base_layer.weight")}
     check_checkpoint({k: tuple(t.shape) for k, t in expected.items()}, tensors, source, name, spare=base_layer_weights)
