@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
 from peftlab.core.registry import register
 from peftlab.core.state import CheckpointError
-from peftlab.methods._lycoris import _positive_int
 from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 
@@ -53,7 +52,7 @@ class VBLoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         for name in ("r", "num_vectors", "vector_length", "topk"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.topk > self.num_vectors:
             raise ConfigError(f"topk={self.topk} must not exceed num_vectors={self.num_vectors}")
         check_dropout("vblora_dropout", self.vblora_dropout)
