@@ -26,14 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int, dict_field
 from peftlab.methods.lora import pattern_value
 from peftlab.ops import fast
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -50,9 +45,9 @@ class LycorisConfig(AdapterConfig):
     init_choices: ClassVar[tuple] = (True, False)
 
     def validate(self) -> None:
-        _positive_int("r", self.r)
+        check_positive_int("r", self.r)
         for key, value in self.rank_pattern.items():
-            _positive_int(f"rank_pattern[{key!r}]", value)
+            check_positive_int(f"rank_pattern[{key!r}]", value)
         for name in ("rank_dropout", "module_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

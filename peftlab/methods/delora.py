@@ -24,23 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
-from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.config import AdapterConfig, check_number, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.lora import pattern_value
 from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 
 NORM_FLOOR = 1e-4  # PEFT's clamp on the factor norms (B starts at 0)
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _number(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -54,14 +44,14 @@ class DeloraConfig(AdapterConfig):
     lambda_pattern: dict = dict_field()
 
     def validate(self) -> None:
-        _positive_int("r", self.r)
-        _number("delora_lambda", self.delora_lambda)
+        check_positive_int("r", self.r)
+        check_number("delora_lambda", self.delora_lambda)
         check_dropout("module_dropout", self.module_dropout)
         check_bias(self.bias, "delora_only")
         for key, value in self.rank_pattern.items():
-            _positive_int(f"rank_pattern[{key!r}]", value)
+            check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.lambda_pattern.items():
-            _number(f"lambda_pattern[{key!r}]", value)
+            check_number(f"lambda_pattern[{key!r}]", value)
 
 
 def delora_scales(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int) -> torch.Tensor:

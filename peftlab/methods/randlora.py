@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, check_number, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._seeded import check_projection_key, fan_in_uniform, largest_linear_shape, projection_generator
 from peftlab.methods.oft import check_bias, check_dropout
@@ -52,12 +52,10 @@ class RandLoraConfig(AdapterConfig):
     peft_absent_fields = frozenset({"exclude_modules"})
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         check_projection_key(self.projection_prng_key)
         check_dropout("randlora_dropout", self.randlora_dropout)
-        if not isinstance(self.randlora_alpha, (int, float)) or isinstance(self.randlora_alpha, bool):
-            raise ConfigError(f"randlora_alpha must be a number, got {self.randlora_alpha!r}")
+        check_number("randlora_alpha", self.randlora_alpha)
         check_bias(self.bias, "randlora_only")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._seeded import check_projection_key, fan_in_uniform, largest_linear_shape, projection_generator
 from peftlab.ops import fast
@@ -41,8 +41,7 @@ class VeraConfig(AdapterConfig):
     peft_absent_fields = frozenset({"exclude_modules"})
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         check_projection_key(self.projection_prng_key)
         if not 0.0 <= self.vera_dropout < 1.0:
             raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
