@@ -59,17 +59,29 @@ def delora_scales(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int) -
     return lam / r / (a.norm(dim=1).clamp_min(NORM_FLOOR) * b.norm(dim=0).clamp_min(NORM_FLOOR))
 
 
+def delora_serving_form(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int,
+                        w_norm: torch.Tensor) -> ServingForm:
+    """ΔW x = B (scales ⊙ ((A diag(w_norm)) x)): down = A diag(w_norm), mid_scale = scales, up = B."""
+    with torch.no_grad():
+        return ServingForm(down=a * w_norm, up=b.detach(), mid_scale=delora_scales(a, b, lam, r))
+
+
 def delora_weight(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, r: int, w_norm: torch.Tensor) -> torch.Tensor:
     """ΔW (out, in) = B diag(scales) A diag(w_norm)."""
     return (b * delora_scales(a, b, lam, r)) @ a * w_norm
 
 
+def rank_of(config: DeloraConfig, module_name: str) -> int:
+    return pattern_value(config.rank_pattern, module_name, config.r)
+
+
 class DeloraLayer(AdapterLayer):
     batched_serving = True
+    serves_from_state = True
 
     def __init__(self, base: BaseView, config: DeloraConfig, module_name: str):
         super().__init__(base, config, module_name)
-        self.r = pattern_value(config.rank_pattern, module_name, config.r)
+        self.r = rank_of(config, module_name)
         lam = pattern_value(config.lambda_pattern, module_name, config.delora_lambda)
         self.delora_A = nn.Parameter(torch.empty(self.r, base.in_features))
         self.delora_B = nn.Parameter(torch.empty(base.out_features, self.r))
@@ -102,9 +114,18 @@ class DeloraLayer(AdapterLayer):
         return delora_weight(self.delora_A, self.delora_B, self.delora_lambda, self.r, self.delora_w_norm)
 
     def serving_form(self, base: BaseView) -> ServingForm:
-        with torch.no_grad():
-            return ServingForm(down=self.delora_A * self.delora_w_norm, up=self.delora_B.detach().clone(),
-                               mid_scale=self.scales())
+        return delora_serving_form(self.delora_A, self.delora_B, self.delora_lambda, self.r, self.delora_w_norm)
+
+    @classmethod
+    def state_shapes(cls, base: BaseView, config: DeloraConfig, module_name: str) -> dict[str, tuple[int, ...]]:
+        r = rank_of(config, module_name)
+        return {"delora_A": (r, base.in_features), "delora_B": (base.out_features, r), "delora_lambda": (1,),
+                "delora_w_norm": (base.in_features,)}
+
+    @classmethod
+    def serving_form_from_state(cls, state, base, config, module_name) -> ServingForm:
+        return delora_serving_form(state["delora_A"], state["delora_B"], state["delora_lambda"],
+                                   rank_of(config, module_name), state["delora_w_norm"])
 
     def param_roles(self) -> dict[str, str]:
         return {"delora_A": "A", "delora_B": "B", "delora_lambda": "A"}

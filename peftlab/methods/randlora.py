@@ -90,8 +90,9 @@ def random_bases(config: RandLoraConfig, out_max: int, in_max: int) -> tuple[tor
 
 
 def scaled_small_basis(a: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """S (r·n, m): row (i, j) = lam[i, j] · gamma[j] ⊙ a[i, 0]. The trained scalers are multiplied first, so autograd
-    keeps only the frozen ``a`` (no (r, n, m) product) for the backward."""
+    """S (r·n, m): row (i, j) = lam[i, j] · gamma[j] ⊙ a[i, 0]. The trained scalers are multiplied first, so this
+    product's backward keeps only the frozen ``a``: S itself is then kept once, by the matmul that reads it (PEFT
+    gets the same with a custom autograd function)."""
     return ((lam[:, :, None] * gamma[None]) * a).flatten(0, 1)
 
 
