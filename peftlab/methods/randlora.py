@@ -8,12 +8,13 @@ With m = min(in, out), M = max(in, out) and n = ceil(m / r) bases of rank r per 
 
 A: (r, 1, m_max) and B: (M_max, n_max, r) are shared by every adapted layer of the adapter, frozen, and drawn as
 PEFT draws them from ``projection_prng_key`` (``_seeded``): Kaiming-uniform (a = sqrt(5)) in bfloat16, A then the n
-slices of B, each divided by its standard deviation, then kept in float32 as PEFT's loaded adapters hold them; with
-``sparse`` / ``very_sparse`` ternary {-1, 0, 1} draws (a 1/6 or 1/(2 sqrt(m_max)) chance for each sign) over
-``torch.rand``, divided by their std. Rows of S and columns of B_flat pair up in PEFT's flattening order (rank-major
-for S, basis-major for B), so the same parameters give PEFT's update. Only Λ = ``randlora_lambda`` (r, n) and
-Γ = ``randlora_gamma`` (n, m) train; Λ starts at 0 (identity at init), Γ at 1 / max(n, m) (``init_weights=False``:
-Λ ~ N(0, 1), Γ = 1 / M, as PEFT).
+slices of B, each divided by its standard deviation, then kept in float32 as PEFT's loaded adapters hold them (PEFT
+draws in float16 where accelerate reports no bfloat16, e.g. on pre-Ampere GPUs: files without the bases then
+differ); with ``sparse`` / ``very_sparse`` ternary {-1, 0, 1} draws (a 1/6 or 1/(2 sqrt(m_max)) chance for each
+sign) over ``torch.rand``, divided by their std. Rows of S and columns of B_flat pair up in PEFT's flattening order
+(rank-major for S, basis-major for B), so the same parameters give PEFT's update. Only Λ = ``randlora_lambda``
+(r, n) and Γ = ``randlora_gamma`` (n, m) train; Λ starts at 0 (identity at init), Γ at 1 / max(n, m)
+(``init_weights=False``: Λ ~ N(0, 1), Γ = 1 / M, as PEFT).
 
 Saved keys: ``randlora_lambda``, ``randlora_gamma`` per layer and, with ``save_projection=True``, the whole shared A
 and B both per layer (``<module>.randlora_A``, as PEFT's state dict holds them) and at ``base_model.randlora_A`` /
