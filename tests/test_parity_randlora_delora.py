@@ -30,7 +30,9 @@ CASES = {
     "randlora_sparse": ("RANDLORA", dict(r=4, sparse=True, randlora_alpha=16), ["llama"]),
     "randlora_very_sparse_no_projection": ("RANDLORA", dict(r=8, very_sparse=True, save_projection=False),
                                            ["llama", "gpt2"]),
+    "randlora_bias_all_conv1d": ("RANDLORA", dict(r=16, bias="all", fan_in_fan_out=True), ["gpt2"]),
     "delora": ("DELORA", dict(r=4, delora_lambda=6), ["llama", "neox"]),
+    "delora_bias_all": ("DELORA", dict(r=2, bias="all", init_weights=False), ["neox"]),
     "delora_patterns": ("DELORA", dict(r=4, rank_pattern={VTAIL: 2}, lambda_pattern={VTAIL: 3.5}), ["llama", "neox"]),
 }
 PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
@@ -87,7 +89,7 @@ def test_same_seed_gives_peft_s_initial_adapter(case, arch, init_weights):
     for key, value in ours_state.items():
         assert torch.equal(value, theirs_state[f"base_model.model.{key}"]), key
     x = batch()
-    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)  # as in models.py
 
 
 @pytest.mark.parametrize("case", ["randlora", "randlora_sparse", "randlora_very_sparse_no_projection"])
