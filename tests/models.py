@@ -153,6 +153,32 @@ def saved_pair(folder):
     return ours, theirs, ours_cfg, theirs_cfg
 
 
+def check_same_file_as_peft(peft_model, ours, folder, unchecked=("task_type", "target_modules")) -> None:
+    """PEFT's and peftlab's saves of the same adapter (``peft_model``, peftlab's ``ours``) under ``folder`` hold the
+    same keys and shapes and the same config fields, with equal values but for ``unchecked``."""
+    import peftlab
+
+    peft_model.save_pretrained(folder / "peft")
+    peftlab.save_adapter(ours, folder / "ours")
+    _, _, ours_cfg, theirs_cfg = saved_pair(folder)
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
+    for key in set(ours_cfg) - set(unchecked):
+        assert ours_cfg[key] == theirs_cfg[key], key
+
+
+def check_config_round_trip(config) -> None:
+    """``config`` survives peftlab's JSON round trip unchanged, and PEFT reads its dict as the same method."""
+    import json
+
+    import peft
+
+    import peftlab
+
+    again = peftlab.config_from_dict(json.loads(config.to_json()))
+    assert again == config and type(again) is type(config)
+    assert peft.PeftConfig.from_peft_type(**config.to_dict()).peft_type == config.peft_type
+
+
 def logits(model, x):
     with torch.no_grad():
         return model(x).logits

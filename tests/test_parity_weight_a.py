@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import peftlab
-from models import ARCHS, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, saved_pair
+from models import (
+    ARCHS, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
+    check_same_file_as_peft,
+)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -66,14 +69,10 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
     arch = CASES[case][2][0]
-    peft_model(case, arch).save_pretrained(tmp_path / "peft")
     ours = ARCHS[arch]()
     peftlab.attach(ours, ours_config(case, arch))
-    peftlab.save_adapter(ours, tmp_path / "ours")
-    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(ours_cfg) - {"task_type", "target_modules", "feedforward_modules"}:
-        assert ours_cfg[key] == theirs_cfg[key], key
+    check_same_file_as_peft(peft_model(case, arch), ours, tmp_path,
+                            unchecked=("task_type", "target_modules", "feedforward_modules"))
 
 
 def test_vera_projections_are_peft_s_for_the_same_key():
@@ -87,11 +86,7 @@ def test_vera_projections_are_peft_s_for_the_same_key():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trip(case):
-    config = ours_config(case, CASES[case][2][0])
-    again = peftlab.config_from_dict(json.loads(config.to_json()))
-    assert again == config and type(again) is type(config)
-    theirs = peft.PeftConfig.from_peft_type(**{k: v for k, v in config.to_dict().items()})
-    assert theirs.peft_type == config.peft_type
+    check_config_round_trip(ours_config(case, CASES[case][2][0]))
 
 
 @pytest.mark.parametrize("peft_type,kwargs,match", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -113,6 +114,18 @@ def list_field(default: list | None = None):
 
 def dict_field():
     return field(default_factory=dict)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Refuse anything but a positive int (bools too) for field ``name`` (ranks, counts)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_number(name: str, value: Any) -> None:
+    """Refuse anything but a finite int or float (bools too) for field ``name`` (scalings, bounds)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def sub_config(field_name: str, value: dict | None, defaults: dict, kind: str) -> dict:

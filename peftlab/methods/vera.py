@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
 from peftlab.core.registry import register
+from peftlab.methods._seeded import check_projection_key, fan_in_uniform, largest_linear_shape, projection_generator
 from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
 
@@ -40,20 +41,12 @@ class VeraConfig(AdapterConfig):
     peft_absent_fields = frozenset({"exclude_modules"})
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        check_positive_int("r", self.r)
+        check_projection_key(self.projection_prng_key)
         if not 0.0 <= self.vera_dropout < 1.0:
             raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
             raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
-
-
-def kaiming_uniform_cpu(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """PEFT's ``_kaiming_init``: U(-b, b), b = sqrt(3) * sqrt(2) / sqrt(cols), drawn on the CPU."""
-    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(cols))
-    return torch.empty(rows, cols, device="cpu", dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
 class VeraProjections(SharedTensors):
@@ -61,15 +54,12 @@ class VeraProjections(SharedTensors):
 
     def __init__(self, config: VeraConfig, views: dict[str, BaseView]):
         super().__init__()
-        linear = [v for v in views.values() if v.kind == "linear"]
-        if not linear:
-            raise ConfigError(f"VeRA adapts linear layers only; none among targets {sorted(views)}")
-        in_max = max(v.in_features for v in linear)
-        out_max = max(v.out_features for v in linear)
-        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-        # frozen and reproducible from the key: buffers, not part of the model's own state_dict
-        self.register_buffer("vera_A", kaiming_uniform_cpu(config.r, in_max, generator), persistent=False)
-        self.register_buffer("vera_B", kaiming_uniform_cpu(out_max, config.r, generator), persistent=False)
+        out_max, in_max = largest_linear_shape(views, "VeRA")
+        generator = projection_generator(config.projection_prng_key)
+        # PEFT's _kaiming_init: gain sqrt(2); frozen and reproducible from the key, so buffers outside the model's
+        # own state_dict
+        for name, shape in (("vera_A", (config.r, in_max)), ("vera_B", (out_max, config.r))):
+            self.register_buffer(name, fan_in_uniform(shape, generator, gain=math.sqrt(2)), persistent=False)
         self.save_projection = config.save_projection
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
