@@ -239,7 +239,7 @@ BAD = [
     ("FOURIERFT", dict(n_frequency=0), "n_frequency must be a positive integer"),
     ("FOURIERFT", dict(n_frequency_pattern={"q_proj": 2.5}), r"n_frequency_pattern\['q_proj'\]"),
     ("FOURIERFT", dict(random_loc_seed=None), "random_loc_seed must be an integer"),
-    ("FOURIERFT", dict(scaling="high"), "scaling must be a number"),
+    ("FOURIERFT", dict(scaling="high"), "scaling must be a finite number"),
     ("FOURIERFT", dict(init_weights="gaussian"), "init_weights"),
     ("FOURIERFT", dict(bias="fourier_only"), "bias='fourier_only' is not supported"),
     ("C3A", dict(block_size=0), "block_size must be a positive integer"),

@@ -116,12 +116,6 @@ def dict_field():
     return field(default_factory=dict)
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """Refuse anything but a positive int (bools too) for field ``name`` (ranks, counts)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def check_number(name: str, value: Any) -> None:
     """Refuse anything but a finite int or float (bools too) for field ``name`` (scalings, bounds)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

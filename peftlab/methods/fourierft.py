@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.oft import check_bias
 from peftlab.ops.spectral import sparse_spectrum_weight
@@ -48,8 +48,7 @@ class FourierFTConfig(AdapterConfig):
         check_positive_int("n_frequency", self.n_frequency)
         for key, value in self.n_frequency_pattern.items():
             check_positive_int(f"n_frequency_pattern[{key!r}]", value)
-        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
-            raise ConfigError(f"scaling must be a number, got {self.scaling!r}")
+        check_number("scaling", self.scaling)
         if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
             raise ConfigError(f"random_loc_seed must be an integer (it seeds the frequency locations), "
                               f"got {self.random_loc_seed!r}")
