@@ -1,0 +1,180 @@
+"""RoAd and GraLoRA parity with HF PEFT (the oracle): checkpoints both ways, keys, shapes and config fields, seeded
+init, merged weights, and bad settings.
+
+PEFT adapts GPT-2's Conv1D with GraLoRA but not with RoAd, so RoAd uses Llama and NeoX (NeoX's linears have biases,
+made random here, which RoAd's merge rotates too).
+"""
+import json
+
+import peft
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.inject import adapted_modules
+from models import ARCHS as BASE_ARCHS
+from models import batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits, \
+    randomize_adapters, saved_pair
+
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "neox": ["query_key_value", "dense", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "attn.c_proj", "mlp.c_fc"],
+}
+# (peft_type, settings, architectures): settings are passed to both libraries' config classes.
+CASES = {
+    "road_1": ("ROAD", dict(group_size=8), ["llama", "neox"]),
+    "road_2": ("ROAD", dict(variant="road_2", group_size=4), ["llama", "neox"]),
+    "road_4": ("ROAD", dict(variant="road_4", group_size=16, init_weights=False), ["llama", "neox"]),
+}
+
+
+def neox_with_biases(seed: int = 0):
+    """The tiny NeoX with random (not zero) biases, so that merging RoAd's rotation into them is checked."""
+    model = BASE_ARCHS["neox"](seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+ARCHS = {**BASE_ARCHS, "neox": neox_with_biases}
+PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
+PEFT_CONFIGS = {"ROAD": peft.RoadConfig, "GRALORA": peft.GraloraConfig}
+
+
+def settings(case, arch):
+    peft_type, kwargs, _ = CASES[case]
+    return peft_type, dict(kwargs, target_modules=TARGETS[arch])
+
+
+def our_config(case, arch):
+    peft_type, kwargs = settings(case, arch)
+    return peftlab.lookup(peft_type).config(**kwargs)
+
+
+def peft_model(case, arch):
+    peft_type, kwargs = settings(case, arch)
+    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
+    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
+    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
+    arch = CASES[case][2][-1]
+    peft_model(case, arch).save_pretrained(tmp_path / "peft")
+    ours = ARCHS[arch]()
+    peftlab.attach(ours, our_config(case, arch))
+    peftlab.save_adapter(ours, tmp_path / "ours")
+    _, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)  # asserts the same keys and shapes
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
+    for key in set(ours_cfg) - {"task_type", "target_modules", "inference_mode"}:
+        assert ours_cfg[key] == theirs_cfg[key], key
+    assert sorted(ours_cfg["target_modules"]) == sorted(theirs_cfg["target_modules"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_round_trip(case):
+    config = our_config(case, CASES[case][2][0])
+    again = peftlab.config_from_dict(json.loads(config.to_json()))
+    assert again == config and type(again) is type(config)
+    theirs = peft.PeftConfig.from_peft_type(**config.to_dict())
+    assert theirs.peft_type == config.peft_type
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_seed_gives_peft_s_initial_weights(case):
+    """PEFT draws its random inits (RoAd with init_weights=False, GraLoRA's Kaiming A) from the global generator in
+    module order, as we do, so the same seed gives the same tensors."""
+    peft_type, kwargs = settings(case, CASES[case][2][0])
+    arch = CASES[case][2][0]
+    base = ARCHS[arch]()
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs))
+    torch.manual_seed(7)
+    ours = peftlab.attach(ARCHS[arch](), our_config(case, arch))
+    theirs = peft.get_peft_model_state_dict(pm)
+    mine = {f"base_model.model.{k}": v for k, v in peftlab.core.state.adapter_tensors(ours, "default").items()}
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    if kwargs.get("init_weights", True):  # identity at init, as PEFT's
+        x = batch()
+        torch.testing.assert_close(logits(ours, x), logits(base, x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_merged_weights_and_biases_match_peft(case, arch, tmp_path):
+    pm = peft_model(case, arch)
+    randomize_adapters(pm, seed=5)
+    pm.save_pretrained(tmp_path)
+    ours = ARCHS[arch]()
+    peftlab.load_adapter(ours, tmp_path)
+    x = batch()
+    expected = logits(pm, x)
+    theirs = pm.merge_and_unload().state_dict()
+    mine = peftlab.merge_and_unload(ours)
+    torch.testing.assert_close(logits(mine, x), expected, atol=1e-5, rtol=1e-4)
+    for key, value in mine.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_road_unmerge_restores_weights_and_bias():
+    model = ARCHS["neox"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftlab.attach(model, peftlab.RoadConfig(variant="road_4", group_size=8, init_weights=False,
+                                             target_modules=TARGETS["neox"]))
+    peftlab.merge(model)
+    assert not torch.equal(model.gpt_neox.layers[0].attention.dense.base_layer.bias,
+                           before["gpt_neox.layers.0.attention.dense.bias"])
+    peftlab.unmerge(model)
+    for name, module in adapted_modules(model):
+        for part in ("weight", "bias"):
+            torch.testing.assert_close(getattr(module.base_layer, part), before[f"{name}.{part}"], atol=1e-5,
+                                       rtol=1e-5, msg=f"{name}.{part}")
+
+
+def test_road_on_gpt2_conv1d_merges_to_the_same_output():
+    """PEFT's RoAd takes nn.Linear only; ours also wraps GPT-2's Conv1D ((in, out) weights) through BaseView."""
+    model = ARCHS["gpt2"]()
+    peftlab.attach(model, peftlab.RoadConfig(variant="road_2", group_size=8, target_modules=TARGETS["gpt2"]))
+    randomize_adapters(model)
+    x = batch()
+    expected = logits(model, x)
+    assert not torch.allclose(expected, logits(ARCHS["gpt2"](), x), atol=1e-3)
+    torch.testing.assert_close(logits(peftlab.merge_and_unload(model), x), expected, atol=1e-5, rtol=1e-4)
+
+
+BAD = [
+    ("ROAD", dict(variant="road_3"), "variant"),
+    ("ROAD", dict(group_size=7), "group_size"),
+    ("ROAD", dict(group_size=0), "group_size"),
+    ("ROAD", dict(init_weights="yes"), "init_weights"),
+]
+
+
+@pytest.mark.parametrize("peft_type,kwargs,message", BAD)
+def test_bad_settings_name_the_field(peft_type, kwargs, message):
+    with pytest.raises(peftlab.ConfigError, match=message):
+        peftlab.lookup(peft_type).config(target_modules=["q_proj"], **kwargs)
+
+
+def test_road_group_size_that_does_not_divide_a_layer_names_it():
+    with pytest.raises(peftlab.ConfigError, match=r"v_proj.*out_features 16.*group_size=32"):
+        peftlab.attach(ARCHS["llama"](), peftlab.RoadConfig(group_size=32, target_modules=["q_proj", "v_proj"]))
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(peftlab.ConfigError, match="unknown config key 'r'"):
+        peftlab.config_from_dict({"peft_type": "ROAD", "target_modules": ["q_proj"], "r": 8})
