@@ -26,6 +26,11 @@ CASES = {
     "road_1": ("ROAD", dict(group_size=8), ["llama", "neox"]),
     "road_2": ("ROAD", dict(variant="road_2", group_size=4), ["llama", "neox"]),
     "road_4": ("ROAD", dict(variant="road_4", group_size=16, init_weights=False), ["llama", "neox"]),
+    "gralora": ("GRALORA", dict(r=4, alpha=8), ["llama", "gpt2"]),
+    "gralora_hybrid": ("GRALORA", dict(r=8, gralora_k=4, hybrid_r=2, alpha=12, init_weights=False),
+                       ["llama", "gpt2"]),
+    "gralora_bias": ("GRALORA", dict(r=4, hybrid_r=4, gralora_dropout=0.1, bias="gralora_only"), ["neox"]),
+    "gralora_bias_all": ("GRALORA", dict(r=2, gralora_k=2, bias="all"), ["neox"]),
 }
 
 
@@ -72,7 +77,7 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
-    arch = CASES[case][2][-1]
+    arch = CASES[case][2][0]
     peft_model(case, arch).save_pretrained(tmp_path / "peft")
     ours = ARCHS[arch]()
     peftlab.attach(ours, our_config(case, arch))
@@ -161,6 +166,13 @@ BAD = [
     ("ROAD", dict(group_size=7), "group_size"),
     ("ROAD", dict(group_size=0), "group_size"),
     ("ROAD", dict(init_weights="yes"), "init_weights"),
+    ("GRALORA", dict(r=0), "r must be a positive integer"),
+    ("GRALORA", dict(r=6, gralora_k=4), "r must be divisible by gralora_k"),
+    ("GRALORA", dict(gralora_k=0), "gralora_k must be a positive integer"),
+    ("GRALORA", dict(hybrid_r=-1), "hybrid_r must be a non-negative integer"),
+    ("GRALORA", dict(gralora_dropout=1.0), "gralora_dropout"),
+    ("GRALORA", dict(bias="lora_only"), "bias"),
+    ("GRALORA", dict(alpha="big"), "alpha"),
 ]
 
 
@@ -175,6 +187,30 @@ def test_road_group_size_that_does_not_divide_a_layer_names_it():
         peftlab.attach(ARCHS["llama"](), peftlab.RoadConfig(group_size=32, target_modules=["q_proj", "v_proj"]))
 
 
+def test_gralora_blocks_that_do_not_divide_a_layer_name_it():
+    with pytest.raises(peftlab.ConfigError, match=r"q_proj.*in_features 32.*gralora_k=3"):
+        peftlab.attach(ARCHS["llama"](), peftlab.GraloraConfig(r=6, gralora_k=3, target_modules=["q_proj"]))
+
+
 def test_unknown_keys_are_refused():
     with pytest.raises(peftlab.ConfigError, match="unknown config key 'r'"):
         peftlab.config_from_dict({"peft_type": "ROAD", "target_modules": ["q_proj"], "r": 8})
+    with pytest.raises(peftlab.ConfigError, match="unknown config key 'lora_alpha'"):
+        peftlab.config_from_dict({"peft_type": "GRALORA", "target_modules": ["q_proj"], "lora_alpha": 8})
+
+
+def test_gralora_block_maths_equals_its_dense_weight():
+    """The forward's routing (chunk j of input block n to output block j) and the merged weight agree, and each of
+    the k x k blocks of the weight has rank r / k."""
+    from peftlab.methods.gralora import gralora_out, gralora_weight
+
+    g = torch.Generator().manual_seed(0)
+    k, r, n_in, n_out = 3, 6, 12, 9
+    a, b = torch.randn(k, n_in // k, r, generator=g), torch.randn(k, r, n_out // k, generator=g)
+    x = torch.randn(2, 5, n_in, generator=g)
+    weight = gralora_weight(a, b)
+    torch.testing.assert_close(gralora_out(x, a, b), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    for j in range(k):
+        for n in range(k):
+            block = weight[j * 3:(j + 1) * 3, n * 4:(n + 1) * 4]
+            assert torch.linalg.matrix_rank(block) == r // k
