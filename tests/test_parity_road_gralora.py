@@ -214,3 +214,17 @@ def test_gralora_block_maths_equals_its_dense_weight():
         for n in range(k):
             block = weight[j * 3:(j + 1) * 3, n * 4:(n + 1) * 4]
             assert torch.linalg.matrix_rank(block) == r // k
+
+
+@pytest.mark.parametrize("case", ["road_2", "gralora_hybrid"])
+def test_inspect_groups_each_layer_s_tensors_under_its_module(case, tmp_path):
+    from peftlab.inspect import describe_adapter
+
+    arch = CASES[case][2][0]
+    ours = peftlab.attach(ARCHS[arch](), our_config(case, arch))
+    peftlab.save_adapter(ours, tmp_path)
+    info = describe_adapter(tmp_path)
+    assert info["adapted_modules"] == 2 * len(TARGETS[arch])  # two decoder layers
+    expected = {"road_2": {"road_theta", "road_alpha"},
+                "gralora_hybrid": {"gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight"}}
+    assert all(set(suffixes) == expected[case] for suffixes in info["modules"].values())

@@ -15,7 +15,6 @@ and hybrid parts share one dropout mask (PEFT draws one for each). Mergeable: Δ
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.registry import register
+from peftlab.methods._lycoris import kaiming_
 from peftlab.methods.lora import lora_down
 from peftlab.methods.oft import check_dropout
 
@@ -76,6 +76,15 @@ def gralora_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(k * out_block, k * in_block)
 
 
+def init_pair(a: torch.Tensor, b: torch.Tensor, zero_b: bool) -> None:
+    """A Kaiming-uniform (nn.Linear's init); B zero (the update starts at 0) or, for tests, Kaiming-uniform too."""
+    kaiming_(a)
+    if zero_b:
+        nn.init.zeros_(b)
+    else:
+        kaiming_(b)
+
+
 class GraloraLayer(AdapterLayer):
     def __init__(self, base: BaseView, config: GraloraConfig, module_name: str):
         super().__init__(base, config, module_name)
@@ -87,25 +96,17 @@ class GraloraLayer(AdapterLayer):
         blocks_a, blocks_b = [], []
         for _ in range(k):  # PEFT's draw order: A_n, then B_n, block by block
             a, b = torch.empty(r, base.in_features // k), torch.empty(base.out_features // k, r)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if config.init_weights:
-                nn.init.zeros_(b)
-            else:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            init_pair(a, b, config.init_weights)
             blocks_a.append(a)
             blocks_b.append(b)
         self.gralora_A = nn.Parameter(torch.stack(blocks_a).transpose(1, 2).contiguous())  # (k, in/k, r)
         self.gralora_B = nn.Parameter(torch.stack(blocks_b).transpose(1, 2).contiguous())  # (k, r, out/k)
         self.hybrid_r = hybrid_r
-        if hybrid_r:
+        if hybrid_r:  # nn.Linear draws its own init first, as in PEFT
             self.gralora_A_general = nn.Linear(base.in_features, hybrid_r, bias=False)
             self.gralora_B_general = nn.Linear(hybrid_r, base.out_features, bias=False)
             with torch.no_grad():
-                nn.init.kaiming_uniform_(self.gralora_A_general.weight, a=math.sqrt(5))
-                if config.init_weights:
-                    nn.init.zeros_(self.gralora_B_general.weight)
-                else:
-                    nn.init.kaiming_uniform_(self.gralora_B_general.weight, a=math.sqrt(5))
+                init_pair(self.gralora_A_general.weight, self.gralora_B_general.weight, config.init_weights)
         self.dropout = nn.Dropout(config.gralora_dropout) if config.gralora_dropout > 0 else nn.Identity()
         self.identity_at_init = config.init_weights
 
