@@ -228,3 +228,23 @@ def test_inspect_groups_each_layer_s_tensors_under_its_module(case, tmp_path):
     expected = {"road_2": {"road_theta", "road_alpha"},
                 "gralora_hybrid": {"gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight"}}
     assert all(set(suffixes) == expected[case] for suffixes in info["modules"].values())
+
+
+@pytest.mark.parametrize("case,arch", [("gralora", "gpt2"), ("gralora_hybrid", "llama"), ("gralora_bias", "neox")])
+def test_gralora_fused_path_equals_the_reference(case, arch, monkeypatch):
+    """The fused LoRA node over gralora_factors (block-diagonal A, routed B, hybrid pair appended) gives the
+    reference path's loss and every gradient."""
+    from models import losses_and_grads_by_fast_flag
+
+    from peftlab.methods.gralora import gralora_factors, gralora_weight
+
+    model = peftlab.attach(ARCHS[arch](), our_config(case, arch))
+    randomize_adapters(model)
+    layer = next(m for m in model.modules() if isinstance(m, peftlab.AdaptedModule)).adapters["default"]
+    down, up = gralora_factors(layer.gralora_A, layer.gralora_B)
+    torch.testing.assert_close(up @ down, gralora_weight(layer.gralora_A, layer.gralora_B), atol=1e-6, rtol=1e-5)
+    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, batch(), monkeypatch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any("gralora_A" in k for k in grads)
+    for key in grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4, msg=key)

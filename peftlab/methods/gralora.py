@@ -12,6 +12,9 @@ LoRA's parameter count r (in + out). With ``hybrid_r`` > 0 a plain LoRA pair of 
 Init as PEFT, in its order: per block A_n Kaiming-uniform then B_n zero, then the hybrid pair (nn.Linear's own init,
 then A Kaiming, B zero), so the adapted model equals the base; ``init_weights=False`` makes B Kaiming too. The block
 and hybrid parts share one dropout mask (PEFT draws one for each). Mergeable: ΔW = s (ΔW_blocks + B_h A_h).
+The fused path (``fused_forward``, on CUDA by default) runs the whole update as LoRA's fused node of rank k r +
+hybrid_r (``gralora_factors``: block-diagonal A, routed B), which spends k times the block part's adapter FLOPs on
+zeros but saves only the input and the rank activation for backward.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from peftlab.core.registry import register
 from peftlab.methods._lycoris import kaiming_
 from peftlab.methods.lora import lora_down
 from peftlab.methods.oft import check_dropout
+from peftlab.ops import fast
 
 
 @dataclass
@@ -85,6 +89,16 @@ def init_pair(a: torch.Tensor, b: torch.Tensor, zero_b: bool) -> None:
         kaiming_(b)
 
 
+def gralora_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW_blocks as one LoRA of rank k r: A (k r, in) block-diagonal (row block n = a[n]^T on input block n) and
+    B (out, k r), whose output block j reads chunk j of every input block's r numbers; B is zero elsewhere."""
+    k, in_block, r = a.shape
+    eye = torch.eye(k, dtype=a.dtype, device=a.device)
+    down = torch.einsum("nir,nm->nrmi", a, eye).reshape(k * r, k * in_block)
+    up = torch.einsum("jnco,jm->jonmc", b.reshape(k, k, r // k, -1), eye.to(b.dtype)).reshape(-1, k * r)
+    return down, up
+
+
 class GraloraLayer(AdapterLayer):
     def __init__(self, base: BaseView, config: GraloraConfig, module_name: str):
         super().__init__(base, config, module_name)
@@ -116,6 +130,17 @@ class GraloraLayer(AdapterLayer):
         if self.hybrid_r:
             out = out + self.gralora_B_general(lora_down(self.gralora_A_general, dropped))
         return out * self.scaling
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """The fused LoRA node (``fast.lowrank``) on ``gralora_factors`` plus the hybrid pair: one autograd node with
+        only the input and the rank activation saved, at k times the block part's adapter FLOPs (its zeros)."""
+        if not fast.enabled(x):
+            return None
+        down, up = gralora_factors(self.gralora_A, self.gralora_B)
+        if self.hybrid_r:
+            down = torch.cat([down, self.gralora_A_general.weight])
+            up = torch.cat([up, self.gralora_B_general.weight], dim=1)
+        return fast.lowrank(x, base, down, up, self.scaling, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         weight = gralora_weight(self.gralora_A, self.gralora_B)
