@@ -1,7 +1,9 @@
 """GraLoRA (Jung et al. 2025): granular low-rank adaptation, the weight split into k x k blocks.
 
     h = W0 x + s (ΔW_blocks x + B_h A_h dropout(x)),   s = alpha / (r + hybrid_r)
-    ΔW_blocks[j, n] = B_j[n]^T A_n[:, j]^T      (out/k x in/k, rank r/k; j: output block, n: input block)
+    ΔW_blocks[j, n] = b_j[n]^T a_n[:, j]^T      (out/k x in/k, rank r/k; j: output block, n: input block)
+
+with a_n = ``gralora_A[n]``, b_j = ``gralora_B[j]``, b_j[n] its n-th r/k rows and a_n[:, j] its j-th r/k columns.
 
 The input is cut into k blocks x_n (in/k each); ``gralora_A`` (k, in/k, r) maps each to r numbers, which are cut into
 k chunks of r/k; chunk j of every input block goes to output block j, where ``gralora_B`` (k, r, out/k) maps the k
