@@ -101,11 +101,16 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
     return {"loadable": not problems, "problems": problems, "max_lora_rank": needed, "note": "; ".join(notes)}
 
 
+# first component of each method's tensor names (PEFT's parameter prefixes): the module path ends before it, so
+# GraLoRA's hybrid gralora_A_general.weight belongs to its layer, not to a module of its own
+_ADAPTER_PREFIXES = {"lora", "hada", "lokr", "vera", "oft", "boft", "hra", "ia3", "road", "gralora"}
+
+
 def _split_module(name: str) -> tuple[str, str, str]:
     """Split a tensor key into (module path, '.', suffix) at the first adapter-ish component."""
     parts = name.split(".")
     for i, part in enumerate(parts):
-        if "_" in part and part.split("_")[0] in {"lora", "hada", "lokr", "vera", "oft", "boft", "hra", "ia3"}:
+        if "_" in part and part.split("_")[0] in _ADAPTER_PREFIXES:
             return ".".join(parts[:i]), ".", ".".join(parts[i:])
     return name.rpartition(".")
 

@@ -246,7 +246,7 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.requires_grad_(True)
-    elif bias == "lora_only":
+    elif bias.endswith("_only"):  # PEFT's "<method>_only" ("lora_only", "gralora_only"): the targets' own biases
         for module, _ in new_layers:
             if module.view.bias is not None:
                 module.view.bias.requires_grad_(True)

@@ -146,6 +146,14 @@ class _UpcastLinear(torch.autograd.Function):
         return grad_x, grad_a
 
 
+def lora_down(down: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``down(x)`` in ``down``'s dtype for a bias-free down-projection (LoRA's A, GraLoRA's hybrid A), keeping a
+    lower-precision x itself for backward rather than an up-cast copy (``_UpcastLinear``)."""
+    if x.dtype == down.weight.dtype:
+        return down(x)
+    return _UpcastLinear.apply(x, down.weight)
+
+
 def rank_and_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
     """(r, s) of the LoRA on ``module_name``: rank/alpha patterns applied, s = alpha / r (rsLoRA: alpha / sqrt(r))."""
     r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -275,10 +283,7 @@ class LoraLayer(AdapterLayer):
 
     def lora_down(self, x: torch.Tensor) -> torch.Tensor:
         """A x in the adapter's dtype (x already dropped out)."""
-        a = self.lora_A.weight
-        if x.dtype == a.dtype:
-            return self.lora_A(x)
-        return _UpcastLinear.apply(x, a)
+        return lora_down(self.lora_A, x)
 
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """B A x without the scaling (x already dropped out, for linear)."""
