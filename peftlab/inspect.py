@@ -101,16 +101,19 @@ def vllm_report(cfg: dict[str, Any], per_module: dict[str, dict[str, list[int]]]
     return {"loadable": not problems, "problems": problems, "max_lora_rank": needed, "note": "; ".join(notes)}
 
 
-# first component of each method's tensor names (PEFT's parameter prefixes): the module path ends before it, so
-# GraLoRA's hybrid gralora_A_general.weight belongs to its layer, not to a module of its own
-_ADAPTER_PREFIXES = {"lora", "hada", "lokr", "vera", "oft", "boft", "hra", "ia3", "road", "gralora"}
+def _adapter_prefixes() -> set[str]:
+    """First components of adapter tensor names (``lora_A``, ``gralora_A_general``, ``fourierft_spectrum``): every
+    registered method's peft_type in lower case, and ``hada`` (PEFT's LoHa names its tensors ``hada_w1_a``...)."""
+    from peftlab.core.registry import methods
+
+    return {name.lower() for name in methods()} | {"hada"}
 
 
 def _split_module(name: str) -> tuple[str, str, str]:
     """Split a tensor key into (module path, '.', suffix) at the first adapter-ish component."""
-    parts = name.split(".")
+    parts, prefixes = name.split("."), _adapter_prefixes()
     for i, part in enumerate(parts):
-        if "_" in part and part.split("_")[0] in _ADAPTER_PREFIXES:
+        if "_" in part and part.split("_")[0] in prefixes:
             return ".".join(parts[:i]), ".", ".".join(parts[i:])
     return name.rpartition(".")
 

@@ -43,6 +43,9 @@ CASES = {
                              ["llama"]),
     "c3a_kaiming": ("C3A", dict(block_size=4, init_weights="kaiming_uniform"), ["llama", "neox"]),
     "c3a_zero_init": ("C3A", dict(block_size=16, init_weights=True), ["llama"]),
+    # PEFT's "<method>_only": the targeted layers' own biases train and are saved with the adapter
+    "fourierft_bias_only": ("FOURIERFT", dict(n_frequency=64, scaling=10.0, bias="fourier_only"), ["gpt2"]),
+    "c3a_bias_only": ("C3A", dict(block_size=8, bias="c3a_only"), ["neox"]),
 }
 PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
 PEFT_CONFIGS = {"FOURIERFT": peft.FourierFTConfig, "C3A": peft.C3AConfig}
@@ -241,12 +244,12 @@ BAD = [
     ("FOURIERFT", dict(random_loc_seed=None), "random_loc_seed must be an integer"),
     ("FOURIERFT", dict(scaling="high"), "scaling must be a finite number"),
     ("FOURIERFT", dict(init_weights="gaussian"), "init_weights"),
-    ("FOURIERFT", dict(bias="fourier_only"), "bias='fourier_only' is not supported"),
+    ("FOURIERFT", dict(bias="lora_only"), "bias must be one of .*'fourier_only'"),
     ("C3A", dict(block_size=0), "block_size must be a positive integer"),
     ("C3A", dict(block_size_pattern={"v_proj": -4}), r"block_size_pattern\['v_proj'\]"),
     ("C3A", dict(init_weights="orthogonal"), "init_weights must be one of"),
-    ("C3A", dict(bias="c3a_only"), "bias='c3a_only' is not supported"),
-    ("C3A", dict(bias="some"), "bias must be 'none' or 'all'"),
+    ("C3A", dict(bias="lora_only"), "bias must be one of .*'c3a_only'"),
+    ("C3A", dict(bias="some"), "bias must be one of"),
 ]
 
 

@@ -33,6 +33,8 @@ CASES = {
     "randlora_bias_all_conv1d": ("RANDLORA", dict(r=16, bias="all", fan_in_fan_out=True), ["gpt2"]),
     "delora": ("DELORA", dict(r=4, delora_lambda=6), ["llama", "neox"]),
     "delora_bias_all": ("DELORA", dict(r=2, bias="all", init_weights=False), ["neox"]),
+    "delora_bias_only": ("DELORA", dict(r=2, bias="delora_only", init_weights=False), ["neox"]),
+    "randlora_bias_only": ("RANDLORA", dict(r=8, randlora_alpha=16, bias="randlora_only"), ["neox"]),
     "delora_patterns": ("DELORA", dict(r=4, rank_pattern={VTAIL: 2}, lambda_pattern={VTAIL: 3.5}), ["llama", "neox"]),
 }
 PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
@@ -173,12 +175,12 @@ def test_config_round_trip(case):
     ("RANDLORA", dict(randlora_dropout=1.0), "randlora_dropout"),
     ("RANDLORA", dict(projection_prng_key="seven"), "projection_prng_key"),
     ("RANDLORA", dict(randlora_alpha="big"), "randlora_alpha"),
-    ("RANDLORA", dict(bias="randlora_only"), "bias='randlora_only' is not supported"),
+    ("RANDLORA", dict(bias="lora_only"), "bias must be one of .*'randlora_only'"),
     ("RANDLORA", dict(bias="some"), "bias must be"),
     ("DELORA", dict(r=-1), "r must be a positive integer"),
     ("DELORA", dict(delora_lambda=float("nan")), "delora_lambda"),
     ("DELORA", dict(module_dropout=-0.1), "module_dropout"),
-    ("DELORA", dict(bias="delora_only"), "bias='delora_only' is not supported"),
+    ("DELORA", dict(bias="lora_only"), "bias must be one of .*'delora_only'"),
     ("DELORA", dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]"),
     ("DELORA", dict(lambda_pattern={"q_proj": "x"}), r"lambda_pattern\['q_proj'\]"),
 ])
@@ -190,8 +192,8 @@ def test_bad_settings_name_the_field(peft_type, kwargs, match):
 def test_unknown_keys_and_unsupported_bias_in_files_are_refused():
     with pytest.raises(peftlab.ConfigError, match="unknown config key 'lora_alpha'"):
         peftlab.config_from_dict({"peft_type": "DELORA", "target_modules": ["q_proj"], "lora_alpha": 8})
-    with pytest.raises(peftlab.ConfigError, match="bias='randlora_only' is not supported"):
-        peftlab.config_from_dict({"peft_type": "RANDLORA", "target_modules": ["q_proj"], "bias": "randlora_only"})
+    with pytest.raises(peftlab.ConfigError, match="bias must be one of .*'randlora_only'.*got 'delora_only'"):
+        peftlab.config_from_dict({"peft_type": "RANDLORA", "target_modules": ["q_proj"], "bias": "delora_only"})
 
 
 def test_randlora_checkpoint_without_its_bases_is_refused(tmp_path):

@@ -28,6 +28,7 @@ CASES = {
     "inits_dropout": (dict(r=4, num_vectors=40, vector_length=8, init_vector_bank_bound=0.3, init_logits_std=0.5,
                            vblora_dropout=0.1), ["llama"]),
     "bias_all": (dict(r=2, num_vectors=16, vector_length=16, bias="all"), ["gpt2"]),
+    "bias_only": (dict(r=2, num_vectors=16, vector_length=16, bias="vblora_only"), ["gpt2"]),
 }
 PAIRS = [(case, arch) for case, (_, archs) in CASES.items() for arch in archs]
 
@@ -240,7 +241,7 @@ def test_one_bank_per_adapter_shared_by_its_layers_and_counted_once():
     (dict(vblora_dropout=1.0), "vblora_dropout"),
     (dict(init_logits_std=-0.1), "init_logits_std"),
     (dict(init_vector_bank_bound="wide"), "init_vector_bank_bound"),
-    (dict(bias="vblora_only"), "bias='vblora_only' is not supported"),
+    (dict(bias="lora_only"), "bias must be one of .*'vblora_only'"),
     (dict(bias="some"), "bias must be"),
 ])
 def test_bad_settings_name_the_field(kwargs, match):

@@ -45,6 +45,10 @@ CASES = {
                              ["bench_llama"]),
     "hra": ("HRA", dict(r=4), ["llama", "neox"]),
     "hra_gram_schmidt": ("HRA", dict(r=3, apply_GS=True, init_weights=False), ["llama", "neox"]),
+    # PEFT's "<method>_only": the targeted layers' own biases train and are saved (NeoX's linears have biases)
+    "oft_bias_only": ("OFT", dict(oft_block_size=8, init_weights=False, bias="oft_only"), ["neox"]),
+    "boft_bias_only": ("BOFT", dict(boft_block_size=4, init_weights=False, bias="boft_only"), ["neox"]),
+    "hra_bias_only": ("HRA", dict(r=4, bias="hra_only"), ["neox"]),
 }
 PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
 
@@ -176,7 +180,7 @@ BAD = [
     ("OFT", dict(r=4, oft_block_size=8), "exactly one of r"),
     ("OFT", dict(r=0, oft_block_size=0), "exactly one of r"),
     ("OFT", dict(module_dropout=1.0), "module_dropout"),
-    ("OFT", dict(bias="oft_only"), "not supported"),
+    ("OFT", dict(bias="lora_only"), "bias must be one of .*'oft_only'"),
     ("BOFT", dict(boft_block_size=4, boft_block_num=4), "exactly one of"),
     ("BOFT", dict(boft_n_butterfly_factor=0), "boft_n_butterfly_factor"),
     ("HRA", dict(r=0), "r must be a positive integer"),

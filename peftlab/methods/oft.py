@@ -34,11 +34,10 @@ SUPPORTED_BIAS = ("none", "all")
 
 
 def check_bias(bias: str, only_name: str) -> None:
-    """OFT-family bias options: "none" and "all"; "<method>_only" needs core support we lack."""
-    if bias == only_name:
-        raise ConfigError(f"bias={bias!r} is not supported by peftlab yet; use 'none' or 'all'")
-    if bias not in SUPPORTED_BIAS:
-        raise ConfigError(f"bias must be 'none' or 'all', got {bias!r}")
+    """PEFT's bias options for methods without a bias of their own: "none", "all", or the method's "<x>_only" (the
+    targeted layers' own biases train; core/inject.py handles every "_only" alike)."""
+    if bias not in (*SUPPORTED_BIAS, only_name):
+        raise ConfigError(f"bias must be one of {[*SUPPORTED_BIAS, only_name]}, got {bias!r}")
 
 
 def check_dropout(name: str, value: float) -> None:
