@@ -7,6 +7,8 @@ import json
 import peft
 import pytest
 import torch
+from hypothesis import given, settings as hyp_settings, strategies as st
+from torch import nn
 
 import peftlab
 from peftlab.core.inject import adapter_layers
@@ -229,3 +231,87 @@ def test_miss_bat_forward_is_peft_s_dense_update_of_the_base_weight():
         torch.testing.assert_close(module.base_layer.weight, expected, atol=1e-6, rtol=1e-5)
         peftlab.unmerge(model)
         torch.testing.assert_close(module.base_layer.weight, w, atol=1e-5, rtol=1e-5)
+
+
+# -- properties (hypothesis): each layer against a direct reference of its formula, any shapes it accepts -----------
+
+
+def _holder(module, config, seed):
+    torch.manual_seed(seed)
+    holder = nn.Sequential(module)
+    peftlab.attach(holder, config)
+    layer = holder[0].adapters["default"]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.3)
+    return holder, layer
+
+
+def _check_forward_and_merge(holder, x, expected):
+    with torch.no_grad():
+        out = holder(x)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        before = holder[0].base_layer.weight.clone()
+        peftlab.merge(holder)
+        torch.testing.assert_close(holder(x), out, atol=1e-4, rtol=1e-4)
+        peftlab.unmerge(holder)
+        torch.testing.assert_close(holder[0].base_layer.weight, before, atol=1e-4, rtol=1e-4)
+
+
+@hyp_settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(1, 20), out_f=st.integers(1, 20), r=st.integers(1, 20), variant=st.sampled_from(
+    [True, "mini", "bat"]), mini_r=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_miss_forward_is_the_shared_block_tiled_over_the_weight(in_f, out_f, r, variant, mini_r, seed):
+    r = min(r, in_f)
+    if variant == "bat":
+        r = next(d for d in range(min(r, in_f, out_f), 0, -1) if in_f % d == 0 and out_f % d == 0)
+    if variant == "mini":
+        mini_r = next(d for d in range(min(mini_r, out_f), 0, -1) if out_f % d == 0)
+    holder, layer = _holder(nn.Linear(in_f, out_f), peftlab.MissConfig(r=r, mini_r=mini_r, init_weights=variant, target_modules=["0"]), seed)
+    w, d = holder[0].base_layer.weight, layer.miss_block
+    delta = torch.zeros(out_f, in_f)
+    for o in range(out_f):
+        for i in range(in_f):
+            if variant == "bat":
+                k, a, j, b = o // r, o % r, i // r, i % r
+                delta[o, i] = w[k * r + a, j * r:(j + 1) * r] @ d[k, :, b] + d[k, a, b]
+            else:
+                delta[o, i] = d[i % r, o % d.shape[1]]
+    x = torch.randn(2, 3, in_f)
+    _check_forward_and_merge(holder, x, x @ (w + delta).t() + holder[0].base_layer.bias)
+
+
+@hyp_settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(2, 20), out_f=st.integers(2, 20), r=st.integers(1, 4), seed=st.integers(0, 2**16),
+       random_seed=st.one_of(st.none(), st.integers(0, 2**31)))
+def test_shira_trains_exactly_its_entries(in_f, out_f, r, seed, random_seed):
+    if r * (in_f + out_f) > in_f * out_f:
+        r = 1
+        if in_f + out_f > in_f * out_f:
+            return
+    holder, layer = _holder(nn.Linear(in_f, out_f), peftlab.ShiraConfig(r=r, random_seed=random_seed, target_modules=["0"]), seed)
+    rows, cols = layer.shira_indices.long()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == r * (in_f + out_f)  # distinct positions, row-major
+    assert (rows * in_f + cols).diff().gt(0).all()
+    w = holder[0].base_layer.weight.clone()
+    with torch.no_grad():
+        w[rows, cols] += layer.shira_weight
+    x = torch.randn(4, in_f)
+    _check_forward_and_merge(holder, x, x @ w.t() + holder[0].base_layer.bias)
+
+
+@hyp_settings(max_examples=30, deadline=None)
+@given(in_f=st.integers(1, 20), out_f=st.integers(1, 20), r=st.integers(1, 6), embedding=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_hira_gates_the_base_weight_entrywise(in_f, out_f, r, embedding, seed):
+    module = nn.Embedding(in_f, out_f) if embedding else nn.Linear(in_f, out_f)
+    holder, layer = _holder(module, peftlab.HiraConfig(r=r, target_modules=["0"]), seed)
+    a, b = layer.factors()
+    w = holder[0].base_layer.weight  # (out, in) for the linear, (num, dim) = (in, out) for the embedding
+    gated = w * (b @ a).t() if embedding else w * (b @ a)
+    if embedding:
+        ids = torch.randint(0, in_f, (2, 5))
+        _check_forward_and_merge(holder, ids, (w + gated)[ids])
+        return
+    x = torch.randn(3, in_f)
+    _check_forward_and_merge(holder, x, x @ (w + gated).t() + holder[0].base_layer.bias)
