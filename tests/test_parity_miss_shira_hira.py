@@ -180,7 +180,7 @@ def test_config_round_trip(case):
     ("MISS", dict(bias="MiSS_only"), "bias='MiSS_only' is not supported"),
     ("SHIRA", dict(r=-1), "r must be a positive integer"),
     ("SHIRA", dict(random_seed="seven"), "random_seed"),
-    ("SHIRA", dict(init_weights="zeros"), "init_weights must be True or False"),
+    ("SHIRA", dict(init_weights="zeros"), "init_weights must be one of"),
     ("HIRA", dict(r=0), "r must be a positive integer"),
     ("HIRA", dict(hira_dropout=-0.1), "hira_dropout"),
     ("HIRA", dict(init_weights="orthogonal"), "init_weights must be one of"),

@@ -27,17 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.config import AdapterConfig, check_one_of, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.oft import check_dropout
 from peftlab.ops import fast
 
 INIT_CHOICES = (True, False, None, "gaussian")
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -49,15 +44,14 @@ class HiraConfig(AdapterConfig):
     rank_pattern: dict = dict_field()
 
     def validate(self) -> None:
-        _positive_int("r", self.r)
+        check_positive_int("r", self.r)
         for key, value in self.rank_pattern.items():
-            _positive_int(f"rank_pattern[{key!r}]", value)
+            check_positive_int(f"rank_pattern[{key!r}]", value)
         check_dropout("hira_dropout", self.hira_dropout)
         if self.rank_pattern:
             warnings.warn(f"HiRA rank_pattern={self.rank_pattern!r} has no effect: PEFT builds every HiRA layer with "
                           f"r={self.r}, and so does peftlab, so that files load both ways", stacklevel=3)
-        if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in INIT_CHOICES):
-            raise ConfigError(f"init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
+        check_one_of("init_weights", self.init_weights, INIT_CHOICES)
 
 
 class HiraLayer(AdapterLayer):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, check_positive_int
 from peftlab.core.registry import register, register_variant
 from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
@@ -77,13 +77,10 @@ class MissConfig(AdapterConfig):
     bias: str = "none"
 
     def validate(self) -> None:
-        for name in ("r", "mini_r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int("r", self.r)
+        check_positive_int("mini_r", self.mini_r)
         check_dropout("miss_dropout", self.miss_dropout)
-        if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in INIT_CHOICES):
-            raise ConfigError(f"init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
+        check_one_of("init_weights", self.init_weights, INIT_CHOICES)
         check_bias(self.bias, "MiSS_only")
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, check_positive_int
 from peftlab.core.registry import register
 from peftlab.core.state import loading
 from peftlab.ops import fast
@@ -56,14 +56,12 @@ class ShiraConfig(AdapterConfig):
     peft_absent_fields = frozenset({"exclude_modules", "layers_to_transform", "layers_pattern"})
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
             raise ConfigError(f"random_seed must be an integer or None, got {self.random_seed!r}")
         if not isinstance(self.mask_type, str):
             raise ConfigError(f"mask_type must be a string, got {self.mask_type!r}")
-        if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"init_weights must be True or False, got {self.init_weights!r}")
+        check_one_of("init_weights", self.init_weights, (True, False))
 
 
 class ShiraLayer(AdapterLayer):
