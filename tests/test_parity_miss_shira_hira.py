@@ -2,8 +2,6 @@
 
 PEFT adapts GPT-2's Conv1D with HiRA but not with MiSS / SHiRA, so those use Llama and NeoX.
 """
-import json
-
 import peft
 import pytest
 import torch
@@ -12,7 +10,10 @@ from torch import nn
 
 import peftlab
 from peftlab.core.inject import adapter_layers
-from models import ARCHS, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, saved_pair
+from models import (
+    ARCHS, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
+    check_same_file_as_peft, saved_pair,
+)
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -66,14 +67,10 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
     arch = CASES[case][2][0]
-    peft_model(case, arch).save_pretrained(tmp_path / "peft", save_embedding_layers=False)  # PEFT's copy of W0
     ours = ARCHS[arch]()
     peftlab.attach(ours, ours_config(case, arch))
-    peftlab.save_adapter(ours, tmp_path / "ours")
-    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(ours_cfg) - {"task_type", "target_modules"}:
-        assert ours_cfg[key] == theirs_cfg[key], key
+    check_same_file_as_peft(peft_model(case, arch), ours, tmp_path, save_embedding_layers=False)
+    ours_w, theirs_w, _, _ = saved_pair(tmp_path)
     for key, tensor in theirs_w.items():  # SHiRA's indices: the same entries, saved as PEFT saves them (int32)
         assert ours_w[key].dtype == tensor.dtype, key
         if key.endswith("shira_indices"):
@@ -165,11 +162,7 @@ def test_hira_unmerge_through_a_zero_factor_is_refused():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trip(case):
-    config = ours_config(case, CASES[case][2][0])
-    again = peftlab.config_from_dict(json.loads(config.to_json()))
-    assert again == config and type(again) is type(config)
-    theirs = peft.PeftConfig.from_peft_type(**config.to_dict())
-    assert theirs.peft_type == config.peft_type
+    check_config_round_trip(ours_config(case, CASES[case][2][0]))
 
 
 @pytest.mark.parametrize("peft_type,kwargs,match", [
