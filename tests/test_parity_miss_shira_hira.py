@@ -139,6 +139,21 @@ def test_shira_with_a_custom_mask_loads_from_peft_but_is_not_built_here(tmp_path
         peftlab.attach(ARCHS["llama"](), peftlab.ShiraConfig(r=2, mask_type="band", target_modules=["q_proj"]))
 
 
+def test_shira_indices_saved_as_floats_load_as_ints(tmp_path):
+    """PEFT saves the indices as float32 on Windows and casts them back on load; so does peftlab's load."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = peft_model("shira", "llama")
+    expected = check_peft_file_loads_in_peftlab(theirs, ARCHS["llama"], tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.float() if k.endswith("shira_indices") else v for k, v in tensors.items()}, weights)
+    ours = ARCHS["llama"]()
+    peftlab.load_adapter(ours, tmp_path)
+    for (_, _, mine), (_, _, ref) in zip(adapter_layers(ours), adapter_layers(expected)):
+        assert mine.shira_indices.dtype == torch.int32 and torch.equal(mine.shira_indices, ref.shira_indices)
+
+
 def test_hira_rank_pattern_is_kept_but_changes_no_rank_as_in_peft(tmp_path):
     with pytest.warns(UserWarning, match="rank_pattern=.* has no effect"):
         config = ours_config("hira", "llama", rank_pattern={"v_proj": 2})
