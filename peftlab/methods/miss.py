@@ -13,8 +13,9 @@ last one zero-padded):
 D starts at zero otherwise, so the adapted model equals the base. The balance and mini forms cost one slice-sum
 of x and an (r, out) product per token; "bat" builds its dense (out, in) update each forward, as PEFT does, and
 applies no ``miss_dropout`` (neither does PEFT). With two "bat" adapters active at once on a layer, each update
-here reads W0, where PEFT's forward feeds the first one's result to the second (merging chains in both). Saved key: ``<module>.miss_block``. PEFT adapts ``nn.Linear``
-only; GPT-2's ``Conv1D`` is adapted here through its (out, in) view, but such files load only here.
+here reads W0, where PEFT's forward feeds the first one's result to the second (merging chains in both).
+Saved key: ``<module>.miss_block``. PEFT adapts ``nn.Linear`` only; GPT-2's ``Conv1D`` is adapted here through its
+(out, in) view, but such files load only here.
 """
 from __future__ import annotations
 
