@@ -275,7 +275,8 @@ def test_miss_forward_is_the_shared_block_tiled_over_the_weight(in_f, out_f, r, 
         r = next(d for d in range(min(r, in_f, out_f), 0, -1) if in_f % d == 0 and out_f % d == 0)
     if variant == "mini":
         mini_r = next(d for d in range(min(mini_r, out_f), 0, -1) if out_f % d == 0)
-    holder, layer = _holder(nn.Linear(in_f, out_f), peftlab.MissConfig(r=r, mini_r=mini_r, init_weights=variant, target_modules=["0"]), seed)
+    config = peftlab.MissConfig(r=r, mini_r=mini_r, init_weights=variant, target_modules=["0"])
+    holder, layer = _holder(nn.Linear(in_f, out_f), config, seed)
     w, d = holder[0].base_layer.weight, layer.miss_block
     delta = torch.zeros(out_f, in_f)
     for o in range(out_f):
@@ -297,7 +298,8 @@ def test_shira_trains_exactly_its_entries(in_f, out_f, r, seed, random_seed):
         r = 1
         if in_f + out_f > in_f * out_f:
             return
-    holder, layer = _holder(nn.Linear(in_f, out_f), peftlab.ShiraConfig(r=r, random_seed=random_seed, target_modules=["0"]), seed)
+    config = peftlab.ShiraConfig(r=r, random_seed=random_seed, target_modules=["0"])
+    holder, layer = _holder(nn.Linear(in_f, out_f), config, seed)
     rows, cols = layer.shira_indices.long()
     assert len(set(zip(rows.tolist(), cols.tolist()))) == r * (in_f + out_f)  # distinct positions, row-major
     assert (rows * in_f + cols).diff().gt(0).all()

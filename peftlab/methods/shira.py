@@ -57,7 +57,8 @@ class ShiraConfig(AdapterConfig):
 
     def validate(self) -> None:
         check_positive_int("r", self.r)
-        if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
+        seed = self.random_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ConfigError(f"random_seed must be an integer or None, got {self.random_seed!r}")
         if not isinstance(self.mask_type, str):
             raise ConfigError(f"mask_type must be a string, got {self.mask_type!r}")
@@ -70,15 +71,15 @@ class ShiraLayer(AdapterLayer):
         out_f, in_f = base.out_features, base.in_features
         count = config.r * (in_f + out_f)
         if count > in_f * out_f:
-            raise ConfigError(f"SHiRA on {module_name!r}: r={config.r} gives r * (in + out) = {count} trainable entries, "
-                              f"more than the layer's {out_f} x {in_f} = {in_f * out_f}")
+            raise ConfigError(f"SHiRA on {module_name!r}: r={config.r} gives r * (in + out) = {count} trainable "
+                              f"entries, more than the layer's {out_f} x {in_f} = {in_f * out_f}")
         if loading():  # the file's indices overwrite these
             indices = torch.zeros(2, count, dtype=torch.int32)
         elif config.mask_type == "random":
             indices = random_entries(out_f, in_f, count, config.random_seed)
         else:
             raise ConfigError(f"mask_type={config.mask_type!r}: only 'random' masks can be built; a custom mask "
-                              "function is not saved with the adapter, so only a saved adapter of this type can be loaded")
+                              "function is not saved with the adapter, so an adapter of this type can only be loaded")
         self.in_features, self.out_features = in_f, out_f
         self.register_buffer("shira_indices", indices, persistent=False)  # saved through state_tensors
         self.shira_weight = nn.Parameter(torch.zeros(count) if config.init_weights else torch.randn(count))
