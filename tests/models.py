@@ -153,12 +153,13 @@ def saved_pair(folder):
     return ours, theirs, ours_cfg, theirs_cfg
 
 
-def check_same_file_as_peft(peft_model, ours, folder, unchecked=("task_type", "target_modules")) -> None:
+def check_same_file_as_peft(peft_model, ours, folder, unchecked=("task_type", "target_modules"), **peft_save) -> None:
     """PEFT's and peftlab's saves of the same adapter (``peft_model``, peftlab's ``ours``) under ``folder`` hold the
-    same keys and shapes and the same config fields, with equal values but for ``unchecked``."""
+    same keys and shapes and the same config fields, with equal values but for ``unchecked``. ``peft_save``: options
+    of PEFT's ``save_pretrained`` (``save_embedding_layers=False``: no copy of an adapted embedding's base weight)."""
     import peftlab
 
-    peft_model.save_pretrained(folder / "peft")
+    peft_model.save_pretrained(folder / "peft", **peft_save)
     peftlab.save_adapter(ours, folder / "ours")
     _, _, ours_cfg, theirs_cfg = saved_pair(folder)
     assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}

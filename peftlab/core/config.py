@@ -108,6 +108,14 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_one_of(name: str, value: Any, choices: tuple) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is one of ``choices``; True / False / None match only
+    themselves (so 1 is not True), strings by equality."""
+    if not any(value is c if c is None or isinstance(c, bool) else (type(value) is type(c) and value == c)
+               for c in choices):
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def list_field(default: list | None = None):
     return field(default_factory=lambda: list(default or []))
 
