@@ -166,4 +166,6 @@ def default_config(target_modules, r=8):
     return OSFConfig(target_modules=target_modules)
 
 
+# lr_scale 1: U and V hold unit columns / rows (entries ~ 1 / sqrt(side)), like LoRA's Kaiming-scale A, and Adam moves
+# them alike. Tiny Llama, 20 steps at base lr 1e-2: LoRA 4.562 -> 4.366; OSF 0.1x -> 4.552, 1x -> 4.440, 3x -> 4.263
 register("OSF", OSFConfig, OSFLayer, lr_scale=1.0, default_config=default_config)

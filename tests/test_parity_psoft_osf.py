@@ -1,0 +1,233 @@
+"""PSOFT / OSF parity with HF PEFT (the oracle): both directions, keys, configs, seeded init, gradients, bad input.
+
+Both build frozen factors from an SVD of the base weight and save only the trainable tensors, so every load rebuilds
+the factors from the base. PEFT adapts nn.Linear only with both: Llama and NeoX here. The Llama targets mix in < out
+(up_proj), in > out (k_proj, down_proj) and square (q_proj) layers: OSF's gradient projection takes another branch for
+each orientation.
+"""
+import peft
+import pytest
+import torch
+
+import peftlab
+from models import (
+    ARCHS, batch, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
+    check_same_file_as_peft, logits, randomize_adapters, tiny_gpt2, tiny_llama,
+)
+from peftlab.core.inject import adapter_layers
+
+TARGETS = {
+    "llama": dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"]),
+    "neox": dict(target_modules=["query_key_value", "dense", "dense_4h_to_h"]),
+}
+
+# (peft_type, settings, architectures): settings are passed to both libraries' config classes.
+CASES = {
+    "psoft": ("PSOFT", dict(r=4), ["llama", "neox"]),
+    "psoft_pissa_lowrank": ("PSOFT", dict(r=6, ab_svd_init="pissa_init", psoft_svd="lowrank",
+                                          psoft_svd_lowrank_niter=3, random_seed=5, psoft_alpha=8), ["llama"]),
+    "psoft_free_no_mag_a": ("PSOFT", dict(r=4, psoft_orth=False, psoft_mag_a=False, psoft_alpha=16), ["llama", "neox"]),
+    "psoft_neumann": ("PSOFT", dict(r=5, use_cayley_neumann=True, num_cayley_neumann_terms=6, cayley_neumann_eps=0.3,
+                                    psoft_mag_b=False, psoft_dropout=0.1), ["llama"]),
+    "osf": ("OSF", dict(), ["llama", "neox"]),
+    "osf_rank": ("OSF", dict(effective_rank=5), ["llama"]),
+    "osf_fraction_patterns": ("OSF", dict(effective_rank=0.25, rank_pattern={"up_proj": 3, r"layers\.1\..*q": 0.75,
+                                                                            "dense_4h": 30}), ["llama", "neox"]),
+}
+PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
+PEFT_CONFIGS = {"PSOFT": peft.PsoftConfig, "OSF": peft.OSFConfig}
+
+
+def settings(case, arch, **extra):
+    peft_type, kwargs, _ = CASES[case]
+    return peft_type, dict(kwargs, **TARGETS[arch], **extra)
+
+
+def ours_config(case, arch, **extra):
+    peft_type, kwargs = settings(case, arch, **extra)
+    return peftlab.lookup(peft_type).config(**kwargs)
+
+
+def peft_model(case, arch, **extra):
+    peft_type, kwargs = settings(case, arch, **extra)
+    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
+
+
+def ours_model(case, arch, **extra):
+    model = ARCHS[arch]()
+    peftlab.attach(model, ours_config(case, arch, **extra))
+    return model
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
+    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
+    check_peftlab_file_loads_in_peft(ARCHS[arch], ours_config(case, arch), tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
+    arch = CASES[case][2][0]
+    check_same_file_as_peft(peft_model(case, arch), ours_model(case, arch), tmp_path)
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_same_seed_gives_peft_s_initial_adapter(case, arch, init_weights):
+    """The same global seed before attaching gives PEFT's trainable tensors and its outputs; with init_weights=False
+    the adapter already changes the model."""
+    torch.manual_seed(7)
+    theirs = peft_model(case, arch, init_weights=init_weights)
+    torch.manual_seed(7)
+    ours = ours_model(case, arch, init_weights=init_weights)
+    ours_state = peftlab.core.state.adapter_tensors(ours, "default")
+    theirs_state = peft.get_peft_model_state_dict(theirs)
+    assert {f"base_model.model.{k}" for k in ours_state} == set(theirs_state)
+    for key, value in ours_state.items():
+        assert torch.equal(value, theirs_state[f"base_model.model.{key}"]), key
+    x = batch()
+    out = logits(ours, x)
+    torch.testing.assert_close(out, logits(theirs, x), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(out, logits(ARCHS[arch](), x), atol=1e-5) == init_weights
+
+
+@pytest.mark.parametrize("case,arch", PAIRS)
+def test_merged_weight_is_peft_s(case, arch):
+    """delta_weight (what merging adds) equals PEFT's get_delta_weight on every layer."""
+    theirs = peft_model(case, arch)
+    randomize_adapters(theirs, seed=5)
+    ours = ours_model(case, arch)
+    theirs_state = peft.get_peft_model_state_dict(theirs)
+    with torch.no_grad():
+        for key, value in peftlab.core.state.adapter_tensors(ours, "default").items():
+            value.copy_(theirs_state[f"base_model.model.{key}"])
+    modules = dict(theirs.base_model.model.named_modules())
+    for module_name, _, layer in adapter_layers(ours):
+        torch.testing.assert_close(layer.delta_weight(), modules[module_name].get_delta_weight("default"),
+                                   atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,arch", [p for p in PAIRS if p[0].startswith("osf")])
+def test_osf_gradients_are_peft_s_projected_ones(case, arch):
+    """One backward pass from the same random start gives PEFT's gradients, which its hooks project away from the
+    frozen top directions (U_hi^T dU = 0, dV V_hi^T = 0) in every orientation."""
+    torch.manual_seed(3)
+    theirs = peft_model(case, arch, init_weights=False)
+    torch.manual_seed(3)
+    ours = ours_model(case, arch, init_weights=False)
+    x = batch()
+    theirs(x, labels=x).loss.backward()
+    ours(x, labels=x).loss.backward()
+    modules = dict(theirs.base_model.model.named_modules())
+    for module_name, _, layer in adapter_layers(ours):
+        theirs_params = modules[module_name].osf_svd_params["default"]
+        for name, p in layer.osf_svd_params.items():
+            torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=1e-6, rtol=1e-4)
+        u, s, vh = torch.linalg.svd(modules[module_name].get_base_layer().weight, full_matrices=False)
+        k = layer.effective_rank
+        assert (u[:, :k].t() @ layer.osf_svd_params["U_low"].grad).abs().max() < 1e-6
+        assert (layer.osf_svd_params["V_low"].grad @ vh[:k].t()).abs().max() < 1e-6
+
+
+def test_osf_training_keeps_the_top_directions_and_unmerges():
+    """SGD steps (not Adam's, whose per-entry scaling leaves the projected subspace) leave W's projection onto the frozen top-k left directions as it was (PEFT's promise), and
+    unmerging (which PEFT lacks) restores the base."""
+    model = ours_model("osf_rank", "llama")
+    layer = model.model.layers[0].self_attn.k_proj.adapters["default"]
+    w0 = model.model.layers[0].self_attn.k_proj.base_layer.weight.detach().clone()
+    u_hi = torch.linalg.svd(w0, full_matrices=False)[0][:, :5]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=30.0)
+    x = batch()
+    for _ in range(3):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    delta = layer.delta_weight()
+    assert delta.abs().max() > 1e-3
+    assert (u_hi.t() @ delta).norm() < 1e-4 * delta.norm()
+    ref = logits(model, x)
+    peftlab.merge(model)
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-4)
+    peftlab.unmerge(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.k_proj.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_psoft_rotation_is_orthogonal_and_the_update_stays_in_the_principal_subspace():
+    model = ours_model("psoft", "llama", psoft_mag_a=False, psoft_mag_b=False)
+    randomize_adapters(model, std=0.5)
+    for module_name, _, layer in adapter_layers(model):
+        rot = layer.rotation()
+        torch.testing.assert_close(rot @ rot.t(), torch.eye(layer.r), atol=1e-5, rtol=0)
+        w0 = model.get_submodule(module_name).base_layer.weight
+        u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+        delta = layer.delta_weight()
+        torch.testing.assert_close(u[:, :4] @ (u[:, :4].t() @ delta @ vh[:4].t()) @ vh[:4], delta, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["psoft", "osf"])
+def test_gpt2_conv1d_works_here(case, tmp_path):
+    """PEFT adapts nn.Linear only (its OSF skips GPT-2's Conv1D silently); the view's (out, in) weight makes Conv1D
+    work here: merging gives the same output and a save loads back bit for bit."""
+    model = tiny_gpt2()
+    peftlab.attach(model, peftlab.lookup(CASES[case][0]).config(target_modules=["c_attn", "mlp.c_proj"],
+                                                                **CASES[case][1]))
+    randomize_adapters(model)
+    x = batch()
+    ref = logits(model, x)
+    assert not torch.allclose(ref, logits(tiny_gpt2(), x), atol=1e-4)
+    peftlab.save_adapter(model, tmp_path)
+    fresh = tiny_gpt2()
+    peftlab.load_adapter(fresh, tmp_path)
+    assert torch.equal(logits(fresh, x), ref)
+    peftlab.merge(model)
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_round_trip(case):
+    check_config_round_trip(ours_config(case, CASES[case][2][0]))
+
+
+@pytest.mark.parametrize("peft_type,kwargs,match", [
+    ("PSOFT", dict(r=0), "r must be a positive integer"),
+    ("PSOFT", dict(r=2.5), "r must be a positive integer"),
+    ("PSOFT", dict(ab_svd_init="olora"), "ab_svd_init must be one of"),
+    ("PSOFT", dict(psoft_svd="randomized"), "psoft_svd must be one of"),
+    ("PSOFT", dict(psoft_svd_lowrank_niter=0), "psoft_svd_lowrank_niter"),
+    ("PSOFT", dict(psoft_dropout=1.0), "psoft_dropout"),
+    ("PSOFT", dict(psoft_alpha="big"), "psoft_alpha"),
+    ("PSOFT", dict(random_seed=1.5), "random_seed"),
+    ("PSOFT", dict(psoft_orth="yes"), "psoft_orth"),
+    ("PSOFT", dict(num_cayley_neumann_terms=0), "num_cayley_neumann_terms"),
+    ("PSOFT", dict(cayley_neumann_eps=1.0), "cayley_neumann_eps"),
+    ("OSF", dict(effective_rank=0), "effective_rank must be"),
+    ("OSF", dict(effective_rank="half"), "effective_rank must be"),
+    ("OSF", dict(rank_pattern={"q_proj": -1}), r"rank_pattern\['q_proj'\]"),
+    ("OSF", dict(rank_pattern=[("q_proj", 2)]), "rank_pattern must be a dict"),
+    ("OSF", dict(init_weights="random"), "init_weights"),
+    ("OSF", dict(layers_to_transform=[0]), "layers_to_transform is not an option of PEFT's OSF"),
+    ("OSF", dict(exclude_modules=["q_proj"]), "exclude_modules is not an option of PEFT's OSF"),
+])
+def test_bad_settings_name_the_field(peft_type, kwargs, match):
+    with pytest.raises(peftlab.ConfigError, match=match):
+        peftlab.lookup(peft_type).config(target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize("peft_type,kwargs,match", [
+    ("PSOFT", dict(r=17), r"PSOFT on 'model.layers.0.self_attn.k_proj': r=17 exceeds min\(in_features, out_features\)"),
+    ("OSF", dict(effective_rank=0.01), "OSF on 'model.layers.0.self_attn.k_proj': effective_rank comes out as 0"),
+])
+def test_ranks_that_do_not_fit_a_layer_name_it(peft_type, kwargs, match):
+    with pytest.raises(peftlab.ConfigError, match=match):
+        peftlab.attach(tiny_llama(), peftlab.lookup(peft_type).config(target_modules=["k_proj"], **kwargs))
+
+
+def test_unknown_keys_in_files_are_refused():
+    with pytest.raises(peftlab.ConfigError, match="unknown config key 'lora_alpha'"):
+        peftlab.config_from_dict({"peft_type": "PSOFT", "target_modules": ["q_proj"], "lora_alpha": 8})
+    with pytest.raises(peftlab.ConfigError, match="unknown config key 'r'"):
+        peftlab.config_from_dict({"peft_type": "OSF", "target_modules": ["q_proj"], "r": 8})
