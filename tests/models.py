@@ -254,3 +254,36 @@ def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.T
         model.zero_grad(set_to_none=True)
     return results
 
+
+
+class ParityCases:
+    """A parity test file's cases against PEFT: ``cases`` {name: (peft_type, settings, architectures)}, ``targets``
+    {architecture: target settings}, ``peft_configs`` {peft_type: PEFT's config class}. Settings are passed to both
+    libraries' config classes, with the architecture's targets and any ``extra``."""
+
+    def __init__(self, cases: dict, targets: dict, peft_configs: dict):
+        self.cases, self.targets, self.peft_configs = cases, targets, peft_configs
+        self.pairs = [(case, arch) for case, (_, _, archs) in cases.items() for arch in archs]
+
+    def settings(self, case, arch, **extra):
+        peft_type, kwargs, _ = self.cases[case]
+        return peft_type, dict(kwargs, **self.targets[arch], **extra)
+
+    def ours_config(self, case, arch, **extra):
+        import peftlab
+
+        peft_type, kwargs = self.settings(case, arch, **extra)
+        return peftlab.lookup(peft_type).config(**kwargs)
+
+    def peft_model(self, case, arch, **extra):
+        import peft
+
+        peft_type, kwargs = self.settings(case, arch, **extra)
+        return peft.get_peft_model(ARCHS[arch](), self.peft_configs[peft_type](**kwargs)).eval()
+
+    def ours_model(self, case, arch, **extra):
+        import peftlab
+
+        model = ARCHS[arch]()
+        peftlab.attach(model, self.ours_config(case, arch, **extra))
+        return model

@@ -12,7 +12,7 @@ import torch
 import peftlab
 from models import (
     ARCHS, batch, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
-    check_same_file_as_peft, logits, randomize_adapters, tiny_gpt2, tiny_llama,
+    ParityCases, check_same_file_as_peft, logits, randomize_adapters, tiny_gpt2, tiny_llama,
 )
 from peftlab.core.inject import adapter_layers
 
@@ -34,29 +34,9 @@ CASES = {
     "osf_fraction_patterns": ("OSF", dict(effective_rank=0.25, rank_pattern={"up_proj": 3, r"layers\.1\..*q": 0.75,
                                                                             "dense_4h": 30}), ["llama", "neox"]),
 }
-PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
-PEFT_CONFIGS = {"PSOFT": peft.PsoftConfig, "OSF": peft.OSFConfig}
-
-
-def settings(case, arch, **extra):
-    peft_type, kwargs, _ = CASES[case]
-    return peft_type, dict(kwargs, **TARGETS[arch], **extra)
-
-
-def ours_config(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peftlab.lookup(peft_type).config(**kwargs)
-
-
-def peft_model(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
-
-
-def ours_model(case, arch, **extra):
-    model = ARCHS[arch]()
-    peftlab.attach(model, ours_config(case, arch, **extra))
-    return model
+PARITY = ParityCases(CASES, TARGETS, {"PSOFT": peft.PsoftConfig, "OSF": peft.OSFConfig})
+PAIRS = PARITY.pairs
+ours_config, peft_model, ours_model = PARITY.ours_config, PARITY.peft_model, PARITY.ours_model
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)
