@@ -221,8 +221,8 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
         if not isinstance(module, AdaptedModule):
             if not _is_wrappable(module):
                 raise ConfigError(
-                    f"target {target!r} is a {type(module).__name__}; {config.peft_type} wraps Linear, Conv1D, Embedding "
-                    "or a norm layer"
+                    f"target {target!r} is a {type(module).__name__}; {config.peft_type} wraps Linear, Conv1D, "
+                    "Embedding or a norm layer"
                 )
             module = AdaptedModule(module)
             _set_submodule(model, target, module)

@@ -1,6 +1,7 @@
 """GLoRA (Chavan et al. 2023): generalised LoRA, five learned paths A..E around the frozen weight and bias.
 
-    W' = W0 + W0 ⊙ A + B,   b' = b0 + b0 ⊙ D + E + W0 C        h = W' x + b' = W0 x + b0 + (W0 ⊙ A + B) x + (b0 ⊙ D + E + W0 C)
+    W' = W0 + W0 ⊙ A + B,   b' = b0 + b0 ⊙ D + E + W0 C
+    h = W' x + b' = W0 x + b0 + (W0 ⊙ A + B) x + (b0 ⊙ D + E + W0 C)
 
 Each path is parameterised by the config (``config_A_B`` for A and B, ``config_C``, ``config_D_E`` for D and E):
 "lora" Xd Xu (A, B: (out, r) (r, in); C: (in, r) (r, 1)), "vector" X ((out, 1) for A / B, (in, 1) for C, (out,) for

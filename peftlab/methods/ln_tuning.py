@@ -1,6 +1,6 @@
 """LN tuning (Zhao et al. 2023, arXiv 2312.11420): train a copy of each targeted normalisation layer.
 
-    h = LN'(x),   LN' = a trainable copy of the frozen LN (LayerNorm: γ' ⊙ (x - μ)/σ + β'; RMSNorm: γ' ⊙ x / rms(x))
+    h = LN'(x),   LN' a trainable copy of the frozen LN (LayerNorm: γ' ⊙ (x - μ)/σ + β'; RMSNorm: γ' ⊙ x / rms(x))
 
 The layer holds ``ln_tuning_layers``, a deep copy of the wrapped norm (same class, eps, ...), whose parameters start
 at the base's values, so the adapted model equals the base at init. Saved keys, as PEFT's:
