@@ -4,8 +4,6 @@ seeded init, merged weights, and bad settings.
 PEFT's GLoRA takes plain nn.Linear only, so it runs on Llama and on NeoX (whose linears have biases, made random here,
 for the C, D and E paths); LN tuning and DEFT also run on GPT-2 (LayerNorms with biases; Conv1D).
 """
-import json
-
 import peft
 import pytest
 import torch
@@ -14,8 +12,9 @@ import peftlab
 from peftlab.core.inject import adapted_modules
 from peftlab.methods.ln_tuning import NORM_TARGETS
 from models import ARCHS as BASE_ARCHS
-from models import batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits, \
-    randomize_adapters, saved_pair
+from models import ParityCases, batch, check_config_round_trip, check_merged_model_matches_peft, \
+    check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, check_same_file_as_peft, \
+    check_same_init_as_peft, logits, randomize_adapters, saved_pair
 
 LINEAR_TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -62,103 +61,64 @@ def with_biases(make):
 
 
 ARCHS = {name: with_biases(make) for name, make in BASE_ARCHS.items()}
-PAIRS = [(case, arch) for case, (_, _, archs, _) in CASES.items() for arch in archs]
-PEFT_CONFIGS = {"LN_TUNING": peft.LNTuningConfig, "GLORA": peft.GloraConfig, "DEFT": peft.DeftConfig}
+PARITY = ParityCases(CASES, ARCHS, {"LN_TUNING": peft.LNTuningConfig, "GLORA": peft.GloraConfig,
+                                    "DEFT": peft.DeftConfig})
 
 
-def settings(case, arch):
-    peft_type, kwargs, _, targets = CASES[case]
-    return peft_type, dict(kwargs, target_modules=targets[arch])
-
-
-def our_config(case, arch):
-    peft_type, kwargs = settings(case, arch)
-    return peftlab.lookup(peft_type).config(**kwargs)
-
-
-def peft_model(case, arch):
-    peft_type, kwargs = settings(case, arch)
-    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
+@pytest.mark.parametrize("case,arch", PARITY.pairs)
 def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
+    check_peft_file_loads_in_peftlab(PARITY.peft_model(case, arch), ARCHS[arch], tmp_path)
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
+@pytest.mark.parametrize("case,arch", PARITY.pairs)
 def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
+    check_peftlab_file_loads_in_peft(ARCHS[arch], PARITY.ours(case, arch), tmp_path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
-    arch = CASES[case][2][0]
-    peft_model(case, arch).save_pretrained(tmp_path / "peft")
-    ours = ARCHS[arch]()
-    peftlab.attach(ours, our_config(case, arch))
-    peftlab.save_adapter(ours, tmp_path / "ours")
-    _, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)  # asserts the same keys and shapes
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(ours_cfg) - {"task_type", "target_modules", "inference_mode"}:
-        assert ours_cfg[key] == theirs_cfg[key], key
-    if isinstance(ours_cfg["target_modules"], list):
-        assert sorted(ours_cfg["target_modules"]) == sorted(theirs_cfg["target_modules"])
-    else:
-        assert ours_cfg["target_modules"] == theirs_cfg["target_modules"]
+    arch = PARITY.first_arch(case)
+    ours = peftlab.attach(ARCHS[arch](), PARITY.ours(case, arch))
+    check_same_file_as_peft(PARITY.peft_model(case, arch), ours, tmp_path)
+    _, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)
+    ours_targets, theirs_targets = ours_cfg["target_modules"], theirs_cfg["target_modules"]
+    if isinstance(ours_targets, list):  # PEFT keeps a list of names as a set
+        ours_targets, theirs_targets = sorted(ours_targets), sorted(theirs_targets)
+    assert ours_targets == theirs_targets
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trip(case):
-    config = our_config(case, CASES[case][2][0])
-    again = peftlab.config_from_dict(json.loads(config.to_json()))
-    assert again == config and type(again) is type(config)
-    theirs = peft.PeftConfig.from_peft_type(**config.to_dict())
-    assert theirs.peft_type == config.peft_type
+    check_config_round_trip(PARITY.ours(case, PARITY.first_arch(case)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_seed_gives_peft_s_initial_weights(case):
     """PEFT draws its random inits (GLoRA's Kaiming Xu, DEFT's N(0, 0.02) P) from the global generator in module
-    order, as we do, so the same seed gives the same tensors (DEFT's R follows from P and W0); LN tuning copies."""
-    peft_type, kwargs = settings(case, CASES[case][2][0])
-    arch = CASES[case][2][0]
-    base = ARCHS[arch]()
+    order, as we do, so the same seed gives the same tensors (DEFT's R follows from P and W0, within rounding of the
+    float32 products); LN tuning copies the norms."""
+    arch = PARITY.first_arch(case)
     torch.manual_seed(7)
-    pm = peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs))
+    theirs = PARITY.peft_model(case, arch)
     torch.manual_seed(7)
-    ours = peftlab.attach(ARCHS[arch](), our_config(case, arch))
-    theirs = peft.get_peft_model_state_dict(pm)
-    mine = {f"base_model.model.{k}": v for k, v in peftlab.core.state.adapter_tensors(ours, "default").items()}
-    assert mine.keys() == theirs.keys()
-    for key, value in theirs.items():
-        torch.testing.assert_close(mine[key], value, atol=1e-7, rtol=1e-6, msg=key)
+    ours = peftlab.attach(ARCHS[arch](), PARITY.ours(case, arch))
+    check_same_init_as_peft(theirs, ours, atol=1e-7, rtol=1e-6)
+    kwargs = CASES[case][1]
     if kwargs.get("init_weights", True) and not kwargs.get("para"):  # identity at init, as PEFT's
-        x = batch()
+        x, base = batch(), ARCHS[arch]()
         torch.testing.assert_close(logits(ours, x), logits(base, x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(logits(pm.eval(), x), logits(base, x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(theirs, x), logits(base, x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
+@pytest.mark.parametrize("case,arch", PARITY.pairs)
 def test_merged_weights_and_biases_match_peft(case, arch, tmp_path):
-    pm = peft_model(case, arch)
-    randomize_adapters(pm, seed=5)
-    pm.save_pretrained(tmp_path)
-    ours = ARCHS[arch]()
-    peftlab.load_adapter(ours, tmp_path)
-    x = batch()
-    expected = logits(pm, x)
-    theirs = pm.merge_and_unload().state_dict()
-    mine = peftlab.merge_and_unload(ours)
-    torch.testing.assert_close(logits(mine, x), expected, atol=1e-5, rtol=1e-4)
-    for key, value in mine.state_dict().items():
-        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=1e-5, msg=key)
+    check_merged_model_matches_peft(PARITY.peft_model(case, arch), ARCHS[arch], tmp_path)
 
 
 @pytest.mark.parametrize("case,arch", [("ln", "gpt2"), ("glora_vector", "neox"), ("deft_qr", "neox"),
                                        ("deft_para", "llama")])
 def test_unmerge_restores_weights_and_biases(case, arch):
-    model = peftlab.attach(ARCHS[arch](), our_config(case, arch))
+    model = peftlab.attach(ARCHS[arch](), PARITY.ours(case, arch))
     randomize_adapters(model, seed=2)  # also the targets' own biases where they train (bias="deft_only")
     before = {f"{name}.{part}": getattr(module.base_layer, part).detach().clone()
               for name, module in adapted_modules(model) for part in ("weight", "bias")
@@ -208,7 +168,7 @@ def test_ln_tuning_is_not_converted_or_served_as_a_lora():
 def test_inspect_groups_ln_tuning_tensors_under_each_norm(tmp_path):
     from peftlab.inspect import describe_adapter
 
-    peftlab.save_adapter(peftlab.attach(ARCHS["gpt2"](), our_config("ln", "gpt2")), tmp_path)
+    peftlab.save_adapter(peftlab.attach(ARCHS["gpt2"](), PARITY.ours("ln", "gpt2")), tmp_path)
     info = describe_adapter(tmp_path)
     assert info["adapted_modules"] == 5
     assert all(set(s) == {"ln_tuning_layers.weight", "ln_tuning_layers.bias"} for s in info["modules"].values())

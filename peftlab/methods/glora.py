@@ -14,6 +14,11 @@ zero, so the layer starts as the base; ``init_weights=False`` draws Xd and vecto
 N(0, 0.02). Mergeable: merge writes W' and b' (the bias term W0 C read from the weight before the merge); unmerge
 solves W0 = (W' - B) / (1 + A), b0 = (b' - E - W0 C) / (1 + D). PEFT adapts plain nn.Linear only; GPT-2's Conv1D is
 adapted here through its (out, in) view too.
+
+Several GLoRA adapters active on one module add their updates against the weight they find (W0 when none is merged),
+as PEFT's forward does. Core merges adapters one after another, so a second one's W ⊙ A reads the first's merged
+weight; PEFT instead re-merges all of them from W0. Merged together, two adapters therefore differ from their
+unmerged forward (and from PEFT) by W0 ⊙ A_1 ⊙ A_2 + B_1 ⊙ A_2; one merged adapter is exact.
 """
 from __future__ import annotations
 
