@@ -12,7 +12,7 @@ import peftlab
 from peftlab.core.inject import adapted_modules
 from peftlab.methods.ln_tuning import NORM_TARGETS
 from models import ARCHS as BASE_ARCHS
-from models import ParityCases, batch, check_config_round_trip, check_merged_model_matches_peft, \
+from models import ParityCases, batch, check_config_round_trip, check_merge_unmerge, check_merged_model_matches_peft, \
     check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, check_same_file_as_peft, \
     check_same_init_as_peft, logits, randomize_adapters, saved_pair
 
@@ -135,6 +135,21 @@ def test_unmerge_restores_weights_and_biases(case, arch):
                                            rtol=1e-5, msg=f"{name}.{part}")
     torch.testing.assert_close(logits(model, x), expected, atol=1e-5, rtol=1e-4)
 
+
+
+def test_two_active_deft_adapters_merge_to_their_composed_forward():
+    """Two DEFT adapters active at once compose (the second removes its subspace from the first's output), and
+    merging both, one after the other, gives that same output."""
+    model = ARCHS["neox"]()
+    for name, case in (("a", "deft"), ("b", "deft_qr")):
+        peftlab.attach(model, PARITY.ours(case, "neox").replace(deft_dropout=0.0, bias="none"), name=name)
+    peftlab.set_active(model, ["a", "b"])
+    randomize_adapters(model, seed=3)
+    x = batch()
+    expected = logits(model, x)
+    with peftlab.disabled(model):
+        assert not torch.allclose(logits(model, x), expected, atol=1e-3)
+    check_merge_unmerge(model, x, expected, atol=1e-5, rtol=1e-4)
 
 def test_ln_tuning_default_config_targets_every_norm_and_only_norms():
     for arch, make in BASE_ARCHS.items():

@@ -9,8 +9,12 @@ and the update is the pure removal -P_proj W0. The projection is computed in flo
 ``deft_P``, ``deft_R``. Init as PEFT: P ~ N(0, 0.02) (one draw per layer, in module order), then R = right^T W0 / s,
 so the adapted layer equals the base (``init_weights=False``: R ~ N(0, 0.02 init_scale), not the identity; PaRa is
 never the identity). The removal term acts on the output it is given minus the bias, i.e. on W0 x when DEFT is the
-module's first adapter (PEFT's reuse of the base product). Merging keeps right^T W0 (r, in) of the unmerged weight,
-so unmerge subtracts exactly what merge added although (I - P_proj) is not invertible.
+module's first adapter (PEFT's reuse of the base product). Merging keeps right^T W of the weight it merges into
+(r, in), so unmerge subtracts exactly what merge added although (I - P_proj) is not invertible.
+
+Several DEFT adapters active on one module compose: each removes its subspace from what the previous one gave, which
+is what core's merge one after another gives too. PEFT's forward instead sums their updates against W0 (its merge
+does the same), so with two or more active at once the outputs differ from PEFT's; one adapter is exact.
 """
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig
