@@ -232,7 +232,8 @@ def check_peftlab_file_loads_in_peft(make_base, config, folder, x=None) -> None:
 class ParityCases:
     """Parity cases against PEFT: ``cases`` maps a case name to (peft_type, settings, architectures, targets by
     architecture); the settings and the architecture's targets go to both libraries' config classes, and ``archs``
-    builds the models by architecture name. ``pairs`` is every (case, architecture) to parametrize over."""
+    builds the models by architecture name. ``pairs`` is every (case, architecture) to parametrize over. ``extra``
+    settings (a test's own, e.g. ``init_weights``) go to both config classes too."""
 
     def __init__(self, cases: dict, archs: dict, peft_configs: dict):
         self.cases, self.archs, self.peft_configs = cases, archs, peft_configs
@@ -241,20 +242,20 @@ class ParityCases:
     def first_arch(self, case: str) -> str:
         return self.cases[case][2][0]
 
-    def settings(self, case: str, arch: str) -> tuple[str, dict]:
+    def settings(self, case: str, arch: str, **extra) -> tuple[str, dict]:
         peft_type, kwargs, _, targets = self.cases[case]
-        return peft_type, dict(kwargs, target_modules=targets[arch])
+        return peft_type, dict(kwargs, target_modules=targets[arch], **extra)
 
-    def ours(self, case: str, arch: str):
+    def ours(self, case: str, arch: str, **extra):
         import peftlab
 
-        peft_type, kwargs = self.settings(case, arch)
+        peft_type, kwargs = self.settings(case, arch, **extra)
         return peftlab.lookup(peft_type).config(**kwargs)
 
-    def peft_model(self, case: str, arch: str):
+    def peft_model(self, case: str, arch: str, **extra):
         import peft
 
-        peft_type, kwargs = self.settings(case, arch)
+        peft_type, kwargs = self.settings(case, arch, **extra)
         return peft.get_peft_model(self.archs[arch](), self.peft_configs[peft_type](**kwargs)).eval()
 
 
@@ -315,36 +316,3 @@ def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.T
         model.zero_grad(set_to_none=True)
     return results
 
-
-
-class ParityCases:
-    """A parity test file's cases against PEFT: ``cases`` {name: (peft_type, settings, architectures)}, ``targets``
-    {architecture: target settings}, ``peft_configs`` {peft_type: PEFT's config class}. Settings are passed to both
-    libraries' config classes, with the architecture's targets and any ``extra``."""
-
-    def __init__(self, cases: dict, targets: dict, peft_configs: dict):
-        self.cases, self.targets, self.peft_configs = cases, targets, peft_configs
-        self.pairs = [(case, arch) for case, (_, _, archs) in cases.items() for arch in archs]
-
-    def settings(self, case, arch, **extra):
-        peft_type, kwargs, _ = self.cases[case]
-        return peft_type, dict(kwargs, **self.targets[arch], **extra)
-
-    def ours_config(self, case, arch, **extra):
-        import peftlab
-
-        peft_type, kwargs = self.settings(case, arch, **extra)
-        return peftlab.lookup(peft_type).config(**kwargs)
-
-    def peft_model(self, case, arch, **extra):
-        import peft
-
-        peft_type, kwargs = self.settings(case, arch, **extra)
-        return peft.get_peft_model(ARCHS[arch](), self.peft_configs[peft_type](**kwargs)).eval()
-
-    def ours_model(self, case, arch, **extra):
-        import peftlab
-
-        model = ARCHS[arch]()
-        peftlab.attach(model, self.ours_config(case, arch, **extra))
-        return model

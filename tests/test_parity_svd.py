@@ -19,34 +19,35 @@ import torch
 import peftlab
 from models import (
     ARCHS, ParityCases, batch, check_config_round_trip, check_peft_file_loads_in_peftlab,
-    check_peftlab_file_loads_in_peft, check_same_file_as_peft, logits, randomize_adapters, tiny_gpt2, tiny_llama,
-    tiny_neox,
+    check_peftlab_file_loads_in_peft, check_same_file_as_peft, check_same_init_as_peft, logits, randomize_adapters,
+    tiny_gpt2, tiny_llama, tiny_neox,
 )
 from peftlab.core.inject import adapter_layers
 from peftlab.methods.adamss import kmeans_labels
 
 TARGETS = {
-    "llama": dict(target_modules=["q_proj", "k_proj", "up_proj", "down_proj"]),
-    "neox": dict(target_modules=["query_key_value", "dense", "dense_4h_to_h"]),
+    "llama": ["q_proj", "k_proj", "up_proj", "down_proj"],
+    "neox": ["query_key_value", "dense", "dense_4h_to_h"],
 }
+BOTH, LLAMA = ["llama", "neox"], ["llama"]
 
-# (peft_type, settings, architectures): settings are passed to both libraries' config classes.
+# (peft_type, settings, architectures, targets): settings and targets go to both libraries' config classes.
 CASES = {
-    "psoft": ("PSOFT", dict(r=4), ["llama", "neox"]),
-    "psoft_pissa_lowrank": ("PSOFT", dict(r=6, ab_svd_init="pissa_init", psoft_svd="lowrank",
-                                          psoft_svd_lowrank_niter=3, random_seed=5, psoft_alpha=8), ["llama"]),
-    "psoft_free_no_mag_a": ("PSOFT", dict(r=4, psoft_orth=False, psoft_mag_a=False, psoft_alpha=16), ["llama", "neox"]),
+    "psoft": ("PSOFT", dict(r=4), BOTH, TARGETS),
+    "psoft_pissa_lowrank": ("PSOFT", dict(r=6, ab_svd_init="pissa_init", psoft_svd="lowrank", psoft_svd_lowrank_niter=3,
+                                          random_seed=5, psoft_alpha=8), LLAMA, TARGETS),
+    "psoft_free_no_mag_a": ("PSOFT", dict(r=4, psoft_orth=False, psoft_mag_a=False, psoft_alpha=16), BOTH, TARGETS),
     "psoft_neumann": ("PSOFT", dict(r=5, use_cayley_neumann=True, num_cayley_neumann_terms=6, cayley_neumann_eps=0.3,
-                                    psoft_mag_b=False, psoft_dropout=0.1), ["llama"]),
-    "osf": ("OSF", dict(), ["llama", "neox"]),
-    "osf_rank": ("OSF", dict(effective_rank=5), ["llama"]),
+                                    psoft_mag_b=False, psoft_dropout=0.1), LLAMA, TARGETS),
+    "osf": ("OSF", dict(), BOTH, TARGETS),
+    "osf_rank": ("OSF", dict(effective_rank=5), LLAMA, TARGETS),
     "osf_fraction_patterns": ("OSF", dict(effective_rank=0.25, rank_pattern={"up_proj": 3, r"layers\.1\..*q": 0.75,
-                                                                            "dense_4h": 30}), ["llama", "neox"]),
-    "adamss": ("ADAMSS", dict(r=8, num_subspaces=3), ["llama", "neox"]),
-    "adamss_rank2": ("ADAMSS", dict(r=12, num_subspaces=4, subspace_rank=2, random_seed=4), ["llama", "neox"]),
-    "adamss_dynamic": ("ADAMSS", dict(r=6, subspace_rank=3, use_dynamic_rank=True, svd_threshold=0.3), ["llama"]),
+                                                                            "dense_4h": 30}), BOTH, TARGETS),
+    "adamss": ("ADAMSS", dict(r=8, num_subspaces=3), BOTH, TARGETS),
+    "adamss_rank2": ("ADAMSS", dict(r=12, num_subspaces=4, subspace_rank=2, random_seed=4), BOTH, TARGETS),
+    "adamss_dynamic": ("ADAMSS", dict(r=6, subspace_rank=3, use_dynamic_rank=True, svd_threshold=0.3), LLAMA, TARGETS),
 }
-PARITY = ParityCases(CASES, TARGETS, {"PSOFT": peft.PsoftConfig, "OSF": peft.OSFConfig, "ADAMSS": peft.AdamssConfig})
+PARITY = ParityCases(CASES, ARCHS, {"PSOFT": peft.PsoftConfig, "OSF": peft.OSFConfig, "ADAMSS": peft.AdamssConfig})
 PAIRS = PARITY.pairs
 INIT_WEIGHTS = {"PSOFT": (True, False), "OSF": (True, False), "ADAMSS": ("orthogonal", None)}  # identity first
 
@@ -62,7 +63,13 @@ def peft_model(case, arch, **extra):
     return PARITY.peft_model(case, arch, **extra)
 
 
-ours_config, ours_model = PARITY.ours_config, PARITY.ours_model
+ours_config = PARITY.ours
+
+
+def ours_model(case, arch, **extra):
+    model = ARCHS[arch]()
+    peftlab.attach(model, ours_config(case, arch, **extra))
+    return model
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)
@@ -78,7 +85,7 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_keys_shapes_and_config_fields_as_peft(case, tmp_path):
-    arch = CASES[case][2][0]
+    arch = PARITY.first_arch(case)
     check_same_file_as_peft(peft_model(case, arch), ours_model(case, arch), tmp_path)
 
 
@@ -92,11 +99,7 @@ def test_same_seed_gives_peft_s_initial_adapter(case, arch, identity):
     theirs = peft_model(case, arch, init_weights=init_weights)
     torch.manual_seed(7)
     ours = ours_model(case, arch, init_weights=init_weights)
-    ours_state = peftlab.core.state.adapter_tensors(ours, "default")
-    theirs_state = peft.get_peft_model_state_dict(theirs)
-    assert {f"base_model.model.{k}" for k in ours_state} == set(theirs_state)
-    for key, value in ours_state.items():
-        assert torch.equal(value, theirs_state[f"base_model.model.{key}"]), key
+    check_same_init_as_peft(theirs, ours)
     x = batch()
     out = logits(ours, x)
     torch.testing.assert_close(out, logits(theirs, x), atol=1e-5, rtol=1e-4)
@@ -147,8 +150,8 @@ def test_osf_gradients_are_peft_s_projected_ones(case, arch):
 
 
 def test_osf_training_keeps_the_top_directions_and_unmerges():
-    """SGD steps (not Adam's, whose per-entry scaling leaves the projected subspace) leave W's projection onto the frozen top-k left directions as it was (PEFT's promise), and
-    unmerging (which PEFT lacks) restores the base."""
+    """SGD steps (not Adam's, whose per-entry scaling leaves the projected subspace) leave W's projection onto the
+    frozen top-k left directions as it was (PEFT's promise), and unmerging (which PEFT lacks) restores the base."""
     model = ours_model("osf_rank", "llama")
     layer = model.model.layers[0].self_attn.k_proj.adapters["default"]
     w0 = model.model.layers[0].self_attn.k_proj.base_layer.weight.detach().clone()
@@ -203,7 +206,7 @@ def test_gpt2_conv1d_works_here(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trip(case):
     needs_peft(case)
-    check_config_round_trip(ours_config(case, CASES[case][2][0]))
+    check_config_round_trip(ours_config(case, PARITY.first_arch(case)))
 
 
 @pytest.mark.parametrize("peft_type,kwargs,match", [
@@ -279,7 +282,8 @@ def with_biases(make):
     return build
 
 
-@pytest.mark.parametrize("make,targets", [(tiny_neox, ["query_key_value", "dense"]), (tiny_gpt2, ["c_attn", "mlp.c_proj"])])
+@pytest.mark.parametrize("make,targets", [(tiny_neox, ["query_key_value", "dense"]),
+                                          (tiny_gpt2, ["c_attn", "mlp.c_proj"])])
 def test_bias_is_updated_and_merged_and_conv1d_works(make, targets, tmp_path):
     """With biases, merging writes the bias column of the update into the bias; GPT-2's Conv1D (which PEFT does not
     adapt) works through the (out, in) view; saves load back bit for bit."""
