@@ -18,7 +18,8 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Methods whose only signal is attention to learned prompts add a nearly input-independent vector, which the
 # final RMSNorm and the random tiny model's small lm_head bound: PEFT's prompt tuning, P-tuning and LLaMA-Adapter
 # fall by the same ~0.03-0.04 here (tests/test_parity_input.py checks our training curves equal PEFT's).
-SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.02, "adaption_prompt": 0.02}
+SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.02, "adaption_prompt": 0.02,
+                   "multitask_prompt_tuning": 0.02}
 
 
 def make(variant, seed=0, name="default"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,10 @@ from peftlab.methods._prompt_common import (
     KVPrefix, PromptLearningConfig, VirtualTokens, embedding_dim, hooks, positive_int, prefix_shape, fill_from_vocabulary,
 )
 
-_PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
-
-
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
+    prompt_inits: ClassVar[tuple[str, ...]] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -44,8 +44,8 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.prompt_tuning_init not in _PROMPT_INITS:
-            raise ConfigError(f"prompt_tuning_init must be one of {_PROMPT_INITS}, got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init not in self.prompt_inits:
+            raise ConfigError(f"prompt_tuning_init must be one of {self.prompt_inits}, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
         if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":

@@ -1,0 +1,181 @@
+"""Multitask prompt tuning, CPT and Cartridges against HF PEFT (the oracle).
+
+Both checkpoint directions on logits and loss (with a left-padded row), generation, same seed -> same initial
+weights and training curve, keys / shapes / config fields, and bad input. PEFT returns logits for the virtual tokens
+too; peftlab drops them, so PEFT's ``logits[:, n:]`` are compared (Cartridges' prefix is in the KV cache: n = 0).
+"""
+import warnings
+
+import peft
+import pytest
+import torch
+
+import peftlab
+from models import ARCHS, batch, randomize_adapters, saved_pair
+from test_parity_input import greedy_by_recomputation, inputs
+
+MPT = dict(num_virtual_tokens=3, num_tasks=3, num_ranks=2)
+TASKS = torch.tensor([2, 0])  # one task per row of inputs()
+
+
+def mpt_peft(arch, **kwargs):
+    config = peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", **{**MPT, **kwargs})
+    return peft.get_peft_model(ARCHS[arch](), config).eval()
+
+
+def mpt_ours(arch, **kwargs):
+    model = ARCHS[arch]()
+    peftlab.attach(model, peftlab.MultitaskPromptTuningConfig(**{**MPT, **kwargs}))
+    return model
+
+
+def outputs(model, n=0, **call):
+    with torch.no_grad():
+        out = model(**inputs(), **call)
+    return out.logits[:, n:], out.loss
+
+
+def check_same(ours, theirs, n, **call):
+    logits, loss = outputs(ours, **call)
+    expected_logits, expected_loss = outputs(theirs, n, **call)
+    assert logits.shape == expected_logits.shape
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+# -- multitask prompt tuning ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("settings", [{}, dict(num_tasks=1, num_ranks=1)])
+def test_mpt_peft_checkpoint_loads_in_peftlab(arch, settings, tmp_path):
+    pm = mpt_peft(arch, **settings)
+    randomize_adapters(pm, seed=3, std=0.5)
+    pm.save_pretrained(tmp_path)
+    ours = ARCHS[arch]()
+    peftlab.load_adapter(ours, tmp_path)
+    tasks = TASKS % pm.peft_config["default"].num_tasks
+    assert not torch.allclose(outputs(ARCHS[arch]())[0], outputs(pm, 3, task_ids=tasks)[0], atol=1e-3)  # it acts
+    check_same(ours, pm, 3, task_ids=tasks)
+    if pm.peft_config["default"].num_tasks > 1:  # each row reads its own task's factors
+        other = outputs(ours, task_ids=tasks.flip(0))[0]
+        assert not torch.allclose(other, outputs(ours, task_ids=tasks)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mpt_peftlab_checkpoint_loads_in_peft(arch, tmp_path):
+    ours = mpt_ours(arch)
+    randomize_adapters(ours, seed=4, std=0.5)
+    peftlab.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path).eval()
+    check_same(ours, theirs, 3, task_ids=TASKS)
+
+
+def test_mpt_same_keys_shapes_and_config_fields_as_peft(tmp_path):
+    mpt_peft("llama").save_pretrained(tmp_path / "peft")
+    peftlab.save_adapter(mpt_ours("llama"), tmp_path / "ours")
+    ours_w, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)
+    assert set(ours_w) == {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
+    assert ours_w["prefix_task_cols"].shape == (3, 3, 2) and ours_w["prefix_task_rows"].shape == (3, 2, 32)
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
+    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
+    for key in set(ours_cfg) - resolved:
+        assert ours_cfg[key] == theirs_cfg[key], key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
+
+
+def train_tasks(model, steps=6, lr=0.05):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    x, tasks, losses = batch(7, b=4, t=12), torch.tensor([0, 1, 2, 1]), []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x, task_ids=tasks).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
+def test_mpt_same_seed_gives_peft_initial_weights_and_training_curve(init):
+    torch.manual_seed(5)
+    pm = mpt_peft("llama", prompt_tuning_init=init)
+    torch.manual_seed(5)
+    ours = mpt_ours("llama", prompt_tuning_init=init)
+    encoder, tensors = pm.prompt_encoder["default"], peftlab.core.state.adapter_tensors(ours, "default")
+    assert torch.equal(tensors["prompt_embeddings"], encoder.embedding.weight)
+    assert torch.equal(tensors["prefix_task_cols"], encoder.prefix_task_cols)
+    assert torch.equal(tensors["prefix_task_rows"], encoder.prefix_task_rows)
+    theirs = train_tasks(pm)
+    assert theirs[-1] < theirs[0]
+    torch.testing.assert_close(train_tasks(ours), theirs, atol=2e-5, rtol=0)
+
+
+def test_mpt_generation_with_call_inputs_matches_peft(tmp_path):
+    ours = mpt_ours("llama")
+    randomize_adapters(ours, seed=5, std=1.0)
+    peftlab.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
+    x = batch(6, b=2, t=5)
+
+    class WithTasks(torch.nn.Module):  # PEFT's forward with the task ids, for the recomputation loop
+        def forward(self, **kw):
+            return theirs(**kw, task_ids=TASKS)
+
+    expected_sequences, expected_scores = greedy_by_recomputation(WithTasks(), x, 6)
+    with peftlab.call_inputs(ours, task_ids=TASKS):
+        got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected_sequences)
+    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
+    with pytest.raises(peftlab.AdapterError, match="task_ids"):  # the block is over: 3 tasks need ids
+        ours(input_ids=x)
+
+
+@pytest.mark.parametrize("init", ["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"])
+def test_mpt_source_task_inits_match_peft(init, tmp_path):
+    source = mpt_peft("llama")
+    randomize_adapters(source, seed=6, std=0.5)
+    source.save_pretrained(tmp_path)
+    target = dict(num_tasks=1, prompt_tuning_init=init, prompt_tuning_init_task=2,
+                  prompt_tuning_init_state_dict_path=str(tmp_path / "adapter_model.safetensors"))
+    torch.manual_seed(0)
+    pm = mpt_peft("llama", **target)
+    torch.manual_seed(0)
+    ours = mpt_ours("llama", **target)
+    encoder, tensors = pm.prompt_encoder["default"], peftlab.core.state.adapter_tensors(ours, "default")
+    assert torch.equal(tensors["prompt_embeddings"], encoder.embedding.weight)
+    assert torch.equal(tensors["prefix_task_cols"], encoder.prefix_task_cols)
+    assert torch.equal(tensors["prefix_task_rows"], encoder.prefix_task_rows)
+    check_same(ours, pm, 3, task_ids=torch.zeros(2, dtype=torch.long))
+
+
+def test_mpt_bad_input(tmp_path):
+    make = peftlab.MultitaskPromptTuningConfig
+    for field, value in [("num_tasks", 0), ("num_ranks", -1), ("prompt_tuning_init", "NOPE")]:
+        with pytest.raises(peftlab.ConfigError, match=field):
+            make(**{field: value})
+    with pytest.raises(peftlab.ConfigError, match="prompt_tuning_init_state_dict_path"):
+        make(prompt_tuning_init="AVERAGE_SOURCE_TASKS")
+    with pytest.raises(peftlab.ConfigError, match="prompt_tuning_init_state_dict_path"):
+        make(prompt_tuning_init="EXACT_SOURCE_TASK", prompt_tuning_init_state_dict_path="source.bin")
+    source = mpt_peft("llama")
+    source.save_pretrained(tmp_path)
+    path = str(tmp_path / "adapter_model.safetensors")
+    with pytest.raises(peftlab.ConfigError, match="num_tasks"):  # the average has 1 task, not 3
+        mpt_ours("llama", prompt_tuning_init="AVERAGE_SOURCE_TASKS", prompt_tuning_init_state_dict_path=path)
+    ours = mpt_ours("llama")
+    x = batch(0)
+    with pytest.raises(peftlab.AdapterError, match="task_ids"):
+        ours(input_ids=x)
+    with pytest.raises(peftlab.AdapterError, match=r"\[0, 3\)"):
+        ours(input_ids=x, task_ids=torch.tensor([0, 3]))
+    with pytest.raises(peftlab.AdapterError, match="batch"):
+        ours(input_ids=x, task_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(peftlab.AdapterError, match="reads"):
+        with peftlab.call_inputs(ours, task_id=1):
+            pass
+    with peftlab.disabled(ours):  # the ids of a disabled adapter never reach the base model
+        torch.testing.assert_close(ours(input_ids=x, task_ids=TASKS).logits, ARCHS["llama"]()(input_ids=x).logits)
