@@ -179,3 +179,115 @@ def test_mpt_bad_input(tmp_path):
             pass
     with peftlab.disabled(ours):  # the ids of a disabled adapter never reach the base model
         torch.testing.assert_close(ours(input_ids=x, task_ids=TASKS).logits, ARCHS["llama"]()(input_ids=x).logits)
+
+
+# -- Cartridges ----------------------------------------------------------------------------------
+CARTRIDGE = dict(num_virtual_tokens=4)
+
+
+def cartridge_peft(arch, **kwargs):
+    config = peft.CartridgeConfig(task_type="CAUSAL_LM", **{**CARTRIDGE, **kwargs})
+    return peft.get_peft_model(ARCHS[arch](), config).eval()
+
+
+def cartridge_ours(arch, **kwargs):
+    model = ARCHS[arch]()
+    peftlab.attach(model, peftlab.CartridgeConfig(**{**CARTRIDGE, **kwargs}))
+    return model
+
+
+def randomize_all(model, seed):
+    """Random values in the frozen rows too (randomize_adapters moves only trainable parameters)."""
+    randomize_adapters(model, seed=seed, std=0.5)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "frozen_embedding" in name:
+                t.add_(torch.randn(t.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("arch,settings", [("llama", {}), ("gpt2", {}), ("neox", dict(num_frozen_tokens=0)),
+                                           ("qwen2", dict(num_frozen_tokens=3))])
+def test_cartridge_peft_checkpoint_loads_in_peftlab(arch, settings, tmp_path):
+    pm = cartridge_peft(arch, **settings)
+    randomize_all(pm, 3)
+    pm.save_pretrained(tmp_path)
+    ours = ARCHS[arch]()
+    peftlab.load_adapter(ours, tmp_path)
+    assert not torch.allclose(outputs(ARCHS[arch]())[0], outputs(pm)[0], atol=1e-3)  # it acts
+    check_same(ours, pm, 0)
+
+
+@pytest.mark.parametrize("arch,settings", [("llama", {}), ("gpt2", dict(num_frozen_tokens=2))])
+def test_cartridge_peftlab_checkpoint_loads_in_peft(arch, settings, tmp_path):
+    ours = cartridge_ours(arch, **settings)
+    randomize_all(ours, 4)
+    peftlab.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path).eval()
+    check_same(ours, theirs, 0)
+
+
+def test_cartridge_same_keys_shapes_and_config_fields_as_peft(tmp_path):
+    cartridge_peft("llama", num_frozen_tokens=2).save_pretrained(tmp_path / "peft")
+    peftlab.save_adapter(cartridge_ours("llama", num_frozen_tokens=2), tmp_path / "ours")
+    ours_w, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)
+    assert {k: tuple(v.shape) for k, v in ours_w.items()} == {"prompt_embeddings": (4, 2 * 2 * 2 * 8)}
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
+    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
+    for key in set(ours_cfg) - resolved:
+        assert ours_cfg[key] == theirs_cfg[key], key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
+
+
+def train_plain(model, steps=6, lr=0.05):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    x, losses = batch(7, b=4, t=12), []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_cartridge_same_seed_gives_peft_weights_training_curve_and_frozen_rows():
+    torch.manual_seed(5)
+    pm = cartridge_peft("llama", num_frozen_tokens=2)
+    torch.manual_seed(5)
+    ours = cartridge_ours("llama", num_frozen_tokens=2)
+    encoder = pm.prompt_encoder["default"]
+    tensors = peftlab.core.state.checkpoint_tensors(ours, "default")
+    assert torch.equal(tensors["frozen_embedding"], encoder.frozen_embedding)
+    assert torch.equal(tensors["trainable_embedding"], encoder.trainable_embedding)
+    frozen = tensors["frozen_embedding"].clone()
+    theirs = train_plain(pm)
+    assert theirs[-1] < theirs[0]
+    torch.testing.assert_close(train_plain(ours), theirs, atol=2e-5, rtol=0)
+    assert torch.equal(tensors["frozen_embedding"], frozen) and torch.equal(encoder.frozen_embedding, frozen)
+    torch.testing.assert_close(tensors["trainable_embedding"], encoder.trainable_embedding, atol=1e-5, rtol=0)
+
+
+def test_cartridge_generation_matches_peft(tmp_path):
+    ours = cartridge_ours("llama")
+    randomize_all(ours, 5)
+    peftlab.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
+    x = batch(6, b=2, t=5)
+    expected_sequences, expected_scores = greedy_by_recomputation(theirs, x, 6)
+    got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                        pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected_sequences)
+    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
+
+
+def test_cartridge_bad_input():
+    for settings in (dict(num_frozen_tokens=-1), dict(num_frozen_tokens=5), dict(num_frozen_tokens=1.5)):
+        with pytest.raises(peftlab.ConfigError, match="num_frozen_tokens"):
+            peftlab.CartridgeConfig(**{**CARTRIDGE, **settings})
+    with pytest.raises(peftlab.ConfigError, match="num_attention_heads"):  # Llama's KV heads are 2
+        cartridge_ours("llama", num_attention_heads=4)
