@@ -53,8 +53,8 @@ class HookedAdapter(nn.Module):
     by keyword to ``virtual_tokens`` / ``write_prefix`` / ``relabel`` / ``loss``; values set for a block with
     ``call_inputs(model, ...)`` fill those a call does not pass (``generate()`` refuses unknown keywords).
     ``relabel(labels)``: (labels of this adapter's virtual tokens, the caller's labels), by default -100 and the
-    labels unchanged. ``loss(logits, labels)`` over the full sequence (virtual tokens included): if not None, it
-    replaces the model's loss (CPT's weighted loss).
+    labels unchanged. ``loss(logits, labels, length)`` over the full sequence (virtual tokens included; ``length``
+    of them the caller's): if not None, it replaces the model's loss (CPT's weighted loss).
     """
 
     num_virtual_tokens: int = 0
@@ -81,7 +81,7 @@ class HookedAdapter(nn.Module):
     def relabel(self, labels: torch.Tensor, **call) -> tuple[torch.Tensor, torch.Tensor]:
         return labels.new_full((labels.shape[0], self.num_virtual_tokens), -100), labels
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **call) -> torch.Tensor | None:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, length: int, **call) -> torch.Tensor | None:
         return None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -95,10 +95,13 @@ class HookMethod:
     refuses every input-side method (core/merge.py), so there is no merge surface here."""
 
     def __init__(self, build: Callable[[nn.Module, AdapterConfig], HookedAdapter], identity_at_init: bool = False,
-                 top_level_keys: tuple[str, ...] = ()):
+                 top_level_keys: tuple[str, ...] = (), folds_when_saving: bool = False):
         self.build = build
         self.identity_at_init = identity_at_init
         self.top_level_keys = top_level_keys
+        # the file holds a folded form of the live tensors (the method's to_file: CPT's E + proj(D)), so a loaded
+        # adapter is the same function in another parametrisation: compare the files, not the live tensors
+        self.folds_when_saving = folds_when_saving
 
     def attach(self, model: nn.Module, config: AdapterConfig, name: str) -> None:
         ref = _reference_parameter(model)
@@ -139,7 +142,8 @@ def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
         setattr(model, CONTAINER, container)
         container.__dict__["model_handles"] = [
             model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-            model.register_forward_hook(_after_forward, with_kwargs=True),
+            # first among forward hooks: a method's own loss (CPT) is in place before core adds regularisers
+            model.register_forward_hook(_after_forward, with_kwargs=True, prepend=True),
         ]
     return container
 
@@ -304,7 +308,7 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
         return output
     logits = getattr(output, "logits", None)
     for adapter, call in pending["loss"] or ():
-        loss = adapter.loss(logits, pending["labels"], **call)
+        loss = adapter.loss(logits, pending["labels"], length, **call)
         if loss is not None:
             output.loss = loss
     if logits is not None and logits.shape[1] > length:

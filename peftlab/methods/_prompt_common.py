@@ -165,5 +165,6 @@ def fill_from_vocabulary(table: torch.Tensor, model: nn.Module, config) -> None:
     table.copy_(embeddings(prompt_init_ids(model, config).to(embeddings.weight.device)).float())
 
 
-def hooks(build, top_level_keys: tuple[str, ...] = TOP_LEVEL) -> HookMethod:
-    return HookMethod(build, identity_at_init=False, top_level_keys=top_level_keys)
+def hooks(build, top_level_keys: tuple[str, ...] = TOP_LEVEL, folds_when_saving: bool = False) -> HookMethod:
+    return HookMethod(build, identity_at_init=False, top_level_keys=top_level_keys,
+                      folds_when_saving=folds_when_saving)
