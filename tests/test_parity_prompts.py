@@ -18,6 +18,10 @@ MPT = dict(num_virtual_tokens=3, num_tasks=3, num_ranks=2)
 TASKS = torch.tensor([2, 0])  # one task per row of inputs()
 
 
+def task_call():
+    return dict(task_ids=torch.tensor([0, 1, 2, 1]))
+
+
 def mpt_peft(arch, **kwargs):
     config = peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", **{**MPT, **kwargs})
     return peft.get_peft_model(ARCHS[arch](), config).eval()
@@ -41,6 +45,45 @@ def check_same(ours, theirs, n, **call):
     assert logits.shape == expected_logits.shape
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+def check_files_agree(tmp_path, weights):
+    """PEFT's and peftlab's saves under tmp_path: ``weights(ours, theirs)`` checks the tensors; the same config
+    fields with equal values (but the model dimensions PEFT writes at attach), and each library reads the other's."""
+    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
+    weights(ours_w, theirs_w)
+    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
+    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
+    for key in set(ours_cfg) - resolved:
+        assert ours_cfg[key] == theirs_cfg[key], key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
+
+
+def train(model, x, call=dict, steps=6, lr=0.05):
+    """Losses of ``steps`` AdamW steps on ``x``; ``call()`` gives each call's extra arguments (fresh tensors)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x, **call()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def check_generation(ours, reference):
+    """peftlab's cached greedy generate() against ``reference`` (PEFT's forward) in a recomputing greedy loop."""
+    x = batch(6, b=2, t=5)
+    expected_sequences, expected_scores = greedy_by_recomputation(reference, x, 6)
+    got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                        pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected_sequences)
+    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
 
 
 # -- multitask prompt tuning ---------------------------------------------------------------------
@@ -72,30 +115,12 @@ def test_mpt_peftlab_checkpoint_loads_in_peft(arch, tmp_path):
 def test_mpt_same_keys_shapes_and_config_fields_as_peft(tmp_path):
     mpt_peft("llama").save_pretrained(tmp_path / "peft")
     peftlab.save_adapter(mpt_ours("llama"), tmp_path / "ours")
-    ours_w, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    assert set(ours_w) == {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
-    assert ours_w["prefix_task_cols"].shape == (3, 3, 2) and ours_w["prefix_task_rows"].shape == (3, 2, 32)
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
-    for key in set(ours_cfg) - resolved:
-        assert ours_cfg[key] == theirs_cfg[key], key
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        peft.PeftConfig.from_pretrained(tmp_path / "ours")
-    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
 
+    def weights(ours, _):
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {
+            "prompt_embeddings": (3, 32), "prefix_task_cols": (3, 3, 2), "prefix_task_rows": (3, 2, 32)}
 
-def train_tasks(model, steps=6, lr=0.05):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, tasks, losses = batch(7, b=4, t=12), torch.tensor([0, 1, 2, 1]), []
-    for _ in range(steps):
-        loss = model(input_ids=x, labels=x, task_ids=tasks).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    check_files_agree(tmp_path, weights)
 
 
 @pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
@@ -108,9 +133,9 @@ def test_mpt_same_seed_gives_peft_initial_weights_and_training_curve(init):
     assert torch.equal(tensors["prompt_embeddings"], encoder.embedding.weight)
     assert torch.equal(tensors["prefix_task_cols"], encoder.prefix_task_cols)
     assert torch.equal(tensors["prefix_task_rows"], encoder.prefix_task_rows)
-    theirs = train_tasks(pm)
+    theirs = train(pm, batch(7, b=4, t=12), task_call)
     assert theirs[-1] < theirs[0]
-    torch.testing.assert_close(train_tasks(ours), theirs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(train(ours, batch(7, b=4, t=12), task_call), theirs, atol=2e-5, rtol=0)
 
 
 def test_mpt_generation_with_call_inputs_matches_peft(tmp_path):
@@ -118,20 +143,15 @@ def test_mpt_generation_with_call_inputs_matches_peft(tmp_path):
     randomize_adapters(ours, seed=5, std=1.0)
     peftlab.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
-    x = batch(6, b=2, t=5)
 
     class WithTasks(torch.nn.Module):  # PEFT's forward with the task ids, for the recomputation loop
         def forward(self, **kw):
             return theirs(**kw, task_ids=TASKS)
 
-    expected_sequences, expected_scores = greedy_by_recomputation(WithTasks(), x, 6)
     with peftlab.call_inputs(ours, task_ids=TASKS):
-        got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
-                            pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(got.sequences, expected_sequences)
-    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
+        check_generation(ours, WithTasks())
     with pytest.raises(peftlab.AdapterError, match="task_ids"):  # the block is over: 3 tasks need ids
-        ours(input_ids=x)
+        ours(input_ids=batch(6))
 
 
 @pytest.mark.parametrize("init", ["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"])
@@ -230,29 +250,11 @@ def test_cartridge_peftlab_checkpoint_loads_in_peft(arch, settings, tmp_path):
 def test_cartridge_same_keys_shapes_and_config_fields_as_peft(tmp_path):
     cartridge_peft("llama", num_frozen_tokens=2).save_pretrained(tmp_path / "peft")
     peftlab.save_adapter(cartridge_ours("llama", num_frozen_tokens=2), tmp_path / "ours")
-    ours_w, _, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    assert {k: tuple(v.shape) for k, v in ours_w.items()} == {"prompt_embeddings": (4, 2 * 2 * 2 * 8)}
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
-    for key in set(ours_cfg) - resolved:
-        assert ours_cfg[key] == theirs_cfg[key], key
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        peft.PeftConfig.from_pretrained(tmp_path / "ours")
-    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
 
+    def weights(ours, _):
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {"prompt_embeddings": (4, 2 * 2 * 2 * 8)}
 
-def train_plain(model, steps=6, lr=0.05):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, losses = batch(7, b=4, t=12), []
-    for _ in range(steps):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    check_files_agree(tmp_path, weights)
 
 
 def test_cartridge_same_seed_gives_peft_weights_training_curve_and_frozen_rows():
@@ -265,9 +267,9 @@ def test_cartridge_same_seed_gives_peft_weights_training_curve_and_frozen_rows()
     assert torch.equal(tensors["frozen_embedding"], encoder.frozen_embedding)
     assert torch.equal(tensors["trainable_embedding"], encoder.trainable_embedding)
     frozen = tensors["frozen_embedding"].clone()
-    theirs = train_plain(pm)
+    theirs = train(pm, batch(7, b=4, t=12))
     assert theirs[-1] < theirs[0]
-    torch.testing.assert_close(train_plain(ours), theirs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(train(ours, batch(7, b=4, t=12)), theirs, atol=2e-5, rtol=0)
     assert torch.equal(tensors["frozen_embedding"], frozen) and torch.equal(encoder.frozen_embedding, frozen)
     torch.testing.assert_close(tensors["trainable_embedding"], encoder.trainable_embedding, atol=1e-5, rtol=0)
 
@@ -277,12 +279,7 @@ def test_cartridge_generation_matches_peft(tmp_path):
     randomize_all(ours, 5)
     peftlab.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
-    x = batch(6, b=2, t=5)
-    expected_sequences, expected_scores = greedy_by_recomputation(theirs, x, 6)
-    got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
-                        pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(got.sequences, expected_sequences)
-    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
+    check_generation(ours, theirs)
 
 
 def test_cartridge_bad_input():
@@ -348,30 +345,12 @@ def test_cpt_peftlab_checkpoint_loads_in_peft(arch, settings, tmp_path):
 def test_cpt_same_keys_shapes_and_config_fields_as_peft(settings, tmp_path):
     cpt_peft("llama", settings).save_pretrained(tmp_path / "peft")
     peftlab.save_adapter(cpt_ours("llama", settings), tmp_path / "ours")
-    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    assert set(ours_w) == {"prompt_embeddings"}
-    torch.testing.assert_close(ours_w["prompt_embeddings"], theirs_w["prompt_embeddings"])  # the examples' embeddings
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
-    for key in set(ours_cfg) - resolved:
-        assert ours_cfg[key] == theirs_cfg[key], key
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        peft.PeftConfig.from_pretrained(tmp_path / "ours")
-    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
 
+    def weights(ours, theirs):
+        assert set(ours) == {"prompt_embeddings"}
+        torch.testing.assert_close(ours["prompt_embeddings"], theirs["prompt_embeddings"])  # the examples' embeddings
 
-def train_cpt(model, steps=6, lr=0.05):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, losses = batch(7, b=2, t=9), []
-    for _ in range(steps):
-        loss = model(input_ids=x, labels=x, **cpt_call()).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    check_files_agree(tmp_path, weights)
 
 
 @pytest.mark.parametrize("settings", [CPT, CPT_DECAY])
@@ -379,9 +358,9 @@ def test_cpt_training_curve_projection_and_masked_rows_match_peft(settings):
     """Same initial prompt (the examples' embeddings), then the same losses and the same change D step by step:
     the projection into each row's ball, the gradient mask (label rows never change) and the weighted loss."""
     pm, ours = cpt_peft("llama", settings), cpt_ours("llama", settings)
-    theirs = train_cpt(pm)
+    theirs = train(pm, batch(7, b=2, t=9), cpt_call)
     assert theirs[-1] < theirs[0]
-    torch.testing.assert_close(train_cpt(ours), theirs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(train(ours, batch(7, b=2, t=9), cpt_call), theirs, atol=2e-5, rtol=0)
     delta = peftlab.core.state.checkpoint_tensors(ours, "default")["cpt_delta"]
     expected = pm.prompt_encoder["default"].delta_embedding.weight
     torch.testing.assert_close(delta, expected, atol=1e-6, rtol=0)
@@ -393,12 +372,7 @@ def test_cpt_generation_matches_peft(tmp_path):
     randomize_adapters(ours, seed=5, std=1.0)
     peftlab.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
-    x = batch(6, b=2, t=5)
-    expected_sequences, expected_scores = greedy_by_recomputation(theirs, x, 6)
-    got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
-                        pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(got.sequences, expected_sequences)
-    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
+    check_generation(ours, theirs)
 
 
 def test_cpt_bad_input():

@@ -224,5 +224,5 @@ def default_config(target_modules=None, r: int = 8) -> CPTConfig:
 
 
 # the change of each row is held within eps ~ 0.1 * sqrt(d / 2048): steps far above LoRA's are cut back anyway
-register("CPT", CPTConfig, kind="input", input_hooks=hooks(build, top_level_keys=_LIVE, folds_when_saving=True), lr_scale=10.0,
-         to_file=to_file, from_file=from_file, default_config=default_config)
+register("CPT", CPTConfig, kind="input", input_hooks=hooks(build, top_level_keys=_LIVE, folds_when_saving=True),
+         lr_scale=10.0, to_file=to_file, from_file=from_file, default_config=default_config)

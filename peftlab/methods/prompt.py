@@ -30,7 +30,8 @@ from torch import nn
 from peftlab.core.config import ConfigError
 from peftlab.core.registry import register, register_variant
 from peftlab.methods._prompt_common import (
-    KVPrefix, PromptLearningConfig, VirtualTokens, embedding_dim, hooks, positive_int, prefix_shape, fill_from_vocabulary,
+    KVPrefix, PromptLearningConfig, VirtualTokens, embedding_dim, fill_from_vocabulary, hooks, positive_int,
+    prefix_shape,
 )
 
 @dataclass
