@@ -391,3 +391,15 @@ def test_cpt_bad_input():
     ours = cpt_ours("llama", CPT)
     with pytest.raises(peftlab.AdapterError, match="input_type_mask"):
         ours(**inputs(), input_type_mask=QUERY_TYPES[:, :3])
+
+
+def test_cpt_refuses_the_fused_loss():
+    """The fused cross-entropy computes the loss outside the forward: it would skip CPT's labels and weights."""
+    from peftlab.train.fused_loss import check_fused_ce
+
+    ours = cpt_ours("llama", CPT)
+    with pytest.raises(peftlab.ConfigError, match="fused_ce.*own labels or loss"):
+        check_fused_ce(ours)
+    with peftlab.disabled(ours):
+        check_fused_ce(ours)
+    check_fused_ce(mpt_ours("llama"))

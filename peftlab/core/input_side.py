@@ -134,6 +134,14 @@ class HookMethod:
         return hooked(model)[name].state_tensors()
 
 
+def own_loss_adapters(model: nn.Module) -> list[str]:
+    """Active input-side adapters that set their own labels or loss (``relabel`` / ``loss`` overridden: CPT): a loss
+    computed outside the model's forward (the fused cross-entropy) would not be theirs."""
+    container = hooked(model)
+    return [name for name, a in (container.items() if container is not None else ()) if a.active and (
+        type(a).relabel is not HookedAdapter.relabel or type(a).loss is not HookedAdapter.loss)]
+
+
 def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
     """The per-model container of hook-based adapters (made, with the model-level hooks, on first use)."""
     container = model._modules.get(CONTAINER)
@@ -319,4 +327,4 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
-__all__ = ["HookedAdapter", "HookMethod", "call_inputs", "hooked", "text_config", "CONTAINER"]
+__all__ = ["HookedAdapter", "HookMethod", "call_inputs", "hooked", "own_loss_adapters", "text_config", "CONTAINER"]

@@ -16,6 +16,10 @@ mean cross-entropy over kept tokens, the k-th last label group weighted by ``opt
 with ``peftlab.call_inputs(model, input_type_mask=types)``). ``cpt_mask`` is kept in the config as PEFT keeps it
 (PEFT reads it nowhere).
 
+One deliberate difference: a row whose norm is within a relative 1e-6 of its eps is not scaled again (PEFT scales
+it by ~1 - 1e-7), so projecting is idempotent and a saved prompt reloads bit for bit. The loss is the model's
+forward's, so the fused cross-entropy (``fused_ce``) refuses CPT.
+
 Saved key (top level, as PEFT): ``prompt_embeddings`` (n, d) = E + proj(D). Loading puts it in E, with D = 0.
 """
 from __future__ import annotations

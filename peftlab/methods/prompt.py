@@ -16,6 +16,7 @@ model-level hook of ``peftlab.core.input_side`` (virtual tokens / KV prefix, mas
 Checkpoints hold PEFT's single top-level ``prompt_embeddings``: the table itself, and for the
 reparameterised forms the table the encoder computes (folded when saving; the encoder is not saved).
 A saved config has ``inference_mode=True``, so loading builds the plain table, as PEFT does.
+The config base, model dimensions and tables shared with the other prompt methods are in ``_prompt_common.py``.
 """
 from __future__ import annotations
 
