@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import peftlab
-from models import ARCHS, batch, randomize_adapters, saved_pair
+from models import ARCHS, batch, check_config_round_trip, randomize_adapters, saved_pair
 from test_parity_input import greedy_by_recomputation, inputs
 
 MPT = dict(num_virtual_tokens=3, num_tasks=3, num_ranks=2)
@@ -403,3 +403,11 @@ def test_cpt_refuses_the_fused_loss():
     with peftlab.disabled(ours):
         check_fused_ce(ours)
     check_fused_ce(mpt_ours("llama"))
+
+
+@pytest.mark.parametrize("config", [
+    peftlab.MultitaskPromptTuningConfig(**MPT, prompt_tuning_init="SAMPLE_VOCAB"),
+    peftlab.CPTConfig(**CPT_DECAY), peftlab.CartridgeConfig(num_virtual_tokens=5, num_frozen_tokens=2)],
+    ids=["mpt", "cpt", "cartridge"])
+def test_config_round_trip(config):
+    check_config_round_trip(config)
