@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepared in the fourteenth session (2026-12-05, no GPU lent), not yet run: the PEFT methods added that session,
+# step time and peak memory against PEFT's own implementation on the 1B shape (B4 x 1024, r16 all linear), one
+# process per row, peftlab as the trainer runs it on CUDA (compiled layers). Three H200 calls of <= ~9.5 min, nothing
+# carried. Methods whose PEFT side cannot run are recorded by train_step.py with the reason.
+#   OUT=... bench/gpu/new_methods.sh a   # fourierft c3a vblora randlora delora road
+#   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
+#   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
+set -x
+PART=${1:?usage: bench/gpu/new_methods.sh a|b|c}
+OUT=${OUT:-/tmp/new-methods}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+case "$PART" in
+  a) METHODS=fourierft,c3a,vblora,randlora,delora,road ;;
+  b) METHODS=gralora,miss,shira,hira,glora,deft ;;
+  c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
+  *) echo "unknown part $PART (a, b or c)"; exit 2 ;;
+esac
+timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
+  --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 --out "$OUT/new_$PART.json" > "$OUT/new_$PART.log" 2>&1
+grep -E '^\[|rror|kip' "$OUT/new_$PART.log" | tail -40
+exit 0
