@@ -153,6 +153,7 @@ class TinyLoraLayer(AdapterLayer):
 
 
 # default_config: the given r as the SVD rank (PEFT's default is 2) and PEFT's u = 64 coefficients per target.
-# lr_scale: like VeRA, a few coefficients over frozen random directions
+# lr_scale: like VeRA, a few coefficients over frozen random directions (tiny Llama, 20 steps: loss falls 0.05 at
+# LoRA's rate, 0.09 at 10x, no further at 30x or 100x: the u coefficients, not the steps, bound it)
 register("TINYLORA", TinyLoraConfig, TinyLoraLayer, make_shared=TinyLoraVectors, lr_scale=10.0,
          default_config=lambda target_modules, r=8: TinyLoraConfig(r=r, target_modules=target_modules))

@@ -147,6 +147,7 @@ class UniLoraLayer(AdapterLayer):
 
 
 # lr_scale: A and B are entries of one vector drawn within +-0.02 and scaled down by 1 / sqrt(uses), so their product
-# starts near zero and LoRA-sized steps barely move it (as VB-LoRA's bank)
+# starts near zero and LoRA-sized steps barely move it, as VB-LoRA's bank (tiny Llama, 20 steps: loss falls 0.05 at
+# LoRA's rate, 0.14 at 10x)
 register("UNILORA", UniLoraConfig, UniLoraLayer, make_shared=UniLoraVector, lr_scale=10.0,
          default_config=lambda target_modules, r=8: UniLoraConfig(r=r, target_modules=target_modules))
