@@ -6,9 +6,10 @@
     h = W0 x + Λ_b B z                                B: (out, r), Λ_b = diag(pvera_lambda_b), (out,)
 
 A: (2r, in_max) and B: (out_max, r) are shared by every adapted layer of the adapter, frozen, and drawn as PEFT draws
-them (``_seeded.KaimingProjections``, as VeRA's with twice A's rows, so A's first r rows are VeRA's A for the same key):
-the first r rows of A give the mean, the last r the log-variance. Merging folds the mean only, ΔW = Λ_b B Λ_d[:r] A[:r] (as PEFT; it is the expected update, and
-equals the eval forward without ``sample_at_inference``). ``pvera_lambda_b`` starts at 0 (identity at init, sampled
+them (``_seeded.KaimingProjections``, as VeRA's with twice A's rows, so A's first r rows are VeRA's A for the same
+key): the first r rows of A give the mean, the last r the log-variance. Merging folds the mean only,
+ΔW = Λ_b B Λ_d[:r] A[:r] (as PEFT; it is the expected update, and equals the eval forward without
+``sample_at_inference``). ``pvera_lambda_b`` starts at 0 (identity at init, sampled
 or not), ``pvera_lambda_d`` at ``d_initial``. eps is drawn from the global RNG on the input's device, or with
 ``generator_seed`` from a CPU generator of each layer seeded with it (as PEFT: every layer's starts at the seed).
 

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
 from peftlab.core.registry import register
+from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, projection_generator
 from peftlab.methods.lora_init import principal_factors
 from peftlab.methods.oft import check_bias, check_dropout
-from peftlab.ops import fast
 
 
 @dataclass
@@ -108,7 +108,7 @@ class TinyLoraVectors(SharedTensors):
         return {f"tinylora_v.{g}": v for g, v in self.tinylora_v.items()}
 
 
-class TinyLoraLayer(AdapterLayer):
+class TinyLoraLayer(FactorsLayer):
     supported_kinds = frozenset({"linear", "embedding"})
 
     def __init__(self, base: BaseView, config: TinyLoraConfig, module_name: str, shared: TinyLoraVectors):
@@ -124,25 +124,23 @@ class TinyLoraLayer(AdapterLayer):
         self.dropout = nn.Dropout(config.tinylora_dropout) if config.tinylora_dropout > 0 else nn.Identity()
         self.identity_at_init = config.init_weights != "uniform"
 
-    def core(self) -> torch.Tensor:
-        return tinylora_core(self.shared.vector(self.module_name), self.tinylora_P)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R A, B): on a linear target (down, up); on an embedding the table's (r, dim) and (num_embeddings, r)."""
+        a = self.tinylora_A
+        core = tinylora_core(self.shared.vector(self.module_name), self.tinylora_P)
+        return core.to(a.device, a.dtype) @ a, self.tinylora_B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.tinylora_A, self.tinylora_B
-        r = self.core().to(a.device, a.dtype)
-        if self.is_embedding:
-            return self.dropout(F.embedding(x, b)) @ r @ a
-        return F.linear(F.linear(F.linear(self.dropout(x.to(a.dtype)), a), r), b)
+        if not self.is_embedding:
+            return super().delta(x)
+        right, rows = self.factors()
+        return self.dropout(F.embedding(x, rows)) @ right  # B[ids] R A
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if self.is_embedding or not fast.enabled(x):
-            return None
-        a = self.tinylora_A
-        return fast.lowrank(x, base, self.core().to(a.dtype) @ a, self.tinylora_B, 1.0, self.dropout)
+        return None if self.is_embedding else super().fused_forward(x, base)
 
     def delta_weight(self) -> torch.Tensor:
-        a = self.tinylora_A
-        update = self.tinylora_B @ self.core().to(a.dtype) @ a
+        update = super().delta_weight()  # B R A, the table's own (num_embeddings, dim) on an embedding
         return update.t() if self.is_embedding else update
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -23,15 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
 from peftlab.core.registry import register
+from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, largest_linear_shape
 from peftlab.methods.oft import check_bias, check_dropout
-from peftlab.ops import fast
 
 
 @dataclass
@@ -109,7 +108,7 @@ class UniLoraVector(SharedTensors):
         return {"unilora_theta_d": self.unilora_theta_d}
 
 
-class UniLoraLayer(AdapterLayer):
+class UniLoraLayer(FactorsLayer):
     identity_at_init = False
 
     def __init__(self, base: BaseView, config: UniLoraConfig, module_name: str, shared: UniLoraVector):
@@ -124,20 +123,6 @@ class UniLoraLayer(AdapterLayer):
         theta = self.shared.unilora_theta_d
         return (gathered(theta, self.unilora_indices_A, self.unilora_scales_A),
                 gathered(theta, self.unilora_indices_B, self.unilora_scales_B))
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return F.linear(F.linear(self.dropout(x.to(a.dtype)), a.to(x.device)), b.to(x.device))
-
-    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if not fast.enabled(x):
-            return None
-        a, b = self.factors()
-        return fast.lowrank(x, base, a, b, 1.0, self.dropout)
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return b @ a
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if not self.save_indices:
