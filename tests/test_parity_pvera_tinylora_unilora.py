@@ -317,3 +317,13 @@ def test_checkpoint_without_the_projections_it_declares_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "save_projection": True}))
     with pytest.raises(peftlab.CheckpointError, match=r"missing \['base_model.pvera_A', 'base_model.pvera_B'\]"):
         peftlab.load_adapter(ARCHS["llama"](), tmp_path)
+
+
+@pytest.mark.parametrize("case", ["pvera", "tinylora_tied_uniform", "unilora_saved_indices"])
+def test_trainable_count_on_the_meta_device_is_peft_s(case):
+    """Attaching to a model without weights (``compare``'s parameter table) works and counts what PEFT trains."""
+    model = ARCHS["llama"]()
+    with torch.device("meta"):
+        empty = type(model)(model.config)
+    peftlab.attach(empty, ours_config(case, "llama"))
+    assert peftlab.count_parameters(empty)[0] == peft_model(case, "llama").get_nb_trainable_parameters()[0]

@@ -98,6 +98,9 @@ class PveraLayer(AdapterLayer):
         self.sample_at_inference = config.sample_at_inference
         seed = config.generator_seed
         self.generator = projection_generator(seed) if seed is not None else None
+        # the seeded noise is drawn on the CPU in the shape of the (padded) input and copied over: a CUDA graph would
+        # replay one draw, and padding would move each token's noise; so such an adapter keeps graphs off
+        self.token_local = seed is None
 
     def samples(self) -> bool:
         return self.training or self.sample_at_inference

@@ -66,7 +66,7 @@ def balanced_indices(count: int, length: int, seed: int) -> torch.Tensor:
     if count % length:
         data = np.concatenate([data, rng.choice(length, size=count % length, replace=False)])
     rng.shuffle(data)
-    return torch.as_tensor(data, dtype=torch.long)
+    return torch.as_tensor(data, dtype=torch.long, device="cpu")  # on the CPU also while building on "meta"
 
 
 def inverse_sqrt_counts(indices: torch.Tensor, length: int) -> torch.Tensor:
