@@ -248,6 +248,26 @@ def test_tinylora_projections_come_from_the_seed_when_not_saved(tmp_path):
     assert not torch.allclose(logits(other, x), logits(model, x), atol=1e-4)
 
 
+def test_tinylora_load_takes_a_and_b_from_the_file_without_an_svd(tmp_path, monkeypatch):
+    """A and B come from the file (here: factors of another base than the one loaded into), so the SVD is skipped."""
+    theirs = peft_model("tinylora", "llama")
+    randomize_adapters(theirs, seed=3)
+    theirs.save_pretrained(tmp_path)
+    x = batch()
+    expected = logits(theirs, x)
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or svd(*a, **k))
+    ours = ARCHS["llama"]()
+    peftlab.load_adapter(ours, tmp_path)
+    assert calls == []
+    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+    other_base = ARCHS["llama"](seed=1)
+    peftlab.load_adapter(other_base, tmp_path)
+    layer = other_base.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert torch.equal(layer.tinylora_A, ours.model.layers[0].self_attn.q_proj.adapters["default"].tinylora_A)
+
+
 # -- Uni-LoRA -------------------------------------------------------------------------------------
 def test_unilora_indices_are_balanced_and_scaled_by_their_use():
     model = ours_model("unilora", "llama")

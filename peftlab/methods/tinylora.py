@@ -15,7 +15,7 @@ draws them. ``init_weights=False`` leaves v unset in PEFT (``torch.empty``); her
 
 Saved keys (PEFT's): per layer ``tinylora_A``, ``tinylora_B`` and, with ``save_projection=True``, ``tinylora_P``;
 the groups' vectors at model level, ``base_model.tinylora_v.<group>``. A and B are always saved (PEFT does), and
-loading takes them from the file rather than from the SVD of the base at hand.
+loading takes them from the file rather than from the SVD of the base at hand (which it then skips).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 from peftlab.core.adapter import BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
 from peftlab.core.registry import register
+from peftlab.core.state import loading
 from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, projection_generator
 from peftlab.methods.lora_init import principal_factors
@@ -116,7 +117,12 @@ class TinyLoraLayer(FactorsLayer):
         self.shared, self.save_projection = shared, config.save_projection
         self.is_embedding = base.kind == "embedding"
         weight = base.weight_oi().detach()
-        a, b = svd_factors(weight.t() if self.is_embedding else weight, config.r)  # an embedding's own table
+        table = weight.t() if self.is_embedding else weight  # an embedding's own (num_embeddings, dim) table
+        if loading():  # the file holds A and B (PEFT always saves them): no SVD of a weight, only their shapes
+            rank = min(config.r, *table.shape)
+            a, b = table.new_zeros(rank, table.shape[1]), table.new_zeros(table.shape[0], rank)
+        else:
+            a, b = svd_factors(table, config.r)
         self.register_buffer("tinylora_A", a, persistent=False)
         self.register_buffer("tinylora_B", b, persistent=False)
         seed = config.projection_seed + shared.index[module_name]
