@@ -68,12 +68,10 @@ class PveraProjections(KaimingProjections):
         return 2 * config.r
 
 
-def gaussian_code(h: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """The rank-r code from h = [mu, logvar] (..., 2r): mu, or mu + eps ⊙ exp(logvar / 2) when ``sample`` (eps from
-    ``generator``, a CPU generator, or else from the global RNG on h's device)."""
+def sampled_code(h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The rank-r code mu + eps ⊙ exp(logvar / 2) from h = [mu, logvar] (..., 2r), eps ~ N(0, I) from ``generator``
+    (a CPU generator), or else from the global RNG on h's device."""
     mu, logvar = h.chunk(2, dim=-1)
-    if not sample:
-        return mu
     std = torch.exp(0.5 * logvar)
     if generator is None:
         eps = torch.randn_like(std)
@@ -117,7 +115,7 @@ class PveraLayer(AdapterLayer):
         a, b = self.shared.sliced(self.in_features, self.out_features)
         x = x.to(self.pvera_lambda_d.dtype)
         h = self.pvera_lambda_d * F.linear(self.dropout(x), a.to(x.device, x.dtype))
-        code = gaussian_code(h, True, self.generator)
+        code = sampled_code(h, self.generator)
         return self.pvera_lambda_b * F.linear(code, b.to(x.device, x.dtype))
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
