@@ -1,6 +1,7 @@
 """peftlab: parameter-efficient fine-tuning beyond plain LoRA, in PEFT's checkpoint format."""
 from peftlab.core.adapter import AdaptedModule, AdapterError, AdapterLayer
 from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.input_side import call_inputs
 from peftlab.core.inject import (
     adapter_layers, attach, count_parameters, delete_adapter, disabled, find_targets, set_active,
 )

@@ -74,6 +74,9 @@ def weight_update(module: AdaptedModule, name: str) -> torch.Tensor:
                            "so it has no weight update to convert")
     if module.merged:
         raise AdapterError(f"{layer.module_name!r} has merged adapters {module.merged}; unmerge them first")
+    if module.view.kind not in ("linear", "embedding"):
+        raise AdapterError(f"adapter {name!r} on {layer.module_name!r} adapts a {module.view.kind} layer, whose "
+                           "update is not an (out, in) matrix; it cannot be expressed as a LoRA")
     with torch.no_grad():
         w = module.view.weight_oi().float()
         bias = module.view.bias

@@ -112,8 +112,8 @@ def _adapter_prefixes() -> set[str]:
 def _split_module(name: str) -> tuple[str, str, str]:
     """Split a tensor key into (module path, '.', suffix) at the first adapter-ish component."""
     parts, prefixes = name.split("."), _adapter_prefixes()
-    for i, part in enumerate(parts):
-        if "_" in part and part.split("_")[0] in prefixes:
+    for i, part in enumerate(parts):  # LN_TUNING's prefix has an underscore of its own (ln_tuning_layers)
+        if "_" in part and any(part.startswith(p + "_") for p in prefixes):
             return ".".join(parts[:i]), ".", ".".join(parts[i:])
     return name.rpartition(".")
 

@@ -228,6 +228,68 @@ def check_peftlab_file_loads_in_peft(make_base, config, folder, x=None) -> None:
     torch.testing.assert_close(logits(theirs, x), expected, atol=1e-5, rtol=1e-4)
 
 
+
+class ParityCases:
+    """Parity cases against PEFT: ``cases`` maps a case name to (peft_type, settings, architectures, targets by
+    architecture); the settings and the architecture's targets go to both libraries' config classes, and ``archs``
+    builds the models by architecture name. ``pairs`` is every (case, architecture) to parametrize over. ``extra``
+    settings (a test's own, e.g. ``init_weights``) go to both config classes too."""
+
+    def __init__(self, cases: dict, archs: dict, peft_configs: dict):
+        self.cases, self.archs, self.peft_configs = cases, archs, peft_configs
+        self.pairs = [(case, arch) for case, (_, _, case_archs, _) in cases.items() for arch in case_archs]
+
+    def first_arch(self, case: str) -> str:
+        return self.cases[case][2][0]
+
+    def settings(self, case: str, arch: str, **extra) -> tuple[str, dict]:
+        peft_type, kwargs, _, targets = self.cases[case]
+        return peft_type, dict(kwargs, target_modules=targets[arch], **extra)
+
+    def ours(self, case: str, arch: str, **extra):
+        import peftlab
+
+        peft_type, kwargs = self.settings(case, arch, **extra)
+        return peftlab.lookup(peft_type).config(**kwargs)
+
+    def peft_model(self, case: str, arch: str, **extra):
+        import peft
+
+        peft_type, kwargs = self.settings(case, arch, **extra)
+        return peft.get_peft_model(self.archs[arch](), self.peft_configs[peft_type](**kwargs)).eval()
+
+
+def check_same_init_as_peft(peft_model, ours, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """PEFT's adapter tensors and peftlab's (``ours``, adapter "default"), built after the same seed, are equal (within
+    ``atol`` / ``rtol`` where an init computes in another order) and held under the same keys."""
+    import peft
+
+    import peftlab
+
+    theirs = peft.get_peft_model_state_dict(peft_model)
+    mine = {f"base_model.model.{k}": v for k, v in peftlab.core.state.adapter_tensors(ours, "default").items()}
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(mine[key], value, atol=atol, rtol=rtol, msg=key)
+
+
+def check_merged_model_matches_peft(peft_model, make_base, folder, x=None) -> None:
+    """PEFT's model with random adapter weights, saved and loaded into peftlab, merges and unloads to PEFT's merged
+    model: the same logits on ``x`` (default ``batch()``) and every weight and bias."""
+    import peftlab
+
+    randomize_adapters(peft_model, seed=5)
+    peft_model.save_pretrained(folder)
+    ours = make_base()
+    peftlab.load_adapter(ours, folder)
+    x = batch() if x is None else x
+    expected = logits(peft_model, x)
+    theirs = peft_model.merge_and_unload().state_dict()
+    mine = peftlab.merge_and_unload(ours)
+    torch.testing.assert_close(logits(mine, x), expected, atol=1e-5, rtol=1e-4)
+    for key, value in mine.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=1e-5, msg=key)
+
 # Replies of different lengths, so micro-batches hold different numbers of label tokens.
 TRAIN_RECORDS = [{"instruction": f"add {i} and {i * 7 % 11}", "input": "", "output": f"{i + i * 7 % 11}" + "!" * (i % 5)}
                  for i in range(40)]

@@ -18,7 +18,11 @@ LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Methods whose only signal is attention to learned prompts add a nearly input-independent vector, which the
 # final RMSNorm and the random tiny model's small lm_head bound: PEFT's prompt tuning, P-tuning and LLaMA-Adapter
 # fall by the same ~0.03-0.04 here (tests/test_parity_input.py checks our training curves equal PEFT's).
-SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.02, "adaption_prompt": 0.02}
+SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.02, "adaption_prompt": 0.02,
+                   "multitask_prompt_tuning": 0.02,
+                   # CPT holds each prompt row within ~0.1 * sqrt(d / 2048) of its example token (PEFT's default
+                   # epsilons; 0.0125 here): by design it falls ~0.005 (unconstrained, ~0.05)
+                   "cpt": 0.003}
 
 
 def make(variant, seed=0, name="default"):
@@ -95,8 +99,11 @@ def test_save_load_bit_exact(variant, tmp_path):
     fresh = tiny_llama(0)
     peftlab.load_adapter(fresh, tmp_path)
     assert torch.equal(fresh(x).logits, ref)
-    saved = peftlab.core.state.adapter_tensors(model, "default")
-    loaded = peftlab.core.state.adapter_tensors(fresh, "default")
+    method = method_for(config)
+    # a method whose file holds a folded form (CPT) loads as the same function in another parametrisation
+    folds = method.kind == "input" and method.input_hooks.folds_when_saving
+    tensors = peftlab.core.state.file_tensors if folds else peftlab.core.state.adapter_tensors
+    saved, loaded = tensors(model, "default"), tensors(fresh, "default")
     assert saved.keys() == loaded.keys()
     for k in saved:
         assert torch.equal(saved[k], loaded[k]), k

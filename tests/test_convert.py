@@ -19,7 +19,7 @@ def _mergeable_variants():
         config = factory(TARGETS, 4)
         method = lookup(config.peft_type)
         layer = method.layer_factory(config) if method.layer_factory else method.layer
-        if method.kind == "weight" and layer.mergeable is True:
+        if method.kind == "weight" and layer.mergeable is True and "linear" in layer.supported_kinds:  # (out, in)
             out.append(name)
     return out
 

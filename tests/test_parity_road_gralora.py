@@ -13,8 +13,8 @@ import torch
 import peftlab
 from peftlab.core.inject import adapted_modules
 from models import ARCHS as BASE_ARCHS
-from models import batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits, \
-    randomize_adapters, saved_pair
+from models import batch, check_merged_model_matches_peft, check_peft_file_loads_in_peftlab, \
+    check_peftlab_file_loads_in_peft, check_same_init_as_peft, logits, randomize_adapters, saved_pair
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -109,11 +109,7 @@ def test_same_seed_gives_peft_s_initial_weights(case):
     pm = peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs))
     torch.manual_seed(7)
     ours = peftlab.attach(ARCHS[arch](), our_config(case, arch))
-    theirs = peft.get_peft_model_state_dict(pm)
-    mine = {f"base_model.model.{k}": v for k, v in peftlab.core.state.adapter_tensors(ours, "default").items()}
-    assert mine.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert torch.equal(mine[key], value), key
+    check_same_init_as_peft(pm, ours)
     if kwargs.get("init_weights", True):  # identity at init, as PEFT's
         x = batch()
         torch.testing.assert_close(logits(ours, x), logits(base, x), atol=1e-6, rtol=0)
@@ -121,18 +117,7 @@ def test_same_seed_gives_peft_s_initial_weights(case):
 
 @pytest.mark.parametrize("case,arch", PAIRS)
 def test_merged_weights_and_biases_match_peft(case, arch, tmp_path):
-    pm = peft_model(case, arch)
-    randomize_adapters(pm, seed=5)
-    pm.save_pretrained(tmp_path)
-    ours = ARCHS[arch]()
-    peftlab.load_adapter(ours, tmp_path)
-    x = batch()
-    expected = logits(pm, x)
-    theirs = pm.merge_and_unload().state_dict()
-    mine = peftlab.merge_and_unload(ours)
-    torch.testing.assert_close(logits(mine, x), expected, atol=1e-5, rtol=1e-4)
-    for key, value in mine.state_dict().items():
-        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=1e-5, msg=key)
+    check_merged_model_matches_peft(peft_model(case, arch), ARCHS[arch], tmp_path)
 
 
 def test_road_unmerge_restores_weights_and_bias():

@@ -186,8 +186,8 @@ def test_serving_form_equals_the_adapted_module(method):
 def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
     served form equals the method's own module (full-rank conversion: exact up to rounding); an input-side method
-    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods are refused
-    with a ServeError."""
+    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods, and updates of
+    other layers than linears (LN tuning's norms), are refused with a ServeError."""
     from peftlab.core.input_side import hooked
     from peftlab.core.registry import method_for
     from peftlab.serve.engine import Engine, EngineConfig
@@ -229,7 +229,8 @@ def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     peftlab.attach(model, config)
     randomize_adapters(model, seed=1, std=0.2)
     layers = [(name, module, module.adapters["default"]) for name, module in adapted_modules(model)]
-    if not all(layer.mergeable or layer.batched_serving for _, _, layer in layers):
+    servable = [layer.batched_serving or (layer.mergeable and mod.view.kind == "linear") for _, mod, layer in layers]
+    if not all(servable):
         with pytest.raises(ServeError, match="no batched serving form"):
             forms_of(model, "default", 64)
         return

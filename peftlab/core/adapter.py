@@ -3,8 +3,8 @@
 A method implements ``AdapterLayer`` (one adapter attached to one base module). Core code talks to
 it only through this surface and its capability flags; it never asks which method it is.
 
-``AdaptedModule`` replaces a targeted base module (``nn.Linear``, transformers ``Conv1D`` or
-``nn.Embedding``) and holds any number of named adapters:
+``AdaptedModule`` replaces a targeted base module (``nn.Linear``, transformers ``Conv1D``, ``nn.Embedding`` or a
+norm layer, see ``BaseView``) and holds any number of named adapters:
 
     y = adapt_k(... adapt_1(x, base(t_k(...t_1(x)))) ...)
 
@@ -31,7 +31,8 @@ class AdapterLayer(nn.Module):
       batched_serving    the serving engine has a batched kernel for it (``serving_form`` returns one)
       serves_from_state  on a linear, ``serving_form_from_state`` gives that form straight from checkpoint tensors
       transforms_input   ``transform_input`` rewrites the input before the base layer
-      supported_kinds    base-module kinds it can wrap ("linear", "embedding")
+      supported_kinds    base-module kinds it can wrap ("linear", "embedding", "norm": a LayerNorm / RMSNorm, whose
+                         ``weight_oi()`` is its (features,) scale and whose ``merge_into`` returns that vector)
       compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
       token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or

@@ -19,7 +19,7 @@ from .adapter import AdaptedModule, AdapterError, BaseView, ModulesToSave
 from .config import AdapterConfig, ConfigError
 from .params import AdaptedParams, attach_parameters, plan_parameters
 from .registry import method_for
-from .view import Conv1D
+from .view import Conv1D, is_norm
 
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
@@ -82,7 +82,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def _is_wrappable(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, nn.Embedding)
+    return is_linear(module) or isinstance(module, nn.Embedding) or is_norm(module)
 
 
 # -- matching ----------------------------------------------------------------------------------
@@ -221,7 +221,8 @@ def _attach_weight_method(model: nn.Module, config: AdapterConfig, name: str, me
         if not isinstance(module, AdaptedModule):
             if not _is_wrappable(module):
                 raise ConfigError(
-                    f"target {target!r} is a {type(module).__name__}; {config.peft_type} wraps Linear, Conv1D, Embedding"
+                    f"target {target!r} is a {type(module).__name__}; {config.peft_type} wraps Linear, Conv1D, "
+                    "Embedding or a norm layer"
                 )
             module = AdaptedModule(module)
             _set_submodule(model, target, module)

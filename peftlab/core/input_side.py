@@ -26,6 +26,7 @@ with the caller's tokens and any trainer can use them (PEFT returns them; compar
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable
 
@@ -46,10 +47,19 @@ class HookedAdapter(nn.Module):
     positions to every layer of ``cache``. ``install(model)`` returns handles of its own module hooks,
     which must do nothing while ``self.active`` is False. ``compiles_in_layers``, ``token_local``,
     ``loss_in_forward``: as on ``AdapterLayer``.
+
+    ``call_arguments``: keyword arguments of the model call this adapter reads (multitask prompt tuning's
+    ``task_ids``). The pre-hook takes them out of every call, so the base model never sees them, and hands them
+    by keyword to ``virtual_tokens`` / ``write_prefix`` / ``relabel`` / ``loss``; values set for a block with
+    ``call_inputs(model, ...)`` fill those a call does not pass (``generate()`` refuses unknown keywords).
+    ``relabel(labels)``: (labels of this adapter's virtual tokens, the caller's labels), by default -100 and the
+    labels unchanged. ``loss(logits, labels, length)`` over the full sequence (virtual tokens included; ``length``
+    of them the caller's): if not None, it replaces the model's loss (CPT's weighted loss).
     """
 
     num_virtual_tokens: int = 0
     num_prefix_tokens: int = 0
+    call_arguments: tuple[str, ...] = ()
     compiles_in_layers: bool = True
     token_local: bool = True
     loss_in_forward: bool = False
@@ -68,6 +78,12 @@ class HookedAdapter(nn.Module):
     def write_prefix(self, cache, batch: int, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
+    def relabel(self, labels: torch.Tensor, **call) -> tuple[torch.Tensor, torch.Tensor]:
+        return labels.new_full((labels.shape[0], self.num_virtual_tokens), -100), labels
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, length: int, **call) -> torch.Tensor | None:
+        return None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors saved in the checkpoint, keyed relative to ``base_model.model.`` (or top level, for keys
         the method lists in ``top_level_keys``). Loading copies into them, so return parameters or buffers."""
@@ -79,10 +95,13 @@ class HookMethod:
     refuses every input-side method (core/merge.py), so there is no merge surface here."""
 
     def __init__(self, build: Callable[[nn.Module, AdapterConfig], HookedAdapter], identity_at_init: bool = False,
-                 top_level_keys: tuple[str, ...] = ()):
+                 top_level_keys: tuple[str, ...] = (), folds_when_saving: bool = False):
         self.build = build
         self.identity_at_init = identity_at_init
         self.top_level_keys = top_level_keys
+        # the file holds a folded form of the live tensors (the method's to_file: CPT's E + proj(D)), so a loaded
+        # adapter is the same function in another parametrisation: compare the files, not the live tensors
+        self.folds_when_saving = folds_when_saving
 
     def attach(self, model: nn.Module, config: AdapterConfig, name: str) -> None:
         ref = _reference_parameter(model)
@@ -115,6 +134,14 @@ class HookMethod:
         return hooked(model)[name].state_tensors()
 
 
+def own_loss_adapters(model: nn.Module) -> list[str]:
+    """Active input-side adapters that set their own labels or loss (``relabel`` / ``loss`` overridden: CPT): a loss
+    computed outside the model's forward (the fused cross-entropy) would not be theirs."""
+    container = hooked(model)
+    return [name for name, a in (container.items() if container is not None else ()) if a.active and (
+        type(a).relabel is not HookedAdapter.relabel or type(a).loss is not HookedAdapter.loss)]
+
+
 def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
     """The per-model container of hook-based adapters (made, with the model-level hooks, on first use)."""
     container = model._modules.get(CONTAINER)
@@ -123,7 +150,8 @@ def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
         setattr(model, CONTAINER, container)
         container.__dict__["model_handles"] = [
             model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-            model.register_forward_hook(_after_forward, with_kwargs=True),
+            # first among forward hooks: a method's own loss (CPT) is in place before core adds regularisers
+            model.register_forward_hook(_after_forward, with_kwargs=True, prepend=True),
         ]
     return container
 
@@ -167,14 +195,48 @@ def _past_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+@contextlib.contextmanager
+def call_inputs(model: nn.Module, **values):
+    """Within the block, model calls that do not pass them get these ``call_arguments`` of the attached input-side
+    adapters (``with call_inputs(model, task_ids=ids): model.generate(...)``)."""
+    container = hooked(model)
+    if container is None:
+        raise AdapterError("call_inputs: no input-side adapter is attached to this model")
+    known = {n for a in container.values() for n in a.call_arguments}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise AdapterError(f"call_inputs: no attached adapter reads {unknown}; they read {sorted(known)}")
+    before = container.__dict__.get("call_inputs", {})
+    container.__dict__["call_inputs"] = {**before, **values}
+    try:
+        yield
+    finally:
+        container.__dict__["call_inputs"] = before
+
+
+def _take_call_inputs(container: nn.ModuleDict, kwargs: dict) -> tuple[dict, dict | None]:
+    """(the call arguments of the adapters, kwargs without them or None when the call passed none)."""
+    names = {n for a in container.values() for n in a.call_arguments}
+    values = dict(container.__dict__.get("call_inputs", {}))
+    if not names.intersection(kwargs):
+        return values, None
+    values.update({n: kwargs[n] for n in names if n in kwargs})
+    return values, {k: v for k, v in kwargs.items() if k not in names}
+
+
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     container = model._modules[CONTAINER]
     prompts = [a for a in container.values() if a.active and a.num_virtual_tokens]
     prefixes = [a for a in container.values() if a.active and a.num_prefix_tokens]
     container.__dict__["pending"] = None
+    call, rest = _take_call_inputs(container, kwargs)
+    kwargs = kwargs if rest is None else rest
     if not prompts and not prefixes:
-        return None
-    pending = container.__dict__["pending"] = {"length": None, "drop_cache": False}
+        return None if rest is None else (args, kwargs)
+    pending = container.__dict__["pending"] = {"length": None, "drop_cache": False, "loss": None}
+
+    def mine(adapter: HookedAdapter) -> dict:
+        return {n: call.get(n) for n in adapter.call_arguments}
     signature = inspect.signature(model.forward)
     kw = _bind(model, signature, args, kwargs)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
@@ -201,16 +263,21 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
             # a cache the caller did not ask for must not come back: generate(use_cache=False) would feed it in again
             pending["drop_cache"] = not (use_cache or (use_cache is None and getattr(model.config, "use_cache", False)))
         for adapter in prefixes:
-            adapter.write_prefix(cache, batch, dtype)
+            adapter.write_prefix(cache, batch, dtype, **mine(adapter))
         kw[key] = cache
     if first and prompts:
         if embeds is None:
             embeds = model.get_input_embeddings()(ids)
-        virtual = [a.virtual_tokens(batch, embeds.dtype).to(embeds.device) for a in prompts]
+        virtual = [a.virtual_tokens(batch, embeds.dtype, **mine(a)).to(embeds.device) for a in prompts]
         kw["inputs_embeds"], kw["input_ids"] = torch.cat(virtual + [embeds], dim=1), None
         if kw.get("labels") is not None:
-            labels = kw["labels"]
-            kw["labels"] = torch.cat([labels.new_full((labels.shape[0], n_seq), -100), labels], dim=1)
+            labels, heads = kw["labels"], []
+            for adapter in prompts:
+                head, labels = adapter.relabel(labels, **mine(adapter))
+                heads.append(head)
+            kw["labels"] = torch.cat(heads + [labels], dim=1)
+            pending["loss"] = [(a, mine(a)) for a in prompts if type(a).loss is not HookedAdapter.loss]
+            pending["labels"] = kw["labels"]
         if kw.get("token_type_ids") is not None:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros((types.shape[0], n_seq)), types], dim=1)
@@ -248,6 +315,10 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
     if length is None:
         return output
     logits = getattr(output, "logits", None)
+    for adapter, call in pending["loss"] or ():
+        loss = adapter.loss(logits, pending["labels"], length, **call)
+        if loss is not None:
+            output.loss = loss
     if logits is not None and logits.shape[1] > length:
         output.logits = logits[:, logits.shape[1] - length:]
     hidden = getattr(output, "hidden_states", None)
@@ -256,4 +327,4 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
-__all__ = ["HookedAdapter", "HookMethod", "hooked", "text_config", "CONTAINER"]
+__all__ = ["HookedAdapter", "HookMethod", "call_inputs", "hooked", "own_loss_adapters", "text_config", "CONTAINER"]

@@ -11,6 +11,22 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()  # type: ignore[assignment]
 
 
+_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer with a learned elementwise scale: ``nn.LayerNorm`` / ``nn.RMSNorm`` with affine
+    parameters, or a model's own norm class (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ...: named ``*LayerNorm``
+    / ``*RMSNorm``) whose parameters are a 1-D ``weight`` and optionally a 1-D ``bias``."""
+    if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and not type(module).__name__.endswith(_NORM_CLASS_SUFFIXES):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.pop("weight", None)
+    bias = params.pop("bias", None)
+    return (weight is not None and weight.dim() == 1 and not params and not list(module.children())
+            and (bias is None or bias.shape == weight.shape))
+
+
 class AdapterError(RuntimeError):
     """An operation on adapters that cannot be carried out (names the adapter and the reason)."""
 
@@ -63,6 +79,10 @@ def weight_codec(module: nn.Module) -> WeightCodec | None:
 class BaseView:
     """Uniform view of a wrapped base module: kind, sizes, and its weight as (out, in).
 
+    Kinds: "linear" (``nn.Linear``, GPT-2's ``Conv1D``), "embedding", and "norm" (``is_norm``), whose weight is the
+    (features,) scale vector, in = out = features; only methods listing "norm" in ``supported_kinds`` wrap one, and
+    paths that read a layer's update as an (out, in) matrix (convert, serving, combine) refuse it.
+
     A quantized base (``codec`` set) is read through ``weight_oi()`` (dequantized) and written through
     ``set_weight_oi`` (re-quantized): methods never see the packed storage.
     """
@@ -77,14 +97,18 @@ class BaseView:
         elif isinstance(module, nn.Linear):
             self.kind, self.in_features, self.out_features = "linear", module.in_features, module.out_features
             self.transposed = False
+        elif is_norm(module):  # weight (and bias) are (features,): weight_oi() is that vector
+            self.kind, self.in_features = "norm", module.weight.shape[0]
+            self.out_features, self.transposed = self.in_features, False
         else:
-            raise AdapterError(f"cannot wrap {type(module).__name__}: supported are nn.Linear, Conv1D, nn.Embedding")
+            raise AdapterError(f"cannot wrap {type(module).__name__}: supported are nn.Linear, Conv1D, nn.Embedding "
+                               "and norm layers (LayerNorm / RMSNorm)")
         self.module = module
         self.codec = weight_codec(module)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The stored weight parameter, in its own orientation."""
+        """The stored weight parameter, in its own orientation (a norm's (features,) vector)."""
         return self.module.weight
 
     def weight_oi(self) -> torch.Tensor:

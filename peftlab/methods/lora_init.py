@@ -1,5 +1,7 @@
 """LoRA's weight-derived initialisations as pure functions of the base weight (used by ``LoraLayer``).
 
+- ``truncated_svd``: the r leading singular triplets, full or randomised (optionally seeded); also PSOFT's and
+  AdaMSS's bases.
 - PiSSA / OLoRA (``principal_factors``): B A (times the scaling) is W0's principal part, from its SVD (PiSSA;
   ``pissa_niter_K``: a randomised SVD with K power iterations) or its QR factorisation (OLoRA); the caller leaves
   the residual W0 - s B A in the base.
@@ -19,13 +21,28 @@ def principal_factors(init: str, w: torch.Tensor, r: int, scaling: float) -> tup
     if init == "olora":
         q, rr = torch.linalg.qr(w)
         return rr[:r], q[:, :r]
-    if init == "pissa":
+    u, s, vh = truncated_svd(w, r, None if init == "pissa" else int(init.rsplit("_", 1)[-1]))
+    sr = (s / scaling).sqrt()
+    return sr[:, None] * vh, u * sr[None, :]
+
+
+def truncated_svd(w: torch.Tensor, r: int, niter: int | None = None,
+                  seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (out, r), S (r,), Vh (r, in)): the r leading singular triplets of ``w`` (out, in), by a full SVD, or with
+    ``niter`` by ``torch.svd_lowrank`` (a random projection and ``niter`` power iterations). ``seed``: the projection
+    is drawn after ``torch.manual_seed(seed)`` inside a forked RNG, so the global stream is left as it was and a
+    checkpoint rebuilds the same factors (PEFT's PSOFT and AdaMSS do the same)."""
+    if niter is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    else:  # pissa_niter_K
-        u, s, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[-1]))
-        vh = v.t()
-    sr = (s[:r] / scaling).sqrt()
-    return sr[:, None] * vh[:r], u[:, :r] * sr[None, :]
+        return u[:, :r], s[:r], vh[:r]
+    if seed is None:
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+    else:
+        fork = {"devices": []} if w.device.type == "cpu" else {"devices": [w.device], "device_type": w.device.type}
+        with torch.random.fork_rng(**fork):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+    return u[:, :r], s[:r], v[:, :r].t()
 
 
 def zero_product_factors(init: str, r: int, base: BaseView, where: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ decoder captures its last hidden state (already through the final norm), and the
 Adapters' regularisers (``extra_loss``) are added as the model's loss hook would add them.
 
 Refused with a clear error: an output head with active adapters (its weight is not the map),
-models that post-process logits (soft-capping, logit scale), models without ``logits_to_keep``.
+models that post-process logits (soft-capping, logit scale), models without ``logits_to_keep``,
+input-side adapters with their own labels or loss (CPT).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from peftlab.core.adapter import AdaptedModule, ModulesToSave
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import extra_loss
+from peftlab.core.input_side import own_loss_adapters
 from peftlab.ops.fused_ce import causal_lm_loss
 
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -54,6 +56,10 @@ def check_fused_ce(model: nn.Module) -> None:
             raise ConfigError(f"fused_ce: {type(model).__name__} post-processes logits ({key}={value})")
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         raise ConfigError(f"fused_ce: {type(model).__name__}.forward has no logits_to_keep argument")
+    own = own_loss_adapters(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    if own:
+        raise ConfigError(f"fused_ce: active adapters {own} set their own labels or loss (CPT), which the fused "
+                          "loss would skip")
     head_tensors(model)
 
 
