@@ -13,8 +13,9 @@ import torch
 
 import peftlab
 from models import (
-    ARCHS, batch, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
-    check_same_file_as_peft, logits, randomize_adapters,
+    ARCHS, ParityCases, batch, check_config_round_trip, check_merged_model_matches_peft,
+    check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, check_same_file_as_peft, logits,
+    randomize_adapters,
 )
 from peftlab.core.inject import adapter_layers, model_state
 
@@ -23,47 +24,40 @@ TARGETS = {
     "gpt2": ["c_attn", "mlp.c_proj"],
     "neox": ["query_key_value", "dense", "dense_4h_to_h"],
 }
-# (peft_type, settings, architectures, extra targets): settings go to both libraries' config classes
-CASES = {
-    "pvera": ("PVERA", dict(r=4, projection_prng_key=3), ["llama", "gpt2"]),
-    "pvera_no_projection": ("PVERA", dict(r=8, save_projection=False, d_initial=0.3, pvera_dropout=0.1), ["llama"]),
-    "pvera_sampling": ("PVERA", dict(r=4, sample_at_inference=True, generator_seed=5), ["llama", "neox"]),
-    "pvera_bias_only": ("PVERA", dict(r=2, bias="pvera_only"), ["neox"]),
-    "pvera_bias_all": ("PVERA", dict(r=2, bias="all"), ["gpt2"]),
-    "tinylora": ("TINYLORA", dict(r=2, u=4), ["llama", "gpt2"]),
-    "tinylora_tied_uniform": ("TINYLORA", dict(r=3, u=5, weight_tying=0.5, init_weights="uniform"), ["llama", "neox"]),
+EMBEDDING_TARGETS = {"llama": ["embed_tokens", "q_proj", "down_proj"]}
+
+
+class Cases(ParityCases):
+    def settings(self, case, arch, **extra):
+        peft_type, kwargs = super().settings(case, arch, **extra)
+        return peft_type, ({**kwargs, "fan_in_fan_out": True} if arch == "gpt2" else kwargs)
+
+
+CASES = Cases({
+    "pvera": ("PVERA", dict(r=4, projection_prng_key=3), ["llama", "gpt2"], TARGETS),
+    "pvera_no_projection": ("PVERA", dict(r=8, save_projection=False, d_initial=0.3, pvera_dropout=0.1), ["llama"],
+                            TARGETS),
+    "pvera_sampling": ("PVERA", dict(r=4, sample_at_inference=True, generator_seed=5), ["llama", "neox"], TARGETS),
+    "pvera_bias_only": ("PVERA", dict(r=2, bias="pvera_only"), ["neox"], TARGETS),
+    "pvera_bias_all": ("PVERA", dict(r=2, bias="all"), ["gpt2"], TARGETS),
+    "tinylora": ("TINYLORA", dict(r=2, u=4), ["llama", "gpt2"], TARGETS),
+    "tinylora_tied_uniform": ("TINYLORA", dict(r=3, u=5, weight_tying=0.5, init_weights="uniform"), ["llama", "neox"],
+                              TARGETS),
     "tinylora_one_v_no_projection": ("TINYLORA", dict(r=2, u=7, weight_tying=1.0, save_projection=False,
-                                                      projection_seed=3, tinylora_dropout=0.1), ["llama", "gpt2"]),
-    "tinylora_embedding": ("TINYLORA", dict(r=2, u=3, init_weights="uniform", init_v_bound=0.3,
-                                            target_modules=["embed_tokens", "q_proj", "down_proj"]), ["llama"]),
-    "tinylora_bias_only": ("TINYLORA", dict(r=2, u=4, bias="tinylora_only"), ["neox"]),
-    "unilora": ("UNILORA", dict(r=2, theta_d_length=100), ["llama", "gpt2"]),
+                                                      projection_seed=3, tinylora_dropout=0.1), ["llama", "gpt2"],
+                                     TARGETS),
+    "tinylora_embedding": ("TINYLORA", dict(r=2, u=3, init_weights="uniform", init_v_bound=0.3), ["llama"],
+                           EMBEDDING_TARGETS),
+    "tinylora_bias_only": ("TINYLORA", dict(r=2, u=4, bias="tinylora_only"), ["neox"], TARGETS),
+    "unilora": ("UNILORA", dict(r=2, theta_d_length=100), ["llama", "gpt2"], TARGETS),
     "unilora_saved_indices": ("UNILORA", dict(r=3, theta_d_length=64, save_indices=True, init_weights=False,
-                                              proj_seed=9), ["llama", "gpt2"]),
+                                              proj_seed=9), ["llama", "gpt2"], TARGETS),
     "unilora_dropout_bias": ("UNILORA", dict(r=2, unilora_dropout=0.1, init_theta_d_bound=0.2, bias="unilora_only"),
-                             ["neox"]),
-    "unilora_bias_all": ("UNILORA", dict(r=2, theta_d_length=5000, bias="all"), ["neox"]),
-}
-PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs]
-PEFT_CONFIGS = {"PVERA": peft.PveraConfig, "TINYLORA": peft.TinyLoraConfig, "UNILORA": peft.UniLoraConfig}
-
-
-def settings(case, arch, **extra):
-    peft_type, kwargs, _ = CASES[case]
-    kwargs = {"target_modules": TARGETS[arch], **kwargs, **extra}
-    if arch == "gpt2":
-        kwargs["fan_in_fan_out"] = True
-    return peft_type, kwargs
-
-
-def ours_config(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peftlab.lookup(peft_type).config(**kwargs)
-
-
-def peft_model(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
+                             ["neox"], TARGETS),
+    "unilora_bias_all": ("UNILORA", dict(r=2, theta_d_length=5000, bias="all"), ["neox"], TARGETS),
+}, ARCHS, {"PVERA": peft.PveraConfig, "TINYLORA": peft.TinyLoraConfig, "UNILORA": peft.UniLoraConfig})
+PAIRS = CASES.pairs
+ours_config, peft_model = CASES.ours, CASES.peft_model
 
 
 def ours_model(case, arch, **extra):
@@ -100,9 +94,9 @@ def test_same_keys_shapes_dtypes_and_config_fields_as_peft(case, arch, tmp_path)
     assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES.cases))
 def test_config_round_trip(case):
-    check_config_round_trip(ours_config(case, CASES[case][2][0]))
+    check_config_round_trip(ours_config(case, CASES.first_arch(case)))
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)
@@ -125,9 +119,9 @@ def test_same_seed_gives_peft_s_initial_adapter(case, arch):
 @pytest.mark.parametrize("case,arch", [("pvera", "llama"), ("pvera_no_projection", "llama"),
                                        ("tinylora", "gpt2"), ("tinylora_embedding", "llama"),
                                        ("tinylora_tied_uniform", "neox"), ("unilora", "llama"), ("unilora", "gpt2")])
-def test_merged_weight_is_peft_s(case, arch):
+def test_merged_weight_and_model_are_peft_s(case, arch, tmp_path):
     """delta_weight (what merging adds, as (out, in)) equals PEFT's get_delta_weight (in the base's own orientation)
-    on every layer; merging then keeps the outputs."""
+    on every layer, and merge_and_unload gives PEFT's merged model."""
     theirs = peft_model(case, arch)
     randomize_adapters(theirs, seed=5)
     ours = ours_model(case, arch)
@@ -138,11 +132,7 @@ def test_merged_weight_is_peft_s(case, arch):
         transposed = ours.get_submodule(module_name).view.transposed  # Conv1D, embedding: (in, out)
         torch.testing.assert_close(layer.delta_weight(), expected.t() if transposed else expected,
                                    atol=1e-6, rtol=1e-5)
-    x = batch()
-    expected = logits(theirs, x)
-    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
-    peftlab.merge(ours)
-    torch.testing.assert_close(logits(ours, x), expected, atol=1e-5, rtol=1e-4)
+    check_merged_model_matches_peft(peft_model(case, arch), ARCHS[arch], tmp_path)
 
 
 # -- PVeRA: the mean in eval, a sample in training ------------------------------------------------
