@@ -26,15 +26,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, check_number, check_positive_int
 from peftlab.core.registry import register
+from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, fan_in_uniform, largest_linear_shape, projection_generator
 from peftlab.methods.oft import check_bias, check_dropout
-from peftlab.ops import fast
 
 
 @dataclass
@@ -124,7 +123,7 @@ class RandLoraBases(SharedTensors):
         return {"randlora_A": self.randlora_A, "randlora_B": self.randlora_B} if self.save_projection else {}
 
 
-class RandLoraLayer(AdapterLayer):
+class RandLoraLayer(FactorsLayer):
     def __init__(self, base: BaseView, config: RandLoraConfig, module_name: str, shared: RandLoraBases):
         super().__init__(base, config, module_name)
         self.shared = shared
@@ -144,21 +143,6 @@ class RandLoraLayer(AdapterLayer):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return randlora_factors(self.shared.randlora_A, self.shared.randlora_B, self.randlora_lambda,
                                 self.randlora_gamma, self.in_features, self.out_features)
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(fast.compute_dtype(x, self.randlora_lambda))
-        down, up = (t.to(x.device, x.dtype) for t in self.factors())
-        return F.linear(F.linear(self.dropout(x), down), up) * self.scaling
-
-    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if not fast.enabled(x):
-            return None
-        down, up = self.factors()
-        return fast.lowrank(x, base, down, up, self.scaling, self.dropout)
-
-    def delta_weight(self) -> torch.Tensor:
-        down, up = self.factors()
-        return (up @ down) * self.scaling
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma,

@@ -23,15 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import AdapterError, BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
 from peftlab.core.registry import register
 from peftlab.core.state import CheckpointError
+from peftlab.methods._factors import FactorsLayer
 from peftlab.methods.oft import check_bias, check_dropout
-from peftlab.ops import fast
 
 LOGIT_KEYS = ("vblora_logits_A", "vblora_logits_B")
 INDICES, WEIGHTS = "_topk_indices", "_topk_weights"
@@ -148,7 +147,7 @@ class VectorBank(SharedTensors):
         return {"vblora_vector_bank": self.vblora_vector_bank}
 
 
-class VBLoRALayer(AdapterLayer):
+class VBLoRALayer(FactorsLayer):
     identity_at_init = False
 
     def __init__(self, base: BaseView, config: VBLoRAConfig, module_name: str, shared: VectorBank):
@@ -176,21 +175,6 @@ class VBLoRALayer(AdapterLayer):
             raise AdapterError(f"VB-LoRA on {self.module_name!r} has logits loaded from a save_only_topk_weights "
                                "checkpoint (only the top-k kept); such an adapter is for inference and merging only")
         return super().train(mode)
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        x = self.dropout(x.to(a.dtype))
-        return F.linear(F.linear(x, a), b)
-
-    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        if not fast.enabled(x):
-            return None
-        a, b = self.factors()
-        return fast.lowrank(x, base, a, b, 1.0, self.dropout)
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return b @ a
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"vblora_logits_A": self.vblora_logits_A, "vblora_logits_B": self.vblora_logits_B}

@@ -13,16 +13,15 @@ With ``save_projection=True`` the checkpoint holds A and B under PEFT's model-le
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm, SharedTensors
+from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
 from peftlab.core.registry import register
-from peftlab.methods._seeded import check_projection_key, fan_in_uniform, largest_linear_shape, projection_generator
+from peftlab.methods._seeded import KaimingProjections, check_projection_key
 from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
 
@@ -49,21 +48,10 @@ class VeraConfig(AdapterConfig):
             raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
 
 
-class VeraProjections(SharedTensors):
+class VeraProjections(KaimingProjections):
     """The frozen A (r, in_max) and B (out_max, r) of one VeRA adapter."""
 
-    def __init__(self, config: VeraConfig, views: dict[str, BaseView]):
-        super().__init__()
-        out_max, in_max = largest_linear_shape(views, "VeRA")
-        generator = projection_generator(config.projection_prng_key)
-        # PEFT's _kaiming_init: gain sqrt(2); frozen and reproducible from the key, so buffers outside the model's
-        # own state_dict
-        for name, shape in (("vera_A", (config.r, in_max)), ("vera_B", (out_max, config.r))):
-            self.register_buffer(name, fan_in_uniform(shape, generator, gain=math.sqrt(2)), persistent=False)
-        self.save_projection = config.save_projection
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"vera_A": self.vera_A, "vera_B": self.vera_B} if self.save_projection else {}
+    prefix, method = "vera", "VeRA"
 
 
 class VeraLayer(AdapterLayer):
@@ -82,7 +70,7 @@ class VeraLayer(AdapterLayer):
                 self.vera_lambda_d.fill_(config.d_initial)
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.shared.vera_A[:, : self.in_features], self.shared.vera_B[: self.out_features, :]
+        return self.shared.sliced(self.in_features, self.out_features)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._projections()

@@ -181,6 +181,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
         if dense.bias is not None:
             q.bias = nn.Parameter(dense.bias.detach().to(target, compute_dtype), requires_grad=False)
         quantize_weight(q, dense.weight.detach(), target)
+        q.train(dense.training)  # a model in eval stays in eval (adapters built on it take the layer's mode)
         _set(model, name, q)
         del dense
     record_quantization(model, quant_type, double_quant, compute_dtype)
