@@ -196,6 +196,29 @@ def check_merge_unmerge(model, x, expected, atol: float, rtol: float) -> None:
         torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
 
 
+def check_same_logits_gradients_and_merge_as_peft(theirs, ours, x) -> None:
+    """PEFT's model ``theirs`` and peftlab's ``ours`` (the same adapter) give the same logits on ``x``, the same
+    gradients of the trainable parameters (in name order) for a loss on ``x``, and the same merged-and-unloaded
+    state dict."""
+    import peftlab
+
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)
+    grads = []
+    for model in (theirs, ours):
+        model(x, labels=x).loss.backward()
+        grads.append(sorted((n.replace(".default", "").split(".adapters.")[0], p.grad)
+                            for n, p in model.named_parameters() if p.requires_grad))
+    their_grads, our_grads = grads
+    assert len(our_grads) == len(their_grads) > 0
+    for (_, ours_g), (_, theirs_g) in zip(our_grads, their_grads):
+        torch.testing.assert_close(ours_g, theirs_g, atol=1e-6, rtol=1e-4)
+    merged_theirs = theirs.merge_and_unload().state_dict()
+    merged_ours = peftlab.merge_and_unload(ours).state_dict()
+    assert merged_ours.keys() == merged_theirs.keys()
+    for key in merged_ours:
+        torch.testing.assert_close(merged_ours[key], merged_theirs[key], atol=1e-6, rtol=1e-5)
+
+
 def check_peft_file_loads_in_peftlab(peft_model, make_base, folder, x=None):
     """A PEFT model with random adapter weights, saved by PEFT, gives PEFT's logits in peftlab (and differs from the
     base) on ``x`` (default ``batch()``); returns peftlab's model."""

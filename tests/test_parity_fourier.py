@@ -19,7 +19,8 @@ import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.ops.spectral import block_circulant_weight, block_circular_correlation, sparse_spectrum_weight
 from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, logits, randomize_adapters, saved_pair)
+                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, logits,
+                    randomize_adapters, saved_pair)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -118,21 +119,7 @@ def peft_c3a_dense_backward(monkeypatch):
 def test_same_logits_gradients_and_merged_weights_as_peft(case, arch, peft_c3a_dense_backward):
     theirs, ours = peft_model(case, arch), our_model(case, arch)
     x = batch(b=2, t=7)
-    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)
-    grads = []
-    for model in (theirs, ours):
-        model(x, labels=x).loss.backward()
-        grads.append(sorted((n.replace(".default", "").split(".adapters.")[0], p.grad)
-                            for n, p in model.named_parameters() if p.requires_grad))
-    their_grads, our_grads = grads
-    assert len(our_grads) == len(their_grads) > 0
-    for (_, ours_g), (_, theirs_g) in zip(our_grads, their_grads):
-        torch.testing.assert_close(ours_g, theirs_g, atol=1e-6, rtol=1e-4)
-    merged_theirs = theirs.merge_and_unload().state_dict()
-    merged_ours = peftlab.merge_and_unload(ours).state_dict()
-    assert merged_ours.keys() == merged_theirs.keys()
-    for key in merged_ours:
-        torch.testing.assert_close(merged_ours[key], merged_theirs[key], atol=1e-6, rtol=1e-5)
+    check_same_logits_gradients_and_merge_as_peft(theirs, ours, x)
 
 
 def test_frequency_locations_are_peft_s_and_come_from_the_seed_not_the_file(tmp_path):
