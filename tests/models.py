@@ -198,20 +198,20 @@ def check_merge_unmerge(model, x, expected, atol: float, rtol: float) -> None:
 
 def check_same_logits_gradients_and_merge_as_peft(theirs, ours, x) -> None:
     """PEFT's model ``theirs`` and peftlab's ``ours`` (the same adapter) give the same logits on ``x``, the same
-    gradients of the trainable parameters (in name order) for a loss on ``x``, and the same merged-and-unloaded
-    state dict."""
+    gradient of each trainable parameter for a loss on ``x``, and the same merged-and-unloaded state dict."""
     import peftlab
 
     torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)
     grads = []
-    for model in (theirs, ours):
+    for model in (theirs, ours):  # keyed by <module>.<PEFT's parameter name>, without adapter names
         model(x, labels=x).loss.backward()
-        grads.append(sorted((n.replace(".default", "").split(".adapters.")[0], p.grad)
-                            for n, p in model.named_parameters() if p.requires_grad))
+        names = (n.removeprefix("base_model.model.").replace(".adapters.default", "").replace(".default", "")
+                 for n, _ in model.named_parameters())
+        grads.append({name: p.grad for name, p in zip(names, model.parameters()) if p.requires_grad})
     their_grads, our_grads = grads
-    assert len(our_grads) == len(their_grads) > 0
-    for (_, ours_g), (_, theirs_g) in zip(our_grads, their_grads):
-        torch.testing.assert_close(ours_g, theirs_g, atol=1e-6, rtol=1e-4)
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for key, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[key], atol=1e-6, rtol=1e-4, msg=key)
     merged_theirs = theirs.merge_and_unload().state_dict()
     merged_ours = peftlab.merge_and_unload(ours).state_dict()
     assert merged_ours.keys() == merged_theirs.keys()

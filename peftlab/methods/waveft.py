@@ -128,8 +128,8 @@ class WaveFTLayer(AdapterLayer):
 
 # Adam moves each coefficient by about the learning rate whatever `scaling` is, so ΔW moves by about scaling * lr per
 # step: the default setting (scaling 5, keeping ΔW's entries small enough that a float32 conversion to a LoRA for
-# serving is exact to 1e-5) at 5x LoRA's rate moves ΔW as PEFT's default scaling 25 does at LoRA's rate (contract suite's
-# 20 steps on the tiny Llama: LoRA 4.562 -> 4.372, WaveFT 4.306; scaling 25 at 1x 4.306)
+# serving is exact to 1e-5) at 5x LoRA's rate moves ΔW as PEFT's default scaling 25 does at LoRA's rate (contract
+# suite's 20 steps on the tiny Llama: LoRA 4.562 -> 4.372, WaveFT 4.306; scaling 25 at 1x 4.306)
 register("WAVEFT", WaveFTConfig, WaveFTLayer, make_shared=CoefficientCounts, lr_scale=5.0,
          default_config=lambda target_modules, r=8: WaveFTConfig(n_frequency=32 * r, scaling=5.0,
                                                                  target_modules=target_modules))
