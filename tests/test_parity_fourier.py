@@ -19,8 +19,8 @@ import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.ops.spectral import block_circulant_weight, block_circular_correlation, sparse_spectrum_weight
 from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, logits,
-                    randomize_adapters, saved_pair)
+                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft,
+                    logits, randomize_adapters)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -87,18 +87,7 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 def test_same_keys_shapes_config_and_initial_weights_as_peft(case, arch, tmp_path):
     """Built from the same global seed, both libraries save the same tensors (the same draws in the same order),
     under the same keys, with the same config fields and values."""
-    peft_model(case, arch).save_pretrained(tmp_path / "peft")
-    peftlab.save_adapter(our_model(case, arch), tmp_path / "ours")
-    ours, theirs, our_cfg, their_cfg = saved_pair(tmp_path)
-    for key in theirs:
-        assert torch.equal(ours[key], theirs[key]), key
-    assert set(our_cfg) == set(their_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(our_cfg) - {"task_type", "target_modules", "inference_mode"}:
-        assert our_cfg[key] == their_cfg[key], key
-    read = [peftlab.read_config(tmp_path / side).to_dict() for side in ("peft", "ours")]
-    for config in read:  # PEFT keeps target_modules as a set; bookkeeping differs
-        config.update(target_modules=sorted(config["target_modules"]), task_type=None, inference_mode=None)
-    assert read[0] == read[1]
+    check_same_seeded_save_as_peft(lambda: peft_model(case, arch), lambda: our_model(case, arch), tmp_path)
 
 
 class _DenseCircularConvolution:

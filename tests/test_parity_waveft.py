@@ -13,9 +13,9 @@ from peft.tuners.waveft.waverec2d import waverec2d
 import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.ops.wavelet import daubechies_filter, inverse_dwt2
-from models import (ARCHS, batch, check_config_round_trip, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, logits,
-                    randomize_adapters, saved_pair)
+from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
+                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft,
+                    check_same_seeded_save_as_peft, logits, randomize_adapters)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -64,18 +64,8 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 def test_same_keys_shapes_config_and_initial_weights_as_peft(case, arch, tmp_path):
     """Built from the same global seed, both libraries save the same tensors under the same keys, with the same
     config fields and values."""
-    torch.manual_seed(0)
-    peft_model(case, arch).save_pretrained(tmp_path / "peft")
-    torch.manual_seed(0)
-    peftlab.save_adapter(our_model(case, arch), tmp_path / "ours")
-    ours, theirs, our_cfg, their_cfg = saved_pair(tmp_path)
+    _, theirs = check_same_seeded_save_as_peft(lambda: peft_model(case, arch), lambda: our_model(case, arch), tmp_path)
     assert all(key.endswith((".waveft_spectrum", ".bias")) for key in theirs)
-    for key in theirs:
-        assert torch.equal(ours[key], theirs[key]), key
-    assert set(our_cfg) == set(their_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(our_cfg) - {"task_type", "target_modules", "inference_mode"}:
-        assert our_cfg[key] == their_cfg[key], key
-    check_config_round_trip(peftlab.read_config(tmp_path / "peft"))
 
 
 @pytest.mark.parametrize("case,arch", [("waveft", "gpt2"), ("waveft_db3_normal_init", "llama"),
