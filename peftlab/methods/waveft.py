@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, dict_field
 from peftlab.core.registry import register
-from peftlab.methods.fourierft import frequency_locations
+from peftlab.methods.fourierft import check_seeded_coefficients, frequency_locations
 from peftlab.methods.lora import pattern_value
 from peftlab.methods.oft import check_bias
 from peftlab.methods.shira import sparse_update
@@ -60,14 +60,8 @@ class WaveFTConfig(AdapterConfig):
     init_weights: bool = True
 
     def validate(self) -> None:
-        check_positive_int("n_frequency", self.n_frequency)
-        for key, value in self.n_frequency_pattern.items():
-            check_positive_int(f"n_frequency_pattern[{key!r}]", value)
-        check_number("scaling", self.scaling)
+        check_seeded_coefficients(self)
         wavelet_order(self.wavelet_family)
-        if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
-            raise ConfigError(f"random_loc_seed must be an integer (it seeds the coefficient locations), "
-                              f"got {self.random_loc_seed!r}")
         for name in ("use_idwt", "proportional_parameters", "init_weights"):
             check_one_of(name, getattr(self, name), (True, False))
         check_bias(self.bias, "waveft_only")
