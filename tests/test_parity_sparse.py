@@ -359,3 +359,15 @@ BAD = [
 def test_bad_settings_name_the_field(peft_type, kwargs, message):
     with pytest.raises(peftlab.ConfigError, match=message):
         peftlab.lookup(peft_type).config(target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize("case,arch", [("waveft_proportional", "gpt2"), ("supra", "neox"), ("frod", "llama"),
+                                       ("frod_dense_random_key", "gpt2")])
+def test_trainable_counts_are_peft_s_also_on_a_meta_model(case, arch):
+    """``compare``'s parameter table attaches to a model on the meta device; FRoD's decompositions then give shapes."""
+    trainable, _ = peft_model(case, arch).get_nb_trainable_parameters()
+    assert peftlab.count_parameters(our_model(case, arch))[0] == trainable
+    with torch.device("meta"):
+        model = ARCHS[arch]()
+    peftlab.attach(model, our_config(case, arch))
+    assert peftlab.count_parameters(model)[0] == trainable

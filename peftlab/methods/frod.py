@@ -88,6 +88,8 @@ def off_diagonal_pattern(size: int, rate: float, generator: torch.Generator) -> 
 
 def split_weight(weight: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, λ0) with W = U diag(λ0) V^T: B = W V^-T in float64, λ0 its column norms, U = B / λ0 (0 where λ0 ~ 0)."""
+    if weight.is_meta:  # a model on the meta device (parameter counting): shapes only
+        return torch.empty(weight.shape, device="meta"), torch.empty(weight.shape[1], device="meta")
     w, v = weight.detach().to(torch.float64).cpu(), basis.detach().to(torch.float64).cpu()
     try:
         b = torch.linalg.solve(v, w.T).T
@@ -143,8 +145,11 @@ class FrodBases(SharedTensors):
         self.categories = sorted({category for layer in by_layer.values() for category in layer})
         for category in self.categories:
             weights = [layer[category] for _, layer in sorted(by_layer.items()) if category in layer]
-            basis = shared_basis([w.detach().float().cpu() for w in weights], config.regularization_alpha)
-            size = basis.shape[0]
+            size = weights[0].shape[1]
+            if weights[0].is_meta:  # parameter counting on a meta model: shapes only
+                basis = torch.empty(size, size, device="meta")
+            else:
+                basis = shared_basis([w.detach().float().cpu() for w in weights], config.regularization_alpha)
             self.register_buffer(f"V_{category}", basis.to(weights[0].dtype), persistent=False)
             self.register_buffer(f"indices_{category}", off_diagonal_pattern(size, config.sparse_rate, generator),
                                  persistent=False)
