@@ -16,8 +16,9 @@ at 0, so ΔW = 0 exactly (PEFT reconstructs W' in the forward and is the base on
 in (in - 1) off-diagonal positions; 0 when the rate is 0) by one ``randperm`` of the off-diagonal positions in
 row-major order from a CPU generator seeded with ``projection_prng_key``. Saved keys: ``<module>.frod_lambda_l``,
 ``<module>.frod_lambda_s_values`` and, with ``save_projection``, ``base_model.frod_V.<category>``,
-``base_model.frod_s_indices.<category>``, ``base_model.frod_s_size.<category>``. U and λ0 are always recomputed from
-the base and V as built from the base (PEFT does the same), so a file belongs to its base model.
+``base_model.frod_s_indices.<category>``, ``base_model.frod_s_size.<category>``. U and λ0 are never saved: they are
+recomputed from the base and the basis built from it when the layer is made, before a file's V is read in (as PEFT
+does), so a file belongs to its base model.
 
 ``runtime_offload_base_weight`` only moves PEFT's base weight to the CPU between calls; it is accepted and has no
 effect here (the maths is the same). ``progressbar`` is accepted (no bar is shown). The forward costs three dense
