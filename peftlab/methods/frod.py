@@ -210,8 +210,8 @@ class FrodLayer(AdapterLayer):
         return {"frod_lambda_l": self.frod_lambda_l, "frod_lambda_s_values": self.frod_lambda_s_values}
 
 
-# lr_scale 10 (VeRA's): a layer trains in + ~1% of in^2 numbers, and a step of λ_j moves W by a rank-one u_j v_j^T
-# whose size is V's column norm, of the order of the weights themselves (contract suite's 20 steps on the tiny Llama: LoRA
-# 4.562 -> 4.372; FRoD at 1x 4.545, 3x 4.516, 10x 4.468, 30x 4.423)
+# lr_scale 10 (VeRA's): a layer trains in + ~1% of in^2 numbers, and a step of λ_j moves W by one rank-one u_j v_j^T
+# (|u_j| = 1, |v_j| of the order of the stacked weights' column norms); contract suite's 20 steps on the tiny Llama:
+# LoRA 4.562 -> 4.372; FRoD at 1x 4.545, 3x 4.516, 10x 4.468, 30x 4.423
 register("FROD", FrodConfig, FrodLayer, make_shared=FrodBases, lr_scale=10.0,
          default_config=lambda target_modules, r=8: FrodConfig(progressbar=False, target_modules=target_modules))
