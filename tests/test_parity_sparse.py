@@ -115,8 +115,8 @@ def test_same_keys_shapes_config_and_initial_weights_as_peft(case, arch, tmp_pat
 @pytest.mark.parametrize("case,arch", [
     ("waveft", "gpt2"), ("waveft_db3_normal_init", "llama"), ("waveft_db10_pattern_seed", "llama"),
     ("waveft_no_idwt", "llama"), ("super_random_init", "llama"), ("supra", "neox"),
-    ("supra_indices_not_saved", "llama"), ("frod", "gpt2"), ("frod_dense_random_key", "llama"), ("frod_no_projection_in_file", "neox"),
-    ("frod_one_layer_svd", "llama"),
+    ("supra_indices_not_saved", "llama"), ("frod", "gpt2"), ("frod_dense_random_key", "llama"),
+    ("frod_no_projection_in_file", "neox"), ("frod_one_layer_svd", "llama"),
 ])
 def test_same_logits_gradients_and_merged_weights_as_peft(case, arch):
     torch.manual_seed(1)
