@@ -180,6 +180,31 @@ def check_config_round_trip(config) -> None:
     assert peft.PeftConfig.from_peft_type(**config.to_dict()).peft_type == config.peft_type
 
 
+def check_same_seeded_save_as_peft(make_peft, make_ours, folder, seed: int = 0) -> tuple[dict, dict]:
+    """Built after the same ``torch.manual_seed(seed)``, PEFT's model (``make_peft()``) and peftlab's (``make_ours()``)
+    save the same tensors (the same draws in the same order; same dtypes) under the same keys, and the same config
+    fields with equal values (but the bookkeeping ones); both files read back as the same peftlab config, and that
+    config round-trips. Returns (our tensors, PEFT's tensors)."""
+    import peftlab
+
+    torch.manual_seed(seed)
+    make_peft().save_pretrained(folder / "peft")
+    torch.manual_seed(seed)
+    peftlab.save_adapter(make_ours(), folder / "ours")
+    ours, theirs, our_cfg, their_cfg = saved_pair(folder)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    assert set(our_cfg) == set(their_cfg) - {"peft_version", "auto_mapping"}
+    for key in set(our_cfg) - {"task_type", "target_modules", "inference_mode"}:
+        assert our_cfg[key] == their_cfg[key], key
+    read = [peftlab.read_config(folder / side) for side in ("peft", "ours")]
+    check_config_round_trip(read[0])
+    for config in read:  # PEFT keeps target_modules as a set; bookkeeping differs
+        config.target_modules, config.task_type, config.inference_mode = sorted(config.target_modules), None, None
+    assert read[0] == read[1]
+    return ours, theirs
+
+
 def logits(model, x):
     with torch.no_grad():
         return model(x).logits
@@ -194,6 +219,29 @@ def check_merge_unmerge(model, x, expected, atol: float, rtol: float) -> None:
         torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
         peftlab.unmerge(model)
         torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
+
+
+def check_same_logits_gradients_and_merge_as_peft(theirs, ours, x) -> None:
+    """PEFT's model ``theirs`` and peftlab's ``ours`` (the same adapter) give the same logits on ``x``, the same
+    gradient of each trainable parameter for a loss on ``x``, and the same merged-and-unloaded state dict."""
+    import peftlab
+
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)
+    grads = []
+    for model in (theirs, ours):  # keyed by <module>.<PEFT's parameter name>, without adapter names
+        model(x, labels=x).loss.backward()
+        names = (n.removeprefix("base_model.model.").replace(".adapters.default", "").replace(".default", "")
+                 for n, _ in model.named_parameters())
+        grads.append({name: p.grad for name, p in zip(names, model.parameters()) if p.requires_grad})
+    their_grads, our_grads = grads
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for key, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+    merged_theirs = theirs.merge_and_unload().state_dict()
+    merged_ours = peftlab.merge_and_unload(ours).state_dict()
+    assert merged_ours.keys() == merged_theirs.keys()
+    for key in merged_ours:
+        torch.testing.assert_close(merged_ours[key], merged_theirs[key], atol=1e-6, rtol=1e-5)
 
 
 def check_peft_file_loads_in_peftlab(peft_model, make_base, folder, x=None):

@@ -19,7 +19,8 @@ import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.ops.spectral import block_circulant_weight, block_circular_correlation, sparse_spectrum_weight
 from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, logits, randomize_adapters, saved_pair)
+                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft,
+                    logits, randomize_adapters)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -86,18 +87,7 @@ def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
 def test_same_keys_shapes_config_and_initial_weights_as_peft(case, arch, tmp_path):
     """Built from the same global seed, both libraries save the same tensors (the same draws in the same order),
     under the same keys, with the same config fields and values."""
-    peft_model(case, arch).save_pretrained(tmp_path / "peft")
-    peftlab.save_adapter(our_model(case, arch), tmp_path / "ours")
-    ours, theirs, our_cfg, their_cfg = saved_pair(tmp_path)
-    for key in theirs:
-        assert torch.equal(ours[key], theirs[key]), key
-    assert set(our_cfg) == set(their_cfg) - {"peft_version", "auto_mapping"}
-    for key in set(our_cfg) - {"task_type", "target_modules", "inference_mode"}:
-        assert our_cfg[key] == their_cfg[key], key
-    read = [peftlab.read_config(tmp_path / side).to_dict() for side in ("peft", "ours")]
-    for config in read:  # PEFT keeps target_modules as a set; bookkeeping differs
-        config.update(target_modules=sorted(config["target_modules"]), task_type=None, inference_mode=None)
-    assert read[0] == read[1]
+    check_same_seeded_save_as_peft(lambda: peft_model(case, arch), lambda: our_model(case, arch), tmp_path)
 
 
 class _DenseCircularConvolution:
@@ -118,21 +108,7 @@ def peft_c3a_dense_backward(monkeypatch):
 def test_same_logits_gradients_and_merged_weights_as_peft(case, arch, peft_c3a_dense_backward):
     theirs, ours = peft_model(case, arch), our_model(case, arch)
     x = batch(b=2, t=7)
-    torch.testing.assert_close(logits(ours, x), logits(theirs, x), atol=1e-5, rtol=1e-4)
-    grads = []
-    for model in (theirs, ours):
-        model(x, labels=x).loss.backward()
-        grads.append(sorted((n.replace(".default", "").split(".adapters.")[0], p.grad)
-                            for n, p in model.named_parameters() if p.requires_grad))
-    their_grads, our_grads = grads
-    assert len(our_grads) == len(their_grads) > 0
-    for (_, ours_g), (_, theirs_g) in zip(our_grads, their_grads):
-        torch.testing.assert_close(ours_g, theirs_g, atol=1e-6, rtol=1e-4)
-    merged_theirs = theirs.merge_and_unload().state_dict()
-    merged_ours = peftlab.merge_and_unload(ours).state_dict()
-    assert merged_ours.keys() == merged_theirs.keys()
-    for key in merged_ours:
-        torch.testing.assert_close(merged_ours[key], merged_theirs[key], atol=1e-6, rtol=1e-5)
+    check_same_logits_gradients_and_merge_as_peft(theirs, ours, x)
 
 
 def test_frequency_locations_are_peft_s_and_come_from_the_seed_not_the_file(tmp_path):

@@ -34,6 +34,18 @@ def pattern_lookup(patterns: dict, module_name: str, default):
     return patterns.get(key, default)
 
 
+def check_seeded_coefficients(config) -> None:
+    """The fields FourierFT and WaveFT share: ``n_frequency`` and its per-module pattern, ``scaling``, and the
+    ``random_loc_seed`` that places the coefficients."""
+    check_positive_int("n_frequency", config.n_frequency)
+    for key, value in config.n_frequency_pattern.items():
+        check_positive_int(f"n_frequency_pattern[{key!r}]", value)
+    check_number("scaling", config.scaling)
+    if not isinstance(config.random_loc_seed, int) or isinstance(config.random_loc_seed, bool):
+        raise ConfigError(f"random_loc_seed must be an integer (it seeds the coefficient locations), "
+                          f"got {config.random_loc_seed!r}")
+
+
 @dataclass
 class FourierFTConfig(AdapterConfig):
     n_frequency: int = 1000
@@ -45,13 +57,7 @@ class FourierFTConfig(AdapterConfig):
     init_weights: bool = False
 
     def validate(self) -> None:
-        check_positive_int("n_frequency", self.n_frequency)
-        for key, value in self.n_frequency_pattern.items():
-            check_positive_int(f"n_frequency_pattern[{key!r}]", value)
-        check_number("scaling", self.scaling)
-        if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
-            raise ConfigError(f"random_loc_seed must be an integer (it seeds the frequency locations), "
-                              f"got {self.random_loc_seed!r}")
+        check_seeded_coefficients(self)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True (zero spectrum) or False (normal), got {self.init_weights!r}")
         check_bias(self.bias, "fourier_only")

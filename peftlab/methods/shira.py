@@ -40,7 +40,11 @@ def random_entries(out_features: int, in_features: int, count: int, seed: int | 
 
 
 def sparse_update(indices: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The dense (out, in) matrix with ``values`` at ``indices`` (2, n) and zeros elsewhere (differentiable)."""
+    """The dense (out, in) matrix with ``values`` at ``indices`` and zeros elsewhere (differentiable); ``indices`` is
+    (2, n) (row, col) pairs (SHiRA, WaveFT) or (n,) row-major flat positions (SuperTuning)."""
+    if indices.dim() == 1:
+        flat = values.new_zeros(out_features * in_features).index_put((indices.long(),), values)
+        return flat.view(out_features, in_features)
     rows, cols = indices.long()
     return values.new_zeros(out_features, in_features).index_put((rows, cols), values)
 
