@@ -277,6 +277,23 @@ def check_peftlab_file_loads_in_peft(make_base, config, folder, x=None) -> None:
 
 
 
+def both_ways_tests(pairs, peft_model, ours_config, archs):
+    """The two checks every PEFT parity file makes, as test functions to bind at module level: for each (case,
+    architecture) in ``pairs``, PEFT's file (``peft_model(case, arch)``) loads in peftlab with PEFT's logits, and
+    peftlab's file (``ours_config(case, arch)`` on ``archs[arch]()``) loads in PEFT with ours."""
+    import pytest
+
+    @pytest.mark.parametrize("case,arch", pairs)
+    def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
+        check_peft_file_loads_in_peftlab(peft_model(case, arch), archs[arch], tmp_path)
+
+    @pytest.mark.parametrize("case,arch", pairs)
+    def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
+        check_peftlab_file_loads_in_peft(archs[arch], ours_config(case, arch), tmp_path)
+
+    return test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft
+
+
 class ParityCases:
     """Parity cases against PEFT: ``cases`` maps a case name to (peft_type, settings, architectures, targets by
     architecture); the settings and the architecture's targets go to both libraries' config classes, and ``archs``

@@ -12,9 +12,9 @@ import peftlab
 from peftlab.core.inject import adapted_modules
 from peftlab.methods.ln_tuning import NORM_TARGETS
 from models import ARCHS as BASE_ARCHS
-from models import ParityCases, batch, check_config_round_trip, check_merge_unmerge, check_merged_model_matches_peft, \
-    check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, check_same_file_as_peft, \
-    check_same_init_as_peft, logits, randomize_adapters, saved_pair
+from models import (ParityCases, batch, both_ways_tests, check_config_round_trip, check_merge_unmerge,
+                    check_merged_model_matches_peft, check_same_file_as_peft, check_same_init_as_peft, logits,
+                    randomize_adapters, saved_pair)
 
 LINEAR_TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -65,14 +65,8 @@ PARITY = ParityCases(CASES, ARCHS, {"LN_TUNING": peft.LNTuningConfig, "GLORA": p
                                     "DEFT": peft.DeftConfig})
 
 
-@pytest.mark.parametrize("case,arch", PARITY.pairs)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(PARITY.peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PARITY.pairs)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], PARITY.ours(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PARITY.pairs, PARITY.peft_model, PARITY.ours, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -12,8 +12,7 @@ import torch
 
 import peftlab
 from models import (
-    ARCHS, batch, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
-    check_same_file_as_peft, logits, randomize_adapters,
+    ARCHS, batch, both_ways_tests, check_config_round_trip, check_same_file_as_peft, logits, randomize_adapters,
 )
 from peftlab.core.inject import adapter_layers, model_state
 
@@ -56,14 +55,8 @@ def peft_model(case, arch, **extra):
     return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], ours_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, ours_config, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -13,8 +13,8 @@ import torch
 import peftlab
 from peftlab.core.inject import adapted_modules
 from models import ARCHS as BASE_ARCHS
-from models import batch, check_merged_model_matches_peft, check_peft_file_loads_in_peftlab, \
-    check_peftlab_file_loads_in_peft, check_same_init_as_peft, logits, randomize_adapters, saved_pair
+from models import (both_ways_tests, batch, check_merged_model_matches_peft, check_same_init_as_peft, logits,
+                    randomize_adapters, saved_pair)
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -65,14 +65,8 @@ def peft_model(case, arch):
     return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, our_config, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

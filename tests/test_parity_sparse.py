@@ -16,9 +16,10 @@ from peftlab.core.inject import adapter_layers
 from peftlab.methods._seeded import projection_generator
 from peftlab.methods.frod import category_of, layer_index_of, off_diagonal_pattern, shared_basis
 from peftlab.ops.wavelet import daubechies_filter, inverse_dwt2
-from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft,
-                    check_same_seeded_save_as_peft, logits, randomize_adapters)
+from models import (
+    ARCHS, batch, both_ways_tests, check_merge_unmerge, check_same_logits_gradients_and_merge_as_peft,
+    check_same_seeded_save_as_peft, logits, randomize_adapters,
+)
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],
@@ -87,14 +88,8 @@ def our_model(case, arch):
     return model
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, our_config, ARCHS)
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)

@@ -9,10 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import peftlab
 from devices import DEVICES
-from models import (
-    ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits,
-    losses_and_grads_by_fast_flag, saved_pair, train_tiny,
-)
+from models import ARCHS, batch, both_ways_tests, logits, losses_and_grads_by_fast_flag, saved_pair, train_tiny
 from peftlab.core.inject import adapter_layers, model_state
 
 TARGETS = {
@@ -48,14 +45,8 @@ def ours_config(case, arch):
     return peftlab.VBLoRAConfig(**settings(case, arch))
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], ours_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, ours_config, ARCHS)
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)

@@ -9,10 +9,7 @@ import pytest
 import torch
 
 import peftlab
-from models import (
-    ARCHS, check_config_round_trip, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
-    check_same_file_as_peft,
-)
+from models import ARCHS, both_ways_tests, check_config_round_trip, check_same_file_as_peft
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -56,14 +53,8 @@ def peft_model(case, arch):
     return model.eval()
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], ours_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, ours_config, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

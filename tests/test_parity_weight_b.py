@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 import peftlab
 from peftlab.core.hooks import step_end
 from peftlab.core.inject import adapter_layers, model_state
-from models import (ARCHS, batch, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, logits,
-                    randomize_adapters, saved_pair)
+from models import ARCHS, batch, both_ways_tests, logits, randomize_adapters, saved_pair
 
 TARGETS = {
     "bench_llama": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
@@ -97,14 +96,8 @@ def our_config(case, arch):
     return peftlab.lookup(peft_type).config(**kwargs)
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], our_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, our_config, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
