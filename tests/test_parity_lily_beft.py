@@ -173,3 +173,31 @@ def test_bad_settings_are_refused_by_name(peft_type, field, value, match):
 def test_lily_layers_pattern_needs_layers_to_transform():
     with pytest.raises(peftlab.ConfigError, match="layers_pattern needs layers_to_transform"):
         peftlab.LilyConfig(target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_gpt2_conv1d_is_adapted_here_though_peft_refuses_it(tmp_path):
+    """An extension: GPT-2's Conv1D through its (out, in) view. BEFT merges into its biases; Lily saves and reloads."""
+    x = batch()
+    beft = peftlab.attach(ARCHS["gpt2"](), peftlab.BeftConfig(target_modules=["c_attn", "mlp.c_proj"],
+                                                               init_weights=False))
+    expected = logits(beft, x)
+    torch.testing.assert_close(logits(peftlab.merge_and_unload(beft), x), expected, atol=1e-5, rtol=1e-5)
+    lily = peftlab.attach(ARCHS["gpt2"](), peftlab.LilyConfig(target_modules=["c_attn", "c_fc"], r=4,
+                                                               init_weights=False))
+    expected = logits(lily, x)
+    peftlab.save_adapter(lily, tmp_path)
+    torch.testing.assert_close(logits(peftlab.load_adapter(ARCHS["gpt2"](), tmp_path), x), expected, atol=0, rtol=0)
+
+
+def test_a_file_shared_otherwise_is_refused_by_key(tmp_path):
+    """PEFT's file with a layer's own A (stride_A=1) cannot load into A's shared by pairs of layers: the keys that
+    would fill one tensor differ, and core names them instead of keeping one silently."""
+    theirs = peft_model("lily", "llama")
+    for p in theirs.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    theirs.save_pretrained(tmp_path)
+    model = tiny_llama(layers=3)
+    with pytest.raises(peftlab.CheckpointError, match=r"layers\.0\.self_attn\.q_proj\.lily_A\.weight'.*layers\.1"):
+        peftlab.load_adapter(model, tmp_path, stride_A=2)
+    assert not peftlab.list_adapters(model)

@@ -9,15 +9,15 @@ A group is the targets with the same matched ``target_modules`` entry and the sa
 its set yields last), and a regex string puts every target in one group per shape. PEFT matches the entries it holds
 after attaching: "all-linear" expands to the full names of the linears (a group each), and a list of 20 or more
 entries is condensed to suffixes (here: last components), so a big "all-linear" groups by leaf name (``group_entries``).
-Layer i of a group uses the A of layer (i // stride_A) *
-stride_A and the group's first layer's B. The router's mixture is averaged over every token of the call (padding and
+Layer i of a group uses the A of layer (i // stride_A) * stride_A and the group's first layer's B. The router's mixture is averaged over every token of the call (padding and
 other sequences of the batch included), as PEFT does, so the update depends on the batch: not mergeable, not
 token-local. Init as PEFT, draw for draw (each target: three throwaway nn.Linear draws, then A and R Kaiming-uniform,
 B zero, or Kaiming-uniform with ``init_weights=False``); so the same seed gives PEFT's tensors.
 
 Saved keys (PEFT's), per layer even where shared: ``lily_A.weight`` (r, in), ``lily_B.weight`` (num_B * r, out),
-``lily_router.weight`` (num_B, r). PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D works here too, but such files load
-only in peftlab.
+``lily_router.weight`` (num_B, r). Loading fills a shared tensor from each of its keys; core refuses a file whose keys
+for one shared tensor differ (a file shared otherwise). PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D works here too,
+but such files load only in peftlab.
 """
 from __future__ import annotations
 
@@ -111,8 +111,7 @@ class LilyShared(SharedTensors):
         groups: dict[tuple, list[str]] = {}
         entries = group_entries(config.target_modules, list(views))
         for name, view in views.items():  # module order, as PEFT walks them
-            position = groups.setdefault((group_key(entries, name), view.out_features,
-                                          view.in_features), [])
+            position = groups.setdefault((group_key(entries, name), view.out_features, view.in_features), [])
             position.append(name)
             i = len(position) - 1
             kaiming(r, view.in_features), kaiming(num_b * r, view.out_features), kaiming(num_b, r)  # nn.Linear's own
