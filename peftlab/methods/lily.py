@@ -9,10 +9,11 @@ A group is the targets with the same matched ``target_modules`` entry and the sa
 its set yields last), and a regex string puts every target in one group per shape. PEFT matches the entries it holds
 after attaching: "all-linear" expands to the full names of the linears (a group each), and a list of 20 or more
 entries is condensed to suffixes (here: last components), so a big "all-linear" groups by leaf name (``group_entries``).
-Layer i of a group uses the A of layer (i // stride_A) * stride_A and the group's first layer's B. The router's mixture is averaged over every token of the call (padding and
-other sequences of the batch included), as PEFT does, so the update depends on the batch: not mergeable, not
-token-local. Init as PEFT, draw for draw (each target: three throwaway nn.Linear draws, then A and R Kaiming-uniform,
-B zero, or Kaiming-uniform with ``init_weights=False``); so the same seed gives PEFT's tensors.
+Layer i of a group uses the A of layer (i // stride_A) * stride_A and the group's first layer's B. The router's
+mixture is averaged over every token of the call (padding and other sequences of the batch included), as PEFT does, so
+the update depends on the batch: not mergeable, not token-local. Init as PEFT, draw for draw (each target: three
+throwaway nn.Linear draws, then A and R Kaiming-uniform, B zero, or Kaiming-uniform with ``init_weights=False``); so
+the same seed gives PEFT's tensors.
 
 Saved keys (PEFT's), per layer even where shared: ``lily_A.weight`` (r, in), ``lily_B.weight`` (num_B * r, out),
 ``lily_router.weight`` (num_B, r). Loading fills a shared tensor from each of its keys; core refuses a file whose keys
@@ -114,9 +115,10 @@ class LilyShared(SharedTensors):
             position = groups.setdefault((group_key(entries, name), view.out_features, view.in_features), [])
             position.append(name)
             i = len(position) - 1
-            kaiming(r, view.in_features), kaiming(num_b * r, view.out_features), kaiming(num_b, r)  # nn.Linear's own
+            b_shape = (num_b * r, view.out_features)
+            kaiming(r, view.in_features), kaiming(*b_shape), kaiming(num_b, r)  # nn.Linear's own init, overwritten
             a, router = kaiming(r, view.in_features), kaiming(num_b, r)
-            b = torch.zeros(num_b * r, view.out_features) if config.init_weights else kaiming(num_b * r, view.out_features)
+            b = torch.zeros(b_shape) if config.init_weights else kaiming(*b_shape)
             if i % config.stride_A == 0:  # leads a block of stride_A layers: its A is kept
                 self.lily_A.append(nn.Parameter(a))
             if i == 0:  # first of its group: its B is every member's
