@@ -296,6 +296,18 @@ def check_checkpoint(shapes: dict[str, tuple[int, ...]], tensors: dict[str, torc
                 f"{source}: shape mismatch for {k!r}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(shape)}")
 
 
+def check_shared_keys_agree(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Keys whose live tensor is one shared tensor (Lily's A and B, saved under every layer's keys as PEFT does) must
+    hold equal values in the file; otherwise the file shares differently from the adapter (another stride, other
+    groups) and loading would keep one of them silently."""
+    first: dict[int, str] = {}
+    for k, target in expected.items():
+        other = first.setdefault(id(target), k)
+        if other != k and not torch.equal(tensors[k], tensors[other]):
+            raise CheckpointError(f"{source}: {other!r} and {k!r} load into one shared tensor of the adapter but "
+                                  "differ in the file (it shares tensors differently, e.g. another stride or grouping)")
+
+
 def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
                  share: bool = False) -> None:
     """Copy ``tensors`` (file keys with ``base_model.model.`` stripped) into adapter ``name``, all or nothing.
@@ -324,6 +336,7 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
             f"{source}: adapter {name!r} computes {computed[:5]} from other parameters (a reparameterisation folded "
             "when saving), so they cannot be loaded into it; load the adapter with inference_mode=True"
         )
+    check_shared_keys_agree(expected, tensors, source)
     with torch.no_grad():
         for k, target in expected.items():
             value = tensors[k].to(device=target.device, dtype=target.dtype)
