@@ -10,9 +10,10 @@ import torch
 
 import peftlab
 from models import (
-    ARCHS, ParityCases, batch, check_config_round_trip, check_merge_unmerge, check_merged_model_matches_peft,
-    check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft, check_same_file_as_peft,
-    check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft, logits, randomize_adapters,
+    ARCHS, ParityCases, batch, check_config_round_trip, check_fast_path_matches_reference, check_merge_unmerge,
+    check_merged_model_matches_peft, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
+    check_same_file_as_peft, check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft, logits,
+    randomize_adapters,
 )
 from peftlab.core.inject import adapted_modules, adapter_layers
 from peftlab.methods.peanut import peanut_hidden, peanut_weight
@@ -167,15 +168,9 @@ def test_unmerge_restores_the_base_and_unmerged_adapters_each_read_w0():
 def test_fused_path_matches_reference(case, monkeypatch):
     """The fused low-rank node (PEFTLAB_FAST=1, CUDA's default; A = G_0^T) gives the reference path's loss and
     gradients."""
-    from models import losses_and_grads_by_fast_flag
-
     model = attached(case, "llama")
     randomize_adapters(model)
-    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, batch(), monkeypatch)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    assert ref_grads.keys() == grads.keys() and ref_grads
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    check_fast_path_matches_reference(model, batch(), monkeypatch)
 
 
 @pytest.mark.parametrize("case", sorted(CASES.cases))

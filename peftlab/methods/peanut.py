@@ -1,8 +1,8 @@
 """PEANuT (arXiv 2410.01870): a small nonlinear network of the frozen weight gives the update, ΔW = f(W0).
 
     H_0 = σ(W0^T A^T)                                   (in, r): A (r, out) reads the base weight's output side
-    e_k = H_{k-1},  H_k = σ(H_{k-1} E_k^T)              k = 1..depth (encoders E_k (r, r); e_k kept as skips)
-    G_depth = H_depth,  G_{k-1} = σ(G_k D_k^T) + e_{depth+1-k}   decoders D_1..D_depth (r, r), in that order
+    H_k = σ(H_{k-1} E_k^T)                              k = 1..depth, encoders E_k (r, r)
+    G_depth = H_depth,  G_{k-1} = σ(G_k D_{depth+1-k}^T) + H_{k-1}    decoders D_1..D_depth (r, r), skips H_{k-1}
     ΔW = s B G_0^T                                      (out, in): B (out, r), s = ``scaling``
     h = W0 x + b + s B (G_0^T x)
 
@@ -13,7 +13,8 @@ Saved keys, as PEFT's (its model strips the adapter name from inside the ModuleL
 (r, out), ``peanut_B.weight`` (out, r), ``peanut_encoders.<k>.weight`` and ``peanut_decoders.<k>.weight`` (r, r),
 k = 0..depth-1. Init as PEFT, in its RNG order: every matrix is built Kaiming-uniform (a = sqrt(5)) in the order A,
 encoders, decoders, B, then A, encoders and decoders are drawn again and B is zeroed (``init_weights=False``: drawn
-again too), so the layer starts as the base only with ``init_weights``. PEFT adapts ``nn.Linear`` only, so does this.
+again too), so the layer starts as the base only with ``init_weights``. PEFT adapts ``nn.Linear`` only; GPT-2's
+``Conv1D`` is adapted here too, through its (out, in) view, but such files load only in peftlab.
 
 Merging keeps G_0 of the weight it merges into (in, r), so unmerge subtracts exactly the update merge added. Several
 PEANuT adapters active on one unmerged module each read the base weight W0, as in PEFT; merged, the second one reads
