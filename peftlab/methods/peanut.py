@@ -52,7 +52,7 @@ class PeanutConfig(AdapterConfig):
         if self.act_fn not in ACT2FN:
             raise ConfigError(f"act_fn must be a transformers ACT2FN name such as 'relu', 'gelu', 'silu', 'tanh', "
                               f"got {self.act_fn!r}")
-        if any(True for _ in ACT2FN[self.act_fn].parameters()):
+        if list(ACT2FN[self.act_fn].parameters()):
             raise ConfigError(f"act_fn={self.act_fn!r} has parameters of its own, which PEFT never trains or saves "
                               "(it builds a fresh activation at every call); use a parameter-free activation")
         check_number("scaling", self.scaling)
@@ -137,5 +137,6 @@ class PeanutLayer(AdapterLayer):
 # lr_scale: B starts at 0 as LoRA's does, but it multiplies G_0^T x, a squeezed copy of the base weight of size about
 # |W0| sqrt(in), rather than LoRA's unit-scale A x: 0.3-0.8 of LoRA's on a 576-wide model (compare's SmolLM2-135M)
 # with weights of std 0.02-0.05 (~0.1 on the 32-wide test models), so Adam's equal-sized steps on B move it less
+# default depth 1 (PEFT's is 0: A and B only), so compare and the contract suite run the encoder / decoder pair too
 register("PEANUT", PeanutConfig, PeanutLayer, lr_scale=2.0,
          default_config=lambda target_modules, r=8: PeanutConfig(r=r, depth=1, target_modules=target_modules))
