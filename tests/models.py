@@ -381,3 +381,13 @@ def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.T
         model.zero_grad(set_to_none=True)
     return results
 
+
+def check_fast_path_matches_reference(model, ids, monkeypatch) -> None:
+    """The fused path (PEFTLAB_FAST=1) gives the reference path's loss and the same gradient of every parameter
+    that gets one (there are some)."""
+    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, ids, monkeypatch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert ref_grads.keys() == grads.keys() and ref_grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
