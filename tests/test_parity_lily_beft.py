@@ -10,8 +10,8 @@ import torch
 
 import peftlab
 from peftlab.core.inject import adapter_layers, model_state
-from models import ARCHS, batch, check_merged_model_matches_peft, check_peft_file_loads_in_peftlab, \
-    check_peftlab_file_loads_in_peft, check_same_seeded_save_as_peft, logits, saved_pair, tiny_llama
+from models import (ARCHS, batch, both_ways_tests, check_merged_model_matches_peft, check_same_seeded_save_as_peft,
+                    logits, saved_pair, tiny_llama)
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "down_proj"]}
 # (peft_type, settings, architectures, targets by architecture or None for TARGETS)
@@ -51,14 +51,8 @@ def peft_model(case, arch):
     return peft.get_peft_model(three_layers(arch)(), PEFT_CONFIGS[peft_type](**kwargs)).eval()
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), three_layers(arch), tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(three_layers(arch), our_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, our_config, {arch: three_layers(arch) for _, arch in PAIRS})
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)

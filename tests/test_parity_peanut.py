@@ -10,10 +10,9 @@ import torch
 
 import peftlab
 from models import (
-    ARCHS, ParityCases, batch, check_config_round_trip, check_fast_path_matches_reference, check_merge_unmerge,
-    check_merged_model_matches_peft, check_peft_file_loads_in_peftlab, check_peftlab_file_loads_in_peft,
-    check_same_file_as_peft, check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft, logits,
-    randomize_adapters,
+    ARCHS, ParityCases, batch, both_ways_tests, check_config_round_trip, check_fast_path_matches_reference,
+    check_merge_unmerge, check_merged_model_matches_peft, check_same_file_as_peft,
+    check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft, logits, randomize_adapters,
 )
 from peftlab.core.inject import adapted_modules, adapter_layers
 from peftlab.methods.peanut import peanut_hidden, peanut_weight
@@ -33,14 +32,8 @@ PAIRS = CASES.pairs
 ours_config, peft_model = CASES.ours, CASES.peft_model
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    check_peftlab_file_loads_in_peft(ARCHS[arch], ours_config(case, arch), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, ours_config, ARCHS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES.cases))
