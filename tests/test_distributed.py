@@ -114,8 +114,12 @@ def test_one_process_group_is_exactly_the_plain_loop(tmp_path, strategy):
     assert not torch.distributed.is_initialized()
 
 
-# MoLoRA's load-balancing loss is a statistic of each micro-batch's routing, so slicing the batch moves it
-APPROXIMATE = {"molora": 1e-3}
+# MoLoRA's load-balancing loss and Lily's expert mixture (a mean over the whole call's tokens) are statistics of each
+# micro-batch, so slicing the batch moves them; CPT's own loss weights example tokens by a decay, not by the
+# label-token share the loop uses to combine the processes' means (first-step losses 4.62370 vs 4.62309 on 2
+# processes); PVeRA samples its code in training, and two processes draw other noise than one does for the whole
+# batch (0.020 apart over 3 steps: only a loose check that the run is the same run)
+APPROXIMATE = {"molora": 1e-3, "lily": 1e-3, "cpt": 2e-3, "pvera": 5e-2}
 
 
 @pytest.mark.skipif(os.environ.get("PEFTLAB_DIST_ALL") != "1",
