@@ -32,7 +32,9 @@ class AdapterLayer(nn.Module):
       serves_from_state  on a linear, ``serving_form_from_state`` gives that form straight from checkpoint tensors
       transforms_input   ``transform_input`` rewrites the input before the base layer
       supported_kinds    base-module kinds it can wrap ("linear", "embedding", "norm": a LayerNorm / RMSNorm, whose
-                         ``weight_oi()`` is its (features,) scale and whose ``merge_into`` returns that vector)
+                         ``weight_oi()`` is its (features,) scale and whose ``merge_into`` returns that vector);
+                         empty: the method wraps no module, the class only carries its flags (TRAINABLE_TOKENS,
+                         whose config's ``trainable_tokens()`` says all it trains)
       compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
       token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or

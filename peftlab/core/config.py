@@ -67,6 +67,14 @@ class AdapterConfig:
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError naming the field."""
 
+    def trainable_tokens(self) -> tuple[Any, bool, bool] | None:
+        """The embedding rows this adapter trains (core/tokens.py), or None: ``(spec, nested, init_weights)``, with
+        ``spec`` a list of token ids (the input embedding) or {module name, suffix or regex: ids}, ``nested`` whether
+        the rows are saved under ``token_adapter.`` (LoRA's ``trainable_token_indices``) or directly on the table
+        (PEFT's TRAINABLE_TOKENS), ``init_weights`` whether they start as the table's rows (else standard normal)."""
+        spec = getattr(self, "trainable_token_indices", None)  # PEFT's field on LoraConfig
+        return None if spec is None else (spec, True, True)
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.peft_neutral_fields)
