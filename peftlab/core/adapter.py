@@ -47,6 +47,11 @@ class AdapterLayer(nn.Module):
                          real tokens. It stays set until the next forward, for checkpointing's recomputation
       reads_token_gate   before each model forward core sets ``self.gate`` to the (B, T) bool gate its method's
                          ``Method.token_gate`` computes for the call (activated LoRA); kept like ``token_mask``
+      call_arguments     names of keyword arguments of the model call the layer reads (Poly's ``task_ids``): before
+                         each model forward core takes them out of the call's keywords (the model never sees them;
+                         ``peftlab.call_inputs(model, ...)`` supplies them to calls that do not pass them, e.g. inside
+                         ``generate()``) and sets ``self.call_inputs`` to {name: value or None} on the layers of the
+                         active adapters; kept until the next forward, like ``token_mask``
     """
 
     mergeable: ClassVar[bool] = True
@@ -60,6 +65,8 @@ class AdapterLayer(nn.Module):
     reads_token_mask: ClassVar[bool] = False
     reads_token_gate: ClassVar[bool] = False
     loss_in_forward: ClassVar[bool] = False
+    call_arguments: ClassVar[tuple[str, ...]] = ()
+    call_inputs: dict[str, Any] | None = None
     token_mask: torch.Tensor | None = None
     gate: torch.Tensor | None = None
 

@@ -12,6 +12,8 @@
 * token masks: a forward pre-hook hands the call's attention mask to the active layers that declare
   ``reads_token_mask`` (MoLoRA's balancing loss leaves padding out), and to none when no active
   adapter's layer class declares it, so other models pay one short loop over their configs.
+* call arguments: the same pre-hook takes the keywords that attached layer classes declare in ``call_arguments``
+  (Poly's ``task_ids``) out of the call and hands them, or those of ``peftlab.call_inputs``, to the active layers.
 * token gates: the same pre-hook asks each active adapter's method for a gate of the call's tokens
   (``Method.token_gate``: aLoRA acts from its invocation tokens on) and sets it as ``layer.gate`` on that
   adapter's layers.
@@ -102,7 +104,36 @@ def _share_token_mask(module: nn.Module, args, kwargs):
         for layer in readers:
             layer.token_mask = mask
     _share_gates(module, args, kwargs)
-    return None
+    return _share_call_arguments(module, args, kwargs)
+
+
+CALL_INPUTS = "_peftlab_call_inputs"  # model.__dict__ key of the values ``peftlab.call_inputs`` supplies
+
+
+def weight_call_arguments(model: nn.Module) -> set[str]:
+    """The call keywords the attached weight-side adapters' layer classes read (``AdapterLayer.call_arguments``)."""
+    state = model.__dict__.get("_peftlab")
+    if state is None:
+        return set()
+    names = set()
+    for config in state.configs.values():
+        method = method_for(config)
+        if method.kind == "weight":
+            names.update(method.layer_class(config).call_arguments)
+    return names
+
+
+def _share_call_arguments(model: nn.Module, args, kwargs):
+    names = weight_call_arguments(model)
+    if not names:
+        return None
+    values = {**model.__dict__.get(CALL_INPUTS, {}), **{n: kwargs[n] for n in names if n in kwargs}}
+    for _, layer in _active_layers(model):
+        if layer.call_arguments:
+            layer.call_inputs = {n: values.get(n) for n in layer.call_arguments}
+    if not names.intersection(kwargs):
+        return None
+    return args, {k: v for k, v in kwargs.items() if k not in names}
 
 
 def _call_tokens(args, kwargs) -> tuple[torch.Tensor | None, tuple[int, int] | None, bool]:
