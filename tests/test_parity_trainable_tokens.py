@@ -56,8 +56,9 @@ def test_random_init_draws_as_peft_does(arch, tmp_path):
     ours, theirs, ours_cfg, theirs_cfg = saved_pair(tmp_path)
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
-    assert {k: v for k, v in ours_cfg.items() if k not in ("task_type", "target_modules")} == \
-        {k: v for k, v in theirs_cfg.items() if k not in ("task_type", "target_modules", "peft_version", "auto_mapping")}
+    bookkeeping = ("task_type", "target_modules", "peft_version", "auto_mapping")
+    assert {k: v for k, v in ours_cfg.items() if k not in bookkeeping} == \
+        {k: v for k, v in theirs_cfg.items() if k not in bookkeeping}
     assert theirs_cfg["target_modules"] == ("model.embed_tokens" if arch == "llama" else "transformer.wte")
     assert peftlab.read_config(tmp_path / "peft").trainable_tokens() == \
         ({theirs_cfg["target_modules"]: IDS}, False, False)

@@ -7,8 +7,9 @@ of the name it holds the rows' values, which start as a copy of E's rows (``init
 head tied to the table gives those tokens' logits from R, and R is saved again at ``<head>.trainable_tokens_delta``,
 as PEFT saves it. The machinery is core's (core/tokens.py), shared with LoRA's ``trainable_token_indices``; this file
 only declares the method: a layer class that wraps no module (empty ``supported_kinds``) and carries the flags, and
-a config that says which rows through ``AdapterConfig.trainable_tokens``. ``target_modules`` None targets the model's input embedding, as PEFT does; names
-match by suffix, a string also as a regex of whole names. Merging writes R into E (merge_and_unload).
+a config that says which rows through ``AdapterConfig.trainable_tokens``. ``target_modules`` None targets the
+model's input embedding, as PEFT does; names match by suffix, a string also as a regex of whole names. Merging
+writes R into E (merge_and_unload).
 """
 from __future__ import annotations
 
