@@ -60,8 +60,8 @@ def test_random_init_draws_as_peft_does(arch, tmp_path):
     assert {k: v for k, v in ours_cfg.items() if k not in bookkeeping} == \
         {k: v for k, v in theirs_cfg.items() if k not in bookkeeping}
     assert theirs_cfg["target_modules"] == ("model.embed_tokens" if arch == "llama" else "transformer.wte")
-    assert peftlab.read_config(tmp_path / "peft").trainable_tokens() == \
-        ({theirs_cfg["target_modules"]: IDS}, False, False)
+    rows = peftlab.read_config(tmp_path / "peft").trainable_tokens()
+    assert (rows.spec, rows.nested, rows.init_weights) == ({theirs_cfg["target_modules"]: IDS}, False, False)
     table = ARCHS[arch]().get_input_embeddings().weight.detach()[IDS]
     assert not torch.equal(next(iter(ours.values())), table)
 
@@ -104,7 +104,7 @@ def test_bad_options_are_refused_by_field(bad, field):
 
 def test_bad_targets_and_ids_are_refused_before_attaching():
     model = ARCHS["llama"]()
-    with pytest.raises(peftlab.AdapterError, match="ids \\[999\\]"):
+    with pytest.raises(peftlab.AdapterError, match="token_indices for 'model.embed_tokens': ids \\[999\\]"):
         peftlab.attach(model, TrainableTokensConfig(token_indices=[1, 999]))
     with pytest.raises(peftlab.AdapterError, match="not an nn.Embedding"):
         peftlab.attach(model, TrainableTokensConfig(token_indices=[1], target_modules=["layers.0.self_attn.q_proj"]))

@@ -176,7 +176,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if token_rows is not None:
         from .tokens import token_plan
 
-        tokens = token_plan(model, token_rows[0], [*(config.modules_to_save or []), *targets])
+        tokens = token_plan(model, token_rows.spec, [*(config.modules_to_save or []), *targets], token_rows.field)
     if not state.configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -190,7 +190,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if tokens:
         from .tokens import add_trainable_tokens
 
-        add_trainable_tokens(model, tokens, name, nested=token_rows[1], init_weights=token_rows[2])
+        add_trainable_tokens(model, tokens, name, nested=token_rows.nested, init_weights=token_rows.init_weights)
     state.configs[name] = config
     from .hooks import install_model_hooks
 

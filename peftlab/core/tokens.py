@@ -71,13 +71,13 @@ class _TiedRows(_TiedEntry):
         self.trainable_tokens_delta = entry.trainable_tokens_delta
 
 
-def check_indices(indices, vocab: int, where: str) -> list[int]:
+def check_indices(indices, vocab: int, where: str, field: str = "trainable_token_indices") -> list[int]:
     if not isinstance(indices, (list, tuple)) or not indices or not all(isinstance(i, int) for i in indices):
-        raise AdapterError(f"trainable_token_indices for {where!r} must be a non-empty list of token ids, "
+        raise AdapterError(f"{field} for {where!r} must be a non-empty list of token ids, "
                            f"got {indices!r}")
     bad = [i for i in indices if not 0 <= i < vocab]
     if bad or len(set(indices)) != len(indices):
-        raise AdapterError(f"trainable_token_indices for {where!r}: ids {bad or 'repeated'} "
+        raise AdapterError(f"{field} for {where!r}: ids {bad or 'repeated'} "
                            f"(the table has {vocab} rows; each id once)")
     return list(indices)
 
@@ -152,10 +152,12 @@ def _name_of(model: nn.Module, module: nn.Module) -> str | None:
     return next((n for n, m in logical_modules(model) if m is module), None)
 
 
-def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list[int], str | None]]:
+def token_plan(model: nn.Module, spec, taken: list[str], field: str = "trainable_token_indices",
+               ) -> list[tuple[str, list[int], str | None]]:
     """(embedding name, indices, tied head name or None) for each table ``spec`` names, all checked before anything
     changes. ``spec``: a list of token ids (the input embedding), or {module name: ids}. ``taken``: the new
-    adapter's modules_to_save and weight targets, which must not be among them."""
+    adapter's modules_to_save and weight targets, which must not be among them. ``field``: the config field that
+    errors name."""
     from .adapter import AdaptedModule
     from .inject import _unwrap, logical_modules
 
@@ -163,7 +165,7 @@ def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         where = _name_of(model, emb) if emb is not None else None
         if where is None:
-            raise AdapterError("trainable_token_indices as a list needs a model with get_input_embeddings()")
+            raise AdapterError(f"{field} as a list needs a model with get_input_embeddings()")
         targets = {where: spec}
     elif isinstance(spec, dict):
         targets = {}
@@ -172,10 +174,10 @@ def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list
             hits = [n for n in names if n == key or n.endswith("." + key)] or \
                 [n for n in names if re.fullmatch(key, n)]  # a name, a name's suffix, or a regex of whole names
             if len(hits) != 1:
-                raise AdapterError(f"trainable_token_indices key {key!r} matches {len(hits)} modules; name one")
+                raise AdapterError(f"{field} key {key!r} matches {len(hits)} modules; name one")
             targets[hits[0]] = ids
     else:
-        raise AdapterError(f"trainable_token_indices must be a list of ids or {{module: ids}}, got {spec!r}")
+        raise AdapterError(f"{field} must be a list of ids or {{module: ids}}, got {spec!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     plan = []
     for where, ids in targets.items():
@@ -183,12 +185,12 @@ def token_plan(model: nn.Module, spec, taken: list[str]) -> list[tuple[str, list
         if isinstance(module, AdaptedModule) or (isinstance(module, ModulesToSave) and not isinstance(module, TokenRows)):
             raise AdapterError(f"{where!r} is already adapted or in modules_to_save; trainable tokens need it plain")
         if any(where == s or where.endswith("." + s) for s in taken):
-            raise AdapterError(f"{where!r} is both a target or in modules_to_save and in trainable_token_indices; "
+            raise AdapterError(f"{where!r} is both a target or in modules_to_save and in {field}; "
                                "pick one")
         base = _unwrap(module)
         if not wrappable(base):
-            raise AdapterError(f"trainable_token_indices: {where!r} is a {type(base).__name__}, not an nn.Embedding")
-        ids = check_indices(ids, base.num_embeddings, where)
+            raise AdapterError(f"{field}: {where!r} is a {type(base).__name__}, not an nn.Embedding")
+        ids = check_indices(ids, base.num_embeddings, where, field)
         tied = None
         if head is not None and getattr(_unwrap(head), "weight", None) is base.weight:
             tied = _name_of(model, head)

@@ -14,10 +14,8 @@ writes R into E (merge_and_unload).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from peftlab.core.adapter import AdapterLayer
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, TokenRowsSpec
 from peftlab.core.registry import register
 
 
@@ -50,15 +48,13 @@ class TrainableTokensConfig(AdapterConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not an option of TRAINABLE_TOKENS (PEFT's "
                                   "TrainableTokensConfig has no such field)")
 
-    def trainable_tokens(self) -> tuple[Any, bool, bool]:
+    def trainable_tokens(self) -> TokenRowsSpec:
         ids = list(self.token_indices)
         if self.target_modules is None:
-            spec: Any = ids
-        elif isinstance(self.target_modules, str):
-            spec = {self.target_modules: ids}
-        else:
-            spec = {name: ids for name in self.target_modules}
-        return spec, False, self.init_weights
+            return TokenRowsSpec(ids, nested=False, init_weights=self.init_weights, field="token_indices")
+        names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        return TokenRowsSpec({name: ids for name in names}, nested=False, init_weights=self.init_weights,
+                             field="target_modules / token_indices")
 
 
 class TrainableTokensLayer(AdapterLayer):
