@@ -125,3 +125,27 @@ def test_bad_targets_are_refused():
         peftlab.attach(tiny_llama(), PolyConfig(target_modules=["q_proj"], n_splits=3))
     with pytest.raises(ConfigError, match="Linear only"):
         peftlab.attach(tiny_gpt2(), PolyConfig(target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize("prompt_first", [True, False])
+def test_task_ids_reach_poly_beside_multitask_prompt_tuning(prompt_first):
+    """Both read task_ids from the call, whichever was attached first (the input side's hook came first or last)."""
+    from peftlab.core.state import adapter_tensors, load_tensors
+    from peftlab.methods.multitask_prompt import MultitaskPromptTuningConfig
+
+    x, tasks = batch(), torch.tensor([2, 1])
+    alone = peftlab.attach(tiny_llama(), PolyConfig(**CASES["mhr"]))
+    randomize_adapters(alone, seed=6)
+    expected = _logits(alone, x, tasks)
+    model = tiny_llama()
+    prompt = MultitaskPromptTuningConfig(num_virtual_tokens=2, num_tasks=3)
+    if prompt_first:
+        peftlab.attach(model, prompt, name="prompt")
+    peftlab.attach(model, PolyConfig(**CASES["mhr"]), name="poly")
+    if not prompt_first:
+        peftlab.attach(model, prompt, name="prompt", activate=False)
+    peftlab.set_active(model, "poly")
+    load_tensors(model, "poly", adapter_tensors(alone, "default"))
+    torch.testing.assert_close(_logits(model, x, tasks), expected)
+    peftlab.set_active(model, "prompt")
+    assert _logits(model, x, tasks).shape == expected.shape  # the prompt adapter got them too (3 tasks: required)
