@@ -186,8 +186,8 @@ def test_serving_form_equals_the_adapted_module(method):
 def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
     served form equals the method's own module (full-rank conversion: exact up to rounding); an input-side method
-    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods, and updates of
-    other layers than linears (LN tuning's norms), are refused with a ServeError."""
+    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods, updates of
+    other layers than linears (LN tuning's norms) and trainable token rows are refused with a ServeError."""
     from peftlab.core.input_side import hooked
     from peftlab.core.registry import method_for
     from peftlab.serve.engine import Engine, EngineConfig
@@ -224,6 +224,10 @@ def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
             with pytest.raises(ServeError, match="model hooks"):
                 engine.store.acquire(variant, load_from_disk=True)
         assert not hasattr(engine.model, "peftlab_hooked")
+        return
+    if config.trainable_tokens():  # embedding rows (TRAINABLE_TOKENS) have no place in the slot tables
+        with pytest.raises(ServeError, match="trainable tokens"):
+            check_servable(config, variant)
         return
     check_servable(config, variant)
     peftlab.attach(model, config)

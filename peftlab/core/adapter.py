@@ -32,7 +32,9 @@ class AdapterLayer(nn.Module):
       serves_from_state  on a linear, ``serving_form_from_state`` gives that form straight from checkpoint tensors
       transforms_input   ``transform_input`` rewrites the input before the base layer
       supported_kinds    base-module kinds it can wrap ("linear", "embedding", "norm": a LayerNorm / RMSNorm, whose
-                         ``weight_oi()`` is its (features,) scale and whose ``merge_into`` returns that vector)
+                         ``weight_oi()`` is its (features,) scale and whose ``merge_into`` returns that vector);
+                         empty: the method wraps no module, the class only carries its flags (TRAINABLE_TOKENS,
+                         whose config's ``trainable_tokens()`` says all it trains)
       compiles_in_layers its forward traces correctly inside a compiled decoder layer (``compile_scope="layers"``,
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
       token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or
@@ -45,6 +47,11 @@ class AdapterLayer(nn.Module):
                          real tokens. It stays set until the next forward, for checkpointing's recomputation
       reads_token_gate   before each model forward core sets ``self.gate`` to the (B, T) bool gate its method's
                          ``Method.token_gate`` computes for the call (activated LoRA); kept like ``token_mask``
+      call_arguments     names of keyword arguments of the model call the layer reads (Poly's ``task_ids``): before
+                         each model forward core takes them out of the call's keywords (the model never sees them;
+                         ``peftlab.call_inputs(model, ...)`` supplies them to calls that do not pass them, e.g. inside
+                         ``generate()``) and sets ``self.call_inputs`` to {name: value or None} on the layers of the
+                         active adapters; kept until the next forward, like ``token_mask``
     """
 
     mergeable: ClassVar[bool] = True
@@ -58,6 +65,8 @@ class AdapterLayer(nn.Module):
     reads_token_mask: ClassVar[bool] = False
     reads_token_gate: ClassVar[bool] = False
     loss_in_forward: ClassVar[bool] = False
+    call_arguments: ClassVar[tuple[str, ...]] = ()
+    call_inputs: dict[str, Any] | None = None
     token_mask: torch.Tensor | None = None
     gate: torch.Tensor | None = None
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 
 class ConfigError(ValueError):
@@ -26,6 +26,18 @@ INFORMATIONAL_KEYS = frozenset(
 
 def _is_neutral(value: Any) -> bool:
     return value in (None, False, {}, [], "", 0)
+
+
+class TokenRowsSpec(NamedTuple):
+    """What ``AdapterConfig.trainable_tokens`` answers. ``spec``: a list of token ids (the input embedding) or
+    {module name, suffix or regex: ids}; ``nested``: the rows are saved under ``token_adapter.`` (LoRA's
+    ``trainable_token_indices``) or directly on the table (PEFT's TRAINABLE_TOKENS); ``init_weights``: they start as
+    the table's rows, else standard normal; ``field``: the config field that error messages name."""
+
+    spec: Any
+    nested: bool = True
+    init_weights: bool = True
+    field: str = "trainable_token_indices"
 
 
 @dataclass
@@ -66,6 +78,11 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError naming the field."""
+
+    def trainable_tokens(self) -> "TokenRowsSpec | None":
+        """The embedding rows this adapter trains (core/tokens.py), or None."""
+        spec = getattr(self, "trainable_token_indices", None)  # PEFT's field on LoraConfig
+        return None if spec is None else TokenRowsSpec(spec)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

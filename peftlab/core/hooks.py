@@ -12,6 +12,8 @@
 * token masks: a forward pre-hook hands the call's attention mask to the active layers that declare
   ``reads_token_mask`` (MoLoRA's balancing loss leaves padding out), and to none when no active
   adapter's layer class declares it, so other models pay one short loop over their configs.
+* call arguments: a pre-hook ahead of all others takes the keywords that attached layer classes declare in
+  ``call_arguments`` (Poly's ``task_ids``) out of the call and hands them, or those of ``peftlab.call_inputs``, to the active layers.
 * token gates: the same pre-hook asks each active adapter's method for a gate of the call's tokens
   (``Method.token_gate``: aLoRA acts from its invocation tokens on) and sets it as ``layer.gate`` on that
   adapter's layers.
@@ -105,6 +107,42 @@ def _share_token_mask(module: nn.Module, args, kwargs):
     return None
 
 
+CALL_INPUTS = "_peftlab_call_inputs"  # model.__dict__ key of the values ``peftlab.call_inputs`` supplies
+
+
+def weight_call_arguments(model: nn.Module) -> set[str]:
+    """The call keywords the attached weight-side adapters' layer classes read (``AdapterLayer.call_arguments``)."""
+    state = model.__dict__.get("_peftlab")
+    if state is None:
+        return set()
+    names = set()
+    for config in state.configs.values():
+        method = method_for(config)
+        if method.kind == "weight":
+            names.update(method.layer_class(config).call_arguments)
+    return names
+
+
+def _share_call_arguments(model: nn.Module, args, kwargs):
+    """Runs before every other pre-hook of the model (prepended), so it sees the call's own keywords; it leaves those
+    an input-side adapter also reads (multitask prompt tuning's ``task_ids``) for that adapter's hook to take."""
+    names = weight_call_arguments(model)
+    if not names:
+        return None
+    values = {**model.__dict__.get(CALL_INPUTS, {}), **{n: kwargs[n] for n in names if n in kwargs}}
+    for _, layer in _active_layers(model):
+        if layer.call_arguments:
+            layer.call_inputs = {n: values.get(n) for n in layer.call_arguments}
+    from .input_side import hooked
+
+    container = hooked(model)
+    read_by_input_side = {n for a in container.values() for n in a.call_arguments} if container is not None else set()
+    taken = names.intersection(kwargs) - read_by_input_side
+    if not taken:
+        return None
+    return args, {k: v for k, v in kwargs.items() if k not in taken}
+
+
 def _call_tokens(args, kwargs) -> tuple[torch.Tensor | None, tuple[int, int] | None, bool]:
     """(input_ids, (B, T), whether the call continues a key-value cache) of a causal LM call."""
     ids = kwargs.get("input_ids")
@@ -147,11 +185,13 @@ def _after_forward(module: nn.Module, args, kwargs, output):
 
 
 def install_model_hooks(model: nn.Module) -> None:
-    """Idempotent: the extra-loss forward hook and the token-mask pre-hook, once per model."""
+    """Idempotent: the extra-loss forward hook, the token-mask pre-hook and the call-arguments pre-hook, once per
+    model."""
     if model.__dict__.get("_peftlab_hooks") is None:
         model.__dict__["_peftlab_hooks"] = (
             model.register_forward_hook(_after_forward, with_kwargs=True),
             model.register_forward_pre_hook(_share_token_mask, with_kwargs=True),
+            model.register_forward_pre_hook(_share_call_arguments, with_kwargs=True, prepend=True),
         )
 
 

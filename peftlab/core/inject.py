@@ -168,14 +168,15 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
                               f"(attached already: {list(state.configs)})")
         state.layer_replication = replicate_layers(model, replication, state.layer_replication)
     # checked before anything is attached
-    targets = module_targets(model, config) if method.kind == "weight" else []
+    wraps = method.kind == "weight" and method.layer_class(config).supported_kinds  # empty: no module (see flags)
+    targets = module_targets(model, config) if wraps else []
     params = plan_parameters(model, config, method, targets)
-    token_indices = getattr(config, "trainable_token_indices", None)  # PEFT's LoraConfig field
+    token_rows = config.trainable_tokens()
     tokens = None
-    if token_indices is not None:
+    if token_rows is not None:
         from .tokens import token_plan
 
-        tokens = token_plan(model, token_indices, [*(config.modules_to_save or []), *targets])
+        tokens = token_plan(model, token_rows.spec, [*(config.modules_to_save or []), *targets], token_rows.field)
     if not state.configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -189,7 +190,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
     if tokens:
         from .tokens import add_trainable_tokens
 
-        add_trainable_tokens(model, tokens, name)
+        add_trainable_tokens(model, tokens, name, nested=token_rows.nested, init_weights=token_rows.init_weights)
     state.configs[name] = config
     from .hooks import install_model_hooks
 

@@ -197,21 +197,30 @@ def _past_length(cache) -> int:
 
 @contextlib.contextmanager
 def call_inputs(model: nn.Module, **values):
-    """Within the block, model calls that do not pass them get these ``call_arguments`` of the attached input-side
-    adapters (``with call_inputs(model, task_ids=ids): model.generate(...)``)."""
+    """Within the block, model calls that do not pass them get these ``call_arguments`` of the attached adapters,
+    input-side (``HookedAdapter.call_arguments``) or weight-side (``AdapterLayer.call_arguments``):
+    ``with call_inputs(model, task_ids=ids): model.generate(...)``."""
+    from .hooks import CALL_INPUTS, weight_call_arguments
+
     container = hooked(model)
-    if container is None:
-        raise AdapterError("call_inputs: no input-side adapter is attached to this model")
-    known = {n for a in container.values() for n in a.call_arguments}
-    unknown = sorted(set(values) - known)
+    known_input = {n for a in container.values() for n in a.call_arguments} if container is not None else set()
+    known_weight = weight_call_arguments(model)
+    if not known_input and not known_weight:
+        raise AdapterError("call_inputs: no attached adapter reads call arguments")
+    unknown = sorted(set(values) - known_input - known_weight)
     if unknown:
-        raise AdapterError(f"call_inputs: no attached adapter reads {unknown}; they read {sorted(known)}")
-    before = container.__dict__.get("call_inputs", {})
-    container.__dict__["call_inputs"] = {**before, **values}
+        raise AdapterError(f"call_inputs: no attached adapter reads {unknown}; they read "
+                           f"{sorted(known_input | known_weight)}")
+    slots = ([(container.__dict__, "call_inputs")] if known_input else []) + \
+        ([(model.__dict__, CALL_INPUTS)] if known_weight else [])
+    before = [store.get(key, {}) for store, key in slots]
+    for (store, key), old in zip(slots, before):
+        store[key] = {**old, **values}
     try:
         yield
     finally:
-        container.__dict__["call_inputs"] = before
+        for (store, key), old in zip(slots, before):
+            store[key] = old
 
 
 def _take_call_inputs(container: nn.ModuleDict, kwargs: dict) -> tuple[dict, dict | None]:

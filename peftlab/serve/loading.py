@@ -26,7 +26,7 @@ def check_servable(config, name: str) -> None:
                          "CorDA's residual, LoftQ's quantized weights), so it cannot share the served base; merge it (peftlab merge) or convert it "
                          "to a plain update first")
     if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False) \
-            or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+            or getattr(config, "modules_to_save", None) or config.trainable_tokens():
         raise ServeError(f"adapter {name!r}: trained biases / modules_to_save / trainable tokens are not servable")
     if getattr(config, "layer_replication", None):
         raise ServeError(f"adapter {name!r}: layer_replication builds a deeper model than the served base; merge it "
