@@ -193,3 +193,27 @@ def test_bad_experts_and_sizes_are_refused(experts, tmp_path):
         peftlab.attach(base("llama"), XLoraConfig(hidden_size=HIDDEN, adapters={"0": str(dora)}))
     with pytest.raises(ConfigError, match="modules"):
         peftlab.attach(base("gpt2"), XLoraConfig(hidden_size=HIDDEN, adapters=experts["llama"]))
+
+
+def test_classifier_trains_and_reloads_exactly(experts, tmp_path):
+    """Only the classifier trains, the loss falls, and the saved classifier reloads to the same logits."""
+    model = base("llama")
+    peftlab.attach(model, XLoraConfig(hidden_size=HIDDEN, adapters=experts["llama"], xlora_depth=2, xlora_size=16))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    x = batch()
+    losses = []
+    for _ in range(20):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    peftlab.save_adapter(model, tmp_path)
+    again = base("llama")
+    peftlab.load_adapter(again, tmp_path)
+    again.eval()
+    assert torch.equal(logits(again, x), logits(model, x))
