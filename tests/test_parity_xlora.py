@@ -191,6 +191,10 @@ def test_bad_experts_and_sizes_are_refused(experts, tmp_path):
     peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(dora)
     with pytest.raises(ConfigError, match="use_dora"):
         peftlab.attach(base("llama"), XLoraConfig(hidden_size=HIDDEN, adapters={"0": str(dora)}))
+    biased = tmp_path / "biased"
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True)).save_pretrained(biased)
+    with pytest.raises(ConfigError, match="lora_bias|bias"):
+        peftlab.attach(base("llama"), XLoraConfig(hidden_size=HIDDEN, adapters={"0": str(biased)}))
     with pytest.raises(ConfigError, match="modules"):
         peftlab.attach(base("gpt2"), XLoraConfig(hidden_size=HIDDEN, adapters=experts["llama"]))
 

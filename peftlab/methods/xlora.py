@@ -114,25 +114,25 @@ def read_lora_expert(folder: str) -> tuple[dict[str, tuple[torch.Tensor, torch.T
         if getattr(lora, field, neutral) not in (neutral, None):
             raise ConfigError(f"adapters: {folder} sets {field}={getattr(lora, field)!r}, not supported in X-LoRA experts")
     tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    other = [k for k, t in tensors.items() if not k.endswith((".lora_A.weight", ".lora_B.weight")) or t.dim() != 2]
+    if other or not tensors:
+        raise ConfigError(f"adapters: {folder} holds tensors other than Linear LoRA A/B weights (e.g. LoRA bias, "
+                          f"embedding or conv LoRA): {other[:3]}" if other else f"adapters: {folder} holds no tensors")
     pairs = {}
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):
-            module = key[len(STEM):-len(".lora_A.weight")] if key.startswith(STEM) else key[:-len(".lora_A.weight")]
+            module = key.removeprefix(STEM).removesuffix(".lora_A.weight")
             pairs[module] = (a, tensors[key.replace(".lora_A.", ".lora_B.")])
-    other = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
-    if other or not pairs:
-        raise ConfigError(f"adapters: {folder} holds keys other than Linear LoRA A/B pairs ({other[:3]}) or none")
     scaling = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
     return pairs, scaling, lora.lora_dropout
 
 
 class XLoraAdapter(HookedAdapter):
-    compiles_in_layers = False  # a second model pass inside the pre-hook
-    token_local = False  # the classifier reads the last hidden state, which attends over the sequence
+    compiles_in_layers = False  # the layers read scalings that a second model pass in the pre-hook sets per call
 
     def __init__(self, config: XLoraConfig, modules: list[str], experts: list):
         super().__init__()
-        self.config, self.modules = config, modules
+        self.config, self.targets, self.n_experts = config, modules, len(experts)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         self.indices = []
         for index, fan_in, fan_out in classifier_layout(config, len(experts), len(modules)):
@@ -153,7 +153,7 @@ class XLoraAdapter(HookedAdapter):
             x = F.linear(x, w, b)
             if i < len(self.weights) - 1:
                 x = F.dropout(F.relu(x), self.config.xlora_dropout_p, self.training)
-        batch, tokens, layers = *x.shape[:2], len(self.modules)
+        batch, tokens, layers = *x.shape[:2], len(self.targets)
         x = x.reshape(batch, tokens, layers, -1) if self.config.layerwise_scalings \
             else x.unsqueeze(2).expand(-1, -1, layers, -1)
         if self.config.enable_softmax:
@@ -163,7 +163,7 @@ class XLoraAdapter(HookedAdapter):
     def install(self, model: nn.Module) -> list:
         handles = [model.register_forward_pre_hook(self._scaling_pass, with_kwargs=True)]
         return handles + [model.get_submodule(name).register_forward_hook(self._adapt_layer(i), with_kwargs=True)
-                          for i, name in enumerate(self.modules)]
+                          for i, name in enumerate(self.targets)]
 
     def _scaling_pass(self, model: nn.Module, args: tuple, kwargs: dict):
         if not self.active:
@@ -172,8 +172,7 @@ class XLoraAdapter(HookedAdapter):
             raise NotImplementedError("X-LoRA runs two passes per call and cannot use a KV cache (use_cache=False)")
         ids = args[0] if args else kwargs.get("input_ids")
         shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
-        n_experts = self.biases[-1].shape[0] // (len(self.modules) if self.config.layerwise_scalings else 1)
-        self.scalings = torch.full((*shape, len(self.modules), n_experts), float(self.config.scaling_pass_value),
+        self.scalings = torch.full((*shape, len(self.targets), self.n_experts), float(self.config.scaling_pass_value),
                                    device=self.weights[0].device, dtype=self.weights[0].dtype)
         with torch.no_grad():
             out = model.forward(*args, **{**kwargs, "output_hidden_states": True, "return_dict": True,
