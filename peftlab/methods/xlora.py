@@ -16,8 +16,10 @@ Layers are numbered in module order over every module some expert adapts (PEFT's
 The experts are the LoRA checkpoints named in ``adapters`` (name -> folder), read when the adapter is attached and
 frozen; only the classifier trains. Saved keys (as PEFT, top level): ``base_model.internal_xlora_classifier.
 layers.<i>.weight`` / ``.bias`` for each linear layer i of the classifier's Sequential (ReLU and Dropout take
-indices too). PEFT 0.21 drops the keys whose index equals an expert's name ("0", "1", ...) when saving, so a
-PEFT-saved file lacks the first linear layer; such a file is refused here by its missing keys.
+indices too). PEFT names its experts "0", "1", ... and, saving, drops every key holding ".<expert name>.", so a
+PEFT-saved file lacks the first linear layer (``layers.0``); such a file is refused here by its missing keys.
+Each call runs two passes, so a KV cache is refused (PEFT: ``use_cache`` must be False); merging is refused (the
+update depends on x). Experts must be Linear / Conv1D LoRA without DoRA, LoRA bias or rank/alpha patterns.
 """
 from __future__ import annotations
 
