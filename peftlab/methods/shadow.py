@@ -176,14 +176,23 @@ class Shadow(HookedAdapter):
         hidden = config.update_hidden_size or config.r
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         self.transform, self.gate = nn.ModuleList(), nn.ModuleList()
-        for _ in blocks:  # nn.Linear draws, in PEFT's order, so a seeded attach matches PEFT's init
+        # the last block's update feeds nothing (the final shadow state is dropped), so its T and G never get a
+        # gradient: they are kept as buffers, saved and loaded like PEFT's but not trained and not computed
+        self.unused_update = nn.Module()
+        for i in range(len(blocks)):  # nn.Linear draws, in PEFT's order, so a seeded attach matches PEFT's init
             down, up = nn.Linear(width, config.r, bias=False), nn.Linear(config.r, width, bias=False)
             if config.init_weights:
                 nn.init.zeros_(up.weight)
             self.down.append(down.weight)
             self.up.append(up.weight)
-            self.transform.append(_update_mlp(width, hidden))
-            self.gate.append(_update_mlp(width, hidden))
+            transform, gate = _update_mlp(width, hidden), _update_mlp(width, hidden)
+            if i < len(blocks) - 1:
+                self.transform.append(transform)
+                self.gate.append(gate)
+                continue
+            for mlp_name, mlp in (("shadow_update_transform", transform), ("shadow_update_gate", gate)):
+                for pname, p in mlp.named_parameters():
+                    self.unused_update.register_buffer(f"{mlp_name}__{pname.replace('.', '_')}", p.detach())
         self.dropout = nn.Dropout(config.shadow_dropout) if config.shadow_dropout else nn.Identity()
         self.seed: torch.Tensor | None = None  # s0 of the current forward
         self.state: torch.Tensor | None = None  # s_l, advanced block by block
@@ -247,7 +256,7 @@ class Shadow(HookedAdapter):
         return args, {**kwargs, "hidden_states": new}
 
     def _update(self, index: int, block: nn.Module, args: tuple, output):
-        if not self.active or self.state is None:
+        if not self.active or self.state is None or index == len(self.blocks) - 1:
             return None
         out = output if isinstance(output, torch.Tensor) else output[0]
         self.state = gated_update(out, self.state, self.transform[index], self.gate[index])
@@ -277,9 +286,15 @@ class Shadow(HookedAdapter):
         for i, block in enumerate(self.blocks):
             out[f"{block}.shadow_down.{n}.weight"] = self.down[i]
             out[f"{block}.shadow_up.{n}.weight"] = self.up[i]
-            for mlp_name, mlp in (("shadow_update_transform", self.transform[i]), ("shadow_update_gate", self.gate[i])):
-                for pname, p in mlp.named_parameters():
-                    out[f"{block}.{mlp_name}.{n}.{pname}"] = p
+            if i < len(self.transform):
+                for mlp_name, mlp in (("shadow_update_transform", self.transform[i]),
+                                      ("shadow_update_gate", self.gate[i])):
+                    for pname, p in mlp.named_parameters():
+                        out[f"{block}.{mlp_name}.{n}.{pname}"] = p
+        last = self.blocks[-1]
+        for bname, b in self.unused_update.named_buffers():
+            mlp_name, pname = bname.split("__")
+            out[f"{last}.{mlp_name}.{n}.{pname.replace('_', '.')}"] = b
         for pname, p in self.backbone.named_parameters():
             out[f"base_model.shadow_backbone.{n}.{pname}"] = p
         if isinstance(self.projection, nn.Linear):
