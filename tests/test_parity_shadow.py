@@ -116,3 +116,12 @@ def test_non_contiguous_or_unknown_blocks_are_refused():
         peftlab.attach(model, peftlab.ShadowConfig(target_modules=["model.layers.0", "model.layers.2"]))
     with pytest.raises(ConfigError, match="not decoder blocks"):
         peftlab.attach(model, peftlab.ShadowConfig(target_modules=["q_proj"]))
+
+
+def test_gradient_checkpointing_is_refused():
+    model = ARCHS["llama"]()
+    peftlab.attach(model, peftlab.ShadowConfig())
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(peftlab.AdapterError, match="gradient checkpointing"):
+        model(batch(), labels=batch())

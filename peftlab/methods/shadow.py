@@ -212,6 +212,10 @@ class Shadow(HookedAdapter):
         self.seed = self.state = None
         if not self.active:
             return None
+        if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            # recomputing a block reruns its hooks, which would advance the shadow state a second time
+            raise AdapterError("SHADOW carries its shadow state between block hooks and does not work with "
+                               "gradient checkpointing")
         signature = inspect.signature(model.forward)
         kw = _bind(model, signature, args, kwargs)
         key = "cache" if "cache" in signature.parameters else "past_key_values"
