@@ -132,7 +132,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def top_level_keys(model: nn.Module, name: str) -> frozenset[str]:
     """Keys an input-side method saves at the file's top level, without ``base_model.model.``
-    (prompt learning's ``prompt_embeddings``); declared by its ``input_hooks.top_level_keys``."""
+    (prompt learning's ``prompt_embeddings``); declared by its ``input_hooks.top_level_keys``. An entry ending in
+    "." is a prefix: every key starting with it is top level (SHADOW's ``base_model.shadow_backbone.`` modules)."""
     method = method_for(model_state(model).configs[name])
     return frozenset(method.input_hooks.top_level_keys) if method.kind == "input" else frozenset()
 
@@ -141,7 +142,8 @@ def checkpoint_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Everything adapter ``name`` writes to ``adapter_model.safetensors``, under the file's keys."""
     tensors = adapter_tensors(model, name)
     top = top_level_keys(model, name)
-    out = {(k if k in top else PREFIX + k): v for k, v in tensors.items()}
+    prefixes = tuple(t for t in top if t.endswith("."))
+    out = {(k if k in top or k.startswith(prefixes) else PREFIX + k): v for k, v in tensors.items()}
     shared = model_state(model).shared.get(name)
     for key, tensor in (shared.state_tensors() if shared is not None else {}).items():
         if (SHARED_PREFIX + key).startswith(PREFIX):
