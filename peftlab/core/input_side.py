@@ -171,7 +171,7 @@ def text_config(model: nn.Module):
 
 
 # -- the sequence pre-hook ---------------------------------------------------------------------
-def _bind(model: nn.Module, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+def bind_call(model: nn.Module, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
     """All call arguments by name (the model's forward signature binds positional ones)."""
     bound = signature.bind(*args, **kwargs).arguments
     out: dict[str, Any] = {}
@@ -247,7 +247,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     def mine(adapter: HookedAdapter) -> dict:
         return {n: call.get(n) for n in adapter.call_arguments}
     signature = inspect.signature(model.forward)
-    kw = _bind(model, signature, args, kwargs)
+    kw = bind_call(model, signature, args, kwargs)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if (ids is None) == (embeds is None):
         raise AdapterError("prompt-side adapters need exactly one of input_ids and inputs_embeds")

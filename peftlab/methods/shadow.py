@@ -33,7 +33,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
-from peftlab.core.input_side import HookedAdapter, HookMethod, _bind, text_config
+from peftlab.core.input_side import HookedAdapter, HookMethod, bind_call, text_config
 from peftlab.core.registry import register
 
 _LAYER_COUNT = ("num_hidden_layers", "n_layer", "num_layers")
@@ -217,7 +217,7 @@ class Shadow(HookedAdapter):
             raise AdapterError("SHADOW carries its shadow state between block hooks and does not work with "
                                "gradient checkpointing")
         signature = inspect.signature(model.forward)
-        kw = _bind(model, signature, args, kwargs)
+        kw = bind_call(model, signature, args, kwargs)
         key = "cache" if "cache" in signature.parameters else "past_key_values"
         base_cache = kw.get(key, kw.get("past_key_values"))
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
