@@ -156,8 +156,8 @@ def _update_mlp(d: int, hidden: int) -> nn.Sequential:
 
 
 class Shadow(HookedAdapter):
-    # the shadow state is carried between block hooks in Python, outside what dynamo traces per layer
-    compiles_in_layers = False
+    # the shadow state is carried between the blocks' hooks, which run around each compiled layer call (compiled
+    # layers give eager's loss and gradients: tests/test_compile_methods.py); padding changes the backbone's state
     token_local = False
 
     def __init__(self, model: nn.Module, config: ShadowConfig, blocks: list[str]):
