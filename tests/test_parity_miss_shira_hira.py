@@ -11,7 +11,7 @@ from torch import nn
 import peftlab
 from peftlab.core.inject import adapter_layers
 from models import (
-    ARCHS, both_ways_tests, check_config_round_trip, check_peft_file_loads_in_peftlab,
+    ARCHS, ParityCases, both_ways_tests, check_config_round_trip, check_peft_file_loads_in_peftlab,
     check_peftlab_file_loads_in_peft, check_same_file_as_peft, saved_pair,
 )
 
@@ -40,19 +40,8 @@ PAIRS = [(case, arch) for case, (_, _, archs, _) in CASES.items() for arch in ar
 PEFT_CONFIGS = {"MISS": peft.MissConfig, "SHIRA": peft.ShiraConfig, "HIRA": peft.HiraConfig}
 
 
-def settings(case, arch, **extra):
-    peft_type, kwargs, _, targets = CASES[case]
-    return peft_type, dict(kwargs, target_modules=targets[arch], **extra)
-
-
-def ours_config(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peftlab.lookup(peft_type).config(**kwargs)
-
-
-def peft_model(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
+PARITY = ParityCases(CASES, ARCHS, PEFT_CONFIGS)
+settings, ours_config, peft_model = PARITY.settings, PARITY.ours, PARITY.peft_model
 
 
 test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(

@@ -12,7 +12,8 @@ import torch
 
 import peftlab
 from models import (
-    ARCHS, batch, both_ways_tests, check_config_round_trip, check_same_file_as_peft, logits, randomize_adapters,
+    ARCHS, ParityCases, batch, both_ways_tests, check_config_round_trip, check_same_file_as_peft, logits,
+    randomize_adapters,
 )
 from peftlab.core.inject import adapter_layers, model_state
 
@@ -40,19 +41,9 @@ PAIRS = [(case, arch) for case, (_, _, archs) in CASES.items() for arch in archs
 PEFT_CONFIGS = {"RANDLORA": peft.RandLoraConfig, "DELORA": peft.DeloraConfig}
 
 
-def settings(case, arch, **extra):
-    peft_type, kwargs, _ = CASES[case]
-    return peft_type, dict(kwargs, **TARGETS[arch], **extra)
-
-
-def ours_config(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peftlab.lookup(peft_type).config(**kwargs)
-
-
-def peft_model(case, arch, **extra):
-    peft_type, kwargs = settings(case, arch, **extra)
-    return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
+PARITY = ParityCases({case: (*entry, {arch: t["target_modules"] for arch, t in TARGETS.items()})
+                      for case, entry in CASES.items()}, ARCHS, PEFT_CONFIGS)
+settings, ours_config, peft_model = PARITY.settings, PARITY.ours, PARITY.peft_model
 
 
 test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
