@@ -108,6 +108,7 @@ def _share_token_mask(module: nn.Module, args, kwargs):
 
 
 CALL_INPUTS = "_peftlab_call_inputs"  # model.__dict__ key of the values ``peftlab.call_inputs`` supplies
+CALL_VALUES = "_peftlab_call_values"  # model.__dict__ key of the current call's values of every call argument
 
 
 def weight_call_arguments(model: nn.Module) -> set[str]:
@@ -123,24 +124,33 @@ def weight_call_arguments(model: nn.Module) -> set[str]:
     return names
 
 
-def _share_call_arguments(model: nn.Module, args, kwargs):
-    """Runs before every other pre-hook of the model (prepended), so it sees the call's own keywords; it leaves those
-    an input-side adapter also reads (multitask prompt tuning's ``task_ids``) for that adapter's hook to take."""
+def call_argument_names(model: nn.Module) -> set[str]:
+    """Every call keyword an attached adapter reads: weight-side layer classes' and input-side adapters'
+    ``call_arguments`` (Poly's and multitask prompt tuning's ``task_ids``, CPT's ``input_type_mask``)."""
+    from .input_side import hooked
+
     names = weight_call_arguments(model)
+    container = hooked(model)
+    if container is not None:
+        names.update(n for adapter in container.values() for n in adapter.call_arguments)
+    return names
+
+
+def _share_call_arguments(model: nn.Module, args, kwargs):
+    """Runs before every other pre-hook of the model (prepended): takes the call arguments out of the call, so the
+    base model never sees them, and keeps their values (else those of ``peftlab.call_inputs``) for this call: on the
+    active weight-side layers that read them and in ``CALL_VALUES`` for the input-side pre-hook."""
+    names = call_argument_names(model)
     if not names:
         return None
     values = {**model.__dict__.get(CALL_INPUTS, {}), **{n: kwargs[n] for n in names if n in kwargs}}
+    model.__dict__[CALL_VALUES] = values
     for _, layer in _active_layers(model):
         if layer.call_arguments:
             layer.call_inputs = {n: values.get(n) for n in layer.call_arguments}
-    from .input_side import hooked
-
-    container = hooked(model)
-    read_by_input_side = {n for a in container.values() for n in a.call_arguments} if container is not None else set()
-    taken = names.intersection(kwargs) - read_by_input_side
-    if not taken:
+    if not names.intersection(kwargs):
         return None
-    return args, {k: v for k, v in kwargs.items() if k not in taken}
+    return args, {k: v for k, v in kwargs.items() if k not in names}
 
 
 def _call_tokens(args, kwargs) -> tuple[torch.Tensor | None, tuple[int, int] | None, bool]:

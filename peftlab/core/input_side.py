@@ -35,6 +35,7 @@ from torch import nn
 
 from .adapter import AdapterError
 from .config import AdapterConfig
+from .hooks import CALL_INPUTS, CALL_VALUES, call_argument_names
 
 CONTAINER = "peftlab_hooked"
 
@@ -200,37 +201,18 @@ def call_inputs(model: nn.Module, **values):
     """Within the block, model calls that do not pass them get these ``call_arguments`` of the attached adapters,
     input-side (``HookedAdapter.call_arguments``) or weight-side (``AdapterLayer.call_arguments``):
     ``with call_inputs(model, task_ids=ids): model.generate(...)``."""
-    from .hooks import CALL_INPUTS, weight_call_arguments
-
-    container = hooked(model)
-    known_input = {n for a in container.values() for n in a.call_arguments} if container is not None else set()
-    known_weight = weight_call_arguments(model)
-    if not known_input and not known_weight:
+    known = call_argument_names(model)
+    if not known:
         raise AdapterError("call_inputs: no attached adapter reads call arguments")
-    unknown = sorted(set(values) - known_input - known_weight)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise AdapterError(f"call_inputs: no attached adapter reads {unknown}; they read "
-                           f"{sorted(known_input | known_weight)}")
-    slots = ([(container.__dict__, "call_inputs")] if known_input else []) + \
-        ([(model.__dict__, CALL_INPUTS)] if known_weight else [])
-    before = [store.get(key, {}) for store, key in slots]
-    for (store, key), old in zip(slots, before):
-        store[key] = {**old, **values}
+        raise AdapterError(f"call_inputs: no attached adapter reads {unknown}; they read {sorted(known)}")
+    before = model.__dict__.get(CALL_INPUTS, {})
+    model.__dict__[CALL_INPUTS] = {**before, **values}
     try:
         yield
     finally:
-        for (store, key), old in zip(slots, before):
-            store[key] = old
-
-
-def _take_call_inputs(container: nn.ModuleDict, kwargs: dict) -> tuple[dict, dict | None]:
-    """(the call arguments of the adapters, kwargs without them or None when the call passed none)."""
-    names = {n for a in container.values() for n in a.call_arguments}
-    values = dict(container.__dict__.get("call_inputs", {}))
-    if not names.intersection(kwargs):
-        return values, None
-    values.update({n: kwargs[n] for n in names if n in kwargs})
-    return values, {k: v for k, v in kwargs.items() if k not in names}
+        model.__dict__[CALL_INPUTS] = before
 
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
@@ -238,10 +220,9 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     prompts = [a for a in container.values() if a.active and a.num_virtual_tokens]
     prefixes = [a for a in container.values() if a.active and a.num_prefix_tokens]
     container.__dict__["pending"] = None
-    call, rest = _take_call_inputs(container, kwargs)
-    kwargs = kwargs if rest is None else rest
+    call = model.__dict__.get(CALL_VALUES, {})  # core's call-arguments pre-hook took them out of the call first
     if not prompts and not prefixes:
-        return None if rest is None else (args, kwargs)
+        return None
     pending = container.__dict__["pending"] = {"length": None, "drop_cache": False, "loss": None}
 
     def mine(adapter: HookedAdapter) -> dict:
