@@ -20,6 +20,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
     per_module: dict[str, dict[str, list[int]]] = defaultdict(dict)
     total_params = 0
     dtypes: set[str] = set()
+    prefixes = _adapter_prefixes()
     try:
         with safe_open(str(weights), framework="pt") as fh:
             for key in fh.keys():
@@ -31,7 +32,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
                     n *= d
                 total_params += n
                 name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-                module, _, suffix = _split_module(name)
+                module, _, suffix = _split_module(name, prefixes)
                 per_module[module][suffix] = shape
     except Exception as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
@@ -109,9 +110,9 @@ def _adapter_prefixes() -> set[str]:
     return {name.lower() for name in methods()} | {"hada"}
 
 
-def _split_module(name: str) -> tuple[str, str, str]:
-    """Split a tensor key into (module path, '.', suffix) at the first adapter-ish component."""
-    parts, prefixes = name.split("."), _adapter_prefixes()
+def _split_module(name: str, prefixes: set[str]) -> tuple[str, str, str]:
+    """Split a tensor key into (module path, '.', suffix) at the first component with one of ``prefixes``."""
+    parts = name.split(".")
     for i, part in enumerate(parts):  # LN_TUNING's prefix has an underscore of its own (ln_tuning_layers)
         if "_" in part and any(part.startswith(p + "_") for p in prefixes):
             return ".".join(parts[:i]), ".", ".".join(parts[i:])
