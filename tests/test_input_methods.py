@@ -97,6 +97,19 @@ def test_removal_leaves_a_plain_model_and_later_all_linear_skips_our_tensors():
     torch.testing.assert_close(model(x).logits, tiny_llama()(x).logits)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_attached_adapter_takes_the_models_mode(training):
+    """As weight-side layers do: a P-tuning LSTM (dropout between its layers) attached to a model in eval mode has
+    its dropout off, so two forwards agree; attached in training mode, it trains."""
+    model = tiny_llama().train(training)
+    config = peftlab.variants()["p_tuning_lstm"](["q_proj"], 4).replace(encoder_num_layers=2, encoder_dropout=0.5)
+    peftlab.attach(model, config)
+    assert {m.training for m in model.get_submodule(CONTAINER).modules()} == {training}
+    if not training:
+        x = batch()
+        assert torch.equal(model(x).logits, model(x).logits)
+
+
 def test_prefix_projection_saves_the_folded_table_and_refuses_loading_into_the_mlp(tmp_path):
     model = attached(peftlab.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8))
     adapter = getattr(model, CONTAINER)["a0"]

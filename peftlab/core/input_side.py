@@ -109,6 +109,7 @@ class HookMethod:
         with torch.device(ref.device):
             adapter = self.build(model, config)
         adapter.to(device=ref.device, dtype=torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype)
+        adapter.train(model.training)  # no adapter dropout in a model that is in eval mode (as weight-side layers)
         adapter.handles = adapter.install(model)
         container = hooked(model, create=True)
         container[name] = adapter
@@ -147,7 +148,7 @@ def hooked(model: nn.Module, create: bool = False) -> nn.ModuleDict | None:
     """The per-model container of hook-based adapters (made, with the model-level hooks, on first use)."""
     container = model._modules.get(CONTAINER)
     if container is None and create:
-        container = nn.ModuleDict()
+        container = nn.ModuleDict().train(model.training)
         setattr(model, CONTAINER, container)
         container.__dict__["model_handles"] = [
             model.register_forward_pre_hook(_before_forward, with_kwargs=True),
