@@ -42,6 +42,10 @@ class AdapterLayer(nn.Module):
       loss_in_forward    its forward computes a loss from the layer's input (``extra_loss``, MoLoRA's balancing loss):
                          checkpointing then keeps torch's non-reentrant checkpoint, whose recompute keeps that
                          loss's gradient (peftlab/train/recompute.py)
+      reads_outer_graph  its forward reads a tensor that requires grad and was computed in the same model call
+                         outside the decoder block (X-LoRA's scalings, from its classifier): checkpointing then keeps
+                         torch's non-reentrant checkpoint, as the lean node's per-block backward would run into that
+                         tensor's graph once per block (peftlab/train/recompute.py)
       reads_token_mask   before each model forward core sets ``self.token_mask`` to the call's 2-D attention mask
                          as bool (None without one); ``token_mask_for(x)`` says which rows of an input ``x`` are
                          real tokens. It stays set until the next forward, for checkpointing's recomputation
@@ -65,6 +69,7 @@ class AdapterLayer(nn.Module):
     reads_token_mask: ClassVar[bool] = False
     reads_token_gate: ClassVar[bool] = False
     loss_in_forward: ClassVar[bool] = False
+    reads_outer_graph: ClassVar[bool] = False
     call_arguments: ClassVar[tuple[str, ...]] = ()
     call_inputs: dict[str, Any] | None = None
     token_mask: torch.Tensor | None = None

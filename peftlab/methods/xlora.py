@@ -131,6 +131,7 @@ def read_lora_expert(folder: str) -> tuple[dict[str, tuple[torch.Tensor, torch.T
 
 class XLoraAdapter(HookedAdapter):
     compiles_in_layers = False  # the layers read scalings that a second model pass in the pre-hook sets per call
+    reads_outer_graph = True  # those scalings come from the classifier, outside the decoder blocks
 
     def __init__(self, config: XLoraConfig, modules: list[str], experts: list):
         super().__init__()

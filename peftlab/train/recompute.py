@@ -15,6 +15,8 @@ It is used (``eligible``) only where it gives the same gradients as the non-reen
 * no argument but the hidden state requires grad (their gradients would be lost);
 * no adapter computes a loss in its forward (capability ``loss_in_forward``, MoLoRA's balancing loss: run under
   no_grad here, its gradient would be lost);
+* no adapter reads a grad-requiring tensor computed outside the block in the same call (capability
+  ``reads_outer_graph``, X-LoRA's scalings: each block's backward here would run into that tensor's graph again);
 * one process: DistributedDataParallel's reducer expects each gradient once per backward pass.
 * ``PEFTLAB_CKPT_REENTRANT=0`` turns it off (torch's non-reentrant checkpoint everywhere).
 Like torch's reentrant checkpoint, gradients reach parameters by ``.grad`` accumulation inside the block's
@@ -41,7 +43,7 @@ def enabled_for(model: nn.Module) -> bool:
         return False
     from peftlab.train.packing import attached_adapters  # packing imports activations, which imports this
 
-    return not any(a.loss_in_forward for a in attached_adapters(model))
+    return not any(a.loss_in_forward or a.reads_outer_graph for a in attached_adapters(model))
 
 
 def eligible(args: tuple, kwargs: dict, is_cache: Callable[[Any], bool]) -> bool:
