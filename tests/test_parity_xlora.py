@@ -1,6 +1,7 @@
-"""X-LoRA against HF PEFT: given the same LoRA experts and classifier weights, the same scalings, logits and classifier
-gradients; peftlab's file loads in PEFT with the same logits; PEFT's own file (which drops classifier keys, see
-peftlab/methods/xlora.py) is refused by name; bad options are refused by field."""
+"""X-LoRA against HF PEFT: given the same LoRA experts and classifier weights, the same scalings, logits, classifier
+gradients and greedy generation (without a KV cache, which is refused by name); peftlab's file loads in PEFT with the
+same logits; PEFT's own file (which drops classifier keys, see peftlab/methods/xlora.py) is refused by name; bad
+options are refused by field."""
 import json
 
 import peft
@@ -102,6 +103,39 @@ def test_same_classifier_gradients_as_peft(arch, experts):
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-4, msg=key)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all("peftlab_hooked" in n for n in trainable), "only the classifier trains"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_matches_peft(case, experts):
+    """generate(use_cache=False) gives PEFT's tokens (PEFT's generate turns the cache off by itself), with a left-padded
+    row too; the experts change them."""
+    theirs, ours = pair(case, "llama", experts)
+    x = batch(b=3, t=6)
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    for padding in ({}, {"attention_mask": mask}):
+        settings = dict(max_new_tokens=8, do_sample=False, **padding)
+        expected = theirs.generate(input_ids=x, **settings)
+        assert not torch.equal(expected, base("llama").generate(input_ids=x, **settings))
+        assert torch.equal(ours.generate(input_ids=x, use_cache=False, **settings), expected)
+
+
+def test_a_kv_cache_is_refused_before_any_pass_by_naming_use_cache_false(experts):
+    """generate's default (use_cache=True: a cache passed from the first step) and a call asking for a cache are refused
+    before the scaling pass runs; with X-LoRA off, generate caches as the base model does."""
+    _, ours = pair("default", "llama", experts)
+    assert ours.generation_config.use_cache  # transformers' default
+    runs = []
+    ours.model.layers[0].register_forward_pre_hook(lambda *_: runs.append(1))
+    x = batch(b=2, t=5)
+    with pytest.raises(peftlab.AdapterError, match=r"KV cache was passed as 'cache'.*generate\(\.\.\., use_cache=False\)"):
+        ours.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+    with pytest.raises(peftlab.AdapterError, match=r"asks for use_cache=True.*use_cache=False"):
+        ours(x, use_cache=True)
+    assert runs == [] and ours.peftlab_hooked["default"].scalings is None
+    with peftlab.disabled(ours):
+        cached = ours.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+    assert runs and torch.equal(cached, base("llama").generate(input_ids=x, max_new_tokens=3, do_sample=False))
 
 
 @pytest.mark.parametrize("arch", PEFT_ARCHS)

@@ -18,11 +18,22 @@ frozen; only the classifier trains. Saved keys (as PEFT, top level): ``base_mode
 layers.<i>.weight`` / ``.bias`` for each linear layer i of the classifier's Sequential (ReLU and Dropout take
 indices too). PEFT names its experts "0", "1", ... and, saving, drops every key holding ".<expert name>.", so a
 PEFT-saved file lacks the first linear layer (``layers.0``); such a file is refused here by its missing keys.
-Each call runs two passes, so a KV cache is refused (PEFT: ``use_cache`` must be False); merging is refused (the
-update depends on x). Experts must be Linear / Conv1D LoRA without DoRA, LoRA bias or rank/alpha patterns.
+Merging is refused (the update depends on x). Experts must be Linear / Conv1D LoRA without DoRA, LoRA bias or
+rank/alpha patterns.
+
+No KV cache, so ``model.generate(..., use_cache=False)``. Each call runs both passes over the whole sequence; a cached
+decode would need a second cache for the scaling pass (its keys/values differ from the real pass's) kept in step with
+everything generate does to its own (beam reordering, cropping). PEFT's X-LoRA refuses a model whose config has
+``use_cache=True`` and its ``generate`` sets ``use_cache=False`` for the call. Here the model stays a plain
+transformers model whose ``generate`` is not replaced, and a forward hook cannot turn the cache off for it: once
+generate has chosen to cache, it feeds only the new token from the second step on. So a call that passes a cache or
+asks for one (``use_cache=True``, generate's default) is refused by the scaling pass's hook before any pass runs, with
+an error naming ``use_cache=False``; a call that does not say (``use_cache`` unset, whatever the model config says)
+runs without a cache and returns none. Greedy ``generate(..., use_cache=False)`` gives PEFT's tokens.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +43,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from peftlab.core.adapter import AdapterError
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
-from peftlab.core.input_side import HookedAdapter, HookMethod, text_config
+from peftlab.core.input_side import HookedAdapter, HookMethod, bind_call, text_config
 from peftlab.core.registry import register
 
 KEY = "internal_xlora_classifier."
 FILE_KEY = "base_model." + KEY  # PEFT's top-level prefix
 STEM = "base_model.model."
+CACHE_KEYS = ("cache", "past_key_values")  # the forward's name for the KV cache: `cache` from transformers 5.24 on
 
 
 @dataclass
@@ -171,10 +184,10 @@ class XLoraAdapter(HookedAdapter):
     def _scaling_pass(self, model: nn.Module, args: tuple, kwargs: dict):
         if not self.active:
             return None
-        if kwargs.get("past_key_values") is not None:
-            raise NotImplementedError("X-LoRA runs two passes per call and cannot use a KV cache (use_cache=False)")
-        ids = args[0] if args else kwargs.get("input_ids")
-        shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+        call = bind_call(model, inspect.signature(model.forward), args, kwargs)
+        refuse_unsupported(model, call)
+        ids = call.get("input_ids")
+        shape = (ids if ids is not None else call["inputs_embeds"]).shape[:2]
         self.scalings = torch.full((*shape, len(self.targets), self.n_experts), float(self.config.scaling_pass_value),
                                    device=self.weights[0].device, dtype=self.weights[0].dtype)
         with torch.no_grad():
@@ -206,6 +219,23 @@ class XLoraAdapter(HookedAdapter):
         for index, w, b in zip(self.indices, self.weights, self.biases):
             out[f"{KEY}layers.{index}.weight"], out[f"{KEY}layers.{index}.bias"] = w, b
         return out
+
+
+def refuse_unsupported(model: nn.Module, call: dict) -> None:
+    """Before any pass: a KV cache (see the module doc) and transformers' reentrant checkpointing, whose per-block
+    backward runs into the classifier's graph once per block (the non-reentrant one, transformers' default, works)."""
+    cache = next((key for key in CACHE_KEYS if call.get(key) is not None), None)
+    if cache is not None or call.get("use_cache"):
+        asked = f"a KV cache was passed as {cache!r}" if cache else "the call asks for use_cache=True"
+        raise AdapterError(f"X-LoRA runs a scaling pass and a real pass per call and cannot use a KV cache, but "
+                           f"{asked}: call model.generate(..., use_cache=False) (or set "
+                           f"model.generation_config.use_cache = False); PEFT's X-LoRA also runs without one")
+    if model.training and torch.is_grad_enabled() and any(
+            getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("use_reentrant")
+            for m in model.modules() if getattr(m, "gradient_checkpointing", False)):
+        raise AdapterError("X-LoRA's scalings come from its classifier, outside the checkpointed blocks, and reentrant "
+                           "checkpointing cannot backpropagate into them: enable gradient checkpointing with "
+                           "use_reentrant=False (transformers' default) or use peftlab's checkpointing")
 
 
 def build(model: nn.Module, config: XLoraConfig) -> XLoraAdapter:
