@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, randomize_adapters, tiny_llama
+from models import batch, check_save_load_bit_exact, check_trains_under_bf16_autocast, randomize_adapters, tiny_llama
 from peftlab.core.hooks import step_end
 from peftlab.core.inject import model_state
 from peftlab.core.registry import method_for
@@ -82,16 +82,7 @@ def test_only_the_classifier_trains_and_the_loss_falls(experts):
 def test_save_load_bit_exact(experts, tmp_path):
     model, _ = make(experts)
     randomize_adapters(model)
-    x = batch()
-    ref = model(x).logits
-    peftlab.save_adapter(model, tmp_path)
-    fresh = tiny_llama(0)
-    peftlab.load_adapter(fresh, tmp_path)
-    assert torch.equal(fresh(x).logits, ref)
-    saved, loaded = adapter_tensors(model, "default"), adapter_tensors(fresh, "default")
-    assert saved.keys() == loaded.keys()
-    for k in saved:
-        assert torch.equal(saved[k], loaded[k]), k
+    check_save_load_bit_exact(model, tmp_path, tiny_llama(0), adapter_tensors)
 
 
 def test_disable_and_set_active_none(experts):
@@ -168,11 +159,4 @@ def test_gradients_equal_under_activation_checkpointing(experts, mode):
 
 
 def test_trains_under_bf16_autocast(experts):
-    model, _ = make(experts)
-    model.train()
-    x = batch(b=2, t=12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x, labels=x).loss
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    check_trains_under_bf16_autocast(make(experts)[0], "xlora")
