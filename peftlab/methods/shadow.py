@@ -197,7 +197,6 @@ class Shadow(HookedAdapter):
         self.seed: torch.Tensor | None = None  # s0 of the current forward
         self.state: torch.Tensor | None = None  # s_l, advanced block by block
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base KV cache -> backbone's
-        self.train(model.training)  # the dropout follows the model's mode, as a child module's would
 
     def install(self, model: nn.Module) -> list:
         handles = [model.register_forward_pre_hook(self._seed, with_kwargs=True),
