@@ -221,36 +221,6 @@ def check_merge_unmerge(model, x, expected, atol: float, rtol: float) -> None:
         torch.testing.assert_close(model(x).logits, expected, atol=atol, rtol=rtol)
 
 
-def check_save_load_bit_exact(model, folder, fresh, tensors) -> None:
-    """Saving ``model``'s adapter "default" to ``folder`` and loading it into ``fresh`` (the same base) gives the same
-    logits and the same ``tensors(model, "default")`` (``peftlab.core.state.adapter_tensors`` or ``file_tensors``),
-    bit for bit."""
-    import peftlab
-
-    x = batch()
-    ref = model(x).logits
-    peftlab.save_adapter(model, folder)
-    peftlab.load_adapter(fresh, folder)
-    assert torch.equal(fresh(x).logits, ref)
-    saved, loaded = tensors(model, "default"), tensors(fresh, "default")
-    assert saved.keys() == loaded.keys()
-    for k in saved:
-        assert torch.equal(saved[k], loaded[k]), k
-
-
-def check_trains_under_bf16_autocast(model, label: str) -> None:
-    """One training step of ``model`` under CPU bf16 autocast gives a finite loss and a finite gradient for every
-    trainable parameter."""
-    model.train()
-    x = batch(b=2, t=12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x, labels=x).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), f"{label}: missing or bad grads"
-
-
 def check_same_logits_gradients_and_merge_as_peft(theirs, ours, x) -> None:
     """PEFT's model ``theirs`` and peftlab's ``ours`` (the same adapter) give the same logits on ``x``, the same
     gradient of each trainable parameter for a loss on ``x``, and the same merged-and-unloaded state dict."""

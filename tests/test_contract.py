@@ -11,10 +11,8 @@ import peftlab
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.hooks import step_end
 from peftlab.core.registry import method_for
-from models import (
-    batch, check_merge_unmerge, check_save_load_bit_exact, check_trains_under_bf16_autocast, randomize_adapters,
-    tiny_llama,
-)
+from contract_checks import check_save_load_bit_exact, check_trains_under_bf16_autocast
+from models import batch, check_merge_unmerge, randomize_adapters, tiny_llama
 
 VARIANTS = sorted(peftlab.variants())
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]

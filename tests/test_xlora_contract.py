@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, check_save_load_bit_exact, check_trains_under_bf16_autocast, randomize_adapters, tiny_llama
+from contract_checks import check_save_load_bit_exact, check_trains_under_bf16_autocast
+from models import batch, randomize_adapters, tiny_llama
 from peftlab.core.hooks import step_end
 from peftlab.core.inject import model_state
 from peftlab.core.registry import method_for
