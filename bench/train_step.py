@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -59,6 +58,8 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
+
+from peftlab.compare.peft_backend import PeftUnmapped as Unmapped, to_peft_config  # noqa: E402
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
          "peftlab_compiled_budget", "peftlab_liger", "peft", "peft_liger", "unsloth")
@@ -80,27 +81,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-class Unmapped(Exception):
-    """This method cannot run on one side (PEFT lacks it or one of its options)."""
-
-
-def peft_from_peftlab(config) -> Any:
-    """PEFT's config for a peftlab config, through the PEFT checkpoint format both share."""
-    import peft
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    data = config.to_dict()
-    peft_type = data.pop("peft_type")
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    if cls is None:
-        raise Unmapped(f"peft {peft.__version__} has no peft_type {peft_type!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    missing = {k: v for k, v in data.items() if k not in known and v not in (None, False, {}, [], "", 0)}
-    if missing:
-        raise Unmapped(f"peft {peft.__version__}'s {cls.__name__} lacks options {missing}")
-    return cls(**{k: v for k, v in data.items() if k in known})
-
-
 @dataclass(frozen=True)
 class Method:
     """One benchmarked method. ``peftlab`` builds its config from (target_modules, r); None means no
@@ -109,7 +89,7 @@ class Method:
 
     label: str
     peftlab: Callable[[list[str], int], Any] | None
-    peft: Callable[[Any], Any] | None = peft_from_peftlab
+    peft: Callable[[Any], Any] | None = to_peft_config
     targets: tuple[str, ...] = tuple(ALL_LINEAR)
     reference: str = "torch"
 

@@ -279,3 +279,24 @@ def test_eval_before_is_the_base_model_for_every_method_and_backend(tmp_path):
     args = TrainArgs(out=str(tmp_path / "peft"), **{**FAST, "method": "prefix_tuning", "max_steps": 1})
     peft_run = train(args, model=tiny_llama(), tokenizer=tiny_tokenizer(), records=RECORDS, attach_fn=attach_with_peft)
     assert peft_run["eval_before"]["loss"] == pytest.approx(lora, rel=1e-6)
+
+
+def test_peft_side_refuses_a_config_it_cannot_express():
+    """compare --with-peft and bench/train_step map a config to PEFT's through one function: a peft_type PEFT lacks,
+    or a field PEFT's class lacks holding a value that changes the method, raises by name instead of being dropped."""
+    import dataclasses
+
+    from peftlab.compare.peft_backend import PeftUnmapped, to_peft_config
+
+    lora = peftlab.variants()["lora"](["q_proj"], 4)
+    assert to_peft_config(lora).r == 4
+    with pytest.raises(PeftUnmapped, match="MOLORA"):
+        to_peft_config(peftlab.variants()["molora"](["q_proj"], 4))
+
+    @dataclasses.dataclass
+    class Extended(type(lora)):
+        peftlab_only_knob: int = 0
+
+    assert to_peft_config(Extended(r=4, target_modules=["q_proj"])).r == 4  # off value: dropped
+    with pytest.raises(PeftUnmapped, match="peftlab_only_knob"):
+        to_peft_config(Extended(r=4, target_modules=["q_proj"], peftlab_only_knob=3))

@@ -23,14 +23,25 @@ def peft_supports(variant: str) -> bool:
     return _peft_config_class(config.peft_type) is not None
 
 
+class PeftUnmapped(ValueError):
+    """The installed PEFT cannot express this config: no such ``peft_type``, or a field it lacks holds a value
+    that changes the method (so a PEFT run would not be the same method)."""
+
+
 def to_peft_config(config: peftlab.AdapterConfig):
-    """Our config as PEFT's config object (our field names are PEFT's)."""
+    """Our config as PEFT's config object (our field names are PEFT's). Fields PEFT's class lacks may only hold
+    an empty / off value (None, False, 0, "", empty containers); anything else raises ``PeftUnmapped``."""
+    import peft
+
     cls = _peft_config_class(config.peft_type)
     if cls is None:
-        raise ValueError(f"HF PEFT has no {config.peft_type} method")
+        raise PeftUnmapped(f"peft {peft.__version__} has no peft_type {config.peft_type!r}")
     names = {f.name for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in config.to_dict().items() if k in names and k != "peft_type"}
-    return cls(**data)
+    data = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
+    lacking = {k: v for k, v in data.items() if k not in names and v not in (None, False, {}, [], "", 0)}
+    if lacking:
+        raise PeftUnmapped(f"peft {peft.__version__}'s {cls.__name__} lacks options {lacking}")
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def attach_with_peft(model: nn.Module, config: peftlab.AdapterConfig) -> tuple[nn.Module, Callable[[int], None]]:

@@ -147,6 +147,22 @@ def check_number(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
+SUPPORTED_BIAS = ("none", "all")
+
+
+def check_bias(bias: str, only_name: str) -> None:
+    """PEFT's bias options for methods without a bias of their own: "none", "all", or the method's "<x>_only" (the
+    targeted layers' own biases train; core/inject.py handles every "_only" alike)."""
+    if bias not in (*SUPPORTED_BIAS, only_name):
+        raise ConfigError(f"bias must be one of {[*SUPPORTED_BIAS, only_name]}, got {bias!r}")
+
+
+def check_dropout(name: str, value: float) -> None:
+    """Refuse a dropout probability outside [0, 1) for the config field ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
 def sub_config(field_name: str, value: dict | None, defaults: dict, kind: str) -> dict:
     """A nested PEFT config given as a dict (``eva_config``, ``corda_config``): ``defaults`` with ``value``'s entries
     applied, refusing a non-dict and unknown keys by name (``kind``: PEFT's class name, for the message)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_positive_int, dict_field
 from peftlab.methods.lora import pattern_value
 from peftlab.ops import fast
 
@@ -49,8 +49,7 @@ class LycorisConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", value)
         for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            check_dropout(name, getattr(self, name))
         init = self.init_weights
         if not (isinstance(init, bool) or (isinstance(init, str) and init in self.init_choices)):
             raise ConfigError(f"init_weights must be one of {self.init_choices}, got {self.init_weights!r}")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, SharedTensors, sum_present
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.registry import register
 from peftlab.methods.lora import LoraConfig
@@ -93,8 +93,7 @@ class AdaLoraConfig(AdapterConfig):
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if not self.orth_reg_weight >= 0:
             raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         for key, mask in (self.rank_pattern or {}).items():

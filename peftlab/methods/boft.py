@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout
 from peftlab.core.registry import register
 from peftlab.ops import fast
-from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops.orthogonal import butterfly_matrix, butterfly_permutations, butterfly_rotate, cayley, \
     identity_block_dropout
 

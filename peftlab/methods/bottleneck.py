@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import find_targets
 from peftlab.core.input_side import HookedAdapter, HookMethod, text_config
 from peftlab.core.registry import register
@@ -63,8 +63,7 @@ class BottleneckConfig(AdapterConfig):
         if self.non_linearity not in ACT2FN:
             raise ConfigError(f"non_linearity {self.non_linearity!r} unknown; use one of transformers' "
                               f"ACT2FN names such as 'relu', 'gelu', 'silu', 'tanh'")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        check_dropout("adapter_dropout", self.adapter_dropout)
         if self.init_weights not in ("zeros", "bert"):
             raise ConfigError(f"init_weights must be 'zeros' or 'bert', got {self.init_weights!r}")
         if self.parallel and not self.residual:

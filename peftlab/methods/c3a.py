@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.fourierft import pattern_lookup
-from peftlab.methods.oft import check_bias
 from peftlab.ops.spectral import block_circulant_weight, block_circular_correlation
 
 _INITS = (True, False, "gaussian", "kaiming_uniform", "xavier_uniform")

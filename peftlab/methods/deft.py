@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
+from peftlab.core.config import (
+    AdapterConfig, ConfigError, check_bias, check_dropout, check_number, check_one_of, check_positive_int,
+)
 from peftlab.core.registry import register
-from peftlab.methods.oft import check_bias, check_dropout
 
 
 @dataclass

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
-from peftlab.core.config import AdapterConfig, check_number, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, check_bias, check_dropout, check_number, check_positive_int, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.lora import pattern_value
-from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 
 NORM_FLOOR = 1e-4  # PEFT's clamp on the factor norms (B starts at 0)

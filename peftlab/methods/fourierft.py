@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_number, check_positive_int, dict_field
 from peftlab.core.registry import register
-from peftlab.methods.oft import check_bias
 from peftlab.ops.spectral import sparse_spectrum_weight
 
 

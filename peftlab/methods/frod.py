@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout, check_number, check_one_of
 from peftlab.core.registry import register
 from peftlab.methods._seeded import check_projection_key, projection_generator
-from peftlab.methods.oft import check_bias
 from peftlab.methods.shira import sparse_update
 
 
@@ -123,8 +122,7 @@ class FrodConfig(AdapterConfig):
         for name in ("save_projection", "init_weights", "progressbar", "runtime_offload_base_weight"):
             check_one_of(name, getattr(self, name), (True, False))
         check_number("frod_dropout", self.frod_dropout)
-        if not 0.0 <= self.frod_dropout < 1.0:
-            raise ConfigError(f"frod_dropout must be in [0, 1), got {self.frod_dropout!r}")
+        check_dropout("frod_dropout", self.frod_dropout)
         check_number("sparse_rate", self.sparse_rate)
         if not 0.0 <= self.sparse_rate <= 1.0:
             raise ConfigError(f"sparse_rate must be in [0, 1], got {self.sparse_rate!r}")

@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.registry import register
 from peftlab.methods._lycoris import kaiming_
 from peftlab.methods.lora import lora_down
-from peftlab.methods.oft import check_dropout
 from peftlab.ops import fast
 
 

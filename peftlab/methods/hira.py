@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, check_one_of, check_positive_int, dict_field
+from peftlab.core.config import AdapterConfig, check_dropout, check_one_of, check_positive_int, dict_field
 from peftlab.core.registry import register
-from peftlab.methods.oft import check_dropout
 from peftlab.ops import fast
 
 INIT_CHOICES = (True, False, None, "gaussian")

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias
 from peftlab.core.registry import register
-from peftlab.methods.oft import check_bias
 from peftlab.ops import fast
 from peftlab.ops.factored import householder_apply, householder_wy
 

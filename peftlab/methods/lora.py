@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView, ServingForm
-from peftlab.core.config import AdapterConfig, ConfigError, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, dict_field
 from peftlab.core.registry import register, register_variant
 from peftlab.core.state import loading
 from peftlab.corda import corda_init, corda_parts, corda_settings
@@ -87,8 +87,7 @@ class LoraConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout, check_one_of, check_positive_int
 from peftlab.core.registry import register, register_variant
-from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 
 INIT_CHOICES = (True, False, "bat", "mini")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import adapter_layers
 from peftlab.core.registry import register
 
@@ -51,8 +51,7 @@ class MoLoraConfig(AdapterConfig):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
         if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
             raise ConfigError(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
 

@@ -23,26 +23,12 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout
 from peftlab.core.registry import register
 from peftlab.ops import fast
 from peftlab.ops.orthogonal import (
     block_rotate, cayley, cayley_neumann, identity_block_dropout, skew_from_upper, upper_from_skew,
 )
-
-SUPPORTED_BIAS = ("none", "all")
-
-
-def check_bias(bias: str, only_name: str) -> None:
-    """PEFT's bias options for methods without a bias of their own: "none", "all", or the method's "<x>_only" (the
-    targeted layers' own biases train; core/inject.py handles every "_only" alike)."""
-    if bias not in (*SUPPORTED_BIAS, only_name):
-        raise ConfigError(f"bias must be one of {[*SUPPORTED_BIAS, only_name]}, got {bias!r}")
-
-
-def check_dropout(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _nearest_divisor(n: int, wanted: int) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.config import ConfigError
+from peftlab.core.config import ConfigError, check_dropout
 from peftlab.core.registry import register, register_variant
 from peftlab.methods._prompt_common import (
     KVPrefix, PromptLearningConfig, VirtualTokens, embedding_dim, fill_from_vocabulary, hooks, positive_int,
@@ -70,8 +70,7 @@ class PromptEncoderConfig(PromptLearningConfig):
                               f"got {self.encoder_reparameterization_type!r}")
         positive_int(self.encoder_hidden_size, "encoder_hidden_size", optional=True)
         positive_int(self.encoder_num_layers, "encoder_num_layers")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        check_dropout("encoder_dropout", self.encoder_dropout)
 
 
 @dataclass

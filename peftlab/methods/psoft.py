@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
+from peftlab.core.config import (
+    AdapterConfig, ConfigError, check_dropout, check_number, check_one_of, check_positive_int,
+)
 from peftlab.core.registry import register
 from peftlab.methods.lora_init import truncated_svd
-from peftlab.methods.oft import check_dropout
 from peftlab.ops import fast
 from peftlab.ops.orthogonal import cayley, cayley_neumann, skew_from_upper
 

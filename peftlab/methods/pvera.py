@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, check_number, check_positive_int
+from peftlab.core.config import AdapterConfig, check_bias, check_dropout, check_number, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._seeded import KaimingProjections, check_projection_key, projection_generator
-from peftlab.methods.oft import check_bias, check_dropout
 from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_number, check_positive_int
 from peftlab.core.input_side import HookedAdapter, HookMethod, bind_call, text_config
 from peftlab.core.registry import register
 
@@ -69,8 +69,7 @@ class ShadowConfig(AdapterConfig):
         check_number("shadow_alpha", self.shadow_alpha)
         check_number("auxiliary_loss_weight", self.auxiliary_loss_weight)
         check_number("shadow_dropout", self.shadow_dropout)
-        if not 0.0 <= self.shadow_dropout < 1.0:
-            raise ConfigError(f"shadow_dropout must be in [0, 1), got {self.shadow_dropout!r}")
+        check_dropout("shadow_dropout", self.shadow_dropout)
         for name in ("shadow_num_hidden_layers", "shadow_hidden_size", "shadow_num_attention_heads",
                      "shadow_intermediate_size", "update_hidden_size"):
             if getattr(self, name) is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_number, check_one_of
 from peftlab.core.registry import register
 from peftlab.methods.shira import sparse_update
 
@@ -54,8 +54,7 @@ class SupertuningConfig(AdapterConfig):
 
     def validate(self) -> None:
         check_number("sparsity", self.sparsity)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        check_dropout("sparsity", self.sparsity)
         for name in ("select_top", "init_weights", "save_precomputed_indices"):
             check_one_of(name, getattr(self, name), (True, False))
         if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0):
@@ -66,8 +65,7 @@ class SupertuningConfig(AdapterConfig):
         if self.lora_alpha is not None:
             check_number("lora_alpha", self.lora_alpha)
         check_number("lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
 
 
 class SupertuningLayer(AdapterLayer):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.registry import register
 from peftlab.ops import fast
 from peftlab.ops.scaled_lowrank import scaled_lowrank, scaled_lowrank_weight
@@ -53,8 +53,7 @@ class TiedLoraConfig(AdapterConfig):
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be a bool, got {self.init_weights!r}")
         for name, allowed in (("tied_matrices", MATRICES), ("trainable", TENSORS)):

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
+from peftlab.core.config import (
+    AdapterConfig, ConfigError, check_bias, check_dropout, check_number, check_one_of, check_positive_int,
+)
 from peftlab.core.registry import register
 from peftlab.core.state import loading
 from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, projection_generator
 from peftlab.methods.lora_init import principal_factors
-from peftlab.methods.oft import check_bias, check_dropout
 
 
 @dataclass

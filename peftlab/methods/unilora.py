@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout, check_number, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._factors import FactorsLayer
 from peftlab.methods._seeded import check_projection_key, largest_linear_shape
-from peftlab.methods.oft import check_bias, check_dropout
 
 
 @dataclass

@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterError, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_dropout, check_positive_int
 from peftlab.core.registry import register
 from peftlab.core.state import CheckpointError
 from peftlab.methods._factors import FactorsLayer
-from peftlab.methods.oft import check_bias, check_dropout
 
 LOGIT_KEYS = ("vblora_logits_A", "vblora_logits_B")
 INDICES, WEIGHTS = "_topk_indices", "_topk_weights"

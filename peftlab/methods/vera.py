@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
-from peftlab.core.config import AdapterConfig, ConfigError, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._seeded import KaimingProjections, check_projection_key
 from peftlab.ops import fast
@@ -42,8 +42,7 @@ class VeraConfig(AdapterConfig):
     def validate(self) -> None:
         check_positive_int("r", self.r)
         check_projection_key(self.projection_prng_key)
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        check_dropout("vera_dropout", self.vera_dropout)
         if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
             raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
 

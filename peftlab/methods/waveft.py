@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
-from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, dict_field
+from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_one_of, dict_field
 from peftlab.core.registry import register
 from peftlab.methods.fourierft import check_seeded_coefficients, frequency_locations
 from peftlab.methods.lora import pattern_value
-from peftlab.methods.oft import check_bias
 from peftlab.methods.shira import sparse_update
 from peftlab.ops.wavelet import daubechies_filter, inverse_dwt2
 

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.core.adapter import AdapterError
-from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_positive_int
+from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_number, check_positive_int
 from peftlab.core.input_side import HookedAdapter, HookMethod, bind_call, text_config
 from peftlab.core.registry import register
 
@@ -83,8 +83,7 @@ class XLoraConfig(AdapterConfig):
             raise ConfigError(f"adapters must be a non-empty dict of LoRA checkpoint folders, got {self.adapters!r}")
         check_positive_int("xlora_depth", self.xlora_depth)
         check_positive_int("xlora_size", self.xlora_size)
-        if not 0.0 <= self.xlora_dropout_p < 1.0:
-            raise ConfigError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p!r}")
+        check_dropout("xlora_dropout_p", self.xlora_dropout_p)
         check_number("softmax_temperature", self.softmax_temperature)
         if self.softmax_temperature <= 0:
             raise ConfigError(f"softmax_temperature must be > 0, got {self.softmax_temperature!r}")
