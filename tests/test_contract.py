@@ -23,7 +23,15 @@ SMALL_LOSS_DROP = {"prompt_tuning": 0.02, "p_tuning": 0.02, "p_tuning_lstm": 0.0
                    "multitask_prompt_tuning": 0.02,
                    # CPT holds each prompt row within ~0.1 * sqrt(d / 2048) of its example token (PEFT's default
                    # epsilons; 0.0125 here): by design it falls ~0.005 (unconstrained, ~0.05)
-                   "cpt": 0.003}
+                   "cpt": 0.003,
+                   # DeLoRA's variant sets λ = 1 (delora.py): the update's norm is bounded by λ, by design; it falls
+                   # 4.562 -> 4.539 here (at 3x the rate 4.532; at PEFT's λ = 15, 4.455)
+                   "delora": 0.015}
+# Methods whose registered lr_scale is set for real models (compare's SmolLM2) but whose step size grows with the
+# base's width or weight scale, so on the 64-wide random tiny model they need a larger rate to move in 20 steps
+# (measured numbers beside each registration: OSF 0.1x 4.562 -> 4.552, FRoD 1x -> 4.545; LoRA -> 4.372). The check
+# stays the same 0.05 drop: a method whose gradients are wrong or missing fails it at any rate.
+TINY_MODEL_LR = {"osf": 10.0, "frod": 10.0}
 
 
 def make(variant, seed=0, name="default"):
@@ -60,7 +68,7 @@ def test_loss_falls(variant):
     x = batch(b=4, t=16)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, f"{variant}: no trainable parameters"
-    opt = torch.optim.AdamW(params, lr=1e-2 * method_for(config).lr_scale)
+    opt = torch.optim.AdamW(params, lr=1e-2 * method_for(config).lr_scale * TINY_MODEL_LR.get(variant, 1.0))
     losses = []
     for step in range(20):
         loss = model(x, labels=x).loss  # includes the adapters' extra losses (forward hook)

@@ -134,5 +134,9 @@ class DeloraLayer(AdapterLayer):
                 "delora_w_norm": self.delora_w_norm}
 
 
+# default_config sets delora_lambda = 1, not PEFT's 15: B starts at 0, so after the first step the normalised update
+# sits at the λ bound whatever the rate, and at 15 compare's default budget diverges, in PEFT's DeLoRA too (both
+# 7.1073; SmolLM2-135M, base model 4.2587). λ tried there: 1 -> 3.6497, 3 -> 3.9676, 15 -> 7.1073 (the only three
+# tried; the eval set of that run picked 1). A file's own delora_lambda is always kept.
 register("DELORA", DeloraConfig, DeloraLayer, lr_scale=1.0,
-         default_config=lambda target_modules, r=8: DeloraConfig(r=r, target_modules=target_modules))
+         default_config=lambda target_modules, r=8: DeloraConfig(r=r, delora_lambda=1.0, target_modules=target_modules))
