@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftlab
-from models import TRAIN_FAST, TRAIN_RECORDS, batch, tiny_llama, tiny_tokenizer, train_tiny
+from models import TRAIN_FAST, TRAIN_RECORDS, VOCAB, batch, tiny_llama, tiny_tokenizer, train_tiny
 from peftlab.core.state import CheckpointError
 from peftlab.train import loop
 from peftlab.train.data import Collator, build_datasets
@@ -300,3 +300,22 @@ def test_peft_side_refuses_a_config_it_cannot_express():
     assert to_peft_config(Extended(r=4, target_modules=["q_proj"])).r == 4  # off value: dropped
     with pytest.raises(PeftUnmapped, match="peftlab_only_knob"):
         to_peft_config(Extended(r=4, target_modules=["q_proj"], peftlab_only_knob=3))
+
+
+@pytest.mark.parametrize("variant", ["multitask_prompt_tuning", "poly"])
+def test_peft_side_of_single_task_methods_reads_task_zero(variant):
+    """PEFT refuses a call without task_ids for these methods; peftlab reads it as task 0 when there is one task, so
+    compare's PEFT side passes task 0 and both sides train the same method on the same calls."""
+    import peft
+
+    from peftlab.compare.peft_backend import attach_with_peft, to_peft_config
+
+    config = peftlab.variants()[variant](["q_proj", "v_proj"], 4)
+    plain = peft.get_peft_model(tiny_llama(), to_peft_config(config))
+    with pytest.raises(ValueError, match="task_ids"):
+        plain(input_ids=torch.ones(2, 5, dtype=torch.long))
+    model, _ = attach_with_peft(tiny_llama(), config)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    zero = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids, task_ids=zero).logits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch
 from torch import nn
 
 import peftlab
@@ -44,12 +45,28 @@ def to_peft_config(config: peftlab.AdapterConfig):
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# Task-conditioned methods (multitask prompt tuning's num_tasks, Poly's n_tasks): with one task peftlab reads a call
+# without task_ids as task 0, while PEFT refuses it ("task_ids cannot be None"); the PEFT side gets task 0 explicitly.
+SINGLE_TASK_FIELDS = {"num_tasks", "n_tasks"}
+
+
+def _task_zero(module: nn.Module, args: tuple, kwargs: dict):
+    if kwargs.get("task_ids") is not None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"]
+    return args, {**kwargs, "task_ids": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)}
+
+
 def attach_with_peft(model: nn.Module, config: peftlab.AdapterConfig) -> tuple[nn.Module, Callable[[int], None]]:
     """Wrap ``model`` with HF PEFT; returns the PEFT model and its per-step hook (AdaLoRA's allocator)."""
     import peft
 
     peft_model = peft.get_peft_model(model, to_peft_config(config))
     inner = peft_model.base_model
+    if any(getattr(config, f, None) == 1 for f in SINGLE_TASK_FIELDS):
+        peft_model.register_forward_pre_hook(_task_zero, with_kwargs=True)
 
     def step_end(step: int) -> None:
         if hasattr(inner, "update_and_allocate"):
