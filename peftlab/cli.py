@@ -34,13 +34,16 @@ def _parse_targets(value: str):
 
 @app.command()
 def train(
-    method: str = typer.Option("lora", help="Method name (see `peftlab methods`)."),
+    method: Optional[str] = typer.Option(None, help="Method name (see `peftlab methods`; default lora)."),
+    adapter_config: Optional[str] = typer.Option(None, help="Train the config in this PEFT adapter_config.json "
+                                                  "(file or folder) instead of a method's default; --set applies."),
     model: Optional[str] = typer.Option(None, help="Base model dir or hub id (default: offline SmolLM2-135M)."),
     data: Optional[str] = typer.Option(None, help="json/jsonl/parquet/HF dataset dir or hub id (default: chitchat)."),
     out: Path = typer.Option(Path("runs/train"), help="Output folder: adapter/, metrics.json, checkpoints/."),
-    r: int = typer.Option(8, min=1, help="Adapter rank."),
+    r: Optional[int] = typer.Option(None, min=1, help="Adapter rank (default 8)."),
     lora_alpha: Optional[float] = typer.Option(None, help="Scaling numerator (default: the method's, 2r for LoRA)."),
-    target_modules: str = typer.Option("all-linear", help="all-linear, comma-separated names, or a regex."),
+    target_modules: Optional[str] = typer.Option(None, help="all-linear (default), comma-separated names, or a "
+                                                 "regex."),
     set_: list[str] = typer.Option([], "--set", help="Config field override KEY=JSON, e.g. --set lora_dropout=0.05."),
     max_steps: int = typer.Option(20, min=1),
     batch_size: int = typer.Option(4, min=1),
@@ -101,6 +104,12 @@ def train(
     if launch.needs_relaunch(nproc):
         raise typer.Exit(launch.relaunch(nproc))
 
+    if adapter_config is not None:
+        given = [flag for flag, value in (("--method", method), ("--r", r), ("--lora-alpha", lora_alpha),
+                                          ("--target-modules", target_modules)) if value is not None]
+        if given:
+            _fail(f"--adapter-config gives the whole adapter config; {', '.join(given)} would not apply "
+                  "(use --set KEY=VALUE to change a field)")
     overrides = {}
     for item in set_:
         key, sep, value = item.partition("=")
@@ -110,8 +119,9 @@ def train(
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    args = TrainArgs(method=method, model=model, data=data, out=str(out), r=r, lora_alpha=lora_alpha,
-                     target_modules=_parse_targets(target_modules), config_overrides=overrides, max_steps=max_steps,
+    args = TrainArgs(method=method or "lora", adapter_config=adapter_config, model=model, data=data, out=str(out),
+                     r=r or 8, lora_alpha=lora_alpha, target_modules=_parse_targets(target_modules or "all-linear"),
+                     config_overrides=overrides, max_steps=max_steps,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_scheduler=lr_scheduler,
                      warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,

@@ -26,6 +26,10 @@ class TrainArgs:
     """Module names, a regex, or "all-linear" (every linear layer but the output head)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Fields set on the method's config, e.g. {"lora_dropout": 0.05, "init_lora_weights": "pissa"}."""
+    adapter_config: str | None = None
+    """A PEFT ``adapter_config.json`` (or a folder holding one) to train instead of a method's default config: its
+    peft_type and every field are used as written (any registered type, X-LoRA's expert folders included);
+    ``method``, ``r``, ``lora_alpha`` and ``target_modules`` do not apply, ``config_overrides`` still do."""
     model: str | None = None
     """Base model folder or hub id; None = the offline SmolLM2-135M-Instruct."""
     dtype: str | None = None
@@ -117,7 +121,11 @@ class TrainArgs:
 
     def validate(self) -> None:
         known = variants()
-        if self.method.lower() not in known and self.method.lower() != "galore":
+        if self.adapter_config is not None:
+            if self.method.lower() == "galore":
+                raise ConfigError("adapter_config trains an adapter; method galore trains the base weights")
+            build_config(self)  # a missing / malformed file or an unknown field fails before any work
+        elif self.method.lower() not in known and self.method.lower() != "galore":
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(known)}")
         validate_compile_args(self)
         if self.lr_scheduler not in SCHEDULERS:
@@ -135,18 +143,42 @@ class TrainArgs:
 
 
 def build_config(args: TrainArgs):
-    """The method's default config for (target_modules, r), with lora_alpha and the overrides applied."""
+    """The adapter config to train: ``adapter_config``'s file, else the method's default config for
+    (target_modules, r) with lora_alpha; then the overrides."""
     if galore.is_galore(args):
         return galore.config_from_args(args)
-    config = variants()[args.method.lower()](args.target_modules, args.r)
     changes = dict(args.config_overrides)
-    if args.lora_alpha is not None:
-        if not hasattr(config, "lora_alpha"):
-            raise ConfigError(f"method {args.method!r} ({type(config).__name__}) has no lora_alpha")
-        changes.setdefault("lora_alpha", args.lora_alpha)
+    if args.adapter_config is not None:
+        config = config_from_file(args.adapter_config)
+    else:
+        config = variants()[args.method.lower()](args.target_modules, args.r)
+        if args.lora_alpha is not None:
+            if not hasattr(config, "lora_alpha"):
+                raise ConfigError(f"method {args.method!r} ({type(config).__name__}) has no lora_alpha")
+            changes.setdefault("lora_alpha", args.lora_alpha)
     names = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ConfigError(f"config_overrides: {type(config).__name__} has no field {unknown[0]!r}; "
                           f"fields: {sorted(names)}")
     return config.replace(**changes) if changes else config
+
+
+def config_from_file(path: str):
+    """The config in a PEFT ``adapter_config.json``, given as the file or its folder."""
+    import json
+    from pathlib import Path
+
+    from peftlab.core.registry import config_from_dict
+
+    file = Path(path)
+    file = file / "adapter_config.json" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"adapter_config: {file} not found")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"adapter_config: {file} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"adapter_config: {file} must hold a JSON object, got {type(data).__name__}")
+    return config_from_dict(data, source=str(file))

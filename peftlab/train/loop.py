@@ -139,7 +139,8 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
     if attach_fn is None:
         config = model_state(model).configs[args.adapter_name]  # as trained: AdaLoRA rewrites its rank_pattern
     metrics = {
-        "method": args.method, "peft_type": config.peft_type, "config": config.to_dict(),
+        "method": args.method if args.adapter_config is None else None, "adapter_config": args.adapter_config,
+        "peft_type": config.peft_type, "config": config.to_dict(),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100.0 * trainable / max(1, total), "effective_lr": lr,
         "optimizer": {"kind": "loraplus" if args.loraplus_lr_ratio is not None else args.optim,
