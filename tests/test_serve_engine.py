@@ -26,6 +26,7 @@ ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA
     "ia3": peftlab.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "vera": peftlab.VeraConfig(r=16, target_modules=["q_proj", "v_proj", "gate_proj"]),
     "loha": peftlab.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]),
+    "vblora": peftlab.variants()["vblora"](["q_proj", "o_proj"], 4),  # its factors (rank 4), served as they are
 }
 MAX_NEW = 6
 EOS = frozenset({2})
@@ -98,6 +99,7 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     loha = engine.store.describe("loha")
     assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
     assert engine.store.describe("dora")["converted_to_lora"] is False
+    assert engine.store.describe("vblora")["converted_to_lora"] is False
     # every block returned (the graphs keep one padding block for good)
     assert engine.cache.free_blocks == engine.cache.num_blocks - bool(graphs)
     assert engine.context.triton_error is None

@@ -165,7 +165,7 @@ def test_group_by_slot_segments():
     assert group_by_slot([-1, -1]).empty
 
 
-@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "vera"])
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "vera", "vblora", "unilora", "tinylora"])
 def test_serving_form_equals_the_adapted_module(method):
     """Each method's own layer is the reference for its serving form (all-linear targets of a tiny Llama)."""
     model = tiny_llama()

@@ -3,14 +3,17 @@ TinyLoRA): ``factors()`` gives (down (R, in), up (out, R)) as live tensors, and
 
     h = W0 x + s up (down dropout(x)),   ΔW = s up @ down,   s = ``scaling``
 
-follows for the reference forward, the fused fast path and merging alike, so each method states only its factors.
+follows for the reference forward, the fused fast path, merging and serving alike, so each method states only its
+factors. A subclass whose inner size R is its config's rank sets ``batched_serving``: the engine then serves
+(down, s up) as a LoRA of rank R, exactly, instead of an SVD of ΔW made at load (RandLoRA's R is the full rank of its
+bases, so it keeps the conversion).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.ops import fast
 
 
@@ -39,3 +42,9 @@ class FactorsLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         down, up = self.factors()
         return (up @ down) * self.scaling
+
+    def serving_form(self, base: BaseView) -> ServingForm | None:
+        if not self.batched_serving or base.kind != "linear":
+            return None
+        down, up = self.factors()
+        return ServingForm(down=down.detach(), up=up.detach() * self.scaling)

@@ -112,6 +112,7 @@ class TinyLoraVectors(SharedTensors):
 
 class TinyLoraLayer(FactorsLayer):
     supported_kinds = frozenset({"linear", "embedding"})
+    batched_serving = True  # linear targets: factors of rank r (methods/_factors.py); an embedding has none
 
     def __init__(self, base: BaseView, config: TinyLoraConfig, module_name: str, shared: TinyLoraVectors):
         super().__init__(base, config, module_name)

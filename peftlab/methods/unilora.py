@@ -109,6 +109,7 @@ class UniLoraVector(SharedTensors):
 
 class UniLoraLayer(FactorsLayer):
     identity_at_init = False
+    batched_serving = True  # factors of the config's rank (methods/_factors.py)
 
     def __init__(self, base: BaseView, config: UniLoraConfig, module_name: str, shared: UniLoraVector):
         super().__init__(base, config, module_name)

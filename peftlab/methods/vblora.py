@@ -148,6 +148,7 @@ class VectorBank(SharedTensors):
 
 class VBLoRALayer(FactorsLayer):
     identity_at_init = False
+    batched_serving = True  # factors of the config's rank (methods/_factors.py)
 
     def __init__(self, base: BaseView, config: VBLoRAConfig, module_name: str, shared: VectorBank):
         super().__init__(base, config, module_name)
