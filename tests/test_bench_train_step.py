@@ -1,7 +1,5 @@
 """bench/train_step.py runs end to end on CPU (tiny shape), so a GPU run does not die of a typo."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,13 +47,14 @@ def test_worker_frozen_base(impl, monkeypatch):
     assert (record["versions"].get("compiled") == "aot_eager, decoder layers") == (impl == "frozen_compiled")
 
 
-def test_driver_writes_results_and_table(tmp_path):
+def test_driver_writes_results_and_table(tmp_path, monkeypatch):
+    """The driver runs in this process (its workers are subprocesses), so torch, transformers and PEFT are not
+    imported once more for it; its workers get the PYTHONPATH they got when the driver was a subprocess."""
     out = tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--shape", "tiny", "--device", "cpu",
-                    "--methods", "tied_lora", "--impls", "peftlab,unsloth,peft_liger,peft", "--steps", "2", "--warmup", "0",
-                    "--repeats", "1", "--prime", "0", "--seq", "16", "--out", str(out)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    train_step.main(["--shape", "tiny", "--device", "cpu", "--methods", "tied_lora", "--impls",
+                     "peftlab,unsloth,peft_liger,peft", "--steps", "2", "--warmup", "0", "--repeats", "1", "--prime",
+                     "0", "--seq", "16", "--out", str(out)])
     doc = json.loads(out.read_text())
     (row,) = doc["configs"]
     assert row["impl"] == "peftlab" and len(row["step_ms_samples"]) == 2  # PEFT lacks Tied-LoRA: peftlab alone

@@ -185,7 +185,9 @@ def test_daubechies_filters_and_inverse_dwt_match_peft(order):
         ours = inverse_dwt2(dense, taps)
         assert ours.shape == theirs.shape == (rows - 2 * order + 2, cols - 2 * order + 2)
         torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
-        assert torch.autograd.gradcheck(lambda d: inverse_dwt2(d, taps), (dense[:8 + 2 * order, :6 + 2 * order],))
+    # once per order: both cases above cut the same (8 + 2 order) x (6 + 2 order) corner, and the map is linear, so
+    # its Jacobian there does not depend on the values
+    assert torch.autograd.gradcheck(lambda d: inverse_dwt2(d, taps), (dense[:8 + 2 * order, :6 + 2 * order],))
 
 
 def test_haar_synthesis_is_orthogonal():
