@@ -81,13 +81,16 @@ class CoefficientCounts(SharedTensors):
         self.counts = proportional_counts(config.n_frequency, sizes) if config.proportional_parameters else {}
 
 
-def wavelet_weight(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], order: int) -> torch.Tensor:
-    """crop(IDWT(D)) (out, in) of the coefficients ``values`` (n,) at ``indices`` (2, n) of the (out, in) grid."""
+def wavelet_weight(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int],
+                   taps: tuple[float, ...]) -> torch.Tensor:
+    """crop(IDWT(D)) (out, in) of the coefficients ``values`` (n,) at ``indices`` (2, n) of the (out, in) grid, with
+    the dbN reconstruction low-pass ``taps`` (2N of them, ``daubechies_filter(N)``)."""
     out_f, in_f = shape
+    order = len(taps) // 2
     padded = [size + 2 * order - 2 for size in shape]
     padded = [size + size % 2 for size in padded]
     offsets = torch.tensor([(padded[0] - out_f) // 2, (padded[1] - in_f) // 2], device=indices.device).unsqueeze(1)
-    rebuilt = inverse_dwt2(sparse_update(indices + offsets, values, *padded), daubechies_filter(order))
+    rebuilt = inverse_dwt2(sparse_update(indices + offsets, values, *padded), taps)
     top, left = (rebuilt.shape[0] - out_f) // 2, (rebuilt.shape[1] - in_f) // 2
     return rebuilt[top: top + out_f, left: left + in_f]
 
@@ -102,7 +105,9 @@ class WaveFTLayer(AdapterLayer):
             raise ConfigError(f"WaveFT on {module_name!r}: n_frequency={n} exceeds the {self.out_features} x "
                               f"{self.in_features} = {self.out_features * self.in_features} entries of its weight")
         self.scaling = float(config.scaling)
-        self.order = wavelet_order(config.wavelet_family) if config.use_idwt else None
+        # the filter taps are computed here, once (float64 eigenvalues, host lists): a compiled forward would
+        # break its graph on them at every call
+        self.taps = daubechies_filter(wavelet_order(config.wavelet_family)) if config.use_idwt else None
         locations = frequency_locations(self.out_features, self.in_features, n, config.random_loc_seed)
         self.register_buffer("indices", locations, persistent=False)  # from the seed, never saved
         self.waveft_spectrum = nn.Parameter(torch.zeros(n) if config.init_weights else torch.randn(n) * 0.01)
@@ -110,9 +115,9 @@ class WaveFTLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         shape = (self.out_features, self.in_features)
-        if self.order is None:
+        if self.taps is None:
             return sparse_update(self.indices, self.waveft_spectrum, *shape) * self.scaling
-        return wavelet_weight(self.waveft_spectrum, self.indices, shape, self.order) * self.scaling
+        return wavelet_weight(self.waveft_spectrum, self.indices, shape, self.taps) * self.scaling
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.delta_weight()
