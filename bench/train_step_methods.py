@@ -108,4 +108,3 @@ def check_mappings(methods: list[str], r: int, impls: tuple[str, ...]) -> dict[s
         except Unmapped as exc:
             skipped[name] = str(exc)
     return skipped
-

@@ -67,4 +67,3 @@ def markdown_table(document: dict[str, Any]) -> str:
     caption += f" Competitors: {', '.join(versions)}." if versions else ""
     skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
     return "\n".join(lines) + "\n\n" + caption + skipped
-

@@ -169,4 +169,3 @@ def profile_table(run_step: Callable[[], Any], cuda: bool, steps: int = 3) -> st
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
-
