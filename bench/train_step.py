@@ -31,7 +31,7 @@ short by a time limit still leaves its finished configurations. ``PEFTLAB_BENCH_
 rows under peftlab's block checkpointing (``--checkpointing``; compiled rows checkpoint around each compiled call),
 recorded in the row's versions.
 
-Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
+Adding a method is one entry in ``METHODS`` (train_step_methods.py). Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
 that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
 same settings by construction. Where PEFT lacks the method or one of its options, its PEFT-based
