@@ -31,7 +31,7 @@ short by a time limit still leaves its finished configurations. ``PEFTLAB_BENCH_
 rows under peftlab's block checkpointing (``--checkpointing``; compiled rows checkpoint around each compiled call),
 recorded in the row's versions.
 
-Adding a method is one entry in ``METHODS``. Any name in ``peftlab.variants()`` works without an
+Adding a method is one entry in ``METHODS`` (train_step_methods.py). Any name in ``peftlab.variants()`` works without an
 entry: its peftlab config comes from the variant's default factory and PEFT's config is read from
 that config's PEFT-format dict (the ``adapter_config.json`` peftlab writes), so both sides run the
 same settings by construction. Where PEFT lacks the method or one of its options, its PEFT-based
@@ -40,7 +40,6 @@ implementations are skipped with the reason printed and stored in the results; p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -48,9 +47,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this checkout
@@ -58,249 +56,11 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere, peftlab from this 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
-
-from peftlab.compare.peft_backend import PeftUnmapped as Unmapped, to_peft_config  # noqa: E402
-
-IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
-         "peftlab_compiled_budget", "peftlab_liger", "peft", "peft_liger", "unsloth")
-COMPILED = ("peftlab_compiled", "peftlab_compiled_lean", "peftlab_compiled_budget", "frozen_compiled")
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# Llama 3.2 1B and Llama 3.1 8B shapes; "tiny" keeps every structural feature (GQA, tied head) for CPU.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(model=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
-                            tie_word_embeddings=True), batch=2, seq=64),
-    "1b": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
-                          tie_word_embeddings=True), batch=4, seq=1024),
-    "8b": dict(model=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
-                          tie_word_embeddings=False), batch=2, seq=1024),
-}
-
-
-@dataclass(frozen=True)
-class Method:
-    """One benchmarked method. ``peftlab`` builds its config from (target_modules, r); None means no
-    adapter: a reference run once as ``reference`` ("torch": full fine-tuning; "frozen": the frozen base's
-    forward and input-gradient backward, nothing trained). ``peft`` maps that config to PEFT's."""
-
-    label: str
-    peftlab: Callable[[list[str], int], Any] | None
-    peft: Callable[[Any], Any] | None = to_peft_config
-    targets: tuple[str, ...] = tuple(ALL_LINEAR)
-    reference: str = "torch"
-
-    def implementations(self, name: str, impls: tuple[str, ...] = ("peftlab", "peft"), peft_ok: bool = True) -> list[str]:
-        """The implementations of ``impls`` that can run this method (PEFT-based ones only if ``peft_ok``)."""
-        if self.peftlab is None:
-            return [self.reference]
-        return [i for i in impls if (i != "unsloth" or name in competitors.UNSLOTH_METHODS)
-                and (peft_ok or not i.startswith("peft_") and i != "peft")]
-
-
-def _lora(**extra):
-    def build(targets, r):
-        import peftlab
-
-        return peftlab.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **extra)
-
-    return build
-
-
-def _boft_one_factor(targets, r):
-    import peftlab
-
-    return peftlab.BOFTConfig(boft_block_size=r, boft_n_butterfly_factor=1, target_modules=list(targets))
-
-
-METHODS: dict[str, Method] = {
-    "full": Method("full fine-tune", None, None),
-    "frozen": Method("frozen base (forward + input-gradient backward)", None, None, reference="frozen"),
-    # the same, treated as peftlab_compiled treats an adapted model (compiled decoder layers, fused cross-entropy):
-    # the like-for-like floor of IA3 / VeRA / prompt tuning's "<= 1.05x a frozen-base step" with compiled layers
-    "frozen_compiled": Method("frozen base, compiled layers + fused CE", None, None, reference="frozen_compiled"),
-    "lora": Method("LoRA r{r}, all linear", _lora()),
-    "dora": Method("DoRA r{r}, all linear", _lora(use_dora=True)),
-    # PEFT builds BOFT's butterfly factors > 1 only with its CUDA extension (else it silently trains one
-    # factor): this entry is the like-for-like comparison, one factor on both sides
-    "boft_f1": Method("BOFT block {r}, 1 butterfly factor, all linear", _boft_one_factor),
-}
-
-
-def method_entry(name: str) -> Method:
-    if name in METHODS:
-        return METHODS[name]
-    import peftlab
-
-    variants = peftlab.variants()
-    if name not in variants:
-        known = sorted(set(METHODS) | set(variants))
-        raise SystemExit(f"unknown method {name!r}; known: {', '.join(known)}")
-    return Method(f"{name} (variant default), all linear", lambda targets, r: variants[name](list(targets), r))
-
-
-# -- worker: one configuration in a fresh process ------------------------------------------------
-def build_model(shape: str, device: str):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape]["model"], attn_implementation="sdpa")
-    with torch.device(device):
-        return LlamaForCausalLM(config).to(torch.bfloat16)
-
-
-def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
-    """The model of one configuration, adapted by ``args.impl``; the peak-memory count starts after
-    the bf16 base exists (its fp32 random init is a build artefact)."""
-    import torch
-
-    def start_peak():
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    if args.impl == "unsloth":
-        model, version = competitors.unsloth_model(SHAPES[args.shape]["model"], args.method, ALL_LINEAR, args.r,
-                                                   args.seq, start_peak)
-        return model, {"unsloth": version}
-    versions = {}
-    if args.impl.endswith("_liger"):
-        from importlib.metadata import version
-
-        competitors.apply_liger()
-        versions["liger_kernel"] = version("liger_kernel")
-    method = method_entry(args.method)
-    model = build_model(args.shape, args.device)
-    start_peak()
-    if args.impl in ("frozen", "frozen_compiled"):  # gradients flow back to the embeddings' output, nothing trains
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
-    if args.impl.startswith("peftlab"):
-        import peftlab
-        from peftlab.ops import fast
-
-        peftlab.attach(model, method.peftlab(method.targets, args.r))
-        versions["peftlab_fast"] = str(fast.enabled(torch.empty(0, device=args.device)))
-        if args.impl in ("peftlab_lean", "peftlab_compiled_lean"):
-            from peftlab.ops.lean import use_lean_modules
-
-            versions["lean_modules"] = use_lean_modules(model)
-    elif args.impl in ("peft", "peft_liger"):
-        import peft
-
-        model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
-    if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
-        import torch
-
-        from peftlab.train.packing import compile_model, resolve_compile_mode
-
-        model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
-        backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
-        # the trainer's compile_mode "auto" (CUDA graphs per layer unless checkpointed); A/B: "default", ...
-        mode = resolve_compile_mode(os.environ.get("PEFTLAB_BENCH_COMPILE_MODE", "auto"), backend,
-                                    torch.device(args.device), os.environ.get("PEFTLAB_BENCH_CKPT", "off") != "off")
-        compile_model(model, backend, "layers", mode=mode)
-        versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
-        if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels
-            import torch._inductor.config as inductor_config
-
-            inductor_config.combo_kernels = True
-            versions["combo_kernels"] = True
-        if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
-            versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
-        if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
-            import torch._functorch.config as functorch_config
-
-            budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
-            functorch_config.activation_memory_budget = budget
-            versions["activation_budget"] = budget
-    return model, versions
-
-
-def run_worker(args) -> dict[str, Any]:
-    import torch
-
-    cuda = args.device.startswith("cuda")
-    model, versions = prepare_model(args, cuda)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    dtypes: dict[str, int] = {}
-    for p in params:
-        dtypes[str(p.dtype).removeprefix("torch.")] = dtypes.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-    batch, seq = args.batch, args.seq
-    x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
-    loss_of = step_loss(args.impl, model, x)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    samples = []
-    ckpt = os.environ.get("PEFTLAB_BENCH_CKPT", "off")  # A/B: peftlab's block checkpointing (on | offload)
-    if ckpt != "off":
-        from peftlab.train.activations import checkpointing, compiled_placement
-
-        if not args.impl.startswith("peftlab"):
-            raise SystemExit(f"PEFTLAB_BENCH_CKPT is peftlab's checkpointing; {args.impl} has its own")
-        versions["checkpointing"] = ckpt + (f", {compiled_placement()}" if args.impl in COMPILED else "")
-    def train_step():
-        loss = loss_of()
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-    with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
-        for i in range(args.warmup + args.steps):
-            sync()
-            t0 = time.perf_counter()
-            loss = train_step()
-            sync()
-            if i >= args.warmup:
-                samples.append((time.perf_counter() - t0) * 1e3)
-        profile = profile_table(train_step, cuda) if args.profile else None
-    record = {
-        "trainable_params": sum(p.numel() for p in params),
-        "trainable_dtypes": dtypes,
-        "step_ms_samples": [round(s, 3) for s in samples],
-        "step_ms_median": round(statistics.median(samples), 3),
-        "final_loss": round(float(loss), 4),
-        "versions": versions,
-    }
-    if cuda:
-        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    if profile is not None:
-        record["profile"] = profile
-    return record
-
-
-def step_loss(impl: str, model, x) -> Callable[[], Any]:
-    """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
-    which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
-    if impl in ("peftlab_fce", "peftlab_lean") or impl in COMPILED:
-        from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
-
-        check_fused_ce(model)
-        return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
-    return lambda: model(input_ids=x, labels=x).loss
-
-
-def profile_table(run_step: Callable[[], Any], cuda: bool, steps: int = 3) -> str:
-    """torch.profiler's table of ``steps`` calls of ``run_step`` (one whole training step each), by device time on
-    CUDA, else by host time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            run_step()
-        if cuda:
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+# the tables of methods, the worker and the markdown table live beside this file; their names stay importable
+# from here (arith.py, distributed.py, memory.py, serve.py, serve_overhead.py, train_overhead.py and the tests)
+from train_step_methods import ALL_LINEAR, IMPLS, SHAPES, Unmapped, check_mappings, method_entry  # noqa: E402,F401
+from train_step_table import markdown_table  # noqa: E402
+from train_step_worker import build_model, profile_table, run_worker  # noqa: E402,F401
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -315,24 +75,6 @@ def schedule(plan: dict[str, list[str]], repeats: int) -> list[tuple[str, str]]:
         order += base if k % 2 == 0 else base[::-1]
     return order
 
-
-def check_mappings(methods: list[str], r: int, impls: tuple[str, ...]) -> dict[str, str]:
-    """Methods that cannot run on a PEFT-based side -> the reason (built here, before any subprocess);
-    their peftlab implementations still run."""
-    skipped = {}
-    if not any(i.startswith("peft") and not i.startswith("peftlab") for i in impls):
-        return skipped
-    for name in methods:
-        method = method_entry(name)
-        if method.peftlab is None:
-            continue
-        try:
-            if method.peft is None:
-                raise Unmapped("no PEFT mapping in METHODS")
-            method.peft(method.peftlab(method.targets, r))
-        except Unmapped as exc:
-            skipped[name] = str(exc)
-    return skipped
 
 
 def worker_command(args, method: str, impl: str, profile: bool = False) -> list[str]:
@@ -471,70 +213,6 @@ def default_name(args, env: dict[str, Any]) -> str:
     stamp = env["date"][:10]
     return f"train_step_{args.shape}_{device}_{stamp}.json"
 
-
-# -- tables --------------------------------------------------------------------------------------
-COMPETITORS = (("peft", "PEFT"), ("peft_liger", "PEFT+Liger"), ("unsloth", "Unsloth"))
-
-
-def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
-    """"time x / memory x" of ``row`` against ``ref`` (same method, another implementation)."""
-    if not ref or "error" in ref or ref is row:
-        return ""
-    text = f"{row['step_ms_median'] / ref['step_ms_median']:.2f}x"
-    if row.get("peak_gib") and ref.get("peak_gib"):
-        text += f" / {row['peak_gib'] / ref['peak_gib']:.2f}x"
-    return text
-
-
-def markdown_table(document: dict[str, Any]) -> str:
-    """One row per configuration; peftlab rows get time / memory ratios against each competitor that
-    ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
-    targets)."""
-    env, args, configs = document["environment"], document["args"], document["configs"]
-    rows = {(c["method"], c["impl"]): c for c in configs if "error" not in c}
-    present = {c["impl"] for c in configs}
-    competitors_here = [(impl, name) for impl, name in COMPETITORS if impl in present]
-    has_mem = any("peak_gib" in c for c in configs)
-    has_lora = any(m == "lora" and i.startswith("peftlab") for m, i in rows)
-    header = ["method", "impl", "trainable params", "step ms (p10-p90)", "tokens/s"] + (["peak GiB"] if has_mem else [])
-    suffix = " (time / mem)" if has_mem else ""
-    header += [f"vs {name}{suffix}" for _, name in competitors_here]
-    header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
-    frozen = {False: rows.get(("frozen", "frozen")), True: rows.get(("frozen_compiled", "frozen_compiled"))}
-    header += ["time vs frozen base, same treatment"] if any(frozen.values()) else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    for c in configs:
-        if "error" in c:
-            lines.append(f"| {c['label']} | {c['impl']} | error: {c['error'][:120]} |" + " |" * (len(header) - 3))
-            continue
-        ours = c["impl"].startswith("peftlab")
-        peft_row = rows.get((c["method"], "peft"))
-        trainable = f"{c['trainable_params']:,}"
-        if ours and peft_row and peft_row["trainable_params"] != c["trainable_params"]:
-            trainable += f" (PEFT: {peft_row['trainable_params']:,})"
-        spread = c.get("step_ms_p10_p90")
-        step = f"{c['step_ms_median']:.2f}" + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread else "")
-        cells = [c["label"], c["impl"], trainable, step, f"{c['tokens_per_s']:,}"]
-        if has_mem:
-            cells.append(f"{c['peak_gib']:.2f}")
-        cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
-        if has_lora:
-            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
-        if any(frozen.values()):
-            floor = frozen[c["impl"] in COMPILED]  # compiled rows against the compiled frozen step, eager ones eager
-            cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    device = env.get("gpu") or f"CPU ({env.get('cpu')})"
-    runs = args["repeats"]
-    caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-               f"peftlab {env['peftlab']} (commit {env['commit'][:10]}, source {env['peftlab_source_sha256']}); "
-               f"shape {args['shape']}, batch {args['batch']} x {args['seq']}, r {args['r']}; median of "
-               f"{runs} x {args['steps']} steps after {args['warmup']} warm-up steps per run; "
-               f"TF32 matmul {'on' if env['tf32_matmul'] else 'off'}.")
-    versions = sorted({f"{k} {v}" for c in configs for k, v in c.get("versions", {}).items() if k != "peftlab_fast"})
-    caption += f" Competitors: {', '.join(versions)}." if versions else ""
-    skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
-    return "\n".join(lines) + "\n\n" + caption + skipped
 
 
 def parse_args(argv=None):

@@ -1,20 +1,17 @@
-"""Multitask prompt tuning, CPT and Cartridges against HF PEFT (the oracle).
+"""Multitask prompt tuning and Cartridges against HF PEFT (the oracle); CPT: test_parity_cpt.py.
 
 Both checkpoint directions on logits and loss (with a left-padded row), generation, same seed -> same initial
 weights and training curve, keys / shapes / config fields, and bad input. PEFT returns logits for the virtual tokens
 too; peftlab drops them, so PEFT's ``logits[:, n:]`` are compared (Cartridges' prefix is in the KV cache: n = 0).
 """
-import warnings
-
 import peft
 import pytest
 import torch
 
 import peftlab
-from models import ARCHS, batch, check_config_round_trip, randomize_adapters, saved_pair
-from test_parity_input import greedy_by_recomputation, inputs
+from models import ARCHS, batch, check_config_round_trip, randomize_adapters
+from prompt_parity import CPT_DECAY, MPT, check_files_agree, check_generation, check_same, outputs, train
 
-MPT = dict(num_virtual_tokens=3, num_tasks=3, num_ranks=2)
 TASKS = torch.tensor([2, 0])  # one task per row of inputs()
 
 
@@ -31,59 +28,6 @@ def mpt_ours(arch, **kwargs):
     model = ARCHS[arch]()
     peftlab.attach(model, peftlab.MultitaskPromptTuningConfig(**{**MPT, **kwargs}))
     return model
-
-
-def outputs(model, n=0, **call):
-    with torch.no_grad():
-        out = model(**inputs(), **call)
-    return out.logits[:, n:], out.loss
-
-
-def check_same(ours, theirs, n, **call):
-    logits, loss = outputs(ours, **call)
-    expected_logits, expected_loss = outputs(theirs, n, **call)
-    assert logits.shape == expected_logits.shape
-    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
-
-
-def check_files_agree(tmp_path, weights):
-    """PEFT's and peftlab's saves under tmp_path: ``weights(ours, theirs)`` checks the tensors; the same config
-    fields with equal values (but the model dimensions PEFT writes at attach), and each library reads the other's."""
-    ours_w, theirs_w, ours_cfg, theirs_cfg = saved_pair(tmp_path)
-    weights(ours_w, theirs_w)
-    assert set(ours_cfg) == set(theirs_cfg) - {"peft_version", "auto_mapping"}
-    resolved = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
-    for key in set(ours_cfg) - resolved:
-        assert ours_cfg[key] == theirs_cfg[key], key
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        peft.PeftConfig.from_pretrained(tmp_path / "ours")
-    assert peftlab.read_config(tmp_path / "peft").to_dict() == peftlab.config_from_dict(theirs_cfg).to_dict()
-
-
-def train(model, x, call=dict, steps=6, lr=0.05):
-    """Losses of ``steps`` AdamW steps on ``x``; ``call()`` gives each call's extra arguments (fresh tensors)."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=x, labels=x, **call()).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def check_generation(ours, reference):
-    """peftlab's cached greedy generate() against ``reference`` (PEFT's forward) in a recomputing greedy loop."""
-    x = batch(6, b=2, t=5)
-    expected_sequences, expected_scores = greedy_by_recomputation(reference, x, 6)
-    got = ours.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
-                        pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(got.sequences, expected_sequences)
-    torch.testing.assert_close(torch.stack(got.scores), expected_scores, atol=1e-5, rtol=1e-4)
 
 
 # -- multitask prompt tuning ---------------------------------------------------------------------
@@ -288,121 +232,6 @@ def test_cartridge_bad_input():
             peftlab.CartridgeConfig(**{**CARTRIDGE, **settings})
     with pytest.raises(peftlab.ConfigError, match="num_attention_heads"):  # Llama's KV heads are 2
         cartridge_ours("llama", num_attention_heads=4)
-
-
-# -- CPT -----------------------------------------------------------------------------------------
-# two in-context examples (input template, input, output template, label: types 4i+1 .. 4i+4), then the query
-CPT = dict(cpt_token_ids=[5, 6, 7, 8, 9, 10, 11, 12, 13], cpt_tokens_type_mask=[1, 2, 2, 3, 4, 5, 6, 7, 8])
-CPT_DECAY = dict(CPT, opt_weighted_loss_type="decay", opt_loss_decay_factor=0.5, opt_projection_epsilon=3.0,
-                 opt_projection_format_epsilon=2.0)
-QUERY_TYPES = torch.tensor([[0, 0, 1, 2, 2, 3, 4, 4, 4], [1, 1, 2, 2, 3, 3, 4, 4, 4]])  # row 0 is left-padded
-
-
-def cpt_peft(arch, settings):
-    return peft.get_peft_model(ARCHS[arch](), peft.CPTConfig(task_type="CAUSAL_LM", **settings)).eval()
-
-
-def cpt_ours(arch, settings):
-    model = ARCHS[arch]()
-    peftlab.attach(model, peftlab.CPTConfig(**settings))
-    return model
-
-
-def cpt_call():
-    return dict(input_type_mask=QUERY_TYPES.clone())  # PEFT shifts the caller's tensor in place: a fresh one
-
-
-def check_same_cpt(ours, theirs, n):
-    with torch.no_grad():
-        got, expected = ours(**inputs(), **cpt_call()), theirs(**inputs(), **cpt_call())
-    torch.testing.assert_close(got.logits, expected.logits[:, n:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
-    return got
-
-
-@pytest.mark.parametrize("arch,settings", [("llama", CPT), ("gpt2", CPT_DECAY), ("qwen2", CPT_DECAY)])
-def test_cpt_peft_checkpoint_loads_in_peftlab(arch, settings, tmp_path):
-    pm = cpt_peft(arch, settings)
-    randomize_adapters(pm, seed=3, std=0.5)  # the change D: cut back to each row's ball in the forward
-    pm.save_pretrained(tmp_path)
-    ours = ARCHS[arch]()
-    peftlab.load_adapter(ours, tmp_path)
-    got = check_same_cpt(ours, pm, 9)
-    base = ARCHS[arch]()(**inputs())
-    assert not torch.allclose(got.logits, base.logits, atol=1e-3)
-
-
-@pytest.mark.parametrize("arch,settings", [("llama", CPT_DECAY), ("gpt2", CPT)])
-def test_cpt_peftlab_checkpoint_loads_in_peft(arch, settings, tmp_path):
-    ours = cpt_ours(arch, settings)
-    randomize_adapters(ours, seed=4, std=0.5)
-    peftlab.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(ARCHS[arch](), tmp_path).eval()
-    check_same_cpt(ours, theirs, 9)
-
-
-@pytest.mark.parametrize("settings", [{}, CPT_DECAY])
-def test_cpt_same_keys_shapes_and_config_fields_as_peft(settings, tmp_path):
-    cpt_peft("llama", settings).save_pretrained(tmp_path / "peft")
-    peftlab.save_adapter(cpt_ours("llama", settings), tmp_path / "ours")
-
-    def weights(ours, theirs):
-        assert set(ours) == {"prompt_embeddings"}
-        torch.testing.assert_close(ours["prompt_embeddings"], theirs["prompt_embeddings"])  # the examples' embeddings
-
-    check_files_agree(tmp_path, weights)
-
-
-@pytest.mark.parametrize("settings", [CPT, CPT_DECAY])
-def test_cpt_training_curve_projection_and_masked_rows_match_peft(settings):
-    """Same initial prompt (the examples' embeddings), then the same losses and the same change D step by step:
-    the projection into each row's ball, the gradient mask (label rows never change) and the weighted loss."""
-    pm, ours = cpt_peft("llama", settings), cpt_ours("llama", settings)
-    theirs = train(pm, batch(7, b=2, t=9), cpt_call)
-    assert theirs[-1] < theirs[0]
-    torch.testing.assert_close(train(ours, batch(7, b=2, t=9), cpt_call), theirs, atol=2e-5, rtol=0)
-    delta = peftlab.core.state.checkpoint_tensors(ours, "default")["cpt_delta"]
-    expected = pm.prompt_encoder["default"].delta_embedding.weight
-    torch.testing.assert_close(delta, expected, atol=1e-6, rtol=0)
-    assert not delta[4].any() and not delta[8].any() and delta[1].any()  # label rows (types 4, 8) stay put
-
-
-def test_cpt_generation_matches_peft(tmp_path):
-    ours = cpt_ours("llama", CPT)
-    randomize_adapters(ours, seed=5, std=1.0)
-    peftlab.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(ARCHS["llama"](), tmp_path).eval()
-    check_generation(ours, theirs)
-
-
-def test_cpt_bad_input():
-    make = peftlab.CPTConfig
-    bad = [(dict(cpt_token_ids=[1, 2], cpt_tokens_type_mask=[1]), "same length"),
-           (dict(cpt_token_ids=[]), "cpt_token_ids"), (dict(cpt_mask=[1, 1]), "same length"),
-           (dict(opt_weighted_loss_type="exp"), "opt_weighted_loss_type"),
-           (dict(opt_projection_epsilon=-1.0), "opt_projection_epsilon"),
-           (dict(cpt_tokens_type_mask=[-1]), "cpt_tokens_type_mask"), (dict(task_type="SEQ_2_SEQ_LM"), "task_type")]
-    for settings, match in bad:
-        with pytest.raises(peftlab.ConfigError, match=match):
-            make(**settings)
-    assert make().num_virtual_tokens == 1 and make(**CPT).num_virtual_tokens == 9  # PEFT: the ids' count
-    with pytest.raises(peftlab.ConfigError, match="cpt_token_ids"):
-        cpt_ours("llama", dict(cpt_token_ids=[500]))
-    ours = cpt_ours("llama", CPT)
-    with pytest.raises(peftlab.AdapterError, match="input_type_mask"):
-        ours(**inputs(), input_type_mask=QUERY_TYPES[:, :3])
-
-
-def test_cpt_refuses_the_fused_loss():
-    """The fused cross-entropy computes the loss outside the forward: it would skip CPT's labels and weights."""
-    from peftlab.train.fused_loss import check_fused_ce
-
-    ours = cpt_ours("llama", CPT)
-    with pytest.raises(peftlab.ConfigError, match="fused_ce.*own labels or loss"):
-        check_fused_ce(ours)
-    with peftlab.disabled(ours):
-        check_fused_ce(ours)
-    check_fused_ce(mpt_ours("llama"))
 
 
 @pytest.mark.parametrize("config", [

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from peftlab.core.adapter import ServingForm
+
 
 FUSED_MAX_TOKENS = 16  # per slot; above it the fused kernel would recompute too many rank activations
 
@@ -143,6 +145,17 @@ def scaled_lowrank_grouped(x: torch.Tensor, proj_down: torch.Tensor, proj_up: to
         z = F.linear(x.index_select(0, idx), proj_down[p]) * mid[slot]
         out.index_add_(0, idx, (F.linear(z, proj_up[p]) * up_scale[slot]).to(out.dtype))
     return out
+
+
+def folded_vera(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of the LoRA equal to a VeRA form: up_scale ⊙ (P_B (mid ⊙ (P_A x))) = (up_scale P_B)(mid P_A) x."""
+    wide = torch.promote_types(form.down.dtype, torch.float32)  # products in fp32 at least, one rounding
+    down, up = form.down.to(wide), form.up.to(wide)
+    if form.mid_scale is not None:
+        down = form.mid_scale.to(wide)[:, None] * down
+    if form.up_scale is not None:
+        up = form.up_scale.to(wide)[:, None] * up
+    return down.to(form.down.dtype), up.to(form.up.dtype)
 
 
 class PackedRows:

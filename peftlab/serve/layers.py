@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import ServingForm
-from peftlab.serve.batched import PackedRows, PackedTable, grown, lowrank_torch, lowrank_triton, restacked, \
-    row_lowrank, scaled_lowrank_grouped
+from peftlab.serve.batched import PackedRows, PackedTable, folded_vera, grown, lowrank_torch, lowrank_triton, \
+    restacked, row_lowrank, scaled_lowrank_grouped
 from peftlab.serve.context import KernelPlan, StepContext
 
 
@@ -24,17 +24,6 @@ log = logging.getLogger("peftlab.serve")
 # projections are then not shared in GPU memory; a larger rank (VeRA's are often 256) would widen every slot's
 # padded rank, so those keep the shared-projection path.
 FOLD_RANK = 64
-
-
-def _folded(form: ServingForm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) of the LoRA equal to a VeRA form: up_scale ⊙ (P_B (mid ⊙ (P_A x))) = (up_scale P_B)(mid P_A) x."""
-    wide = torch.promote_types(form.down.dtype, torch.float32)  # products in fp32 at least, one rounding
-    down, up = form.down.to(wide), form.up.to(wide)
-    if form.mid_scale is not None:
-        down = form.mid_scale.to(wide)[:, None] * down
-    if form.up_scale is not None:
-        up = form.up_scale.to(wide)[:, None] * up
-    return down.to(form.down.dtype), up.to(form.up.dtype)
 
 
 class BatchedLinear(nn.Module):
@@ -107,7 +96,7 @@ class BatchedLinear(nn.Module):
             if form.down is not None:
                 self._set_vera(slot, form)
             return
-        down, up = _folded(form) if form.vera_like else (form.down, form.up)
+        down, up = folded_vera(form) if form.vera_like else (form.down, form.up)
         r = form.rank
         if r > self.down.shape[1]:
             self.down, self.up = grown(self.down, 1, r), grown(self.up, 2, r)

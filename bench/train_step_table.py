@@ -1,0 +1,69 @@
+"""bench/train_step.py's markdown table of a results document (``--table``, and after every driver run)."""
+from __future__ import annotations
+
+from typing import Any
+
+from train_step_methods import COMPILED
+
+COMPETITORS = (("peft", "PEFT"), ("peft_liger", "PEFT+Liger"), ("unsloth", "Unsloth"))
+
+
+def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    """"time x / memory x" of ``row`` against ``ref`` (same method, another implementation)."""
+    if not ref or "error" in ref or ref is row:
+        return ""
+    text = f"{row['step_ms_median'] / ref['step_ms_median']:.2f}x"
+    if row.get("peak_gib") and ref.get("peak_gib"):
+        text += f" / {row['peak_gib'] / ref['peak_gib']:.2f}x"
+    return text
+
+
+def markdown_table(document: dict[str, Any]) -> str:
+    """One row per configuration; peftlab rows get time / memory ratios against each competitor that
+    ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
+    targets)."""
+    env, args, configs = document["environment"], document["args"], document["configs"]
+    rows = {(c["method"], c["impl"]): c for c in configs if "error" not in c}
+    present = {c["impl"] for c in configs}
+    competitors_here = [(impl, name) for impl, name in COMPETITORS if impl in present]
+    has_mem = any("peak_gib" in c for c in configs)
+    has_lora = any(m == "lora" and i.startswith("peftlab") for m, i in rows)
+    header = ["method", "impl", "trainable params", "step ms (p10-p90)", "tokens/s"] + (["peak GiB"] if has_mem else [])
+    suffix = " (time / mem)" if has_mem else ""
+    header += [f"vs {name}{suffix}" for _, name in competitors_here]
+    header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
+    frozen = {False: rows.get(("frozen", "frozen")), True: rows.get(("frozen_compiled", "frozen_compiled"))}
+    header += ["time vs frozen base, same treatment"] if any(frozen.values()) else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for c in configs:
+        if "error" in c:
+            lines.append(f"| {c['label']} | {c['impl']} | error: {c['error'][:120]} |" + " |" * (len(header) - 3))
+            continue
+        ours = c["impl"].startswith("peftlab")
+        peft_row = rows.get((c["method"], "peft"))
+        trainable = f"{c['trainable_params']:,}"
+        if ours and peft_row and peft_row["trainable_params"] != c["trainable_params"]:
+            trainable += f" (PEFT: {peft_row['trainable_params']:,})"
+        spread = c.get("step_ms_p10_p90")
+        step = f"{c['step_ms_median']:.2f}" + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread else "")
+        cells = [c["label"], c["impl"], trainable, step, f"{c['tokens_per_s']:,}"]
+        if has_mem:
+            cells.append(f"{c['peak_gib']:.2f}")
+        cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
+        if has_lora:
+            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
+        if any(frozen.values()):
+            floor = frozen[c["impl"] in COMPILED]  # compiled rows against the compiled frozen step, eager ones eager
+            cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    device = env.get("gpu") or f"CPU ({env.get('cpu')})"
+    runs = args["repeats"]
+    caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+               f"peftlab {env['peftlab']} (commit {env['commit'][:10]}, source {env['peftlab_source_sha256']}); "
+               f"shape {args['shape']}, batch {args['batch']} x {args['seq']}, r {args['r']}; median of "
+               f"{runs} x {args['steps']} steps after {args['warmup']} warm-up steps per run; "
+               f"TF32 matmul {'on' if env['tf32_matmul'] else 'off'}.")
+    versions = sorted({f"{k} {v}" for c in configs for k, v in c.get("versions", {}).items() if k != "peftlab_fast"})
+    caption += f" Competitors: {', '.join(versions)}." if versions else ""
+    skipped = "".join(f"\nSkipped {k}: {v}." for k, v in document.get("skipped", {}).items())
+    return "\n".join(lines) + "\n\n" + caption + skipped

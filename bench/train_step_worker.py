@@ -1,0 +1,171 @@
+"""bench/train_step.py's worker: one configuration (method x implementation) built and timed in a fresh process."""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import competitors  # bench/competitors.py, beside this file (bench/train_step.py puts bench/ on sys.path)
+from train_step_methods import ALL_LINEAR, COMPILED, SHAPES, method_entry
+
+
+def build_model(shape: str, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape]["model"], attn_implementation="sdpa")
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
+    """The model of one configuration, adapted by ``args.impl``; the peak-memory count starts after
+    the bf16 base exists (its fp32 random init is a build artefact)."""
+    import torch
+
+    def start_peak():
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    if args.impl == "unsloth":
+        model, version = competitors.unsloth_model(SHAPES[args.shape]["model"], args.method, ALL_LINEAR, args.r,
+                                                   args.seq, start_peak)
+        return model, {"unsloth": version}
+    versions = {}
+    if args.impl.endswith("_liger"):
+        from importlib.metadata import version
+
+        competitors.apply_liger()
+        versions["liger_kernel"] = version("liger_kernel")
+    method = method_entry(args.method)
+    model = build_model(args.shape, args.device)
+    start_peak()
+    if args.impl in ("frozen", "frozen_compiled"):  # gradients flow back to the embeddings' output, nothing trains
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    if args.impl.startswith("peftlab"):
+        import peftlab
+        from peftlab.ops import fast
+
+        peftlab.attach(model, method.peftlab(method.targets, args.r))
+        versions["peftlab_fast"] = str(fast.enabled(torch.empty(0, device=args.device)))
+        if args.impl in ("peftlab_lean", "peftlab_compiled_lean"):
+            from peftlab.ops.lean import use_lean_modules
+
+            versions["lean_modules"] = use_lean_modules(model)
+    elif args.impl in ("peft", "peft_liger"):
+        import peft
+
+        model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
+    if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
+        import torch
+
+        from peftlab.train.packing import compile_model, resolve_compile_mode
+
+        model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
+        backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
+        # the trainer's compile_mode "auto" (CUDA graphs per layer unless checkpointed); A/B: "default", ...
+        mode = resolve_compile_mode(os.environ.get("PEFTLAB_BENCH_COMPILE_MODE", "auto"), backend,
+                                    torch.device(args.device), os.environ.get("PEFTLAB_BENCH_CKPT", "off") != "off")
+        compile_model(model, backend, "layers", mode=mode)
+        versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
+        if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels
+            import torch._inductor.config as inductor_config
+
+            inductor_config.combo_kernels = True
+            versions["combo_kernels"] = True
+        if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
+            versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
+        if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
+            import torch._functorch.config as functorch_config
+
+            budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
+            functorch_config.activation_memory_budget = budget
+            versions["activation_budget"] = budget
+    return model, versions
+
+
+def run_worker(args) -> dict[str, Any]:
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    model, versions = prepare_model(args, cuda)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtypes: dict[str, int] = {}
+    for p in params:
+        dtypes[str(p.dtype).removeprefix("torch.")] = dtypes.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    batch, seq = args.batch, args.seq
+    x = torch.randint(0, SHAPES[args.shape]["model"]["vocab_size"], (batch, seq), device=args.device)
+    loss_of = step_loss(args.impl, model, x)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    samples = []
+    ckpt = os.environ.get("PEFTLAB_BENCH_CKPT", "off")  # A/B: peftlab's block checkpointing (on | offload)
+    if ckpt != "off":
+        from peftlab.train.activations import checkpointing, compiled_placement
+
+        if not args.impl.startswith("peftlab"):
+            raise SystemExit(f"PEFTLAB_BENCH_CKPT is peftlab's checkpointing; {args.impl} has its own")
+        versions["checkpointing"] = ckpt + (f", {compiled_placement()}" if args.impl in COMPILED else "")
+    def train_step():
+        loss = loss_of()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+    with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = train_step()
+            sync()
+            if i >= args.warmup:
+                samples.append((time.perf_counter() - t0) * 1e3)
+        profile = profile_table(train_step, cuda) if args.profile else None
+    record = {
+        "trainable_params": sum(p.numel() for p in params),
+        "trainable_dtypes": dtypes,
+        "step_ms_samples": [round(s, 3) for s in samples],
+        "step_ms_median": round(statistics.median(samples), 3),
+        "final_loss": round(float(loss), 4),
+        "versions": versions,
+    }
+    if cuda:
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    if profile is not None:
+        record["profile"] = profile
+    return record
+
+
+def step_loss(impl: str, model, x) -> Callable[[], Any]:
+    """The step's loss: the model's own, or (``peftlab_fce``) peftlab's fused linear + cross-entropy,
+    which never holds the (tokens, vocab) logits (``TrainArgs.fused_ce`` in training)."""
+    if impl in ("peftlab_fce", "peftlab_lean") or impl in COMPILED:
+        from peftlab.train.fused_loss import check_fused_ce, fused_causal_lm_loss
+
+        check_fused_ce(model)
+        return lambda: fused_causal_lm_loss(model, {"input_ids": x, "labels": x})
+    return lambda: model(input_ids=x, labels=x).loss
+
+
+def profile_table(run_step: Callable[[], Any], cuda: bool, steps: int = 3) -> str:
+    """torch.profiler's table of ``steps`` calls of ``run_step`` (one whole training step each), by device time on
+    CUDA, else by host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
