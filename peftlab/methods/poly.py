@@ -116,13 +116,15 @@ class PolyLayer(AdapterLayer):
             if self.n_tasks != 1:
                 raise AdapterError(f"POLY over {self.n_tasks} tasks needs task_ids: pass model(..., task_ids=ids) "
                                    "or use peftlab.call_inputs(model, task_ids=ids)")
-            ids = 0
+            return torch.zeros(batch, device=device, dtype=torch.long)  # the one task: nothing to check
         ids = torch.as_tensor(ids, device=device, dtype=torch.long).reshape(-1)
         if ids.numel() == 1:
             ids = ids.expand(batch)
         if ids.numel() != batch:
             raise AdapterError(f"task_ids has {ids.numel()} entries for a batch of {batch} rows")
-        if ids.min() < 0 or ids.max() >= self.n_tasks:
+        # the range check reads the ids on the host: eager calls only (a compiled layer would break its graph on it;
+        # there an id out of range still fails, in the router's index_select)
+        if not torch.compiler.is_compiling() and (ids.min() < 0 or ids.max() >= self.n_tasks):
             raise AdapterError(f"task_ids {ids.tolist()} outside the {self.n_tasks} tasks of this POLY adapter")
         return ids
 
