@@ -17,12 +17,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.adapter import BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_number, check_positive_int, dict_field
 from peftlab.core.registry import register
+from peftlab.methods._dense import DenseUpdateLayer
 from peftlab.ops.spectral import sparse_spectrum_weight
 
 
@@ -71,7 +71,7 @@ def frequency_locations(out_features: int, in_features: int, n: int, seed: int) 
     return torch.stack([flat // in_features, flat % in_features])
 
 
-class FourierFTLayer(AdapterLayer):
+class FourierFTLayer(DenseUpdateLayer):
     def __init__(self, base: BaseView, config: FourierFTConfig, module_name: str):
         super().__init__(base, config, module_name)
         self.out_features, self.in_features = base.out_features, base.in_features
@@ -93,9 +93,6 @@ class FourierFTLayer(AdapterLayer):
         shape = (self.out_features, self.in_features)
         return (sparse_spectrum_weight(spectrum, self.indices, shape) * self.scaling).to(spectrum.dtype)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.delta_weight()
-        return F.linear(x.to(weight.dtype), weight)
 
 
 # lr_scale: Adam moves each of the n coefficients by about the learning rate, which moves an entry of ΔW by about

@@ -20,14 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.adapter import BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, check_positive_int
 from peftlab.core.registry import register
 from peftlab.core.state import loading
-from peftlab.ops import fast
+from peftlab.methods._dense import DenseUpdateLayer
 
 
 def random_entries(out_features: int, in_features: int, count: int, seed: int | None) -> torch.Tensor:
@@ -69,7 +68,7 @@ class ShiraConfig(AdapterConfig):
         check_one_of("init_weights", self.init_weights, (True, False))
 
 
-class ShiraLayer(AdapterLayer):
+class ShiraLayer(DenseUpdateLayer):
     def __init__(self, base: BaseView, config: ShiraConfig, module_name: str):
         super().__init__(base, config, module_name)
         out_f, in_f = base.out_features, base.in_features
@@ -92,9 +91,6 @@ class ShiraLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return sparse_update(self.shira_indices, self.shira_weight, self.out_features, self.in_features)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(fast.compute_dtype(x, self.shira_weight))
-        return F.linear(x, self.delta_weight().to(x.dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"shira_weight": self.shira_weight, "shira_indices": self.shira_indices}

@@ -20,12 +20,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView, SharedTensors
+from peftlab.core.adapter import BaseView, SharedTensors
 from peftlab.core.config import AdapterConfig, ConfigError, check_bias, check_one_of, dict_field
 from peftlab.core.registry import register
+from peftlab.methods._dense import DenseUpdateLayer
 from peftlab.methods.fourierft import check_seeded_coefficients, frequency_locations
 from peftlab.methods.lora import pattern_value
 from peftlab.methods.shira import sparse_update
@@ -95,7 +95,7 @@ def wavelet_weight(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int
     return rebuilt[top: top + out_f, left: left + in_f]
 
 
-class WaveFTLayer(AdapterLayer):
+class WaveFTLayer(DenseUpdateLayer):
     def __init__(self, base: BaseView, config: WaveFTConfig, module_name: str, shared: CoefficientCounts):
         super().__init__(base, config, module_name)
         self.out_features, self.in_features = base.out_features, base.in_features
@@ -119,9 +119,6 @@ class WaveFTLayer(AdapterLayer):
             return sparse_update(self.indices, self.waveft_spectrum, *shape) * self.scaling
         return wavelet_weight(self.waveft_spectrum, self.indices, shape, self.taps) * self.scaling
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.delta_weight()
-        return F.linear(x.to(weight.dtype), weight)
 
 
 # Adam moves each coefficient by about the learning rate whatever `scaling` is, so ΔW moves by about scaling * lr per

@@ -30,6 +30,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import BaseView
@@ -257,3 +258,17 @@ def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | N
     a, scaling = _fold_tensor_scaling(a, scaling)
     with no_autocast(x):
         return _DoraLinear.apply(x, weight_oi, bias, a, b, magnitude, norm.detach(), float(scaling), share)
+
+
+def dense_update(x: torch.Tensor, base: BaseView, delta_oi: torch.Tensor) -> torch.Tensor | None:
+    """The fused (W0 + ΔW) x + bias for methods whose update is a dense (out, in) ``delta_oi`` built each forward
+    (FourierFT, SHiRA, WaveFT), or None when the fused path does not apply. One GEMM forward and two backward (input
+    gradient, ΔW's gradient) instead of five with W0 x and ΔW x apart; it keeps W0 + ΔW for backward where the
+    reference keeps ΔW, the same size. A 4-bit base is dequantized once for the sum."""
+    parts = operands(x, base)
+    if parts is None:
+        return None
+    xc, weight, bias = parts
+    with no_autocast(x):
+        out = F.linear(xc, _dense(weight, xc.dtype) + _as(_as(delta_oi, device=x.device), xc.dtype), bias)
+    return restore_dtype(out, x)
