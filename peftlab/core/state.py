@@ -182,9 +182,14 @@ def read_config(path: str | Path):
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_NAME}")
+    return read_config_file(cfg_path)
+
+
+def read_config_file(cfg_path: Path):
+    """The config in one ``adapter_config.json``-style file (it must exist)."""
     try:
         data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")

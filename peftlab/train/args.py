@@ -166,19 +166,15 @@ def build_config(args: TrainArgs):
 
 def config_from_file(path: str):
     """The config in a PEFT ``adapter_config.json``, given as the file or its folder."""
-    import json
     from pathlib import Path
 
-    from peftlab.core.registry import config_from_dict
+    from peftlab.core.state import CONFIG_NAME, CheckpointError, read_config_file
 
     file = Path(path)
-    file = file / "adapter_config.json" if file.is_dir() else file
+    file = file / CONFIG_NAME if file.is_dir() else file
     if not file.is_file():
         raise ConfigError(f"adapter_config: {file} not found")
     try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"adapter_config: {file} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"adapter_config: {file} must hold a JSON object, got {type(data).__name__}")
-    return config_from_dict(data, source=str(file))
+        return read_config_file(file)
+    except CheckpointError as exc:  # reported as the run's bad argument, like every other TrainArgs error
+        raise ConfigError(f"adapter_config: {exc}") from exc
