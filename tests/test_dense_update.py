@@ -1,13 +1,15 @@
-"""The fused path of the dense-update methods (FourierFT, SHiRA, WaveFT: methods/_dense.py): one GEMM on W0 + ΔW
-(``fast.dense_update``) against the reference W0 x + ΔW x, loss and every gradient, fp32 and under bf16 autocast."""
+"""The fused path of the dense-update methods (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA and MiSS "bat",
+whose ΔW reads W0): one GEMM on W0 + ΔW (``fast.dense_update``) against the reference W0 x + ΔW x, loss and every
+gradient, fp32 and under bf16 autocast."""
 import pytest
 import torch
 
 import peftlab
 from models import batch, check_fast_path_matches_reference, randomize_adapters, tiny_gpt2, tiny_llama
+from peftlab.methods.hira import HiraConfig
 from peftlab.ops import fast
 
-VARIANTS = ["fourierft", "shira", "waveft"]
+VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat"]
 
 
 def _attached(variant, build=tiny_llama):
@@ -55,3 +57,16 @@ def test_fused_under_bf16_autocast(variant, monkeypatch):
             out[flag] = model(ids, labels=ids)
     assert out["1"].logits.dtype == out["0"].logits.dtype
     torch.testing.assert_close(out["1"].loss.float(), out["0"].loss.float(), atol=3e-2, rtol=1e-2)
+
+
+def test_hira_dropout_in_training_keeps_the_reference_path(monkeypatch):
+    """HiRA's dropout acts on the update's input only, which one GEMM on W0 + ΔW cannot do: with dropout active the
+    fused node is not taken; in eval mode (dropout off) it is."""
+    model = tiny_llama()
+    peftlab.attach(model, HiraConfig(r=4, hira_dropout=0.1, target_modules=["q_proj"]))
+    calls = _count_fused(monkeypatch)
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    model.train()(batch())
+    assert calls == []
+    model.eval()(batch())
+    assert calls and all(calls)

@@ -2,7 +2,8 @@
 
     h = W0 x + (W0 ⊙ (B A)) dropout(x) + b,    A (r, in), B (out, r)
 
-so W' = W0 ⊙ (1 + B A): the update keeps W0's rank, not r. Keys: ``hira_A`` / ``hira_B`` on linear targets
+so W' = W0 ⊙ (1 + B A): the update keeps W0's rank, not r. The fast path (linear targets, no active dropout) runs
+one GEMM on W0 + W0 ⊙ (B A) instead of two (``fast.dense_update``, as the dense-update methods do). Keys: ``hira_A`` / ``hira_B`` on linear targets
 (GPT-2's ``Conv1D`` too, through its (out, in) view), ``hira_embedding_A`` (r, num_embeddings) /
 ``hira_embedding_B`` (dim, r) on embeddings, whose rows are looked up as W0[ids] ⊙ (A^T[ids] B^T) (no dropout
 there, as in PEFT). Init as PEFT draws it: both factors standard normal, then for linear targets
@@ -98,6 +99,13 @@ class HiraLayer(AdapterLayer):
             return out + rows.to(out.dtype)
         update = base.weight_oi().to(dtype) * self.hadamard_factor().to(dtype)
         return out + F.linear(self.dropout(x.to(dtype)), update).to(out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """Linear targets without active dropout: one GEMM on W0 + W0 ⊙ (B A) (``fast.dense_update``)."""
+        if self.is_embedding or not fast.enabled(x) or (self.training and isinstance(self.dropout, nn.Dropout)):
+            return None
+        dtype = fast.compute_dtype(x, self.hira_A)
+        return fast.dense_update(x, base, base.weight_oi().to(dtype) * self.hadamard_factor().to(dtype))
 
     def merge_into(self, weight_oi: torch.Tensor, base: BaseView) -> torch.Tensor:
         return weight_oi + weight_oi * self.hadamard_factor().detach().to(weight_oi.dtype)

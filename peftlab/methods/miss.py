@@ -11,9 +11,10 @@ last one zero-padded):
     False             D (r, out) drawn Kaiming-uniform (PEFT's test init; not the identity), used as "balance"
 
 D starts at zero otherwise, so the adapted model equals the base. The balance and mini forms cost one slice-sum
-of x and an (r, out) product per token; "bat" builds its dense (out, in) update each forward, as PEFT does, and
-applies no ``miss_dropout`` (neither does PEFT). With two "bat" adapters active at once on a layer, each update
-here reads W0, where PEFT's forward feeds the first one's result to the second (merging chains in both).
+of x and an (r, out) product per token; "bat" builds its dense (out, in) update each forward, as PEFT does (the fast
+path then runs one GEMM on W0 + ΔW: ``fast.dense_update``), and applies no ``miss_dropout`` (neither does PEFT).
+With two "bat" adapters active at once on a layer, each update here reads W0, where PEFT's forward feeds the first
+one's result to the second (merging chains in both).
 Saved key: ``<module>.miss_block``. PEFT adapts ``nn.Linear`` only; GPT-2's ``Conv1D`` is adapted here through its
 (out, in) view, but such files load only here.
 """
@@ -127,6 +128,12 @@ class MissLayer(AdapterLayer):
         x = x.to(fast.compute_dtype(x, self.miss_block))
         update = bat_update(base.weight_oi().to(self.miss_block.dtype), self.miss_block)
         return out + F.linear(x, update.to(x.dtype)).to(out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """"bat" only: one GEMM on W0 + ΔW(W0) (``fast.dense_update``); the other forms cost far less than a GEMM."""
+        if self.variant != "bat" or not fast.enabled(x):
+            return None
+        return fast.dense_update(x, base, bat_update(base.weight_oi().to(self.miss_block.dtype), self.miss_block))
 
     def delta_weight(self) -> torch.Tensor:
         if self.variant == "bat":
