@@ -70,3 +70,15 @@ def test_hira_dropout_in_training_keeps_the_reference_path(monkeypatch):
     assert calls == []
     model.eval()(batch())
     assert calls and all(calls)
+
+
+def test_frod_folds_with_enough_tokens(monkeypatch):
+    """FRoD builds ΔW = U M V^T only for a call of at least in_features tokens (then one GEMM on W0 + ΔW, equal to the
+    three per-token matmuls in loss and gradients); a shorter call keeps the per-token form."""
+    model = _attached("frod")
+    calls = _count_fused(monkeypatch)
+    check_fast_path_matches_reference(model, batch(b=4, t=16), monkeypatch)  # 64 tokens >= 48 inputs (MLP's down)
+    assert calls and all(calls)
+    calls.clear()
+    model(batch(b=2, t=9))  # 18 tokens < 32: PEFTLAB_FAST is still 1 from the check above
+    assert calls == []
