@@ -6,8 +6,9 @@
 #   OUT=... bench/gpu/new_methods.sh a   # fourierft c3a vblora randlora delora road
 #   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
 #   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
+#   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod: with a, b the dense-update fast path on a GPU
 set -x
-PART=${1:?usage: bench/gpu/new_methods.sh a|b|c}
+PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d}
 OUT=${OUT:-/tmp/new-methods}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -15,7 +16,8 @@ case "$PART" in
   a) METHODS=fourierft,c3a,vblora,randlora,delora,road ;;
   b) METHODS=gralora,miss,shira,hira,glora,deft ;;
   c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
-  *) echo "unknown part $PART (a, b or c)"; exit 2 ;;
+  d) METHODS=waveft,miss_bat,frod ;;
+  *) echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
   --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 --out "$OUT/new_$PART.json" > "$OUT/new_$PART.log" 2>&1
