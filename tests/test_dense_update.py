@@ -1,15 +1,16 @@
 """The fused path of the dense-update methods (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA and MiSS "bat",
-whose ΔW reads W0): one GEMM on W0 + ΔW (``fast.dense_update``) against the reference W0 x + ΔW x, loss and every
-gradient, fp32 and under bf16 autocast."""
+whose ΔW reads W0; Super-Tuning's sparse part, its LoRA beside): one GEMM on W0 + ΔW (``fast.dense_update``) against
+the reference W0 x + ΔW x, loss and every gradient, fp32 and under bf16 autocast."""
 import pytest
 import torch
 
 import peftlab
 from models import batch, check_fast_path_matches_reference, randomize_adapters, tiny_gpt2, tiny_llama
 from peftlab.methods.hira import HiraConfig
+from peftlab.methods.supertuning import SupertuningConfig
 from peftlab.ops import fast
 
-VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat"]
+VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat", "supertuning"]
 
 
 def _attached(variant, build=tiny_llama):
@@ -82,3 +83,28 @@ def test_frod_folds_with_enough_tokens(monkeypatch):
     calls.clear()
     model(batch(b=2, t=9))  # 18 tokens < 32: PEFTLAB_FAST is still 1 from the check above
     assert calls == []
+
+
+def test_supertuning_fused_keeps_the_lora_dropout(monkeypatch):
+    """In training with ``lora_dropout``, Super-Tuning's fast path folds only S and runs the LoRA part on the dropped
+    input: with the same seed it draws the same masks as the reference, so loss and gradients agree."""
+    model = tiny_llama()
+    config = SupertuningConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "down_proj"])
+    peftlab.attach(model, config)
+    randomize_adapters(model, seed=3, std=0.05)
+    model.train()
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        torch.manual_seed(0)
+        loss = model(input_ids=batch(), labels=batch()).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert ref_grads.keys() == grads.keys() and ref_grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the dropout was live: the same pass in eval mode differs
+        assert not torch.equal(model(input_ids=batch()).logits, model.eval()(input_ids=batch()).logits)

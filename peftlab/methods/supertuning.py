@@ -13,7 +13,8 @@ Saved keys: ``<module>.supertuning_values``, ``<module>.supertuning_indices`` (u
 ``<module>.supertuning_lora_A.weight`` / ``supertuning_lora_B.weight`` (with r).
 
 PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D is adapted here through its (out, in) view, but such files load only
-here. The update is applied as one more dense matmul of the base's size, as SHiRA's.
+here. The reference applies S as one more dense matmul of the base's size, as SHiRA's; the fast path folds it into the
+base GEMM (one GEMM on W0 + S, ``fast.dense_update``) and keeps the LoRA part beside it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_dropout, check_number, check_one_of
 from peftlab.core.registry import register
 from peftlab.methods.shira import sparse_update
+from peftlab.ops import fast
 
 
 def magnitude_support(weight_oi: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
@@ -102,13 +104,23 @@ class SupertuningLayer(AdapterLayer):
             weight = weight + self.scaling * (self.supertuning_lora_B.weight @ self.supertuning_lora_A.weight)
         return weight
 
+    def lora_part(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha / r) B A dropout(x), the LoRA beside the sparse support (only with ``r``)."""
+        lora_in = self.dropout(x).to(self.supertuning_values.dtype)
+        return self.scaling * self.supertuning_lora_B(self.supertuning_lora_A(lora_in))
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.supertuning_values
-        out = F.linear(x.to(values.dtype), self.sparse_weight())
-        if self.r is not None:
-            lora_in = self.dropout(x).to(values.dtype)
-            out = out + self.scaling * self.supertuning_lora_B(self.supertuning_lora_A(lora_in))
-        return out
+        out = F.linear(x.to(self.supertuning_values.dtype), self.sparse_weight())
+        return out if self.r is None else out + self.lora_part(x)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """One GEMM on W0 + S (``fast.dense_update``), the LoRA part (with its dropout) beside it."""
+        if not fast.enabled(x):
+            return None
+        out = fast.dense_update(x, base, self.sparse_weight())
+        if out is None or self.r is None:
+            return out
+        return out + self.lora_part(x).to(out.dtype)
 
     def param_roles(self) -> dict[str, str]:
         return {name: "B" if name.startswith("supertuning_lora_B") else "A" for name, _ in self.named_parameters()}
