@@ -1,7 +1,7 @@
-"""CPU proxy for the dense-update fast path (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA, MiSS "bat", FRoD, Super-Tuning): one
-training step (forward + backward) with the fast path forced on (PEFTLAB_FAST=1, one GEMM on W0 + dW) against the
-reference (PEFTLAB_FAST=0, W0 x + dW x), alternated, best of ROUNDS rounds of STEPS steps each. A 4-layer Llama with
-SmolLM2-135M's widths, fp32, B4 x 64, every linear adapted. Not a GPU number.
+"""CPU proxy for the dense-update fast path (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA, MiSS "bat", FRoD,
+Super-Tuning): one training step (forward + backward) with the fast path forced on (PEFTLAB_FAST=1, one GEMM on
+W0 + dW) against the reference (PEFTLAB_FAST=0, W0 x + dW x), alternated, best of ROUNDS rounds of STEPS steps each.
+A 4-layer Llama with SmolLM2-135M's widths, fp32, B4 x 64, every linear adapted. Not a GPU number.
 
     python bench/dense_update_cpu.py --out bench/results/dense_update_cpu.json
 """
