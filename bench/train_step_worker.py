@@ -86,6 +86,11 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             budget = float(os.environ.get("PEFTLAB_BENCH_BUDGET", "0.5"))
             functorch_config.activation_memory_budget = budget
             versions["activation_budget"] = budget
+        if args.impl == "peftlab_compiled_pointwise":  # TrainArgs.recompute_pointwise, for the worker's lifetime
+            from peftlab.train.pointwise import recompute_pointwise
+
+            recompute_pointwise(model).__enter__()
+            versions["recompute_pointwise"] = True
     return model, versions
 
 

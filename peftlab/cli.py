@@ -85,6 +85,8 @@ def train(
                                      "for inductor on one CUDA GPU without --checkpointing or --packing."),
     activation_budget: Optional[float] = typer.Option(None, help="Compiled layers: share (0-1] of their activations "
                                                       "kept for backward, the rest recomputed (default 1)."),
+    recompute_pointwise: bool = typer.Option(False, help="Compiled layers: keep matrix products and attention, "
+                                             "recompute norms / SwiGLU / rotary in backward (less memory; opt-in)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
                                       "or adapted (each adapted module)."),
 ) -> None:
@@ -131,7 +133,8 @@ def train(
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
                      packing=packing, compile=None if compile_ == "none" else compile_,
-                     compile_scope=compile_scope, compile_mode=compile_mode, activation_budget=activation_budget)
+                     compile_scope=compile_scope, compile_mode=compile_mode, activation_budget=activation_budget,
+                     recompute_pointwise=recompute_pointwise)
     args.distributed = distributed
     try:
         metrics = run_train(args)

@@ -6,7 +6,7 @@
 #   OUT=... bench/gpu/new_methods.sh a   # fourierft c3a vblora randlora delora road
 #   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
 #   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
-#   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod: with a, b the dense-update fast path on a GPU
+#   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod supertuning: with a, b the dense-update fast path
 set -x
 PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d}
 OUT=${OUT:-/tmp/new-methods}
@@ -16,7 +16,7 @@ case "$PART" in
   a) METHODS=fourierft,c3a,vblora,randlora,delora,road ;;
   b) METHODS=gralora,miss,shira,hira,glora,deft ;;
   c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
-  d) METHODS=waveft,miss_bat,frod ;;
+  d) METHODS=waveft,miss_bat,frod,supertuning ;;
   *) echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \

@@ -130,6 +130,13 @@ def validate_compile_args(args) -> None:
             raise ConfigError(f"activation_budget must be in (0, 1], got {args.activation_budget!r}")
         if args.compile is None:
             raise ConfigError("activation_budget acts on compiled layers; it needs compile ('auto' or a backend)")
+    if args.recompute_pointwise:
+        if args.compile is None:
+            raise ConfigError("recompute_pointwise acts on compiled layers; it needs compile ('auto' or a backend)")
+        if args.checkpointing != "off" or args.activation_budget is not None:
+            raise ConfigError("recompute_pointwise cannot be combined with checkpointing "
+                              f"{args.checkpointing!r} / activation_budget {args.activation_budget!r}: each decides "
+                              "what the layers keep; pick one")
     if args.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {args.compile_scope!r}")
 
@@ -248,8 +255,17 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     if backend:
         compile_model(model, backend, scope, mode=mode)
     budget = args.activation_budget
+    pointwise = contextlib.nullcontext()
+    if args.recompute_pointwise and backend:
+        from peftlab.train.pointwise import recompute_pointwise
+
+        pointwise = recompute_pointwise(model)
+    elif args.recompute_pointwise:
+        warnings.warn(f"recompute_pointwise has no effect: the layers run eagerly here (compile {args.compile!r} on "
+                      f"{device.type}; see TrainArgs.compile)", RuntimeWarning, stacklevel=3)
     try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
-        with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext():
+        with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext(), \
+                pointwise:
             yield state
     finally:
         if state.backend:

@@ -1,0 +1,98 @@
+"""CPU proxy for ``TrainArgs.recompute_pointwise`` (peftlab/train/pointwise.py): what one compiled decoder layer of
+the 1B Llama shape (hidden 2048, MLP 8192, 32 / 8 heads, bf16) keeps for backward, per token, with LoRA r16 on every
+linear, against the frozen base's layer; and the layer's forward + backward time on this CPU. Kept bytes are counted
+through saved-tensor hooks (parameters excluded) at two sequence lengths, and the per-token figure is their slope,
+so per-layer constants (the adapter factors' bf16 copies) drop out. Not a GPU number: peak memory and step time on
+the GPU come from bench/train_step.py (impl ``peftlab_compiled_pointwise``).
+
+    python bench/pointwise_cpu.py --out bench/results/pointwise_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import environment, write_atomic  # noqa: E402
+
+SHAPE = dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
+             num_key_value_heads=8, max_position_embeddings=4096)
+ROWS = {  # name: (adapter, PEFTLAB_FAST, recompute_pointwise)
+    "frozen base": (False, "1", False),
+    "LoRA, fused node (CUDA's default path)": (True, "1", False),
+    "LoRA, fused node, recompute_pointwise": (True, "1", True),
+    "LoRA, reference path (PEFTLAB_FAST=0)": (True, "0", False),
+    "LoRA, reference path, recompute_pointwise": (True, "0", True),
+}
+
+
+def measure(adapter: bool, fast: str, pointwise: bool, lengths: tuple[int, int], steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftlab
+    from peftlab.train.packing import compile_model
+    from peftlab.train.pointwise import recompute_pointwise
+
+    os.environ["PEFTLAB_FAST"] = fast
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    if adapter:
+        peftlab.attach(model, peftlab.variants()["lora"]("all-linear", 16))
+    compile_model(model, "inductor", "layers")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer, kept, times = model.model.layers[0], {}, []
+    with recompute_pointwise(model) if pointwise else contextlib.nullcontext():
+        for length in lengths:
+            ids = torch.randint(3, 512, (1, length))
+            pos = torch.arange(length)[None]
+            for step in range(steps + 1):  # the first call compiles
+                sizes = []
+
+                def pack(t):
+                    if t.untyped_storage().data_ptr() not in params:
+                        sizes.append(t.numel() * t.element_size())
+                    return t
+                hidden = model.model.embed_tokens(ids).detach().requires_grad_(True)
+                start = time.perf_counter()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = layer(hidden, position_embeddings=model.model.rotary_emb(hidden, pos), position_ids=pos)
+                out = out[0] if isinstance(out, tuple) else out
+                out.float().pow(2).mean().backward()
+                if step and length == lengths[-1]:
+                    times.append((time.perf_counter() - start) * 1000)
+            kept[length] = sum(sizes)
+    short, long = lengths
+    return {"kept_bytes": {str(k): v for k, v in kept.items()},
+            "kept_bytes_per_token": (kept[long] - kept[short]) / (long - short),
+            "layer_ms_median": statistics.median(times), "layer_ms": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="128,256")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    lengths = tuple(int(v) for v in args.lengths.split(","))
+    rows = []
+    for name, (adapter, fast, pointwise) in ROWS.items():
+        row = {"row": name, **measure(adapter, fast, pointwise, lengths, args.steps)}
+        rows.append(row)
+        print(f"{name:45s} kept {row['kept_bytes_per_token']:8.0f} B/token  layer {row['layer_ms_median']:.1f} ms")
+    result = {"environment": environment("cpu"), "args": vars(args) | {"out": str(args.out)}, "shape": SHAPE,
+              "rows": rows}
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
