@@ -197,3 +197,32 @@ def test_trains_under_bf16_autocast(variant):
     inside a GPU compare run with "triangular_solve not implemented for 'BFloat16'")."""
     model, _ = make(variant)
     check_trains_under_bf16_autocast(model, variant)
+
+
+# MiSS's balance and mini forms cost a slice-sum and an (r, out) product per token, less than the GEMM a fold would
+# add, so its fused node serves the "bat" form only (methods/miss.py)
+FUSED_DECLINED = {"miss", "miss_mini"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_path_matches_reference(variant, monkeypatch):
+    """Where a method has a fused node (``fused_forward``, CUDA's default path), it gives the reference path's loss
+    and gradients (eval mode: no dropout draws to line up), and it does run on this batch (64 tokens)."""
+    from peftlab.core.adapter import AdapterLayer
+    from models import check_fast_path_matches_reference
+
+    model, _ = make(variant)
+    layers = layer_flags(model)
+    if not layers or all(type(layer).fused_forward is AdapterLayer.fused_forward for layer in layers):
+        pytest.skip(f"{variant} has no fused node")
+    randomize_adapters(model, seed=3, std=0.05)
+    ran = []
+    for layer in layers:
+        real = layer.fused_forward
+        monkeypatch.setattr(layer, "fused_forward",
+                            lambda x, base, real=real: ran.append(real(x, base)) or ran[-1])
+    check_fast_path_matches_reference(model.eval(), batch(b=4, t=16), monkeypatch)
+    if variant in FUSED_DECLINED:
+        assert all(out is None for out in ran)
+    else:
+        assert any(out is not None for out in ran), f"{variant}: the fused node never ran"
