@@ -25,6 +25,7 @@ include compiling),
 ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_compiled_pointwise`` (compiled layers recomputing their pointwise work, ``TrainArgs.recompute_pointwise``),
+``peftlab_compiled_ref`` (compiled layers over the reference path, ``PEFTLAB_FAST=0``: no fused nodes),
 ``peftlab_liger`` (peftlab's adapters on a model patched by Liger's kernels), ``peft``, ``peft_liger`` and
 ``unsloth`` (see ``competitors.py``); full fine-tuning runs once, as ``torch``. An implementation whose package is
 missing is skipped with the reason stored. Results are rewritten after every run, so a run cut
@@ -90,7 +91,7 @@ def worker_env(args, impl: str) -> dict[str, str]:
     env = dict(os.environ)
     if impl == "unsloth":  # its site folder carries its own trl / datasets: only on the Unsloth runs' path
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
-    if impl == "peftlab_ref":
+    if impl in ("peftlab_ref", "peftlab_compiled_ref"):
         env["PEFTLAB_FAST"] = "0"
     elif impl.startswith("peftlab"):
         env.pop("PEFTLAB_FAST", None)  # the library's default
