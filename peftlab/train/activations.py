@@ -236,7 +236,7 @@ def _with_hooks(call, offload: _Offload):
     return hooked
 
 
-def _compile_friendly():
+def compile_friendly():
     """torch.compile traces a block's checkpoint into the block's graph only if the forward has no side effect it
     would have to replay in the recompute; transformers' hub-kernel layers set a context variable (a side effect
     that needs no replay), which made the whole checkpoint fall back to eager with a graph break, so the compiled
@@ -277,7 +277,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
     lean = recompute.enabled_for(model)
     wrappers = {}
     try:
-        with _compile_friendly():
+        with compile_friendly():
             for block in blocks:
                 inner = compiled.get(id(block))
                 if inner is not None and (not around or has_module_hooks(block)):

@@ -15,8 +15,11 @@ the same effect from hand-written backward kernels that rebuild SwiGLU and the n
 
 Outside a compiled trace (eager layers, or after a compile failure made the trainer go eager) the wrapper calls the
 plain forward: an eager selective checkpoint would run Python for every op and refuses tensors changed in place.
-Measured what a layer keeps (``tests/test_pointwise.py``) and the gradients against the plain compiled layer on the
-CPU; not yet timed on a GPU, so it is opt-in (``TrainArgs.recompute_pointwise``).
+What a layer keeps and its gradients against the plain compiled layer are checked on the CPU
+(``tests/test_pointwise.py``; counts at the 1B widths: ``bench/pointwise_cpu.py``); not yet timed on a GPU, so it is
+opt-in (``TrainArgs.recompute_pointwise``). torch logs a warning when it traces a selective checkpoint (in-place
+ops inside it); the fused nodes' in-place products are functionalized by the trace and the tests find the same
+gradients.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ _KEPT_NAMES = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_s
                "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
                "_efficient_attention_forward")
 # sums too: where an adapter's output is added to the base's (the reference path), recomputing the sum would keep
-# both matrix products instead of the one sum (measured: 2.5x what the plain compiled layer keeps at 1B widths)
+# both matrix products instead of the one sum (measured: 2.7x what the plain compiled layer keeps at 1B widths)
 KEPT_OPS = frozenset(getattr(_aten, name).default for name in _KEPT_NAMES if hasattr(_aten, name)) | {
     _aten.add.Tensor, _aten.sub.Tensor}
 
@@ -64,14 +67,14 @@ def _selective(block_forward):
 def recompute_pointwise(model: nn.Module) -> Iterator[nn.Module]:
     """Each decoder block of ``model`` under the pointwise-recompute policy while the block is traced (module doc).
     Restores the blocks' forward afterwards."""
-    from peftlab.train.activations import CheckpointError, _compile_friendly
+    from peftlab.train.activations import CheckpointError, compile_friendly
 
     blocks = list(decoder_blocks(model))
     for block in blocks:
         if "forward" in block.__dict__:
             raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
     try:
-        with _compile_friendly():
+        with compile_friendly():
             for block in blocks:
                 block.forward = _selective(block.forward)
             yield model
