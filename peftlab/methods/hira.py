@@ -8,9 +8,9 @@ one GEMM on W0 + W0 ⊙ (B A) instead of two (``fast.dense_update``, as the dens
 ``hira_embedding_A`` (r, num_embeddings) / ``hira_embedding_B`` (dim, r) on embeddings, whose rows are looked up as
 W0[ids] ⊙ (A^T[ids] B^T) (no dropout there, as in PEFT). Init as PEFT draws it: both factors standard normal, then
 for linear targets ``init_weights=True``: A Kaiming-uniform, B = 0; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0;
-False / None: left random (not the identity). Embeddings: A = 0, B standard normal unless ``init_weights=False``. ``rank_pattern`` is
-accepted but, as in PEFT 0.21.2 (whose HiRA dispatcher builds every new layer with ``config.r``), changes no rank,
-so files keep loading both ways; a config that sets it warns.
+False / None: left random (not the identity). Embeddings: A = 0, B standard normal unless ``init_weights=False``.
+``rank_pattern`` is accepted but, as in PEFT 0.21.2 (whose HiRA dispatcher builds every new layer with ``config.r``),
+changes no rank, so files keep loading both ways; a config that sets it warns.
 
 Merge: W' = W ⊙ (1 + B A) of the current weight; unmerge divides by (1 + B A) (refused where an entry is exactly 0).
 PEFT instead keeps a copy of the weight from before its first merge: for one merged adapter both give W0 ⊙ (1 + B A),
