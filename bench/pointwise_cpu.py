@@ -6,6 +6,7 @@ so per-layer constants (the adapter factors' bf16 copies) drop out. Not a GPU nu
 the GPU come from bench/train_step.py (impl ``peftlab_compiled_pointwise``).
 
     python bench/pointwise_cpu.py --out bench/results/pointwise_cpu.json
+    python bench/pointwise_cpu.py --methods dora,ia3,vera --out bench/results/pointwise_cpu_methods.json
 """
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ from results_io import environment, write_atomic  # noqa: E402
 
 SHAPE = dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
              num_key_value_heads=8, max_position_embeddings=4096)
-ROWS = {  # name: (adapter, PEFTLAB_FAST, recompute_pointwise)
-    "frozen base": (False, "1", False),
-    "LoRA, fused node (CUDA's default path)": (True, "1", False),
-    "LoRA, fused node, recompute_pointwise": (True, "1", True),
-    "LoRA, reference path (PEFTLAB_FAST=0)": (True, "0", False),
-    "LoRA, reference path, recompute_pointwise": (True, "0", True),
+ROWS = {  # name: (variant or None, PEFTLAB_FAST, recompute_pointwise)
+    "frozen base": (None, "1", False),
+    "LoRA, fused node (CUDA's default path)": ("lora", "1", False),
+    "LoRA, fused node, recompute_pointwise": ("lora", "1", True),
+    "LoRA, reference path (PEFTLAB_FAST=0)": ("lora", "0", False),
+    "LoRA, reference path, recompute_pointwise": ("lora", "0", True),
 }
 
 
-def measure(adapter: bool, fast: str, pointwise: bool, lengths: tuple[int, int], steps: int) -> dict:
+def measure(adapter: str | None, fast: str, pointwise: bool, lengths: tuple[int, int], steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,7 +48,7 @@ def measure(adapter: bool, fast: str, pointwise: bool, lengths: tuple[int, int],
     model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16)
     model.requires_grad_(False)
     if adapter:
-        peftlab.attach(model, peftlab.variants()["lora"]("all-linear", 16))
+        peftlab.attach(model, peftlab.variants()[adapter]("all-linear", 16))
     compile_model(model, "inductor", "layers")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     layer, kept, times = model.model.layers[0], {}, []
@@ -81,11 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="128,256")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--methods", default="", help="other variants, each on CUDA's default path with and without")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     lengths = tuple(int(v) for v in args.lengths.split(","))
-    rows = []
-    for name, (adapter, fast, pointwise) in ROWS.items():
+    rows, table = [], dict(ROWS) if not args.methods else {"frozen base": ROWS["frozen base"]}
+    for method in filter(None, args.methods.split(",")):
+        table[method] = (method, "1", False)
+        table[f"{method}, recompute_pointwise"] = (method, "1", True)
+    for name, (adapter, fast, pointwise) in table.items():
         row = {"row": name, **measure(adapter, fast, pointwise, lengths, args.steps)}
         rows.append(row)
         print(f"{name:45s} kept {row['kept_bytes_per_token']:8.0f} B/token  layer {row['layer_ms_median']:.1f} ms")
