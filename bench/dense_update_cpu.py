@@ -8,7 +8,6 @@ A 4-layer Llama with SmolLM2-135M's widths, fp32, B4 x 64, every linear adapted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import environment, write_atomic  # noqa: E402
+from results_io import write_cpu_rows  # noqa: E402
 
 SHAPE = dict(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
              num_key_value_heads=3)
@@ -62,9 +61,7 @@ def main() -> None:
         ref, fused = min(runs["0"]), min(runs["1"])
         rows.append({"variant": variant, "reference_ms": ref, "fused_ms": fused, "ratio": fused / ref, "runs": runs})
         print(f"{variant:10s} reference {ref:.0f} ms  fused {fused:.0f} ms  ratio {fused / ref:.2f}")
-    result = {"environment": environment("cpu"), "args": vars(args) | {"out": str(args.out)}, "shape": SHAPE,
-              "rows": rows}
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    write_cpu_rows(args, SHAPE, rows)
 
 
 if __name__ == "__main__":

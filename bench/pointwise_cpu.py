@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import environment, write_atomic  # noqa: E402
+from results_io import write_cpu_rows  # noqa: E402
 
 SHAPE = dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=32,
              num_key_value_heads=8, max_position_embeddings=4096)
@@ -94,9 +93,7 @@ def main() -> None:
         row = {"row": name, **measure(adapter, fast, pointwise, lengths, args.steps)}
         rows.append(row)
         print(f"{name:45s} kept {row['kept_bytes_per_token']:8.0f} B/token  layer {row['layer_ms_median']:.1f} ms")
-    result = {"environment": environment("cpu"), "args": vars(args) | {"out": str(args.out)}, "shape": SHAPE,
-              "rows": rows}
-    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    write_cpu_rows(args, SHAPE, rows)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_cpu_rows(args, shape: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A CPU proxy's results (environment, its arguments, the model shape, its rows) to ``args.out``, atomically."""
+    result = {"environment": environment("cpu"), "args": vars(args) | {"out": str(args.out)}, "shape": shape,
+              "rows": rows}
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+
+
 def write_readme(readme: Path, results: Path, table: str) -> None:
     """Replace the block between the markers for this results file (or append one)."""
     rel = results.resolve().relative_to(ROOT) if results.resolve().is_relative_to(ROOT) else results
