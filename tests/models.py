@@ -370,11 +370,15 @@ def train_tiny(tmp_path, name="run", model=None, **kw):
     return train(args, model=model or tiny_llama(), tokenizer=tiny_tokenizer(), records=TRAIN_RECORDS)
 
 
-def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Loss and every gradient of one forward/backward with the reference path (PEFTLAB_FAST=0), then the fused one."""
+def losses_and_grads_by_fast_flag(model, ids, monkeypatch,
+                                  seed: int | None = None) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Loss and every gradient of one forward/backward with the reference path (PEFTLAB_FAST=0), then the fused one
+    (``seed``: the RNG seeded before each pass, so dropout draws the same masks in both)."""
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("PEFTLAB_FAST", flag)
+        if seed is not None:
+            torch.manual_seed(seed)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -382,10 +386,10 @@ def losses_and_grads_by_fast_flag(model, ids, monkeypatch) -> list[tuple[torch.T
     return results
 
 
-def check_fast_path_matches_reference(model, ids, monkeypatch) -> None:
+def check_fast_path_matches_reference(model, ids, monkeypatch, seed: int | None = None) -> None:
     """The fused path (PEFTLAB_FAST=1) gives the reference path's loss and the same gradient of every parameter
     that gets one (there are some)."""
-    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, ids, monkeypatch)
+    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, ids, monkeypatch, seed)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert ref_grads.keys() == grads.keys() and ref_grads
     for name in ref_grads:

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.core.adapter import AdapterLayer
 from peftlab.core.inject import adapter_layers, model_state
 from peftlab.core.hooks import step_end
 from peftlab.core.registry import method_for
 from contract_checks import check_save_load_bit_exact, check_trains_under_bf16_autocast
-from models import batch, check_merge_unmerge, randomize_adapters, tiny_llama
+from models import batch, check_fast_path_matches_reference, check_merge_unmerge, randomize_adapters, tiny_llama
 
 VARIANTS = sorted(peftlab.variants())
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -208,9 +209,6 @@ FUSED_DECLINED = {"miss", "miss_mini"}
 def test_fast_path_matches_reference(variant, monkeypatch):
     """Where a method has a fused node (``fused_forward``, CUDA's default path), it gives the reference path's loss
     and gradients (eval mode: no dropout draws to line up), and it does run on this batch (64 tokens)."""
-    from peftlab.core.adapter import AdapterLayer
-    from models import check_fast_path_matches_reference
-
     model, _ = make(variant)
     layers = layer_flags(model)
     if not layers or all(type(layer).fused_forward is AdapterLayer.fused_forward for layer in layers):

@@ -92,19 +92,6 @@ def test_supertuning_fused_keeps_the_lora_dropout(monkeypatch):
     config = SupertuningConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "down_proj"])
     peftlab.attach(model, config)
     randomize_adapters(model, seed=3, std=0.05)
-    model.train()
-    results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("PEFTLAB_FAST", flag)
-        torch.manual_seed(0)
-        loss = model(input_ids=batch(), labels=batch()).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad()
-    (ref_loss, ref_grads), (loss, grads) = results
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    assert ref_grads.keys() == grads.keys() and ref_grads
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    check_fast_path_matches_reference(model.train(), batch(), monkeypatch, seed=0)
     with torch.no_grad():  # the dropout was live: the same pass in eval mode differs
         assert not torch.equal(model(input_ids=batch()).logits, model.eval()(input_ids=batch()).logits)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftlab
-from models import tiny_llama
+from models import randomize_adapters, tiny_llama
 from peftlab.core.config import ConfigError
 from peftlab.train.args import TrainArgs
 from peftlab.train.packing import compiled_steps
@@ -24,10 +24,7 @@ def _run(variant, pointwise, compile_="aot_eager", dtype=torch.float32, dropout=
     if dropout is not None:
         config.lora_dropout = dropout
     peftlab.attach(model, config)
-    with torch.no_grad():  # away from the identity start, so every gradient is non-trivial
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).to(p.dtype) * 0.05)
+    randomize_adapters(model, seed=3, std=0.05)  # away from the identity start: every gradient non-trivial
     model.train()
     args = TrainArgs(compile=compile_, compile_scope="layers", recompute_pointwise=pointwise)
     sizes = []

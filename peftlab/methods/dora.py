@@ -71,7 +71,7 @@ class DoraLayer(LoraLayer):
         scale = self.lora_magnitude_vector / self.weight_norm(base)
         xd = self.dropout(x)
         bias = base.bias
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        if not fast.dropout_live(self.dropout):
             base_out = out if bias is None else out - bias
         else:
             base_out = F.linear(xd, base.weight_oi().to(xd.dtype))
@@ -81,7 +81,7 @@ class DoraLayer(LoraLayer):
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
         # with dropout active, PEFT's form rescales W0 dropout(x); the fused node covers the plain form
         parts = fast.operands(x, base)
-        if parts is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if parts is None or fast.dropout_live(self.dropout):
             return None
         xc, weight, bias = parts
         w0 = base.weight_oi()

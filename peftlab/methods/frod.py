@@ -208,7 +208,7 @@ class FrodLayer(AdapterLayer):
         """With at least ``in_features`` tokens and no active dropout: ΔW = U M V^T once (2 out in^2 multiply-adds)
         and one GEMM on W0 + ΔW (``fast.dense_update``), where the per-token form costs tokens x in (2 in + out)
         beside the base GEMM; fewer tokens keep the per-token form, which then costs less."""
-        if not fast.enabled(x) or (self.training and isinstance(self.dropout, nn.Dropout)):
+        if not fast.enabled(x) or fast.dropout_live(self.dropout):
             return None
         if x.numel() // max(x.shape[-1], 1) < self.in_features:
             return None

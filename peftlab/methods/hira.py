@@ -102,7 +102,7 @@ class HiraLayer(AdapterLayer):
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
         """Linear targets without active dropout: one GEMM on W0 + W0 ⊙ (B A) (``fast.dense_update``)."""
-        if self.is_embedding or not fast.enabled(x) or (self.training and isinstance(self.dropout, nn.Dropout)):
+        if self.is_embedding or not fast.enabled(x) or fast.dropout_live(self.dropout):
             return None
         dtype = fast.compute_dtype(x, self.hira_A)
         return fast.dense_update(x, base, base.weight_oi().to(dtype) * self.hadamard_factor().to(dtype))

@@ -43,6 +43,12 @@ def enabled(x: torch.Tensor) -> bool:
     return x.is_cuda if flag == "" else flag != "0"
 
 
+def dropout_live(dropout: nn.Module) -> bool:
+    """Whether an adapter's dropout (``nn.Dropout``, or ``nn.Identity`` for p = 0) drops anything now: a fused node
+    that cannot apply it to its own input stands aside then."""
+    return not isinstance(dropout, nn.Identity) and dropout.training
+
+
 def operands(x: torch.Tensor, base: BaseView) -> tuple | None:
     """(x, weight (out, in), bias) for a fused node, or None when the fused path does not apply.
 
@@ -246,7 +252,7 @@ def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, s
     if parts is None:
         return None
     xc, weight, bias = parts
-    xd = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(xc)
+    xd = dropout(xc) if dropout_live(dropout) else None
     return restore_dtype(lora_linear(xc, xd, weight, bias, _as(a, device=x.device), _as(b, device=x.device),
                                      scaling), x)
 

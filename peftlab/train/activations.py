@@ -249,6 +249,14 @@ def compile_friendly():
     return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
+def check_forwards_free(blocks: list[nn.Module]) -> None:
+    """Refuse blocks whose ``forward`` another wrapper already replaced on the instance (checkpointing and the
+    pointwise recompute each put theirs there and pop it afterwards)."""
+    for block in blocks:
+        if "forward" in block.__dict__:
+            raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
+
+
 @contextlib.contextmanager
 def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1 << 20) -> Iterator[nn.Module]:
     """Checkpoint every decoder block of ``model`` inside the block ("off": nothing; "offload": also
@@ -269,9 +277,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
         blocks = list(decoder_blocks(model))
     except ConfigError as e:
         raise CheckpointError(f"nothing to checkpoint: {e}") from None
-    for block in blocks:
-        if "forward" in block.__dict__:
-            raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
+    check_forwards_free(blocks)
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
     around = compiled_placement() == "around"
     lean = recompute.enabled_for(model)

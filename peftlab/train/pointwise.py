@@ -69,12 +69,10 @@ def _selective(block_forward):
 def recompute_pointwise(model: nn.Module) -> Iterator[nn.Module]:
     """Each decoder block of ``model`` under the pointwise-recompute policy while the block is traced (module doc).
     Restores the blocks' forward afterwards."""
-    from peftlab.train.activations import CheckpointError, compile_friendly
+    from peftlab.train.activations import check_forwards_free, compile_friendly
 
     blocks = list(decoder_blocks(model))
-    for block in blocks:
-        if "forward" in block.__dict__:
-            raise CheckpointError(f"{type(block).__name__}.forward is already replaced on the instance")
+    check_forwards_free(blocks)
     try:
         with compile_friendly():
             for block in blocks:
