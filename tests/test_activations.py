@@ -84,31 +84,70 @@ def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend, 
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
-def test_cloned_outputs_of_compiled_blocks_keep_the_gradients(monkeypatch):
-    """PEFTLAB_CKPT_CLONE_OUTPUTS=1 (the experiment for CUDA graphs under checkpointing) clones what each compiled,
-    checkpointed block returns: the losses and gradients stay those without it, and the clones happen (at least one
-    per block: the forward's; the recompute may stop early, once the block's saved tensors are back)."""
-    from peftlab.train import activations
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(mode, monkeypatch):
+    """Blocks whose compiled call runs as CUDA graphs take the lean node in its graph-safe form: every call of a
+    block (forward, recompute) begins a new graph generation, and what the node hands on leaves the graphs' pool as
+    copies. Losses and gradients stay those of the plain node over two backward passes (the second adds into the
+    first's gradients, the first creates them). On the CPU nothing is captured; the CUDA run is in test_packing."""
+    from peftlab.train import packing
     from peftlab.train.packing import compile_model, uncompile_model
 
     model = _attached("lora")
     model.config.use_cache = False
+    blocks = decoder_blocks(model)
     ids = batch(b=2, t=7)
-    clones = []
-    original = torch.clone
+
+    def two_passes():
+        model.zero_grad(set_to_none=True)
+        with checkpointing(model, mode, min_offload_bytes=0):
+            losses = []
+            for part in (ids[:1], ids[1:]):
+                loss = model(input_ids=part, labels=part, use_cache=False).loss
+                loss.backward()
+                losses.append(loss.detach())
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
     compile_model(model, "aot_eager", "layers")
     try:
-        ref_loss, ref = _loss_and_grads(model, ids, "on", seed=5)
-        monkeypatch.setenv("PEFTLAB_CKPT_CLONE_OUTPUTS", "1")
-        monkeypatch.setattr(activations.torch, "clone", lambda t: clones.append(1) or original(t))
-        loss, grads = _loss_and_grads(model, ids, "on", seed=5)
+        ref_losses, ref = two_passes()
+        for block in blocks:
+            packing._GRAPHED.add(block)  # what compile_model does for inductor with mode "reduce-overhead"
+        marks, clones, original = [], [], torch.clone
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+        monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(1) or original(t, *a, **k))
+        losses, grads = two_passes()
     finally:
-        monkeypatch.setattr(activations.torch, "clone", original)
         uncompile_model(model, "layers")
-    assert len(clones) >= len(decoder_blocks(model))
-    torch.testing.assert_close(loss, ref_loss)
+    assert len(marks) == 2 * 2 * len(blocks)  # per pass and block: the forward and the recompute
+    assert clones, "the gradients the first backward creates are copied"
+    assert not any(packing.graphed(b) for b in blocks)  # uncompiled: no longer graphed
+    torch.testing.assert_close(losses, ref_losses)
     for key in ref:
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_blocks_refuse_what_the_graph_safe_node_cannot_replay(monkeypatch):
+    """Dropout (the recompute replays the RNG state, graphs would not follow it) and a model that cannot take the
+    lean node are refused by name before any step."""
+    from peftlab.train import packing
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    model = _attached("lora", lora_dropout=0.1)
+    compile_model(model, "aot_eager", "layers")
+    try:
+        for block in decoder_blocks(model):
+            packing._GRAPHED.add(block)
+        with pytest.raises(CheckpointError, match=r"without dropout.*q_proj.*dropout \(p=0.1\)"):
+            with checkpointing(model, "on"):
+                pass
+        monkeypatch.setenv("PEFTLAB_CKPT_REENTRANT", "0")
+        with pytest.raises(CheckpointError, match="lean checkpoint node"):
+            with checkpointing(model, "offload"):
+                pass
+    finally:
+        uncompile_model(model, "layers")
+    assert not any("forward" in b.__dict__ for b in decoder_blocks(model))
 
 
 def test_blocks_restored_and_eval_untouched():

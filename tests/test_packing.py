@@ -136,8 +136,7 @@ def test_compile_mode_auto_uses_cuda_graphs_only_where_they_hold():
 def test_compile_mode_is_checked():
     with pytest.raises(ConfigError, match="compile_mode must be.*'fast'"):
         TrainArgs(compile_mode="fast").validate()
-    with pytest.raises(ConfigError, match="'reduce-overhead'.*checkpointing 'offload'.*overwrites"):
-        TrainArgs(compile_mode="reduce-overhead", checkpointing="offload").validate()
+    TrainArgs(compile_mode="reduce-overhead", checkpointing="offload").validate()  # the lean node is graph-safe
     TrainArgs(compile_mode="reduce-overhead").validate()
     TrainArgs(checkpointing="on").validate()  # "auto" leaves the graphs out under checkpointing
 
@@ -318,21 +317,38 @@ def test_default_training_on_cuda_compiles_layers_and_matches_eager(tmp_path, gr
     """On CUDA a plain train() compiles each decoder layer with inductor in CUDA graphs (the default "auto" compile
     and compile mode), with no fallback warning, and reaches the eager run's losses within bf16 autocast's rounding
     (inductor fuses differently), also when two micro-batches accumulate into the graphs' gradients."""
+    runs = _cuda_losses(tmp_path, [None, "auto"], grad_accum=grad_accum)
+    assert runs["auto"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
+    assert packing.resolve_compile("auto", "adapted", torch.device("cuda"), False) == ("inductor", "layers")
+    assert resolve_compile_mode("auto", "inductor", torch.device("cuda"), False) == "reduce-overhead"
+
+
+def _cuda_losses(tmp_path, compiles, grad_accum=1, **extra) -> dict:
+    """The losses of short train() runs on CUDA, one per ``compile`` value, none falling back to eager."""
     import warnings as _warnings
 
     common = dict(max_steps=3, batch_size=4 // grad_accum, grad_accum=grad_accum, lr=1e-2, max_length=64,
-                  eval_size=4, log_every=0, progress=False, r=4, target_modules="all-linear")
+                  eval_size=4, log_every=0, progress=False, r=4, target_modules="all-linear", **extra)
     runs = {}
-    for compile_ in (None, "auto"):
+    for compile_ in compiles:
         model = tiny_llama().to("cuda")
         with _warnings.catch_warnings():
             _warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
             metrics = train(TrainArgs(out=str(tmp_path / str(compile_)), compile=compile_, **common), model=model,
                             tokenizer=tiny_tokenizer(), records=RECORDS)
         runs[compile_] = [h["loss"] for h in metrics["losses"]]
-    assert runs["auto"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
-    assert packing.resolve_compile("auto", "adapted", torch.device("cuda"), False) == ("inductor", "layers")
-    assert resolve_compile_mode("auto", "inductor", torch.device("cuda"), False) == "reduce-overhead"
+    return runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: inductor's CUDA graphs")
+@pytest.mark.parametrize("checkpointing", ["on", "offload"])
+def test_cuda_graphs_under_checkpointing_train_like_eager(tmp_path, checkpointing):
+    """Layers compiled as CUDA graphs (compile mode "reduce-overhead") under checkpointing, two micro-batches a
+    step: the graph-safe lean node reaches the eager run's losses (graphs under checkpointing failed on the H200 in
+    the tenth and thirteenth sessions with "accessing tensor output of CUDAGraphs that has been overwritten")."""
+    runs = _cuda_losses(tmp_path, [None, "inductor"], grad_accum=2, checkpointing=checkpointing,
+                        compile_mode="reduce-overhead")
+    assert runs["inductor"] == pytest.approx(runs[None], rel=2e-2, abs=2e-2)
 
 
 def test_activation_budget_keeps_less_for_backward_with_the_same_gradients(tmp_path, monkeypatch):

@@ -43,7 +43,6 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 
 from peftlab.core.blocks import decoder_blocks
@@ -153,18 +152,24 @@ class _Offload:
 
 
 def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, around_compiled: bool = False,
-                  lean: bool = False):
+                  lean: bool = False, graphed: recompute.Graphed | None = None):
     """``block_forward`` under a checkpoint in training. ``around_compiled``: the block's compiled call is
     checkpointed from outside, so a compiled trace of this forward leaves the checkpoint out (a block compiled after
     checkpointing was entered, or inside a compiled parent, traces the checkpoint instead). ``lean``: calls that
-    allow it take the one-node checkpoint of ``recompute.py``, the others torch's."""
+    allow it take the one-node checkpoint of ``recompute.py``, the others torch's. ``graphed``: the compiled call
+    runs as CUDA graphs, which only the lean node is made safe for."""
     def forward(*args, **kwargs):
         if not (block.training and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
         if around_compiled and (torch.compiler.is_compiling() or recompute.running()):
             return block_forward(*args, **kwargs)  # the checkpoint runs around this compiled call
         if lean and recompute.eligible(args, kwargs, _is_cache):
-            return recompute.recompute(block_forward, args, kwargs, offload)
+            return recompute.recompute(block_forward, args, kwargs, offload, graphed)
+        if graphed is not None:
+            raise CheckpointError(f"{type(block).__name__} runs as CUDA graphs (compile mode 'reduce-overhead'), "
+                                  "which checkpointing supports only through its lean node, and this call cannot "
+                                  "take it (a KV cache among its arguments, or another argument that requires "
+                                  "grad); compile with mode 'default' or turn checkpointing off")
         cache = next((v for v in kwargs.values() if _is_cache(v)), None)
         run = block_forward if cache is None else _replaying(block_forward, cache)
         # no context manager around it without offload: what torch.compile traces whole in a compiled block
@@ -173,18 +178,32 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, aro
     return forward
 
 
-def _owning(compiled_call):
-    """``compiled_call`` with its tensor outputs cloned when ``PEFTLAB_CKPT_CLONE_OUTPUTS=1`` (an experiment, off by
-    default): under CUDA graphs a compiled call's outputs live in the graphs' memory pool, and a checkpoint's
-    recompute calls it a second time before its backward, which overwrote them on the H200 (8B QLoRA, tenth
-    session); cloned, the block's output belongs to the caching allocator. Untested on a GPU."""
-    if os.environ.get("PEFTLAB_CKPT_CLONE_OUTPUTS", "") != "1":
-        return compiled_call
+def _graphed(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int, recompute.Graphed]:
+    """The blocks whose compiled call runs as CUDA graphs, each with the trainable parameters its backward may
+    give a gradient to. Such blocks need the lean node, and blocks without randomness: the node replays the RNG
+    state around the recompute, which graphs replayed from recorded generator offsets would not follow."""
+    from peftlab.train.packing import graphed
 
-    def call(*args, **kwargs):
-        out = compiled_call(*args, **kwargs)
-        return tree_map_only(torch.Tensor, torch.clone, out)
-    return call
+    found = [b for b in blocks if graphed(b)]
+    if not found:
+        return {}
+    if not lean:
+        raise CheckpointError("checkpointing blocks compiled as CUDA graphs (compile mode 'reduce-overhead') needs "
+                              "the lean checkpoint node, which this model cannot take (several processes, "
+                              "PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward or reading an "
+                              "outside graph); compile with mode 'default'")
+    if compiled_placement() != "around":
+        raise CheckpointError("checkpointing blocks compiled as CUDA graphs needs PEFTLAB_CKPT_COMPILED=around")
+    random = [f"{name} (p={m.p})" for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
+        random.append(f"config.attention_dropout={model.config.attention_dropout}")
+    if random:
+        raise CheckpointError("checkpointing blocks compiled as CUDA graphs needs blocks without dropout, found "
+                              f"{', '.join(random[:3])}{' ...' if len(random) > 3 else ''}; set dropout to 0 or "
+                              "compile with mode 'default'")
+    block_params = {id(p) for b in blocks for p in b.parameters()}
+    outer = [p for p in model.parameters() if p.requires_grad and id(p) not in block_params]
+    return {id(b): recompute.Graphed([p for p in b.parameters() if p.requires_grad] + outer) for b in found}
 
 
 def _replaying(block_forward, cache):
@@ -281,6 +300,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
     around = compiled_placement() == "around"
     lean = recompute.enabled_for(model)
+    graphs = _graphed(model, blocks, lean)
     wrappers = {}
     try:
         with compile_friendly():
@@ -296,8 +316,8 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
                     block.forward = _checkpointed(block, block.forward, offload, around_compiled=inner is not None,
                                                   lean=lean)
                     if inner is not None:
-                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(block, _owning(inner), offload,
-                                                                                        lean=lean)
+                        wrappers[id(block)] = block._compiled_call_impl = _checkpointed(
+                            block, inner, offload, lean=lean, graphed=graphs.get(id(block)))
             yield model
     finally:
         for block in blocks:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import warnings
+import weakref
 from typing import Iterator
 
 import torch
@@ -98,16 +99,29 @@ def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
     raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
 
 
+_GRAPHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: str | None = None) -> None:
     """``torch.compile`` the forward of each module of ``scope`` in place (nn.Module.compile); ``mode`` is
     torch.compile's (e.g. "reduce-overhead": inductor's CUDA graphs)."""
     for module in compiled_modules(model, scope):
         module.compile(backend=backend, mode=mode)
+        if backend == "inductor" and mode in GRAPH_MODES:
+            _GRAPHED.add(module)
+        else:
+            _GRAPHED.discard(module)
 
 
 def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
     for module in compiled_modules(model, scope):
         module._compiled_call_impl = None  # what nn.Module.compile set; eager forward again
+        _GRAPHED.discard(module)
+
+
+def graphed(module: nn.Module) -> bool:
+    """Whether ``module``'s compiled call runs as CUDA graphs (``compile_model`` with a mode of ``GRAPH_MODES``)."""
+    return module in _GRAPHED and getattr(module, "_compiled_call_impl", None) is not None
 
 
 def validate_compile_args(args) -> None:
@@ -121,10 +135,6 @@ def validate_compile_args(args) -> None:
                               f"backends here: {', '.join(known_backends)}")
     if args.compile_mode not in ("auto", None, *COMPILE_MODES):
         raise ConfigError(f"compile_mode must be 'auto', None or one of {COMPILE_MODES}, got {args.compile_mode!r}")
-    if args.compile_mode in GRAPH_MODES and args.checkpointing != "off":
-        raise ConfigError(f"compile_mode {args.compile_mode!r} (CUDA graphs) cannot run with checkpointing "
-                          f"{args.checkpointing!r}: the recompute calls a layer again before its backward and "
-                          "overwrites the graphs' outputs; use checkpointing 'off' or compile_mode 'default'")
     if args.activation_budget is not None:
         if not 0 < args.activation_budget <= 1:
             raise ConfigError(f"activation_budget must be in (0, 1], got {args.activation_budget!r}")

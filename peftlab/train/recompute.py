@@ -23,6 +23,13 @@ Like torch's reentrant checkpoint, gradients reach parameters by ``.grad`` accum
 backward, so ``torch.autograd.grad(loss, params)`` would not see them; ``loss.backward()`` (our trainer, HF
 Trainer) does. Every block goes through the node, also one without trainable parameters of its own: it may use
 others' (hook-based adapters keep theirs on the model, Tied-LoRA shares its matrices across layers).
+
+Under CUDA graphs (a block compiled with mode "reduce-overhead": inductor's cudagraph trees) the node keeps every
+tensor it hands on out of the graphs' memory pool (``Graphed``): each call of a block (forward, recompute) begins a
+new graph generation, so the trees replay one recorded graph per block and kind at their root instead of growing a
+path that the recompute's second call of the same block breaks ("accessing tensor output of CUDAGraphs that has
+been overwritten", 8B QLoRA on the H200, tenth session); the forward's outputs, the hidden state's gradient and
+every parameter gradient the backward creates are cloned before the next call replays over them.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 
 def enabled_for(model: nn.Module) -> bool:
@@ -71,7 +78,7 @@ def _anchor(device: torch.device) -> torch.Tensor:
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, hidden, call):
-        ctx.call, ctx.store = call, call.store
+        ctx.call, ctx.store, graphed = call, call.store, call.graphed
         ctx.stored = ctx.store.pack(hidden) if ctx.store is not None else None
         if ctx.store is None:
             ctx.save_for_backward(hidden)
@@ -80,6 +87,8 @@ class _Recompute(torch.autograd.Function):
         ctx.autocast = _autocast_state(hidden.device)
         with torch.no_grad():
             out = call.run(hidden)
+        if graphed is not None:
+            out = tree_map_only(torch.Tensor, torch.clone, out)
         leaves, call.spec = tree_flatten(out)
         call.others = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
         tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
@@ -96,22 +105,50 @@ class _Recompute(torch.autograd.Function):
                 out = ctx.call.run(hidden)
         leaves = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
         pairs = [(o, g) for o, g in zip(leaves, grads) if g is not None and o.requires_grad]
+        graphed = ctx.call.graphed
+        fresh = graphed.gradless() if graphed is not None else ()
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return None, hidden.grad if ctx.hidden_grad else None, None
+        grad = hidden.grad if ctx.hidden_grad else None
+        if graphed is not None:
+            graphed.own(fresh)
+            grad = grad.clone() if grad is not None else None
+        return None, grad, None
+
+
+class Graphed:
+    """What a node needs when its block's compiled call runs as CUDA graphs: the trainable parameters the block's
+    backward may give a first gradient to (its own, and those of hook-based or shared adapters)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+
+    def gradless(self) -> list[nn.Parameter]:
+        return [p for p in self.params if p.grad is None]
+
+    @staticmethod
+    def own(params: list[nn.Parameter]) -> None:
+        """A gradient the backward just created is the graph's output tensor itself (autograd takes it over
+        rather than copying it); the next replay would overwrite it, so keep a copy (later ones add into it)."""
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 class _Call:
     """The block call a node recomputes (the hidden state is its only tensor input that needs a gradient)."""
 
-    def __init__(self, block_forward, args: tuple, kwargs: dict, store):
+    def __init__(self, block_forward, args: tuple, kwargs: dict, store, graphed: Graphed | None = None):
         self.block_forward, self.rest, self.kwargs, self.store = block_forward, args[1:], kwargs, store
+        self.graphed = graphed
         self.spec, self.others = None, None
 
     def run(self, hidden: torch.Tensor):
         global _depth
         _depth += 1
         try:
+            if self.graphed is not None:
+                torch.compiler.cudagraph_mark_step_begin()
             return self.block_forward(hidden, *self.rest, **self.kwargs)
         finally:
             _depth -= 1
@@ -126,10 +163,11 @@ def running() -> bool:
     return _depth > 0
 
 
-def recompute(block_forward, args: tuple, kwargs: dict, store=None):
-    """``block_forward(*args, **kwargs)`` through one lean checkpoint node (``store``: offload hooks' pack/unpack)."""
+def recompute(block_forward, args: tuple, kwargs: dict, store=None, graphed: Graphed | None = None):
+    """``block_forward(*args, **kwargs)`` through one lean checkpoint node (``store``: offload hooks' pack/unpack;
+    ``graphed``: the block's compiled call runs as CUDA graphs)."""
     hidden = args[0]
-    call = _Call(block_forward, args, kwargs, store)
+    call = _Call(block_forward, args, kwargs, store, graphed)
     tensors = iter(_Recompute.apply(_anchor(hidden.device), hidden, call))
     return tree_unflatten([next(tensors) if v is _TENSOR else v for v in call.others], call.spec)
 
