@@ -284,6 +284,9 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
             reset_cudagraph_trees()  # the graphs' memory pool
+            # and the compiled code, which holds the trees it ran in: a later run of the same layers would replay
+            # their shut-down graphs ("Running CUDAGraph after shutdown", H100, seventeenth session)
+            torch._dynamo.reset()
 
 
 def _compiler_error(exc: BaseException) -> bool:
