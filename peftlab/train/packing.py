@@ -186,8 +186,9 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between micro-batches, see
     ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on
     the H200 the CUDA graphs took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms
-    to 61-63 ms (bench/README.md, tenth session). A checkpoint's recompute calls a layer again before its
-    backward, which overwrites the graphs' outputs (it failed on the H200, 8B QLoRA); a packed row's width
+    to 61-63 ms (bench/README.md, tenth session). Checkpointed steps gained nothing from graphs on the H100 (the
+    offloaded 1B step 82.8 against 83.2 ms, 0.19 GiB more; seventeenth session), so "auto" leaves them out; asked
+    for, they run through the lean node's graph-safe form (recompute.py); a packed row's width
     changes every step, so each step would record new graphs; several processes were not tried."""
     if mode != "auto":
         return None if backend is None or mode in (None, "default") else mode
