@@ -21,6 +21,9 @@ def build_model(shape: str, device: str):
         return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
+_KEEP: list = []  # contexts entered for the worker's lifetime
+
+
 def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     """The model of one configuration, adapted by ``args.impl``; the peak-memory count starts after
     the bf16 base exists (its fp32 random init is a build artefact)."""
@@ -89,7 +92,10 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         if args.impl == "peftlab_compiled_pointwise":  # TrainArgs.recompute_pointwise, for the worker's lifetime
             from peftlab.train.pointwise import recompute_pointwise
 
-            recompute_pointwise(model).__enter__()
+            context = recompute_pointwise(model)
+            context.__enter__()
+            _KEEP.append(context)  # unreferenced, the generator's cleanup would unwrap the layers at once (it did on
+            # the H100 in the seventeenth session: that row ran without the flag)
             versions["recompute_pointwise"] = True
     return model, versions
 
@@ -146,6 +152,10 @@ def run_worker(args) -> dict[str, Any]:
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if profile is not None:
         record["profile"] = profile
+    if "recompute_pointwise" in versions:  # still wrapped after the steps (the wrapping was lost once, see _KEEP)
+        from peftlab.core.blocks import decoder_blocks
+
+        versions["recompute_pointwise"] = all("forward" in b.__dict__ for b in decoder_blocks(model))
     return record
 
 

@@ -11,7 +11,7 @@ import train_step  # noqa: E402
 
 
 @pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
-                                  "peftlab_compiled_budget", "peft"])
+                                  "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")  # no C compiler needed
@@ -24,6 +24,7 @@ def test_worker_each_implementation(impl, monkeypatch):
         record = train_step.run_worker(args)
     finally:  # the budget impl sets torch's global (a worker is a process of its own): not for the next tests
         functorch_config.activation_memory_budget = budget
+        sys.modules["train_step_worker"]._KEEP.clear()
     assert record["trainable_params"] > 0 and len(record["step_ms_samples"]) == 2
     if impl.startswith("peftlab"):
         assert record["versions"]["peftlab_fast"] == "True"  # PEFTLAB_FAST=1 here
@@ -31,6 +32,8 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["lean_modules"] > 0  # the tiny Llama's norms and MLPs went through the lean nodes
     if impl == "peftlab_compiled_budget":
         assert record["versions"]["activation_budget"] == 0.5
+    if impl == "peftlab_compiled_pointwise":  # the layers were still wrapped after the steps
+        assert record["versions"]["recompute_pointwise"] is True
     if impl.startswith("peftlab_compiled"):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 

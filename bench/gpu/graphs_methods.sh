@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sixteenth session (2026-12-05), not yet run: the methods not yet run with CUDA graphs (OFT and Tied-LoRA timed out
 # at 40 s in that session's call, IA3 was not reached), beside the compiled frozen base, plus DoRA with
-# recompute_pointwise (that row dropped in the seventeenth session: the flag did nothing for LoRA on the H100).
+# recompute_pointwise (that row moved to pointwise.sh in the seventeenth session).
 # One H100/H200 call, <= ~8 min, nothing carried. -> $OUT/methods.json, $OUT/dora.json
 set -x
 OUT=${OUT:-/tmp/graphs-methods}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run in the seventeenth session (H100, bench/README.md): recompute_pointwise changed nothing there; budget 0.5
-# 0.76x Unsloth's memory.
+# Run in the seventeenth session (H100, bench/README.md): its pointwise row ran without the flag (the worker lost
+# the context manager; fixed since); budget 0.5 0.76x Unsloth's memory. The pointwise rerun: bench/gpu/pointwise.sh.
 # Prepared in the tenth session (2026-12-04), run in the thirteenth (2026-12-05: tests 5 passed; LoRA 0.47x PEFT, 0.60x
 # Unsloth, budget 0.5 0.499x / 0.64x / 0.76x memory; methods ia3 vera loha lokr; bench/README.md). Next run: the LoRA
 # rows again (a second sample of the budget's PEFT ratio) and the methods not yet run with graphs (OFT, AdaLoRA,
