@@ -112,7 +112,7 @@ def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(m
     try:
         ref_losses, ref = two_passes()
         for block in blocks:
-            packing._GRAPHED.add(block)  # what compile_model does for inductor with mode "reduce-overhead"
+            packing._COMPILED[block] = ("inductor", "reduce-overhead")  # as compile_model would record it
         marks, clones, original = [], [], torch.clone
         monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
         monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(1) or original(t, *a, **k))
@@ -130,6 +130,51 @@ def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(m
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+def test_joint_recompute_gives_the_plain_gradients(name, monkeypatch):
+    """PEFTLAB_CKPT_JOINT=1: each compiled block's recompute and backward run as one compiled call; losses and
+    gradients are the plain node's over two backward passes (the second adds into the first's gradients), and the
+    three blocks share that call's compiled code (no recompile per block beyond the first block, whose input needs
+    no gradient)."""
+    from torch._dynamo.utils import counters
+
+    from peftlab.train import recompute
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    model = _attached(name)
+    model.config.use_cache = False
+    ids = batch(b=2, t=7)
+
+    def two_passes(mode):
+        model.zero_grad(set_to_none=True)
+        with checkpointing(model, mode, min_offload_bytes=0):
+            losses = []
+            for part in (ids[:1], ids[1:]):
+                loss = model(input_ids=part, labels=part, use_cache=False).loss
+                loss.backward()
+                losses.append(loss.detach())
+        return losses, {n: torch.clone(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+    compile_model(model, "aot_eager", "layers")
+    try:
+        ref_losses, ref = two_passes("on")
+        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
+        recompute._joint_compiled.cache_clear()
+        calls, joint_backward = [], recompute.Joint.backward
+        monkeypatch.setattr(recompute.Joint, "backward", lambda *a: calls.append(1) or joint_backward(*a))
+        before = counters["stats"]["unique_graphs"]
+        losses, grads = two_passes("offload")
+        compiled = counters["stats"]["unique_graphs"] - before
+    finally:
+        uncompile_model(model, "layers")
+    assert len(calls) == 2 * len(decoder_blocks(model))  # every block's backward, both passes
+    assert 1 <= compiled <= 2, compiled  # one graph for every block whose input needs a gradient, one for the first
+    assert grads.keys() == ref.keys() and ref
+    torch.testing.assert_close(losses, ref_losses)
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
 def test_cuda_graph_blocks_refuse_what_the_graph_safe_node_cannot_replay(monkeypatch):
     """Dropout (the recompute replays the RNG state, graphs would not follow it) and a model that cannot take the
     lean node are refused by name before any step."""
@@ -140,7 +185,7 @@ def test_cuda_graph_blocks_refuse_what_the_graph_safe_node_cannot_replay(monkeyp
     compile_model(model, "aot_eager", "layers")
     try:
         for block in decoder_blocks(model):
-            packing._GRAPHED.add(block)
+            packing._COMPILED[block] = ("inductor", "reduce-overhead")
         with pytest.raises(CheckpointError, match=r"without dropout.*q_proj.*dropout \(p=0.1\)"):
             with checkpointing(model, "on"):
                 pass

@@ -152,20 +152,20 @@ class _Offload:
 
 
 def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, around_compiled: bool = False,
-                  lean: bool = False, graphed: recompute.Graphed | None = None):
+                  lean: bool = False, special: recompute.Graphed | recompute.Joint | None = None):
     """``block_forward`` under a checkpoint in training. ``around_compiled``: the block's compiled call is
     checkpointed from outside, so a compiled trace of this forward leaves the checkpoint out (a block compiled after
     checkpointing was entered, or inside a compiled parent, traces the checkpoint instead). ``lean``: calls that
-    allow it take the one-node checkpoint of ``recompute.py``, the others torch's. ``graphed``: the compiled call
-    runs as CUDA graphs, which only the lean node is made safe for."""
+    allow it take the one-node checkpoint of ``recompute.py``, the others torch's. ``special``: the compiled call
+    runs as CUDA graphs, or recomputes jointly with its backward (``_specials``), which only the lean node does."""
     def forward(*args, **kwargs):
         if not (block.training and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
         if around_compiled and (torch.compiler.is_compiling() or recompute.running()):
             return block_forward(*args, **kwargs)  # the checkpoint runs around this compiled call
         if lean and recompute.eligible(args, kwargs, _is_cache):
-            return recompute.recompute(block_forward, args, kwargs, offload, graphed)
-        if graphed is not None:
+            return recompute.recompute(block_forward, args, kwargs, offload, special)
+        if isinstance(special, recompute.Graphed):
             raise CheckpointError(f"{type(block).__name__} runs as CUDA graphs (compile mode 'reduce-overhead'), "
                                   "which checkpointing supports only through its lean node, and this call cannot "
                                   "take it (a KV cache among its arguments, or another argument that requires "
@@ -178,32 +178,40 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, aro
     return forward
 
 
-def _graphed(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int, recompute.Graphed]:
-    """The blocks whose compiled call runs as CUDA graphs, each with the trainable parameters its backward may
-    give a gradient to. Such blocks need the lean node, and blocks without randomness: the node replays the RNG
-    state around the recompute, which graphs replayed from recorded generator offsets would not follow."""
-    from peftlab.train.packing import graphed
+def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int, recompute.Graphed | recompute.Joint]:
+    """What the lean node does differently for some compiled blocks: those compiled as CUDA graphs get its
+    graph-safe form (``recompute.Graphed``); with ``PEFTLAB_CKPT_JOINT=1`` (an experiment) the other compiled ones
+    recompute and backward in one compiled call (``recompute.Joint``). Both need the lean node and blocks without
+    randomness (the node replays the RNG state around the recompute; graphs replay recorded generator offsets, the
+    joint call draws in a graph of its own), and each gets the trainable parameters its backward may reach."""
+    from peftlab.train.packing import compiled_backend, graphed
 
-    found = [b for b in blocks if graphed(b)]
+    joint = os.environ.get("PEFTLAB_CKPT_JOINT", "") == "1"
+    found = [b for b in blocks if graphed(b) or joint and compiled_backend(b) is not None]
     if not found:
         return {}
+    what = "blocks compiled as CUDA graphs (compile mode 'reduce-overhead')" if any(map(graphed, found)) else \
+        "the joint recompute (PEFTLAB_CKPT_JOINT=1)"
     if not lean:
-        raise CheckpointError("checkpointing blocks compiled as CUDA graphs (compile mode 'reduce-overhead') needs "
-                              "the lean checkpoint node, which this model cannot take (several processes, "
-                              "PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward or reading an "
-                              "outside graph); compile with mode 'default'")
+        raise CheckpointError(f"checkpointing {what} needs the lean checkpoint node, which this model cannot take "
+                              "(several processes, PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward "
+                              "or reading an outside graph); compile with mode 'default' / unset PEFTLAB_CKPT_JOINT")
     if compiled_placement() != "around":
-        raise CheckpointError("checkpointing blocks compiled as CUDA graphs needs PEFTLAB_CKPT_COMPILED=around")
+        raise CheckpointError(f"checkpointing {what} needs PEFTLAB_CKPT_COMPILED=around")
     random = [f"{name} (p={m.p})" for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
         random.append(f"config.attention_dropout={model.config.attention_dropout}")
     if random:
-        raise CheckpointError("checkpointing blocks compiled as CUDA graphs needs blocks without dropout, found "
+        raise CheckpointError(f"checkpointing {what} needs blocks without dropout, found "
                               f"{', '.join(random[:3])}{' ...' if len(random) > 3 else ''}; set dropout to 0 or "
-                              "compile with mode 'default'")
+                              "compile with mode 'default' / unset PEFTLAB_CKPT_JOINT")
     block_params = {id(p) for b in blocks for p in b.parameters()}
     outer = [p for p in model.parameters() if p.requires_grad and id(p) not in block_params]
-    return {id(b): recompute.Graphed([p for p in b.parameters() if p.requires_grad] + outer) for b in found}
+    specials = {}
+    for b in found:
+        params = [p for p in b.parameters() if p.requires_grad] + outer
+        specials[id(b)] = recompute.Graphed(params) if graphed(b) else recompute.Joint(params, compiled_backend(b))
+    return specials
 
 
 def _replaying(block_forward, cache):
@@ -300,7 +308,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
     around = compiled_placement() == "around"
     lean = recompute.enabled_for(model)
-    graphs = _graphed(model, blocks, lean)
+    specials = _specials(model, blocks, lean)
     wrappers = {}
     try:
         with compile_friendly():
@@ -317,7 +325,7 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
                                                   lean=lean)
                     if inner is not None:
                         wrappers[id(block)] = block._compiled_call_impl = _checkpointed(
-                            block, inner, offload, lean=lean, graphed=graphs.get(id(block)))
+                            block, inner, offload, lean=lean, special=specials.get(id(block)))
             yield model
     finally:
         for block in blocks:

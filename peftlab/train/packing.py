@@ -99,7 +99,8 @@ def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
     raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
 
 
-_GRAPHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str | None]]" = weakref.WeakKeyDictionary()
+"""(backend, mode) of each module ``compile_model`` compiled."""
 
 
 def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: str | None = None) -> None:
@@ -107,21 +108,26 @@ def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: 
     torch.compile's (e.g. "reduce-overhead": inductor's CUDA graphs)."""
     for module in compiled_modules(model, scope):
         module.compile(backend=backend, mode=mode)
-        if backend == "inductor" and mode in GRAPH_MODES:
-            _GRAPHED.add(module)
-        else:
-            _GRAPHED.discard(module)
+        _COMPILED[module] = (backend, mode)
 
 
 def uncompile_model(model: nn.Module, scope: str = "adapted") -> None:
     for module in compiled_modules(model, scope):
         module._compiled_call_impl = None  # what nn.Module.compile set; eager forward again
-        _GRAPHED.discard(module)
+        _COMPILED.pop(module, None)
+
+
+def compiled_backend(module: nn.Module) -> str | None:
+    """The backend ``compile_model`` compiled ``module`` with, while it is compiled; None otherwise."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        return None
+    return _COMPILED.get(module, (None, None))[0]
 
 
 def graphed(module: nn.Module) -> bool:
     """Whether ``module``'s compiled call runs as CUDA graphs (``compile_model`` with a mode of ``GRAPH_MODES``)."""
-    return module in _GRAPHED and getattr(module, "_compiled_call_impl", None) is not None
+    backend, mode = _COMPILED.get(module, (None, None))
+    return compiled_backend(module) == "inductor" and mode in GRAPH_MODES
 
 
 def validate_compile_args(args) -> None:

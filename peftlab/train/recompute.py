@@ -34,6 +34,7 @@ every parameter gradient the backward creates are cloned before the next call re
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Callable
 
@@ -99,6 +100,9 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, *grads):
         hidden = ctx.store.unpack(ctx.stored) if ctx.store is not None else ctx.saved_tensors[0]
         hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
+        if ctx.call.joint is not None:  # no randomness in such blocks: no RNG state to replay
+            with _autocast(ctx.autocast):
+                return None, ctx.call.joint.backward(ctx.call, hidden, grads), None
         with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []), torch.enable_grad():
             _set_rng_state(hidden.device, ctx.rng)
             with _autocast(ctx.autocast):
@@ -135,12 +139,55 @@ class Graphed:
                 p.grad = p.grad.clone()
 
 
+class Joint:
+    """A compiled block's recompute and backward as one compiled function (``PEFTLAB_CKPT_JOINT=1``, an experiment,
+    off by default): the forward and ``torch.autograd.grad`` traced together (dynamo's ``trace_autograd_ops``), so the
+    compiler drops what the backward does not read. The block's output is such a thing: in a Llama block its last
+    linear's product (down_proj: 27% of an 8B block's forward matmul work, 14% of a 1B block's) and the residual sum
+    are computed in the recompute only to be thrown away. Gradients go to ``params`` (the block's trainable
+    parameters and those of hook-based or shared adapters) by accumulation into ``.grad``, as the plain node's do.
+    Only for blocks without randomness (dropout would draw its masks in a differently compiled graph)."""
+
+    def __init__(self, params: list[nn.Parameter], backend: str):
+        self.params, self.fn = params, _joint_compiled(backend)
+
+    def backward(self, call: "_Call", hidden: torch.Tensor, grads: tuple) -> torch.Tensor | None:
+        if all(g is None for g in grads):
+            return None
+        inputs = ([hidden] if hidden.requires_grad else []) + self.params
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            results = self.fn(call.block_forward, hidden, call.rest, call.kwargs, list(grads), inputs)
+        for p, g in zip(self.params, results[len(inputs) - len(self.params):]):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        return results[0] if hidden.requires_grad else None
+
+
+def _joint_backward(block_forward, hidden, rest, kwargs, grads, inputs):
+    with torch.enable_grad():
+        out = block_forward(hidden, *rest, **kwargs)
+    leaves = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
+    pairs = [(o, g) for o, g in zip(leaves, grads) if g is not None and o.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _joint_compiled(backend: str):
+    return torch.compile(_joint_backward, backend=backend)
+
+
 class _Call:
     """The block call a node recomputes (the hidden state is its only tensor input that needs a gradient)."""
 
-    def __init__(self, block_forward, args: tuple, kwargs: dict, store, graphed: Graphed | None = None):
+    def __init__(self, block_forward, args: tuple, kwargs: dict, store, special: Graphed | Joint | None = None):
         self.block_forward, self.rest, self.kwargs, self.store = block_forward, args[1:], kwargs, store
-        self.graphed = graphed
+        self.graphed = special if isinstance(special, Graphed) else None
+        self.joint = special if isinstance(special, Joint) else None
         self.spec, self.others = None, None
 
     def run(self, hidden: torch.Tensor):
@@ -163,11 +210,11 @@ def running() -> bool:
     return _depth > 0
 
 
-def recompute(block_forward, args: tuple, kwargs: dict, store=None, graphed: Graphed | None = None):
+def recompute(block_forward, args: tuple, kwargs: dict, store=None, special: Graphed | Joint | None = None):
     """``block_forward(*args, **kwargs)`` through one lean checkpoint node (``store``: offload hooks' pack/unpack;
-    ``graphed``: the block's compiled call runs as CUDA graphs)."""
+    ``special``: the block's compiled call runs as CUDA graphs, or its recompute and backward as one compiled call)."""
     hidden = args[0]
-    call = _Call(block_forward, args, kwargs, store, graphed)
+    call = _Call(block_forward, args, kwargs, store, special)
     tensors = iter(_Recompute.apply(_anchor(hidden.device), hidden, call))
     return tree_unflatten([next(tensors) if v is _TENSOR else v for v in call.others], call.spec)
 

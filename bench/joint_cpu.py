@@ -1,0 +1,71 @@
+"""CPU proxy for the joint recompute (``PEFTLAB_CKPT_JOINT=1``, peftlab/train/recompute.py ``Joint``): a checkpointed
+training step of a Llama with the 1B shape's widths (hidden 2048, MLP 8192, 32 / 8 heads, bf16) but few layers and a
+small vocabulary, LoRA r16 on every linear, decoder layers compiled with inductor, with the plain lean node against
+the joint one. On the CPU the step is bound by matrix products, so the time saved is the work the joint call drops
+(each block's last linear and residual sum in the recompute). Rounds alternate; the medians are reported. Not a GPU
+number: bench/memory.py's checkpointed rows with PEFTLAB_CKPT_JOINT=1 are.
+
+    python bench/joint_cpu.py --out bench/results/joint_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import write_cpu_rows  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpointing", default="on", choices=["on", "offload"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    os.environ["PEFTLAB_FAST"] = "1"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftlab
+    from peftlab.train.activations import checkpointing
+    from peftlab.train.packing import compile_model
+
+    shape = dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    peftlab.attach(model, peftlab.variants()["lora"]("all-linear", 16))
+    model.config.use_cache = False
+    model.train()
+    compile_model(model, "inductor", "layers")
+    ids = torch.randint(3, 512, (1, args.seq))
+    times: dict[str, list[float]] = {"plain lean node": [], "joint recompute (PEFTLAB_CKPT_JOINT=1)": []}
+    for round_ in range(args.rounds + 1):  # the first round compiles
+        for name, joint in zip(times, ("0", "1")):
+            os.environ["PEFTLAB_CKPT_JOINT"] = joint
+            with checkpointing(model, args.checkpointing):
+                for _ in range(args.steps):
+                    model.zero_grad(set_to_none=True)
+                    start = time.perf_counter()
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    if round_:
+                        times[name].append((time.perf_counter() - start) * 1000)
+    rows = []
+    for name, samples in times.items():
+        rows.append({"row": name, "step_ms_median": round(statistics.median(samples), 1),
+                     "step_ms": [round(t, 1) for t in samples]})
+        print(f"{name:42s} {statistics.median(samples):8.1f} ms")
+    write_cpu_rows(args, shape, rows)
+
+
+if __name__ == "__main__":
+    main()
