@@ -84,6 +84,19 @@ def test_dropout_mask_is_replayed_in_the_recompute_of_a_compiled_block(backend, 
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
+def _two_passes(model, ids, mode):
+    """Losses and gradients of two backward passes under checkpointing, one example each: the second adds into the
+    gradients the first created."""
+    model.zero_grad(set_to_none=True)
+    with checkpointing(model, mode, min_offload_bytes=0):
+        losses = []
+        for part in (ids[:1], ids[1:]):
+            loss = model(input_ids=part, labels=part, use_cache=False).loss
+            loss.backward()
+            losses.append(loss.detach())
+    return losses, {n: torch.clone(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("mode", ["on", "offload"])
 def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(mode, monkeypatch):
     """Blocks whose compiled call runs as CUDA graphs take the lean node in its graph-safe form: every call of a
@@ -97,26 +110,15 @@ def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(m
     model.config.use_cache = False
     blocks = decoder_blocks(model)
     ids = batch(b=2, t=7)
-
-    def two_passes():
-        model.zero_grad(set_to_none=True)
-        with checkpointing(model, mode, min_offload_bytes=0):
-            losses = []
-            for part in (ids[:1], ids[1:]):
-                loss = model(input_ids=part, labels=part, use_cache=False).loss
-                loss.backward()
-                losses.append(loss.detach())
-        return losses, {n: torch.clone(p.grad) for n, p in model.named_parameters() if p.requires_grad}
-
     compile_model(model, "aot_eager", "layers")
     try:
-        ref_losses, ref = two_passes()
+        ref_losses, ref = _two_passes(model, ids, mode)
         for block in blocks:
             packing._COMPILED[block] = ("inductor", "reduce-overhead")  # as compile_model would record it
         marks, clones, original = [], [], torch.clone
         monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
         monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(1) or original(t, *a, **k))
-        losses, grads = two_passes()
+        losses, grads = _two_passes(model, ids, mode)
     finally:
         uncompile_model(model, "layers")
     assert len(marks) == 2 * 2 * len(blocks)  # per pass and block: the forward and the recompute
@@ -144,26 +146,15 @@ def test_joint_recompute_gives_the_plain_gradients(name, monkeypatch):
     model = _attached(name)
     model.config.use_cache = False
     ids = batch(b=2, t=7)
-
-    def two_passes(mode):
-        model.zero_grad(set_to_none=True)
-        with checkpointing(model, mode, min_offload_bytes=0):
-            losses = []
-            for part in (ids[:1], ids[1:]):
-                loss = model(input_ids=part, labels=part, use_cache=False).loss
-                loss.backward()
-                losses.append(loss.detach())
-        return losses, {n: torch.clone(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-
     compile_model(model, "aot_eager", "layers")
     try:
-        ref_losses, ref = two_passes("on")
+        ref_losses, ref = _two_passes(model, ids, "on")
         monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
         recompute._joint_compiled.cache_clear()
         calls, joint_backward = [], recompute.Joint.backward
         monkeypatch.setattr(recompute.Joint, "backward", lambda *a: calls.append(1) or joint_backward(*a))
         before = counters["stats"]["unique_graphs"]
-        losses, grads = two_passes("offload")
+        losses, grads = _two_passes(model, ids, "offload")
         compiled = counters["stats"]["unique_graphs"] - before
     finally:
         uncompile_model(model, "layers")
