@@ -2,7 +2,7 @@
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -21,10 +21,22 @@ def _wrapped(in_f, out_f, r, alpha, use_dora, rslora, seed, bias):
 dims = st.integers(min_value=1, max_value=24)
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, row_rtol: torch.Tensor) -> None:
+    """|got - want| <= 1e-4 + (1e-4 + row_rtol[o]) |want|, elementwise (o: the output feature)."""
+    bound = 1e-4 + (1e-4 + row_rtol) * want.abs()
+    excess = (got - want).abs() - bound
+    assert (excess <= 0).all(), f"max excess over the bound {float(excess.max()):.3g}"
+
+
 @settings(max_examples=40, deadline=None)
 @given(in_f=dims, out_f=dims, r=st.integers(1, 8), alpha=st.floats(0.5, 32), batch=st.integers(1, 5),
        use_dora=st.booleans(), rslora=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(in_f=1, out_f=23, r=4, alpha=28.0, batch=1, use_dora=True, rslora=True, bias=False, seed=23)  # CI, 12-05
 def test_forward_matches_einsum_reference_and_merge(in_f, out_f, r, alpha, batch, use_dora, rslora, bias, seed):
+    """DoRA's row norm comes from the expansion ||W||^2 + 2s<W, BA> + s^2 ||BA||^2 (dora.py: W + sBA is never
+    built), whose fp32 rounding is relative to those terms, not to their sum: where they cancel (a row of W + sBA
+    much shorter than W and sBA; hypothesis found one with 1 input feature) the tolerance of that row grows by
+    the ratio of a bound of the terms to the sum, computed here in float64."""
     holder = _wrapped(in_f, out_f, r, alpha, use_dora, rslora, seed, bias)
     module: AdaptedModule = holder[0]
     layer = module.adapters["default"]
@@ -40,11 +52,17 @@ def test_forward_matches_einsum_reference_and_merge(in_f, out_f, r, alpha, batch
     else:
         ref_w = w + delta
     expected = torch.einsum("bti,oi->bto", x, ref_w) + b
+    row_rtol = torch.zeros(out_f)
+    if use_dora:
+        w64, d64 = w.detach().double(), delta.detach().double()
+        # each term's rounding is bounded by that of the products it sums: (|W_o| + s |B_o| |A|_F)^2 bounds them all
+        terms = (w64.norm(dim=1) + s * b_mat.detach().double().norm(dim=1) * a_mat.detach().double().norm()) ** 2
+        row_rtol = (16 * torch.finfo(torch.float32).eps * terms / (w64 + d64).pow(2).sum(1)).float()
     with torch.no_grad():
         out = holder(x)
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        _close(out, expected, row_rtol)
         peftlab.merge(holder)
-        torch.testing.assert_close(holder(x), out, atol=1e-4, rtol=1e-4)
+        _close(holder(x), out, row_rtol)
         peftlab.unmerge(holder)
         torch.testing.assert_close(module.base_layer.weight, w, atol=1e-5, rtol=1e-5)
 
