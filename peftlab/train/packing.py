@@ -126,8 +126,7 @@ def compiled_backend(module: nn.Module) -> str | None:
 
 def graphed(module: nn.Module) -> bool:
     """Whether ``module``'s compiled call runs as CUDA graphs (``compile_model`` with a mode of ``GRAPH_MODES``)."""
-    backend, mode = _COMPILED.get(module, (None, None))
-    return compiled_backend(module) == "inductor" and mode in GRAPH_MODES
+    return compiled_backend(module) == "inductor" and _COMPILED[module][1] in GRAPH_MODES
 
 
 def validate_compile_args(args) -> None:
