@@ -9,7 +9,7 @@
 set -x
 OUT=${OUT:-/tmp/next}
 source bench/gpu/unsloth_env.sh
-fits() { [ $((SECONDS + $1)) -lt 590 ]; }  # room for a step of at most $1 seconds
+fits() { [ $((SECONDS + $1)) -lt "${DEADLINE:-590}" ]; }  # room for a step of at most $1 seconds before DEADLINE
 timeout 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_activations.py -k joint > "$OUT/tests.txt" 2>&1
 tail -2 "$OUT/tests.txt"
 b4() {  # name joint
