@@ -32,6 +32,16 @@ def _parse_targets(value: str):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+# The memory options `train` and `compare` share.
+_CHECKPOINTING = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory).")
+_FUSED_CE = typer.Option(None, "--fused-ce/--no-fused-ce", help="Fused linear + cross-entropy (never the full "
+                         "logits); default: on CUDA where the model allows it.")
+_LEAN_ACTIVATIONS = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward.")
+_OFFLOAD_EMBEDDINGS = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory.")
+_DOUBLE_QUANT = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too.")
+_OPTIM = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, paged_adamw_fused.")
+
+
 @app.command()
 def train(
     method: Optional[str] = typer.Option(None, help="Method name (see `peftlab methods`; default lora)."),
@@ -61,15 +71,13 @@ def train(
     dtype: Optional[str] = typer.Option(None, help="Base weights dtype: float32, bfloat16, float16."),
     nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
     distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
-    checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
-    fused_ce: Optional[bool] = typer.Option(None, "--fused-ce/--no-fused-ce",
-                                            help="Fused linear + cross-entropy (never the full logits); default: "
-                                                 "on CUDA where the model allows it."),
-    lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
-    offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
+    checkpointing: str = _CHECKPOINTING,
+    fused_ce: Optional[bool] = _FUSED_CE,
+    lean_activations: bool = _LEAN_ACTIVATIONS,
+    offload_embeddings: bool = _OFFLOAD_EMBEDDINGS,
     quantize: Optional[str] = typer.Option(None, help="QLoRA base: nf4, fp4 or int8 (bitsandbytes, CUDA)."),
-    double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
-    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, paged_adamw_fused."),
+    double_quant: bool = _DOUBLE_QUANT,
+    optim: str = _OPTIM,
     galore_rank: Optional[int] = typer.Option(None, help="--method galore: projection rank (default 128)."),
     galore_update_proj_gap: Optional[int] = typer.Option(None, help="--method galore: steps per projection (200)."),
     galore_scale: Optional[float] = typer.Option(None, help="--method galore: update scale (0.25)."),
@@ -163,15 +171,13 @@ def compare(
     max_length: Optional[int] = typer.Option(None, help="Override the preset's max sequence length."),
     lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
     r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
-    checkpointing: str = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory)."),
-    fused_ce: Optional[bool] = typer.Option(None, "--fused-ce/--no-fused-ce",
-                                            help="Fused linear + cross-entropy (never the full logits); default: "
-                                                 "on CUDA where the model allows it."),
-    lean_activations: bool = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward."),
-    offload_embeddings: bool = typer.Option(False, help="Keep the frozen, untied input embedding table in host memory."),
+    checkpointing: str = _CHECKPOINTING,
+    fused_ce: Optional[bool] = _FUSED_CE,
+    lean_activations: bool = _LEAN_ACTIVATIONS,
+    offload_embeddings: bool = _OFFLOAD_EMBEDDINGS,
     quantize: Optional[str] = typer.Option(None, help="QLoRA base for every run: nf4, fp4 or int8 (CUDA)."),
-    double_quant: bool = typer.Option(False, help="With nf4/fp4: quantize the quantization constants too."),
-    optim: str = typer.Option("adamw", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, paged_adamw_fused."),
+    double_quant: bool = _DOUBLE_QUANT,
+    optim: str = _OPTIM,
     device: str = typer.Option("auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."),
     dtype: Optional[str] = typer.Option(None, help="Base model dtype (float32, bfloat16); default: the checkpoint's."),
     jobs: int = typer.Option(1, min=1, help="Runs trained at once, each in its own process on the same device "
