@@ -137,6 +137,8 @@ def test_merge_unmerge_and_unload_keep_the_output(case, arch):
 
 
 @pytest.mark.parametrize("config", [
+    peftlab.FourierFTConfig(n_frequency=50, target_modules=["q_proj"]),
+    peftlab.C3AConfig(block_size=8, target_modules=["q_proj"]),
     peftlab.WaveFTConfig(n_frequency=50, wavelet_family="db2", target_modules=["q_proj"]),
     peftlab.SupertuningConfig(sparsity=0.9, r=2, target_modules=["q_proj"]),
     peftlab.FrodConfig(target_modules=["q_proj"], init_weights=False),
