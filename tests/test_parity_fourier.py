@@ -18,9 +18,8 @@ from peft.tuners.c3a.utils import BlockCircularConvolution, get_circulant_fast
 import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.ops.spectral import block_circulant_weight, block_circular_correlation, sparse_spectrum_weight
-from models import (ARCHS, batch, check_merge_unmerge, check_peft_file_loads_in_peftlab,
-                    check_peftlab_file_loads_in_peft, check_same_logits_gradients_and_merge_as_peft, check_same_seeded_save_as_peft,
-                    logits, randomize_adapters)
+from models import (ARCHS, batch, both_ways_tests, check_merge_unmerge, check_same_logits_gradients_and_merge_as_peft,
+                    check_same_seeded_save_as_peft, logits, randomize_adapters)
 
 TARGETS = {
     "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -65,22 +64,19 @@ def peft_model(case, arch):
     return peft.get_peft_model(ARCHS[arch](), PEFT_CONFIGS[peft_type](**kwargs)).eval()
 
 
-def our_model(case, arch):
+def ours_config(case, arch):
     peft_type, kwargs = settings(case, arch)
+    return peftlab.lookup(peft_type).config(**kwargs)
+
+
+def our_model(case, arch):
     model = ARCHS[arch]()
-    peftlab.attach(model, peftlab.lookup(peft_type).config(**kwargs))
+    peftlab.attach(model, ours_config(case, arch))
     return model
 
 
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peft_checkpoint_loads_in_peftlab(case, arch, tmp_path):
-    check_peft_file_loads_in_peftlab(peft_model(case, arch), ARCHS[arch], tmp_path)
-
-
-@pytest.mark.parametrize("case,arch", PAIRS)
-def test_peftlab_checkpoint_loads_in_peft(case, arch, tmp_path):
-    peft_type, kwargs = settings(case, arch)
-    check_peftlab_file_loads_in_peft(ARCHS[arch], peftlab.lookup(peft_type).config(**kwargs), tmp_path)
+test_peft_checkpoint_loads_in_peftlab, test_peftlab_checkpoint_loads_in_peft = both_ways_tests(
+    PAIRS, peft_model, ours_config, ARCHS)
 
 
 @pytest.mark.parametrize("case,arch", PAIRS)
