@@ -286,3 +286,32 @@ def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bia
     torch._dynamo.reset()
     torch.compile(lambda *a: mm_add(*a, w_t, v_t), backend=lambda gm, _: graphs.append(gm) or gm)(x, w, b, u, v)
     assert "peftlab.mm_add" in graphs[0].code
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("a_trains", [False, True])
+def test_per_rank_vector_matches_the_folded_product(device, dtype, dropout, a_trains):
+    """``mid`` (VeRA's d, Tied-LoRA's u) as the node's own input gives what folding it into A gives (autograd of
+    d[:, None] * A on the same node), A frozen or trained, with and without dropout."""
+    torch.manual_seed(0)
+    n, i, o, r = 10, 12, 9, 5
+    x = torch.randn(2, n, i, device=device, dtype=dtype, requires_grad=True)
+    xd = torch.nn.functional.dropout(x, 0.3) if dropout else None
+    weight = torch.randn(o, i, device=device, dtype=dtype)
+    bias = torch.randn(o, device=device, dtype=dtype)
+    a0, b0, d0 = torch.randn(r, i, device=device), torch.randn(o, r, device=device), torch.randn(r, device=device)
+    gy = torch.randn(2, n, o, device=device, dtype=dtype)
+    runs = []
+    for folded in (True, False):
+        a, b, d = (t.clone().requires_grad_(grad) for t, grad in ((a0, a_trains), (b0, True), (d0, True)))
+        y = (fast.lora_linear(x, xd, weight, bias, d[:, None] * a, b, 0.7) if folded
+             else fast.lora_linear(x, xd, weight, bias, a, b, 0.7, mid=d))
+        grads = torch.autograd.grad(y, [x, b, d] + ([a] if a_trains else []), gy, retain_graph=dropout)
+        runs.append((y, grads))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    (y_f, g_f), (y_m, g_m) = runs
+    torch.testing.assert_close(y_m, y_f, **tol)
+    for name, got, want in zip(("x", "b", "d", "a"), g_m, g_f):
+        torch.testing.assert_close(got, want, **tol, msg=name)

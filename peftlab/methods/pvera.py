@@ -121,8 +121,7 @@ class PveraLayer(AdapterLayer):
         if self.samples():
             return None
         a, b, d = self._mean_factors()
-        a, b = d[:, None] * a.to(x.device), self.pvera_lambda_b[:, None] * b.to(x.device)
-        return fast.lowrank(x, base, a, b, 1.0, self.dropout)
+        return fast.scaled_lowrank(x, base, a, b, d, self.pvera_lambda_b, 1.0, self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         a, b, d = self._mean_factors()

@@ -145,9 +145,8 @@ class TiedLoraLayer(AdapterLayer):
         return scaled_lowrank(self.dropout(x), self.A, self.B, self.tied_lora_u, self.tied_lora_v) * self.scaling
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        a = self.tied_lora_u[:, None] * self.A.to(x.device)
-        b = self.tied_lora_v[:, None] * self.B.to(x.device)
-        return fast.lowrank(x, base, a, b, self.scaling, self.dropout)
+        return fast.scaled_lowrank(x, base, self.A, self.B, self.tied_lora_u, self.tied_lora_v, self.scaling,
+                                   self.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         return scaled_lowrank_weight(self.A, self.B, self.tied_lora_u, self.tied_lora_v) * self.scaling

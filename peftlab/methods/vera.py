@@ -77,8 +77,7 @@ class VeraLayer(AdapterLayer):
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
         a, b = self._projections()
-        a, b = self.vera_lambda_d[:, None] * a.to(x.device), self.vera_lambda_b[:, None] * b.to(x.device)
-        return fast.lowrank(x, base, a, b, 1.0, self.dropout)
+        return fast.scaled_lowrank(x, base, a, b, self.vera_lambda_d, self.vera_lambda_b, 1.0, self.dropout)
 
     def serving_form(self, base: BaseView) -> ServingForm:
         a, b = self._projections()

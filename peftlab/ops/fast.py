@@ -152,24 +152,34 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, a, b, scaling):
+    def forward(ctx, x, xd, weight, bias, a, b, mid, scaling):
         src = x if xd is None else xd
         x2, s2 = _flat(x), _flat(src)
         a_, b_ = _as(a, x.dtype), _as(b, x.dtype)  # kept for backward: no second cast there
-        xa = (s2 @ a_.t()).mul_(scaling)
+        mid_ = None if mid is None else _as(mid, x.dtype)
+        u = s2 @ a_.t()  # with a per-rank vector (VeRA's d), A x is kept: d's gradient is Σ u ⊙ (s g B)
+        xa = u.mul_(scaling) if mid is None else u * (mid_ * scaling)
         out = mm_add(x2, _dense(weight, x.dtype), bias, xa, b_, True, True)
         ctx.scaling, ctx.has_dropout = scaling, xd is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        _save(ctx, weight, x2 if weight.requires_grad else None, s2, a_, b_, xa)
+        ctx.mid_dtype = None if mid is None else mid.dtype
+        _save(ctx, weight, x2 if weight.requires_grad else None, s2, a_, b_, xa if mid is None else u, mid_)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        weight, x2, s2, a, b, xa = _saved(ctx)
+        weight, x2, s2, a, b, kept, mid = _saved(ctx)
         g2 = _flat(grad)
         a_, b_ = _as(a, g2.dtype), _as(b, g2.dtype)
-        gxa = (g2 @ b_).mul_(ctx.scaling)
+        gxa = (g2 @ b_).mul_(ctx.scaling)  # the gradient of A x's scaled image: of u ⊙ d with a per-rank vector
+        grad_mid = None
+        if mid is None:
+            xa = kept
+        else:
+            if ctx.needs_input_grad[6]:
+                grad_mid = (gxa.float() * kept.float()).sum(0).to(ctx.mid_dtype)
+            xa, gxa = kept * (mid * ctx.scaling), gxa * mid
         lead = grad.shape[:-1]
         grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -186,7 +196,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = _as(gxa.t() @ s2, ctx.a_dtype)
         if ctx.needs_input_grad[5]:
             grad_b = _as(g2.t() @ xa, ctx.b_dtype)
-        return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_b, grad_mid, None
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -236,25 +246,34 @@ class _DoraLinear(torch.autograd.Function):
 
 
 def lora_linear(x: torch.Tensor, xd: torch.Tensor | None, weight_oi: torch.Tensor, bias: torch.Tensor | None,
-                a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W0 x + bias + scaling * B (A xd), one autograd node; ``xd`` None means no dropout (xd = x)."""
+                a: torch.Tensor, b: torch.Tensor, scaling: float, mid: torch.Tensor | None = None) -> torch.Tensor:
+    """W0 x + bias + scaling * B (mid ⊙ A xd), one autograd node; ``xd`` None means no dropout (xd = x), ``mid``
+    None no per-rank vector."""
     a, scaling = _fold_tensor_scaling(a, scaling)
     with no_autocast(x):
-        return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, float(scaling))
+        return _LoraLinear.apply(x, xd, weight_oi, bias, a, b, mid, float(scaling))
 
 
 def lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, scaling: float,
-            dropout: nn.Module) -> torch.Tensor | None:
-    """The fused W0 x + bias + s B A dropout(x) for any low-rank method that can state its effective
-    A (r, in) and B (out, r) (LoRA, AdaLoRA, VeRA, Tied-LoRA), or None when the fused path does not apply.
-    Gradients reach the method's own parameters through whatever built ``a`` and ``b``."""
+            dropout: nn.Module, mid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The fused W0 x + bias + s B (mid ⊙ A dropout(x)) for any low-rank method that can state its effective
+    A (r, in) and B (out, r) (LoRA, AdaLoRA, ...), or None when the fused path does not apply. Gradients reach the
+    method's own parameters through whatever built ``a``, ``b`` and ``mid``."""
     parts = operands(x, base)
     if parts is None:
         return None
     xc, weight, bias = parts
     xd = dropout(xc) if dropout_live(dropout) else None
     return restore_dtype(lora_linear(xc, xd, weight, bias, _as(a, device=x.device), _as(b, device=x.device),
-                                     scaling), x)
+                                     scaling, None if mid is None else _as(mid, device=x.device)), x)
+
+
+def scaled_lowrank(x: torch.Tensor, base: BaseView, a: torch.Tensor, b: torch.Tensor, d_vec: torch.Tensor,
+                   b_vec: torch.Tensor, scaling: float, dropout: nn.Module) -> torch.Tensor | None:
+    """``lowrank`` for diag(b_vec) B diag(d_vec) A (VeRA, PVeRA, Tied-LoRA; ``ops/scaled_lowrank.py``): d_vec goes
+    in as the per-rank vector rather than folded into A, so with A frozen (VeRA) the backward skips A's gradient
+    product (rank x tokens x in) and reads d_vec's from the rank-r activations it has."""
+    return lowrank(x, base, a, b_vec[:, None] * _as(b, device=x.device), scaling, dropout, mid=d_vec)
 
 
 def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
