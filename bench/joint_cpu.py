@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proxy import wide_llama, wide_shape  # noqa: E402
 from results_io import write_cpu_rows  # noqa: E402
 
 
@@ -32,20 +33,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["PEFTLAB_FAST"] = "1"
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import peftlab
     from peftlab.train.activations import checkpointing
     from peftlab.train.packing import compile_model
 
-    shape = dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
-    model.requires_grad_(False)
+    shape = wide_shape(args.layers)
+    model = wide_llama(shape)
     peftlab.attach(model, peftlab.variants()["lora"]("all-linear", 16))
-    model.config.use_cache = False
-    model.train()
     compile_model(model, "inductor", "layers")
     ids = torch.randint(3, 512, (1, args.seq))
     times: dict[str, list[float]] = {"plain lean node": [], "joint recompute (PEFTLAB_CKPT_JOINT=1)": []}

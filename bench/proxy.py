@@ -14,3 +14,21 @@ def proxy_llama(layers: int, intermediate: int = 128, dtype: torch.dtype | None 
     config.use_cache = False  # training: no KV cache (as the trainer and the GPU bench run)
     model = LlamaForCausalLM(config)
     return model if dtype is None else model.to(dtype)
+
+
+def wide_shape(layers: int) -> dict:
+    """The 1B Llama shape's widths (hidden 2048, MLP 8192, 32 / 8 heads) with ``layers`` layers and a 512-token
+    vocabulary: the CPU proxies where a step's arithmetic is what counts (bench/joint_cpu.py, bench/vera_cpu.py)."""
+    return dict(vocab_size=512, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+
+
+def wide_llama(shape: dict) -> torch.nn.Module:
+    """A random bf16 Llama of ``shape`` (``wide_shape``), frozen, in training mode without a KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model.train()
