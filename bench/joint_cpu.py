@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import wide_llama, wide_shape  # noqa: E402
-from results_io import write_cpu_rows  # noqa: E402
+from proxy import step_ms, wide_llama, wide_shape  # noqa: E402
+from results_io import write_timed_rows  # noqa: E402
 
 
 def main() -> None:
@@ -49,17 +47,10 @@ def main() -> None:
             os.environ["PEFTLAB_CKPT_JOINT"] = joint
             with checkpointing(model, args.checkpointing):
                 for _ in range(args.steps):
-                    model.zero_grad(set_to_none=True)
-                    start = time.perf_counter()
-                    model(input_ids=ids, labels=ids).loss.backward()
+                    ms = step_ms(model, ids)
                     if round_:
-                        times[name].append((time.perf_counter() - start) * 1000)
-    rows = []
-    for name, samples in times.items():
-        rows.append({"row": name, "step_ms_median": round(statistics.median(samples), 1),
-                     "step_ms": [round(t, 1) for t in samples]})
-        print(f"{name:42s} {statistics.median(samples):8.1f} ms")
-    write_cpu_rows(args, shape, rows)
+                        times[name].append(ms)
+    write_timed_rows(args, shape, times)
 
 
 if __name__ == "__main__":

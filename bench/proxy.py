@@ -32,3 +32,13 @@ def wide_llama(shape: dict) -> torch.nn.Module:
     model.requires_grad_(False)
     model.config.use_cache = False
     return model.train()
+
+
+def step_ms(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """One forward with labels and backward from cleared gradients, in milliseconds of wall time (CPU)."""
+    import time
+
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return (time.perf_counter() - start) * 1000

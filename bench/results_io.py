@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +74,16 @@ def write_cpu_rows(args, shape: dict[str, Any], rows: list[dict[str, Any]]) -> N
     result = {"environment": environment("cpu"), "args": vars(args) | {"out": str(args.out)}, "shape": shape,
               "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+
+
+def write_timed_rows(args, shape: dict[str, Any], times: dict[str, list[float]]) -> None:
+    """``write_cpu_rows`` for rows of step times (ms) by row name: each row's median and samples, printed too."""
+    rows = []
+    for name, samples in times.items():
+        rows.append({"row": name, "step_ms_median": round(statistics.median(samples), 1),
+                     "step_ms": [round(t, 1) for t in samples]})
+        print(f"{name:42s} {statistics.median(samples):8.1f} ms")
+    write_cpu_rows(args, shape, rows)
 
 
 def write_readme(readme: Path, results: Path, table: str) -> None:
