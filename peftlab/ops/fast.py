@@ -11,7 +11,8 @@ output gradient (gs = g ⊙ m/n for DoRA):
     dx = gs W0 + (s gs B) A        dA = (s gs B)^T xd      dB = gs^T (s A xd)
     dm = Σ_tokens g ⊙ (y - b) / m    (DoRA: z = (y - b) n / m, so Σ g ⊙ z / n = Σ g ⊙ (y - b) / m)
 
-Saved for backward: the input (already held by whoever produced it), the rank-r activation s A xd,
+Saved for backward: the input (already held by whoever produced it), the rank-r activation s A xd (A xd and
+the vector where a per-rank vector d scales it: VeRA, PVeRA, Tied-LoRA),
 and for DoRA one bf16 copy of the output y instead of autograd's W0 x (bf16) and s B A x (fp32) and
 their products. ``PEFTLAB_DORA_SHARE_OUTPUT=1`` keeps the output itself rather than a copy (free where
 the next op holds it anyway: gate/up feed SiLU-mul, v feeds attention); it is off by default because
