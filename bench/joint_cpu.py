@@ -9,25 +9,19 @@ number: bench/memory.py's checkpointed rows with PEFTLAB_CKPT_JOINT=1 are.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import step_ms, wide_llama, wide_shape  # noqa: E402
+from proxy import step_ms, wide_llama, wide_parser, wide_shape  # noqa: E402
 from results_io import write_timed_rows  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = wide_parser(__doc__, seq=256, rounds=3)
     parser.add_argument("--checkpointing", default="on", choices=["on", "offload"])
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     os.environ["PEFTLAB_FAST"] = "1"
     import torch

@@ -1,6 +1,11 @@
-"""The CPU proxies' model (bench/train_overhead.py, bench/qlora_overhead.py): a random Llama of hidden size 64, so a
-step's host work (operators, Python) outweighs its arithmetic, with as many layers as the shape it stands for."""
+"""The CPU proxies' models. ``proxy_llama`` (bench/train_overhead.py, bench/qlora_overhead.py): a random Llama of
+hidden size 64, so a step's host work (operators, Python) outweighs its arithmetic, with as many layers as the shape
+it stands for. ``wide_llama`` (bench/joint_cpu.py, bench/vera_cpu.py): the 1B widths and few layers, where the
+arithmetic is what counts; with their command line (``wide_parser``) and timed step (``step_ms``)."""
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import torch
 
@@ -14,6 +19,18 @@ def proxy_llama(layers: int, intermediate: int = 128, dtype: torch.dtype | None 
     config.use_cache = False  # training: no KV cache (as the trainer and the GPU bench run)
     model = LlamaForCausalLM(config)
     return model if dtype is None else model.to(dtype)
+
+
+def wide_parser(doc: str, seq: int, rounds: int) -> argparse.ArgumentParser:
+    """The command line of the wide CPU proxies: --layers, --seq, --steps, --rounds (alternating rounds, medians
+    reported) and --out (the JSON)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
 
 
 def wide_shape(layers: int) -> dict:

@@ -8,14 +8,13 @@ form drops (rank x tokens x in per layer). Rounds alternate; medians reported. N
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import step_ms, wide_llama, wide_shape  # noqa: E402
+from proxy import step_ms, wide_llama, wide_parser, wide_shape  # noqa: E402
 from results_io import write_timed_rows  # noqa: E402
 
 
@@ -29,12 +28,7 @@ def folded_forward(layer, x, base):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = wide_parser(__doc__, seq=512, rounds=4)
     args = parser.parse_args()
     os.environ["PEFTLAB_FAST"] = "1"
     import torch
