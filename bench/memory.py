@@ -7,7 +7,8 @@
 
 Settings (random-weight Llama shapes, LoRA r16 alpha 32 on q/k/v/o/gate/up/down, T 1024):
   8b-qlora-b1 / -b4      QLoRA nf4 + double quant, bf16 compute, checkpointing, paged AdamW 32-bit
-  (8b-qlora-b4-offload   the same for peftlab with offloaded checkpointing).
+  (8b-qlora-b4-offload   the same for peftlab with offloaded checkpointing; -offload-embed: + the input
+                         embedding table in host memory; -offload-embed-keep2: + the last 2 blocks not checkpointed).
                          peftlab: streamed 4-bit load, its own checkpointing, fused CE. PEFT: the steps
                          of /work/shared/anchors/peft_qlora_baseline.py (prepare_model_for_kbit_training,
                          get_peft_model, transformers' reentrant checkpointing, PagedAdamW32bit) on the
@@ -32,7 +33,8 @@ Compiled 4-bit rows dequantize with peftlab's torch form (peftlab/quant/dequant.
 bitsandbytes' kernels there (recorded as ``torch_dequant``). Eager 4-bit rows on CUDA dequantize with peftlab's
 Triton kernel (peftlab/quant/dequant_triton.py); PEFTLAB_DEQUANT_KERNEL=0 keeps bitsandbytes' (``dequant_kernel``).
 peftlab's checkpointing takes the lean block node (peftlab/train/recompute.py) where it may;
-PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``).
+PEFTLAB_CKPT_REENTRANT=0 keeps torch's (recorded as ``ckpt_reentrant``). PEFTLAB_BENCH_KEEP=N leaves the last N
+blocks out of the checkpointing (``ckpt_keep``; TrainArgs.checkpoint_keep), over the setting's own ``keep``.
 """
 from __future__ import annotations
 

@@ -212,8 +212,10 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
     ids = torch.randint(0, min(vocab, 128000), (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     own_ckpt = impl != "peft" and setting["ckpt"] != "off"
+    # the last blocks left out of the checkpointing (TrainArgs.checkpoint_keep); PEFTLAB_BENCH_KEEP overrides
+    keep = int(os.environ.get("PEFTLAB_BENCH_KEEP") or setting.get("keep", 0)) if own_ckpt else 0
     samples, loss = [], None
-    with checkpointing(model, setting["ckpt"] if own_ckpt else "off"):
+    with checkpointing(model, setting["ckpt"] if own_ckpt else "off", keep_last=keep):
         for i in range(warmup + steps):
             if cuda:
                 torch.cuda.synchronize()
@@ -230,7 +232,7 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
 
             profile_path.write_text(profile_table(lambda: step(batch), cuda, 2) + "\n")
     record = {"setting": name, "impl": impl, "batch": batch_size, "seq": seq, "load_s": round(load_s, 1),
-              "checkpointing": setting["ckpt"], "embed_offload": bool(setting.get("embed_offload")),
+              "checkpointing": setting["ckpt"], "ckpt_keep": keep, "embed_offload": bool(setting.get("embed_offload")),
               "fused_ce": impl == "peftlab" and setting.get("fused_ce", True),
               "compiled": os.environ.get("PEFTLAB_BENCH_COMPILE") if impl == "peftlab" else None,
               "compile_mode": os.environ.get("PEFTLAB_BENCH_COMPILE_MODE") or None,

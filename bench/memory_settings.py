@@ -22,6 +22,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
                               peer="8b-qlora-b4"),
     "8b-qlora-b4-offload-embed": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", embed_offload=True,
                                       impls=("peftlab",), peer="8b-qlora-b4"),
+    # + the last 2 blocks not checkpointed (TrainArgs.checkpoint_keep): memory to spare spent on time
+    "8b-qlora-b4-offload-embed-keep2": dict(shape="8b", quant="nf4", batch=4, ckpt="offload", embed_offload=True,
+                                            keep=2, impls=("peftlab",), peer="8b-qlora-b4"),
     "1b-lora-ckpt-off": dict(shape="1b", batch=4, ckpt="off", impls=("peftlab",)),
     "1b-lora-ckpt-on": dict(shape="1b", batch=4, ckpt="on", impls=("peftlab",)),
     "1b-lora-ckpt-offload": dict(shape="1b", batch=4, ckpt="offload", impls=("peftlab", "unsloth")),

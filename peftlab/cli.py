@@ -34,6 +34,8 @@ def _parse_targets(value: str):
 
 # The memory options `train` and `compare` share.
 _CHECKPOINTING = typer.Option("off", help="Activation checkpointing: off, on, offload (to host memory).")
+_CHECKPOINT_KEEP = typer.Option(0, min=0, help="With --checkpointing: the last N decoder blocks keep their "
+                                "activations (no recompute; faster, more memory).")
 _FUSED_CE = typer.Option(None, "--fused-ce/--no-fused-ce", help="Fused linear + cross-entropy (never the full "
                          "logits); default: on CUDA where the model allows it.")
 _LEAN_ACTIVATIONS = typer.Option(False, help="RMSNorm and SwiGLU nodes that keep less for backward.")
@@ -72,6 +74,7 @@ def train(
     nproc: int = typer.Option(1, min=1, help="Processes (GPUs) on this machine; >1 re-runs this command under torchrun."),
     distributed: str = typer.Option("auto", help="auto, none, ddp or fsdp (docs/distributed.md)."),
     checkpointing: str = _CHECKPOINTING,
+    checkpoint_keep: int = _CHECKPOINT_KEEP,
     fused_ce: Optional[bool] = _FUSED_CE,
     lean_activations: bool = _LEAN_ACTIVATIONS,
     offload_embeddings: bool = _OFFLOAD_EMBEDDINGS,
@@ -136,6 +139,7 @@ def train(
                      warmup_steps=warmup_steps, max_length=max_length, eval_size=eval_size, seed=seed,
                      loraplus_lr_ratio=loraplus_lr_ratio, gradient_checkpointing=gradient_checkpointing,
                      save_every=save_every, resume=resume, dtype=dtype, checkpointing=checkpointing,
+                     checkpoint_keep=checkpoint_keep,
                      fused_ce=fused_ce, quantize=quantize, double_quant=double_quant, optim=optim,
                      offload_embeddings=offload_embeddings, lean_activations=lean_activations,
                      galore_rank=galore_rank, galore_update_proj_gap=galore_update_proj_gap,
@@ -172,6 +176,7 @@ def compare(
     lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
     r: Optional[int] = typer.Option(None, help="Override the preset's rank."),
     checkpointing: str = _CHECKPOINTING,
+    checkpoint_keep: int = _CHECKPOINT_KEEP,
     fused_ce: Optional[bool] = _FUSED_CE,
     lean_activations: bool = _LEAN_ACTIVATIONS,
     offload_embeddings: bool = _OFFLOAD_EMBEDDINGS,
@@ -217,7 +222,8 @@ def compare(
     overrides = {"max_steps": max_steps, "max_length": max_length, "lr": lr, "r": r}
     args = CompareArgs(methods=names, model=model, data=data, out=str(out), preset=preset, repeat=repeat, seed=seed,
                        with_peft=with_peft, overrides={k: v for k, v in overrides.items() if v is not None},
-                       memory=_memory_settings(checkpointing=checkpointing, fused_ce=fused_ce, quantize=quantize,
+                       memory=_memory_settings(checkpointing=checkpointing, checkpoint_keep=checkpoint_keep,
+                                               fused_ce=fused_ce, quantize=quantize,
                                                double_quant=double_quant, optim=optim,
                                                offload_embeddings=offload_embeddings,
                                                lean_activations=lean_activations), device=device, dtype=dtype)

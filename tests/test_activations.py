@@ -355,3 +355,61 @@ def test_blocks_compiled_after_checkpointing_is_entered_still_checkpoint():
     model.config.use_cache = False
     kept = {m: _saved_bytes(model, batch(b=2, t=64), m, skip_params=True, compile_inside=True) for m in ("off", "on")}
     assert kept["on"] < kept["off"] / 2, kept
+
+
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_last_blocks_kept_out_of_checkpointing(mode):
+    """``keep_last``: the last blocks run plainly (their activations saved, nothing recomputed), the others are
+    checkpointed; loss and gradients stay those without checkpointing, and the saved bytes fall between the two."""
+    model = _attached("lora")
+    ids = batch(b=2, t=16)
+    ref_loss, ref = _loss_and_grads(model, ids, "off")
+    calls = []
+    blocks = list(decoder_blocks(model))
+    hooks = [b.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    try:
+        model.zero_grad(set_to_none=True)
+        with checkpointing(model, mode, min_offload_bytes=0, keep_last=1):
+            assert ["forward" in b.__dict__ for b in blocks] == [True, True, False]
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0, 1, 2, 1, 0]  # backward recomputes blocks 1 and 0, never the kept block 2
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
+    for key in ref:
+        torch.testing.assert_close(model.get_parameter(key).grad, ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not any("forward" in b.__dict__ for b in blocks)
+
+    def saved(keep):
+        total = [0]
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            total[0] += 0 if t.untyped_storage().data_ptr() in params else t.numel() * t.element_size()
+            return t
+        with checkpointing(model, "on", keep_last=keep):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        return total[0]
+    none_kept, one_kept, all_kept = saved(0), saved(1), saved(3)
+    assert none_kept < one_kept < all_kept, (none_kept, one_kept, all_kept)
+
+
+def test_keep_last_refused_when_it_cannot_apply():
+    from peftlab.core.config import ConfigError
+    from peftlab.train.loop import TrainArgs
+
+    model = _attached("lora")
+    with pytest.raises(CheckpointError, match="keep_last=4 .* only 3 decoder blocks"):
+        with checkpointing(model, "on", keep_last=4):
+            pass
+    with pytest.raises(CheckpointError, match="integer >= 0, got -1"):
+        with checkpointing(model, "on", keep_last=-1):
+            pass
+    with pytest.raises(ConfigError, match="checkpoint_keep=2 .* checkpointing=on\\|offload"):
+        TrainArgs(checkpoint_keep=2).validate()
+    with pytest.raises(ConfigError, match="checkpoint_keep must be an integer >= 0"):
+        TrainArgs(checkpointing="on", checkpoint_keep=-1).validate()

@@ -14,14 +14,13 @@ import memory  # noqa: E402
 
 def test_smoke_run_writes_self_describing_json_and_a_table(tmp_path):
     out = tmp_path / "memory.json"
-    memory.main(["--smoke", "--settings", "8b-qlora-b1,8b-qlora-b4-offload-embed,1b-lora-ckpt-offload,1b-galore-r128,"
-                 "galore-curve", "--steps", "1",
-                 "--warmup", "0", "--out", str(out)])
+    memory.main(["--smoke", "--settings", "8b-qlora-b1,8b-qlora-b4-offload-embed-keep2,1b-lora-ckpt-offload,"
+                 "1b-galore-r128,galore-curve", "--steps", "1", "--warmup", "0", "--out", str(out)])
     document = json.loads(out.read_text())
     assert document["smoke"] and document["environment"]["torch"]
     rows = {(r["setting"], r["impl"]): r for r in document["results"]}
     assert set(rows) == {("8b-qlora-b1", "peftlab"), ("8b-qlora-b1", "peft"), ("8b-qlora-b1", "unsloth"),
-                         ("8b-qlora-b4-offload-embed", "peftlab"),
+                         ("8b-qlora-b4-offload-embed-keep2", "peftlab"),
                          ("1b-lora-ckpt-offload", "peftlab"), ("1b-lora-ckpt-offload", "unsloth"),
                          ("1b-galore-r128", "peftlab"), ("1b-galore-r128", "adamw"),
                          ("galore-curve", "peftlab"), ("galore-curve", "adamw"), ("galore-curve", "adamw_galore_lrs")}
@@ -32,7 +31,8 @@ def test_smoke_run_writes_self_describing_json_and_a_table(tmp_path):
             assert "error" not in row and len(row["losses"]) == 3, row
         else:
             assert "error" not in row and row["step_ms"] > 0 and row["final_loss"] > 0, row
-    assert rows[("8b-qlora-b4-offload-embed", "peftlab")]["embed_offload"] is True
+    row = rows[("8b-qlora-b4-offload-embed-keep2", "peftlab")]
+    assert row["embed_offload"] is True and row["ckpt_keep"] == 2
     curve = [rows[("galore-curve", i)]["losses"] for i in ("peftlab", "adamw", "adamw_galore_lrs")]
     assert curve[0][0] == curve[1][0] == curve[2][0]  # the first loss is before any update
     assert curve[1][1] != curve[2][1]  # the two AdamW runs differ in their rates

@@ -205,7 +205,7 @@ def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int
         raise CheckpointError(f"checkpointing {what} needs blocks without dropout, found "
                               f"{', '.join(random[:3])}{' ...' if len(random) > 3 else ''}; set dropout to 0 or "
                               "compile with mode 'default' / unset PEFTLAB_CKPT_JOINT")
-    block_params = {id(p) for b in blocks for p in b.parameters()}
+    block_params = {id(p) for b in decoder_blocks(model) for p in b.parameters()}  # kept blocks' too (keep_last)
     outer = [p for p in model.parameters() if p.requires_grad and id(p) not in block_params]
     specials = {}
     for b in found:
@@ -285,11 +285,19 @@ def check_forwards_free(blocks: list[nn.Module]) -> None:
 
 
 @contextlib.contextmanager
-def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1 << 20) -> Iterator[nn.Module]:
+def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1 << 20,
+                  keep_last: int = 0) -> Iterator[nn.Module]:
     """Checkpoint every decoder block of ``model`` inside the block ("off": nothing; "offload": also
-    keep the block inputs in pinned host memory). Restores the blocks' forward afterwards."""
+    keep the block inputs in pinned host memory). Restores the blocks' forward afterwards.
+
+    ``keep_last``: the last that many blocks are left alone and keep their activations: their backward needs no
+    recompute, for their activations' memory. The last blocks are the ones to keep: backward meets them first and
+    frees their activations before the first recompute allocates, so they add to the peak only where the forward's
+    end is the peak."""
     if mode not in MODES:
         raise CheckpointError(f"checkpointing must be one of {MODES}, got {mode!r}")
+    if not isinstance(keep_last, int) or keep_last < 0:
+        raise CheckpointError(f"keep_last (blocks left without checkpoints) must be an integer >= 0, got {keep_last!r}")
     if mode == "off":
         yield model
         return
@@ -304,6 +312,10 @@ def checkpointing(model: nn.Module, mode: str = "on", min_offload_bytes: int = 1
         blocks = list(decoder_blocks(model))
     except ConfigError as e:
         raise CheckpointError(f"nothing to checkpoint: {e}") from None
+    if keep_last > len(blocks):
+        raise CheckpointError(f"keep_last={keep_last} blocks left without checkpoints, but the model has only "
+                              f"{len(blocks)} decoder blocks")
+    blocks = blocks[:len(blocks) - keep_last]
     check_forwards_free(blocks)
     compiled = {id(b): b._compiled_call_impl for b in blocks if getattr(b, "_compiled_call_impl", None) is not None}
     around = compiled_placement() == "around"

@@ -73,6 +73,9 @@ class TrainArgs:
     """auto, none, ddp or fsdp (see peftlab.train.distributed); auto = none unless torchrun started us."""
     checkpointing: str = "off"
     """Activation checkpointing per decoder block: off, on, or offload (block inputs kept in host memory)."""
+    checkpoint_keep: int = 0
+    """With ``checkpointing``: the last N decoder blocks are not checkpointed and keep their activations (their
+    backward recomputes nothing): spends memory the run has to spare on speed."""
     fused_ce: bool | None = None
     """Loss through the chunked fused linear + cross-entropy (never the full logits; its row kernel on CUDA).
     None: on CUDA where the model allows it (no head adapter, no logit post-processing), the model's own loss

@@ -31,6 +31,12 @@ def validate_memory_args(args) -> None:
     if args.checkpointing != "off" and args.gradient_checkpointing:
         raise ConfigError("gradient_checkpointing (transformers') and checkpointing (peftlab's) are exclusive; "
                           "use checkpointing=on|offload")
+    keep = args.checkpoint_keep
+    if not isinstance(keep, int) or keep < 0:
+        raise ConfigError(f"checkpoint_keep must be an integer >= 0, got {keep!r}")
+    if keep and args.checkpointing == "off":
+        raise ConfigError(f"checkpoint_keep={keep} leaves blocks out of peftlab's checkpointing, which is off; "
+                          "use it with checkpointing=on|offload")
     from peftlab.train import galore
 
     galore.validate(args)

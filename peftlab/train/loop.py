@@ -209,7 +209,8 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
             with _adapters_off(model):
                 state["eval_before"] = evaluate(model, eval_set, collate, args.eval_batch_size, device)
         # compiled first: checkpointing wraps the compiled blocks' calls (activations.compiled_placement)
-        with compiled_steps(args, model, device) as compiled, checkpointing(model, args.checkpointing):
+        with compiled_steps(args, model, device) as compiled, \
+                checkpointing(model, args.checkpointing, keep_last=args.checkpoint_keep):
             _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
                        runtime or distributed.Runtime(), compiled)
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
