@@ -267,9 +267,10 @@ def test_fused_path_under_torch_compile(use_dora, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_t,v_t,bias", [(True, True, True), (True, True, False), (False, False, False)])
-def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias, monkeypatch):
+@pytest.mark.parametrize("form", ["OP", "SPLIT"])
+def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias, form, monkeypatch):
     from peftlab.ops.mm_add import mm_add
-    monkeypatch.setenv("PEFTLAB_MM_ADD_OP", "1")
+    monkeypatch.setenv(f"PEFTLAB_MM_ADD_{form}", "1")
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(9, 6, generator=g), torch.randn(9, 3, generator=g)
     w = torch.randn(5, 6, generator=g) if w_t else torch.randn(6, 5, generator=g)
@@ -281,11 +282,16 @@ def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bia
     torch.testing.assert_close(mm_add(x, w, b, u, v, w_t, v_t), want)
     compiled = torch.compile(lambda *a: mm_add(*a, w_t, v_t) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b, u, v), want * 2)
-    # inside the traced graph it is the opaque op (no functionalised addmm copying its input)
+    # inside the traced graph it is the opaque op, or two products and an add (no in-place add that functionalisation
+    # would turn into an addmm copying its input)
     graphs = []
     torch._dynamo.reset()
     torch.compile(lambda *a: mm_add(*a, w_t, v_t), backend=lambda gm, _: graphs.append(gm) or gm)(x, w, b, u, v)
-    assert "peftlab.mm_add" in graphs[0].code
+    code = graphs[0].code
+    if form == "OP":
+        assert "peftlab.mm_add" in code
+    else:
+        assert "addmm_" not in code and "peftlab.mm_add" not in code and " + " in code, code
 
 
 @pytest.mark.parametrize("device", DEVICES)

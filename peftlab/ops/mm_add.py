@@ -14,6 +14,11 @@ ms in six and one of 75.3 ms without), and two steps got slower in the one call 
 with an activation budget of 0.5 (76.4 ms / 3.35 GiB against 58.7-64.0 ms / 5.18 GiB) and DoRA (97.9 ms against
 76.8 on 2026-12-03). Inductor's partitioner cannot see inside the opaque op and decides differently what to
 recompute around it, which is the likely cause (not verified).
+
+``PEFTLAB_MM_ADD_SPLIT=1`` (an experiment, nineteenth session) traces the two products apart and adds them with a
+plain ``+``: no copy and no in-place add, and inductor can fuse the add into the consumer's pointwise kernel (the
+SwiGLU after gate/up, the rotary after q/k, the residual add after o/down). One more rounding to bf16 than the
+in-place form (the second product is rounded before the add, as PEFT's own LoRA forward does).
 """
 from __future__ import annotations
 
@@ -45,10 +50,20 @@ def _fake(x, w, bias, u, v, w_t, v_t):
     return x.new_empty(_shape(x, w, w_t))
 
 
+def mm_add_split(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                 v: torch.Tensor, w_t: bool, v_t: bool) -> torch.Tensor:
+    """``mm_add_reference``'s value as two products and a plain add (out of place, fusable by a compiler)."""
+    out = F.linear(x, w, bias) if w_t else (x @ w if bias is None else torch.addmm(bias, x, w))
+    return out + u @ (v.t() if v_t else v)
+
+
 def mm_add(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor,
            w_t: bool, v_t: bool) -> torch.Tensor:
-    """``mm_add_reference``; as the opaque op while torch.compile traces when ``PEFTLAB_MM_ADD_OP=1``, directly
-    otherwise."""
-    if torch.compiler.is_compiling() and os.environ.get("PEFTLAB_MM_ADD_OP", "") == "1":
-        return torch.ops.peftlab.mm_add(x, w, bias, u, v, w_t, v_t)
+    """``mm_add_reference``; while torch.compile traces, as the opaque op with ``PEFTLAB_MM_ADD_OP=1`` or split
+    with ``PEFTLAB_MM_ADD_SPLIT=1``; directly otherwise."""
+    if torch.compiler.is_compiling():
+        if os.environ.get("PEFTLAB_MM_ADD_OP", "") == "1":
+            return torch.ops.peftlab.mm_add(x, w, bias, u, v, w_t, v_t)
+        if os.environ.get("PEFTLAB_MM_ADD_SPLIT", "") == "1":
+            return mm_add_split(x, w, bias, u, v, w_t, v_t)
     return mm_add_reference(x, w, bias, u, v, w_t, v_t)
