@@ -242,8 +242,9 @@ def run_child(name: str, impl: str, device_name: str, smoke: bool, steps: int, w
                   "PEFTLAB_BENCH_COMPILE") and os.environ.get("PEFTLAB_DEQUANT_KERNEL", "") != "0"),
               "ckpt_reentrant": (impl == "peftlab" and setting["ckpt"] != "off"
                                  and os.environ.get("PEFTLAB_CKPT_REENTRANT", "1") != "0"),
-              "ckpt_joint": (impl == "peftlab" and setting["ckpt"] != "off"
-                             and os.environ.get("PEFTLAB_CKPT_JOINT", "") == "1"),
+              "ckpt_joint": (impl == "peftlab" and setting["ckpt"] != "off" and bool(os.environ.get(
+                  "PEFTLAB_BENCH_COMPILE")) and os.environ.get("PEFTLAB_CKPT_JOINT", "") != "0"),  # by default since
+              # the nineteenth session, where it applies (compiled blocks; peftlab/train/activations.py _specials)
               "optimizer": type(opt).__name__,
               "ckpt_placement": (compiled_placement() if impl == "peftlab" and own_ckpt
                                  and os.environ.get("PEFTLAB_BENCH_COMPILE") else None),

@@ -134,11 +134,11 @@ def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(m
 
 @pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
 def test_joint_recompute_gives_the_plain_gradients(name, monkeypatch):
-    """PEFTLAB_CKPT_JOINT=1: each compiled block's recompute and backward run as one compiled call; losses and
-    gradients are the plain node's over two backward passes (the second adds into the first's gradients), and the
-    three blocks share that call's compiled code (no recompile per block beyond the first block, whose input needs
-    no gradient)."""
-    from torch._dynamo.utils import counters
+    """By default (PEFTLAB_CKPT_JOINT unset) each compiled block's recompute and backward run as one compiled call;
+    losses and gradients are the plain node's (PEFTLAB_CKPT_JOINT=0) over two backward passes (the second adds into
+    the first's gradients), and the three blocks share that call's compiled code (no recompile per block beyond the
+    first block, whose input needs no gradient)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from peftlab.train import recompute
     from peftlab.train.packing import compile_model, uncompile_model
@@ -148,14 +148,15 @@ def test_joint_recompute_gives_the_plain_gradients(name, monkeypatch):
     ids = batch(b=2, t=7)
     compile_model(model, "aot_eager", "layers")
     try:
+        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "0")
         ref_losses, ref = _two_passes(model, ids, "on")
-        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
+        monkeypatch.delenv("PEFTLAB_CKPT_JOINT")
         recompute._joint_compiled.cache_clear()
+        torch._dynamo.reset()  # no joint code compiled by earlier tests (the blocks compile again too)
         calls, joint_backward = [], recompute.Joint.backward
         monkeypatch.setattr(recompute.Joint, "backward", lambda *a: calls.append(1) or joint_backward(*a))
-        before = counters["stats"]["unique_graphs"]
         losses, grads = _two_passes(model, ids, "offload")
-        compiled = counters["stats"]["unique_graphs"] - before
+        compiled = len(_debug_get_cache_entry_list(recompute._joint_backward.__code__))
     finally:
         uncompile_model(model, "layers")
     assert len(calls) == 2 * len(decoder_blocks(model))  # every block's backward, both passes
@@ -164,6 +165,36 @@ def test_joint_recompute_gives_the_plain_gradients(name, monkeypatch):
     torch.testing.assert_close(losses, ref_losses)
     for key in ref:
         torch.testing.assert_close(grads[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_joint_recompute_steps_aside_unless_required(monkeypatch):
+    """Blocks with dropout cannot take the joint recompute: by default they take the plain lean node (no Joint), with
+    PEFTLAB_CKPT_JOINT=1 they are refused by name; a value other than 0 / 1 is refused."""
+    from peftlab.train import activations
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    made = []
+    monkeypatch.setattr(activations.recompute, "Joint", lambda *a: made.append(a))
+    for dropout, joint in ((0.1, ""), (0.0, "0"), (0.0, "")):
+        model = _attached("lora", lora_dropout=dropout)
+        compile_model(model, "aot_eager", "layers")
+        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", joint)
+        try:
+            with checkpointing(model, "on"):
+                pass
+            if dropout:
+                monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
+                with pytest.raises(CheckpointError, match=r"joint recompute .*without dropout.*dropout \(p=0.1\)"):
+                    with checkpointing(model, "on"):
+                        pass
+            else:
+                monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "yes")
+                with pytest.raises(CheckpointError, match="PEFTLAB_CKPT_JOINT must be 0, 1 or unset, got 'yes'"):
+                    with checkpointing(model, "on"):
+                        pass
+        finally:
+            uncompile_model(model, "layers")
+    assert len(made) == len(decoder_blocks(model))  # only the last model, dropout-free with the default, took it
 
 
 def test_cuda_graph_blocks_refuse_what_the_graph_safe_node_cannot_replay(monkeypatch):

@@ -2,7 +2,8 @@
 # Nineteenth session (2026-12-06): the expand product added apart (PEFTLAB_MM_ADD_SPLIT=1, peftlab/ops/mm_add.py)
 # against the in-place addmm (which a compiled graph turns into a copy + addmm: "memcpy128", 3.6 ms of the 1B LoRA
 # step's device time in this session's profile). 1B LoRA and DoRA, compiled, alternating default / split in four
-# processes. <= ~4 min, nothing carried.   -> $OUT/{inplace,split}_{1,2}.json
+# processes; then the 1B offloaded row as the trainer now runs it. <= ~5 min, nothing carried.
+#   -> $OUT/{inplace,split}_{1,2}.json, $OUT/offload_default.json
 set -x
 OUT=${OUT:-/tmp/mm_split}
 mkdir -p "$OUT"
@@ -14,4 +15,8 @@ for round in 1 2; do
       --timeout 60 --out "$OUT/${form}_$round.json" 2>&1 | grep -E '^\[|rror'
   done
 done
+# then, while the call has time, the 1B offloaded row with the joint recompute by default (no PEFTLAB_CKPT_JOINT)
+[ "$SECONDS" -lt "${DEADLINE:-200}" ] && env PEFTLAB_BENCH_COMPILE=inductor PEFTLAB_BENCH_OPTIM=paged_adamw_fused \
+  timeout 90 python3 bench/memory.py --steps 10 --warmup 4 --timeout 85 --impls peftlab \
+  --settings 1b-lora-ckpt-offload --out "$OUT/offload_default.json" 2>&1 | grep -E '^\{' | cut -c1-300
 exit 0

@@ -180,38 +180,56 @@ def _checkpointed(block: nn.Module, block_forward, offload: _Offload | None, aro
 
 def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int, recompute.Graphed | recompute.Joint]:
     """What the lean node does differently for some compiled blocks: those compiled as CUDA graphs get its
-    graph-safe form (``recompute.Graphed``); with ``PEFTLAB_CKPT_JOINT=1`` (an experiment) the other compiled ones
-    recompute and backward in one compiled call (``recompute.Joint``). Both need the lean node and blocks without
-    randomness (the node replays the RNG state around the recompute; graphs replay recorded generator offsets, the
-    joint call draws in a graph of its own), and each gets the trainable parameters its backward may reach."""
+    graph-safe form (``recompute.Graphed``); the other compiled ones recompute and backward in one compiled call
+    (``recompute.Joint``; ``PEFTLAB_CKPT_JOINT``: unset = wherever it applies, "1" = required, "0" = never). Both need
+    the lean node and blocks without randomness (the node replays the RNG state around the recompute; graphs replay
+    recorded generator offsets, the joint call draws in a graph of its own), and each gets the trainable parameters
+    its backward may reach. Graphs that cannot have these are refused, as is a required joint recompute; where the
+    joint recompute was not asked for, such blocks take the plain lean node."""
     from peftlab.train.packing import compiled_backend, graphed
 
-    joint = os.environ.get("PEFTLAB_CKPT_JOINT", "") == "1"
-    found = [b for b in blocks if graphed(b) or joint and compiled_backend(b) is not None]
-    if not found:
+    joint = os.environ.get("PEFTLAB_CKPT_JOINT", "")
+    if joint not in ("", "0", "1"):
+        raise CheckpointError(f"PEFTLAB_CKPT_JOINT must be 0, 1 or unset, got {joint!r}")
+    graphs = [b for b in blocks if graphed(b)]
+    joined = [b for b in blocks if joint != "0" and not graphed(b) and compiled_backend(b) is not None]
+    for found, what in ((graphs, "blocks compiled as CUDA graphs (compile mode 'reduce-overhead')"),
+                        (joined, "the joint recompute (PEFTLAB_CKPT_JOINT=1)")):
+        reason = _special_refusal(model, lean, what, found is joined) if found else None
+        if reason is not None and (found is graphs or joint == "1"):
+            raise CheckpointError(reason)
+        if reason is not None:
+            found.clear()  # the joint recompute where it applies: here it does not, the plain lean node instead
+    if not graphs and not joined:
         return {}
-    what = "blocks compiled as CUDA graphs (compile mode 'reduce-overhead')" if any(map(graphed, found)) else \
-        "the joint recompute (PEFTLAB_CKPT_JOINT=1)"
+    block_params = {id(p) for b in decoder_blocks(model) for p in b.parameters()}  # kept blocks' too (keep_last)
+    outer = [p for p in model.parameters() if p.requires_grad and id(p) not in block_params]
+    specials = {}
+    for b in graphs + joined:
+        params = [p for p in b.parameters() if p.requires_grad] + outer
+        specials[id(b)] = recompute.Graphed(params) if graphed(b) else recompute.Joint(params, compiled_backend(b))
+    return specials
+
+
+def _special_refusal(model: nn.Module, lean: bool, what: str, traces_grad: bool) -> str | None:
+    """Why the blocks cannot take ``what`` (``_specials``; ``traces_grad``: it traces ``torch.autograd.grad``), or
+    None."""
+    fix = "compile with mode 'default' / set PEFTLAB_CKPT_JOINT=0"
     if not lean:
-        raise CheckpointError(f"checkpointing {what} needs the lean checkpoint node, which this model cannot take "
-                              "(several processes, PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward "
-                              "or reading an outside graph); compile with mode 'default' / unset PEFTLAB_CKPT_JOINT")
+        return (f"checkpointing {what} needs the lean checkpoint node, which this model cannot take (several "
+                "processes, PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward or reading an outside "
+                f"graph); {fix}")
     if compiled_placement() != "around":
-        raise CheckpointError(f"checkpointing {what} needs PEFTLAB_CKPT_COMPILED=around")
+        return f"checkpointing {what} needs PEFTLAB_CKPT_COMPILED=around"
     random = [f"{name} (p={m.p})" for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
         random.append(f"config.attention_dropout={model.config.attention_dropout}")
     if random:
-        raise CheckpointError(f"checkpointing {what} needs blocks without dropout, found "
-                              f"{', '.join(random[:3])}{' ...' if len(random) > 3 else ''}; set dropout to 0 or "
-                              "compile with mode 'default' / unset PEFTLAB_CKPT_JOINT")
-    block_params = {id(p) for b in decoder_blocks(model) for p in b.parameters()}  # kept blocks' too (keep_last)
-    outer = [p for p in model.parameters() if p.requires_grad and id(p) not in block_params]
-    specials = {}
-    for b in found:
-        params = [p for p in b.parameters() if p.requires_grad] + outer
-        specials[id(b)] = recompute.Graphed(params) if graphed(b) else recompute.Joint(params, compiled_backend(b))
-    return specials
+        return (f"checkpointing {what} needs blocks without dropout, found {', '.join(random[:3])}"
+                f"{' ...' if len(random) > 3 else ''}; set dropout to 0 or {fix}")
+    if traces_grad and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return f"checkpointing {what} needs torch._dynamo.config.trace_autograd_ops (torch {torch.__version__})"
+    return None
 
 
 def _replaying(block_forward, cache):
