@@ -8,7 +8,7 @@ set -x
 OUT=${OUT:-/tmp/mm_split}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do  # ROUNDS=1 for a call shortened by the device budget
   for form in inplace split; do
     env PEFTLAB_MM_ADD_SPLIT=$([ $form = split ] && echo 1 || echo 0) timeout 100 python3 bench/train_step.py \
       --steps 10 --warmup 3 --repeats 1 --shape 1b --methods lora,dora --impls peftlab_compiled --prime 0 \
