@@ -123,7 +123,7 @@ def test_compile_mode_auto_uses_cuda_graphs_only_where_they_hold():
     assert resolve_compile_mode("auto", "inductor", cuda, checkpointed=False) == "reduce-overhead"
     for kw in (dict(checkpointed=True), dict(checkpointed=False, packed=True),
                dict(checkpointed=False, distributed=True), dict(checkpointed=False, full_parameter=True),
-               dict(checkpointed=False, padding_sensitive=True)):
+               dict(checkpointed=False, padding_sensitive=True), dict(checkpointed=False, graphs_fail=True)):
         assert resolve_compile_mode("auto", "inductor", cuda, **kw) is None, kw
     assert resolve_compile_mode("auto", "inductor", cpu, checkpointed=False) is None
     assert resolve_compile_mode("auto", None, cuda, checkpointed=False) is None  # eager: nothing compiles
@@ -171,6 +171,10 @@ def test_padding_changes_nothing_for_molora():
         model = tiny_llama()
         peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
         assert packing.pads_freely(model), method
+    for method, replays in (("lora", True), ("boft", True), ("prompt_tuning", True), ("oft", False)):
+        model = tiny_llama()
+        peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
+        assert packing.graphs_replay(model) is replays, method  # OFT's graphs failed on an H100
 
 
 def test_padded_collator_rounds_the_width_up():

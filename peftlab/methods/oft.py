@@ -87,6 +87,9 @@ class OFTConfig(AdapterConfig):
 
 class OFTLayer(AdapterLayer):
     transforms_input = True
+    # its compiled layers failed as CUDA graphs on an H100 (nineteenth session: "accessing tensor output of CUDAGraphs
+    # that has been overwritten by a subsequent run"; cause not found, BOFT's graphs run): no graphs by default
+    replays_as_graphs = False
 
     def __init__(self, base: BaseView, config: OFTConfig, module_name: str):
         super().__init__(base, config, module_name)

@@ -183,13 +183,14 @@ def resolve_compile(backend: str | None, scope: str, device: torch.device, quant
 
 def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.device, checkpointed: bool,
                          packed: bool = False, distributed: bool = False, full_parameter: bool = False,
-                         padding_sensitive: bool = False) -> str | None:
+                         padding_sensitive: bool = False, graphs_fail: bool = False) -> str | None:
     """The torch.compile mode a run's compiled layers use (None: torch's default). ``"auto"``: "reduce-overhead"
     (inductor's CUDA graphs per compiled layer) for inductor on CUDA, one process, no peftlab checkpointing, no
     packing, adapters whose results do not depend on padding (not ``padding_sensitive``: graphs pad each batch to
     a multiple of ``GRAPH_PAD``; no registered method is, since MoE-LoRA reads the attention mask) and a small
     trainable share (not ``full_parameter``: the gradients the graphs hold, and copy between micro-batches, see
-    ``CompiledSteps``, would be the whole model's); the default elsewhere. The compiled steps are host-bound: on
+    ``CompiledSteps``, would be the whole model's) and adapters whose layers have replayed as graphs (not
+    ``graphs_fail``: ``replays_as_graphs``); the default elsewhere. The compiled steps are host-bound: on
     the H200 the CUDA graphs took the 1B LoRA step from 62-78 ms to 53-54 ms and DoRA / HRA / BOFT from 74-107 ms
     to 61-63 ms (bench/README.md, tenth session). Checkpointed steps gained nothing from graphs on the H100 (the
     offloaded 1B step 82.8 against 83.2 ms, 0.19 GiB more; seventeenth session), so "auto" leaves them out; asked
@@ -198,7 +199,8 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     if mode != "auto":
         return None if backend is None or mode in (None, "default") else mode
     if backend == "inductor" and device.type == "cuda" and not (checkpointed or packed or distributed
-                                                                 or full_parameter or padding_sensitive):
+                                                                 or full_parameter or padding_sensitive
+                                                                 or graphs_fail):
         return "reduce-overhead"
     return None
 
@@ -265,7 +267,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())  # GaLore, say
     mode = resolve_compile_mode(args.compile_mode, backend, device, args.checkpointing != "off", args.packing,
-                                distributed, full_parameter, not pads_freely(model))
+                                distributed, full_parameter, not pads_freely(model), not graphs_replay(model))
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto", mode=mode)
     graphs = state.graphs
     if backend:
@@ -323,3 +325,8 @@ def layers_compile(model: nn.Module) -> bool:
 def pads_freely(model: nn.Module) -> bool:
     """Whether extra padding leaves every adapter's outputs and losses alone (``token_local``)."""
     return _all_adapters(model, "token_local")
+
+
+def graphs_replay(model: nn.Module) -> bool:
+    """Whether every adapter's compiled layers have replayed as CUDA graphs on a GPU (``replays_as_graphs``)."""
+    return _all_adapters(model, "replays_as_graphs")
