@@ -39,6 +39,9 @@ class AdapterLayer(nn.Module):
                          the CUDA default of ``peftlab train``); False keeps a model with it eager
       token_local        extra padding (tokens the attention mask marks as padding) changes none of its outputs or
                          losses; False keeps CUDA graphs (which pad batches) off by default
+      draws_random       its training forward draws random numbers other than through ``nn.Dropout`` modules (PVeRA's
+                         sample, Poly's relaxed-Bernoulli routing): recomputes that cannot replay the RNG state (the
+                         joint recompute, CUDA graphs under checkpointing) leave its blocks alone
       replays_as_graphs  its compiled decoder layer has run as CUDA graphs (compile mode "reduce-overhead") on a GPU;
                          False keeps graphs off by default (OFT: its graphs failed on an H100, nineteenth session)
       loss_in_forward    its forward computes a loss from the layer's input (``extra_loss``, MoLoRA's balancing loss):
@@ -69,6 +72,7 @@ class AdapterLayer(nn.Module):
     compiles_in_layers: ClassVar[bool] = True
     token_local: ClassVar[bool] = True
     replays_as_graphs: ClassVar[bool] = True
+    draws_random: ClassVar[bool] = False
     reads_token_mask: ClassVar[bool] = False
     reads_token_gate: ClassVar[bool] = False
     loss_in_forward: ClassVar[bool] = False

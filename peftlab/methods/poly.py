@@ -91,6 +91,7 @@ class PolyRouter(nn.Module):
 
 class PolyLayer(AdapterLayer):
     mergeable = False
+    draws_random = True  # the relaxed-Bernoulli routing sample in training
     call_arguments = ("task_ids",)
 
     def __init__(self, base: BaseView, config: PolyConfig, module_name: str):

@@ -80,6 +80,8 @@ def sampled_code(h: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 
 
 class PveraLayer(AdapterLayer):
+    draws_random = True  # the training sample (eps)
+
     def __init__(self, base: BaseView, config: PveraConfig, module_name: str, shared: PveraProjections):
         super().__init__(base, config, module_name)
         self.shared, self.r = shared, config.r

@@ -221,11 +221,14 @@ def _special_refusal(model: nn.Module, lean: bool, what: str, traces_grad: bool)
                 f"graph); {fix}")
     if compiled_placement() != "around":
         return f"checkpointing {what} needs PEFTLAB_CKPT_COMPILED=around"
+    from peftlab.train.packing import attached_adapters
+
     random = [f"{name} (p={m.p})" for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    random += sorted({f"{type(a).__name__} (draws random numbers)" for a in attached_adapters(model) if a.draws_random})
     if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
         random.append(f"config.attention_dropout={model.config.attention_dropout}")
     if random:
-        return (f"checkpointing {what} needs blocks without dropout, found {', '.join(random[:3])}"
+        return (f"checkpointing {what} needs blocks without dropout or sampling, found {', '.join(random[:3])}"
                 f"{' ...' if len(random) > 3 else ''}; set dropout to 0 or {fix}")
     if traces_grad and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return f"checkpointing {what} needs torch._dynamo.config.trace_autograd_ops (torch {torch.__version__})"
