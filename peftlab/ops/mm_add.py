@@ -18,7 +18,10 @@ recompute around it, which is the likely cause (not verified).
 ``PEFTLAB_MM_ADD_SPLIT=1`` (an experiment, nineteenth session) traces the two products apart and adds them with a
 plain ``+``: no copy and no in-place add, and inductor can fuse the add into the consumer's pointwise kernel (the
 SwiGLU after gate/up, the rotary after q/k, the residual add after o/down). One more rounding to bf16 than the
-in-place form (the second product is rounded before the add, as PEFT's own LoRA forward does).
+in-place form (the second product is rounded before the add, as PEFT's own LoRA forward does). Inductor keeps
+``mm + add`` apart only on a GPU and only where every reader of the sum is pointwise (its post-grad ``addmm`` pattern,
+``should_prefer_unfused_addmm``); elsewhere (and always on the CPU) it fuses them back into the same ``addmm``, so no
+CPU proxy can show the difference.
 """
 from __future__ import annotations
 
