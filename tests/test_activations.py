@@ -182,16 +182,12 @@ def test_joint_recompute_steps_aside_unless_required(monkeypatch):
         try:
             with checkpointing(model, "on"):
                 pass
-            if dropout:
-                monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
-                with pytest.raises(CheckpointError, match=r"joint recompute .*without dropout.*dropout \(p=0.1\)"):
-                    with checkpointing(model, "on"):
-                        pass
-            else:
-                monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "yes")
-                with pytest.raises(CheckpointError, match="PEFTLAB_CKPT_JOINT must be 0, 1 or unset, got 'yes'"):
-                    with checkpointing(model, "on"):
-                        pass
+            value, message = ("1", r"joint recompute .*without dropout.*dropout \(p=0.1\)") if dropout else \
+                ("yes", "PEFTLAB_CKPT_JOINT must be 0, 1 or unset, got 'yes'")
+            monkeypatch.setenv("PEFTLAB_CKPT_JOINT", value)
+            with pytest.raises(CheckpointError, match=message):
+                with checkpointing(model, "on"):
+                    pass
         finally:
             uncompile_model(model, "layers")
     assert len(made) == len(decoder_blocks(model))  # only the last model, dropout-free with the default, took it

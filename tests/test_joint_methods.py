@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, tiny_llama
+from models import batch, randomize_adapters, tiny_llama
 from peftlab.train import recompute
 from peftlab.train.activations import checkpointing
 from peftlab.train.packing import attached_adapters, compile_model, layers_compile, uncompile_model
@@ -14,11 +14,7 @@ from peftlab.train.packing import attached_adapters, compile_model, layers_compi
 def _attached(name):
     model = tiny_llama(layers=3)
     peftlab.attach(model, peftlab.variants()[name](["q_proj", "v_proj", "down_proj"], 4))
-    torch.manual_seed(1)
-    with torch.no_grad():  # non-trivial adapters: every parameter gets a gradient path
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    randomize_adapters(model, std=0.05)  # non-trivial adapters: every parameter gets a gradient path
     model.train()
     model.config.use_cache = False
     return model
