@@ -106,6 +106,7 @@ def test_blocks_compiled_as_cuda_graphs_checkpoint_through_the_graph_safe_node(m
     from peftlab.train import packing
     from peftlab.train.packing import compile_model, uncompile_model
 
+    monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "0")  # the reference: the plain node (no joint code compiled here)
     model = _attached("lora")
     model.config.use_cache = False
     blocks = decoder_blocks(model)

@@ -195,7 +195,7 @@ def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int
     joined = [b for b in blocks if joint != "0" and not graphed(b) and compiled_backend(b) is not None]
     for found, what in ((graphs, "blocks compiled as CUDA graphs (compile mode 'reduce-overhead')"),
                         (joined, "the joint recompute (PEFTLAB_CKPT_JOINT=1)")):
-        reason = _special_refusal(model, lean, what, found is joined) if found else None
+        reason = _special_refusal(model, lean, what, found is joined) if found else None  # None: they may
         if reason is not None and (found is graphs or joint == "1"):
             raise CheckpointError(reason)
         if reason is not None:
@@ -214,7 +214,8 @@ def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int
 def _special_refusal(model: nn.Module, lean: bool, what: str, traces_grad: bool) -> str | None:
     """Why the blocks cannot take ``what`` (``_specials``; ``traces_grad``: it traces ``torch.autograd.grad``), or
     None."""
-    fix = "compile with mode 'default' / set PEFTLAB_CKPT_JOINT=0"
+    fix = "unset PEFTLAB_CKPT_JOINT (such blocks then take the plain node)" if traces_grad else \
+        "compile with mode 'default'"
     if not lean:
         return (f"checkpointing {what} needs the lean checkpoint node, which this model cannot take (several "
                 "processes, PEFTLAB_CKPT_REENTRANT=0, or an adapter with a loss in its forward or reading an outside "
@@ -224,7 +225,7 @@ def _special_refusal(model: nn.Module, lean: bool, what: str, traces_grad: bool)
     from peftlab.train.packing import attached_adapters
 
     random = [f"{name} (p={m.p})" for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-    random += sorted({f"{type(a).__name__} (draws random numbers)" for a in attached_adapters(model) if a.draws_random})
+    random += sorted({f"{type(a).__name__} (samples)" for a in attached_adapters(model) if a.draws_random})
     if getattr(getattr(model, "config", None), "attention_dropout", 0.0):
         random.append(f"config.attention_dropout={model.config.attention_dropout}")
     if random:
