@@ -59,3 +59,21 @@ def test_compiled_layers_give_eager_loss_and_gradients(variant):
     for name, grad in grads_eager.items():
         if grad is not None:
             torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_oft_keeps_no_tensor_made_in_the_trace():
+    """OFT's upper-triangle indices are cached per size and device for eager calls; a compiled layer computes them in
+    its graph instead: a tensor made while tracing and kept in the cache would be an output of the compiled graph,
+    which CUDA graphs overwrite on their next replay (OFT's graphs failed so on an H100)."""
+    from peftlab.ops import orthogonal
+
+    model = _adapted("oft")
+    x = batch()
+    ref_loss, ref = _step(copy.deepcopy(model), x)
+    orthogonal._UPPER.clear()
+    compile_model(model, "aot_eager", "layers")
+    loss, grads = _step(model, x)
+    assert orthogonal._UPPER == {}
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], msg=name)

@@ -19,7 +19,12 @@ _UPPER: dict = {}
 
 def _upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the strict upper triangle, built once per size and device (a kernel and an
-    unbind per call otherwise, on every adapted layer of every step)."""
+    unbind per call otherwise, on every adapted layer of every step). Not cached while torch.compile traces: a tensor
+    made there and kept in this dict would be an output of the compiled graph, which CUDA graphs overwrite on their
+    next replay (the likely cause of OFT's failed graphs on the H100, nineteenth session; compiled, the indices are
+    part of the graph anyway)."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.triu_indices(size, size, 1, device=device))
     key = (size, device)
     if key not in _UPPER:
         _UPPER[key] = tuple(torch.triu_indices(size, size, 1, device=device))
