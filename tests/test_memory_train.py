@@ -123,10 +123,17 @@ def test_cli_train_streams_a_quantized_base_and_compare_passes_memory_flags(tmp_
     assert metrics["args"]["quantize"] == "nf4" and metrics["optimizer"]["kind"] == "adamw_8bit"
     bad = CliRunner().invoke(app, ["train", "--checkpointing", "sometimes", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "checkpointing must be one of" in bad.output
-    args = CompareArgs(memory={"checkpointing": "on", "fused_ce": True})
-    assert args.budget()["checkpointing"] == "on"
+    bad = CliRunner().invoke(app, ["train", "--checkpoint-keep", "2", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "checkpoint_keep=2" in bad.output and "checkpointing=on|offload" in bad.output
+    args = CompareArgs(memory={"checkpointing": "on", "checkpoint_keep": 1, "fused_ce": True})
+    assert args.budget()["checkpointing"] == "on" and args.budget()["checkpoint_keep"] == 1
     with pytest.raises(ValueError, match="unknown memory setting"):
         CompareArgs(memory={"galore_rank": 4}).budget()
+    # memory values are checked before any run, as on `train` (compare trains many)
+    bad = CliRunner().invoke(app, ["compare", "--checkpoint-keep", "2", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "checkpoint_keep=2" in bad.output
+    with pytest.raises(ValueError, match="optim must be one of"):
+        CompareArgs(memory={"optim": "nope"}).budget()
 
 
 def test_missing_bitsandbytes_is_named(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ class CompareArgs:
     with_peft: bool = False
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)  # any preset key, e.g. max_steps
-    # memory options passed to every run (TrainArgs fields: checkpointing, fused_ce, quantize, double_quant, optim)
+    # memory options passed to every run (TrainArgs fields: frugal.MEMORY_KEYS)
     memory: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"  # "auto": cuda when available, else cpu (every run trains where the base model is)
     dtype: str | None = None  # the base model's dtype; None keeps the checkpoint's (float32 for the default)
@@ -74,11 +74,13 @@ class CompareArgs:
         unknown = set(self.overrides) - set(PRESETS[self.preset])
         if unknown:
             raise ValueError(f"unknown budget setting(s) {sorted(unknown)}; known: {sorted(PRESETS[self.preset])}")
-        from peftlab.train.frugal import MEMORY_KEYS
+        from peftlab.train.args import TrainArgs
+        from peftlab.train.frugal import MEMORY_KEYS, validate_memory_args
 
         bad = set(self.memory) - set(MEMORY_KEYS)
         if bad:
             raise ValueError(f"unknown memory setting(s) {sorted(bad)}; known: {list(MEMORY_KEYS)}")
+        validate_memory_args(TrainArgs(device=self.device, dtype=self.dtype, **self.memory))  # before any run
         return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}, **self.memory}
 
     def method_list(self) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 from peftlab.core.config import ConfigError
 
 # TrainArgs fields that change memory, not the method (compare passes them to every run)
-MEMORY_KEYS = ("checkpointing", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings",
+MEMORY_KEYS = ("checkpointing", "checkpoint_keep", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings",
                "lean_activations")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_fused")
 _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
