@@ -53,3 +53,19 @@ def test_child_failures_are_recorded_not_fatal():
         "setting": "70b-qlora-b1", "impl": "peftlab", "error": "OOM"}
     with pytest.raises(SystemExit, match="unknown setting"):
         memory.main(["--smoke", "--settings", "9b-nothing", "--out", "/dev/null"])
+
+
+def test_table_keeps_one_row_per_recorded_variant_of_a_setting():
+    """Rows of one setting that differ in their recorded options (the joint recompute on and off, say) get a row
+    each, labelled by what tells them apart, with the ratios to the same peers; a lone record keeps a plain row."""
+    from memory_table import markdown_table
+
+    env = {"gpu": "GPU", "torch": "t", "transformers": "tf", "peft": "p", "commit": "c"}
+    rows = [{"setting": "1b-lora-ckpt-offload", "impl": "unsloth", "step_ms": 100.0, "peak_gib": 3.0},
+            {"setting": "1b-lora-ckpt-offload", "impl": "peftlab", "step_ms": 80.0, "peak_gib": 3.0, "ckpt_joint": True},
+            {"setting": "1b-lora-ckpt-offload", "impl": "peftlab", "step_ms": 90.0, "peak_gib": 2.7, "ckpt_joint": False},
+            {"setting": "1b-lora-ckpt-on", "impl": "peftlab", "step_ms": 70.0, "peak_gib": 3.2, "ckpt_joint": True}]
+    table = markdown_table({"environment": env, "results": rows})
+    assert "| 1b-lora-ckpt-offload (ckpt_joint=True) | 80.0 / 3.00 | 100.0 / 3.00 | unsloth: 0.80x time" in table
+    assert "| 1b-lora-ckpt-offload (ckpt_joint=False) | 90.0 / 2.70 | 100.0 / 3.00 | unsloth: 0.90x time" in table
+    assert "| 1b-lora-ckpt-on | 70.0 / 3.20 |" in table
