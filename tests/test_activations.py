@@ -175,7 +175,7 @@ def test_joint_recompute_steps_aside_unless_required(monkeypatch):
     from peftlab.train.packing import compile_model, uncompile_model
 
     made = []
-    monkeypatch.setattr(activations.recompute, "Joint", lambda *a: made.append(a))
+    monkeypatch.setattr(activations.recompute, "Joint", lambda *a, **k: made.append(a))
     for dropout, joint in ((0.1, ""), (0.0, "0"), (0.0, "")):
         model = _attached("lora", lora_dropout=dropout)
         compile_model(model, "aot_eager", "layers")
@@ -192,6 +192,45 @@ def test_joint_recompute_steps_aside_unless_required(monkeypatch):
         finally:
             uncompile_model(model, "layers")
     assert len(made) == len(decoder_blocks(model))  # only the last model, dropout-free with the default, took it
+
+
+def test_joint_recompute_that_does_not_compile_falls_back_to_the_plain_node(monkeypatch):
+    """A compile failure of the joint call (a dynamo error) turns it off for that backend with one warning, and the
+    blocks recompute with the plain node, from the failing call on: the gradients stay the plain node's. Required
+    (PEFTLAB_CKPT_JOINT=1), the error stands."""
+    from peftlab.train import recompute
+    from peftlab.train.packing import compile_model, uncompile_model
+
+    class Failed(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise Failed("cannot trace this")
+    model = _attached("lora")
+    model.config.use_cache = False
+    ids = batch(b=2, t=7)
+    compile_model(model, "aot_eager", "layers")
+    monkeypatch.setattr(recompute, "_JOINT_FAILED", {})
+    try:
+        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "0")
+        ref_losses, ref = _two_passes(model, ids, "on")
+        monkeypatch.setenv("PEFTLAB_CKPT_JOINT", "1")
+        monkeypatch.setattr(recompute, "_joint_compiled", lambda backend: failing)
+        with pytest.raises(Failed):
+            _two_passes(model, ids, "on")
+        monkeypatch.delenv("PEFTLAB_CKPT_JOINT")
+        calls.clear()
+        with pytest.warns(RuntimeWarning, match="joint recompute did not compile on backend 'aot_eager'.*Failed"):
+            losses, grads = _two_passes(model, ids, "on")
+    finally:
+        uncompile_model(model, "layers")
+    assert calls == [1] and "aot_eager" in recompute._JOINT_FAILED  # tried once, then every block plainly
+    torch.testing.assert_close(losses, ref_losses)
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graph_blocks_refuse_what_the_graph_safe_node_cannot_replay(monkeypatch):

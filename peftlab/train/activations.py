@@ -207,7 +207,8 @@ def _specials(model: nn.Module, blocks: list[nn.Module], lean: bool) -> dict[int
     specials = {}
     for b in graphs + joined:
         params = [p for p in b.parameters() if p.requires_grad] + outer
-        specials[id(b)] = recompute.Graphed(params) if graphed(b) else recompute.Joint(params, compiled_backend(b))
+        specials[id(b)] = recompute.Graphed(params) if graphed(b) else \
+            recompute.Joint(params, compiled_backend(b), required=joint == "1")
     return specials
 
 

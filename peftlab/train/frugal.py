@@ -15,8 +15,8 @@ import torch
 from peftlab.core.config import ConfigError
 
 # TrainArgs fields that change memory, not the method (compare passes them to every run)
-MEMORY_KEYS = ("checkpointing", "checkpoint_keep", "fused_ce", "quantize", "double_quant", "optim", "offload_embeddings",
-               "lean_activations")
+MEMORY_KEYS = ("checkpointing", "checkpoint_keep", "fused_ce", "quantize", "double_quant", "optim",
+               "offload_embeddings", "lean_activations")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_fused")
 _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 _COMPUTE_DTYPES = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

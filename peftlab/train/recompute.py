@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -100,9 +101,13 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, *grads):
         hidden = ctx.store.unpack(ctx.stored) if ctx.store is not None else ctx.saved_tensors[0]
         hidden = hidden.detach().requires_grad_(ctx.hidden_grad)
-        if ctx.call.joint is not None:  # no randomness in such blocks: no RNG state to replay
-            with _autocast(ctx.autocast):
-                return None, ctx.call.joint.backward(ctx.call, hidden, grads), None
+        joint = ctx.call.joint
+        if joint is not None and joint.usable():  # no randomness in such blocks: no RNG state to replay
+            try:
+                with _autocast(ctx.autocast):
+                    return None, joint.backward(ctx.call, hidden, grads), None
+            except torch._dynamo.exc.TorchDynamoException as exc:  # it did not compile: the plain node from here on
+                joint.give_up(exc)
         with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []), torch.enable_grad():
             _set_rng_state(hidden.device, ctx.rng)
             with _autocast(ctx.autocast):
@@ -148,8 +153,21 @@ class Joint:
     parameters and those of hook-based or shared adapters) by accumulation into ``.grad``, as the plain node's do.
     Only for blocks without randomness (dropout or an adapter's sample would draw in a differently compiled graph)."""
 
-    def __init__(self, params: list[nn.Parameter], backend: str):
-        self.params, self.fn = params, _joint_compiled(backend)
+    def __init__(self, params: list[nn.Parameter], backend: str, required: bool = False):
+        self.params, self.fn, self.backend, self.required = params, _joint_compiled(backend), backend, required
+
+    def usable(self) -> bool:
+        return self.backend not in _JOINT_FAILED
+
+    def give_up(self, exc: Exception) -> None:
+        """The joint call failed to compile: where it was not required (``PEFTLAB_CKPT_JOINT=1``), every block on
+        this backend takes the plain node from now on (this call included), with one warning; else the error."""
+        if self.required:
+            raise exc
+        _JOINT_FAILED[self.backend] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        warnings.warn(f"the joint recompute did not compile on backend {self.backend!r} "
+                      f"({_JOINT_FAILED[self.backend]}); checkpointed blocks recompute with the plain node from here "
+                      "on (PEFTLAB_CKPT_JOINT=0 skips the attempt)", RuntimeWarning, stacklevel=2)
 
     def backward(self, call: "_Call", hidden: torch.Tensor, grads: tuple) -> torch.Tensor | None:
         if all(g is None for g in grads):
@@ -174,6 +192,9 @@ def _joint_backward(block_forward, hidden, rest, kwargs, grads, inputs):
     if not pairs:
         return [None] * len(inputs)
     return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+_JOINT_FAILED: dict[str, str] = {}  # backends on which the joint call failed to compile, and why
 
 
 @functools.lru_cache(maxsize=None)
