@@ -58,7 +58,7 @@ def _prune(t: torch.Tensor, density: float, how: str, generator: torch.Generator
         return t
     if how == "magnitude":
         return t * magnitude_mask(t, density)
-    keep = torch.bernoulli(torch.full(t.shape, density, dtype=torch.float32), generator=generator)
+    keep = torch.bernoulli(torch.full(t.shape, density, dtype=torch.float32, device="cpu"), generator=generator)
     return t * keep.to(t.device, t.dtype) / density
 
 

@@ -83,8 +83,8 @@ def off_diagonal_pattern(size: int, rate: float, generator: torch.Generator) -> 
     if rate > 0 and positions > 0:
         nnz = max(1, nnz)
     if nnz == 0:
-        return torch.empty(2, 0, dtype=torch.long)
-    chosen = torch.randperm(positions, generator=generator)[:nnz]
+        return torch.empty(2, 0, dtype=torch.long, device="cpu")
+    chosen = torch.randperm(positions, generator=generator, device="cpu")[:nnz]
     rows, cols = chosen // (size - 1), chosen % (size - 1)
     return torch.stack([rows, cols + (cols >= rows).long()])  # skip the diagonal entry of each row
 

@@ -31,10 +31,10 @@ from peftlab.methods._dense import DenseUpdateLayer
 
 def random_entries(out_features: int, in_features: int, count: int, seed: int | None) -> torch.Tensor:
     """PEFT's random SHiRA mask as (2, count) int32 (row, col) pairs in row-major order."""
-    generator = torch.Generator()
+    generator = torch.Generator(device="cpu")
     if seed is not None:
         generator.manual_seed(seed)
-    flat = torch.randperm(out_features * in_features, generator=generator)[:count].sort().values
+    flat = torch.randperm(out_features * in_features, generator=generator, device="cpu")[:count].sort().values
     return torch.stack([flat // in_features, flat % in_features]).to(torch.int32)
 
 
