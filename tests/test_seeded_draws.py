@@ -1,6 +1,7 @@
 """Seeded draws (masks, frozen projections) come from CPU generators, as PEFT's do; a factory call that takes one must
 name its device: ``attach`` builds each layer under ``with torch.device(<the base weight's device>)``, which places an
-unplaced draw on CUDA beside a CPU generator, and fails with "Expected a 'cuda' device type for generator" (SHiRA did, on an H100)."""
+unplaced draw on CUDA beside a CPU generator, and fails with "Expected a 'cuda' device type for generator" (SHiRA did,
+on an H100)."""
 import pytest
 import torch
 from torch.utils._device import DeviceContext
