@@ -267,10 +267,15 @@ def test_fused_path_under_torch_compile(use_dora, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_t,v_t,bias", [(True, True, True), (True, True, False), (False, False, False)])
-@pytest.mark.parametrize("form", ["OP", "SPLIT"])
+@pytest.mark.parametrize("form", ["op", "split", "in_place"])
 def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bias, form, monkeypatch):
     from peftlab.ops.mm_add import mm_add
-    monkeypatch.setenv(f"PEFTLAB_MM_ADD_{form}", "1")
+    monkeypatch.delenv("PEFTLAB_MM_ADD_SPLIT", raising=False)  # split: the default while compiling
+    monkeypatch.delenv("PEFTLAB_MM_ADD_OP", raising=False)
+    if form == "op":
+        monkeypatch.setenv("PEFTLAB_MM_ADD_OP", "1")
+    elif form == "in_place":
+        monkeypatch.setenv("PEFTLAB_MM_ADD_SPLIT", "0")
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(9, 6, generator=g), torch.randn(9, 3, generator=g)
     w = torch.randn(5, 6, generator=g) if w_t else torch.randn(6, 5, generator=g)
@@ -283,13 +288,15 @@ def test_mm_add_op_eager_and_compiled_equal_plain_products(device, w_t, v_t, bia
     compiled = torch.compile(lambda *a: mm_add(*a, w_t, v_t) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b, u, v), want * 2)
     # inside the traced graph it is the opaque op, or two products and an add (no in-place add that functionalisation
-    # would turn into an addmm copying its input)
+    # would turn into an addmm copying its input), or the in-place add when asked for
     graphs = []
     torch._dynamo.reset()
     torch.compile(lambda *a: mm_add(*a, w_t, v_t), backend=lambda gm, _: graphs.append(gm) or gm)(x, w, b, u, v)
     code = graphs[0].code
-    if form == "OP":
+    if form == "op":
         assert "peftlab.mm_add" in code
+    elif form == "in_place":
+        assert "addmm_" in code and "peftlab.mm_add" not in code, code
     else:
         assert "addmm_" not in code and "peftlab.mm_add" not in code and " + " in code, code
 
