@@ -1,5 +1,5 @@
 """The fused path of the dense-update methods (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA and MiSS "bat",
-whose ΔW reads W0; Super-Tuning's sparse part, its LoRA beside): one GEMM on W0 + ΔW (``fast.dense_update``) against
+whose ΔW reads W0; Super-Tuning's sparse part, its LoRA beside; GLoRA, its bias update added after): one GEMM on W0 + ΔW (``fast.dense_update``) against
 the reference W0 x + ΔW x, loss and every gradient, fp32 and under bf16 autocast."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from peftlab.methods.hira import HiraConfig
 from peftlab.methods.supertuning import SupertuningConfig
 from peftlab.ops import fast
 
-VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat", "supertuning"]
+VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat", "supertuning", "glora"]
 
 
 def _attached(variant, build=tiny_llama):

@@ -31,6 +31,7 @@ from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_one_of, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods._lycoris import kaiming_
+from peftlab.ops import fast
 
 A_B_FORMS = ("lora", "vector", "constant", "none")
 C_FORMS = ("lora", "vector", "none")
@@ -113,14 +114,30 @@ class GloraLayer(AdapterLayer):
         self.identity_at_init = zero
         self._bias_shift: torch.Tensor | None = None  # W0 C of the unmerged weight, between a weight and a bias fold
 
-    def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
+    def _updates(self, x: torch.Tensor, base: BaseView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W0 ⊙ A + B, the bias update or None without a bias) in the compute dtype (``fast.compute_dtype``: the
+        activations' on the fast path, so a bf16 model runs bf16 GEMMs rather than fp32 ones of the whole weight)."""
         a = self.glora_A.value()
-        w0 = base.weight_oi().to(a.dtype)
-        delta = base.linear(x.to(a.dtype), glora_weight(w0, a, self.glora_B.value()))
-        if base.bias is not None:
-            delta = delta + glora_bias(w0, base.bias.to(a.dtype), self.glora_C.value(), self.glora_D.value(),
-                                       self.glora_E.value())
-        return out + delta.to(out.dtype)
+        dtype = fast.compute_dtype(x, a)
+        w0 = base.weight_oi().to(dtype)
+        weight = glora_weight(w0, a.to(dtype), self.glora_B.value().to(dtype))
+        if base.bias is None:
+            return weight, None
+        return weight, glora_bias(w0, base.bias.to(dtype), self.glora_C.value().to(dtype),
+                                  self.glora_D.value().to(dtype), self.glora_E.value().to(dtype))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
+        weight, bias = self._updates(x, base)
+        delta = base.linear(x.to(weight.dtype), weight)
+        return out + (delta if bias is None else delta + bias).to(out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
+        """One GEMM on W0 + (W0 ⊙ A + B) (``fast.dense_update``), the bias update added to its output."""
+        if not fast.enabled(x):
+            return None
+        weight, bias = self._updates(x, base)
+        out = fast.dense_update(x, base, weight)
+        return out if out is None or bias is None else out + bias.to(out.dtype)
 
     def _keep_bias_shift(self, w0: torch.Tensor, base: BaseView) -> None:
         """W0 C from the unmerged weight, for the bias fold that core runs right after the weight's."""
