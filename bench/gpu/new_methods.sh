@@ -7,8 +7,10 @@
 #   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
 #   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
 #   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod supertuning: with a, b the dense-update fast path
+#   OUT=... bench/gpu/new_methods.sh e   # glora shira delora road (run on 2026-12-06: a, b; e re-runs what they
+#                                        # left: GLoRA and SHiRA after their fixes, DeLoRA's PEFT row, RoAd)
 set -x
-PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d}
+PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e}
 OUT=${OUT:-/tmp/new-methods}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -17,7 +19,8 @@ case "$PART" in
   b) METHODS=gralora,miss,shira,hira,glora,deft ;;
   c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
   d) METHODS=waveft,miss_bat,frod,supertuning ;;
-  *) echo "unknown part $PART (a, b, c or d)"; exit 2 ;;
+  e) METHODS=glora,shira,delora,road ;;  # twentieth session: GLoRA and SHiRA after their fixes, a's last rows
+  *) echo "unknown part $PART (a, b, c, d or e)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
   --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 --out "$OUT/new_$PART.json" > "$OUT/new_$PART.log" 2>&1
