@@ -171,10 +171,12 @@ def test_padding_changes_nothing_for_molora():
         model = tiny_llama()
         peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
         assert packing.pads_freely(model), method
-    for method, replays in (("lora", True), ("boft", True), ("prompt_tuning", True), ("oft", False)):
+    for method in ("lora", "boft", "prompt_tuning", "oft"):  # OFT's graphs run since its index-cache fix
         model = tiny_llama()
         peftlab.attach(model, peftlab.variants()[method](["q_proj", "v_proj"], 4))
-        assert packing.graphs_replay(model) is replays, method  # OFT's graphs failed on an H100
+        assert packing.graphs_replay(model), method
+    packing.attached_adapters(model)[0].replays_as_graphs = False  # one adapter whose graphs failed: none for all
+    assert not packing.graphs_replay(model)
 
 
 def test_padded_collator_rounds_the_width_up():
