@@ -31,6 +31,7 @@ from peftlab.core.adapter import AdapterError, AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_number, check_one_of, check_positive_int
 from peftlab.core.registry import register
 from peftlab.methods.lora_init import truncated_svd
+from peftlab.ops import fast
 
 KMEANS_SEED, KMEANS_ITERATIONS, KMEANS_TOL = 123456789, 10, 1e-4  # PEFT's call of scikit-learn's KMeans
 
@@ -173,9 +174,9 @@ class AdamssLayer(AdapterLayer):
         return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if self.has_bias else x
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.adamss_newB.dtype
-        h = F.linear(self._augmented(x.to(dtype)), self.adamss_newB)
-        chunks = [F.linear(F.linear(h, a), b) for a, b in zip(self.adamss_A, self.adamss_B)]
+        dtype = fast.compute_dtype(x, self.adamss_newB)
+        h = F.linear(self._augmented(x.to(dtype)), self.adamss_newB.to(dtype))
+        chunks = [F.linear(F.linear(h, a.to(dtype)), b.to(dtype)) for a, b in zip(self.adamss_A, self.adamss_B)]
         return torch.cat(chunks, dim=-1).index_select(-1, self.gather_index)
 
     def augmented_delta(self) -> torch.Tensor:

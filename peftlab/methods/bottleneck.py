@@ -30,6 +30,7 @@ from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import find_targets
 from peftlab.core.input_side import HookedAdapter, HookMethod, text_config
 from peftlab.core.registry import register
+from peftlab.ops import fast
 
 # sub-layer module names of common decoder blocks (Llama/Qwen2/Mistral, GPT-2, GPT-NeoX)
 ATTENTION_NAMES = ["self_attn", "attn", "attention"]
@@ -87,8 +88,9 @@ class BottleneckMLP(nn.Module):
         self.activation = ACT2FN[config.non_linearity]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.down_weight.dtype)
-        return F.linear(self.activation(F.linear(x, self.down_weight, self.down_bias)), self.up_weight, self.up_bias)
+        dtype = fast.compute_dtype(x, self.down_weight)
+        down = F.linear(x.to(dtype), self.down_weight.to(dtype), self.down_bias.to(dtype))
+        return F.linear(self.activation(down), self.up_weight.to(dtype), self.up_bias.to(dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"adapter_down.weight": self.down_weight, "adapter_down.bias": self.down_bias,

@@ -28,6 +28,7 @@ from peftlab.core.config import (
     AdapterConfig, ConfigError, check_bias, check_dropout, check_number, check_one_of, check_positive_int,
 )
 from peftlab.core.registry import register
+from peftlab.ops import fast
 
 
 @dataclass
@@ -101,11 +102,13 @@ class DeftLayer(AdapterLayer):
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         q, right = deft_projection(self.deft_P, self.method)
-        result = out.float()
-        product = result if base.bias is None else result - base.bias.float()  # W0 x (see the module docstring)
+        dtype = fast.compute_dtype(x, q.float())  # fp32 on the reference path, the activations' on the fast one
+        q, right = q.to(dtype), right.to(dtype)
+        result = out.to(dtype)
+        product = result if base.bias is None else result - base.bias.to(dtype)  # W0 x (see the module docstring)
         result = result - (product @ right) @ q.t()
         if not self.para:
-            result = result + (self.dropout(x.float()) @ self._injection().t()) @ q.t()
+            result = result + (self.dropout(x.to(dtype)) @ self._injection().t().to(dtype)) @ q.t()
         return result.to(out.dtype)
 
     def _delta(self, factor: torch.Tensor) -> torch.Tensor:

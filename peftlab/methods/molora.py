@@ -33,6 +33,7 @@ from peftlab.core.adapter import AdapterLayer, BaseView
 from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import adapter_layers
 from peftlab.core.registry import register
+from peftlab.ops import fast
 
 
 @dataclass
@@ -107,16 +108,18 @@ class MoLoraLayer(AdapterLayer):
         self._aux_loss: torch.Tensor | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.reshape(-1, x.shape[-1]).to(self.molora_A.dtype)
-        logits = self.molora_router(tokens).float()
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.molora_router(flat.to(self.molora_router.weight.dtype)).float()  # routing in the router's dtype
+        tokens = flat.to(fast.compute_dtype(x, self.molora_A))  # the experts' products: fast.compute_dtype
         gates, chosen = route(logits, self.top_k)
         real = self.token_mask_for(x)
         counts = expert_counts(chosen, len(self.expert_choices), real)
         self.expert_choices += counts
         if self.training and self.aux_coef:
             self._aux_loss = self.aux_coef * load_balancing_loss(logits, chosen, len(self.expert_choices), counts, real)
-        down = torch.einsum("ni,eri->ner", self.dropout(tokens), self.molora_A) * gates.unsqueeze(-1).to(tokens.dtype)
-        out = torch.einsum("ner,eor->no", down, self.molora_B) * self.scaling
+        a, b = self.molora_A.to(tokens.dtype), self.molora_B.to(tokens.dtype)
+        down = torch.einsum("ni,eri->ner", self.dropout(tokens), a) * gates.unsqueeze(-1).to(tokens.dtype)
+        out = torch.einsum("ner,eor->no", down, b) * self.scaling
         return out.reshape(*x.shape[:-1], -1)
 
     def extra_loss(self) -> torch.Tensor | None:

@@ -114,10 +114,10 @@ class PveraLayer(AdapterLayer):
             a, b, d = self._mean_factors()
             return scaled_lowrank(self.dropout(x), a, b, d, self.pvera_lambda_b)
         a, b = self.shared.sliced(self.in_features, self.out_features)
-        x = x.to(self.pvera_lambda_d.dtype)
-        h = self.pvera_lambda_d * F.linear(self.dropout(x), a.to(x.device, x.dtype))
-        code = sampled_code(h, self.generator)
-        return self.pvera_lambda_b * F.linear(code, b.to(x.device, x.dtype))
+        x = x.to(fast.compute_dtype(x, self.pvera_lambda_d))
+        h = self.pvera_lambda_d.to(x.dtype) * F.linear(self.dropout(x), a.to(x.device, x.dtype))
+        code = sampled_code(h.float(), self.generator).to(x.dtype)  # the draw in fp32 whatever the compute dtype
+        return self.pvera_lambda_b.to(x.dtype) * F.linear(code, b.to(x.device, x.dtype))
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
         if self.samples():

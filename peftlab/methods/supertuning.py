@@ -106,8 +106,9 @@ class SupertuningLayer(AdapterLayer):
 
     def lora_part(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha / r) B A dropout(x), the LoRA beside the sparse support (only with ``r``)."""
-        lora_in = self.dropout(x).to(self.supertuning_values.dtype)
-        return self.scaling * self.supertuning_lora_B(self.supertuning_lora_A(lora_in))
+        a, b = self.supertuning_lora_A.weight, self.supertuning_lora_B.weight
+        lora_in = self.dropout(x).to(fast.compute_dtype(x, a))
+        return self.scaling * F.linear(F.linear(lora_in, a.to(lora_in.dtype)), b.to(lora_in.dtype))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x.to(self.supertuning_values.dtype), self.sparse_weight())
