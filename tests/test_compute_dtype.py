@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
-from models import batch, tiny_llama
+from models import batch, randomize_adapters, tiny_llama
 
 B, T = 2, 37  # 74 tokens: a size no weight of the tiny model has
 PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -50,6 +50,38 @@ def test_token_products_run_in_the_activations_dtype(name, monkeypatch):
     config = peftlab.variants()[name](["q_proj", "v_proj", "gate_proj", "down_proj"], 4)
     shapes = _fp32_token_products(config, monkeypatch)
     assert not shapes, f"{name}: fp32 products over the tokens {shapes[:4]}"
+
+
+@pytest.mark.parametrize("name", ["deft", "supertuning", "adamss", "molora", "pvera", "bottleneck", "glora"])
+def test_bf16_compute_stays_near_the_fp32_reference(name, monkeypatch):
+    """The methods moved to the activations' dtype: a bf16 model's loss and adapter gradients on the fast path (bf16
+    products) near the reference path's (fp32 products), non-trivial adapters, eval mode (no dropout, no sampling).
+    MoE-LoRA routes to every expert here: a top-k choice flips where two logits nearly tie, and the two passes'
+    upstream outputs differ by bf16 rounding."""
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    model = tiny_llama(layers=1).to(torch.bfloat16)
+    peftlab.attach(model, peftlab.MoLoraConfig(r=4, num_experts=3, top_k=3, target_modules=targets) if name == "molora"
+                   else peftlab.variants()[name](targets, 4))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    randomize_adapters(model, seed=5, std=0.05)
+    model.eval()
+    ids = batch(b=B, t=T)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PEFTLAB_FAST", flag)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[flag] = loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                if p.grad is not None}
+    (ref_loss, ref), (loss, grads) = results["0"], results["1"]
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == ref.keys() and ref
+    for key in ref:  # bf16 products: relative to the gradient's scale
+        scale = ref[key].abs().max().clamp_min(1e-6)
+        assert (grads[key] - ref[key]).abs().max() <= 0.05 * scale, f"{name} {key}"
 
 
 def test_molora_runs_only_its_router_in_fp32(monkeypatch):
