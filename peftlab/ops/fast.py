@@ -289,9 +289,9 @@ def dora_linear(x: torch.Tensor, weight_oi: torch.Tensor, bias: torch.Tensor | N
 def dense_update(x: torch.Tensor, base: BaseView, delta_oi: torch.Tensor) -> torch.Tensor | None:
     """The fused (W0 + ΔW) x + bias for methods whose update is a dense (out, in) ``delta_oi`` built each forward
     (FourierFT, SHiRA, WaveFT; HiRA, MiSS "bat" and GLoRA, whose ΔW reads W0; FRoD; Super-Tuning's sparse part), or
-    None when the fused path does not apply. One GEMM forward and two backward (input gradient, ΔW's gradient) instead of
-    five with W0 x and ΔW x apart; it keeps W0 + ΔW for backward where the
-    reference keeps ΔW, the same size. A 4-bit base is dequantized once for the sum."""
+    None when the fused path does not apply. One GEMM forward and two backward (input gradient, ΔW's gradient)
+    instead of five with W0 x and ΔW x apart; it keeps W0 + ΔW for backward where the reference keeps ΔW, the same
+    size. A 4-bit base is dequantized once for the sum."""
     parts = operands(x, base)
     if parts is None:
         return None

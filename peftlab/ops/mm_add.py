@@ -1,8 +1,9 @@
-"""``x @ op(w) (+ bias) + u @ op(v)`` with the second product added into the first's output in place, as one
-opaque op inside compiled graphs.
+"""``x @ op(w) (+ bias) + u @ op(v)``: the fused low-rank nodes' base product plus expand product (``fast.py``), in
+three forms. Eagerly, the second product is added into the first's output in place (``addmm_``), which costs nothing
+extra. While compiling, the two products are added apart by default (below); the in-place form and an opaque op are
+the alternatives.
 
-The fused low-rank nodes (``fast.py``) write the expand GEMM into the base GEMM's output with ``addmm_``. Eagerly
-that costs nothing extra; inside a compiled graph, functionalisation turns it into an out-of-place ``addmm``, and
+Inside a compiled graph, functionalisation turns the in-place ``addmm_`` into an out-of-place ``addmm``, and
 ``addmm`` with a separate output first copies its (tokens, out) input there: one device-to-device copy per adapted
 linear, forward and backward (231 copies, 2.8 ms of a 1B LoRA step's ~49 ms of GPU time on an H200). As a custom
 op the in-place add stays inside it. Eagerly, ``mm_add`` runs the plain form directly (a custom op's dispatch costs
