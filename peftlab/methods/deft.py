@@ -5,7 +5,9 @@
     h = W' x + b = W0 x + b - Q_P (right^T (W0 x)) + s Q_P (R dropout(x))
 
 ``deft_P`` (out, r) and ``deft_R`` (r, in), r capped at out_features as PEFT does; with ``para`` (PaRa) there is no R
-and the update is the pure removal -P_proj W0. The projection is computed in float32. Saved keys, as PEFT's:
+and the update is the pure removal -P_proj W0. The projection is computed in float32 and applied in
+``fast.compute_dtype`` (the activations' dtype on the fast path: bf16 products on a bf16 model, where the removal
+and the re-injection at init cancel to bf16 rounding rather than exactly; float32 elsewhere). Saved keys, as PEFT's:
 ``deft_P``, ``deft_R``. Init as PEFT: P ~ N(0, 0.02) (one draw per layer, in module order), then R = right^T W0 / s,
 so the adapted layer equals the base (``init_weights=False``: R ~ N(0, 0.02 init_scale), not the identity; PaRa is
 never the identity). The removal term acts on the output it is given minus the bias, i.e. on W0 x when DEFT is the
