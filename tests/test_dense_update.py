@@ -1,6 +1,7 @@
 """The fused path of the dense-update methods (FourierFT, SHiRA, WaveFT: methods/_dense.py; HiRA and MiSS "bat",
-whose ΔW reads W0; Super-Tuning's sparse part, its LoRA beside; GLoRA, its bias update added after): one GEMM on W0 + ΔW (``fast.dense_update``) against
-the reference W0 x + ΔW x, loss and every gradient, fp32 and under bf16 autocast."""
+whose ΔW reads W0; Super-Tuning's sparse part, its LoRA beside; GLoRA, its bias update added after; C3A, whose
+reference is FFTs): one GEMM on W0 + ΔW (``fast.dense_update``) against the reference W0 x + ΔW x, loss and every
+gradient, fp32 and under bf16 autocast."""
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from peftlab.methods.hira import HiraConfig
 from peftlab.methods.supertuning import SupertuningConfig
 from peftlab.ops import fast
 
-VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat", "supertuning", "glora"]
+VARIANTS = ["fourierft", "shira", "waveft", "hira", "miss_bat", "supertuning", "glora", "c3a"]
 
 
 def _attached(variant, build=tiny_llama):

@@ -7,8 +7,8 @@
 #   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
 #   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
 #   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod supertuning: with a, b the dense-update fast path
-#   OUT=... bench/gpu/new_methods.sh e   # glora shira deft delora road (run on 2026-12-06: a, b; e re-runs what
-#                                        # they left: GLoRA, SHiRA, DeFT after their fixes, DeLoRA's PEFT row, RoAd)
+#   OUT=... bench/gpu/new_methods.sh e   # glora shira deft c3a delora road (run on 2026-12-06: a, b; e re-runs
+#                                        # GLoRA, SHiRA, DeFT, C3A after their changes, and DeLoRA's PEFT row, RoAd)
 set -x
 PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e}
 OUT=${OUT:-/tmp/new-methods}
@@ -19,7 +19,7 @@ case "$PART" in
   b) METHODS=gralora,miss,shira,hira,glora,deft ;;
   c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
   d) METHODS=waveft,miss_bat,frod,supertuning ;;
-  e) METHODS=glora,shira,deft,delora,road ;;  # twentieth session: GLoRA, SHiRA, DeFT after their fixes, a's last rows
+  e) METHODS=glora,shira,deft,c3a,delora,road ;;  # twentieth session: after their fixes (C3A: dense node), a's rest
   *) echo "unknown part $PART (a, b, c, d or e)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
