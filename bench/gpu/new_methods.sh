@@ -7,10 +7,10 @@
 #   OUT=... bench/gpu/new_methods.sh b   # gralora miss shira hira glora deft
 #   OUT=... bench/gpu/new_methods.sh c   # psoft osf adamss ln_tuning (and the rest of the session's additions)
 #   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod supertuning: with a, b the dense-update fast path
-#   OUT=... bench/gpu/new_methods.sh e   # glora shira deft c3a delora road (run on 2026-12-06: a, b; e re-runs
-#                                        # GLoRA, SHiRA, DeFT, C3A after their changes, and DeLoRA's PEFT row, RoAd)
+#   OUT=... bench/gpu/new_methods.sh e   # glora shira deft c3a: after their changes on 2026-12-06 (a, b ran then)
+#   OUT=... bench/gpu/new_methods.sh f   # delora road: what part a left on 2026-12-06
 set -x
-PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e}
+PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e|f}
 OUT=${OUT:-/tmp/new-methods}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -19,8 +19,9 @@ case "$PART" in
   b) METHODS=gralora,miss,shira,hira,glora,deft ;;
   c) METHODS=${METHODS_C:-psoft,osf,adamss,ln_tuning} ;;
   d) METHODS=waveft,miss_bat,frod,supertuning ;;
-  e) METHODS=glora,shira,deft,c3a,delora,road ;;  # twentieth session: after their fixes (C3A: dense node), a's rest
-  *) echo "unknown part $PART (a, b, c, d or e)"; exit 2 ;;
+  e) METHODS=glora,shira,deft,c3a ;;  # twentieth session: after their changes (C3A: the dense-update node)
+  f) METHODS=delora,road ;;  # what part a left on 2026-12-06 (DeLoRA's PEFT row, RoAd)
+  *) echo "unknown part $PART (a, b, c, d, e or f)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
   --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 --out "$OUT/new_$PART.json" > "$OUT/new_$PART.log" 2>&1
