@@ -1,14 +1,14 @@
 """How much of a small update survives the dense-update node's bf16 sum (``fast.dense_update``: one GEMM on
-W0 + ΔW in the activations' dtype, the GPU default of FourierFT, SHiRA, WaveFT, HiRA, MiSS "bat", FRoD, GLoRA and
-Super-Tuning's sparse part), against ΔW x as its own bf16 product (the reference path's form, two GEMMs).
+W0 + ΔW in the activations' dtype, the GPU default of FourierFT, SHiRA, WaveFT, C3A, HiRA, MiSS "bat", FRoD, GLoRA
+and Super-Tuning's sparse part), against ΔW x as its own bf16 product (the reference path's form, two GEMMs).
 
 For a bf16 W0 (N(0, 0.02), 1024 x 1024) and updates of relative size s = |ΔW| / |W0|, additive (ΔW ~ N(0, 0.02 s))
 or relative (ΔW = W0 ⊙ M, M ~ N(0, s): HiRA's form), it reports, at the output y = x W^T for 256 random tokens,
 the share of Δy = x ΔW^T that each form reproduces (<ŷ - y0, Δy> / <Δy, Δy>, 1 = all of it) and the relative
 error of its Δy, against float64 (ŷ in bf16 for both forms, as the layers' outputs are). The sum rounds ΔW onto
-W0's bf16 grid (2^-8 relative), but the bf16 output rounds y0 + Δy onto the output's grid just the same, so on a bf16 model both
-forms lose an update much smaller than the weights from the forward (the gradient of ΔW, dy^T x, is unaffected; a
-model merged in bf16 rounds like the one-GEMM form).
+W0's bf16 grid (2^-8 relative), but the bf16 output rounds y0 + Δy onto the output's grid just the same, so on a
+bf16 model both forms lose an update much smaller than the weights from the forward (the gradient of ΔW, dy^T x, is
+unaffected; a model merged in bf16 rounds like the one-GEMM form).
 
     python bench/dense_rounding.py --out bench/results/dense_rounding_cpu_2026-12-06.json
 """
