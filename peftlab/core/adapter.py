@@ -43,7 +43,8 @@ class AdapterLayer(nn.Module):
                          sample, Poly's relaxed-Bernoulli routing): recomputes that cannot replay the RNG state (the
                          joint recompute, CUDA graphs under checkpointing) leave its blocks alone
       replays_as_graphs  its compiled decoder layer has run as CUDA graphs (compile mode "reduce-overhead") on a GPU;
-                         False keeps graphs off by default (OFT: its graphs failed on an H100, nineteenth session)
+                         False keeps graphs off by default (no method needs it since OFT's graphs ran, twentieth
+                         session)
       loss_in_forward    its forward computes a loss from the layer's input (``extra_loss``, MoLoRA's balancing loss):
                          checkpointing then keeps torch's non-reentrant checkpoint, whose recompute keeps that
                          loss's gradient (peftlab/train/recompute.py)

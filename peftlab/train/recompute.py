@@ -146,12 +146,13 @@ class Graphed:
 
 class Joint:
     """A compiled block's recompute and backward as one compiled function (by default where it applies since the
-    nineteenth session; ``PEFTLAB_CKPT_JOINT=0`` turns it off): the forward and ``torch.autograd.grad`` traced
-    together (dynamo's ``trace_autograd_ops``), so the compiler drops what the backward does not read. The block's output is such a thing: in a Llama block its last
-    linear's product (down_proj: 27% of an 8B block's forward matmul work, 14% of a 1B block's) and the residual sum
-    are computed in the recompute only to be thrown away. Gradients go to ``params`` (the block's trainable
-    parameters and those of hook-based or shared adapters) by accumulation into ``.grad``, as the plain node's do.
-    Only for blocks without randomness (dropout or an adapter's sample would draw in a differently compiled graph)."""
+    nineteenth session; ``PEFTLAB_CKPT_JOINT=0`` turns it off): the forward and ``torch.autograd.grad`` traced together
+    (dynamo's ``trace_autograd_ops``), so the compiler drops what the backward does not read. The block's output is such
+    a thing: in a Llama block its last linear's product (down_proj: 27% of an 8B block's forward matmul work, 14% of a
+    1B block's) and the residual sum are computed in the recompute only to be thrown away. Gradients go to ``params``
+    (the block's trainable parameters and those of hook-based or shared adapters) by accumulation into ``.grad``, as the
+    plain node's do. Only for blocks without randomness (dropout or an adapter's sample would draw in a differently
+    compiled graph)."""
 
     def __init__(self, params: list[nn.Parameter], backend: str, required: bool = False):
         self.params, self.fn, self.backend, self.required = params, _joint_compiled(backend), backend, required
