@@ -31,13 +31,19 @@ class _Fp32TokenProducts(TorchDispatchMode):
         return out
 
 
-def _fp32_token_products(config, monkeypatch) -> list:
-    monkeypatch.setenv("PEFTLAB_FAST", "1")
+def _bf16_model(config):
+    """A one-layer bf16 Llama with ``config`` attached, its adapter parameters in fp32 (as the trainer keeps them)."""
     model = tiny_llama(layers=1).to(torch.bfloat16)
     peftlab.attach(model, config)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    return model
+
+
+def _fp32_token_products(config, monkeypatch) -> list:
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    model = _bf16_model(config)
     model.train()
     ids = batch(b=B, t=T)
     with _Fp32TokenProducts() as mode:
@@ -59,12 +65,8 @@ def test_bf16_compute_stays_near_the_fp32_reference(name, monkeypatch):
     MoE-LoRA routes to every expert here: a top-k choice flips where two logits nearly tie, and the two passes'
     upstream outputs differ by bf16 rounding."""
     targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    model = tiny_llama(layers=1).to(torch.bfloat16)
-    peftlab.attach(model, peftlab.MoLoraConfig(r=4, num_experts=3, top_k=3, target_modules=targets) if name == "molora"
-                   else peftlab.variants()[name](targets, 4))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    model = _bf16_model(peftlab.MoLoraConfig(r=4, num_experts=3, top_k=3, target_modules=targets) if name == "molora"
+                        else peftlab.variants()[name](targets, 4))
     randomize_adapters(model, seed=5, std=0.05)
     model.eval()
     ids = batch(b=B, t=T)
