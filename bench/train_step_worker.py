@@ -67,14 +67,13 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
         import torch
 
-        from peftlab.train.packing import compile_model, graphs_replay, resolve_compile_mode
+        from peftlab.train.packing import compile_model, model_compile_mode
 
         model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
         backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
         # the trainer's compile_mode "auto" (CUDA graphs per layer unless checkpointed); A/B: "default", ...
-        mode = resolve_compile_mode(os.environ.get("PEFTLAB_BENCH_COMPILE_MODE", "auto"), backend,
-                                    torch.device(args.device), os.environ.get("PEFTLAB_BENCH_CKPT", "off") != "off",
-                                    graphs_fail=not graphs_replay(model))
+        mode = model_compile_mode(model, os.environ.get("PEFTLAB_BENCH_COMPILE_MODE", "auto"), backend,
+                                  torch.device(args.device), os.environ.get("PEFTLAB_BENCH_CKPT", "off") != "off")
         compile_model(model, backend, "layers", mode=mode)
         versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
         if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels

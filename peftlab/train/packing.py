@@ -264,10 +264,8 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     backend, scope = resolve_compile(args.compile, args.compile_scope, device, quantized, layers_compile(model),
                                      memory_first, checkpointed=args.checkpointing != "off")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())  # GaLore, say
-    mode = resolve_compile_mode(args.compile_mode, backend, device, args.checkpointing != "off", args.packing,
-                                distributed, full_parameter, not pads_freely(model), not graphs_replay(model))
+    mode = model_compile_mode(model, args.compile_mode, backend, device, args.checkpointing != "off", args.packing,
+                              distributed)
     state = CompiledSteps(model, backend, scope, auto=args.compile == "auto", mode=mode)
     graphs = state.graphs
     if backend:
@@ -325,6 +323,17 @@ def layers_compile(model: nn.Module) -> bool:
 def pads_freely(model: nn.Module) -> bool:
     """Whether extra padding leaves every adapter's outputs and losses alone (``token_local``)."""
     return _all_adapters(model, "token_local")
+
+
+def model_compile_mode(model: nn.Module, mode: str | None, backend: str | None, device: torch.device,
+                       checkpointed: bool, packed: bool = False, distributed: bool = False) -> str | None:
+    """``resolve_compile_mode`` with what the model itself decides: its trainable share (``full_parameter`` above
+    10%: GaLore, say) and its adapters' capability flags (``token_local``, ``replays_as_graphs``). The trainer's
+    choice, and the benchmarks' (bench/train_step_worker.py)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    full_parameter = trainable > 0.1 * sum(p.numel() for p in model.parameters())
+    return resolve_compile_mode(mode, backend, device, checkpointed, packed, distributed, full_parameter,
+                                not pads_freely(model), not graphs_replay(model))
 
 
 def graphs_replay(model: nn.Module) -> bool:
