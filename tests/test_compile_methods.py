@@ -77,3 +77,29 @@ def test_compiled_oft_keeps_no_tensor_made_in_the_trace():
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], msg=name)
+
+
+def test_every_layer_compiles_where_each_needs_its_own_graph():
+    """Prefix tuning's layers each read their own KV-cache entry, so each compiles its own graph; with more layers
+    than dynamo's default limit (8 graphs a code object) the layers past the 8th ran eager until compile_model made
+    room for all of them (with grad and without)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    layers = 10
+    model = tiny_llama(layers=layers)
+    model.config.use_cache = False
+    peftlab.attach(model, peftlab.variants()["prefix_tuning"](None, 4))
+    reference = copy.deepcopy(model)
+    x = batch(b=2, t=12)
+    loss_eager, grads_eager = _step(reference, x)
+    counters.clear()
+    compile_model(model, "aot_eager", "layers")
+    loss, grads = _step(model, x)
+    assert counters["stats"]["unique_graphs"] == layers
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+    assert counters["stats"]["unique_graphs"] == 2 * layers
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
