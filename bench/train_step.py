@@ -140,6 +140,8 @@ def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[
     if "peak_gib" in ok[0]:
         row["peak_gib"] = max(r["peak_gib"] for r in ok)
         row["peak_reserved_gib"] = max(r["peak_reserved_gib"] for r in ok)
+    if "peak_where" in ok[0]:  # PEFTLAB_BENCH_PEAK_WHERE=1: what is alive at each run's peak (bench/peak_where.py)
+        row["peak_where"] = [r["peak_where"] for r in ok]
     if len(ok) < len(runs):
         row["errors"] = [r["error"] for r in runs if "error" in r]
     return row

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable
 
 import competitors  # bench/competitors.py, beside this file (bench/train_step.py puts bench/ on sys.path)
+import peak_where
 from train_step_methods import ALL_LINEAR, COMPILED, SHAPES, method_entry
 
 
@@ -130,8 +131,13 @@ def run_worker(args) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss
+    where = cuda and os.environ.get("PEFTLAB_BENCH_PEAK_WHERE") == "1"  # where the peak is (slows the host: no timing)
+    marks: list = []
+    before = peak_where.start() if where else 0
     with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
         for i in range(args.warmup + args.steps):
+            if where:
+                peak_where.mark(marks, f"warm-up step {i}" if i < args.warmup else f"timed step {i - args.warmup}")
             sync()
             t0 = time.perf_counter()
             loss = train_step()
@@ -150,6 +156,8 @@ def run_worker(args) -> dict[str, Any]:
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    if where:
+        record["peak_where"] = peak_where.finish(marks, before)
     if profile is not None:
         record["profile"] = profile
     if "recompute_pointwise" in versions:  # still wrapped after the steps (the wrapping was lost once, see _KEEP)
