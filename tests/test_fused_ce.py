@@ -4,7 +4,7 @@ import torch
 
 from devices import DEVICES
 
-from peftlab.ops.fused_ce import (causal_lm_loss, fused_linear_cross_entropy,
+from peftlab.ops.fused_ce import (auto_chunk_size, causal_lm_loss, fused_linear_cross_entropy,
                                   fused_linear_cross_entropy_reference)
 
 
@@ -142,3 +142,12 @@ def test_fused_loss_through_the_row_kernel_matches_reference(device, row_kernel)
     (ref * 1.7).backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_budget_default_and_knob(monkeypatch):
+    monkeypatch.delenv("PEFTLAB_CE_CHUNK_MIB", raising=False)
+    assert auto_chunk_size(128256) == (256 << 20) // (4 * 128256) == 523
+    monkeypatch.setenv("PEFTLAB_CE_CHUNK_MIB", "64")
+    assert auto_chunk_size(128256) == (64 << 20) // (4 * 128256)
+    assert auto_chunk_size(10**9) == 64  # never fewer rows than 64
+    assert auto_chunk_size(128256, budget_bytes=4 * 128256 * 100) == 100  # an explicit budget wins

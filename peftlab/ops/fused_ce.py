@@ -14,6 +14,8 @@ For causal LM training use ``causal_lm_loss`` (shifts labels by one as transform
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -90,8 +92,13 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
-def auto_chunk_size(vocab: int, budget_bytes: int = 256 << 20) -> int:
-    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64)."""
+def auto_chunk_size(vocab: int, budget_bytes: int | None = None) -> int:
+    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64). None: 256 MiB,
+    or ``PEFTLAB_CE_CHUNK_MIB`` (an A/B knob: the row kernel's path keeps the chunk in the GEMM's dtype, so bf16 logits
+    take half the budget; Liger sizes its chunks near the size of the hidden states, ~32 MiB of logits at the 1B shape
+    against our 128, which may be part of why prompt tuning peaks at 1.04x PEFT + Liger's memory)."""
+    if budget_bytes is None:
+        budget_bytes = int(float(os.environ.get("PEFTLAB_CE_CHUNK_MIB", "256")) * 2**20)
     return max(64, budget_bytes // (4 * vocab))
 
 
