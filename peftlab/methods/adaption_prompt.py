@@ -84,9 +84,10 @@ def attention_modules(model: nn.Module, config: AdaptionPromptConfig) -> list[tu
 
 
 class AdaptionPrompts(HookedAdapter):
-    # its forward hooks on the attention modules: inside a decoder layer compiled by dynamo (torch 2.11-2.13) the
-    # prompts and gates do not reach the autograd graph (backward finds no grad_fn; tests/test_compile_methods.py)
-    compiles_in_layers = False
+    # its forward hooks sit on the top layers' attention only: compiled layers need dynamo's hook guards, which
+    # packing.compile_model turns on (without them every layer ran the first layer's hook-free graph). Not yet run as
+    # CUDA graphs on a GPU, so compiled in torch's default mode until a GPU row shows it replays
+    replays_as_graphs = False
 
     def __init__(self, names: list[str], adapter_len: int, hidden: int):
         super().__init__()

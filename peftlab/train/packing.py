@@ -108,9 +108,26 @@ def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: 
     torch.compile's (e.g. "reduce-overhead": inductor's CUDA graphs)."""
     modules = compiled_modules(model, scope)
     limit = _recompile_limit(len(modules))
+    _guard_hooks(modules)
     for module in modules:
         module.compile(backend=backend, mode=mode, **limit)
         _COMPILED[module] = (backend, mode)
+
+
+def _guard_hooks(modules: list[nn.Module]) -> None:
+    """Make dynamo guard on module hooks when any compiled module holds a hooked submodule. By default dynamo skips
+    those guards (``skip_nnmodule_hook_guards``), so identical layers share one graph whatever their hooks: a hook
+    on only some layers (LLaMA-Adapter's top layers, bottleneck adapters on a subset of layers) was silently left
+    out of every layer compiled after one without it (the loss was the base model's, and nothing trained). Only
+    ever turned on (stricter guards), for the process; when it is, graphs compiled before (without hook guards, so
+    reusable by a hooked layer of the same shape: the base's layers under prompt tuning, say) are dropped."""
+    def hooked(module: nn.Module) -> bool:
+        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks)
+    if torch._dynamo.config.skip_nnmodule_hook_guards and any(
+            hooked(sub) for module in modules for sub in module.modules()):
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
 
 
 def _recompile_limit(n_modules: int) -> dict:
