@@ -120,7 +120,9 @@ def _guard_hooks(modules: list[nn.Module]) -> None:
     on only some layers (LLaMA-Adapter's top layers, bottleneck adapters on a subset of layers) was silently left
     out of every layer compiled after one without it (the loss was the base model's, and nothing trained). Only
     ever turned on (stricter guards), for the process; when it is, graphs compiled before (without hook guards, so
-    reusable by a hooked layer of the same shape: the base's layers under prompt tuning, say) are dropped."""
+    reusable by a hooked layer of the same shape: the base's layers under prompt tuning, say) are dropped. The price:
+    each hooked layer compiles its own graph (its hooks are other objects), which ``_recompile_limit`` makes room for;
+    identical graphs hit inductor's cache."""
     def hooked(module: nn.Module) -> bool:
         return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                     or module._backward_pre_hooks)
