@@ -30,6 +30,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
+    from peftlab.train.packing import layers_compile
+
     def start_peak():
         if cuda:
             torch.cuda.synchronize()
@@ -65,7 +67,9 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         import peft
 
         model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
-    if args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
+    if args.impl in COMPILED and args.impl.startswith("peftlab") and not layers_compile(model):
+        versions["compiled"] = "no: an adapter trains eagerly (compiles_in_layers), as the trainer runs it"
+    elif args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
         import torch
 
         from peftlab.train.packing import compile_model, model_compile_mode
