@@ -41,40 +41,21 @@ def test_every_variant_runs_in_compiled_layers():
 
 
 @pytest.mark.parametrize("variant", ["adaption_prompt", "bottleneck"])
-def test_hooks_on_some_layers_reach_the_compiled_graph(variant):
-    """Adapters that hook only some decoder layers (LLaMA-Adapter's top layer; bottleneck adapters on layer 1 of 2):
-    with dynamo's default of no guards on module hooks, layer 1 ran layer 0's hook-free graph, so the compiled loss
-    was the base model's and nothing trained."""
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # dynamo's default, whatever ran before
-        _check_hooked_layers(variant)
-
-
-def _check_hooked_layers(variant):
-    torch._dynamo.reset()
-    model = tiny_llama()
-    model.config.use_cache = False
-    config = peftlab.variants()[variant](None, 4)
-    if variant == "bottleneck":
-        config.layers_to_transform = [1]
-    peftlab.attach(model, config)
-    randomize_adapters(model)
-    reference, base = copy.deepcopy(model), tiny_llama()
+def test_the_hooked_layer_cases_are_not_the_base_model(variant):
+    """The cases that caught dynamo's skipped hook guards (below: LLaMA-Adapter on the top layer, bottleneck adapters
+    on layer 1 of 2 ran layer 0's hook-free graph, so the compiled loss was the base model's and nothing trained):
+    their eager loss must differ from the base model's, or comparing compiled with eager proves nothing."""
     x = batch(b=2, t=12)
-    loss_eager, grads_eager = _step(reference, x)
-    assert abs(loss_eager.item() - base(input_ids=x, labels=x).loss.item()) > 1e-4  # the adapter changes the loss
-    compile_model(model, "aot_eager", "layers")
-    loss, grads = _step(model, x)
-    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    adapted = _adapted(variant, [1])(input_ids=x, labels=x).loss
+    assert abs(adapted.item() - tiny_llama()(input_ids=x, labels=x).loss.item()) > 1e-4
 
 
 @pytest.mark.parametrize("layers", [None, [1]], ids=["all-layers", "layer-1-only"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiled_layers_give_eager_loss_and_gradients(variant, layers):
     """Adapted on both layers, and on the second only: identical layers share one compiled graph, so a layer that
-    differs from the first must not run its graph (hook-based adapters on some layers did, before dynamo's hook
-    guards were turned on)."""
+    differs from the first must not run its graph (adapters hooking some layers did under dynamo's default of no
+    guards on module hooks, until compile_model turned them on)."""
     model = _adapted(variant, layers)
     if not layers_compile(model):
         pytest.skip(f"{variant}: its adapter says it does not run inside compiled decoder layers (trains eagerly)")
