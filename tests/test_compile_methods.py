@@ -10,6 +10,7 @@ import torch
 
 import peftlab
 from models import batch, randomize_adapters, tiny_llama
+from peftlab.core.config import ConfigError
 from peftlab.train.packing import compile_model, layers_compile
 
 VARIANTS = sorted(peftlab.variants())
@@ -29,7 +30,12 @@ def _adapted(variant, layers=None):
     config = peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4)
     if layers is not None:
         config.layers_to_transform = layers
-    peftlab.attach(model, config)
+        try:
+            peftlab.attach(model, config)
+        except ConfigError as error:  # LLaMA-Adapter picks its (top) layers itself: its all-layers case is this one
+            pytest.skip(f"{variant} takes no layers_to_transform ({error})")
+    else:
+        peftlab.attach(model, config)
     randomize_adapters(model)
     return model
 
@@ -46,7 +52,7 @@ def test_the_hooked_layer_cases_are_not_the_base_model(variant):
     on layer 1 of 2 ran layer 0's hook-free graph, so the compiled loss was the base model's and nothing trained):
     their eager loss must differ from the base model's, or comparing compiled with eager proves nothing."""
     x = batch(b=2, t=12)
-    adapted = _adapted(variant, [1])(input_ids=x, labels=x).loss
+    adapted = _adapted(variant, None if variant == "adaption_prompt" else [1])(input_ids=x, labels=x).loss
     assert abs(adapted.item() - tiny_llama()(input_ids=x, labels=x).loss.item()) > 1e-4
 
 

@@ -155,6 +155,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", activ
         raise ConfigError(f"attach() needs an adapter config, got {type(config).__name__}")
     if not name or "." in name:
         raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    config.validate()  # again: a field set after the config was built (config.r = 0) is refused here, by name
     state = model_state(model)
     if name in state.configs:
         raise AdapterError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
