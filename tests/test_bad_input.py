@@ -42,6 +42,15 @@ def test_bad_rank(r):
         peftlab.LoraConfig(r=r, target_modules=["q_proj"])
 
 
+def test_a_field_set_after_building_the_config_is_checked_at_attach():
+    config = peftlab.LoraConfig(r=4, target_modules=["q_proj"])
+    config.r = 0
+    model = tiny_llama()
+    with pytest.raises(peftlab.ConfigError, match="r must be a positive integer"):
+        peftlab.attach(model, config)
+    assert peftlab.list_adapters(model) == []  # refused before anything was attached
+
+
 def test_bad_rank_pattern():
     with pytest.raises(peftlab.ConfigError, match=r"rank_pattern\['q_proj'\]"):
         peftlab.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 0})
