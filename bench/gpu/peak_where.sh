@@ -6,7 +6,8 @@
 # (bench/peak_where.py; no timing: recording stacks slows the host).
 # Then the rows the twenty-first session's liger calls left: prefix tuning after compile_model's recompile-limit
 # fix (every layer compiled; was 63.06 ms / 7.05 GiB with eight of sixteen eager), LLaMA-Adapter (compiled in layers
-# since the hook-guard fix, torch's default mode), AdaLoRA, Tied-LoRA, timed. One call, <= ~8 min, carry .gpu_liger.   -> $OUT/peak_where.json, $OUT/liger_rest.json
+# since the hook-guard fix, torch's default mode), AdaLoRA, Tied-LoRA, timed. One call, <= ~8 min, carry
+# .gpu_liger.   -> $OUT/peak_where.json, $OUT/liger_rest.json
 set -x
 OUT=${OUT:-/tmp/peak-where}
 mkdir -p "$OUT"
