@@ -8,9 +8,10 @@ reference forward never forms ΔW: ``ops.spectral.block_circular_correlation`` a
 token plus the FFTs, where ΔW x costs O(m n b^2). The fast path (CUDA) forms it anyway, once a step by a gather (as
 merging does), and runs one GEMM on W0 + ΔW (``fast.dense_update``): more arithmetic, but on tensor cores, where the
 FFT path's (tokens, n) x (n, m) complex products per frequency are small and memory-bound. Init (PEFT's
-``init_weights``): True gives w = 0 (the base at init); "xavier_uniform" (PEFT's default) and False draw U(-a, a), a = sqrt(6 / (in + out));
-"kaiming_uniform" draws U(-1/sqrt(in), 1/sqrt(in)); "gaussian" N(0, 1). ``block_size_pattern`` sets b per module
-by PEFT's rule for this method. PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D is adapted here too (as a linear).
+``init_weights``): True gives w = 0 (the base at init); "xavier_uniform" (PEFT's default) and False draw U(-a, a),
+a = sqrt(6 / (in + out)); "kaiming_uniform" draws U(-1/sqrt(in), 1/sqrt(in)); "gaussian" N(0, 1).
+``block_size_pattern`` sets b per module by PEFT's rule for this method. PEFT adapts ``nn.Linear`` only; GPT-2's
+Conv1D is adapted here too (as a linear).
 """
 from __future__ import annotations
 
