@@ -67,11 +67,9 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         import peft
 
         model = peft.get_peft_model(model, method.peft(method.peftlab(method.targets, args.r)))
-    if args.impl in COMPILED and args.impl.startswith("peftlab") and not layers_compile(model):
+    if args.impl in COMPILED and not layers_compile(model):  # no peftlab adapter (frozen, PEFT): True
         versions["compiled"] = "no: an adapter trains eagerly (compiles_in_layers), as the trainer runs it"
     elif args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
-        import torch
-
         from peftlab.train.packing import compile_model, model_compile_mode
 
         model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
