@@ -123,9 +123,10 @@ def _guard_hooks(modules: list[nn.Module]) -> None:
     reusable by a hooked layer of the same shape: the base's layers under prompt tuning, say) are dropped. The price:
     each hooked layer compiles its own graph (its hooks are other objects), which ``_recompile_limit`` makes room for;
     identical graphs hit inductor's cache."""
+    from peftlab.train.activations import has_module_hooks
+
     def hooked(module: nn.Module) -> bool:
-        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                    or module._backward_pre_hooks)
+        return has_module_hooks(module) or bool(module._backward_hooks or module._backward_pre_hooks)
     if torch._dynamo.config.skip_nnmodule_hook_guards and any(
             hooked(sub) for module in modules for sub in module.modules()):
         torch._dynamo.config.skip_nnmodule_hook_guards = False
