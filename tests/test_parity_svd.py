@@ -327,3 +327,20 @@ def test_nonzero_biases_match_peft_both_ways_and_in_the_merged_bias(tmp_path):
         torch.testing.assert_close(layer.merge_bias(bias) - bias, modules[module_name].get_delta_bias("default"),
                                    atol=1e-6, rtol=1e-5)
     check_peftlab_file_loads_in_peft(make, peftlab.AdamssConfig(**kwargs), tmp_path / "ours")
+
+
+def test_adamss_packed_views_load_by_copy_also_when_sharing(tmp_path):
+    """AdaMSS keeps PEFT's per-group A_i and B_i packed in two parameters and hands out views of them as its file's
+    tensors: a load (also serving's, which shares the file's storage for whole tensors) must write into the packed
+    parameters, not rebind a view."""
+    from peftlab.core.state import attach_loaded, read_adapter_weights, read_config
+
+    ours = ours_model("adamss", "llama")
+    randomize_adapters(ours, seed=3)
+    peftlab.save_adapter(ours, tmp_path / "a")
+    for share in (False, True):
+        fresh = ARCHS["llama"]()
+        tensors = {k.removeprefix("base_model.model."): v for k, v in read_adapter_weights(tmp_path / "a").items()}
+        attach_loaded(fresh, read_config(tmp_path / "a"), "default", tensors, "test", share=share)
+        x = batch()
+        torch.testing.assert_close(logits(fresh, x), logits(ours, x), atol=0, rtol=0)

@@ -149,7 +149,8 @@ class AdapterLayer(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Live tensors saved in the checkpoint, keyed by PEFT's suffix (e.g. ``lora_A.weight``).
 
-        Loading copies checkpoint values into these very tensors, so return parameters or buffers.
+        Loading copies checkpoint values into these very tensors, so return parameters or buffers, or views of them
+        (a method that packs several of PEFT's tensors into one parameter, AdaMSS, returns each as a view).
         """
         return dict(self.named_parameters())
 

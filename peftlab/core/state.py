@@ -337,7 +337,8 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
             raise CheckpointError(f"{source}: key {k!r} matches no base weight of the same shape")
         expected[k] = target
     live = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    computed = [k for k, target in expected.items() if id(target) not in live]
+    # a view of a live tensor (a method that packs several of PEFT's tensors into one parameter) is loaded by copy
+    computed = [k for k, target in expected.items() if id(target) not in live and id(target._base) not in live]
     if computed:
         raise CheckpointError(
             f"{source}: adapter {name!r} computes {computed[:5]} from other parameters (a reparameterisation folded "
@@ -347,7 +348,7 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     with torch.no_grad():
         for k, target in expected.items():
             value = tensors[k].to(device=target.device, dtype=target.dtype)
-            if share and k not in base_layer_weights:
+            if share and k not in base_layer_weights and target._base is None:
                 target.data = value  # same tensor object (references held elsewhere stay valid), the file's storage
             else:
                 target.copy_(value)

@@ -14,7 +14,11 @@ The clustering is PEFT's: scikit-learn's KMeans (``init="random"``, one run, 10 
 123456789) on U_R's rows, reproduced here in numpy (``kmeans_labels``) so scikit-learn is not needed. The groups are
 not saved: a load clusters the base again, and B_i's shapes in the file must match.
 
-Saved keys (PEFT's): ``adamss_A.{i}`` (r_i, R), ``adamss_B.{i}`` (|g_i|, r_i), ``adamss_newB`` (R, in [+1]).
+Saved keys (PEFT's): ``adamss_A.{i}`` (r_i, R), ``adamss_B.{i}`` (|g_i|, r_i), ``adamss_newB`` (R, in [+1]). Live,
+the A_i are stacked into one (sum r_i, R) parameter and the B_i flattened into one, and the update is computed as
+B_dense A V_R x with B_dense (out, sum r_i) zero outside each group's block: the parameters' shapes no longer depend
+on the group sizes (compiled layers share one graph; a parameter per group made the 1B shape compile 16 graphs) and
+three matrix products replace 2K and a permutation of the output. The file's keys are views of them.
 Not implemented: ``use_asa`` (PEFT's adaptive subspace allocation, a training callback that masks subspaces), refused
 when set. PEFT adapts ``nn.Linear`` only; GPT-2's Conv1D works here too, but such files load only in peftlab.
 """
@@ -158,31 +162,42 @@ class AdamssLayer(AdapterLayer):
         groups = [torch.where(labels == i)[0] for i in range(int(labels.max()) + 1)]
         if len(groups) < clusters or any(len(g) == 0 for g in groups):
             raise AdapterError(f"ADAMSS on {module_name!r}: k-means left a group empty (num_subspaces={clusters})")
-        a_list, b_list = [], []
+        # packed storage: one graph serves every layer (k-means gives each layer its own group sizes; a
+        # parameter per group made each compiled decoder layer trace and compile its own graph)
+        a_list, b_list, rows, cols, self.sizes = [], [], [], [], []
         for group in groups:
             a, r_i = subspace_factors(u[group], config)
             b = torch.zeros(len(group), r_i) if config.init_weights == "orthogonal" \
                 else torch.randn(len(group), r_i) * 0.01
-            a_list.append(nn.Parameter(a))
-            b_list.append(nn.Parameter(b))
-        self.adamss_A, self.adamss_B = nn.ParameterList(a_list), nn.ParameterList(b_list)
-        order = torch.cat(groups)  # the outputs of the concatenated groups, in order
-        self.register_buffer("gather_index", torch.argsort(order), persistent=False)
+            # entry (j, c) of B_i, row-major: output feature group[j], row sum(r_<i) + c of the stacked A
+            rows.append(group.repeat_interleave(r_i))
+            cols.append(sum(r for _, r in self.sizes) + torch.arange(r_i).repeat(len(group)))
+            a_list.append(a)
+            b_list.append(b.reshape(-1))
+            self.sizes.append((len(group), r_i))
+        self.adamss_A = nn.Parameter(torch.cat(a_list))  # (sum r_i, R): A_1 .. A_K stacked
+        self.adamss_B = nn.Parameter(torch.cat(b_list))  # (sum |g_i| r_i,): B_1 .. B_K flattened
+        self.register_buffer("b_rows", torch.cat(rows), persistent=False)
+        self.register_buffer("b_cols", torch.cat(cols), persistent=False)
+        self.out_features = u.shape[0]
         self.identity_at_init = config.init_weights == "orthogonal"
 
     def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if self.has_bias else x
 
+    def dense_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, sum r_i): B_i in the rows of group i and the columns of A_i, zero elsewhere."""
+        zeros = self.adamss_B.new_zeros(self.out_features, self.adamss_A.shape[0], dtype=dtype)
+        return zeros.index_put((self.b_rows, self.b_cols), self.adamss_B.to(dtype))
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fast.compute_dtype(x, self.adamss_newB)
         h = F.linear(self._augmented(x.to(dtype)), self.adamss_newB.to(dtype))
-        chunks = [F.linear(F.linear(h, a.to(dtype)), b.to(dtype)) for a, b in zip(self.adamss_A, self.adamss_B)]
-        return torch.cat(chunks, dim=-1).index_select(-1, self.gather_index)
+        return F.linear(F.linear(h, self.adamss_A.to(dtype)), self.dense_b(dtype))
 
     def augmented_delta(self) -> torch.Tensor:
         """Δ[W | b] (out, in [+1])."""
-        rows = torch.cat([b @ a @ self.adamss_newB for a, b in zip(self.adamss_A, self.adamss_B)], dim=0)
-        return rows.index_select(0, self.gather_index)
+        return self.dense_b(self.adamss_A.dtype) @ self.adamss_A @ self.adamss_newB
 
     def delta_weight(self) -> torch.Tensor:
         full = self.augmented_delta()
@@ -195,10 +210,16 @@ class AdamssLayer(AdapterLayer):
         return bias - self.augmented_delta()[:, -1].to(bias.dtype)
 
     def param_roles(self) -> dict[str, str]:
-        return {name: ("B" if name.startswith("adamss_B") else "A") for name, _ in self.named_parameters()}
+        return {"adamss_A": "A", "adamss_B": "B"}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**dict(self.named_parameters()), "adamss_newB": self.adamss_newB}
+        """PEFT's keys, each a view of the packed parameters (loading copies into it)."""
+        out, a_row, b_pos = {}, 0, 0
+        for i, (size, rank) in enumerate(self.sizes):
+            out[f"adamss_A.{i}"] = self.adamss_A[a_row:a_row + rank]
+            out[f"adamss_B.{i}"] = self.adamss_B[b_pos:b_pos + size * rank].view(size, rank)
+            a_row, b_pos = a_row + rank, b_pos + size * rank
+        return {**out, "adamss_newB": self.adamss_newB}
 
 
 def default_config(target_modules, r=8):
