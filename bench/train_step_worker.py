@@ -100,8 +100,9 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             _KEEP.append(context)  # unreferenced, the generator's cleanup would unwrap the layers at once (it did on
             # the H100 in the seventeenth session: that row ran without the flag)
             versions["recompute_pointwise"] = True
-    if os.environ.get("PEFTLAB_CE_CHUNK_MIB"):  # A/B: the fused loss's chunk budget (peftlab/ops/fused_ce.py)
-        versions["ce_chunk_mib"] = os.environ["PEFTLAB_CE_CHUNK_MIB"]
+    for knob in ("PEFTLAB_CE_CHUNK_MIB", "PEFTLAB_CE_CHUNK_ALIGN"):  # A/B: the fused loss's chunks (ops/fused_ce.py)
+        if os.environ.get(knob):
+            versions[knob.removeprefix("PEFTLAB_").lower()] = os.environ[knob]
     return model, versions
 
 

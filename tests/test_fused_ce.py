@@ -146,8 +146,64 @@ def test_fused_loss_through_the_row_kernel_matches_reference(device, row_kernel)
 
 def test_chunk_budget_default_and_knob(monkeypatch):
     monkeypatch.delenv("PEFTLAB_CE_CHUNK_MIB", raising=False)
-    assert auto_chunk_size(128256) == (256 << 20) // (4 * 128256) == 523
+    assert (256 << 20) // (4 * 128256) == 523 and auto_chunk_size(128256) == 512  # a multiple of 256 rows
+    monkeypatch.setenv("PEFTLAB_CE_CHUNK_ALIGN", "1")
+    assert auto_chunk_size(128256) == 523
+    monkeypatch.delenv("PEFTLAB_CE_CHUNK_ALIGN")
     monkeypatch.setenv("PEFTLAB_CE_CHUNK_MIB", "64")
     assert auto_chunk_size(128256) == (64 << 20) // (4 * 128256)
     assert auto_chunk_size(10**9) == 64  # never fewer rows than 64
     assert auto_chunk_size(128256, budget_bytes=4 * 128256 * 100) == 100  # an explicit budget wins
+
+
+def test_virtual_leading_positions_are_ignored_rows_not_a_copy():
+    """Prompt tuning's hidden states hold the virtual tokens first: the loss over all positions with those ignored
+    equals the loss over the sliced real positions, their gradient is zero, and the rows handed to the fused loss
+    are the hidden states' own storage (no copy)."""
+    from peftlab.ops.fused_ce import shift_for_causal_lm
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 4 + 9, 16, generator=g).requires_grad_()
+    weight = torch.randn(50, 16, generator=g) * 0.3
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[1, :3] = -100
+    rows, _ = shift_for_causal_lm(hidden, labels, virtual=4)
+    assert rows.data_ptr() == hidden.data_ptr()
+    loss = causal_lm_loss(hidden, weight, labels, virtual=4, chunk_size=5)
+    loss.backward()
+    sliced = hidden.detach()[:, 4:].clone().requires_grad_()
+    ref = causal_lm_loss(sliced, weight, labels, chunk_size=5)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad[:, 4:], sliced.grad)
+    assert not hidden.grad[:, :4].any()
+    with pytest.raises(ValueError, match="with 3 virtual tokens first"):
+        causal_lm_loss(hidden, weight, labels, virtual=3)
+
+
+@pytest.mark.parametrize("frozen_head", [True, False], ids=["row-kernel-path", "fp32-path"])
+def test_one_chunk_of_logits_alive_at_a_time(frozen_head):
+    """Each chunk's logits are freed before the next chunk's product is allocated (the loop once held two chunks
+    at its peak, 256 MiB at the 1B shape): counted by the vocabulary-wide products alive at each op."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LiveProducts(TorchDispatchMode):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab, self.live, self.peak = vocab, set(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+                self.live.add(id(out))
+                weakref.finalize(out, self.live.discard, id(out))
+                self.peak = max(self.peak, len(self.live))
+            return out
+
+    hidden, weight, _, target = _case(n=40, v=50)
+    weight.requires_grad_(not frozen_head)
+    with LiveProducts(50) as mode:
+        fused_linear_cross_entropy(hidden, weight, target, chunk_size=8)
+    assert mode.peak == 1

@@ -9,8 +9,10 @@
 #   OUT=... bench/gpu/new_methods.sh d   # waveft miss_bat frod supertuning: with a, b the dense-update fast path
 #   OUT=... bench/gpu/new_methods.sh e   # glora shira deft c3a: after their changes on 2026-12-06 (a, b ran then)
 #   OUT=... bench/gpu/new_methods.sh f   # delora road: what part a left on 2026-12-06
+#   OUT=... bench/gpu/new_methods.sh g   # adamss: after its packed parameters (part c's row ran past 80 s and 270 s
+#                                        # compiling a graph per layer on 2026-12-06)
 set -x
-PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e|f}
+PART=${1:?usage: bench/gpu/new_methods.sh a|b|c|d|e|f|g}
 OUT=${OUT:-/tmp/new-methods}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -21,7 +23,8 @@ case "$PART" in
   d) METHODS=waveft,miss_bat,frod,supertuning ;;
   e) METHODS=glora,shira,deft,c3a ;;  # twentieth session: after their changes (C3A: the dense-update node)
   f) METHODS=delora,road ;;  # what part a left on 2026-12-06 (DeLoRA's PEFT row, RoAd)
-  *) echo "unknown part $PART (a, b, c, d, e or f)"; exit 2 ;;
+  g) METHODS=adamss ;;  # twenty-second session: one graph for all layers (packed A and B)
+  *) echo "unknown part $PART (a, b, c, d, e, f or g)"; exit 2 ;;
 esac
 timeout 560 python3 bench/train_step.py --shape 1b --methods "$METHODS" --impls peftlab_compiled,peft \
   --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 --out "$OUT/new_$PART.json" > "$OUT/new_$PART.log" 2>&1

@@ -33,6 +33,40 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> 
                          f"target {tuple(target.shape)}")
 
 
+def _rows_chunk(h, weight, bias, t, denom, ignore_index, grad_h, grad_w, grad_b) -> torch.Tensor:
+    """The row kernel's path (frozen head, no bias): logits stay in the GEMM's dtype and the gradient is written
+    over them (no fp32 copy); its grad for ``h`` goes into ``grad_h``. Returns the chunk's summed loss."""
+    logits = h @ weight.t().to(h.dtype)
+    loss = ce_rows(logits, t, 1.0 / denom, ignore_index).sum()
+    if grad_h is not None:
+        grad_h.copy_(logits.to(weight.dtype) @ weight)
+    return loss
+
+
+def _float_chunk(h, weight, bias, t, denom, ignore_index, grad_h, grad_w, grad_b) -> torch.Tensor:
+    """The fp32 path (a trained head or a bias): the chunk's loss, and its gradients accumulated where asked."""
+    logits = (h @ weight.t().to(h.dtype)).float()
+    if bias is not None:
+        logits += bias.float()
+    ok = t != ignore_index
+    safe_t = torch.where(ok, t, torch.zeros_like(t))
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+    if grad_h is None and grad_w is None and grad_b is None:
+        return loss
+    # d loss / d logits = (softmax - onehot) / N on valid rows, 0 on ignored rows
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+    grad_logits *= (ok.float() / denom)[:, None]
+    if grad_h is not None:  # in the weight's dtype: no float32 copy of a (vocab, hidden) head
+        grad_h.copy_(grad_logits.to(weight.dtype) @ weight)
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.t(), h.float())
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0)
+    return loss
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index: int, chunk_size: int, grads: bool):
@@ -45,38 +79,13 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # the row kernel's path: logits stay in the GEMM's dtype and the gradient is written over them (no fp32
-        # copy); a trained head or a bias keeps the plain fp32 path below
-        rows_path = not (want_w or want_b) and bias is None
+        chunk_loss = _rows_chunk if not (want_w or want_b) and bias is None else _float_chunk
         for start in range(0, n_tokens, chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = target[start:start + chunk_size]
-            logits = h @ weight.t().to(h.dtype)
-            if rows_path:
-                total += ce_rows(logits, t, 1.0 / denom, ignore_index).sum()
-                if want_h:
-                    grad_h[start:start + chunk_size] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                continue
-            logits = logits.float()
-            if bias is not None:
-                logits += bias.float()
-            ok = t != ignore_index
-            safe_t = torch.where(ok, t, torch.zeros_like(t))
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * ok).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            # d loss / d logits = (softmax - onehot) / N on valid rows, 0 on ignored rows
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            grad_logits *= (ok.float() / denom)[:, None]
-            if want_h:  # in the weight's dtype: no float32 copy of a (vocab, hidden) head
-                grad_h[start:start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if want_w:
-                grad_w.addmm_(grad_logits.t(), h.float())
-            if want_b:
-                grad_b += grad_logits.sum(0)
+            # one call a chunk: its logits die on return, before the next chunk's product is allocated (a loop body
+            # holding them kept two chunks alive at the peak, 2 x 128 MiB at the 1B shape)
+            rows = slice(start, start + chunk_size)
+            total += chunk_loss(hidden[rows], weight, bias, target[rows], denom, ignore_index,
+                                grad_h[rows] if want_h else None, grad_w, grad_b)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -93,13 +102,18 @@ class _FusedLinearCE(torch.autograd.Function):
 
 
 def auto_chunk_size(vocab: int, budget_bytes: int | None = None) -> int:
-    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64). None: 256 MiB,
+    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64), rounded down to a
+    multiple of 256 rows when there are more (``PEFTLAB_CE_CHUNK_ALIGN``, 1: none): the GEMMs' row tiles are 128 or
+    256 rows, so 523 rows (the 1B vocabulary's 256 MiB) computed ~640-768. Not yet timed on a GPU; the A/B of 64 MiB
+    chunks (131 rows, about two row tiles of which one is nearly empty) cost 7 ms a step. None: 256 MiB,
     or ``PEFTLAB_CE_CHUNK_MIB`` (an A/B knob: the row kernel's path keeps the chunk in the GEMM's dtype, so bf16 logits
     take half the budget; Liger sizes its chunks near the size of the hidden states, ~32 MiB of logits at the 1B shape
     against our 128, which may be part of why prompt tuning peaks at 1.04x PEFT + Liger's memory)."""
     if budget_bytes is None:
         budget_bytes = int(float(os.environ.get("PEFTLAB_CE_CHUNK_MIB", "256")) * 2**20)
-    return max(64, budget_bytes // (4 * vocab))
+    rows = budget_bytes // (4 * vocab)
+    align = int(os.environ.get("PEFTLAB_CE_CHUNK_ALIGN", "256"))
+    return max(64, rows - rows % align if rows >= align else rows)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -130,16 +144,25 @@ def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, igno
     return logits.sum() * 0.0
 
 
-def shift_for_causal_lm(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, H), (B, T) -> the (N, H) positions that predict a next token and their (N,) labels."""
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (batch, time)")
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return h, labels[:, 1:].reshape(-1).to(h.device)
+def shift_for_causal_lm(hidden: torch.Tensor, labels: torch.Tensor,
+                        virtual: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H), (B, T) with S = ``virtual`` + T (prompt tuning's virtual tokens come first) -> every position as
+    (B*S, H) rows and their (B*S,) next-token targets: position ``virtual`` + i predicts labels[:, i + 1]; the last
+    position and the virtual ones predict nothing (``IGNORE_INDEX``). The rows are a view of a contiguous ``hidden``:
+    no copy of the hidden states (dropping the positions instead copied them, 16 MiB at the 1B shape, and its
+    backward scattered the gradient into a zeroed full-size one)."""
+    b, s = hidden.shape[:2]
+    if labels.dim() != 2 or (b, s) != (labels.shape[0], labels.shape[1] + virtual):
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (batch, time)"
+                         + (f" with {virtual} virtual tokens first" if virtual else ""))
+    target = torch.full((b, s), IGNORE_INDEX, dtype=labels.dtype, device=hidden.device)
+    target[:, virtual:s - 1] = labels[:, 1:]
+    return hidden.reshape(b * s, hidden.shape[-1]), target.reshape(-1)
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Next-token loss as transformers computes it (labels shifted left by one, -100 ignored), fused."""
-    h, t = shift_for_causal_lm(hidden, labels)
+                   bias: torch.Tensor | None = None, chunk_size: int | None = None, virtual: int = 0) -> torch.Tensor:
+    """Next-token loss as transformers computes it (labels shifted left by one, -100 ignored), fused. ``virtual``:
+    leading positions of ``hidden`` that have no label (prompt tuning's virtual tokens)."""
+    h, t = shift_for_causal_lm(hidden, labels, virtual)
     return fused_linear_cross_entropy(h, weight, t, bias=bias, chunk_size=chunk_size)

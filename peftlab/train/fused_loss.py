@@ -91,9 +91,10 @@ def fused_causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int | None =
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"fused_ce: expected one decoder call per forward, saw {len(captured)}")
-    hidden = captured[0][:, -labels.shape[1]:]  # prompt-tuning's virtual tokens come first; drop them
+    hidden = captured[0]  # prompt-tuning's virtual tokens come first: ignored positions, not a sliced copy
     weight, bias = head_tensors(inner)
-    loss = causal_lm_loss(hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size)
+    loss = causal_lm_loss(hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size,
+                          virtual=hidden.shape[1] - labels.shape[1])
     if inner.training:
         extra = extra_loss(inner)
         if extra is not None:

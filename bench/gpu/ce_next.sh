@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Twenty-second session (2026-12-06): the fused loss after three changes made on the CPU. (1) each chunk's logits
+# are freed before the next chunk's product (the peak held two chunks: 2 x 128 MiB at the 1B shape, seen by
+# peak_where.sh in prompt tuning's and LoRA's peaks); (2) the rows are a view of the hidden states (their shifted
+# copy took 16 MiB); (3) chunks of 512 rows instead of 523 (a multiple of the GEMMs' row tiles). (1) and (2) change
+# only memory; (3) is expected to save ~2 ms a step and is A/B'd here against PEFTLAB_CE_CHUNK_ALIGN=1 (523 rows),
+# alternating, two rounds. Prompt tuning's PEFT + Liger row beside (it peaked 1.04x below ours). Expected peaks:
+# prompt tuning ~5.75 GiB (5.887 before), LoRA ~7.31 (7.443 before). One call, <= ~7 min, carry .gpu_liger.
+#   -> $OUT/ce_align<N>_<round>.json, $OUT/liger_prompt.json
+set -x
+OUT=${OUT:-/tmp/ce-next}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/.gpu_liger:$PWD
+for round in 1 2; do
+  for align in 256 1; do
+    env PEFTLAB_CE_CHUNK_ALIGN=$align timeout 170 python3 bench/train_step.py --shape 1b \
+      --methods prompt_tuning,lora --impls peftlab_compiled --steps 10 --warmup 3 --repeats 1 --prime 0 \
+      --timeout 80 --out "$OUT/ce_align${align}_${round}.json" 2>&1 | grep -E '^\[|rror'
+  done
+done
+timeout 90 python3 bench/train_step.py --shape 1b --methods prompt_tuning --impls peft_liger --steps 10 --warmup 3 \
+  --repeats 1 --prime 0 --timeout 80 --out "$OUT/liger_prompt.json" 2>&1 | grep -E '^\[|rror'
+exit 0
