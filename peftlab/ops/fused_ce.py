@@ -104,11 +104,10 @@ class _FusedLinearCE(torch.autograd.Function):
 def auto_chunk_size(vocab: int, budget_bytes: int | None = None) -> int:
     """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (at least 64), rounded down to a
     multiple of 256 rows when there are more (``PEFTLAB_CE_CHUNK_ALIGN``, 1: none): the GEMMs' row tiles are 128 or
-    256 rows, so 523 rows (the 1B vocabulary's 256 MiB) computed ~640-768. Not yet timed on a GPU; the A/B of 64 MiB
-    chunks (131 rows, about two row tiles of which one is nearly empty) cost 7 ms a step. None: 256 MiB,
+    256 rows, so 523 rows (the 1B vocabulary's 256 MiB) computed 640-768. Not yet timed on a GPU; the A/B of 64 MiB
+    chunks (131 rows, about two row tiles of which one is nearly empty) cost 6.7-8.4 ms a step. None: 256 MiB,
     or ``PEFTLAB_CE_CHUNK_MIB`` (an A/B knob: the row kernel's path keeps the chunk in the GEMM's dtype, so bf16 logits
-    take half the budget; Liger sizes its chunks near the size of the hidden states, ~32 MiB of logits at the 1B shape
-    against our 128, which may be part of why prompt tuning peaks at 1.04x PEFT + Liger's memory)."""
+    take half the budget; Liger's chunks hold ~32 MiB of logits at the 1B shape against our 128)."""
     if budget_bytes is None:
         budget_bytes = int(float(os.environ.get("PEFTLAB_CE_CHUNK_MIB", "256")) * 2**20)
     rows = budget_bytes // (4 * vocab)
