@@ -125,21 +125,20 @@ def test_every_layer_compiles_where_each_needs_its_own_graph():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_adamss_layers_with_different_groups_share_one_graph():
-    """AdaMSS's k-means gives each linear its own group sizes; with a parameter per group each compiled decoder layer
-    guarded on those shapes and compiled its own graph (16 on the 1B shape: its GPU row ran past 270 s). Packed into
-    one A and one flat B, layers of one shape share a graph (the first layer takes a second one: its input needs no
-    grad)."""
+@pytest.mark.parametrize("variant", ["adamss", "tinylora"])
+def test_layers_whose_adapters_differ_only_in_sizes_or_rows_share_one_graph(variant):
+    """AdaMSS's k-means gives each linear its own group sizes, and TinyLoRA's layers read their tied vector by the
+    layer's name: with a parameter per group, or a lookup by name, each compiled decoder layer guarded on those and
+    compiled its own graph (16 on the 1B shape: AdaMSS's GPU row ran past 270 s). AdaMSS packs its groups into one A
+    and one flat B, TinyLoRA's vectors are rows of one parameter picked by an index tensor: layers of one shape share
+    a graph (the first layer takes a second one: its input needs no grad)."""
     from torch._dynamo.utils import counters
-    from peftlab.core.inject import adapter_layers
 
     torch._dynamo.reset()
     model = tiny_llama(layers=4)
     model.config.use_cache = False
-    peftlab.attach(model, peftlab.variants()["adamss"](["q_proj", "v_proj", "down_proj"], 4))
+    peftlab.attach(model, peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4))
     randomize_adapters(model)
-    sizes = {tuple(layer.sizes) for name, _, layer in adapter_layers(model) if name.endswith("q_proj")}
-    assert len(sizes) > 1  # the layers' groups differ, or this proves nothing
     reference = copy.deepcopy(model)
     x = batch(b=2, t=12)
     loss_eager, grads_eager = _step(reference, x)
@@ -150,3 +149,12 @@ def test_adamss_layers_with_different_groups_share_one_graph():
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
     for name, grad in grads_eager.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adamss_groups_differ_between_layers():
+    """What makes the AdaMSS case above a test: its layers' group sizes differ."""
+    from peftlab.core.inject import adapter_layers
+
+    model = tiny_llama(layers=4)
+    peftlab.attach(model, peftlab.variants()["adamss"](["q_proj"], 4))
+    assert len({tuple(layer.sizes) for _, _, layer in adapter_layers(model)}) > 1

@@ -344,3 +344,15 @@ def test_adamss_packed_views_load_by_copy_also_when_sharing(tmp_path):
         attach_loaded(fresh, read_config(tmp_path / "a"), "default", tensors, "test", share=share)
         x = batch()
         torch.testing.assert_close(logits(fresh, x), logits(ours, x), atol=0, rtol=0)
+
+
+def test_fully_loaded_counts_a_packed_parameter_only_when_its_views_cover_it():
+    """attach_loaded skips an adapter's own initialisation only when the file overwrites every parameter; a packed
+    parameter is overwritten through views of it (AdaMSS, TinyLoRA) only when they cover all its elements."""
+    from peftlab.core.state import fully_loaded
+
+    packed, whole = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3))
+    assert fully_loaded([whole, packed[:4], packed[4:].view(3, 2)]) == {id(whole), id(packed)}
+    assert fully_loaded([packed[:4], packed[5:]]) == set()
+    grid = torch.nn.Parameter(torch.zeros(4, 3))
+    assert fully_loaded([grid[:, :2], grid[:, 2]]) == {id(grid)}

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -265,6 +265,21 @@ def loading() -> bool:
     return _LOADING > 0
 
 
+def fully_loaded(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """ids of the tensors that loading ``tensors`` overwrites entirely: each tensor itself, and a (contiguous)
+    parameter of which some are views when the views cover every element (AdaMSS's packed groups, TinyLoRA's rows)."""
+    whole, seen = set(), {}
+    for t in tensors:
+        base = t._base
+        if base is None:
+            whole.add(id(t))
+            continue
+        mask = seen.setdefault(id(base), torch.zeros(base.numel(), dtype=torch.bool))
+        mask[torch.arange(base.numel()).as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
+             .reshape(-1)] = True
+    return whole | {i for i, mask in seen.items() if bool(mask.all())}
+
+
 def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.Tensor], source: str,
                   activate: bool = True, share: bool = False) -> None:
     """``attach`` then ``load_tensors`` (``share`` as there), all or nothing. The random initialisation is skipped
@@ -275,7 +290,7 @@ def attach_loaded(model: nn.Module, config, name: str, tensors: dict[str, torch.
         attach(model, config, name, activate=activate)
     try:
         # every parameter the adapter brought (weight-side, input-side, shared) must come from the file
-        loaded = {id(t) for t in checkpoint_tensors(model, name).values()}
+        loaded = fully_loaded(checkpoint_tensors(model, name).values())
         if any(id(p) not in before and id(p) not in loaded for p in model.parameters()):
             delete_adapter(model, name)
             attach(model, config, name, activate=activate)

@@ -14,7 +14,8 @@ init); ``init_weights="uniform"``: U(-init_v_bound, init_v_bound), drawn group b
 draws them. ``init_weights=False`` leaves v unset in PEFT (``torch.empty``); here it is 0.
 
 Saved keys (PEFT's): per layer ``tinylora_A``, ``tinylora_B`` and, with ``save_projection=True``, ``tinylora_P``;
-the groups' vectors at model level, ``base_model.tinylora_v.<group>``. A and B are always saved (PEFT does), and
+the groups' vectors at model level, ``base_model.tinylora_v.<group>`` (live: rows of one (groups, u) parameter, each
+layer's picked by an index buffer, so compiled layers share one graph). A and B are always saved (PEFT does), and
 loading takes them from the file rather than from the SVD of the base at hand (which it then skips).
 """
 from __future__ import annotations
@@ -90,24 +91,27 @@ def tinylora_core(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class TinyLoraVectors(SharedTensors):
-    """The trained vectors of one TinyLoRA adapter, one per group of tied targets, and each target's place."""
+    """The trained vectors of one TinyLoRA adapter, one per group of tied targets (rows of one (groups, u) parameter:
+    a layer picks its row by an index tensor, so compiled decoder layers share one graph where a lookup by the
+    layer's name compiled one per layer), and each target's place."""
 
     def __init__(self, config: TinyLoraConfig, views: dict[str, BaseView]):
         super().__init__()
         self.index = {name: i for i, name in enumerate(views)}
         self.group = dict(zip(views, tying_groups(len(views), config.weight_tying)))
-        self.tinylora_v = nn.ParameterDict()
-        for g in sorted(set(self.group.values())):
-            v = nn.Parameter(torch.zeros(config.u))
+        self.groups = sorted(set(self.group.values()))
+        rows = []
+        for _ in self.groups:  # drawn group by group, as PEFT draws them
+            v = torch.zeros(config.u)
             if config.init_weights == "uniform":
                 nn.init.uniform_(v, -config.init_v_bound, config.init_v_bound)
-            self.tinylora_v[str(g)] = v
-
-    def vector(self, module_name: str) -> nn.Parameter:
-        return self.tinylora_v[str(self.group[module_name])]
+            rows.append(v)
+        self.tinylora_v = nn.Parameter(torch.stack(rows))
+        self.row = {name: self.groups.index(g) for name, g in self.group.items()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"tinylora_v.{g}": v for g, v in self.tinylora_v.items()}
+        """PEFT's keys, one per group: each a view of its row."""
+        return {f"tinylora_v.{g}": self.tinylora_v[i] for i, g in enumerate(self.groups)}
 
 
 class TinyLoraLayer(FactorsLayer):
@@ -130,12 +134,13 @@ class TinyLoraLayer(FactorsLayer):
         seed = config.projection_seed + shared.index[module_name]
         self.register_buffer("tinylora_P", projections(seed, config.u, a.shape[0]), persistent=False)
         self.dropout = nn.Dropout(config.tinylora_dropout) if config.tinylora_dropout > 0 else nn.Identity()
+        self.register_buffer("tinylora_row", torch.tensor([shared.row[module_name]]), persistent=False)
         self.identity_at_init = config.init_weights != "uniform"
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R A, B): on a linear target (down, up); on an embedding the table's (r, dim) and (num_embeddings, r)."""
         a = self.tinylora_A
-        core = tinylora_core(self.shared.vector(self.module_name), self.tinylora_P)
+        core = tinylora_core(self.shared.tinylora_v.index_select(0, self.tinylora_row)[0], self.tinylora_P)
         return core.to(a.device, a.dtype) @ a, self.tinylora_B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
