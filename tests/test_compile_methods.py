@@ -99,6 +99,21 @@ def test_compiled_oft_keeps_no_tensor_made_in_the_trace():
         torch.testing.assert_close(grads[name], ref[name], msg=name)
 
 
+def _compiled_step_graphs(model, x) -> int:
+    """One step of ``model`` with compiled layers (``aot_eager``) against an eager copy's: loss and gradients equal.
+    Returns the number of graphs the step compiled."""
+    from torch._dynamo.utils import counters
+
+    loss_eager, grads_eager = _step(copy.deepcopy(model), x)
+    counters.clear()
+    compile_model(model, "aot_eager", "layers")
+    loss, grads = _step(model, x)
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    return counters["stats"]["unique_graphs"]
+
+
 def test_every_layer_compiles_where_each_needs_its_own_graph():
     """Prefix tuning's layers each read their own KV-cache entry, so each compiles its own graph; with more layers
     than dynamo's default limit (8 graphs a code object) the layers past the 8th ran eager until compile_model made
@@ -110,19 +125,11 @@ def test_every_layer_compiles_where_each_needs_its_own_graph():
     model = tiny_llama(layers=layers)
     model.config.use_cache = False
     peftlab.attach(model, peftlab.variants()["prefix_tuning"](None, 4))
-    reference = copy.deepcopy(model)
     x = batch(b=2, t=12)
-    loss_eager, grads_eager = _step(reference, x)
-    counters.clear()
-    compile_model(model, "aot_eager", "layers")
-    loss, grads = _step(model, x)
-    assert counters["stats"]["unique_graphs"] == layers
+    assert _compiled_step_graphs(model, x) == layers
     with torch.no_grad():
         model.eval()(input_ids=x)
     assert counters["stats"]["unique_graphs"] == 2 * layers
-    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("variant", ["adamss", "tinylora"])
@@ -132,23 +139,12 @@ def test_layers_whose_adapters_differ_only_in_sizes_or_rows_share_one_graph(vari
     compiled its own graph (16 on the 1B shape: AdaMSS's GPU row ran past 270 s). AdaMSS packs its groups into one A
     and one flat B, TinyLoRA's vectors are rows of one parameter picked by an index tensor: layers of one shape share
     a graph (the first layer takes a second one: its input needs no grad)."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     model = tiny_llama(layers=4)
     model.config.use_cache = False
     peftlab.attach(model, peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4))
     randomize_adapters(model)
-    reference = copy.deepcopy(model)
-    x = batch(b=2, t=12)
-    loss_eager, grads_eager = _step(reference, x)
-    counters.clear()
-    compile_model(model, "aot_eager", "layers")
-    loss, grads = _step(model, x)
-    assert counters["stats"]["unique_graphs"] == 2
-    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert _compiled_step_graphs(model, batch(b=2, t=12)) == 2
 
 
 def test_adamss_groups_differ_between_layers():
