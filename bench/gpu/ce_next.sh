@@ -3,8 +3,9 @@
 # are freed before the next chunk's product (the peak held two chunks: 2 x 128 MiB at the 1B shape, seen by
 # peak_where.sh in prompt tuning's and LoRA's peaks); (2) the rows are a view of the hidden states (their shifted
 # copy took 16 MiB); (3) chunks of 512 rows instead of 523 (a multiple of the GEMMs' row tiles). (1) and (2) change
-# only memory; (3) is expected to save ~2 ms a step and is A/B'd here against PEFTLAB_CE_CHUNK_ALIGN=1 (523 rows),
-# alternating, two rounds. Prompt tuning's PEFT + Liger row beside (it peaked 1.04x below ours). Expected peaks:
+# only memory; (3) may save part of the loss's GEMM time (22-47% of the row tiles were empty at 523 rows) and is
+# A/B'd here against PEFTLAB_CE_CHUNK_ALIGN=1 (523 rows), alternating, two rounds. Prompt tuning's PEFT + Liger row
+# beside (ours peaked at 1.04x its memory before). Expected peaks:
 # prompt tuning ~5.75 GiB (5.887 before), LoRA ~7.31 (7.443 before). One call, <= ~7 min, carry .gpu_liger.
 #   -> $OUT/ce_align<N>_<round>.json, $OUT/liger_prompt.json
 set -x
