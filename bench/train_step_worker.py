@@ -30,7 +30,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
-    from peftlab.train.packing import layers_compile
+    from peftlab.train.packing import compile_model, layers_compile, model_compile_mode
 
     def start_peak():
         if cuda:
@@ -70,8 +70,6 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     if args.impl in COMPILED and not layers_compile(model):  # no peftlab adapter (frozen, PEFT): True
         versions["compiled"] = "no: an adapter trains eagerly (compiles_in_layers), as the trainer runs it"
     elif args.impl in COMPILED:  # TrainArgs(compile="inductor", compile_scope="layers")
-        from peftlab.train.packing import compile_model, model_compile_mode
-
         model.config.use_cache = False  # no KV cache object in the traced layers (the trainer passes it too)
         backend = os.environ.get("PEFTLAB_BENCH_COMPILE", "inductor")  # the CPU test: aot_eager
         # the trainer's compile_mode "auto" (CUDA graphs per layer unless checkpointed); A/B: "default", ...
