@@ -98,7 +98,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             _KEEP.append(context)  # unreferenced, the generator's cleanup would unwrap the layers at once (it did on
             # the H100 in the seventeenth session: that row ran without the flag)
             versions["recompute_pointwise"] = True
-    for knob in ("PEFTLAB_CE_CHUNK_MIB", "PEFTLAB_CE_CHUNK_ALIGN"):  # A/B: the fused loss's chunks (ops/fused_ce.py)
+    # A/B knobs: the fused loss's chunks (ops/fused_ce.py), the final norm compiled with the layers (train/packing.py)
+    for knob in ("PEFTLAB_CE_CHUNK_MIB", "PEFTLAB_CE_CHUNK_ALIGN", "PEFTLAB_COMPILE_FINAL_NORM"):
         if os.environ.get(knob):
             versions[knob.removeprefix("PEFTLAB_").lower()] = os.environ[knob]
     return model, versions

@@ -126,10 +126,10 @@ def test_every_layer_compiles_where_each_needs_its_own_graph():
     model.config.use_cache = False
     peftlab.attach(model, peftlab.variants()["prefix_tuning"](None, 4))
     x = batch(b=2, t=12)
-    assert _compiled_step_graphs(model, x) == layers
+    assert _compiled_step_graphs(model, x) == layers + 1  # and the final norm's
     with torch.no_grad():
         model.eval()(input_ids=x)
-    assert counters["stats"]["unique_graphs"] == 2 * layers
+    assert counters["stats"]["unique_graphs"] == 2 * (layers + 1)
 
 
 @pytest.mark.parametrize("variant", ["adamss", "tinylora"])
@@ -138,13 +138,13 @@ def test_layers_whose_adapters_differ_only_in_sizes_or_rows_share_one_graph(vari
     layer's name: with a parameter per group, or a lookup by name, each compiled decoder layer guarded on those and
     compiled its own graph (16 on the 1B shape: AdaMSS's GPU row ran past 270 s). AdaMSS packs its groups into one A
     and one flat B, TinyLoRA's vectors are rows of one parameter picked by an index tensor: layers of one shape share
-    a graph (the first layer takes a second one: its input needs no grad)."""
+    a graph (the first layer takes a second one: its input needs no grad; the final norm a third)."""
     torch._dynamo.reset()
     model = tiny_llama(layers=4)
     model.config.use_cache = False
     peftlab.attach(model, peftlab.variants()[variant](["q_proj", "v_proj", "down_proj"], 4))
     randomize_adapters(model)
-    assert _compiled_step_graphs(model, batch(b=2, t=12)) == 2
+    assert _compiled_step_graphs(model, batch(b=2, t=12)) == 3
 
 
 def test_adamss_groups_differ_between_layers():
@@ -154,3 +154,23 @@ def test_adamss_groups_differ_between_layers():
     model = tiny_llama(layers=4)
     peftlab.attach(model, peftlab.variants()["adamss"](["q_proj"], 4))
     assert len({tuple(layer.sizes) for _, _, layer in adapter_layers(model)}) > 1
+
+
+def test_compiled_layers_include_the_final_norm(monkeypatch):
+    """The final norm is compiled with the layers (eager, it kept its fp32 input for backward, 32 MiB in the 1B
+    step's peak), found as the blocks' owner's one norm child: Llama's ``model.norm``, GPT-2's ``ln_f``, LN tuning's
+    adapted norm; ``PEFTLAB_COMPILE_FINAL_NORM=0`` leaves it out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.core.adapter import AdaptedModule
+    from peftlab.core.blocks import final_norm
+    from peftlab.train.packing import compiled_modules
+
+    model = tiny_llama()
+    assert compiled_modules(model, "layers")[-1] is model.model.norm and final_norm(model) is model.model.norm
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    assert final_norm(gpt2) is gpt2.transformer.ln_f
+    peftlab.attach(model, peftlab.variants()["ln_tuning"](None, 4))
+    assert isinstance(model.model.norm, AdaptedModule) and final_norm(model) is model.model.norm
+    monkeypatch.setenv("PEFTLAB_COMPILE_FINAL_NORM", "0")
+    assert list(compiled_modules(model, "layers")) == list(model.model.layers)

@@ -30,3 +30,12 @@ def decoder_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks themselves (see the module docstring for the rule)."""
     return decoder_stack(model)[2]
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The normalization after the last block, or None: the one direct child of the blocks' owner (``model.norm``
+    in Llama / Qwen, ``transformer.ln_f`` in GPT-2) whose class name, or its base layer's where an adapter wraps it
+    (LN tuning), ends in "Norm" (RMSNorm, LayerNorm)."""
+    owner = decoder_stack(model)[0]
+    norms = [m for m in owner.children() if type(getattr(m, "base_layer", m)).__name__.endswith("Norm")]
+    return norms[0] if len(norms) == 1 else None

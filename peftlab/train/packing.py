@@ -19,13 +19,15 @@ packing pays off when examples vary in length (measure: ``tokens_per_s`` in metr
 Compiling (``TrainArgs.compile``: a ``torch.compile`` backend, e.g. "inductor") works on one of two scopes
 (``TrainArgs.compile_scope``): each decoder layer (``layers``: the attention, norms, MLP and the adapted linears of a
 block as one graph, so element-wise ops fuse and the partitioner chooses what backward recomputes; identical blocks
-share one compiled graph), or each adapted module alone (``adapted``: the fused LoRA / DoRA node and its casts). It is
+share one compiled graph; and the final norm, which eager kept its fp32 input for backward: 32 MiB at the 1B
+shape, in the peak; ``PEFTLAB_COMPILE_FINAL_NORM=0`` leaves it eager), or each adapted module alone (``adapted``: the fused LoRA / DoRA node and its casts). It is
 undone when training ends, like every other change train() makes to a caller's model besides the adapter.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import warnings
 import weakref
 from typing import Iterator
@@ -87,13 +89,16 @@ GRAPH_PAD = 64
 
 def compiled_modules(model: nn.Module, scope: str) -> list[nn.Module]:
     if scope == "layers":
+        from peftlab.core.blocks import final_norm
         from peftlab.train.distributed import decoder_layers
 
         try:
-            return decoder_layers(model)
+            layers = decoder_layers(model)
         except ConfigError:
             raise ConfigError(f"compile_scope 'layers': found no decoder layers in {type(model).__name__}; use "
                               "compile_scope 'adapted'") from None
+        norm = final_norm(model) if os.environ.get("PEFTLAB_COMPILE_FINAL_NORM", "1") != "0" else None
+        return layers + ([norm] if norm is not None else [])
     if scope == "adapted":
         return list(adapted_modules(model))
     raise ConfigError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
