@@ -96,8 +96,11 @@ def train(
                                      "for inductor on one CUDA GPU without --checkpointing or --packing."),
     activation_budget: Optional[float] = typer.Option(None, help="Compiled layers: share (0-1] of their activations "
                                                       "kept for backward, the rest recomputed (default 1)."),
-    recompute_pointwise: bool = typer.Option(False, help="Compiled layers: keep matrix products and attention, "
-                                             "recompute norms / SwiGLU / rotary in backward (less memory; opt-in)."),
+    recompute_pointwise: Optional[bool] = typer.Option(
+        None, "--recompute-pointwise/--no-recompute-pointwise", help="Compiled layers: keep matrix products and "
+        "attention, recompute norms / SwiGLU / rotary in backward (less memory). Default: on for inductor's compiled "
+        "layers on CUDA without --checkpointing or --activation-budget, for methods measured to gain (LoRA, DoRA, "
+        "AdaLoRA, Tied-LoRA, VeRA, LoHa, LoKr, OFT, HRA)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
                                       "or adapted (each adapted module)."),
 ) -> None:

@@ -54,7 +54,7 @@ def _compare(variant, **kwargs):
     return kept, kept_pw
 
 
-@pytest.mark.parametrize("variant", ["dora", "loha", "ia3", "oft", "hra", "adalora"])
+@pytest.mark.parametrize("variant", ["dora", "loha", "lokr", "ia3", "oft", "hra", "adalora", "vera", "tied_lora"])
 def test_same_gradients_and_never_more_kept(variant, monkeypatch):
     """The fused nodes, as on CUDA: the same loss and gradients, and never more kept than the plain compiled layers."""
     monkeypatch.setenv("PEFTLAB_FAST", "1")
@@ -93,3 +93,38 @@ def test_settings_and_eager_layers():
         with compiled_steps(TrainArgs(recompute_pointwise=True), model, torch.device("cpu")):
             assert "forward" not in model.model.layers[0].__dict__
     assert any("recompute_pointwise has no effect" in str(w.message) for w in caught)
+
+
+def test_auto_setting():
+    """None ("auto"): on for inductor's compiled decoder layers on CUDA when nothing else decides what they keep and
+    every adapter gains from it (measured: ``recomputes_pointwise``); True / False as asked (True without a backend:
+    nothing to wrap)."""
+    from peftlab.train.packing import pointwise_gains, resolve_pointwise
+
+    gains = {}
+    for variants in (["lora"], ["dora"], ["ia3"], ["prompt_tuning"], ["lora", "ia3"], []):
+        model = tiny_llama(layers=1)
+        for i, variant in enumerate(variants):
+            peftlab.attach(model, peftlab.variants()[variant]("all-linear", 4), name=f"a{i}")
+        gains[",".join(variants)] = pointwise_gains(model)
+    assert gains == {"lora": True, "dora": True, "ia3": False, "prompt_tuning": False, "lora,ia3": False, "": False}
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_pointwise(None, "inductor", "layers", cuda, "off", None, True)
+    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", None, False)
+    assert not resolve_pointwise(None, "inductor", "layers", cpu, "off", None, True)
+    assert not resolve_pointwise(None, "inductor", "adapted", cuda, "off", None, True)
+    assert not resolve_pointwise(None, "aot_eager", "layers", cuda, "off", None, True)
+    assert not resolve_pointwise(None, "inductor", "layers", cuda, "on", None, True)
+    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", 0.5, True)
+    assert not resolve_pointwise(False, "inductor", "layers", cuda, "off", None, True)
+    assert resolve_pointwise(True, "aot_eager", "adapted", cpu, "off", None, False)
+    assert not resolve_pointwise(True, None, "layers", cpu, "off", None, True)
+    with pytest.raises(ConfigError, match="recompute_pointwise must be None"):
+        TrainArgs(recompute_pointwise="yes").validate()
+    model = tiny_llama(layers=1)
+    with warnings.catch_warnings(record=True) as caught:  # the default on the CPU: eager layers, no warning
+        warnings.simplefilter("always")
+        with compiled_steps(TrainArgs(), model, torch.device("cpu")):
+            assert "forward" not in model.model.layers[0].__dict__
+    assert not any("recompute_pointwise" in str(w.message) for w in caught)

@@ -45,6 +45,10 @@ class AdapterLayer(nn.Module):
       replays_as_graphs  its compiled decoder layer has run as CUDA graphs (compile mode "reduce-overhead") on a GPU;
                          False keeps graphs off by default (no method needs it since OFT's graphs ran, twentieth
                          session)
+      recomputes_pointwise  its compiled decoder layers recompute their pointwise work in backward by default
+                         (``TrainArgs.recompute_pointwise`` "auto", train/pointwise.py): set where that was measured
+                         to lower the step's peak at a few % of its time (H100, 1B shape, twenty-third session); off
+                         elsewhere (IA3's layers kept more, BOFT's step took 12% longer, the rest not measured)
       loss_in_forward    its forward computes a loss from the layer's input (``extra_loss``, MoLoRA's balancing loss):
                          checkpointing then keeps torch's non-reentrant checkpoint, whose recompute keeps that
                          loss's gradient (peftlab/train/recompute.py)
@@ -73,6 +77,7 @@ class AdapterLayer(nn.Module):
     compiles_in_layers: ClassVar[bool] = True
     token_local: ClassVar[bool] = True
     replays_as_graphs: ClassVar[bool] = True
+    recomputes_pointwise: ClassVar[bool] = False
     draws_random: ClassVar[bool] = False
     reads_token_mask: ClassVar[bool] = False
     reads_token_gate: ClassVar[bool] = False

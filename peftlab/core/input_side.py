@@ -47,7 +47,8 @@ class HookedAdapter(nn.Module):
     prepend. ``num_prefix_tokens`` > 0: ``write_prefix(cache, batch, dtype)`` appends n key/value
     positions to every layer of ``cache``. ``install(model)`` returns handles of its own module hooks,
     which must do nothing while ``self.active`` is False. ``compiles_in_layers``, ``token_local``,
-    ``replays_as_graphs``, ``draws_random``, ``loss_in_forward``, ``reads_outer_graph``: as on ``AdapterLayer``.
+    ``replays_as_graphs``, ``recomputes_pointwise``, ``draws_random``, ``loss_in_forward``, ``reads_outer_graph``: as
+    on ``AdapterLayer``.
 
     ``call_arguments``: keyword arguments of the model call this adapter reads (multitask prompt tuning's
     ``task_ids``). The pre-hook takes them out of every call, so the base model never sees them, and hands them
@@ -64,6 +65,7 @@ class HookedAdapter(nn.Module):
     compiles_in_layers: bool = True
     token_local: bool = True
     replays_as_graphs: bool = True
+    recomputes_pointwise: bool = False  # prompt tuning's frozen layers kept 15 MiB more with it (H100)
     draws_random: bool = False
     loss_in_forward: bool = False
     reads_outer_graph: bool = False

@@ -63,6 +63,8 @@ def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
 class LycorisLayer(AdapterLayer):
     """Base for LoHa / LoKr layers: subclasses create their factors and implement ``build()``."""
 
+    recomputes_pointwise = True  # 1B, H100: LoHa 0.79x the peak at 1.02x the time, LoKr 0.86x at 1.05x
+
     def __init__(self, base: BaseView, config: LycorisConfig, module_name: str):
         super().__init__(base, config, module_name)
         self.r = pattern_value(config.rank_pattern, module_name, config.r)

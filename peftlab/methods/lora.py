@@ -167,6 +167,7 @@ def lora_serving_form(a: torch.Tensor, b: torch.Tensor, scaling: float) -> Servi
 
 class LoraLayer(AdapterLayer):
     supported_kinds = frozenset({"linear", "embedding"})
+    recomputes_pointwise = True  # 1B, H100: 0.81x the peak at 1.02x the time; DoRA 0.88x at 1.07x
     batched_serving = True  # linear targets; an embedding LoRA has no serving form
     serves_from_state = True
 

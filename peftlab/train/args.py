@@ -116,10 +116,11 @@ class TrainArgs:
     activation_budget: float | None = None
     """Compiled layers only: the share (0, 1] of their activations kept for backward; the partitioner recomputes the
     cheapest of the rest (torch's ``activation_memory_budget``; None = 1, inductor's default choice)."""
-    recompute_pointwise: bool = False
+    recompute_pointwise: bool | None = None
     """Compiled layers only, without ``checkpointing`` or ``activation_budget``: keep the outputs of matrix products
     and attention, recompute the pointwise rest (norms, SwiGLU, rotary) inside the compiled backward
-    (``peftlab/train/pointwise.py``). Opt-in until timed on a GPU."""
+    (``peftlab/train/pointwise.py``). None ("auto"): on where inductor compiles the decoder layers on CUDA and
+    neither of those is set (``packing.resolve_pointwise``); False: never."""
     init_batches: int = 8
     """Training batches an initialisation that needs data (LoRA's init_lora_weights=eva) sees before training."""
     compile_scope: str = "adapted"
