@@ -112,6 +112,7 @@ def test_auto_setting():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_pointwise(None, "inductor", "layers", cuda, "off", None, True)
     assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", None, False)
+    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", None, True, distributed=True)
     assert not resolve_pointwise(None, "inductor", "layers", cpu, "off", None, True)
     assert not resolve_pointwise(None, "inductor", "adapted", cuda, "off", None, True)
     assert not resolve_pointwise(None, "aot_eager", "layers", cuda, "off", None, True)
