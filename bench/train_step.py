@@ -21,7 +21,8 @@ loss, ``TrainArgs.fused_ce``), ``peftlab_lean`` (that loss and the lean RMSNorm 
 ``TrainArgs.lean_activations``), ``peftlab_compiled`` (that loss with each decoder layer compiled by
 inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``, in the trainer's "auto" compile mode: CUDA
 graphs per layer unless checkpointed, env PEFTLAB_BENCH_COMPILE_MODE=default for torch's default; the warm-up steps
-include compiling),
+include compiling; and the trainer's pointwise recompute where its "auto" turns it on, recorded as
+``versions.recompute_pointwise``; env PEFTLAB_BENCH_POINTWISE=0: never, the A/B),
 ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_compiled_pointwise`` (compiled layers recomputing their pointwise work, ``TrainArgs.recompute_pointwise``),

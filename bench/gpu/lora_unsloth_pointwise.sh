@@ -7,7 +7,8 @@
 set -x
 OUT=${OUT:-/tmp/lora-unsloth-pointwise}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the plain compiled rows without the pointwise recompute (the default for most methods since the twenty-third session)
+export PEFTLAB_BENCH_POINTWISE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 timeout 170 python3 bench/train_step.py --steps 10 --warmup 3 --repeats 1 --shape 1b --methods lora \
   --impls peftlab_compiled,peftlab_compiled_pointwise --prime 0 --timeout 75 --out "$OUT/lora.json" 2>&1 \
   | grep -E '^\[|rror'

@@ -8,7 +8,8 @@
 set -x
 OUT=${OUT:-/tmp/next23}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/.gpu_liger:$PWD
+# the plain compiled rows without the pointwise recompute (the default for most methods since the twenty-third session)
+export PEFTLAB_BENCH_POINTWISE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/.gpu_liger:$PWD
 timeout 390 python3 bench/train_step.py --shape 1b --methods lora,prompt_tuning,dora,ia3 \
   --impls peftlab_compiled,peftlab_compiled_pointwise --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 75 \
   --out "$OUT/pointwise.json" 2>&1 | grep -E '^\[|rror|kip'

@@ -6,7 +6,8 @@
 set -x
 OUT=${OUT:-/tmp/pointwise-methods}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# the plain compiled rows without the pointwise recompute (the default for most methods since the twenty-third session)
+export PEFTLAB_BENCH_POINTWISE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 timeout 560 python3 bench/train_step.py --shape 1b --methods dora,ia3,vera,loha,prompt_tuning,tied_lora \
   --impls peftlab_compiled,peftlab_compiled_pointwise --steps 10 --warmup 3 --repeats 1 --prime 0 --timeout 80 \
   --out "$OUT/pointwise_methods.json" 2>&1 | grep -E '^\[|rror|kip'
