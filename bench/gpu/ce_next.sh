@@ -5,23 +5,24 @@
 # copy took 16 MiB); (3) chunks of 512 rows instead of 523 (a multiple of the GEMMs' row tiles). (1) and (2) change
 # only memory; (3) may save part of the loss's GEMM time (22-47% of the row tiles were empty at 523 rows) and is
 # A/B'd here against PEFTLAB_CE_CHUNK_ALIGN=1 (523 rows), alternating, two rounds. Prompt tuning's PEFT + Liger row
-# beside (ours peaked at 1.04x its memory before). Expected peaks:
-# prompt tuning ~5.75 GiB (5.887 before), LoRA ~7.31 (7.443 before), each ~0.03 less with the final norm compiled.
-# One round and Liger's row <= ~6 min, carry .gpu_liger.
-#   -> $OUT/ce_align<N>_norm<0|1>_<round>.json, $OUT/liger_prompt.json
+# beside (ours peaked at 1.04x its memory before). The memory half was measured in the twenty-third session
+# (next23.sh: prompt tuning 5.73 GiB, 1.01x PEFT + Liger's; LoRA 7.29 without the pointwise recompute, now its
+# default). One round and Liger's row <= ~6 min, carry .gpu_liger.
+#   -> $OUT/ce_align<N>_mib<M>_<round>.json, $OUT/liger_prompt.json
 set -x
 OUT=${OUT:-/tmp/ce-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/.gpu_liger:$PWD
-# Twenty-third session: the final norm compiled with the layers (its eager fp32 input, 32.5 MiB, was in the peak);
-# norm0 rows leave it eager (PEFTLAB_COMPILE_FINAL_NORM=0). ROUNDS (default "1 2") splits the A/B over calls;
-# LIGER=0 skips PEFT + Liger's row.
+# Twenty-third session: the final norm compiled with the layers saved 19 MiB (measured: next23.sh); these rows A/B
+# the chunk's rows (512 against 523) and a 128 MiB chunk (256 rows: two full row tiles, against 131 rows' 6.7-8.4 ms
+# cost; prompt tuning peaks at the loss, 1.01x PEFT + Liger's memory). Config align:mib. ROUNDS (default "1 2")
+# splits the A/B over calls; LIGER=0 skips PEFT + Liger's row.
 for round in ${ROUNDS:-1 2}; do
-  for config in 256:1 1:1 256:0; do
-    align=${config%:*} norm=${config#*:}
-    env PEFTLAB_CE_CHUNK_ALIGN=$align PEFTLAB_COMPILE_FINAL_NORM=$norm timeout 170 python3 bench/train_step.py \
+  for config in 256:256 1:256 256:128; do
+    align=${config%:*} mib=${config#*:}
+    env PEFTLAB_CE_CHUNK_ALIGN=$align PEFTLAB_CE_CHUNK_MIB=$mib timeout 170 python3 bench/train_step.py \
       --shape 1b --methods prompt_tuning,lora --impls peftlab_compiled --steps 10 --warmup 3 --repeats 1 --prime 0 \
-      --timeout 80 --out "$OUT/ce_align${align}_norm${norm}_${round}.json" 2>&1 | grep -E '^\[|rror'
+      --timeout 80 --out "$OUT/ce_align${align}_mib${mib}_${round}.json" 2>&1 | grep -E '^\[|rror'
   done
 done
 [ "${LIGER:-1}" = 0 ] || timeout 90 python3 bench/train_step.py --shape 1b --methods prompt_tuning --impls peft_liger \
