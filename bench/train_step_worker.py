@@ -30,6 +30,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
+    from peftlab.train.args import TrainArgs
     from peftlab.train.packing import (compile_model, layers_compile, model_compile_mode, pointwise_gains,
                                        resolve_pointwise)
 
@@ -94,8 +95,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         # TrainArgs.recompute_pointwise, for the worker's lifetime: forced on (_pointwise), or the trainer's "auto"
         # (peftlab_compiled; PEFTLAB_BENCH_POINTWISE=0: off, the A/B)
         auto = args.impl == "peftlab_compiled" and os.environ.get("PEFTLAB_BENCH_POINTWISE") != "0" and \
-            resolve_pointwise(None, backend, "layers", torch.device(args.device),
-                              os.environ.get("PEFTLAB_BENCH_CKPT", "off"), None, pointwise_gains(model))
+            resolve_pointwise(TrainArgs(checkpointing=os.environ.get("PEFTLAB_BENCH_CKPT", "off")), backend, "layers",
+                              torch.device(args.device), pointwise_gains(model))
         versions["recompute_pointwise"] = False
         if args.impl == "peftlab_compiled_pointwise" or auto:
             from peftlab.train.pointwise import recompute_pointwise

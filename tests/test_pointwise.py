@@ -110,17 +110,21 @@ def test_auto_setting():
     assert gains == {"lora": True, "dora": True, "ia3": False, "prompt_tuning": False, "lora,ia3": False, "": False}
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_pointwise(None, "inductor", "layers", cuda, "off", None, True)
-    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", None, False)
-    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", None, True, distributed=True)
-    assert not resolve_pointwise(None, "inductor", "layers", cpu, "off", None, True)
-    assert not resolve_pointwise(None, "inductor", "adapted", cuda, "off", None, True)
-    assert not resolve_pointwise(None, "aot_eager", "layers", cuda, "off", None, True)
-    assert not resolve_pointwise(None, "inductor", "layers", cuda, "on", None, True)
-    assert not resolve_pointwise(None, "inductor", "layers", cuda, "off", 0.5, True)
-    assert not resolve_pointwise(False, "inductor", "layers", cuda, "off", None, True)
-    assert resolve_pointwise(True, "aot_eager", "adapted", cpu, "off", None, False)
-    assert not resolve_pointwise(True, None, "layers", cpu, "off", None, True)
+
+    def on(backend="inductor", scope="layers", device=cuda, gain=True, distributed=False, **settings):
+        return resolve_pointwise(TrainArgs(**settings), backend, scope, device, gain, distributed)
+    assert on()
+    assert not on(gain=False)
+    assert not on(distributed=True)
+    assert not on(packing=True)
+    assert not on(device=cpu)
+    assert not on(scope="adapted")
+    assert not on(backend="aot_eager")
+    assert not on(checkpointing="on")
+    assert not on(activation_budget=0.5)
+    assert not on(recompute_pointwise=False)
+    assert on(backend="aot_eager", scope="adapted", device=cpu, gain=False, recompute_pointwise=True)
+    assert not on(backend=None, device=cpu, recompute_pointwise=True)
     with pytest.raises(ConfigError, match="recompute_pointwise must be None"):
         TrainArgs(recompute_pointwise="yes").validate()
     model = tiny_llama(layers=1)

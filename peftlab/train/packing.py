@@ -251,17 +251,18 @@ def resolve_compile_mode(mode: str | None, backend: str | None, device: torch.de
     return None
 
 
-def resolve_pointwise(asked: bool | None, backend: str | None, scope: str, device: torch.device, checkpointing: str,
-                      budget: float | None, adapters_gain: bool, distributed: bool = False) -> bool:
-    """Whether the compiled layers recompute their pointwise work in backward (``TrainArgs.recompute_pointwise``,
+def resolve_pointwise(args, backend: str | None, scope: str, device: torch.device, adapters_gain: bool,
+                      distributed: bool = False) -> bool:
+    """Whether the compiled layers recompute their pointwise work in backward (``args.recompute_pointwise``,
     train/pointwise.py). None ("auto"): where inductor compiles the decoder layers on CUDA with neither checkpointing
-    nor an activation budget deciding what they keep, in one process (several were not tried), for adapters that all
-    gain from it (``adapters_gain``: ``pointwise_gains``). On the H100 (1B shape, bench/README.md, twenty-third session) it cut LoRA's peak from 7.29
-    to 5.94 GiB (0.87x Unsloth's 6.79 in the same call) at 1.02x its time; DoRA 0.88x the peak at 1.07x the time."""
-    if asked is not None:
-        return bool(asked) and backend is not None
-    return backend == "inductor" and scope == "layers" and device.type == "cuda" and checkpointing == "off" \
-        and budget is None and adapters_gain and not distributed
+    nor an activation budget deciding what they keep, in one process and without packing (neither was tried), for
+    adapters that all gain from it (``adapters_gain``: ``pointwise_gains``). On the H100 (1B shape, bench/README.md,
+    twenty-third session) it cut LoRA's peak from 7.29 to 5.94 GiB (0.87x Unsloth's 6.79 in the same call) at 1.02x
+    its time; DoRA 0.88x the peak at 1.07x the time."""
+    if args.recompute_pointwise is not None:
+        return bool(args.recompute_pointwise) and backend is not None
+    return backend == "inductor" and scope == "layers" and device.type == "cuda" and args.checkpointing == "off" \
+        and args.activation_budget is None and not args.packing and adapters_gain and not distributed
 
 
 def pointwise_gains(model: nn.Module) -> bool:
@@ -336,8 +337,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
         compile_model(model, backend, scope, mode=mode)
     budget = args.activation_budget
     pointwise = contextlib.nullcontext()
-    if resolve_pointwise(args.recompute_pointwise, backend, scope, device, args.checkpointing, budget,
-                         pointwise_gains(model), distributed):
+    if resolve_pointwise(args, backend, scope, device, pointwise_gains(model), distributed):
         from peftlab.train.pointwise import recompute_pointwise
 
         pointwise = recompute_pointwise(model)

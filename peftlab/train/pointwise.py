@@ -19,9 +19,9 @@ What a layer keeps and its gradients against the plain compiled layer are checke
 (``tests/test_pointwise.py``; counts at the 1B widths: ``bench/pointwise_cpu.py``). On the H100 (1B shape,
 twenty-third session) it lowered the step's peak by 7-21% at 1-7% of its time for LoRA, DoRA, AdaLoRA, Tied-LoRA,
 VeRA, LoHa, LoKr, OFT and HRA, which take it by default (``TrainArgs.recompute_pointwise`` "auto", the adapters'
-``recomputes_pointwise`` flag); IA3's layers kept more with it and BOFT's step took 12% longer. torch logs a warning when it traces a selective checkpoint (in-place
-ops inside it); the fused nodes' in-place products are functionalized by the trace and the tests find the same
-gradients.
+``recomputes_pointwise`` flag); IA3's layers kept more with it and BOFT's step took 12% longer. torch logs a
+warning when it traces a selective checkpoint (in-place ops inside it); the fused nodes' in-place products are
+functionalized by the trace and the tests find the same gradients.
 """
 from __future__ import annotations
 
