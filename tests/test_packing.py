@@ -92,13 +92,15 @@ def test_train_with_packing_and_compile(tmp_path):
     padded, _ = losses("padded")
     packed, metrics = losses("packed", packing=True)
     assert packed == pytest.approx(padded, abs=1e-5)
-    assert metrics["args"]["packing"] is True
+    assert metrics["args"]["packing"] is True and metrics["compiled"]["backend"] is None  # "auto" on the CPU: eager
     for scope in ("adapted", "layers"):  # each adapted module, or each decoder layer as one graph
         model = tiny_llama()
         compiled, metrics = losses(f"compiled-{scope}", model=model, compile="aot_eager", compile_scope=scope,
                                    lean_activations=scope == "layers")  # lean nodes trace too (the rebuild stands aside)
         assert compiled == pytest.approx(padded, abs=1e-5), scope
         assert metrics["args"]["compile_scope"] == scope
+        assert metrics["compiled"] == {"backend": "aot_eager", "scope": scope, "mode": None, "cuda_graphs": False,
+                                       "recompute_pointwise": False}
         assert all(m._compiled_call_impl is None for m in model.modules())
 
 

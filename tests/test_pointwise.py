@@ -35,7 +35,8 @@ def _run(variant, pointwise, compile_="aot_eager", dtype=torch.float32, dropout=
             sizes.append(t.numel() * t.element_size())
         return t
 
-    with compiled_steps(args, model, torch.device("cpu")):
+    with compiled_steps(args, model, torch.device("cpu")) as state:
+        assert state.describe()["recompute_pointwise"] is pointwise  # what metrics.json records
         torch.manual_seed(1)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             loss = model(input_ids=IDS, labels=IDS).loss

@@ -153,7 +153,7 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
         "train_time_s": state["train_time_s"], "tokens": state["tokens"], "label_tokens": state["label_tokens"],
         "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
         "resumed_from": str(resume_from) if resume_from else None,
-        "peak_memory": peak_memory(device), "seed": args.seed, "args": state["args"],
+        "peak_memory": peak_memory(device), "seed": args.seed, "args": state["args"], "compiled": state["compiled"],
         "adapter_dir": str(adapter_dir), **environment(device), "distributed": runtime.describe(),
     }
     if runtime.is_main:
@@ -213,6 +213,7 @@ def _train_attached(args: TrainArgs, model, optimizer, scheduler, train_set, eva
                 checkpointing(model, args.checkpointing, keep_last=args.checkpoint_keep):
             _run_steps(args, model, optimizer, scheduler, train_set, collate, device, state, out, on_step,
                        runtime or distributed.Runtime(), compiled)
+            state["compiled"] = compiled.describe()
         return state, evaluate(model, eval_set, collate, args.eval_batch_size, device)
     finally:
         offload.close()

@@ -284,6 +284,14 @@ class CompiledSteps:
         self.may_retry = auto and backend is not None
         self.mode = mode
         self.graphs = backend is not None and mode in GRAPH_MODES  # inductor's; other backends ignore the mode
+        self.pointwise = False  # set by compiled_steps when the layers recompute their pointwise work
+
+    def describe(self) -> dict:
+        """What the steps ran as, for metrics.json (after a fall-back: eager)."""
+        on = self.backend is not None
+        return {"backend": self.backend if on else None, "scope": self.scope if on else None,
+                "mode": self.mode if on else None, "cuda_graphs": self.graphs,
+                "recompute_pointwise": self.pointwise and on}
 
     def begin_step(self) -> None:
         """Before a step's first forward: a new CUDA graph generation."""
@@ -341,6 +349,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
         from peftlab.train.pointwise import recompute_pointwise
 
         pointwise = recompute_pointwise(model)
+        state.pointwise = True
     elif args.recompute_pointwise:
         warnings.warn(f"recompute_pointwise has no effect: the layers run eagerly here (compile {args.compile!r} on "
                       f"{device.type}; see TrainArgs.compile)", RuntimeWarning, stacklevel=3)
