@@ -14,6 +14,7 @@ For causal LM training use ``causal_lm_loss`` (shifts labels by one as transform
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,7 +34,7 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> 
                          f"target {tuple(target.shape)}")
 
 
-def _rows_chunk(h, weight, bias, t, denom, ignore_index, grad_h, grad_w, grad_b) -> torch.Tensor:
+def _rows_chunk(h, t, grad_h, weight, denom, ignore_index) -> torch.Tensor:
     """The row kernel's path (frozen head, no bias): logits stay in the GEMM's dtype and the gradient is written
     over them (no fp32 copy); its grad for ``h`` goes into ``grad_h``. Returns the chunk's summed loss."""
     logits = h @ weight.t().to(h.dtype)
@@ -43,7 +44,7 @@ def _rows_chunk(h, weight, bias, t, denom, ignore_index, grad_h, grad_w, grad_b)
     return loss
 
 
-def _float_chunk(h, weight, bias, t, denom, ignore_index, grad_h, grad_w, grad_b) -> torch.Tensor:
+def _float_chunk(h, t, grad_h, weight, denom, ignore_index, bias, grad_w, grad_b) -> torch.Tensor:
     """The fp32 path (a trained head or a bias): the chunk's loss, and its gradients accumulated where asked."""
     logits = (h @ weight.t().to(h.dtype)).float()
     if bias is not None:
@@ -79,13 +80,17 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk_loss = _rows_chunk if not (want_w or want_b) and bias is None else _float_chunk
+        # a chunk's loss from its rows, targets and slice of the input's gradient; the rest is bound here
+        if not (want_w or want_b) and bias is None:
+            chunk_loss = functools.partial(_rows_chunk, weight=weight, denom=denom, ignore_index=ignore_index)
+        else:
+            chunk_loss = functools.partial(_float_chunk, weight=weight, denom=denom, ignore_index=ignore_index,
+                                           bias=bias, grad_w=grad_w, grad_b=grad_b)
         for start in range(0, n_tokens, chunk_size):
             # one call a chunk: its logits die on return, before the next chunk's product is allocated (a loop body
             # holding them kept two chunks alive at the peak, 2 x 128 MiB at the 1B shape)
             rows = slice(start, start + chunk_size)
-            total += chunk_loss(hidden[rows], weight, bias, target[rows], denom, ignore_index,
-                                grad_h[rows] if want_h else None, grad_w, grad_b)
+            total += chunk_loss(hidden[rows], target[rows], grad_h[rows] if want_h else None)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
