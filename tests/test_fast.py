@@ -60,6 +60,21 @@ def test_fused_matches_reference(dtype, use_dora, bias, device, monkeypatch):
         torch.testing.assert_close(got[2][name] / scale, ref[2][name] / scale, **TOL[dtype], msg=name)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_dora_shared_output_matches_reference(bias, monkeypatch):
+    """PEFTLAB_DORA_SHARE_OUTPUT=1 (dm from the output y, not from z): the same forward and gradients."""
+    model = adapted_linear(True, torch.float32, bias=bias)
+    x = torch.randn(3, 7, 24)
+    ref = run(model, x, "0", monkeypatch)
+    monkeypatch.setenv("PEFTLAB_DORA_SHARE_OUTPUT", "1")
+    got = run(model, x, "1", monkeypatch)
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    assert any("magnitude" in name for name in ref[2])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **TOL[torch.float32], msg=name)
+
+
 def test_fused_path_is_taken(monkeypatch):
     """The fused node is really used (a check that could otherwise pass with the fused path off)."""
     model = adapted_linear(False, torch.float32)
@@ -103,7 +118,7 @@ def test_trainable_base_weight_and_bias(monkeypatch):
 
 def test_dora_fused_does_not_save_product(monkeypatch):
     """DoRA's fused node keeps less for backward than plain autograd: one bf16 (tokens, out) tensor (the
-    output) besides the input and the weights, instead of W0 x and an fp32 s B A x."""
+    output before its rescale) besides the input and the weights, instead of W0 x and an fp32 s B A x."""
     model = adapted_linear(True, torch.bfloat16, in_f=64, out_f=64)
     x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
     held = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -122,8 +137,8 @@ def test_dora_fused_does_not_save_product(monkeypatch):
         return sum(seen.values())
 
     tokens_by_out = 256 * 64
-    # a copy of y (bf16), s A x (bf16), m / n, and A, B in bf16 (cast once, in forward)
-    assert saved_bytes("1") <= 2 * tokens_by_out + 2 * 256 * 4 + 64 * 4 + 2 * 4 * (64 + 64)
+    # z = W0 x + s B A x (bf16), s A x (bf16), m / n (bf16) and n (fp32), and A, B in bf16 (cast once, in forward)
+    assert saved_bytes("1") <= 2 * tokens_by_out + 2 * 256 * 4 + 64 * (2 + 4) + 2 * 4 * (64 + 64)
     assert saved_bytes("0") >= 6 * tokens_by_out
 
 
