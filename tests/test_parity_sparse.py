@@ -298,6 +298,15 @@ def test_shared_bases_are_peft_s(rows, cols, count):
                                atol=0, rtol=0)
 
 
+def test_shared_basis_is_computed_where_its_weights_are():
+    """attach builds the basis from CPU copies while the default device is the model's (a CUDA model failed with
+    "Expected all tensors to be on the same device" on the H100); "meta" stands in for CUDA here."""
+    weights = [torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.device("meta"):
+        basis = shared_basis(weights, 1e-3)
+    assert torch.equal(basis, shared_basis(weights, 1e-3))
+
+
 @pytest.mark.parametrize("size,rate", [(8, 0.1), (8, 0.0), (5, 1.0), (1, 0.5), (32, 0.001), (16, 0.01)])
 def test_patterns_are_peft_s_and_off_the_diagonal(size, rate):
     ours = off_diagonal_pattern(size, rate, projection_generator(4))

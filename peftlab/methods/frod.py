@@ -63,15 +63,16 @@ def layer_index_of(module_name: str, fallback: int) -> int:
 
 
 def shared_basis(weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """V (in, in) from the (out_l, in) float32 weights of one category, in layer order (module doc)."""
+    """V (in, in) from the (out_l, in) float32 weights of one category, in layer order (module doc). Computed where
+    the weights are (attach hands it CPU copies while the default device is the model's, CUDA say)."""
     stacked = torch.cat(weights)
     if stacked.shape[0] < stacked.shape[1]:
         return torch.linalg.svd(stacked, full_matrices=True).Vh.T
     q, r = torch.linalg.qr(stacked)
     dim = r.shape[1]
-    mean_inverse = torch.zeros(dim, dim, dtype=r.dtype)
+    mean_inverse = torch.zeros(dim, dim, dtype=r.dtype, device=r.device)
     for q_layer in torch.split(q, [w.shape[0] for w in weights]):
-        mean_inverse += torch.linalg.inv(q_layer.T @ q_layer + alpha * torch.eye(dim, dtype=r.dtype))
+        mean_inverse += torch.linalg.inv(q_layer.T @ q_layer + alpha * torch.eye(dim, dtype=r.dtype, device=r.device))
     mean_inverse /= len(weights)
     return r.T @ torch.linalg.eigh(mean_inverse).eigenvectors
 
