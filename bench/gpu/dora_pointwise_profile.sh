@@ -6,6 +6,8 @@
 # and no copy of y. Here, after that change, LoRA and DoRA with and without the recompute in one call (the ratio
 # of the targets: DoRA <= 1.15x our LoRA's time, <= 1.2x its memory), then a torch.profiler table of DoRA's default.
 # One call, <= ~6 min, nothing carried.   -> $OUT/dora_lora_pw.json, $OUT/dora_profile.json (+ .profile.txt)
+# Ran once (twenty-fourth session, H100, at 2c928b7): DoRA 1.163x LoRA's time with the recompute (1.167x before the
+# change, another call), but without it DoRA kept 0.22 GiB more (8.09 against 7.87): the change was reverted.
 set -x
 OUT=${OUT:-/tmp/dora-pointwise-profile}
 mkdir -p "$OUT"

@@ -9,19 +9,17 @@ base output), so the (tokens, out) adapter result is never a separate tensor. Ba
 output gradient (gs = g ⊙ m/n for DoRA):
 
     dx = gs W0 + (s gs B) A        dA = (s gs B)^T xd      dB = gs^T (s A xd)
-    dm = Σ_tokens g ⊙ z / n    (DoRA: z = W0 x + s B A x, the output before the rescale and the bias)
+    dm = Σ_tokens g ⊙ (y - b) / m    (DoRA: z = (y - b) n / m, so Σ g ⊙ z / n = Σ g ⊙ (y - b) / m)
 
 Saved for backward: the input (already held by whoever produced it), the rank-r activation s A xd (A xd and
 the vector where a per-rank vector d scales it: VeRA, PVeRA, Tied-LoRA),
-and for DoRA z in bf16 (as the forward makes it, then rescaled out of place into y) instead of autograd's W0 x
-(bf16) and s B A x (fp32) and their products. Keeping z rather than a copy of y costs the same memory and one
-pass less, and inside a compiled layer that recomputes its pointwise work (train/pointwise.py) z is the sum the
-graph keeps anyway, so y need not be rebuilt for dm in backward. ``PEFTLAB_DORA_SHARE_OUTPUT=1`` keeps the output
-y itself instead (dm = Σ g ⊙ (y - b) / m; free where the next op holds y anyway: gate/up feed SiLU-mul, v feeds
-attention); it is off by default because some fused kernels write gradients into the tensors they saved (Liger's
-and Unsloth's SwiGLU backward overwrite their inputs, here the gate/up outputs), which would corrupt dm silently.
-The frozen base weight's gradient is computed only when it requires grad; the base bias likewise. Adapter weights
-(fp32) are cast to the activation dtype once per call; their gradients come back in their own dtype.
+and for DoRA one bf16 copy of the output y instead of autograd's W0 x (bf16) and s B A x (fp32) and
+their products. ``PEFTLAB_DORA_SHARE_OUTPUT=1`` keeps the output itself rather than a copy (free where
+the next op holds it anyway: gate/up feed SiLU-mul, v feeds attention); it is off by default because
+some fused kernels write gradients into the tensors they saved (Liger's and Unsloth's SwiGLU backward
+overwrite their inputs, here the gate/up outputs), which would corrupt dm silently. The frozen base weight's gradient is computed only when
+it requires grad; the base bias likewise. Adapter weights (fp32) are cast to the activation dtype once
+per call; their gradients come back in their own dtype.
 
 Used by ``AdaptedModule`` through ``AdapterLayer.fused_forward`` when ``enabled(x)``: on CUDA by default,
 off elsewhere; ``PEFTLAB_FAST=0`` turns it off, ``PEFTLAB_FAST=1`` on (also on CPU, for tests). The plain
@@ -209,22 +207,20 @@ class _DoraLinear(torch.autograd.Function):
         scale = (magnitude / norm).to(x.dtype)
         a_, b_ = _as(a, x.dtype), _as(b, x.dtype)  # kept for backward: no second cast there
         xa = (x2 @ a_.t()).mul_(scaling)
-        z = mm_add(x2, _dense(weight, x.dtype), None, xa, b_, True, True)  # W0 x + s B A x, before the rescale
-        ctx.scaling, ctx.kept_output = scaling, share_output
+        z = mm_add(x2, _dense(weight, x.dtype), None, xa, b_, True, True)
+        y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        ctx.scaling = scaling
         kept = None
-        if share_output:  # dm from the output itself, which the caller vouches nobody overwrites
-            y = z.mul_(scale) if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
-            kept = y if ctx.needs_input_grad[5] else None
-        else:  # dm from z: kept as it is made (no copy of y; a compiled graph keeps the sum it would keep anyway)
-            y = z * scale if bias is None else torch.addcmul(bias.to(x.dtype), z, scale)
-            kept = z if ctx.needs_input_grad[5] else None
+        if ctx.needs_input_grad[5]:  # dm needs the output; a copy unless the caller vouches for sharing it
+            kept = y if share_output else y.clone()
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        _save(ctx, weight, x2, bias, a_, b_, magnitude, norm, scale, xa, kept)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        _save(ctx, weight, x2, bias, a_, b_, magnitude, scale, xa, kept)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        weight, x2, bias, a, b, magnitude, norm, scale, xa, kept = _saved(ctx)
+        weight, x2, bias, a, b, magnitude, scale, xa, y = _saved(ctx)
         g2 = _flat(grad)
         gs = g2 * scale
         a_, b_ = _as(a, g2.dtype), _as(b, g2.dtype)
@@ -234,20 +230,19 @@ class _DoraLinear(torch.autograd.Function):
             grad_x = mm_add(gs, _dense(weight, g2.dtype), None, gxa, a_, False, False).view(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
             grad_w = _as(gs.t() @ x2, weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = g2.sum(0, dtype=torch.float32).to(bias.dtype)
-        if ctx.needs_input_grad[5]:
-            g_kept = (g2 * kept).sum(0, dtype=torch.float32)
-            if not ctx.kept_output:  # d y / d m = z / n
-                grad_m = (g_kept / norm.float()).to(magnitude.dtype)
-            else:  # y - b = z m / n, so d y / d m = (y - b) / m
-                if bias is not None:
-                    g_kept = g_kept - bias.float() * g2.sum(0, dtype=torch.float32)
-                grad_m = (g_kept / magnitude.float()).to(magnitude.dtype)
+        if ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[5]):
+            g_sum = g2.sum(0, dtype=torch.float32)
+            if ctx.needs_input_grad[2]:
+                grad_bias = g_sum.to(bias.dtype)
         if ctx.needs_input_grad[3]:
             grad_a = _as(gxa.t() @ x2, ctx.a_dtype)
         if ctx.needs_input_grad[4]:
             grad_b = _as(gs.t() @ xa, ctx.b_dtype)
+        if ctx.needs_input_grad[5]:
+            gy = (g2 * _flat(y)).sum(0, dtype=torch.float32)
+            if bias is not None:
+                gy = gy - bias.float() * g_sum
+            grad_m = (gy / magnitude.float()).to(magnitude.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None
 
 
