@@ -226,9 +226,9 @@ def test_dora_on_a_4bit_base_dequantizes_twice_a_step_and_keeps_its_row_norms(mo
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert sum(m is q.base_layer for m in calls) == 2 and dense_shape not in saved
-    cached = layer._w0_sq_cache[1]
+    cached = layer._w0_sq_value
     model(input_ids=ids, labels=ids)
-    assert layer._w0_sq_cache[1] is cached
+    assert layer._w0_sq_value is cached
 
 
 @pytest.mark.parametrize("ckpt", ["off", "on", "offload"])

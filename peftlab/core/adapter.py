@@ -66,6 +66,9 @@ class AdapterLayer(nn.Module):
                          ``peftlab.call_inputs(model, ...)`` supplies them to calls that do not pass them, e.g. inside
                          ``generate()``) and sets ``self.call_inputs`` to {name: value or None} on the layers of the
                          active adapters; kept until the next forward, like ``token_mask``
+      refreshes_caches   before each model forward, outside compiled graphs, core calls ``refresh(base)``: the
+                         layer brings up to date what it caches from its base (DoRA's ||W0||^2 per row, which a
+                         compiled layer reads instead of reducing every weight each step)
     """
 
     mergeable: ClassVar[bool] = True
@@ -84,6 +87,7 @@ class AdapterLayer(nn.Module):
     loss_in_forward: ClassVar[bool] = False
     reads_outer_graph: ClassVar[bool] = False
     call_arguments: ClassVar[tuple[str, ...]] = ()
+    refreshes_caches: ClassVar[bool] = False
     call_inputs: dict[str, Any] | None = None
     token_mask: torch.Tensor | None = None
     gate: torch.Tensor | None = None
@@ -196,6 +200,9 @@ class AdapterLayer(nn.Module):
         ``base`` and loaded with ``state`` (suffix -> tensor of ``state_shapes``' shape, in the layer's dtype and
         device), bit for bit, without building the layer: serving's cold load skips the modules."""
         raise NotImplementedError
+
+    def refresh(self, base: BaseView) -> None:
+        """(``refreshes_caches``) bring what the layer caches from ``base`` up to date; runs eagerly."""
 
     def on_step_end(self, step: int) -> None:
         """Called by trainers after each optimizer step (rank schedules etc.)."""

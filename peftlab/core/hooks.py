@@ -14,6 +14,8 @@
   adapter's layer class declares it, so other models pay one short loop over their configs.
 * call arguments: a pre-hook ahead of all others takes the keywords that attached layer classes declare in
   ``call_arguments`` (Poly's ``task_ids``) out of the call and hands them, or those of ``peftlab.call_inputs``, to the active layers.
+* caches: the token-mask pre-hook first has the active layers that declare ``refreshes_caches`` bring what they
+  cache from their base up to date (``refresh``; DoRA's ||W0||^2, which compiled layers read).
 * token gates: the same pre-hook asks each active adapter's method for a gate of the call's tokens
   (``Method.token_gate``: aLoRA acts from its invocation tokens on) and sets it as ``layer.gate`` on that
   adapter's layers.
@@ -96,7 +98,23 @@ def _attention_mask(module: nn.Module, args: tuple, kwargs: dict):
     return args[place] if 0 <= place < len(args) else None
 
 
+def _refresh_caches(model: nn.Module) -> None:
+    """The active layers whose class ``refreshes_caches`` bring their caches up to date (not inside a compiled
+    trace of the whole model: there the layers read what the last eager forward or their construction left)."""
+    state = model_state(model)
+    if torch.compiler.is_compiling() or not any(
+            getattr(method_for(state.configs[n]).layer_class(state.configs[n]), "refreshes_caches", False)
+            for n in state.active):
+        return
+    for _, module in adapted_modules(model):
+        for name in module.active:
+            layer = module.adapters[name]
+            if layer.refreshes_caches:
+                layer.refresh(module.view)
+
+
 def _share_token_mask(module: nn.Module, args, kwargs):
+    _refresh_caches(module)
     readers = _mask_readers(module)
     if readers:
         mask = _attention_mask(module, args, kwargs)

@@ -17,6 +17,8 @@ which equals PEFT's form (m/n - 1) W0 x + (m/n) s B A x added to the base output
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,25 +44,52 @@ def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
 class DoraLayer(LoraLayer):
     supported_kinds = frozenset({"linear"})
     serves_from_state = False  # its form needs ||W0 + s B A||, computed by the built layer
+    refreshes_caches = True  # ||W0||^2, checked against the base weight before each model forward
 
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         super().__init__(base, config, module_name)
+        # ||W0||^2 per row: the value, and apart from it the key it was computed for (a compiled graph reads only the
+        # value and its dtype and device, alike in every layer: no guard on this layer's pointers, no graph per layer)
+        self._w0_sq_value: torch.Tensor | None = None
+        self._w0_sq_key: tuple | None = None
+        # A/B knob (bench): PEFTLAB_DORA_NORM_CACHE=0 makes compiled graphs reduce ||W0||^2 from W0 at every call
+        self._cache_in_graph = os.environ.get("PEFTLAB_DORA_NORM_CACHE", "1") != "0"
+        w0 = base.weight_oi()
         with torch.no_grad():
-            norm = dora_row_norm(base.weight_oi(), self.lora_A.weight, self.lora_B.weight, self.scaling)
+            norm = dora_row_norm(w0, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                 None if w0.is_meta else self._w0_sq(w0, base.weight))
         self.lora_magnitude_vector = nn.Parameter(norm)
-        self._w0_sq_cache: tuple[tuple, torch.Tensor] | None = None
         self._merge_norm: torch.Tensor | None = None
 
     def _w0_sq(self, w0: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         """||W0||^2 per row, cached while the stored weight (``stored``: the module's parameter, packed when
-        quantized, whose dense form ``w0`` is a new tensor at every dequantization) stays the same."""
-        if torch.compiler.is_compiling():  # a compiled graph computes it (the cache's pointer check breaks graphs)
+        quantized, whose dense form ``w0`` is a new tensor at every dequantization) stays the same. A compiled graph
+        cannot check that (pointers, versions): it reads the cache, which ``refresh`` keeps up to date before each
+        model forward, and reduces W0 itself only where there is none yet."""
+        value = self._w0_sq_value
+        if torch.compiler.is_compiling():
+            if value is not None and self._cache_in_graph and (value.dtype, value.device) == (torch.float32, w0.device):
+                return value
             return w0.detach().float().pow(2).sum(1)
-        key = (stored.data_ptr(), stored._version, w0.dtype)
-        if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
+        key = (stored.data_ptr(), stored._version, w0.dtype, w0.device)
+        if value is None or self._w0_sq_key != key:
             with torch.no_grad():
-                self._w0_sq_cache = (key, w0.float().pow(2).sum(1))
-        return self._w0_sq_cache[1]
+                value = w0.float().pow(2).sum(1)
+            if value.is_cuda:  # CUDA graphs read it in place (no copy at each replay); no guard on its identity
+                torch._dynamo.mark_static_address(value, guard=False)
+            self._w0_sq_value, self._w0_sq_key = value, key
+        return value
+
+    def refresh(self, base: BaseView) -> None:
+        """||W0||^2 recomputed if the base weight changed (another tensor, or written in place) since it was cached;
+        a 4-bit base is dequantized only then."""
+        stored = base.weight
+        key = self._w0_sq_key
+        if key is not None and key[:2] == (stored.data_ptr(), stored._version):
+            return
+        w0 = base.weight_oi()
+        if not w0.is_meta:
+            self._w0_sq(w0, stored)
 
     def weight_norm(self, base: BaseView, w0: torch.Tensor | None = None) -> torch.Tensor:
         """||W0 + s B A|| per row; ``w0``: the dense base weight if the caller has it (a 4-bit base's dequantization)."""
