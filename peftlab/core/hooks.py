@@ -78,10 +78,14 @@ def _add_extra_loss(module: nn.Module, args, kwargs, output):
     return output
 
 
-def _mask_readers(model: nn.Module) -> list:
+def _declared(model: nn.Module, flag: str) -> bool:
+    """Whether an active adapter's layer class declares the capability ``flag`` (one short loop over the configs)."""
     state = model_state(model)
-    classes = (method_for(state.configs[n]).layer_class(state.configs[n]) for n in state.active)
-    if not any(getattr(cls, "reads_token_mask", False) for cls in classes):
+    return any(getattr(method_for(state.configs[n]).layer_class(state.configs[n]), flag, False) for n in state.active)
+
+
+def _mask_readers(model: nn.Module) -> list:
+    if not _declared(model, "reads_token_mask"):
         return []
     return [layer for _, layer in _active_layers(model) if layer.reads_token_mask]
 
@@ -101,10 +105,7 @@ def _attention_mask(module: nn.Module, args: tuple, kwargs: dict):
 def _refresh_caches(model: nn.Module) -> None:
     """The active layers whose class ``refreshes_caches`` bring their caches up to date (not inside a compiled
     trace of the whole model: there the layers read what the last eager forward or their construction left)."""
-    state = model_state(model)
-    if torch.compiler.is_compiling() or not any(
-            getattr(method_for(state.configs[n]).layer_class(state.configs[n]), "refreshes_caches", False)
-            for n in state.active):
+    if torch.compiler.is_compiling() or not _declared(model, "refreshes_caches"):
         return
     for _, module in adapted_modules(model):
         for name in module.active:

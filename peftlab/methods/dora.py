@@ -49,7 +49,7 @@ class DoraLayer(LoraLayer):
     def __init__(self, base: BaseView, config: LoraConfig, module_name: str):
         super().__init__(base, config, module_name)
         # ||W0||^2 per row: the value, and apart from it the key it was computed for (a compiled graph reads only the
-        # value and its dtype and device, alike in every layer: no guard on this layer's pointers, no graph per layer)
+        # value and its device, alike in every layer: no guard on this layer's pointers, no graph per layer)
         self._w0_sq_value: torch.Tensor | None = None
         self._w0_sq_key: tuple | None = None
         # A/B knob (bench): PEFTLAB_DORA_NORM_CACHE=0 makes compiled graphs reduce ||W0||^2 from W0 at every call
@@ -68,7 +68,7 @@ class DoraLayer(LoraLayer):
         model forward, and reduces W0 itself only where there is none yet."""
         value = self._w0_sq_value
         if torch.compiler.is_compiling():
-            if value is not None and self._cache_in_graph and (value.dtype, value.device) == (torch.float32, w0.device):
+            if value is not None and self._cache_in_graph and value.device == w0.device:
                 return value
             return w0.detach().float().pow(2).sum(1)
         key = (stored.data_ptr(), stored._version, w0.dtype, w0.device)

@@ -21,8 +21,8 @@ Compiling (``TrainArgs.compile``: a ``torch.compile`` backend, e.g. "inductor") 
 block as one graph, so element-wise ops fuse and the partitioner chooses what backward recomputes; identical blocks
 share one compiled graph; and the final norm, which eager kept its fp32 input for backward: 32 MiB at the 1B
 shape, in the peak; ``PEFTLAB_COMPILE_FINAL_NORM=0`` leaves it eager), or each adapted module alone (``adapted``:
-the fused LoRA / DoRA node and its casts). It is
-undone when training ends, like every other change train() makes to a caller's model besides the adapter.
+the fused LoRA / DoRA node and its casts). It is undone when training ends, like every other change train() makes
+to a caller's model besides the adapter.
 """
 from __future__ import annotations
 
