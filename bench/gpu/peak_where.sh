@@ -18,7 +18,8 @@ env PEFTLAB_BENCH_PEAK_WHERE=1 timeout 240 python3 bench/train_step.py --shape 1
 python3 -c "
 import json, sys
 for run in json.load(open(sys.argv[1]))['runs']:
-    w = (run.get('peak_where') or [{}])[-1]
+    w = run.get('peak_where') or {}
+    w = w[-1] if isinstance(w, list) else w
     print(run.get('method'), run.get('impl'), run.get('peak_gib'), w.get('peak_phase'), w.get('peak_frames'))
     for g in w.get('live', [])[:8]:
         print('   ', g['mib'], 'MiB', g['tensors'], g['where'][:160])
