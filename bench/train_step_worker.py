@@ -25,6 +25,34 @@ def build_model(shape: str, device: str):
 _KEEP: list = []  # contexts entered for the worker's lifetime
 
 
+def set_inductor_config(spec: str) -> str:
+    """Set inductor's config from "name=value,..." (a dotted name reaches a sub-config: ``triton.x``; values 0/1
+    are booleans where the setting is one, else ints, floats or strings); returns the spec as applied."""
+    import torch._inductor.config as inductor_config
+
+    applied = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"PEFTLAB_BENCH_INDUCTOR: {item!r} is not name=value")
+        owner, _, leaf = name.rpartition(".")
+        target = inductor_config
+        for part in filter(None, owner.split(".")):
+            target = getattr(target, part)
+        if not hasattr(target, leaf):
+            raise SystemExit(f"PEFTLAB_BENCH_INDUCTOR: inductor has no setting {name!r}")
+        current = getattr(target, leaf)
+        if isinstance(current, bool):
+            value = text.strip().lower() in ("1", "true")
+        elif isinstance(current, (int, float)) and current is not None:
+            value = type(current)(text)
+        else:
+            value = text
+        setattr(target, leaf, value)
+        applied.append(f"{name}={value}")
+    return ",".join(applied)
+
+
 def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     """The model of one configuration, adapted by ``args.impl``; the peak-memory count starts after
     the bf16 base exists (its fp32 random init is a build artefact)."""
@@ -84,6 +112,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
 
             inductor_config.combo_kernels = True
             versions["combo_kernels"] = True
+        if os.environ.get("PEFTLAB_BENCH_INDUCTOR"):  # A/B: inductor settings, "triton.prefer_nd_tiling=1,..."
+            versions["inductor_config"] = set_inductor_config(os.environ["PEFTLAB_BENCH_INDUCTOR"])
         if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
             versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
         if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
