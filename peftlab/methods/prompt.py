@@ -114,7 +114,9 @@ class MLP(nn.Module):
 
 
 class LSTMEncoder(nn.Module):
-    """P-tuning's LSTM head: a bidirectional LSTM, then Linear-ReLU-Linear."""
+    """P-tuning's LSTM head: a bidirectional LSTM, then Linear-ReLU-Linear. The LSTM (a few virtual tokens) runs
+    outside autocast, in its weights' dtype: oneDNN has no bf16 LSTM on CPUs without AVX-512 ("could not create a
+    primitive descriptor for the LSTM forward propagation primitive" under CPU bf16 autocast on an AVX2 host)."""
 
     def __init__(self, dim: int, hidden: int, layers: int, dropout: float):
         super().__init__()
@@ -122,7 +124,9 @@ class LSTMEncoder(nn.Module):
         self.head = MLP([2 * hidden, 2 * hidden, dim], F.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0])
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = self.lstm(x.to(self.lstm.weight_ih_l0.dtype))[0]
+        return self.head(hidden)
 
 
 def build_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> VirtualTokens:
