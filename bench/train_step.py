@@ -141,8 +141,6 @@ def summarise(method: str, impl: str, runs: list[dict[str, Any]], args) -> dict[
     if "peak_gib" in ok[0]:
         row["peak_gib"] = max(r["peak_gib"] for r in ok)
         row["peak_reserved_gib"] = max(r["peak_reserved_gib"] for r in ok)
-        if all("peak_steady_gib" in r for r in ok):
-            row["peak_steady_gib"] = max(r["peak_steady_gib"] for r in ok)
     if "peak_where" in ok[0]:  # PEFTLAB_BENCH_PEAK_WHERE=1: what is alive at each run's peak (bench/peak_where.py)
         row["peak_where"] = [r["peak_where"] for r in ok]
     if len(ok) < len(runs):
@@ -172,8 +170,7 @@ def run_driver(args) -> Path:
             "description": "one training step (forward with labels, backward, fused AdamW step, zero_grad); "
                            "step_ms_median is the median over all timed steps of all runs of a configuration; "
                            "peak_gib is torch.cuda.max_memory_allocated from the bf16 base model on (the fp32 "
-                           "init of the random base is excluded) over the whole run, warm-up included; "
-                           "peak_steady_gib the same over the timed steps alone; each run is a fresh subprocess; the first "
+                           "init of the random base is excluded); each run is a fresh subprocess; the first "
                            "--prime runs (of the first configuration) are discarded",
             "environment": env,
             "args": {k: v for k, v in vars(args).items() if k not in ("worker", "table", "readme", "impl", "method")},
@@ -198,8 +195,7 @@ def run_driver(args) -> Path:
         record = run_one(args, method, impl)
         results.setdefault((method, impl), []).append(record)
         log.append({"method": method, "impl": impl, **{k: v for k, v in record.items() if k != "step_ms_samples"}})
-        shown = record.get("error") or (f"{record['step_ms_median']:.2f} ms, peak {record.get('peak_gib', '-')} GiB "
-                                        f"(steady {record.get('peak_steady_gib', '-')}), "
+        shown = record.get("error") or (f"{record['step_ms_median']:.2f} ms, peak {record.get('peak_gib', '-')} GiB, "
                                         f"trainable {record['trainable_params']:,} ({record['wall_s']} s)")
         print(f"[{n}/{len(order)}] {method:>8} {impl:>11}: {shown}", flush=True)
         write_atomic(out, json.dumps(document(), indent=1) + "\n")  # what finished survives a time limit

@@ -44,7 +44,7 @@ def set_inductor_config(spec: str) -> str:
         current = getattr(target, leaf)
         if isinstance(current, bool):
             value = text.strip().lower() in ("1", "true")
-        elif isinstance(current, (int, float)) and current is not None:
+        elif isinstance(current, (int, float)):
             value = type(current)(text)
         else:
             value = text
@@ -177,7 +177,6 @@ def run_worker(args) -> dict[str, Any]:
         return loss
     where = cuda and os.environ.get("PEFTLAB_BENCH_PEAK_WHERE") == "1"  # where the peak is (slows the host: no timing)
     marks: list = []
-    warm_peaks = (0, 0)
     before = peak_where.start() if where else 0
     with checkpointing(model, ckpt) if ckpt != "off" else contextlib.nullcontext():
         for i in range(args.warmup + args.steps):
@@ -189,9 +188,6 @@ def run_worker(args) -> dict[str, Any]:
             sync()
             if i >= args.warmup:
                 samples.append((time.perf_counter() - t0) * 1e3)
-            elif cuda and i == args.warmup - 1:  # the warm-up's peak (compile, autotuning, graph recording) apart
-                warm_peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
-                torch.cuda.reset_peak_memory_stats()
         profile = profile_table(train_step, cuda) if args.profile else None
     record = {
         "trainable_params": sum(p.numel() for p in params),
@@ -202,10 +198,8 @@ def run_worker(args) -> dict[str, Any]:
         "versions": versions,
     }
     if cuda:
-        steady = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
-        record["peak_gib"] = round(max(steady[0], warm_peaks[0]) / 2**30, 3)  # the whole run's, warm-up included
-        record["peak_reserved_gib"] = round(max(steady[1], warm_peaks[1]) / 2**30, 3)
-        record["peak_steady_gib"] = round(steady[0] / 2**30, 3)  # the timed steps' alone
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if where:
         record["peak_where"] = peak_where.finish(marks, before)
     if profile is not None:
