@@ -14,7 +14,7 @@ from peft.tuners.waveft.waverec2d import waverec2d
 import peftlab
 from peftlab.core.inject import adapter_layers
 from peftlab.methods._seeded import projection_generator
-from peftlab.methods.frod import category_of, layer_index_of, off_diagonal_pattern, shared_basis
+from peftlab.methods.frod import category_of, layer_index_of, off_diagonal_pattern, shared_basis, split_weight
 from peftlab.ops.wavelet import daubechies_filter, inverse_dwt2
 from models import (
     ARCHS, batch, both_ways_tests, check_merge_unmerge, check_same_logits_gradients_and_merge_as_peft,
@@ -305,6 +305,29 @@ def test_shared_basis_is_computed_where_its_weights_are():
     with torch.device("meta"):
         basis = shared_basis(weights, 1e-3)
     assert torch.equal(basis, shared_basis(weights, 1e-3))
+
+
+def test_a_split_without_device_memory_is_solved_on_the_cpu(monkeypatch):
+    """Each layer's W V^-T is solved where the weight is; a device out of memory (float64 V and its LU at 8B widths)
+    retries on the CPU instead of failing attach, with the same result; a singular V still takes the pseudo-inverse."""
+    weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    basis = shared_basis([weight, torch.randn(6, 4, generator=torch.Generator().manual_seed(1))], 1e-3)
+    expected = split_weight(weight, basis)
+    real, calls = torch.linalg.solve, []
+
+    def solve_once_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "solve", solve_once_out_of_memory)
+    u, norms = split_weight(weight, basis)
+    assert len(calls) == 2 and torch.equal(u, expected[0]) and torch.equal(norms, expected[1])
+    singular = torch.zeros(4, 4)
+    singular[0, 0] = 1.0
+    u, norms = split_weight(weight, singular)  # solve refuses it (a RuntimeError that is not out of memory)
+    torch.testing.assert_close(norms[0], weight[:, 0].norm())
+    assert torch.equal(norms[1:], torch.zeros(3)) and torch.equal(u[:, 1:], torch.zeros(6, 3))
 
 
 @pytest.mark.parametrize("size,rate", [(8, 0.1), (8, 0.0), (5, 1.0), (1, 0.5), (32, 0.001), (16, 0.01)])

@@ -93,13 +93,23 @@ def off_diagonal_pattern(size: int, rate: float, generator: torch.Generator) -> 
 def split_weight(weight: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, λ0) with W = U diag(λ0) V^T: B = W V^-T in float64, λ0 its column norms, U = B / λ0 (0 where λ0 ~ 0).
     Solved where the weight is (PEFT solves on the CPU: the same system, a GPU takes seconds where the CPU takes
-    minutes at 8B widths); V has no sign or order freedom left here, so the devices differ only by rounding."""
+    minutes at 8B widths), on the CPU when the device lacks the memory (float64 V and its factors: ~5 in^2 x 8
+    bytes); V has no sign or order freedom left here, so the devices differ only by rounding."""
     if weight.is_meta:  # a model on the meta device (parameter counting): shapes only
         return torch.empty(weight.shape, device="meta"), torch.empty(weight.shape[1], device="meta")
-    w = weight.detach().to(torch.float64)
-    v = basis.detach().to(device=w.device, dtype=torch.float64)
+    try:
+        return _split(weight, basis, weight.device)
+    except torch.OutOfMemoryError:
+        return _split(weight, basis, torch.device("cpu"))
+
+
+def _split(weight: torch.Tensor, basis: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    v = basis.detach().to(device=device, dtype=torch.float64)
     try:
         b = torch.linalg.solve(v, w.T).T
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:  # a singular basis (linearly dependent weights)
         b = w @ torch.linalg.pinv(v, rtol=1e-6).T
     norms = torch.linalg.norm(b, dim=0)
