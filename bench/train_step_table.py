@@ -18,6 +18,24 @@ def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
     return text
 
 
+def _reference(configs: list[dict[str, Any]], row: dict[str, Any], method: str, impl: str) -> dict[str, Any] | None:
+    """The row of ``method`` / ``impl`` to hold ``row`` against. A merged file (several invocations, A/B knobs) can
+    hold several: prefer one of the same invocation (``call_part``), then one of the same pointwise-recompute
+    setting, then the nearest in the file's order."""
+    here = configs.index(row)
+    candidates = [(i, c) for i, c in enumerate(configs) if (c["method"], c["impl"]) == (method, impl)
+                  and "error" not in c]
+    if not candidates:
+        return None
+
+    def fit(item):
+        i, c = item
+        return (c.get("call_part") == row.get("call_part"),
+                c.get("versions", {}).get("recompute_pointwise") == row.get("versions", {}).get("recompute_pointwise"),
+                -abs(i - here))
+    return max(candidates, key=fit)[1]
+
+
 def markdown_table(document: dict[str, Any]) -> str:
     """One row per configuration; peftlab rows get time / memory ratios against each competitor that
     ran the same method in this run, and against LoRA in the same peftlab implementation (the issue's
@@ -49,11 +67,12 @@ def markdown_table(document: dict[str, Any]) -> str:
         cells = [c["label"], c["impl"], trainable, step, f"{c['tokens_per_s']:,}"]
         if has_mem:
             cells.append(f"{c['peak_gib']:.2f}")
-        cells += [_ratio(c, rows.get((c["method"], impl))) if ours else "" for impl, _ in competitors_here]
+        cells += [_ratio(c, _reference(configs, c, c["method"], impl)) if ours else "" for impl, _ in competitors_here]
         if has_lora:
-            cells.append(_ratio(c, rows.get(("lora", c["impl"]))) if ours else "")
+            cells.append(_ratio(c, _reference(configs, c, "lora", c["impl"])) if ours else "")
         if any(frozen.values()):
-            floor = frozen[c["impl"] in COMPILED]  # compiled rows against the compiled frozen step, eager ones eager
+            kind = "frozen_compiled" if c["impl"] in COMPILED else "frozen"  # compiled rows against the compiled step
+            floor = _reference(configs, c, kind, kind)
             cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"

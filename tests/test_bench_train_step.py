@@ -88,6 +88,26 @@ def test_table_ratios_against_competitors():
     assert "| dora | peftlab | 1 | 55.00 | 1 | 6.60 |  |  | 1.10x / 1.10x | 1.38x |" in table
 
 
+def test_table_ratios_in_a_merged_file_pair_rows_of_one_invocation_and_treatment():
+    """A merged file holds LoRA more than once (A/B knobs, invocations of one call): each row is held against the
+    LoRA of its own invocation (``call_part``), else of its pointwise-recompute setting, else the nearest."""
+    def row(method, ms, gib, part, pointwise):
+        return {"method": method, "impl": "peftlab_compiled", "label": f"{method} {part}", "trainable_params": 1,
+                "step_ms_median": ms, "tokens_per_s": 1, "peak_gib": gib, "call_part": part,
+                "versions": {"recompute_pointwise": pointwise}}
+
+    doc = {"environment": {"gpu": "X", "torch": "t", "transformers": "t", "peft": "p", "peftlab": "0", "commit": "c",
+                           "peftlab_source_sha256": "s", "tf32_matmul": False},
+           "args": {"repeats": 1, "steps": 1, "warmup": 0, "shape": "1b", "batch": 1, "seq": 1, "r": 16},
+           "configs": [row("dora", 66.0, 7.0, "a", True), row("lora", 60.0, 6.0, "a", True),
+                       row("dora", 63.0, 8.0, "b", False), row("lora", 56.0, 7.0, "b", False),
+                       row("dora", 69.0, 7.0, "c", True)]}
+    table = train_step.markdown_table(doc)
+    assert "| dora a | peftlab_compiled | 1 | 66.00 | 1 | 7.00 | 1.10x / 1.17x |" in table
+    assert "| dora b | peftlab_compiled | 1 | 63.00 | 1 | 8.00 | 1.12x / 1.14x |" in table
+    assert "| dora c | peftlab_compiled | 1 | 69.00 | 1 | 7.00 | 1.15x / 1.17x |" in table  # a's LoRA: same setting
+
+
 def test_unknown_impl_is_an_error():
     with pytest.raises(SystemExit):
         train_step.parse_args(["--impls", "peftlab,nope", "--device", "cpu"])
