@@ -18,11 +18,11 @@ def _ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> str:
     return text
 
 
-def _reference(configs: list[dict[str, Any]], row: dict[str, Any], method: str, impl: str) -> dict[str, Any] | None:
-    """The row of ``method`` / ``impl`` to hold ``row`` against. A merged file (several invocations, A/B knobs) can
-    hold several: prefer one of the same invocation (``call_part``), then one of the same pointwise-recompute
-    setting, then the nearest in the file's order."""
-    here = configs.index(row)
+def _reference(configs: list[dict[str, Any]], here: int, method: str, impl: str) -> dict[str, Any] | None:
+    """The row of ``method`` / ``impl`` to hold ``configs[here]`` against. A merged file (several invocations, A/B
+    knobs) can hold several: prefer one of the same invocation (``call_part``), then one of the same
+    pointwise-recompute setting, then the nearest in the file's order."""
+    row = configs[here]
     candidates = [(i, c) for i, c in enumerate(configs) if (c["method"], c["impl"]) == (method, impl)
                   and "error" not in c]
     if not candidates:
@@ -50,10 +50,10 @@ def markdown_table(document: dict[str, Any]) -> str:
     suffix = " (time / mem)" if has_mem else ""
     header += [f"vs {name}{suffix}" for _, name in competitors_here]
     header += [f"vs peftlab LoRA, same impl{suffix}"] if has_lora else []
-    frozen = {False: rows.get(("frozen", "frozen")), True: rows.get(("frozen_compiled", "frozen_compiled"))}
-    header += ["time vs frozen base, same treatment"] if any(frozen.values()) else []
+    has_frozen = any((kind, kind) in rows for kind in ("frozen", "frozen_compiled"))
+    header += ["time vs frozen base, same treatment"] if has_frozen else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
-    for c in configs:
+    for here, c in enumerate(configs):
         if "error" in c:
             lines.append(f"| {c['label']} | {c['impl']} | error: {c['error'][:120]} |" + " |" * (len(header) - 3))
             continue
@@ -67,12 +67,12 @@ def markdown_table(document: dict[str, Any]) -> str:
         cells = [c["label"], c["impl"], trainable, step, f"{c['tokens_per_s']:,}"]
         if has_mem:
             cells.append(f"{c['peak_gib']:.2f}")
-        cells += [_ratio(c, _reference(configs, c, c["method"], impl)) if ours else "" for impl, _ in competitors_here]
+        cells += [_ratio(c, _reference(configs, here, c["method"], impl)) if ours else "" for impl, _ in competitors_here]
         if has_lora:
-            cells.append(_ratio(c, _reference(configs, c, "lora", c["impl"])) if ours else "")
-        if any(frozen.values()):
+            cells.append(_ratio(c, _reference(configs, here, "lora", c["impl"])) if ours else "")
+        if has_frozen:
             kind = "frozen_compiled" if c["impl"] in COMPILED else "frozen"  # compiled rows against the compiled step
-            floor = _reference(configs, c, kind, kind)
+            floor = _reference(configs, here, kind, kind)
             cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"

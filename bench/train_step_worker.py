@@ -108,9 +108,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         compile_model(model, backend, "layers", mode=mode)
         versions["compiled"] = f"{backend}, decoder layers" + (f", mode {mode}" if mode else "")
         if os.environ.get("PEFTLAB_BENCH_COMBO") == "1":  # A/B: inductor's horizontal fusion of independent kernels
-            import torch._inductor.config as inductor_config
-
-            inductor_config.combo_kernels = True
+            set_inductor_config("combo_kernels=1")
             versions["combo_kernels"] = True
         if os.environ.get("PEFTLAB_BENCH_INDUCTOR"):  # A/B: inductor settings, "triton.prefer_nd_tiling=1,..."
             versions["inductor_config"] = set_inductor_config(os.environ["PEFTLAB_BENCH_INDUCTOR"])
