@@ -221,6 +221,29 @@ def test_dora_norm_native_gemm():
     torch.testing.assert_close(dora_row_norm(w, a, b, 0.7, native_gemm=True), dense, atol=1e-3, rtol=2e-3)
 
 
+def test_dora_norm_rank_sums_compiled(monkeypatch):
+    """The rank-r products as broadcast sums (``PEFTLAB_DORA_RANK_GEMM=0``, taken only inside a compiled graph)
+    against the same norm through the two GEMMs, eagerly."""
+    from peftlab.methods import dora
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 80, generator=g).bfloat16()
+    a, b = torch.randn(6, 80, generator=g) * 0.2, torch.randn(48, 6, generator=g) * 0.2
+    eager = dora.dora_row_norm(w, a, b, 0.7, native_gemm=True)
+    monkeypatch.setattr(dora, "_RANK_REDUCTIONS", True)
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    compiled = torch.compile(lambda *t: dora.dora_row_norm(*t, 0.7, native_gemm=True), backend=backend)(w, a, b)
+    assert sum("matmul" in t or "mm" in t for t in seen) == 1, seen  # W0 A^T only
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 class _OverwritesInput(torch.autograd.Function):
     """y = x * 2, whose backward writes its gradient into the saved input (as Liger's SwiGLU does)."""
 

@@ -37,8 +37,17 @@ def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
         w0_sq = w0.float().pow(2).sum(1)
     w0_a = (w0 @ a.t().to(w0.dtype)).float() if native_gemm else w0.float() @ a.t()
     cross = (b * w0_a).sum(1)
-    lora_sq = ((b @ (a @ a.t())) * b).sum(1)
+    if _RANK_REDUCTIONS and torch.compiler.is_compiling():
+        # the two rank-r products as broadcast sums: inductor fuses them with the rest into reduction kernels, where
+        # as GEMMs they are two tiny fp32 launches per module (bench knob PEFTLAB_DORA_RANK_GEMM=0)
+        gram = (a[:, None, :] * a[None, :, :]).sum(-1)
+        lora_sq = ((b[:, :, None] * gram[None]).sum(1) * b).sum(1)
+    else:
+        lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     return (w0_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
+
+
+_RANK_REDUCTIONS = os.environ.get("PEFTLAB_DORA_RANK_GEMM", "1") == "0"
 
 
 class DoraLayer(LoraLayer):
