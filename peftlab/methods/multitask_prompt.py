@@ -149,7 +149,9 @@ def build(model: nn.Module, config: MultitaskPromptTuningConfig) -> MultitaskPro
     return adapter
 
 
-# as prompt tuning: few parameters; the task product starts near 0 (0.02^2 scale), so the prompt starts small
-register("MULTITASK_PROMPT_TUNING", MultitaskPromptTuningConfig, kind="input", lr_scale=30.0,
+# few parameters, but the prompt is a product of trained factors (shared prompt x task columns x rows), so a step
+# moves it more than prompt tuning's (30x). Measured in the default compare (eval loss; the base model's 4.259):
+# 1x 4.199, 3x 4.132, 10x 4.190, 30x 4.281
+register("MULTITASK_PROMPT_TUNING", MultitaskPromptTuningConfig, kind="input", lr_scale=3.0,
          input_hooks=hooks(build, top_level_keys=_KEYS),
          default_config=lambda target_modules=None, r=8: MultitaskPromptTuningConfig(num_virtual_tokens=r))
