@@ -135,9 +135,11 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             # the H100 in the seventeenth session: that row ran without the flag)
             versions["recompute_pointwise"] = True
     # A/B knobs: the fused loss's chunks (ops/fused_ce.py), the final norm compiled with the layers (train/packing.py)
-    # and DoRA's saved output (ops/fast.py), cached ||W0||^2 and rank-r norm products (methods/dora.py)
+    # DoRA's saved output (ops/fast.py), cached ||W0||^2 and rank-r norm products (methods/dora.py), and the recompute
+    # policy's per-module rule (train/pointwise.py)
     for knob in ("PEFTLAB_CE_CHUNK_MIB", "PEFTLAB_CE_CHUNK_ALIGN", "PEFTLAB_COMPILE_FINAL_NORM",
-                 "PEFTLAB_DORA_SHARE_OUTPUT", "PEFTLAB_DORA_NORM_CACHE", "PEFTLAB_DORA_RANK_GEMM"):
+                 "PEFTLAB_DORA_SHARE_OUTPUT", "PEFTLAB_DORA_NORM_CACHE", "PEFTLAB_DORA_RANK_GEMM",
+                 "PEFTLAB_POINTWISE_SAVE_SMALL"):
         if os.environ.get(knob):
             versions[knob.removeprefix("PEFTLAB_").lower()] = os.environ[knob]
     return model, versions

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Iterator
 
 import torch
@@ -48,22 +49,52 @@ KEPT_OPS = frozenset(getattr(_aten, name).default for name in _KEPT_NAMES if has
     _aten.add.Tensor, _aten.sub.Tensor}
 
 
-def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def policy(ctx, op, *args, token_dims: frozenset = frozenset(), **kwargs) -> CheckpointPolicy:
     """Keep matrix products, attention, sums, random ops (a recompute would draw again) and ops outside aten
-    (custom kernels, whose cost is unknown); recompute the other aten ops."""
+    (custom kernels, whose cost is unknown); with ``token_dims`` (the block input's sequence and token counts, set by
+    ``PEFTLAB_POINTWISE_SAVE_SMALL=1``) also keep ops on per-module tensors only (``_per_module``); recompute the
+    other aten ops."""
     if op in KEPT_OPS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
         return CheckpointPolicy.MUST_SAVE
     if getattr(op, "namespace", None) != "aten":
         return CheckpointPolicy.MUST_SAVE
+    if token_dims and _per_module(args, kwargs, token_dims):
+        return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# an op whose tensor inputs have no token dimension and at most this many elements works on per-module tensors (a
+# norm, a scale vector, a cast of an adapter factor): its result costs no memory per token, and recomputing it in
+# backward is a launch per op for next to no work (DoRA's norm chain: several per module). A base-sized weight
+# (1B widths: 4M elements and more) stays recomputed, as does a dense update built from factors
+SMALL_NUMEL = 1 << 20
+
+
+def _per_module(args, kwargs, token_dims: frozenset) -> bool:
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors:  # factories (full, arange, empty): nothing to read, recomputing is free
+        return False
+    return all(t.numel() <= SMALL_NUMEL and not token_dims.intersection(t.shape) for t in tensors)
+
+
+def _token_dims(args, kwargs) -> frozenset:
+    """The block input's sequence length and token count (``hidden_states``: (batch, seq, hidden)), the dimensions
+    that mark a tensor as per-token; empty unless ``PEFTLAB_POINTWISE_SAVE_SMALL=1`` (an A/B knob, bench only)."""
+    if os.environ.get("PEFTLAB_POINTWISE_SAVE_SMALL", "0") != "1":
+        return frozenset()
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        return frozenset()
+    return frozenset({int(hidden.shape[-2]), int(hidden.shape[:-1].numel())})
 
 
 def _selective(block_forward):
     def forward(*args, **kwargs):
         if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
+        rule = functools.partial(policy, token_dims=_token_dims(args, kwargs))
         return checkpoint(block_forward, *args, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **kwargs)
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, rule), **kwargs)
     return forward
 
 
