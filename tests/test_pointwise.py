@@ -73,31 +73,34 @@ def test_lora_keeps_less(fast, monkeypatch):
     assert kept_pw < (0.9 if fast == "1" else 1.0) * kept, (kept_pw, kept)
 
 
-def test_per_module_ops():
-    """PEFTLAB_POINTWISE_SAVE_SMALL's rule: an op is per-module when no input has a token dimension and every input
-    is at most SMALL_NUMEL elements; a factory (no tensor input) is not."""
-    from peftlab.train.pointwise import SMALL_NUMEL, _per_module, _token_dims
+def test_per_module_ops(monkeypatch):
+    """The policy's per-module rule: no input with a token dimension and none with two dimensions above SMALL_DIM
+    (weight-shaped); a factory (no tensor input) is not per-module. PEFTLAB_POINTWISE_SAVE_SMALL=0 turns it off."""
+    from peftlab.train.pointwise import SMALL_DIM, _per_module, _token_dims
 
     tokens = frozenset({1024, 4096})  # seq 1024, batch 4
     vector, factor, acts = torch.empty(2048), torch.empty(16, 2048), torch.empty(4096, 2048)
-    assert _per_module((vector, factor), {}, tokens)
+    assert _per_module((vector, factor, torch.empty(2048, 16)), {}, tokens)
     assert not _per_module((vector, acts), {}, tokens)
     assert not _per_module((torch.empty(4, 1024, 8),), {}, tokens)  # a token dimension
-    assert not _per_module((torch.empty(SMALL_NUMEL + 1),), {}, tokens)  # a weight-sized tensor
+    assert not _per_module((torch.empty(SMALL_DIM + 1, SMALL_DIM + 1),), {}, tokens)  # weight-shaped
     assert not _per_module((2.0,), {"size": (3,)}, tokens)
     hidden = torch.empty(4, 1024, 64)
-    assert _token_dims((hidden,), {}) == frozenset()  # the knob is off by default
+    assert _token_dims((hidden,), {}) == tokens
+    assert _token_dims((), {"hidden_states": hidden}) == tokens
+    monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", "0")
+    assert _token_dims((hidden,), {}) == frozenset()
 
 
+@pytest.mark.parametrize("save_small", ["0", "1"])
 @pytest.mark.parametrize("variant", ["dora", "lora"])
-def test_save_small_same_gradients(variant, monkeypatch):
-    """With per-module ops kept (PEFTLAB_POINTWISE_SAVE_SMALL=1) on the fused nodes: the same loss and gradients as
-    the plain compiled layers, and no more kept."""
+def test_save_small_same_gradients(variant, save_small, monkeypatch):
+    """Per-module ops kept (the default) or recomputed (PEFTLAB_POINTWISE_SAVE_SMALL=0), on the fused nodes: the same
+    loss and gradients as the plain compiled layers, and no more kept."""
     monkeypatch.setenv("PEFTLAB_FAST", "1")
-    monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", "1")
+    monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", save_small)
     from peftlab.train import pointwise
 
-    assert pointwise._token_dims((torch.empty(2, 32, 64),), {}) == frozenset({32, 64})
     rule, kept_ops = pointwise._per_module, []
 
     def counting(*args):
@@ -107,7 +110,10 @@ def test_save_small_same_gradients(variant, monkeypatch):
     monkeypatch.setattr(pointwise, "_per_module", counting)
     kept, kept_pw = _compare(variant)
     assert kept_pw <= kept, (kept_pw, kept)
-    assert any(kept_ops) and not all(kept_ops)  # the rule kept some ops and left others to the recompute
+    if save_small == "1":  # the rule kept some ops and left others to the recompute
+        assert any(kept_ops) and not all(kept_ops)
+    else:
+        assert not kept_ops
 
 
 def test_with_inductor_and_dropout(monkeypatch):

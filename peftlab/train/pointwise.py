@@ -6,7 +6,8 @@ and gate/up read them) and the SwiGLU product ``act(gate) * up`` (down reads it)
 (1B shape, h 2048, f 8192: 24 KiB a token and layer, ~1.5 GiB at batch 4 x 1024). All three are pointwise results
 of tensors the layer keeps anyway (its input, the gate and up projections). ``recompute_pointwise`` wraps each
 decoder layer in torch's selective activation checkpoint with a policy that keeps the outputs of matrix products,
-attention, sums and random ops and recomputes everything else; torch.compile traces it into the layer's graph, so the
+attention, sums, random ops and ops on per-module tensors (no token dimension: a norm, a scale vector) and recomputes
+everything else; torch.compile traces it into the layer's graph, so the
 recompute is fused into the backward kernels (no second forward, no Python per layer at run time). Unsloth gets
 the same effect from hand-written backward kernels that rebuild SwiGLU and the norms.
 
@@ -50,10 +51,9 @@ KEPT_OPS = frozenset(getattr(_aten, name).default for name in _KEPT_NAMES if has
 
 
 def policy(ctx, op, *args, token_dims: frozenset = frozenset(), **kwargs) -> CheckpointPolicy:
-    """Keep matrix products, attention, sums, random ops (a recompute would draw again) and ops outside aten
-    (custom kernels, whose cost is unknown); with ``token_dims`` (the block input's sequence and token counts, set by
-    ``PEFTLAB_POINTWISE_SAVE_SMALL=1``) also keep ops on per-module tensors only (``_per_module``); recompute the
-    other aten ops."""
+    """Keep matrix products, attention, sums, random ops (a recompute would draw again), ops outside aten (custom
+    kernels, whose cost is unknown) and, given ``token_dims`` (the block input's sequence and token counts), ops on
+    per-module tensors only (``_per_module``); recompute the other aten ops."""
     if op in KEPT_OPS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
         return CheckpointPolicy.MUST_SAVE
     if getattr(op, "namespace", None) != "aten":
@@ -63,24 +63,26 @@ def policy(ctx, op, *args, token_dims: frozenset = frozenset(), **kwargs) -> Che
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# an op whose tensor inputs have no token dimension and at most this many elements works on per-module tensors (a
-# norm, a scale vector, a cast of an adapter factor): its result costs no memory per token, and recomputing it in
-# backward is a launch per op for next to no work (DoRA's norm chain: several per module). A base-sized weight
-# (1B widths: 4M elements and more) stays recomputed, as does a dense update built from factors
-SMALL_NUMEL = 1 << 20
+# An op whose tensor inputs have no token dimension and at most one dimension above SMALL_DIM works on per-module
+# tensors (a norm, a scale vector, a cast of a rank-r factor): its result costs no memory per token, and recomputing it
+# in backward is a launch for next to no work. DoRA's norm chain is several such ops per module: kept, its step took
+# 1.6-2.6 ms less on an H200 (1B shape; twenty-sixth session, bench/README.md). A weight-shaped tensor (two large
+# dimensions: a dense update built from factors) stays recomputed at any model width.
+SMALL_DIM = 256
 
 
 def _per_module(args, kwargs, token_dims: frozenset) -> bool:
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if not tensors:  # factories (full, arange, empty): nothing to read, recomputing is free
         return False
-    return all(t.numel() <= SMALL_NUMEL and not token_dims.intersection(t.shape) for t in tensors)
+    return all(sum(d > SMALL_DIM for d in t.shape) <= 1 and not token_dims.intersection(t.shape) for t in tensors)
 
 
 def _token_dims(args, kwargs) -> frozenset:
     """The block input's sequence length and token count (``hidden_states``: (batch, seq, hidden)), the dimensions
-    that mark a tensor as per-token; empty unless ``PEFTLAB_POINTWISE_SAVE_SMALL=1`` (an A/B knob, bench only)."""
-    if os.environ.get("PEFTLAB_POINTWISE_SAVE_SMALL", "0") != "1":
+    that mark a tensor as per-token; empty with ``PEFTLAB_POINTWISE_SAVE_SMALL=0`` (the A/B knob: recompute
+    per-module ops too, as before the twenty-sixth session)."""
+    if os.environ.get("PEFTLAB_POINTWISE_SAVE_SMALL", "1") == "0":
         return frozenset()
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
