@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import peftlab
-from models import batch, check_fast_path_matches_reference, randomize_adapters, tiny_gpt2, tiny_llama
+from models import (batch, check_fast_path_matches_reference, losses_and_grads_by_fast_flag, randomize_adapters,
+                    tiny_gpt2, tiny_llama)
 from peftlab.methods.hira import HiraConfig
 from peftlab.methods.supertuning import SupertuningConfig
 from peftlab.ops import fast
@@ -84,6 +85,34 @@ def test_frod_folds_with_enough_tokens(monkeypatch):
     calls.clear()
     model(batch(b=2, t=9))  # 18 tokens < 32: PEFTLAB_FAST is still 1 from the check above
     assert calls == []
+
+
+def test_frod_builds_its_update_in_the_activations_half_precision(monkeypatch):
+    """A bf16 base with fp32 FRoD parameters (the GPU bench's setting): the fused node builds ΔW in bf16 (in the
+    cheaper order of the two products) and its loss and λ gradients stay near the fp32 per-token reference's."""
+    from peftlab.methods.frod import FrodLayer
+
+    model = tiny_llama().to(torch.bfloat16)
+    peftlab.attach(model, peftlab.variants()["frod"](["q_proj", "v_proj", "down_proj", "up_proj"], 4))
+    randomize_adapters(model, seed=3, std=0.05)
+    model.eval()
+    dtypes, real = [], FrodLayer.delta_weight
+
+    def recorded(self, dtype=None):
+        out = real(self, dtype)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(FrodLayer, "delta_weight", recorded)
+    (ref_loss, ref_grads), (loss, grads) = losses_and_grads_by_fast_flag(model, batch(b=4, t=16), monkeypatch)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    torch.testing.assert_close(loss.float(), ref_loss.float(), atol=3e-2, rtol=1e-2)
+    lambdas = [n for n in ref_grads if n.endswith("frod_lambda_l")]
+    assert lambdas and ref_grads.keys() == grads.keys()
+    for name in lambdas:  # bf16 products against fp32 ones: near in direction and size
+        a, b = grads[name].float().flatten(), ref_grads[name].float().flatten()
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, name
+        assert abs(a.norm() / b.norm() - 1) < 0.05, name
 
 
 def test_supertuning_fused_keeps_the_lora_dropout(monkeypatch):
