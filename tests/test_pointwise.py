@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 
 import peftlab
 from models import randomize_adapters, tiny_llama
@@ -73,23 +74,54 @@ def test_lora_keeps_less(fast, monkeypatch):
     assert kept_pw < (0.9 if fast == "1" else 1.0) * kept, (kept_pw, kept)
 
 
-def test_per_module_ops(monkeypatch):
-    """The policy's per-module rule: no input with a token dimension and none with two dimensions above SMALL_DIM
-    (weight-shaped); a factory (no tensor input) is not per-module. PEFTLAB_POINTWISE_SAVE_SMALL=0 turns it off."""
-    from peftlab.train.pointwise import SMALL_DIM, _per_module, _token_dims
+def test_per_module_ops():
+    """The per-module rule: no tensor with a token dimension or a symbolic one, none with two dimensions above
+    SMALL_DIM (weight-shaped); a factory (no tensor input) is not per-module; the token dimensions come from the
+    first tensor of three or more dimensions the region reads."""
+    from peftlab.train.pointwise import SMALL_DIM, PerModuleRule, per_module, token_dims_of
 
-    tokens = frozenset({1024, 4096})  # seq 1024, batch 4
-    vector, factor, acts = torch.empty(2048), torch.empty(16, 2048), torch.empty(4096, 2048)
-    assert _per_module((vector, factor, torch.empty(2048, 16)), {}, tokens)
-    assert not _per_module((vector, acts), {}, tokens)
-    assert not _per_module((torch.empty(4, 1024, 8),), {}, tokens)  # a token dimension
-    assert not _per_module((torch.empty(SMALL_DIM + 1, SMALL_DIM + 1),), {}, tokens)  # weight-shaped
-    assert not _per_module((2.0,), {"size": (3,)}, tokens)
     hidden = torch.empty(4, 1024, 64)
-    assert _token_dims((hidden,), {}) == tokens
-    assert _token_dims((), {"hidden_states": hidden}) == tokens
-    monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", "0")
-    assert _token_dims((hidden,), {}) == frozenset()
+    tokens = token_dims_of(hidden)
+    assert tokens == frozenset({1024, 4096})
+    vector, factor, acts = torch.empty(2048), torch.empty(16, 2048), torch.empty(4096, 2048)
+    assert per_module([vector, factor, torch.empty(2048, 16)], tokens)
+    assert not per_module([vector, acts], tokens)
+    assert not per_module([torch.empty(4, 1024, 8)], tokens)  # a token dimension
+    assert not per_module([torch.empty(SMALL_DIM + 1, SMALL_DIM + 1)], tokens)  # weight-shaped
+    assert not per_module([], tokens)
+    rule, aten = PerModuleRule(), torch.ops.aten
+    assert rule(None, aten.sqrt.default, vector) == CheckpointPolicy.PREFER_RECOMPUTE  # no block input seen yet
+    assert rule(None, aten.mul.Tensor, hidden, 2.0) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert rule.token_dims == tokens
+    assert rule(None, aten.sqrt.default, vector) == CheckpointPolicy.MUST_SAVE
+    assert rule(None, aten.mm.default, acts, factor.t()) == CheckpointPolicy.MUST_SAVE  # a product, as before
+
+
+@pytest.mark.parametrize("save_small", ["0", "1"])
+def test_one_graph_for_new_lengths(save_small, monkeypatch):
+    """Packed batches change length: after the one recompile with dynamic sizes, new lengths reuse the graph, with or
+    without the per-module rule (which reads sizes only while AOTAutograd traces, and never makes them concrete)."""
+    from torch._dynamo.utils import counters
+
+    from peftlab.train.packing import compile_model
+    from peftlab.train.pointwise import recompute_pointwise
+
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", save_small)
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_llama(layers=1)
+    model.config.use_cache = False
+    peftlab.attach(model, peftlab.variants()["dora"]("all-linear", 4))
+    compile_model(model, "aot_eager", "layers")
+    graphs = []
+    with recompute_pointwise(model):
+        for length in (32, 40, 48, 56):
+            ids = torch.randint(3, 90, (2, length), generator=torch.Generator().manual_seed(length))
+            model(input_ids=ids, labels=ids).loss.backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[1] == graphs[2] == graphs[3] > graphs[0], graphs
 
 
 @pytest.mark.parametrize("save_small", ["0", "1"])
@@ -101,13 +133,13 @@ def test_save_small_same_gradients(variant, save_small, monkeypatch):
     monkeypatch.setenv("PEFTLAB_POINTWISE_SAVE_SMALL", save_small)
     from peftlab.train import pointwise
 
-    rule, kept_ops = pointwise._per_module, []
+    rule, kept_ops = pointwise.per_module, []
 
     def counting(*args):
         kept_ops.append(rule(*args))
         return kept_ops[-1]
 
-    monkeypatch.setattr(pointwise, "_per_module", counting)
+    monkeypatch.setattr(pointwise, "per_module", counting)
     kept, kept_pw = _compare(variant)
     assert kept_pw <= kept, (kept_pw, kept)
     if save_small == "1":  # the rule kept some ops and left others to the recompute

@@ -50,53 +50,81 @@ KEPT_OPS = frozenset(getattr(_aten, name).default for name in _KEPT_NAMES if has
     _aten.add.Tensor, _aten.sub.Tensor}
 
 
-def policy(ctx, op, *args, token_dims: frozenset = frozenset(), **kwargs) -> CheckpointPolicy:
-    """Keep matrix products, attention, sums, random ops (a recompute would draw again), ops outside aten (custom
-    kernels, whose cost is unknown) and, given ``token_dims`` (the block input's sequence and token counts), ops on
-    per-module tensors only (``_per_module``); recompute the other aten ops."""
+def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep matrix products, attention, sums, random ops (a recompute would draw again) and ops outside aten
+    (custom kernels, whose cost is unknown); recompute the other aten ops."""
     if op in KEPT_OPS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
         return CheckpointPolicy.MUST_SAVE
     if getattr(op, "namespace", None) != "aten":
-        return CheckpointPolicy.MUST_SAVE
-    if token_dims and _per_module(args, kwargs, token_dims):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # An op whose tensor inputs have no token dimension and at most one dimension above SMALL_DIM works on per-module
 # tensors (a norm, a scale vector, a cast of a rank-r factor): its result costs no memory per token, and recomputing it
-# in backward is a launch for next to no work. DoRA's norm chain is several such ops per module: kept, its step took
-# 1.6-2.6 ms less on an H200 (1B shape; twenty-sixth session, bench/README.md). A weight-shaped tensor (two large
-# dimensions: a dense update built from factors) stays recomputed at any model width.
+# in backward is a launch for next to no work, or worse, work fused into a token-sized kernel. DoRA's norm chain is
+# several such ops per module: kept, its step took 1.6-2.6 ms less on an H200 (1B shape; twenty-sixth session,
+# bench/README.md). A weight-shaped tensor (two large dimensions: a dense update built from factors) stays recomputed.
 SMALL_DIM = 256
 
 
-def _per_module(args, kwargs, token_dims: frozenset) -> bool:
-    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if not tensors:  # factories (full, arange, empty): nothing to read, recomputing is free
+class PerModuleRule:
+    """``policy`` that also keeps per-module ops (``per_module``). The token dimensions (sequence length, token count)
+    come from the first tensor of three or more dimensions that the region reads, the block's input: read while
+    AOTAutograd traces the region, not by dynamo, so the rule adds no guard to the graph (under dynamic shapes those
+    sizes are symbolic and every symbolic size counts as a token dimension)."""
+
+    def __init__(self):
+        self.token_dims: frozenset | None = None
+
+    def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision is CheckpointPolicy.MUST_SAVE:
+            return decision
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if self.token_dims is None:
+            block_input = next((t for t in tensors if t.dim() >= 3), None)
+            if block_input is None:
+                return decision
+            self.token_dims = token_dims_of(block_input)
+        return CheckpointPolicy.MUST_SAVE if per_module(tensors, self.token_dims) else decision
+
+
+def token_dims_of(hidden: torch.Tensor) -> frozenset:
+    """The static ones of (sequence length, token count) of a (batch, seq, hidden) tensor."""
+    count = 1
+    for d in hidden.shape[:-1]:  # not Size.numel(), which makes a symbolic size concrete (a guard: a graph per length)
+        count = count * d
+    return frozenset(d for d in (hidden.shape[-2], count) if type(d) is int)
+
+
+def per_module(tensors: list, token_dims: frozenset) -> bool:
+    """Whether every tensor has static dimensions (parameters' are; a symbolic one is a batch or sequence size), none
+    of them in ``token_dims``, and at most one above SMALL_DIM; False for no tensor (factories read nothing)."""
+    if not tensors:
         return False
-    return all(sum(d > SMALL_DIM for d in t.shape) <= 1 and not token_dims.intersection(t.shape) for t in tensors)
+    for t in tensors:
+        dims = tuple(t.shape)
+        if not all(type(d) is int for d in dims) or token_dims.intersection(dims):
+            return False
+        if sum(d > SMALL_DIM for d in dims) > 1:
+            return False
+    return True
 
 
-def _token_dims(args, kwargs) -> frozenset:
-    """The block input's sequence length and token count (``hidden_states``: (batch, seq, hidden)), the dimensions
-    that mark a tensor as per-token; empty with ``PEFTLAB_POINTWISE_SAVE_SMALL=0`` (the A/B knob: recompute
-    per-module ops too, as before the twenty-sixth session)."""
+def _contexts():
+    """The region's checkpoint contexts, a fresh rule each (``PEFTLAB_POINTWISE_SAVE_SMALL=0``: the plain policy,
+    per-module ops recomputed too, as before the twenty-sixth session; an A/B knob read when a region is traced)."""
     if os.environ.get("PEFTLAB_POINTWISE_SAVE_SMALL", "1") == "0":
-        return frozenset()
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
-        return frozenset()
-    return frozenset({int(hidden.shape[-2]), int(hidden.shape[:-1].numel())})
+        return create_selective_checkpoint_contexts(policy)
+    return create_selective_checkpoint_contexts(PerModuleRule())
 
 
 def _selective(block_forward):
     def forward(*args, **kwargs):
         if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
             return block_forward(*args, **kwargs)
-        rule = functools.partial(policy, token_dims=_token_dims(args, kwargs))
-        return checkpoint(block_forward, *args, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts, rule), **kwargs)
+        return checkpoint(block_forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
     return forward
 
 
