@@ -27,7 +27,6 @@ functionalized by the trace and the tests find the same gradients.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Iterator
 
