@@ -28,6 +28,10 @@ from peftlab.methods.lora import LoraConfig, LoraLayer
 from peftlab.ops import fast
 
 
+# bench knob: DoRA's rank-r norm products as broadcast sums inside compiled graphs (dora_row_norm)
+_RANK_REDUCTIONS = os.environ.get("PEFTLAB_DORA_RANK_GEMM", "1") == "0"
+
+
 def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                   w0_sq: torch.Tensor | None = None, native_gemm: bool = False) -> torch.Tensor:
     """Row norms of W0 + s B A without materialising the product (fp32; with ``native_gemm`` the one
@@ -45,9 +49,6 @@ def dora_row_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
     else:
         lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     return (w0_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
-
-
-_RANK_REDUCTIONS = os.environ.get("PEFTLAB_DORA_RANK_GEMM", "1") == "0"
 
 
 class DoraLayer(LoraLayer):

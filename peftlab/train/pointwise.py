@@ -7,9 +7,9 @@ and gate/up read them) and the SwiGLU product ``act(gate) * up`` (down reads it)
 of tensors the layer keeps anyway (its input, the gate and up projections). ``recompute_pointwise`` wraps each
 decoder layer in torch's selective activation checkpoint with a policy that keeps the outputs of matrix products,
 attention, sums, random ops and ops on per-module tensors (no token dimension: a norm, a scale vector) and recomputes
-everything else; torch.compile traces it into the layer's graph, so the
-recompute is fused into the backward kernels (no second forward, no Python per layer at run time). Unsloth gets
-the same effect from hand-written backward kernels that rebuild SwiGLU and the norms.
+everything else; torch.compile traces it into the layer's graph, so the recompute is fused into the backward kernels
+(no second forward, no Python per layer at run time). Unsloth gets the same effect from hand-written backward kernels
+that rebuild SwiGLU and the norms.
 
     with recompute_pointwise(model):   # before the first compiled call; the layers must be compiled
         ...
@@ -27,6 +27,7 @@ functionalized by the trace and the tests find the same gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterator
 
@@ -91,9 +92,7 @@ class PerModuleRule:
 
 def token_dims_of(hidden: torch.Tensor) -> frozenset:
     """The static ones of (sequence length, token count) of a (batch, seq, hidden) tensor."""
-    count = 1
-    for d in hidden.shape[:-1]:  # not Size.numel(), which makes a symbolic size concrete (a guard: a graph per length)
-        count = count * d
+    count = math.prod(hidden.shape[:-1])  # not Size.numel(), which makes a symbolic size concrete (a graph per length)
     return frozenset(d for d in (hidden.shape[-2], count) if type(d) is int)
 
 
