@@ -103,6 +103,10 @@ def train(
         "AdaLoRA, Tied-LoRA, VeRA, LoHa, LoKr, OFT, HRA)."),
     compile_scope: str = typer.Option("adapted", help="What --compile BACKEND compiles: layers (each decoder layer) "
                                       "or adapted (each adapted module)."),
+    kv_prefix_init: Optional[str] = typer.Option(None, help="data: prefix tuning (without --set prefix_projection=true) "
+                                                 "or Cartridges start from the base model's KV cache of the first "
+                                                 "training tokens instead of random values."),
+    kv_prefix_text: Optional[str] = typer.Option(None, help="As --kv-prefix-init, from the KV cache of this text."),
 ) -> None:
     """Fine-tune an adapter with SFT (prompt tokens masked) and save it in PEFT format.
 
@@ -149,7 +153,8 @@ def train(
                      galore_scale=galore_scale, galore_proj_type=galore_proj_type, device=device,
                      packing=packing, compile=None if compile_ == "none" else compile_,
                      compile_scope=compile_scope, compile_mode=compile_mode, activation_budget=activation_budget,
-                     recompute_pointwise=recompute_pointwise)
+                     recompute_pointwise=recompute_pointwise, kv_prefix_init=kv_prefix_init,
+                     kv_prefix_text=kv_prefix_text)
     args.distributed = distributed
     try:
         metrics = run_train(args)

@@ -59,11 +59,15 @@ def _task_zero(module: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, "task_ids": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)}
 
 
-def attach_with_peft(model: nn.Module, config: peftlab.AdapterConfig) -> tuple[nn.Module, Callable[[int], None]]:
-    """Wrap ``model`` with HF PEFT; returns the PEFT model and its per-step hook (AdaLoRA's allocator)."""
+def attach_with_peft(model: nn.Module, config: peftlab.AdapterConfig, kv_table: torch.Tensor | None = None
+                     ) -> tuple[nn.Module, Callable[[int], None]]:
+    """Wrap ``model`` with HF PEFT; returns the PEFT model and its per-step hook (AdaLoRA's allocator).
+    ``kv_table``: a KV prefix's start (the trainer's ``kv_prefix_init``), set through PEFT's own loader."""
     import peft
 
     peft_model = peft.get_peft_model(model, to_peft_config(config))
+    if kv_table is not None:  # what PEFT's initialize_kv_prefix_from_past_key_values does with its table
+        peft_model.prompt_encoder[peft_model.active_adapter].load_prompt_embeddings(kv_table)
     inner = peft_model.base_model
     if any(getattr(config, f, None) == 1 for f in SINGLE_TASK_FIELDS):
         peft_model.register_forward_pre_hook(_task_zero, with_kwargs=True)

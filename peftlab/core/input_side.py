@@ -101,13 +101,20 @@ class HookMethod:
     refuses every input-side method (core/merge.py), so there is no merge surface here."""
 
     def __init__(self, build: Callable[[nn.Module, AdapterConfig], HookedAdapter], identity_at_init: bool = False,
-                 top_level_keys: tuple[str, ...] = (), folds_when_saving: bool = False):
+                 top_level_keys: tuple[str, ...] = (), folds_when_saving: bool = False,
+                 kv_prefill: Callable[[AdapterConfig], bool] | None = None):
         self.build = build
+        # kv_prefill(config): the adapter built for this config is a KV table that a prefill of the base model can set
+        # (its ``load_rows``; peftlab/kv_prefill.py): prefix tuning without its encoder, Cartridges
+        self._kv_prefill = kv_prefill
         self.identity_at_init = identity_at_init
         self.top_level_keys = top_level_keys
         # the file holds a folded form of the live tensors (the method's to_file: CPT's E + proj(D)), so a loaded
         # adapter is the same function in another parametrisation: compare the files, not the live tensors
         self.folds_when_saving = folds_when_saving
+
+    def kv_prefill(self, config: AdapterConfig) -> bool:
+        return self._kv_prefill is not None and bool(self._kv_prefill(config))
 
     def attach(self, model: nn.Module, config: AdapterConfig, name: str) -> None:
         ref = _reference_parameter(model)

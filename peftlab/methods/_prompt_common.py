@@ -135,6 +135,22 @@ class KVPrefix(VirtualTable):
         self.shape = shape
         self.num_prefix_tokens = self.rows_count
 
+    @torch.no_grad()
+    def load_rows(self, table: torch.Tensor) -> None:
+        """Set the KV table (n, layers * 2 * kv_heads * head_dim) directly (a prefill's cache: kv_prefill.py)."""
+        if self.encoder is not None:
+            raise ValueError("a KV prefix computed by an encoder (prefix_projection=True) cannot be set from a cache: "
+                             "its trained parameters are the encoder's, not the table")
+        self._check_table(table)
+        self.embedding.copy_(table)
+
+    def _check_table(self, table: torch.Tensor) -> None:
+        layers, heads, head_dim = self.shape
+        want = (self.rows_count, layers * 2 * heads * head_dim)
+        if tuple(table.shape) != want:
+            raise ValueError(f"KV prefix table has shape {tuple(table.shape)}; this adapter takes {want} "
+                             f"({self.rows_count} positions x {layers} layers x 2 x {heads} heads x {head_dim})")
+
     def write_prefix(self, cache, batch: int, dtype: torch.dtype) -> None:
         layers, heads, head_dim = self.shape  # PEFT runs the prefix encoder on every batch row
         kv = self.rows(batch).to(dtype).view(batch, self.rows_count, 2 * layers, heads, head_dim)
@@ -165,6 +181,7 @@ def fill_from_vocabulary(table: torch.Tensor, model: nn.Module, config) -> None:
     table.copy_(embeddings(prompt_init_ids(model, config).to(embeddings.weight.device)).float())
 
 
-def hooks(build, top_level_keys: tuple[str, ...] = TOP_LEVEL, folds_when_saving: bool = False) -> HookMethod:
+def hooks(build, top_level_keys: tuple[str, ...] = TOP_LEVEL, folds_when_saving: bool = False,
+          kv_prefill=None) -> HookMethod:
     return HookMethod(build, identity_at_init=False, top_level_keys=top_level_keys,
-                      folds_when_saving=folds_when_saving)
+                      folds_when_saving=folds_when_saving, kv_prefill=kv_prefill)

@@ -4,8 +4,8 @@ As prefix tuning without a reparameterisation: per layer l, keys and values K_l,
 parameters, placed in the KV cache before the caller's tokens, ``attn_l(x) = softmax(q [K_l; k(x)]^T) [V_l; v(x)]``.
 The first ``num_frozen_tokens`` positions (an attention sink, 1 by default) are kept frozen: a buffer, never
 trained. Both parts start at N(0, 1), frozen rows drawn first (PEFT's order, so one seed gives PEFT's values).
-PEFT's initialisation from a prefill of a text (its ``initialize_kv_prefix_*`` utilities) is a separate step
-there and is not offered here.
+The paper's initialisation from the first tokens of a corpus (PEFT's ``initialize_kv_prefix_*`` utilities, a step
+after attaching) is ``peftlab.kv_prefill`` (``peftlab train --kv-prefix-init data``; compare's default).
 
 Saved key (top level, as PEFT): ``prompt_embeddings`` (n, layers * 2 * kv_heads * head_dim), the frozen rows then
 the trained ones (layout as prefix tuning's); it is split by ``num_frozen_tokens`` on loading.
@@ -49,6 +49,14 @@ class Cartridge(KVPrefix):
         table = torch.cat([self.frozen_embedding, self.embedding]).unsqueeze(0)
         return table.expand(batch, -1, -1) if batch > 1 else table
 
+    @torch.no_grad()
+    def load_rows(self, table: torch.Tensor) -> None:
+        """The first ``num_frozen_tokens`` rows of ``table`` into the frozen buffer, the rest into the trained rows."""
+        self._check_table(table)
+        frozen = self.frozen_embedding.shape[0]
+        self.frozen_embedding.copy_(table[:frozen])
+        self.embedding.copy_(table[frozen:])
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"frozen_embedding": self.frozen_embedding, "trainable_embedding": self.embedding}
 
@@ -73,6 +81,6 @@ def build(model, config: CartridgeConfig) -> Cartridge:
 
 
 # as prefix tuning: a KV table trained directly, at prompt-learning rates
-register("CARTRIDGE", CartridgeConfig, kind="input", input_hooks=hooks(build, top_level_keys=_LIVE), lr_scale=10.0,
-         to_file=to_file, from_file=from_file,
+register("CARTRIDGE", CartridgeConfig, kind="input", lr_scale=10.0, to_file=to_file, from_file=from_file,
+         input_hooks=hooks(build, top_level_keys=_LIVE, kv_prefill=lambda config: True),
          default_config=lambda target_modules=None, r=8: CartridgeConfig(num_virtual_tokens=r))

@@ -178,7 +178,8 @@ register("P_TUNING", PromptEncoderConfig, kind="input", input_hooks=hooks(build_
          default_config=lambda target_modules=None, r=8: PromptEncoderConfig(num_virtual_tokens=r))
 register_variant("p_tuning_lstm", "P_TUNING", lambda target_modules=None, r=8: PromptEncoderConfig(
     num_virtual_tokens=r, encoder_reparameterization_type="LSTM"))
-register("PREFIX_TUNING", PrefixTuningConfig, kind="input", input_hooks=hooks(build_prefix_tuning), lr_scale=10.0,
+register("PREFIX_TUNING", PrefixTuningConfig, kind="input", lr_scale=10.0,
+         input_hooks=hooks(build_prefix_tuning, kv_prefill=lambda config: not config.prefix_projection),
          default_config=lambda target_modules=None, r=8: PrefixTuningConfig(num_virtual_tokens=r))
 register_variant("prefix_tuning_projection", "PREFIX_TUNING", lambda target_modules=None, r=8: PrefixTuningConfig(
     num_virtual_tokens=r, prefix_projection=True))

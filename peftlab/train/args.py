@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.core.config import ConfigError
+from peftlab import kv_prefill
 from peftlab.core.registry import variants
 from peftlab.train import distributed, galore
 from peftlab.train.frugal import validate_memory_args
@@ -123,6 +124,11 @@ class TrainArgs:
     neither of those is set (``packing.resolve_pointwise``); False: never."""
     init_batches: int = 8
     """Training batches an initialisation that needs data (LoRA's init_lora_weights=eva) sees before training."""
+    kv_prefix_init: str | None = None
+    """"data": a KV-table adapter (prefix tuning without prefix_projection, Cartridges) starts from the base model's
+    cache of the first training tokens, not random values (peftlab/kv_prefill.py); None: the method's own init."""
+    kv_prefix_text: str | None = None
+    """As ``kv_prefix_init`` but from the cache of this text's tokens."""
     compile_scope: str = "adapted"
     """What an explicit ``compile`` backend compiles: each decoder layer ("layers") or each adapted module
     ("adapted"); "auto" always compiles layers."""
@@ -147,6 +153,7 @@ class TrainArgs:
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         distributed.check_strategy(self.distributed)
+        kv_prefill.check_args(self.kv_prefix_init, self.kv_prefix_text)
         validate_memory_args(self)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from peftlab import kv_prefill
 from peftlab.core.config import ConfigError
 from peftlab.core.hooks import log_stats, step_end
 from peftlab.core.inject import count_parameters, delete_adapter, model_state
@@ -113,12 +114,15 @@ def train(args: TrainArgs, model: torch.nn.Module | None = None, tokenizer=None,
 
     torch.manual_seed(args.seed)  # the adapter's initial weights depend on the seed only
     random.seed(args.seed)
+    batches = partial(init_batches, train_set, collate, args.batch_size, args.init_batches)
+    kv_table = kv_prefill.table_for_args(model, tokenizer, config, args.kv_prefix_init, args.kv_prefix_text, batches)
     if attach_fn is None:
-        attach_initial(model, config, args.adapter_name, initial,
-                       batches=partial(init_batches, train_set, collate, args.batch_size, args.init_batches))
+        attach_initial(model, config, args.adapter_name, initial, batches=batches)
+        if kv_table is not None:
+            kv_prefill.load_table(model, args.adapter_name, kv_table)
         on_step = partial(step_end, model)
     else:  # another library's adapters (compare --with-peft): attach_fn(model, config) -> (model, on_step)
-        model, on_step = attach_fn(model, config)
+        model, on_step = attach_fn(model, config, **({} if kv_table is None else {"kv_table": kv_table}))
     try:
         runtime.wrap(model)
         optimizer, scheduler, lr = _optimizer(args, model, config)
