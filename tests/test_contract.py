@@ -69,7 +69,7 @@ def test_loss_falls(variant):
     x = batch(b=4, t=16)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, f"{variant}: no trainable parameters"
-    opt = torch.optim.AdamW(params, lr=1e-2 * method_for(config).lr_scale * TINY_MODEL_LR.get(variant, 1.0))
+    opt = torch.optim.AdamW(params, lr=1e-2 * method_for(config).rate(config) * TINY_MODEL_LR.get(variant, 1.0))
     losses = []
     for step in range(20):
         loss = model(x, labels=x).loss  # includes the adapters' extra losses (forward hook)

@@ -73,7 +73,7 @@ def test_only_the_classifier_trains_and_the_loss_falls(experts):
     assert {id(p) for p in params} == {id(t) for t in adapter_tensors(model, "default").values()}
     model(x)
     before = model.peftlab_hooked["default"].scalings[..., 0].mean()
-    losses = fit(model, x, steps=20, lr=1e-2 * method_for(config).lr_scale)
+    losses = fit(model, x, steps=20, lr=1e-2 * method_for(config).rate(config))
     assert losses[-1] < losses[0] - 0.05, f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     model(x)
     assert model.peftlab_hooked["default"].scalings[..., 0].mean() > before

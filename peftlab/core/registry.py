@@ -31,8 +31,9 @@ class Method:
     # adapter and passed to each of its layers as a fourth argument (VeRA's projections, Tied-LoRA's A/B)
     make_shared: Callable[..., Any] | None = None
     # typical learning rate relative to LoRA's; methods with very few parameters (IA3, VeRA) train at
-    # 10-30x. Trainers, compare and the contract suite multiply their base learning rate by it.
-    lr_scale: float = 1.0
+    # 10-30x. Trainers, compare and the contract suite multiply their base learning rate by ``rate(config)``: this
+    # number, or lr_scale(config) where a form of the method needs its own (prefix tuning with its encoder)
+    lr_scale: float | Callable[..., float] = 1.0
     # optional: log_stats(model, adapter_name) -> {key: number or list}, read (and reset) at each
     # training log line and stored in the run's history (MoLoRA's expert usage)
     log_stats: Callable[..., dict] | None = None
@@ -53,6 +54,10 @@ class Method:
     # are (a training checkpoint's snapshot, an older file)
     to_file: Callable[..., dict] | None = None
     from_file: Callable[..., dict] | None = None
+
+    def rate(self, config) -> float:
+        """The learning-rate multiple for ``config`` (``lr_scale``, or its value for this config)."""
+        return float(self.lr_scale(config) if callable(self.lr_scale) else self.lr_scale)
 
     def layer_class(self, config):
         return self.layer_factory(config) if self.layer_factory else self.layer

@@ -80,7 +80,8 @@ def build(model, config: CartridgeConfig) -> Cartridge:
     return Cartridge(shape, config.num_virtual_tokens, layers * 2 * heads * head_dim, config.num_frozen_tokens)
 
 
-# as prefix tuning: a KV table trained directly, at prompt-learning rates
-register("CARTRIDGE", CartridgeConfig, kind="input", lr_scale=10.0, to_file=to_file, from_file=from_file,
+# as prefix tuning's table: trained directly, 30x (default compare, from a prefill of the first training tokens: 3x
+# 4.1655, 10x 4.0242, 30x 3.7530, 100x 3.6653; base model 4.2587; bench/results/compare/lr_probe/probe_kv_prefill.md)
+register("CARTRIDGE", CartridgeConfig, kind="input", lr_scale=30.0, to_file=to_file, from_file=from_file,
          input_hooks=hooks(build, top_level_keys=_LIVE, kv_prefill=lambda config: True),
          default_config=lambda target_modules=None, r=8: CartridgeConfig(num_virtual_tokens=r))

@@ -168,6 +168,13 @@ def build_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> KVPrefi
     return adapter
 
 
+def _prefix_rate(config: PrefixTuningConfig) -> float:
+    """30x for the KV table trained directly, 10x with the encoder. Default compare, tables from a prefill of the first
+    training tokens: 3x 4.0071, 10x 3.7498, 30x 3.6504, 100x 3.8486; with the encoder 10x 3.8472, 30x 8.33 (diverged);
+    base model 4.2587 (bench/results/compare/lr_probe/probe_kv_prefill.md)."""
+    return 10.0 if config.prefix_projection else 30.0
+
+
 # few parameters: PEFT's prompt-learning examples train at 1e-2 to 3e-2, well above LoRA's rates. P-tuning is the
 # exception: its encoder (an MLP or LSTM over the virtual tokens) diverged at 10x in the default compare (eval loss 5.7-6.4
 # against the base model's 4.26), and at 3x the MLP form ended above the base; at LoRA's rate (PEFT's P-tuning example
@@ -178,7 +185,7 @@ register("P_TUNING", PromptEncoderConfig, kind="input", input_hooks=hooks(build_
          default_config=lambda target_modules=None, r=8: PromptEncoderConfig(num_virtual_tokens=r))
 register_variant("p_tuning_lstm", "P_TUNING", lambda target_modules=None, r=8: PromptEncoderConfig(
     num_virtual_tokens=r, encoder_reparameterization_type="LSTM"))
-register("PREFIX_TUNING", PrefixTuningConfig, kind="input", lr_scale=10.0,
+register("PREFIX_TUNING", PrefixTuningConfig, kind="input", lr_scale=_prefix_rate,
          input_hooks=hooks(build_prefix_tuning, kv_prefill=lambda config: not config.prefix_projection),
          default_config=lambda target_modules=None, r=8: PrefixTuningConfig(num_virtual_tokens=r))
 register_variant("prefix_tuning_projection", "PREFIX_TUNING", lambda target_modules=None, r=8: PrefixTuningConfig(

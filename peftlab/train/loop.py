@@ -171,7 +171,7 @@ def _optimizer(args: TrainArgs, model, config):
         optimizer = galore.make_optimizer(model, config, args.lr, args.weight_decay, args.optim == "adamw_8bit")
         factor = lr_factor(args.lr_scheduler, args.warmup_steps, args.max_steps)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), args.lr
-    lr = args.lr * method_for(config).lr_scale
+    lr = args.lr * method_for(config).rate(config)
     if args.loraplus_lr_ratio is not None:
         from peftlab.train.optim import create_loraplus_optimizer
 
