@@ -1,4 +1,4 @@
-"""Command line for adapter arithmetic and shipping: ``peftlab convert``, ``combine``, ``export``.
+"""Command line for adapter arithmetic and shipping: ``peftlab convert``, ``combine``, ``compose``, ``export``.
 
 Registered on the main typer app by ``register(app)`` (see the end of ``peftlab/cli.py``).
 """
@@ -91,6 +91,24 @@ def combine(
                   f"rank {ranks}; written to [bold]{out}[/]")
 
 
+def compose(
+    adapters: list[Path] = typer.Argument(..., help="Cartridge (or prefix-tuning) adapter folders, in order."),
+    out: Path = typer.Option(..., help="Output folder: one adapter whose KV prefix is theirs, concatenated."),
+) -> None:
+    """Concatenate the KV prefixes of Cartridge adapters (or prefix tuning without prefix_projection) into one
+    adapter: the Cartridges paper's composition (PEFT's compose_cartridge_adapters). No base model is read.
+
+    Example: `peftlab compose runs/docs_a/adapter runs/docs_b/adapter --out runs/docs_ab`
+    """
+    from peftlab.kv_prefill import compose as compose_tables
+
+    try:
+        config = compose_tables(adapters, out)
+    except _errors() as exc:
+        _fail(str(exc))
+    console.print(f"{len(adapters)} KV prefixes -> {config.num_virtual_tokens} positions; written to [bold]{out}[/]")
+
+
 export_app = typer.Typer(no_args_is_help=True, help="Export an adapter: a merged model folder, or a GGUF LoRA.")
 
 
@@ -151,4 +169,5 @@ def export_gguf(
 def register(app: typer.Typer) -> None:
     app.command()(convert)
     app.command()(combine)
+    app.command()(compose)
     app.add_typer(export_app, name="export")

@@ -10,9 +10,13 @@ l, key (2l) and value (2l + 1) of position i). The keys carry their rotary phase
 prefix sits in every later call.
 
 ``peftlab train --kv-prefix-init data`` prefills the first training examples' tokens (their padding dropped, joined
-until there are n); ``--kv-prefix-text TEXT`` a given text.
+until there are n); ``--kv-prefix-text TEXT`` a given text. ``compose`` (``peftlab compose``) concatenates saved
+tables into one adapter, the paper's composition.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -160,3 +164,50 @@ def table_for_args(model: nn.Module, tokenizer, config, mode: str | None, text: 
 def load_table(model: nn.Module, name: str, table: torch.Tensor) -> None:
     adapter = _adapter(model, name)
     adapter.load_rows(table.to(device=adapter.embedding.device, dtype=adapter.embedding.dtype))
+
+
+# -- composition (the Cartridges paper's: concatenate trained tables) -----------------------------
+_SAME = ("peft_type", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
+
+
+def compose(folders, out) -> object:
+    """Concatenate the KV tables of saved adapters (Cartridges, or prefix tuning without its encoder) into one adapter
+    at ``out``: positions of the first, then the second, ... (PEFT's ``compose_cartridge_adapters``). The model
+    dimensions must agree; a Cartridge keeps the first adapter's ``num_frozen_tokens``. Written atomically, safetensors
+    only; returns the new config."""
+    from peftlab.core.registry import method_for
+    from peftlab.core.state import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_safetensors,
+                                    atomic_write_bytes, read_adapter_weights, read_config, staged_dir)
+
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise ValueError(f"compose needs at least 2 adapters, got {len(folders)}")
+    configs = [read_config(f) for f in folders]
+    tables = []
+    for folder, config in zip(folders, configs):
+        hooks = method_for(config).input_hooks
+        if hooks is None or not hooks.kv_prefill(config):
+            raise ConfigError(f"{folder}: {type(config).__name__} is not a KV table (Cartridges and prefix tuning "
+                              "without prefix_projection are)")
+        for key in _SAME:
+            if getattr(config, key, None) != getattr(configs[0], key, None):
+                raise ConfigError(f"{folder}: {key}={getattr(config, key, None)!r} differs from {folders[0]}'s "
+                                  f"{getattr(configs[0], key, None)!r}")
+        weights = read_adapter_weights(folder)
+        if set(weights) != {"prompt_embeddings"}:
+            raise CheckpointError(f"{folder}: expected one tensor 'prompt_embeddings', found {sorted(weights)}")
+        table = weights["prompt_embeddings"]
+        if table.dim() != 2 or table.shape[0] != config.num_virtual_tokens:
+            raise CheckpointError(f"{folder}: prompt_embeddings has shape {tuple(table.shape)}; its config says "
+                                  f"{config.num_virtual_tokens} positions")
+        if tables and table.shape[1] != tables[0].shape[1]:
+            raise CheckpointError(f"{folder}: prompt_embeddings rows are {table.shape[1]} wide, {folders[0]}'s "
+                                  f"{tables[0].shape[1]}")
+        tables.append(table)
+    composed = torch.cat(tables)
+    config = configs[0].replace(num_virtual_tokens=composed.shape[0])
+    data = {**config.to_dict(), "inference_mode": True}
+    with staged_dir(out) as tmp:
+        atomic_save_safetensors({"prompt_embeddings": composed}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_bytes(tmp / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    return config

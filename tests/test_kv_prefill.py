@@ -185,3 +185,76 @@ def test_cli_prefix_from_text(tmp_path):
     result = CliRunner().invoke(app, common + ["--method", "lora", "--out", str(tmp_path / "l"),
                                                "--kv-prefix-init", "data"])
     assert result.exit_code != 0 and "no KV table" in result.output
+
+
+def _saved_cartridge(folder, seed, n, frozen=1):
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.CartridgeConfig(num_virtual_tokens=n, num_frozen_tokens=frozen))
+    kv_prefill.init_from_ids(model, _ids(seed, n))
+    peftlab.save_adapter(model, folder)
+    return folder
+
+
+def test_compose_matches_peft_and_loads_in_both(tmp_path):
+    """Ours and PEFT's ``compose_cartridge_adapters`` on the same two files: same tensor, same config fields; the
+    composed adapter loads in both and acts alike."""
+    from safetensors.torch import load_file
+
+    from peftlab.cli import app
+    from typer.testing import CliRunner
+
+    a = _saved_cartridge(tmp_path / "a", 6, 3, frozen=2)
+    b = _saved_cartridge(tmp_path / "b", 7, 2)
+    result = CliRunner().invoke(app, ["compose", str(a), str(b), "--out", str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
+    peft.tuners.cartridge.utils.compose_cartridge_adapters([a, b], output_path=tmp_path / "peft")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    torch.testing.assert_close(ours["prompt_embeddings"], theirs["prompt_embeddings"], atol=0, rtol=0)
+    torch.testing.assert_close(ours["prompt_embeddings"], torch.cat([
+        load_file(f / "adapter_model.safetensors")["prompt_embeddings"] for f in (a, b)]), atol=0, rtol=0)
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key in ("num_virtual_tokens", "num_frozen_tokens", "peft_type"):
+        assert ours_cfg[key] == theirs_cfg[key], key
+    assert ours_cfg["num_virtual_tokens"] == 5 and ours_cfg["num_frozen_tokens"] == 2
+    x = _ids(8, 5, rows=2)
+    mine = tiny_llama()
+    peftlab.load_adapter(mine, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_compose_refuses_bad_input(tmp_path):
+    from peftlab.core.state import CheckpointError
+
+    a = _saved_cartridge(tmp_path / "a", 6, 3)
+    with pytest.raises(ValueError, match="at least 2 adapters"):
+        kv_prefill.compose([a], tmp_path / "out")
+    lora = tiny_llama()
+    peftlab.attach(lora, peftlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    peftlab.save_adapter(lora, tmp_path / "lora")
+    with pytest.raises(ConfigError, match="lora: LoraConfig is not a KV table"):
+        kv_prefill.compose([a, tmp_path / "lora"], tmp_path / "out")
+    wide = tiny_llama(hidden=64)
+    peftlab.attach(wide, peftlab.CartridgeConfig(num_virtual_tokens=2))
+    peftlab.save_adapter(wide, tmp_path / "wide")
+    with pytest.raises(CheckpointError, match="wide: prompt_embeddings rows are 128 wide, .*a's 64"):
+        kv_prefill.compose([a, tmp_path / "wide"], tmp_path / "out")
+    prefix = tiny_llama()
+    peftlab.attach(prefix, peftlab.PrefixTuningConfig(num_virtual_tokens=2))
+    peftlab.save_adapter(prefix, tmp_path / "prefix")
+    with pytest.raises(ConfigError, match="peft_type='PREFIX_TUNING' differs"):
+        kv_prefill.compose([a, tmp_path / "prefix"], tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": torch.zeros(2, 128)}, bad / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape \(2, 128\); its config says 3 positions"):
+        kv_prefill.compose([a, bad], tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x", "a failed compose must leave the output as it was"
