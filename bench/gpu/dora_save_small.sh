@@ -16,8 +16,8 @@ ts() {  # ts NAME METHODS TIMEOUT [ENV...]
   env "$@" timeout "$limit" python3 bench/train_step.py --shape 1b --methods "$methods" --impls peftlab_compiled \
     --steps 20 --warmup 3 --repeats 1 --prime 0 --timeout 70 --out "$OUT/$name.json" 2>&1 | grep -E '^\[|rror'
 }
-ts old dora,lora 150 PEFTLAB_POINTWISE_SAVE_SMALL=0
-ts small dora,lora 150 PEFTLAB_POINTWISE_SAVE_SMALL=1
+ts old dora,lora 150 PEFTLAB_POINTWISE_SAVE_SMALL=0 PEFTLAB_DORA_RANK_GEMM=1
+ts small dora,lora 150 PEFTLAB_POINTWISE_SAVE_SMALL=1 PEFTLAB_DORA_RANK_GEMM=1
 ts small_sums dora 80 PEFTLAB_POINTWISE_SAVE_SMALL=1 PEFTLAB_DORA_RANK_GEMM=0
 for pair in "prof_old PEFTLAB_POINTWISE_SAVE_SMALL=0" "prof_small PEFTLAB_POINTWISE_SAVE_SMALL=1"; do
   set -- $pair
