@@ -75,26 +75,45 @@ def test_lora_keeps_less(fast, monkeypatch):
 
 
 def test_per_module_ops():
-    """The per-module rule: no tensor with a token dimension or a symbolic one, none with two dimensions above
-    SMALL_DIM (weight-shaped); a factory (no tensor input) is not per-module; the token dimensions come from the
-    first tensor of three or more dimensions the region reads."""
-    from peftlab.train.pointwise import SMALL_DIM, PerModuleRule, per_module, token_dims_of
+    """The per-module rule: no tensor read with a token dimension or a symbolic one, and a rank-sized result (a
+    vector, a rank-r factor, a Gram matrix; not weight-shaped, not VeRA's rank-256 projections or LoHa's rank-r^2
+    products); a factory (no tensor input) is not per-module; the token dimensions come from the first tensor of three
+    or more dimensions the region reads."""
+    from peftlab.train.pointwise import SMALL_REST, PerModuleRule, per_module, result_shape, token_dims_of
 
+    aten = torch.ops.aten
     hidden = torch.empty(4, 1024, 64)
     tokens = token_dims_of(hidden)
     assert tokens == frozenset({1024, 4096})
     vector, factor, acts = torch.empty(2048), torch.empty(16, 2048), torch.empty(4096, 2048)
-    assert per_module([vector, factor, torch.empty(2048, 16)], tokens)
-    assert not per_module([vector, acts], tokens)
-    assert not per_module([torch.empty(4, 1024, 8)], tokens)  # a token dimension
-    assert not per_module([torch.empty(SMALL_DIM + 1, SMALL_DIM + 1)], tokens)  # weight-shaped
+    weight = torch.empty(2048, 2048)
+
+    def small(op, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return per_module(tensors, tokens, result_shape(op, args, tensors) if tensors else ())
+
+    assert small(aten.mul.Tensor, factor, vector) and small(aten.mul.Tensor, torch.empty(2048, 16), 2.0)
+    assert not small(aten.mul.Tensor, vector, acts)
+    assert not small(aten.mul.Tensor, torch.empty(4, 1024, 8), 2.0)  # a token dimension
+    assert not small(aten.mul.Tensor, torch.empty(300, 300), 2.0)  # weight-shaped
+    assert small(aten.mul.Tensor, torch.empty(16, 16), torch.empty(8192, 1, SMALL_REST))  # a Gram matrix, a factor
+    assert not small(aten._to_copy.default, torch.empty(256, 2048))  # VeRA's projection, LoHa's rank-r^2 factor
+    assert not small(aten.mul.Tensor, torch.empty(2048, 1, 16), torch.empty(2048, 16, 1))  # LoHa's r^2 product
+    assert not small(aten.mul.Tensor, torch.empty(32, 64, 64), 2.0)  # OFT's blocks
+    assert small(aten.sum.dim_IntList, weight, [1])  # a weight's row norms: a vector
+    assert small(aten.sum.dim_IntList, torch.empty(16, 16, 8192), [-1])  # DoRA's Gram matrix as a broadcast sum
+    assert not small(aten.sum.dim_IntList, torch.empty(2, 2048, 2048), [0])
+    assert result_shape(aten.sum.dim_IntList, (weight, [0], True), [weight]) == (1, 2048)
+    assert result_shape(aten.linalg_vector_norm.default, (weight, 2, [1]), [weight]) == (2048,)
+    assert result_shape(aten.sum.default, (weight,), [weight]) == ()
     assert not per_module([], tokens)
-    rule, aten = PerModuleRule(), torch.ops.aten
+    rule = PerModuleRule()
     assert rule(None, aten.sqrt.default, vector) == CheckpointPolicy.PREFER_RECOMPUTE  # no block input seen yet
     assert rule(None, aten.mul.Tensor, hidden, 2.0) == CheckpointPolicy.PREFER_RECOMPUTE
     assert rule.token_dims == tokens
     assert rule(None, aten.sqrt.default, vector) == CheckpointPolicy.MUST_SAVE
     assert rule(None, aten.mm.default, acts, factor.t()) == CheckpointPolicy.MUST_SAVE  # a product, as before
+    assert rule(None, aten._to_copy.default, weight) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.parametrize("save_small", ["0", "1"])

@@ -60,12 +60,35 @@ def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# An op whose tensor inputs have no token dimension and at most one dimension above SMALL_DIM works on per-module
-# tensors (a norm, a scale vector, a cast of a rank-r factor): its result costs no memory per token, and recomputing it
-# in backward is a launch for next to no work, or worse, work fused into a token-sized kernel. DoRA's norm chain is
-# several such ops per module: kept, its step took 1.6-2.6 ms less on an H200 (1B shape; twenty-sixth session,
-# bench/README.md). A weight-shaped tensor (two large dimensions: a dense update built from factors) stays recomputed.
-SMALL_DIM = 256
+# An op that reads no token dimension and whose result is rank-sized (everything but its longest dimension holds at
+# most SMALL_REST entries: a vector, a rank-r factor, an r x r Gram matrix) works on per-module tensors: its result
+# costs no memory per token, and recomputing it in backward is a launch for next to no work, or worse, work fused into
+# a token-sized kernel. DoRA's norm chain is several such ops per module: kept, its step took 1.6-2.6 ms less on an
+# H200 and 1.5 ms less on an H100 (1B shape; twenty-sixth / twenty-seventh sessions, bench/README.md). A weight-shaped
+# result (a dense update built from factors) stays recomputed, and so do wider factors: VeRA's rank-256 projections and
+# LoHa's rank-r^2 (256) products, kept under the first form of the rule (inputs with at most one dimension above 256),
+# cost 0.25 and 0.37 GiB more at the same step time (H100, twenty-seventh session).
+SMALL_REST = 64
+_aten_reductions = {"sum": 1, "mean": 1, "amax": 1, "amin": 1, "linalg_vector_norm": 2}  # op name: its dims argument
+
+
+def result_shape(op, args: tuple, tensors: list) -> tuple:
+    """The shape an op's result will have, from its inputs: a reduction's input less its reduced dimensions, else the
+    inputs' broadcast shape (pointwise ops), else the largest input's (the policy runs before the op)."""
+    name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+    first = tuple(tensors[0].shape)
+    where = _aten_reductions.get(name)
+    if where is not None and args and args[0] is tensors[0]:
+        dims = args[where] if len(args) > where else None
+        keep = len(args) > where + 1 and args[where + 1] is True
+        if dims is None or dims == [] or dims == ():
+            return tuple(1 for _ in first) if keep else ()
+        dims = {d % len(first) for d in ([dims] if isinstance(dims, int) else dims)}
+        return tuple(1 if i in dims else d for i, d in enumerate(first) if keep or i not in dims)
+    try:
+        return tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    except RuntimeError:
+        return max((tuple(t.shape) for t in tensors), key=math.prod)
 
 
 class PerModuleRule:
@@ -87,7 +110,8 @@ class PerModuleRule:
             if block_input is None:
                 return decision
             self.token_dims = token_dims_of(block_input)
-        return CheckpointPolicy.MUST_SAVE if per_module(tensors, self.token_dims) else decision
+        small = per_module(tensors, self.token_dims, result_shape(op, args, tensors) if tensors else ())
+        return CheckpointPolicy.MUST_SAVE if small else decision
 
 
 def token_dims_of(hidden: torch.Tensor) -> frozenset:
@@ -96,18 +120,17 @@ def token_dims_of(hidden: torch.Tensor) -> frozenset:
     return frozenset(d for d in (hidden.shape[-2], count) if type(d) is int)
 
 
-def per_module(tensors: list, token_dims: frozenset) -> bool:
-    """Whether every tensor has static dimensions (parameters' are; a symbolic one is a batch or sequence size), none
-    of them in ``token_dims``, and at most one above SMALL_DIM; False for no tensor (factories read nothing)."""
+def per_module(tensors: list, token_dims: frozenset, result: tuple = ()) -> bool:
+    """Whether every tensor read has static dimensions (parameters' are; a symbolic one is a batch or sequence size),
+    none of them in ``token_dims``, and the ``result`` shape is rank-sized (at most SMALL_REST entries per position
+    of its longest dimension); False for no tensor (factories read nothing)."""
     if not tensors:
         return False
     for t in tensors:
         dims = tuple(t.shape)
         if not all(type(d) is int for d in dims) or token_dims.intersection(dims):
             return False
-        if sum(d > SMALL_DIM for d in dims) > 1:
-            return False
-    return True
+    return all(type(d) is int for d in result) and math.prod(result) <= max(result, default=1) * SMALL_REST
 
 
 def _contexts():
