@@ -76,15 +76,21 @@ def test_hira_dropout_in_training_keeps_the_reference_path(monkeypatch):
 
 
 def test_frod_folds_with_enough_tokens(monkeypatch):
-    """FRoD builds ΔW = U M V^T only for a call of at least in_features tokens (then one GEMM on W0 + ΔW, equal to the
-    three per-token matmuls in loss and gradients); a shorter call keeps the per-token form."""
+    """FRoD builds ΔW = U M V^T only where that costs fewer multiply-adds than the per-token form (then one GEMM on
+    W0 + ΔW, equal to the three per-token matmuls in loss and gradients): a call of many tokens folds, a short one
+    keeps the per-token form."""
+    from peftlab.methods.frod import folds
+
     model = _attached("frod")
     calls = _count_fused(monkeypatch)
-    check_fast_path_matches_reference(model, batch(b=4, t=16), monkeypatch)  # 64 tokens >= 48 inputs (MLP's down)
+    check_fast_path_matches_reference(model, batch(b=4, t=16), monkeypatch)  # 64 tokens: every target folds
     assert calls and all(calls)
     calls.clear()
-    model(batch(b=2, t=9))  # 18 tokens < 32: PEFTLAB_FAST is still 1 from the check above
+    model(batch(b=1, t=2))  # 2 tokens (decoding-sized): PEFTLAB_FAST is still 1 from the check above
     assert calls == []
+    # the 1B step (4,096 tokens): every projection folds, the down projection (in 8192 > tokens) included
+    assert all(folds(4096, n_in, n_out) for n_in, n_out in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)))
+    assert not folds(1, 2048, 2048) and not folds(64, 8192, 2048)  # decoding, a short call
 
 
 def test_frod_builds_its_update_in_the_activations_half_precision(monkeypatch):

@@ -22,9 +22,10 @@ does), so a file belongs to its base model.
 
 ``runtime_offload_base_weight`` only moves PEFT's base weight to the CPU between calls; it is accepted and has no
 effect here (the maths is the same). ``progressbar`` is accepted (no bar is shown). The reference forward costs three
-dense matmuls (in x in twice, in x out) per token on top of the base's, as PEFT's; the fast path (``fused_forward``)
-builds ΔW once a call and runs one GEMM on W0 + ΔW when the call has at least ``in`` tokens and no active dropout. U
-holds an (out, in) matrix per layer, as PEFT's.
+dense matmuls (in x in twice, in x out) per token on top of the base's, as PEFT's, in the activations' half precision
+where they have it; the fast path (``fused_forward``) builds ΔW once a call and runs one GEMM on W0 + ΔW when that
+costs fewer multiply-adds (calls of many tokens) and no dropout is active. U holds an (out, in) matrix per layer, as
+PEFT's.
 """
 from __future__ import annotations
 
@@ -179,6 +180,20 @@ class FrodBases(SharedTensors):
                 for key, attr in (("frod_V", "V"), ("frod_s_indices", "indices"), ("frod_s_size", "size"))}
 
 
+def folds(tokens: int, n_in: int, n_out: int) -> bool:
+    """Whether building ΔW for a call of ``tokens`` costs fewer multiply-adds than the per-token form. For a training
+    step (forward and backward): the per-token form about 3 tokens in (2 in + out) beside the base's; the dense one
+    twice the build (2 out in^2, or in^3 + out in^2 when out > in, the cheaper order) plus ΔW's gradient (tokens out
+    in). Calls of many tokens fold (the 1B step's down projection at 4,096 tokens: 0.62 T against 1.86 T, which the
+    earlier rule, tokens >= in, left per-token), short ones (decoding) keep the per-token form."""
+    build = min(2 * n_out * n_in * n_in, n_in ** 3 + n_out * n_in * n_in)
+    return 2 * build + tokens * n_out * n_in < 3 * tokens * n_in * (2 * n_in + n_out)
+
+
+def _half(x: torch.Tensor) -> torch.dtype | None:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
+
+
 class FrodLayer(AdapterLayer):
     def __init__(self, base: BaseView, config: FrodConfig, module_name: str, shared: FrodBases):
         super().__init__(base, config, module_name)
@@ -216,22 +231,21 @@ class FrodLayer(AdapterLayer):
         return u @ (middle @ vt) if self.out_features > self.in_features else (u @ middle) @ vt
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.frod_lambda_l.dtype
+        """The per-token form, in the activations' half precision when they have it (as PEFT's), else in λ's."""
+        dtype = _half(x) or self.frod_lambda_l.dtype
         z = self.dropout(x).to(dtype) @ self.basis().to(dtype)
-        return F.linear(F.linear(z, self.middle()), self.frod_U.to(dtype))
+        return F.linear(F.linear(z, self.middle().to(dtype)), self.frod_U.to(dtype))
 
     def fused_forward(self, x: torch.Tensor, base: BaseView) -> torch.Tensor | None:
-        """With at least ``in_features`` tokens and no active dropout: ΔW = U M V^T once (at most 2 out in^2
-        multiply-adds) and one GEMM on W0 + ΔW (``fast.dense_update``), where the per-token form costs tokens x in
-        (2 in + out) beside the base GEMM; fewer tokens keep the per-token form, which then costs less."""
+        """Without active dropout, where it costs less (``folds``): ΔW = U M V^T once and one GEMM on W0 + ΔW
+        (``fast.dense_update``)."""
         if not fast.enabled(x) or fast.dropout_live(self.dropout):
             return None
-        if x.numel() // max(x.shape[-1], 1) < self.in_features:
+        if not folds(x.numel() // max(x.shape[-1], 1), self.in_features, self.out_features):
             return None
-        # in the activations' half precision when they have it (up to 2 out in^2 multiply-adds a call: in fp32, on an
-        # H200, the 1B step took 2.3x the time of PEFT's per-token bf16 form; twenty-sixth session)
-        half = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
-        return fast.dense_update(x, base, self.delta_weight(half))
+        # in the activations' half precision when they have it (in fp32, on an H200, the 1B step took 2.3x the time
+        # of PEFT's per-token bf16 form; twenty-sixth session)
+        return fast.dense_update(x, base, self.delta_weight(_half(x)))
 
     def param_roles(self) -> dict[str, str]:
         return {"frod_lambda_l": "A", "frod_lambda_s_values": "A"}
