@@ -110,8 +110,7 @@ class PerModuleRule:
             if block_input is None:
                 return decision
             self.token_dims = token_dims_of(block_input)
-        small = per_module(tensors, self.token_dims, result_shape(op, args, tensors) if tensors else ())
-        return CheckpointPolicy.MUST_SAVE if small else decision
+        return CheckpointPolicy.MUST_SAVE if per_module(tensors, self.token_dims, op, args) else decision
 
 
 def token_dims_of(hidden: torch.Tensor) -> frozenset:
@@ -120,17 +119,19 @@ def token_dims_of(hidden: torch.Tensor) -> frozenset:
     return frozenset(d for d in (hidden.shape[-2], count) if type(d) is int)
 
 
-def per_module(tensors: list, token_dims: frozenset, result: tuple = ()) -> bool:
+def per_module(tensors: list, token_dims: frozenset, op=None, args: tuple = ()) -> bool:
     """Whether every tensor read has static dimensions (parameters' are; a symbolic one is a batch or sequence size),
-    none of them in ``token_dims``, and the ``result`` shape is rank-sized (at most SMALL_REST entries per position
-    of its longest dimension); False for no tensor (factories read nothing)."""
+    none of them in ``token_dims``, and the op's result (``result_shape``) is rank-sized (at most SMALL_REST entries
+    per position of its longest dimension); False for no tensor (factories read nothing). The result's shape is
+    worked out only for static inputs, so no symbolic size is ever compared (no guard)."""
     if not tensors:
         return False
     for t in tensors:
         dims = tuple(t.shape)
         if not all(type(d) is int for d in dims) or token_dims.intersection(dims):
             return False
-    return all(type(d) is int for d in result) and math.prod(result) <= max(result, default=1) * SMALL_REST
+    result = result_shape(op, args, tensors)
+    return math.prod(result) <= max(result, default=1) * SMALL_REST
 
 
 def _contexts():
