@@ -53,9 +53,16 @@ def table_from_cache(cache, n: int) -> torch.Tensor:
     return torch.stack(rows, dim=1).reshape(n, -1)  # (n, 2 * layers, heads, head_dim) flattened per position
 
 
+def is_kv_table(config) -> bool:
+    """Whether the adapter this config builds is a KV table a prefill can set (the hook method's ``kv_prefill``)."""
+    from peftlab.core.registry import method_for
+
+    hooks = method_for(config).input_hooks
+    return hooks is not None and hooks.kv_prefill(config)
+
+
 def _adapter(model: nn.Module, name: str | None):
     from peftlab.core.input_side import hooked
-    from peftlab.core.registry import method_for
     from peftlab.core.state import model_state
 
     configs = model_state(model).configs
@@ -66,8 +73,7 @@ def _adapter(model: nn.Module, name: str | None):
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; have {list(configs)}")
     config = configs[name]
-    hooks = method_for(config).input_hooks
-    if hooks is None or not hooks.kv_prefill(config):
+    if not is_kv_table(config):
         raise ConfigError(f"adapter {name!r} ({type(config).__name__}) is not a KV table a prefill can set: only "
                           "prefix tuning without prefix_projection and Cartridges are")
     return hooked(model)[name]
@@ -75,8 +81,9 @@ def _adapter(model: nn.Module, name: str | None):
 
 def init_from_cache(model: nn.Module, cache, name: str | None = None) -> torch.Tensor:
     """Set adapter ``name``'s KV table from the first positions of ``cache``; returns the table."""
-    table = table_from_cache(cache, _adapter(model, name).rows_count)
-    load_table(model, name, table)
+    adapter = _adapter(model, name)
+    table = table_from_cache(cache, adapter.rows_count)
+    _load(adapter, table)
     return table
 
 
@@ -108,8 +115,9 @@ def table_from_ids(model: nn.Module, input_ids: torch.Tensor, n: int) -> torch.T
 
 def init_from_ids(model: nn.Module, input_ids: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Set adapter ``name``'s KV table from a prefill of ``input_ids``; returns the table."""
-    table = table_from_ids(model, input_ids, _adapter(model, name).rows_count)
-    load_table(model, name, table)
+    adapter = _adapter(model, name)
+    table = table_from_ids(model, input_ids, adapter.rows_count)
+    _load(adapter, table)
     return table
 
 
@@ -141,10 +149,7 @@ def check_args(mode: str | None, text: str | None, config=None) -> None:
     if mode is not None and text is not None:
         raise ConfigError("kv_prefix_init and kv_prefix_text both given; choose one")
     if (mode is not None or text is not None) and config is not None:
-        from peftlab.core.registry import method_for
-
-        hooks = method_for(config).input_hooks
-        if hooks is None or not hooks.kv_prefill(config):
+        if not is_kv_table(config):
             raise ConfigError(f"kv_prefix_init / kv_prefix_text: {type(config).__name__} has no KV table to set from a "
                               "prefill (prefix tuning without prefix_projection and Cartridges have)")
 
@@ -162,7 +167,10 @@ def table_for_args(model: nn.Module, tokenizer, config, mode: str | None, text: 
 
 
 def load_table(model: nn.Module, name: str, table: torch.Tensor) -> None:
-    adapter = _adapter(model, name)
+    _load(_adapter(model, name), table)
+
+
+def _load(adapter, table: torch.Tensor) -> None:
     adapter.load_rows(table.to(device=adapter.embedding.device, dtype=adapter.embedding.dtype))
 
 
@@ -175,7 +183,6 @@ def compose(folders, out) -> object:
     at ``out``: positions of the first, then the second, ... (PEFT's ``compose_cartridge_adapters``). The model
     dimensions must agree; a Cartridge keeps the first adapter's ``num_frozen_tokens``. Written atomically, safetensors
     only; returns the new config."""
-    from peftlab.core.registry import method_for
     from peftlab.core.state import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_safetensors,
                                     atomic_write_bytes, read_adapter_weights, read_config, staged_dir)
 
@@ -185,8 +192,7 @@ def compose(folders, out) -> object:
     configs = [read_config(f) for f in folders]
     tables = []
     for folder, config in zip(folders, configs):
-        hooks = method_for(config).input_hooks
-        if hooks is None or not hooks.kv_prefill(config):
+        if not is_kv_table(config):
             raise ConfigError(f"{folder}: {type(config).__name__} is not a KV table (Cartridges and prefix tuning "
                               "without prefix_projection are)")
         for key in _SAME:

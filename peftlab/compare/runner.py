@@ -22,7 +22,7 @@ import torch
 import peftlab
 from peftlab.compare import report
 from peftlab.compare.params import shared_overrides
-from peftlab.core.registry import method_for
+from peftlab.kv_prefill import is_kv_table
 from peftlab.core.state import atomic_write_bytes
 
 SEED_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -123,9 +123,7 @@ def kv_prefix_init(name: str, budget: dict[str, Any], targets) -> str | None:
     mode = budget.get("kv_prefix_init", "method")
     if mode not in KV_PREFIX_INITS:
         raise ValueError(f"kv_prefix_init must be one of {KV_PREFIX_INITS}, got {mode!r}")
-    config = peftlab.variants()[name](targets, budget["r"])
-    hooks = method_for(config).input_hooks
-    return "data" if mode == "data" and hooks is not None and hooks.kv_prefill(config) else None
+    return "data" if mode == "data" and is_kv_table(peftlab.variants()[name](targets, budget["r"])) else None
 
 
 def environment() -> dict[str, Any]:
