@@ -15,7 +15,6 @@ tables into one adapter, the paper's composition.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -183,8 +182,7 @@ def compose(folders, out) -> object:
     at ``out``: positions of the first, then the second, ... (PEFT's ``compose_cartridge_adapters``). The model
     dimensions must agree; a Cartridge keeps the first adapter's ``num_frozen_tokens``. Written atomically, safetensors
     only; returns the new config."""
-    from peftlab.core.state import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_safetensors,
-                                    atomic_write_bytes, read_adapter_weights, read_config, staged_dir)
+    from peftlab.core.state import CheckpointError, read_adapter_weights, read_config, staged_dir, write_adapter_files
 
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
@@ -212,8 +210,6 @@ def compose(folders, out) -> object:
         tables.append(table)
     composed = torch.cat(tables)
     config = configs[0].replace(num_virtual_tokens=composed.shape[0])
-    data = {**config.to_dict(), "inference_mode": True}
     with staged_dir(out) as tmp:
-        atomic_save_safetensors({"prompt_embeddings": composed}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        atomic_write_bytes(tmp / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        write_adapter_files(tmp, {"prompt_embeddings": composed}, config.to_dict())
     return config

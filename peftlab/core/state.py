@@ -169,10 +169,16 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     cfg = config.to_dict()
     if cfg.get("base_model_name_or_path") is None:
         cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    cfg["inference_mode"] = True
-    atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    write_adapter_files(path, tensors, cfg)
     return path
+
+
+def write_adapter_files(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (with ``inference_mode`` true) into ``folder``,
+    each atomically."""
+    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    data = {**config, "inference_mode": True}
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_config(path: str | Path):
