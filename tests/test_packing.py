@@ -100,7 +100,7 @@ def test_train_with_packing_and_compile(tmp_path):
         assert compiled == pytest.approx(padded, abs=1e-5), scope
         assert metrics["args"]["compile_scope"] == scope
         assert metrics["compiled"] == {"backend": "aot_eager", "scope": scope, "mode": None, "cuda_graphs": False,
-                                       "recompute_pointwise": False}
+                                       "recompute_pointwise": False, "scaled_swiglu_mlps": 0}  # no adapted down_proj
         assert all(m._compiled_call_impl is None for m in model.modules())
 
 

@@ -108,6 +108,12 @@ class AdapterLayer(nn.Module):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def input_scale(self) -> torch.Tensor | None:
+        """The (in,) vector when this adapter's whole effect is scaling the layer's input features by it (in the
+        input's dtype, as ``transform_input`` does on the fast path), else None. A gated MLP may then fold it into
+        the product that feeds this layer (``ops/scaled_swiglu.py``)."""
+        return None
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         """The adapted output, given the layer input ``x`` and the base (or previous) output."""
         return out + self.delta(x).to(out.dtype)
@@ -289,6 +295,14 @@ class AdaptedModule(nn.Module):
         for layer in layers:
             out = layer.adapt(x, out, self.view)
         return out
+
+    def input_scale(self) -> torch.Tensor | None:
+        """The input-feature scale that is this module's whole adaptation (one active, unmerged adapter whose
+        ``input_scale`` gives one), else None; ``base_layer`` then computes the rest."""
+        if self.disabled:
+            return None
+        layers = [self.adapters[n] for n in self.active if n not in self.merged]
+        return layers[0].input_scale() if len(layers) == 1 else None
 
     # -- merge ---------------------------------------------------------------------------------
     def merge(self, name: str) -> None:

@@ -89,6 +89,9 @@ class IA3Layer(AdapterLayer):
         dtype = fast.compute_dtype(x, self.ia3_l)
         return (x.to(dtype) * self.scale.to(dtype)).to(x.dtype)
 
+    def input_scale(self) -> torch.Tensor | None:
+        return self.scale if self.transforms_input else None
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         if self.transforms_input:
             return out

@@ -185,7 +185,7 @@ def _is_silu(act) -> bool:  # torch's, or transformers' SiLUActivation (ACT2FN["
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _is_swiglu_mlp(module: nn.Module) -> bool:
+def is_swiglu_mlp(module: nn.Module) -> bool:
     return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
         and _is_silu(getattr(module, "act_fn", None))
 
@@ -201,12 +201,12 @@ def use_lean_modules(model: nn.Module) -> int:
         if _is_rms_norm(module):
             module.forward = _norm_forward(module)
             changed += 1
-        elif _is_swiglu_mlp(module):
+        elif is_swiglu_mlp(module):
             module.forward = _mlp_forward(module)
             changed += 1
     for module in model.modules():  # decoder layers: a lean norm and a lean MLP among the children
         kids = list(module.children())
-        if any(_is_rms_norm(k) for k in kids) and any(_is_swiglu_mlp(k) for k in kids) \
+        if any(_is_rms_norm(k) for k in kids) and any(is_swiglu_mlp(k) for k in kids) \
                 and not getattr(module, "_peftlab_rebuild", False):
             scope = Rebuild()
             module.register_forward_pre_hook(scope.enter)

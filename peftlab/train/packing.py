@@ -285,13 +285,14 @@ class CompiledSteps:
         self.mode = mode
         self.graphs = backend is not None and mode in GRAPH_MODES  # inductor's; other backends ignore the mode
         self.pointwise = False  # set by compiled_steps when the layers recompute their pointwise work
+        self.scaled_swiglu = 0  # gated MLPs routed through ops/scaled_swiglu.py (at each call: when it applies)
 
     def describe(self) -> dict:
         """What the steps ran as, for metrics.json (after a fall-back: eager)."""
         on = self.backend is not None
         return {"backend": self.backend if on else None, "scope": self.scope if on else None,
                 "mode": self.mode if on else None, "cuda_graphs": self.graphs,
-                "recompute_pointwise": self.pointwise and on}
+                "recompute_pointwise": self.pointwise and on, "scaled_swiglu_mlps": self.scaled_swiglu}
 
     def begin_step(self) -> None:
         """Before a step's first forward: a new CUDA graph generation."""
@@ -328,6 +329,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
     duration of the block; eager again after it."""
     import torch._functorch.config as functorch_config
 
+    from peftlab.ops.scaled_swiglu import scaled_swiglu_mlps
     from peftlab.quant.bnb import is_quantized
     from peftlab.train.activations import checkpoints_around
 
@@ -355,7 +357,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
                       f"{device.type}; see TrainArgs.compile)", RuntimeWarning, stacklevel=3)
     try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
         with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext(), \
-                pointwise:
+                pointwise, scaled_swiglu_mlps(model) as state.scaled_swiglu:
             yield state
     finally:
         if state.backend:
