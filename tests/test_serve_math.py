@@ -157,8 +157,9 @@ def test_serving_form_equals_the_adapted_module(method):
 def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
     served form equals the method's own module (full-rank conversion: exact up to rounding); an input-side method
-    is served as virtual tokens equal to its own; KV-prefix, module-hook and non-mergeable methods, updates of
-    other layers than linears (LN tuning's norms) and trainable token rows are refused with a ServeError."""
+    is served as virtual tokens equal to its own, or in the sub-layer tables as its own hooks (bottleneck adapters);
+    KV-prefix, other module-hook and non-mergeable methods, updates of other layers than linears (LN tuning's norms)
+    and trainable token rows are refused with a ServeError."""
     from peftlab.core.input_side import hooked
     from peftlab.core.registry import method_for
     from peftlab.serve.engine import Engine, EngineConfig
@@ -191,6 +192,14 @@ def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
                         torch.testing.assert_close(prefix_kv[layer, 1], v[0].transpose(0, 1))
             assert (virtual is not None) == bool(own.num_virtual_tokens)
             assert (prefix_kv is not None) == bool(own.num_prefix_tokens)
+        elif own.sublayer_serving:  # whole sub-layers (bottleneck adapters): a slot in the sub-layer tables
+            slot = engine.store.acquire(variant, load_from_disk=True)
+            own.active = True
+            for i, name in enumerate(own.names):
+                x, y = torch.randn(3, 32), torch.randn(3, 32)
+                with torch.no_grad():
+                    torch.testing.assert_close(engine.sublayers[name].slot_form(slot).apply(x, y),
+                                               own._adapt(i, None, (x,), {}, y), msg=f"{variant} {name}")
         else:
             with pytest.raises(ServeError, match="model hooks"):
                 engine.store.acquire(variant, load_from_disk=True)

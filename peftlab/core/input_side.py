@@ -36,6 +36,7 @@ from torch import nn
 from .adapter import AdapterError
 from .config import AdapterConfig
 from .hooks import CALL_INPUTS, CALL_VALUES, call_argument_names
+from .serving_form import SublayerForm
 
 CONTAINER = "peftlab_hooked"
 
@@ -57,6 +58,10 @@ class HookedAdapter(nn.Module):
     ``relabel(labels)``: (labels of this adapter's virtual tokens, the caller's labels), by default -100 and the
     labels unchanged. ``loss(logits, labels, length)`` over the full sequence (virtual tokens included; ``length``
     of them the caller's): if not None, it replaces the model's loss (CPT's weighted loss).
+
+    ``sublayer_serving``: the adapter acts only on whole sub-layers (attention, MLP) of the decoder layers, as
+    ``sublayer_forms()`` says, one ``SublayerForm`` per sub-layer module name: the serving engine batches those
+    (bottleneck adapters). Hook adapters without it are refused by serve.
     """
 
     num_virtual_tokens: int = 0
@@ -69,6 +74,7 @@ class HookedAdapter(nn.Module):
     draws_random: bool = False
     loss_in_forward: bool = False
     reads_outer_graph: bool = False
+    sublayer_serving: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,6 +95,10 @@ class HookedAdapter(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, length: int, **call) -> torch.Tensor | None:
         return None
+
+    def sublayer_forms(self) -> dict[str, SublayerForm]:
+        """(``sublayer_serving``) sub-layer module name -> this adapter's form there, detached."""
+        raise NotImplementedError
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors saved in the checkpoint, keyed relative to ``base_model.model.`` (or top level, for keys

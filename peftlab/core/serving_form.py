@@ -1,16 +1,29 @@
-"""``ServingForm``: one adapter on one linear layer in the form the serving engine batches (see
-``AdapterLayer.serving_form``)."""
+"""The forms the serving engine batches: ``ServingForm``, one adapter on one linear layer (see
+``AdapterLayer.serving_form``), and ``SublayerForm``, one adapter on the output of a whole sub-layer (attention, MLP;
+see ``HookedAdapter.sublayer_forms``), with ``bottleneck_mlp``, the pure function of its maths."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 
+class _Tensors:
+    """``to`` and ``nbytes`` over a form dataclass's tensor fields (others are kept as they are)."""
+
+    def to(self, *args: Any, **kwargs: Any):
+        moved = {k: (v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return type(self)(**moved)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
+
+
 @dataclass
-class ServingForm:
+class ServingForm(_Tensors):
     """One adapter on one linear layer, in the form the serving engine batches across adapters:
 
         y = out_scale ⊙ (W0 (in_scale ⊙ x)) + bias_scale ⊙ b0 + up_scale ⊙ (up (mid_scale ⊙ (down x)))
@@ -56,9 +69,56 @@ class ServingForm:
             y = y + (low if self.up_scale is None else low * self.up_scale)
         return y
 
-    def to(self, *args: Any, **kwargs: Any) -> "ServingForm":
-        moved = {k: (v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return ServingForm(**moved)
 
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in vars(self).values() if isinstance(v, torch.Tensor))
+def bottleneck_mlp(source: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+                   up_bias: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``up phi(down source + down_bias) + up_bias`` per token. Factors shared by every token (down (R, H), down_bias
+    (R,), up (H, R), up_bias (H,); ``source`` (..., H)), or one set per token, each with the tokens' leading dim
+    (down (T, R, H), down_bias (T, R), up (T, H, R), up_bias (T, H); ``source`` (T, H)): the serving engine's
+    fixed-shape step, which gathers every token's row of its slot tables."""
+    if down.dim() == 2:
+        return nn.functional.linear(activation(nn.functional.linear(source, down, down_bias)), up, up_bias)
+    z = torch.baddbmm(down_bias.unsqueeze(-1), down, source.unsqueeze(-1)).squeeze(-1)
+    return torch.baddbmm(up_bias.unsqueeze(-1), up, activation(z).unsqueeze(-1)).squeeze(-1)
+
+
+@lru_cache(maxsize=None)
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation ``name`` (``ACT2FN``), one instance per name."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise ValueError(f"non_linearity {name!r} unknown; use one of transformers' ACT2FN names such as 'relu', "
+                         "'gelu', 'silu', 'tanh'")
+    return ACT2FN[name]
+
+
+@dataclass
+class SublayerForm(_Tensors):
+    """One adapter on one whole sub-layer ``y = f(x)`` (a decoder layer's attention after o_proj, or its MLP), in the
+    form the serving engine batches across adapters (a bottleneck adapter):
+
+        serial:    y' = [y +] scaling * (up phi(down y + down_bias) + up_bias)      (``residual``: the ``y +``)
+        parallel:  y' =  y  + scaling * (up phi(down x + down_bias) + up_bias)
+
+    ``y'`` replaces the sub-layer's output before the block adds its residual stream."""
+
+    down: torch.Tensor  # (R, H)
+    down_bias: torch.Tensor  # (R,)
+    up: torch.Tensor  # (H, R)
+    up_bias: torch.Tensor  # (H,)
+    scaling: float = 1.0
+    non_linearity: str = "relu"
+    parallel: bool = False
+    residual: bool = True
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The adapted output for sub-layer input ``x`` and output ``y`` (..., H): the reference of the batched
+        tables (``peftlab.serve.sublayer``)."""
+        update = self.scaling * bottleneck_mlp(x if self.parallel else y, self.down, self.down_bias, self.up,
+                                               self.up_bias, activation_fn(self.non_linearity))
+        return y + update if self.residual else update

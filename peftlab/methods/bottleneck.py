@@ -11,7 +11,8 @@ adds its residual stream. ``residual=False`` drops the adapter's own skip term (
 W_up and b_up start at zero, so the adapted model equals the base at init (``init_weights="zeros"``;
 ``"bert"`` draws both matrices from N(0, 0.02): near, not exactly, the identity).
 
-The non-linear MLP cannot be folded into a base weight: merging is refused. Not a PEFT method; the
+The non-linear MLP cannot be folded into a base weight: merging is refused. ``peftlab serve`` batches it in
+per-sub-layer slot tables (``sublayer_forms``, ``peftlab/serve/sublayer.py``). Not a PEFT method; the
 checkpoint (peft_type ``BOTTLENECK``) uses LLM-Adapters' names, ``<sub-layer>.adapter_down.weight``,
 ``.adapter_down.bias``, ``.adapter_up.weight``, ``.adapter_up.bias``.
 """
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -30,6 +30,7 @@ from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import find_targets
 from peftlab.core.input_side import HookedAdapter, HookMethod, text_config
 from peftlab.core.registry import register
+from peftlab.core.serving_form import SublayerForm, bottleneck_mlp
 from peftlab.ops import fast
 
 # sub-layer module names of common decoder blocks (Llama/Qwen2/Mistral, GPT-2, GPT-NeoX)
@@ -89,8 +90,8 @@ class BottleneckMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fast.compute_dtype(x, self.down_weight)
-        down = F.linear(x.to(dtype), self.down_weight.to(dtype), self.down_bias.to(dtype))
-        return F.linear(self.activation(down), self.up_weight.to(dtype), self.up_bias.to(dtype))
+        return bottleneck_mlp(x.to(dtype), self.down_weight.to(dtype), self.down_bias.to(dtype),
+                              self.up_weight.to(dtype), self.up_bias.to(dtype), self.activation)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"adapter_down.weight": self.down_weight, "adapter_down.bias": self.down_bias,
@@ -98,6 +99,8 @@ class BottleneckMLP(nn.Module):
 
 
 class BottleneckAdapters(HookedAdapter):
+    sublayer_serving = True  # serve batches it in per-sub-layer slot tables (peftlab/serve/sublayer.py)
+
     def __init__(self, names: list[str], hidden: int, config: BottleneckConfig):
         super().__init__()
         bottleneck = max(1, hidden // config.reduction_factor)
@@ -105,6 +108,7 @@ class BottleneckAdapters(HookedAdapter):
         self.mlps = nn.ModuleList([BottleneckMLP(hidden, bottleneck, config) for _ in names])
         self.dropout = nn.Dropout(config.adapter_dropout) if config.adapter_dropout else nn.Identity()
         self.parallel, self.residual, self.scaling = config.parallel, config.residual, config.scaling
+        self.non_linearity = config.non_linearity
 
     def install(self, model: nn.Module) -> list:
         return [model.get_submodule(name).register_forward_hook(partial(self._adapt, i), with_kwargs=True)
@@ -118,6 +122,11 @@ class BottleneckAdapters(HookedAdapter):
         update = self.scaling * self.mlps[index](self.dropout(source))
         adapted = (y + update if self.residual else update).to(y.dtype)
         return (adapted, *output[1:]) if isinstance(output, tuple) else adapted
+
+    def sublayer_forms(self) -> dict[str, SublayerForm]:
+        return {name: SublayerForm(mlp.down_weight.detach(), mlp.down_bias.detach(), mlp.up_weight.detach(),
+                                   mlp.up_bias.detach(), float(self.scaling), self.non_linearity, self.parallel,
+                                   self.residual) for name, mlp in zip(self.names, self.mlps)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{key}": t for name, mlp in zip(self.names, self.mlps) for key, t in mlp.state_tensors().items()}

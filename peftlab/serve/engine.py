@@ -30,6 +30,7 @@ from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import StepContext, install
 from peftlab.serve.sampling import SamplingParams, sample
 from peftlab.serve.store import AdapterNotFound, AdapterStore
+from peftlab.serve.sublayer import install_sublayers
 
 
 class QueueFull(RuntimeError):
@@ -106,8 +107,9 @@ class Engine:
         use_triton = cfg.use_triton if cfg.use_triton is not None else self.device.type == "cuda"
         self.context: StepContext
         self.context, self.layers = install(model, cfg.max_gpu_adapters, use_triton=use_triton)
+        self.sublayers = install_sublayers(model, layers, self.context)
         self.store = AdapterStore(self.layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters, adapter_root,
-                                  cfg.convert_rank, model=model)
+                                  cfg.convert_rank, model=model, sublayers=self.sublayers)
         attn = layers[0].self_attn
         mc = model.config
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads

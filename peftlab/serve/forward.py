@@ -2,9 +2,10 @@
 
 Works on transformers' Llama-family decoders (Llama, Mistral without sliding window, Qwen2/3, SmolLM):
 it calls the model's own modules (embedding, norms, q/k/v/o projections, MLP, rotary embedding, head) and
-replaces only the attention's cache handling by the paged cache. A chunk is a sequence's new tokens
-(a whole prompt at prefill, one token at decode); prefill and decode chunks share the pass, so every
-linear layer sees all of them at once (and the per-token adapter slots with them).
+replaces only the attention's cache handling by the paged cache; the outputs of the attention and MLP
+sub-layers pass through their adapter tables (``serve/sublayer.py``: bottleneck adapters). A chunk is a
+sequence's new tokens (a whole prompt at prefill, one token at decode); prefill and decode chunks share the
+pass, so every linear layer sees all of them at once (and the per-token adapter slots with them).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.shared import shared_input
+from peftlab.serve.sublayer import sublayer_output
 
 
 class UnsupportedModel(ValueError):
@@ -200,8 +202,9 @@ def _decoder(model: nn.Module, cache: PagedKVCache, h: torch.Tensor, positions: 
         q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]
         cache.write(i, write_rows, k, v)
         o = attend(q, i, getattr(attn, "scaling", d ** -0.5))
-        h = h + attn.o_proj(o.reshape(1, T, -1))
-        h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+        h = h + sublayer_output(attn, x, attn.o_proj(o.reshape(1, T, -1)))
+        x = layer.post_attention_layernorm(h)
+        h = h + sublayer_output(layer.mlp, x, _mlp(layer.mlp, x))
     return norm(h)[0]
 
 

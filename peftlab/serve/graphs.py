@@ -6,11 +6,12 @@ at 0.5x of that). A graph replays the whole step's kernels with one launch. It n
 graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bucket (a power of two,
 at least 64), and every dynamic decision is made at capture time:
 
-- each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``)
-  instead of grouping tokens by slot on the host: with ``StepContext.static_triton`` (the default where the layers
-  use Triton) two row kernels read each token's LoRA factors (and output scale) in place; otherwise one gather of
-  the factors and two batched products; the scales: one gather; VeRA on shared projections: products over all tokens;
-  which paths run (LoRA, IA3 / DoRA scales, VeRA's shared projections) and which tables are read are fixed per
+- each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``; the sub-layer
+  tables of bottleneck adapters too, ``BatchedSublayer._static``) instead of grouping tokens by slot on the host:
+  with ``StepContext.static_triton`` (the default where the layers use Triton) two row kernels read each token's
+  LoRA factors (and output scale) in place; otherwise one gather of the factors and two batched products; the
+  scales: one gather; VeRA on shared projections: products over all tokens; which paths run (LoRA, IA3 / DoRA
+  scales, VeRA's shared projections, the sub-layer tables) and which tables are read are fixed per
   graph: when a layer's tables are replaced (a larger rank, a first IA3 adapter) or a path turns on or off, the
   graphs are captured again;
 - padding rows read token 0, write their k, v to a reserved "trash" row of the KV pool and attend to it
@@ -26,10 +27,11 @@ import logging
 import torch
 from torch import nn
 
-from peftlab.serve.forward import Chunk, context_rows, decode_forward
+from peftlab.serve.forward import Chunk, context_rows, decode_forward, decoder_parts
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.context import PATHS, StepContext
 from peftlab.serve.layers import BatchedLinear
+from peftlab.serve.sublayer import tables_of
 
 log = logging.getLogger("peftlab.serve")
 
@@ -112,6 +114,8 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, layers: dict[str, BatchedLinear]):
         self.model, self.cache, self.context, self.layers = model, cache, context, layers
+        # every slot table a step reads: the linears' and the sub-layers' (bottleneck adapters, serve/sublayer.py)
+        self.tables = [*layers.values(), *tables_of(decoder_parts(model)[1])]
         self.capture = cache.k[0].device.type == "cuda"
         cache.reserve(TRASH_SEQ, 1)  # one block no sequence owns: padding rows write and read there
         self.trash_row = cache.tables[TRASH_SEQ][0] * cache.block_size
@@ -141,8 +145,8 @@ class DecodeGraphs:
             return None
         if self.context.slot_changes != self.seen_changes:  # the layers are read only after a slot changed
             self.seen_changes = self.context.slot_changes
-            signature = tuple(layer.static_signature() for layer in self.layers.values())
-            self.slot_paths = {p: frozenset().union(*(getattr(layer, f"{p}_slots") for layer in self.layers.values()))
+            signature = tuple(table.static_signature() for table in self.tables)
+            self.slot_paths = {p: frozenset().union(*(getattr(table, f"{p}_slots", ()) for table in self.tables))
                                for p in PATHS}
             if signature != self.signature:  # tables replaced or a path switched: every graph is stale
                 self.invalidate()

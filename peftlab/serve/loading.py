@@ -1,17 +1,25 @@
 """Disk -> host serving forms, the store's cold load: check that an adapter can be served, get each layer's
-``ServingForm`` (straight from the checkpoint where the layer class can, else by attaching it to the skeleton),
-and pack the forms into one host buffer."""
+``ServingForm`` (straight from the checkpoint where the layer class can, else by attaching it to the skeleton), an
+input-side adapter's virtual tokens, prefix keys/values or sub-layer forms, and pack the forms into one host
+buffer."""
 from __future__ import annotations
+
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from peftlab.convert import weight_update
 from peftlab.core.adapter import AdapterError, BaseView, ServingForm
-from peftlab.core.inject import adapted_modules, find_targets, is_linear, saved_modules
+from peftlab.core.inject import adapted_modules, delete_adapter, find_targets, is_linear, saved_modules
+from peftlab.core.input_side import hooked
 from peftlab.core.registry import method_for
-from peftlab.core.state import check_checkpoint
+from peftlab.core.serving_form import SublayerForm
+from peftlab.core.state import attach_loaded, check_checkpoint
 from peftlab.lowrank import lora_from_delta
+
+
+Form = TypeVar("Form", ServingForm, SublayerForm)
 
 
 class ServeError(ValueError):
@@ -92,14 +100,15 @@ def forms_from_state(model: nn.Module, config, name: str, tensors: dict[str, tor
     return forms
 
 
-def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -> dict[str, ServingForm]:
-    """The forms as views into ONE host buffer (pinned when ``pin``): one allocation and one device sync per
-    adapter instead of one per tensor, and fast asynchronous copies into the slots later."""
+def pack_to_host(forms: dict[str, Form], dtype: torch.dtype, pin: bool) -> dict[str, Form]:
+    """The forms (``ServingForm`` or ``SublayerForm``) as views into ONE host buffer (pinned when ``pin``): one
+    allocation and one device sync per adapter instead of one per tensor, and fast asynchronous copies into the
+    slots later."""
     tensors = [(m, key, value) for m, f in forms.items() for key, value in vars(f).items()
                if isinstance(value, torch.Tensor)]
     total = sum(v.numel() for _, _, v in tensors)
     buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
-    out = {m: ServingForm(**vars(f)) for m, f in forms.items()}
+    out = {m: type(f)(**vars(f)) for m, f in forms.items()}
     offset = 0
     for m, key, value in tensors:
         view = buffer[offset:offset + value.numel()].view(value.shape)
@@ -109,3 +118,43 @@ def pack_to_host(forms: dict[str, ServingForm], dtype: torch.dtype, pin: bool) -
     if pin:
         torch.cuda.synchronize()
     return out
+
+
+def input_side_parts(model: nn.Module, name: str, tmp: str, config, tensors: dict, source: str, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, SublayerForm]]:
+    """(virtual token embeddings, prefix keys/values, sub-layer forms) of an input-side adapter, computed once at
+    load on the served ``model`` (attached there inactive as ``tmp``, detached again). Adapters acting through other
+    module hooks than whole sub-layers (LLaMA-Adapter) are refused."""
+    attach_loaded(model, config, tmp, tensors, source, activate=False)
+    try:
+        adapter = hooked(model)[tmp].eval()
+        if adapter.sublayer_serving:
+            return None, None, adapter.sublayer_forms()
+        if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
+            raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted modules), "
+                             "which serve does not batch; virtual-token, prefix and sub-layer (bottleneck) methods "
+                             "are served")
+        with torch.no_grad():
+            virtual = prefix = None
+            if adapter.num_virtual_tokens:
+                virtual = adapter.virtual_tokens(1, dtype)[0].to(device).clone()
+            if adapter.num_prefix_tokens:
+                recorder = _PrefixRecorder()
+                adapter.write_prefix(recorder, 1, dtype)
+                prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
+                prefix = prefix.to(device).contiguous()
+            return virtual, prefix, {}
+    finally:
+        delete_adapter(model, tmp)
+
+
+class _PrefixRecorder:
+    """Stands in for a transformers cache: ``write_prefix`` hands it each layer's (1, kv_heads, n, head_dim) keys
+    and values, kept as (n, kv_heads, head_dim)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        self.layers[layer] = (keys[0].transpose(0, 1), values[0].transpose(0, 1))
+        return keys, values

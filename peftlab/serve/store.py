@@ -4,7 +4,10 @@ Loading (``peftlab.serve.loading``) attaches the adapter with peftlab's own load
 base linears (the served model is never touched), then asks each layer for its ``serving_form``; layer classes
 that give that form straight from the checkpoint (LoRA) skip the attach. A mergeable method
 without one is served as a LoRA of its update (``peftlab.lowrank.lora_from_delta``), and the relative
-error of that conversion is recorded. Forms live on the CPU (pinned on CUDA) in an LRU cache.
+error of that conversion is recorded. Input-side adapters are attached to the served model (inactive) once at load
+for their virtual tokens, prefix keys/values or sub-layer forms (bottleneck adapters, which take a slot in the
+sub-layer tables of ``peftlab.serve.sublayer`` as weight adapters do in the linears'). Forms live on the CPU (pinned
+on CUDA) in an LRU cache.
 
 Slot tables are only written by the engine thread (``acquire``, ``apply_pending``); the API thread
 registers, prefetches (disk -> CPU in a worker thread) and asks for unloads, which the engine applies
@@ -27,9 +30,12 @@ from torch import nn
 from peftlab.core.adapter import ServingForm
 from peftlab.core.inject import delete_adapter
 from peftlab.core.registry import method_for
+from peftlab.core.serving_form import SublayerForm
 from peftlab.core.state import PREFIX, attach_loaded, read_adapter_weights, read_config
 from peftlab.serve.layers import BatchedLinear
-from peftlab.serve.loading import ServeError, check_servable, forms_from_state, forms_of, pack_to_host
+from peftlab.serve.loading import ServeError, check_servable, forms_from_state, forms_of, input_side_parts, \
+    pack_to_host
+from peftlab.serve.sublayer import BatchedSublayer, check_sublayer_forms
 
 
 log = logging.getLogger("peftlab.serve")
@@ -49,6 +55,7 @@ class LoadedAdapter:
     nbytes: int = 0
     virtual: torch.Tensor | None = None  # (n, hidden) embeddings prepended to the prompt (prompt tuning, P-tuning)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) keys/values before the prompt (prefix)
+    sublayer: dict[str, SublayerForm] = field(default_factory=dict)  # sub-layer -> its form (bottleneck adapters)
 
     @property
     def input_side(self) -> bool:
@@ -71,10 +78,12 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 
 class AdapterStore:
     def __init__(self, layers: dict[str, BatchedLinear], max_gpu: int, max_cpu: int, adapter_root: str | Path | None = None,
-                 convert_rank: int = 16, model: nn.Module | None = None):
+                 convert_rank: int = 16, model: nn.Module | None = None,
+                 sublayers: dict[str, BatchedSublayer] | None = None):
         if max_gpu < 1 or max_cpu < 1:
             raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
         self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
+        self.sublayers = sublayers or {}  # the sub-layer slot tables (serve/sublayer.py), slots shared with layers
         self.root = Path(adapter_root).resolve() if adapter_root is not None else None
         self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
         self.model = model  # the served model: input-side adapters are built on it (they read its embedding size)
@@ -155,11 +164,19 @@ class AdapterStore:
         raw = read_adapter_weights(path)
         tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
         tmp = f"serve_{threading.get_ident()}"
+        layer = next(iter(self.layers.values()))
+        pin = layer.device.type == "cuda"
         if method_for(config).kind == "input":
-            virtual, prefix_kv = self._input_side(name, tmp, config, tensors, str(path))
-            held = virtual if virtual is not None else prefix_kv
+            if self.model is None:
+                raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
+            with self._skeleton_lock:
+                virtual, prefix_kv, sublayer = input_side_parts(self.model, name, tmp, config, tensors, str(path),
+                                                                layer.dtype, layer.device)
+            check_sublayer_forms(name, sublayer, self.sublayers)
+            sublayer = pack_to_host(sublayer, layer.dtype, pin)
+            nbytes = sum(t.numel() * t.element_size() for t in (virtual, prefix_kv) if t is not None)
             return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
-                                 held.numel() * held.element_size(), virtual, prefix_kv)
+                                 nbytes + sum(f.nbytes() for f in sublayer.values()), virtual, prefix_kv, sublayer)
         with self._skeleton_lock:
             forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path), "cpu"), {}
             if forms is None:
@@ -168,44 +185,13 @@ class AdapterStore:
                     forms, converted = forms_of(self._skeleton, tmp, self.convert_rank)
                 finally:
                     delete_adapter(self._skeleton, tmp)
-        layer = next(iter(self.layers.values()))
-        forms = pack_to_host(forms, layer.dtype, layer.device.type == "cuda")
+        forms = pack_to_host(forms, layer.dtype, pin)
         adapter = LoadedAdapter(name, config.peft_type, forms, converted, (time.perf_counter() - t0) * 1e3,
                                 sum(f.nbytes() for f in forms.values()))
         if converted:
             log.warning("adapter %r (%s) is served as a rank-%d LoRA of its update: relative error max %.3g over "
                         "%d layers", name, config.peft_type, self.convert_rank, max(converted.values()), len(converted))
         return adapter
-
-    def _input_side(self, name: str, tmp: str, config, tensors: dict,
-                    source: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(virtual token embeddings, prefix keys/values) of an input-side adapter, computed once at load on the
-        served model and detached again. Adapters acting through module hooks (LLaMA-Adapter, bottleneck) are
-        refused."""
-        from peftlab.core.input_side import hooked
-
-        if self.model is None:
-            raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
-        layer = next(iter(self.layers.values()))
-        with self._skeleton_lock:
-            attach_loaded(self.model, config, tmp, tensors, source, activate=False)
-            try:
-                adapter = hooked(self.model)[tmp].eval()
-                if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
-                    raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted "
-                                     "modules), which serve does not batch; virtual-token and prefix methods are served")
-                with torch.no_grad():
-                    virtual = prefix = None
-                    if adapter.num_virtual_tokens:
-                        virtual = adapter.virtual_tokens(1, layer.dtype)[0].to(layer.device).clone()
-                    if adapter.num_prefix_tokens:
-                        recorder = _PrefixRecorder()
-                        adapter.write_prefix(recorder, 1, layer.dtype)
-                        prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
-                        prefix = prefix.to(layer.device).contiguous()
-                    return virtual, prefix
-            finally:
-                delete_adapter(self.model, tmp)
 
     def describe(self, name: str) -> dict:
         """What the store knows of ``name``: method, where it is, load time, and any LoRA conversion error."""
@@ -313,6 +299,8 @@ class AdapterStore:
             # pinned host buffer they read is not reused before they finish (torch's caching host allocator)
             for mname, layer in self.layers.items():
                 layer.set_slot(slot, adapter.forms.get(mname))
+            for sname, table in self.sublayers.items():
+                table.set_slot(slot, adapter.sublayer.get(sname))
             self.slot_name[slot], self.slot_of[name] = name, slot
             self.stats["gpu_misses"] += 1
             ms = (time.perf_counter() - t0) * 1e3
@@ -340,8 +328,8 @@ class AdapterStore:
 
     def _clear(self, slot: int) -> None:
         name = self.slot_name[slot]
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        for table in (*self.layers.values(), *self.sublayers.values()):
+            table.clear_slot(slot)
         self.slot_name[slot] = None
         self.slot_of.pop(name, None)
 
@@ -361,15 +349,3 @@ class AdapterStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _PrefixRecorder:
-    """Stands in for a transformers cache: ``write_prefix`` hands it each layer's (1, kv_heads, n, head_dim) keys
-    and values, kept as (n, kv_heads, head_dim)."""
-
-    def __init__(self):
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
-        self.layers[layer] = (keys[0].transpose(0, 1), values[0].transpose(0, 1))
-        return keys, values

@@ -1,0 +1,194 @@
+"""Slot tables for adapters on whole sub-layers (``SublayerForm``: bottleneck adapters), one table per decoder
+layer's attention and MLP, beside the linear layers' tables (``layers.BatchedLinear``).
+
+The serving forward (``forward._decoder``) hands each table the sub-layer's input ``x`` and output ``y`` (the
+attention after o_proj, the MLP after down_proj; ``sublayer_output``), and the table gives every token the output
+of its own slot's adapter:
+
+    y'[t] = keep[s] * y[t] + scaling[s] * (up[s] phi_s(down[s] src[t] + down_bias[s]) + up_bias[s])
+    src[t] = x[t] if parallel[s] else y[t]                                          (s: token t's slot)
+
+A slot without a sub-layer adapter here (and the identity row that base-model tokens read) holds zeros with
+keep = 1, so its tokens get exactly ``y``; an eager step does not even compute them. Adapters of different
+bottleneck widths are zero-padded to the widest: the padded units see ``phi(0)`` (not 0 for every phi), and the
+padded columns of ``up`` are zero, so they add nothing. Eager steps apply each present slot's form to its tokens
+(``SublayerForm.apply``, at the slot's own width); the fixed-shape step gathers every token's row of the tables
+(one ``index_select`` of the packed tables) and runs the same maths batched (``bottleneck_mlp``), with no host
+work and no data-dependent shape.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftlab.core.serving_form import SublayerForm, activation_fn, bottleneck_mlp
+from peftlab.serve.batched import PackedRows, PackedTable, Segments, grown
+from peftlab.serve.context import StepContext
+from peftlab.serve.loading import ServeError
+
+SLOT_TABLE = "serve_sublayer_table"  # the attribute of a decoder layer's self_attn / mlp that holds its table
+PATH = "sublayer"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
+
+
+class BatchedSublayer:
+    """``capacity`` adapter slots (+ the identity row) on one sub-layer of hidden size ``hidden``; allocated on the
+    first adapter that uses it."""
+
+    down, up = PackedTable("packed"), PackedTable("packed")  # (rows, R, H), (rows, H, R)
+    down_bias, up_bias = PackedTable("packed"), PackedTable("packed")  # (rows, R), (rows, H)
+    scaling, keep, parallel = PackedTable("packed"), PackedTable("packed"), PackedTable("packed")  # (rows, 1) each
+
+    def __init__(self, name: str, hidden: int, context: StepContext, dtype: torch.dtype, device: torch.device):
+        self.name, self.hidden, self.context, self.dtype, self.device = name, hidden, context, dtype, device
+        self.capacity = context.capacity
+        self.packed = PackedRows()
+        self.sublayer_slots: set[int] = set()  # the slots holding an adapter here (graphs.py reads <path>_slots)
+        self.specs: dict[int, tuple] = {}  # slot -> (width, scaling, non_linearity, parallel, residual)
+        self.act_names: list[str] = []  # the activations seen; act_index holds a slot's position in this list
+        self.act_index: torch.Tensor | None = None  # (rows,) int64, allocated with the tables
+
+    # -- slots ---------------------------------------------------------------------------------
+    def _allocate(self, width: int) -> None:
+        rows = self.capacity + 1
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(rows, *shape, dtype=self.dtype, device=self.device)
+
+        self.down, self.up, self.down_bias, self.up_bias = zeros(width, self.hidden), zeros(self.hidden, width), \
+            zeros(width), zeros(self.hidden)
+        self.scaling, self.parallel, self.keep = zeros(1), zeros(1), zeros(1) + 1
+        self.act_index = torch.zeros(rows, dtype=torch.int64, device=self.device)
+
+    def set_slot(self, slot: int, form: SublayerForm | None) -> None:
+        """Put an adapter's form into ``slot`` (None: the adapter does not touch this sub-layer)."""
+        self.clear_slot(slot)
+        if form is None:
+            return
+        width = form.rank
+        if self.packed.data is None:
+            self._allocate(width)
+        elif width > self.down.shape[1]:
+            self.down, self.up, self.down_bias = grown(self.down, 1, width), grown(self.up, 2, width), \
+                grown(self.down_bias, 1, width)
+        self.down[slot, :width].copy_(form.down, non_blocking=True)
+        self.down_bias[slot, :width].copy_(form.down_bias, non_blocking=True)
+        self.up[slot, :, :width].copy_(form.up, non_blocking=True)
+        self.up_bias[slot].copy_(form.up_bias, non_blocking=True)
+        self.scaling[slot] = form.scaling
+        self.keep[slot] = float(form.residual)
+        self.parallel[slot] = float(form.parallel)
+        if form.non_linearity not in self.act_names:
+            self.act_names.append(form.non_linearity)
+        self.act_index[slot] = self.act_names.index(form.non_linearity)
+        self.specs[slot] = (width, form.scaling, form.non_linearity, form.parallel, form.residual)
+        self.sublayer_slots.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        self.context.slot_changes += 1
+        if slot in self.sublayer_slots:
+            self.packed.data[slot].zero_()  # every table's row: the fixed-shape step reads it for any slot
+            self.keep[slot] = 1
+            self.specs.pop(slot)
+            self.sublayer_slots.discard(slot)
+
+    def _activations(self) -> tuple[str, ...]:
+        return tuple(sorted({self.specs[s][2] for s in self.sublayer_slots}))
+
+    def static_signature(self) -> tuple:
+        """What a captured fixed-shape step depends on (see ``BatchedLinear.static_signature``)."""
+        return id(self.packed.data), bool(self.sublayer_slots), self._activations()
+
+    # -- forward -------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The sub-layer's output for input ``x`` and base output ``y`` (..., H), each token by its slot."""
+        ctx = self.context
+        if ctx.static_rows is not None:
+            if PATH not in ctx.static_paths or not self.sublayer_slots:
+                return y
+            return self._static(x.reshape(-1, self.hidden), y.reshape(-1, self.hidden), ctx.static_rows).view(y.shape)
+        if ctx.present.isdisjoint(self.sublayer_slots):
+            return y
+        return self._eager(x.reshape(-1, self.hidden), y.reshape(-1, self.hidden), ctx.seg).view(y.shape)
+
+    def slot_form(self, slot: int) -> SublayerForm:
+        """The form in ``slot``, its tensors views of the tables at the slot's own width."""
+        width, *settings = self.specs[slot]
+        return SublayerForm(self.down[slot, :width], self.down_bias[slot, :width], self.up[slot, :, :width],
+                            self.up_bias[slot], *settings)
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor, seg: Segments) -> torch.Tensor:
+        out = y.clone()
+        for g, slot in enumerate(seg.slots_cpu):
+            if slot in self.sublayer_slots:
+                idx = seg.order[seg.starts_cpu[g]:seg.starts_cpu[g + 1]]
+                adapted = self.slot_form(slot).apply(x.index_select(0, idx), y.index_select(0, idx))
+                out.index_copy_(0, idx, adapted.to(out.dtype))
+        return out
+
+    def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        t = self.packed.gather(rows)  # every token's row of every table, one gather
+        source = torch.where(t["parallel"] != 0, x, y)
+        names = self._activations()
+        if len(names) == 1:
+            activation = activation_fn(names[0])
+        else:  # adapters of several activations in the tables: each token keeps its own slot's
+            which = self.act_index.index_select(0, rows)[:, None]
+
+            def activation(z: torch.Tensor) -> torch.Tensor:
+                out = torch.zeros_like(z)
+                for name in names:
+                    out = torch.where(which == self.act_names.index(name), activation_fn(name)(z), out)
+                return out
+
+        update = bottleneck_mlp(source, t["down"], t["down_bias"], t["up"], t["up_bias"], activation)
+        return y * t["keep"] + t["scaling"] * update
+
+
+def install_sublayers(model: nn.Module, decoder_layers: nn.ModuleList,
+                      context: StepContext) -> dict[str, BatchedSublayer]:
+    """A table on each decoder layer's ``self_attn`` and ``mlp`` of ``model`` (kept as a plain attribute of that
+    module, not a submodule), by the module's name; what ``sublayer_output`` reads."""
+    names = {id(m): n for n, m in model.named_modules()}
+    tables = {}
+    for layer in decoder_layers:
+        out = layer.self_attn.o_proj
+        weight = getattr(out, "base", out).weight  # a BatchedLinear's base linear, or the linear itself
+        hidden = out.out_features
+        for module in (layer.self_attn, layer.mlp):
+            name = names[id(module)]
+            tables[name] = BatchedSublayer(name, hidden, context, weight.dtype, weight.device)
+            module.__dict__[SLOT_TABLE] = tables[name]
+    return tables
+
+
+def tables_of(decoder_layers: nn.ModuleList) -> list[BatchedSublayer]:
+    """The tables ``install_sublayers`` put on these decoder layers."""
+    return [m.__dict__[SLOT_TABLE] for layer in decoder_layers for m in (layer.self_attn, layer.mlp)
+            if SLOT_TABLE in m.__dict__]
+
+
+def sublayer_output(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, the output of sub-layer ``module`` for input ``x``, with the adapters of its table (if any)."""
+    table = module.__dict__.get(SLOT_TABLE)
+    return y if table is None else table(x, y)
+
+
+def check_sublayer_forms(name: str, forms: dict[str, SublayerForm], tables: dict[str, BatchedSublayer]) -> None:
+    """Refuse forms the tables cannot hold: a sub-layer serve does not run as one, or a wrong hidden size."""
+    unknown = sorted(set(forms) - set(tables))
+    if unknown:
+        raise ServeError(f"adapter {name!r}: it adapts {unknown[:3]}, which serve does not run as sub-layers; "
+                         "sub-layer adapters are served on each decoder layer's self_attn and mlp")
+    for module, form in forms.items():
+        hidden = tables[module].hidden
+        r = form.rank
+        shapes = {"down": (r, hidden), "down_bias": (r,), "up": (hidden, r), "up_bias": (hidden,)}
+        bad = {k: tuple(getattr(form, k).shape) for k, shape in shapes.items()
+               if tuple(getattr(form, k).shape) != shape}
+        if bad:
+            raise ServeError(f"adapter {name!r}: on {module!r} (hidden size {hidden}) its bottleneck tensors have "
+                             f"shapes {bad}, expected {({k: shapes[k] for k in bad})}")
+        try:
+            activation_fn(form.non_linearity)
+        except ValueError as exc:  # now, not at the first step that reads it
+            raise ServeError(f"adapter {name!r}: {exc}") from None

@@ -1,0 +1,218 @@
+"""Serving bottleneck adapters (Houlsby / Pfeiffer / parallel; serve/sublayer.py): each request's logits and greedy
+tokens equal those of the same checkpoint loaded with peftlab's own ``load_adapter`` on the HF model (its forward
+hooks: an independent path), alone or in a batch mixed with bottleneck adapters of other widths and activations,
+a LoRA and the base model, in eager steps and in the fixed-shape decode step that CUDA graphs replay (run eagerly
+on the CPU); slots are reused without stale weights; an adapter that changed nothing would fail every test."""
+import pytest
+import torch
+
+import peftlab
+from models import randomize_adapters, tiny_llama
+from peftlab.serve.engine import Engine, EngineConfig, Request
+from peftlab.serve.forward import Chunk, ragged_forward
+from peftlab.serve.store import AdapterNotFound, ServeError
+from serve_engine_setup import DEVICES, EOS, MAX_NEW, _alone, _prompt
+
+BOTTLENECKS = {  # widths on hidden 32: 4, 8, 2, 4; the up weights random (zero at init would hide any error)
+    "houlsby": peftlab.BottleneckConfig(reduction_factor=8),
+    "pfeiffer_parallel": peftlab.BottleneckConfig(placement="pfeiffer", parallel=True, reduction_factor=4,
+                                                  non_linearity="gelu", scaling=0.5),
+    "houlsby_parallel": peftlab.BottleneckConfig(parallel=True, reduction_factor=16, non_linearity="silu"),
+    "pfeiffer_no_residual": peftlab.BottleneckConfig(placement="pfeiffer", residual=False, reduction_factor=8,
+                                                     non_linearity="tanh", scaling=2.0),
+}
+OTHERS = {"lora": peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bottleneck")
+    for i, (name, config) in enumerate({**BOTTLENECKS, **OTHERS}.items()):
+        model = tiny_llama()
+        peftlab.attach(model, config)
+        randomize_adapters(model, seed=70 + i, std=0.3)
+        peftlab.save_adapter(model, root / name)
+    return root
+
+
+def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
+    engine = Engine(tiny_llama().to(device), EngineConfig(max_batch=16, max_gpu_adapters=gpu, max_cpu_adapters=8, kv_tokens=2048,
+                                               block_size=4, cuda_graphs=graphs), adapter_root=root)
+    for name in (*BOTTLENECKS, *OTHERS):
+        engine.store.register(name, root / name)
+    return engine
+
+
+def _reference_logits(root, name, ids: list[int], device: str = "cpu") -> torch.Tensor:
+    """The last position's logits of the HF model with the checkpoint loaded by peftlab (or the bare base)."""
+    model = tiny_llama().to(device)
+    if name is not None:
+        peftlab.load_adapter(model, root / name)
+    with torch.no_grad():
+        return model(torch.tensor([ids], device=device)).logits[0, -1]
+
+
+def _served(engine: Engine, jobs: list[tuple[str | None, list[int]]], decode: list[int] | None = None,
+            fixed_shape: bool = False) -> torch.Tensor:
+    """Logits of one engine step over ``jobs`` (adapter, prompt): their prefills in one ragged pass, or with
+    ``decode`` (one next token each, after those prefills ran) one decode step, eager or at a fixed shape."""
+    slots = [-1 if name is None else engine.store.acquire(name, load_from_disk=True) for name, _ in jobs]
+    try:
+        if decode is None:
+            chunks = [Chunk(100 + i, prompt, 0) for i, (_, prompt) in enumerate(jobs)]
+            for c in chunks:
+                engine.cache.reserve(c.seq_id, len(c.tokens) + 1)
+            token_slots = [s for s, (_, prompt) in zip(slots, jobs) for _ in prompt]
+        else:
+            chunks = [Chunk(100 + i, [tok], len(prompt)) for i, ((_, prompt), tok) in enumerate(zip(jobs, decode))]
+            token_slots = slots
+        if fixed_shape:
+            logits = engine.graphs.run(chunks, token_slots)
+            assert logits is not None
+            return logits
+        engine.context.set(token_slots, engine.device)
+        return ragged_forward(engine.model, engine.cache, chunks)
+    finally:
+        for s in slots:
+            if s >= 0:
+                engine.store.release(s)
+
+
+@pytest.mark.parametrize("name", sorted(BOTTLENECKS))
+def test_served_bottleneck_equals_the_adapted_model(root, name):
+    """Logits at the prompt's last token and greedy tokens, served alone, equal the HF model with the adapter loaded
+    by peftlab; and they differ from the base model's (the adapter is not silently ignored)."""
+    engine = _engine(root)
+    prompt = _prompt(3)
+    got = _served(engine, [(name, prompt)])[0]
+    want = _reference_logits(root, name, prompt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - _reference_logits(root, None, prompt)).abs().max() > 1e-2
+    assert engine.store.describe(name)["gpu_slot"] is not None  # it holds a slot, as a weight adapter does
+    assert any(table.sublayer_slots for table in engine.sublayers.values())
+    assert engine.generate(_prompt(5), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(5))
+
+
+def test_mixed_prefill_pass_gives_each_request_its_own_logits(root):
+    """One ragged pass over prompts of four bottleneck adapters (widths 2-8, four activations, serial, parallel,
+    without residual), a LoRA and the base model: each prompt's logits equal its adapter alone on the HF model."""
+    engine = _engine(root)
+    names = [*BOTTLENECKS, "lora", None, "houlsby"]
+    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
+    got = _served(engine, jobs)
+    for (name, prompt), logits in zip(jobs, got):
+        torch.testing.assert_close(logits, _reference_logits(root, name, prompt), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    widths = {name.rsplit(".", 1)[-1]: t.down.shape[1] for name, t in engine.sublayers.items()}
+    assert widths == {"self_attn": 4, "mlp": 8}  # each table padded to its widest adapter (4 / 2 on attention)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_equals_each_request_alone(root, graphs, device):
+    """Continuous batching of bottleneck A and B (other widths and activations), a LoRA and base requests, joining
+    a running batch: each request's greedy tokens equal its adapter alone (HF generate, peftlab's hooks). With
+    ``graphs`` the decode steps run at fixed shapes (captured and replayed as CUDA graphs on CUDA)."""
+    engine = _engine(root, graphs=graphs, device=device)
+    names = [None, "houlsby", "pfeiffer_parallel", "lora", "pfeiffer_no_residual", "houlsby_parallel"]
+    jobs = [(names[i % len(names)], _prompt(i)) for i in range(10)]
+    refs = [_alone(root / n if n else None, p, device) for n, p in jobs]
+    first = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:6]]
+    engine.step()
+    late = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[6:]]
+    engine.run_until_done(first + late)
+    for (name, _), ref, req in zip(jobs, refs, first + late):
+        assert req.error is None and req.output == ref, f"{name}: batched {req.output} != alone {ref}"
+    for name in BOTTLENECKS:  # each changes the answer to its prompt
+        assert any(r != _alone(None, p, device) for (n, p), r in zip(jobs, refs) if n == name), name
+    if graphs:
+        assert engine.graphs.steps_run > 0 and engine.graphs.error is None
+        assert any("sublayer" in paths for _, _, paths in engine.graphs.steps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_decode_step_equals_the_eager_step(root, device):
+    """The decode step that graphs replay (every token's slot row gathered, activations picked per token, padded
+    batch; a captured CUDA graph on CUDA) gives the eager step's logits, and both the HF model's, for a mix of
+    bottleneck widths, activations, serial / parallel / no residual, a LoRA and the base model."""
+    engine = _engine(root, graphs=True, device=device)
+    names = [*BOTTLENECKS, "lora", None]
+    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
+    prefill = _served(engine, jobs)
+    nxt = prefill.argmax(-1).tolist()
+    eager = _served(engine, jobs, decode=nxt)
+    fixed = _served(engine, jobs, decode=nxt, fixed_shape=True)
+    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    assert len(jobs) not in {key[0] for key in engine.graphs.steps}  # 6 tokens in a batch of 8: padding rows ran
+    assert any("sublayer" in paths for _, _, paths in engine.graphs.steps)
+    for (name, prompt), tok, logits in zip(jobs, nxt, fixed):
+        torch.testing.assert_close(logits, _reference_logits(root, name, prompt + [tok], device), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_fixed_shape_step_without_bottleneck_tokens_skips_the_tables(root, monkeypatch):
+    """With bottleneck adapters in the tables, a decode step of LoRA and base tokens runs no sub-layer work (its
+    step's paths lack "sublayer") and still answers as those adapters alone."""
+    from peftlab.serve.sublayer import BatchedSublayer
+
+    engine = _engine(root, graphs=True)
+    warm = engine.submit(Request(_prompt(0), "houlsby", 3))
+    engine.run_until_done([warm])
+    calls = []
+    static = BatchedSublayer._static
+    monkeypatch.setattr(BatchedSublayer, "_static", lambda self, *a: calls.append(1) or static(self, *a))
+    reqs = [engine.submit(Request(_prompt(i), n, MAX_NEW, stop_ids=EOS)) for i, n in enumerate(["lora", None])]
+    engine.run_until_done(reqs)
+    assert [r.output for r in reqs] == [_alone(root / "lora", _prompt(0)), _alone(None, _prompt(1))]
+    assert not calls and engine.graphs.steps_run > 0
+
+
+def test_unload_and_slot_reuse_leave_no_stale_weights(root):
+    """One slot, reused: a wide bottleneck, then a narrower one (the wider one's extra units must be gone), then a
+    LoRA (no sub-layer adapter: every sub-layer row back to the identity), then base requests; an unloaded adapter
+    is refused."""
+    engine = _engine(root, gpu=1)
+    for name in ["pfeiffer_parallel", "houlsby_parallel", "houlsby", "lora"]:
+        assert engine.generate(_prompt(4), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(4)), name
+        engine.store.unload(name)
+        engine.store.apply_pending()
+        with pytest.raises(AdapterNotFound):
+            engine.submit(Request(_prompt(4), name, 2))
+        assert engine.store.slots_used() == 0
+        for table in engine.sublayers.values():  # a cleared row: zeros but keep = 1 (the sub-layer's own output)
+            if table.packed.data is not None:
+                assert not table.sublayer_slots
+                assert torch.equal(table.packed.data[0], table.packed.data[table.capacity])
+    assert engine.generate(_prompt(4), None, MAX_NEW, stop_ids=EOS) == _alone(None, _prompt(4))
+    engine.store.register("houlsby", root / "houlsby")  # registered again: served again, from the same slot
+    assert engine.generate(_prompt(6), "houlsby", MAX_NEW, stop_ids=EOS) == _alone(root / "houlsby", _prompt(6))
+
+
+def test_eviction_between_bottleneck_and_lora_keeps_answers(root):
+    """Two slots, four adapters taking turns (LRU eviction writes each slot over and over)."""
+    engine = _engine(root, gpu=2)
+    names = ["houlsby", "lora", "pfeiffer_no_residual", "houlsby_parallel", "houlsby", None]
+    reqs = [engine.submit(Request(_prompt(i), n, 4, stop_ids=EOS)) for i, n in enumerate(names)]
+    engine.run_until_done(reqs)
+    for i, (name, req) in enumerate(zip(names, reqs)):
+        assert req.error is None and req.output == _alone(root / name if name else None, _prompt(i))[:4], name
+    assert engine.store.stats["evictions"] > 0
+
+
+def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):
+    """A bottleneck adapter on a module serve does not run as a sub-layer (here the input norm) is refused with a
+    message naming the module; LLaMA-Adapter (its own attention hooks) stays refused."""
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.BottleneckConfig(target_modules=["input_layernorm"], reduction_factor=8))
+    peftlab.save_adapter(model, root / "on_norm")
+    model = tiny_llama()
+    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
+    peftlab.save_adapter(model, root / "llama_adapter")
+    engine = _engine(root)
+    engine.store.register("on_norm", root / "on_norm")
+    with pytest.raises(ServeError, match=r"model\.layers\.0\.input_layernorm.*does not run as sub-layers"):
+        engine.store.acquire("on_norm", load_from_disk=True)
+    engine.store.register("llama_adapter", root / "llama_adapter")
+    with pytest.raises(ServeError, match="model hooks"):
+        engine.store.acquire("llama_adapter", load_from_disk=True)
+    assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
