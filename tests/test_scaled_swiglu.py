@@ -150,3 +150,16 @@ def test_other_adaptations_keep_the_plain_mlp(monkeypatch):
         monkeypatch.setenv("PEFTLAB_FAST", "1")
         ia3(input_ids=ids)
         assert len(seen) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor's Triton code with the kernel)")
+def test_ia3_model_compiled_by_inductor_on_cuda_matches_the_plain_mlp():
+    ids = torch.randint(3, 90, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    model = _ia3(tiny_llama(hidden=64, intermediate=192)).cuda().to(torch.bfloat16)
+    want_loss, want = _loss_and_grads(model, ids)
+    with ss.scaled_swiglu_mlps(model) as changed:
+        assert changed == 2
+        got_loss, got = _loss_and_grads(model, ids, torch.compile(model, backend="inductor"))
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-2)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-2, msg=name)
