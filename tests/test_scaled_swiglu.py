@@ -163,3 +163,13 @@ def test_ia3_model_compiled_by_inductor_on_cuda_matches_the_plain_mlp():
     torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-2)
     for name in want:
         torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_the_trainers_steps_route_the_mlps_only_on_the_fast_path(monkeypatch):
+    model = _ia3(tiny_llama())
+    monkeypatch.delenv("PEFTLAB_FAST", raising=False)
+    with ss.scaled_swiglu_mlps(model, torch.device("cpu")) as changed:
+        assert changed == 0 and all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    with ss.scaled_swiglu_mlps(model, torch.device("cpu")) as changed:
+        assert changed == 2

@@ -169,9 +169,11 @@ def use_scaled_swiglu(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def scaled_swiglu_mlps(model: nn.Module) -> Iterator[int]:
-    """``use_scaled_swiglu`` for the duration of the block (the number of MLPs changed); their own forward after."""
-    changed = use_scaled_swiglu(model)
+def scaled_swiglu_mlps(model: nn.Module, device: torch.device | None = None) -> Iterator[int]:
+    """``use_scaled_swiglu`` for the duration of the block (the number of MLPs changed); their own forward after.
+    With ``device``, only where the fast path is on for it (``fast.enabled``; else nothing changes: 0)."""
+    on = device is None or fast.enabled(torch.empty(0, device=device))
+    changed = use_scaled_swiglu(model) if on else []
     try:
         yield len(changed)
     finally:

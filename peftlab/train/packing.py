@@ -285,7 +285,7 @@ class CompiledSteps:
         self.mode = mode
         self.graphs = backend is not None and mode in GRAPH_MODES  # inductor's; other backends ignore the mode
         self.pointwise = False  # set by compiled_steps when the layers recompute their pointwise work
-        self.scaled_swiglu = 0  # gated MLPs routed through ops/scaled_swiglu.py (at each call: when it applies)
+        self.scaled_swiglu = 0  # gated MLPs routed through ops/scaled_swiglu.py (fast path; at each call: if it applies)
 
     def describe(self) -> dict:
         """What the steps ran as, for metrics.json (after a fall-back: eager)."""
@@ -357,7 +357,7 @@ def compiled_steps(args, model: nn.Module, device: torch.device) -> Iterator[Com
                       f"{device.type}; see TrainArgs.compile)", RuntimeWarning, stacklevel=3)
     try:  # compiling happens in the steps (first forward, new shapes): the budget is read there
         with functorch_config.patch(activation_memory_budget=budget) if budget else contextlib.nullcontext(), \
-                pointwise, scaled_swiglu_mlps(model) as state.scaled_swiglu:
+                pointwise, scaled_swiglu_mlps(model, device) as state.scaled_swiglu:
             yield state
     finally:
         if state.backend:
