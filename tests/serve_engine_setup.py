@@ -1,11 +1,13 @@
-"""The serving engine tests' shared pieces (test_serve_engine.py, test_serve_engine_store.py): the saved tiny-Llama
-adapters of several methods, a prompt per index, HF ``generate`` with one adapter alone, and an engine over them."""
+"""The serving engine tests' shared pieces (test_serve_engine.py, test_serve_engine_store.py, test_serve_bottleneck.py,
+test_serve_adaption_prompt.py): the saved tiny-Llama adapters of several methods, a prompt per index, HF ``generate``
+and logits with one adapter alone, an engine over them, and one engine step's logits."""
 import pytest
 import torch
 
 import peftlab
 from models import randomize_adapters, tiny_llama
 from peftlab.serve.engine import Engine, EngineConfig
+from peftlab.serve.forward import Chunk, ragged_forward
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> config; LoHa has no batched form and is served as a LoRA of its update
@@ -58,3 +60,38 @@ def _engine(root, device="cpu", **kw) -> Engine:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _reference_logits(root, name, ids: list[int], device: str = "cpu") -> torch.Tensor:
+    """The last position's logits of the HF model with the checkpoint loaded by peftlab (or the bare base)."""
+    model = tiny_llama().to(device)
+    if name is not None:
+        peftlab.load_adapter(model, root / name)
+    with torch.no_grad():
+        return model(torch.tensor([ids], device=device)).logits[0, -1]
+
+
+def _served(engine: Engine, jobs: list[tuple[str | None, list[int]]], decode: list[int] | None = None,
+            fixed_shape: bool = False) -> torch.Tensor:
+    """Logits of one engine step over ``jobs`` (adapter, prompt): their prefills in one ragged pass, or with
+    ``decode`` (one next token each, after those prefills ran) one decode step, eager or at a fixed shape."""
+    slots = [-1 if name is None else engine.store.acquire(name, load_from_disk=True) for name, _ in jobs]
+    try:
+        if decode is None:
+            chunks = [Chunk(100 + i, prompt, 0) for i, (_, prompt) in enumerate(jobs)]
+            for c in chunks:
+                engine.cache.reserve(c.seq_id, len(c.tokens) + 1)
+            token_slots = [s for s, (_, prompt) in zip(slots, jobs) for _ in prompt]
+        else:
+            chunks = [Chunk(100 + i, [tok], len(prompt)) for i, ((_, prompt), tok) in enumerate(zip(jobs, decode))]
+            token_slots = slots
+        if fixed_shape:
+            logits = engine.graphs.run(chunks, token_slots)
+            assert logits is not None
+            return logits
+        engine.context.set(token_slots, engine.device)
+        return ragged_forward(engine.model, engine.cache, chunks)
+    finally:
+        for s in slots:
+            if s >= 0:
+                engine.store.release(s)

@@ -9,9 +9,8 @@ import torch
 import peftlab
 from models import randomize_adapters, tiny_llama
 from peftlab.serve.engine import Engine, EngineConfig, Request
-from peftlab.serve.forward import Chunk, ragged_forward
 from peftlab.serve.store import AdapterNotFound, ServeError
-from serve_engine_setup import DEVICES, EOS, MAX_NEW, _alone, _prompt
+from serve_engine_setup import DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served
 
 BOTTLENECKS = {  # widths on hidden 32: 4, 8, 2, 4; the up weights random (zero at init would hide any error)
     "houlsby": peftlab.BottleneckConfig(reduction_factor=8),
@@ -41,41 +40,6 @@ def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> En
     for name in (*BOTTLENECKS, *OTHERS):
         engine.store.register(name, root / name)
     return engine
-
-
-def _reference_logits(root, name, ids: list[int], device: str = "cpu") -> torch.Tensor:
-    """The last position's logits of the HF model with the checkpoint loaded by peftlab (or the bare base)."""
-    model = tiny_llama().to(device)
-    if name is not None:
-        peftlab.load_adapter(model, root / name)
-    with torch.no_grad():
-        return model(torch.tensor([ids], device=device)).logits[0, -1]
-
-
-def _served(engine: Engine, jobs: list[tuple[str | None, list[int]]], decode: list[int] | None = None,
-            fixed_shape: bool = False) -> torch.Tensor:
-    """Logits of one engine step over ``jobs`` (adapter, prompt): their prefills in one ragged pass, or with
-    ``decode`` (one next token each, after those prefills ran) one decode step, eager or at a fixed shape."""
-    slots = [-1 if name is None else engine.store.acquire(name, load_from_disk=True) for name, _ in jobs]
-    try:
-        if decode is None:
-            chunks = [Chunk(100 + i, prompt, 0) for i, (_, prompt) in enumerate(jobs)]
-            for c in chunks:
-                engine.cache.reserve(c.seq_id, len(c.tokens) + 1)
-            token_slots = [s for s, (_, prompt) in zip(slots, jobs) for _ in prompt]
-        else:
-            chunks = [Chunk(100 + i, [tok], len(prompt)) for i, ((_, prompt), tok) in enumerate(zip(jobs, decode))]
-            token_slots = slots
-        if fixed_shape:
-            logits = engine.graphs.run(chunks, token_slots)
-            assert logits is not None
-            return logits
-        engine.context.set(token_slots, engine.device)
-        return ragged_forward(engine.model, engine.cache, chunks)
-    finally:
-        for s in slots:
-            if s >= 0:
-                engine.store.release(s)
 
 
 @pytest.mark.parametrize("name", sorted(BOTTLENECKS))
@@ -201,18 +165,12 @@ def test_eviction_between_bottleneck_and_lora_keeps_answers(root):
 
 def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):
     """A bottleneck adapter on a module serve does not run as a sub-layer (here the input norm) is refused with a
-    message naming the module; LLaMA-Adapter (its own attention hooks) stays refused."""
+    message naming the module (LLaMA-Adapter, served since, is tested in test_serve_adaption_prompt.py)."""
     model = tiny_llama()
     peftlab.attach(model, peftlab.BottleneckConfig(target_modules=["input_layernorm"], reduction_factor=8))
     peftlab.save_adapter(model, root / "on_norm")
-    model = tiny_llama()
-    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
-    peftlab.save_adapter(model, root / "llama_adapter")
     engine = _engine(root)
     engine.store.register("on_norm", root / "on_norm")
     with pytest.raises(ServeError, match=r"model\.layers\.0\.input_layernorm.*does not run as sub-layers"):
         engine.store.acquire("on_norm", load_from_disk=True)
-    engine.store.register("llama_adapter", root / "llama_adapter")
-    with pytest.raises(ServeError, match="model hooks"):
-        engine.store.acquire("llama_adapter", load_from_disk=True)
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was

@@ -84,12 +84,13 @@ def test_store_refuses_paths_outside_root_and_unservable(adapter_dirs, tmp_path)
     with pytest.raises(PermissionError, match="adapter root"):
         engine.store.register("x", tmp_path)
     model = tiny_llama()
-    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
-    peftlab.save_adapter(model, adapter_dirs / "llama_adapter")
-    engine.store.register("llama_adapter", adapter_dirs / "llama_adapter")
+    # a hook-based method serve does not batch (shadow: a second network beside the model's)
+    peftlab.attach(model, peftlab.variants()["shadow"](["q_proj", "v_proj", "down_proj"], 4))
+    peftlab.save_adapter(model, adapter_dirs / "shadow")
+    engine.store.register("shadow", adapter_dirs / "shadow")
     with pytest.raises(ServeError, match="model hooks"):
-        engine.store.acquire("llama_adapter", load_from_disk=True)
-    req = engine.submit(Request(_prompt(0), "llama_adapter", 2))
+        engine.store.acquire("shadow", load_from_disk=True)
+    req = engine.submit(Request(_prompt(0), "shadow", 2))
     engine.run_until_done([req])
     assert req.finish_reason == "error" and "model hooks" in req.error
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was

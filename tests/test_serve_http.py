@@ -284,12 +284,12 @@ def test_cli_options():
 
 def test_server_refuses_an_unservable_adapter_at_start(root, tmp_path):
     model = tiny_llama()
-    peftlab.attach(model, peftlab.variants()["adaption_prompt"](None, 4))
-    peftlab.save_adapter(model, tmp_path / "llama_adapter")
+    peftlab.attach(model, peftlab.variants()["shadow"](["q_proj", "v_proj", "down_proj"], 4))  # hook-based, unbatched
+    peftlab.save_adapter(model, tmp_path / "shadow")
     import typer
 
-    with pytest.raises(typer.BadParameter, match="llama_adapter.*model hooks"):
-        Server(root, adapters={"bad": tmp_path / "llama_adapter"})
+    with pytest.raises(typer.BadParameter, match="shadow.*model hooks"):
+        Server(root, adapters={"bad": tmp_path / "shadow"})
 
 
 def test_peftlab_serve_command_end_to_end(root, expected):

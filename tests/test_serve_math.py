@@ -157,7 +157,8 @@ def test_serving_form_equals_the_adapted_module(method):
 def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
     """Over the registry: a weight method is served natively (serving_form) or as a LoRA of its update, and the
     served form equals the method's own module (full-rank conversion: exact up to rounding); an input-side method
-    is served as virtual tokens equal to its own, or in the sub-layer tables as its own hooks (bottleneck adapters);
+    is served as virtual tokens equal to its own, or in the sub-layer tables as its own hooks (bottleneck adapters),
+    or in the prompt-attention tables as its own attention hook (LLaMA-Adapter);
     KV-prefix, other module-hook and non-mergeable methods, updates of other layers than linears (LN tuning's norms)
     and trainable token rows are refused with a ServeError."""
     from peftlab.core.input_side import hooked
@@ -200,6 +201,23 @@ def test_every_method_is_served_or_refused_with_a_reason(variant, tmp_path):
                 with torch.no_grad():
                     torch.testing.assert_close(engine.sublayers[name].slot_form(slot).apply(x, y),
                                                own._adapt(i, None, (x,), {}, y), msg=f"{variant} {name}")
+        elif own.prompt_attention_serving:  # attention over its own keys/values (LLaMA-Adapter): prompt tables
+            from transformers.models.llama.modeling_llama import rotate_half
+
+            slot = engine.store.acquire(variant, load_from_disk=True)
+            own.active = True
+            T = 3
+            for i, name in enumerate(own.names):
+                attn, table = model.get_submodule(name), engine.prompt_attention[name]
+                hidden, o = torch.randn(1, T, 32), torch.randn(T, 4, 8)
+                cos, sin = model.model.rotary_emb(hidden, torch.arange(T)[None])
+                q = attn.q_proj(hidden).view(1, T, 4, 8).transpose(1, 2)
+                q = (q * cos[:, None] + rotate_half(q) * sin[:, None])[0].transpose(0, 1)
+                with torch.no_grad():  # through o_proj (no bias here), as the served forward adds it
+                    served = table.slot_form(slot).apply(q, o).reshape(T, -1) @ attn.o_proj.weight.T
+                    mine = own.adaption_output(attn, hidden, (cos, sin), own.prompts[i], own.gates[i])[0]
+                    torch.testing.assert_close(served, o.reshape(T, -1) @ attn.o_proj.weight.T + mine,
+                                               msg=f"{variant} {name}")
         else:
             with pytest.raises(ServeError, match="model hooks"):
                 engine.store.acquire(variant, load_from_disk=True)

@@ -61,7 +61,10 @@ class HookedAdapter(nn.Module):
 
     ``sublayer_serving``: the adapter acts only on whole sub-layers (attention, MLP) of the decoder layers, as
     ``sublayer_forms()`` says, one ``SublayerForm`` per sub-layer module name: the serving engine batches those
-    (bottleneck adapters). Hook adapters without it are refused by serve.
+    (bottleneck adapters). ``prompt_attention_serving``: the adapter adds, inside attention modules, a gated attention
+    of the layer's rotary queries over keys/values that the layer's own k_proj / v_proj make of a prompt
+    (``PromptAttentionForm``), as ``attention_prompts()`` says: the serving engine batches those (LLaMA-Adapter). Hook
+    adapters with neither are refused by serve.
     """
 
     num_virtual_tokens: int = 0
@@ -75,6 +78,7 @@ class HookedAdapter(nn.Module):
     loss_in_forward: bool = False
     reads_outer_graph: bool = False
     sublayer_serving: bool = False
+    prompt_attention_serving: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,6 +102,10 @@ class HookedAdapter(nn.Module):
 
     def sublayer_forms(self) -> dict[str, SublayerForm]:
         """(``sublayer_serving``) sub-layer module name -> this adapter's form there, detached."""
+        raise NotImplementedError
+
+    def attention_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(``prompt_attention_serving``) attention module name -> (prompt (n, hidden), gate (1,)), detached."""
         raise NotImplementedError
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

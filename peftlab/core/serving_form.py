@@ -1,8 +1,11 @@
 """The forms the serving engine batches: ``ServingForm``, one adapter on one linear layer (see
-``AdapterLayer.serving_form``), and ``SublayerForm``, one adapter on the output of a whole sub-layer (attention, MLP;
-see ``HookedAdapter.sublayer_forms``), with ``bottleneck_mlp``, the pure function of its maths."""
+``AdapterLayer.serving_form``), ``SublayerForm``, one adapter on the output of a whole sub-layer (attention, MLP;
+see ``HookedAdapter.sublayer_forms``), with ``bottleneck_mlp``, the pure function of its maths, and
+``PromptAttentionForm``, a gated attention over an adapter's own keys/values inside an attention module (see
+``HookedAdapter.attention_prompts``), with ``prompt_keys_values`` and ``gated_prompt_attention``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -122,3 +125,64 @@ class SublayerForm(_Tensors):
         update = self.scaling * bottleneck_mlp(x if self.parallel else y, self.down, self.down_bias, self.up,
                                                self.up_bias, activation_fn(self.non_linearity))
         return y + update if self.residual else update
+
+
+def prompt_keys_values(prompt: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module,
+                       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values (..., n, kv_heads, head_dim) an attention module's ``k_proj`` / ``v_proj`` make of a
+    prompt (..., n, hidden), without rotary embedding."""
+    return k_proj(prompt).unflatten(-1, (-1, head_dim)), v_proj(prompt).unflatten(-1, (-1, head_dim))
+
+
+def gated_prompt_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``gate * softmax(query keys^T / sqrt(D)) values`` over the last two dims: query (..., L, D), keys / values
+    (..., n, D) (no causal mask: every query sees the whole prompt), ``gate`` broadcastable to (..., L, n); the
+    softmax in fp32, the rest in the query's dtype. ``valid`` (bool, broadcastable to (..., L, n)): the positions
+    each query sees; the others score ``finfo.min``, so a row that sees none is uniform (finite), never NaN."""
+    scores = query @ keys.transpose(-2, -1) / math.sqrt(query.shape[-1])
+    if valid is not None:
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+    probs = gate.to(query.dtype) * nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return probs @ values
+
+
+@dataclass
+class PromptAttentionForm(_Tensors):
+    """One adapter inside one attention module (LLaMA-Adapter), in the form the serving engine batches across
+    adapters: a second attention of the layer's rotary queries q (heads, D) over the adapter's own keys and values,
+    gated, added to the attention's output before its output projection W_o:
+
+        o' = o + gate * softmax(q K^T / sqrt(D)) V      per query head; K, V of its KV head (grouped-query attention)
+
+    K, V: ``prompt_keys_values`` of the adapter's prompt through the layer's own (base) k_proj / v_proj, no rotary.
+    W_o o' = W_o o + W_o (gate ...): the adapter's term through W_o, the projection's bias once."""
+
+    keys: torch.Tensor  # (n, kv_heads, D)
+    values: torch.Tensor  # (n, kv_heads, D)
+    gate: torch.Tensor  # (1,)
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[0])
+
+    def apply(self, query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The adapted attention output for rotary queries ``query`` and attention output ``out`` (T, heads, D):
+        the reference of the batched tables (``peftlab.serve.prompt_attention``)."""
+        return out + grouped_prompt_attention(query, self.keys, self.values, self.gate)
+
+
+def grouped_prompt_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor,
+                             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``gated_prompt_attention`` of queries (T, heads, D) over keys / values (n, kv_heads, D) shared by every token,
+    or one set per token (T, n, kv_heads, D) with ``gate`` (T, 1) and ``valid`` (T, n): the query heads grouped by
+    their KV head (head h reads KV head h // groups, as ``repeat_interleave`` of the KV heads), nothing repeated.
+    Returns (T, heads, D)."""
+    tokens, heads, dim = query.shape
+    kv_heads = keys.shape[-2]
+    grouped = query.reshape(tokens, kv_heads, heads // kv_heads, dim)  # (T, kv_heads, groups, D)
+    if valid is not None:
+        valid = valid[:, None, None, :]
+    mixed = gated_prompt_attention(grouped, keys.transpose(-3, -2), values.transpose(-3, -2),
+                                   gate.reshape(-1, 1, 1, 1), valid)
+    return mixed.reshape(tokens, heads, dim)

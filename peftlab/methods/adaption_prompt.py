@@ -15,21 +15,24 @@ Checkpoint keys are PEFT's: ``<attention module>.adaption_prompt`` (1, adapter_l
 ``<attention module>.adaption_gate`` (1,). Supports Llama-style attention (``q_proj``/``k_proj``/
 ``v_proj``/``o_proj`` and rotary ``position_embeddings``): Llama, Mistral, Qwen2, ... PEFT adapts
 Llama, Mistral and GPT-2 (not Qwen2); peftlab does not adapt GPT-2.
+
+``peftlab serve`` batches it in per-layer prompt-attention slot tables (``attention_prompts``, the maths in
+``core/serving_form.py``, shared with this forward; ``peftlab/serve/prompt_attention.py``), except on attention with
+a query norm (Qwen3's ``q_norm``, which this forward's query skips).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.adapter import AdapterError
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.input_side import HookedAdapter, HookMethod
 from peftlab.core.registry import register
+from peftlab.core.serving_form import gated_prompt_attention, prompt_keys_values
 
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -88,6 +91,8 @@ class AdaptionPrompts(HookedAdapter):
     # packing.compile_model turns on (without them every layer ran the first layer's hook-free graph). Not yet run as
     # CUDA graphs on a GPU, so compiled in torch's default mode until a GPU row shows it replays
     replays_as_graphs = False
+    # serve adds each adapted layer's gated prompt attention from its slot tables (peftlab/serve/prompt_attention.py)
+    prompt_attention_serving = True
 
     def __init__(self, names: list[str], adapter_len: int, hidden: int):
         super().__init__()
@@ -118,19 +123,20 @@ class AdaptionPrompts(HookedAdapter):
         query = attn.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in rotary)
         query = query * cos + rotate_half(query) * sin
-        prompt = prompt.to(hidden.dtype)
-        keys = attn.k_proj(prompt).view(1, prompt.shape[1], -1, head_dim).transpose(1, 2)
-        values = attn.v_proj(prompt).view(1, prompt.shape[1], -1, head_dim).transpose(1, 2)
+        keys, values = (t.transpose(1, 2) for t in prompt_keys_values(prompt.to(hidden.dtype), attn.k_proj,
+                                                                         attn.v_proj, head_dim))
         groups = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        scores = query @ keys.transpose(2, 3) / math.sqrt(head_dim)
         # the adapter's parameters stay fp32 on a bf16/fp16 model (PEFT keeps them in the model's dtype):
         # the gate joins the attention in the query's dtype, as PEFT's does
-        probs = gate.to(query.dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        mixed = (probs @ values).transpose(1, 2).reshape(batch, length, -1)
+        mixed = gated_prompt_attention(query, keys, values, gate).transpose(1, 2).reshape(batch, length, -1)
         out = attn.o_proj(mixed)
         bias = getattr(attn.o_proj, "bias", None)
         return out - bias if bias is not None else out
+
+    def attention_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: (prompt.detach()[0], gate.detach()) for name, prompt, gate in
+                zip(self.names, self.prompts, self.gates)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -27,8 +27,9 @@ class StepContext:
     # adapter work; default: all). graphs.py sets it per step, so a step of LoRA tokens skips VeRA's products and the
     # scale tables even while adapters that use them sit in other slots (a resident VeRA adapter cost every captured
     # step its products: H200 profile, bench/results/serve/profile_1b_h200.json)
-    # (and "sublayer": the sub-layer tables of serve/sublayer.py, bottleneck adapters)
-    static_paths: frozenset = frozenset(("lora", "out", "in", "vera", "sublayer"))
+    # (and "sublayer": the sub-layer tables of serve/sublayer.py, bottleneck adapters; "prompt_attention": the
+    # prompt-attention tables of serve/prompt_attention.py, LLaMA-Adapter)
+    static_paths: frozenset = frozenset(("lora", "out", "in", "vera", "sublayer", "prompt_attention"))
     # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
     # read each token's factors in place; layers without use_triton ignore it) instead of a gather and two batched
     # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,
@@ -53,7 +54,7 @@ class StepContext:
 
 
 # the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots,
-# BatchedSublayer.sublayer_slots; a table without a path's attribute has no slot on it)
+# ModuleTable.<path>_slots; a table without a path's attribute has no slot on it)
 PATHS = tuple(StepContext.static_paths)
 
 

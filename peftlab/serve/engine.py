@@ -30,6 +30,7 @@ from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.layers import StepContext, install
 from peftlab.serve.sampling import SamplingParams, sample
 from peftlab.serve.store import AdapterNotFound, AdapterStore
+from peftlab.serve.prompt_attention import install_prompt_attention
 from peftlab.serve.sublayer import install_sublayers
 
 
@@ -108,8 +109,10 @@ class Engine:
         self.context: StepContext
         self.context, self.layers = install(model, cfg.max_gpu_adapters, use_triton=use_triton)
         self.sublayers = install_sublayers(model, layers, self.context)
+        self.prompt_attention = install_prompt_attention(model, layers, self.context)
         self.store = AdapterStore(self.layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters, adapter_root,
-                                  cfg.convert_rank, model=model, sublayers=self.sublayers)
+                                  cfg.convert_rank, model=model, sublayers=self.sublayers,
+                                  prompt_attention=self.prompt_attention)
         attn = layers[0].self_attn
         mc = model.config
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads

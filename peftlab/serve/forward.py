@@ -2,8 +2,9 @@
 
 Works on transformers' Llama-family decoders (Llama, Mistral without sliding window, Qwen2/3, SmolLM):
 it calls the model's own modules (embedding, norms, q/k/v/o projections, MLP, rotary embedding, head) and
-replaces only the attention's cache handling by the paged cache; the outputs of the attention and MLP
-sub-layers pass through their adapter tables (``serve/sublayer.py``: bottleneck adapters). A chunk is a
+replaces only the attention's cache handling by the paged cache; the attention's output before o_proj passes
+through its prompt-attention table (``serve/prompt_attention.py``: LLaMA-Adapter), the outputs of the attention and
+MLP sub-layers through their sub-layer tables (``serve/sublayer.py``: bottleneck adapters). A chunk is a
 sequence's new tokens (a whole prompt at prefill, one token at decode); prefill and decode chunks share the
 pass, so every linear layer sees all of them at once (and the per-token adapter slots with them).
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.serve.kv import PagedKVCache
+from peftlab.serve.prompt_attention import prompt_attention_output
 from peftlab.serve.shared import shared_input
 from peftlab.serve.sublayer import sublayer_output
 
@@ -201,7 +203,7 @@ def _decoder(model: nn.Module, cache: PagedKVCache, h: torch.Tensor, positions: 
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]
         cache.write(i, write_rows, k, v)
-        o = attend(q, i, getattr(attn, "scaling", d ** -0.5))
+        o = prompt_attention_output(attn, q, attend(q, i, getattr(attn, "scaling", d ** -0.5)))
         h = h + sublayer_output(attn, x, attn.o_proj(o.reshape(1, T, -1)))
         x = layer.post_attention_layernorm(h)
         h = h + sublayer_output(layer.mlp, x, _mlp(layer.mlp, x))

@@ -7,7 +7,8 @@ graph, so a step is padded to a batch bucket (1, 2, 4, ... 256) and a context bu
 at least 64), and every dynamic decision is made at capture time:
 
 - each linear layer reads every token's adapter by its table row (``BatchedLinear._forward_static``; the sub-layer
-  tables of bottleneck adapters too, ``BatchedSublayer._static``) instead of grouping tokens by slot on the host:
+  tables of bottleneck adapters and the prompt-attention tables of LLaMA-Adapter too, ``BatchedSublayer._static``,
+  ``BatchedPromptAttention._static``) instead of grouping tokens by slot on the host:
   with ``StepContext.static_triton`` (the default where the layers use Triton) two row kernels read each token's
   LoRA factors (and output scale) in place; otherwise one gather of the factors and two batched products; the
   scales: one gather; VeRA on shared projections: products over all tokens; which paths run (LoRA, IA3 / DoRA
@@ -31,7 +32,7 @@ from peftlab.serve.forward import Chunk, context_rows, decode_forward, decoder_p
 from peftlab.serve.kv import PagedKVCache
 from peftlab.serve.context import PATHS, StepContext
 from peftlab.serve.layers import BatchedLinear
-from peftlab.serve.sublayer import tables_of
+from peftlab.serve.module_table import tables_of
 
 log = logging.getLogger("peftlab.serve")
 
@@ -114,7 +115,8 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, context: StepContext, layers: dict[str, BatchedLinear]):
         self.model, self.cache, self.context, self.layers = model, cache, context, layers
-        # every slot table a step reads: the linears' and the sub-layers' (bottleneck adapters, serve/sublayer.py)
+        # every slot table a step reads: the linears' and the modules' (serve/module_table.py: bottleneck adapters'
+        # sub-layer tables, LLaMA-Adapter's prompt-attention tables)
         self.tables = [*layers.values(), *tables_of(decoder_parts(model)[1])]
         self.capture = cache.k[0].device.type == "cuda"
         cache.reserve(TRASH_SEQ, 1)  # one block no sequence owns: padding rows write and read there

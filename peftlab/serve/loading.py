@@ -1,7 +1,7 @@
 """Disk -> host serving forms, the store's cold load: check that an adapter can be served, get each layer's
 ``ServingForm`` (straight from the checkpoint where the layer class can, else by attaching it to the skeleton), an
-input-side adapter's virtual tokens, prefix keys/values or sub-layer forms, and pack the forms into one host
-buffer."""
+input-side adapter's virtual tokens, prefix keys/values, sub-layer forms or attention prompts, and pack the forms
+into one host buffer."""
 from __future__ import annotations
 
 from typing import TypeVar
@@ -14,12 +14,12 @@ from peftlab.core.adapter import AdapterError, BaseView, ServingForm
 from peftlab.core.inject import adapted_modules, delete_adapter, find_targets, is_linear, saved_modules
 from peftlab.core.input_side import hooked
 from peftlab.core.registry import method_for
-from peftlab.core.serving_form import SublayerForm
+from peftlab.core.serving_form import PromptAttentionForm, SublayerForm
 from peftlab.core.state import attach_loaded, check_checkpoint
 from peftlab.lowrank import lora_from_delta
 
 
-Form = TypeVar("Form", ServingForm, SublayerForm)
+Form = TypeVar("Form", ServingForm, SublayerForm, PromptAttentionForm)
 
 
 class ServeError(ValueError):
@@ -121,19 +121,22 @@ def pack_to_host(forms: dict[str, Form], dtype: torch.dtype, pin: bool) -> dict[
 
 
 def input_side_parts(model: nn.Module, name: str, tmp: str, config, tensors: dict, source: str, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, SublayerForm]]:
-    """(virtual token embeddings, prefix keys/values, sub-layer forms) of an input-side adapter, computed once at
-    load on the served ``model`` (attached there inactive as ``tmp``, detached again). Adapters acting through other
-    module hooks than whole sub-layers (LLaMA-Adapter) are refused."""
+                     device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, SublayerForm],
+                                                    dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(virtual token embeddings, prefix keys/values, sub-layer forms, attention prompts) of an input-side adapter,
+    computed once at load on the served ``model`` (attached there inactive as ``tmp``, detached again). Adapters
+    acting through other module hooks than whole sub-layers or prompt attention are refused."""
     attach_loaded(model, config, tmp, tensors, source, activate=False)
     try:
         adapter = hooked(model)[tmp].eval()
         if adapter.sublayer_serving:
-            return None, None, adapter.sublayer_forms()
+            return None, None, adapter.sublayer_forms(), {}
+        if adapter.prompt_attention_serving:
+            return None, None, {}, adapter.attention_prompts()
         if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
             raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted modules), "
-                             "which serve does not batch; virtual-token, prefix and sub-layer (bottleneck) methods "
-                             "are served")
+                             "which serve does not batch; virtual-token, prefix, sub-layer (bottleneck) and prompt-"
+                             "attention (LLaMA-Adapter) methods are served")
         with torch.no_grad():
             virtual = prefix = None
             if adapter.num_virtual_tokens:
@@ -143,7 +146,7 @@ def input_side_parts(model: nn.Module, name: str, tmp: str, config, tensors: dic
                 adapter.write_prefix(recorder, 1, dtype)
                 prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
                 prefix = prefix.to(device).contiguous()
-            return virtual, prefix, {}
+            return virtual, prefix, {}, {}
     finally:
         delete_adapter(model, tmp)
 

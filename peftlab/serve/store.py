@@ -5,9 +5,10 @@ base linears (the served model is never touched), then asks each layer for its `
 that give that form straight from the checkpoint (LoRA) skip the attach. A mergeable method
 without one is served as a LoRA of its update (``peftlab.lowrank.lora_from_delta``), and the relative
 error of that conversion is recorded. Input-side adapters are attached to the served model (inactive) once at load
-for their virtual tokens, prefix keys/values or sub-layer forms (bottleneck adapters, which take a slot in the
-sub-layer tables of ``peftlab.serve.sublayer`` as weight adapters do in the linears'). Forms live on the CPU (pinned
-on CUDA) in an LRU cache.
+for their virtual tokens, prefix keys/values, sub-layer forms (bottleneck adapters, which take a slot in the
+sub-layer tables of ``peftlab.serve.sublayer`` as weight adapters do in the linears') or attention prompts
+(LLaMA-Adapter: projected to keys/values at load, a slot in the prompt-attention tables of
+``peftlab.serve.prompt_attention``). Forms live on the CPU (pinned on CUDA) in an LRU cache.
 
 Slot tables are only written by the engine thread (``acquire``, ``apply_pending``); the API thread
 registers, prefetches (disk -> CPU in a worker thread) and asks for unloads, which the engine applies
@@ -30,11 +31,13 @@ from torch import nn
 from peftlab.core.adapter import ServingForm
 from peftlab.core.inject import delete_adapter
 from peftlab.core.registry import method_for
-from peftlab.core.serving_form import SublayerForm
+from peftlab.core.serving_form import PromptAttentionForm, SublayerForm
 from peftlab.core.state import PREFIX, attach_loaded, read_adapter_weights, read_config
 from peftlab.serve.layers import BatchedLinear
 from peftlab.serve.loading import ServeError, check_servable, forms_from_state, forms_of, input_side_parts, \
     pack_to_host
+from peftlab.serve.module_table import ModuleTable
+from peftlab.serve.prompt_attention import BatchedPromptAttention, project_prompts
 from peftlab.serve.sublayer import BatchedSublayer, check_sublayer_forms
 
 
@@ -56,6 +59,7 @@ class LoadedAdapter:
     virtual: torch.Tensor | None = None  # (n, hidden) embeddings prepended to the prompt (prompt tuning, P-tuning)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, n, kv_heads, head_dim) keys/values before the prompt (prefix)
     sublayer: dict[str, SublayerForm] = field(default_factory=dict)  # sub-layer -> its form (bottleneck adapters)
+    prompt_attention: dict[str, PromptAttentionForm] = field(default_factory=dict)  # attention -> form (LLaMA-Adapter)
 
     @property
     def input_side(self) -> bool:
@@ -79,11 +83,13 @@ def skeleton(linears: dict[str, nn.Linear]) -> nn.Module:
 class AdapterStore:
     def __init__(self, layers: dict[str, BatchedLinear], max_gpu: int, max_cpu: int, adapter_root: str | Path | None = None,
                  convert_rank: int = 16, model: nn.Module | None = None,
-                 sublayers: dict[str, BatchedSublayer] | None = None):
+                 sublayers: dict[str, BatchedSublayer] | None = None,
+                 prompt_attention: dict[str, BatchedPromptAttention] | None = None):
         if max_gpu < 1 or max_cpu < 1:
             raise ValueError(f"max_gpu_adapters and max_cpu_adapters must be >= 1, got {max_gpu}, {max_cpu}")
         self.layers, self.max_gpu, self.max_cpu, self.convert_rank = layers, max_gpu, max_cpu, convert_rank
         self.sublayers = sublayers or {}  # the sub-layer slot tables (serve/sublayer.py), slots shared with layers
+        self.prompt_attention = prompt_attention or {}  # the prompt-attention tables (serve/prompt_attention.py)
         self.root = Path(adapter_root).resolve() if adapter_root is not None else None
         self._skeleton = skeleton({n: layer.base for n, layer in layers.items()})
         self.model = model  # the served model: input-side adapters are built on it (they read its embedding size)
@@ -170,13 +176,15 @@ class AdapterStore:
             if self.model is None:
                 raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
             with self._skeleton_lock:
-                virtual, prefix_kv, sublayer = input_side_parts(self.model, name, tmp, config, tensors, str(path),
-                                                                layer.dtype, layer.device)
+                virtual, prefix_kv, sublayer, prompts = input_side_parts(self.model, name, tmp, config, tensors,
+                                                                         str(path), layer.dtype, layer.device)
+                attention = project_prompts(name, prompts, self.prompt_attention)
             check_sublayer_forms(name, sublayer, self.sublayers)
-            sublayer = pack_to_host(sublayer, layer.dtype, pin)
+            sublayer, attention = pack_to_host(sublayer, layer.dtype, pin), pack_to_host(attention, layer.dtype, pin)
             nbytes = sum(t.numel() * t.element_size() for t in (virtual, prefix_kv) if t is not None)
-            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3,
-                                 nbytes + sum(f.nbytes() for f in sublayer.values()), virtual, prefix_kv, sublayer)
+            nbytes += sum(f.nbytes() for f in (*sublayer.values(), *attention.values()))
+            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3, nbytes, virtual,
+                                 prefix_kv, sublayer, attention)
         with self._skeleton_lock:
             forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path), "cpu"), {}
             if forms is None:
@@ -299,8 +307,9 @@ class AdapterStore:
             # pinned host buffer they read is not reused before they finish (torch's caching host allocator)
             for mname, layer in self.layers.items():
                 layer.set_slot(slot, adapter.forms.get(mname))
-            for sname, table in self.sublayers.items():
-                table.set_slot(slot, adapter.sublayer.get(sname))
+            for tables, forms in ((self.sublayers, adapter.sublayer), (self.prompt_attention, adapter.prompt_attention)):
+                for mname, table in tables.items():
+                    table.set_slot(slot, forms.get(mname))
             self.slot_name[slot], self.slot_of[name] = name, slot
             self.stats["gpu_misses"] += 1
             ms = (time.perf_counter() - t0) * 1e3
@@ -328,10 +337,13 @@ class AdapterStore:
 
     def _clear(self, slot: int) -> None:
         name = self.slot_name[slot]
-        for table in (*self.layers.values(), *self.sublayers.values()):
+        for table in (*self.layers.values(), *self.module_tables()):
             table.clear_slot(slot)
         self.slot_name[slot] = None
         self.slot_of.pop(name, None)
+
+    def module_tables(self) -> list[ModuleTable]:
+        return [*self.sublayers.values(), *self.prompt_attention.values()]
 
     def apply_pending(self) -> None:
         """Free the slots of unloaded adapters that no running request uses (engine thread, between steps)."""

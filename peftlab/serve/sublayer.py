@@ -22,42 +22,36 @@ import torch
 from torch import nn
 
 from peftlab.core.serving_form import SublayerForm, activation_fn, bottleneck_mlp
-from peftlab.serve.batched import PackedRows, PackedTable, Segments, grown
+from peftlab.serve.batched import PackedTable, Segments, grown
 from peftlab.serve.context import StepContext
 from peftlab.serve.loading import ServeError
+from peftlab.serve.module_table import ModuleTable, attach_table, table_output
 
-SLOT_TABLE = "serve_sublayer_table"  # the attribute of a decoder layer's self_attn / mlp that holds its table
 PATH = "sublayer"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
 
 
-class BatchedSublayer:
+class BatchedSublayer(ModuleTable):
     """``capacity`` adapter slots (+ the identity row) on one sub-layer of hidden size ``hidden``; allocated on the
-    first adapter that uses it."""
+    first adapter that uses it. ``specs``: slot -> (width, scaling, non_linearity, parallel, residual)."""
 
+    path = PATH
     down, up = PackedTable("packed"), PackedTable("packed")  # (rows, R, H), (rows, H, R)
     down_bias, up_bias = PackedTable("packed"), PackedTable("packed")  # (rows, R), (rows, H)
     scaling, keep, parallel = PackedTable("packed"), PackedTable("packed"), PackedTable("packed")  # (rows, 1) each
 
     def __init__(self, name: str, hidden: int, context: StepContext, dtype: torch.dtype, device: torch.device):
-        self.name, self.hidden, self.context, self.dtype, self.device = name, hidden, context, dtype, device
-        self.capacity = context.capacity
-        self.packed = PackedRows()
-        self.sublayer_slots: set[int] = set()  # the slots holding an adapter here (graphs.py reads <path>_slots)
-        self.specs: dict[int, tuple] = {}  # slot -> (width, scaling, non_linearity, parallel, residual)
+        super().__init__(name, context, dtype, device)
+        self.hidden = hidden
         self.act_names: list[str] = []  # the activations seen; act_index holds a slot's position in this list
         self.act_index: torch.Tensor | None = None  # (rows,) int64, allocated with the tables
 
     # -- slots ---------------------------------------------------------------------------------
     def _allocate(self, width: int) -> None:
-        rows = self.capacity + 1
-
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(rows, *shape, dtype=self.dtype, device=self.device)
-
+        zeros = self.zeros
         self.down, self.up, self.down_bias, self.up_bias = zeros(width, self.hidden), zeros(self.hidden, width), \
             zeros(width), zeros(self.hidden)
         self.scaling, self.parallel, self.keep = zeros(1), zeros(1), zeros(1) + 1
-        self.act_index = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.act_index = torch.zeros(self.capacity + 1, dtype=torch.int64, device=self.device)
 
     def set_slot(self, slot: int, form: SublayerForm | None) -> None:
         """Put an adapter's form into ``slot`` (None: the adapter does not touch this sub-layer)."""
@@ -81,35 +75,18 @@ class BatchedSublayer:
             self.act_names.append(form.non_linearity)
         self.act_index[slot] = self.act_names.index(form.non_linearity)
         self.specs[slot] = (width, form.scaling, form.non_linearity, form.parallel, form.residual)
-        self.sublayer_slots.add(slot)
+        self.slots.add(slot)
 
-    def clear_slot(self, slot: int) -> None:
-        self.context.slot_changes += 1
-        if slot in self.sublayer_slots:
-            self.packed.data[slot].zero_()  # every table's row: the fixed-shape step reads it for any slot
-            self.keep[slot] = 1
-            self.specs.pop(slot)
-            self.sublayer_slots.discard(slot)
+    def _cleared(self, slot: int) -> None:
+        self.keep[slot] = 1
 
     def _activations(self) -> tuple[str, ...]:
-        return tuple(sorted({self.specs[s][2] for s in self.sublayer_slots}))
+        return tuple(sorted({self.specs[s][2] for s in self.slots}))
 
     def static_signature(self) -> tuple:
-        """What a captured fixed-shape step depends on (see ``BatchedLinear.static_signature``)."""
-        return id(self.packed.data), bool(self.sublayer_slots), self._activations()
+        return *super().static_signature(), self._activations()
 
     # -- forward -------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The sub-layer's output for input ``x`` and base output ``y`` (..., H), each token by its slot."""
-        ctx = self.context
-        if ctx.static_rows is not None:
-            if PATH not in ctx.static_paths or not self.sublayer_slots:
-                return y
-            return self._static(x.reshape(-1, self.hidden), y.reshape(-1, self.hidden), ctx.static_rows).view(y.shape)
-        if ctx.present.isdisjoint(self.sublayer_slots):
-            return y
-        return self._eager(x.reshape(-1, self.hidden), y.reshape(-1, self.hidden), ctx.seg).view(y.shape)
-
     def slot_form(self, slot: int) -> SublayerForm:
         """The form in ``slot``, its tensors views of the tables at the slot's own width."""
         width, *settings = self.specs[slot]
@@ -117,15 +94,17 @@ class BatchedSublayer:
                             self.up_bias[slot], *settings)
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor, seg: Segments) -> torch.Tensor:
+        shape = y.shape
+        x, y = x.reshape(-1, self.hidden), y.reshape(-1, self.hidden)
         out = y.clone()
-        for g, slot in enumerate(seg.slots_cpu):
-            if slot in self.sublayer_slots:
-                idx = seg.order[seg.starts_cpu[g]:seg.starts_cpu[g + 1]]
-                adapted = self.slot_form(slot).apply(x.index_select(0, idx), y.index_select(0, idx))
-                out.index_copy_(0, idx, adapted.to(out.dtype))
-        return out
+        for slot, idx in self.slot_tokens(seg):
+            adapted = self.slot_form(slot).apply(x.index_select(0, idx), y.index_select(0, idx))
+            out.index_copy_(0, idx, adapted.to(out.dtype))
+        return out.view(shape)
 
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        shape = y.shape
+        x, y = x.reshape(-1, self.hidden), y.reshape(-1, self.hidden)
         t = self.packed.gather(rows)  # every token's row of every table, one gather
         source = torch.where(t["parallel"] != 0, x, y)
         names = self._activations()
@@ -141,7 +120,7 @@ class BatchedSublayer:
                 return out
 
         update = bottleneck_mlp(source, t["down"], t["down_bias"], t["up"], t["up_bias"], activation)
-        return y * t["keep"] + t["scaling"] * update
+        return (y * t["keep"] + t["scaling"] * update).view(shape)
 
 
 def install_sublayers(model: nn.Module, decoder_layers: nn.ModuleList,
@@ -157,20 +136,13 @@ def install_sublayers(model: nn.Module, decoder_layers: nn.ModuleList,
         for module in (layer.self_attn, layer.mlp):
             name = names[id(module)]
             tables[name] = BatchedSublayer(name, hidden, context, weight.dtype, weight.device)
-            module.__dict__[SLOT_TABLE] = tables[name]
+            attach_table(module, tables[name])
     return tables
-
-
-def tables_of(decoder_layers: nn.ModuleList) -> list[BatchedSublayer]:
-    """The tables ``install_sublayers`` put on these decoder layers."""
-    return [m.__dict__[SLOT_TABLE] for layer in decoder_layers for m in (layer.self_attn, layer.mlp)
-            if SLOT_TABLE in m.__dict__]
 
 
 def sublayer_output(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y``, the output of sub-layer ``module`` for input ``x``, with the adapters of its table (if any)."""
-    table = module.__dict__.get(SLOT_TABLE)
-    return y if table is None else table(x, y)
+    return table_output(module, PATH, x, y)
 
 
 def check_sublayer_forms(name: str, forms: dict[str, SublayerForm], tables: dict[str, BatchedSublayer]) -> None:
