@@ -95,3 +95,62 @@ def _served(engine: Engine, jobs: list[tuple[str | None, list[int]]], decode: li
         for s in slots:
             if s >= 0:
                 engine.store.release(s)
+
+
+def check_continuous_batch(engine: Engine, root, jobs: list[tuple[str | None, list[int]]], changing: list[str],
+                           path: str, device: str = "cpu", first: int = 6) -> None:
+    """Continuous batching: ``jobs[:first]`` submitted, one step, then the rest join the running batch. Each
+    request's greedy tokens must be its adapter's alone (HF generate), each adapter in ``changing`` must change the
+    answer to one of its prompts, and with graphs the decode steps must have run the adapter ``path``."""
+    from peftlab.serve.engine import Request
+
+    refs = [_alone(root / n if n else None, p, device) for n, p in jobs]
+    early = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:first]]
+    engine.step()
+    late = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[first:]]
+    engine.run_until_done(early + late)
+    for (name, _), ref, req in zip(jobs, refs, early + late):
+        assert req.error is None and req.output == ref, f"{name}: batched {req.output} != alone {ref}"
+    for name in changing:
+        assert any(r != _alone(None, p, device) for (n, p), r in zip(jobs, refs) if n == name), name
+    if engine.graphs is not None:
+        assert engine.graphs.steps_run > 0 and engine.graphs.error is None
+        assert any(path in paths for _, _, paths in engine.graphs.steps)
+
+
+def check_fixed_shape_step(engine: Engine, root, names: list[str | None], path: str, device: str = "cpu") -> None:
+    """The decode step that graphs replay (every token's slot rows gathered, a padded batch; a captured CUDA graph on
+    CUDA) gives the eager step's logits for one request of each of ``names``, both the HF model's, and it ran the
+    adapter ``path`` with padding rows."""
+    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
+    nxt = _served(engine, jobs).argmax(-1).tolist()
+    eager = _served(engine, jobs, decode=nxt)
+    fixed = _served(engine, jobs, decode=nxt, fixed_shape=True)
+    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
+    assert len(jobs) not in {key[0] for key in engine.graphs.steps}  # not a bucket size: padding rows ran
+    assert any(path in paths for _, _, paths in engine.graphs.steps)
+    for (name, prompt), tok, logits in zip(jobs, nxt, fixed):
+        torch.testing.assert_close(logits, _reference_logits(root, name, prompt + [tok], device), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def registered_engine(root, names, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
+    """An engine over the tiny Llama (16 sequences, ``gpu`` adapter slots, 8 on the host) with the checkpoints
+    ``root / name`` registered under their names."""
+    engine = Engine(tiny_llama().to(device), EngineConfig(max_batch=16, max_gpu_adapters=gpu, max_cpu_adapters=8,
+                                                          kv_tokens=2048, block_size=4, cuda_graphs=graphs),
+                    adapter_root=root)
+    for name in names:
+        engine.store.register(name, root / name)
+    return engine
+
+
+def check_served_alone(engine: Engine, root, name: str) -> None:
+    """Served alone, adapter ``name``'s logits at a prompt's last token equal the HF model's with the checkpoint
+    loaded by peftlab, differ from the base model's (the adapter is not silently ignored), and its greedy tokens
+    are HF generate's."""
+    prompt = _prompt(3)
+    got = _served(engine, [(name, prompt)])[0]
+    torch.testing.assert_close(got, _reference_logits(root, name, prompt), rtol=1e-5, atol=1e-5)
+    assert (got - _reference_logits(root, None, prompt)).abs().max() > 1e-2
+    assert engine.generate(_prompt(5), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(5))

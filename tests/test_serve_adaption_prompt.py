@@ -11,7 +11,8 @@ import peftlab
 from models import randomize_adapters, tiny_llama
 from peftlab.serve.engine import Engine, EngineConfig, Request
 from peftlab.serve.store import AdapterNotFound, ServeError
-from serve_engine_setup import DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served
+from serve_engine_setup import (DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served, check_continuous_batch,
+                                check_fixed_shape_step, check_served_alone, registered_engine)
 
 ADAPTION = {  # tiny Llama: 2 layers, 4 query heads over 2 KV heads (grouped-query attention)
     "ap_long_top": (peftlab.AdaptionPromptConfig(adapter_len=7, adapter_layers=1), (1.5,)),
@@ -38,12 +39,7 @@ def root(tmp_path_factory):
 
 
 def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
-    engine = Engine(tiny_llama().to(device), EngineConfig(max_batch=16, max_gpu_adapters=gpu, max_cpu_adapters=8,
-                                                          kv_tokens=2048, block_size=4, cuda_graphs=graphs),
-                    adapter_root=root)
-    for name in (*ADAPTION, *OTHERS):
-        engine.store.register(name, root / name)
-    return engine
+    return registered_engine(root, (*ADAPTION, *OTHERS), graphs, gpu, device)
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTION))
@@ -51,14 +47,10 @@ def test_served_adaption_prompt_equals_the_adapted_model(root, name):
     """Logits at the prompt's last token and greedy tokens, served alone, equal the HF model with the adapter loaded
     by peftlab; and they differ from the base model's (the adapter is not silently ignored)."""
     engine = _engine(root)
-    prompt = _prompt(3)
-    got = _served(engine, [(name, prompt)])[0]
-    torch.testing.assert_close(got, _reference_logits(root, name, prompt), rtol=1e-5, atol=1e-5)
-    assert (got - _reference_logits(root, None, prompt)).abs().max() > 1e-2
+    check_served_alone(engine, root, name)
     slot = engine.store.describe(name)["gpu_slot"]
     layers = ADAPTION[name][0].adapter_layers
     assert [slot in t.slots for t in engine.prompt_attention.values()] == [False] * (2 - layers) + [True] * layers
-    assert engine.generate(_prompt(5), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(5))
 
 
 def test_served_adaption_prompt_equals_peft(root):
@@ -92,21 +84,10 @@ def test_continuous_batch_with_other_methods_gives_each_its_tokens_alone(root, g
     """Continuous batching (prefills beside decodes, requests joining late) of LLaMA-Adapters, a LoRA, a bottleneck
     adapter and the base model: each request's greedy tokens are those of its adapter alone on the HF model; with
     graphs, the decode steps run at a fixed shape through the prompt-attention tables."""
-    engine = _engine(root, graphs=graphs, device=device)
     jobs = [(n, _prompt(i)) for i, n in enumerate([*ADAPTION, "lora", "houlsby", None, "ap_long_top",
                                                    "ap_mid_both"])]
-    refs = [_alone(root / n if n else None, p, device) for n, p in jobs]
-    first = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:6]]
-    engine.step()
-    late = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[6:]]
-    engine.run_until_done(first + late)
-    for (name, _), ref, req in zip(jobs, refs, first + late):
-        assert req.error is None and req.output == ref, f"{name}: batched {req.output} != alone {ref}"
-    for name in ADAPTION:  # each changes the answer to its prompt
-        assert any(r != _alone(None, p, device) for (n, p), r in zip(jobs, refs) if n == name), name
-    if graphs:
-        assert engine.graphs.steps_run > 0 and engine.graphs.error is None
-        assert any("prompt_attention" in paths for _, _, paths in engine.graphs.steps)
+    check_continuous_batch(_engine(root, graphs=graphs, device=device), root, jobs, ADAPTION, "prompt_attention",
+                           device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,18 +95,8 @@ def test_fixed_shape_decode_step_equals_the_eager_step(root, device):
     """The decode step that graphs replay (every token's slot rows gathered, prompts padded and masked, padded batch;
     a captured CUDA graph on CUDA) gives the eager step's logits, and both the HF model's, for three LLaMA-Adapters,
     a LoRA, a bottleneck adapter and the base model."""
-    engine = _engine(root, graphs=True, device=device)
-    names = [*ADAPTION, "lora", "houlsby", None]
-    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
-    nxt = _served(engine, jobs).argmax(-1).tolist()
-    eager = _served(engine, jobs, decode=nxt)
-    fixed = _served(engine, jobs, decode=nxt, fixed_shape=True)
-    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
-    assert len(jobs) not in {key[0] for key in engine.graphs.steps}  # 6 tokens in a batch of 8: padding rows ran
-    assert any("prompt_attention" in paths for _, _, paths in engine.graphs.steps)
-    for (name, prompt), tok, logits in zip(jobs, nxt, fixed):
-        torch.testing.assert_close(logits, _reference_logits(root, name, prompt + [tok], device), rtol=1e-5,
-                                   atol=1e-5)
+    check_fixed_shape_step(_engine(root, graphs=True, device=device), root, [*ADAPTION, "lora", "houlsby", None],
+                           "prompt_attention", device)
 
 
 def test_fixed_shape_identity_rows_add_exact_zeros(root):

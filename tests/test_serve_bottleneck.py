@@ -8,9 +8,10 @@ import torch
 
 import peftlab
 from models import randomize_adapters, tiny_llama
-from peftlab.serve.engine import Engine, EngineConfig, Request
+from peftlab.serve.engine import Engine, Request
 from peftlab.serve.store import AdapterNotFound, ServeError
-from serve_engine_setup import DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served
+from serve_engine_setup import (DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served, check_continuous_batch,
+                                check_fixed_shape_step, check_served_alone, registered_engine)
 
 BOTTLENECKS = {  # widths on hidden 32: 4, 8, 2, 4; the up weights random (zero at init would hide any error)
     "houlsby": peftlab.BottleneckConfig(reduction_factor=8),
@@ -35,11 +36,7 @@ def root(tmp_path_factory):
 
 
 def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
-    engine = Engine(tiny_llama().to(device), EngineConfig(max_batch=16, max_gpu_adapters=gpu, max_cpu_adapters=8, kv_tokens=2048,
-                                               block_size=4, cuda_graphs=graphs), adapter_root=root)
-    for name in (*BOTTLENECKS, *OTHERS):
-        engine.store.register(name, root / name)
-    return engine
+    return registered_engine(root, (*BOTTLENECKS, *OTHERS), graphs, gpu, device)
 
 
 @pytest.mark.parametrize("name", sorted(BOTTLENECKS))
@@ -47,14 +44,9 @@ def test_served_bottleneck_equals_the_adapted_model(root, name):
     """Logits at the prompt's last token and greedy tokens, served alone, equal the HF model with the adapter loaded
     by peftlab; and they differ from the base model's (the adapter is not silently ignored)."""
     engine = _engine(root)
-    prompt = _prompt(3)
-    got = _served(engine, [(name, prompt)])[0]
-    want = _reference_logits(root, name, prompt)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got - _reference_logits(root, None, prompt)).abs().max() > 1e-2
+    check_served_alone(engine, root, name)
     assert engine.store.describe(name)["gpu_slot"] is not None  # it holds a slot, as a weight adapter does
     assert any(table.sublayer_slots for table in engine.sublayers.values())
-    assert engine.generate(_prompt(5), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(5))
 
 
 def test_mixed_prefill_pass_gives_each_request_its_own_logits(root):
@@ -77,21 +69,9 @@ def test_mixed_batch_equals_each_request_alone(root, graphs, device):
     """Continuous batching of bottleneck A and B (other widths and activations), a LoRA and base requests, joining
     a running batch: each request's greedy tokens equal its adapter alone (HF generate, peftlab's hooks). With
     ``graphs`` the decode steps run at fixed shapes (captured and replayed as CUDA graphs on CUDA)."""
-    engine = _engine(root, graphs=graphs, device=device)
     names = [None, "houlsby", "pfeiffer_parallel", "lora", "pfeiffer_no_residual", "houlsby_parallel"]
     jobs = [(names[i % len(names)], _prompt(i)) for i in range(10)]
-    refs = [_alone(root / n if n else None, p, device) for n, p in jobs]
-    first = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[:6]]
-    engine.step()
-    late = [engine.submit(Request(p, n, MAX_NEW, stop_ids=EOS)) for n, p in jobs[6:]]
-    engine.run_until_done(first + late)
-    for (name, _), ref, req in zip(jobs, refs, first + late):
-        assert req.error is None and req.output == ref, f"{name}: batched {req.output} != alone {ref}"
-    for name in BOTTLENECKS:  # each changes the answer to its prompt
-        assert any(r != _alone(None, p, device) for (n, p), r in zip(jobs, refs) if n == name), name
-    if graphs:
-        assert engine.graphs.steps_run > 0 and engine.graphs.error is None
-        assert any("sublayer" in paths for _, _, paths in engine.graphs.steps)
+    check_continuous_batch(_engine(root, graphs=graphs, device=device), root, jobs, BOTTLENECKS, "sublayer", device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,19 +79,8 @@ def test_fixed_shape_decode_step_equals_the_eager_step(root, device):
     """The decode step that graphs replay (every token's slot row gathered, activations picked per token, padded
     batch; a captured CUDA graph on CUDA) gives the eager step's logits, and both the HF model's, for a mix of
     bottleneck widths, activations, serial / parallel / no residual, a LoRA and the base model."""
-    engine = _engine(root, graphs=True, device=device)
-    names = [*BOTTLENECKS, "lora", None]
-    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
-    prefill = _served(engine, jobs)
-    nxt = prefill.argmax(-1).tolist()
-    eager = _served(engine, jobs, decode=nxt)
-    fixed = _served(engine, jobs, decode=nxt, fixed_shape=True)
-    torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)
-    assert len(jobs) not in {key[0] for key in engine.graphs.steps}  # 6 tokens in a batch of 8: padding rows ran
-    assert any("sublayer" in paths for _, _, paths in engine.graphs.steps)
-    for (name, prompt), tok, logits in zip(jobs, nxt, fixed):
-        torch.testing.assert_close(logits, _reference_logits(root, name, prompt + [tok], device), rtol=1e-5,
-                                   atol=1e-5)
+    check_fixed_shape_step(_engine(root, graphs=True, device=device), root, [*BOTTLENECKS, "lora", None], "sublayer",
+                           device)
 
 
 def test_fixed_shape_step_without_bottleneck_tokens_skips_the_tables(root, monkeypatch):
