@@ -146,8 +146,10 @@ def run_one(args, shape: str, strategy: str, nproc: int, timeout: float | None =
     row["wall_s"] = round(time.perf_counter() - started, 1)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (stderr or stdout).strip().splitlines()[-4:]
-        return {**row, "error": f"exit {proc.returncode}: " + " | ".join(tail)[-800:]}
+        text = (stderr or stdout).strip().splitlines()
+        # the workers' own words (a C++ abort's "what():", a Python error) come before torchrun's summary at the end
+        cause = [line.strip() for line in text if any(k in line for k in ("what():", "Error", "terminate called"))]
+        return {**row, "error": f"exit {proc.returncode}: " + " | ".join(cause[:3] + text[-4:])[-1200:]}
     return {**row, **json.loads(lines[-1])}
 
 
