@@ -70,7 +70,7 @@ def _kernel():
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < cols
         s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_C,), tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)  # reduced over rows once, after the loop
         first = tl.program_id(1) * rows_per_block
         last = tl.minimum(first + rows_per_block, rows)
         for t0 in range(first, last, BLOCK_T):
@@ -82,11 +82,11 @@ def _kernel():
             h = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
             a = g * sig
-            acc += tl.sum(h * a * u, 0)
+            acc += h * a * u
             hs = h * s[None, :]
             tl.store(du_ptr + at, (hs * a).to(du_ptr.dtype.element_ty), mask=ok)
             tl.store(dg_ptr + at, (hs * u * sig * (1 + g * (1 - sig))).to(dg_ptr.dtype.element_ty), mask=ok)
-        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * cols + c, acc, mask=c_ok)
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * cols + c, tl.sum(acc, 0), mask=c_ok)
 
     return scaled_swiglu_bwd
 
