@@ -9,13 +9,13 @@ set -x
 OUT=${OUT:-/tmp/ia3-swiglu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 150 python3 -m pytest -q -rs -p no:cacheprovider -p no:logging tests/test_scaled_swiglu.py \
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider -p no:logging tests/test_scaled_swiglu.py \
   tests/test_serve_bottleneck.py tests/test_serve_adaption_prompt.py -k "cuda or scaled" > "$OUT/swiglu_tests.log" 2>&1
 tail -n 3 "$OUT/swiglu_tests.log"
 COMMON=(--shape 1b --impls peftlab_compiled --steps 20 --warmup 3 --repeats 1 --prime 0 --timeout 100)
-timeout 230 python3 bench/train_step.py "${COMMON[@]}" --methods ia3,frozen_compiled --out "$OUT/ia3_swiglu_new.json" \
+timeout 200 python3 bench/train_step.py "${COMMON[@]}" --methods ia3,frozen_compiled --out "$OUT/ia3_swiglu_new.json" \
   2>&1 | grep -E '^\[|rror'
-PEFTLAB_BENCH_SCALED_SWIGLU=0 timeout 120 python3 bench/train_step.py "${COMMON[@]}" --methods ia3 \
+PEFTLAB_BENCH_SCALED_SWIGLU=0 timeout 110 python3 bench/train_step.py "${COMMON[@]}" --methods ia3 \
   --out "$OUT/ia3_swiglu_old.json" 2>&1 | grep -E '^\[|rror'
 chmod 644 "$OUT"/* 2>/dev/null
 exit 0
