@@ -93,7 +93,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             from peftlab.ops.lean import use_lean_modules
 
             versions["lean_modules"] = use_lean_modules(model)
-        if os.environ.get("PEFTLAB_BENCH_SCALED_SWIGLU") != "0":  # as the trainer's steps (0: off, the A/B)
+        if os.environ.get("PEFTLAB_BENCH_SCALED_SWIGLU") == "1":  # ops/scaled_swiglu.py (opt-in, as in the trainer)
             from peftlab.ops.scaled_swiglu import use_scaled_swiglu
 
             versions["scaled_swiglu_mlps"] = len(use_scaled_swiglu(model))

@@ -68,7 +68,9 @@ def test_kernel_matches_the_torch_backward(device, dtype, shape, kernel):
     want = ss.scaled_swiglu_backward_reference(gate, up, grad, scale)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, **(TOL[torch.float32] if a.dtype == torch.float32 else TOL[dtype]))
+        sums = a.dim() == 1  # the vector's gradient: sums over the rows, in another order in the kernel
+        tol = dict(rtol=1e-4, atol=1e-4) if sums else TOL[torch.float32] if a.dtype == torch.float32 else TOL[dtype]
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_grid_covers_every_row_once():
@@ -165,11 +167,14 @@ def test_ia3_model_compiled_by_inductor_on_cuda_matches_the_plain_mlp():
         torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-2, msg=name)
 
 
-def test_the_trainers_steps_route_the_mlps_only_on_the_fast_path(monkeypatch):
+def test_the_trainers_steps_route_the_mlps_only_when_asked_on_the_fast_path(monkeypatch):
     model = _ia3(tiny_llama())
     monkeypatch.delenv("PEFTLAB_FAST", raising=False)
     with ss.scaled_swiglu_mlps(model, torch.device("cpu")) as changed:
         assert changed == 0 and all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
     monkeypatch.setenv("PEFTLAB_FAST", "1")
+    with ss.scaled_swiglu_mlps(model, torch.device("cpu")) as changed:
+        assert changed == 0  # off by default: it measured slower on a GPU
+    monkeypatch.setenv("PEFTLAB_SCALED_SWIGLU", "1")
     with ss.scaled_swiglu_mlps(model, torch.device("cpu")) as changed:
         assert changed == 2

@@ -14,8 +14,15 @@ Backward, in fp32 from the saved g, u (σ = sigmoid(g), a = g σ):
     ds = Σ_t h ⊙ a ⊙ u      du = (h ⊙ s) ⊙ a      dg = (h ⊙ s) ⊙ u ⊙ σ (1 + g (1 - σ))
 
 ``scaled_swiglu_backward_reference`` is that in torch (the CPU path; tests compare the kernel with it, in the
-Triton interpreter on the CPU). ``use_scaled_swiglu(model)`` routes the gated MLPs through the node when their
-down projection's adaptation is such a vector (checked at every call, on the fast path only: ``fast.enabled``).
+Triton interpreter on the CPU, and on CUDA). ``use_scaled_swiglu(model)`` routes the gated MLPs through the node when
+their down projection's adaptation is such a vector (checked at every call, on the fast path only: ``fast.enabled``).
+
+Measured (H200, 1B shape, compiled layers with CUDA graphs, one call, twenty-eighth session,
+``bench/results/train_step_1b_h200_2026-12-07b_ia3_swiglu.json``): IA3 47.97 ms / 8.26 GiB with the node against
+44.61 ms / 6.17 GiB without it (the compiled frozen base 41.41 ms). So the node is off by default: the trainer's steps
+use it only with ``PEFTLAB_SCALED_SWIGLU=1`` (the bench worker with ``PEFTLAB_BENCH_SCALED_SWIGLU=1``). Why it costs
+~2 GiB (about two (tokens, intermediate) bf16 tensors a layer) and 3.4 ms is not known yet: no graph break in the
+compiled layer (checked on the CPU), and on the CPU the compiled layer saves the same tensors with or without it.
 """
 from __future__ import annotations
 
@@ -171,8 +178,10 @@ def use_scaled_swiglu(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def scaled_swiglu_mlps(model: nn.Module, device: torch.device | None = None) -> Iterator[int]:
     """``use_scaled_swiglu`` for the duration of the block (the number of MLPs changed); their own forward after.
-    With ``device``, only where the fast path is on for it (``fast.enabled``; else nothing changes: 0)."""
-    on = device is None or fast.enabled(torch.empty(0, device=device))
+    With ``device`` (the trainer's steps): only when asked (``PEFTLAB_SCALED_SWIGLU=1``: off by default, it measured
+    slower, see the module doc) and where the fast path is on for it (``fast.enabled``); else nothing changes: 0."""
+    on = device is None or (os.environ.get("PEFTLAB_SCALED_SWIGLU") == "1"
+                            and fast.enabled(torch.empty(0, device=device)))
     changed = use_scaled_swiglu(model) if on else []
     try:
         yield len(changed)
