@@ -101,7 +101,7 @@ def forms_from_state(model: nn.Module, config, name: str, tensors: dict[str, tor
 
 
 def pack_to_host(forms: dict[str, Form], dtype: torch.dtype, pin: bool) -> dict[str, Form]:
-    """The forms (``ServingForm`` or ``SublayerForm``) as views into ONE host buffer (pinned when ``pin``): one
+    """The forms (``ServingForm``, ``SublayerForm`` or ``PromptAttentionForm``) as views into ONE host buffer (pinned when ``pin``): one
     allocation and one device sync per adapter instead of one per tensor, and fast asynchronous copies into the
     slots later."""
     tensors = [(m, key, value) for m, f in forms.items() for key, value in vars(f).items()
