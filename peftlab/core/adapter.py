@@ -114,6 +114,11 @@ class AdapterLayer(nn.Module):
         the product that feeds this layer (``ops/scaled_swiglu.py``)."""
         return None
 
+    def output_scale(self) -> torch.Tensor | None:
+        """The (out,) vector when this adapter's whole effect is scaling the layer's output features by it (in the
+        output's dtype on the fast path), else None: a gated MLP may fold it into its product too."""
+        return None
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         """The adapted output, given the layer input ``x`` and the base (or previous) output."""
         return out + self.delta(x).to(out.dtype)
@@ -296,13 +301,22 @@ class AdaptedModule(nn.Module):
             out = layer.adapt(x, out, self.view)
         return out
 
+    def _sole_layer(self) -> AdapterLayer | None:
+        """The one active, unmerged adapter of an enabled module, else None."""
+        layers = [] if self.disabled else [self.adapters[n] for n in self.active if n not in self.merged]
+        return layers[0] if len(layers) == 1 else None
+
     def input_scale(self) -> torch.Tensor | None:
-        """The input-feature scale that is this module's whole adaptation (one active, unmerged adapter whose
-        ``input_scale`` gives one), else None; ``base_layer`` then computes the rest."""
-        if self.disabled:
-            return None
-        layers = [self.adapters[n] for n in self.active if n not in self.merged]
-        return layers[0].input_scale() if len(layers) == 1 else None
+        """The input-feature scale that is this module's whole adaptation (its sole adapter's ``input_scale``), else
+        None; ``base_layer`` then computes the rest."""
+        layer = self._sole_layer()
+        return None if layer is None else layer.input_scale()
+
+    def output_scale(self) -> torch.Tensor | None:
+        """The output-feature scale that is this module's whole adaptation (its sole adapter's ``output_scale``),
+        else None; ``base_layer`` computes what it scales."""
+        layer = self._sole_layer()
+        return None if layer is None else layer.output_scale()
 
     # -- merge ---------------------------------------------------------------------------------
     def merge(self, name: str) -> None:

@@ -92,6 +92,9 @@ class IA3Layer(AdapterLayer):
     def input_scale(self) -> torch.Tensor | None:
         return self.scale if self.transforms_input else None
 
+    def output_scale(self) -> torch.Tensor | None:
+        return None if self.transforms_input else self.scale
+
     def adapt(self, x: torch.Tensor, out: torch.Tensor, base: BaseView) -> torch.Tensor:
         if self.transforms_input:
             return out

@@ -1,4 +1,4 @@
-"""A SiLU-gated MLP's product with a per-feature scale, in one autograd node:  y = (silu(g) ⊙ u) ⊙ s
+"""A SiLU-gated MLP's product with per-feature scales, in one autograd node:  y = (silu(g) ⊙ u) ⊙ s
 
 An adapter whose whole effect on the down projection is a vector scaling its input features (IA3 on a feedforward
 target: ``AdapterLayer.input_scale``) scales exactly this product. Left to autograd (and to inductor, inside compiled
@@ -9,20 +9,27 @@ a Triton kernel reads h, g and u once, writes the gate and up gradients, and lea
 which one small sum finishes. The forward is the reference's own ops (inductor fuses them as before), so the
 adapted output is the reference's bit for bit.
 
-Backward, in fp32 from the saved g, u (σ = sigmoid(g), a = g σ):
+The gate and up projections may carry output scales too (IA3 on every linear layer: ``AdapterLayer.output_scale``,
+g = g0 ⊙ a, u = u0 ⊙ b); the node then takes the raw projections g0, u0 and the vectors, and its backward also
+leaves the column sums for a and b. Backward, in fp32 from the saved g0, u0 (σ = sigmoid(g), p = g σ):
 
-    ds = Σ_t h ⊙ a ⊙ u      du = (h ⊙ s) ⊙ a      dg = (h ⊙ s) ⊙ u ⊙ σ (1 + g (1 - σ))
+    ds = Σ_t h ⊙ p ⊙ u    du = (h ⊙ s) ⊙ p    dg = (h ⊙ s) ⊙ u ⊙ σ (1 + g (1 - σ))
+    da = Σ_t dg ⊙ g0      db = Σ_t du ⊙ u0    d g0 = dg ⊙ a    d u0 = du ⊙ b
 
 ``scaled_swiglu_backward_reference`` is that in torch (the CPU path; tests compare the kernel with it, in the
 Triton interpreter on the CPU, and on CUDA). ``use_scaled_swiglu(model)`` routes the gated MLPs through the node when
 their down projection's adaptation is such a vector (checked at every call, on the fast path only: ``fast.enabled``).
 
 Measured (H200, 1B shape, compiled layers with CUDA graphs, one call, twenty-eighth session,
-``bench/results/train_step_1b_h200_2026-12-07b_ia3_swiglu.json``): IA3 47.97 ms / 8.26 GiB with the node against
-44.61 ms / 6.17 GiB without it (the compiled frozen base 41.41 ms). So the node is off by default: the trainer's steps
-use it only with ``PEFTLAB_SCALED_SWIGLU=1`` (the bench worker with ``PEFTLAB_BENCH_SCALED_SWIGLU=1``). Why it costs
-~2 GiB (about two (tokens, intermediate) bf16 tensors a layer) and 3.4 ms is not known yet: no graph break in the
-compiled layer (checked on the CPU), and on the CPU the compiled layer saves the same tensors with or without it.
+``bench/results/train_step_1b_h200_2026-12-07b_ia3_swiglu.json``): IA3 on every linear layer took 47.97 ms / 8.26 GiB
+with the first form of the node (the down projection's vector only) against 44.61 ms / 6.17 GiB without it (the
+compiled frozen base 41.41 ms); on an H100 in compile mode ``default`` 53.99 ms / 8.32 GiB against 45.92 / 6.19
+(``..._2026-12-07c_queue29.json``: not CUDA graphs). The cause, found on the CPU after (saved-tensor count of one
+compiled layer with an opaque backward op): that form took the *scaled* gate and up (g0 ⊙ a, u0 ⊙ b) as inputs and kept
+them, while the vectors' own gradients keep g0 and u0 as well: two more (tokens, intermediate) tensors a layer, and
+two more kernels to make and reduce them. Hence the current form (the output scales folded in). It stays off by
+default until measured: ``PEFTLAB_SCALED_SWIGLU=1`` in the trainer's steps, ``PEFTLAB_BENCH_SCALED_SWIGLU=1`` in the
+bench worker.
 """
 from __future__ import annotations
 
@@ -40,22 +47,44 @@ from peftlab.ops import fast
 _BLOCK_T, _BLOCK_C = 32, 128
 _TARGET_PROGRAMS = 2048  # column blocks x row blocks, a few waves of an H100's 132 SMs
 
+Vec = torch.Tensor | None
 
-def scaled_swiglu_reference(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """What the MLP and the adapter compute apart: ``act_fn(gate) * up``, then the input scale in the product's dtype."""
-    x = F.silu(gate) * up
+
+def _times(t: torch.Tensor, v: Vec) -> torch.Tensor:
+    """An output-scaling adapter's forward on the fast path: ``t * v`` in t's dtype (no scale: t)."""
+    return t if v is None else t * v.to(t.dtype)
+
+
+def scaled_swiglu_reference(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, gate_scale: Vec = None,
+                            up_scale: Vec = None) -> torch.Tensor:
+    """What the MLP and the adapters compute apart: the gate / up projections' output scales (if any), then
+    ``act_fn(gate) * up``, then the down projection's input scale, each in the activations' dtype."""
+    x = F.silu(_times(gate, gate_scale)) * _times(up, up_scale)
     return x * scale.to(x.dtype)
 
 
-def scaled_swiglu_backward_reference(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d gate, d up, d scale (fp32)) for the output gradient ``grad``, in fp32, rounded once."""
-    g, u, h = gate.float(), up.float(), grad.float()
+def scaled_swiglu_backward_reference(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
+                                     gate_scale: Vec = None, up_scale: Vec = None) -> tuple:
+    """(d gate, d up, d scale, d gate_scale, d up_scale) for the output gradient ``grad``: the vectors' gradients
+    in fp32 (None for an absent vector), the rest computed in fp32 and rounded once. The scaled gate and up are
+    rounded to the activations' dtype first, as the forward made them."""
+    g0, u0, h = gate.float(), up.float(), grad.float()
+    g, u = _times(gate, gate_scale).float(), _times(up, up_scale).float()
     sig = torch.sigmoid(g)
     a = g * sig
-    ds = (h * a * u).reshape(-1, g.shape[-1]).sum(0)
-    hs = h * scale.float()
-    return (hs * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (hs * a).to(up.dtype), ds
+    hs = h * scale.to(gate.dtype).float()  # the forward multiplies by the vector in the activations' dtype
+    dg, du = hs * u * sig * (1 + g * (1 - sig)), hs * a
+
+    def col_sum(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+
+    d_gate_scale = None if gate_scale is None else col_sum(dg * g0)
+    d_up_scale = None if up_scale is None else col_sum(du * u0)
+    if gate_scale is not None:
+        dg = dg * gate_scale.to(gate.dtype).float()
+    if up_scale is not None:
+        du = du * up_scale.to(up.dtype).float()
+    return dg.to(gate.dtype), du.to(up.dtype), col_sum(h * a * u), d_gate_scale, d_up_scale
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
@@ -64,7 +93,10 @@ def kernel_usable(x: torch.Tensor) -> bool:
     flag = os.environ.get("PEFTLAB_SWIGLU_KERNEL", "")
     if flag == "0" or not (x.is_cuda or (flag == "1" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _kernel():
@@ -72,28 +104,54 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def scaled_swiglu_bwd(g_ptr, u_ptr, h_ptr, s_ptr, dg_ptr, du_ptr, part_ptr, rows, cols, rows_per_block,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def scaled_swiglu_bwd(g_ptr, u_ptr, h_ptr, s_ptr, a_ptr, b_ptr, dg_ptr, du_ptr, part_ptr, rows, cols,
+                          rows_per_block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_A: tl.constexpr,
+                          HAS_B: tl.constexpr):
+        # part: (3, row blocks, cols) fp32 column sums for the down input scale s, the gate scale a, the up scale b
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < cols
-        s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)  # reduced over rows once, after the loop
+        s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(g_ptr.dtype.element_ty).to(tl.float32)
+        a = tl.load(a_ptr + c, mask=c_ok, other=0.0).to(g_ptr.dtype.element_ty).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(u_ptr.dtype.element_ty).to(tl.float32)
+        acc_s = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)  # each reduced over rows once, after the loop
+        acc_a = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+        acc_b = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
         first = tl.program_id(1) * rows_per_block
         last = tl.minimum(first + rows_per_block, rows)
         for t0 in range(first, last, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok = (t < last)[:, None] & c_ok[None, :]
             at = t.to(tl.int64)[:, None] * cols + c[None, :]
-            g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            g0 = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            u0 = tl.load(u_ptr + at, mask=ok, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            g = g0
+            u = u0
+            if HAS_A:
+                g = (g0 * a[None, :]).to(g_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_B:
+                u = (u0 * b[None, :]).to(u_ptr.dtype.element_ty).to(tl.float32)
             sig = tl.sigmoid(g)
-            a = g * sig
-            acc += h * a * u
+            act = g * sig
+            acc_s += h * act * u
             hs = h * s[None, :]
-            tl.store(du_ptr + at, (hs * a).to(du_ptr.dtype.element_ty), mask=ok)
-            tl.store(dg_ptr + at, (hs * u * sig * (1 + g * (1 - sig))).to(dg_ptr.dtype.element_ty), mask=ok)
-        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * cols + c, tl.sum(acc, 0), mask=c_ok)
+            du = hs * act
+            dg = hs * u * sig * (1 + g * (1 - sig))
+            if HAS_A:
+                acc_a += dg * g0
+                dg = dg * a[None, :]
+            if HAS_B:
+                acc_b += du * u0
+                du = du * b[None, :]
+            tl.store(du_ptr + at, du.to(du_ptr.dtype.element_ty), mask=ok)
+            tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=ok)
+        at = tl.program_id(1).to(tl.int64) * cols + c
+        blocks = tl.num_programs(1).to(tl.int64) * cols
+        tl.store(part_ptr + at, tl.sum(acc_s, 0), mask=c_ok)
+        if HAS_A:
+            tl.store(part_ptr + blocks + at, tl.sum(acc_a, 0), mask=c_ok)
+        if HAS_B:
+            tl.store(part_ptr + 2 * blocks + at, tl.sum(acc_b, 0), mask=c_ok)
 
     return scaled_swiglu_bwd
 
@@ -114,49 +172,61 @@ def _grid(rows: int, cols: int) -> tuple[int, int, int]:
 
 
 @torch.library.triton_op("peftlab::scaled_swiglu_backward", mutates_args=())
-def _backward_op(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor
+def _backward_op(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
+                 gate_scale: torch.Tensor, up_scale: torch.Tensor, has_gate_scale: bool, has_up_scale: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d gate, d up, (3, cols) fp32 sums for scale, gate_scale, up_scale); an absent vector's row is not written
+    (``has_*`` False: its tensor is only a placeholder)."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
     rows, cols = gate.shape
     col_blocks, row_blocks, per = _grid(rows, cols)
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    part = torch.empty((row_blocks, cols), dtype=torch.float32, device=gate.device)
+    part = torch.zeros((3, row_blocks, cols), dtype=torch.float32, device=gate.device)
     torch.library.wrap_triton(_KERNEL)[(col_blocks, row_blocks)](
-        gate, up, grad, scale, dg, du, part, rows, cols, per, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C)
-    return dg, du, part.sum(0)
+        gate, up, grad, scale, gate_scale, up_scale, dg, du, part, rows, cols, per, BLOCK_T=_BLOCK_T,
+        BLOCK_C=_BLOCK_C, HAS_A=has_gate_scale, HAS_B=has_up_scale, num_warps=8)
+    return dg, du, part.sum(1)
 
 
-def scaled_swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scaled_swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
+                           gate_scale: Vec = None, up_scale: Vec = None) -> tuple:
     """``scaled_swiglu_backward_reference``'s contract, by the Triton kernel where ``kernel_usable``."""
     if not kernel_usable(gate) or gate.numel() == 0:
-        return scaled_swiglu_backward_reference(gate, up, grad, scale)
+        return scaled_swiglu_backward_reference(gate, up, grad, scale, gate_scale, up_scale)
     cols = gate.shape[-1]
     flat = [t.reshape(-1, cols).contiguous() for t in (gate, up, grad)]
-    dg, du, ds = _backward_op(*flat, scale.reshape(cols).contiguous())
-    return dg.view(gate.shape), du.view(up.shape), ds
+    vecs = [(scale if v is None else v).reshape(cols).contiguous() for v in (scale, gate_scale, up_scale)]
+    dg, du, sums = _backward_op(*flat, *vecs, gate_scale is not None, up_scale is not None)
+    return (dg.view(gate.shape), du.view(up.shape), sums[0], None if gate_scale is None else sums[1],
+            None if up_scale is None else sums[2])
 
 
 class _ScaledSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, scale):
-        ctx.save_for_backward(gate, up, scale)
-        return scaled_swiglu_reference(gate, up, scale)
+    def forward(ctx, gate, up, scale, gate_scale, up_scale):
+        ctx.save_for_backward(gate, up, scale, gate_scale, up_scale)
+        return scaled_swiglu_reference(gate, up, scale, gate_scale, up_scale)
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up, scale = ctx.saved_tensors
-        dg, du, ds = scaled_swiglu_backward(gate, up, grad, scale)
-        return dg, du, ds.reshape(scale.shape).to(scale.dtype)
+        gate, up, *vecs = ctx.saved_tensors
+        dg, du, *dvecs = scaled_swiglu_backward(gate, up, grad, *vecs)
+        return dg, du, *(None if d is None else d.reshape(v.shape).to(v.dtype) for d, v in zip(dvecs, vecs))
 
 
-def scaled_swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or scale.shape != gate.shape[-1:]:
-        raise ValueError(f"scaled_swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must agree and scale "
-                         f"{tuple(scale.shape)} must be ({gate.shape[-1]},)")
-    return _ScaledSwiGLU.apply(gate, up, scale)
+def scaled_swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, gate_scale: Vec = None,
+                  up_scale: Vec = None) -> torch.Tensor:
+    """``scaled_swiglu_reference`` as one autograd node (gate, up: the projections' outputs before their own
+    output scales, if any; every vector (intermediate,))."""
+    if gate.shape != up.shape:
+        raise ValueError(f"scaled_swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    for name, v in (("scale", scale), ("gate_scale", gate_scale), ("up_scale", up_scale)):
+        if v is not None and v.shape != gate.shape[-1:]:
+            raise ValueError(f"scaled_swiglu: {name} {tuple(v.shape)} must be ({gate.shape[-1]},) for gate "
+                             f"{tuple(gate.shape)}")
+    return _ScaledSwiGLU.apply(gate, up, scale, gate_scale, up_scale)
 
 
 def use_scaled_swiglu(model: nn.Module) -> list[nn.Module]:
@@ -191,14 +261,24 @@ def scaled_swiglu_mlps(model: nn.Module, device: torch.device | None = None) -> 
                 del module.forward
 
 
+def _scale_of(module: nn.Module, which: str) -> Vec:
+    """An adapted projection's ``input_scale`` / ``output_scale`` (None: not adapted, or not only a vector; the
+    methods are gone after the adapters are detached)."""
+    get = getattr(module, which, None)
+    return get() if get is not None else None
+
+
 def _mlp_forward(m: nn.Module):
     def forward(x):
-        gate, up = m.gate_proj(x), m.up_proj(x)
         down = m.down_proj
-        input_scale = getattr(down, "input_scale", None)  # gone after the adapters are detached
-        scale = input_scale() if input_scale is not None and fast.enabled(gate) else None
-        if scale is None or scale.shape != gate.shape[-1:]:
-            return down(m.act_fn(gate) * up)
-        return down.base_layer(scaled_swiglu(gate, up, scale))
+        scale = _scale_of(down, "input_scale") if fast.enabled(x) else None
+        if scale is None or scale.shape[0] != down.base_layer.in_features:
+            return down(m.act_fn(m.gate_proj(x)) * m.up_proj(x))
+        parts = []
+        for proj in (m.gate_proj, m.up_proj):
+            v = _scale_of(proj, "output_scale")  # folded in too: the node then keeps the raw projection only
+            parts += [proj(x), None] if v is None else [proj.base_layer(x), v]
+        gate, gate_scale, up, up_scale = parts
+        return down.base_layer(scaled_swiglu(gate, up, scale, gate_scale, up_scale))
     forward.scaled_swiglu = True
     return forward
