@@ -93,10 +93,11 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             from peftlab.ops.lean import use_lean_modules
 
             versions["lean_modules"] = use_lean_modules(model)
-        if os.environ.get("PEFTLAB_BENCH_SCALED_SWIGLU") == "1":  # ops/scaled_swiglu.py (opt-in, as in the trainer)
+        if os.environ.get("PEFTLAB_BENCH_SCALED_SWIGLU") != "0":  # ops/scaled_swiglu.py, as in the trainer's steps
             from peftlab.ops.scaled_swiglu import use_scaled_swiglu
 
-            versions["scaled_swiglu_mlps"] = len(use_scaled_swiglu(model))
+            if fast.enabled(torch.empty(0, device=args.device)) and (n := len(use_scaled_swiglu(model))):
+                versions["scaled_swiglu_mlps"] = n
     elif args.impl in ("peft", "peft_liger"):
         import peft
 

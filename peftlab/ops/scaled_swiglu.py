@@ -20,16 +20,16 @@ leaves the column sums for a and b. Backward, in fp32 from the saved g0, u0 (σ 
 Triton interpreter on the CPU, and on CUDA). ``use_scaled_swiglu(model)`` routes the gated MLPs through the node when
 their down projection's adaptation is such a vector (checked at every call, on the fast path only: ``fast.enabled``).
 
-Measured (H200, 1B shape, compiled layers with CUDA graphs, one call, twenty-eighth session,
-``bench/results/train_step_1b_h200_2026-12-07b_ia3_swiglu.json``): IA3 on every linear layer took 47.97 ms / 8.26 GiB
-with the first form of the node (the down projection's vector only) against 44.61 ms / 6.17 GiB without it (the
-compiled frozen base 41.41 ms); on an H100 in compile mode ``default`` 53.99 ms / 8.32 GiB against 45.92 / 6.19
-(``..._2026-12-07c_queue29.json``: not CUDA graphs). The cause, found on the CPU after (saved-tensor count of one
-compiled layer with an opaque backward op): that form took the *scaled* gate and up (g0 ⊙ a, u0 ⊙ b) as inputs and kept
-them, while the vectors' own gradients keep g0 and u0 as well: two more (tokens, intermediate) tensors a layer, and
-two more kernels to make and reduce them. Hence the current form (the output scales folded in). It stays off by
-default until measured: ``PEFTLAB_SCALED_SWIGLU=1`` in the trainer's steps, ``PEFTLAB_BENCH_SCALED_SWIGLU=1`` in the
-bench worker.
+Measured (1B shape, compiled layers, bench/README.md): the first form of the node (the down projection's vector
+only) made IA3 on every linear layer slower and larger (H200, CUDA graphs: 47.97 ms / 8.26 GiB against 44.61 / 6.17;
+H100, compile mode ``default``: 53.99 / 8.32 against 45.91 / 6.19). Found on the CPU after (saved-tensor count of a
+compiled layer with an opaque backward op, ``tests/test_scaled_swiglu.py``): it took the *scaled* gate and up as
+inputs and kept them, while the vectors' own gradients keep the raw projections as well: two more (tokens,
+intermediate) tensors a layer. The current form (output scales folded in) keeps the raw projections only; H100,
+twenty-ninth session, two rounds in both orders: 45.24 / 45.55 ms and 6.10 / 6.06 GiB with it against 45.81 / 46.15 ms
+and 6.16 / 6.12 GiB without (the frozen base 42.62 ms), ``bench/results/train_step_1b_h100_2026-12-07d_ia3_swiglu2.json``.
+So it is on by default in the trainer's steps (``scaled_swiglu_mlps``; ``PEFTLAB_SCALED_SWIGLU=0`` turns it off) and
+in the bench worker (``PEFTLAB_BENCH_SCALED_SWIGLU=0``).
 """
 from __future__ import annotations
 
@@ -230,16 +230,16 @@ def scaled_swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, gat
 
 
 def use_scaled_swiglu(model: nn.Module) -> list[nn.Module]:
-    """Route the model's SiLU-gated MLPs whose down projection is an adapted module through the node (decided at each
-    call: on the fast path, when the down projection's adaptation is a vector on its input); returns the MLPs changed.
-    MLPs whose forward is already replaced on the instance (the lean nodes, ``ops/lean.py``) are left alone."""
+    """Route the model's SiLU-gated MLPs whose down projection's adaptation is a vector on its input (now) through
+    the node (checked again at each call: on the fast path, and still such a vector); returns the MLPs changed. MLPs
+    whose forward is already replaced on the instance (the lean nodes, ``ops/lean.py``) are left alone."""
     from peftlab.core.adapter import AdaptedModule
     from peftlab.ops.lean import is_swiglu_mlp
 
     changed = []
     for module in model.modules():
         if is_swiglu_mlp(module) and "forward" not in module.__dict__ \
-                and isinstance(module.down_proj, AdaptedModule):
+                and isinstance(module.down_proj, AdaptedModule) and module.down_proj.input_scale() is not None:
             module.forward = _mlp_forward(module)
             changed.append(module)
     return changed
@@ -248,9 +248,9 @@ def use_scaled_swiglu(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def scaled_swiglu_mlps(model: nn.Module, device: torch.device | None = None) -> Iterator[int]:
     """``use_scaled_swiglu`` for the duration of the block (the number of MLPs changed); their own forward after.
-    With ``device`` (the trainer's steps): only when asked (``PEFTLAB_SCALED_SWIGLU=1``: off by default, it measured
-    slower, see the module doc) and where the fast path is on for it (``fast.enabled``); else nothing changes: 0."""
-    on = device is None or (os.environ.get("PEFTLAB_SCALED_SWIGLU") == "1"
+    With ``device`` (the trainer's steps): where the fast path is on for it (``fast.enabled``) unless turned off
+    (``PEFTLAB_SCALED_SWIGLU=0``); else nothing changes: 0."""
+    on = device is None or (os.environ.get("PEFTLAB_SCALED_SWIGLU") != "0"
                             and fast.enabled(torch.empty(0, device=device)))
     changed = use_scaled_swiglu(model) if on else []
     try:
