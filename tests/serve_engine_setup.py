@@ -1,5 +1,5 @@
 """The serving engine tests' shared pieces (test_serve_engine.py, test_serve_engine_store.py, test_serve_bottleneck.py,
-test_serve_adaption_prompt.py): the saved tiny-Llama adapters of several methods, a prompt per index, HF ``generate``
+test_serve_adaption_prompt.py, test_serve_molora.py): the saved tiny-Llama adapters of several methods, a prompt per index, HF ``generate``
 and logits with one adapter alone, an engine over them, and one engine step's logits."""
 import pytest
 import torch
@@ -23,15 +23,23 @@ MAX_NEW = 6
 EOS = frozenset({2})
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, config) in enumerate(ADAPTERS.items()):
+def save_adapters(root, configs: dict, seed: int, std: float = 0.3, adjust=None):
+    """Each config attached to a fresh tiny Llama, its adapter tensors random (seed + its index), then
+    ``adjust(name, model)`` (what random tensors do not set), saved under ``root / name``; returns ``root``."""
+    for i, (name, config) in enumerate(configs.items()):
         model = tiny_llama()
         peftlab.attach(model, config)
-        randomize_adapters(model, seed=10 + i, std=0.5)
+        randomize_adapters(model, seed=seed + i, std=std)
+        if adjust is not None:
+            with torch.no_grad():
+                adjust(name, model)
         peftlab.save_adapter(model, root / name)
     return root
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    return save_adapters(tmp_path_factory.mktemp("adapters"), ADAPTERS, seed=10, std=0.5)
 
 
 def _prompt(i: int) -> list[int]:
@@ -154,3 +162,40 @@ def check_served_alone(engine: Engine, root, name: str) -> None:
     torch.testing.assert_close(got, _reference_logits(root, name, prompt), rtol=1e-5, atol=1e-5)
     assert (got - _reference_logits(root, None, prompt)).abs().max() > 1e-2
     assert engine.generate(_prompt(5), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(5))
+
+
+def check_eviction(engine: Engine, root, names: list[str | None]) -> None:
+    """Requests of ``names`` (more adapters than ``engine`` has slots, LRU eviction writing slots over and over):
+    each answers as its adapter alone, and some adapter was evicted."""
+    from peftlab.serve.engine import Request
+
+    reqs = [engine.submit(Request(_prompt(i), n, 4, stop_ids=EOS)) for i, n in enumerate(names)]
+    engine.run_until_done(reqs)
+    for i, (name, req) in enumerate(zip(names, reqs)):
+        assert req.error is None and req.output == _alone(root / name if name else None, _prompt(i))[:4], name
+    assert engine.store.stats["evictions"] > 0
+
+
+def check_slot_reuse(engine: Engine, root, names: list[str], tables, register_again: bool = False) -> None:
+    """One slot (``engine`` has one), used by ``names`` in turn: each answers as its adapter alone; once unloaded it
+    is refused, no slot is in use, and every table of ``tables()`` holds no slot and rows equal to its identity row
+    (no stale rows: a narrower adapter after a wider one must not keep the wider one's extra rows). With
+    ``register_again`` each is registered again after (a later name may be the same adapter, served again). Base
+    requests answer as the base model after."""
+    from peftlab.serve.engine import Request
+    from peftlab.serve.store import AdapterNotFound
+
+    for name in names:
+        assert engine.generate(_prompt(4), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(4)), name
+        engine.store.unload(name)
+        engine.store.apply_pending()
+        with pytest.raises(AdapterNotFound):
+            engine.submit(Request(_prompt(4), name, 2))
+        assert engine.store.slots_used() == 0
+        for table in tables():
+            if table.packed.data is not None:
+                assert not table.slots
+                assert torch.equal(table.packed.data[0], table.packed.data[table.capacity])
+        if register_again:
+            engine.store.register(name, root / name)
+    assert engine.generate(_prompt(4), None, MAX_NEW, stop_ids=EOS) == _alone(None, _prompt(4))

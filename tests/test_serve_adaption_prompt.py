@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import peftlab
-from models import randomize_adapters, tiny_llama
-from peftlab.serve.engine import Engine, EngineConfig, Request
-from peftlab.serve.store import AdapterNotFound, ServeError
-from serve_engine_setup import (DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served, check_continuous_batch,
-                                check_fixed_shape_step, check_served_alone, registered_engine)
+from models import tiny_llama
+from peftlab.serve.engine import Engine, EngineConfig
+from peftlab.serve.store import ServeError
+from serve_engine_setup import (DEVICES, _prompt, _reference_logits, _served, check_continuous_batch,
+                                check_eviction, check_fixed_shape_step, check_served_alone, check_slot_reuse,
+                                registered_engine, save_adapters)
 
 ADAPTION = {  # tiny Llama: 2 layers, 4 query heads over 2 KV heads (grouped-query attention)
     "ap_long_top": (peftlab.AdaptionPromptConfig(adapter_len=7, adapter_layers=1), (1.5,)),
@@ -25,17 +26,12 @@ OTHERS = {"lora": peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adaption")
-    for i, (name, config) in enumerate({**ADAPTION, **OTHERS}.items()):
-        model = tiny_llama()
-        peftlab.attach(model, config[0] if name in ADAPTION else config)
-        randomize_adapters(model, seed=90 + i, std=0.3)
-        if name in ADAPTION:  # zero at init: a gate set by hand, so the adapter's term is large
-            with torch.no_grad():
-                for gate, value in zip(model.peftlab_hooked["default"].gates, ADAPTION[name][1]):
-                    gate.fill_(value)
-        peftlab.save_adapter(model, root / name)
-    return root
+    def gates(name, model):  # zero at init: a gate set by hand, so the adapter's term is large
+        for gate, value in zip(model.peftlab_hooked["default"].gates, ADAPTION[name][1]) if name in ADAPTION else ():
+            gate.fill_(value)
+
+    configs = {**{n: c for n, (c, _) in ADAPTION.items()}, **OTHERS}
+    return save_adapters(tmp_path_factory.mktemp("adaption"), configs, seed=90, adjust=gates)
 
 
 def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
@@ -118,29 +114,14 @@ def test_unload_and_slot_reuse_leave_no_stale_rows(root):
     one-layer one after a two-layer one, then a LoRA (every prompt-attention row back to zeros), then base
     requests; an unloaded adapter is refused."""
     engine = _engine(root, gpu=1)
-    for name in ["ap_long_top", "ap_mid_both", "ap_short_both", "ap_long_top", "lora"]:
-        assert engine.generate(_prompt(4), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(4)), name
-        engine.store.unload(name)
-        engine.store.apply_pending()
-        with pytest.raises(AdapterNotFound):
-            engine.submit(Request(_prompt(4), name, 2))
-        assert engine.store.slots_used() == 0
-        for table in engine.prompt_attention.values():  # a cleared row: all zeros, as the identity row
-            if table.packed.data is not None:
-                assert not table.slots and not table.packed.data.any()
-        engine.store.register(name, root / name)
-    assert engine.generate(_prompt(4), None, MAX_NEW, stop_ids=EOS) == _alone(None, _prompt(4))
+    check_slot_reuse(engine, root, ["ap_long_top", "ap_mid_both", "ap_short_both", "ap_long_top", "lora"], engine.prompt_attention.values, register_again=True)
 
 
 def test_eviction_between_adaption_prompt_lora_and_bottleneck_keeps_answers(root):
     """Two slots, five adapters taking turns (LRU eviction writes each slot over and over)."""
     engine = _engine(root, gpu=2)
     names = ["ap_long_top", "lora", "ap_short_both", "houlsby", "ap_mid_both", None, "ap_long_top"]
-    reqs = [engine.submit(Request(_prompt(i), n, 4, stop_ids=EOS)) for i, n in enumerate(names)]
-    engine.run_until_done(reqs)
-    for i, (name, req) in enumerate(zip(names, reqs)):
-        assert req.error is None and req.output == _alone(root / name if name else None, _prompt(i))[:4], name
-    assert engine.store.stats["evictions"] > 0
+    check_eviction(engine, root, names)
 
 
 def test_adaption_prompt_the_forward_cannot_express_is_refused(root, tmp_path):

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import peftlab
-from models import randomize_adapters, tiny_llama
+from models import tiny_llama
 from peftlab.serve.engine import Engine, Request
-from peftlab.serve.store import AdapterNotFound, ServeError
-from serve_engine_setup import (DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served, check_continuous_batch,
-                                check_fixed_shape_step, check_served_alone, registered_engine)
+from peftlab.serve.store import ServeError
+from serve_engine_setup import (DEVICES, EOS, MAX_NEW, _alone, _prompt, _reference_logits, _served,
+                                check_continuous_batch, check_eviction, check_fixed_shape_step,
+                                check_served_alone, check_slot_reuse, registered_engine, save_adapters)
 
 BOTTLENECKS = {  # widths on hidden 32: 4, 8, 2, 4; the up weights random (zero at init would hide any error)
     "houlsby": peftlab.BottleneckConfig(reduction_factor=8),
@@ -26,13 +27,7 @@ OTHERS = {"lora": peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bottleneck")
-    for i, (name, config) in enumerate({**BOTTLENECKS, **OTHERS}.items()):
-        model = tiny_llama()
-        peftlab.attach(model, config)
-        randomize_adapters(model, seed=70 + i, std=0.3)
-        peftlab.save_adapter(model, root / name)
-    return root
+    return save_adapters(tmp_path_factory.mktemp("bottleneck"), {**BOTTLENECKS, **OTHERS}, seed=70)
 
 
 def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu") -> Engine:
@@ -105,18 +100,7 @@ def test_unload_and_slot_reuse_leave_no_stale_weights(root):
     LoRA (no sub-layer adapter: every sub-layer row back to the identity), then base requests; an unloaded adapter
     is refused."""
     engine = _engine(root, gpu=1)
-    for name in ["pfeiffer_parallel", "houlsby_parallel", "houlsby", "lora"]:
-        assert engine.generate(_prompt(4), name, MAX_NEW, stop_ids=EOS) == _alone(root / name, _prompt(4)), name
-        engine.store.unload(name)
-        engine.store.apply_pending()
-        with pytest.raises(AdapterNotFound):
-            engine.submit(Request(_prompt(4), name, 2))
-        assert engine.store.slots_used() == 0
-        for table in engine.sublayers.values():  # a cleared row: zeros but keep = 1 (the sub-layer's own output)
-            if table.packed.data is not None:
-                assert not table.sublayer_slots
-                assert torch.equal(table.packed.data[0], table.packed.data[table.capacity])
-    assert engine.generate(_prompt(4), None, MAX_NEW, stop_ids=EOS) == _alone(None, _prompt(4))
+    check_slot_reuse(engine, root, ["pfeiffer_parallel", "houlsby_parallel", "houlsby", "lora"], engine.sublayers.values)
     engine.store.register("houlsby", root / "houlsby")  # registered again: served again, from the same slot
     assert engine.generate(_prompt(6), "houlsby", MAX_NEW, stop_ids=EOS) == _alone(root / "houlsby", _prompt(6))
 
@@ -125,11 +109,7 @@ def test_eviction_between_bottleneck_and_lora_keeps_answers(root):
     """Two slots, four adapters taking turns (LRU eviction writes each slot over and over)."""
     engine = _engine(root, gpu=2)
     names = ["houlsby", "lora", "pfeiffer_no_residual", "houlsby_parallel", "houlsby", None]
-    reqs = [engine.submit(Request(_prompt(i), n, 4, stop_ids=EOS)) for i, n in enumerate(names)]
-    engine.run_until_done(reqs)
-    for i, (name, req) in enumerate(zip(names, reqs)):
-        assert req.error is None and req.output == _alone(root / name if name else None, _prompt(i))[:4], name
-    assert engine.store.stats["evictions"] > 0
+    check_eviction(engine, root, names)
 
 
 def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):

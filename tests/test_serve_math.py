@@ -136,7 +136,7 @@ def test_group_by_slot_segments():
     assert group_by_slot([-1, -1]).empty
 
 
-@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "vera", "vblora", "unilora", "tinylora"])
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "vera", "vblora", "unilora", "tinylora", "molora"])
 def test_serving_form_equals_the_adapted_module(method):
     """Each method's own layer is the reference for its serving form (all-linear targets of a tiny Llama)."""
     model = tiny_llama()

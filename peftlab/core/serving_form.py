@@ -35,7 +35,10 @@ class ServingForm(_Tensors):
     ``scale_bias`` is set, else 1. LoRA: down = A, up = s B. DoRA: additionally out_scale = m / ||W0 + s B A||
     (folded into ``up`` too). IA3: out_scale (and scale_bias) or in_scale. VeRA: down/up are the frozen shared
     projections (``shared_projection`` says so, so the engine may store them once for many adapters),
-    mid_scale = lambda_d, up_scale = lambda_b.
+    mid_scale = lambda_d, up_scale = lambda_b. A mixture of LoRA experts (MoLoRA): ``router`` (E, in) and
+    ``top_k``; down = the E experts' A stacked (E r, in), up = s times their B side by side (out, E r), and each
+    token's low-rank activations are weighed per expert by its gates (``mixture_gates``): the engine's routed
+    tables (``serve/routed.py``) hold these.
     """
 
     down: torch.Tensor | None = None  # (r, in)
@@ -46,6 +49,8 @@ class ServingForm(_Tensors):
     in_scale: torch.Tensor | None = None  # (in,)
     scale_bias: bool = False
     shared_projection: bool = False
+    router: torch.Tensor | None = None  # (E, in)
+    top_k: int = 0
 
     @property
     def rank(self) -> int:
@@ -64,13 +69,40 @@ class ServingForm(_Tensors):
             y = y * self.out_scale
         if bias is not None:
             y = y + (bias * self.out_scale if self.scale_bias and self.out_scale is not None else bias)
-        if self.down is not None:
-            z = nn.functional.linear(x, self.down)
-            if self.mid_scale is not None:
-                z = z * self.mid_scale
-            low = nn.functional.linear(z, self.up)
-            y = y + (low if self.up_scale is None else low * self.up_scale)
-        return y
+        return y if self.down is None else y + self.lowrank(x)
+
+    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank term ``up_scale ⊙ (up (mid_scale ⊙ gated (down x)))`` alone (``down`` set)."""
+        z = nn.functional.linear(x, self.down)
+        if self.router is not None:
+            experts = self.router.shape[0]
+            gates = mixture_gates(nn.functional.linear(x, self.router).float(), self.top_k)
+            z = (z.unflatten(-1, (experts, -1)) * gates.unsqueeze(-1).to(z.dtype)).flatten(-2)
+        if self.mid_scale is not None:
+            z = z * self.mid_scale
+        low = nn.functional.linear(z, self.up)
+        return low if self.up_scale is None else low * self.up_scale
+
+
+def mixture_gates(logits: torch.Tensor, top_k: int | torch.Tensor, experts: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Gates (..., E) of a mixture of experts from router ``logits`` (..., E): the softmax over each token's
+    ``top_k`` largest logits, zero elsewhere. ``top_k`` may be a tensor broadcasting against ``logits[..., 0]``
+    (one k per token: the serving engine's fixed-shape step; k = 0: all gates zero, a row without a mixture),
+    ``experts`` likewise the count of real experts (the rest, padding, never chosen). Ties keep ``torch.topk``'s /
+    a stable sort's choice."""
+    width = logits.shape[-1]
+    if experts is not None:
+        logits = logits.masked_fill(torch.arange(width, device=logits.device) >= experts.clamp_min(1).unsqueeze(-1),
+                                    -torch.inf)
+    if not isinstance(top_k, torch.Tensor):
+        values, chosen = logits.topk(top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, chosen, torch.softmax(values, dim=-1))
+    values, chosen = logits.sort(dim=-1, descending=True, stable=True)
+    values = values.masked_fill(torch.arange(width, device=logits.device) >= top_k.clamp_min(1).unsqueeze(-1),
+                                -torch.inf)  # at least one value per row: no softmax over nothing (NaN)
+    gates = torch.softmax(values, dim=-1) * (top_k > 0).unsqueeze(-1)
+    return torch.zeros_like(logits).scatter(-1, chosen, gates)
 
 
 def bottleneck_mlp(source: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.adapter import AdapterLayer, BaseView
+from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import adapter_layers
 from peftlab.core.registry import register
+from peftlab.core.serving_form import mixture_gates
 from peftlab.ops import fast
 
 
@@ -58,11 +59,9 @@ class MoLoraConfig(AdapterConfig):
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gates, chosen): gates (N, E) are the softmax over each token's top-k logits, zero elsewhere;
-    chosen (N, k) are the expert indices."""
-    values, chosen = logits.topk(top_k, dim=-1)
-    gates = torch.zeros_like(logits).scatter(-1, chosen, F.softmax(values, dim=-1))
-    return gates, chosen
+    """(gates, chosen): gates (N, E) are the softmax over each token's top-k logits, zero elsewhere
+    (``mixture_gates``, which the serving engine's routed tables share); chosen (N, k) are the expert indices."""
+    return mixture_gates(logits, top_k), logits.topk(top_k, dim=-1).indices
 
 
 def expert_counts(chosen: torch.Tensor, num_experts: int, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,6 +91,7 @@ def load_balancing_loss(logits: torch.Tensor, chosen: torch.Tensor, num_experts:
 
 class MoLoraLayer(AdapterLayer):
     reads_token_mask = True  # the balancing loss and the usage counts leave padding out (core hands the mask)
+    batched_serving = True  # the engine's routed tables (serve/routed.py)
     loss_in_forward = True  # the balancing loss is computed in delta(): checkpointing must keep its gradient
 
     def __init__(self, base: BaseView, config: MoLoraConfig, module_name: str):
@@ -121,6 +121,14 @@ class MoLoraLayer(AdapterLayer):
         down = torch.einsum("ni,eri->ner", self.dropout(tokens), a) * gates.unsqueeze(-1).to(tokens.dtype)
         out = torch.einsum("ner,eor->no", down, b) * self.scaling
         return out.reshape(*x.shape[:-1], -1)
+
+    def serving_form(self, base: BaseView) -> ServingForm:
+        """The experts stacked as one low-rank pair (E r wide) with the router: the engine weighs each token's
+        expert blocks by its own gates (``ServingForm.router``; routed in the tables' dtype there)."""
+        experts, out, r = self.molora_B.shape
+        up = self.molora_B.detach().permute(1, 0, 2).reshape(out, experts * r) * self.scaling
+        return ServingForm(down=self.molora_A.detach().reshape(experts * r, -1), up=up,
+                           router=self.molora_router.weight.detach(), top_k=self.top_k)
 
     def extra_loss(self) -> torch.Tensor | None:
         loss, self._aux_loss = self._aux_loss, None  # read once: a later forward that skips this layer adds nothing

@@ -29,7 +29,8 @@ class StepContext:
     # step its products: H200 profile, bench/results/serve/profile_1b_h200.json)
     # (and "sublayer": the sub-layer tables of serve/sublayer.py, bottleneck adapters; "prompt_attention": the
     # prompt-attention tables of serve/prompt_attention.py, LLaMA-Adapter)
-    static_paths: frozenset = frozenset(("lora", "out", "in", "vera", "sublayer", "prompt_attention"))
+    # (and "routed": the routed tables of serve/routed.py on the linears, MoLoRA)
+    static_paths: frozenset = frozenset(("lora", "out", "in", "vera", "sublayer", "prompt_attention", "routed"))
     # the fixed-shape step's LoRA through the Triton row kernels (kernels.row_lowrank: a shrink and an expand that
     # read each token's factors in place; layers without use_triton ignore it) instead of a gather and two batched
     # products: on the H200, 100 adapters under graphs at 4,702 / 4,587 tokens/s against 4,037 / 3,685 (two runs,

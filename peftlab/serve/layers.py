@@ -14,6 +14,8 @@ from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import PackedRows, PackedTable, folded_vera, grown, lowrank_torch, lowrank_triton, \
     restacked, row_lowrank, scaled_lowrank_grouped
 from peftlab.serve.context import KernelPlan, StepContext
+from peftlab.serve.module_table import TABLES, attach_table
+from peftlab.serve.routed import PATH as ROUTED, RoutedLowRank, routed_output
 
 
 log = logging.getLogger("peftlab.serve")
@@ -68,9 +70,23 @@ class BatchedLinear(nn.Module):
     def _ones(self, n: int) -> torch.Tensor:
         return torch.ones(self.capacity + 1, n, dtype=self.dtype, device=self.device)
 
+    def routed(self) -> RoutedLowRank:
+        """This layer's table of routed adapters (MoLoRA, ``serve/routed.py``), attached on first use."""
+        table = self.__dict__.get(TABLES, {}).get(ROUTED)
+        if table is None:
+            table = RoutedLowRank(self.name, self.in_features, self.out_features, self.context, self.dtype,
+                                  self.device)
+            attach_table(self, table)
+        return table
+
     def set_slot(self, slot: int, form: ServingForm | None) -> None:
         """Put an adapter's form into ``slot`` (None: this adapter does not touch this layer). Plain tensors are
-        copied straight from (pinned) host memory into the slot's rows: one copy each, no synchronisation."""
+        copied straight from (pinned) host memory into the slot's rows: one copy each, no synchronisation. A
+        routed form (MoLoRA) goes to the layer's routed table."""
+        if form is not None and form.router is not None:
+            self.clear_slot(slot)
+            self.routed().set_slot(slot, form)
+            return
         lora_rank = 0 if form is None or form.down is None or (form.vera_like and form.rank > self.fold_rank) \
             else form.rank
         self.clear_slot(slot, zero_lowrank=lora_rank != self.down.shape[1])  # full-width rows are overwritten anyway
@@ -162,6 +178,7 @@ class BatchedLinear(nn.Module):
 
     def clear_slot(self, slot: int, zero_lowrank: bool = True) -> None:  # set_slot starts here too
         self.context.slot_changes += 1
+        self.routed().clear_slot(slot)
         if slot in self.lora_slots and zero_lowrank:
             self.down[slot].zero_()
             self.up[slot].zero_()
@@ -354,6 +371,9 @@ class BatchedLinear(nn.Module):
             return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routed_output(self, x, self._forward(x))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         if ctx.static_rows is not None:
             return self._forward_static(x, ctx.static_rows) if ctx.static_paths else self.base(x)
@@ -387,6 +407,7 @@ def install(model: nn.Module, capacity: int, use_triton: bool = False,
         if type(module) is not nn.Linear or module is head or (skip and name in skip):
             continue
         layer = BatchedLinear(module, name, capacity, context, use_triton=use_triton)
+        layer.routed()  # present from the start: the fixed-shape steps list the tables once
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         layers[name] = layer

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peftlab.serve.layers import BatchedLinear
+from peftlab.serve.routed import routed_output
 
 
 def shared_input(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
@@ -46,5 +47,5 @@ def shared_input(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
     done = {}
     for m, plan, y in zip(joined, plans, ys):
         m._kernel_vera_pairs(xf, rows, plan, y)
-        done[id(m)] = y.reshape(*x.shape[:-1], m.out_features)
+        done[id(m)] = routed_output(m, x, y.reshape(*x.shape[:-1], m.out_features))
     return [done[id(m)] if id(m) in done else m(x) for m in modules]

@@ -1,0 +1,98 @@
+"""Slot tables for mixtures of LoRA experts (MoLoRA: ``ServingForm.router``) on the linear layers, one table per
+``BatchedLinear`` beside its own tables (a ``ModuleTable`` attached to it, path ``routed``). A token of slot s gets
+
+    y'[t] = y[t] + up[s] ((down[s] x[t]) ⊙ g[t] per expert block),   g[t] = mixture_gates(router[s] x[t], top_k[s])
+
+(y: the layer's output with its other adapters; up carries the scaling). Adapters of different expert counts and
+ranks are zero-padded to the widest: each expert's block keeps its own place (block e at columns e R .. e R + r),
+padded experts are never chosen (``experts`` per slot), padded rank columns are zero in up. A slot without a
+routed adapter here (and the identity row base-model tokens read) is all zeros: its tokens get exactly ``y``; an
+eager step does not even compute them. Eager steps apply each present slot's form to its tokens at its own size
+(``ServingForm.apply``'s maths, the method's own); the fixed-shape step gathers every token's rows (one
+``index_select`` of the packed tables) and runs the same maths batched. Torch only: no Triton kernel reads these
+tables (the routed term is added after the layer's own kernels).
+"""
+from __future__ import annotations
+
+import torch
+
+from peftlab.core.adapter import ServingForm
+from peftlab.core.serving_form import mixture_gates
+from peftlab.serve.batched import PackedTable, Segments, grown
+from peftlab.serve.context import StepContext
+from peftlab.serve.module_table import ModuleTable, table_output
+
+PATH = "routed"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
+
+
+class RoutedLowRank(ModuleTable):
+    """``capacity`` slots (+ the identity row) of routed low-rank adapters on one linear (in -> out); allocated on
+    the first adapter that uses it. ``specs``: slot -> (experts, rank, top_k)."""
+
+    path = PATH
+    down, up, router = PackedTable("packed"), PackedTable("packed"), PackedTable("packed")  # (rows, E, R, in),
+    # (rows, out, E, R), (rows, E, in)
+    top_k, experts = PackedTable("packed"), PackedTable("packed")  # (rows, 1) each, numbers in the tables' dtype
+
+    def __init__(self, name: str, in_features: int, out_features: int, context: StepContext, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(name, context, dtype, device)
+        self.in_features, self.out_features = in_features, out_features
+
+    def _fit(self, experts: int, rank: int) -> None:
+        """Tables at least ``experts`` x ``rank`` wide (allocated, or grown keeping every slot's rows)."""
+        if self.packed.data is None:
+            z = self.zeros
+            self.down, self.up, self.router = z(experts, rank, self.in_features), z(self.out_features, experts, rank), \
+                z(experts, self.in_features)
+            self.top_k, self.experts = z(1), z(1)
+            return
+        e, r = max(experts, self.router.shape[1]), max(rank, self.down.shape[2])
+        if (e, r) != tuple(self.down.shape[1:3]):
+            self.down = grown(grown(self.down, 1, e), 2, r)
+            self.up = grown(grown(self.up, 2, e), 3, r)
+            self.router = grown(self.router, 1, e)
+
+    def set_slot(self, slot: int, form: ServingForm | None) -> None:
+        """Put an adapter's form into ``slot`` (None, or a form without a router: nothing routed here)."""
+        self.clear_slot(slot)
+        if form is None or form.router is None:
+            return
+        experts = form.router.shape[0]
+        rank = form.rank // experts
+        self._fit(experts, rank)
+        self.down[slot, :experts, :rank].copy_(form.down.reshape(experts, rank, -1), non_blocking=True)
+        self.up[slot, :, :experts, :rank].copy_(form.up.reshape(self.out_features, experts, rank), non_blocking=True)
+        self.router[slot, :experts].copy_(form.router, non_blocking=True)
+        self.top_k[slot], self.experts[slot] = form.top_k, experts
+        self.specs[slot] = (experts, rank, form.top_k)
+        self.slots.add(slot)
+
+    def slot_form(self, slot: int) -> ServingForm:
+        """The form in ``slot`` at its own size (views of the tables)."""
+        experts, rank, top_k = self.specs[slot]
+        return ServingForm(down=self.down[slot, :experts, :rank].reshape(experts * rank, -1),
+                           up=self.up[slot, :, :experts, :rank].reshape(self.out_features, experts * rank),
+                           router=self.router[slot, :experts], top_k=top_k)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _eager(self, x: torch.Tensor, y: torch.Tensor, seg: Segments) -> torch.Tensor:
+        shape = y.shape
+        x, out = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features).clone()
+        for slot, idx in self.slot_tokens(seg):
+            out.index_add_(0, idx, self.slot_form(slot).lowrank(x.index_select(0, idx)).to(out.dtype))
+        return out.view(shape)
+
+    def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        shape = y.shape
+        x, y = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        t = self.packed.gather(rows)  # every token's rows of every table, one gather
+        logits = torch.einsum("ti,tei->te", x, t["router"]).float()
+        gates = mixture_gates(logits, t["top_k"][:, 0].long(), t["experts"][:, 0].long())
+        z = torch.einsum("ti,teri->ter", x, t["down"]) * gates.unsqueeze(-1).to(x.dtype)
+        return (y + torch.einsum("ter,tner->tn", z, t["up"])).view(shape)
+
+
+def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, the output of ``layer`` (a ``BatchedLinear``) for input ``x``, with its routed adapters (if any)."""
+    return table_output(layer, PATH, x, y)

@@ -1,0 +1,108 @@
+"""Serving mixtures of LoRA experts (MoLoRA; serve/routed.py): each request's logits and greedy tokens equal those of
+the same checkpoint loaded with peftlab's ``load_adapter`` on the HF model (the method's own forward: dense experts,
+top-k gates), alone or in a batch mixed with MoLoRA adapters of other expert counts, ranks and top-k, a LoRA and the
+base model, in eager steps and in the fixed-shape decode step that CUDA graphs replay (run eagerly on the CPU);
+slots are reused without stale weights. The routers are random (zero at init would give every token uniform gates
+over its top-k, hiding routing errors), and so are the experts' B."""
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.serving_form import mixture_gates
+from serve_engine_setup import (DEVICES, _prompt, _reference_logits, _served, check_continuous_batch,
+                                check_eviction, check_fixed_shape_step, check_served_alone, check_slot_reuse,
+                                registered_engine, save_adapters)
+
+MIXTURES = {
+    "e4_k2": peftlab.MoLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2,
+                                  target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+    "e3_k1": peftlab.MoLoraConfig(r=2, lora_alpha=4, num_experts=3, top_k=1, target_modules=["k_proj", "o_proj",
+                                                                                             "gate_proj"]),
+    "e6_k3_all": peftlab.MoLoraConfig(r=3, lora_alpha=3, num_experts=6, top_k=3, target_modules="all-linear"),
+}
+OTHERS = {"lora": peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])}
+
+
+def _random_routers(name, model):
+    for pname, p in model.named_parameters():
+        if "molora_router" in pname:
+            p.normal_(0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    torch.manual_seed(0)  # the routers' values
+    return save_adapters(tmp_path_factory.mktemp("molora"), {**MIXTURES, **OTHERS}, seed=90, adjust=_random_routers)
+
+
+def _engine(root, graphs: bool = False, gpu: int = 8, device: str = "cpu"):
+    return registered_engine(root, (*MIXTURES, *OTHERS), graphs, gpu, device)
+
+
+def test_mixture_gates_with_one_k_per_token_equal_the_methods_routing():
+    """The fixed-shape step's gates (a k and an expert count per token, padded experts) equal the method's top-k
+    softmax at each token's own k and expert count."""
+    from peftlab.methods.molora import route
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g)
+    ks, experts = torch.tensor([1, 2, 3, 2, 1, 4]), torch.tensor([5, 5, 3, 2, 4, 4])
+    got = mixture_gates(logits, ks, experts)
+    for t in range(6):
+        want = torch.zeros(5)
+        want[:experts[t]] = route(logits[t:t + 1, :experts[t]], int(ks[t]))[0][0]
+        torch.testing.assert_close(got[t], want)
+    none = mixture_gates(logits[:2], torch.tensor([0, 0]), torch.tensor([0, 0]))  # rows without a mixture
+    assert torch.equal(none, torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("name", sorted(MIXTURES))
+def test_served_mixture_equals_the_adapted_model(root, name):
+    """Served alone: the HF model's logits with the checkpoint loaded by peftlab, not the base model's."""
+    engine = _engine(root)
+    check_served_alone(engine, root, name)
+    assert any(layer.routed().routed_slots for layer in engine.layers.values())
+
+
+def test_mixed_prefill_pass_gives_each_request_its_own_logits(root):
+    """One ragged pass over prompts of the three mixtures (3-6 experts, ranks 2-4, top-1 to top-3), a LoRA and the
+    base model: each prompt's logits equal its adapter alone on the HF model."""
+    engine = _engine(root)
+    names = [*MIXTURES, "lora", None, "e4_k2"]
+    jobs = [(name, _prompt(i)) for i, name in enumerate(names)]
+    for (name, prompt), logits in zip(jobs, _served(engine, jobs)):
+        torch.testing.assert_close(logits, _reference_logits(root, name, prompt), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    q = engine.layers["model.layers.0.self_attn.q_proj"].routed()
+    assert tuple(q.down.shape[1:3]) == (6, 4)  # padded to the most experts (6) and the widest expert rank (4)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_equals_each_request_alone(root, graphs, device):
+    """Continuous batching of the mixtures, a LoRA and base requests, joining a running batch: each request's greedy
+    tokens equal its adapter alone; with ``graphs`` the decode steps run at fixed shapes (CUDA graphs on CUDA)."""
+    names = [None, "e4_k2", "e3_k1", "lora", "e6_k3_all", "e4_k2"]
+    jobs = [(names[i % len(names)], _prompt(i)) for i in range(10)]
+    check_continuous_batch(_engine(root, graphs=graphs, device=device), root, jobs, MIXTURES, "routed", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_decode_step_equals_the_eager_step(root, device):
+    """The decode step that graphs replay (every token's rows gathered, its own k and expert count, a padded batch)
+    gives the eager step's logits and the HF model's."""
+    check_fixed_shape_step(_engine(root, graphs=True, device=device), root, [*MIXTURES, "lora", None], "routed",
+                           device)
+
+
+def test_unload_and_slot_reuse_leave_no_stale_weights(root):
+    """One slot, reused: the widest mixture, then narrower ones, then a LoRA (every routed row back to zeros), then
+    base requests."""
+    engine = _engine(root, gpu=1)
+    check_slot_reuse(engine, root, ["e6_k3_all", "e3_k1", "e4_k2", "lora"], lambda: [layer.routed() for layer in engine.layers.values()])
+
+
+def test_eviction_between_mixtures_and_lora_keeps_answers(root):
+    engine = _engine(root, gpu=2)
+    names = ["e4_k2", "lora", "e3_k1", "e6_k3_all", "e4_k2", None]
+    check_eviction(engine, root, names)
