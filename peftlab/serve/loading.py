@@ -4,7 +4,7 @@ input-side adapter's virtual tokens, prefix keys/values, sub-layer forms or atte
 into one host buffer."""
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -120,19 +120,27 @@ def pack_to_host(forms: dict[str, Form], dtype: torch.dtype, pin: bool) -> dict[
     return out
 
 
+class InputSideParts(NamedTuple):
+    """What serving keeps of an input-side adapter; one kind of part is set, the others are None / empty."""
+
+    virtual: torch.Tensor | None  # (n, hidden) virtual token embeddings
+    prefix_kv: torch.Tensor | None  # (layers, 2, n, kv_heads, head_dim) prefix keys / values
+    sublayer: dict[str, SublayerForm]  # sub-layer module name -> form (bottleneck adapters)
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]]  # attention module name -> (prompt, gate): LLaMA-Adapter
+
+
 def input_side_parts(model: nn.Module, name: str, tmp: str, config, tensors: dict, source: str, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, SublayerForm],
-                                                    dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(virtual token embeddings, prefix keys/values, sub-layer forms, attention prompts) of an input-side adapter,
-    computed once at load on the served ``model`` (attached there inactive as ``tmp``, detached again). Adapters
-    acting through other module hooks than whole sub-layers or prompt attention are refused."""
+                     device: torch.device) -> InputSideParts:
+    """The parts of an input-side adapter serving keeps, computed once at load on the served ``model`` (attached
+    there inactive as ``tmp``, detached again). Adapters acting through other module hooks than whole sub-layers or
+    prompt attention are refused."""
     attach_loaded(model, config, tmp, tensors, source, activate=False)
     try:
         adapter = hooked(model)[tmp].eval()
         if adapter.sublayer_serving:
-            return None, None, adapter.sublayer_forms(), {}
+            return InputSideParts(None, None, adapter.sublayer_forms(), {})
         if adapter.prompt_attention_serving:
-            return None, None, {}, adapter.attention_prompts()
+            return InputSideParts(None, None, {}, adapter.attention_prompts())
         if adapter.handles or not (adapter.num_virtual_tokens or adapter.num_prefix_tokens):
             raise ServeError(f"adapter {name!r}: {config.peft_type} works through model hooks (inserted modules), "
                              "which serve does not batch; virtual-token, prefix, sub-layer (bottleneck) and prompt-"
@@ -146,7 +154,7 @@ def input_side_parts(model: nn.Module, name: str, tmp: str, config, tensors: dic
                 adapter.write_prefix(recorder, 1, dtype)
                 prefix = torch.stack([torch.stack(recorder.layers[i]) for i in range(len(recorder.layers))])
                 prefix = prefix.to(device).contiguous()
-            return virtual, prefix, {}, {}
+            return InputSideParts(virtual, prefix, {}, {})
     finally:
         delete_adapter(model, tmp)
 

@@ -176,15 +176,16 @@ class AdapterStore:
             if self.model is None:
                 raise ServeError(f"adapter {name!r}: input-side adapters need the served model")
             with self._skeleton_lock:
-                virtual, prefix_kv, sublayer, prompts = input_side_parts(self.model, name, tmp, config, tensors,
-                                                                         str(path), layer.dtype, layer.device)
-                attention = project_prompts(name, prompts, self.prompt_attention)
-            check_sublayer_forms(name, sublayer, self.sublayers)
-            sublayer, attention = pack_to_host(sublayer, layer.dtype, pin), pack_to_host(attention, layer.dtype, pin)
-            nbytes = sum(t.numel() * t.element_size() for t in (virtual, prefix_kv) if t is not None)
+                parts = input_side_parts(self.model, name, tmp, config, tensors, str(path), layer.dtype,
+                                         layer.device)
+                attention = project_prompts(name, parts.prompts, self.prompt_attention)
+            check_sublayer_forms(name, parts.sublayer, self.sublayers)
+            sublayer = pack_to_host(parts.sublayer, layer.dtype, pin)
+            attention = pack_to_host(attention, layer.dtype, pin)
+            nbytes = sum(t.numel() * t.element_size() for t in (parts.virtual, parts.prefix_kv) if t is not None)
             nbytes += sum(f.nbytes() for f in (*sublayer.values(), *attention.values()))
-            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3, nbytes, virtual,
-                                 prefix_kv, sublayer, attention)
+            return LoadedAdapter(name, config.peft_type, {}, {}, (time.perf_counter() - t0) * 1e3, nbytes,
+                                 parts.virtual, parts.prefix_kv, sublayer, attention)
         with self._skeleton_lock:
             forms, converted = forms_from_state(self._skeleton, config, tmp, tensors, str(path), "cpu"), {}
             if forms is None:
