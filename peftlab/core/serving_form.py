@@ -84,6 +84,13 @@ class ServingForm(_Tensors):
         return low if self.up_scale is None else low * self.up_scale
 
 
+def topk_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gates, chosen): gates (..., E) the softmax over each token's ``top_k`` largest logits, zero elsewhere;
+    chosen (..., k) the experts' indices."""
+    values, chosen = logits.topk(top_k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, chosen, torch.softmax(values, dim=-1)), chosen
+
+
 def mixture_gates(logits: torch.Tensor, top_k: int | torch.Tensor, experts: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Gates (..., E) of a mixture of experts from router ``logits`` (..., E): the softmax over each token's
@@ -96,8 +103,7 @@ def mixture_gates(logits: torch.Tensor, top_k: int | torch.Tensor, experts: torc
         logits = logits.masked_fill(torch.arange(width, device=logits.device) >= experts.clamp_min(1).unsqueeze(-1),
                                     -torch.inf)
     if not isinstance(top_k, torch.Tensor):
-        values, chosen = logits.topk(top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, chosen, torch.softmax(values, dim=-1))
+        return topk_gates(logits, top_k)[0]
     values, chosen = logits.sort(dim=-1, descending=True, stable=True)
     values = values.masked_fill(torch.arange(width, device=logits.device) >= top_k.clamp_min(1).unsqueeze(-1),
                                 -torch.inf)  # at least one value per row: no softmax over nothing (NaN)

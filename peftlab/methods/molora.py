@@ -33,7 +33,7 @@ from peftlab.core.adapter import AdapterLayer, BaseView, ServingForm
 from peftlab.core.config import AdapterConfig, ConfigError, check_dropout
 from peftlab.core.inject import adapter_layers
 from peftlab.core.registry import register
-from peftlab.core.serving_form import mixture_gates
+from peftlab.core.serving_form import topk_gates
 from peftlab.ops import fast
 
 
@@ -60,8 +60,8 @@ class MoLoraConfig(AdapterConfig):
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gates, chosen): gates (N, E) are the softmax over each token's top-k logits, zero elsewhere
-    (``mixture_gates``, which the serving engine's routed tables share); chosen (N, k) are the expert indices."""
-    return mixture_gates(logits, top_k), logits.topk(top_k, dim=-1).indices
+    (``topk_gates``, which the serving engine's routing shares); chosen (N, k) are the expert indices."""
+    return topk_gates(logits, top_k)
 
 
 def expert_counts(chosen: torch.Tensor, num_experts: int, real: torch.Tensor | None = None) -> torch.Tensor:
