@@ -29,10 +29,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # graph rows run again, right after them, with each of these StepContext flags off (row, flag, what the row says)
 FLAG_AB = [("100 adapters", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
-           ("mixed", "static_row_scales", "IA3 input scale and VeRA in torch"),
-           ("mixed", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),
-           ("mixed", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time")]
+           ("mixed methods:", "static_row_scales", "IA3 input scale and VeRA in torch"),
+           ("mixed methods:", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),
+           ("mixed methods:", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time")]
 MIXED = ["lora0", "dora", "ia3", "vera"]  # the mixed-method batch: a LoRA and one adapter of each other method
+# the second mixed batch: a LoRA and one adapter of each method served in tables outside the linears' LoRA form
+INPUT_SIDE = ["lora0", "molora", "bottleneck", "llama_adapter"]
+INPUT_SIDE_LABEL = "mixed methods II: LoRA + MoLoRA + bottleneck + LLaMA-Adapter"
 for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -82,6 +85,8 @@ def run(args, doc: dict[str, Any], save) -> None:
         if count == 8:
             scenario("mixed methods: LoRA + DoRA + IA3 + VeRA", [MIXED[i % len(MIXED)] for i in range(n)], adapters=4,
                      popularity="uniform")
+            for label, names in input_side_runs(n):
+                scenario(label, names, adapters=len(set(names)), popularity="uniform")
     for count in [c for c in args.adapters if c >= 8]:
         pool = [f"lora{i}" for i in range(count)]
         scenario(f"{count} adapters, Zipf(1)", popularity(pool, n, 1.0, count), adapters=count, popularity="zipf1")
@@ -107,6 +112,12 @@ def run(args, doc: dict[str, Any], save) -> None:
     engine.stop(drain=False)
 
 
+def input_side_runs(n: int) -> list[tuple[str, list[str]]]:
+    """The second mixed batch, then each of its non-LoRA methods alone (one adapter): what each table costs."""
+    return [(INPUT_SIDE_LABEL, [INPUT_SIDE[i % len(INPUT_SIDE)] for i in range(n)]),
+            *((f"1 adapter, {name}", [name] * n) for name in INPUT_SIDE[1:])]
+
+
 def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, Any]) -> None:
     """Base, 1 and 100 uniform adapters and the mixed-method batch on the same engine with CUDA graphs on."""
     from peftlab.serve.graphs import DecodeGraphs
@@ -117,7 +128,8 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
     workload(engine, [f"lora{i % 8}" for i in range(args.batch)], args, vocab, seed=0)  # warm-up: the captures
     runs = [("base model", [None] * n, 0), ("1 adapter, uniform", ["lora0"] * n, 1),
             ("100 adapters, uniform", popularity([f"lora{i}" for i in range(100)], n, 0.0, 100), 100),
-            ("mixed methods: LoRA + DoRA + IA3 + VeRA", [MIXED[i % len(MIXED)] for i in range(n)], 4)]
+            ("mixed methods: LoRA + DoRA + IA3 + VeRA", [MIXED[i % len(MIXED)] for i in range(n)], 4),
+            *((label, names, len(set(names))) for label, names in input_side_runs(n))]
     warm: dict[str, Any] = {}
     triton_ab = any(layer.use_triton for layer in engine.layers.values()) and engine.context.triton_error is None
     for label, names, count in runs:
@@ -128,13 +140,14 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
             # requests brings its adapters back (loads counted apart), so the row measures steady-state decoding
             res = workload(engine, names, args, vocab, seed=97)
             warm.update(hundred_warmup_s=res["wall_s"], hundred_warmup_loads=res["gpu_misses"])
-        if label.startswith("mixed"):
-            # its first DoRA / IA3 / VeRA adapters add scale tables to the layers, so the decode graphs are captured
-            # again, once in a server's life: that one-off is timed here, apart from the steady-state row
+        if label.startswith("mixed") or count == 1 and names[0] != "lora0":
+            # its first DoRA / IA3 / VeRA (or MoLoRA, ...) adapters add tables to the layers, so the decode graphs are
+            # captured again, once in a server's life: that one-off is timed here, apart from the steady-state row
             before, t0 = engine.graphs.captures, time.perf_counter()
             workload(engine, names[:args.batch], args, vocab, seed=99)
-            warm.update(mixed_warmup_s=round(time.perf_counter() - t0, 3),
-                        mixed_warmup_captures=engine.graphs.captures - before)
+            key = "mixed" if label.startswith("mixed methods:") else names[0] if count == 1 else "input_side"
+            warm.update({f"{key}_warmup_s": round(time.perf_counter() - t0, 3),
+                         f"{key}_warmup_captures": engine.graphs.captures - before})
         scenario(f"{label}, CUDA graphs", names, adapters=count, popularity="uniform" if count else "-", graphs=True)
         if count == 100 and triton_ab:
             # the same row, right after it (before the mixed batch adds scale tables to every layer), with the other

@@ -58,7 +58,8 @@ def agreement(engine, args, vocab: int) -> dict[str, Any]:
     from peftlab.serve.engine import Request
 
     rng = random.Random(5)
-    names = ([f"lora{i % 8}" for i in range(16)] + ["dora", "ia3", "vera", None])[-args.agree_requests:]
+    names = ([f"lora{i % 8}" for i in range(13)] + ["molora", "bottleneck", "llama_adapter", "dora", "ia3", "vera",
+                                                     None])[-args.agree_requests:]
     jobs = [([rng.randrange(3, vocab) for _ in range(args.prompt)], n) for n in names]
     batched = [engine.submit(Request(p, n, args.agree_new)) for p, n in jobs]
     engine.run_until_done(batched)

@@ -57,6 +57,12 @@ def markdown_table(doc: dict[str, Any]) -> str:
             notes.append(f"Before the mixed-method graph row, one batch of it ran untimed: {graphs['mixed_warmup_s']} s "
                          f"with {graphs['mixed_warmup_captures']} capture(s) of the decode graph (the first DoRA / IA3 / "
                          "VeRA adapters add scale tables; that happens once per layout, not per request).")
+        others = [(k[:-len("_warmup_s")], v) for k, v in graphs.items()
+                  if k.endswith("_warmup_s") and k not in ("mixed_warmup_s", "hundred_warmup_s")]
+        if others:
+            notes.append("Before the graph rows of " + ", ".join(f"{k} ({v} s, {graphs[k + '_warmup_captures']} "
+                                                                 "capture(s))" for k, v in others)
+                         + ", one batch of each ran untimed (their tables' first adapters change the graph layout).")
     if doc.get("triton_error"):
         notes.append(f"The Triton kernel failed ({doc['triton_error'][:200]}); LoRA ran on the torch path.")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 from typing import Any
 
@@ -57,6 +58,39 @@ def method_configs(r: int) -> dict[str, Any]:
             "dora": peftlab.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR, use_dora=True),
             "ia3": peftlab.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
             "vera": peftlab.VeraConfig(r=256, target_modules=ALL_LINEAR)}
+
+
+def input_side_configs(r: int, layers: int) -> dict[str, Any]:
+    """The adapters served outside the linears' LoRA-form tables: routed (MoLoRA), sub-layer (bottleneck) and
+    attention-prompt (LLaMA-Adapter) tables. Their checkpoints are saved and registered as a server's would be."""
+    import peftlab
+
+    return {"molora": peftlab.MoLoraConfig(r=r // 2, lora_alpha=r, num_experts=4, top_k=2, target_modules=ALL_LINEAR),
+            "bottleneck": peftlab.BottleneckConfig(reduction_factor=16),
+            "llama_adapter": peftlab.AdaptionPromptConfig(adapter_len=10, adapter_layers=min(8, layers))}
+
+
+def register_input_side(engine, shape: str, r: int, root) -> None:
+    """Each of ``input_side_configs`` attached to an empty model of ``shape`` (base weights zero: only the adapter's
+    tensors are saved), its tensors random (MoLoRA's routers too: zero routers give uniform gates), saved under
+    ``root / name`` and registered in ``engine``'s store."""
+    from pathlib import Path
+
+    import peftlab
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers = SHAPES[shape]["model"]["num_hidden_layers"]
+    for k, (name, config) in enumerate(input_side_configs(r, layers).items()):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]["model"]))
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.zero_()
+        peftlab.attach(model, config)
+        _randomize(model, seed=300 + k, std=0.02)
+        peftlab.save_adapter(model, Path(root) / name)
+        engine.store.register(name, Path(root) / name, check_root=False)
 
 
 def workload(engine, names: list[str | None], args, vocab: int, seed: int) -> dict[str, Any]:
@@ -124,5 +158,6 @@ def build_engine(args):
     for k, (name, config) in enumerate(method_configs(args.r).items()):
         if name != "lora":
             engine.store.add_loaded(make_adapter(engine, name, config, seed=200 + k))
+    register_input_side(engine, args.shape, args.r, tempfile.mkdtemp(prefix="serve_bench_"))
     engine.settle()  # as the server does once its start-up adapters are in
     return engine, time.perf_counter() - t0

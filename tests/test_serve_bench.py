@@ -21,7 +21,12 @@ def test_serve_bench_smoke(tmp_path):
     assert doc["cold_load_before_graphs"]["cpu_to_gpu_ms_median"] > 0  # also measured before the graph rows
     assert doc["environment"]["torch"] and doc["args"]["smoke"]
     graph_rows = [x for x in labels if x.endswith(", CUDA graphs")]  # on the CPU: the fixed-shape steps, eager
-    assert len(graph_rows) == 3 and doc["graphs"]["graph_steps"] > 0 and doc["graphs"]["captures"] == 0
+    # base, 1 adapter, the two mixed batches and MoLoRA / bottleneck / LLaMA-Adapter alone (no 100-adapter row)
+    assert len(graph_rows) == 7 and doc["graphs"]["graph_steps"] > 0 and doc["graphs"]["captures"] == 0
+    served = {s["scenario"]: s for s in doc["scenarios"]}
+    assert all(served[f"1 adapter, {name}{graphs}"]["distinct_adapters"] == 1
+               for name in ("molora", "bottleneck", "llama_adapter") for graphs in ("", ", CUDA graphs"))
+    assert served[bench.INPUT_SIDE_LABEL]["distinct_adapters"] == 4
     assert len(doc["kernels"]) == 6 and all(k["torch_us"] > 0 for k in doc["kernels"])
     readme = tmp_path / "README.md"
     readme.write_text("# x\n")
