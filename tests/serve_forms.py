@@ -32,3 +32,19 @@ def _layer(capacity: int, use_triton: bool = False, dtype=torch.float64,
     base = nn.Linear(IN, OUT, bias=True).to(device, dtype)
     ctx = StepContext(capacity)
     return BatchedLinear(base, "lin", capacity, ctx, use_triton=use_triton, initial_rank=4, fold_rank=fold_rank), ctx
+
+
+def static_by_row_kernels(table, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, monkeypatch) -> tuple:
+    """(row kernels', gathered torch maths') fixed-shape step outputs of a slot table (``ModuleTable``; its context
+    with ``use_triton``) for the tokens' ``rows``; the kernel path may not gather the packed tables, nor fail."""
+    import pytest
+
+    ctx = table.context
+    ctx.static_rows, ctx.static_triton = rows, False
+    want = table(x, y.clone())
+    ctx.static_triton = True
+    with monkeypatch.context() as m:
+        m.setattr(type(table.packed), "gather", lambda *a: pytest.fail("the kernel path gathered the tables"))
+        got = table(x, y.clone())
+    assert ctx.triton_error is None
+    return got, want

@@ -101,11 +101,27 @@ def test_kernel_matches_the_torch_backward(device, dtype, shape, vecs, kernel):
     _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [{"EACH": True}, {"BLOCK_T": 16, "BLOCK_C": 64, "num_warps": 4, "programs": 8},
+                                    {"EACH": True, "BLOCK_T": 64, "BLOCK_C": 256, "programs": 4}],
+                         ids=["sums_each_step", "small_tiles_few_programs", "sums_each_step_large_tiles"])
+def test_kernel_launch_choices_match_the_torch_backward(device, config, kernel, monkeypatch):
+    """The launch choices bench/swiglu_bwd.py times (CONFIG) compute the same backward: tiles, warps, programs (a
+    program walking several row blocks) and the column sums reduced at each step or once."""
+    for key, value in config.items():
+        monkeypatch.setitem(ss.CONFIG, key, value)
+    gate, up, grad, *vs = _inputs((3, 37, 200), torch.float32, device, seed=5, vecs=VECS["all"])
+    if not ss.kernel_usable(gate):
+        pytest.skip("the Triton kernel cannot run here (no Triton, or CPU without TRITON_INTERPRET=1)")
+    got = ss.scaled_swiglu_backward(gate, up, grad, *vs)
+    _close(got, ss.scaled_swiglu_backward_reference(gate, up, grad, *vs), torch.float32)
+
+
 def test_grid_covers_every_row_once():
     for rows, cols in [(1, 9), (37, 200), (4096, 8192), (4097, 128), (100000, 64)]:
         col_blocks, row_blocks, per = ss._grid(rows, cols)
-        assert per % ss._BLOCK_T == 0 and row_blocks * per >= rows > (row_blocks - 1) * per
-        assert col_blocks * ss._BLOCK_C >= cols
+        assert per % ss.CONFIG["BLOCK_T"] == 0 and row_blocks * per >= rows > (row_blocks - 1) * per
+        assert col_blocks * ss.CONFIG["BLOCK_C"] >= cols
 
 
 def test_bad_shapes_are_named():

@@ -123,3 +123,34 @@ def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):
     with pytest.raises(ServeError, match=r"model\.layers\.0\.input_layernorm.*does not run as sub-layers"):
         engine.store.acquire("on_norm", load_from_disk=True)
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
+
+
+def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch):
+    """The fixed-shape step's sub-layer table through the LoRA row kernels (Triton; the interpreter on the CPU) equals
+    the gathered torch maths and each token's own slot form: widths 3-8 padded in one table, two activations, serial,
+    parallel and no-residual forms, a cleared slot and the identity row left exactly as they were."""
+    from peftlab.core.serving_form import SublayerForm
+    from peftlab.serve.context import StepContext
+    from peftlab.serve.sublayer import BatchedSublayer
+    from serve_forms import static_by_row_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    g = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
+    hidden, capacity = 36, 5
+    table = BatchedSublayer("mlp", hidden, StepContext(capacity, use_triton=True), torch.float32, torch.device(dev))
+    for slot, (width, act, parallel, residual) in enumerate([(4, "relu", False, True), (8, "gelu", True, True),
+                                                             (3, "relu", False, False), (5, "gelu", False, True)]):
+        table.set_slot(slot, SublayerForm(rand(width, hidden), rand(width), rand(hidden, width), rand(hidden),
+                                          0.5 + slot, act, parallel, residual))
+    table.set_slot(3, None)
+    rows = torch.tensor([0, 1, 2, capacity, 3, 1, 0, 2], device=dev)
+    x, y = rand(len(rows), hidden), rand(len(rows), hidden)
+    got, want = static_by_row_kernels(table, x, y, rows, monkeypatch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for t, row in enumerate(rows.tolist()):
+        if row in table.slots:
+            torch.testing.assert_close(got[t], table.slot_form(row).apply(x[t:t + 1], y[t:t + 1])[0], rtol=1e-4,
+                                       atol=1e-4)
+        else:
+            assert torch.equal(got[t], y[t])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from typing import Iterator
 
@@ -44,8 +45,11 @@ from torch import nn
 
 from peftlab.ops import fast
 
-_BLOCK_T, _BLOCK_C = 32, 128
-_TARGET_PROGRAMS = 2048  # column blocks x row blocks, a few waves of an H100's 132 SMs
+# the backward kernel's launch: (BLOCK_T, BLOCK_C) tiles, warps per program, programs aimed at (column blocks x row
+# blocks, a few waves of an H100's 132 SMs), and whether the column sums are reduced over each tile's rows at every
+# step (1-D accumulators: fewer registers) or once at the end (2-D); bench/swiglu_bwd.py times the choices on a GPU
+CONFIG = {"BLOCK_T": 32, "BLOCK_C": 128, "num_warps": 8, "programs": 2048, "EACH": False}
+CONFIG.update(json.loads(os.environ.get("PEFTLAB_SWIGLU_CONFIG", "{}")))  # a bench's A/B of the choices
 
 Vec = torch.Tensor | None
 
@@ -106,16 +110,16 @@ def _kernel():
     @triton.jit
     def scaled_swiglu_bwd(g_ptr, u_ptr, h_ptr, s_ptr, a_ptr, b_ptr, dg_ptr, du_ptr, part_ptr, rows, cols,
                           rows_per_block, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_A: tl.constexpr,
-                          HAS_B: tl.constexpr):
+                          HAS_B: tl.constexpr, EACH: tl.constexpr):
         # part: (3, row blocks, cols) fp32 column sums for the down input scale s, the gate scale a, the up scale b
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < cols
         s = tl.load(s_ptr + c, mask=c_ok, other=0.0).to(g_ptr.dtype.element_ty).to(tl.float32)
         a = tl.load(a_ptr + c, mask=c_ok, other=0.0).to(g_ptr.dtype.element_ty).to(tl.float32)
         b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(u_ptr.dtype.element_ty).to(tl.float32)
-        acc_s = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)  # each reduced over rows once, after the loop
-        acc_a = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
-        acc_b = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+        acc_s = tl.zeros((BLOCK_C,) if EACH else (BLOCK_T, BLOCK_C), tl.float32)  # reduced over rows at each step
+        acc_a = tl.zeros((BLOCK_C,) if EACH else (BLOCK_T, BLOCK_C), tl.float32)  # (EACH) or once, after the loop
+        acc_b = tl.zeros((BLOCK_C,) if EACH else (BLOCK_T, BLOCK_C), tl.float32)
         first = tl.program_id(1) * rows_per_block
         last = tl.minimum(first + rows_per_block, rows)
         for t0 in range(first, last, BLOCK_T):
@@ -133,25 +137,36 @@ def _kernel():
                 u = (u0 * b[None, :]).to(u_ptr.dtype.element_ty).to(tl.float32)
             sig = tl.sigmoid(g)
             act = g * sig
-            acc_s += h * act * u
             hs = h * s[None, :]
             du = hs * act
             dg = hs * u * sig * (1 + g * (1 - sig))
+            if EACH:
+                acc_s += tl.sum(h * act * u, 0)
+                if HAS_A:
+                    acc_a += tl.sum(dg * g0, 0)
+                if HAS_B:
+                    acc_b += tl.sum(du * u0, 0)
+            else:
+                acc_s += h * act * u
+                if HAS_A:
+                    acc_a += dg * g0
+                if HAS_B:
+                    acc_b += du * u0
             if HAS_A:
-                acc_a += dg * g0
                 dg = dg * a[None, :]
             if HAS_B:
-                acc_b += du * u0
                 du = du * b[None, :]
             tl.store(du_ptr + at, du.to(du_ptr.dtype.element_ty), mask=ok)
             tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=ok)
         at = tl.program_id(1).to(tl.int64) * cols + c
         blocks = tl.num_programs(1).to(tl.int64) * cols
-        tl.store(part_ptr + at, tl.sum(acc_s, 0), mask=c_ok)
+        if not EACH:
+            acc_s, acc_a, acc_b = tl.sum(acc_s, 0), tl.sum(acc_a, 0), tl.sum(acc_b, 0)
+        tl.store(part_ptr + at, acc_s, mask=c_ok)
         if HAS_A:
-            tl.store(part_ptr + blocks + at, tl.sum(acc_a, 0), mask=c_ok)
+            tl.store(part_ptr + blocks + at, acc_a, mask=c_ok)
         if HAS_B:
-            tl.store(part_ptr + 2 * blocks + at, tl.sum(acc_b, 0), mask=c_ok)
+            tl.store(part_ptr + 2 * blocks + at, acc_b, mask=c_ok)
 
     return scaled_swiglu_bwd
 
@@ -164,10 +179,11 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _grid(rows: int, cols: int) -> tuple[int, int, int]:
-    """(column blocks, row blocks, rows per row block): ~_TARGET_PROGRAMS programs, whole BLOCK_T steps each."""
-    col_blocks = _cdiv(cols, _BLOCK_C)
-    want = max(1, min(_cdiv(rows, _BLOCK_T), _TARGET_PROGRAMS // col_blocks))
-    per = _cdiv(_cdiv(rows, want), _BLOCK_T) * _BLOCK_T
+    """(column blocks, row blocks, rows per row block): ~CONFIG["programs"] programs, whole BLOCK_T steps each."""
+    block_t, block_c = CONFIG["BLOCK_T"], CONFIG["BLOCK_C"]
+    col_blocks = _cdiv(cols, block_c)
+    want = max(1, min(_cdiv(rows, block_t), CONFIG["programs"] // col_blocks))
+    per = _cdiv(_cdiv(rows, want), block_t) * block_t
     return col_blocks, _cdiv(rows, per), per
 
 
@@ -185,8 +201,9 @@ def _backward_op(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, scale
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     part = torch.zeros((3, row_blocks, cols), dtype=torch.float32, device=gate.device)
     torch.library.wrap_triton(_KERNEL)[(col_blocks, row_blocks)](
-        gate, up, grad, scale, gate_scale, up_scale, dg, du, part, rows, cols, per, BLOCK_T=_BLOCK_T,
-        BLOCK_C=_BLOCK_C, HAS_A=has_gate_scale, HAS_B=has_up_scale, num_warps=8)
+        gate, up, grad, scale, gate_scale, up_scale, dg, du, part, rows, cols, per, BLOCK_T=CONFIG["BLOCK_T"],
+        BLOCK_C=CONFIG["BLOCK_C"], HAS_A=has_gate_scale, HAS_B=has_up_scale, EACH=CONFIG["EACH"],
+        num_warps=CONFIG["num_warps"])
     return dg, du, part.sum(1)
 
 

@@ -3,12 +3,15 @@ tokens' segments by slot for an eager step, or, for a fixed-shape (graph-replaye
 adapter paths its tokens use and which kernels run them."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from peftlab.serve.batched import Segments, group_by_slot, table_rows
+
+log = logging.getLogger("peftlab.serve")
 
 
 @dataclass
@@ -21,6 +24,7 @@ class StepContext:
     seg: Segments = field(default_factory=lambda: group_by_slot([]))
     present: frozenset = frozenset()
     triton_error: str | None = None  # set when the Triton kernel failed to build: every layer uses torch from then on
+    use_triton: bool = False  # the Triton kernels may run on this device (install's use_triton; the tables read it)
     # set while a fixed-shape decode step runs (serve/graphs.py): its (B,) table rows, a buffer a CUDA graph replays
     static_rows: torch.Tensor | None = None
     # with static_rows: the adapter paths the step's tokens use, a subset of PATHS (empty: base-model tokens only, no
@@ -52,6 +56,24 @@ class StepContext:
         self.rows = table_rows(slots, self.capacity, device)
         self.seg = group_by_slot(slots, device)
         self.present = frozenset(self.seg.slots_cpu)
+
+
+def run_triton(ctx: StepContext, kernels, allowed: bool) -> bool:
+    """Runs ``kernels()`` (Triton launches adding adapter terms into a layer's output) and says whether they ran:
+    False when the kernels are off (``allowed``: a layer's ``use_triton``, a table's ``ctx.use_triton``) or failed
+    before (``ctx.triton_error``) or now (recorded there: every layer uses torch from then on; the output is untouched
+    and the caller runs torch)."""
+    if not allowed or ctx.triton_error is not None:
+        return False
+    try:
+        kernels()
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # the kernel did not build or launch: say so, go on
+        ctx.triton_error = f"{type(exc).__name__}: {exc}"
+        log.error("Triton kernel failed (%s); serving continues on the torch path", ctx.triton_error)
+        return False
 
 
 # the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots,

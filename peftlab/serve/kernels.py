@@ -226,21 +226,45 @@ def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, 
     if t == 0:
         return
     downs, ups, outs, scales = zip(*layers)
-    ranks, widths = tuple(d.shape[1] for d in downs), tuple(u.shape[1] for u in ups)
+    row_expand(row_shrink(x, list(downs), rows, skip_row, max_chunks), list(zip(ups, outs, scales)), rows, skip_row,
+               block_n)
+
+
+def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
+               max_chunks: int = 16) -> torch.Tensor:
+    """The rank activations' partial sums ``zp`` (G, T, C, R) fp32 of up to MAX_GROUP tables ``downs`` (S+1, R_g, K)
+    read by each token's row (row-major last dimension): ``zp[g, t].sum(0)[:R_g] = downs[g][rows[t]] @ x[t]``,
+    K split into C chunks; nothing is written for tokens of ``skip_row`` (their values are undefined)."""
+    t, k = x.shape
+    ranks = tuple(d.shape[1] for d in downs)
     block_r = triton.next_power_of_2(max(ranks))
     block_k = max(32, min(256, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
     chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
-    chunks, g = triton.cdiv(k, chunk), len(layers)
+    chunks, g = triton.cdiv(k, chunk), len(downs)
     zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
-    _row_shrink_kernel[(t, chunks, g)](
-        x, downs, rows, zp, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
-        tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, BLOCK_R=block_r,
-        BLOCK_K=block_k)
-    _row_expand_kernel[(t, triton.cdiv(max(widths), block_n), g)](
+    if t:
+        _row_shrink_kernel[(t, chunks, g)](
+            x, tuple(downs), rows, zp, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
+            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, BLOCK_R=block_r,
+            BLOCK_K=block_k)
+    return zp
+
+
+def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
+               block_n: int = 128) -> None:
+    """``out_g[t] = (scale_g[rows[t]] ⊙) out_g[t] + up_g[rows[t]] @ z_g[t]`` for each ``layers[g]`` = (up (S+1, N_g,
+    R_g), out (T, N_g), scale (S+1, N_g) or None), z_g[t] = ``zp[g, t]`` (C, R) summed over C and rounded to the
+    output's dtype; tokens of ``skip_row`` untouched."""
+    ups, outs, scales = zip(*layers)
+    ranks, widths = tuple(u.shape[2] for u in ups), tuple(u.shape[1] for u in ups)
+    t, chunks = zp.shape[1], zp.shape[2]
+    if t == 0:
+        return
+    _row_expand_kernel[(t, triton.cdiv(max(widths), block_n), len(layers))](
         zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), widths, ranks, chunks, skip_row,
         zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
-        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=g,
-        HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n, BLOCK_R=block_r,
+        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
+        HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(max(ranks)),
         BLOCK_C=triton.next_power_of_2(chunks))
 
 

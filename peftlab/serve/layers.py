@@ -4,8 +4,6 @@ tokens of many adapters (and of the base model) together.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,12 +11,9 @@ from torch import nn
 from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import PackedRows, PackedTable, folded_vera, grown, lowrank_torch, lowrank_triton, \
     restacked, row_lowrank, scaled_lowrank_grouped
-from peftlab.serve.context import KernelPlan, StepContext
+from peftlab.serve.context import KernelPlan, StepContext, run_triton
 from peftlab.serve.module_table import TABLES, attach_table
 from peftlab.serve.routed import PATH as ROUTED, RoutedLowRank, routed_output
-
-
-log = logging.getLogger("peftlab.serve")
 
 
 # VeRA forms up to this rank are served as the LoRA (diag(up_scale) P_B, diag(mid) P_A) of their slot: one more
@@ -355,20 +350,8 @@ class BatchedLinear(nn.Module):
         return result[0] if self._triton(lambda: result.append(kernels())) else None
 
     def _triton(self, kernels) -> bool:
-        """Runs ``kernels()`` (Triton launches adding LoRA terms into the layer output) and says whether they ran:
-        False when the kernels are off or failed (then the output is untouched and the caller runs torch)."""
-        ctx = self.context
-        if not self.use_triton or ctx.triton_error is not None:
-            return False
-        try:
-            kernels()
-            return True
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # the kernel did not build or launch: say so, go on
-            ctx.triton_error = f"{type(exc).__name__}: {exc}"
-            log.error("Triton LoRA kernel failed (%s); serving continues on the torch path", ctx.triton_error)
-            return False
+        """Runs ``kernels()`` if this layer's Triton kernels may run (``context.run_triton``); says whether they ran."""
+        return run_triton(self.context, kernels, self.use_triton)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return routed_output(self, x, self._forward(x))
@@ -401,7 +384,7 @@ def install(model: nn.Module, capacity: int, use_triton: bool = False,
     """Replace every ``nn.Linear`` of ``model`` except the output head by a ``BatchedLinear`` sharing its weight;
     returns the step context they read and the layers by module name."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    context = StepContext(capacity)
+    context = StepContext(capacity, use_triton=use_triton)
     layers: dict[str, BatchedLinear] = {}
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is head or (skip and name in skip):

@@ -8,9 +8,11 @@ ranks are zero-padded to the widest: each expert's block keeps its own place (bl
 padded experts are never chosen (``experts`` per slot), padded rank columns are zero in up. A slot without a
 routed adapter here (and the identity row base-model tokens read) is all zeros: its tokens get exactly ``y``; an
 eager step does not even compute them. Eager steps apply each present slot's form to its tokens at its own size
-(``ServingForm.apply``'s maths, the method's own); the fixed-shape step gathers every token's rows (one
-``index_select`` of the packed tables) and runs the same maths batched. Torch only: no Triton kernel reads these
-tables (the routed term is added after the layer's own kernels).
+(``ServingForm.apply``'s maths, the method's own); the fixed-shape step runs the same maths batched, on CUDA
+through the LoRA row kernels (``kernels.row_shrink`` / ``row_expand``: each token's rows read in place, the experts'
+A and the router in one shrink, the gates in torch between it and the expand), else by gathering every token's rows
+(one ``index_select`` of the packed tables) into batched products. The routed term is added after the layer's own
+kernels.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from peftlab.core.adapter import ServingForm
 from peftlab.core.serving_form import mixture_gates
 from peftlab.serve.batched import PackedTable, Segments, grown
-from peftlab.serve.context import StepContext
+from peftlab.serve.context import StepContext, run_triton
 from peftlab.serve.module_table import ModuleTable, table_output
 
 PATH = "routed"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
@@ -86,11 +88,31 @@ class RoutedLowRank(ModuleTable):
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         shape = y.shape
         x, y = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        out = y.contiguous()
+        if run_triton(self.context, lambda: self._row_kernels(x.contiguous(), out, rows),
+                      self.context.use_triton and self.context.static_triton):
+            return out.view(shape)
         t = self.packed.gather(rows)  # every token's rows of every table, one gather
         logits = torch.einsum("ti,tei->te", x, t["router"]).float()
         gates = mixture_gates(logits, t["top_k"][:, 0].long(), t["experts"][:, 0].long())
         z = torch.einsum("ti,teri->ter", x, t["down"]) * gates.unsqueeze(-1).to(x.dtype)
         return (y + torch.einsum("ter,tner->tn", z, t["up"])).view(shape)
+
+    def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """The fixed-shape step's routed term added into ``out`` by the LoRA row kernels, each token's rows read in
+        place (no gather of the tables): one shrink of the experts' A and the router together, the gates (torch,
+        on (T, E)), one expand of s B over the gated rank activations. Rounding as ``_static``'s torch maths: the
+        logits and rank activations in the tables' dtype."""
+        from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
+
+        experts, rank = self.down.shape[1:3]
+        zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows)  # the identity row: zeros, gates zero
+        z = zp[0].sum(1).to(x.dtype)
+        logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
+        top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
+        gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
+        mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
+        row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity)
 
 
 def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ A slot without a sub-layer adapter here (and the identity row that base-model to
 keep = 1, so its tokens get exactly ``y``; an eager step does not even compute them. Adapters of different
 bottleneck widths are zero-padded to the widest: the padded units see ``phi(0)`` (not 0 for every phi), and the
 padded columns of ``up`` are zero, so they add nothing. Eager steps apply each present slot's form to its tokens
-(``SublayerForm.apply``, at the slot's own width); the fixed-shape step gathers every token's row of the tables
-(one ``index_select`` of the packed tables) and runs the same maths batched (``bottleneck_mlp``), with no host
-work and no data-dependent shape.
+(``SublayerForm.apply``, at the slot's own width); the fixed-shape step runs the same maths batched, with no host
+work and no data-dependent shape: on CUDA the down and up products in the LoRA row kernels (``kernels.row_shrink``
+/ ``row_expand``, each token's rows read in place), else by gathering every token's row of the tables (one
+``index_select`` of the packed tables) into batched products (``bottleneck_mlp``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from peftlab.core.serving_form import SublayerForm, activation_fn, bottleneck_mlp
 from peftlab.serve.batched import PackedTable, Segments, grown
-from peftlab.serve.context import StepContext
+from peftlab.serve.context import StepContext, run_triton
 from peftlab.serve.loading import ServeError
 from peftlab.serve.module_table import ModuleTable, attach_table, table_output
 
@@ -105,22 +106,44 @@ class BatchedSublayer(ModuleTable):
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         shape = y.shape
         x, y = x.reshape(-1, self.hidden), y.reshape(-1, self.hidden)
+        ctx, done = self.context, []
+        if run_triton(ctx, lambda: done.append(self._row_kernels(x, y, rows)), ctx.use_triton and ctx.static_triton):
+            return done[0].view(shape)
         t = self.packed.gather(rows)  # every token's row of every table, one gather
         source = torch.where(t["parallel"] != 0, x, y)
+        update = bottleneck_mlp(source, t["down"], t["down_bias"], t["up"], t["up_bias"], self._activation(rows))
+        return (y * t["keep"] + t["scaling"] * update).view(shape)
+
+    def _row_kernels(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``_static``'s maths with the down and up projections in the LoRA row kernels (each token's rows of the two
+        wide tables read in place, not gathered; the small tables gathered), rounded as ``bottleneck_mlp``'s:
+        each product with its bias in fp32, then once to the activations' dtype."""
+        from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
+
+        def pick(table: torch.Tensor) -> torch.Tensor:
+            return table.index_select(0, rows)
+
+        source = torch.where(pick(self.parallel) != 0, x, y).contiguous()
+        z = (row_shrink(source, [self.down], rows)[0].sum(1) + pick(self.down_bias).float()).to(x.dtype)
+        h = self._activation(rows)(z).float()
+        update = pick(self.up_bias)  # the expand adds up @ h into it
+        row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows)
+        return y * pick(self.keep) + pick(self.scaling) * update
+
+    def _activation(self, rows: torch.Tensor):
+        """The step's activation: the one of every adapter in the tables, or each token's own slot's."""
         names = self._activations()
         if len(names) == 1:
-            activation = activation_fn(names[0])
-        else:  # adapters of several activations in the tables: each token keeps its own slot's
-            which = self.act_index.index_select(0, rows)[:, None]
+            return activation_fn(names[0])
+        which = self.act_index.index_select(0, rows)[:, None]
 
-            def activation(z: torch.Tensor) -> torch.Tensor:
-                out = torch.zeros_like(z)
-                for name in names:
-                    out = torch.where(which == self.act_names.index(name), activation_fn(name)(z), out)
-                return out
+        def activation(z: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(z)
+            for name in names:
+                out = torch.where(which == self.act_names.index(name), activation_fn(name)(z), out)
+            return out
 
-        update = bottleneck_mlp(source, t["down"], t["down_bias"], t["up"], t["up_bias"], activation)
-        return (y * t["keep"] + t["scaling"] * update).view(shape)
+        return activation
 
 
 def install_sublayers(model: nn.Module, decoder_layers: nn.ModuleList,
