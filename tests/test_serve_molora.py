@@ -108,10 +108,12 @@ def test_eviction_between_mixtures_and_lora_keeps_answers(root):
     check_eviction(engine, root, names)
 
 
-def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch):
-    """The fixed-shape step's routed term through the LoRA row kernels (Triton; the interpreter on the CPU) equals the
-    gathered torch maths and each token's own slot form: mixtures of other expert counts, ranks and top-k padded in
-    one table, a cleared slot and the identity row left exactly as they were; the kernel path gathers nothing."""
+@pytest.mark.parametrize("route_kernel", [True, False], ids=["gates_in_triton", "gates_in_torch"])
+def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, route_kernel):
+    """The fixed-shape step's routed term through the LoRA row kernels (Triton; the interpreter on the CPU), its gates
+    in the route kernel or in torch, equals the gathered torch maths and each token's own slot form: mixtures of
+    other expert counts, ranks and top-k padded in one table, a router of all ties (a stable sort's choice: the first
+    experts), a cleared slot and the identity row left exactly as they were; the kernel path gathers nothing."""
     from peftlab.core.adapter import ServingForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.routed import RoutedLowRank
@@ -121,12 +123,14 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
     g = torch.Generator().manual_seed(4)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     n_in, n_out, capacity = 40, 70, 5
-    ctx = StepContext(capacity, use_triton=True)
+    ctx = StepContext(capacity, use_triton=True, static_route_kernel=route_kernel)
     table = RoutedLowRank("q", n_in, n_out, ctx, torch.float32, torch.device(dev))
     for slot, (e, r, k) in enumerate([(4, 2, 2), (3, 3, 1), (6, 1, 3), (2, 2, 2)]):
         table.set_slot(slot, ServingForm(down=rand(e * r, n_in), up=rand(n_out, e * r), router=rand(e, n_in), top_k=k))
     table.set_slot(3, None)  # cleared: its rows all zeros again
-    rows = torch.tensor([0, 1, 2, capacity, 3, 1, 0, 2], device=dev)
+    table.set_slot(4, ServingForm(down=rand(3 * 2, n_in), up=rand(n_out, 3 * 2), router=torch.zeros(3, n_in, device=dev),
+                                  top_k=2))  # every logit ties
+    rows = torch.tensor([0, 1, 2, capacity, 3, 1, 0, 2, 4], device=dev)
     x, y = rand(len(rows), n_in), rand(len(rows), n_out)
     got, want = static_by_row_kernels(table, x, y, rows, monkeypatch)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

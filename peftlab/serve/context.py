@@ -50,6 +50,9 @@ class StepContext:
     # with static_triton: the LoRA terms of layers that read one input (q / k / v, gate / up) in one shrink and one
     # expand launch (serve/shared.py), else a launch pair per layer
     static_shared_input: bool = True
+    # with static_triton: MoLoRA's gates between the row kernels' shrink and expand in one Triton launch
+    # (serve/route_kernel.py), else in torch (about fifteen small kernels per adapted linear)
+    static_route_kernel: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:

@@ -107,11 +107,16 @@ class RoutedLowRank(ModuleTable):
 
         experts, rank = self.down.shape[1:3]
         zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows)  # the identity row: zeros, gates zero
-        z = zp[0].sum(1).to(x.dtype)
-        logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
-        top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
-        gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
-        mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
+        if self.context.static_route_kernel:
+            from peftlab.serve.route_kernel import route
+
+            mid = route(zp, rows, self.top_k, self.experts, x, experts, rank)
+        else:
+            z = zp[0].sum(1).to(x.dtype)
+            logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
+            top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
+            gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
+            mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
         row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity)
 
 
