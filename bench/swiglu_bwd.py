@@ -12,6 +12,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--cols", type=int, default=8192)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--budget-s", type=float, default=120, help="no new launch choice after this many seconds")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -61,8 +63,12 @@ def main(argv=None) -> None:
                                                                           args.iters), "rows": []}
     print(json.dumps({k: v for k, v in doc.items() if k != "rows"}), flush=True)
     default = dict(ss.CONFIG)
-    tiles = [(16, 128), (32, 128), (8, 256), (16, 256), (32, 256), (64, 64), (4, 512), (8, 512)]
-    for each, (bt, bc), warps, programs in itertools.product((False, True), tiles, (4, 8), (2048, 8192)):
+    tiles = [(16, 128), (32, 128), (16, 256), (8, 512), (64, 64)]
+    t0 = time.perf_counter()
+    for each, (bt, bc), warps, programs in itertools.product((True, False), tiles, (4, 8), (2048, 8192)):
+        if time.perf_counter() - t0 > args.budget_s:
+            doc["stopped_after_s"] = args.budget_s
+            break
         ss.CONFIG.update(BLOCK_T=bt, BLOCK_C=bc, num_warps=warps, programs=programs, EACH=each)
         row = dict(ss.CONFIG)
         try:

@@ -12,11 +12,11 @@ OUT=${OUT:-/tmp/queue30b}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_molora.py tests/test_serve_bottleneck.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_serve_molora.py tests/test_serve_bottleneck.py \
   tests/test_serve_kernels.py tests/test_scaled_swiglu.py -k "cuda or row_kernels or kernel" >> "$OUT/tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/tests.log"
 tail -n 3 "$OUT/tests.log"
-timeout 200 python3 bench/swiglu_bwd.py --out "$OUT/swiglu_bwd.json" > "$OUT/swiglu_bwd.log" 2>&1
+timeout 170 python3 bench/swiglu_bwd.py --out "$OUT/swiglu_bwd.json" > "$OUT/swiglu_bwd.log" 2>&1
 tail -n 2 "$OUT/swiglu_bwd.log"
 BEST=$(python3 -c "import json; b = json.load(open('$OUT/swiglu_bwd.json')).get('best') or {}; \
 print(json.dumps({k: b[k] for k in ('BLOCK_T', 'BLOCK_C', 'num_warps', 'programs', 'EACH') if k in b}))")
