@@ -47,8 +47,11 @@ from peftlab.ops import fast
 
 # the backward kernel's launch: (BLOCK_T, BLOCK_C) tiles, warps per program, programs aimed at (column blocks x row
 # blocks, a few waves of an H100's 132 SMs), and whether the column sums are reduced over each tile's rows at every
-# step (1-D accumulators: fewer registers) or once at the end (2-D); bench/swiglu_bwd.py times the choices on a GPU
-CONFIG = {"BLOCK_T": 32, "BLOCK_C": 128, "num_warps": 8, "programs": 2048, "EACH": False}
+# step (1-D accumulators) or once at the end (2-D). bench/swiglu_bwd.py timed 40 choices on an H100 (thirtieth
+# session, bench/results/swiglu_bwd_h100_2026-12-07.json): 16 x 128 tiles with 4 warps fastest (258.8 us against the
+# old 32 x 128 with 8 warps' 335.3, 4,096 x 8,192, all three vectors); in the 1B IA3 step, two rounds on one machine:
+# 44.98 / 45.27 ms against 45.78 / 45.57 (frozen base 42.93 / 43.21: 1.048x against 1.06x)
+CONFIG = {"BLOCK_T": 16, "BLOCK_C": 128, "num_warps": 4, "programs": 2048, "EACH": False}
 CONFIG.update(json.loads(os.environ.get("PEFTLAB_SWIGLU_CONFIG", "{}")))  # a bench's A/B of the choices
 
 Vec = torch.Tensor | None
