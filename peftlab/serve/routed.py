@@ -10,9 +10,9 @@ routed adapter here (and the identity row base-model tokens read) is all zeros: 
 eager step does not even compute them. Eager steps apply each present slot's form to its tokens at its own size
 (``ServingForm.apply``'s maths, the method's own); the fixed-shape step runs the same maths batched, on CUDA
 through the LoRA row kernels (``kernels.row_shrink`` / ``row_expand``: each token's rows read in place, the experts'
-A and the router in one shrink, the gates in torch between it and the expand), else by gathering every token's rows
-(one ``index_select`` of the packed tables) into batched products. The routed term is added after the layer's own
-kernels.
+A and the router in one shrink, the gates in one launch between it and the expand, ``route_kernel.route``), else by
+gathering every token's rows (one ``index_select`` of the packed tables) into batched products. The routed term is
+added after the layer's own kernels.
 """
 from __future__ import annotations
 
@@ -100,9 +100,10 @@ class RoutedLowRank(ModuleTable):
 
     def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
         """The fixed-shape step's routed term added into ``out`` by the LoRA row kernels, each token's rows read in
-        place (no gather of the tables): one shrink of the experts' A and the router together, the gates (torch,
-        on (T, E)), one expand of s B over the gated rank activations. Rounding as ``_static``'s torch maths: the
-        logits and rank activations in the tables' dtype."""
+        place (no gather of the tables): one shrink of the experts' A and the router together, the gates (one
+        launch, ``route_kernel.route``; in torch on (T, E) with ``static_route_kernel`` off), one expand of s B over
+        the gated rank activations. Rounding as ``_static``'s torch maths: logits, rank activations and gates in the
+        tables' dtype."""
         from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
 
         experts, rank = self.down.shape[1:3]
