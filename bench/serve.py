@@ -10,7 +10,9 @@ same path as a loaded checkpoint (``peftlab.serve.store.forms_of``). Workload: a
 ``--batch`` requests in flight (a finished request is replaced at the next step), each a prompt of
 ``--prompt`` random tokens and exactly ``--new`` greedy new tokens; throughput = generated tokens / wall
 time; latency = submit -> last token, per request. Scenarios: the base model; 1, 8, 100 and 1,000
-adapters with uniform and Zipf(1) popularity; a mixed-method batch (LoRA + DoRA + IA3 + VeRA). GPU slots
+adapters with uniform and Zipf(1) popularity; a mixed-method batch (LoRA + DoRA + IA3 + VeRA); a second one of the
+methods served outside the linears' LoRA form (LoRA + MoLoRA + bottleneck + LLaMA-Adapter, saved to a temporary
+folder and registered as a server's checkpoints) and each of those three alone. GPU slots
 (``--max-gpu-adapters``) are fewer than 1,000, so that scenario swaps adapters CPU -> GPU (the 1,000
 adapter names share ``--distinct`` weight sets in CPU memory; a swap copies a full adapter either way).
 Also: adapter cold load disk -> GPU slot, the greedy agreement of batched vs alone (bf16 on GPU), and
