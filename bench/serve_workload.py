@@ -158,6 +158,7 @@ def build_engine(args):
     for k, (name, config) in enumerate(method_configs(args.r).items()):
         if name != "lora":
             engine.store.add_loaded(make_adapter(engine, name, config, seed=200 + k))
-    register_input_side(engine, args.shape, args.r, tempfile.mkdtemp(prefix="serve_bench_"))
+    engine.bench_checkpoints = tempfile.TemporaryDirectory(prefix="serve_bench_")  # removed with the engine
+    register_input_side(engine, args.shape, args.r, engine.bench_checkpoints.name)
     engine.settle()  # as the server does once its start-up adapters are in
     return engine, time.perf_counter() - t0
