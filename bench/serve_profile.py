@@ -1,6 +1,7 @@
 """Where a served batch's time goes (issue 8), on the engine and adapters of ``bench/serve.py``.
 
-For the base model, one LoRA adapter, 100 LoRA adapters and the LoRA + DoRA + IA3 + VeRA mix: the wall time of
+For the base model, one LoRA adapter, 100 LoRA adapters, the LoRA + DoRA + IA3 + VeRA mix and one MoLoRA and one
+bottleneck adapter (the routed and sub-layer tables: thirtieth session): the wall time of
 each step kind over one workload with CUDA graphs on (eager steps, i.e. prefill or prefill + decode, and graph
 replays of pure decode steps), and a torch.profiler table of pure decode steps run as the same fixed-shape step
 without capture (kernels by name: launches per step and GPU microseconds per step).
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     hundred = min(100, max(args.adapters))
     scenarios = {"base model": [None] * n, "1 adapter": ["lora0"] * n,
                  f"{hundred} adapters": [f"lora{i % hundred}" for i in range(n)],
-                 "LoRA + DoRA + IA3 + VeRA": [sb.MIXED[i % len(sb.MIXED)] for i in range(n)]}
+                 "LoRA + DoRA + IA3 + VeRA": [sb.MIXED[i % len(sb.MIXED)] for i in range(n)],
+                 **{f"1 adapter, {name}": [name] * n for name in ("molora", "bottleneck")}}
     doc = {"environment": sb.environment(args.device), "args": {"shape": args.shape, "batch": args.batch,
                                                                  "prompt": args.prompt, "new": args.new,
                                                                  "requests": n}, "scenarios": {}}
