@@ -48,7 +48,7 @@ def test_serve_profile_smoke(tmp_path):
     out = tmp_path / "profile.json"
     prof.main(["--smoke", "--out", str(out)])
     doc = json.loads(out.read_text())
-    assert len(doc["scenarios"]) == 4
+    assert len(doc["scenarios"]) == 6 and "1 adapter, molora" in doc["scenarios"]  # + MoLoRA, bottleneck alone
     for s in doc["scenarios"].values():
         steps = s["steps"]
         assert steps["decode, fixed-shape step"]["count"] > 0 and steps["eager (prefill in it)"]["count"] > 0
