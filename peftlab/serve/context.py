@@ -79,6 +79,12 @@ def run_triton(ctx: StepContext, kernels, allowed: bool) -> bool:
         return False
 
 
+def triton_value(ctx: StepContext, kernels, allowed: bool):
+    """``kernels()``'s result when its Triton launches ran (``run_triton``), else None (off or failed)."""
+    result: list = []
+    return result[0] if run_triton(ctx, lambda: result.append(kernels()), allowed) else None
+
+
 # the adapter paths of a layer, each with the set of slots that use it (BatchedLinear.<path>_slots,
 # ModuleTable.<path>_slots; a table without a path's attribute has no slot on it)
 PATHS = tuple(StepContext.static_paths)

@@ -11,7 +11,7 @@ from torch import nn
 from peftlab.core.adapter import ServingForm
 from peftlab.serve.batched import PackedRows, PackedTable, folded_vera, grown, lowrank_torch, lowrank_triton, \
     restacked, row_lowrank, scaled_lowrank_grouped
-from peftlab.serve.context import KernelPlan, StepContext, run_triton
+from peftlab.serve.context import KernelPlan, StepContext, run_triton, triton_value
 from peftlab.serve.module_table import TABLES, attach_table
 from peftlab.serve.routed import PATH as ROUTED, RoutedLowRank, routed_output
 
@@ -346,8 +346,7 @@ class BatchedLinear(nn.Module):
 
     def _triton_value(self, kernels) -> torch.Tensor | None:
         """``kernels()``'s result when the Triton launches in it ran, else None (off or failed: see ``_triton``)."""
-        result: list[torch.Tensor] = []
-        return result[0] if self._triton(lambda: result.append(kernels())) else None
+        return triton_value(self.context, kernels, self.use_triton)
 
     def _triton(self, kernels) -> bool:
         """Runs ``kernels()`` if this layer's Triton kernels may run (``context.run_triton``); says whether they ran."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from peftlab.serve.batched import PackedRows, Segments
-from peftlab.serve.context import StepContext
+from peftlab.serve.context import StepContext, triton_value
 
 TABLES = "serve_tables"  # module.__dict__[TABLES]: path -> the module's table of that path
 
@@ -68,6 +68,12 @@ class ModuleTable:
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor, seg: Segments) -> torch.Tensor:
         raise NotImplementedError
+
+    def _row_kernel_value(self, kernels) -> torch.Tensor | None:
+        """``kernels()``'s result when the fixed-shape step's Triton row kernels may run here (the device's
+        ``use_triton`` and ``static_triton``) and ran, else None: the caller runs its torch maths."""
+        ctx = self.context
+        return triton_value(ctx, kernels, ctx.use_triton and ctx.static_triton)
 
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -21,7 +21,7 @@ import torch
 from peftlab.core.adapter import ServingForm
 from peftlab.core.serving_form import mixture_gates
 from peftlab.serve.batched import PackedTable, Segments, grown
-from peftlab.serve.context import StepContext, run_triton
+from peftlab.serve.context import StepContext
 from peftlab.serve.module_table import ModuleTable, table_output
 
 PATH = "routed"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
@@ -88,9 +88,8 @@ class RoutedLowRank(ModuleTable):
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         shape = y.shape
         x, y = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        out = y.contiguous()
-        if run_triton(self.context, lambda: self._row_kernels(x.contiguous(), out, rows),
-                      self.context.use_triton and self.context.static_triton):
+        out = self._row_kernel_value(lambda: self._row_kernels(x.contiguous(), y.contiguous(), rows))
+        if out is not None:
             return out.view(shape)
         t = self.packed.gather(rows)  # every token's rows of every table, one gather
         logits = torch.einsum("ti,tei->te", x, t["router"]).float()
@@ -98,8 +97,8 @@ class RoutedLowRank(ModuleTable):
         z = torch.einsum("ti,teri->ter", x, t["down"]) * gates.unsqueeze(-1).to(x.dtype)
         return (y + torch.einsum("ter,tner->tn", z, t["up"])).view(shape)
 
-    def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
-        """The fixed-shape step's routed term added into ``out`` by the LoRA row kernels, each token's rows read in
+    def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``out`` with the fixed-shape step's routed term added into it by the LoRA row kernels, each token's rows read in
         place (no gather of the tables): one shrink of the experts' A and the router together, the gates (one
         launch, ``route_kernel.route``; in torch on (T, E) with ``static_route_kernel`` off), one expand of s B over
         the gated rank activations. Rounding as ``_static``'s torch maths: logits, rank activations and gates in the
@@ -119,6 +118,7 @@ class RoutedLowRank(ModuleTable):
             gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
             mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
         row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity)
+        return out
 
 
 def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

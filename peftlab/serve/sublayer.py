@@ -24,7 +24,7 @@ from torch import nn
 
 from peftlab.core.serving_form import SublayerForm, activation_fn, bottleneck_mlp
 from peftlab.serve.batched import PackedTable, Segments, grown
-from peftlab.serve.context import StepContext, run_triton
+from peftlab.serve.context import StepContext
 from peftlab.serve.loading import ServeError
 from peftlab.serve.module_table import ModuleTable, attach_table, table_output
 
@@ -106,9 +106,9 @@ class BatchedSublayer(ModuleTable):
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         shape = y.shape
         x, y = x.reshape(-1, self.hidden), y.reshape(-1, self.hidden)
-        ctx, done = self.context, []
-        if run_triton(ctx, lambda: done.append(self._row_kernels(x, y, rows)), ctx.use_triton and ctx.static_triton):
-            return done[0].view(shape)
+        out = self._row_kernel_value(lambda: self._row_kernels(x, y, rows))
+        if out is not None:
+            return out.view(shape)
         t = self.packed.gather(rows)  # every token's row of every table, one gather
         source = torch.where(t["parallel"] != 0, x, y)
         update = bottleneck_mlp(source, t["down"], t["down_bias"], t["up"], t["up_bias"], self._activation(rows))
