@@ -139,3 +139,38 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
             torch.testing.assert_close(got[t], y[t] + table.slot_form(row).lowrank(x[t:t + 1])[0], rtol=1e-4, atol=1e-4)
         else:
             assert torch.equal(got[t], y[t])
+
+
+def test_route_expand_reads_the_chosen_experts_columns_only():
+    """The route-expand launch reads B's columns of each token's chosen experts only: with NaN in every expert's
+    columns that no token of its slot chooses (top-1 of 4 or 5 experts, two tokens a slot), the result is finite and
+    equals the gathered torch maths with the clean tables; the identity row is left exactly as it was."""
+    from peftlab.core.adapter import ServingForm
+    from peftlab.serve.context import StepContext
+    from peftlab.serve.routed import RoutedLowRank, row_terms
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
+    n_in, n_out, capacity = 24, 40, 3
+    ctx = StepContext(capacity, use_triton=True)
+    table = RoutedLowRank("q", n_in, n_out, ctx, torch.float32, torch.device(dev))
+    for slot, e in enumerate((4, 5)):
+        table.set_slot(slot, ServingForm(down=rand(e * 2, n_in), up=rand(n_out, e * 2), router=rand(e, n_in), top_k=1))
+    rows = torch.tensor([0, 1, capacity, 1, 0], device=dev)
+    x, y = rand(len(rows), n_in), rand(len(rows), n_out)
+    ctx.static_rows, ctx.static_triton = rows, False
+    want = table(x, y.clone())
+    logits = torch.einsum("ti,tei->te", x, table.router[rows])
+    poisoned = 0
+    for slot in (0, 1):
+        picked = set(logits[rows == slot, :table.specs[slot][0]].argmax(1).tolist())
+        for e in set(range(table.specs[slot][0])) - picked:
+            table.up[slot, :, e] = float("nan")
+            poisoned += 1
+    assert poisoned >= 4
+    got = y.clone()
+    row_terms([table], x.contiguous(), [got], rows)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[2], y[2])

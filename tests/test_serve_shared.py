@@ -97,3 +97,50 @@ def test_shared_input_equals_each_layer_alone(monkeypatch, lora_in_all):
     assert not groups
     for a, b in zip(eager, alone):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _mixture(g: torch.Generator, out: int, experts: int, rank: int, top_k: int) -> ServingForm:
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    return ServingForm(down=rnd(experts * rank, IN), up=rnd(out, experts * rank), router=rnd(experts, IN), top_k=top_k)
+
+
+@pytest.mark.parametrize("routed_in_all", [True, False], ids=["three_routed", "one_without_routed"])
+def test_shared_input_groups_the_routed_terms(monkeypatch, routed_in_all):
+    """q / k / v-like layers with MoLoRA slots (other expert counts, ranks and top-k in each layer), a LoRA slot and
+    base-model tokens: in the fixed-shape step ``shared_input`` runs the routed terms of the layers that have them in
+    one shrink and one route-expand launch, gathers no table, and gives what each layer gives alone and what the
+    gathered torch maths give."""
+    import peftlab.serve.routed as routed
+
+    g = torch.Generator().manual_seed(6)
+    ctx = StepContext(6, use_triton=True)
+    layers = []
+    for i, out in enumerate((32, 16, 16)):
+        torch.manual_seed(i)
+        layer = BatchedLinear(nn.Linear(IN, out, bias=False).to(DEV), f"p{i}", 6, ctx, use_triton=True, initial_rank=4)
+        if routed_in_all or i != 1:
+            for slot, (e, r, k) in enumerate([(4, 2, 2), (3, 3, 1), (2 + i, 1, 1)]):
+                layer.set_slot(slot, _mixture(g, out, e, r, k))
+        layer.set_slot(3, ServingForm(down=torch.randn(2, IN, generator=g), up=torch.randn(out, 2, generator=g)))
+        layers.append(layer)
+    slots = [2, 0, -1, 3, 1, 0, 2, -1, 1, 3]
+    ctx.static_rows = table_rows(slots, 6, DEV)
+    x = torch.randn(1, len(slots), IN, generator=g).to(DEV)
+    ctx.static_triton = False
+    torch_maths = [layer(x) for layer in layers]
+    ctx.static_triton = True
+    alone = [layer(x) for layer in layers]
+    groups = []
+    real = routed.row_terms
+    monkeypatch.setattr(routed, "row_terms", lambda tables, *a: groups.append(len(tables)) or real(tables, *a))
+    with monkeypatch.context() as m:
+        m.setattr(type(layers[0].routed().packed), "gather", lambda *a: pytest.fail("the kernel path gathered a table"))
+        together = shared_input(x, *layers)
+    assert groups == ([3] if routed_in_all else [2]) and ctx.triton_error is None
+    for a, b, c in zip(together, alone, torch_maths):
+        assert a.shape == b.shape == c.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    assert torch.equal(together[0][0, 2], layers[0].base(x)[0, 2])  # a base-model token: the base output exactly

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Queued after the thirtieth session (2026-12-07), nothing carried, ~8 min:
-#   row 8: VeRA beside the frozen base with profiles (1.31x; its GEMM floor ~1.13x) -> $OUT/vera_prof.json (+ .profile.txt)
-#   where MoLoRA's (0.62x the base with graphs) and the bottleneck's (0.68x) decode steps spend their time:
-#      bench/serve_profile.py (kernels per fixed-shape step by name) -> $OUT/serve_profile.json
+# Thirty-first session (2026-12-07), nothing carried, <= ~9.5 min: MoLoRA's grouped routed launches (a shrink and a
+# route-expand per group of linears that read one input, B read for the chosen experts only) on CUDA:
+#   tests: tests/test_serve_molora.py and tests/test_serve_shared.py on CUDA -> $OUT/tests.log
+#   serving: bench/serve.py (1 adapter of each method, both mixed batches, CUDA graphs; the MoLoRA row beside its
+#      gates in torch and beside its tables a layer at a time, FLAG_AB) -> $OUT/serve.json
+#   where MoLoRA's and the bottleneck's decode steps spend their time: bench/serve_profile.py -> $OUT/serve_profile.json
 set -x
 OUT=${OUT:-/tmp/queue31}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 200 python3 bench/train_step.py --shape 1b --impls peftlab_compiled --methods vera,frozen_compiled --steps 20 \
-  --warmup 3 --repeats 1 --prime 0 --timeout 90 --profile --out "$OUT/vera_prof.json" 2>&1 | grep -E '^\[|rror'
-timeout 300 python3 bench/serve_profile.py --requests 64 --adapters 1,8,100 --out "$OUT/serve_profile.json" \
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_molora.py tests/test_serve_shared.py \
+  >> "$OUT/tests.log" 2>&1
+echo "tests rc=$?" >> "$OUT/tests.log"
+tail -n 3 "$OUT/tests.log"
+timeout 210 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 --adapters 1 --no-peft --cuda-graphs \
+  > "$OUT/serve_bench.log" 2>&1
+echo "bench rc=$?" >> "$OUT/serve_bench.log"
+grep -iE "molora|mixed methods II|base model|rror" "$OUT/serve_bench.log" | tail -n 12
+timeout 170 python3 bench/serve_profile.py --requests 64 --adapters 8 --out "$OUT/serve_profile.json" \
   > "$OUT/serve_profile.log" 2>&1
-tail -n 60 "$OUT/serve_profile.log"
+tail -n 40 "$OUT/serve_profile.log"
 chmod 644 "$OUT"/* 2>/dev/null
 exit 0

@@ -50,8 +50,9 @@ class StepContext:
     # with static_triton: the LoRA terms of layers that read one input (q / k / v, gate / up) in one shrink and one
     # expand launch (serve/shared.py), else a launch pair per layer
     static_shared_input: bool = True
-    # with static_triton: MoLoRA's gates between the row kernels' shrink and expand in one Triton launch
-    # (serve/route_kernel.py), else in torch (about fifteen small kernels per adapted linear)
+    # with static_triton: MoLoRA's gates in the launch of its expand (serve/route_kernel.py, the tables of layers
+    # that read one input grouped), else in torch between the shrink and the LoRA expand (about fifteen small kernels
+    # per adapted linear, one table at a time)
     static_route_kernel: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 

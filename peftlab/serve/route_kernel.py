@@ -1,9 +1,13 @@
-"""One Triton launch between the row kernels' shrink and expand of a routed (MoLoRA) table in the fixed-shape step:
-each token's router logits and rank activations from the shrink's partial sums, its top-k softmax gates, and the
-gated rank activations the expand reads. In torch the same maths (``mixture_gates``: a sort, masks, a softmax, a
-scatter, then the product) is about fifteen small kernels per adapted linear, and a graph-replayed decode step is
-bound by its count of small kernels. Rounding as the torch form: logits, rank activations, gates and their product
-each in the activations' dtype; ties choose the lower expert index (a stable sort's order)."""
+"""The expand of routed (MoLoRA) tables in the fixed-shape step, with the routing in it: one Triton launch after the
+row kernels' shrink (``kernels.row_shrink`` of each table's experts' A and router) for up to ``kernels.MAX_GROUP``
+tables that read one input (q / k / v, gate / up). Each program takes one token, a tile of one table's outputs: it
+sums the shrink's partial sums into the token's rank activations and router logits, chooses the top-k experts and
+their softmax gates, and adds ``B[:, chosen experts] @ (gated rank activations)`` into the output, reading B's columns
+of the chosen experts only (an unchosen expert's gate is zero). In torch the routing alone (``mixture_gates``: a sort,
+masks, a softmax, a scatter, then the product) is about fifteen small kernels per adapted linear, and a
+graph-replayed decode step is bound by its count of small kernels. Rounding as the torch form: logits, rank
+activations, gates and their product each in the output's dtype; ties choose the lower expert index (a stable sort's
+order)."""
 from __future__ import annotations
 
 import torch
@@ -12,12 +16,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(zp_ptr, rows_ptr, topk_ptr, experts_ptr, mid_ptr, x_ptr, C, E, R, stride_zg, stride_zt, stride_zc,
-                  stride_k, stride_e, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    """mid[t, e R + r] = z[t, e R + r] gate[t, e]: z = zp[0, t] and the logits zp[1, t, :, :E] summed over chunks."""
-    t = tl.program_id(0)
-    dt = x_ptr.dtype.element_ty
-    row = tl.load(rows_ptr + t).to(tl.int64)
+def _gated(zp, stride_zg, stride_zc, C, E, R, k, n, dt, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mid, chosen) of one token: mid (BLOCK_E, BLOCK_R) fp32 its gated rank activations z[e R + r] gate[e] and chosen
+    (BLOCK_E,) its top-``k`` of ``n`` experts, from the partial sums at ``zp`` (z over C chunks, the logits at
+    ``zp + stride_zg``); with k 0 (a slot without a routed adapter here) the gates are zero."""
     es, rs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_R)
     e_ok = es < E
     cell = es[:, None] * R + rs[None, :]
@@ -25,12 +27,9 @@ def _route_kernel(zp_ptr, rows_ptr, topk_ptr, experts_ptr, mid_ptr, x_ptr, C, E,
     z = tl.zeros((BLOCK_E, BLOCK_R), tl.float32)
     logits = tl.zeros((BLOCK_E,), tl.float32)
     for c in range(C):
-        base = zp_ptr + t * stride_zt + c * stride_zc
-        z += tl.load(base + cell, mask=cell_ok, other=0.0)
-        logits += tl.load(base + stride_zg + es, mask=e_ok, other=0.0)
-    k = tl.load(topk_ptr + row * stride_k).to(tl.float32).to(tl.int32)
-    n = tl.maximum(tl.load(experts_ptr + row * stride_e).to(tl.float32).to(tl.int32), 1)
-    valid = es < n
+        z += tl.load(zp + c * stride_zc + cell, mask=cell_ok, other=0.0)
+        logits += tl.load(zp + stride_zg + c * stride_zc + es, mask=e_ok, other=0.0)
+    valid = es < tl.maximum(n, 1)
     logits = tl.where(valid, logits.to(dt).to(tl.float32), float("-inf"))
     li, lj = logits[:, None], logits[None, :]
     ahead = (lj > li) | ((lj == li) & (es[None, :] < es[:, None]))  # experts ranked before each one
@@ -39,18 +38,58 @@ def _route_kernel(zp_ptr, rows_ptr, topk_ptr, experts_ptr, mid_ptr, x_ptr, C, E,
     w = tl.where(chosen, tl.exp(logits - top), 0.0)
     gates = tl.where(k > 0, w / tl.sum(w, axis=0), 0.0).to(dt).to(tl.float32)
     mid = (z.to(dt).to(tl.float32) * gates[:, None]).to(dt).to(tl.float32)
-    tl.store(mid_ptr + t * E * R + cell, mid, mask=cell_ok)
+    return mid, chosen
 
 
-def route(zp: torch.Tensor, rows: torch.Tensor, top_k: torch.Tensor, experts: torch.Tensor, dtype_of: torch.Tensor,
-          n_experts: int, rank: int) -> torch.Tensor:
-    """The gated rank activations (1, T, 1, E R) fp32 for ``row_expand`` from ``row_shrink``'s partial sums ``zp``
-    (2, T, C, >= E R) of [the experts' A; the router]; ``top_k`` / ``experts`` (S+1, 1) the slots' k and expert
-    counts (any dtype holding small integers), ``dtype_of`` a tensor of the activations' dtype."""
+@triton.jit
+def _route_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, k_ptrs, n_ptrs, Ns, Es, Rs, C, skip_row, stride_zg,
+                         stride_zt, stride_zc, stride_bs, stride_bn, stride_ot, stride_k, stride_n, G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out_g[t, ns] += B_g[row(t), ns] @ mid_g[t] for one token, BLOCK_N outputs and one of the G tables per program
+    (table g's z and logits at zp[2 g] and zp[2 g + 1]); nothing for ``skip_row``."""
+    t, g = tl.program_id(0), tl.program_id(2)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    if row != skip_row:
+        for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
+            if g == i:
+                out_ptr = out_ptrs[i]
+                k = tl.load(k_ptrs[i] + row * stride_k[i]).to(tl.float32).to(tl.int32)
+                n = tl.load(n_ptrs[i] + row * stride_n[i]).to(tl.float32).to(tl.int32)
+                mid, chosen = _gated(zp_ptr + 2 * i * stride_zg + t * stride_zt, stride_zg, stride_zc, C, Es[i], Rs[i],
+                                     k, n, out_ptr.dtype.element_ty, BLOCK_E, BLOCK_R)
+                ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = ns < Ns[i]
+                es, rs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_R)
+                cell = es[:, None] * Rs[i] + rs[None, :]
+                # B's columns of the chosen experts only (none with k 0)
+                read = (chosen & (es < k * BLOCK_E))[:, None] & (rs < Rs[i])[None, :]
+                b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[:, None, None] * stride_bn[i] + cell[None, :, :],
+                            mask=n_ok[:, None, None] & read[None, :, :], other=0.0).to(tl.float32)
+                acc = tl.sum(tl.sum(b * mid[None, :, :], axis=2), axis=1)
+                ptrs = out_ptr + t * stride_ot[i] + ns
+                y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(ptrs, (y + acc).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip_row: int = -1) -> None:
+    """``out[t] += up[i] @ (z[t] ⊙ gates[t])`` (i = rows[t]) for each of ``tables``, given as (up (S+1, N, E R) with
+    the experts' blocks of R columns in order, out (T, N), top_k (S+1, 1), experts (S+1, 1) (small integers in any
+    dtype), E, R); ``zp`` (2 G, T, C, >= E R) fp32 ``row_shrink``'s partial sums of [A_0, router_0, A_1, ...] (A (S+1,
+    E R, in), router (S+1, E, in)). Tokens of ``skip_row`` untouched."""
+    if zp.shape[0] != 2 * len(tables):
+        raise ValueError(f"route_expand: {len(tables)} tables need 2 x {len(tables)} partial sums, got {zp.shape[0]}")
+    for up, out, top_k, experts, e, r in tables:
+        if up.shape[2] != e * r or out.shape != (zp.shape[1], up.shape[1]) or up.stride(2) != 1 or out.stride(1) != 1:
+            raise ValueError(f"route_expand: up {tuple(up.shape)}, out {tuple(out.shape)} do not fit {e} experts of rank "
+                             f"{r} and {zp.shape[1]} tokens (row-major)")
     t, chunks = zp.shape[1], zp.shape[2]
-    mid = torch.empty(1, t, 1, n_experts * rank, device=zp.device, dtype=torch.float32)
-    if t:
-        _route_kernel[(t,)](zp, rows, top_k, experts, mid, dtype_of, chunks, n_experts, rank, zp.stride(0),
-                            zp.stride(1), zp.stride(2), top_k.stride(0), experts.stride(0),
-                            BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_R=triton.next_power_of_2(rank))
-    return mid
+    if t == 0:
+        return
+    ups, outs, ks, ns, es, rs = zip(*tables)
+    block_e, block_r = triton.next_power_of_2(max(es)), triton.next_power_of_2(max(rs))
+    block_n = max(16, min(128, 4096 // (block_e * block_r)))  # a (BLOCK_N, E, R) tile of B per program
+    _route_expand_kernel[(t, triton.cdiv(max(u.shape[1] for u in ups), block_n), len(tables))](
+        zp, ups, rows, outs, ks, ns, tuple(u.shape[1] for u in ups), es, rs, chunks, skip_row, zp.stride(0),
+        zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
+        tuple(o.stride(0) for o in outs), tuple(v.stride(0) for v in ks), tuple(v.stride(0) for v in ns),
+        G=len(tables), BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_R=block_r)

@@ -9,10 +9,11 @@ padded experts are never chosen (``experts`` per slot), padded rank columns are 
 routed adapter here (and the identity row base-model tokens read) is all zeros: its tokens get exactly ``y``; an
 eager step does not even compute them. Eager steps apply each present slot's form to its tokens at its own size
 (``ServingForm.apply``'s maths, the method's own); the fixed-shape step runs the same maths batched, on CUDA
-through the LoRA row kernels (``kernels.row_shrink`` / ``row_expand``: each token's rows read in place, the experts'
-A and the router in one shrink, the gates in one launch between it and the expand, ``route_kernel.route``), else by
-gathering every token's rows (one ``index_select`` of the packed tables) into batched products. The routed term is
-added after the layer's own kernels.
+through the row kernels (each token's rows read in place: ``kernels.row_shrink`` of the experts' A and the router,
+then ``route_kernel.route_expand``, the gates and the expand over the chosen experts' columns of B in one launch;
+the tables of layers that read one input, q / k / v and gate / up, share that pair of launches: ``routed_outputs``),
+else by gathering every token's rows (one ``index_select`` of the packed tables) into batched products. The routed
+term is added after the layer's own kernels.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from peftlab.core.adapter import ServingForm
 from peftlab.core.serving_form import mixture_gates
 from peftlab.serve.batched import PackedTable, Segments, grown
-from peftlab.serve.context import StepContext
-from peftlab.serve.module_table import ModuleTable, table_output
+from peftlab.serve.context import StepContext, run_triton
+from peftlab.serve.module_table import TABLES, ModuleTable, table_output
 
 PATH = "routed"  # the fixed-shape step's adapter path (``StepContext.static_paths``)
 
@@ -98,29 +99,71 @@ class RoutedLowRank(ModuleTable):
         return (y + torch.einsum("ter,tner->tn", z, t["up"])).view(shape)
 
     def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``out`` with the fixed-shape step's routed term added into it by the LoRA row kernels, each token's rows read in
-        place (no gather of the tables): one shrink of the experts' A and the router together, the gates (one
-        launch, ``route_kernel.route``; in torch on (T, E) with ``static_route_kernel`` off), one expand of s B over
-        the gated rank activations. Rounding as ``_static``'s torch maths: logits, rank activations and gates in the
-        tables' dtype."""
+        """``out`` with the fixed-shape step's routed term added into it by the row kernels, each token's rows read in
+        place (no gather of the tables): ``row_terms``, or with ``static_route_kernel`` off the gates in torch on (T,
+        E) between the shrink and the LoRA expand. Rounding as ``_static``'s torch maths: logits, rank activations
+        and gates in the tables' dtype."""
+        if self.context.static_route_kernel:
+            row_terms([self], x, [out], rows)
+            return out
         from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
 
         experts, rank = self.down.shape[1:3]
         zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows)  # the identity row: zeros, gates zero
-        if self.context.static_route_kernel:
-            from peftlab.serve.route_kernel import route
-
-            mid = route(zp, rows, self.top_k, self.experts, x, experts, rank)
-        else:
-            z = zp[0].sum(1).to(x.dtype)
-            logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
-            top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
-            gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
-            mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
+        z = zp[0].sum(1).to(x.dtype)
+        logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
+        top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
+        gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
+        mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
         row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity)
         return out
+
+    def grouped_here(self) -> bool:
+        """Whether this step may run this table's routed term in a launch shared with other tables (``row_terms``):
+        a fixed-shape step with this table's path and slots, the row kernels and the route kernel on."""
+        ctx = self.context
+        return (ctx.static_rows is not None and self.path in ctx.static_paths and bool(self.slots) and ctx.use_triton
+                and ctx.static_triton and ctx.static_route_kernel and ctx.triton_error is None)
+
+
+def row_terms(tables: list[RoutedLowRank], x: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """Each table's routed term added into its ``outs`` (T, N_g) for input ``x`` (T, in), read by the tokens' ``rows``
+    (tables of one step context; up to ``kernels.MAX_GROUP``): one shrink of every table's experts' A and router,
+    then one ``route_kernel.route_expand`` (the gates, and the expand over the chosen experts' columns of B)."""
+    from peftlab.serve.kernels import row_shrink  # Triton: imported where it runs
+    from peftlab.serve.route_kernel import route_expand
+
+    skip = tables[0].capacity  # the identity row: nothing routed
+    zp = row_shrink(x, [d for t in tables for d in (t.down.flatten(1, 2), t.router)], rows, skip_row=skip)
+    route_expand(zp, [(t.up.flatten(2, 3), out, t.top_k, t.experts, *t.down.shape[1:3]) for t, out in zip(tables, outs)],
+                 rows, skip_row=skip)
 
 
 def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y``, the output of ``layer`` (a ``BatchedLinear``) for input ``x``, with its routed adapters (if any)."""
     return table_output(layer, PATH, x, y)
+
+
+def routed_outputs(x: torch.Tensor, layers: list, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[routed_output(m, x, y) for m, y in zip(layers, ys)]`` for layers that read the same input ``x``; in a
+    fixed-shape step the routed terms of their tables run in grouped launches (``row_terms``, up to
+    ``kernels.MAX_GROUP`` tables a pair of launches) where two or more may."""
+    from peftlab.serve.kernels import MAX_GROUP
+
+    tables = [m.__dict__.get(TABLES, {}).get(PATH) for m in layers]
+    joined = [i for i, t in enumerate(tables) if t is not None and t.grouped_here()]
+    if len(joined) < 2:
+        return [routed_output(m, x, y) for m, y in zip(layers, ys)]
+    ctx, rows = tables[joined[0]].context, tables[joined[0]].context.static_rows
+    xc = x.reshape(-1, x.shape[-1]).contiguous()
+    outs = {i: ys[i].reshape(-1, ys[i].shape[-1]).contiguous() for i in joined}
+    done: list[int] = []  # the layers whose term is in outs (a launch that fails writes nothing)
+
+    def run() -> None:
+        for start in range(0, len(joined), MAX_GROUP):
+            part = joined[start:start + MAX_GROUP]
+            row_terms([tables[i] for i in part], xc, [outs[i] for i in part], rows)
+            done.extend(part)
+
+    run_triton(ctx, run, True)  # on a failure (the context says why) the other tables run their torch maths
+    return [outs[i].view(ys[i].shape) if i in done else routed_output(m, x, ys[i]) for i, m in enumerate(layers)]
