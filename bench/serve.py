@@ -35,7 +35,8 @@ FLAG_AB = [("100 adapters", "static_shared_input", "LoRA of q / k / v and gate /
            ("mixed methods:", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),
            ("mixed methods:", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
            ("1 adapter, molora", "static_route_kernel", "MoLoRA's gates in torch between the row kernels"),
-           ("1 adapter, molora", "static_shared_input", "MoLoRA's tables a layer at a time")]
+           ("1 adapter, molora", "static_shared_input", "MoLoRA's tables a layer at a time"),
+           ("1 adapter, bottleneck", "static_sublayer_kernel", "the bottleneck's biases, activation and blend in torch")]
 MIXED = ["lora0", "dora", "ia3", "vera"]  # the mixed-method batch: a LoRA and one adapter of each other method
 # the second mixed batch: a LoRA and one adapter of each method served in tables outside the linears' LoRA form
 INPUT_SIDE = ["lora0", "molora", "bottleneck", "llama_adapter"]

@@ -125,10 +125,16 @@ def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
 
 
-def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch):
+@pytest.mark.parametrize("acts,sources", [(("relu", "gelu"), "mixed"), (("relu",), "mixed"), (("silu",), "serial"),
+                                          (("gelu",), "parallel"), (("gelu_pytorch_tanh",), "mixed"),
+                                          (("tanh",), "serial"), (("sigmoid",), "mixed")])
+def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, acts, sources):
     """The fixed-shape step's sub-layer table through the LoRA row kernels (Triton; the interpreter on the CPU) equals
-    the gathered torch maths and each token's own slot form: widths 3-8 padded in one table, two activations, serial,
-    parallel and no-residual forms, a cleared slot and the identity row left exactly as they were."""
+    the gathered torch maths and each token's own slot form: widths 3-8 padded in one table, serial, parallel and
+    no-residual forms (or all reading one source), a cleared slot and the identity row left exactly as they were.
+    One activation with a kernel form runs the rest of the step in one launch (``sublayer_expand``); two, or one
+    without (sigmoid: phi(0) = 0.5 on padded units), run it in torch."""
+    import peftlab.serve.sublayer_kernel as sk
     from peftlab.core.serving_form import SublayerForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.sublayer import BatchedSublayer
@@ -139,14 +145,19 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     hidden, capacity = 36, 5
     table = BatchedSublayer("mlp", hidden, StepContext(capacity, use_triton=True), torch.float32, torch.device(dev))
-    for slot, (width, act, parallel, residual) in enumerate([(4, "relu", False, True), (8, "gelu", True, True),
-                                                             (3, "relu", False, False), (5, "gelu", False, True)]):
+    for slot, (width, parallel, residual) in enumerate([(4, False, True), (8, True, True), (3, False, False),
+                                                        (5, False, True)]):
+        parallel = parallel if sources == "mixed" else sources == "parallel"
         table.set_slot(slot, SublayerForm(rand(width, hidden), rand(width), rand(hidden, width), rand(hidden),
-                                          0.5 + slot, act, parallel, residual))
+                                          0.5 + slot, acts[slot % len(acts)], parallel, residual))
     table.set_slot(3, None)
     rows = torch.tensor([0, 1, 2, capacity, 3, 1, 0, 2], device=dev)
     x, y = rand(len(rows), hidden), rand(len(rows), hidden)
+    calls = []
+    real = sk.sublayer_expand
+    monkeypatch.setattr(sk, "sublayer_expand", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
     got, want = static_by_row_kernels(table, x, y, rows, monkeypatch)
+    assert len(calls) == (len(acts) == 1 and acts[0] in sk.ACTIVATIONS)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for t, row in enumerate(rows.tolist()):
         if row in table.slots:
@@ -154,3 +165,32 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
                                        atol=1e-4)
         else:
             assert torch.equal(got[t], y[t])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding: the Triton interpreter truncates casts")
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "gelu_pytorch_tanh", "tanh"])
+def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
+    """In bf16 the one-launch path rounds where the gathered torch maths round (z, phi(z), the update, keep y,
+    scaling update, their sum): outputs close and nearly all equal (only the fp32 sums' order differs; a path that
+    truncated its casts, as the interpreter does, or skipped a rounding would differ in about half the values)."""
+    from peftlab.core.serving_form import SublayerForm
+    from peftlab.serve.context import StepContext
+    from peftlab.serve.sublayer import BatchedSublayer
+
+    g = torch.Generator().manual_seed(1)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    hidden, capacity = 256, 4
+    ctx = StepContext(capacity, use_triton=True)
+    table = BatchedSublayer("mlp", hidden, ctx, torch.bfloat16, torch.device("cuda"))
+    for slot in range(3):
+        table.set_slot(slot, SublayerForm(rand(16, hidden), rand(16), rand(hidden, 16), rand(hidden), 0.5 + slot, act,
+                                          slot == 1, slot != 2))
+    rows = torch.tensor([0, 1, 2, capacity, 1, 0] * 8, device="cuda")
+    x, y = (rand(len(rows), hidden).to("cuda", torch.bfloat16) for _ in range(2))
+    ctx.static_rows, ctx.static_triton = rows, False
+    want = table(x, y.clone()).float()
+    ctx.static_triton = True
+    got = table(x, y.clone()).float()
+    assert ctx.triton_error is None
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+    assert (got != want).float().mean() < 0.1

@@ -174,3 +174,30 @@ def test_route_expand_reads_the_chosen_experts_columns_only():
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got[2], y[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding: the Triton interpreter truncates casts")
+def test_route_expand_rounds_bf16_as_the_torch_maths():
+    """In bf16 the route-expand launch rounds where the gathered torch maths round (logits, rank activations, gates,
+    their product): outputs close and nearly all equal (a path that truncated its casts would differ in about half)."""
+    from peftlab.core.adapter import ServingForm
+    from peftlab.serve.context import StepContext
+    from peftlab.serve.routed import RoutedLowRank
+
+    g = torch.Generator().manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    n_in, n_out, capacity = 256, 384, 4
+    ctx = StepContext(capacity, use_triton=True)
+    table = RoutedLowRank("q", n_in, n_out, ctx, torch.bfloat16, torch.device("cuda"))
+    for slot, (e, r, k) in enumerate([(4, 8, 2), (3, 4, 1), (6, 2, 3)]):
+        table.set_slot(slot, ServingForm(down=rand(e * r, n_in) / 16, up=rand(n_out, e * r), router=rand(e, n_in) / 16,
+                                         top_k=k))
+    rows = torch.tensor([0, 1, 2, capacity, 1, 0] * 8, device="cuda")
+    x, y = (rand(len(rows), dim).to("cuda", torch.bfloat16) for dim in (n_in, n_out))
+    ctx.static_rows, ctx.static_triton = rows, False
+    want = table(x, y.clone()).float()
+    ctx.static_triton = True
+    got = table(x, y.clone()).float()
+    assert ctx.triton_error is None
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+    assert (got != want).float().mean() < 0.1

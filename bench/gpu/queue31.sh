@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Thirty-first session (2026-12-07), nothing carried, <= ~9.5 min: MoLoRA's grouped routed launches (a shrink and a
-# route-expand per group of linears that read one input, B read for the chosen experts only) on CUDA:
-#   tests: tests/test_serve_molora.py and tests/test_serve_shared.py on CUDA -> $OUT/tests.log
+# route-expand per group of linears that read one input, B read for the chosen experts only) and the bottleneck
+# table's one-launch expand on CUDA:
+#   tests: tests/test_serve_{molora,shared,bottleneck}.py on CUDA -> $OUT/tests.log
 #   serving: bench/serve.py (1 adapter of each method, both mixed batches, CUDA graphs; the MoLoRA row beside its
-#      gates in torch and beside its tables a layer at a time, FLAG_AB) -> $OUT/serve.json
+#      gates in torch and beside its tables a layer at a time, the bottleneck row beside
+#      its torch form, FLAG_AB) -> $OUT/serve.json
 #   where MoLoRA's and the bottleneck's decode steps spend their time: bench/serve_profile.py -> $OUT/serve_profile.json
 set -x
 OUT=${OUT:-/tmp/queue31}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_molora.py tests/test_serve_shared.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_molora.py tests/test_serve_shared.py tests/test_serve_bottleneck.py \
   >> "$OUT/tests.log" 2>&1
 echo "tests rc=$?" >> "$OUT/tests.log"
 tail -n 3 "$OUT/tests.log"

@@ -54,6 +54,9 @@ class StepContext:
     # that read one input grouped), else in torch between the shrink and the LoRA expand (about fifteen small kernels
     # per adapted linear, one table at a time)
     static_route_kernel: bool = True
+    # with static_triton: a bottleneck table's biases, activation, up projection and blend in one launch after the
+    # shrink (serve/sublayer_kernel.py; one activation of ACTIVATIONS in the step), else the expand and torch
+    static_sublayer_kernel: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:

@@ -84,8 +84,12 @@ class BatchedSublayer(ModuleTable):
     def _activations(self) -> tuple[str, ...]:
         return tuple(sorted({self.specs[s][2] for s in self.slots}))
 
+    def _sources(self) -> tuple[bool, ...]:
+        """The adapters' ``parallel`` settings here (each reads x if parallel, else y)."""
+        return tuple(sorted({self.specs[s][3] for s in self.slots}))
+
     def static_signature(self) -> tuple:
-        return *super().static_signature(), self._activations()
+        return *super().static_signature(), self._activations(), self._sources()
 
     # -- forward -------------------------------------------------------------------------------
     def slot_form(self, slot: int) -> SublayerForm:
@@ -115,16 +119,25 @@ class BatchedSublayer(ModuleTable):
         return (y * t["keep"] + t["scaling"] * update).view(shape)
 
     def _row_kernels(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``_static``'s maths with the down and up projections in the LoRA row kernels (each token's rows of the two
-        wide tables read in place, not gathered; the small tables gathered), rounded as ``bottleneck_mlp``'s:
-        each product with its bias in fp32, then once to the activations' dtype."""
+        """``_static``'s maths with the down projection in the LoRA row shrink (each token's rows read in place, not
+        gathered), then, when the step's adapters share one activation with a kernel form, the rest in one launch
+        (``sublayer_kernel.sublayer_expand``); else the up projection in the row expand and the rest in torch (the
+        small tables gathered). Rounded as ``bottleneck_mlp``'s: each product with its bias in fp32, then once to the
+        activations' dtype. The source is x or y itself when every adapter here reads the same one."""
         from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
+        from peftlab.serve.sublayer_kernel import ACTIVATIONS, sublayer_expand
 
         def pick(table: torch.Tensor) -> torch.Tensor:
             return table.index_select(0, rows)
 
-        source = torch.where(pick(self.parallel) != 0, x, y).contiguous()
-        z = (row_shrink(source, [self.down], rows)[0].sum(1) + pick(self.down_bias).float()).to(x.dtype)
+        sources = self._sources()
+        source = (x if sources[0] else y) if len(sources) == 1 else torch.where(pick(self.parallel) != 0, x, y)
+        names = self._activations()
+        if self.context.static_sublayer_kernel and len(names) == 1 and names[0] in ACTIVATIONS:
+            zp = row_shrink(source.contiguous(), [self.down], rows, skip_row=self.capacity)[0]
+            return sublayer_expand(zp, rows, y.contiguous(), self.down_bias, self.up, self.up_bias, self.keep,
+                                   self.scaling, names[0], skip_row=self.capacity)
+        z = (row_shrink(source.contiguous(), [self.down], rows)[0].sum(1) + pick(self.down_bias).float()).to(x.dtype)
         h = self._activation(rows)(z).float()
         update = pick(self.up_bias)  # the expand adds up @ h into it
         row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows)
