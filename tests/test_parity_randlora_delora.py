@@ -190,6 +190,34 @@ def test_randlora_checkpoint_without_its_bases_is_refused(tmp_path):
     assert not peftlab.list_adapters(model)  # left as it was
 
 
+def test_randlora_file_with_per_layer_copies_of_the_bases_loads(tmp_path):
+    """PEFT before 0.22 saved the shared bases under every layer's keys as well as at ``base_model.``: such a file
+    loads with the same logits, and one whose copy differs from the model-level bases is refused naming the key."""
+    from safetensors.torch import load_file, save_file
+
+    ours = ARCHS["llama"]()
+    peftlab.attach(ours, ours_config("randlora", "llama"))
+    randomize_adapters(ours, seed=2)
+    ours.eval()
+    peftlab.save_adapter(ours, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".randlora_lambda")})
+    copies = {f"{layer}.{leaf}": tensors[f"base_model.{leaf}"].clone() for layer in layers
+              for leaf in ("randlora_A", "randlora_B")}
+    save_file({**tensors, **copies}, path)
+    again = ARCHS["llama"]()
+    peftlab.load_adapter(again, tmp_path)
+    again.eval()
+    x = batch()
+    torch.testing.assert_close(logits(again, x), logits(ours, x))
+    bad = next(iter(copies))
+    copies[bad] = copies[bad] + 1
+    save_file({**tensors, **copies}, path)
+    with pytest.raises(peftlab.CheckpointError, match="randlora_"):
+        peftlab.load_adapter(ARCHS["llama"](), tmp_path)
+
+
 @pytest.mark.parametrize("peft_type", ["RANDLORA", "DELORA"])
 def test_cannot_adapt_an_embedding(peft_type):
     config = peftlab.lookup(peft_type).config(r=4, target_modules=["q_proj", "embed_tokens"])

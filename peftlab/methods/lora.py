@@ -33,7 +33,7 @@ _INITS = (True, False, "gaussian", "pissa", "olora", "loftq", "orthogonal", "mic
 _REWRITES_BASE = ("pissa", "olora", "loftq", "corda")  # and pissa_niter_K
 _LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig defaults
 _LOFTQ_QUANTIZE = {4: "nf4", 8: "int8"}  # the quantize type that stores LoftQ's codes for each loftq_bits
-_PEFT_NEUTRAL = {"arrow_config": None, "ensure_weight_tying": False, "kasa_config": None,
+_PEFT_NEUTRAL = {"arrow_config": None, "astra_config": None, "ensure_weight_tying": False, "kasa_config": None,
                  "lora_ga_config": None, "megatron_config": None, "monteclora_config": None, "use_bdlora": None,
                  "use_qalora": False, "velora_config": None, "megatron_core": "megatron.core", "qalora_group_size": 16}
 

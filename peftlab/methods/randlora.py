@@ -17,8 +17,9 @@ sign) over ``torch.rand``, divided by their std. Rows of S and columns of B_flat
 (``init_weights=False``: Λ ~ N(0, 1), Γ = 1 / M, as PEFT).
 
 Saved keys: ``randlora_lambda``, ``randlora_gamma`` per layer and, with ``save_projection=True``, the whole shared A
-and B both per layer (``<module>.randlora_A``, as PEFT's state dict holds them) and at ``base_model.randlora_A`` /
-``base_model.randlora_B``; with False they are regenerated from the key on load.
+and B once, at ``base_model.randlora_A`` / ``base_model.randlora_B`` (as PEFT 0.22 saves them; with False they are
+regenerated from the key on load). Files of earlier PEFT versions also hold them under every layer's keys
+(``<module>.randlora_A``): those copies are checked against the model-level ones and dropped on load (``from_file``).
 """
 from __future__ import annotations
 
@@ -144,8 +145,26 @@ class RandLoraLayer(FactorsLayer):
                                 self.randlora_gamma, self.in_features, self.out_features)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma,
-                **self.shared.state_tensors()}
+        return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma}
+
+
+def from_file(config: RandLoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors without the per-layer copies of the shared bases that PEFT before 0.22 saved beside
+    ``base_model.randlora_A`` / ``_B``; each copy must equal the model-level tensor (else the file shares the bases
+    differently, and loading would keep one of them silently)."""
+    from peftlab.core.state import SHARED_PREFIX, CheckpointError
+
+    out = {}
+    for key, value in tensors.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("randlora_A", "randlora_B") and key != SHARED_PREFIX + leaf:
+            shared = tensors.get(SHARED_PREFIX + leaf)
+            if shared is None or shared.shape != value.shape or not torch.equal(shared, value):
+                raise CheckpointError(f"checkpoint key {key!r} should be a copy of {SHARED_PREFIX + leaf!r} (the "
+                                      "adapter's shared bases), but that key is missing or holds other values")
+            continue
+        out[key] = value
+    return out
 
 
 # default_config: bases of rank 4r (PEFT's default 32 for LoRA's r=8; a layer trains about m^2 / rank scalers, so no
@@ -154,5 +173,5 @@ class RandLoraLayer(FactorsLayer):
 # alike (tiny Llama, 20 steps: loss 4.56 -> 4.28 vs 4.29), but with scaling 20 scalers perturbed by 0.2 make updates
 # two orders above the base weight, whose float32 rounding the serving / conversion checks cannot tell from errors
 register("RANDLORA", RandLoraConfig, RandLoraLayer, make_shared=RandLoraBases, lr_scale=10.0,
-         default_config=lambda target_modules, r=8: RandLoraConfig(r=4 * r, randlora_alpha=4 * r,
-                                                                 target_modules=target_modules))
+         from_file=from_file, default_config=lambda target_modules, r=8: RandLoraConfig(r=4 * r, randlora_alpha=4 * r,
+                                                                                      target_modules=target_modules))

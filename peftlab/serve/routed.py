@@ -96,7 +96,8 @@ class RoutedLowRank(ModuleTable):
         logits = torch.einsum("ti,tei->te", x, t["router"]).float()
         gates = mixture_gates(logits, t["top_k"][:, 0].long(), t["experts"][:, 0].long())
         z = torch.einsum("ti,teri->ter", x, t["down"]) * gates.unsqueeze(-1).to(x.dtype)
-        return (y + torch.einsum("ter,tner->tn", z, t["up"])).view(shape)
+        # y + up z rounded once, as the LoRA form's baddbmm and the row kernels round it
+        return torch.baddbmm(y.unsqueeze(-1), t["up"].flatten(2), z.flatten(1).unsqueeze(-1)).view(shape)
 
     def _row_kernels(self, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``out`` with the fixed-shape step's routed term added into it by the row kernels, each token's rows read in
