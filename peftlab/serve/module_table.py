@@ -57,8 +57,19 @@ class ModuleTable:
         adapter reads); ``y`` itself where no token of the step has one."""
         ctx = self.context
         if ctx.static_rows is not None:
-            return self._static(x, y, ctx.static_rows) if self.path in ctx.static_paths and self.slots else y
+            return self._static(x, y, ctx.static_rows) if self.runs_static() else y
         return y if ctx.present.isdisjoint(self.slots) else self._eager(x, y, ctx.seg)
+
+    def runs_static(self) -> bool:
+        """Whether the fixed-shape step now running (``static_rows`` set) runs this table: its path is in the step's
+        paths and it holds an adapter."""
+        return self.path in self.context.static_paths and bool(self.slots)
+
+    def row_kernels_allowed(self) -> bool:
+        """Whether the fixed-shape step may run this table's Triton row kernels (the device's ``use_triton`` and
+        ``static_triton``; a failure before turns them off, ``run_triton``)."""
+        ctx = self.context
+        return ctx.use_triton and ctx.static_triton
 
     def slot_tokens(self, seg: Segments) -> Iterator[tuple[int, torch.Tensor]]:
         """(slot, its token rows) for each slot of the step that has an adapter here (an eager step)."""
@@ -72,8 +83,7 @@ class ModuleTable:
     def _row_kernel_value(self, kernels) -> torch.Tensor | None:
         """``kernels()``'s result when the fixed-shape step's Triton row kernels may run here (the device's
         ``use_triton`` and ``static_triton``) and ran, else None: the caller runs its torch maths."""
-        ctx = self.context
-        return triton_value(ctx, kernels, ctx.use_triton and ctx.static_triton)
+        return triton_value(self.context, kernels, self.row_kernels_allowed())
 
     def _static(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -123,8 +123,8 @@ class RoutedLowRank(ModuleTable):
         """Whether this step may run this table's routed term in a launch shared with other tables (``row_terms``):
         a fixed-shape step with this table's path and slots, the row kernels and the route kernel on."""
         ctx = self.context
-        return (ctx.static_rows is not None and self.path in ctx.static_paths and bool(self.slots) and ctx.use_triton
-                and ctx.static_triton and ctx.static_route_kernel and ctx.triton_error is None)
+        return (ctx.static_rows is not None and self.runs_static() and self.row_kernels_allowed()
+                and ctx.static_route_kernel and ctx.triton_error is None)
 
 
 def row_terms(tables: list[RoutedLowRank], x: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> None:
