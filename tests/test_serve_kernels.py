@@ -211,3 +211,44 @@ def test_row_scaled_matmul_and_row_scale_match_einsum():
         row_scaled_matmul(z, w[:, :-1], rows, y0.clone())
     with pytest.raises(ValueError, match="rows"):
         row_scale(z, s_in, rows[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_token_tiles(dtype):
+    """The row kernels take a tile of 16 tokens a distinct row at a time: a tile of one row, a tile of one row and the
+    skipped row, a tile of many rows and a partial tile of the skipped row only, three grouped layers, against an
+    einsum reference that rounds the rank activations as the kernels do; a row no token reads is never read (NaN
+    there changes nothing). bf16 runs on CUDA only (the interpreter truncates fp32 -> bf16 casts)."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("bf16 rounding needs CUDA")
+    from peftlab.serve.kernels import row_lowrank_group
+
+    g = torch.Generator().manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    slots, k = 6, 300
+    skip, unread = slots, 5
+    rows = torch.tensor([2] * 16 + [1, skip] * 8 + [0, 3, 4, 1, 2, 3, 0, 0, 4, 2, 1, 3, skip, 4, 0, 1] + [skip] * 2)
+    x = torch.randn(len(rows), k, generator=g).to(dev, dtype)
+    rows = rows.to(dev)
+    layers, wants = [], []
+    for r, n, scaled in [(16, 70, False), (8, 33, True), (20, 5, False)]:
+        down = (torch.randn(slots + 1, r, k, generator=g) / k ** 0.5).to(dev, dtype)
+        up = torch.randn(slots + 1, n, r, generator=g).to(dev, dtype)
+        down[unread], up[unread] = float("nan"), float("nan")
+        y0 = torch.randn(len(rows), n, generator=g).to(dev, dtype)
+        scale = torch.randn(slots + 1, n, generator=g).to(dev, dtype) if scaled else None
+        z = torch.einsum("tri,ti->tr", down[rows].float(), x.float()).to(dtype).float()
+        base = scale[rows].float() * y0.float() if scaled else y0.float()
+        want = (base + torch.einsum("tor,tr->to", up[rows].float(), z)).to(dtype)
+        want[rows == skip] = y0[rows == skip]
+        layers.append((down, up, y0.clone(), scale))
+        wants.append(want)
+    row_lowrank_group(x, layers, rows, skip_row=skip, max_chunks=3)
+    for (_, _, got, _), want in zip(layers, wants):
+        assert torch.isfinite(got).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:  # the same roundings; only the fp32 sums' order differs
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
+            assert (got != want).float().mean() < 0.1
+        assert torch.equal(got[rows == skip], want[rows == skip])
