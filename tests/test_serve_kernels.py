@@ -230,7 +230,7 @@ def test_row_kernels_token_tiles(dtype):
     rows = torch.tensor([2] * 16 + [1, skip] * 8 + [0, 3, 4, 1, 2, 3, 0, 0, 4, 2, 1, 3, skip, 4, 0, 1] + [skip] * 2)
     x = torch.randn(len(rows), k, generator=g).to(dev, dtype)
     rows = rows.to(dev)
-    layers, wants = [], []
+    layers, wants, ys = [], [], []
     for r, n, scaled in [(16, 70, False), (8, 33, True), (20, 5, False)]:
         down = (torch.randn(slots + 1, r, k, generator=g) / k ** 0.5).to(dev, dtype)
         up = torch.randn(slots + 1, n, r, generator=g).to(dev, dtype)
@@ -243,6 +243,7 @@ def test_row_kernels_token_tiles(dtype):
         want[rows == skip] = y0[rows == skip]
         layers.append((down, up, y0.clone(), scale))
         wants.append(want)
+        ys.append(y0)
     row_lowrank_group(x, layers, rows, skip_row=skip, max_chunks=3)
     for (_, _, got, _), want in zip(layers, wants):
         assert torch.isfinite(got).all()
@@ -252,3 +253,12 @@ def test_row_kernels_token_tiles(dtype):
             torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
             assert (got != want).float().mean() < 0.1
         assert torch.equal(got[rows == skip], want[rows == skip])
+    # one tenant's broken factors (NaN in row 3's up, inf in row 1's down) reach no other token
+    before = [got.clone() for _, _, got, _ in layers]
+    layers[0][1][3, 0, 0], layers[1][0][1, 0, 0] = float("nan"), float("inf")
+    poisoned = [(down, up, y0.clone(), scale) for (down, up, _, scale), y0 in zip(layers, ys)]
+    row_lowrank_group(x, poisoned, rows, skip_row=skip, max_chunks=3)
+    for j, (_, _, got, _) in enumerate(poisoned):
+        bad = rows == (3, 1, -1)[j]
+        assert torch.equal(got[~bad], before[j][~bad])
+        assert not torch.isfinite(got[bad]).all() or not bad.any()

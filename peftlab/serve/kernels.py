@@ -210,7 +210,8 @@ def _row_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, T, Ns, Rs
                     mine = todo & (rows == row)
                     b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[None, :] * stride_bn[i] + rs[:, None],
                                 mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-                    acc += _dot(tl.where(mine[:, None], z, 0.0), b, F32)
+                    # added to this row's tokens only: NaN or inf in one adapter's B reaches no other tenant
+                    acc += tl.where(mine[:, None], _dot(z, b, F32), 0.0)
                     todo = todo & (rows != row)
                     row = _next_row(todo, rows)
                 mask = live[:, None] & n_ok[None, :]
