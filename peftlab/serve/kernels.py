@@ -3,7 +3,8 @@
 Decode steps (a few tokens per slot) use ``fused_lowrank``: shrink and expand in one launch. Prefill
 steps (many tokens per slot) use ``grouped_matmul`` twice, so the rank activations are computed once.
 The fixed-shape (graph-replayed) decode step uses ``row_lowrank``: every token's slot read on the device, a
-shrink kernel and an expand kernel that each read the token's factors once, in place (no gathered copy).
+shrink kernel and an expand kernel that read the factors in place (no gathered copy), once per distinct row of a
+tile of 16 tokens.
 
 One kernel serves both directions: ``out[t, n] (+)= sum_k inp[t, k] * w[slot(t), n, k]`` with the tokens of
 each slot gathered through the segment order, so each program multiplies a tile of one slot's tokens
