@@ -189,3 +189,31 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
     rows = torch.tensor([0, 1, 2, capacity, 1, 0] * 8, device="cuda")
     x, y = (rand(len(rows), hidden).to("cuda", torch.bfloat16) for _ in range(2))
     check_bf16_rounding(table, x, y, rows)
+
+
+def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows():
+    """``sublayer_expand`` over two tiles of tokens (16 a tile, each row's up read once for its tokens): against an
+    einsum reference; the skipped row's partial sums (never written by the shrink: NaN here) are not read, its tokens
+    get ``keep y + scaling (up phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that
+    slot's tokens."""
+    import torch.nn.functional as F
+
+    from peftlab.serve.sublayer_kernel import sublayer_expand
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    g = torch.Generator().manual_seed(9)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
+    hidden, width, chunks, skip = 40, 6, 3, 4
+    rows = torch.tensor([0] * 9 + [skip, 2, 1, 0, 2, skip, 1, 3, 3, 0, 1], device=dev)
+    zp = rand(len(rows), chunks, width + 2)
+    zp[rows == skip] = float("nan")
+    y, down_bias, up, up_bias = rand(len(rows), hidden), rand(skip + 1, width), rand(skip + 1, hidden, width), \
+        rand(skip + 1, hidden)
+    keep, scaling = rand(skip + 1, 1), rand(skip + 1, 1)
+    z = torch.where((rows == skip)[:, None], 0.0, zp.sum(1)[:, :width]) + down_bias[rows]
+    want = keep[rows] * y + scaling[rows] * (torch.einsum("thw,tw->th", up[rows], F.silu(z)) + up_bias[rows])
+    got = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    up[2, 0, 0] = float("nan")
+    poisoned = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip)
+    assert torch.equal(poisoned[rows != 2], got[rows != 2]) and not torch.isfinite(poisoned[rows == 2]).all()
