@@ -192,8 +192,7 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
 
 
 def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows():
-    """``sublayer_expand`` over two tiles of tokens (16 a tile, each row's up read once for its tokens): against an
-    einsum reference; the skipped row's partial sums (never written by the shrink: NaN here) are not read, its tokens
+    """``sublayer_expand`` over 20 tokens (a run of one row, then mixed rows): against an einsum reference; the skipped row's partial sums (never written by the shrink: NaN here) are not read, its tokens
     get ``keep y + scaling (up phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that
     slot's tokens."""
     import torch.nn.functional as F

@@ -215,10 +215,11 @@ def test_row_scaled_matmul_and_row_scale_match_einsum():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_kernels_token_tiles(dtype):
-    """The row kernels take a tile of 16 tokens a distinct row at a time: a tile of one row, a tile of one row and the
-    skipped row, a tile of many rows and a partial tile of the skipped row only, three grouped layers, against an
-    einsum reference that rounds the rank activations as the kernels do; a row no token reads is never read (NaN
-    there changes nothing). bf16 runs on CUDA only (the interpreter truncates fp32 -> bf16 casts)."""
+    """The grouped row kernels over 50 tokens: a run of 16 of one row, one row alternating with the skipped row, many
+    rows, the skipped row only at the end; three layers against an einsum reference that rounds the rank activations
+    as the kernels do; a row no token reads is never read (NaN there changes nothing), and one tenant's broken factors
+    reach no other token (a form that shares reads between tokens of a tile must keep this). bf16 runs on CUDA only
+    (the interpreter truncates fp32 -> bf16 casts)."""
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip("bf16 rounding needs CUDA")
     from peftlab.serve.kernels import row_lowrank_group

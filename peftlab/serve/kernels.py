@@ -3,8 +3,7 @@
 Decode steps (a few tokens per slot) use ``fused_lowrank``: shrink and expand in one launch. Prefill
 steps (many tokens per slot) use ``grouped_matmul`` twice, so the rank activations are computed once.
 The fixed-shape (graph-replayed) decode step uses ``row_lowrank``: every token's slot read on the device, a
-shrink kernel and an expand kernel that read the factors in place (no gathered copy), once per distinct row of a
-tile of 16 tokens.
+shrink kernel and an expand kernel that each read the token's factors once, in place (no gathered copy).
 
 One kernel serves both directions: ``out[t, n] (+)= sum_k inp[t, k] * w[slot(t), n, k]`` with the tokens of
 each slot gathered through the segment order, so each program multiplies a tile of one slot's tokens
@@ -136,92 +135,60 @@ def grouped_matmul(inp: torch.Tensor, w: torch.Tensor, out: torch.Tensor, seg: S
 
 
 @triton.jit
-def _next_row(todo, rows):
-    """The smallest row among the tile's tokens still to do (a huge value when none is left)."""
-    return tl.min(tl.where(todo, rows, 2**62), axis=0)
-
-
-@triton.jit
-def _row_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, T, K, Rs, chunk, skip_row, stride_xt, stride_as, stride_ar,
-                       stride_zg, stride_zt, stride_zs, G: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c] for a tile of BLOCK_T tokens, one chunk of K and one of
-    the G tables (layers that read the same input: q / k / v) per program, every rank (the chunks' partial sums are
-    added by the expand kernel), nothing for ``skip_row``. The tile's tokens are taken a distinct row at a time: one
-    read of that row's A for all of its tokens (``tl.dot``), so a tile of one adapter's tokens reads A once where the
-    thirty-first session's one-token programs read it once a token (MoLoRA's shrink: 1.23 ms of a 5.0 ms decode step,
-    bench/results/serve/profile_steps_1b_h100_2026-12-07e.log)."""
-    tile, c, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ts = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
-    live = (ts < T) & (rows != skip_row)
-    rs = tl.arange(0, BLOCK_R)
-    for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
-        if g == i:
-            r_ok = rs < Rs[i]
-            todo = live
-            row = _next_row(todo, rows)
-            while row < 2**62:
-                mine = todo & (rows == row)
-                acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+def _row_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, K, Rs, chunk, skip_row, stride_xt, stride_as, stride_ar,
+                       stride_zg, stride_zt, stride_zs, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c]: one token, one chunk of K and one of the G tables (layers
+    that read the same input: q / k / v) per program, every rank (the chunks' partial sums are added by the expand
+    kernel), nothing for ``skip_row``. Split over K, so that no program walks all of K alone: the
+    one-program-per-4-ranks form took ~6 us a launch on the H200, the largest adapter cost of a decode step
+    (bench/results/serve/profile_1b_h200_2026-12-03a.json), ~3.7 us split (profile_1b_h200.json)."""
+    t, c, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    if row != skip_row:
+        for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
+            if g == i:
+                rs = tl.arange(0, BLOCK_R)
+                r_ok = rs < Rs[i]
+                acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
                 for k0 in range(0, chunk, BLOCK_K):  # chunk: a multiple of BLOCK_K
                     ks = c * chunk + k0 + tl.arange(0, BLOCK_K)
                     k_ok = ks < K
-                    x = tl.load(x_ptr + ts[:, None] * stride_xt + ks[None, :], mask=mine[:, None] & k_ok[None, :],
-                                other=0.0)
-                    a = tl.load(a_ptrs[i] + row * stride_as[i] + rs[None, :] * stride_ar[i] + ks[:, None],
-                                mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-                    acc += _dot(x.to(tl.float32) if F32 else x, a, F32)
-                tl.store(zp_ptr + g * stride_zg + ts[:, None] * stride_zt + c * stride_zs + rs[None, :], acc,
-                         mask=mine[:, None] & r_ok[None, :])
-                todo = todo & (rows != row)
-                row = _next_row(todo, rows)
+                    x = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
+                    a = tl.load(a_ptrs[i] + row * stride_as[i] + rs[:, None] * stride_ar[i] + ks[None, :],
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                    acc += tl.sum(a * x[None, :], axis=1)
+                tl.store(zp_ptr + g * stride_zg + t * stride_zt + c * stride_zs + rs, acc, mask=r_ok)
 
 
 @triton.jit
-def _row_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, T, Ns, Rs, C, skip_row, stride_zg, stride_zt,
+def _row_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, Ns, Rs, C, skip_row, stride_zg, stride_zt,
                        stride_zs, stride_bs, stride_bn, stride_ot, stride_scale, G: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out_g[t, ns] = (scale_g[row(t), ns] ⊙) out_g[t, ns] + B_g[row(t), ns] @ z_g[t] for a tile of BLOCK_T tokens,
-    BLOCK_N outputs and one of the G tables per program, z_g[t] = the sum of the shrink's C partial sums rounded to
-    the output's dtype (as the torch form stores the rank activations), B read once per distinct row of the tile;
-    nothing for ``skip_row``, whose scales are ones."""
-    tile, g = tl.program_id(0), tl.program_id(2)
-    ts = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
-    live = (ts < T) & (rows != skip_row)
-    rs, cs = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    for i in tl.static_range(G):
-        if g == i:
-            if tl.program_id(1) * BLOCK_N < Ns[i]:  # the grid spans the widest table
+                       HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out_g[t, ns] = (scale_g[row(t), ns] ⊙) out_g[t, ns] + B_g[row(t), ns] @ z_g[t] for one token, BLOCK_N outputs
+    and one of the G tables per program, z_g[t] = the sum of the shrink's C partial sums rounded to the output's dtype
+    (as the torch form stores the rank activations); nothing for ``skip_row``, whose scales are ones."""
+    t, g = tl.program_id(0), tl.program_id(2)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    if row != skip_row:
+        for i in tl.static_range(G):
+            if g == i:
                 out_ptr = out_ptrs[i]
-                n_ok, r_ok = ns < Ns[i], rs < Rs[i]
-                zp = tl.load(zp_ptr + g * stride_zg + ts[:, None, None] * stride_zt + cs[None, :, None] * stride_zs
-                             + rs[None, None, :], mask=live[:, None, None] & (cs < C)[None, :, None]
-                             & r_ok[None, None, :], other=0.0)
-                z = tl.sum(zp, axis=1).to(out_ptr.dtype.element_ty)
-                if F32:
-                    z = z.to(tl.float32)
-                acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-                todo = live
-                row = _next_row(todo, rows)
-                while row < 2**62:
-                    mine = todo & (rows == row)
-                    b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[None, :] * stride_bn[i] + rs[:, None],
-                                mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-                    # added to this row's tokens only: NaN or inf in one adapter's B reaches no other tenant
-                    acc += tl.where(mine[:, None], _dot(z, b, F32), 0.0)
-                    todo = todo & (rows != row)
-                    row = _next_row(todo, rows)
-                mask = live[:, None] & n_ok[None, :]
-                ptrs = out_ptr + ts[:, None] * stride_ot[i] + ns[None, :]
-                y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = ns < Ns[i]
+                rs = tl.arange(0, BLOCK_R)
+                r_ok = rs < Rs[i]
+                cs = tl.arange(0, BLOCK_C)
+                zp = tl.load(zp_ptr + g * stride_zg + t * stride_zt + cs[:, None] * stride_zs + rs[None, :],
+                             mask=(cs < C)[:, None] & r_ok[None, :], other=0.0)
+                z = tl.sum(zp, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+                b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[:, None] * stride_bn[i] + rs[None, :],
+                            mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                ptrs = out_ptr + t * stride_ot[i] + ns
+                y = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
                 if HAS_SCALE[i]:
-                    y *= tl.load(scale_ptrs[i] + rows[:, None] * stride_scale[i] + ns[None, :], mask=mask,
-                                 other=0.0).to(tl.float32)
-                tl.store(ptrs, (y + acc).to(out_ptr.dtype.element_ty), mask=mask)
+                    y *= tl.load(scale_ptrs[i] + row * stride_scale[i] + ns, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(ptrs, (y + tl.sum(b * z[None, :], axis=1)).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
@@ -264,33 +231,27 @@ def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, 
 
 
 def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
-               max_chunks: int = 16, block_t: int = 16) -> torch.Tensor:
+               max_chunks: int = 16) -> torch.Tensor:
     """The rank activations' partial sums ``zp`` (G, T, C, R) fp32 of up to MAX_GROUP tables ``downs`` (S+1, R_g, K)
     read by each token's row (row-major last dimension): ``zp[g, t].sum(0)[:R_g] = downs[g][rows[t]] @ x[t]``,
     K split into C chunks; nothing is written for tokens of ``skip_row`` (their values are undefined)."""
     t, k = x.shape
     ranks = tuple(d.shape[1] for d in downs)
-    block_r = max(16, triton.next_power_of_2(max(ranks)))  # tl.dot's smallest tile
-    block_k = max(32, min(128, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
+    block_r = triton.next_power_of_2(max(ranks))
+    block_k = max(32, min(256, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
     chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
     chunks, g = triton.cdiv(k, chunk), len(downs)
     zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
     if t:
-        _row_shrink_kernel[(triton.cdiv(t, block_t), chunks, g)](
-            x, tuple(downs), rows, zp, t, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
-            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g,
-            F32=_needs_f32(x, downs), BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k)
+        _row_shrink_kernel[(t, chunks, g)](
+            x, tuple(downs), rows, zp, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
+            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, BLOCK_R=block_r,
+            BLOCK_K=block_k)
     return zp
 
 
-def _needs_f32(act: torch.Tensor, tables) -> bool:
-    """Products in fp32 (IEEE) when the activations are fp32 or a table's dtype differs from theirs; else tl.dot in
-    the activations' 16-bit dtype, whose products are exact in its fp32 accumulator."""
-    return act.dtype == torch.float32 or any(w.dtype != act.dtype for w in tables)
-
-
 def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
-               block_n: int = 128, block_t: int = 16) -> None:
+               block_n: int = 128) -> None:
     """``out_g[t] = (scale_g[rows[t]] ⊙) out_g[t] + up_g[rows[t]] @ z_g[t]`` for each ``layers[g]`` = (up (S+1, N_g,
     R_g), out (T, N_g), scale (S+1, N_g) or None), z_g[t] = ``zp[g, t]`` (C, R) summed over C and rounded to the
     output's dtype; tokens of ``skip_row`` untouched."""
@@ -299,12 +260,11 @@ def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_r
     t, chunks = zp.shape[1], zp.shape[2]
     if t == 0:
         return
-    _row_expand_kernel[(triton.cdiv(t, block_t), triton.cdiv(max(widths), block_n), len(layers))](
-        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), t, widths, ranks, chunks, skip_row,
+    _row_expand_kernel[(t, triton.cdiv(max(widths), block_n), len(layers))](
+        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), widths, ranks, chunks, skip_row,
         zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
         tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
-        HAS_SCALE=tuple(s is not None for s in scales), F32=any(_needs_f32(o, [u]) for o, u in zip(outs, ups)),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
+        HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(max(ranks)),
         BLOCK_C=triton.next_power_of_2(chunks))
 
 

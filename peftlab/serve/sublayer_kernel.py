@@ -1,7 +1,7 @@
 """The second half of a sub-layer (bottleneck) table's fixed-shape step in one Triton launch: after the row kernels'
-shrink of the down projection (``kernels.row_shrink``), each program takes a tile of 16 tokens and one of the hidden
-size, sums the shrink's partial sums with the down bias, applies the activation, multiplies by the up projection's
-rows (read in place, once per distinct row of the tile), adds the up bias and blends with the sub-layer's output:
+shrink of the down projection (``kernels.row_shrink``), each program takes one token and a tile of the hidden size,
+sums the shrink's partial sums with the down bias, applies the activation, multiplies by the up projection's rows
+(read in place), adds the up bias and blends with the sub-layer's output:
 
     out[t] = keep[s] y[t] + scaling[s] (up[s] phi(z[t] + down_bias[s]) + up_bias[s])       (s: token t's row)
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from peftlab.serve.kernels import _dot, _next_row
 
 # transformers' ACT2FN names whose function is one torch op (computed in fp32 and rounded once, as here)
 ACTIVATIONS = {"relu": 0, "silu": 1, "swish": 1, "gelu": 2, "gelu_pytorch_tanh": 3, "tanh": 4}
@@ -39,46 +37,30 @@ def _phi(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _sublayer_expand_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub_ptr, keep_ptr, scaling_ptr, T, H, W, C,
+def _sublayer_expand_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub_ptr, keep_ptr, scaling_ptr, H, W, C,
                             skip_row, stride_zt, stride_zc, stride_yt, stride_ot, stride_db, stride_us, stride_un,
-                            stride_ub, stride_keep, stride_scaling, ACT: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
-    """A tile of BLOCK_T tokens and BLOCK_N outputs per program; the up projection of each distinct row of the tile
-    read once for all of its tokens (``tl.dot``), its result kept for that row's tokens only."""
+                            stride_ub, stride_keep, stride_scaling, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0)
     dt = out_ptr.dtype.element_ty
-    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = ts < T
-    rows = tl.load(rows_ptr + ts, mask=t_ok, other=skip_row).to(tl.int64)
+    row = tl.load(rows_ptr + t).to(tl.int64)
     ws, cs = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_C)
     w_ok = ws < W
-    shrunk = t_ok & (rows != skip_row)  # the shrink wrote nothing for skip_row's tokens: z = 0 there
-    zp = tl.load(zp_ptr + ts[:, None, None] * stride_zt + cs[None, :, None] * stride_zc + ws[None, None, :],
-                 mask=shrunk[:, None, None] & (cs < C)[None, :, None] & w_ok[None, None, :], other=0.0)
-    tw = t_ok[:, None] & w_ok[None, :]
-    z = tl.sum(zp, axis=1) + tl.load(db_ptr + rows[:, None] * stride_db + ws[None, :], mask=tw, other=0.0).to(tl.float32)
-    h = _phi(z.to(dt).to(tl.float32), ACT).to(dt)
-    if IEEE:
-        h = h.to(tl.float32)
+    chunks = C * (row != skip_row).to(tl.int32)  # the shrink wrote nothing for skip_row's tokens: z = 0 there
+    zp = tl.load(zp_ptr + t * stride_zt + cs[:, None] * stride_zc + ws[None, :],
+                 mask=(cs < chunks)[:, None] & w_ok[None, :], other=0.0)
+    z = tl.sum(zp, axis=0) + tl.load(db_ptr + row * stride_db + ws, mask=w_ok, other=0.0).to(tl.float32)
+    h = _phi(z.to(dt).to(tl.float32), ACT).to(dt).to(tl.float32)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < H
-    mask = t_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptr + ts[:, None] * stride_yt + ns[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    todo = t_ok
-    row = _next_row(todo, rows)
-    while row < 2**62:
-        mine = todo & (rows == row)
-        up = tl.load(up_ptr + row * stride_us + ns[None, :] * stride_un + ws[:, None], mask=n_ok[None, :] & w_ok[:, None],
-                     other=0.0)
-        update = _dot(h, up, IEEE) + tl.load(ub_ptr + row * stride_ub + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        keep = tl.load(keep_ptr + row * stride_keep).to(tl.float32)
-        scaling = tl.load(scaling_ptr + row * stride_scaling).to(tl.float32)
-        blend = (y * keep).to(dt).to(tl.float32) + (scaling * update.to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        out = tl.where(mine[:, None], blend, out)
-        todo = todo & (rows != row)
-        row = _next_row(todo, rows)
-    tl.store(out_ptr + ts[:, None] * stride_ot + ns[None, :], out.to(dt), mask=mask)
+    up = tl.load(up_ptr + row * stride_us + ns[:, None] * stride_un + ws[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                 other=0.0).to(tl.float32)
+    update = tl.sum(up * h[None, :], axis=1) + tl.load(ub_ptr + row * stride_ub + ns, mask=n_ok, other=0.0).to(tl.float32)
+    keep = tl.load(keep_ptr + row * stride_keep).to(tl.float32)
+    scaling = tl.load(scaling_ptr + row * stride_scaling).to(tl.float32)
+    y = tl.load(y_ptr + t * stride_yt + ns, mask=n_ok, other=0.0).to(tl.float32)
+    out = (y * keep).to(dt).to(tl.float32) + (scaling * update.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + ns, out.to(dt), mask=n_ok)
 
 
 def sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
@@ -99,12 +81,11 @@ def sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, down_
                          f"{tuple(rows.shape)} do not fit (row-major last dimensions)")
     out = torch.empty_like(y)
     if t:
-        block_w = max(16, triton.next_power_of_2(w))  # tl.dot's inner dimension >= 16
-        block_t, block_n = 16, max(16, min(128, 8192 // block_w))  # a (W, BLOCK_N) tile of up per row
-        _sublayer_expand_kernel[(triton.cdiv(t, block_t), triton.cdiv(h, block_n))](
-            zp, rows, y, out, down_bias, up, up_bias, keep, scaling, t, h, w, zp.shape[1], skip_row, zp.stride(0),
+        block_w = triton.next_power_of_2(w)
+        block_n = max(16, min(128, 8192 // block_w))  # a (BLOCK_N, W) tile of up per program
+        _sublayer_expand_kernel[(t, triton.cdiv(h, block_n))](
+            zp, rows, y, out, down_bias, up, up_bias, keep, scaling, h, w, zp.shape[1], skip_row, zp.stride(0),
             zp.stride(1), y.stride(0), out.stride(0), down_bias.stride(0), up.stride(0), up.stride(1),
-            up_bias.stride(0), keep.stride(0), scaling.stride(0), ACT=ACTIVATIONS[activation],
-            IEEE=y.dtype == torch.float32 or up.dtype != y.dtype, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_W=block_w,
-            BLOCK_C=triton.next_power_of_2(zp.shape[1]))
+            up_bias.stride(0), keep.stride(0), scaling.stride(0), ACT=ACTIVATIONS[activation], BLOCK_N=block_n,
+            BLOCK_W=block_w, BLOCK_C=triton.next_power_of_2(zp.shape[1]))
     return out
