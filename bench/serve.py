@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# graph rows run again, right after them, with each of these StepContext flags off (row, flag, what the row says)
-FLAG_AB = [("100 adapters", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
+# graph rows run again, right after them, with each of these StepContext flags flipped (row, flag, what the row says)
+LANES = "row shrink by lanes of token tiles, requests by slot"  # StepContext.static_row_lanes (off by default)
+FLAG_AB = [*((row, "static_row_lanes", LANES) for row in ("1 adapter, uniform", "100 adapters", "mixed methods:",
+                                                           "1 adapter, molora", "mixed methods II")),
+("100 adapters", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
            ("mixed methods:", "static_row_scales", "IA3 input scale and VeRA in torch"),
            ("mixed methods:", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),
            ("mixed methods:", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
@@ -168,12 +171,13 @@ def graph_scenarios(engine, args, vocab: int, n: int, scenario, doc: dict[str, A
         for row, flag, change in FLAG_AB if triton_ab and engine.context.static_triton else ():
             if not label.startswith(row):
                 continue
-            # the same row, right after it, with one of the step's kernel choices off: what it changes, side by side
-            setattr(engine.context, flag, False)
+            # the same row, right after it, with one of the step's kernel choices flipped: what it changes, side by side
+            default = getattr(engine.context, flag)
+            setattr(engine.context, flag, not default)
             engine.graphs.invalidate()
             workload(engine, names[:args.batch], args, vocab, seed=96)
             scenario(f"{label}, CUDA graphs, {change}", names, adapters=count, popularity="uniform", graphs=True)
-            setattr(engine.context, flag, True)
+            setattr(engine.context, flag, default)
             engine.graphs.invalidate()
     doc["graphs"] = {"captures": engine.graphs.captures, "graph_steps": engine.graphs.steps_run,
                      "shapes": sorted([b, w, sorted(p)] for b, w, p in engine.graphs.steps),

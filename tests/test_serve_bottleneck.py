@@ -125,15 +125,17 @@ def test_bottleneck_outside_the_sub_layers_is_refused(root, tmp_path):
     assert not hasattr(engine.model, "peftlab_hooked")  # the served model is left as it was
 
 
-@pytest.mark.parametrize("acts,sources", [(("relu", "gelu"), "mixed"), (("relu",), "mixed"), (("silu",), "serial"),
-                                          (("gelu",), "parallel"), (("gelu_pytorch_tanh",), "mixed"),
-                                          (("tanh",), "serial"), (("sigmoid",), "mixed")])
-def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, acts, sources):
+@pytest.mark.parametrize("acts,sources,lanes", [(("relu", "gelu"), "mixed", False), (("relu",), "mixed", False),
+                                                (("silu",), "serial", False), (("gelu",), "parallel", False),
+                                                (("gelu_pytorch_tanh",), "mixed", False), (("tanh",), "serial", False),
+                                                (("sigmoid",), "mixed", False), (("relu", "gelu"), "mixed", True),
+                                                (("silu",), "mixed", True)])
+def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, acts, sources, lanes):
     """The fixed-shape step's sub-layer table through the LoRA row kernels (Triton; the interpreter on the CPU) equals
     the gathered torch maths and each token's own slot form: widths 3-8 padded in one table, serial, parallel and
     no-residual forms (or all reading one source), a cleared slot and the identity row left exactly as they were.
     One activation with a kernel form runs the rest of the step in one launch (``sublayer_expand``); two, or one
-    without (sigmoid: phi(0) = 0.5 on padded units), run it in torch."""
+    without (sigmoid: phi(0) = 0.5 on padded units), run it in torch; ``lanes``: the shrink by lanes of token tiles."""
     import peftlab.serve.sublayer_kernel as sk
     from peftlab.core.serving_form import SublayerForm
     from peftlab.serve.context import StepContext
@@ -144,7 +146,8 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
     g = torch.Generator().manual_seed(5)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     hidden, capacity = 36, 5
-    table = BatchedSublayer("mlp", hidden, StepContext(capacity, use_triton=True), torch.float32, torch.device(dev))
+    table = BatchedSublayer("mlp", hidden, StepContext(capacity, use_triton=True, static_row_lanes=lanes), torch.float32,
+                            torch.device(dev))
     for slot, (width, parallel, residual) in enumerate([(4, False, True), (8, True, True), (3, False, False),
                                                         (5, False, True)]):
         parallel = parallel if sources == "mixed" else sources == "parallel"

@@ -18,18 +18,27 @@ from serve_engine_setup import (  # noqa: E402,F401  (adapter_dirs: the module's
     ADAPTERS, DEVICES, EOS, MAX_NEW, _alone, _engine, _prompt, adapter_dirs)
 
 
-@pytest.mark.parametrize("graphs", [False, True, "triton"], ids=["eager", "graphs", "graphs_triton_rows"])
+@pytest.mark.parametrize("graphs", [False, True, "triton", "lanes"],
+                         ids=["eager", "graphs", "graphs_triton_rows", "graphs_triton_lanes"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, graphs):
+def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, graphs, monkeypatch):
     """fp32 on either device (on CUDA the LoRA product runs in the Triton kernel, IEEE fp32). ``graphs``: decode
     steps at fixed, padded shapes with each token's adapter gathered by its row (serve/graphs.py), captured and
     replayed as CUDA graphs on CUDA, run eagerly on the CPU; batches shrink as requests stop, so padding is used.
-    ``triton``: the same with the fixed-shape step's LoRA in the Triton row kernels (interpreted on the CPU)."""
-    if graphs == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    ``triton``: the same with the fixed-shape step's LoRA in the Triton row kernels (interpreted on the CPU);
+    ``lanes``: with the row shrink by lanes of token tiles and the steps' requests ordered by slot."""
+    triton = graphs in ("triton", "lanes")
+    if triton and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
-    engine = _engine(adapter_dirs, device, cuda_graphs=bool(graphs), **({"use_triton": True} if graphs == "triton"
-                                                                        else {}))
-    engine.context.static_triton = graphs == "triton"
+    engine = _engine(adapter_dirs, device, cuda_graphs=bool(graphs), **({"use_triton": True} if triton else {}))
+    engine.context.static_triton = triton
+    engine.context.static_row_lanes = graphs == "lanes"
+    lane_calls = []
+    if graphs == "lanes":
+        import peftlab.serve.lane_kernels as lk
+
+        real = lk.lane_shrink
+        monkeypatch.setattr(lk, "lane_shrink", lambda *a, **kw: lane_calls.append(1) or real(*a, **kw))
     names = [None, *ADAPTERS]
     jobs = [(names[i % len(names)], _prompt(i)) for i in range(14)]
     refs = [_alone(adapter_dirs / n if n else None, p, device) for n, p in jobs]
@@ -43,6 +52,7 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     for (name, _), ref, out, req in zip(jobs, refs, got, first + late):
         assert req.error is None, req.error
         assert out == ref, f"adapter {name}: batched {out} != alone {ref}"
+    assert bool(lane_calls) == (graphs == "lanes") and engine.context.triton_error is None
     loha = engine.store.describe("loha")
     assert loha["converted_to_lora"] and loha["max_conversion_error"] < 1e-5  # rank 8 >= LoHa's r^2 = 4: exact
     assert engine.store.describe("dora")["converted_to_lora"] is False

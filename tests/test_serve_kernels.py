@@ -180,7 +180,7 @@ def test_fixed_shape_step_triton_lowrank_matches_torch(monkeypatch, bias, fold_r
         assert any(cat_products) == (use_triton and in_base and row_scales and not bias and fold_rank == 0
                                      and pairs == 1)
         assert ctx.triton_error is None
-    assert calls == [["out_scale", "skip_row"]]  # the Triton side ran the kernels (not torch after a failure)
+    assert calls == [["lanes", "out_scale", "skip_row"]]  # the Triton side ran the kernels (not torch after a failure)
     assert len(vera_calls) == (fold_rank == 0 and pairs == 1 and row_scales)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
@@ -213,13 +213,15 @@ def test_row_scaled_matmul_and_row_scale_match_einsum():
         row_scale(z, s_in, rows[:-1])
 
 
+@pytest.mark.parametrize("lanes", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_kernels_token_tiles(dtype):
+def test_row_kernels_token_tiles(dtype, lanes):
     """The grouped row kernels over 50 tokens: a run of 16 of one row, one row alternating with the skipped row, many
     rows, the skipped row only at the end; three layers against an einsum reference that rounds the rank activations
     as the kernels do; a row no token reads is never read (NaN there changes nothing), and one tenant's broken factors
-    reach no other token (a form that shares reads between tokens of a tile must keep this). bf16 runs on CUDA only
-    (the interpreter truncates fp32 -> bf16 casts)."""
+    reach no other token; the one-token shrink and the lanes of token tiles (``lanes``: a tile's tokens of one row
+    share their reads, lane j the tile's j-th distinct row). bf16 runs on CUDA only (the interpreter truncates fp32
+    -> bf16 casts)."""
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip("bf16 rounding needs CUDA")
     from peftlab.serve.kernels import row_lowrank_group
@@ -245,7 +247,7 @@ def test_row_kernels_token_tiles(dtype):
         layers.append((down, up, y0.clone(), scale))
         wants.append(want)
         ys.append(y0)
-    row_lowrank_group(x, layers, rows, skip_row=skip, max_chunks=3)
+    row_lowrank_group(x, layers, rows, skip_row=skip, max_chunks=3, lanes=lanes)
     for (_, _, got, _), want in zip(layers, wants):
         assert torch.isfinite(got).all()
         if dtype == torch.float32:
@@ -258,8 +260,21 @@ def test_row_kernels_token_tiles(dtype):
     before = [got.clone() for _, _, got, _ in layers]
     layers[0][1][3, 0, 0], layers[1][0][1, 0, 0] = float("nan"), float("inf")
     poisoned = [(down, up, y0.clone(), scale) for (down, up, _, scale), y0 in zip(layers, ys)]
-    row_lowrank_group(x, poisoned, rows, skip_row=skip, max_chunks=3)
+    row_lowrank_group(x, poisoned, rows, skip_row=skip, max_chunks=3, lanes=lanes)
     for j, (_, _, got, _) in enumerate(poisoned):
         bad = rows == (3, 1, -1)[j]
         assert torch.equal(got[~bad], before[j][~bad])
         assert not torch.isfinite(got[bad]).all() or not bad.any()
+
+
+def test_lane_rows_are_each_distinct_row_once_in_order():
+    """Lane j of a token tile takes the tile's j-th distinct live row in order of first appearance and lanes past the
+    count get -1, so every row is read once (a lane per token would read a row once per token: right answers, the
+    one-token cost)."""
+    from peftlab.serve.lane_kernels import BLOCK_T, lane_rows
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = torch.tensor([7, 3, 7, 9, 3, 3, 0, 9, 7, 5, 5, 0, 2, 7, 3, 9], device=dev)
+    live = torch.ones(BLOCK_T, dtype=torch.int32, device=dev)
+    live[[3, 7, 15, 12]] = 0  # row 9's tokens and row 2's: not live (the skipped row, or past the batch)
+    assert lane_rows(rows, live).tolist() == [7, 3, 0, 5] + [-1] * (BLOCK_T - 4)

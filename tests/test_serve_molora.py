@@ -108,12 +108,14 @@ def test_eviction_between_mixtures_and_lora_keeps_answers(root):
     check_eviction(engine, root, names)
 
 
-@pytest.mark.parametrize("route_kernel", [True, False], ids=["gates_in_triton", "gates_in_torch"])
-def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, route_kernel):
+@pytest.mark.parametrize("route_kernel,lanes", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["gates_in_triton", "gates_in_torch", "gates_in_triton_lanes", "gates_in_torch_lanes"])
+def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(monkeypatch, route_kernel, lanes):
     """The fixed-shape step's routed term through the LoRA row kernels (Triton; the interpreter on the CPU), its gates
     in the route kernel or in torch, equals the gathered torch maths and each token's own slot form: mixtures of
     other expert counts, ranks and top-k padded in one table, a router of all ties (a stable sort's choice: the first
-    experts), a cleared slot and the identity row left exactly as they were; the kernel path gathers nothing."""
+    experts), a cleared slot and the identity row left exactly as they were; the kernel path gathers nothing; with
+    ``lanes`` the shrink by lanes of token tiles (``StepContext.static_row_lanes``)."""
     from peftlab.core.adapter import ServingForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.routed import RoutedLowRank
@@ -123,7 +125,7 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
     g = torch.Generator().manual_seed(4)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     n_in, n_out, capacity = 40, 70, 5
-    ctx = StepContext(capacity, use_triton=True, static_route_kernel=route_kernel)
+    ctx = StepContext(capacity, use_triton=True, static_route_kernel=route_kernel, static_row_lanes=lanes)
     table = RoutedLowRank("q", n_in, n_out, ctx, torch.float32, torch.device(dev))
     for slot, (e, r, k) in enumerate([(4, 2, 2), (3, 3, 1), (6, 1, 3), (2, 2, 2)]):
         table.set_slot(slot, ServingForm(down=rand(e * r, n_in), up=rand(n_out, e * r), router=rand(e, n_in), top_k=k))

@@ -107,14 +107,14 @@ def lowrank_triton(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, seg: S
 
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
-                skip_row: int = -1, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                skip_row: int = -1, out_scale: torch.Tensor | None = None, lanes: bool = False) -> torch.Tensor:
     """``out[t] = out_scale[rows[t]] ⊙ out[t] + up[rows[t]] @ (down[rows[t]] @ x[t])`` (no scaling without
     ``out_scale``) with the Triton row kernels (``kernels.row_lowrank``): the fixed-shape step's form, every token's
     table row read on the device; gathers and batched products in torch (``BatchedLinear._forward_static``) compute
     the same."""
     from peftlab.serve.kernels import row_lowrank as kernels
 
-    kernels(x, down, up, rows, out, skip_row=skip_row, out_scale=out_scale)
+    kernels(x, down, up, rows, out, skip_row=skip_row, out_scale=out_scale, lanes=lanes)
     return out
 
 

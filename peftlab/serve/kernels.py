@@ -193,20 +193,20 @@ def _row_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, Ns, Rs, C
 
 def row_lowrank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
                 skip_row: int = -1, out_scale: torch.Tensor | None = None, max_chunks: int = 16,
-                block_n: int = 128) -> None:
+                block_n: int = 128, lanes: bool = False) -> None:
     """``out[t] = out_scale[i] ⊙ out[t] + up[i] @ (down[i] @ x[t])`` with i = rows[t] (no scaling when ``out_scale``
     is None), tokens whose row is ``skip_row`` untouched; x (T, in), down (S+1, R, in), up (S+1, out, R), rows (T,)
     on the device, out_scale (S+1, out). The shrink is split into at most ``max_chunks`` chunks of K per token (fp32
     partial sums); the rank activations are rounded to the output's dtype before the expand, as the batched products
     of the torch form round them."""
-    row_lowrank_group(x, [(down, up, out, out_scale)], rows, skip_row, max_chunks, block_n)
+    row_lowrank_group(x, [(down, up, out, out_scale)], rows, skip_row, max_chunks, block_n, lanes)
 
 
 MAX_GROUP = 3  # layers per launch of row_lowrank_group (q / k / v)
 
 
 def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
-                      max_chunks: int = 16, block_n: int = 128) -> None:
+                      max_chunks: int = 16, block_n: int = 128, lanes: bool = False) -> None:
     """``row_lowrank`` for up to MAX_GROUP layers that read the same input ``x`` (q / k / v, gate / up), each given as
     (down, up, out, out_scale or None): one shrink launch and one expand launch for all of them."""
     if not 1 <= len(layers) <= MAX_GROUP:
@@ -226,15 +226,20 @@ def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, 
     if t == 0:
         return
     downs, ups, outs, scales = zip(*layers)
-    row_expand(row_shrink(x, list(downs), rows, skip_row, max_chunks), list(zip(ups, outs, scales)), rows, skip_row,
-               block_n)
+    row_expand(row_shrink(x, list(downs), rows, skip_row, max_chunks, lanes), list(zip(ups, outs, scales)), rows,
+               skip_row, block_n)
 
 
 def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
-               max_chunks: int = 16) -> torch.Tensor:
+               max_chunks: int = 16, lanes: bool = False) -> torch.Tensor:
     """The rank activations' partial sums ``zp`` (G, T, C, R) fp32 of up to MAX_GROUP tables ``downs`` (S+1, R_g, K)
     read by each token's row (row-major last dimension): ``zp[g, t].sum(0)[:R_g] = downs[g][rows[t]] @ x[t]``,
-    K split into C chunks; nothing is written for tokens of ``skip_row`` (their values are undefined)."""
+    K split into C chunks; nothing is written for tokens of ``skip_row`` (their values are undefined). ``lanes``:
+    a tile's tokens of one row share their reads (``lane_kernels.lane_shrink``; StepContext.static_row_lanes)."""
+    if lanes:
+        from peftlab.serve.lane_kernels import lane_shrink
+
+        return lane_shrink(x, downs, rows, skip_row, max_chunks)
     t, k = x.shape
     ranks = tuple(d.shape[1] for d in downs)
     block_r = triton.next_power_of_2(max(ranks))

@@ -303,7 +303,8 @@ class BatchedLinear(nn.Module):
         def run() -> torch.Tensor:
             y, z = self._kernel_base(xc, rows, plan)
             down, up, _, out_scale = self._kernel_lowrank(y, plan)
-            row_lowrank(xc, down, up, rows, y, skip_row=self.capacity, out_scale=out_scale)
+            row_lowrank(xc, down, up, rows, y, skip_row=self.capacity, out_scale=out_scale,
+                        lanes=self.context.static_row_lanes)
             self._kernel_vera_pair(z, rows, plan, y)
             return y
 

@@ -110,7 +110,8 @@ class RoutedLowRank(ModuleTable):
         from peftlab.serve.kernels import row_expand, row_shrink  # Triton: imported where it runs
 
         experts, rank = self.down.shape[1:3]
-        zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows)  # the identity row: zeros, gates zero
+        zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows,  # the identity row: zeros, gates zero
+                        lanes=self.context.static_row_lanes)
         z = zp[0].sum(1).to(x.dtype)
         logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
         top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
@@ -135,7 +136,8 @@ def row_terms(tables: list[RoutedLowRank], x: torch.Tensor, outs: list[torch.Ten
     from peftlab.serve.route_kernel import route_expand
 
     skip = tables[0].capacity  # the identity row: nothing routed
-    zp = row_shrink(x, [d for t in tables for d in (t.down.flatten(1, 2), t.router)], rows, skip_row=skip)
+    zp = row_shrink(x, [d for t in tables for d in (t.down.flatten(1, 2), t.router)], rows, skip_row=skip,
+                    lanes=tables[0].context.static_row_lanes)
     route_expand(zp, [(t.up.flatten(2, 3), out, t.top_k, t.experts, *t.down.shape[1:3]) for t, out in zip(tables, outs)],
                  rows, skip_row=skip)
 

@@ -45,7 +45,8 @@ def _joined_lowrank(x: torch.Tensor, joined: list[BatchedLinear]) -> dict[int, t
         parts = [m._kernel_base(xc, rows, plan) for m, plan in zip(joined, plans)]
         lowrank = [m._kernel_lowrank(y, plan) for m, plan, (y, _) in zip(joined, plans, parts)]
         for start in range(0, len(lowrank), kernels.MAX_GROUP):
-            kernels.row_lowrank_group(xc, lowrank[start:start + kernels.MAX_GROUP], rows, skip_row=ctx.capacity)
+            kernels.row_lowrank_group(xc, lowrank[start:start + kernels.MAX_GROUP], rows, skip_row=ctx.capacity,
+                                      lanes=ctx.static_row_lanes)
         for m, plan, (y, z) in zip(joined, plans, parts):
             m._kernel_vera_pair(z, rows, plan, y)
         return [y for y, _ in parts]

@@ -1,0 +1,98 @@
+"""The row shrink with a tile's tokens of one row sharing their reads (``StepContext.static_row_lanes``; off by
+default until a GPU A/B, see bench/README.md, thirty-second session).
+
+``kernels.row_shrink`` runs one program per token and chunk of K: a decode batch of 64 tokens of one adapter reads
+that adapter's A 64 times (MoLoRA's shrink, 36 rows of A a layer: 1.23 ms of a 5.0 ms decode step on an H100). Here
+the tokens come in tiles of 16 and the programs of a tile in 16 lanes: lane j takes the tile's j-th distinct row (in
+order of first appearance) and all of the tile's tokens of that row at once (``tl.dot``), reading that row's A once;
+lanes past the tile's count of distinct rows exit. A tile of one adapter's tokens does one read where the one-token
+form did 16; a tile of 16 adapters runs 16 programs side by side, as the one-token form does (the thirty-second
+session's first tiled form ran a tile's rows one after another in one program, which slowed mixed batches: 8
+adapters 0.71x the base step against 0.88x). The engine orders a step's requests by slot with this on, so that one
+adapter's tokens share tiles. Same contract and output as ``kernels.row_shrink``: the expand kernels are unchanged."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from peftlab.serve.kernels import _dot
+
+BLOCK_T = 16  # tokens a tile (tl.dot's smallest tile)
+
+
+@triton.jit
+def _lane_row(rows, live, lane, BLOCK_T: tl.constexpr):
+    """The ``lane``-th distinct row among the tile's live tokens, in order of first appearance; -1 past the last."""
+    idx = tl.arange(0, BLOCK_T)
+    before = idx[None, :] < idx[:, None]  # [t, u]: token u comes before token t
+    same = (rows[:, None] == rows[None, :]) & live[None, :]
+    first = live & (tl.sum((same & before).to(tl.int32), axis=1) == 0)  # t is its row's first token in the tile
+    rank = tl.sum((first[None, :] & before).to(tl.int32), axis=1)  # first tokens before t
+    return tl.max(tl.where(first & (rank == lane), rows, -1), axis=0)
+
+
+@triton.jit
+def _lane_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, T, K, Rs, chunk, skip_row, stride_xt, stride_as, stride_ar,
+                        stride_zg, stride_zt, stride_zs, G: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c] for the tokens of one lane's row in one tile, one chunk of
+    K and one of the G tables per program; nothing for ``skip_row``."""
+    p, c, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ts = (p // BLOCK_T) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
+    live = (ts < T) & (rows != skip_row)
+    row = _lane_row(rows, live, p % BLOCK_T, BLOCK_T)
+    if row >= 0:
+        mine = live & (rows == row)
+        rs = tl.arange(0, BLOCK_R)
+        for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
+            if g == i:
+                r_ok = rs < Rs[i]
+                acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, chunk, BLOCK_K):  # chunk: a multiple of BLOCK_K
+                    ks = c * chunk + k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < K
+                    x = tl.load(x_ptr + ts[:, None] * stride_xt + ks[None, :], mask=mine[:, None] & k_ok[None, :],
+                                other=0.0)
+                    a = tl.load(a_ptrs[i] + row * stride_as[i] + rs[None, :] * stride_ar[i] + ks[:, None],
+                                mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+                    acc += _dot(x.to(tl.float32) if F32 else x, a, F32)
+                tl.store(zp_ptr + g * stride_zg + ts[:, None] * stride_zt + c * stride_zs + rs[None, :], acc,
+                         mask=mine[:, None] & r_ok[None, :])
+
+
+def lane_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
+                max_chunks: int = 16) -> torch.Tensor:
+    """``kernels.row_shrink``'s partial sums ``zp`` (G, T, C, R) fp32 by lanes of token tiles (see the module)."""
+    t, k = x.shape
+    ranks = tuple(d.shape[1] for d in downs)
+    block_r = max(16, triton.next_power_of_2(max(ranks)))
+    block_k = max(32, min(128, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
+    chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
+    chunks, g = triton.cdiv(k, chunk), len(downs)
+    zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
+    if t:
+        # products in fp32 when x is fp32 or a table's dtype differs from x's; else tl.dot in x's 16-bit dtype
+        f32 = x.dtype == torch.float32 or any(d.dtype != x.dtype for d in downs)
+        _lane_shrink_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, chunks, g)](
+            x, tuple(downs), rows, zp, t, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
+            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, F32=f32,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k)
+    return zp
+
+
+@triton.jit
+def _lane_rows_kernel(rows_ptr, live_ptr, out_ptr, BLOCK_T: tl.constexpr):
+    idx = tl.arange(0, BLOCK_T)
+    live = tl.load(live_ptr + idx) != 0
+    tl.store(out_ptr + tl.program_id(0), _lane_row(tl.load(rows_ptr + idx), live, tl.program_id(0), BLOCK_T))
+
+
+def lane_rows(rows: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The row each lane of one tile takes (-1: none), for a tile's (BLOCK_T,) ``rows`` and ``live`` flags."""
+    if rows.shape != (BLOCK_T,) or live.shape != (BLOCK_T,):
+        raise ValueError(f"lane_rows: rows {tuple(rows.shape)} and live {tuple(live.shape)} should be ({BLOCK_T},)")
+    out = torch.empty(BLOCK_T, dtype=torch.int64, device=rows.device)
+    _lane_rows_kernel[(BLOCK_T,)](rows.to(torch.int64), live.to(torch.int32), out, BLOCK_T=BLOCK_T)
+    return out
