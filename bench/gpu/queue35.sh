@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Thirty-second session (2026-12-07), nothing carried, <= ~9.5 min:
+#   1. the serving kernels' CUDA tests (the H200 needed more than 100 s: its Triton builds) -> $OUT/tests.log
+#   2. bench/serve.py with CUDA graphs (1, 8, 100 adapters, both mixed batches, MoLoRA, bottleneck, LLaMA-Adapter; no
+#      PEFT), each graph row of bench/serve.py's flag A/B list again with its flag flipped: among them
+#      StepContext.static_row_lanes on (serve/lane_kernels.py, off by default) for one LoRA, 100 adapters, both mixed
+#      batches and one MoLoRA -> $OUT/serve.json (+ log, table)
+set -x
+OUT=${OUT:-/tmp/queue35}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_kernels.py tests/test_serve_shared.py \
+  tests/test_serve_molora.py tests/test_serve_bottleneck.py >> "$OUT/tests.log" 2>&1
+echo "tests rc=$?" >> "$OUT/tests.log"
+tail -n 3 "$OUT/tests.log"
+timeout 380 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 --adapters 1,8,100 --no-peft --cuda-graphs \
+  > "$OUT/serve.log" 2>&1
+tail -n 5 "$OUT/serve.log"
+timeout 20 python3 bench/serve.py --table "$OUT/serve.json" > "$OUT/serve_table.md" 2>&1
+chmod 644 "$OUT"/* 2>/dev/null
+exit 0
