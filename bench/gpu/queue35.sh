@@ -9,11 +9,7 @@ set -x
 OUT=${OUT:-/tmp/queue35}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_serve_kernels.py tests/test_serve_shared.py \
-  tests/test_serve_molora.py tests/test_serve_bottleneck.py >> "$OUT/tests.log" 2>&1
-echo "tests rc=$?" >> "$OUT/tests.log"
-tail -n 3 "$OUT/tests.log"
+OUT=$OUT bash bench/gpu/serve_tests.sh 150
 timeout 380 python3 bench/serve.py --out "$OUT/serve.json" --requests 96 --adapters 1,8,100 --no-peft --cuda-graphs \
   > "$OUT/serve.log" 2>&1
 tail -n 5 "$OUT/serve.log"
