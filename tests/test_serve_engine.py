@@ -26,7 +26,7 @@ def test_mixed_methods_batch_equals_each_adapter_alone(adapter_dirs, device, gra
     steps at fixed, padded shapes with each token's adapter gathered by its row (serve/graphs.py), captured and
     replayed as CUDA graphs on CUDA, run eagerly on the CPU; batches shrink as requests stop, so padding is used.
     ``triton``: the same with the fixed-shape step's LoRA in the Triton row kernels (interpreted on the CPU);
-    ``lanes``: with the row shrink by lanes of token tiles and the steps' requests ordered by slot."""
+    ``lanes``: with the row shrink and expand by lanes of token tiles and the steps' requests ordered by slot."""
     triton = graphs in ("triton", "lanes")
     if triton and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")

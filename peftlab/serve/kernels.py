@@ -227,7 +227,7 @@ def row_lowrank_group(x: torch.Tensor, layers: list[tuple], rows: torch.Tensor, 
         return
     downs, ups, outs, scales = zip(*layers)
     row_expand(row_shrink(x, list(downs), rows, skip_row, max_chunks, lanes), list(zip(ups, outs, scales)), rows,
-               skip_row, block_n)
+               skip_row, block_n, lanes)
 
 
 def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
@@ -256,10 +256,15 @@ def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, s
 
 
 def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
-               block_n: int = 128) -> None:
+               block_n: int = 128, lanes: bool = False) -> None:
     """``out_g[t] = (scale_g[rows[t]] ⊙) out_g[t] + up_g[rows[t]] @ z_g[t]`` for each ``layers[g]`` = (up (S+1, N_g,
     R_g), out (T, N_g), scale (S+1, N_g) or None), z_g[t] = ``zp[g, t]`` (C, R) summed over C and rounded to the
-    output's dtype; tokens of ``skip_row`` untouched."""
+    output's dtype; tokens of ``skip_row`` untouched. ``lanes``: ``lane_kernels.lane_expand``."""
+    if lanes:
+        from peftlab.serve.lane_kernels import lane_expand
+
+        lane_expand(zp, layers, rows, skip_row, block_n)
+        return
     ups, outs, scales = zip(*layers)
     ranks, widths = tuple(u.shape[2] for u in ups), tuple(u.shape[1] for u in ups)
     t, chunks = zp.shape[1], zp.shape[2]

@@ -1,5 +1,5 @@
-"""The row shrink with a tile's tokens of one row sharing their reads (``StepContext.static_row_lanes``; off by
-default until a GPU A/B, see bench/README.md, thirty-second session).
+"""The row shrink and expand with a tile's tokens of one row sharing their reads (``StepContext.static_row_lanes``;
+off by default until a GPU A/B, see bench/README.md, thirty-second session).
 
 ``kernels.row_shrink`` runs one program per token and chunk of K: a decode batch of 64 tokens of one adapter reads
 that adapter's A 64 times (MoLoRA's shrink, 36 rows of A a layer: 1.23 ms of a 5.0 ms decode step on an H100). Here
@@ -9,7 +9,8 @@ lanes past the tile's count of distinct rows exit. A tile of one adapter's token
 form did 16; a tile of 16 adapters runs 16 programs side by side, as the one-token form does (the thirty-second
 session's first tiled form ran a tile's rows one after another in one program, which slowed mixed batches: 8
 adapters 0.71x the base step against 0.88x). The engine orders a step's requests by slot with this on, so that one
-adapter's tokens share tiles. Same contract and output as ``kernels.row_shrink``: the expand kernels are unchanged."""
+adapter's tokens share tiles. Same contracts and outputs as ``kernels.row_shrink`` / ``row_expand`` (the expand
+reads B once per lane the same way); the routed and sub-layer expands stay one token a program."""
 from __future__ import annotations
 
 import torch
@@ -33,18 +34,26 @@ def _lane_row(rows, live, lane, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _lane_tokens(rows_ptr, T, skip_row, SKIP_LIVE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(ts, row, mine) of this program's lane (program 0's id = tile * BLOCK_T + lane): the tile's tokens, the lane's
+    row (-1: none) and which of the tokens have it; the skipped row's tokens take part only with SKIP_LIVE."""
+    p = tl.program_id(0)
+    ts = (p // BLOCK_T) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
+    live = (ts < T) & ((rows != skip_row) | SKIP_LIVE)
+    row = _lane_row(rows, live, p % BLOCK_T, BLOCK_T)
+    return ts, row, live & (rows == row)
+
+
+@triton.jit
 def _lane_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, T, K, Rs, chunk, skip_row, stride_xt, stride_as, stride_ar,
                         stride_zg, stride_zt, stride_zs, G: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c] for the tokens of one lane's row in one tile, one chunk of
     K and one of the G tables per program; nothing for ``skip_row``."""
-    p, c, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ts = (p // BLOCK_T) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
-    live = (ts < T) & (rows != skip_row)
-    row = _lane_row(rows, live, p % BLOCK_T, BLOCK_T)
+    c, g = tl.program_id(1), tl.program_id(2)
+    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, False, BLOCK_T)
     if row >= 0:
-        mine = live & (rows == row)
         rs = tl.arange(0, BLOCK_R)
         for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
             if g == i:
@@ -80,6 +89,56 @@ def lane_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, 
             tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, F32=f32,
             BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k)
     return zp
+
+
+@triton.jit
+def _lane_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, T, Ns, Rs, C, skip_row, stride_zg, stride_zt,
+                        stride_zs, stride_bs, stride_bn, stride_ot, stride_scale, G: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``kernels.row_expand`` for the tokens of one lane's row in one tile, BLOCK_N outputs and one of the G tables per
+    program: B's rows read once for all of them (``tl.dot``), z rounded to the output's dtype as there."""
+    nb, g = tl.program_id(1), tl.program_id(2)
+    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, False, BLOCK_T)
+    if row >= 0:
+        rs, cs = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C)
+        ns = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        for i in tl.static_range(G):
+            if g == i:
+                if nb * BLOCK_N < Ns[i]:  # the grid spans the widest table
+                    out_ptr = out_ptrs[i]
+                    n_ok, r_ok = ns < Ns[i], rs < Rs[i]
+                    zp = tl.load(zp_ptr + g * stride_zg + ts[:, None, None] * stride_zt
+                                 + cs[None, :, None] * stride_zs + rs[None, None, :],
+                                 mask=mine[:, None, None] & (cs < C)[None, :, None] & r_ok[None, None, :], other=0.0)
+                    z = tl.sum(zp, axis=1).to(out_ptr.dtype.element_ty)
+                    b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[None, :] * stride_bn[i] + rs[:, None],
+                                mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+                    mask = mine[:, None] & n_ok[None, :]
+                    ptrs = out_ptr + ts[:, None] * stride_ot[i] + ns[None, :]
+                    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_SCALE[i]:
+                        y *= tl.load(scale_ptrs[i] + row * stride_scale[i] + ns, mask=n_ok,
+                                     other=0.0).to(tl.float32)[None, :]
+                    acc = _dot(z.to(tl.float32) if F32 else z, b, F32)
+                    tl.store(ptrs, (y + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def lane_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
+                block_n: int = 128) -> None:
+    """``kernels.row_expand`` by lanes of token tiles (same arguments)."""
+    ups, outs, scales = zip(*layers)
+    ranks, widths = tuple(u.shape[2] for u in ups), tuple(u.shape[1] for u in ups)
+    t, chunks = zp.shape[1], zp.shape[2]
+    if t == 0:
+        return
+    f32 = any(o.dtype == torch.float32 or u.dtype != o.dtype for u, o in zip(ups, outs))
+    _lane_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(widths), block_n), len(layers))](
+        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), t, widths, ranks, chunks, skip_row,
+        zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
+        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
+        HAS_SCALE=tuple(s is not None for s in scales), F32=f32, BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(max(ranks))), BLOCK_C=triton.next_power_of_2(chunks))
 
 
 @triton.jit

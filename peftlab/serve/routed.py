@@ -117,7 +117,8 @@ class RoutedLowRank(ModuleTable):
         top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
         gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
         mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
-        row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity)
+        row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity,
+                   lanes=self.context.static_row_lanes)
         return out
 
     def grouped_here(self) -> bool:

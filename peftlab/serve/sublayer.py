@@ -142,7 +142,8 @@ class BatchedSublayer(ModuleTable):
         z = (zp.sum(1) + pick(self.down_bias).float()).to(x.dtype)
         h = self._activation(rows)(z).float()
         update = pick(self.up_bias)  # the expand adds up @ h into it
-        row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows)
+        row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows,
+                   lanes=self.context.static_row_lanes)
         return y * pick(self.keep) + pick(self.scaling) * update
 
     def _activation(self, rows: torch.Tensor):
