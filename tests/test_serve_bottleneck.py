@@ -135,7 +135,8 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
     the gathered torch maths and each token's own slot form: widths 3-8 padded in one table, serial, parallel and
     no-residual forms (or all reading one source), a cleared slot and the identity row left exactly as they were.
     One activation with a kernel form runs the rest of the step in one launch (``sublayer_expand``); two, or one
-    without (sigmoid: phi(0) = 0.5 on padded units), run it in torch; ``lanes``: the shrink by lanes of token tiles."""
+    without (sigmoid: phi(0) = 0.5 on padded units), run it in torch; ``lanes``: the row shrink and expand by lanes of
+    token tiles."""
     import peftlab.serve.sublayer_kernel as sk
     from peftlab.core.serving_form import SublayerForm
     from peftlab.serve.context import StepContext
@@ -146,8 +147,8 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
     g = torch.Generator().manual_seed(5)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     hidden, capacity = 36, 5
-    table = BatchedSublayer("mlp", hidden, StepContext(capacity, use_triton=True, static_row_lanes=lanes), torch.float32,
-                            torch.device(dev))
+    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
+    table = BatchedSublayer("mlp", hidden, ctx, torch.float32, torch.device(dev))
     for slot, (width, parallel, residual) in enumerate([(4, False, True), (8, True, True), (3, False, False),
                                                         (5, False, True)]):
         parallel = parallel if sources == "mixed" else sources == "parallel"
@@ -195,9 +196,9 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
 
 
 def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows():
-    """``sublayer_expand`` over 20 tokens (a run of one row, then mixed rows): against an einsum reference; the skipped row's partial sums (never written by the shrink: NaN here) are not read, its tokens
-    get ``keep y + scaling (up phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that
-    slot's tokens."""
+    """``sublayer_expand`` over 20 tokens (a run of one row, then mixed rows): against an einsum reference; the skipped
+    row's partial sums (never written by the shrink: NaN here) are not read, its tokens get ``keep y + scaling (up
+    phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that slot's tokens."""
     import torch.nn.functional as F
 
     from peftlab.serve.sublayer_kernel import sublayer_expand
