@@ -34,13 +34,13 @@ def _lane_row(rows, live, lane, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _lane_tokens(rows_ptr, T, skip_row, SKIP_LIVE: tl.constexpr, BLOCK_T: tl.constexpr):
+def _lane_tokens(rows_ptr, T, skip_row, BLOCK_T: tl.constexpr):
     """(ts, row, mine) of this program's lane (program 0's id = tile * BLOCK_T + lane): the tile's tokens, the lane's
-    row (-1: none) and which of the tokens have it; the skipped row's tokens take part only with SKIP_LIVE."""
+    row (-1: none) and which of the tokens have it; the skipped row's tokens take part in no lane."""
     p = tl.program_id(0)
     ts = (p // BLOCK_T) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = tl.load(rows_ptr + ts, mask=ts < T, other=skip_row).to(tl.int64)
-    live = (ts < T) & ((rows != skip_row) | SKIP_LIVE)
+    live = (ts < T) & (rows != skip_row)
     row = _lane_row(rows, live, p % BLOCK_T, BLOCK_T)
     return ts, row, live & (rows == row)
 
@@ -52,7 +52,7 @@ def _lane_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, T, K, Rs, chunk, skip_r
     """zp[g, t, c] = A_g[row(t), :, chunk c] @ x[t, chunk c] for the tokens of one lane's row in one tile, one chunk of
     K and one of the G tables per program; nothing for ``skip_row``."""
     c, g = tl.program_id(1), tl.program_id(2)
-    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, False, BLOCK_T)
+    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, BLOCK_T)
     if row >= 0:
         rs = tl.arange(0, BLOCK_R)
         for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
@@ -99,7 +99,7 @@ def _lane_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, T, Ns, R
     """``kernels.row_expand`` for the tokens of one lane's row in one tile, BLOCK_N outputs and one of the G tables per
     program: B's rows read once for all of them (``tl.dot``), z rounded to the output's dtype as there."""
     nb, g = tl.program_id(1), tl.program_id(2)
-    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, False, BLOCK_T)
+    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, BLOCK_T)
     if row >= 0:
         rs, cs = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C)
         ns = nb * BLOCK_N + tl.arange(0, BLOCK_N)
