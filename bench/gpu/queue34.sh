@@ -8,11 +8,7 @@ set -x
 OUT=${OUT:-/tmp/queue34}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/tests.log" 2>&1
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_serve_kernels.py tests/test_serve_shared.py \
-  tests/test_serve_molora.py tests/test_serve_bottleneck.py >> "$OUT/tests.log" 2>&1
-echo "tests rc=$?" >> "$OUT/tests.log"
-tail -n 3 "$OUT/tests.log"
+OUT=$OUT bash bench/gpu/serve_tests.sh 100  # the same test files and log as the call that ran inline
 timeout 210 python3 bench/serve_profile.py --requests 64 --adapters 8 --out "$OUT/serve_profile.json" \
   > "$OUT/serve_profile.log" 2>&1
 head -n 14 "$OUT/serve_profile.log"

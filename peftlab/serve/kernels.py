@@ -240,19 +240,26 @@ def row_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, s
         from peftlab.serve.lane_kernels import lane_shrink
 
         return lane_shrink(x, downs, rows, skip_row, max_chunks)
-    t, k = x.shape
-    ranks = tuple(d.shape[1] for d in downs)
-    block_r = triton.next_power_of_2(max(ranks))
-    block_k = max(32, min(256, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
-    chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
-    chunks, g = triton.cdiv(k, chunk), len(downs)
-    zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
-    if t:
-        _row_shrink_kernel[(t, chunks, g)](
-            x, tuple(downs), rows, zp, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
-            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, BLOCK_R=block_r,
-            BLOCK_K=block_k)
+    zp, args = shrink_args(x, downs, rows, skip_row, max_chunks, min_rank_block=1, max_block_k=256)
+    if x.shape[0]:
+        _row_shrink_kernel[(x.shape[0], zp.shape[2], len(downs))](**args)
     return zp
+
+
+def shrink_args(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int, max_chunks: int,
+                min_rank_block: int, max_block_k: int) -> tuple[torch.Tensor, dict]:
+    """The row shrink kernels' output ``zp`` (G, T, C, R) fp32 and the keyword arguments they share: K split into at
+    most ``max_chunks`` chunks of whole (BLOCK_R, BLOCK_K) tiles of A (BLOCK_R at least ``min_rank_block``)."""
+    k = x.shape[1]
+    ranks = tuple(d.shape[1] for d in downs)
+    block_r = max(min_rank_block, triton.next_power_of_2(max(ranks)))
+    block_k = max(32, min(max_block_k, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
+    chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
+    zp = torch.empty(len(downs), x.shape[0], triton.cdiv(k, chunk), max(ranks), device=x.device, dtype=torch.float32)
+    return zp, dict(x_ptr=x, a_ptrs=tuple(downs), rows_ptr=rows, zp_ptr=zp, K=k, Rs=ranks, chunk=chunk,
+                    skip_row=skip_row, stride_xt=x.stride(0), stride_as=tuple(d.stride(0) for d in downs),
+                    stride_ar=tuple(d.stride(1) for d in downs), stride_zg=zp.stride(0), stride_zt=zp.stride(1),
+                    stride_zs=zp.stride(2), G=len(downs), BLOCK_R=block_r, BLOCK_K=block_k)
 
 
 def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
@@ -265,17 +272,25 @@ def row_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_r
 
         lane_expand(zp, layers, rows, skip_row, block_n)
         return
+    if zp.shape[1]:
+        _row_expand_kernel[(zp.shape[1], triton.cdiv(max(u.shape[1] for u, _, _ in layers), block_n), len(layers))](
+            **expand_args(zp, layers, rows, skip_row, block_n, min_rank_block=1))
+
+
+def expand_args(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int, block_n: int,
+                min_rank_block: int) -> dict:
+    """The keyword arguments the row expand kernels share (``row_expand``'s; BLOCK_R at least ``min_rank_block``)."""
     ups, outs, scales = zip(*layers)
-    ranks, widths = tuple(u.shape[2] for u in ups), tuple(u.shape[1] for u in ups)
-    t, chunks = zp.shape[1], zp.shape[2]
-    if t == 0:
-        return
-    _row_expand_kernel[(t, triton.cdiv(max(widths), block_n), len(layers))](
-        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), widths, ranks, chunks, skip_row,
-        zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
-        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
-        HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(max(ranks)),
-        BLOCK_C=triton.next_power_of_2(chunks))
+    ranks = tuple(u.shape[2] for u in ups)
+    scale_ptrs = tuple(rows if s is None else s for s in scales)  # a table without scale: any tensor, never read
+    return dict(zp_ptr=zp, b_ptrs=ups, rows_ptr=rows, out_ptrs=outs, scale_ptrs=scale_ptrs,
+                Ns=tuple(u.shape[1] for u in ups), Rs=ranks, C=zp.shape[2], skip_row=skip_row, stride_zg=zp.stride(0),
+                stride_zt=zp.stride(1), stride_zs=zp.stride(2), stride_bs=tuple(u.stride(0) for u in ups),
+                stride_bn=tuple(u.stride(1) for u in ups), stride_ot=tuple(o.stride(0) for o in outs),
+                stride_scale=tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
+                HAS_SCALE=tuple(s is not None for s in scales), BLOCK_N=block_n,
+                BLOCK_R=max(min_rank_block, triton.next_power_of_2(max(ranks))),
+                BLOCK_C=triton.next_power_of_2(zp.shape[2]))
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from peftlab.serve.kernels import _dot
+from peftlab.serve.kernels import _dot, expand_args, shrink_args
 
 BLOCK_T = 16  # tokens a tile (tl.dot's smallest tile)
 
@@ -71,23 +71,20 @@ def _lane_shrink_kernel(x_ptr, a_ptrs, rows_ptr, zp_ptr, T, K, Rs, chunk, skip_r
                          mask=mine[:, None] & r_ok[None, :])
 
 
+def f32_products(act: torch.Tensor, tables) -> bool:
+    """Products in fp32 (IEEE) when the activations are fp32 or a table's dtype differs from theirs; else ``tl.dot``
+    in the activations' 16-bit dtype (exact products in its fp32 accumulator)."""
+    return act.dtype == torch.float32 or any(w.dtype != act.dtype for w in tables)
+
+
 def lane_shrink(x: torch.Tensor, downs: list[torch.Tensor], rows: torch.Tensor, skip_row: int = -1,
                 max_chunks: int = 16) -> torch.Tensor:
     """``kernels.row_shrink``'s partial sums ``zp`` (G, T, C, R) fp32 by lanes of token tiles (see the module)."""
-    t, k = x.shape
-    ranks = tuple(d.shape[1] for d in downs)
-    block_r = max(16, triton.next_power_of_2(max(ranks)))
-    block_k = max(32, min(128, 4096 // block_r))  # an (R, BLOCK_K) tile of A per step of a program
-    chunk = triton.cdiv(triton.cdiv(k, max_chunks), block_k) * block_k
-    chunks, g = triton.cdiv(k, chunk), len(downs)
-    zp = torch.empty(g, t, chunks, max(ranks), device=x.device, dtype=torch.float32)
+    zp, args = shrink_args(x, downs, rows, skip_row, max_chunks, min_rank_block=16, max_block_k=128)
+    t = x.shape[0]
     if t:
-        # products in fp32 when x is fp32 or a table's dtype differs from x's; else tl.dot in x's 16-bit dtype
-        f32 = x.dtype == torch.float32 or any(d.dtype != x.dtype for d in downs)
-        _lane_shrink_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, chunks, g)](
-            x, tuple(downs), rows, zp, t, k, ranks, chunk, skip_row, x.stride(0), tuple(d.stride(0) for d in downs),
-            tuple(d.stride(1) for d in downs), zp.stride(0), zp.stride(1), zp.stride(2), G=g, F32=f32,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k)
+        _lane_shrink_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, zp.shape[2], len(downs))](
+            **args, T=t, F32=f32_products(x, downs), BLOCK_T=BLOCK_T)
     return zp
 
 
@@ -127,18 +124,13 @@ def _lane_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, scale_ptrs, T, Ns, R
 def lane_expand(zp: torch.Tensor, layers: list[tuple], rows: torch.Tensor, skip_row: int = -1,
                 block_n: int = 128) -> None:
     """``kernels.row_expand`` by lanes of token tiles (same arguments)."""
-    ups, outs, scales = zip(*layers)
-    ranks, widths = tuple(u.shape[2] for u in ups), tuple(u.shape[1] for u in ups)
-    t, chunks = zp.shape[1], zp.shape[2]
-    if t == 0:
-        return
-    f32 = any(o.dtype == torch.float32 or u.dtype != o.dtype for u, o in zip(ups, outs))
-    _lane_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(widths), block_n), len(layers))](
-        zp, ups, rows, outs, tuple(rows if s is None else s for s in scales), t, widths, ranks, chunks, skip_row,
-        zp.stride(0), zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
-        tuple(o.stride(0) for o in outs), tuple(0 if s is None else s.stride(0) for s in scales), G=len(layers),
-        HAS_SCALE=tuple(s is not None for s in scales), F32=f32, BLOCK_T=BLOCK_T, BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(max(ranks))), BLOCK_C=triton.next_power_of_2(chunks))
+    t = zp.shape[1]
+    if t:
+        ups, outs = [u for u, _, _ in layers], [o for _, o, _ in layers]
+        _lane_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(u.shape[1] for u in ups), block_n),
+                             len(layers))](
+            **expand_args(zp, layers, rows, skip_row, block_n, min_rank_block=16), T=t,
+            F32=any(f32_products(o, [u]) for u, o in zip(ups, outs)), BLOCK_T=BLOCK_T)
 
 
 @triton.jit
