@@ -38,6 +38,7 @@ from torch import nn
 
 from peftlab.core.adapter import AdaptedModule
 from peftlab.core.config import ConfigError
+from peftlab.ops.mm_add import inductor_options
 from peftlab.train.data import IGNORE_INDEX
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -115,8 +116,9 @@ def compile_model(model: nn.Module, backend: str, scope: str = "adapted", mode: 
     modules = compiled_modules(model, scope)
     limit = _recompile_limit(len(modules))
     _guard_hooks(modules)
+    how = {"options": inductor_options(mode)} if backend == "inductor" else {"mode": mode}
     for module in modules:
-        module.compile(backend=backend, mode=mode, **limit)
+        module.compile(backend=backend, **how, **limit)
         _COMPILED[module] = (backend, mode)
 
 
