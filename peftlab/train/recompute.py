@@ -200,7 +200,10 @@ _JOINT_FAILED: dict[str, str] = {}  # backends on which the joint call failed to
 
 @functools.lru_cache(maxsize=None)
 def _joint_compiled(backend: str):
-    return torch.compile(_joint_backward, backend=backend)
+    from peftlab.ops.mm_add import inductor_options
+
+    return torch.compile(_joint_backward, backend=backend,
+                         **({"options": inductor_options(None)} if backend == "inductor" else {}))
 
 
 class _Call:
