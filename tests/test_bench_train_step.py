@@ -10,8 +10,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_lean",
-                                  "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peft"])
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_copy",
+                                  "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise",
+                                  "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
     monkeypatch.setenv("PEFTLAB_FAST", "1")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")  # no C compiler needed
@@ -36,6 +37,26 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["recompute_pointwise"] is True
     if impl.startswith("peftlab_compiled"):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
+
+
+def test_copy_impl_runs_without_the_in_place_pass(monkeypatch):
+    """``peftlab_compiled_copy`` is ``peftlab_compiled`` with ops/mm_add.py's pass off, in its worker's environment
+    only; the worker records which it ran."""
+    monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
+    args = train_step.parse_args(["--shape", "tiny", "--device", "cpu"])
+    assert train_step.worker_env(args, "peftlab_compiled_copy")["PEFTLAB_ADDMM_IN_PLACE"] == "0"
+    assert "PEFTLAB_ADDMM_IN_PLACE" not in train_step.worker_env(args, "peftlab_compiled")
+    monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
+    for value, recorded in (("0", False), (None, True)):
+        if value is None:
+            monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE")
+        else:
+            monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", value)
+        record = train_step.run_worker(train_step.parse_args(
+            ["--worker", "--method", "lora", "--impl", "peftlab_compiled_copy", "--shape", "tiny", "--device", "cpu",
+             "--steps", "1", "--warmup", "0", "--seq", "16"]))
+        sys.modules["train_step_worker"]._KEEP.clear()
+        assert record["versions"]["addmm_in_place"] is recorded
 
 
 @pytest.mark.parametrize("impl", ["frozen", "frozen_compiled"])
