@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import train_step  # noqa: E402
 
 
-@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_copy",
+@pytest.mark.parametrize("impl", ["peftlab", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_addmm",
                                   "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise",
                                   "peft"])
 def test_worker_each_implementation(impl, monkeypatch):
@@ -40,20 +40,20 @@ def test_worker_each_implementation(impl, monkeypatch):
 
 
 def test_copy_impl_runs_without_the_in_place_pass(monkeypatch):
-    """``peftlab_compiled_copy`` is ``peftlab_compiled`` with ops/mm_add.py's pass off, in its worker's environment
+    """``peftlab_compiled_addmm`` is ``peftlab_compiled`` with ops/mm_add.py's pass on, in its worker's environment
     only; the worker records which it ran."""
     monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
     args = train_step.parse_args(["--shape", "tiny", "--device", "cpu"])
-    assert train_step.worker_env(args, "peftlab_compiled_copy")["PEFTLAB_ADDMM_IN_PLACE"] == "0"
+    assert train_step.worker_env(args, "peftlab_compiled_addmm")["PEFTLAB_ADDMM_IN_PLACE"] == "1"
     assert "PEFTLAB_ADDMM_IN_PLACE" not in train_step.worker_env(args, "peftlab_compiled")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
-    for value, recorded in (("0", False), (None, True)):
+    for value, recorded in (("1", True), (None, False)):
         if value is None:
             monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE")
         else:
             monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", value)
         record = train_step.run_worker(train_step.parse_args(
-            ["--worker", "--method", "lora", "--impl", "peftlab_compiled_copy", "--shape", "tiny", "--device", "cpu",
+            ["--worker", "--method", "lora", "--impl", "peftlab_compiled_addmm", "--shape", "tiny", "--device", "cpu",
              "--steps", "1", "--warmup", "0", "--seq", "16"]))
         sys.modules["train_step_worker"]._KEEP.clear()
         assert record["versions"]["addmm_in_place"] is recorded

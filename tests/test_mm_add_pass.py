@@ -54,12 +54,12 @@ def test_leaves_addmms_it_cannot_take_in_place(case):
 
 
 def test_inductor_options_keep_the_mode_and_the_switch(monkeypatch):
-    monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
+    monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", "1")
     options = mm_add_mod.inductor_options("reduce-overhead")
     assert options["triton.cudagraphs"] is True and "post_grad_custom_post_pass" in options
     assert options["post_grad_custom_post_pass"].uuid() == mm_add_mod.inductor_options(None)[
         "post_grad_custom_post_pass"].uuid()
-    monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", "0")
+    monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE")  # off by default (not yet measured on a GPU)
     assert mm_add_mod.inductor_options("reduce-overhead") == {"triton.cudagraphs": True}
     assert mm_add_mod.inductor_options(None) == {}
 
@@ -67,7 +67,7 @@ def test_inductor_options_keep_the_mode_and_the_switch(monkeypatch):
 def test_compiled_lora_node_with_the_pass_matches_eager(monkeypatch):
     """The LoRA node's output feeding a product (as the value projection feeds attention): inductor fuses its two
     products into an addmm, forward and backward; the pass takes both, and the values and gradients are eager's."""
-    monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
+    monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", "1")
     seen = []
     real = mm_add_mod.addmm_in_place
     monkeypatch.setattr(mm_add_mod, "addmm_in_place", lambda graph: seen.append(real(graph)) or seen[-1])

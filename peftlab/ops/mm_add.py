@@ -25,6 +25,11 @@ post-grad ``addmm`` pattern, ``should_prefer_unfused_addmm``); elsewhere (and al
 into the same ``addmm``, so no CPU proxy can show the difference. Measured on an H100 (twentieth session,
 bench/README.md), alternating the two forms in four processes: the 1B LoRA step 57.12 / 57.58 ms split against
 58.66 / 58.36 in place, DoRA 63.83 against 65.77, the same peak memory.
+
+Where inductor does fuse the split sum back into an ``addmm`` (a reader that is not pointwise), the copy is back:
+the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA and VeRA steps, 128 in DoRA's
+(~18 us each). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
+partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
 """
 from __future__ import annotations
 
@@ -111,12 +116,16 @@ def addmm_in_place(graph: torch.fx.Graph) -> int:
 
 
 def inductor_options(mode: str | None) -> dict:
-    """torch.compile's ``options`` for inductor in ``mode`` (torch.compile takes a mode or options, not both) with
-    ``addmm_in_place`` as the post-grad pass; ``PEFTLAB_ADDMM_IN_PLACE=0`` leaves the pass out (A/B)."""
+    """torch.compile's ``options`` for inductor in ``mode`` (torch.compile takes a mode or options, not both), with
+    ``addmm_in_place`` as the post-grad pass when ``PEFTLAB_ADDMM_IN_PLACE=1``.
+
+    Off by default: written in a session without a GPU (2026-12-07, thirty-third); CPU-tested only (values and
+    gradients as eager, the rewrite present in the forward and backward graphs). ``bench/gpu/queue36.sh`` measures
+    it against the default in one run (impl ``peftlab_compiled_addmm``); turn it on where it wins."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode)) if mode else {}
-    if os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "1") != "0":
+    if os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "") == "1":
         options["post_grad_custom_post_pass"] = _addmm_pass()
     return options
 
