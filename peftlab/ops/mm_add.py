@@ -28,7 +28,8 @@ bench/README.md), alternating the two forms in four processes: the 1B LoRA step 
 
 Where inductor does fuse the split sum back into an ``addmm`` (a reader that is not pointwise), the copy is back:
 the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA and VeRA steps, 128 in DoRA's
-(~18 us each). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
+(~18 us each), beside 48 beta-add GEMMs a step (so at least half of the copies are these ``addmm``s'; the others are
+not located). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
 partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
 """
 from __future__ import annotations
@@ -89,8 +90,7 @@ def addmm_in_place(graph: torch.fx.Graph) -> int:
     Where a split ``mm_add``'s sum feeds something other than pointwise kernels (the value projection into attention,
     the output projection's input gradient into attention's backward, ...), inductor fuses ``mm + mm`` back into an
     ``addmm`` (``fx_passes/post_grad.py``), and ATen's out-of-place ``addmm`` first copies its (tokens, out) addend
-    into the new output: on the 1B shape 96 copies a step of ~18 us each (H100 profiles: LoRA 288 and VeRA 288
-    ``memcpy128`` over three steps, DoRA 384). The rewrite runs after the forward / backward partition, so unlike
+    into the new output (the 1B profiles' ``memcpy128`` rows: see the module's docstring). The rewrite runs after the forward / backward partition, so unlike
     the opaque op while tracing (``PEFTLAB_MM_ADD_OP``) it cannot change what the partitioner saves or recomputes."""
     aten, count = torch.ops.aten, 0
     for node in list(graph.nodes):
