@@ -82,8 +82,60 @@ def test_compiled_lora_node_with_the_pass_matches_eager(monkeypatch):
     runs = []
     for fn in (f, torch.compile(f, backend="inductor", options=mm_add_mod.inductor_options(None))):
         x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
-        out = fn(x, a, b)
-        runs.append((out, *torch.autograd.grad(out, [x, a, b])))
+        with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph runs no pass
+            out = fn(x, a, b)
+            runs.append((out, *torch.autograd.grad(out, [x, a, b])))
     assert seen and sum(seen) >= 2, seen  # the forward's sum and the input gradient's
     for got, want in zip(runs[1], runs[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_compiled_lora_layer_keeps_no_copying_addmm(on, monkeypatch):
+    """A compiled decoder layer with LoRA on all seven linears, inductor taking its GPU-side choice between ``addmm``
+    and ``mm + add`` (``is_gpu`` forced true, so the CPU shows it): without the pass, six ``addmm`` a layer (the sums
+    saved for backward or read by attention and the rotary's ``cat``, and one input gradient: the 6 ``memcpy128`` a
+    layer of the H100 profiles); with it, none, each one an in-place ``peftlab::mm_add``."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import torch._inductor.fx_passes.post_grad as post_grad
+    import torch._inductor.graph as inductor_graph
+
+    import peftlab
+    from peftlab.train.packing import compile_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import tiny_llama
+
+    if not hasattr(post_grad, "is_gpu"):
+        pytest.skip("this torch's inductor decides addmm fusion differently")
+    monkeypatch.setattr(post_grad, "is_gpu", lambda device: True)
+    monkeypatch.setenv("PEFTLAB_FAST", "1")
+    if on:
+        monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", "1")
+    else:
+        monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
+    codes = []
+    lower = inductor_graph.GraphLowering.compile_to_module
+
+    def keep_code(self, *args, **kwargs):
+        module = lower(self, *args, **kwargs)
+        codes.append(Path(module.__file__).read_text())
+        return module
+    monkeypatch.setattr(inductor_graph.GraphLowering, "compile_to_module", keep_code)
+    torch._dynamo.reset()
+    model = tiny_llama(layers=1, hidden=64, intermediate=128)
+    model.config.use_cache = False
+    peftlab.attach(model, peftlab.variants()["lora"](
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 8))
+    compile_model(model, "inductor", "layers")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph is never lowered
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    code = "\n".join(codes)
+    addmm = len(re.findall(r"extern_kernels\.addmm\(", code))
+    in_place = len(re.findall(r"= torch\.ops\.peftlab\.mm_add\.default\(", code))
+    assert (addmm, in_place) == ((0, 6) if on else (6, 0)), (addmm, in_place)

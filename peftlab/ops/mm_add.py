@@ -28,8 +28,9 @@ bench/README.md), alternating the two forms in four processes: the 1B LoRA step 
 
 Where inductor does fuse the split sum back into an ``addmm`` (a reader that is not pointwise), the copy is back:
 the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA and VeRA steps, 128 in DoRA's
-(~18 us each), beside 48 beta-add GEMMs a step (so at least half of the copies are these ``addmm``s'; the others are
-not located). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
+(~18 us each). On the CPU, with inductor made to take its GPU-side choice, a compiled LoRA layer keeps six ``addmm``
+(q, k, v, gate, up: sums saved for backward or read by attention / the rotary's ``cat``; one input gradient): 6 x 16
+layers = 96 (``tests/test_mm_add_pass.py``). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
 partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
 """
 from __future__ import annotations
