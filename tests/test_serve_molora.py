@@ -143,10 +143,12 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
             assert torch.equal(got[t], y[t])
 
 
-def test_route_expand_reads_the_chosen_experts_columns_only():
+@pytest.mark.parametrize("lanes", [False, True])
+def test_route_expand_reads_the_chosen_experts_columns_only(lanes):
     """The route-expand launch reads B's columns of each token's chosen experts only: with NaN in every expert's
     columns that no token of its slot chooses (top-1 of 4 or 5 experts, two tokens a slot), the result is finite and
-    equals the gathered torch maths with the clean tables; the identity row is left exactly as it was."""
+    equals the gathered torch maths with the clean tables; the identity row is left exactly as it was; ``lanes``: the
+    launch by lanes of token tiles (``lane_route``)."""
     from peftlab.core.adapter import ServingForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.routed import RoutedLowRank, row_terms
@@ -161,7 +163,7 @@ def test_route_expand_reads_the_chosen_experts_columns_only():
         table.set_slot(slot, ServingForm(down=rand(e * 2, n_in), up=rand(n_out, e * 2), router=rand(e, n_in), top_k=1))
     rows = torch.tensor([0, 1, capacity, 1, 0], device=dev)
     x, y = rand(len(rows), n_in), rand(len(rows), n_out)
-    ctx.static_rows, ctx.static_triton = rows, False
+    ctx.static_rows, ctx.static_triton, ctx.static_row_lanes = rows, False, lanes
     want = table(x, y.clone())
     logits = torch.einsum("ti,tei->te", x, table.router[rows])
     poisoned = 0
@@ -179,7 +181,8 @@ def test_route_expand_reads_the_chosen_experts_columns_only():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding: the Triton interpreter truncates casts")
-def test_route_expand_rounds_bf16_as_the_torch_maths():
+@pytest.mark.parametrize("lanes", [False, True])
+def test_route_expand_rounds_bf16_as_the_torch_maths(lanes):
     """In bf16 the route-expand launch rounds where the gathered torch maths round (logits, rank activations, gates,
     their product): outputs close and nearly all equal (a path that truncated its casts would differ in about half)."""
     from peftlab.core.adapter import ServingForm
@@ -190,7 +193,7 @@ def test_route_expand_rounds_bf16_as_the_torch_maths():
     g = torch.Generator().manual_seed(2)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     n_in, n_out, capacity = 256, 384, 4
-    ctx = StepContext(capacity, use_triton=True)
+    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
     table = RoutedLowRank("q", n_in, n_out, ctx, torch.bfloat16, torch.device("cuda"))
     for slot, (e, r, k) in enumerate([(4, 8, 2), (3, 4, 1), (6, 2, 3)]):
         table.set_slot(slot, ServingForm(down=rand(e * r, n_in) / 16, up=rand(n_out, e * r), router=rand(e, n_in) / 16,
@@ -198,3 +201,35 @@ def test_route_expand_rounds_bf16_as_the_torch_maths():
     rows = torch.tensor([0, 1, 2, capacity, 1, 0] * 8, device="cuda")
     x, y = (rand(len(rows), dim).to("cuda", torch.bfloat16) for dim in (n_in, n_out))
     check_bf16_rounding(table, x, y, rows)
+
+
+def test_lane_route_expand_equals_the_one_token_launch():
+    """The route-expand by lanes of token tiles gives the one-token launch's outputs: 40 tokens over three tiles, one
+    row's tokens spread across tiles and interleaved with others, a slot with k 0 (no routed adapter: its tokens
+    untouched), the identity row skipped, two tables of other widths, expert counts and ranks in one launch."""
+    from peftlab.serve.route_kernel import route_expand
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    g = torch.Generator().manual_seed(11)
+    slots, t, skip = 4, 40, 4
+    specs = [(70, 4, 2), (33, 3, 4)]  # (outputs, experts, rank) of each table
+    rows = torch.tensor(([0] * 5 + [1, 2, 0, skip, 3] + [2] * 3) * 3 + [0]).to(dev)
+    assert len(rows) == t
+    tables = []
+    for n, e, r in specs:
+        up = torch.randn(slots + 1, n, e * r, generator=g).to(dev)
+        top_k = torch.tensor([[2.], [1.], [3.], [0.], [0.]]).to(dev)  # slot 3: no routed adapter (k 0)
+        count = torch.tensor([[e], [e - 1], [e], [0], [0]], dtype=torch.float32).to(dev)
+        tables.append([up, None, top_k, count, e, r])
+    width = max(e * r for _, e, r in specs)
+    zp = torch.randn(2 * len(specs), t, 2, width, generator=g).to(dev)  # (2 G, T, C, >= E R): [z_0, logits_0, ...]
+    y = [torch.randn(t, n, generator=g).to(dev) for n, _, _ in specs]
+    outs = {}
+    for lanes in (False, True):
+        outs[lanes] = [v.clone() for v in y]
+        route_expand(zp, [(u, o, k, c, e, r) for (u, _, k, c, e, r), o in zip(tables, outs[lanes])], rows, skip,
+                     lanes=lanes)
+    for one, lane, before in zip(outs[False], outs[True], y):
+        torch.testing.assert_close(lane, one, rtol=1e-5, atol=1e-5)
+        untouched = (rows == skip) | (rows == 3)
+        assert torch.equal(lane[untouched], before[untouched]) and not torch.equal(lane, before)

@@ -140,7 +140,7 @@ def row_terms(tables: list[RoutedLowRank], x: torch.Tensor, outs: list[torch.Ten
     zp = row_shrink(x, [d for t in tables for d in (t.down.flatten(1, 2), t.router)], rows, skip_row=skip,
                     lanes=tables[0].context.static_row_lanes)
     route_expand(zp, [(t.up.flatten(2, 3), out, t.top_k, t.experts, *t.down.shape[1:3]) for t, out in zip(tables, outs)],
-                 rows, skip_row=skip)
+                 rows, skip_row=skip, lanes=tables[0].context.static_row_lanes)
 
 
 def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

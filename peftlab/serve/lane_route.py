@@ -1,0 +1,98 @@
+"""MoLoRA's route-expand by lanes of token tiles (``StepContext.static_row_lanes``, off by default until a GPU A/B).
+
+``route_kernel.route_expand`` runs one program per token: 64 tokens of one MoLoRA adapter read that adapter's B
+columns 64 times (658 us of a 5.0 ms decode step on an H100, thirty-second session). Here, as in ``lane_kernels``,
+the tokens come in tiles of 16 and lane j of a tile takes the tile's j-th distinct row with all of its tokens: the
+gates of each of those tokens (the same top-k softmax and rounding as the one-token kernel), then one ``tl.dot`` of
+their gated rank activations with B's columns of the experts that some token of the row chose, read once. Columns
+of experts no token of the row chose are never read; tokens of other rows are never written."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from peftlab.serve.kernels import _dot
+from peftlab.serve.lane_kernels import BLOCK_T, _lane_tokens, f32_products
+
+
+@triton.jit
+def _tile_gated(zp, ts, mine, stride_zg, stride_zt, stride_zc, C, E, R, k, n, dt, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mid, chosen) of the tile's tokens ``ts`` of one row (``mine``; the others' mid is zero): mid (BLOCK_T, BLOCK_E,
+    BLOCK_R) fp32 their gated rank activations z[e R + r] gate[e], chosen (BLOCK_T, BLOCK_E) each token's top-``k``
+    of the row's ``n`` experts; with k 0 (a slot without a routed adapter here) the gates are zero."""
+    es, rs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_R)
+    e_ok = es < E
+    cell = es[:, None] * R + rs[None, :]
+    cell_ok = mine[:, None, None] & (e_ok[:, None] & (rs < R)[None, :])[None, :, :]
+    z = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_R), tl.float32)
+    logits = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    for c in range(C):
+        at = zp + ts * stride_zt + c * stride_zc
+        z += tl.load(at[:, None, None] + cell[None, :, :], mask=cell_ok, other=0.0)
+        logits += tl.load(at[:, None] + stride_zg + es[None, :], mask=mine[:, None] & e_ok[None, :], other=0.0)
+    valid = (es < tl.maximum(n, 1))[None, :]
+    logits = tl.where(valid, logits.to(dt).to(tl.float32), float("-inf"))
+    li, lj = logits[:, :, None], logits[:, None, :]
+    ahead = (lj > li) | ((lj == li) & (es[None, None, :] < es[None, :, None]))  # experts ranked before each one
+    chosen = valid & (tl.sum(ahead.to(tl.int32), axis=2) < tl.maximum(k, 1))
+    top = tl.max(tl.where(chosen, logits, float("-inf")), axis=1)
+    w = tl.where(chosen, tl.exp(logits - top[:, None]), 0.0)
+    gates = tl.where(k > 0, w / tl.sum(w, axis=1)[:, None], 0.0).to(dt).to(tl.float32)
+    mid = (z.to(dt).to(tl.float32) * gates[:, :, None]).to(dt).to(tl.float32)
+    return mid, chosen & mine[:, None]
+
+
+@triton.jit
+def _lane_route_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, k_ptrs, n_ptrs, T, Ns, Es, Rs, C, skip_row,
+                              stride_zg, stride_zt, stride_zc, stride_bs, stride_bn, stride_ot, stride_k, stride_n,
+                              G: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out_g[t, ns] += B_g[row, ns] @ mid_g[t] for the tokens t of one lane's row in one tile, BLOCK_N outputs and one
+    of the G tables per program (table g's z and logits at zp[2 g] and zp[2 g + 1])."""
+    nb, g = tl.program_id(1), tl.program_id(2)
+    ts, row, mine = _lane_tokens(rows_ptr, T, skip_row, BLOCK_T)
+    if row >= 0:
+        ns = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        js = tl.arange(0, BLOCK_E * BLOCK_R)  # the flattened (expert, rank) cells: the dot's inner dimension
+        for i in tl.static_range(G):  # the tables are separate tensors: a branch per table, one runs
+            if g == i:
+                if nb * BLOCK_N < Ns[i]:  # the grid spans the widest table
+                    out_ptr = out_ptrs[i]
+                    dt = out_ptr.dtype.element_ty
+                    k = tl.load(k_ptrs[i] + row * stride_k[i]).to(tl.float32).to(tl.int32)
+                    n = tl.load(n_ptrs[i] + row * stride_n[i]).to(tl.float32).to(tl.int32)
+                    mid, chosen = _tile_gated(zp_ptr + 2 * i * stride_zg, ts, mine, stride_zg, stride_zt, stride_zc,
+                                              C, Es[i], Rs[i], k, n, dt, BLOCK_T, BLOCK_E, BLOCK_R)
+                    mid = tl.reshape(mid, (BLOCK_T, BLOCK_E * BLOCK_R))
+                    # B's columns of the experts some token of the row chose (none with k 0): the only ones read
+                    used = tl.max(chosen.to(tl.int32), axis=0)  # (BLOCK_E,): 1 where some token chose the expert
+                    es = tl.arange(0, BLOCK_E)
+                    cells = tl.sum(tl.where(es[None, :] == (js // BLOCK_R)[:, None], used[None, :], 0), axis=1)
+                    read = (tl.where(k > 0, cells, 0) > 0) & (js % BLOCK_R < Rs[i])
+                    n_ok = ns < Ns[i]
+                    cols = (js // BLOCK_R) * Rs[i] + js % BLOCK_R
+                    b = tl.load(b_ptrs[i] + row * stride_bs[i] + ns[None, :] * stride_bn[i] + cols[:, None],
+                                mask=read[:, None] & n_ok[None, :], other=0.0)
+                    acc = _dot(mid if F32 else mid.to(dt), b, F32)
+                    mask = mine[:, None] & n_ok[None, :]
+                    ptrs = out_ptr + ts[:, None] * stride_ot[i] + ns[None, :]
+                    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(ptrs, (y + acc).to(dt), mask=mask)
+
+
+def lane_route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip_row: int = -1) -> None:
+    """``route_kernel.route_expand`` (same arguments, checked there) by lanes of token tiles."""
+    t = zp.shape[1]
+    ups, outs, ks, ns, es, rs = zip(*tables)
+    block_e = triton.next_power_of_2(max(es))
+    block_r = max(triton.next_power_of_2(max(rs)), triton.cdiv(16, block_e))  # tl.dot's inner dimension >= 16
+    block_n = 64
+    _lane_route_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(u.shape[1] for u in ups), block_n),
+                               len(tables))](
+        zp, ups, rows, outs, ks, ns, t, tuple(u.shape[1] for u in ups), es, rs, zp.shape[2], skip_row, zp.stride(0),
+        zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
+        tuple(o.stride(0) for o in outs), tuple(v.stride(0) for v in ks), tuple(v.stride(0) for v in ns),
+        G=len(tables), F32=any(f32_products(o, [u]) for u, o in zip(ups, outs)), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+        BLOCK_E=block_e, BLOCK_R=block_r)
