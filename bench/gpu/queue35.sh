@@ -3,8 +3,8 @@
 #   1. the serving kernels' CUDA tests (the H200 needed more than 100 s: its Triton builds) -> $OUT/tests.log
 #   2. bench/serve.py with CUDA graphs (1, 8, 100 adapters, both mixed batches, MoLoRA, bottleneck, LLaMA-Adapter; no
 #      PEFT), each graph row of bench/serve.py's flag A/B list again with its flag flipped: among them
-#      StepContext.static_row_lanes on (the row shrink and expand by lanes of token tiles, serve/lane_kernels.py, off
-#      by default) for one LoRA, 100 adapters, both mixed batches and one MoLoRA -> $OUT/serve.json (+ log, table)
+#      StepContext.static_row_lanes on (the row shrink and expand by lanes of token tiles, serve/lane_kernels.py, and
+#      MoLoRA's route-expand, serve/lane_route.py; off by default) for one LoRA, 100 adapters, both mixed batches and one MoLoRA -> $OUT/serve.json (+ log, table)
 set -x
 OUT=${OUT:-/tmp/queue35}
 mkdir -p "$OUT"
