@@ -172,8 +172,9 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 rounding: the Triton interpreter truncates casts")
-@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "gelu_pytorch_tanh", "tanh"])
-def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
+@pytest.mark.parametrize("act,lanes", [(a, False) for a in ("relu", "silu", "gelu", "gelu_pytorch_tanh", "tanh")]
+                         + [("silu", True), ("gelu", True)])
+def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act, lanes):
     """In bf16 the one-launch path rounds where the gathered torch maths round (z, phi(z), the update, keep y,
     scaling update, their sum): outputs close and nearly all equal (only the fp32 sums' order differs; a path that
     truncated its casts, as the interpreter does, or skipped a rounding would differ in about half the values)."""
@@ -185,7 +186,7 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
     g = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     hidden, capacity = 256, 4
-    ctx = StepContext(capacity, use_triton=True)
+    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
     table = BatchedSublayer("mlp", hidden, ctx, torch.bfloat16, torch.device("cuda"))
     for slot in range(3):
         table.set_slot(slot, SublayerForm(rand(16, hidden), rand(16), rand(hidden, 16), rand(hidden), 0.5 + slot, act,
@@ -195,10 +196,12 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act):
     check_bf16_rounding(table, x, y, rows)
 
 
-def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows():
+@pytest.mark.parametrize("lanes", [False, True])
+def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows(lanes):
     """``sublayer_expand`` over 20 tokens (a run of one row, then mixed rows): against an einsum reference; the skipped
     row's partial sums (never written by the shrink: NaN here) are not read, its tokens get ``keep y + scaling (up
-    phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that slot's tokens."""
+    phi(down_bias) + up_bias)`` of the identity row; NaN in one slot's up reaches only that slot's tokens; ``lanes``:
+    by lanes of token tiles (``lane_expands``)."""
     import torch.nn.functional as F
 
     from peftlab.serve.sublayer_kernel import sublayer_expand
@@ -215,8 +218,8 @@ def test_sublayer_expand_tiles_read_no_skipped_sums_and_isolate_rows():
     keep, scaling = rand(skip + 1, 1), rand(skip + 1, 1)
     z = torch.where((rows == skip)[:, None], 0.0, zp.sum(1)[:, :width]) + down_bias[rows]
     want = keep[rows] * y + scaling[rows] * (torch.einsum("thw,tw->th", up[rows], F.silu(z)) + up_bias[rows])
-    got = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip)
+    got = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip, lanes=lanes)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     up[2, 0, 0] = float("nan")
-    poisoned = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip)
+    poisoned = sublayer_expand(zp, rows, y, down_bias, up, up_bias, keep, scaling, "silu", skip_row=skip, lanes=lanes)
     assert torch.equal(poisoned[rows != 2], got[rows != 2]) and not torch.isfinite(poisoned[rows == 2]).all()

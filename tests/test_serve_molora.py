@@ -148,7 +148,7 @@ def test_route_expand_reads_the_chosen_experts_columns_only(lanes):
     """The route-expand launch reads B's columns of each token's chosen experts only: with NaN in every expert's
     columns that no token of its slot chooses (top-1 of 4 or 5 experts, two tokens a slot), the result is finite and
     equals the gathered torch maths with the clean tables; the identity row is left exactly as it was; ``lanes``: the
-    launch by lanes of token tiles (``lane_route``)."""
+    launch by lanes of token tiles (``lane_expands``)."""
     from peftlab.core.adapter import ServingForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.routed import RoutedLowRank, row_terms

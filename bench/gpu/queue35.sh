@@ -4,7 +4,8 @@
 #   2. bench/serve.py with CUDA graphs (1, 8, 100 adapters, both mixed batches, MoLoRA, bottleneck, LLaMA-Adapter; no
 #      PEFT), each graph row of bench/serve.py's flag A/B list again with its flag flipped: among them
 #      StepContext.static_row_lanes on (the row shrink and expand by lanes of token tiles, serve/lane_kernels.py, and
-#      MoLoRA's route-expand, serve/lane_route.py; off by default) for one LoRA, 100 adapters, both mixed batches and one MoLoRA -> $OUT/serve.json (+ log, table)
+#      MoLoRA's route-expand and the bottleneck's expand, serve/lane_expands.py; off by default) for one LoRA, 100
+#      adapters, both mixed batches, one MoLoRA and one bottleneck -> $OUT/serve.json (+ log, table)
 set -x
 OUT=${OUT:-/tmp/queue35}
 mkdir -p "$OUT"

@@ -58,9 +58,9 @@ class StepContext:
     # shrink (serve/sublayer_kernel.py; one activation of ACTIVATIONS in the step), else the expand and torch
     static_sublayer_kernel: bool = True
     # with static_triton: the row shrink and expand by lanes of 16-token tiles, a tile's tokens of one row reading its
-    # factors once (serve/lane_kernels.py; MoLoRA's route-expand too, serve/lane_route.py), and the engine's steps
-    # ordered by slot so that they share tiles; off until a GPU A/B against the one-token programs (the first tiled
-    # form slowed mixed batches: bench/README.md)
+    # factors once (serve/lane_kernels.py; MoLoRA's route-expand and the bottleneck's expand, serve/lane_expands.py),
+    # and the engine's steps ordered by slot so that they share tiles; off until a GPU A/B against the one-token
+    # programs (the first tiled form slowed mixed batches: bench/README.md)
     static_row_lanes: bool = False
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 

@@ -10,8 +10,8 @@ form did 16; a tile of 16 adapters runs 16 programs side by side, as the one-tok
 session's first tiled form ran a tile's rows one after another in one program, which slowed mixed batches: 8
 adapters 0.71x the base step against 0.88x). The engine orders a step's requests by slot with this on, so that one
 adapter's tokens share tiles. Same contracts and outputs as ``kernels.row_shrink`` / ``row_expand`` (the expand
-reads B once per lane the same way); MoLoRA's route-expand has its lane form in ``lane_route``; the bottleneck's
-sub-layer expand stays one token a program."""
+reads B once per lane the same way); MoLoRA's route-expand and the bottleneck's sub-layer expand have theirs in
+``lane_expands``."""
 from __future__ import annotations
 
 import torch

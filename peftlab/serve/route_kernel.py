@@ -76,7 +76,7 @@ def route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip
     """``out[t] += up[i] @ (z[t] ⊙ gates[t])`` (i = rows[t]) for each of ``tables``, given as (up (S+1, N, E R) with
     the experts' blocks of R columns in order, out (T, N), top_k (S+1, 1), experts (S+1, 1) (small integers in any
     dtype), E, R); ``zp`` (2 G, T, C, >= E R) fp32 ``row_shrink``'s partial sums of [A_0, router_0, A_1, ...] (A (S+1,
-    E R, in), router (S+1, E, in)). Tokens of ``skip_row`` untouched. ``lanes``: ``lane_route.lane_route_expand``."""
+    E R, in), router (S+1, E, in)). Tokens of ``skip_row`` untouched. ``lanes``: ``lane_expands.lane_route_expand``."""
     if zp.shape[0] != 2 * len(tables):
         raise ValueError(f"route_expand: {len(tables)} tables need 2 x {len(tables)} partial sums, got {zp.shape[0]}")
     for up, out, top_k, experts, e, r in tables:
@@ -87,7 +87,7 @@ def route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip
     if t == 0:
         return
     if lanes:
-        from peftlab.serve.lane_route import lane_route_expand
+        from peftlab.serve.lane_expands import lane_route_expand
 
         lane_route_expand(zp, tables, rows, skip_row)
         return

@@ -137,7 +137,7 @@ class BatchedSublayer(ModuleTable):
             zp = row_shrink(source.contiguous(), [self.down], rows, skip_row=self.capacity,
                             lanes=self.context.static_row_lanes)[0]
             return sublayer_expand(zp, rows, y.contiguous(), self.down_bias, self.up, self.up_bias, self.keep,
-                                   self.scaling, names[0], skip_row=self.capacity)
+                                   self.scaling, names[0], skip_row=self.capacity, lanes=self.context.static_row_lanes)
         zp = row_shrink(source.contiguous(), [self.down], rows, lanes=self.context.static_row_lanes)[0]
         z = (zp.sum(1) + pick(self.down_bias).float()).to(x.dtype)
         h = self._activation(rows)(z).float()

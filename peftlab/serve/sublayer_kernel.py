@@ -65,11 +65,12 @@ def _sublayer_expand_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub
 
 def sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
                     up_bias: torch.Tensor, keep: torch.Tensor, scaling: torch.Tensor, activation: str,
-                    skip_row: int = -1) -> torch.Tensor:
+                    skip_row: int = -1, lanes: bool = False) -> torch.Tensor:
     """The adapted outputs (T, H) of every token (see the module's formula): ``zp`` (T, C, >= W) fp32 ``row_shrink``'s
     partial sums of down (S+1, W, H) for the tokens' sources (nothing written for ``skip_row``'s tokens, which then
     read z = 0), y (T, H) the sub-layer's output, down_bias (S+1, W), up (S+1, H, W), up_bias (S+1, H), keep and
-    scaling (S+1, 1), ``activation`` one of ``ACTIVATIONS``; rows (T,) on the device."""
+    scaling (S+1, 1), ``activation`` one of ``ACTIVATIONS``; rows (T,) on the device. ``lanes``: by lanes of token
+    tiles (``lane_expands.lane_sublayer_expand``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"sublayer_expand: activation {activation!r} has no kernel form; one of {sorted(ACTIVATIONS)}")
     t, h = y.shape
@@ -80,7 +81,11 @@ def sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, down_
                          f"{tuple(down_bias.shape)}, up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, rows "
                          f"{tuple(rows.shape)} do not fit (row-major last dimensions)")
     out = torch.empty_like(y)
-    if t:
+    if t and lanes:
+        from peftlab.serve.lane_expands import lane_sublayer_expand
+
+        lane_sublayer_expand(zp, rows, y, out, down_bias, up, up_bias, keep, scaling, ACTIVATIONS[activation], skip_row)
+    elif t:
         block_w = triton.next_power_of_2(w)
         block_n = max(16, min(128, 8192 // block_w))  # a (BLOCK_N, W) tile of up per program
         _sublayer_expand_kernel[(t, triton.cdiv(h, block_n))](

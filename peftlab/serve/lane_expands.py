@@ -1,11 +1,17 @@
-"""MoLoRA's route-expand by lanes of token tiles (``StepContext.static_row_lanes``, off by default until a GPU A/B).
+"""MoLoRA's route-expand and the bottleneck's sub-layer expand by lanes of token tiles (``StepContext.static_row_lanes``,
+off by default until a GPU A/B).
 
 ``route_kernel.route_expand`` runs one program per token: 64 tokens of one MoLoRA adapter read that adapter's B
 columns 64 times (658 us of a 5.0 ms decode step on an H100, thirty-second session). Here, as in ``lane_kernels``,
 the tokens come in tiles of 16 and lane j of a tile takes the tile's j-th distinct row with all of its tokens: the
 gates of each of those tokens (the same top-k softmax and rounding as the one-token kernel), then one ``tl.dot`` of
 their gated rank activations with B's columns of the experts that some token of the row chose, read once. Columns
-of experts no token of the row chose are never read; tokens of other rows are never written."""
+of experts no token of the row chose are never read; tokens of other rows are never written.
+
+The sub-layer expand (``sublayer_kernel.sublayer_expand``, 576 us of a bottleneck decode step) the same way: a lane
+takes its row's tokens, their activations phi(z + down_bias) and one ``tl.dot`` with the row's up projection, read
+once, then the blend. It writes every token (its output is a new tensor), so the identity row's tokens take a lane
+of their own, with z = 0 (the shrink wrote nothing for them)."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +20,7 @@ import triton.language as tl
 
 from peftlab.serve.kernels import _dot
 from peftlab.serve.lane_kernels import BLOCK_T, _lane_tokens, f32_products
+from peftlab.serve.sublayer_kernel import _phi
 
 
 @triton.jit
@@ -96,3 +103,48 @@ def lane_route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor,
         tuple(o.stride(0) for o in outs), tuple(v.stride(0) for v in ks), tuple(v.stride(0) for v in ns),
         G=len(tables), F32=any(f32_products(o, [u]) for u, o in zip(ups, outs)), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
         BLOCK_E=block_e, BLOCK_R=block_r)
+
+
+@triton.jit
+def _lane_sublayer_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub_ptr, keep_ptr, scaling_ptr, T, H, W, C,
+                          skip_row, stride_zt, stride_zc, stride_yt, stride_ot, stride_db, stride_us, stride_un,
+                          stride_ub, stride_keep, stride_scaling, ACT: tl.constexpr, F32: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``sublayer_kernel``'s formula for the tokens of one lane's row in one tile and BLOCK_N outputs per program."""
+    ts, row, mine = _lane_tokens(rows_ptr, T, -1, BLOCK_T)  # every row has lanes, the identity row's too
+    if row >= 0:
+        dt = out_ptr.dtype.element_ty
+        ws, cs = tl.arange(0, BLOCK_W), tl.arange(0, BLOCK_C)
+        w_ok = ws < W
+        chunks = C * (row != skip_row).to(tl.int32)  # the shrink wrote nothing for skip_row's tokens: z = 0 there
+        zp = tl.load(zp_ptr + ts[:, None, None] * stride_zt + cs[None, :, None] * stride_zc + ws[None, None, :],
+                     mask=mine[:, None, None] & (cs < chunks)[None, :, None] & w_ok[None, None, :], other=0.0)
+        z = tl.sum(zp, axis=1) + tl.load(db_ptr + row * stride_db + ws, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+        h = _phi(z.to(dt).to(tl.float32), ACT).to(dt)
+        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < H
+        up = tl.load(up_ptr + row * stride_us + ns[None, :] * stride_un + ws[:, None], mask=n_ok[None, :] & w_ok[:, None],
+                     other=0.0)
+        update = _dot(h.to(tl.float32) if F32 else h, up, F32) \
+            + tl.load(ub_ptr + row * stride_ub + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        keep = tl.load(keep_ptr + row * stride_keep).to(tl.float32)
+        scaling = tl.load(scaling_ptr + row * stride_scaling).to(tl.float32)
+        mask = mine[:, None] & n_ok[None, :]
+        y = tl.load(y_ptr + ts[:, None] * stride_yt + ns[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = (y * keep).to(dt).to(tl.float32) + (scaling * update.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(out_ptr + ts[:, None] * stride_ot + ns[None, :], out.to(dt), mask=mask)
+
+
+def lane_sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, out: torch.Tensor,
+                         down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor, keep: torch.Tensor,
+                         scaling: torch.Tensor, act: int, skip_row: int) -> None:
+    """``sublayer_kernel.sublayer_expand`` (arguments checked there) by lanes of token tiles, written into ``out``."""
+    t, h = y.shape
+    w = up.shape[2]
+    block_w = max(16, triton.next_power_of_2(w))  # tl.dot's inner dimension >= 16
+    block_n = max(16, min(128, 8192 // block_w))  # a (W, BLOCK_N) tile of up per lane
+    _lane_sublayer_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(h, block_n))](
+        zp, rows, y, out, down_bias, up, up_bias, keep, scaling, t, h, w, zp.shape[1], skip_row, zp.stride(0),
+        zp.stride(1), y.stride(0), out.stride(0), down_bias.stride(0), up.stride(0), up.stride(1), up_bias.stride(0),
+        keep.stride(0), scaling.stride(0), ACT=act, F32=f32_products(y, [up]), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+        BLOCK_W=block_w, BLOCK_C=triton.next_power_of_2(zp.shape[1]))
