@@ -128,7 +128,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             versions["activation_budget"] = budget
         # TrainArgs.recompute_pointwise, for the worker's lifetime: forced on (_pointwise), or the trainer's "auto"
         # (peftlab_compiled; PEFTLAB_BENCH_POINTWISE=0: off, the A/B)
-        auto = args.impl in ("peftlab_compiled", "peftlab_compiled_addmm") and os.environ.get("PEFTLAB_BENCH_POINTWISE") != "0" and \
+        auto = args.impl in ("peftlab_compiled", "peftlab_compiled_addmm") and \
+            os.environ.get("PEFTLAB_BENCH_POINTWISE") != "0" and \
             resolve_pointwise(TrainArgs(checkpointing=os.environ.get("PEFTLAB_BENCH_CKPT", "off")), backend, "layers",
                               torch.device(args.device), pointwise_gains(model))
         versions["recompute_pointwise"] = False

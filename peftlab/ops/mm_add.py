@@ -18,20 +18,21 @@ recompute around it, which is the likely cause (not verified).
 
 While compiling, the default (``PEFTLAB_MM_ADD_SPLIT`` unset or ``1``; ``0`` for the in-place form) traces the two
 products apart and adds them with a plain ``+``: no copy and no in-place add, and inductor can fuse the add into the
-consumer's pointwise kernel (the SwiGLU after gate/up, the rotary after q/k, the residual add after o/down). One more
-rounding to bf16 than the in-place form (the second product is rounded before the add, as PEFT's own LoRA forward
-does). Inductor keeps ``mm + add`` apart only on a GPU and only where every reader of the sum is pointwise (its
-post-grad ``addmm`` pattern, ``should_prefer_unfused_addmm``); elsewhere (and always on the CPU) it fuses them back
-into the same ``addmm``, so no CPU proxy can show the difference. Measured on an H100 (twentieth session,
-bench/README.md), alternating the two forms in four processes: the 1B LoRA step 57.12 / 57.58 ms split against
-58.66 / 58.36 in place, DoRA 63.83 against 65.77, the same peak memory.
+consumer's pointwise kernel (the SwiGLU after gate/up, the rotary after q/k, the residual add after o/down). One
+more rounding to bf16 than the in-place form (the second product is rounded before the add, as PEFT's own LoRA
+forward does). Inductor keeps ``mm + add`` apart only on a GPU and only where every reader of the sum is pointwise
+(its post-grad ``addmm`` pattern, ``should_prefer_unfused_addmm``); elsewhere (and always on the CPU) it fuses them
+back into the same ``addmm``, so no CPU proxy shows the difference unless that choice is forced
+(``tests/test_mm_add_pass.py`` forces it to count the ``addmm`` a GPU would keep). Measured on an H100 (twentieth
+session, bench/README.md), alternating the two forms in four processes: the 1B LoRA step 57.12 / 57.58 ms split
+against 58.66 / 58.36 in place, DoRA 63.83 against 65.77, the same peak memory.
 
 Where inductor does fuse the split sum back into an ``addmm`` (a reader that is not pointwise), the copy is back:
-the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA and VeRA steps, 128 in DoRA's
-(~18 us each). On the CPU, with inductor made to take its GPU-side choice, a compiled LoRA layer keeps six ``addmm``
-(q, k, v, gate, up: sums saved for backward or read by attention / the rotary's ``cat``; one input gradient): 6 x 16
-layers = 96 (``tests/test_mm_add_pass.py``). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to the in-place op after the
-partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
+the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA and VeRA steps, 128 in DoRA's (~18
+us each). On the CPU, with inductor made to take its GPU-side choice, a compiled LoRA layer keeps six ``addmm`` (q,
+k, v, gate, up: sums saved for backward or read by attention / the rotary's ``cat``; one input gradient): 6 x 16
+layers = 96 (``tests/test_mm_add_pass.py``). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to
+the in-place op after the partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def addmm_in_place(graph: torch.fx.Graph) -> int:
     Where a split ``mm_add``'s sum feeds something other than pointwise kernels (the value projection into attention,
     the output projection's input gradient into attention's backward, ...), inductor fuses ``mm + mm`` back into an
     ``addmm`` (``fx_passes/post_grad.py``), and ATen's out-of-place ``addmm`` first copies its (tokens, out) addend
-    into the new output (the 1B profiles' ``memcpy128`` rows: see the module's docstring). The rewrite runs after the forward / backward partition, so unlike
-    the opaque op while tracing (``PEFTLAB_MM_ADD_OP``) it cannot change what the partitioner saves or recomputes."""
+    into the new output (the 1B profiles' ``memcpy128`` rows: see the module's docstring). The rewrite runs after
+    the forward / backward partition, so unlike the opaque op while tracing (``PEFTLAB_MM_ADD_OP``) it cannot change
+    what the partitioner saves or recomputes."""
     aten, count = torch.ops.aten, 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.addmm.default or len(node.args) != 3:

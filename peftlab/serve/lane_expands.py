@@ -1,5 +1,5 @@
-"""MoLoRA's route-expand and the bottleneck's sub-layer expand by lanes of token tiles (``StepContext.static_row_lanes``,
-off by default until a GPU A/B).
+"""MoLoRA's route-expand and the bottleneck's sub-layer expand by lanes of token tiles
+(``StepContext.static_row_lanes``, off by default until a GPU A/B).
 
 ``route_kernel.route_expand`` runs one program per token: 64 tokens of one MoLoRA adapter read that adapter's B
 columns 64 times (658 us of a 5.0 ms decode step on an H100, thirty-second session). Here, as in ``lane_kernels``,
@@ -123,8 +123,8 @@ def _lane_sublayer_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub_p
         h = _phi(z.to(dt).to(tl.float32), ACT).to(dt)
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < H
-        up = tl.load(up_ptr + row * stride_us + ns[None, :] * stride_un + ws[:, None], mask=n_ok[None, :] & w_ok[:, None],
-                     other=0.0)
+        up = tl.load(up_ptr + row * stride_us + ns[None, :] * stride_un + ws[:, None],
+                     mask=n_ok[None, :] & w_ok[:, None], other=0.0)
         update = _dot(h.to(tl.float32) if F32 else h, up, F32) \
             + tl.load(ub_ptr + row * stride_ub + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         keep = tl.load(keep_ptr + row * stride_keep).to(tl.float32)
