@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -233,42 +234,66 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     return model
 
 
-_LOADING = 0
 _RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "orthogonal_")
 _FILLS = ("zeros_", "ones_", "constant_", "eye_", "dirac_")
+_SKIP = threading.local()  # depth: how deep this thread is inside random_init_skipped
+_SKIP_LOCK = threading.Lock()
+_SKIP_STATE: dict = {"threads": 0, "originals": {}}  # threads inside; nn.init's functions while the wrappers are in
 
 
-def _skip_for_parameters(fill):
-    """``fill`` as a no-op on parameters; other tensors (buffers a layer computes from them) are still filled."""
-    return lambda tensor, *args, **kwargs: tensor if isinstance(tensor, nn.Parameter) else fill(tensor, *args, **kwargs)
+def _skipping() -> bool:
+    return getattr(_SKIP, "depth", 0) > 0
+
+
+def _init_wrapper(fill, random: bool):
+    """``fill`` (an nn.init function), a no-op in a thread inside ``random_init_skipped``: always if ``random``, on
+    parameters only otherwise (buffers a layer computes from them are still filled)."""
+    def init(tensor, *args, **kwargs):
+        if _skipping() and (random or isinstance(tensor, nn.Parameter)):
+            return tensor
+        return fill(tensor, *args, **kwargs)
+    return init
 
 
 @contextmanager
 def random_init_skipped() -> Iterator[None]:
-    """``torch.nn.init``'s random fills as no-ops (process-wide, as transformers' ``no_init_weights``), and its
-    deterministic fills (zeros_, ones_, ...) as no-ops on parameters, for adapters built only to be overwritten by
-    a checkpoint. Deterministic fills of other tensors and anything drawn from an explicit generator outside nn.init
-    (VeRA's projections) still run."""
-    global _LOADING
-    saved = {n: getattr(nn.init, n) for n in _RANDOM_INITS + _FILLS}
-    _LOADING += 1
+    """``torch.nn.init``'s random fills as no-ops, and its deterministic fills (zeros_, ones_, ...) as no-ops on
+    parameters, in this thread, for adapters built only to be overwritten by a checkpoint. Deterministic fills of
+    other tensors and anything drawn from an explicit generator outside nn.init (VeRA's projections) still run.
+
+    nn.init's functions are process-wide, so wrappers that ask whether the calling thread is inside stand in for them
+    from the first thread's entry to the last thread's exit, under a lock. Saving and restoring them per call (as
+    transformers' ``no_init_weights`` does) raced: the serving store's prefetch thread loading one adapter while
+    another thread loaded another could restore the no-ops for good (A saves the real functions, B saves A's no-ops,
+    A restores, B restores the no-ops), and every adapter built after that started from uninitialised memory; a
+    thread outside also had its own inits skipped while another was loading. The likely cause of the NaN losses of
+    one CI run on 2026-12-07 (thirty-third session; a race, not reproduced on demand)."""
+    with _SKIP_LOCK:
+        if _SKIP_STATE["threads"] == 0:
+            originals = {n: getattr(nn.init, n) for n in _RANDOM_INITS + _FILLS}
+            _SKIP_STATE["originals"] = originals
+            for n, fn in originals.items():
+                setattr(nn.init, n, _init_wrapper(fn, n in _RANDOM_INITS))
+        _SKIP_STATE["threads"] += 1
+    _SKIP.depth = getattr(_SKIP, "depth", 0) + 1
     try:
-        for n in _RANDOM_INITS:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        for n in _FILLS:
-            setattr(nn.init, n, _skip_for_parameters(saved[n]))
         yield
     finally:
-        for n, fn in saved.items():
-            setattr(nn.init, n, fn)
-        _LOADING -= 1
+        _SKIP.depth -= 1
+        with _SKIP_LOCK:
+            _SKIP_STATE["threads"] -= 1
+            if _SKIP_STATE["threads"] == 0:
+                for n, fn in _SKIP_STATE["originals"].items():
+                    setattr(nn.init, n, fn)
+                _SKIP_STATE["originals"] = {}
 
 
 def loading() -> bool:
-    """Whether adapters are being built only to be overwritten by a checkpoint (inside ``random_init_skipped``):
-    an initialisation that needs what is gone by then (LoftQ's full-precision base) may stand aside."""
-    return _LOADING > 0
+    """Whether adapters are being built only to be overwritten by a checkpoint (this thread is inside
+    ``random_init_skipped``): an initialisation that needs what is gone by then (LoftQ's full-precision base) may
+    stand aside."""
+    return _skipping()
 
 
 def fully_loaded(tensors: Iterable[torch.Tensor]) -> set[int]:
