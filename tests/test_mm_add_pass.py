@@ -97,7 +97,6 @@ def test_compiled_lora_layer_keeps_no_copying_addmm(on, monkeypatch):
     saved for backward or read by attention and the rotary's ``cat``, and one input gradient: the 6 ``memcpy128`` a
     layer of the H100 profiles); with it, none, each one an in-place ``peftlab::mm_add``."""
     import re
-    import sys
     from pathlib import Path
 
     import torch._inductor.fx_passes.post_grad as post_grad
@@ -106,7 +105,6 @@ def test_compiled_lora_layer_keeps_no_copying_addmm(on, monkeypatch):
     import peftlab
     from peftlab.train.packing import compile_model
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from models import tiny_llama
 
     if not hasattr(post_grad, "is_gpu"):

@@ -14,7 +14,6 @@ once, then the blend. It writes every token (its output is a new tensor), so the
 of their own, with z = 0 (the shrink wrote nothing for them)."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -89,19 +88,14 @@ def _lane_route_expand_kernel(zp_ptr, b_ptrs, rows_ptr, out_ptrs, k_ptrs, n_ptrs
                     tl.store(ptrs, (y + acc).to(dt), mask=mask)
 
 
-def lane_route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip_row: int = -1) -> None:
-    """``route_kernel.route_expand`` (same arguments, checked there) by lanes of token tiles."""
-    t = zp.shape[1]
-    ups, outs, ks, ns, es, rs = zip(*tables)
-    block_e = triton.next_power_of_2(max(es))
-    block_r = max(triton.next_power_of_2(max(rs)), triton.cdiv(16, block_e))  # tl.dot's inner dimension >= 16
+def lane_route_expand(args: dict, tables: list[tuple], t: int) -> None:
+    """``route_kernel.route_expand`` by lanes of token tiles: ``args`` its kernels' shared arguments
+    (``route_kernel.route_args``) for ``tables`` and ``t`` tokens."""
+    block_e = triton.next_power_of_2(max(args["Es"]))
+    block_r = max(triton.next_power_of_2(max(args["Rs"])), triton.cdiv(16, block_e))  # tl.dot's inner dimension >= 16
     block_n = 64
-    _lane_route_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(u.shape[1] for u in ups), block_n),
-                               len(tables))](
-        zp, ups, rows, outs, ks, ns, t, tuple(u.shape[1] for u in ups), es, rs, zp.shape[2], skip_row, zp.stride(0),
-        zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
-        tuple(o.stride(0) for o in outs), tuple(v.stride(0) for v in ks), tuple(v.stride(0) for v in ns),
-        G=len(tables), F32=any(f32_products(o, [u]) for u, o in zip(ups, outs)), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+    _lane_route_expand_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(max(args["Ns"]), block_n), len(tables))](
+        **args, T=t, F32=any(f32_products(o, [u]) for u, o, *_ in tables), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
         BLOCK_E=block_e, BLOCK_R=block_r)
 
 
@@ -135,16 +129,11 @@ def _lane_sublayer_kernel(zp_ptr, rows_ptr, y_ptr, out_ptr, db_ptr, up_ptr, ub_p
         tl.store(out_ptr + ts[:, None] * stride_ot + ns[None, :], out.to(dt), mask=mask)
 
 
-def lane_sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, out: torch.Tensor,
-                         down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor, keep: torch.Tensor,
-                         scaling: torch.Tensor, act: int, skip_row: int) -> None:
-    """``sublayer_kernel.sublayer_expand`` (arguments checked there) by lanes of token tiles, written into ``out``."""
-    t, h = y.shape
-    w = up.shape[2]
-    block_w = max(16, triton.next_power_of_2(w))  # tl.dot's inner dimension >= 16
+def lane_sublayer_expand(args: dict, t: int) -> None:
+    """``sublayer_kernel.sublayer_expand`` by lanes of token tiles: ``args`` the arguments its kernels share, for
+    ``t`` tokens."""
+    block_w = max(16, triton.next_power_of_2(args["W"]))  # tl.dot's inner dimension >= 16
     block_n = max(16, min(128, 8192 // block_w))  # a (W, BLOCK_N) tile of up per lane
-    _lane_sublayer_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(h, block_n))](
-        zp, rows, y, out, down_bias, up, up_bias, keep, scaling, t, h, w, zp.shape[1], skip_row, zp.stride(0),
-        zp.stride(1), y.stride(0), out.stride(0), down_bias.stride(0), up.stride(0), up.stride(1), up_bias.stride(0),
-        keep.stride(0), scaling.stride(0), ACT=act, F32=f32_products(y, [up]), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
-        BLOCK_W=block_w, BLOCK_C=triton.next_power_of_2(zp.shape[1]))
+    _lane_sublayer_kernel[(triton.cdiv(t, BLOCK_T) * BLOCK_T, triton.cdiv(args["H"], block_n))](
+        **args, T=t, F32=f32_products(args["y_ptr"], [args["up_ptr"]]), BLOCK_T=BLOCK_T, BLOCK_N=block_n,
+        BLOCK_W=block_w)

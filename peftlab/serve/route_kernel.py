@@ -83,19 +83,27 @@ def route_expand(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip
         if up.shape[2] != e * r or out.shape != (zp.shape[1], up.shape[1]) or up.stride(2) != 1 or out.stride(1) != 1:
             raise ValueError(f"route_expand: up {tuple(up.shape)}, out {tuple(out.shape)} do not fit {e} experts of rank "
                              f"{r} and {zp.shape[1]} tokens (row-major)")
-    t, chunks = zp.shape[1], zp.shape[2]
+    t = zp.shape[1]
     if t == 0:
         return
+    args = route_args(zp, tables, rows, skip_row)
     if lanes:
         from peftlab.serve.lane_expands import lane_route_expand
 
-        lane_route_expand(zp, tables, rows, skip_row)
+        lane_route_expand(args, tables, t)
         return
-    ups, outs, ks, ns, es, rs = zip(*tables)
-    block_e, block_r = triton.next_power_of_2(max(es)), triton.next_power_of_2(max(rs))
+    block_e, block_r = triton.next_power_of_2(max(args["Es"])), triton.next_power_of_2(max(args["Rs"]))
     block_n = max(16, min(128, 4096 // (block_e * block_r)))  # a (BLOCK_N, E, R) tile of B per program
-    _route_expand_kernel[(t, triton.cdiv(max(u.shape[1] for u in ups), block_n), len(tables))](
-        zp, ups, rows, outs, ks, ns, tuple(u.shape[1] for u in ups), es, rs, chunks, skip_row, zp.stride(0),
-        zp.stride(1), zp.stride(2), tuple(u.stride(0) for u in ups), tuple(u.stride(1) for u in ups),
-        tuple(o.stride(0) for o in outs), tuple(v.stride(0) for v in ks), tuple(v.stride(0) for v in ns),
-        G=len(tables), BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_R=block_r)
+    _route_expand_kernel[(t, triton.cdiv(max(args["Ns"]), block_n), len(tables))](
+        **args, BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_R=block_r)
+
+
+def route_args(zp: torch.Tensor, tables: list[tuple], rows: torch.Tensor, skip_row: int) -> dict:
+    """The keyword arguments the route-expand kernels share (``route_expand``'s tables, checked there)."""
+    ups, outs, ks, ns, es, rs = zip(*tables)
+    return dict(zp_ptr=zp, b_ptrs=ups, rows_ptr=rows, out_ptrs=outs, k_ptrs=ks, n_ptrs=ns,
+                Ns=tuple(u.shape[1] for u in ups), Es=es, Rs=rs, C=zp.shape[2], skip_row=skip_row,
+                stride_zg=zp.stride(0), stride_zt=zp.stride(1), stride_zc=zp.stride(2),
+                stride_bs=tuple(u.stride(0) for u in ups), stride_bn=tuple(u.stride(1) for u in ups),
+                stride_ot=tuple(o.stride(0) for o in outs), stride_k=tuple(v.stride(0) for v in ks),
+                stride_n=tuple(v.stride(0) for v in ns), G=len(tables))

@@ -81,16 +81,21 @@ def sublayer_expand(zp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, down_
                          f"{tuple(down_bias.shape)}, up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, rows "
                          f"{tuple(rows.shape)} do not fit (row-major last dimensions)")
     out = torch.empty_like(y)
-    if t and lanes:
+    if t == 0:
+        return out
+    # the keyword arguments the one-token and lane kernels share
+    args = dict(zp_ptr=zp, rows_ptr=rows, y_ptr=y, out_ptr=out, db_ptr=down_bias, up_ptr=up, ub_ptr=up_bias,
+                keep_ptr=keep, scaling_ptr=scaling, H=h, W=w, C=zp.shape[1], skip_row=skip_row, stride_zt=zp.stride(0),
+                stride_zc=zp.stride(1), stride_yt=y.stride(0), stride_ot=out.stride(0), stride_db=down_bias.stride(0),
+                stride_us=up.stride(0), stride_un=up.stride(1), stride_ub=up_bias.stride(0),
+                stride_keep=keep.stride(0), stride_scaling=scaling.stride(0), ACT=ACTIVATIONS[activation],
+                BLOCK_C=triton.next_power_of_2(zp.shape[1]))
+    if lanes:
         from peftlab.serve.lane_expands import lane_sublayer_expand
 
-        lane_sublayer_expand(zp, rows, y, out, down_bias, up, up_bias, keep, scaling, ACTIVATIONS[activation], skip_row)
-    elif t:
+        lane_sublayer_expand(args, t)
+    else:
         block_w = triton.next_power_of_2(w)
         block_n = max(16, min(128, 8192 // block_w))  # a (BLOCK_N, W) tile of up per program
-        _sublayer_expand_kernel[(t, triton.cdiv(h, block_n))](
-            zp, rows, y, out, down_bias, up, up_bias, keep, scaling, h, w, zp.shape[1], skip_row, zp.stride(0),
-            zp.stride(1), y.stride(0), out.stride(0), down_bias.stride(0), up.stride(0), up.stride(1),
-            up_bias.stride(0), keep.stride(0), scaling.stride(0), ACT=ACTIVATIONS[activation], BLOCK_N=block_n,
-            BLOCK_W=block_w, BLOCK_C=triton.next_power_of_2(zp.shape[1]))
+        _sublayer_expand_kernel[(t, triton.cdiv(h, block_n))](**args, BLOCK_N=block_n, BLOCK_W=block_w)
     return out
