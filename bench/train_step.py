@@ -24,7 +24,8 @@ graphs per layer unless checkpointed, env PEFTLAB_BENCH_COMPILE_MODE=default for
 include compiling; and the trainer's pointwise recompute where its "auto" turns it on, recorded as
 ``versions.recompute_pointwise``; env PEFTLAB_BENCH_POINTWISE=0: never, the A/B),
 ``peftlab_compiled_addmm`` (the same with ``ops/mm_add.py``'s in-place addmm pass, ``PEFTLAB_ADDMM_IN_PLACE=1``:
-the A/B), ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
+the A/B), ``peftlab_compiled_sdpa_mask`` (the same with a KV prefix's attention left to transformers' ``sdpa`` and
+its mask, ``PEFTLAB_PREFIX_FLASH=0``: the A/B of ``ops/prefix_attention.py``), ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_compiled_pointwise`` (compiled layers recomputing their pointwise work, ``TrainArgs.recompute_pointwise``),
 ``peftlab_compiled_ref`` (compiled layers over the reference path, ``PEFTLAB_FAST=0``: no fused nodes),
@@ -95,6 +96,8 @@ def worker_env(args, impl: str) -> dict[str, str]:
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
     if impl == "peftlab_compiled_addmm":  # the A/B of ops/mm_add.py's in-place pass (off by default): with it
         env["PEFTLAB_ADDMM_IN_PLACE"] = "1"
+    if impl == "peftlab_compiled_sdpa_mask":  # the A/B of ops/prefix_attention.py: a KV prefix under sdpa's mask
+        env["PEFTLAB_PREFIX_FLASH"] = "0"
     if impl in ("peftlab_ref", "peftlab_compiled_ref"):
         env["PEFTLAB_FAST"] = "0"
     elif impl.startswith("peftlab"):

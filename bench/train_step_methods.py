@@ -10,10 +10,10 @@ import competitors  # bench/competitors.py, beside this file (bench/train_step.p
 from peftlab.compare.peft_backend import PeftUnmapped as Unmapped, to_peft_config
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_addmm",
-         "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peftlab_compiled_ref",
-         "peftlab_liger", "peft", "peft_liger", "unsloth")
-COMPILED = ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_lean", "peftlab_compiled_budget",
-            "peftlab_compiled_pointwise", "peftlab_compiled_ref", "frozen_compiled")
+         "peftlab_compiled_sdpa_mask", "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise",
+         "peftlab_compiled_ref", "peftlab_liger", "peft", "peft_liger", "unsloth")
+COMPILED = ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_sdpa_mask", "peftlab_compiled_lean",
+            "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peftlab_compiled_ref", "frozen_compiled")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

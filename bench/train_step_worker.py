@@ -118,6 +118,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
         if os.environ.get("PEFTLAB_BENCH_INDUCTOR"):  # A/B: inductor settings, "triton.prefer_nd_tiling=1,..."
             versions["inductor_config"] = set_inductor_config(os.environ["PEFTLAB_BENCH_INDUCTOR"])
         versions["addmm_in_place"] = os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "") == "1"  # ops/mm_add.py's pass
+        versions["attention"] = getattr(model.config, "_attn_implementation", None)  # peftlab_sdpa: a KV prefix
         if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
             versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
         if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
@@ -128,7 +129,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             versions["activation_budget"] = budget
         # TrainArgs.recompute_pointwise, for the worker's lifetime: forced on (_pointwise), or the trainer's "auto"
         # (peftlab_compiled; PEFTLAB_BENCH_POINTWISE=0: off, the A/B)
-        auto = args.impl in ("peftlab_compiled", "peftlab_compiled_addmm") and \
+        auto = args.impl in ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_sdpa_mask") and \
             os.environ.get("PEFTLAB_BENCH_POINTWISE") != "0" and \
             resolve_pointwise(TrainArgs(checkpointing=os.environ.get("PEFTLAB_BENCH_CKPT", "off")), backend, "layers",
                               torch.device(args.device), pointwise_gains(model))

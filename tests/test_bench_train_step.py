@@ -150,3 +150,22 @@ def test_train_overhead_proxy_runs(tmp_path, monkeypatch):
     assert {"frozen base", "lora peftlab", "lora peft", "lora peftlab compiled", "tied_lora peftlab",
             "tied_lora peftlab compiled"} == set(doc["step_ms_median"])  # PEFT has no Tied-LoRA: no row, no ratio
     assert "lora peftlab" in doc["ratios"] and "tied_lora peftlab" not in doc["ratios"]
+
+
+def test_sdpa_mask_impl_keeps_transformers_attention(monkeypatch):
+    """``peftlab_compiled_sdpa_mask`` runs a KV prefix under transformers' sdpa (its mask), the default impl under
+    ops/prefix_attention.py's ``peftlab_sdpa``; each worker records which."""
+    monkeypatch.delenv("PEFTLAB_PREFIX_FLASH", raising=False)
+    monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
+    args = train_step.parse_args(["--shape", "tiny", "--device", "cpu"])
+    assert train_step.worker_env(args, "peftlab_compiled_sdpa_mask")["PEFTLAB_PREFIX_FLASH"] == "0"
+    for impl, attention in (("peftlab_compiled_sdpa_mask", "sdpa"), ("peftlab_compiled", "peftlab_sdpa")):
+        for key, value in train_step.worker_env(args, impl).items():
+            if key.startswith("PEFTLAB_"):
+                monkeypatch.setenv(key, value)
+        record = train_step.run_worker(train_step.parse_args(
+            ["--worker", "--method", "prefix_tuning", "--impl", impl, "--shape", "tiny", "--device", "cpu",
+             "--steps", "1", "--warmup", "0", "--seq", "16"]))
+        sys.modules["train_step_worker"]._KEEP.clear()
+        monkeypatch.delenv("PEFTLAB_PREFIX_FLASH", raising=False)
+        assert record["versions"]["attention"] == attention, impl

@@ -13,6 +13,7 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.input_side import HookedAdapter, HookMethod, text_config
+from peftlab.ops import prefix_attention
 
 TOP_LEVEL = ("prompt_embeddings",)
 
@@ -134,6 +135,11 @@ class KVPrefix(VirtualTable):
         super().__init__(*args, **kwargs)
         self.shape = shape
         self.num_prefix_tokens = self.rows_count
+
+    def install(self, model: nn.Module) -> list:
+        # the prefix sits in the KV cache before the queries: causal attention aligned to the bottom right, which the
+        # flash kernel takes without the mask transformers' sdpa would build (ops/prefix_attention.py)
+        return [prefix_attention.install(model)]
 
     @torch.no_grad()
     def load_rows(self, table: torch.Tensor) -> None:

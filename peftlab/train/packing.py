@@ -41,7 +41,7 @@ from peftlab.core.config import ConfigError
 from peftlab.ops.mm_add import inductor_options
 from peftlab.train.data import IGNORE_INDEX
 
-PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKING_ATTENTION = ("sdpa", "peftlab_sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 class PackingCollator:
