@@ -84,8 +84,15 @@ class HookedAdapter(nn.Module):
         super().__init__()
         self.active = False
         self.handles: list[Any] = []
+        self.settings: list[Any] = []
 
     def install(self, model: nn.Module) -> list[Any]:
+        """Forward hooks on the model's modules (removed at detach); serving refuses adapters that have any."""
+        return []
+
+    def configure(self, model: nn.Module) -> list[Any]:
+        """Handles (``remove()``) of model settings changed while attached that are not hooks: the same function of
+        the inputs, computed another way (a KV prefix's attention implementation)."""
         return []
 
     def virtual_tokens(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -141,6 +148,7 @@ class HookMethod:
         adapter.to(device=ref.device, dtype=torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype)
         adapter.train(model.training)  # no adapter dropout in a model that is in eval mode (as weight-side layers)
         adapter.handles = adapter.install(model)
+        adapter.settings = adapter.configure(model)
         container = hooked(model, create=True)
         container[name] = adapter
 
@@ -148,7 +156,7 @@ class HookMethod:
         container = hooked(model)
         if container is None or name not in container:
             return
-        for handle in container[name].handles:
+        for handle in container[name].handles + container[name].settings:
             handle.remove()
         del container[name]
         if not len(container):
