@@ -50,8 +50,16 @@ def test_bottom_right_mask():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_bottom_right_on_cuda(dtype):
     q, k, _ = _qkv("cuda", dtype, dim=64)
-    assert prefix_attention._flash_takes(q, k)
+    assert prefix_attention._flash_devices() and prefix_attention._flash_takes(q, k)
     _check("cuda", dtype, 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash branch is taken on CUDA only")
+def test_flash_branch_compiles_in_one_graph():
+    prefix_attention._flash_devices()
+    q, k, v = _qkv("cuda", torch.bfloat16, dim=64)
+    got = torch.compile(prefix_attention.bottom_right_attention, fullgraph=True)(q, k, v, 0.3)
+    torch.testing.assert_close(got.float(), _reference(q, k, v, 0.3), atol=2e-2, rtol=2e-2)
 
 
 def _prefix_model(seed=0):

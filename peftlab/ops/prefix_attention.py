@@ -24,6 +24,7 @@ from torch import nn
 NAME = "peftlab_sdpa"
 _HALF = (torch.float16, torch.bfloat16)
 _lock = threading.Lock()
+_FLASH_DEVICES: bool | None = None  # _flash_devices()
 _USERS = "_peftlab_prefix_attention_users"  # in the model's __dict__: no state_dict, no config.json
 
 
@@ -32,17 +33,28 @@ def bottom_right_mask(queries: int, keys: int, device=None) -> torch.Tensor:
     return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
+def _flash_devices() -> bool:
+    """Every visible CUDA device runs the flash kernel (sm 8.0 and up). Asked outside compiled code (``install``),
+    as dynamo cannot trace the query: compiled layers then read a constant."""
+    global _FLASH_DEVICES
+    if _FLASH_DEVICES is None:
+        _FLASH_DEVICES = torch.cuda.is_available() and all(
+            torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
+    return _FLASH_DEVICES
+
+
 def _flash_takes(query: torch.Tensor, key: torch.Tensor) -> bool:
     head_dim = query.shape[-1]
     return (query.is_cuda and query.dtype in _HALF and head_dim % 8 == 0 and head_dim <= 256
-            and query.shape[1] % key.shape[1] == 0 and torch.backends.cuda.flash_sdp_enabled())
+            and query.shape[1] % key.shape[1] == 0 and bool(_FLASH_DEVICES))
 
 
 def bottom_right_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                            dropout: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ · scale) v, query i seeing keys 0 .. keys - queries + i. query (batch, heads, queries, dim), key
     and value (batch, kv_heads, keys, dim) with kv_heads dividing heads (grouped queries); returns query's shape.
-    The flash kernel where it takes the call (CUDA, half precision), else SDPA with the mask."""
+    The flash kernel where it takes the call (CUDA sm 8.0+, half precision; ``torch.nn.attention.sdpa_kernel``'s
+    choice of backends is not consulted: ``PEFTLAB_PREFIX_FLASH=0`` is the way out), else SDPA with the mask."""
     if _flash_takes(query, key):
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, False,
                                                                   scale=scale)[0]
@@ -123,6 +135,7 @@ def install(model: nn.Module) -> _Handle:
         return _Handle(None)
     with _lock:
         _register()
+        _flash_devices()
         model.__dict__[_USERS] = model.__dict__.get(_USERS, 0) + 1
         config._attn_implementation = NAME
     return _Handle(model)
