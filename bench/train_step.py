@@ -23,9 +23,11 @@ inductor, ``TrainArgs(compile="inductor", compile_scope="layers")``, in the trai
 graphs per layer unless checkpointed, env PEFTLAB_BENCH_COMPILE_MODE=default for torch's default; the warm-up steps
 include compiling; and the trainer's pointwise recompute where its "auto" turns it on, recorded as
 ``versions.recompute_pointwise``; env PEFTLAB_BENCH_POINTWISE=0: never, the A/B),
-``peftlab_compiled_addmm`` (the same with ``ops/mm_add.py``'s in-place addmm pass, ``PEFTLAB_ADDMM_IN_PLACE=1``:
-the A/B), ``peftlab_compiled_sdpa_mask`` (the same with a KV prefix's attention left to transformers' ``sdpa`` and
-its mask, ``PEFTLAB_PREFIX_FLASH=0``: the A/B of ``ops/prefix_attention.py``), ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
+``peftlab_compiled_addmm`` (the same with ``ops/mm_add.py``'s in-place addmm pass forced on,
+``PEFTLAB_ADDMM_IN_PLACE=1``; the pass is the default since the thirty-fourth session, so the A/B is both impls under
+``PEFTLAB_ADDMM_IN_PLACE=0``), ``peftlab_compiled_sdpa_mask`` (the same with a KV prefix's attention left to
+transformers' ``sdpa`` and its mask, ``PEFTLAB_PREFIX_FLASH=0``: the A/B of ``ops/prefix_attention.py``),
+``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_compiled_pointwise`` (compiled layers recomputing their pointwise work, ``TrainArgs.recompute_pointwise``),
 ``peftlab_compiled_ref`` (compiled layers over the reference path, ``PEFTLAB_FAST=0``: no fused nodes),
@@ -94,7 +96,7 @@ def worker_env(args, impl: str) -> dict[str, str]:
     env = dict(os.environ)
     if impl == "unsloth":  # its site folder carries its own trl / datasets: only on the Unsloth runs' path
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
-    if impl == "peftlab_compiled_addmm":  # the A/B of ops/mm_add.py's in-place pass (off by default): with it
+    if impl == "peftlab_compiled_addmm":  # ops/mm_add.py's in-place pass forced on (the A/B: PEFTLAB_ADDMM_IN_PLACE=0)
         env["PEFTLAB_ADDMM_IN_PLACE"] = "1"
     if impl == "peftlab_compiled_sdpa_mask":  # the A/B of ops/prefix_attention.py: a KV prefix under sdpa's mask
         env["PEFTLAB_PREFIX_FLASH"] = "0"

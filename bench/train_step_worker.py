@@ -58,6 +58,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
+    from peftlab.ops.mm_add import addmm_pass_enabled
     from peftlab.train.args import TrainArgs
     from peftlab.train.packing import (compile_model, layers_compile, model_compile_mode, pointwise_gains,
                                        resolve_pointwise)
@@ -117,7 +118,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             versions["combo_kernels"] = True
         if os.environ.get("PEFTLAB_BENCH_INDUCTOR"):  # A/B: inductor settings, "triton.prefer_nd_tiling=1,..."
             versions["inductor_config"] = set_inductor_config(os.environ["PEFTLAB_BENCH_INDUCTOR"])
-        versions["addmm_in_place"] = os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "") == "1"  # ops/mm_add.py's pass
+        versions["addmm_in_place"] = addmm_pass_enabled()  # ops/mm_add.py's pass
         versions["attention"] = getattr(model.config, "_attn_implementation", None)  # peftlab_sdpa: a KV prefix
         if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
             versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"

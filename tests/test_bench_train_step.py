@@ -39,17 +39,18 @@ def test_worker_each_implementation(impl, monkeypatch):
         assert record["versions"]["compiled"] == "aot_eager, decoder layers"
 
 
-def test_copy_impl_runs_without_the_in_place_pass(monkeypatch):
-    """``peftlab_compiled_addmm`` is ``peftlab_compiled`` with ops/mm_add.py's pass on, in its worker's environment
-    only; the worker records which it ran."""
+def test_addmm_impl_forces_the_in_place_pass(monkeypatch):
+    """``peftlab_compiled_addmm`` is ``peftlab_compiled`` with ops/mm_add.py's pass forced on, in its worker's
+    environment only (the pass is the default; ``PEFTLAB_ADDMM_IN_PLACE=0`` turns it off); the worker records which
+    it ran."""
     monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
     args = train_step.parse_args(["--shape", "tiny", "--device", "cpu"])
     assert train_step.worker_env(args, "peftlab_compiled_addmm")["PEFTLAB_ADDMM_IN_PLACE"] == "1"
     assert "PEFTLAB_ADDMM_IN_PLACE" not in train_step.worker_env(args, "peftlab_compiled")
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
-    for value, recorded in (("1", True), (None, False)):
+    for value, recorded in (("1", True), (None, True), ("0", False)):
         if value is None:
-            monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE")
+            monkeypatch.delenv("PEFTLAB_ADDMM_IN_PLACE", raising=False)
         else:
             monkeypatch.setenv("PEFTLAB_ADDMM_IN_PLACE", value)
         record = train_step.run_worker(train_step.parse_args(

@@ -32,7 +32,8 @@ the H100 profiles of 2026-12-06 / 07 show 96 ``memcpy128`` a step in the 1B LoRA
 us each). On the CPU, with inductor made to take its GPU-side choice, a compiled LoRA layer keeps six ``addmm`` (q,
 k, v, gate, up: sums saved for backward or read by attention / the rotary's ``cat``; one input gradient): 6 x 16
 layers = 96 (``tests/test_mm_add_pass.py``). ``addmm_in_place`` (below) is a post-grad pass that gives those sums to
-the in-place op after the partition; off by default until measured on a GPU (``PEFTLAB_ADDMM_IN_PLACE=1``).
+the in-place op after the partition; on by default since it was measured on an H100 (``inductor_options``;
+``PEFTLAB_ADDMM_IN_PLACE=0`` turns it off).
 """
 from __future__ import annotations
 
@@ -118,17 +119,23 @@ def addmm_in_place(graph: torch.fx.Graph) -> int:
     return count
 
 
+def addmm_pass_enabled() -> bool:
+    """``addmm_in_place`` runs in compiled layers unless ``PEFTLAB_ADDMM_IN_PLACE=0`` (the A/B knob)."""
+    return os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "1") != "0"
+
+
 def inductor_options(mode: str | None) -> dict:
     """torch.compile's ``options`` for inductor in ``mode`` (torch.compile takes a mode or options, not both), with
-    ``addmm_in_place`` as the post-grad pass when ``PEFTLAB_ADDMM_IN_PLACE=1``.
+    ``addmm_in_place`` as the post-grad pass (unless ``PEFTLAB_ADDMM_IN_PLACE=0``).
 
-    Off by default: written in a session without a GPU (2026-12-07, thirty-third); CPU-tested only (values and
-    gradients as eager, the rewrite present in the forward and backward graphs). ``bench/gpu/queue36.sh`` measures
-    it against the default in one run (impl ``peftlab_compiled_addmm``); turn it on where it wins."""
+    On by default since the thirty-fourth session (2026-12-07), measured against the compiled layers without it in
+    one run on an H100 (1B, B4 x T1024, CUDA graphs; ``bench/results/train_step_1b_h100_2026-12-07k_addmm*.json``):
+    LoRA 57.14 / 57.39 -> 54.88 / 54.29 ms, VeRA 57.48 / 57.32 -> 55.34 / 54.86 ms, DoRA 64.53 -> 60.99 ms; peak
+    memory unchanged for LoRA and DoRA, VeRA within 0.04 GiB."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode)) if mode else {}
-    if os.environ.get("PEFTLAB_ADDMM_IN_PLACE", "") == "1":
+    if addmm_pass_enabled():
         options["post_grad_custom_post_pass"] = _addmm_pass()
     return options
 
