@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Thirty-fourth session (2026-12-07), nothing carried, <= ~9.5 min: queue37.sh's prefix A/B (with the frozen base,
+# Thirty-fourth session (2026-12-07), nothing carried, <= ~9.5 min: the prefix A/B (with the frozen base,
 # two runs each) then, while the call has time, queue36.sh's addmm A/B for LoRA and VeRA only (two runs each)
 # -> $OUT/prefix.json, $OUT/addmm.json and their tables
 set -x
