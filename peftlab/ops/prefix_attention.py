@@ -102,12 +102,20 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                                   is_causal=is_causal, **kwargs)
 
 
+_REGISTERED = False  # _register()
+
+
 def _register() -> None:
+    """Register ``NAME`` with transformers' attention and mask interfaces, once (called under ``_lock``)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
+    _REGISTERED = True
 
 
 class _Handle:
