@@ -1,6 +1,6 @@
 """Causal attention over a KV prefix without a mask (peftlab/ops/prefix_attention.py): the kernel against an einsum
 reference (grouped queries, gradients), a prefix-tuned model under ``peftlab_sdpa`` against the same model under
-transformers' ``sdpa`` (logits and gradients; with padding the mask path is kept), and the switch's bookkeeping."""
+transformers' ``sdpa`` (logits and gradients; right padding takes the kernel too, left padding keeps the mask), and the switch's bookkeeping."""
 import pytest
 import torch
 
@@ -70,34 +70,50 @@ def _prefix_model(seed=0):
 
 
 def _step(model, ids, mask=None):
+    """Logits at the real positions and the gradients of a loss over them (pad positions masked, as SFT's loss)."""
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=mask).logits
-    logits.float().square().mean().backward()
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    logits[real].float().square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads
+    return logits.detach()[real], grads
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_prefix_model_equals_sdpa(monkeypatch, padded):
-    """The same adapter with and without the switch: equal logits and gradients. Unpadded, every layer takes the
-    mask-free kernel (counted); padded, the mask stays and the kernel is never called."""
-    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_prefix_model_equals_sdpa(monkeypatch, padding):
+    """The same adapter with and without the switch: equal logits and gradients at the real positions. Unpadded
+    or right-padded, every layer takes the mask-free kernel (counted); left-padded, the mask stays and the kernel is
+    never called."""
+    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    if padded:
+    if padding == "left":
         mask[1, :3] = 0
+    if padding == "right":
+        mask[1, 6:] = 0
+        mask[2, 1:] = 0
     calls = []
     real = prefix_attention.bottom_right_attention
     monkeypatch.setattr(prefix_attention, "bottom_right_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _prefix_model()
     assert model.config._attn_implementation == prefix_attention.NAME
     got = _step(model, ids, mask)
-    assert len(calls) == (0 if padded else model.config.num_hidden_layers)
+    assert len(calls) == (0 if padding == "left" else model.config.num_hidden_layers)
     model.config._attn_implementation = "sdpa"
     want = _step(model, ids, mask)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     assert got[1].keys() == want[1].keys() and got[1]
     for name in want[1]:
         torch.testing.assert_close(got[1][name], want[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_not_at_the_ends_keeps_the_mask():
+    mask = torch.ones(2, 12, dtype=torch.long)
+    assert prefix_attention._causal_suffices(mask, 12) and prefix_attention._causal_suffices(None, 12)
+    mask[0, 9:] = 0
+    assert prefix_attention._causal_suffices(mask, 12)
+    mask[1, 4] = 0  # a hole: a later real token must not see it
+    assert not prefix_attention._causal_suffices(mask, 12)
+    assert not prefix_attention._causal_suffices(torch.ones(2, 11, dtype=torch.long), 12)
 
 
 def test_switch_is_counted_and_undone_on_delete():

@@ -7,8 +7,9 @@ the flash kernel computes without a mask: its ``is_causal`` aligns to the bottom
 queries (SDPA's own ``is_causal`` aligns to the top left, hence the mask).
 
 ``peftlab_sdpa`` is ``sdpa`` but for that case: its mask function returns no mask where the pattern is exactly
-bottom-right causal (no padding, no window, no packed sequences, the keys the cache's past plus the queries), and its
-attention function then runs :func:`bottom_right_attention`. Everything else goes to ``sdpa``'s own functions, with
+bottom-right causal (no padding, no window, no packed sequences, the keys the cache's past plus the queries), or
+is that for every real token (padding at the rows' ends only), and its attention function then runs
+:func:`bottom_right_attention`. Everything else goes to ``sdpa``'s own functions, with
 the mask ``sdpa`` would build. :func:`install` switches a model on ``sdpa`` to it (the KV-prefix adapters do,
 while attached) and returns a handle whose ``remove()`` switches back once no adapter needs it.
 """
@@ -63,12 +64,17 @@ def bottom_right_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                                           enable_gqa=query.shape[1] != key.shape[1])
 
 
-def _all_visible(attention_mask: torch.Tensor | None, keys: int) -> bool:
+def _causal_suffices(attention_mask: torch.Tensor | None, keys: int) -> bool:
+    """No padding, or padding only at the end of each row (right padding, a training batch's): under causal
+    attention no real token sees a later position, so every real token's output is exact without the padding
+    mask (the pad positions' own outputs are not ``sdpa``'s, as under flash-attention-2, which drops them; the
+    loss masks them). Left padding (generation's) keeps the mask."""
     if attention_mask is None:
         return True
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != keys or torch.compiler.is_compiling():
         return False
-    return bool(attention_mask.all())
+    seen = attention_mask.bool()
+    return bool(seen[:, 0].all() and (seen[:, 1:] <= seen[:, :-1]).all())
 
 
 def _mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
@@ -79,7 +85,7 @@ def _mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=
     past_first = 1 < q_length < kv_length  # a prefix in the cache: sdpa's "no mask" would mean top-left alignment
     if (past_first and allow_is_causal_skip and mask_function is causal_mask_function and local_size is None
             and isinstance(q_offset, int) and kv_offset == 0 and q_offset + q_length == kv_length
-            and _all_visible(attention_mask, kv_length)):
+            and _causal_suffices(attention_mask, kv_length)):
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
