@@ -27,6 +27,8 @@ include compiling; and the trainer's pointwise recompute where its "auto" turns 
 ``PEFTLAB_ADDMM_IN_PLACE=1``; the pass is the default since the thirty-fourth session, so the A/B is both impls under
 ``PEFTLAB_ADDMM_IN_PLACE=0``), ``peftlab_compiled_sdpa_mask`` (the same with a KV prefix's attention left to
 transformers' ``sdpa`` and its mask, ``PEFTLAB_PREFIX_FLASH=0``: the A/B of ``ops/prefix_attention.py``),
+``peftlab_compiled_prefix_fa2`` (a KV prefix's attention on the flash kernel's bottom-right ``is_causal``, the
+thirty-fourth session's form, ``PEFTLAB_PREFIX_FLASH=fa2``),
 ``peftlab_compiled_lean`` (both: lean nodes inside compiled layers), ``peftlab_compiled_budget`` (compiled
 layers keeping a share of their activations, ``TrainArgs.activation_budget``; env PEFTLAB_BENCH_BUDGET, 0.5),
 ``peftlab_compiled_pointwise`` (compiled layers recomputing their pointwise work, ``TrainArgs.recompute_pointwise``),
@@ -65,7 +67,7 @@ import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
 # the tables of methods, the worker and the markdown table live beside this file; their names stay importable
 # from here (arith.py, distributed.py, memory.py, serve.py, serve_overhead.py, train_overhead.py and the tests)
-from train_step_methods import ALL_LINEAR, IMPLS, SHAPES, Unmapped, check_mappings, method_entry  # noqa: E402,F401
+from train_step_methods import ALL_LINEAR, FORCED_ENV, IMPLS, SHAPES, Unmapped, check_mappings, method_entry  # noqa: E402,F401
 from train_step_table import markdown_table  # noqa: E402
 from train_step_worker import build_model, profile_table, run_worker  # noqa: E402,F401
 
@@ -96,10 +98,7 @@ def worker_env(args, impl: str) -> dict[str, str]:
     env = dict(os.environ)
     if impl == "unsloth":  # its site folder carries its own trl / datasets: only on the Unsloth runs' path
         paths.insert(0, str(Path(args.unsloth_site).resolve()))
-    if impl == "peftlab_compiled_addmm":  # ops/mm_add.py's in-place pass forced on (the A/B: PEFTLAB_ADDMM_IN_PLACE=0)
-        env["PEFTLAB_ADDMM_IN_PLACE"] = "1"
-    if impl == "peftlab_compiled_sdpa_mask":  # the A/B of ops/prefix_attention.py: a KV prefix under sdpa's mask
-        env["PEFTLAB_PREFIX_FLASH"] = "0"
+    env.update(FORCED_ENV.get(impl, {}))
     if impl in ("peftlab_ref", "peftlab_compiled_ref"):
         env["PEFTLAB_FAST"] = "0"
     elif impl.startswith("peftlab"):

@@ -10,10 +10,17 @@ import competitors  # bench/competitors.py, beside this file (bench/train_step.p
 from peftlab.compare.peft_backend import PeftUnmapped as Unmapped, to_peft_config
 
 IMPLS = ("peftlab", "peftlab_ref", "peftlab_fce", "peftlab_lean", "peftlab_compiled", "peftlab_compiled_addmm",
-         "peftlab_compiled_sdpa_mask", "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise",
-         "peftlab_compiled_ref", "peftlab_liger", "peft", "peft_liger", "unsloth")
-COMPILED = ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_sdpa_mask", "peftlab_compiled_lean",
-            "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peftlab_compiled_ref", "frozen_compiled")
+         "peftlab_compiled_sdpa_mask", "peftlab_compiled_prefix_fa2", "peftlab_compiled_lean", "peftlab_compiled_budget",
+         "peftlab_compiled_pointwise", "peftlab_compiled_ref", "peftlab_liger", "peft", "peft_liger", "unsloth")
+COMPILED = ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_sdpa_mask", "peftlab_compiled_prefix_fa2",
+            "peftlab_compiled_lean", "peftlab_compiled_budget", "peftlab_compiled_pointwise", "peftlab_compiled_ref",
+            "frozen_compiled")
+# the A/B impls: the default compiled layers with one library knob set (bench/train_step.py's worker_env)
+FORCED_ENV = {
+    "peftlab_compiled_addmm": {"PEFTLAB_ADDMM_IN_PLACE": "1"},  # ops/mm_add.py's pass (A/B: PEFTLAB_ADDMM_IN_PLACE=0)
+    "peftlab_compiled_sdpa_mask": {"PEFTLAB_PREFIX_FLASH": "0"},  # a KV prefix under transformers' sdpa and its mask
+    "peftlab_compiled_prefix_fa2": {"PEFTLAB_PREFIX_FLASH": "fa2"},  # a KV prefix on flash's bottom-right is_causal
+}
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

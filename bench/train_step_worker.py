@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import competitors  # bench/competitors.py, beside this file (bench/train_step.py puts bench/ on sys.path)
 import peak_where
-from train_step_methods import ALL_LINEAR, COMPILED, SHAPES, method_entry
+from train_step_methods import ALL_LINEAR, COMPILED, FORCED_ENV, SHAPES, method_entry
 
 
 def build_model(shape: str, device: str):
@@ -58,6 +58,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
     the bf16 base exists (its fp32 random init is a build artefact)."""
     import torch
 
+    from peftlab.ops import prefix_attention
     from peftlab.ops.mm_add import addmm_pass_enabled
     from peftlab.train.args import TrainArgs
     from peftlab.train.packing import (compile_model, layers_compile, model_compile_mode, pointwise_gains,
@@ -120,6 +121,8 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             versions["inductor_config"] = set_inductor_config(os.environ["PEFTLAB_BENCH_INDUCTOR"])
         versions["addmm_in_place"] = addmm_pass_enabled()  # ops/mm_add.py's pass
         versions["attention"] = getattr(model.config, "_attn_implementation", None)  # peftlab_sdpa: a KV prefix
+        if versions["attention"] == prefix_attention.NAME:  # its form: SDPA's causal on padded queries, or flash's
+            versions["prefix_attention"] = "flash bottom-right" if prefix_attention._FA2 else "sdpa causal, padded q"
         if os.environ.get("PEFTLAB_MM_ADD_OP") is not None:  # A/B: the opaque mm_add op (1) or addmm_ (default)
             versions["mm_add_op"] = os.environ["PEFTLAB_MM_ADD_OP"] == "1"
         if args.impl == "peftlab_compiled_budget":  # TrainArgs.activation_budget (read when the layers compile)
@@ -130,7 +133,7 @@ def prepare_model(args, cuda: bool) -> tuple[Any, dict[str, str]]:
             versions["activation_budget"] = budget
         # TrainArgs.recompute_pointwise, for the worker's lifetime: forced on (_pointwise), or the trainer's "auto"
         # (peftlab_compiled; PEFTLAB_BENCH_POINTWISE=0: off, the A/B)
-        auto = args.impl in ("peftlab_compiled", "peftlab_compiled_addmm", "peftlab_compiled_sdpa_mask") and \
+        auto = (args.impl == "peftlab_compiled" or args.impl in FORCED_ENV) and \
             os.environ.get("PEFTLAB_BENCH_POINTWISE") != "0" and \
             resolve_pointwise(TrainArgs(checkpointing=os.environ.get("PEFTLAB_BENCH_CKPT", "off")), backend, "layers",
                               torch.device(args.device), pointwise_gains(model))

@@ -160,7 +160,9 @@ def test_sdpa_mask_impl_keeps_transformers_attention(monkeypatch):
     monkeypatch.setenv("PEFTLAB_BENCH_COMPILE", "aot_eager")
     args = train_step.parse_args(["--shape", "tiny", "--device", "cpu"])
     assert train_step.worker_env(args, "peftlab_compiled_sdpa_mask")["PEFTLAB_PREFIX_FLASH"] == "0"
-    for impl, attention in (("peftlab_compiled_sdpa_mask", "sdpa"), ("peftlab_compiled", "peftlab_sdpa")):
+    assert train_step.worker_env(args, "peftlab_compiled_prefix_fa2")["PEFTLAB_PREFIX_FLASH"] == "fa2"
+    for impl, attention in (("peftlab_compiled_sdpa_mask", "sdpa"), ("peftlab_compiled", "peftlab_sdpa"),
+                            ("peftlab_compiled_prefix_fa2", "peftlab_sdpa")):
         for key, value in train_step.worker_env(args, impl).items():
             if key.startswith("PEFTLAB_"):
                 monkeypatch.setenv(key, value)
@@ -170,3 +172,5 @@ def test_sdpa_mask_impl_keeps_transformers_attention(monkeypatch):
         sys.modules["train_step_worker"]._KEEP.clear()
         monkeypatch.delenv("PEFTLAB_PREFIX_FLASH", raising=False)
         assert record["versions"]["attention"] == attention, impl
+        assert record["versions"].get("prefix_attention") == (  # no flash kernel on the CPU: the knob is inert
+            None if attention == "sdpa" else "sdpa causal, padded q"), impl

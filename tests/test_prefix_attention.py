@@ -46,20 +46,41 @@ def test_bottom_right_mask():
     assert prefix_attention.bottom_right_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on CUDA")
+def test_bottom_right_attention_with_as_many_queries_as_keys():
+    q, k, v = _qkv(queries=12)
+    torch.testing.assert_close(prefix_attention.bottom_right_attention(q, k, v, 0.3), _reference(q, k, v, 0.3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels and the flash kernel run on CUDA")
+@pytest.mark.parametrize("fa2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_flash_bottom_right_on_cuda(dtype):
+def test_bottom_right_on_cuda(monkeypatch, dtype, fa2):
+    """The default (zero rows before the queries, SDPA's is_causal) and ``PEFTLAB_PREFIX_FLASH=fa2``'s form."""
+    monkeypatch.setattr(prefix_attention, "_FA2", fa2)
     q, k, _ = _qkv("cuda", dtype, dim=64)
-    assert prefix_attention._flash_devices() and prefix_attention._flash_takes(q, k)
+    assert prefix_attention._fa2_takes(q, k) == fa2
     _check("cuda", dtype, 2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash branch is taken on CUDA only")
-def test_flash_branch_compiles_in_one_graph():
-    prefix_attention._flash_devices()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels' forms")
+@pytest.mark.parametrize("fa2", [False, True])
+def test_bottom_right_compiles_in_one_graph(monkeypatch, fa2):
+    monkeypatch.setattr(prefix_attention, "_FA2", fa2)
+    torch._dynamo.reset()
     q, k, v = _qkv("cuda", torch.bfloat16, dim=64)
     got = torch.compile(prefix_attention.bottom_right_attention, fullgraph=True)(q, k, v, 0.3)
     torch.testing.assert_close(got.float(), _reference(q, k, v, 0.3), atol=2e-2, rtol=2e-2)
+
+
+def test_fa2_knob_needs_flash_devices(monkeypatch):
+    """``PEFTLAB_PREFIX_FLASH=fa2`` is read at install and taken only where every CUDA device runs flash."""
+    monkeypatch.setattr(prefix_attention, "_FA2", False)
+    monkeypatch.setenv("PEFTLAB_PREFIX_FLASH", "fa2")
+    peftlab.attach(tiny_llama(), peftlab.PrefixTuningConfig(num_virtual_tokens=3))
+    assert prefix_attention._FA2 == prefix_attention._flash_devices()
+    monkeypatch.delenv("PEFTLAB_PREFIX_FLASH")
+    peftlab.attach(tiny_llama(), peftlab.PrefixTuningConfig(num_virtual_tokens=3))
+    assert prefix_attention._FA2 is False
 
 
 def _prefix_model(seed=0):
