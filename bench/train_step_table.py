@@ -76,7 +76,8 @@ def markdown_table(document: dict[str, Any]) -> str:
             cells.append(f"{c['step_ms_median'] / floor['step_ms_median']:.2f}x" if ours and floor else "")
         lines.append("| " + " | ".join(cells) + " |")
     device = env.get("gpu") or f"CPU ({env.get('cpu')})"
-    runs = args["repeats"]
+    counts = sorted({len(c["step_ms_run_medians"]) for c in configs if c.get("step_ms_run_medians")})
+    runs = args["repeats"] if not counts else counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # ran
     caption = (f"{device}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
                f"peftlab {env['peftlab']} (commit {env['commit'][:10]}, source {env['peftlab_source_sha256']}); "
                f"shape {args['shape']}, batch {args['batch']} x {args['seq']}, r {args['r']}; median of "
