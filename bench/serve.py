@@ -31,9 +31,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # graph rows run again, right after them, with each of these StepContext flags flipped (row, flag, what the row says)
 LANES = "row kernels by lanes of token tiles, requests by slot"  # static_row_lanes: off by default
+ROUTED = "MoLoRA's and the bottleneck's tables one token a program"  # static_routed_lanes: on by default
 FLAG_AB = [*((row, "static_row_lanes", LANES) for row in ("1 adapter, uniform", "100 adapters", "mixed methods:",
-                                                           "1 adapter, molora", "1 adapter, bottleneck",
                                                            "mixed methods II")),
+           *((row, "static_routed_lanes", ROUTED) for row in ("1 adapter, molora", "1 adapter, bottleneck",
+                                                               "mixed methods II")),
            ("100 adapters", "static_shared_input", "LoRA of q / k / v and gate / up a layer at a time"),
            ("mixed methods:", "static_row_scales", "IA3 input scale and VeRA in torch"),
            ("mixed methods:", "static_vera_in_base", "VeRA's first product apart from the base GEMM"),

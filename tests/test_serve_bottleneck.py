@@ -147,7 +147,7 @@ def test_fixed_shape_bottleneck_in_row_kernels_equals_the_gathered_torch_maths(m
     g = torch.Generator().manual_seed(5)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     hidden, capacity = 36, 5
-    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
+    ctx = StepContext(capacity, use_triton=True, static_routed_lanes=lanes)
     table = BatchedSublayer("mlp", hidden, ctx, torch.float32, torch.device(dev))
     for slot, (width, parallel, residual) in enumerate([(4, False, True), (8, True, True), (3, False, False),
                                                         (5, False, True)]):
@@ -186,7 +186,7 @@ def test_sublayer_kernel_rounds_bf16_as_the_torch_maths(act, lanes):
     g = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     hidden, capacity = 256, 4
-    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
+    ctx = StepContext(capacity, use_triton=True, static_routed_lanes=lanes)
     table = BatchedSublayer("mlp", hidden, ctx, torch.bfloat16, torch.device("cuda"))
     for slot in range(3):
         table.set_slot(slot, SublayerForm(rand(16, hidden), rand(16), rand(hidden, 16), rand(hidden), 0.5 + slot, act,

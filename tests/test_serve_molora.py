@@ -115,7 +115,7 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
     in the route kernel or in torch, equals the gathered torch maths and each token's own slot form: mixtures of
     other expert counts, ranks and top-k padded in one table, a router of all ties (a stable sort's choice: the first
     experts), a cleared slot and the identity row left exactly as they were; the kernel path gathers nothing; with
-    ``lanes`` the shrink by lanes of token tiles (``StepContext.static_row_lanes``)."""
+    ``lanes`` the shrink by lanes of token tiles (``StepContext.static_routed_lanes``, the default)."""
     from peftlab.core.adapter import ServingForm
     from peftlab.serve.context import StepContext
     from peftlab.serve.routed import RoutedLowRank
@@ -125,7 +125,7 @@ def test_fixed_shape_routed_term_in_row_kernels_equals_the_gathered_torch_maths(
     g = torch.Generator().manual_seed(4)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     n_in, n_out, capacity = 40, 70, 5
-    ctx = StepContext(capacity, use_triton=True, static_route_kernel=route_kernel, static_row_lanes=lanes)
+    ctx = StepContext(capacity, use_triton=True, static_route_kernel=route_kernel, static_routed_lanes=lanes)
     table = RoutedLowRank("q", n_in, n_out, ctx, torch.float32, torch.device(dev))
     for slot, (e, r, k) in enumerate([(4, 2, 2), (3, 3, 1), (6, 1, 3), (2, 2, 2)]):
         table.set_slot(slot, ServingForm(down=rand(e * r, n_in), up=rand(n_out, e * r), router=rand(e, n_in), top_k=k))
@@ -163,7 +163,7 @@ def test_route_expand_reads_the_chosen_experts_columns_only(lanes):
         table.set_slot(slot, ServingForm(down=rand(e * 2, n_in), up=rand(n_out, e * 2), router=rand(e, n_in), top_k=1))
     rows = torch.tensor([0, 1, capacity, 1, 0], device=dev)
     x, y = rand(len(rows), n_in), rand(len(rows), n_out)
-    ctx.static_rows, ctx.static_triton, ctx.static_row_lanes = rows, False, lanes
+    ctx.static_rows, ctx.static_triton, ctx.static_routed_lanes = rows, False, lanes
     want = table(x, y.clone())
     logits = torch.einsum("ti,tei->te", x, table.router[rows])
     poisoned = 0
@@ -193,7 +193,7 @@ def test_route_expand_rounds_bf16_as_the_torch_maths(lanes):
     g = torch.Generator().manual_seed(2)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     n_in, n_out, capacity = 256, 384, 4
-    ctx = StepContext(capacity, use_triton=True, static_row_lanes=lanes)
+    ctx = StepContext(capacity, use_triton=True, static_routed_lanes=lanes)
     table = RoutedLowRank("q", n_in, n_out, ctx, torch.bfloat16, torch.device("cuda"))
     for slot, (e, r, k) in enumerate([(4, 8, 2), (3, 4, 1), (6, 2, 3)]):
         table.set_slot(slot, ServingForm(down=rand(e * r, n_in) / 16, up=rand(n_out, e * r), router=rand(e, n_in) / 16,

@@ -57,11 +57,15 @@ class StepContext:
     # with static_triton: a bottleneck table's biases, activation, up projection and blend in one launch after the
     # shrink (serve/sublayer_kernel.py; one activation of ACTIVATIONS in the step), else the expand and torch
     static_sublayer_kernel: bool = True
-    # with static_triton: the row shrink and expand by lanes of 16-token tiles, a tile's tokens of one row reading its
-    # factors once (serve/lane_kernels.py; MoLoRA's route-expand and the bottleneck's expand, serve/lane_expands.py),
-    # and the engine's steps ordered by slot so that they share tiles; off until a GPU A/B against the one-token
-    # programs (the first tiled form slowed mixed batches: bench/README.md)
+    # with static_triton: the LoRA tables' row shrink and expand by lanes of 16-token tiles, a tile's tokens of one row
+    # reading its factors once (serve/lane_kernels.py), and the engine's steps ordered by slot so that they share
+    # tiles; off: on an H100 it cost the LoRA rows 5-11% against the one-token programs (thirty-fifth session,
+    # bench/README.md)
     static_row_lanes: bool = False
+    # the same for MoLoRA's and the bottleneck's tables (their shrink, MoLoRA's route-expand and the bottleneck's
+    # expand, serve/lane_expands.py; the steps ordered by slot too): on, as in the same A/B it sped MoLoRA's row up
+    # 35%, the bottleneck's 10%
+    static_routed_lanes: bool = True
     slot_changes: int = 0  # counts slot writes and clears in any layer: graphs.py re-reads the layers only then
 
     def set(self, slots: list[int], device: torch.device | str) -> None:

@@ -274,7 +274,8 @@ class Engine:
         self.store.apply_pending()
         new = self._admit()
         batch = new + self.running
-        if self.context.static_row_lanes:  # one adapter's tokens side by side: they share the row kernels' tiles
+        lanes = self.context.static_row_lanes or self.context.static_routed_lanes
+        if lanes:  # one adapter's tokens side by side: they share the lane kernels' tiles
             batch.sort(key=lambda r: r.slot if r.slot >= 0 else self.context.capacity)  # the base model last
         if not batch:
             return False

@@ -1,5 +1,5 @@
 """MoLoRA's route-expand and the bottleneck's sub-layer expand by lanes of token tiles
-(``StepContext.static_row_lanes``, off by default until a GPU A/B).
+(``StepContext.static_routed_lanes``, on by default since the thirty-fifth session's A/B on an H100).
 
 ``route_kernel.route_expand`` runs one program per token: 64 tokens of one MoLoRA adapter read that adapter's B
 columns 64 times (658 us of a 5.0 ms decode step on an H100, thirty-second session). Here, as in ``lane_kernels``,

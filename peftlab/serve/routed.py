@@ -111,14 +111,14 @@ class RoutedLowRank(ModuleTable):
 
         experts, rank = self.down.shape[1:3]
         zp = row_shrink(x, [self.down.flatten(1, 2), self.router], rows,  # the identity row: zeros, gates zero
-                        lanes=self.context.static_row_lanes)
+                        lanes=self.context.static_routed_lanes)
         z = zp[0].sum(1).to(x.dtype)
         logits = zp[1, :, :, :experts].sum(1).to(x.dtype).float()
         top_k, count = (table.index_select(0, rows)[:, 0].long() for table in (self.top_k, self.experts))
         gates = mixture_gates(logits, top_k, count).to(x.dtype).repeat_interleave(rank, dim=1)
         mid = (z * gates).float().view(1, len(rows), 1, experts * rank)
         row_expand(mid, [(self.up.flatten(2, 3), out, None)], rows, skip_row=self.capacity,
-                   lanes=self.context.static_row_lanes)
+                   lanes=self.context.static_routed_lanes)
         return out
 
     def grouped_here(self) -> bool:
@@ -138,9 +138,9 @@ def row_terms(tables: list[RoutedLowRank], x: torch.Tensor, outs: list[torch.Ten
 
     skip = tables[0].capacity  # the identity row: nothing routed
     zp = row_shrink(x, [d for t in tables for d in (t.down.flatten(1, 2), t.router)], rows, skip_row=skip,
-                    lanes=tables[0].context.static_row_lanes)
+                    lanes=tables[0].context.static_routed_lanes)
     route_expand(zp, [(t.up.flatten(2, 3), out, t.top_k, t.experts, *t.down.shape[1:3]) for t, out in zip(tables, outs)],
-                 rows, skip_row=skip, lanes=tables[0].context.static_row_lanes)
+                 rows, skip_row=skip, lanes=tables[0].context.static_routed_lanes)
 
 
 def routed_output(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

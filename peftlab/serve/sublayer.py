@@ -133,17 +133,16 @@ class BatchedSublayer(ModuleTable):
         sources = self._sources()
         source = (x if sources[0] else y) if len(sources) == 1 else torch.where(pick(self.parallel) != 0, x, y)
         names = self._activations()
+        lanes = self.context.static_routed_lanes
         if self.context.static_sublayer_kernel and len(names) == 1 and names[0] in ACTIVATIONS:
-            zp = row_shrink(source.contiguous(), [self.down], rows, skip_row=self.capacity,
-                            lanes=self.context.static_row_lanes)[0]
+            zp = row_shrink(source.contiguous(), [self.down], rows, skip_row=self.capacity, lanes=lanes)[0]
             return sublayer_expand(zp, rows, y.contiguous(), self.down_bias, self.up, self.up_bias, self.keep,
-                                   self.scaling, names[0], skip_row=self.capacity, lanes=self.context.static_row_lanes)
-        zp = row_shrink(source.contiguous(), [self.down], rows, lanes=self.context.static_row_lanes)[0]
+                                   self.scaling, names[0], skip_row=self.capacity, lanes=lanes)
+        zp = row_shrink(source.contiguous(), [self.down], rows, lanes=lanes)[0]
         z = (zp.sum(1) + pick(self.down_bias).float()).to(x.dtype)
         h = self._activation(rows)(z).float()
         update = pick(self.up_bias)  # the expand adds up @ h into it
-        row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows,
-                   lanes=self.context.static_row_lanes)
+        row_expand(h.view(1, *h.shape[:1], 1, h.shape[1]), [(self.up, update, None)], rows, lanes=lanes)
         return y * pick(self.keep) + pick(self.scaling) * update
 
     def _activation(self, rows: torch.Tensor):
