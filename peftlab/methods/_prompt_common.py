@@ -160,8 +160,8 @@ class KVPrefix(VirtualTable):
     def write_prefix(self, cache, batch: int, dtype: torch.dtype) -> None:
         layers, heads, head_dim = self.shape  # PEFT runs the prefix encoder on every batch row
         kv = self.rows(batch).to(dtype).view(batch, self.rows_count, 2 * layers, heads, head_dim)
-        kv = kv.permute(2, 0, 3, 1, 4)  # (2 * layers, batch, heads, n, head_dim)
-        for layer in range(layers):
+        kv = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 * layers of (batch, heads, n, head_dim)
+        for layer in range(layers):  # unbind: one stack in backward, not a zero-filled table per select
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
 
 

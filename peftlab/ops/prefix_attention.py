@@ -57,7 +57,7 @@ def bottom_right_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     extra rows' outputs are dropped (their scores cost (keys - queries)² / 2; their zero output gradients add
     nothing to the keys' and values'). SDPA then picks its kernel as for the model's own causal attention
     (cuDNN's on an H100: there the frozen base's attention took 4.6 ms a step, the flash kernel's bottom-right
-    form 7.7 ms over a 16-key prefix, in the thirty-fifth session's profiles), on any device, no mask built.
+    form 8.2 ms over a 16-key prefix, in the thirty-fifth session's profiles), on any device, no mask built.
     ``PEFTLAB_PREFIX_FLASH=fa2`` (read at ``install``): the flash kernel's own bottom-right ``is_causal`` instead
     (CUDA sm 8.0+, half precision), the thirty-fourth session's form, an A/B knob."""
     if _fa2_takes(query, key):
