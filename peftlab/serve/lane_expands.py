@@ -19,35 +19,8 @@ import triton.language as tl
 
 from peftlab.serve.kernels import _dot
 from peftlab.serve.lane_kernels import BLOCK_T, _lane_tokens, f32_products
+from peftlab.serve.route_kernel import _tile_gated
 from peftlab.serve.sublayer_kernel import _phi
-
-
-@triton.jit
-def _tile_gated(zp, ts, mine, stride_zg, stride_zt, stride_zc, C, E, R, k, n, dt, BLOCK_T: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(mid, chosen) of the tile's tokens ``ts`` of one row (``mine``; the others' mid is zero): mid (BLOCK_T, BLOCK_E,
-    BLOCK_R) fp32 their gated rank activations z[e R + r] gate[e], chosen (BLOCK_T, BLOCK_E) each token's top-``k``
-    of the row's ``n`` experts; with k 0 (a slot without a routed adapter here) the gates are zero."""
-    es, rs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_R)
-    e_ok = es < E
-    cell = es[:, None] * R + rs[None, :]
-    cell_ok = mine[:, None, None] & (e_ok[:, None] & (rs < R)[None, :])[None, :, :]
-    z = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_R), tl.float32)
-    logits = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
-    for c in range(C):
-        at = zp + ts * stride_zt + c * stride_zc
-        z += tl.load(at[:, None, None] + cell[None, :, :], mask=cell_ok, other=0.0)
-        logits += tl.load(at[:, None] + stride_zg + es[None, :], mask=mine[:, None] & e_ok[None, :], other=0.0)
-    valid = (es < tl.maximum(n, 1))[None, :]
-    logits = tl.where(valid, logits.to(dt).to(tl.float32), float("-inf"))
-    li, lj = logits[:, :, None], logits[:, None, :]
-    ahead = (lj > li) | ((lj == li) & (es[None, None, :] < es[None, :, None]))  # experts ranked before each one
-    chosen = valid & (tl.sum(ahead.to(tl.int32), axis=2) < tl.maximum(k, 1))
-    top = tl.max(tl.where(chosen, logits, float("-inf")), axis=1)
-    w = tl.where(chosen, tl.exp(logits - top[:, None]), 0.0)
-    gates = tl.where(k > 0, w / tl.sum(w, axis=1)[:, None], 0.0).to(dt).to(tl.float32)
-    mid = (z.to(dt).to(tl.float32) * gates[:, :, None]).to(dt).to(tl.float32)
-    return mid, chosen & mine[:, None]
 
 
 @triton.jit

@@ -16,29 +16,41 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated(zp, stride_zg, stride_zc, C, E, R, k, n, dt, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(mid, chosen) of one token: mid (BLOCK_E, BLOCK_R) fp32 its gated rank activations z[e R + r] gate[e] and chosen
-    (BLOCK_E,) its top-``k`` of ``n`` experts, from the partial sums at ``zp`` (z over C chunks, the logits at
-    ``zp + stride_zg``); with k 0 (a slot without a routed adapter here) the gates are zero."""
+def _tile_gated(zp, ts, mine, stride_zg, stride_zt, stride_zc, C, E, R, k, n, dt, BLOCK_T: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mid, chosen) of the tile's tokens ``ts`` of one row (``mine``; the others' mid is zero): mid (BLOCK_T, BLOCK_E,
+    BLOCK_R) fp32 their gated rank activations z[e R + r] gate[e], chosen (BLOCK_T, BLOCK_E) each token's top-``k``
+    of the row's ``n`` experts; with k 0 (a slot without a routed adapter here) the gates are zero. The gating maths of
+    both route-expand kernels (this file's one token at a time through ``_gated``, ``lane_expands``' by tiles)."""
     es, rs = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_R)
     e_ok = es < E
     cell = es[:, None] * R + rs[None, :]
-    cell_ok = e_ok[:, None] & (rs < R)[None, :]
-    z = tl.zeros((BLOCK_E, BLOCK_R), tl.float32)
-    logits = tl.zeros((BLOCK_E,), tl.float32)
+    cell_ok = mine[:, None, None] & (e_ok[:, None] & (rs < R)[None, :])[None, :, :]
+    z = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_R), tl.float32)
+    logits = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     for c in range(C):
-        z += tl.load(zp + c * stride_zc + cell, mask=cell_ok, other=0.0)
-        logits += tl.load(zp + stride_zg + c * stride_zc + es, mask=e_ok, other=0.0)
-    valid = es < tl.maximum(n, 1)
+        at = zp + ts * stride_zt + c * stride_zc
+        z += tl.load(at[:, None, None] + cell[None, :, :], mask=cell_ok, other=0.0)
+        logits += tl.load(at[:, None] + stride_zg + es[None, :], mask=mine[:, None] & e_ok[None, :], other=0.0)
+    valid = (es < tl.maximum(n, 1))[None, :]
     logits = tl.where(valid, logits.to(dt).to(tl.float32), float("-inf"))
-    li, lj = logits[:, None], logits[None, :]
-    ahead = (lj > li) | ((lj == li) & (es[None, :] < es[:, None]))  # experts ranked before each one
-    chosen = valid & (tl.sum(ahead.to(tl.int32), axis=1) < tl.maximum(k, 1))
-    top = tl.max(tl.where(chosen, logits, float("-inf")), axis=0)
-    w = tl.where(chosen, tl.exp(logits - top), 0.0)
-    gates = tl.where(k > 0, w / tl.sum(w, axis=0), 0.0).to(dt).to(tl.float32)
-    mid = (z.to(dt).to(tl.float32) * gates[:, None]).to(dt).to(tl.float32)
-    return mid, chosen
+    li, lj = logits[:, :, None], logits[:, None, :]
+    ahead = (lj > li) | ((lj == li) & (es[None, None, :] < es[None, :, None]))  # experts ranked before each one
+    chosen = valid & (tl.sum(ahead.to(tl.int32), axis=2) < tl.maximum(k, 1))
+    top = tl.max(tl.where(chosen, logits, float("-inf")), axis=1)
+    w = tl.where(chosen, tl.exp(logits - top[:, None]), 0.0)
+    gates = tl.where(k > 0, w / tl.sum(w, axis=1)[:, None], 0.0).to(dt).to(tl.float32)
+    mid = (z.to(dt).to(tl.float32) * gates[:, :, None]).to(dt).to(tl.float32)
+    return mid, chosen & mine[:, None]
+
+
+@triton.jit
+def _gated(zp, stride_zg, stride_zc, C, E, R, k, n, dt, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(mid, chosen) of one token: mid (BLOCK_E, BLOCK_R), chosen (BLOCK_E,), ``_tile_gated`` over a tile of that
+    token alone (its partial sums at ``zp``)."""
+    one = tl.arange(0, 1)
+    mid, chosen = _tile_gated(zp, one, one == 0, stride_zg, 0, stride_zc, C, E, R, k, n, dt, 1, BLOCK_E, BLOCK_R)
+    return tl.sum(mid, axis=0), tl.sum(chosen.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
