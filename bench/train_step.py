@@ -67,7 +67,8 @@ import competitors  # noqa: E402  (bench/competitors.py, beside this file)
 from results_io import environment, table_command, write_atomic  # noqa: E402
 # the tables of methods, the worker and the markdown table live beside this file; their names stay importable
 # from here (arith.py, distributed.py, memory.py, serve.py, serve_overhead.py, train_overhead.py and the tests)
-from train_step_methods import ALL_LINEAR, FORCED_ENV, IMPLS, SHAPES, Unmapped, check_mappings, method_entry  # noqa: E402,F401
+from train_step_methods import (ALL_LINEAR, FORCED_ENV, IMPLS, SHAPES, Unmapped, check_mappings,  # noqa: E402,F401
+                                method_entry)
 from train_step_table import markdown_table  # noqa: E402
 from train_step_worker import build_model, profile_table, run_worker  # noqa: E402,F401
 

@@ -137,8 +137,8 @@ class KVPrefix(VirtualTable):
         self.num_prefix_tokens = self.rows_count
 
     def configure(self, model: nn.Module) -> list:
-        # the prefix sits in the KV cache before the queries: causal attention aligned to the bottom right, which the
-        # flash kernel takes without the mask transformers' sdpa would build (ops/prefix_attention.py)
+        # the prefix sits in the KV cache before the queries: causal attention aligned to the bottom right, run
+        # without the mask transformers' sdpa would build (ops/prefix_attention.py)
         return [prefix_attention.install(model)]
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ while attached) and returns a handle whose ``remove()`` switches back once no ad
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -109,25 +110,19 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         if not any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")):
             out = bottom_right_attention(query, key, value, scaling, dropout)
             return out.transpose(1, 2).contiguous(), None
-        attention_mask = bottom_right_mask(queries, keys, query.device)[None, None]  # a form flash cannot take
+        attention_mask = bottom_right_mask(queries, keys, query.device)[None, None]  # sdpa's extras need the mask
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
-_REGISTERED = False  # _register()
-
-
+@functools.cache
 def _register() -> None:
     """Register ``NAME`` with transformers' attention and mask interfaces, once (called under ``_lock``)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, _mask)
-    _REGISTERED = True
 
 
 class _Handle:
